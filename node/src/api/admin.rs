@@ -1,0 +1,68 @@
+//! Node admin endpoints under `/v1/admin/*` (admin token, or loopback when none is configured).
+
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::extract::parse_json;
+use super::{peer_of, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/storage/stats", get(storage_stats))
+        .route("/v1/admin/storage/compact", post(compact))
+        .route("/v1/admin/compact", post(compact))
+}
+
+/// `GET /v1/admin/storage/stats`: engine statistics as the runbooks read them.
+async fn storage_stats(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers, peer_of(connect_info))?;
+    let stats = state.storage.stats();
+    let mut body = serde_json::to_value(&stats).map_err(|e| ApiError::new(500, "encoding_failed", e.to_string()))?;
+    // Indexes live in RocksDB and are paged through the block cache, not held on the heap.
+    body["index_memory_bytes"] = json!(0);
+    Ok(Json(body).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompactRequest {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    aggressive: bool,
+}
+
+/// `POST /v1/admin/storage/compact` and `POST /v1/admin/compact`: full manual compaction, run
+/// in the background; the answer returns at once.
+async fn compact(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers, peer_of(connect_info))?;
+    let request: CompactRequest =
+        if body.iter().all(|b| b.is_ascii_whitespace()) { CompactRequest::default() } else { parse_json(&body)? };
+    let storage = state.storage.clone();
+    tokio::task::spawn_blocking(move || {
+        tracing::info!(force = request.force, aggressive = request.aggressive, "manual compaction started");
+        match storage.compact_all() {
+            Ok(()) => tracing::info!("manual compaction finished"),
+            Err(error) => tracing::error!(error = %error, "manual compaction failed"),
+        }
+    });
+    Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"status": "started"}))).into_response())
+}

@@ -1,0 +1,119 @@
+//! The client API on port 18180 (HTTP/JSON): assertions, votes, retractions, queries, concept
+//! listing, health, `/metrics` and the node admin endpoints. Handlers validate input, route to
+//! the owning shard and turn results into JSON; they hold no data of their own.
+
+pub mod admin;
+pub mod error;
+pub mod extract;
+pub mod reads;
+pub mod writes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::raft::ShardSet;
+use crate::storage::Storage;
+pub use error::ApiError;
+
+/// Everything a request handler may use.
+pub struct NodeContext {
+    pub config: Config,
+    pub shards: ShardSet,
+    pub storage: Arc<Storage>,
+    pub metrics: Metrics,
+    pub started_at: Instant,
+}
+
+pub type AppState = Arc<NodeContext>;
+
+impl NodeContext {
+    /// Whether the request carries admin rights: the configured bearer token, or, when no token
+    /// is configured, a loopback peer.
+    pub fn is_admin(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> bool {
+        let token = &self.config.security.admin_token;
+        if token.is_empty() {
+            return peer.is_some_and(|p| p.ip().to_canonical().is_loopback());
+        }
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+    }
+
+    pub fn require_admin(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
+        if self.is_admin(headers, peer) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                401,
+                "admin_token_required",
+                "this endpoint needs the admin token: Authorization: Bearer <security.admin_token>",
+            ))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The peer address of a request (the server always runs with connect info).
+pub fn peer_of(connect_info: ConnectInfo<SocketAddr>) -> Option<SocketAddr> {
+    Some(connect_info.0)
+}
+
+/// The client API router.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.limits.max_request_bytes;
+    Router::new()
+        .route("/v1/assert", post(writes::assert))
+        .route("/v1/assert/batch", post(writes::assert_batch))
+        .route("/v1/vote", post(writes::vote))
+        .route("/v1/retract", post(writes::retract))
+        .route("/v1/query", post(reads::query))
+        .route("/v1/assertions/{id}", get(reads::get_assertion))
+        .route("/v1/concepts", get(reads::concepts))
+        .route("/v1/health", get(health))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(admin::router())
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see docs/api.md")
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let groups = state.shards.groups();
+    let led = groups.iter().filter(|g| g.raft.metrics().borrow().current_leader.is_some()).count();
+    let healthy = led == groups.len();
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "node_id": state.shards.node_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "shards": groups.len(),
+        "shards_with_leader": led,
+        "uptime_seconds": state.started_at.elapsed().as_secs(),
+    });
+    let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+        .into_response()
+}

@@ -1,0 +1,442 @@
+//! Read endpoints: queries through lenses (one concept_path, or a prefix fanned out over every
+//! shard and merged), single assertions, and the concept listing.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::StrictJson;
+use super::AppState;
+use crate::model::assertion::{validate_concept_path, validate_concept_prefix, validate_predicate, Status};
+use crate::model::id::{format_time_us, now_us, parse_as_of, AssertionId};
+use crate::model::lens::{resolve, Claim, Lens, Resolution};
+use crate::model::ModelError;
+use crate::raft::reader::{ClaimGroup, ConceptEntry};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    Linearizable,
+    Stale,
+}
+
+fn parse_consistency(text: Option<&str>) -> Result<Consistency, ApiError> {
+    match text {
+        None | Some("linearizable") => Ok(Consistency::Linearizable),
+        Some("stale") => Ok(Consistency::Stale),
+        Some(other) => Err(ApiError::bad_request(
+            "invalid_consistency",
+            format!(
+                "consistency {:?}: expected \"linearizable\" or \"stale\"",
+                other.chars().take(64).collect::<String>()
+            ),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRequest {
+    #[serde(default)]
+    concept_path: Option<String>,
+    #[serde(default)]
+    concept_prefix: Option<String>,
+    #[serde(default)]
+    predicate: Option<String>,
+    #[serde(default)]
+    lens: Option<String>,
+    #[serde(default)]
+    as_of: Option<Value>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    consistency: Option<String>,
+}
+
+/// A page position: the last (concept_path, predicate) returned.
+fn encode_cursor(concept_path: &str, predicate: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&(concept_path, predicate)).unwrap_or_default())
+}
+
+fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
+    let invalid = || ApiError::bad_request("invalid_cursor", "cursor is not one this server returned");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
+    serde_json::from_slice(&bytes).map_err(|_| invalid())
+}
+
+fn page_limit(state: &AppState, limit: Option<usize>) -> Result<usize, ApiError> {
+    let max = state.config.query.max_limit;
+    match limit {
+        None => Ok(state.config.query.default_limit),
+        Some(0) => Err(ApiError::bad_request("invalid_limit", "limit must be at least 1")),
+        Some(n) if n > max => {
+            Err(ApiError::bad_request("invalid_limit", format!("limit {n} is over query.max_limit ({max})")))
+        }
+        Some(n) => Ok(n),
+    }
+}
+
+#[derive(Serialize)]
+struct ClaimView<'a> {
+    id: AssertionId,
+    value: &'a RawValue,
+    agent_id: &'a str,
+    confidence: f64,
+    asserted_at: String,
+    status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    votes: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retracted_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    superseded_by: Option<AssertionId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    superseded_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a RawValue>,
+}
+
+fn claim_view<'a>(claim: &Claim<'a>, lens: Lens) -> ClaimView<'a> {
+    let with_votes = matches!(lens, Lens::Consensus | Lens::All | Lens::History);
+    let history = lens == Lens::History;
+    ClaimView {
+        id: claim.record.id,
+        value: &claim.record.draft.value,
+        agent_id: &claim.record.draft.agent_id,
+        confidence: claim.record.draft.confidence,
+        asserted_at: format_time_us(claim.record.asserted_at_us),
+        status: claim.status,
+        votes: with_votes.then(|| json!({"up": claim.votes_up, "down": claim.votes_down, "score": claim.score})),
+        retracted_at: if history { claim.retracted_at_us.map(format_time_us) } else { None },
+        superseded_by: if history { claim.superseded_by } else { None },
+        superseded_at: if history { claim.superseded_at_us.map(format_time_us) } else { None },
+        source: if history { claim.record.draft.source.as_deref() } else { None },
+    }
+}
+
+/// Applies the lens to one group; `None` when the lens has nothing to show for it.
+fn group_result(group: &ClaimGroup, lens: Lens, as_of_us: u64) -> Option<Value> {
+    // Authority and weighted votes arrive with the authority issue: until then every agent has
+    // authority 0 and every vote weight 1, which is exactly DESIGN §2 without any grants.
+    let claims: Vec<Claim<'_>> = group.claims.iter().filter_map(|facts| facts.at(as_of_us, &|_| 1.0)).collect();
+    let resolution = resolve(lens, claims, &|_| 0)?;
+    let mut value = json!({"concept_path": group.concept_path, "predicate": group.predicate});
+    match resolution {
+        Resolution::Winner { winner, alternatives } => {
+            value["winner"] = serde_json::to_value(claim_view(&winner, lens)).unwrap_or(Value::Null);
+            value["alternatives"] = json!(alternatives);
+            value["conflict"] = json!(alternatives > 0);
+        }
+        Resolution::Listed(claims) => {
+            let views: Vec<ClaimView<'_>> = claims.iter().map(|c| claim_view(c, lens)).collect();
+            value["assertions"] = serde_json::to_value(views).unwrap_or(Value::Null);
+        }
+    }
+    Some(value)
+}
+
+/// `POST /v1/query`
+pub async fn query(
+    State(state): State<AppState>,
+    StrictJson(request): StrictJson<QueryRequest>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let lens: Lens = request.lens.as_deref().unwrap_or("recency").parse()?;
+    let as_of_us = match &request.as_of {
+        None | Some(Value::Null) => u64::MAX,
+        Some(value) => parse_as_of(value).map_err(|e| ModelError::InvalidTime { message: e.to_string() })?,
+    };
+    let consistency = parse_consistency(request.consistency.as_deref())?;
+    let limit = page_limit(&state, request.limit)?;
+    if let Some(predicate) = &request.predicate {
+        validate_predicate(predicate)?;
+    }
+    let after = request.cursor.as_deref().map(decode_cursor).transpose()?;
+    let timeout = Duration::from_secs(state.config.query.query_timeout_seconds);
+    let work = async {
+        match (&request.concept_path, &request.concept_prefix) {
+            (Some(path), None) => {
+                validate_concept_path(path)?;
+                query_path(
+                    &state,
+                    path,
+                    request.predicate.as_deref(),
+                    lens,
+                    as_of_us,
+                    consistency,
+                    limit,
+                    after,
+                    timeout,
+                )
+                .await
+            }
+            (None, Some(prefix)) => {
+                validate_concept_prefix(prefix)?;
+                query_prefix(
+                    &state,
+                    prefix,
+                    request.predicate.as_deref(),
+                    lens,
+                    as_of_us,
+                    consistency,
+                    limit,
+                    after,
+                    timeout,
+                )
+                .await
+            }
+            _ => Err(ApiError::new(422, "invalid_query", "give exactly one of concept_path and concept_prefix")),
+        }
+    };
+    let mut body = match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result?,
+        Err(_) => {
+            crate::metrics::QUERY_TIMEOUTS.with_label_values(&[&state.metrics.node_label]).inc();
+            return Err(ApiError::new(
+                504,
+                "query_timeout",
+                format!("query exceeded query.query_timeout_seconds ({}s)", timeout.as_secs()),
+            ));
+        }
+    };
+    body["lens"] = json!(lens);
+    body["as_of"] = request.as_of.clone().unwrap_or(Value::Null);
+    body["consistency"] = json!(consistency);
+    let elapsed = started.elapsed();
+    state.metrics.observe_query(Lens::NAMES[lens as usize], elapsed);
+    if elapsed.as_millis() as u64 >= state.config.query.slow_query_ms {
+        tracing::info!(lens = ?lens, path = ?request.concept_path, prefix = ?request.concept_prefix, duration_ms = elapsed.as_millis() as u64, "slow query");
+    }
+    Ok(Json(body).into_response())
+}
+
+/// Staleness of this node's copy of a shard: 0 on the leader, else time since it last applied.
+fn staleness_ms(state: &AppState, shard: u16) -> u64 {
+    let Ok(group) = state.shards.group(shard) else { return 0 };
+    if group.raft.metrics().borrow().current_leader == Some(state.shards.node_id) {
+        return 0;
+    }
+    now_us().saturating_sub(group.reader.applied_at_us()) / 1000
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn query_path(
+    state: &AppState,
+    path: &str,
+    predicate: Option<&str>,
+    lens: Lens,
+    as_of_us: u64,
+    consistency: Consistency,
+    limit: usize,
+    after: Option<(String, String)>,
+    timeout: Duration,
+) -> Result<Value, ApiError> {
+    let shard = state.shards.shard_for_path(path);
+    if consistency == Consistency::Linearizable {
+        state.shards.read_barrier(shard, timeout).await?;
+    }
+    let group = state.shards.group(shard)?;
+    let groups = group.reader.claims(path, predicate)?;
+    let remaining: Vec<&ClaimGroup> = groups
+        .iter()
+        .filter(|g| match &after {
+            Some((p, q)) => (g.concept_path.as_str(), g.predicate.as_str()) > (p.as_str(), q.as_str()),
+            None => true,
+        })
+        .collect();
+    let page = &remaining[..remaining.len().min(limit)];
+    let next_cursor =
+        if remaining.len() > limit { page.last().map(|g| encode_cursor(&g.concept_path, &g.predicate)) } else { None };
+    let results: Vec<Value> = page.iter().filter_map(|g| group_result(g, lens, as_of_us)).collect();
+    let mut body = json!({"results": results, "next_cursor": next_cursor, "shard": shard});
+    if consistency == Consistency::Stale {
+        body["applied_index"] = json!(group.reader.applied_index());
+        body["staleness_ms"] = json!(staleness_ms(state, shard));
+    }
+    Ok(body)
+}
+
+/// (concept_path, predicate) pairs under `prefix` on every shard, merged in key order, at most
+/// `limit + 1` (the extra one tells whether another page exists).
+async fn fan_out_concepts(
+    state: &AppState,
+    prefix: &str,
+    predicate: Option<&str>,
+    consistency: Consistency,
+    limit: usize,
+    after: &Option<(String, String)>,
+    timeout: Duration,
+) -> Result<Vec<(u16, ConceptEntry)>, ApiError> {
+    if consistency == Consistency::Linearizable {
+        let barriers = state.shards.groups().iter().map(|g| state.shards.read_barrier(g.shard, timeout));
+        for result in futures::future::join_all(barriers).await {
+            result?;
+        }
+    }
+    let mut merged = Vec::new();
+    for group in state.shards.groups() {
+        let mut cursor = after.clone();
+        let mut collected = 0;
+        // With a predicate filter, keep scanning until this shard gives limit + 1 matches.
+        loop {
+            let page =
+                group.reader.concepts(prefix, cursor.as_ref().map(|(p, q)| (p.as_str(), q.as_str())), limit + 1)?;
+            let exhausted = page.len() < limit + 1;
+            cursor = page.last().map(|e| (e.concept_path.clone(), e.predicate.clone()));
+            for entry in page {
+                if predicate.is_none_or(|p| p == entry.predicate) {
+                    merged.push((group.shard, entry));
+                    collected += 1;
+                }
+            }
+            if exhausted || collected > limit {
+                break;
+            }
+        }
+    }
+    merged.sort_by(|a, b| a.1.cmp(&b.1));
+    merged.truncate(limit + 1);
+    Ok(merged)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn query_prefix(
+    state: &AppState,
+    prefix: &str,
+    predicate: Option<&str>,
+    lens: Lens,
+    as_of_us: u64,
+    consistency: Consistency,
+    limit: usize,
+    after: Option<(String, String)>,
+    timeout: Duration,
+) -> Result<Value, ApiError> {
+    let mut entries = fan_out_concepts(state, prefix, predicate, consistency, limit, &after, timeout).await?;
+    let next_cursor = if entries.len() > limit {
+        entries.truncate(limit);
+        entries.last().map(|(_, e)| encode_cursor(&e.concept_path, &e.predicate))
+    } else {
+        None
+    };
+    let mut results = Vec::new();
+    for (shard, entry) in &entries {
+        let group = state.shards.group(*shard)?;
+        for claim_group in group.reader.claims(&entry.concept_path, Some(&entry.predicate))? {
+            if let Some(value) = group_result(&claim_group, lens, as_of_us) {
+                results.push(value);
+            }
+        }
+    }
+    let mut body = json!({"results": results, "next_cursor": next_cursor});
+    if consistency == Consistency::Stale {
+        let staleness = state.shards.groups().iter().map(|g| staleness_ms(state, g.shard)).max().unwrap_or(0);
+        body["staleness_ms"] = json!(staleness);
+    }
+    Ok(body)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionParams {
+    #[serde(default)]
+    consistency: Option<String>,
+}
+
+/// `GET /v1/assertions/{id}`: the assertion with its status, supersession, retraction and votes.
+pub async fn get_assertion(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<AssertionParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))?;
+    let id = AssertionId::parse(&id)
+        .map_err(|e| ApiError::from(ModelError::InvalidId { id: e.0.chars().take(64).collect() }))?;
+    let not_found = || ApiError::from(ModelError::AssertionNotFound { id: id.to_string() });
+    if id.shard() >= state.shards.shard_count() {
+        return Err(not_found());
+    }
+    let consistency = parse_consistency(params.consistency.as_deref())?;
+    if consistency == Consistency::Linearizable {
+        let timeout = Duration::from_secs(state.config.query.query_timeout_seconds);
+        state.shards.read_barrier(id.shard(), timeout).await?;
+    }
+    let group = state.shards.group(id.shard())?;
+    let facts = group.reader.facts(id)?.ok_or_else(not_found)?;
+    let retraction = group.reader.retraction(id)?;
+    let Some(now) = facts.at(u64::MAX, &|_| 1.0) else { return Err(not_found()) };
+    let record = &facts.record;
+    let body = json!({
+        "id": record.id,
+        "concept_path": record.draft.concept_path,
+        "predicate": record.draft.predicate,
+        "value": record.draft.value,
+        "agent_id": record.draft.agent_id,
+        "confidence": record.draft.confidence,
+        "source": record.draft.source,
+        "signature": record.draft.signature,
+        "request_id": record.draft.request_id,
+        "supersedes": record.draft.supersedes,
+        "asserted_at": format_time_us(record.asserted_at_us),
+        "shard": id.shard(),
+        "log_index": record.log_index,
+        "status": now.status,
+        "superseded_by": facts.supersessions.iter().filter(|s| s.by_retracted_at_us.is_none()).map(|s| json!({"id": s.by, "at": format_time_us(s.at_us)})).collect::<Vec<_>>(),
+        "retraction": retraction.map(|r| json!({"at": format_time_us(r.at_us), "by": r.by, "reason": r.reason})),
+        "votes": {
+            "up": now.votes_up,
+            "down": now.votes_down,
+            "score": now.score,
+            "history": facts.votes.iter().map(|v| json!({"agent_id": v.agent_id, "value": v.value, "at": format_time_us(v.at_us)})).collect::<Vec<_>>(),
+        },
+    });
+    Ok(Json(body).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConceptParams {
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    consistency: Option<String>,
+}
+
+/// `GET /v1/concepts?prefix=`: (concept_path, predicate) pairs with their assertion counts.
+pub async fn concepts(
+    State(state): State<AppState>,
+    params: Result<Query<ConceptParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))?;
+    let prefix = params.prefix.unwrap_or_default();
+    validate_concept_prefix(&prefix)?;
+    let limit = page_limit(&state, params.limit)?;
+    let consistency = parse_consistency(params.consistency.as_deref())?;
+    let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
+    let timeout = Duration::from_secs(state.config.query.query_timeout_seconds);
+    let mut entries = fan_out_concepts(&state, &prefix, None, consistency, limit, &after, timeout).await?;
+    let next_cursor = if entries.len() > limit {
+        entries.truncate(limit);
+        entries.last().map(|(_, e)| encode_cursor(&e.concept_path, &e.predicate))
+    } else {
+        None
+    };
+    let concepts: Vec<Value> = entries
+        .iter()
+        .map(|(shard, e)| json!({"concept_path": e.concept_path, "predicate": e.predicate, "assertions": e.assertions, "shard": shard}))
+        .collect();
+    Ok(Json(json!({"prefix": prefix, "concepts": concepts, "next_cursor": next_cursor})).into_response())
+}

@@ -1,0 +1,225 @@
+//! Write endpoints: assert (single and batch), vote, retract. Each validates everything it can
+//! before proposing, so bad input never reaches a Raft log.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::{parse_json, StrictJson};
+use super::{peer_of, AppState};
+use crate::model::assertion::{
+    validate_agent_id, AssertRequest, AssertionDraft, RetractRequest, VoteRequest, DEFAULT_AGENT_ID, MAX_REASON_CHARS,
+};
+use crate::model::id::{format_time_us, now_us, AssertionId};
+use crate::model::ModelError;
+use crate::raft::types::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
+
+fn write_timeout(state: &AppState) -> Duration {
+    Duration::from_millis(state.config.raft.write_timeout_ms)
+}
+
+pub fn outcome_json(outcome: &AssertOutcome) -> Value {
+    json!({
+        "id": outcome.id,
+        "shard": outcome.shard,
+        "log_index": outcome.log_index,
+        "asserted_at": format_time_us(outcome.asserted_at_us),
+        "duplicate": outcome.duplicate,
+    })
+}
+
+fn unexpected_response() -> ApiError {
+    ApiError::new(500, "unexpected_response", "the state machine answered a different command")
+}
+
+/// Proposes validated drafts of one shard and returns one result per draft, in order.
+async fn propose_drafts(
+    state: &AppState,
+    shard: u16,
+    drafts: Vec<AssertionDraft>,
+) -> Result<Vec<Result<AssertOutcome, ModelError>>, ApiError> {
+    let expected = drafts.len();
+    let command = ShardCommand::Assert { proposed_at_us: now_us(), items: drafts };
+    match state.shards.propose(shard, command, write_timeout(state)).await? {
+        ShardResponse::Asserted(results) if results.len() == expected => Ok(results),
+        _ => Err(unexpected_response()),
+    }
+}
+
+/// `POST /v1/assert`
+pub async fn assert(
+    State(state): State<AppState>,
+    StrictJson(request): StrictJson<AssertRequest>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let draft = request.validate(state.config.limits.max_value_bytes, state.shards.shard_count())?;
+    let shard = state.shards.shard_for_path(&draft.concept_path);
+    let mut results = propose_drafts(&state, shard, vec![draft]).await?;
+    state.metrics.observe_write(started.elapsed());
+    match results.pop() {
+        Some(Ok(outcome)) => Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response()),
+        Some(Err(error)) => Err(error.into()),
+        None => Err(unexpected_response()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    assertions: Vec<Box<RawValue>>,
+}
+
+/// `POST /v1/assert/batch`: up to `limits.max_batch_items` assertions, one result each. Items
+/// are independent: an invalid item is reported and the others are written.
+pub async fn assert_batch(
+    State(state): State<AppState>,
+    StrictJson(request): StrictJson<BatchRequest>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let limit = state.config.limits.max_batch_items;
+    if request.assertions.is_empty() {
+        return Err(ApiError::new(422, "empty_batch", "assertions must hold at least one item"));
+    }
+    if request.assertions.len() > limit {
+        return Err(ApiError::new(
+            413,
+            "batch_too_large",
+            format!("batch holds {} items; at most {limit} are allowed", request.assertions.len()),
+        )
+        .with_details(json!({"items": request.assertions.len(), "limit": limit})));
+    }
+    let total = request.assertions.len();
+    let mut results: Vec<Option<Value>> = vec![None; total];
+    // shard -> (item positions, drafts)
+    let mut by_shard: BTreeMap<u16, (Vec<usize>, Vec<AssertionDraft>)> = BTreeMap::new();
+    for (position, raw) in request.assertions.into_iter().enumerate() {
+        let validated = parse_json::<AssertRequest>(raw.get().as_bytes()).and_then(|item| {
+            item.validate(state.config.limits.max_value_bytes, state.shards.shard_count()).map_err(ApiError::from)
+        });
+        match validated {
+            Ok(draft) => {
+                let shard = state.shards.shard_for_path(&draft.concept_path);
+                let entry = by_shard.entry(shard).or_default();
+                entry.0.push(position);
+                entry.1.push(draft);
+            }
+            Err(error) => results[position] = Some(item_error(position, &error)),
+        }
+    }
+    let proposals = by_shard.into_iter().map(|(shard, (positions, drafts))| {
+        let state = state.clone();
+        async move { (positions, propose_drafts(&state, shard, drafts).await) }
+    });
+    for (positions, outcome) in futures::future::join_all(proposals).await {
+        match outcome {
+            Ok(shard_results) => {
+                for (position, result) in positions.into_iter().zip(shard_results) {
+                    results[position] = Some(match result {
+                        Ok(outcome) => {
+                            let mut value = outcome_json(&outcome);
+                            value["index"] = json!(position);
+                            value["status"] = json!(201);
+                            value
+                        }
+                        Err(error) => item_error(position, &ApiError::from(error)),
+                    });
+                }
+            }
+            Err(error) => {
+                for position in positions {
+                    results[position] = Some(item_error(position, &error));
+                }
+            }
+        }
+    }
+    let results: Vec<Value> = results.into_iter().map(|r| r.unwrap_or(Value::Null)).collect();
+    let accepted = results.iter().filter(|r| r["status"] == json!(201)).count();
+    state.metrics.observe_write(started.elapsed());
+    Ok(Json(json!({"accepted": accepted, "rejected": total - accepted, "results": results})).into_response())
+}
+
+fn item_error(position: usize, error: &ApiError) -> Value {
+    json!({"index": position, "status": error.status.as_u16(), "error": error.body()["error"].clone()})
+}
+
+fn parse_assertion_id(text: &str) -> Result<AssertionId, ApiError> {
+    AssertionId::parse(text).map_err(|e| ModelError::InvalidId { id: e.0.chars().take(64).collect() }.into())
+}
+
+fn event_json(outcome: &EventOutcome, at_field: &str) -> Value {
+    let mut value = json!({"assertion_id": outcome.assertion_id, "log_index": outcome.log_index});
+    value[at_field] = json!(format_time_us(outcome.at_us));
+    value
+}
+
+/// `POST /v1/vote`
+pub async fn vote(
+    State(state): State<AppState>,
+    StrictJson(request): StrictJson<VoteRequest>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let assertion_id = parse_assertion_id(&request.assertion_id)?;
+    let value: i8 = match request.value {
+        1 => 1,
+        -1 => -1,
+        other => return Err(ModelError::InvalidVote { value: other }.into()),
+    };
+    let agent_id = request.agent_id.unwrap_or_else(|| DEFAULT_AGENT_ID.to_string());
+    validate_agent_id(&agent_id)?;
+    if assertion_id.shard() >= state.shards.shard_count() {
+        return Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }.into());
+    }
+    let command = ShardCommand::Vote { proposed_at_us: now_us(), assertion_id, agent_id: agent_id.clone(), value };
+    let response = state.shards.propose(assertion_id.shard(), command, write_timeout(&state)).await?;
+    state.metrics.observe_write(started.elapsed());
+    match response {
+        ShardResponse::Voted(Ok(outcome)) => {
+            let mut body = event_json(&outcome, "voted_at");
+            body["agent_id"] = json!(agent_id);
+            body["value"] = json!(value);
+            Ok(Json(body).into_response())
+        }
+        ShardResponse::Voted(Err(error)) => Err(error.into()),
+        _ => Err(unexpected_response()),
+    }
+}
+
+/// `POST /v1/retract`: by the asserting agent, or by anyone holding the admin token.
+pub async fn retract(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+    StrictJson(request): StrictJson<RetractRequest>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let assertion_id = parse_assertion_id(&request.assertion_id)?;
+    let agent_id = request.agent_id.unwrap_or_else(|| DEFAULT_AGENT_ID.to_string());
+    validate_agent_id(&agent_id)?;
+    if request.reason.as_ref().is_some_and(|r| r.chars().count() > MAX_REASON_CHARS) {
+        return Err(ModelError::ReasonTooLong.into());
+    }
+    if assertion_id.shard() >= state.shards.shard_count() {
+        return Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }.into());
+    }
+    // Admin rights only count when a token is configured: a loopback client is not an admin
+    // retracting other agents' claims unless the operator said so.
+    let admin = !state.config.security.admin_token.is_empty() && state.is_admin(&headers, peer_of(connect_info));
+    let command =
+        ShardCommand::Retract { proposed_at_us: now_us(), assertion_id, agent_id, admin, reason: request.reason };
+    let response = state.shards.propose(assertion_id.shard(), command, write_timeout(&state)).await?;
+    state.metrics.observe_write(started.elapsed());
+    match response {
+        ShardResponse::Retracted(Ok(outcome)) => Ok(Json(event_json(&outcome, "retracted_at")).into_response()),
+        ShardResponse::Retracted(Err(error)) => Err(error.into()),
+        _ => Err(unexpected_response()),
+    }
+}

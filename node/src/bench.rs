@@ -1,0 +1,287 @@
+//! `stemedb bench`: a load generator against any node's client API. Concurrent writers (single
+//! assertions or batches) and/or readers for a fixed duration; prints throughput, latency
+//! percentiles (HdrHistogram) and errors by kind.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Client API base URLs of the node(s) to load, comma separated; clients are spread over them.
+    #[arg(long, default_value = "http://127.0.0.1:18180", value_delimiter = ',')]
+    pub url: Vec<String>,
+    /// Concurrent writer clients.
+    #[arg(long, default_value_t = 64)]
+    pub writers: usize,
+    /// Concurrent reader clients.
+    #[arg(long, default_value_t = 0)]
+    pub readers: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Bytes of each assertion's value (a JSON string of this length).
+    #[arg(long, default_value_t = 64)]
+    pub value_size: usize,
+    /// Distinct concept paths written and read.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Items per write: 1 uses `/v1/assert`, more uses `/v1/assert/batch`.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Lens the readers query with.
+    #[arg(long, default_value = "recency")]
+    pub lens: String,
+    /// Read consistency: linearizable or stale.
+    #[arg(long, default_value = "linearizable")]
+    pub consistency: String,
+    /// Concept path prefix, so runs do not mix their data.
+    #[arg(long, default_value = "bench")]
+    pub prefix: String,
+    /// Seed the read key space with one assertion per key before measuring.
+    #[arg(long)]
+    pub preload: bool,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Default)]
+struct Side {
+    histogram: Option<Histogram<u64>>,
+    ops: u64,
+    items: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Side {
+    fn merge(&mut self, other: Side) {
+        if let Some(h) = other.histogram {
+            match &mut self.histogram {
+                Some(mine) => {
+                    let _ = mine.add(&h);
+                }
+                None => self.histogram = Some(h),
+            }
+        }
+        self.ops += other.ops;
+        self.items += other.items;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+
+    fn report(&self, name: &str, seconds: f64) -> serde_json::Value {
+        let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let (p50, p99, p999, max) = match &self.histogram {
+            Some(h) if !h.is_empty() => (q(h, 0.5), q(h, 0.99), q(h, 0.999), h.max() as f64 / 1000.0),
+            _ => (0.0, 0.0, 0.0, 0.0),
+        };
+        json!({
+            "name": name,
+            "ops": self.ops,
+            "ops_per_sec": self.ops as f64 / seconds,
+            "items_per_sec": self.items as f64 / seconds,
+            "p50_ms": p50, "p99_ms": p99, "p999_ms": p999, "max_ms": max,
+            "errors": self.errors,
+        })
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
+}
+
+fn error_kind(result: &Result<reqwest::Response, reqwest::Error>) -> Option<String> {
+    match result {
+        Ok(r) if r.status().is_success() => None,
+        Ok(r) => Some(format!("http_{}", r.status().as_u16())),
+        Err(e) if e.is_timeout() => Some("timeout".into()),
+        Err(e) if e.is_connect() => Some("connect".into()),
+        Err(_) => Some("transport".into()),
+    }
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.url.is_empty(), "--url needs at least one URL");
+    anyhow::ensure!(args.writers + args.readers > 0, "need at least one writer or reader");
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.writers + args.readers + 8)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let value = "x".repeat(args.value_size);
+    if args.preload {
+        preload(&client, &args, &value).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let completed = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for worker in 0..args.writers {
+        let (client, args, value, completed) = (client.clone(), args.clone(), value.clone(), completed.clone());
+        writers.push(tokio::spawn(async move { write_loop(worker, client, args, value, deadline, completed).await }));
+    }
+    let mut readers = Vec::new();
+    for worker in 0..args.readers {
+        let (client, args, completed) = (client.clone(), args.clone(), completed.clone());
+        readers.push(tokio::spawn(async move { read_loop(worker, client, args, deadline, completed).await }));
+    }
+    let progress = ProgressBar::new(args.duration);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let mut last = 0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = completed.load(Ordering::Relaxed);
+        progress.set_position(started.elapsed().as_secs().min(args.duration));
+        progress.set_message(format!("{} ops/s", now - last));
+        last = now;
+    }
+    progress.finish_and_clear();
+    let mut write_side = Side::default();
+    for handle in writers {
+        write_side.merge(handle.await?);
+    }
+    let mut read_side = Side::default();
+    for handle in readers {
+        read_side.merge(handle.await?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut sides = Vec::new();
+    if args.writers > 0 {
+        sides.push(write_side.report(if args.batch > 1 { "batch_write" } else { "write" }, seconds));
+    }
+    if args.readers > 0 {
+        sides.push(read_side.report("read", seconds));
+    }
+    let report = json!({
+        "url": args.url, "writers": args.writers, "readers": args.readers, "duration_s": seconds,
+        "batch": args.batch, "value_size": args.value_size, "keys": args.keys, "lens": args.lens,
+        "consistency": args.consistency, "results": sides,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "stemedb bench: {} writers, {} readers, {:.1}s, batch {}, value {} B, {} keys",
+            args.writers, args.readers, seconds, args.batch, args.value_size, args.keys
+        );
+        println!(
+            "{:<12} {:>10} {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}  errors",
+            "op", "ops", "ops/s", "items/s", "p50 ms", "p99 ms", "p999 ms", "max ms"
+        );
+        for side in &sides {
+            println!(
+                "{:<12} {:>10} {:>12.0} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2}  {}",
+                side["name"].as_str().unwrap_or(""),
+                side["ops"],
+                side["ops_per_sec"].as_f64().unwrap_or(0.0),
+                side["items_per_sec"].as_f64().unwrap_or(0.0),
+                side["p50_ms"].as_f64().unwrap_or(0.0),
+                side["p99_ms"].as_f64().unwrap_or(0.0),
+                side["p999_ms"].as_f64().unwrap_or(0.0),
+                side["max_ms"].as_f64().unwrap_or(0.0),
+                side["errors"],
+            );
+        }
+    }
+    Ok(())
+}
+
+fn concept(args: &BenchArgs, key: u64) -> String {
+    format!("{}/k{key}", args.prefix)
+}
+
+async fn preload(client: &reqwest::Client, args: &BenchArgs, value: &str) -> anyhow::Result<()> {
+    let url = format!("{}/v1/assert/batch", args.url[0]);
+    let mut key = 0;
+    while key < args.keys {
+        let end = (key + 1000).min(args.keys);
+        let items: Vec<_> = (key..end)
+            .map(|k| json!({"concept_path": concept(args, k), "predicate": "value", "value": value, "agent_id": "bench"}))
+            .collect();
+        let response = client.post(&url).json(&json!({"assertions": items})).send().await?;
+        anyhow::ensure!(response.status().is_success(), "preload failed: {}", response.status());
+        key = end;
+    }
+    Ok(())
+}
+
+async fn write_loop(
+    worker: usize,
+    client: reqwest::Client,
+    args: BenchArgs,
+    value: String,
+    deadline: Instant,
+    completed: Arc<AtomicU64>,
+) -> Side {
+    let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
+    let base = &args.url[worker % args.url.len()];
+    let single = format!("{base}/v1/assert");
+    let batch = format!("{base}/v1/assert/batch");
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    while Instant::now() < deadline {
+        let item = |rng: &mut rand::rngs::StdRng| json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "predicate": "value", "value": value, "agent_id": format!("bench-{worker}")});
+        let started = Instant::now();
+        let result = if args.batch > 1 {
+            let items: Vec<_> = (0..args.batch).map(|_| item(&mut rng)).collect();
+            client.post(&batch).json(&json!({"assertions": items})).send().await
+        } else {
+            client.post(&single).json(&item(&mut rng)).send().await
+        };
+        let kind = error_kind(&result);
+        if let Ok(response) = result {
+            let _ = response.bytes().await;
+        }
+        record(&mut side, started, kind, args.batch as u64);
+        completed.fetch_add(1, Ordering::Relaxed);
+    }
+    side
+}
+
+async fn read_loop(
+    worker: usize,
+    client: reqwest::Client,
+    args: BenchArgs,
+    deadline: Instant,
+    completed: Arc<AtomicU64>,
+) -> Side {
+    let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
+    let url = format!("{}/v1/query", args.url[(worker + args.writers) % args.url.len()]);
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    while Instant::now() < deadline {
+        let body = json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "lens": args.lens, "consistency": args.consistency});
+        let started = Instant::now();
+        let result = client.post(&url).json(&body).send().await;
+        let kind = error_kind(&result);
+        if let Ok(response) = result {
+            let _ = response.bytes().await;
+        }
+        record(&mut side, started, kind, 1);
+        completed.fetch_add(1, Ordering::Relaxed);
+    }
+    side
+}
+
+fn record(side: &mut Side, started: Instant, error: Option<String>, items: u64) {
+    match error {
+        None => {
+            if let Some(h) = &mut side.histogram {
+                let _ = h.record((started.elapsed().as_micros() as u64).max(1));
+            }
+            side.ops += 1;
+            side.items += items;
+        }
+        Some(kind) => *side.errors.entry(kind).or_default() += 1,
+    }
+}

@@ -1,0 +1,94 @@
+//! A data dir remembers the node id, cluster id and shard count it was created with and refuses
+//! to start with different ones: pointing a node at another node's data would silently fork or
+//! lose data.
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::{ColumnFamily, Durability, Storage, StorageError, WriteBatch};
+
+const IDENTITY_KEY: &[u8] = b"identity";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeIdentity {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub shards: u16,
+    pub format_version: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("data dir belongs to node {found}, but this node was started as node {expected}; use that node's id or another data dir")]
+    NodeIdMismatch { expected: u64, found: u64 },
+    #[error("data dir was created with {found} shards, but cluster.shards is {expected}; the shard count is fixed at bootstrap")]
+    ShardCountMismatch { expected: u16, found: u16 },
+    #[error("data dir format {found} is not supported by this version (expects {expected})")]
+    FormatMismatch { expected: u32, found: u32 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl IdentityError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            IdentityError::NodeIdMismatch { .. } => "node_id_mismatch",
+            IdentityError::ShardCountMismatch { .. } => "shard_count_mismatch",
+            IdentityError::FormatMismatch { .. } => "format_mismatch",
+            IdentityError::Storage(e) => e.code(),
+        }
+    }
+}
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Loads the identity of the data dir, creating it on first start.
+pub fn ensure_identity(storage: &Storage, node_id: u64, shards: u16) -> Result<NodeIdentity, IdentityError> {
+    if let Some(bytes) = storage.get(ColumnFamily::Meta, IDENTITY_KEY)? {
+        let identity: NodeIdentity = serde_json::from_slice(&bytes)
+            .map_err(|e| StorageError::corrupt(ColumnFamily::Meta, format!("identity: {e}")))?;
+        if identity.format_version != FORMAT_VERSION {
+            return Err(IdentityError::FormatMismatch { expected: FORMAT_VERSION, found: identity.format_version });
+        }
+        if identity.node_id != node_id {
+            return Err(IdentityError::NodeIdMismatch { expected: node_id, found: identity.node_id });
+        }
+        if identity.shards != shards {
+            return Err(IdentityError::ShardCountMismatch { expected: shards, found: identity.shards });
+        }
+        return Ok(identity);
+    }
+    let identity = NodeIdentity {
+        node_id,
+        cluster_id: format!("{:032x}", rand::random::<u128>()),
+        shards,
+        format_version: FORMAT_VERSION,
+    };
+    let mut batch = WriteBatch::new();
+    batch.put(
+        ColumnFamily::Meta,
+        IDENTITY_KEY.to_vec(),
+        serde_json::to_vec(&identity).map_err(|e| StorageError::corrupt(ColumnFamily::Meta, e.to_string()))?,
+    );
+    storage.write(batch, Durability::Synced)?;
+    tracing::info!(node_id, cluster_id = %identity.cluster_id, shards, "data dir initialized");
+    Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageOptions;
+
+    #[test]
+    fn refuses_foreign_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
+        let first = ensure_identity(&storage, 1, 16).expect("create");
+        assert_eq!(ensure_identity(&storage, 1, 16).expect("reopen"), first);
+        assert!(matches!(
+            ensure_identity(&storage, 2, 16),
+            Err(IdentityError::NodeIdMismatch { expected: 2, found: 1 })
+        ));
+        assert!(matches!(ensure_identity(&storage, 1, 8), Err(IdentityError::ShardCountMismatch { .. })));
+    }
+}

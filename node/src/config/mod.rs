@@ -1,0 +1,435 @@
+//! Configuration: one serde tree, layered defaults → TOML file → `STEMEDB_<SECTION>_<KEY>`
+//! environment variables → command-line flags, with unknown keys rejected at every layer, then
+//! validated into the values the node runs with.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Where the config file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/stemedb/stemedb.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config error: {0}")]
+    Invalid(String),
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+impl ConfigError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid(_) => "config_invalid",
+            ConfigError::File { .. } => "config_file_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeSection,
+    pub server: ServerSection,
+    pub cluster: ClusterSection,
+    pub storage: StorageSection,
+    pub raft: RaftSection,
+    pub limits: LimitsSection,
+    pub query: QuerySection,
+    pub security: SecuritySection,
+    pub logging: LoggingSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// This node's id in the cluster (1 and up); remembered by the data dir.
+    pub id: u64,
+    /// Where the node keeps its database (`<data_dir>/db`).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Client API, `/metrics` and node admin (HTTP/JSON).
+    pub api_addr: String,
+    /// Cluster admin (HTTP/JSON).
+    pub admin_addr: String,
+    /// Inter-node gRPC (Raft, forwarding, anti-entropy).
+    pub raft_addr: String,
+    /// Seconds to wait for in-flight requests at shutdown.
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Number of shards, fixed when the data dir is first created.
+    pub shards: u16,
+    /// Replicas per shard (fewer only while the cluster has fewer nodes).
+    pub replication_factor: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// RocksDB block cache shared by all column families (env alias `STEMEDB_CACHE_SIZE_MB`).
+    pub max_cache_size_mb: u64,
+    /// Memtable budget per column family.
+    pub write_buffer_mb: u64,
+    /// fsync the Raft log before acknowledging writes. Turn off only for throwaway benchmarks.
+    pub fsync: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSection {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept after a snapshot so that slow followers can catch up by log.
+    pub logs_to_keep_after_snapshot: u64,
+    /// How long a write waits for its shard to commit and apply it before answering 504.
+    pub write_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest encoded assertion value.
+    pub max_value_bytes: usize,
+    /// Largest request body.
+    pub max_request_bytes: usize,
+    /// Most items in one `/v1/assert/batch`.
+    pub max_batch_items: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuerySection {
+    /// Results per page when a query gives no `limit`.
+    pub default_limit: usize,
+    /// Largest `limit` a query may ask for.
+    pub max_limit: usize,
+    /// A query taking longer than this answers 504.
+    pub query_timeout_seconds: u64,
+    /// Queries slower than this are logged.
+    pub slow_query_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySection {
+    /// Token for `/v1/admin/*` and admin retractions (`Authorization: Bearer <token>`). When
+    /// empty, admin endpoints only answer requests from loopback addresses.
+    pub admin_token: String,
+    /// Require an Ed25519 signature on every write.
+    pub require_signatures: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeSection::default(),
+            server: ServerSection::default(),
+            cluster: ClusterSection::default(),
+            storage: StorageSection::default(),
+            raft: RaftSection::default(),
+            limits: LimitsSection::default(),
+            query: QuerySection::default(),
+            security: SecuritySection::default(),
+            logging: LoggingSection::default(),
+        }
+    }
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection { id: 1, data_dir: PathBuf::from("./stemedb-data") }
+    }
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            api_addr: "127.0.0.1:18180".into(),
+            admin_addr: "127.0.0.1:18181".into(),
+            raft_addr: "127.0.0.1:18182".into(),
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection { shards: 16, replication_factor: 3 }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection { max_cache_size_mb: 1024, write_buffer_mb: 64, fsync: true }
+    }
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_logs_since_last: 20_000,
+            logs_to_keep_after_snapshot: 1_000,
+            write_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection { max_value_bytes: 64 * 1024, max_request_bytes: 32 * 1024 * 1024, max_batch_items: 1000 }
+    }
+}
+
+impl Default for QuerySection {
+    fn default() -> Self {
+        QuerySection { default_limit: 100, max_limit: 1000, query_timeout_seconds: 30, slow_query_ms: 100 }
+    }
+}
+
+impl Default for SecuritySection {
+    fn default() -> Self {
+        SecuritySection { admin_token: String::new(), require_signatures: false }
+    }
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        LoggingSection { level: "info".into(), format: "text".into() }
+    }
+}
+
+const SECTIONS: [&str; 9] = ["node", "server", "cluster", "storage", "raft", "limits", "query", "security", "logging"];
+
+/// Environment variables the runbooks use that do not follow `STEMEDB_<SECTION>_<KEY>`.
+const ENV_ALIASES: [(&str, &str); 1] = [("cache_size_mb", "storage.max_cache_size_mb")];
+
+/// Maps `STEMEDB_<SECTION>_<KEY>` (prefix already stripped, lowercased) to `section.key`.
+fn env_key_path(key: &str) -> String {
+    let key = key.to_ascii_lowercase();
+    let key = key.as_str();
+    if let Some((_, path)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == key) {
+        return path.to_string();
+    }
+    for section in SECTIONS {
+        if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
+            return format!("{section}.{rest}");
+        }
+    }
+    // Not a known section: left as a top-level key, which the strict parser rejects by name.
+    key.to_string()
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raft_addr: Option<String>,
+}
+
+impl FlagOverrides {
+    fn as_figment(&self) -> Figment {
+        let mut figment = Figment::new();
+        if let Some(v) = &self.data_dir {
+            figment = figment.merge(Serialized::default("node.data_dir", v));
+        }
+        if let Some(v) = self.node_id {
+            figment = figment.merge(Serialized::default("node.id", v));
+        }
+        if let Some(v) = &self.api_addr {
+            figment = figment.merge(Serialized::default("server.api_addr", v));
+        }
+        if let Some(v) = &self.admin_addr {
+            figment = figment.merge(Serialized::default("server.admin_addr", v));
+        }
+        if let Some(v) = &self.raft_addr {
+            figment = figment.merge(Serialized::default("server.raft_addr", v));
+        }
+        figment
+    }
+}
+
+impl Config {
+    /// Loads the layered configuration. `file` of `None` uses [`DEFAULT_CONFIG_PATH`] if present.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, flags, Env::prefixed("STEMEDB_"))
+    }
+
+    fn load_with_env(file: Option<&Path>, flags: &FlagOverrides, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::File { path: path.to_path_buf(), message: "no such file".into() });
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None => {
+                if Path::new(DEFAULT_CONFIG_PATH).exists() {
+                    figment = figment.merge(Toml::file(DEFAULT_CONFIG_PATH));
+                }
+            }
+        }
+        // STEMEDB_LOG is the log filter read by the binary, not a config key.
+        let env = env
+            .filter_map(|key| (!key.as_str().eq_ignore_ascii_case("log")).then(|| env_key_path(key.as_str()).into()));
+        figment = figment.merge(env).merge(flags.as_figment());
+        let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates one TOML file on its own (for `stemedb check-config`).
+    pub fn check_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&text))
+            .extract()
+            .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError::Invalid(m));
+        if self.node.id == 0 {
+            return fail("node.id must be 1 or more".into());
+        }
+        for (name, addr) in [
+            ("server.api_addr", &self.server.api_addr),
+            ("server.admin_addr", &self.server.admin_addr),
+            ("server.raft_addr", &self.server.raft_addr),
+        ] {
+            if addr.parse::<SocketAddr>().is_err() {
+                return fail(format!("{name} = {addr:?} is not HOST:PORT with an IP address"));
+            }
+        }
+        if self.cluster.shards == 0 || self.cluster.shards > 4096 {
+            return fail("cluster.shards must be between 1 and 4096".into());
+        }
+        if self.cluster.replication_factor == 0 {
+            return fail("cluster.replication_factor must be at least 1".into());
+        }
+        if self.raft.election_timeout_min_ms <= self.raft.heartbeat_interval_ms
+            || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
+        {
+            return fail("raft: need heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into());
+        }
+        if self.limits.max_value_bytes == 0 || self.limits.max_value_bytes > self.limits.max_request_bytes {
+            return fail("limits.max_value_bytes must be positive and at most limits.max_request_bytes".into());
+        }
+        if self.limits.max_batch_items == 0 || self.limits.max_batch_items > crate::model::id::MAX_ITEMS_PER_ENTRY {
+            return fail(format!(
+                "limits.max_batch_items must be between 1 and {}",
+                crate::model::id::MAX_ITEMS_PER_ENTRY
+            ));
+        }
+        if self.query.default_limit == 0 || self.query.default_limit > self.query.max_limit {
+            return fail("query.default_limit must be between 1 and query.max_limit".into());
+        }
+        if !matches!(self.logging.format.as_str(), "text" | "json") {
+            return fail(format!("logging.format = {:?}: expected \"text\" or \"json\"", self.logging.format));
+        }
+        Ok(())
+    }
+
+    /// The default configuration as commented TOML, for `stemedb print-sample-config`.
+    pub fn sample_toml() -> String {
+        let body = toml::to_string_pretty(&Config::default()).unwrap_or_default();
+        format!(
+            "# StemeDB configuration. Every key is optional; these are the defaults.\n\
+             # Environment variables override the file: STEMEDB_<SECTION>_<KEY>, e.g. STEMEDB_CLUSTER_SHARDS=32.\n\
+             # Command-line flags override both. Unknown keys are errors.\n\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_with(vars: &[(&str, &str)]) -> Env {
+        let owned: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        // figment reads the process environment; scope the test's variables by a unique prefix.
+        let prefix = format!("STEMEDBTEST{}_", rand::random::<u32>());
+        for (k, v) in &owned {
+            // SAFETY: tests set variables with a unique random prefix that nothing else reads.
+            unsafe { std::env::set_var(format!("{prefix}{k}"), v) };
+        }
+        Env::prefixed(&prefix)
+    }
+
+    #[test]
+    fn layering_file_env_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[cluster]\nshards = 8\n[limits]\nmax_value_bytes = 1000\n").expect("write");
+        let env = env_with(&[("CLUSTER_SHARDS", "32"), ("CACHE_SIZE_MB", "2048"), ("CIRCUIT_X", "")]);
+        let flags = FlagOverrides { node_id: Some(7), ..Default::default() };
+        let result = Config::load_with_env(Some(&path), &flags, env);
+        // CIRCUIT_X is not a known section: rejected by name.
+        assert!(result.is_err());
+        let env = env_with(&[("CLUSTER_SHARDS", "32"), ("CACHE_SIZE_MB", "2048")]);
+        let config = Config::load_with_env(Some(&path), &flags, env).expect("load");
+        assert_eq!(config.cluster.shards, 32, "env overrides file");
+        assert_eq!(config.limits.max_value_bytes, 1000, "file overrides defaults");
+        assert_eq!(config.storage.max_cache_size_mb, 2048, "runbook alias");
+        assert_eq!(config.node.id, 7, "flags override all");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[cluster]\nshardz = 8\n").expect("write");
+        let error = Config::check_file(&path).expect_err("unknown key");
+        assert!(error.to_string().contains("shardz"), "{error}");
+        std::fs::write(&path, "[server]\napi_addr = \"nowhere\"\n").expect("write");
+        assert!(Config::check_file(&path).is_err());
+        std::fs::write(&path, "[typo]\nx = 1\n").expect("write");
+        assert!(Config::check_file(&path).is_err());
+    }
+
+    #[test]
+    fn sample_config_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sample.toml");
+        std::fs::write(&path, Config::sample_toml()).expect("write");
+        assert_eq!(Config::check_file(&path).expect("valid"), Config::default());
+    }
+}

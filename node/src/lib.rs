@@ -1,0 +1,15 @@
+//! StemeDB: a replicated, sharded database of assertions that agents make about concepts, read
+//! through lenses. See `docs/architecture.md` for how the modules fit together.
+
+pub mod api;
+pub mod bench;
+pub mod cluster;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod raft;
+pub mod server;
+pub mod storage;
+
+pub use config::Config;
+pub use server::{run, Listeners, NodeError};

@@ -1,0 +1,140 @@
+//! The `stemedb` binary: parses flags, sets up tracing and signals, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stemedb::config::{Config, FlagOverrides};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "stemedb", version, about = "StemeDB: a replicated database of agent assertions read through lenses")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (with no flags: a single node in ./stemedb-data on 127.0.0.1).
+    Serve(ServeArgs),
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+    /// Print a sample config file with every key and its default.
+    PrintSampleConfig,
+    /// Load-test a running node.
+    Bench(stemedb::bench::BenchArgs),
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// Config file (default: /etc/stemedb/stemedb.toml when present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (node.data_dir).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Node id (node.id).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Client API address (server.api_addr).
+    #[arg(long)]
+    api_addr: Option<String>,
+    /// Cluster admin address (server.admin_addr).
+    #[arg(long)]
+    admin_addr: Option<String>,
+    /// Inter-node gRPC address (server.raft_addr).
+    #[arg(long)]
+    raft_addr: Option<String>,
+}
+
+fn init_tracing(level: &str, format: &str) {
+    let filter = EnvFilter::try_from_env("STEMEDB_LOG").unwrap_or_else(|_| {
+        EnvFilter::try_new(format!("{level},openraft=warn")).unwrap_or_else(|_| EnvFilter::new("info"))
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let flags = FlagOverrides {
+        data_dir: args.data_dir,
+        node_id: args.node_id,
+        api_addr: args.api_addr,
+        admin_addr: args.admin_addr,
+        raft_addr: args.raft_addr,
+    };
+    let config = Config::load(args.config.as_deref(), &flags)?;
+    init_tracing(&config.logging.level, &config.logging.format);
+    let listeners = stemedb::Listeners::bind(&config).await?;
+    let api_addr = listeners.api.local_addr()?;
+    eprintln!(
+        "stemedb node {} starting: client API http://{api_addr} (data dir {})",
+        config.node.id,
+        config.node.data_dir.display()
+    );
+    stemedb::run(config, listeners, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+            Command::Serve(args) => serve(args).await,
+            Command::CheckConfig { file } => {
+                let config = Config::check_file(&file)?;
+                println!("{} is valid; effective configuration:\n", file.display());
+                println!("{}", toml::to_string_pretty(&config)?);
+                Ok(())
+            }
+            Command::PrintSampleConfig => {
+                print!("{}", Config::sample_toml());
+                Ok(())
+            }
+            Command::Bench(args) => stemedb::bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

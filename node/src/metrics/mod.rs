@@ -1,0 +1,314 @@
+//! The node's metrics registry and the metrics of the request path. Each layer keeps its own
+//! metrics next to its code (`storage::metrics`, `raft::metrics`); this module registers them
+//! all, adds process metrics, and renders Prometheus text for `/metrics`.
+//!
+//! `stemedb_query_latency_seconds` is a summary with `quantile` labels because the runbooks and
+//! alert rules read it that way (`{quantile="0.99"}`); its quantiles cover a sliding window of
+//! about a minute. `stemedb_query_duration_seconds` is the same measurement as a histogram with
+//! buckets at the SLO thresholds, for aggregation across nodes.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram as Hdr;
+use parking_lot::Mutex;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+const WINDOW: Duration = Duration::from_secs(30);
+const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+/// A summary over a sliding window: two HdrHistograms in rotation, so quantiles reflect the last
+/// 30-60 seconds while `_sum` and `_count` are cumulative as Prometheus expects.
+pub struct WindowedSummary {
+    desc: Desc,
+    state: Mutex<WindowState>,
+}
+
+struct WindowState {
+    current: Hdr<u64>,
+    previous: Hdr<u64>,
+    rotated_at: Instant,
+    count: u64,
+    sum_seconds: f64,
+}
+
+fn new_hdr() -> Hdr<u64> {
+    // 1 µs to 1 hour at 3 significant digits; creation cannot fail with these bounds.
+    Hdr::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Hdr::new(3).expect("hdr histogram"))
+}
+
+impl WindowedSummary {
+    pub fn new(name: &str, help: &str) -> WindowedSummary {
+        WindowedSummary {
+            desc: Desc::new(name.into(), help.into(), vec![], Default::default()).expect("valid metric desc"),
+            state: Mutex::new(WindowState {
+                current: new_hdr(),
+                previous: new_hdr(),
+                rotated_at: Instant::now(),
+                count: 0,
+                sum_seconds: 0.0,
+            }),
+        }
+    }
+
+    pub fn observe(&self, elapsed: Duration) {
+        let mut state = self.state.lock();
+        state.rotate_if_due();
+        let micros = (elapsed.as_micros() as u64).max(1);
+        let _ = state.current.record(micros.min(3_600_000_000));
+        state.count += 1;
+        state.sum_seconds += elapsed.as_secs_f64();
+    }
+
+    /// The quantile (in seconds) over the current window.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let mut state = self.state.lock();
+        state.rotate_if_due();
+        let mut merged = state.previous.clone();
+        let _ = merged.add(&state.current);
+        merged.value_at_quantile(q) as f64 / 1e6
+    }
+}
+
+impl WindowState {
+    fn rotate_if_due(&mut self) {
+        if self.rotated_at.elapsed() >= WINDOW {
+            self.previous = std::mem::replace(&mut self.current, new_hdr());
+            if self.rotated_at.elapsed() >= WINDOW * 2 {
+                self.previous.reset();
+            }
+            self.rotated_at = Instant::now();
+        }
+    }
+}
+
+impl Collector for WindowedSummary {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut state = self.state.lock();
+        state.rotate_if_due();
+        let mut merged = state.previous.clone();
+        let _ = merged.add(&state.current);
+        let quantiles = QUANTILES
+            .iter()
+            .map(|&q| {
+                let mut quantile = Quantile::default();
+                quantile.set_quantile(q);
+                quantile.set_value(if merged.is_empty() { 0.0 } else { merged.value_at_quantile(q) as f64 / 1e6 });
+                quantile
+            })
+            .collect();
+        let mut summary = Summary::default();
+        summary.set_sample_count(state.count);
+        summary.set_sample_sum(state.sum_seconds);
+        summary.set_quantile(quantiles);
+        let mut metric = Metric::default();
+        metric.set_summary(summary);
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::SUMMARY);
+        family.set_metric(vec![metric]);
+        vec![family]
+    }
+}
+
+pub static QUERY_LATENCY: LazyLock<Arc<WindowedSummary>> = LazyLock::new(|| {
+    Arc::new(WindowedSummary::new(
+        "stemedb_query_latency_seconds",
+        "Query latency over the last 30-60 s, as quantiles (cumulative sum and count)",
+    ))
+});
+
+pub static QUERY_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    HistogramVec::new(
+        HistogramOpts::new("stemedb_query_duration_seconds", "Query latency, bucketed at the SLO thresholds")
+            .buckets(vec![0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]),
+        &["lens"],
+    )
+    .expect("valid metric")
+});
+
+pub static QUERY_TOTAL: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(Opts::new("stemedb_query_total", "Queries answered by this node"), &["node"])
+        .expect("valid metric")
+});
+
+pub static QUERY_TIMEOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_query_timeout_total", "Queries that exceeded query.query_timeout_seconds"),
+        &["node"],
+    )
+    .expect("valid metric")
+});
+
+pub static HTTP_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_http_requests_total", "HTTP requests by route and status class"),
+        &["route", "status"],
+    )
+    .expect("valid metric")
+});
+
+pub static WRITE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new("stemedb_write_duration_seconds", "Latency of assert, vote and retract requests")
+            .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0, 5.0]),
+    )
+    .expect("valid metric")
+});
+
+pub static WRITE_LATENCY: LazyLock<Arc<WindowedSummary>> = LazyLock::new(|| {
+    Arc::new(WindowedSummary::new("stemedb_write_latency_seconds", "Write latency over the last 30-60 s, as quantiles"))
+});
+
+/// A node's metrics registry.
+pub struct Metrics {
+    registry: Registry,
+    pub node_label: String,
+}
+
+impl Metrics {
+    /// Builds the registry with every layer's collectors and the process collector.
+    pub fn new(node_id: u64) -> Metrics {
+        let registry = Registry::new();
+        let mut collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(ArcCollector(QUERY_LATENCY.clone())),
+            Box::new(ArcCollector(WRITE_LATENCY.clone())),
+            Box::new(QUERY_DURATION.clone()),
+            Box::new(QUERY_TOTAL.clone()),
+            Box::new(QUERY_TIMEOUTS.clone()),
+            Box::new(HTTP_REQUESTS.clone()),
+            Box::new(WRITE_DURATION.clone()),
+        ];
+        collectors.extend(crate::storage::metrics::collectors());
+        collectors.extend(crate::raft::metrics::collectors());
+        #[cfg(target_os = "linux")]
+        collectors.push(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        for collector in collectors {
+            if let Err(error) = registry.register(collector) {
+                tracing::warn!(error = %error, "metric registration failed");
+            }
+        }
+        Metrics { registry, node_label: node_id.to_string() }
+    }
+
+    /// Registers an extra collector (gauges computed at scrape time).
+    pub fn register(&self, collector: Box<dyn Collector>) {
+        if let Err(error) = self.registry.register(collector) {
+            tracing::warn!(error = %error, "metric registration failed");
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(error = %error, "metrics encoding failed");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    pub fn observe_query(&self, lens: &str, elapsed: Duration) {
+        QUERY_LATENCY.observe(elapsed);
+        QUERY_DURATION.with_label_values(&[lens]).observe(elapsed.as_secs_f64());
+        QUERY_TOTAL.with_label_values(&[&self.node_label]).inc();
+    }
+
+    pub fn observe_write(&self, elapsed: Duration) {
+        WRITE_LATENCY.observe(elapsed);
+        WRITE_DURATION.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Lets a shared summary be registered.
+struct ArcCollector(Arc<WindowedSummary>);
+
+impl Collector for ArcCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
+    }
+}
+
+/// A gauge family whose values are computed when scraped.
+pub struct ComputedGauges {
+    desc: Desc,
+    label: &'static str,
+    compute: Box<dyn Fn() -> Vec<(String, f64)> + Send + Sync>,
+}
+
+impl ComputedGauges {
+    pub fn new(
+        name: &str,
+        help: &str,
+        label: &'static str,
+        compute: Box<dyn Fn() -> Vec<(String, f64)> + Send + Sync>,
+    ) -> ComputedGauges {
+        let labels = if label.is_empty() { vec![] } else { vec![label.to_string()] };
+        ComputedGauges {
+            desc: Desc::new(name.into(), help.into(), labels, Default::default()).expect("valid metric desc"),
+            label,
+            compute,
+        }
+    }
+}
+
+impl Collector for ComputedGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let metrics = (self.compute)()
+            .into_iter()
+            .map(|(label_value, value)| {
+                let mut gauge = prometheus::proto::Gauge::default();
+                gauge.set_value(value);
+                let mut metric = Metric::default();
+                metric.set_gauge(gauge);
+                if !self.label.is_empty() {
+                    let mut pair = LabelPair::default();
+                    pair.set_name(self.label.to_string());
+                    pair.set_value(label_value);
+                    metric.set_label(vec![pair]);
+                }
+                metric
+            })
+            .collect();
+        let mut family = MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(MetricType::GAUGE);
+        family.set_metric(metrics);
+        vec![family]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_renders_quantiles_the_runbooks_read() {
+        let metrics = Metrics::new(1);
+        for ms in 1..=100 {
+            metrics.observe_query("recency", Duration::from_millis(ms));
+        }
+        let text = metrics.render();
+        let line =
+            text.lines().find(|l| l.starts_with("stemedb_query_latency_seconds{quantile=\"0.99\"}")).expect("p99 line");
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("value");
+        assert!((0.098..=0.101).contains(&value), "{line}");
+        assert!(text.contains("stemedb_query_total{node=\"1\"}"));
+        assert!(text.contains("stemedb_query_duration_seconds_bucket{lens=\"recency\",le=\"0.02\"}"));
+        assert!(text.contains("process_resident_memory_bytes"));
+    }
+}

@@ -1,0 +1,290 @@
+//! Assertions, votes and retractions: what a client sends, the validation rules of DESIGN §2,
+//! and what the state machine stores.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::id::AssertionId;
+use super::ModelError;
+
+pub const MAX_CONCEPT_PATH_BYTES: usize = 1024;
+pub const MAX_SEGMENT_CHARS: usize = 128;
+pub const MAX_PREDICATE_CHARS: usize = 256;
+pub const MAX_AGENT_ID_CHARS: usize = 128;
+pub const MAX_SUPERSEDES: usize = 64;
+pub const MAX_SOURCE_BYTES: usize = 4096;
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+pub const DEFAULT_AGENT_ID: &str = "anonymous";
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+/// Checks a concept_path: `/`-separated segments of 1-128 `[A-Za-z0-9._:-]`, at most 1024 bytes.
+pub fn validate_concept_path(path: &str) -> Result<(), ModelError> {
+    let fail = |reason: &str| Err(ModelError::InvalidConceptPath { path: truncate(path), reason: reason.to_string() });
+    if path.is_empty() {
+        return fail("must not be empty");
+    }
+    if path.len() > MAX_CONCEPT_PATH_BYTES {
+        return fail("longer than 1024 bytes");
+    }
+    if path.starts_with('/') || path.ends_with('/') {
+        return fail("must not start or end with '/'");
+    }
+    for segment in path.split('/') {
+        if segment.is_empty() {
+            return fail("empty segment ('//')");
+        }
+        if segment.len() > MAX_SEGMENT_CHARS {
+            return fail("segment longer than 128 characters");
+        }
+        if let Some(c) = segment.chars().find(|c| !is_name_char(*c)) {
+            return fail(&format!("character {c:?} not allowed; use [A-Za-z0-9._:-]"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a concept prefix: like a concept_path, but may be empty (everything).
+pub fn validate_concept_prefix(prefix: &str) -> Result<(), ModelError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    validate_concept_path(prefix)
+}
+
+pub fn validate_predicate(predicate: &str) -> Result<(), ModelError> {
+    let fail =
+        |reason: &str| Err(ModelError::InvalidPredicate { predicate: truncate(predicate), reason: reason.to_string() });
+    if predicate.is_empty() {
+        return fail("must not be empty");
+    }
+    if predicate.len() > MAX_PREDICATE_CHARS {
+        return fail("longer than 256 characters");
+    }
+    if let Some(c) = predicate.chars().find(|c| !is_name_char(*c)) {
+        return fail(&format!("character {c:?} not allowed; use [A-Za-z0-9._:-]"));
+    }
+    Ok(())
+}
+
+pub fn validate_agent_id(agent_id: &str) -> Result<(), ModelError> {
+    let count = agent_id.chars().count();
+    if count == 0 || count > MAX_AGENT_ID_CHARS {
+        return Err(ModelError::InvalidAgentId { reason: "must be 1-128 characters".into() });
+    }
+    if agent_id.chars().any(|c| c.is_control()) {
+        return Err(ModelError::InvalidAgentId { reason: "must not contain control characters".into() });
+    }
+    Ok(())
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
+/// `POST /v1/assert` body and one item of `POST /v1/assert/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertRequest {
+    pub concept_path: String,
+    pub predicate: String,
+    pub value: Box<RawValue>,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub confidence: Option<f64>,
+    #[serde(default)]
+    pub supersedes: Option<Vec<String>>,
+    #[serde(default)]
+    pub source: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub signature: Option<String>,
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// A validated assertion ready to be proposed to its shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AssertionDraft {
+    pub concept_path: String,
+    pub predicate: String,
+    pub value: Box<RawValue>,
+    pub agent_id: String,
+    pub confidence: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supersedes: Vec<AssertionId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl AssertRequest {
+    /// Applies every validation rule that needs no stored data.
+    pub fn validate(self, max_value_bytes: usize, shards: u16) -> Result<AssertionDraft, ModelError> {
+        validate_concept_path(&self.concept_path)?;
+        validate_predicate(&self.predicate)?;
+        let value_bytes = self.value.get().len();
+        if value_bytes > max_value_bytes {
+            return Err(ModelError::ValueTooLarge { bytes: value_bytes, limit: max_value_bytes });
+        }
+        let agent_id = self.agent_id.unwrap_or_else(|| DEFAULT_AGENT_ID.to_string());
+        validate_agent_id(&agent_id)?;
+        let confidence = self.confidence.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&confidence) {
+            return Err(ModelError::InvalidConfidence { confidence });
+        }
+        let supersedes_text = self.supersedes.unwrap_or_default();
+        if supersedes_text.len() > MAX_SUPERSEDES {
+            return Err(ModelError::TooManySupersedes { count: supersedes_text.len() });
+        }
+        let shard = super::id::shard_for_path(&self.concept_path, shards);
+        let mut supersedes = Vec::with_capacity(supersedes_text.len());
+        for text in &supersedes_text {
+            let id = AssertionId::parse(text).map_err(|e| ModelError::InvalidId { id: e.0 })?;
+            // A different shard means a different concept_path: refuse before proposing.
+            if id.shard() != shard {
+                return Err(ModelError::SupersedesOtherConcept { id: id.to_string() });
+            }
+            if !supersedes.contains(&id) {
+                supersedes.push(id);
+            }
+        }
+        if let Some(source) = &self.source {
+            let raw = source.get();
+            if raw.len() > MAX_SOURCE_BYTES {
+                return Err(ModelError::SourceTooLarge { bytes: raw.len(), limit: MAX_SOURCE_BYTES });
+            }
+            if !raw.trim_start().starts_with('{') {
+                return Err(ModelError::InvalidSource);
+            }
+        }
+        if let Some(signature) = &self.signature {
+            if signature.is_empty() || signature.len() > 256 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ModelError::InvalidSignatureFormat);
+            }
+        }
+        if let Some(request_id) = &self.request_id {
+            let count = request_id.chars().count();
+            if count == 0 || count > MAX_REQUEST_ID_CHARS || request_id.chars().any(|c| c.is_control()) {
+                return Err(ModelError::InvalidRequestId);
+            }
+        }
+        Ok(AssertionDraft {
+            concept_path: self.concept_path,
+            predicate: self.predicate,
+            value: self.value,
+            agent_id,
+            confidence,
+            supersedes,
+            source: self.source,
+            signature: self.signature,
+            request_id: self.request_id,
+        })
+    }
+}
+
+/// An assertion as the state machine stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredAssertion {
+    pub id: AssertionId,
+    pub asserted_at_us: u64,
+    pub log_index: u64,
+    /// Nested, not flattened: serde's flatten cannot carry the raw JSON value.
+    pub draft: AssertionDraft,
+    /// Set by the shard leader before proposing (DESIGN §2 quarantine); never changed in place.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quarantined: bool,
+}
+
+/// A vote on an assertion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoteRequest {
+    pub assertion_id: String,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    pub value: i64,
+}
+
+/// A retraction of an assertion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetractRequest {
+    pub assertion_id: String,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+pub const MAX_REASON_CHARS: usize = 1024;
+
+/// Derived status of an assertion at some time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Active,
+    Superseded,
+    Retracted,
+    Quarantined,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concept_paths() {
+        for ok in ["a", "test/disk", "a.b_c:d-e/f", &"x".repeat(128)] {
+            assert!(validate_concept_path(ok).is_ok(), "{ok}");
+        }
+        let long_path = vec!["y".repeat(100); 11].join("/");
+        for bad in ["", "/a", "a/", "a//b", "a b", "a/é", &"x".repeat(129), long_path.as_str(), "a\0b"] {
+            assert!(validate_concept_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn predicates() {
+        assert!(validate_predicate("space_ok").is_ok());
+        assert!(validate_predicate("").is_err());
+        assert!(validate_predicate("has space").is_err());
+        assert!(validate_predicate("a/b").is_err());
+        assert!(validate_predicate(&"p".repeat(257)).is_err());
+    }
+
+    fn request(json: &str) -> AssertRequest {
+        serde_json::from_str(json).expect("parse")
+    }
+
+    #[test]
+    fn validation_rules() {
+        let ok =
+            request(r#"{"concept_path":"a/b","predicate":"p","value":{"x":[1,2]}}"#).validate(100, 16).expect("ok");
+        assert_eq!(ok.agent_id, DEFAULT_AGENT_ID);
+        assert_eq!(ok.confidence, 1.0);
+        assert!(matches!(
+            request(r#"{"concept_path":"a/b","predicate":"p","value":"0123456789"}"#).validate(5, 16),
+            Err(ModelError::ValueTooLarge { .. })
+        ));
+        assert!(matches!(
+            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"confidence":1.5}"#).validate(100, 16),
+            Err(ModelError::InvalidConfidence { .. })
+        ));
+        assert!(matches!(
+            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"source":[1]}"#).validate(100, 16),
+            Err(ModelError::InvalidSource)
+        ));
+        assert!(matches!(
+            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"supersedes":["nope"]}"#).validate(100, 16),
+            Err(ModelError::InvalidId { .. })
+        ));
+        assert!(serde_json::from_str::<AssertRequest>(r#"{"concept_path":"a","predicate":"p","value":1,"valeu":2}"#)
+            .is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! Key layout of the Raft groups in the node's column families. Every key starts with the
+//! big-endian group id so a group's data is one contiguous range in each family.
+//!
+//! | family        | key                                             | value                  |
+//! |---------------|-------------------------------------------------|------------------------|
+//! | raft_log      | group, index(8)                                 | entry (JSON)           |
+//! | raft_state    | group, `v` / `c` / `p`                          | vote / committed / purged |
+//! | state_machine | group, `A`, id(16)                              | assertion (JSON)       |
+//! | state_machine | group, `E`, id(16), `R`                         | retraction (JSON)      |
+//! | state_machine | group, `E`, id(16), `S`, superseder id(16)      | at_us(8)               |
+//! | state_machine | group, `E`, id(16), `V`, agent, 0, at_us(8)     | vote (1, i8)           |
+//! | state_machine | group, `Q`, agent, 0, request_id                | outcome (JSON)         |
+//! | state_machine | group, `M`                                      | applied state (JSON)   |
+//! | index         | group, `P`, path, 0, predicate, 0, id(16)       | empty                  |
+//! | index         | group, `C`, path, 0, predicate                  | assertion count (8)    |
+//! | meta          | `snapshot/`, group                              | last snapshot          |
+
+use super::types::GroupId;
+use crate::model::id::AssertionId;
+
+pub fn group_prefix(group: GroupId) -> Vec<u8> {
+    group.to_be_bytes().to_vec()
+}
+
+/// The first key after every key of `group`.
+pub fn group_end(group: GroupId) -> Vec<u8> {
+    (group as u64 + 1).to_be_bytes()[4..].to_vec()
+}
+
+pub fn log_key(group: GroupId, index: u64) -> Vec<u8> {
+    let mut key = group_prefix(group);
+    key.extend_from_slice(&index.to_be_bytes());
+    key
+}
+
+pub fn log_index_of(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(4..12)?.try_into().ok()?))
+}
+
+pub fn state_key(group: GroupId, tag: u8) -> Vec<u8> {
+    let mut key = group_prefix(group);
+    key.push(tag);
+    key
+}
+
+fn tagged(group: GroupId, tag: u8, capacity: usize) -> Vec<u8> {
+    let mut key = Vec::with_capacity(5 + capacity);
+    key.extend_from_slice(&group.to_be_bytes());
+    key.push(tag);
+    key
+}
+
+pub fn assertion_key(group: GroupId, id: AssertionId) -> Vec<u8> {
+    let mut key = tagged(group, b'A', 16);
+    key.extend_from_slice(&id.to_bytes());
+    key
+}
+
+pub fn events_prefix(group: GroupId, id: AssertionId) -> Vec<u8> {
+    let mut key = tagged(group, b'E', 17);
+    key.extend_from_slice(&id.to_bytes());
+    key
+}
+
+pub fn retraction_key(group: GroupId, id: AssertionId) -> Vec<u8> {
+    let mut key = events_prefix(group, id);
+    key.push(b'R');
+    key
+}
+
+pub fn supersession_key(group: GroupId, id: AssertionId, by: AssertionId) -> Vec<u8> {
+    let mut key = events_prefix(group, id);
+    key.push(b'S');
+    key.extend_from_slice(&by.to_bytes());
+    key
+}
+
+pub fn vote_key(group: GroupId, id: AssertionId, agent_id: &str, at_us: u64) -> Vec<u8> {
+    let mut key = events_prefix(group, id);
+    key.push(b'V');
+    key.extend_from_slice(agent_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&at_us.to_be_bytes());
+    key
+}
+
+pub fn request_key(group: GroupId, agent_id: &str, request_id: &str) -> Vec<u8> {
+    let mut key = tagged(group, b'Q', agent_id.len() + request_id.len() + 1);
+    key.extend_from_slice(agent_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(request_id.as_bytes());
+    key
+}
+
+pub fn applied_key(group: GroupId) -> Vec<u8> {
+    tagged(group, b'M', 0)
+}
+
+/// `group, P, path, 0` or, with a predicate, `group, P, path, 0, predicate, 0`.
+pub fn claims_prefix(group: GroupId, concept_path: &str, predicate: Option<&str>) -> Vec<u8> {
+    let mut key = tagged(group, b'P', concept_path.len() + 2);
+    key.extend_from_slice(concept_path.as_bytes());
+    key.push(0);
+    if let Some(predicate) = predicate {
+        key.extend_from_slice(predicate.as_bytes());
+        key.push(0);
+    }
+    key
+}
+
+pub fn claim_key(group: GroupId, concept_path: &str, predicate: &str, id: AssertionId) -> Vec<u8> {
+    let mut key = claims_prefix(group, concept_path, Some(predicate));
+    key.extend_from_slice(&id.to_bytes());
+    key
+}
+
+pub fn concept_key(group: GroupId, concept_path: &str, predicate: &str) -> Vec<u8> {
+    let mut key = tagged(group, b'C', concept_path.len() + predicate.len() + 1);
+    key.extend_from_slice(concept_path.as_bytes());
+    key.push(0);
+    key.extend_from_slice(predicate.as_bytes());
+    key
+}
+
+pub fn concept_tag_prefix(group: GroupId) -> Vec<u8> {
+    tagged(group, b'C', 0)
+}
+
+/// Splits a concept key into (concept_path, predicate).
+pub fn parse_concept_key(key: &[u8]) -> Option<(&str, &str)> {
+    let body = key.get(5..)?;
+    let split = body.iter().position(|&b| b == 0)?;
+    let path = std::str::from_utf8(&body[..split]).ok()?;
+    let predicate = std::str::from_utf8(&body[split + 1..]).ok()?;
+    Some((path, predicate))
+}
+
+pub fn snapshot_key(group: GroupId) -> Vec<u8> {
+    let mut key = b"snapshot/".to_vec();
+    key.extend_from_slice(&group.to_be_bytes());
+    key
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xFF; prefix.len() + 1]
+}

@@ -1,0 +1,154 @@
+//! The Raft log store of one group: entries, vote, committed and purged log ids in the node's
+//! RocksDB. Appends are group-committed: readable at once, acknowledged to openraft only after
+//! the fsync that covers them (see `storage::group_commit`).
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote};
+
+use super::keys;
+use super::types::{Entry, GroupId, LogId, NodeId, StorageIoError, TypeConfig};
+use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
+
+const VOTE_TAG: u8 = b'v';
+const COMMITTED_TAG: u8 = b'c';
+const PURGED_TAG: u8 = b'p';
+
+/// Log store of one Raft group. Cloning gives a reader over the same log.
+#[derive(Clone)]
+pub struct LogStore {
+    storage: Arc<Storage>,
+    group: GroupId,
+}
+
+pub(crate) fn read_error(e: impl std::error::Error + 'static) -> StorageIoError {
+    StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Read, openraft::AnyError::new(&e)).into()
+}
+
+pub(crate) fn write_error(e: impl std::error::Error + 'static) -> StorageIoError {
+    StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Write, openraft::AnyError::new(&e)).into()
+}
+
+impl LogStore {
+    pub fn new(storage: Arc<Storage>, group: GroupId) -> LogStore {
+        LogStore { storage, group }
+    }
+
+    fn read_state<T: serde::de::DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, StorageIoError> {
+        let Some(bytes) =
+            self.storage.get(ColumnFamily::RaftState, &keys::state_key(self.group, tag)).map_err(read_error)?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(read_error)
+    }
+
+    fn state_put<T: serde::Serialize>(&self, batch: &mut WriteBatch, tag: u8, value: &T) -> Result<(), StorageIoError> {
+        let bytes = serde_json::to_vec(value).map_err(write_error)?;
+        batch.put(ColumnFamily::RaftState, keys::state_key(self.group, tag), bytes);
+        Ok(())
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Entry, StorageIoError> {
+        serde_json::from_slice(bytes).map_err(read_error)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageIoError> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => keys::log_key(self.group, i.saturating_add(1)),
+            Bound::Excluded(&i) => keys::log_key(self.group, i),
+            Bound::Unbounded => keys::group_end(self.group),
+        };
+        let rows = self
+            .storage
+            .scan(ColumnFamily::RaftLog, &keys::log_key(self.group, start), &end, usize::MAX)
+            .map_err(read_error)?;
+        rows.iter().map(|(_, v)| Self::decode(v)).collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageIoError> {
+        let last_purged_log_id: Option<LogId> = self.read_state(PURGED_TAG)?;
+        let last = self
+            .storage
+            .last_in_range(ColumnFamily::RaftLog, &keys::group_prefix(self.group), &keys::group_end(self.group))
+            .map_err(read_error)?;
+        let last_log_id = match last {
+            Some((_, bytes)) => Some(Self::decode(&bytes)?.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageIoError> {
+        let mut batch = WriteBatch::new();
+        self.state_put(&mut batch, VOTE_TAG, vote)?;
+        self.storage.write(batch, Durability::Synced).map_err(write_error)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageIoError> {
+        self.read_state(VOTE_TAG)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageIoError> {
+        let mut batch = WriteBatch::new();
+        self.state_put(&mut batch, COMMITTED_TAG, &committed)?;
+        self.storage.write(batch, Durability::Buffered).map_err(write_error)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageIoError> {
+        Ok(self.read_state::<Option<LogId>>(COMMITTED_TAG)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageIoError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::new();
+        for entry in entries {
+            let bytes = serde_json::to_vec(&entry).map_err(write_error)?;
+            batch.put(ColumnFamily::RaftLog, keys::log_key(self.group, entry.log_id.index), bytes);
+        }
+        self.storage
+            .write_group_commit(batch, Box::new(move |result| callback.log_io_completed(result)))
+            .map_err(write_error)
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
+        let mut batch = WriteBatch::new();
+        batch.delete_range(ColumnFamily::RaftLog, keys::log_key(self.group, log_id.index), keys::group_end(self.group));
+        self.storage.write(batch, Durability::Synced).map_err(write_error)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
+        let mut batch = WriteBatch::new();
+        self.state_put(&mut batch, PURGED_TAG, &log_id)?;
+        batch.delete_range(
+            ColumnFamily::RaftLog,
+            keys::log_key(self.group, 0),
+            keys::log_key(self.group, log_id.index.saturating_add(1)),
+        );
+        self.storage.write(batch, Durability::Buffered).map_err(write_error)
+    }
+}

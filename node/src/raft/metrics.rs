@@ -1,0 +1,46 @@
+//! Raft and state machine metrics.
+
+use std::sync::LazyLock;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+
+pub static ASSERTIONS_INDEXED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new("assertions_indexed_total", "Assertions applied and indexed by this node's state machines")
+        .expect("valid metric")
+});
+
+pub static APPLY_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new("stemedb_raft_apply_duration_seconds", "Duration of one state machine apply call")
+            .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1]),
+    )
+    .expect("valid metric")
+});
+
+pub static PROPOSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_raft_proposals_total", "Entries proposed to shard groups, by outcome"),
+        &["outcome"],
+    )
+    .expect("valid metric")
+});
+
+pub static PROPOSE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new(
+            "stemedb_raft_propose_duration_seconds",
+            "Time from proposing an entry to its applied result",
+        )
+        .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0]),
+    )
+    .expect("valid metric")
+});
+
+pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
+    vec![
+        Box::new(ASSERTIONS_INDEXED.clone()),
+        Box::new(APPLY_DURATION.clone()),
+        Box::new(PROPOSALS.clone()),
+        Box::new(PROPOSE_DURATION.clone()),
+    ]
+}

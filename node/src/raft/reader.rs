@@ -1,0 +1,211 @@
+//! Reads of one shard's applied state: assertions with the facts recorded about them, the
+//! claims under a concept_path, and the concept listing. Readers go straight to storage; the
+//! state machine writes each apply in one batch, so a reader always sees whole entries.
+
+use std::sync::Arc;
+
+use super::keys;
+use super::state_machine::{AppliedProgress, RetractionRecord};
+use super::types::GroupId;
+use crate::model::assertion::StoredAssertion;
+use crate::model::id::AssertionId;
+use crate::model::lens::{ClaimFacts, SupersessionFact, VoteFact};
+use crate::storage::{ColumnFamily, Storage, StorageError};
+
+#[derive(Clone)]
+pub struct ShardReader {
+    storage: Arc<Storage>,
+    pub shard: u16,
+    group: GroupId,
+    progress: Arc<AppliedProgress>,
+}
+
+/// The claims about one (concept_path, predicate).
+#[derive(Debug)]
+pub struct ClaimGroup {
+    pub concept_path: String,
+    pub predicate: String,
+    pub claims: Vec<ClaimFacts>,
+}
+
+/// One (concept_path, predicate) in the concept listing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConceptEntry {
+    pub concept_path: String,
+    pub predicate: String,
+    pub assertions: u64,
+}
+
+fn corrupt(message: &str) -> StorageError {
+    StorageError::corrupt(ColumnFamily::StateMachine, message)
+}
+
+/// Whether `path` is `prefix` or below it, segment-wise (`a/b` is under `a`, `ab` is not).
+pub fn path_under_prefix(path: &str, prefix: &str) -> bool {
+    prefix.is_empty()
+        || path == prefix
+        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
+
+impl ShardReader {
+    pub fn new(storage: Arc<Storage>, shard: u16, group: GroupId, progress: Arc<AppliedProgress>) -> ShardReader {
+        ShardReader { storage, shard, group, progress }
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.progress.applied_index.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn applied_at_us(&self) -> u64 {
+        self.progress.applied_at_us.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn decode_assertion(bytes: &[u8]) -> Result<StoredAssertion, StorageError> {
+        serde_json::from_slice(bytes).map_err(|e| corrupt(&format!("assertion record: {e}")))
+    }
+
+    /// An assertion and everything recorded about it, or `None` if this shard has no such id.
+    pub fn facts(&self, id: AssertionId) -> Result<Option<ClaimFacts>, StorageError> {
+        let Some(bytes) = self.storage.get(ColumnFamily::StateMachine, &keys::assertion_key(self.group, id))? else {
+            return Ok(None);
+        };
+        let record = Self::decode_assertion(&bytes)?;
+        self.facts_of(record).map(Some)
+    }
+
+    fn facts_of(&self, record: StoredAssertion) -> Result<ClaimFacts, StorageError> {
+        let prefix = keys::events_prefix(self.group, record.id);
+        let mut facts = ClaimFacts { record, retracted_at_us: None, supersessions: Vec::new(), votes: Vec::new() };
+        let rows = self.storage.scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), usize::MAX)?;
+        for (key, value) in rows {
+            let rest = &key[prefix.len()..];
+            match rest.first() {
+                Some(b'R') => {
+                    let retraction: RetractionRecord =
+                        serde_json::from_slice(&value).map_err(|e| corrupt(&format!("retraction: {e}")))?;
+                    facts.retracted_at_us = Some(retraction.at_us);
+                }
+                Some(b'S') => {
+                    let by = AssertionId::from_bytes(&rest[1..]).ok_or_else(|| corrupt("supersession key"))?;
+                    let at_us = value
+                        .as_slice()
+                        .try_into()
+                        .map(u64::from_be_bytes)
+                        .map_err(|_| corrupt("supersession time"))?;
+                    let by_retracted_at_us =
+                        match self.storage.get(ColumnFamily::StateMachine, &keys::retraction_key(self.group, by))? {
+                            Some(bytes) => Some(
+                                serde_json::from_slice::<RetractionRecord>(&bytes)
+                                    .map_err(|e| corrupt(&format!("retraction: {e}")))?
+                                    .at_us,
+                            ),
+                            None => None,
+                        };
+                    facts.supersessions.push(SupersessionFact { by, at_us, by_retracted_at_us });
+                }
+                Some(b'V') => {
+                    let body = &rest[1..];
+                    if body.len() < 9 {
+                        return Err(corrupt("vote key"));
+                    }
+                    let (agent, at) = body.split_at(body.len() - 9);
+                    let agent_id = std::str::from_utf8(agent).map_err(|_| corrupt("vote agent"))?.to_string();
+                    let at_us = u64::from_be_bytes(at[1..].try_into().map_err(|_| corrupt("vote time"))?);
+                    let value = *value.first().ok_or_else(|| corrupt("vote value"))? as i8;
+                    facts.votes.push(VoteFact { agent_id, value, at_us });
+                }
+                _ => return Err(corrupt("unknown event")),
+            }
+        }
+        Ok(facts)
+    }
+
+    /// The retraction of an assertion, if any.
+    pub fn retraction(&self, id: AssertionId) -> Result<Option<RetractionRecord>, StorageError> {
+        match self.storage.get(ColumnFamily::StateMachine, &keys::retraction_key(self.group, id))? {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| corrupt(&format!("retraction: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every claim about `concept_path` (and `predicate`, if given), grouped by predicate in
+    /// predicate order.
+    pub fn claims(&self, concept_path: &str, predicate: Option<&str>) -> Result<Vec<ClaimGroup>, StorageError> {
+        let prefix = keys::claims_prefix(self.group, concept_path, predicate);
+        let rows = self.storage.scan(ColumnFamily::Index, &prefix, &keys::prefix_end(&prefix), usize::MAX)?;
+        let path_prefix_len = keys::claims_prefix(self.group, concept_path, None).len();
+        let mut groups: Vec<ClaimGroup> = Vec::new();
+        let mut ids_by_group: Vec<Vec<AssertionId>> = Vec::new();
+        for (key, _) in rows {
+            let body = &key[path_prefix_len..];
+            if body.len() < 17 {
+                return Err(StorageError::corrupt(ColumnFamily::Index, "claim key"));
+            }
+            let (predicate_bytes, id_bytes) = body.split_at(body.len() - 17);
+            let predicate = std::str::from_utf8(predicate_bytes)
+                .map_err(|_| StorageError::corrupt(ColumnFamily::Index, "claim predicate"))?;
+            let id = AssertionId::from_bytes(&id_bytes[1..])
+                .ok_or_else(|| StorageError::corrupt(ColumnFamily::Index, "claim id"))?;
+            if groups.last().map(|g| g.predicate.as_str()) != Some(predicate) {
+                groups.push(ClaimGroup {
+                    concept_path: concept_path.to_string(),
+                    predicate: predicate.to_string(),
+                    claims: Vec::new(),
+                });
+                ids_by_group.push(Vec::new());
+            }
+            if let Some(ids) = ids_by_group.last_mut() {
+                ids.push(id);
+            }
+        }
+        for (group, ids) in groups.iter_mut().zip(ids_by_group) {
+            let keys: Vec<Vec<u8>> = ids.iter().map(|id| keys::assertion_key(self.group, *id)).collect();
+            for bytes in self.storage.multi_get(ColumnFamily::StateMachine, &keys)?.into_iter().flatten() {
+                let record = Self::decode_assertion(&bytes)?;
+                group.claims.push(self.facts_of(record)?);
+            }
+        }
+        Ok(groups)
+    }
+
+    /// (concept_path, predicate) pairs under `prefix`, in key order, strictly after `after`,
+    /// at most `limit`.
+    pub fn concepts(
+        &self,
+        prefix: &str,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<ConceptEntry>, StorageError> {
+        let tag = keys::concept_tag_prefix(self.group);
+        let mut start = tag.clone();
+        start.extend_from_slice(prefix.as_bytes());
+        if let Some((path, predicate)) = after {
+            let mut after_key = keys::concept_key(self.group, path, predicate);
+            after_key.push(0); // strictly after
+            if after_key > start {
+                start = after_key;
+            }
+        }
+        let mut end = tag.clone();
+        end.extend_from_slice(prefix.as_bytes());
+        let end = if prefix.is_empty() { keys::prefix_end(&tag) } else { keys::prefix_end(&end) };
+        let mut out = Vec::new();
+        let mut failure = None;
+        self.storage.for_each_in_range(ColumnFamily::Index, &start, &end, |key, value| {
+            let Some((path, predicate)) = keys::parse_concept_key(key) else {
+                failure = Some(StorageError::corrupt(ColumnFamily::Index, "concept key"));
+                return false;
+            };
+            if !path_under_prefix(path, prefix) {
+                return true;
+            }
+            let assertions = value.try_into().map(u64::from_be_bytes).unwrap_or(0);
+            out.push(ConceptEntry { concept_path: path.to_string(), predicate: predicate.to_string(), assertions });
+            out.len() < limit
+        })?;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(out),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The Raft type configuration shared by every shard group, and the commands a shard's log holds.
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::assertion::AssertionDraft;
+use crate::model::id::AssertionId;
+use crate::model::ModelError;
+
+/// Node ids are u64; a node's Raft address is in its [`openraft::BasicNode`].
+pub type NodeId = u64;
+/// Group 0 is the meta group (cluster issue); shard `s` is group `s + 1`.
+pub type GroupId = u32;
+
+pub fn group_of_shard(shard: u16) -> GroupId {
+    shard as GroupId + 1
+}
+
+openraft::declare_raft_types!(
+    /// Type configuration of every StemeDB Raft group.
+    pub TypeConfig:
+        D = ShardCommand,
+        R = ShardResponse,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type StorageIoError = openraft::StorageError<NodeId>;
+
+/// A command in a shard's log. Everything that varies between replicas (time, ids) is decided by
+/// the leader before proposing or derived deterministically while applying.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ShardCommand {
+    /// New assertions, all on this shard. Items keep their order; each gets its own result.
+    Assert { proposed_at_us: u64, items: Vec<AssertionDraft> },
+    /// A vote; a later vote of the same agent on the same assertion replaces the earlier one.
+    Vote { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, value: i8 },
+    /// A retraction, by the asserting agent or (with `admin`) by an administrator.
+    Retract { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, admin: bool, reason: Option<String> },
+}
+
+/// What applying an assertion produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssertOutcome {
+    pub id: AssertionId,
+    pub shard: u16,
+    pub log_index: u64,
+    pub asserted_at_us: u64,
+    /// True when this is a retry of an earlier write with the same (agent_id, request_id).
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// What applying a vote or retraction produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventOutcome {
+    pub assertion_id: AssertionId,
+    pub at_us: u64,
+    pub log_index: u64,
+}
+
+/// The state machine's answer to one log entry.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub enum ShardResponse {
+    Asserted(Vec<Result<AssertOutcome, ModelError>>),
+    Voted(Result<EventOutcome, ModelError>),
+    Retracted(Result<EventOutcome, ModelError>),
+    /// Blank and membership entries.
+    #[default]
+    Empty,
+}

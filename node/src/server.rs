@@ -1,0 +1,189 @@
+//! Running a node: open storage, check the data dir's identity, open the shard groups, serve the
+//! client API, and shut down in order when told to.
+//!
+//! Shutdown order: stop accepting requests and drain in-flight ones (bounded by
+//! `server.shutdown_grace_seconds`), stop every Raft group, then sync and close RocksDB.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, NodeContext};
+use crate::cluster::identity::{ensure_identity, IdentityError};
+use crate::config::Config;
+use crate::metrics::{ComputedGauges, Metrics};
+use crate::raft::{ConsensusError, RaftSettings, ShardSet};
+use crate::storage::{Storage, StorageError, StorageOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Consensus(#[from] ConsensusError),
+    #[error("cannot listen on {addr}: {message}")]
+    Listen { addr: String, message: String },
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+impl NodeError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            NodeError::Storage(e) => e.code(),
+            NodeError::Identity(e) => e.code(),
+            NodeError::Consensus(e) => e.code(),
+            NodeError::Listen { .. } => "listen_failed",
+            NodeError::Serve(_) => "serve_failed",
+        }
+    }
+}
+
+/// The sockets a node serves on; tests bind port 0 and pass them in.
+pub struct Listeners {
+    pub api: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Listeners, NodeError> {
+        let api = TcpListener::bind(&config.server.api_addr)
+            .await
+            .map_err(|e| NodeError::Listen { addr: config.server.api_addr.clone(), message: e.to_string() })?;
+        Ok(Listeners { api })
+    }
+}
+
+pub fn storage_options(config: &Config) -> StorageOptions {
+    StorageOptions {
+        block_cache_bytes: (config.storage.max_cache_size_mb as usize) << 20,
+        write_buffer_bytes: (config.storage.write_buffer_mb as usize) << 20,
+        fsync: config.storage.fsync,
+    }
+}
+
+pub fn raft_settings(config: &Config) -> RaftSettings {
+    RaftSettings {
+        heartbeat_interval_ms: config.raft.heartbeat_interval_ms,
+        election_timeout_min_ms: config.raft.election_timeout_min_ms,
+        election_timeout_max_ms: config.raft.election_timeout_max_ms,
+        snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
+        logs_to_keep_after_snapshot: config.raft.logs_to_keep_after_snapshot,
+    }
+}
+
+/// Runs a node until `shutdown` resolves, then shuts it down in order.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let started_at = Instant::now();
+    let storage = Storage::open(&config.node.data_dir, storage_options(&config))?;
+    let identity = ensure_identity(&storage, config.node.id, config.cluster.shards)?;
+    let shards = ShardSet::open(
+        storage.clone(),
+        config.node.id,
+        config.server.raft_addr.clone(),
+        config.cluster.shards,
+        &raft_settings(&config),
+    )
+    .await?;
+    shards.wait_for_leaders(Duration::from_secs(30)).await?;
+    let metrics = Metrics::new(config.node.id);
+    let api_addr: SocketAddr = listeners.api.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
+    let context =
+        Arc::new(NodeContext { config: config.clone(), shards, storage: storage.clone(), metrics, started_at });
+    register_node_gauges(&context);
+    tracing::info!(
+        node_id = config.node.id,
+        cluster_id = %identity.cluster_id,
+        api = %api_addr,
+        data_dir = %config.node.data_dir.display(),
+        shards = config.cluster.shards,
+        startup_ms = started_at.elapsed().as_millis() as u64,
+        "node ready"
+    );
+    let app = api::router(context.clone());
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    let serve = axum::serve(listeners.api, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: no longer accepting requests");
+            let _ = drained_tx.send(());
+        });
+    let server = tokio::spawn(async move { serve.await });
+    // Wait for the server to end on its own, or for shutdown plus the grace period.
+    let mut server = server;
+    let serve_result = tokio::select! {
+        result = &mut server => result,
+        _ = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "in-flight requests did not finish within the grace period");
+            server.abort();
+            Ok(Ok(()))
+        }
+    };
+    context.shards.shutdown().await;
+    storage.close()?;
+    tracing::info!("node stopped");
+    match serve_result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(NodeError::Serve(e.to_string())),
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(NodeError::Serve(e.to_string())),
+    }
+}
+
+fn register_node_gauges(context: &Arc<NodeContext>) {
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::new(
+        "stemedb_shard_applied_index",
+        "Last log index applied by this node's replica of each shard",
+        "shard",
+        Box::new(move || {
+            weak.upgrade()
+                .map(|c| {
+                    c.shards.groups().iter().map(|g| (g.shard.to_string(), g.reader.applied_index() as f64)).collect()
+                })
+                .unwrap_or_default()
+        }),
+    )));
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::new(
+        "stemedb_cache_memory_bytes",
+        "Bytes held by the RocksDB block cache",
+        "",
+        Box::new(move || {
+            weak.upgrade()
+                .map(|c| vec![(String::new(), c.storage.stats().cache_memory_bytes as f64)])
+                .unwrap_or_default()
+        }),
+    )));
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::new(
+        "stemedb_shards_led",
+        "Shards whose Raft leader is this node",
+        "",
+        Box::new(move || {
+            weak.upgrade()
+                .map(|c| {
+                    let led = c
+                        .shards
+                        .groups()
+                        .iter()
+                        .filter(|g| g.raft.metrics().borrow().current_leader == Some(c.shards.node_id))
+                        .count();
+                    vec![(String::new(), led as f64)]
+                })
+                .unwrap_or_default()
+        }),
+    )));
+}

@@ -1,0 +1,56 @@
+//! Storage metrics, registered in the node's registry by [`crate::metrics`].
+
+use std::sync::LazyLock;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+
+pub static STORAGE_OPERATION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_storage_operation_errors_total", "Storage operations that failed, by operation"),
+        &["operation"],
+    )
+    .expect("valid metric")
+});
+
+pub static STORAGE_PUT_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new("stemedb_storage_put_duration_seconds", "Duration of one storage write batch")
+            .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5]),
+    )
+    .expect("valid metric")
+});
+
+pub static STORAGE_WRITTEN_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new("stemedb_storage_written_bytes_total", "Key and value bytes written to storage")
+        .expect("valid metric")
+});
+
+pub static LOG_FSYNC_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new(
+            "stemedb_raft_log_fsync_duration_seconds",
+            "Duration of one group-commit fsync of the Raft log",
+        )
+        .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+    )
+    .expect("valid metric")
+});
+
+pub static GROUP_COMMIT_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new("stemedb_raft_log_group_commit_appends", "Raft log appends made durable by one fsync")
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+    )
+    .expect("valid metric")
+});
+
+/// Every storage collector, for registration.
+pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
+    vec![
+        Box::new(STORAGE_OPERATION_ERRORS.clone()),
+        Box::new(STORAGE_PUT_DURATION.clone()),
+        Box::new(STORAGE_WRITTEN_BYTES.clone()),
+        Box::new(LOG_FSYNC_DURATION.clone()),
+        Box::new(GROUP_COMMIT_SIZE.clone()),
+    ]
+}

@@ -1,0 +1,480 @@
+//! Storage: the one RocksDB instance of a node, under `<data_dir>/db`.
+//!
+//! This is the only module that imports `rocksdb`. It owns the column families, the write path
+//! (write batches, synchronous writes, and the group-commit flusher that turns many buffered Raft
+//! log appends into one fsync), reads and range scans, and the storage metrics. Everything above
+//! it (Raft log store, state machine, node identity) speaks in column families, byte keys and
+//! [`WriteBatch`]es and never sees a RocksDB type.
+
+mod group_commit;
+pub mod metrics;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, ReadOptions,
+    WriteOptions, DB,
+};
+
+pub use group_commit::DurableCallback;
+use group_commit::GroupCommitter;
+
+/// The column families of a node's database. Keys inside each are prefixed by group id where they
+/// belong to a Raft group, so one family serves every shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ColumnFamily {
+    /// Raft log entries: `group(4) | index(8)`.
+    RaftLog,
+    /// Raft hard state: vote, committed and purged log ids per group.
+    RaftState,
+    /// State machine data of each shard: assertions, events, idempotency keys, applied state.
+    StateMachine,
+    /// Secondary indexes of each shard (concept_path + predicate, concept listing).
+    Index,
+    /// Node metadata: node id, cluster id, shard count, format version.
+    Meta,
+}
+
+impl ColumnFamily {
+    pub const ALL: [ColumnFamily; 5] = [
+        ColumnFamily::RaftLog,
+        ColumnFamily::RaftState,
+        ColumnFamily::StateMachine,
+        ColumnFamily::Index,
+        ColumnFamily::Meta,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnFamily::RaftLog => "raft_log",
+            ColumnFamily::RaftState => "raft_state",
+            ColumnFamily::StateMachine => "state_machine",
+            ColumnFamily::Index => "index",
+            ColumnFamily::Meta => "meta",
+        }
+    }
+}
+
+/// Errors of the storage layer. Every variant has one stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("rocksdb error during {operation}: {message}")]
+    Engine { operation: &'static str, message: String },
+    #[error("data directory {path}: {message}")]
+    DataDir { path: PathBuf, message: String },
+    #[error("corrupt record in {cf}: {message}")]
+    Corrupt { cf: &'static str, message: String },
+    #[error("storage is shutting down")]
+    Closed,
+}
+
+impl StorageError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            StorageError::Engine { .. } => "storage_engine_error",
+            StorageError::DataDir { .. } => "storage_data_dir_error",
+            StorageError::Corrupt { .. } => "storage_corrupt_record",
+            StorageError::Closed => "storage_closed",
+        }
+    }
+
+    pub fn corrupt(cf: ColumnFamily, message: impl Into<String>) -> Self {
+        StorageError::Corrupt { cf: cf.name(), message: message.into() }
+    }
+}
+
+fn engine_error(operation: &'static str, error: rocksdb::Error) -> StorageError {
+    metrics::STORAGE_OPERATION_ERRORS.with_label_values(&[operation]).inc();
+    tracing::error!(operation, error = %error, "storage operation failed");
+    StorageError::Engine { operation, message: error.into_string() }
+}
+
+/// Tunables of the storage engine, taken from the `[storage]` config section.
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    /// Shared block cache for every column family.
+    pub block_cache_bytes: usize,
+    /// Memtable budget per column family.
+    pub write_buffer_bytes: usize,
+    /// Whether the Raft log is fsync'd before a write is acknowledged. Only tests and benchmarks
+    /// that measure the rest of the stack should turn this off.
+    pub fsync: bool,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions { block_cache_bytes: 256 << 20, write_buffer_bytes: 64 << 20, fsync: true }
+    }
+}
+
+/// An atomic set of writes, possibly across column families.
+#[derive(Default)]
+pub struct WriteBatch {
+    operations: Vec<BatchOperation>,
+    payload_bytes: usize,
+}
+
+enum BatchOperation {
+    Put(ColumnFamily, Vec<u8>, Vec<u8>),
+    Delete(ColumnFamily, Vec<u8>),
+    DeleteRange(ColumnFamily, Vec<u8>, Vec<u8>),
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put(&mut self, cf: ColumnFamily, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        let (key, value) = (key.into(), value.into());
+        self.payload_bytes += key.len() + value.len();
+        self.operations.push(BatchOperation::Put(cf, key, value));
+    }
+
+    pub fn delete(&mut self, cf: ColumnFamily, key: impl Into<Vec<u8>>) {
+        self.operations.push(BatchOperation::Delete(cf, key.into()));
+    }
+
+    /// Deletes every key in `[from, to)`.
+    pub fn delete_range(&mut self, cf: ColumnFamily, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.operations.push(BatchOperation::DeleteRange(cf, from.into(), to.into()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.operations.len()
+    }
+}
+
+/// Whether a write must be on disk when the call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// In the RocksDB WAL buffer; lost on power failure until the next sync.
+    Buffered,
+    /// fsync'd before returning.
+    Synced,
+}
+
+/// Engine statistics for `/v1/admin/storage/stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StorageStats {
+    pub total_bytes: u64,
+    pub sst_file_count: u64,
+    pub live_data_bytes: u64,
+    pub pending_compaction_bytes: u64,
+    pub memtable_bytes: u64,
+    pub cache_memory_bytes: u64,
+    pub estimated_keys: u64,
+    pub column_families: Vec<ColumnFamilyStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ColumnFamilyStats {
+    pub name: &'static str,
+    pub estimated_keys: u64,
+    pub live_data_bytes: u64,
+    pub sst_bytes: u64,
+}
+
+/// A node's database. Cheap to share through `Arc`.
+pub struct Storage {
+    db: Arc<DB>,
+    cache: Cache,
+    path: PathBuf,
+    options: StorageOptions,
+    committer: GroupCommitter,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").field("path", &self.path).finish()
+    }
+}
+
+impl Storage {
+    /// Opens (creating if needed) the database under `<data_dir>/db`.
+    pub fn open(data_dir: &Path, options: StorageOptions) -> Result<Arc<Storage>, StorageError> {
+        let path = data_dir.join("db");
+        std::fs::create_dir_all(&path)
+            .map_err(|e| StorageError::DataDir { path: path.clone(), message: e.to_string() })?;
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_background_jobs(2);
+        db_options.set_keep_log_file_num(5);
+        // Writes from many shards arrive concurrently; let RocksDB pipeline them.
+        db_options.set_enable_pipelined_write(true);
+        let descriptors = ColumnFamily::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), column_family_options(*cf, &cache, &options)))
+            .collect::<Vec<_>>();
+        let db = DB::open_cf_descriptors(&db_options, &path, descriptors)
+            .map_err(|e| StorageError::DataDir { path: path.clone(), message: e.into_string() })?;
+        let db = Arc::new(db);
+        let committer = GroupCommitter::start(db.clone(), options.fsync);
+        tracing::info!(path = %path.display(), "storage opened");
+        Ok(Arc::new(Storage { db, cache, path, options, committer }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn handle(&self, cf: ColumnFamily) -> Result<&rocksdb::ColumnFamily, StorageError> {
+        self.db.cf_handle(cf.name()).ok_or(StorageError::Closed)
+    }
+
+    pub fn get(&self, cf: ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.db.get_cf(self.handle(cf)?, key).map_err(|e| engine_error("get", e))
+    }
+
+    /// Point reads of many keys of one column family, in order.
+    pub fn multi_get(&self, cf: ColumnFamily, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StorageError> {
+        let handle = self.handle(cf)?;
+        self.db
+            .batched_multi_get_cf(handle, keys.iter(), false)
+            .into_iter()
+            .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(|e| engine_error("get", e)))
+            .collect()
+    }
+
+    /// Key/value pairs in `[from, to)`, ascending, at most `limit` of them.
+    pub fn scan(
+        &self,
+        cf: ColumnFamily,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_upper_bound(to.to_vec());
+        let iter =
+            self.db.iterator_cf_opt(self.handle(cf)?, read_options, IteratorMode::From(from, Direction::Forward));
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| engine_error("scan", e))?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Calls `visit` on every key/value in `[from, to)` until it returns `false`.
+    pub fn for_each_in_range(
+        &self,
+        cf: ColumnFamily,
+        from: &[u8],
+        to: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_upper_bound(to.to_vec());
+        let iter =
+            self.db.iterator_cf_opt(self.handle(cf)?, read_options, IteratorMode::From(from, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| engine_error("scan", e))?;
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The greatest key/value in `[from, to)`.
+    pub fn last_in_range(
+        &self,
+        cf: ColumnFamily,
+        from: &[u8],
+        to: &[u8],
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_lower_bound(from.to_vec());
+        let mut iter =
+            self.db.iterator_cf_opt(self.handle(cf)?, read_options, IteratorMode::From(to, Direction::Reverse));
+        match iter.next() {
+            None => Ok(None),
+            Some(Err(e)) => Err(engine_error("scan", e)),
+            Some(Ok((k, v))) => {
+                if k.as_ref() >= to {
+                    // `From(to, Reverse)` starts at the last key <= to; skip an exact match.
+                    match iter.next() {
+                        None => Ok(None),
+                        Some(Err(e)) => Err(engine_error("scan", e)),
+                        Some(Ok((k, v))) => Ok(Some((k.to_vec(), v.to_vec()))),
+                    }
+                } else {
+                    Ok(Some((k.to_vec(), v.to_vec())))
+                }
+            }
+        }
+    }
+
+    fn to_rocks_batch(&self, batch: WriteBatch) -> Result<rocksdb::WriteBatch, StorageError> {
+        let mut rocks_batch = rocksdb::WriteBatch::default();
+        for operation in batch.operations {
+            match operation {
+                BatchOperation::Put(cf, k, v) => rocks_batch.put_cf(self.handle(cf)?, k, v),
+                BatchOperation::Delete(cf, k) => rocks_batch.delete_cf(self.handle(cf)?, k),
+                BatchOperation::DeleteRange(cf, from, to) => rocks_batch.delete_range_cf(self.handle(cf)?, from, to),
+            }
+        }
+        Ok(rocks_batch)
+    }
+
+    /// Writes a batch atomically.
+    pub fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let bytes = batch.payload_bytes;
+        let rocks_batch = self.to_rocks_batch(batch)?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(durability == Durability::Synced && self.options.fsync);
+        let result = self.db.write_opt(rocks_batch, &write_options).map_err(|e| engine_error("put", e));
+        metrics::STORAGE_PUT_DURATION.observe(started.elapsed().as_secs_f64());
+        metrics::STORAGE_WRITTEN_BYTES.inc_by(bytes as u64);
+        result
+    }
+
+    /// Writes a batch (readable on return) and calls `on_durable` once it has been fsync'd. Writes
+    /// from every shard that arrive while a sync is in progress share the next sync.
+    pub fn write_group_commit(&self, batch: WriteBatch, on_durable: DurableCallback) -> Result<(), StorageError> {
+        self.write(batch, Durability::Buffered)?;
+        self.committer.enqueue(on_durable);
+        Ok(())
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(self.options.fsync).map_err(|e| engine_error("sync", e))
+    }
+
+    /// Compacts the whole key space of every column family.
+    pub fn compact_all(&self) -> Result<(), StorageError> {
+        for cf in ColumnFamily::ALL {
+            let handle = self.handle(cf)?;
+            self.db.compact_range_cf::<&[u8], &[u8]>(handle, None, None);
+        }
+        Ok(())
+    }
+
+    fn property_u64(&self, cf: ColumnFamily, name: &str) -> u64 {
+        self.handle(cf).ok().and_then(|h| self.db.property_int_value_cf(h, name).ok().flatten()).unwrap_or(0)
+    }
+
+    pub fn stats(&self) -> StorageStats {
+        let mut column_families = Vec::new();
+        let (mut sst_files, mut live, mut pending, mut memtable, mut keys, mut total) = (0, 0, 0, 0, 0, 0);
+        for cf in ColumnFamily::ALL {
+            let cf_keys = self.property_u64(cf, "rocksdb.estimate-num-keys");
+            let cf_live = self.property_u64(cf, "rocksdb.estimate-live-data-size");
+            let cf_sst = self.property_u64(cf, "rocksdb.total-sst-files-size");
+            sst_files += self.property_u64(cf, "rocksdb.num-files-at-level0")
+                + (1..7).map(|l| self.property_u64(cf, &format!("rocksdb.num-files-at-level{l}"))).sum::<u64>();
+            pending += self.property_u64(cf, "rocksdb.estimate-pending-compaction-bytes");
+            memtable += self.property_u64(cf, "rocksdb.cur-size-all-mem-tables");
+            live += cf_live;
+            keys += cf_keys;
+            total += cf_sst;
+            column_families.push(ColumnFamilyStats {
+                name: cf.name(),
+                estimated_keys: cf_keys,
+                live_data_bytes: cf_live,
+                sst_bytes: cf_sst,
+            });
+        }
+        StorageStats {
+            total_bytes: total + memtable,
+            sst_file_count: sst_files,
+            live_data_bytes: live,
+            pending_compaction_bytes: pending,
+            memtable_bytes: memtable,
+            cache_memory_bytes: self.cache.get_usage() as u64,
+            estimated_keys: keys,
+            column_families,
+        }
+    }
+
+    /// Flushes memtables and syncs the WAL; called last in the shutdown sequence.
+    pub fn close(&self) -> Result<(), StorageError> {
+        self.committer.stop();
+        self.sync()?;
+        self.db.flush().map_err(|e| engine_error("flush", e))
+    }
+}
+
+fn column_family_options(cf: ColumnFamily, cache: &Cache, options: &StorageOptions) -> Options {
+    let mut cf_options = Options::default();
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    cf_options.set_block_based_table_factory(&table);
+    cf_options.set_write_buffer_size(options.write_buffer_bytes);
+    match cf {
+        // Log entries are written once, read by followers soon after, and purged in ranges.
+        ColumnFamily::RaftLog => cf_options.set_compression_type(DBCompressionType::None),
+        _ => cf_options.set_compression_type(DBCompressionType::Lz4),
+    }
+    cf_options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_scan_and_last_in_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
+        let mut batch = WriteBatch::new();
+        for i in 0u8..10 {
+            batch.put(ColumnFamily::RaftLog, vec![1, i], vec![i]);
+        }
+        storage.write(batch, Durability::Synced).expect("write");
+        let all = storage.scan(ColumnFamily::RaftLog, &[1], &[2], usize::MAX).expect("scan");
+        assert_eq!(all.len(), 10);
+        assert_eq!(storage.scan(ColumnFamily::RaftLog, &[1, 3], &[1, 5], 10).expect("scan").len(), 2);
+        let last = storage.last_in_range(ColumnFamily::RaftLog, &[1], &[2]).expect("last");
+        assert_eq!(last, Some((vec![1, 9], vec![9])));
+        let last = storage.last_in_range(ColumnFamily::RaftLog, &[1], &[1, 9]).expect("last");
+        assert_eq!(last, Some((vec![1, 8], vec![8])));
+        assert_eq!(storage.last_in_range(ColumnFamily::RaftLog, &[2], &[3]).expect("last"), None);
+        // Column families are separate key spaces.
+        assert_eq!(storage.get(ColumnFamily::Meta, &[1, 1]).expect("get"), None);
+        let mut batch = WriteBatch::new();
+        batch.delete_range(ColumnFamily::RaftLog, vec![1, 0], vec![1, 5]);
+        storage.write(batch, Durability::Buffered).expect("delete");
+        assert_eq!(storage.scan(ColumnFamily::RaftLog, &[1], &[2], usize::MAX).expect("scan").len(), 5);
+    }
+
+    #[test]
+    fn group_commit_calls_back_after_sync_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
+            let (tx, rx) = std::sync::mpsc::channel();
+            for i in 0u8..50 {
+                let mut batch = WriteBatch::new();
+                batch.put(ColumnFamily::RaftLog, vec![i], vec![i]);
+                let tx = tx.clone();
+                storage.write_group_commit(batch, Box::new(move |r| tx.send(r.is_ok()).expect("send"))).expect("write");
+            }
+            for _ in 0..50 {
+                assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).expect("callback"));
+            }
+            storage.close().expect("close");
+        }
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("reopen");
+        assert_eq!(storage.scan(ColumnFamily::RaftLog, &[0], &[255], usize::MAX).expect("scan").len(), 50);
+    }
+}

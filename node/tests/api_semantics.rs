@@ -1,0 +1,169 @@
+//! The client API end to end on one node: every lens, votes, supersession, retraction, as_of,
+//! idempotent retries, batches, prefix queries with pagination.
+
+mod common;
+
+use common::TestNode;
+use serde_json::{json, Value};
+
+async fn assert_ok(node: &TestNode, body: Value) -> Value {
+    let (status, response) = node.post("/v1/assert", &body).await;
+    assert_eq!(status, 201, "{response}");
+    response
+}
+
+async fn winner(node: &TestNode, lens: &str, extra: Value) -> Value {
+    let mut body = json!({"concept_path": "test/disk", "predicate": "space_ok", "lens": lens});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let (status, response) = node.post("/v1/query", &body).await;
+    assert_eq!(status, 200, "{response}");
+    response["results"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lenses_votes_supersession_retraction_and_as_of() {
+    let node = TestNode::start().await;
+    let a = assert_ok(&node, json!({"concept_path": "test/disk", "predicate": "space_ok", "value": true, "agent_id": "ops-bot", "confidence": 0.9})).await;
+    let b = assert_ok(&node, json!({"concept_path": "test/disk", "predicate": "space_ok", "value": false, "agent_id": "monitor", "confidence": 0.5})).await;
+    let after_b = b["asserted_at"].as_str().expect("time").to_string();
+    let (a_id, b_id) = (a["id"].as_str().expect("id").to_string(), b["id"].as_str().expect("id").to_string());
+    assert!(b_id > a_id, "ids sort by time");
+
+    let recency = winner(&node, "recency", json!({})).await;
+    assert_eq!(recency["winner"]["id"], json!(b_id));
+    assert_eq!(recency["alternatives"], json!(1));
+    assert_eq!(recency["conflict"], json!(true));
+    assert_eq!(winner(&node, "confidence", json!({})).await["winner"]["id"], json!(a_id));
+    // No votes yet: consensus ties resolve by recency.
+    assert_eq!(winner(&node, "consensus", json!({})).await["winner"]["id"], json!(b_id));
+
+    for (agent, id, value) in [("v1", &a_id, 1), ("v2", &a_id, 1), ("v3", &b_id, 1), ("v3", &b_id, -1)] {
+        let (status, vote) =
+            node.post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": value})).await;
+        assert_eq!(status, 200, "{vote}");
+    }
+    let consensus = winner(&node, "consensus", json!({})).await;
+    assert_eq!(consensus["winner"]["id"], json!(a_id));
+    assert_eq!(consensus["winner"]["votes"]["score"], json!(2.0));
+    let all = winner(&node, "all", json!({})).await;
+    let ids: Vec<&str> = all["assertions"].as_array().expect("list").iter().filter_map(|c| c["id"].as_str()).collect();
+    assert_eq!(ids, vec![b_id.as_str(), a_id.as_str()], "newest first");
+
+    // Supersede b with c.
+    let c = assert_ok(&node, json!({"concept_path": "test/disk", "predicate": "space_ok", "value": false, "agent_id": "monitor", "supersedes": [b_id]})).await;
+    let c_id = c["id"].as_str().expect("id").to_string();
+    let recency = winner(&node, "recency", json!({})).await;
+    assert_eq!(recency["winner"]["id"], json!(c_id));
+    assert_eq!(recency["alternatives"], json!(1), "a disagrees, b is superseded");
+    let history = winner(&node, "history", json!({})).await;
+    let b_entry = history["assertions"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|x| x["id"] == json!(b_id))
+        .cloned()
+        .expect("b in history");
+    assert_eq!(b_entry["status"], json!("superseded"));
+    assert_eq!(b_entry["superseded_by"], json!(c_id));
+
+    // As of just after b: c did not exist, b was active.
+    let then = winner(&node, "recency", json!({"as_of": after_b})).await;
+    assert_eq!(then["winner"]["id"], json!(b_id));
+
+    // Retractions: only the owner; retracting c withdraws its supersession of b.
+    let (status, _) = node.post("/v1/retract", &json!({"assertion_id": c_id, "agent_id": "ops-bot"})).await;
+    assert_eq!(status, 403);
+    let (status, retracted) =
+        node.post("/v1/retract", &json!({"assertion_id": c_id, "agent_id": "monitor", "reason": "wrong disk"})).await;
+    assert_eq!(status, 200, "{retracted}");
+    let (status, again) = node.post("/v1/retract", &json!({"assertion_id": c_id, "agent_id": "monitor"})).await;
+    assert_eq!((status, again["error"]["code"].clone()), (409, json!("already_retracted")));
+    assert_eq!(winner(&node, "recency", json!({})).await["winner"]["id"], json!(b_id));
+
+    let (status, detail) = node.get(&format!("/v1/assertions/{c_id}")).await;
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["status"], json!("retracted"));
+    assert_eq!(detail["retraction"]["reason"], json!("wrong disk"));
+    assert_eq!(detail["supersedes"], json!([b_id]));
+    let (_, detail) = node.get(&format!("/v1/assertions/{b_id}")).await;
+    assert_eq!(detail["votes"]["down"], json!(1), "v3's later vote replaced its earlier one");
+    assert_eq!(detail["votes"]["up"], json!(0));
+
+    // Stale reads report the applied index.
+    let (_, stale) = node.post("/v1/query", &json!({"concept_path": "test/disk", "consistency": "stale"})).await;
+    assert!(stale["applied_index"].as_u64().is_some_and(|i| i > 0), "{stale}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_retries_batches_and_prefix_pages() {
+    let node = TestNode::start().await;
+    let body = json!({"concept_path": "idem/x", "predicate": "p", "value": 1, "agent_id": "a", "request_id": "req-1"});
+    let first = assert_ok(&node, body.clone()).await;
+    let second = assert_ok(&node, body.clone()).await;
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(second["duplicate"], json!(true));
+    // Same request id from another agent is a different write.
+    let other = assert_ok(
+        &node,
+        json!({"concept_path": "idem/x", "predicate": "p", "value": 1, "agent_id": "b", "request_id": "req-1"}),
+    )
+    .await;
+    assert_ne!(other["id"], first["id"]);
+    let (_, history) = node.post("/v1/query", &json!({"concept_path": "idem/x", "lens": "history"})).await;
+    assert_eq!(history["results"][0]["assertions"].as_array().map(|a| a.len()), Some(2));
+
+    // A batch over many shards, then prefix pages of 3.
+    let items: Vec<Value> =
+        (0..10).map(|i| json!({"concept_path": format!("page/c{i:02}"), "predicate": "p", "value": i})).collect();
+    let (status, batch) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
+    assert_eq!((status, batch["accepted"].clone()), (200, json!(10)), "{batch}");
+    assert_ok(&node, json!({"concept_path": "pagex/c", "predicate": "p", "value": 0})).await;
+    let mut seen = Vec::new();
+    let mut cursor = Value::Null;
+    loop {
+        let (status, page) =
+            node.post("/v1/query", &json!({"concept_prefix": "page", "limit": 3, "cursor": cursor})).await;
+        assert_eq!(status, 200, "{page}");
+        for result in page["results"].as_array().expect("results") {
+            seen.push(result["concept_path"].as_str().expect("path").to_string());
+            assert_eq!(result["winner"]["value"], json!(seen.len() - 1));
+        }
+        cursor = page["next_cursor"].clone();
+        if cursor.is_null() {
+            break;
+        }
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("page/c{i:02}")).collect();
+    assert_eq!(seen, expected, "every concept once, in order, and pagex/ is not under page/");
+    let (_, concepts) = node.get("/v1/concepts?prefix=page&limit=20").await;
+    assert_eq!(concepts["concepts"].as_array().map(|a| a.len()), Some(10));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_expose_runbook_names() {
+    let node = TestNode::start().await;
+    assert_ok(&node, json!({"concept_path": "m/x", "predicate": "p", "value": 1})).await;
+    let _ = node.post("/v1/query", &json!({"concept_path": "m/x"})).await;
+    let text =
+        node.client.get(format!("{}/metrics", node.url)).send().await.expect("metrics").text().await.expect("text");
+    for name in [
+        "stemedb_query_latency_seconds{quantile=\"0.99\"}",
+        "stemedb_query_duration_seconds_bucket",
+        "stemedb_query_total{node=\"1\"}",
+        "assertions_indexed_total",
+        "stemedb_storage_put_duration_seconds_bucket",
+        "stemedb_raft_apply_duration_seconds_bucket",
+        "stemedb_raft_log_fsync_duration_seconds_bucket",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(name), "missing {name}");
+    }
+    let (status, stats) = node.get("/v1/admin/storage/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert!(stats["sst_file_count"].is_u64() && stats["cache_memory_bytes"].is_u64());
+    node.stop().await;
+}

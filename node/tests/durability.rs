@@ -1,0 +1,86 @@
+//! Acknowledged writes survive `kill -9` of a real `stemedb` process; retries with the same
+//! request_id write once; a data dir refuses a different node id.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{get_json, post_json, ProcessNode};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ProcessNode::start(dir.path()).await;
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (client, url) = (client.clone(), node.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..40 {
+                let body = json!({"concept_path": format!("dur/w{worker}/k{}", i % 5), "predicate": "p", "value": i,
+                                  "agent_id": format!("w{worker}"), "request_id": format!("w{worker}-{i}")});
+                let (status, response) = post_json(&client, &format!("{url}/v1/assert"), &body).await;
+                assert_eq!(status, 201, "{response}");
+                acked.push((body, response["id"].as_str().expect("id").to_string()));
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for task in tasks {
+        acked.extend(task.await.expect("writer"));
+    }
+    node.kill9();
+
+    let node = ProcessNode::start(dir.path()).await;
+    for (_, id) in &acked {
+        let (status, body) = get_json(&client, &format!("{}/v1/assertions/{id}", node.url)).await;
+        assert_eq!(status, 200, "acknowledged {id} lost after kill -9: {body}");
+    }
+    // Retrying an acknowledged write after the crash returns the first result and writes nothing.
+    let (body, id) = &acked[17];
+    let (status, retry) = post_json(&client, &format!("{}/v1/assert", node.url), body).await;
+    assert_eq!(status, 201);
+    assert_eq!(retry["id"], json!(id));
+    assert_eq!(retry["duplicate"], json!(true));
+    let (_, history) = post_json(
+        &client,
+        &format!("{}/v1/query", node.url),
+        &json!({"concept_path": body["concept_path"], "lens": "history"}),
+    )
+    .await;
+    assert_eq!(history["results"][0]["assertions"].as_array().map(|a| a.len()), Some(8), "{history}");
+    drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_data_dir_of_another_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ProcessNode::start(dir.path()).await;
+    drop(node);
+    let (mut child, _) = ProcessNode::spawn(dir.path(), 2);
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                return (status, stderr);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("node with a foreign data dir kept running");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("join");
+    assert!(!status.0.success());
+    assert!(status.1.contains("belongs to node 1"), "stderr: {}", status.1);
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole default test suite: formatting, unit, property, storage-suite and integration tests
+# (including real-process durability tests). Long chaos runs and benchmarks are separate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/stemedb-target}"
+./scripts/setup.sh
+cargo fmt --all -- --check
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked -- --test-threads 2
