@@ -1,6 +1,7 @@
 //! StemeDB: a replicated, sharded database of assertions that agents make about concepts, read
 //! through lenses. See `docs/architecture.md` for how the modules fit together.
 
+pub mod admin;
 pub mod api;
 pub mod bench;
 pub mod cluster;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod metrics;
 pub mod model;
 pub mod raft;
+pub mod rpc;
 pub mod server;
 pub mod storage;
 

@@ -27,6 +27,18 @@ enum Command {
     PrintSampleConfig,
     /// Load-test a running node.
     Bench(stemedb::bench::BenchArgs),
+    /// Run a local cluster of N nodes on 127.0.0.1, 127.0.0.2, ... (default ports) until Ctrl-C.
+    DevCluster(DevClusterArgs),
+}
+
+#[derive(clap::Args)]
+struct DevClusterArgs {
+    /// Number of nodes (each on its own loopback address 127.0.0.N).
+    #[arg(long, default_value_t = 3)]
+    nodes: u8,
+    /// Parent directory of the nodes' data dirs (node1, node2, ...).
+    #[arg(long, default_value = "./stemedb-dev")]
+    data_dir: PathBuf,
 }
 
 #[derive(clap::Args, Default)]
@@ -49,6 +61,10 @@ struct ServeArgs {
     /// Inter-node gRPC address (server.raft_addr).
     #[arg(long)]
     raft_addr: Option<String>,
+    /// Form a new cluster: ID=HOST:PORT,... of every founding node's Raft address
+    /// (cluster.initial_cluster).
+    #[arg(long)]
+    initial_cluster: Option<String>,
 }
 
 fn init_tracing(level: &str, format: &str) {
@@ -91,6 +107,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_addr: args.api_addr,
         admin_addr: args.admin_addr,
         raft_addr: args.raft_addr,
+        initial_cluster: args.initial_cluster,
     };
     let config = Config::load(args.config.as_deref(), &flags)?;
     init_tracing(&config.logging.level, &config.logging.format);
@@ -102,6 +119,52 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.node.data_dir.display()
     );
     stemedb::run(config, listeners, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Starts `args.nodes` child processes of this binary as a local cluster and stops them (SIGTERM)
+/// on Ctrl-C or SIGTERM.
+async fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=9).contains(&args.nodes), "--nodes must be between 1 and 9");
+    let exe = std::env::current_exe()?;
+    let initial_cluster: Vec<String> = (1..=args.nodes).map(|i| format!("{i}=127.0.0.{i}:18182")).collect();
+    let initial_cluster = initial_cluster.join(",");
+    let mut children = Vec::new();
+    for i in 1..=args.nodes {
+        let data_dir = args.data_dir.join(format!("node{i}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let log = std::fs::File::create(args.data_dir.join(format!("node{i}.log")))?;
+        let child = std::process::Command::new(&exe)
+            .arg("serve")
+            .arg("--node-id")
+            .arg(i.to_string())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--api-addr", &format!("127.0.0.{i}:18180")])
+            .args(["--admin-addr", &format!("127.0.0.{i}:18181")])
+            .args(["--raft-addr", &format!("127.0.0.{i}:18182")])
+            .args(["--initial-cluster", &initial_cluster])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        children.push(child);
+    }
+    println!("stemedb dev cluster: {} nodes (logs and data under {})", args.nodes, args.data_dir.display());
+    for i in 1..=args.nodes {
+        println!("  node {i}: client API http://127.0.0.{i}:18180   cluster admin http://127.0.0.{i}:18181");
+    }
+    println!("try:  curl -s http://127.0.0.1:18181/cluster/health");
+    println!("      curl -s -X POST http://127.0.0.2:18180/v1/assert -d '{{\"concept_path\": \"test/disk\", \"predicate\": \"space_ok\", \"value\": true}}'");
+    println!("      curl -s -X POST http://127.0.0.3:18180/v1/query -d '{{\"concept_path\": \"test/disk\"}}'");
+    println!("Ctrl-C stops every node.");
+    shutdown_signal().await;
+    for child in &children {
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    for mut child in children {
+        let _ = child.wait();
+    }
     Ok(())
 }
 
@@ -128,6 +191,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Bench(args) => stemedb::bench::run(args).await,
+            Command::DevCluster(args) => dev_cluster(args).await,
         }
     });
     match result {

@@ -15,7 +15,9 @@ use crate::api::{self, NodeContext};
 use crate::cluster::identity::{ensure_identity, IdentityError};
 use crate::config::Config;
 use crate::metrics::{ComputedGauges, Metrics};
+use crate::raft::network::PeerChannels;
 use crate::raft::{ConsensusError, RaftSettings, ShardSet};
+use crate::rpc::RaftService;
 use crate::storage::{Storage, StorageError, StorageOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,14 +49,21 @@ impl NodeError {
 /// The sockets a node serves on; tests bind port 0 and pass them in.
 pub struct Listeners {
     pub api: TcpListener,
+    pub admin: TcpListener,
+    pub raft: TcpListener,
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr).await.map_err(|e| NodeError::Listen { addr: addr.to_string(), message: e.to_string() })
 }
 
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Listeners, NodeError> {
-        let api = TcpListener::bind(&config.server.api_addr)
-            .await
-            .map_err(|e| NodeError::Listen { addr: config.server.api_addr.clone(), message: e.to_string() })?;
-        Ok(Listeners { api })
+        Ok(Listeners {
+            api: bind(&config.server.api_addr).await?,
+            admin: bind(&config.server.admin_addr).await?,
+            raft: bind(&config.server.raft_addr).await?,
+        })
     }
 }
 
@@ -85,24 +94,59 @@ pub async fn run(
     let started_at = Instant::now();
     let storage = Storage::open(&config.node.data_dir, storage_options(&config))?;
     let identity = ensure_identity(&storage, config.node.id, config.cluster.shards)?;
-    let shards = ShardSet::open(
-        storage.clone(),
-        config.node.id,
-        config.server.raft_addr.clone(),
-        config.cluster.shards,
-        &raft_settings(&config),
-    )
-    .await?;
-    shards.wait_for_leaders(Duration::from_secs(30)).await?;
+    let members = config.initial_members().map_err(|e| NodeError::Serve(e.to_string()))?;
+    let single_node = members.len() == 1;
+    let peers = PeerChannels::new();
+    let shards = Arc::new(
+        ShardSet::open(storage.clone(), config.node.id, members, config.cluster.shards, &raft_settings(&config), peers)
+            .await?,
+    );
     let metrics = Metrics::new(config.node.id);
     let api_addr: SocketAddr = listeners.api.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
-    let context =
-        Arc::new(NodeContext { config: config.clone(), shards, storage: storage.clone(), metrics, started_at });
+    let admin_addr: SocketAddr = listeners.admin.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
+    let raft_addr: SocketAddr = listeners.raft.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
+    let context = Arc::new(NodeContext {
+        config: config.clone(),
+        shards: shards.clone(),
+        storage: storage.clone(),
+        metrics,
+        started_at,
+    });
     register_node_gauges(&context);
+    // The transport must run before waiting for leaders: elections need the peers' votes.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let grpc = {
+        let service = RaftService::server(shards.clone(), Duration::from_millis(config.raft.write_timeout_ms));
+        let stop = stop.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.raft);
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+        })
+    };
+    let admin_server = {
+        let stop = stop.clone();
+        let app = crate::admin::router(context.clone());
+        let listener = listeners.admin;
+        tokio::spawn(async move {
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    };
+    if single_node {
+        shards.wait_for_leaders(Duration::from_secs(30)).await?;
+    } else if shards.wait_for_leaders(Duration::from_secs(5)).await.is_err() {
+        tracing::info!("not every shard has a leader yet; waiting for peers in the background");
+    }
     tracing::info!(
         node_id = config.node.id,
         cluster_id = %identity.cluster_id,
         api = %api_addr,
+        admin = %admin_addr,
+        raft = %raft_addr,
         data_dir = %config.node.data_dir.display(),
         shards = config.cluster.shards,
         startup_ms = started_at.elapsed().as_millis() as u64,
@@ -131,7 +175,10 @@ pub async fn run(
             Ok(Ok(()))
         }
     };
+    stop.cancel();
+    let _ = admin_server.await;
     context.shards.shutdown().await;
+    let _ = grpc.await;
     storage.close()?;
     tracing::info!("node stopped");
     match serve_result {

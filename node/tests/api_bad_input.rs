@@ -212,6 +212,9 @@ async fn bad_writes_are_rejected_and_write_nothing() {
     );
     expect_error(&node.get("/v1/concepts?prefix=a//b").await, 422, "invalid_concept_path");
     expect_error(&node.get("/v1/nope").await, 404, "not_found");
+    let response = node.client.delete(format!("{}/v1/assert", node.url)).send().await.expect("send");
+    let status = response.status().as_u16();
+    expect_error(&(status, response.json().await.unwrap_or(Value::Null)), 405, "method_not_allowed");
 
     // Nothing from any rejected request was written; the two valid writes were.
     assert_eq!(concept_count(&node, "bad").await, 0);

@@ -28,7 +28,7 @@ pub use error::ApiError;
 /// Everything a request handler may use.
 pub struct NodeContext {
     pub config: Config,
-    pub shards: ShardSet,
+    pub shards: Arc<ShardSet>,
     pub storage: Arc<Storage>,
     pub metrics: Metrics,
     pub started_at: Instant,
@@ -89,12 +89,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(admin::router())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
 async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint; see docs/api.md")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(405, "method_not_allowed", "this endpoint does not accept that HTTP method; see docs/api.md")
 }
 
 async fn health(State(state): State<AppState>) -> Response {

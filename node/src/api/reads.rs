@@ -246,6 +246,7 @@ async fn query_path(
         state.shards.read_barrier(shard, timeout).await?;
     }
     let group = state.shards.group(shard)?;
+    group.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let groups = group.reader.claims(path, predicate)?;
     let remaining: Vec<&ClaimGroup> = groups
         .iter()

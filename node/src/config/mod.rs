@@ -72,6 +72,9 @@ pub struct ClusterSection {
     pub shards: u16,
     /// Replicas per shard (fewer only while the cluster has fewer nodes).
     pub replication_factor: u16,
+    /// Forms a new cluster: `1=HOST:18182,2=HOST:18182,3=HOST:18182` (node id = Raft address),
+    /// the same on every founding node. Empty: a single-node cluster of this node.
+    pub initial_cluster: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,7 +180,7 @@ impl Default for ServerSection {
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        ClusterSection { shards: 16, replication_factor: 3 }
+        ClusterSection { shards: 16, replication_factor: 3, initial_cluster: String::new() }
     }
 }
 
@@ -258,6 +261,8 @@ pub struct FlagOverrides {
     pub admin_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raft_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_cluster: Option<String>,
 }
 
 impl FlagOverrides {
@@ -277,6 +282,9 @@ impl FlagOverrides {
         }
         if let Some(v) = &self.raft_addr {
             figment = figment.merge(Serialized::default("server.raft_addr", v));
+        }
+        if let Some(v) = &self.initial_cluster {
+            figment = figment.merge(Serialized::default("cluster.initial_cluster", v));
         }
         figment
     }
@@ -342,6 +350,10 @@ impl Config {
         if self.cluster.shards == 0 || self.cluster.shards > 4096 {
             return fail("cluster.shards must be between 1 and 4096".into());
         }
+        let members = self.initial_members()?;
+        if !members.contains_key(&self.node.id) {
+            return fail(format!("cluster.initial_cluster does not list this node (node.id = {})", self.node.id));
+        }
         if self.cluster.replication_factor == 0 {
             return fail("cluster.replication_factor must be at least 1".into());
         }
@@ -366,6 +378,30 @@ impl Config {
             return fail(format!("logging.format = {:?}: expected \"text\" or \"json\"", self.logging.format));
         }
         Ok(())
+    }
+
+    /// The founding members (node id → Raft address): `cluster.initial_cluster`, or this node
+    /// alone when it is empty.
+    pub fn initial_members(&self) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+        let mut members = std::collections::BTreeMap::new();
+        if self.cluster.initial_cluster.trim().is_empty() {
+            members.insert(self.node.id, self.server.raft_addr.clone());
+            return Ok(members);
+        }
+        for part in self.cluster.initial_cluster.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let invalid =
+                || ConfigError::Invalid(format!("cluster.initial_cluster entry {part:?}: expected ID=HOST:PORT"));
+            let (id, addr) = part.split_once('=').ok_or_else(invalid)?;
+            let id: u64 = id.trim().parse().map_err(|_| invalid())?;
+            let addr = addr.trim();
+            if id == 0 || addr.parse::<SocketAddr>().is_err() {
+                return Err(invalid());
+            }
+            if members.insert(id, addr.to_string()).is_some() {
+                return Err(ConfigError::Invalid(format!("cluster.initial_cluster lists node {id} twice")));
+            }
+        }
+        Ok(members)
     }
 
     /// The default configuration as commented TOML, for `stemedb print-sample-config`.

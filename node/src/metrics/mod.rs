@@ -147,14 +147,6 @@ pub static QUERY_TIMEOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
-pub static HTTP_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    IntCounterVec::new(
-        Opts::new("stemedb_http_requests_total", "HTTP requests by route and status class"),
-        &["route", "status"],
-    )
-    .expect("valid metric")
-});
-
 pub static WRITE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     Histogram::with_opts(
         HistogramOpts::new("stemedb_write_duration_seconds", "Latency of assert, vote and retract requests")
@@ -183,7 +175,6 @@ impl Metrics {
             Box::new(QUERY_DURATION.clone()),
             Box::new(QUERY_TOTAL.clone()),
             Box::new(QUERY_TIMEOUTS.clone()),
-            Box::new(HTTP_REQUESTS.clone()),
             Box::new(WRITE_DURATION.clone()),
         ];
         collectors.extend(crate::storage::metrics::collectors());

@@ -52,6 +52,20 @@ impl LogStore {
         Ok(())
     }
 
+    /// When the client command at `index` was proposed, if that entry is a client command.
+    pub fn proposed_at_us(&self, index: u64) -> Result<Option<u64>, StorageIoError> {
+        let Some(bytes) =
+            self.storage.get(ColumnFamily::RaftLog, &keys::log_key(self.group, index)).map_err(read_error)?
+        else {
+            return Ok(None);
+        };
+        let entry = Self::decode(&bytes)?;
+        Ok(match entry.payload {
+            openraft::EntryPayload::Normal(command) => Some(command.proposed_at_us()),
+            _ => None,
+        })
+    }
+
     fn decode(bytes: &[u8]) -> Result<Entry, StorageIoError> {
         serde_json::from_slice(bytes).map_err(read_error)
     }

@@ -42,5 +42,36 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(APPLY_DURATION.clone()),
         Box::new(PROPOSALS.clone()),
         Box::new(PROPOSE_DURATION.clone()),
+        Box::new(PEER_RPC_DURATION.clone()),
+        Box::new(PEER_RPC_ERRORS.clone()),
+        Box::new(FORWARDED.clone()),
     ]
 }
+
+pub static PEER_RPC_DURATION: LazyLock<prometheus::HistogramVec> = LazyLock::new(|| {
+    prometheus::HistogramVec::new(
+        HistogramOpts::new("stemedb_peer_rpc_duration_seconds", "Latency of Raft RPCs to peer nodes, by RPC")
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0]),
+        &["rpc"],
+    )
+    .expect("valid metric")
+});
+
+pub static PEER_RPC_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_peer_rpc_errors_total", "Failed RPCs to peer nodes, by RPC and peer"),
+        &["rpc", "peer"],
+    )
+    .expect("valid metric")
+});
+
+pub static FORWARDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_forwarded_requests_total",
+            "Requests this node forwarded to a shard leader, by kind and outcome",
+        ),
+        &["kind", "outcome"],
+    )
+    .expect("valid metric")
+});

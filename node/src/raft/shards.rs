@@ -2,23 +2,28 @@
 //! proposing commands to a shard's leader and waiting for linearizable read barriers.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
-use super::network::LocalOnlyNetwork;
+use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
 use super::reader::ShardReader;
 use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::model::id::shard_for_path;
 use crate::storage::Storage;
+use stemedb_proto::raft::GroupMessage;
 
-/// Errors of the consensus layer. Each has a stable code and an HTTP status.
-#[derive(Debug, thiserror::Error)]
+/// Errors of the consensus layer. Each has a stable code and an HTTP status. Serializable: a
+/// leader's answer to a forwarded request carries it back to the node the client talks to.
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ConsensusError {
     #[error("shard {shard} has no leader (no quorum); retry later")]
     NoQuorum { shard: u16 },
@@ -32,6 +37,8 @@ pub enum ConsensusError {
     UnknownShard { shard: u16 },
     #[error("raft group failed to start: {0}")]
     Startup(String),
+    #[error("could not reach the leader of shard {shard} (node {leader}): {message}")]
+    LeaderUnreachable { shard: u16, leader: NodeId, message: String },
 }
 
 impl ConsensusError {
@@ -43,6 +50,7 @@ impl ConsensusError {
             ConsensusError::ShuttingDown { .. } => "shutting_down",
             ConsensusError::UnknownShard { .. } => "unknown_shard",
             ConsensusError::Startup(_) => "raft_startup_failed",
+            ConsensusError::LeaderUnreachable { .. } => "leader_unreachable",
         }
     }
 
@@ -50,7 +58,8 @@ impl ConsensusError {
         match self {
             ConsensusError::NoQuorum { .. }
             | ConsensusError::NotLeader { .. }
-            | ConsensusError::ShuttingDown { .. } => 503,
+            | ConsensusError::ShuttingDown { .. }
+            | ConsensusError::LeaderUnreachable { .. } => 503,
             ConsensusError::Timeout { .. } => 504,
             ConsensusError::UnknownShard { .. } => 404,
             ConsensusError::Startup(_) => 500,
@@ -85,6 +94,53 @@ pub struct ShardGroup {
     pub shard: u16,
     pub raft: Raft,
     pub reader: ShardReader,
+    log: LogStore,
+    pub writes: AtomicU64,
+    pub queries: AtomicU64,
+    rate_sample: Mutex<RateSample>,
+}
+
+/// Totals at the last sample and the rates computed then.
+#[derive(Debug, Clone, Copy)]
+struct RateSample {
+    at: Instant,
+    writes: u64,
+    queries: u64,
+    write_rate: f64,
+    query_rate: f64,
+}
+
+/// Request rates of one shard on this node, per second over the last sampling interval.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ShardRates {
+    pub write_rate: f64,
+    pub query_rate: f64,
+    pub writes_total: u64,
+    pub queries_total: u64,
+}
+
+/// One follower's replication state as the shard leader sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FollowerProgress {
+    pub node: NodeId,
+    pub matched_index: Option<u64>,
+    /// Age of the oldest entry this follower has not matched (0 when caught up), DESIGN §4.
+    pub lag_seconds: f64,
+}
+
+/// What this node knows about one shard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardStatus {
+    pub shard: u16,
+    pub group: u32,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub applied_index: u64,
+    pub last_log_index: Option<u64>,
+    /// Only on the shard leader: every follower's progress.
+    pub replication: Vec<FollowerProgress>,
 }
 
 /// Every shard group this node hosts.
@@ -92,16 +148,20 @@ pub struct ShardSet {
     pub node_id: NodeId,
     shards: u16,
     groups: Vec<ShardGroup>,
+    peers: Arc<PeerChannels>,
 }
 
 impl ShardSet {
-    /// Opens (and on first start creates and initializes) `shards` groups with this node as voter.
+    /// Opens (and on first start creates) the shard groups. `members` are the voters of every
+    /// group at bootstrap (node id → Raft address); the node with the lowest id initializes each
+    /// group, the others wait to hear from it.
     pub async fn open(
         storage: Arc<Storage>,
         node_id: NodeId,
-        raft_addr: String,
+        members: BTreeMap<NodeId, String>,
         shards: u16,
         settings: &RaftSettings,
+        peers: Arc<PeerChannels>,
     ) -> Result<ShardSet, ConsensusError> {
         let config = openraft::Config {
             cluster_name: "stemedb".into(),
@@ -110,6 +170,9 @@ impl ShardSet {
             election_timeout_max: settings.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: settings.logs_to_keep_after_snapshot,
+            // Keep one AppendEntries message well under the transport's message limit even for
+            // entries holding 1000-assertion batches.
+            max_payload_entries: 64,
             ..Default::default()
         }
         .validate()
@@ -119,21 +182,35 @@ impl ShardSet {
         for shard in 0..shards {
             let group = group_of_shard(shard);
             let log_store = LogStore::new(storage.clone(), group);
+            let log = log_store.clone();
             let state_machine = ShardStateMachine::open(storage.clone(), shard, group)
                 .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
             let reader = ShardReader::new(storage.clone(), shard, group, state_machine.progress());
-            let raft = Raft::new(node_id, config.clone(), LocalOnlyNetwork, log_store, state_machine)
+            let network = GrpcNetwork::new(peers.clone(), group);
+            let raft = Raft::new(node_id, config.clone(), network, log_store, state_machine)
                 .await
                 .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
             let initialized = raft.is_initialized().await.map_err(|e| ConsensusError::Startup(e.to_string()))?;
-            if !initialized {
-                let members = BTreeMap::from([(node_id, BasicNode::new(raft_addr.clone()))]);
-                raft.initialize(members).await.map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
-                tracing::info!(shard, group, "shard group created");
+            let bootstrapper = members.keys().next() == Some(&node_id);
+            if !initialized && bootstrapper {
+                let voters: BTreeMap<NodeId, BasicNode> =
+                    members.iter().map(|(id, addr)| (*id, BasicNode::new(addr.clone()))).collect();
+                raft.initialize(voters).await.map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
+                tracing::info!(shard, group, voters = members.len(), "shard group created");
             }
-            groups.push(ShardGroup { shard, raft, reader });
+            let rate_sample =
+                Mutex::new(RateSample { at: Instant::now(), writes: 0, queries: 0, write_rate: 0.0, query_rate: 0.0 });
+            groups.push(ShardGroup {
+                shard,
+                raft,
+                reader,
+                log,
+                writes: AtomicU64::new(0),
+                queries: AtomicU64::new(0),
+                rate_sample,
+            });
         }
-        Ok(ShardSet { node_id, shards, groups })
+        Ok(ShardSet { node_id, shards, groups, peers })
     }
 
     /// Waits until every shard has a leader, up to `timeout`.
@@ -181,9 +258,75 @@ impl ShardSet {
         }
     }
 
-    /// Proposes `command` to `shard` and returns what applying it produced. Waits (up to
-    /// `timeout`) while the shard has no leader; reports a timeout as indeterminate.
+    /// The Raft address of `node` as the group's membership records it.
+    fn node_addr(group: &ShardGroup, node: NodeId) -> Option<String> {
+        group.raft.metrics().borrow().membership_config.membership().get_node(&node).map(|n| n.addr.clone())
+    }
+
+    /// Sends a request to another node about a shard over the transport and decodes its answer.
+    async fn ask_leader<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        group: &ShardGroup,
+        leader: NodeId,
+        kind: &'static str,
+        request: &Req,
+        deadline: Instant,
+    ) -> Result<Resp, ConsensusError> {
+        let shard = group.shard;
+        let unreachable = |message: String| {
+            raft_metrics::FORWARDED.with_label_values(&[kind, "unreachable"]).inc();
+            ConsensusError::LeaderUnreachable { shard, leader, message }
+        };
+        let addr =
+            Self::node_addr(group, leader).ok_or_else(|| unreachable("node not in the shard's membership".into()))?;
+        let mut client = self.peers.client(&addr).map_err(|e| unreachable(e.to_string()))?;
+        let payload = serde_json::to_vec(request).map_err(|e| unreachable(e.to_string()))?;
+        let mut message = tonic::Request::new(GroupMessage { group_id: group_of_shard(shard), payload });
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        message.set_timeout(remaining);
+        let response = match kind {
+            "write" => client.propose(message).await,
+            "campaign" => client.campaign(message).await,
+            _ => client.read_index(message).await,
+        };
+        let response = response.map_err(|status| {
+            if status.code() == tonic::Code::DeadlineExceeded {
+                raft_metrics::FORWARDED.with_label_values(&[kind, "timeout"]).inc();
+                return ConsensusError::Timeout { shard, timeout_ms: remaining.as_millis() as u64 };
+            }
+            let error: openraft::error::RPCError<NodeId, BasicNode, ConsensusError> = status_to_rpc_error(status);
+            unreachable(error.to_string())
+        })?;
+        let decoded: Result<Resp, ConsensusError> =
+            serde_json::from_slice(&response.into_inner().payload).map_err(|e| unreachable(e.to_string()))?;
+        raft_metrics::FORWARDED.with_label_values(&[kind, if decoded.is_ok() { "ok" } else { "error" }]).inc();
+        decoded
+    }
+
+    /// Proposes `command` to `shard` and returns what applying it produced: on this node when it
+    /// leads the shard, else forwarded to the leader. Waits (up to `timeout`) while the shard has
+    /// no leader; reports a timeout as indeterminate.
     pub async fn propose(
+        &self,
+        shard: u16,
+        command: ShardCommand,
+        timeout: Duration,
+    ) -> Result<ShardResponse, ConsensusError> {
+        let group = self.group(shard)?;
+        group.writes.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        let leader = self.wait_for_leader(group, deadline).await.inspect_err(|_| {
+            raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
+        })?;
+        if leader == self.node_id {
+            return self.propose_local(shard, command, timeout).await;
+        }
+        self.ask_leader(group, leader, "write", &command, deadline).await
+    }
+
+    /// Proposes `command` on this node, which must lead the shard (used for forwarded writes:
+    /// they are never forwarded a second time).
+    pub async fn propose_local(
         &self,
         shard: u16,
         command: ShardCommand,
@@ -192,9 +335,7 @@ impl ShardSet {
         let group = self.group(shard)?;
         let started = Instant::now();
         let deadline = started + timeout;
-        let leader = self.wait_for_leader(group, deadline).await.inspect_err(|_| {
-            raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
-        })?;
+        let leader = self.wait_for_leader(group, deadline).await?;
         if leader != self.node_id {
             raft_metrics::PROPOSALS.with_label_values(&["not_leader"]).inc();
             return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
@@ -232,30 +373,140 @@ impl ShardSet {
     }
 
     /// A linearizable read barrier: returns once this node's copy of `shard` reflects every write
-    /// acknowledged before the call.
+    /// acknowledged before the call. The leader confirms its leadership with a quorum (read
+    /// index); a follower asks the leader for that index and waits until it has applied it.
     pub async fn read_barrier(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         let deadline = Instant::now() + timeout;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(remaining, group.raft.ensure_linearizable()).await {
-                Err(_) => return Err(ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 }),
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward)))) => {
-                    if forward.leader_id.is_some() && forward.leader_id != Some(self.node_id) {
-                        return Err(ConsensusError::NotLeader { shard, leader: forward.leader_id });
-                    }
-                    if Instant::now() + Duration::from_millis(20) >= deadline {
-                        return Err(ConsensusError::NoQuorum { shard });
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        let leader = self.wait_for_leader(group, deadline).await?;
+        let read_index = if leader == self.node_id {
+            self.local_read_index(shard).await?
+        } else {
+            self.ask_leader::<(), u64>(group, leader, "read_index", &(), deadline).await?
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        group
+            .raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(read_index), "read barrier")
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::Timeout(..) => {
+                    ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 }
                 }
-                Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))) => {
-                    return Err(ConsensusError::NoQuorum { shard })
+                openraft::metrics::WaitError::ShuttingDown => ConsensusError::ShuttingDown { shard },
+            })
+    }
+
+    /// The read index of `shard` on this node, which must lead it: confirms leadership with a
+    /// quorum and returns the log index a linearizable read must wait for.
+    pub async fn local_read_index(&self, shard: u16) -> Result<u64, ConsensusError> {
+        let group = self.group(shard)?;
+        match group.raft.get_read_log_id().await {
+            Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => match forward.leader_id {
+                Some(leader) if leader != self.node_id => {
+                    Err(ConsensusError::NotLeader { shard, leader: Some(leader) })
                 }
-                Ok(Err(RaftError::Fatal(_))) => return Err(ConsensusError::ShuttingDown { shard }),
+                _ => Err(ConsensusError::NoQuorum { shard }),
+            },
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(ConsensusError::NoQuorum { shard }),
+            Err(RaftError::Fatal(_)) => Err(ConsensusError::ShuttingDown { shard }),
+        }
+    }
+
+    /// This node's view of a shard; on the leader, with every follower's lag.
+    pub fn status(&self, shard: u16) -> Result<ShardStatus, ConsensusError> {
+        let group = self.group(shard)?;
+        let metrics = group.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let mut replication = Vec::new();
+        if let Some(progress) = &metrics.replication {
+            let last = metrics.last_log_index.unwrap_or(0);
+            for (node, matched) in progress {
+                if *node == self.node_id {
+                    continue;
+                }
+                let matched_index = matched.map(|l| l.index);
+                let lag_seconds = self.unmatched_age(group, matched_index.unwrap_or(0), last);
+                replication.push(FollowerProgress { node: *node, matched_index, lag_seconds });
             }
         }
+        Ok(ShardStatus {
+            shard,
+            group: group_of_shard(shard),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            voters,
+            learners,
+            applied_index: group.reader.applied_index(),
+            last_log_index: metrics.last_log_index,
+            replication,
+        })
+    }
+
+    /// Seconds since the first entry after `matched` was proposed (0 when `matched >= last`).
+    fn unmatched_age(&self, group: &ShardGroup, matched: u64, last: u64) -> f64 {
+        if matched >= last {
+            return 0.0;
+        }
+        // Blank and membership entries carry no time; the next client entry bounds the age.
+        for index in matched + 1..=last.min(matched + 8) {
+            if let Ok(Some(proposed_at_us)) = group.log.proposed_at_us(index) {
+                return crate::model::id::now_us().saturating_sub(proposed_at_us) as f64 / 1e6;
+            }
+        }
+        0.0
+    }
+
+    /// Write and query rates of `shard` on this node; rates are recomputed at most every 10 s.
+    pub fn rates(&self, shard: u16) -> ShardRates {
+        let Ok(group) = self.group(shard) else {
+            return ShardRates { write_rate: 0.0, query_rate: 0.0, writes_total: 0, queries_total: 0 };
+        };
+        let (writes, queries) = (group.writes.load(Ordering::Relaxed), group.queries.load(Ordering::Relaxed));
+        let mut sample = group.rate_sample.lock();
+        let elapsed = sample.at.elapsed().as_secs_f64();
+        if elapsed >= 10.0 {
+            sample.write_rate = (writes - sample.writes) as f64 / elapsed;
+            sample.query_rate = (queries - sample.queries) as f64 / elapsed;
+            *sample = RateSample { at: Instant::now(), writes, queries, ..*sample };
+        }
+        ShardRates {
+            write_rate: sample.write_rate,
+            query_rate: sample.query_rate,
+            writes_total: writes,
+            queries_total: queries,
+        }
+    }
+
+    /// Asks this node's replica of `shard` to campaign for leadership now.
+    pub async fn campaign_local(&self, shard: u16) -> Result<(), ConsensusError> {
+        let group = self.group(shard)?;
+        group.raft.trigger().elect().await.map_err(|_| ConsensusError::ShuttingDown { shard })
+    }
+
+    /// Moves the leadership of `shard` to `target` by having it campaign (its log is at least
+    /// as long as a quorum's, so it wins unless a partition prevents it).
+    pub async fn transfer_leader(&self, shard: u16, target: NodeId, timeout: Duration) -> Result<(), ConsensusError> {
+        let group = self.group(shard)?;
+        let deadline = Instant::now() + timeout;
+        if target == self.node_id {
+            self.campaign_local(shard).await?;
+        } else {
+            self.ask_leader::<(), ()>(group, target, "campaign", &(), deadline).await?;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        group
+            .raft
+            .wait(Some(remaining))
+            .metrics(|m| m.current_leader == Some(target), "leader transferred")
+            .await
+            .map(|_| ())
+            .map_err(|_| ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 })
     }
 
     /// Stops every group's Raft task.

@@ -46,6 +46,16 @@ pub enum ShardCommand {
     Retract { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, admin: bool, reason: Option<String> },
 }
 
+impl ShardCommand {
+    pub fn proposed_at_us(&self) -> u64 {
+        match self {
+            ShardCommand::Assert { proposed_at_us, .. }
+            | ShardCommand::Vote { proposed_at_us, .. }
+            | ShardCommand::Retract { proposed_at_us, .. } => *proposed_at_us,
+        }
+    }
+}
+
 /// What applying an assertion produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssertOutcome {

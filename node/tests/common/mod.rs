@@ -16,6 +16,8 @@ pub fn test_config(data_dir: &Path) -> Config {
     let mut config = Config::default();
     config.node.data_dir = data_dir.to_path_buf();
     config.server.api_addr = "127.0.0.1:0".into();
+    config.server.admin_addr = "127.0.0.1:0".into();
+    config.server.raft_addr = "127.0.0.1:0".into();
     config.cluster.shards = 4;
     config.storage.max_cache_size_mb = 16;
     config.storage.write_buffer_mb = 4;
@@ -125,6 +127,7 @@ impl ProcessNode {
             .arg(data_dir)
             .args(["--node-id", &node_id.to_string(), "--api-addr", &format!("127.0.0.1:{port}")])
             .args(["--raft-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
             .env("STEMEDB_CLUSTER_SHARDS", "4")
             .env("STEMEDB_STORAGE_MAX_CACHE_SIZE_MB", "16")
             .env("STEMEDB_LOGGING_LEVEL", "warn")

@@ -1,0 +1,101 @@
+//! The inter-node gRPC server on port 18182: Raft messages for every local group, writes
+//! forwarded to a shard leader, and read-index requests from followers. It decodes, hands the
+//! message to the group's Raft or to the shard set, and encodes the answer; it owns no state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
+use stemedb_proto::raft::GroupMessage;
+use tonic::{Request, Response, Status};
+
+use crate::raft::network::MAX_MESSAGE_BYTES;
+use crate::raft::types::{Raft, ShardCommand};
+use crate::raft::{ConsensusError, ShardSet};
+
+/// The gRPC service over this node's shard set.
+pub struct RaftService {
+    shards: Arc<ShardSet>,
+    write_timeout: Duration,
+}
+
+impl RaftService {
+    pub fn server(shards: Arc<ShardSet>, write_timeout: Duration) -> RaftTransportServer<RaftService> {
+        RaftTransportServer::new(RaftService { shards, write_timeout })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn raft(&self, group_id: u32) -> Result<&Raft, Status> {
+        let shard = self.shard(group_id)?;
+        self.shards
+            .group(shard)
+            .map(|g| &g.raft)
+            .map_err(|_| Status::not_found(format!("group {group_id} is not hosted here")))
+    }
+
+    fn shard(&self, group_id: u32) -> Result<u16, Status> {
+        group_id
+            .checked_sub(1)
+            .and_then(|s| u16::try_from(s).ok())
+            .ok_or_else(|| Status::not_found(format!("group {group_id} is not a shard group")))
+    }
+}
+
+fn decode<T: DeserializeOwned>(message: &GroupMessage) -> Result<T, Status> {
+    serde_json::from_slice(&message.payload).map_err(|e| Status::invalid_argument(format!("undecodable payload: {e}")))
+}
+
+fn encode<T: Serialize>(group_id: u32, value: &T) -> Result<Response<GroupMessage>, Status> {
+    let payload = serde_json::to_vec(value).map_err(|e| Status::internal(format!("unencodable answer: {e}")))?;
+    Ok(Response::new(GroupMessage { group_id, payload }))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn append_entries(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let raft = self.raft(message.group_id)?;
+        let result = raft.append_entries(decode(&message)?).await;
+        encode(message.group_id, &result)
+    }
+
+    async fn vote(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let raft = self.raft(message.group_id)?;
+        let result = raft.vote(decode(&message)?).await;
+        encode(message.group_id, &result)
+    }
+
+    async fn install_snapshot(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let raft = self.raft(message.group_id)?;
+        let result = raft.install_snapshot(decode(&message)?).await;
+        encode(message.group_id, &result)
+    }
+
+    async fn propose(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let shard = self.shard(message.group_id)?;
+        let command: ShardCommand = decode(&message)?;
+        // Forwarded writes are proposed here or refused: never forwarded a second time.
+        let result = self.shards.propose_local(shard, command, self.write_timeout).await;
+        encode(message.group_id, &result)
+    }
+
+    async fn campaign(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let shard = self.shard(message.group_id)?;
+        let result: Result<(), ConsensusError> = self.shards.campaign_local(shard).await;
+        encode(message.group_id, &result)
+    }
+
+    async fn read_index(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let shard = self.shard(message.group_id)?;
+        let result: Result<u64, ConsensusError> = self.shards.local_read_index(shard).await;
+        encode(message.group_id, &result)
+    }
+}
