@@ -1,1 +1,364 @@
-pub fn placeholder() {}
+//! `TestCluster`: real `stemedb` processes on loopback for multi-node tests.
+//!
+//! Every node gets its own ports and data dir. Each directed link between two nodes runs through
+//! a [`LinkProxy`] (the node dials its peers through `cluster.peer_dial_overrides`), so a test can
+//! cut any link in either direction, isolate a node or split the cluster, then heal it: the
+//! send filters of TiKV's test_raftstore, over real TCP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// The `stemedb` binary: `STEMEDB_BIN`, else next to the test executable's `deps/` directory.
+pub fn stemedb_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("STEMEDB_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join("stemedb")
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A TCP proxy for one directed link. While blocked it refuses new connections and cuts open
+/// ones, which to the sender looks like a dead peer.
+pub struct LinkProxy {
+    pub listen_port: u16,
+    blocked: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LinkProxy {
+    pub async fn start(target: String) -> LinkProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let listen_port = listener.local_addr().expect("addr").port();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(generation);
+        let task = {
+            let (blocked, generation) = (blocked.clone(), generation.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                    if blocked.load(Ordering::SeqCst) {
+                        let _ = inbound.shutdown().await;
+                        continue;
+                    }
+                    let target = target.clone();
+                    let mut cut = generation.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            })
+        };
+        LinkProxy { listen_port, blocked, generation, task }
+    }
+
+    pub fn block(&self) {
+        self.blocked.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn unblock(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One node of a test cluster.
+pub struct TestNode {
+    pub id: u64,
+    pub api_port: u16,
+    pub admin_port: u16,
+    pub raft_port: u16,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// Options of a test cluster.
+#[derive(Clone)]
+pub struct ClusterOptions {
+    pub nodes: u64,
+    pub shards: u16,
+    /// Extra `STEMEDB_*` environment for every node.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { nodes: 3, shards: 4, env: Vec::new() }
+    }
+}
+
+pub struct TestCluster {
+    pub nodes: BTreeMap<u64, TestNode>,
+    links: HashMap<(u64, u64), LinkProxy>,
+    options: ClusterOptions,
+    initial_cluster: String,
+    pub client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `options.nodes` nodes that form a new cluster and waits until every shard has a
+    /// leader.
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::tempdir()?;
+        let mut nodes = BTreeMap::new();
+        for id in 1..=options.nodes {
+            nodes.insert(
+                id,
+                TestNode {
+                    id,
+                    api_port: free_port(),
+                    admin_port: free_port(),
+                    raft_port: free_port(),
+                    data_dir: dir.path().join(format!("node{id}")),
+                    child: None,
+                },
+            );
+        }
+        let mut links = HashMap::new();
+        for from in nodes.keys() {
+            for (to, node) in &nodes {
+                if from != to {
+                    links.insert((*from, *to), LinkProxy::start(format!("127.0.0.1:{}", node.raft_port)).await);
+                }
+            }
+        }
+        let initial_cluster =
+            nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.raft_port)).collect::<Vec<_>>().join(",");
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
+        let mut cluster = TestCluster { nodes, links, options, initial_cluster, client, _dir: dir };
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in &ids {
+            cluster.spawn(*id)?;
+        }
+        for id in &ids {
+            cluster.wait_api(*id, Duration::from_secs(60)).await?;
+        }
+        cluster.wait_all_leaders(Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let overrides: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.id != id)
+            .map(|n| format!("127.0.0.1:{}=127.0.0.1:{}", n.raft_port, self.links[&(id, n.id)].listen_port))
+            .collect();
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        std::fs::create_dir_all(&node.data_dir)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(node.data_dir.with_extension("log"))?;
+        let mut command = Command::new(stemedb_binary());
+        command
+            .arg("serve")
+            .args(["--node-id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--api-addr", &format!("127.0.0.1:{}", node.api_port)])
+            .args(["--admin-addr", &format!("127.0.0.1:{}", node.admin_port)])
+            .args(["--raft-addr", &format!("127.0.0.1:{}", node.raft_port)])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .env("STEMEDB_CLUSTER_SHARDS", self.options.shards.to_string())
+            .env("STEMEDB_CLUSTER_PEER_DIAL_OVERRIDES", overrides.join(","))
+            .env("STEMEDB_STORAGE_MAX_CACHE_SIZE_MB", "16")
+            .env("STEMEDB_STORAGE_WRITE_BUFFER_MB", "4")
+            .env("STEMEDB_RAFT_WRITE_TIMEOUT_MS", "3000")
+            .env("STEMEDB_LOGGING_LEVEL", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (key, value) in &self.options.env {
+            command.env(key, value);
+        }
+        node.child = Some(command.spawn().context("spawn stemedb (build it first: cargo build -p stemedb)")?);
+        Ok(())
+    }
+
+    pub fn node(&self, id: u64) -> &TestNode {
+        &self.nodes[&id]
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts a stopped or killed node with its data dir.
+    pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        self.kill(id);
+        self.spawn(id)?;
+        self.wait_api(id, Duration::from_secs(60)).await
+    }
+
+    /// Cuts both directions of every link between `a` and `b`.
+    pub fn partition(&self, a: &[u64], b: &[u64]) {
+        for x in a {
+            for y in b {
+                for key in [(*x, *y), (*y, *x)] {
+                    if let Some(link) = self.links.get(&key) {
+                        link.block();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cuts every link to and from `id`.
+    pub fn isolate(&self, id: u64) {
+        let others: Vec<u64> = self.nodes.keys().copied().filter(|n| *n != id).collect();
+        self.partition(&[id], &others);
+    }
+
+    pub fn heal(&self) {
+        for link in self.links.values() {
+            link.unblock();
+        }
+    }
+
+    async fn wait_api(&self, id: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let url = format!("{}/v1/health", self.node(id).api());
+        loop {
+            if self.client.get(&url).send().await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} did not start listening");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The leader of `shard` as node `via` sees it.
+    pub async fn leader_seen_by(&self, via: u64, shard: u16) -> Option<u64> {
+        let url = format!("{}/cluster/shards/{shard}", self.node(via).admin());
+        let response = self.client.get(url).timeout(Duration::from_secs(2)).send().await.ok()?;
+        let body: Value = response.json().await.ok()?;
+        body["leader"].as_u64()
+    }
+
+    /// Waits until the running nodes agree on a leader for `shard` that is itself running.
+    pub async fn wait_for_leader(&self, shard: u16, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = self.running();
+            let mut seen = Vec::new();
+            for id in &running {
+                seen.push(self.leader_seen_by(*id, shard).await);
+            }
+            if let Some(Some(leader)) = seen.first() {
+                if seen.iter().all(|s| *s == Some(*leader)) && running.contains(leader) {
+                    return Ok(*leader);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("shard {shard} has no agreed leader: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_all_leaders(&self, timeout: Duration) -> anyhow::Result<()> {
+        for shard in 0..self.options.shards {
+            self.wait_for_leader(shard, timeout).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn post(&self, via: u64, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let response = self.client.post(format!("{}{path}", self.node(via).api())).json(body).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn get(&self, via: u64, path: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self.client.get(format!("{}{path}", self.node(via).api())).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    pub async fn admin_get(&self, via: u64, path: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self.client.get(format!("{}{path}", self.node(via).admin())).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Writes one assertion through node `via`; returns its id on 201.
+    pub async fn assert_value(&self, via: u64, concept_path: &str, value: Value) -> anyhow::Result<String> {
+        let body = json!({"concept_path": concept_path, "predicate": "p", "value": value, "agent_id": "test"});
+        let (status, response) = self.post(via, "/v1/assert", &body).await?;
+        if status != 201 {
+            bail!("assert via node {via}: {status} {response}");
+        }
+        Ok(response["id"].as_str().context("id")?.to_string())
+    }
+
+    /// The recency winner's value of `concept_path` read through node `via`.
+    pub async fn read_value(&self, via: u64, concept_path: &str, consistency: &str) -> anyhow::Result<(u16, Value)> {
+        let (status, body) =
+            self.post(via, "/v1/query", &json!({"concept_path": concept_path, "consistency": consistency})).await?;
+        Ok((status, if status == 200 { body["results"][0]["winner"]["value"].clone() } else { body }))
+    }
+
+    /// The shard of a concept path, as the cluster computes it.
+    pub fn shard_of(&self, concept_path: &str) -> u16 {
+        stemedb::model::id::shard_for_path(concept_path, self.options.shards)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}

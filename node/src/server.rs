@@ -96,7 +96,7 @@ pub async fn run(
     let identity = ensure_identity(&storage, config.node.id, config.cluster.shards)?;
     let members = config.initial_members().map_err(|e| NodeError::Serve(e.to_string()))?;
     let single_node = members.len() == 1;
-    let peers = PeerChannels::new();
+    let peers = PeerChannels::new(config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?);
     let shards = Arc::new(
         ShardSet::open(storage.clone(), config.node.id, members, config.cluster.shards, &raft_settings(&config), peers)
             .await?,

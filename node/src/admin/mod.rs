@@ -3,18 +3,14 @@
 //! operations runbooks (`.members[]` with `id`, `status`, `replication_lag`; `.shards[]` with
 //! `query_rate`).
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
-use crate::api::extract::StrictJson;
 use crate::api::{ApiError, AppState};
 use crate::raft::shards::ShardStatus;
 
@@ -27,7 +23,6 @@ pub fn router(state: AppState) -> Router {
         .route("/cluster/members", get(members))
         .route("/cluster/shards", get(shards))
         .route("/cluster/shards/{id}", get(shard))
-        .route("/admin/shards/{id}/transfer-leader", post(transfer_leader))
         .fallback(|| async { ApiError::not_found("no such cluster admin endpoint; see docs/api.md") })
         .with_state(state)
 }
@@ -149,30 +144,4 @@ async fn shard(State(state): State<AppState>, Path(id): Path<String>) -> Result<
     let shard = parse_shard(&state, &id)?;
     let status = state.shards.status(shard)?;
     Ok(Json(shard_json(&state, &status)))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TransferLeaderRequest {
-    target_node: u64,
-}
-
-async fn transfer_leader(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    StrictJson(request): StrictJson<TransferLeaderRequest>,
-) -> Result<Json<Value>, ApiError> {
-    let shard = parse_shard(&state, &id)?;
-    let status = state.shards.status(shard)?;
-    if !status.voters.contains(&request.target_node) {
-        return Err(ApiError::new(
-            422,
-            "not_a_voter",
-            format!("node {} is not a voter of shard {shard}", request.target_node),
-        )
-        .with_details(json!({"voters": status.voters})));
-    }
-    let timeout = Duration::from_millis(state.config.raft.write_timeout_ms);
-    state.shards.transfer_leader(shard, request.target_node, timeout).await?;
-    Ok(Json(json!({"shard": shard, "leader": request.target_node, "previous_leader": status.leader})))
 }

@@ -75,6 +75,9 @@ pub struct ClusterSection {
     /// Forms a new cluster: `1=HOST:18182,2=HOST:18182,3=HOST:18182` (node id = Raft address),
     /// the same on every founding node. Empty: a single-node cluster of this node.
     pub initial_cluster: String,
+    /// Dial some peer Raft addresses through others: `ADDR=VIA,...`. For fault injection: test
+    /// harnesses put a proxy on each link to drop, delay or partition it.
+    pub peer_dial_overrides: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,7 +183,12 @@ impl Default for ServerSection {
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        ClusterSection { shards: 16, replication_factor: 3, initial_cluster: String::new() }
+        ClusterSection {
+            shards: 16,
+            replication_factor: 3,
+            initial_cluster: String::new(),
+            peer_dial_overrides: String::new(),
+        }
     }
 }
 
@@ -350,6 +358,7 @@ impl Config {
         if self.cluster.shards == 0 || self.cluster.shards > 4096 {
             return fail("cluster.shards must be between 1 and 4096".into());
         }
+        self.dial_overrides()?;
         let members = self.initial_members()?;
         if !members.contains_key(&self.node.id) {
             return fail(format!("cluster.initial_cluster does not list this node (node.id = {})", self.node.id));
@@ -378,6 +387,18 @@ impl Config {
             return fail(format!("logging.format = {:?}: expected \"text\" or \"json\"", self.logging.format));
         }
         Ok(())
+    }
+
+    /// `cluster.peer_dial_overrides` as a map from peer address to the address to dial instead.
+    pub fn dial_overrides(&self) -> Result<std::collections::HashMap<String, String>, ConfigError> {
+        let mut overrides = std::collections::HashMap::new();
+        for part in self.cluster.peer_dial_overrides.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (from, via) = part.split_once('=').ok_or_else(|| {
+                ConfigError::Invalid(format!("cluster.peer_dial_overrides entry {part:?}: expected ADDR=VIA"))
+            })?;
+            overrides.insert(from.trim().to_string(), via.trim().to_string());
+        }
+        Ok(overrides)
     }
 
     /// The founding members (node id → Raft address): `cluster.initial_cluster`, or this node

@@ -31,6 +31,8 @@ pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 #[derive(Default)]
 pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
+    /// Addresses dialled through another (fault-injection proxies in tests).
+    overrides: HashMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +40,8 @@ pub struct PeerChannels {
 pub struct InvalidPeerAddress(pub String);
 
 impl PeerChannels {
-    pub fn new() -> Arc<PeerChannels> {
-        Arc::new(PeerChannels::default())
+    pub fn new(overrides: HashMap<String, String>) -> Arc<PeerChannels> {
+        Arc::new(PeerChannels { channels: Mutex::new(HashMap::new()), overrides })
     }
 
     /// The channel to `addr` (`HOST:PORT`), created on first use; it connects lazily and
@@ -49,7 +51,8 @@ impl PeerChannels {
         let channel = match channels.get(addr) {
             Some(channel) => channel.clone(),
             None => {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                let dial = self.overrides.get(addr).map(String::as_str).unwrap_or(addr);
+                let endpoint = Endpoint::from_shared(format!("http://{dial}"))
                     .map_err(|_| InvalidPeerAddress(addr.to_string()))?
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)

@@ -191,7 +191,10 @@ impl ShardSet {
                 .await
                 .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
             let initialized = raft.is_initialized().await.map_err(|e| ConsensusError::Startup(e.to_string()))?;
-            let bootstrapper = members.keys().next() == Some(&node_id);
+            // The preferred leader of shard s is member s mod n (by id): it initializes the group
+            // and so becomes its first leader, spreading leaders over the founding nodes.
+            let preferred = members.keys().nth(shard as usize % members.len().max(1));
+            let bootstrapper = preferred == Some(&node_id);
             if !initialized && bootstrapper {
                 let voters: BTreeMap<NodeId, BasicNode> =
                     members.iter().map(|(id, addr)| (*id, BasicNode::new(addr.clone()))).collect();
@@ -286,7 +289,6 @@ impl ShardSet {
         message.set_timeout(remaining);
         let response = match kind {
             "write" => client.propose(message).await,
-            "campaign" => client.campaign(message).await,
             _ => client.read_index(message).await,
         };
         let response = response.map_err(|status| {
@@ -315,13 +317,25 @@ impl ShardSet {
         let group = self.group(shard)?;
         group.writes.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
-        let leader = self.wait_for_leader(group, deadline).await.inspect_err(|_| {
-            raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
-        })?;
-        if leader == self.node_id {
-            return self.propose_local(shard, command, timeout).await;
+        loop {
+            let leader = self.wait_for_leader(group, deadline).await.inspect_err(|_| {
+                raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
+            })?;
+            if leader == self.node_id {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                return self.propose_local(shard, command, remaining).await;
+            }
+            match self.ask_leader(group, leader, "write", &command, deadline).await {
+                // The leader could not even be connected to, so the write was not delivered:
+                // wait for the election that follows a dead leader and try the new one.
+                Err(ConsensusError::LeaderUnreachable { message, .. })
+                    if message.contains("onnect") && Instant::now() + Duration::from_millis(100) < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
         }
-        self.ask_leader(group, leader, "write", &command, deadline).await
     }
 
     /// Proposes `command` on this node, which must lead the shard (used for forwarded writes:
@@ -481,32 +495,6 @@ impl ShardSet {
             writes_total: writes,
             queries_total: queries,
         }
-    }
-
-    /// Asks this node's replica of `shard` to campaign for leadership now.
-    pub async fn campaign_local(&self, shard: u16) -> Result<(), ConsensusError> {
-        let group = self.group(shard)?;
-        group.raft.trigger().elect().await.map_err(|_| ConsensusError::ShuttingDown { shard })
-    }
-
-    /// Moves the leadership of `shard` to `target` by having it campaign (its log is at least
-    /// as long as a quorum's, so it wins unless a partition prevents it).
-    pub async fn transfer_leader(&self, shard: u16, target: NodeId, timeout: Duration) -> Result<(), ConsensusError> {
-        let group = self.group(shard)?;
-        let deadline = Instant::now() + timeout;
-        if target == self.node_id {
-            self.campaign_local(shard).await?;
-        } else {
-            self.ask_leader::<(), ()>(group, target, "campaign", &(), deadline).await?;
-        }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        group
-            .raft
-            .wait(Some(remaining))
-            .metrics(|m| m.current_leader == Some(target), "leader transferred")
-            .await
-            .map(|_| ())
-            .map_err(|_| ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 })
     }
 
     /// Stops every group's Raft task.

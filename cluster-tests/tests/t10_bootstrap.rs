@@ -1,0 +1,82 @@
+//! Forming clusters: 3- and 5-node bootstrap, writes through any node, reads on every node,
+//! stale reads, leaders spread over the nodes, cluster admin views.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use stemedb_cluster_tests::{ClusterOptions, TestCluster};
+
+async fn write_anywhere_read_everywhere(cluster: &TestCluster) -> anyhow::Result<()> {
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for via in &ids {
+        cluster.assert_value(*via, &format!("boot/n{via}"), json!(*via)).await?;
+    }
+    for writer in &ids {
+        for reader in &ids {
+            let (status, value) = cluster.read_value(*reader, &format!("boot/n{writer}"), "linearizable").await?;
+            assert_eq!((status, value), (200, json!(*writer)), "node {reader} reading node {writer}'s write");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_a_cluster() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 4, ..Default::default() }).await?;
+    write_anywhere_read_everywhere(&cluster).await?;
+
+    let (status, members) = cluster.admin_get(2, "/cluster/members").await?;
+    assert_eq!(status, 200);
+    let members = members["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 3, "{members:?}");
+    for member in &members {
+        assert_eq!(member["shards_hosted"], json!(4), "{member}");
+    }
+    let (status, health) = cluster.admin_get(3, "/cluster/health").await?;
+    assert_eq!((status, health["shards_with_leader"].clone()), (200, json!(4)), "{health}");
+
+    // Leaders spread: shard s prefers node (s mod 3) + 1.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut leaders = std::collections::BTreeSet::new();
+        for shard in 0..4 {
+            if let Some(leader) = cluster.leader_seen_by(1, shard).await {
+                leaders.insert(leader);
+            }
+        }
+        if leaders.len() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leaders did not spread: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Stale reads on a follower report how far they are applied.
+    let path = "boot/stale";
+    cluster.assert_value(1, path, json!("fresh")).await?;
+    let shard = cluster.shard_of(path);
+    let leader = cluster.wait_for_leader(shard, Duration::from_secs(10)).await?;
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).expect("follower");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) =
+            cluster.post(follower, "/v1/query", &json!({"concept_path": path, "consistency": "stale"})).await?;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["applied_index"].as_u64().is_some() && body["staleness_ms"].as_u64().is_some(), "{body}");
+        if body["results"][0]["winner"]["value"] == json!("fresh") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "follower never applied the write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_form_a_cluster() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(ClusterOptions { nodes: 5, shards: 4, ..Default::default() }).await?;
+    write_anywhere_read_everywhere(&cluster).await?;
+    let (_, health) = cluster.admin_get(5, "/cluster/health").await?;
+    assert_eq!(health["nodes_total"], json!(5), "{health}");
+    Ok(())
+}
