@@ -51,6 +51,13 @@ async fn three_nodes_form_a_cluster() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // The leader of shard 0 (node 1) exports every follower's replication lag.
+    let metrics = cluster.client.get(format!("{}/metrics", cluster.node(1).api())).send().await?.text().await?;
+    for follower in [2, 3] {
+        assert!(metrics.contains(&format!("replication_lag_seconds{{node=\"{follower}\"}}")), "no lag for {follower}");
+    }
+    assert!(metrics.contains("stemedb_shard_replication_lag_seconds{shard=\"0\",node=\"2\"}"));
+
     // Stale reads on a follower report how far they are applied.
     let path = "boot/stale";
     cluster.assert_value(1, path, json!("fresh")).await?;

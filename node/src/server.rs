@@ -190,6 +190,62 @@ pub async fn run(
 }
 
 fn register_node_gauges(context: &Arc<NodeContext>) {
+    // Replication lag (DESIGN §4): on each shard leader, per follower, the age of the oldest entry
+    // that follower has not matched. Per node: the worst over the shards this node leads.
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::new(
+        "replication_lag_seconds",
+        "Per follower node: age of the oldest log entry it has not matched, worst over shards this node leads",
+        "node",
+        Box::new(move || {
+            let Some(context) = weak.upgrade() else { return Vec::new() };
+            let mut worst: std::collections::BTreeMap<u64, f64> = Default::default();
+            for group in context.shards.groups() {
+                if let Ok(status) = context.shards.status(group.shard) {
+                    for follower in status.replication {
+                        let slot = worst.entry(follower.node).or_default();
+                        *slot = slot.max(follower.lag_seconds);
+                    }
+                }
+            }
+            worst.into_iter().map(|(node, lag)| (node.to_string(), lag)).collect()
+        }),
+    )));
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::with_labels(
+        "stemedb_shard_replication_lag_seconds",
+        "Per shard this node leads and follower node: age of the oldest log entry the follower has not matched",
+        vec!["shard", "node"],
+        Box::new(move || {
+            let Some(context) = weak.upgrade() else { return Vec::new() };
+            let mut out = Vec::new();
+            for group in context.shards.groups() {
+                if let Ok(status) = context.shards.status(group.shard) {
+                    for follower in status.replication {
+                        out.push((vec![group.shard.to_string(), follower.node.to_string()], follower.lag_seconds));
+                    }
+                }
+            }
+            out
+        }),
+    )));
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::new(
+        "stemedb_raft_term",
+        "Current Raft term of each shard on this node",
+        "shard",
+        Box::new(move || {
+            weak.upgrade()
+                .map(|c| {
+                    c.shards
+                        .groups()
+                        .iter()
+                        .map(|g| (g.shard.to_string(), g.raft.metrics().borrow().current_term as f64))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }),
+    )));
     let weak = Arc::downgrade(context);
     context.metrics.register(Box::new(ComputedGauges::new(
         "stemedb_shard_applied_index",

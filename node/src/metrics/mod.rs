@@ -232,21 +232,41 @@ impl Collector for ArcCollector {
 /// A gauge family whose values are computed when scraped.
 pub struct ComputedGauges {
     desc: Desc,
-    label: &'static str,
-    compute: Box<dyn Fn() -> Vec<(String, f64)> + Send + Sync>,
+    labels: Vec<&'static str>,
+    compute: GaugeFn,
 }
 
+type GaugeFn = Box<dyn Fn() -> Vec<(Vec<String>, f64)> + Send + Sync>;
+
 impl ComputedGauges {
+    /// A family with one label (or none when `label` is empty).
     pub fn new(
         name: &str,
         help: &str,
         label: &'static str,
         compute: Box<dyn Fn() -> Vec<(String, f64)> + Send + Sync>,
     ) -> ComputedGauges {
-        let labels = if label.is_empty() { vec![] } else { vec![label.to_string()] };
+        let labels = if label.is_empty() { vec![] } else { vec![label] };
+        let single = !label.is_empty();
+        Self::with_labels(
+            name,
+            help,
+            labels,
+            Box::new(move || compute().into_iter().map(|(v, x)| (if single { vec![v] } else { vec![] }, x)).collect()),
+        )
+    }
+
+    /// A family with several labels; `compute` returns label values in `labels` order.
+    pub fn with_labels(name: &str, help: &str, labels: Vec<&'static str>, compute: GaugeFn) -> ComputedGauges {
         ComputedGauges {
-            desc: Desc::new(name.into(), help.into(), labels, Default::default()).expect("valid metric desc"),
-            label,
+            desc: Desc::new(
+                name.into(),
+                help.into(),
+                labels.iter().map(|l| l.to_string()).collect(),
+                Default::default(),
+            )
+            .expect("valid metric desc"),
+            labels,
             compute,
         }
     }
@@ -260,17 +280,23 @@ impl Collector for ComputedGauges {
     fn collect(&self) -> Vec<MetricFamily> {
         let metrics = (self.compute)()
             .into_iter()
-            .map(|(label_value, value)| {
+            .map(|(label_values, value)| {
                 let mut gauge = prometheus::proto::Gauge::default();
                 gauge.set_value(value);
                 let mut metric = Metric::default();
                 metric.set_gauge(gauge);
-                if !self.label.is_empty() {
-                    let mut pair = LabelPair::default();
-                    pair.set_name(self.label.to_string());
-                    pair.set_value(label_value);
-                    metric.set_label(vec![pair]);
-                }
+                let pairs = self
+                    .labels
+                    .iter()
+                    .zip(label_values)
+                    .map(|(name, value)| {
+                        let mut pair = LabelPair::default();
+                        pair.set_name(name.to_string());
+                        pair.set_value(value);
+                        pair
+                    })
+                    .collect();
+                metric.set_label(pairs);
                 metric
             })
             .collect();
