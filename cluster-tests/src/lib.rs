@@ -93,6 +93,8 @@ impl Drop for LinkProxy {
 /// One node of a test cluster.
 pub struct TestNode {
     pub id: u64,
+    /// Joins through this node's cluster admin instead of forming the cluster.
+    pub join_via: Option<u64>,
     pub api_port: u16,
     pub admin_port: u16,
     pub raft_port: u16,
@@ -149,6 +151,7 @@ impl TestCluster {
                 id,
                 TestNode {
                     id,
+                    join_via: None,
                     api_port: free_port(),
                     admin_port: free_port(),
                     raft_port: free_port(),
@@ -185,8 +188,12 @@ impl TestCluster {
             .nodes
             .values()
             .filter(|n| n.id != id)
-            .map(|n| format!("127.0.0.1:{}=127.0.0.1:{}", n.raft_port, self.links[&(id, n.id)].listen_port))
+            .filter_map(|n| {
+                let link = self.links.get(&(id, n.id))?;
+                Some(format!("127.0.0.1:{}=127.0.0.1:{}", n.raft_port, link.listen_port))
+            })
             .collect();
+        let join_admin = self.nodes[&id].join_via.map(|via| format!("127.0.0.1:{}", self.nodes[&via].admin_port));
         let node = self.nodes.get_mut(&id).context("no such node")?;
         std::fs::create_dir_all(&node.data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.data_dir.with_extension("log"))?;
@@ -199,7 +206,10 @@ impl TestCluster {
             .args(["--api-addr", &format!("127.0.0.1:{}", node.api_port)])
             .args(["--admin-addr", &format!("127.0.0.1:{}", node.admin_port)])
             .args(["--raft-addr", &format!("127.0.0.1:{}", node.raft_port)])
-            .args(["--initial-cluster", &self.initial_cluster])
+            .args(match &join_admin {
+                Some(admin) => ["--join", admin.as_str()],
+                None => ["--initial-cluster", self.initial_cluster.as_str()],
+            })
             .env("STEMEDB_CLUSTER_SHARDS", self.options.shards.to_string())
             .env("STEMEDB_CLUSTER_PEER_DIAL_OVERRIDES", overrides.join(","))
             .env("STEMEDB_STORAGE_MAX_CACHE_SIZE_MB", "16")
@@ -213,6 +223,53 @@ impl TestCluster {
         }
         node.child = Some(command.spawn().context("spawn stemedb (build it first: cargo build -p stemedb)")?);
         Ok(())
+    }
+
+    /// Starts a new node that joins the running cluster through node `via`; returns its id.
+    pub async fn add_joining_node(&mut self, via: u64) -> anyhow::Result<u64> {
+        let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
+        let data_dir = self.nodes[&via].data_dir.with_file_name(format!("node{id}"));
+        self.nodes.insert(
+            id,
+            TestNode {
+                id,
+                join_via: Some(via),
+                api_port: free_port(),
+                admin_port: free_port(),
+                raft_port: free_port(),
+                data_dir,
+                child: None,
+            },
+        );
+        self.spawn(id)?;
+        self.wait_api(id, Duration::from_secs(60)).await?;
+        Ok(id)
+    }
+
+    /// Starts `id` again with a different `--initial-cluster` and returns its exit status and
+    /// log (for refusal tests). The node must be stopped.
+    pub fn run_with_initial_cluster(
+        &self,
+        id: u64,
+        initial_cluster: &str,
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let node = &self.nodes[&id];
+        let output = Command::new(stemedb_binary())
+            .arg("serve")
+            .args(["--node-id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--api-addr", &format!("127.0.0.1:{}", node.api_port)])
+            .args(["--admin-addr", &format!("127.0.0.1:{}", node.admin_port)])
+            .args(["--raft-addr", &format!("127.0.0.1:{}", node.raft_port)])
+            .args(["--initial-cluster", initial_cluster])
+            .env("STEMEDB_CLUSTER_SHARDS", self.options.shards.to_string())
+            .output()?;
+        Ok((output.status, String::from_utf8_lossy(&output.stderr).to_string()))
+    }
+
+    pub fn initial_cluster(&self) -> &str {
+        &self.initial_cluster
     }
 
     pub fn node(&self, id: u64) -> &TestNode {

@@ -65,6 +65,9 @@ struct ServeArgs {
     /// (cluster.initial_cluster).
     #[arg(long)]
     initial_cluster: Option<String>,
+    /// Join a running cluster through the cluster admin address of any member (cluster.join).
+    #[arg(long)]
+    join: Option<String>,
 }
 
 fn init_tracing(level: &str, format: &str) {
@@ -108,6 +111,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         raft_addr: args.raft_addr,
         initial_cluster: args.initial_cluster,
+        join: args.join,
     };
     let config = Config::load(args.config.as_deref(), &flags)?;
     init_tracing(&config.logging.level, &config.logging.format);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 use crate::api::{self, NodeContext};
-use crate::cluster::identity::{ensure_identity, IdentityError};
+use crate::cluster::identity::{cluster_id_of, ensure_identity, IdentityError};
 use crate::config::Config;
 use crate::metrics::{ComputedGauges, Metrics};
 use crate::raft::network::PeerChannels;
@@ -32,6 +32,8 @@ pub enum NodeError {
     Listen { addr: String, message: String },
     #[error("server failed: {0}")]
     Serve(String),
+    #[error("cannot join the cluster through {addr}: {message}")]
+    Join { addr: String, message: String },
 }
 
 impl NodeError {
@@ -42,6 +44,7 @@ impl NodeError {
             NodeError::Consensus(e) => e.code(),
             NodeError::Listen { .. } => "listen_failed",
             NodeError::Serve(_) => "serve_failed",
+            NodeError::Join { .. } => "join_failed",
         }
     }
 }
@@ -92,10 +95,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let started_at = Instant::now();
+    let mut config = config;
+    let joining = !config.cluster.join.is_empty();
+    // Founding nodes derive the cluster id from the initial cluster; a joining node learns it
+    // (and the shard count) from the member it joins through.
+    let (members, cluster_id) = if joining {
+        let (cluster_id, shards) = join_target_info(&config.cluster.join).await?;
+        config.cluster.shards = shards;
+        (std::collections::BTreeMap::new(), Some(cluster_id))
+    } else {
+        let members = config.initial_members().map_err(|e| NodeError::Serve(e.to_string()))?;
+        let cluster_id = (members.len() > 1).then(|| cluster_id_of(&members));
+        (members, cluster_id)
+    };
+    let single_node = !joining && members.len() == 1;
     let storage = Storage::open(&config.node.data_dir, storage_options(&config))?;
-    let identity = ensure_identity(&storage, config.node.id, config.cluster.shards)?;
-    let members = config.initial_members().map_err(|e| NodeError::Serve(e.to_string()))?;
-    let single_node = members.len() == 1;
+    let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;
     let peers = PeerChannels::new(config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?);
     let shards = Arc::new(
         ShardSet::open(storage.clone(), config.node.id, members, config.cluster.shards, &raft_settings(&config), peers)
@@ -106,8 +121,10 @@ pub async fn run(
     let admin_addr: SocketAddr = listeners.admin.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
     let raft_addr: SocketAddr = listeners.raft.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
     let context = Arc::new(NodeContext {
+        cluster_id: identity.cluster_id.clone(),
         config: config.clone(),
         shards: shards.clone(),
+        write_batchers: crate::raft::batching::WriteBatchers::start(&shards),
         storage: storage.clone(),
         metrics,
         started_at,
@@ -136,7 +153,16 @@ pub async fn run(
                 .await
         })
     };
-    if single_node {
+    if joining {
+        let (join, node_id, raft_addr) = (config.cluster.join.clone(), config.node.id, config.server.raft_addr.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = request_membership(&join, node_id, &raft_addr) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    } else if single_node {
         shards.wait_for_leaders(Duration::from_secs(30)).await?;
     } else if shards.wait_for_leaders(Duration::from_secs(5)).await.is_err() {
         tracing::info!("not every shard has a leader yet; waiting for peers in the background");
@@ -186,6 +212,56 @@ pub async fn run(
         Ok(Err(e)) => Err(NodeError::Serve(e.to_string())),
         Err(e) if e.is_cancelled() => Ok(()),
         Err(e) => Err(NodeError::Serve(e.to_string())),
+    }
+}
+
+/// Asks the member at `admin_addr` for the cluster id and shard count.
+async fn join_target_info(admin_addr: &str) -> Result<(String, u16), NodeError> {
+    let failed = |message: String| NodeError::Join { addr: admin_addr.to_string(), message };
+    let client =
+        reqwest::Client::builder().timeout(Duration::from_secs(5)).build().map_err(|e| failed(e.to_string()))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let response = client.get(format!("http://{admin_addr}/cluster/health")).send().await?;
+            response.json::<serde_json::Value>().await
+        };
+        match attempt.await {
+            Ok(body) => {
+                let cluster_id = body["cluster_id"].as_str().map(str::to_string);
+                let shards = body["shards_total"].as_u64().and_then(|s| u16::try_from(s).ok());
+                return match (cluster_id, shards) {
+                    (Some(id), Some(shards)) if shards > 0 => Ok((id, shards)),
+                    _ => Err(failed(format!("unexpected /cluster/health answer: {body}"))),
+                };
+            }
+            Err(error) if Instant::now() < deadline => {
+                tracing::info!(addr = admin_addr, error = %error, "cluster to join not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(failed(error.to_string())),
+        }
+    }
+}
+
+/// Asks the cluster to add this node to every shard, retrying until it succeeds.
+async fn request_membership(admin_addr: &str, node_id: u64, raft_addr: &str) {
+    let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(300)).build() else { return };
+    loop {
+        let body = serde_json::json!({"id": node_id, "raft_addr": raft_addr});
+        match client.post(format!("http://{admin_addr}/cluster/members")).json(&body).send().await {
+            Ok(response) if response.status().is_success() => {
+                tracing::info!(via = admin_addr, "joined the cluster");
+                return;
+            }
+            Ok(response) => {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                tracing::warn!(%status, answer = %text, "join refused; retrying");
+            }
+            Err(error) => tracing::warn!(error = %error, "join request failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::api::{ApiError, AppState};
 use crate::raft::shards::ShardStatus;
+use crate::raft::types::GroupAdmin;
 
 /// A peer whose replication lag stays under this is reported UP.
 const UP_LAG_SECONDS: f64 = 5.0;
@@ -20,7 +21,8 @@ const UP_LAG_SECONDS: f64 = 5.0;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/cluster/health", get(health))
-        .route("/cluster/members", get(members))
+        .route("/cluster/members", get(members).post(add_member))
+        .route("/cluster/members/{id}", axum::routing::delete(remove_member))
         .route("/cluster/shards", get(shards))
         .route("/cluster/shards/{id}", get(shard))
         .fallback(|| async { ApiError::not_found("no such cluster admin endpoint; see docs/api.md") })
@@ -89,6 +91,7 @@ async fn health(State(state): State<AppState>) -> Response {
     let body = json!({
         "status": status,
         "node_id": state.shards.node_id,
+        "cluster_id": state.cluster_id,
         "nodes_total": members.len(),
         "nodes_up": up,
         "shards_total": statuses.len(),
@@ -144,4 +147,69 @@ async fn shard(State(state): State<AppState>, Path(id): Path<String>) -> Result<
     let shard = parse_shard(&state, &id)?;
     let status = state.shards.status(shard)?;
     Ok(Json(shard_json(&state, &status)))
+}
+
+/// Time allowed for one shard's membership change (adding a voter waits for it to catch up).
+const MEMBERSHIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMemberRequest {
+    id: u64,
+    raft_addr: String,
+}
+
+/// Runs one membership change on every shard, in shard order, and reports each result.
+async fn change_every_shard(state: &AppState, change: impl Fn() -> GroupAdmin) -> (bool, Vec<Value>) {
+    let mut all_ok = true;
+    let mut results = Vec::new();
+    for group in state.shards.groups() {
+        match state.shards.admin_group(group.shard, change(), MEMBERSHIP_TIMEOUT).await {
+            Ok(()) => results.push(json!({"shard": group.shard, "result": "ok"})),
+            Err(error) => {
+                all_ok = false;
+                let error = ApiError::from(error);
+                results.push(json!({"shard": group.shard, "result": "error", "error": error.body()["error"].clone()}));
+            }
+        }
+    }
+    (all_ok, results)
+}
+
+/// `POST /cluster/members`: adds a node to every shard (as a learner until it has caught up,
+/// then as a voter). Idempotent: a node that is already a voter stays one.
+async fn add_member(
+    State(state): State<AppState>,
+    crate::api::extract::StrictJson(request): crate::api::extract::StrictJson<AddMemberRequest>,
+) -> Result<Response, ApiError> {
+    if request.id == 0 {
+        return Err(ApiError::new(422, "invalid_node_id", "node ids start at 1"));
+    }
+    if request.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::new(
+            422,
+            "invalid_raft_addr",
+            format!("raft_addr {:?} is not HOST:PORT", request.raft_addr),
+        ));
+    }
+    tracing::info!(node = request.id, addr = %request.raft_addr, "adding member");
+    let (ok, results) =
+        change_every_shard(&state, || GroupAdmin::AddVoter { node: request.id, addr: request.raft_addr.clone() }).await;
+    let status = if ok { StatusCode::OK } else { StatusCode::CONFLICT };
+    Ok((status, Json(json!({"id": request.id, "raft_addr": request.raft_addr, "status": if ok { "UP" } else { "JOINING" }, "shards": results}))).into_response())
+}
+
+/// `DELETE /cluster/members/{id}`: removes a node from every shard it hosts. Every shard keeps
+/// a replica on each remaining node, so no data moves; a shard refuses to lose its last voter.
+async fn remove_member(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id: u64 = id.parse().map_err(|_| ApiError::new(404, "unknown_member", format!("no member {id:?}")))?;
+    let statuses = statuses(&state);
+    if !member_views(&state, &statuses).contains_key(&id) {
+        return Err(ApiError::new(404, "unknown_member", format!("node {id} is not a member")));
+    }
+    tracing::info!(node = id, "removing member");
+    let (ok, results) = change_every_shard(&state, || GroupAdmin::RemoveNode { node: id }).await;
+    let status = if ok { StatusCode::OK } else { StatusCode::CONFLICT };
+    Ok((status, Json(json!({"id": id, "status": if ok { "REMOVED" } else { "LEAVING" }, "shards": results})))
+        .into_response())
 }

@@ -27,8 +27,11 @@ pub use error::ApiError;
 
 /// Everything a request handler may use.
 pub struct NodeContext {
+    pub cluster_id: String,
     pub config: Config,
     pub shards: Arc<ShardSet>,
+    /// Coalesces concurrent single-assertion writes per shard into one Raft entry.
+    pub write_batchers: crate::raft::batching::WriteBatchers,
     pub storage: Arc<Storage>,
     pub metrics: Metrics,
     pub started_at: Instant,

@@ -63,12 +63,11 @@ pub async fn assert(
     let started = Instant::now();
     let draft = request.validate(state.config.limits.max_value_bytes, state.shards.shard_count())?;
     let shard = state.shards.shard_for_path(&draft.concept_path);
-    let mut results = propose_drafts(&state, shard, vec![draft]).await?;
+    let result = state.write_batchers.assert(shard, draft, write_timeout(&state)).await?;
     state.metrics.observe_write(started.elapsed());
-    match results.pop() {
-        Some(Ok(outcome)) => Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response()),
-        Some(Err(error)) => Err(error.into()),
-        None => Err(unexpected_response()),
+    match result {
+        Ok(outcome) => Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response()),
+        Err(error) => Err(error.into()),
     }
 }
 

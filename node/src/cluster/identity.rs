@@ -20,6 +20,8 @@ pub struct NodeIdentity {
 pub enum IdentityError {
     #[error("data dir belongs to node {found}, but this node was started as node {expected}; use that node's id or another data dir")]
     NodeIdMismatch { expected: u64, found: u64 },
+    #[error("data dir belongs to cluster {found}, but this node was started for cluster {expected}; use a fresh data dir to join another cluster")]
+    ClusterIdMismatch { expected: String, found: String },
     #[error("data dir was created with {found} shards, but cluster.shards is {expected}; the shard count is fixed at bootstrap")]
     ShardCountMismatch { expected: u16, found: u16 },
     #[error("data dir format {found} is not supported by this version (expects {expected})")]
@@ -32,6 +34,7 @@ impl IdentityError {
     pub fn code(&self) -> &'static str {
         match self {
             IdentityError::NodeIdMismatch { .. } => "node_id_mismatch",
+            IdentityError::ClusterIdMismatch { .. } => "cluster_id_mismatch",
             IdentityError::ShardCountMismatch { .. } => "shard_count_mismatch",
             IdentityError::FormatMismatch { .. } => "format_mismatch",
             IdentityError::Storage(e) => e.code(),
@@ -41,8 +44,20 @@ impl IdentityError {
 
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Loads the identity of the data dir, creating it on first start.
-pub fn ensure_identity(storage: &Storage, node_id: u64, shards: u16) -> Result<NodeIdentity, IdentityError> {
+/// The id of a cluster formed from `initial_cluster`: the same on every founding node.
+pub fn cluster_id_of(initial_cluster: &std::collections::BTreeMap<u64, String>) -> String {
+    let text: Vec<String> = initial_cluster.iter().map(|(id, addr)| format!("{id}={addr}")).collect();
+    format!("{:016x}", crate::model::id::fnv1a64(text.join(",").as_bytes()))
+}
+
+/// Loads the identity of the data dir, creating it on first start. `cluster_id` is the cluster
+/// this node was started for (`None`: a single node, which gets a random id).
+pub fn ensure_identity(
+    storage: &Storage,
+    node_id: u64,
+    shards: u16,
+    cluster_id: Option<&str>,
+) -> Result<NodeIdentity, IdentityError> {
     if let Some(bytes) = storage.get(ColumnFamily::Meta, IDENTITY_KEY)? {
         let identity: NodeIdentity = serde_json::from_slice(&bytes)
             .map_err(|e| StorageError::corrupt(ColumnFamily::Meta, format!("identity: {e}")))?;
@@ -52,6 +67,14 @@ pub fn ensure_identity(storage: &Storage, node_id: u64, shards: u16) -> Result<N
         if identity.node_id != node_id {
             return Err(IdentityError::NodeIdMismatch { expected: node_id, found: identity.node_id });
         }
+        if let Some(expected) = cluster_id {
+            if identity.cluster_id != expected {
+                return Err(IdentityError::ClusterIdMismatch {
+                    expected: expected.to_string(),
+                    found: identity.cluster_id,
+                });
+            }
+        }
         if identity.shards != shards {
             return Err(IdentityError::ShardCountMismatch { expected: shards, found: identity.shards });
         }
@@ -59,7 +82,7 @@ pub fn ensure_identity(storage: &Storage, node_id: u64, shards: u16) -> Result<N
     }
     let identity = NodeIdentity {
         node_id,
-        cluster_id: format!("{:032x}", rand::random::<u128>()),
+        cluster_id: cluster_id.map(str::to_string).unwrap_or_else(|| format!("{:016x}", rand::random::<u64>())),
         shards,
         format_version: FORMAT_VERSION,
     };
@@ -83,12 +106,14 @@ mod tests {
     fn refuses_foreign_identity() {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
-        let first = ensure_identity(&storage, 1, 16).expect("create");
-        assert_eq!(ensure_identity(&storage, 1, 16).expect("reopen"), first);
+        let first = ensure_identity(&storage, 1, 16, Some("c1")).expect("create");
+        assert_eq!(ensure_identity(&storage, 1, 16, Some("c1")).expect("reopen"), first);
+        assert_eq!(ensure_identity(&storage, 1, 16, None).expect("reopen"), first);
+        assert!(matches!(ensure_identity(&storage, 1, 16, Some("c2")), Err(IdentityError::ClusterIdMismatch { .. })));
         assert!(matches!(
-            ensure_identity(&storage, 2, 16),
+            ensure_identity(&storage, 2, 16, None),
             Err(IdentityError::NodeIdMismatch { expected: 2, found: 1 })
         ));
-        assert!(matches!(ensure_identity(&storage, 1, 8), Err(IdentityError::ShardCountMismatch { .. })));
+        assert!(matches!(ensure_identity(&storage, 1, 8, None), Err(IdentityError::ShardCountMismatch { .. })));
     }
 }

@@ -2,6 +2,7 @@
 //! log store, the state machine, the transport and the set of local groups with its write and
 //! read-barrier paths. It does not know about HTTP.
 
+pub mod batching;
 pub mod keys;
 pub mod log_store;
 pub mod metrics;

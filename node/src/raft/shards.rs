@@ -11,12 +11,13 @@ use parking_lot::Mutex;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
+use super::batching::ReadBarrierGroup;
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
 use super::reader::ShardReader;
 use super::state_machine::ShardStateMachine;
-use super::types::{group_of_shard, NodeId, Raft, ShardCommand, ShardResponse};
+use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::model::id::shard_for_path;
 use crate::storage::Storage;
 use stemedb_proto::raft::GroupMessage;
@@ -37,6 +38,8 @@ pub enum ConsensusError {
     UnknownShard { shard: u16 },
     #[error("raft group failed to start: {0}")]
     Startup(String),
+    #[error("membership change of shard {shard} failed: {message}")]
+    MembershipChange { shard: u16, message: String },
     #[error("could not reach the leader of shard {shard} (node {leader}): {message}")]
     LeaderUnreachable { shard: u16, leader: NodeId, message: String },
 }
@@ -51,6 +54,7 @@ impl ConsensusError {
             ConsensusError::UnknownShard { .. } => "unknown_shard",
             ConsensusError::Startup(_) => "raft_startup_failed",
             ConsensusError::LeaderUnreachable { .. } => "leader_unreachable",
+            ConsensusError::MembershipChange { .. } => "membership_change_failed",
         }
     }
 
@@ -62,6 +66,7 @@ impl ConsensusError {
             | ConsensusError::LeaderUnreachable { .. } => 503,
             ConsensusError::Timeout { .. } => 504,
             ConsensusError::UnknownShard { .. } => 404,
+            ConsensusError::MembershipChange { .. } => 409,
             ConsensusError::Startup(_) => 500,
         }
     }
@@ -80,9 +85,9 @@ pub struct RaftSettings {
 impl Default for RaftSettings {
     fn default() -> Self {
         RaftSettings {
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            heartbeat_interval_ms: 300,
+            election_timeout_min_ms: 1200,
+            election_timeout_max_ms: 2400,
             snapshot_logs_since_last: 20_000,
             logs_to_keep_after_snapshot: 1_000,
         }
@@ -92,6 +97,7 @@ impl Default for RaftSettings {
 /// One shard: its Raft group and a reader over its applied state.
 pub struct ShardGroup {
     pub shard: u16,
+    read_barriers: ReadBarrierGroup,
     pub raft: Raft,
     pub reader: ShardReader,
     log: LogStore,
@@ -205,6 +211,7 @@ impl ShardSet {
                 Mutex::new(RateSample { at: Instant::now(), writes: 0, queries: 0, write_rate: 0.0, query_rate: 0.0 });
             groups.push(ShardGroup {
                 shard,
+                read_barriers: ReadBarrierGroup::default(),
                 raft,
                 reader,
                 log,
@@ -289,6 +296,7 @@ impl ShardSet {
         message.set_timeout(remaining);
         let response = match kind {
             "write" => client.propose(message).await,
+            "admin" => client.admin_group(message).await,
             _ => client.read_index(message).await,
         };
         let response = response.map_err(|status| {
@@ -390,6 +398,18 @@ impl ShardSet {
     /// acknowledged before the call. The leader confirms its leadership with a quorum (read
     /// index); a follower asks the leader for that index and waits until it has applied it.
     pub async fn read_barrier(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
+        let group = self.group(shard)?;
+        // Concurrent readers share one barrier that started after they arrived.
+        let shared = group
+            .read_barriers
+            .run(|| async {
+                self.read_barrier_once(shard, timeout).await.map_err(|e| serde_json::to_string(&e).unwrap_or_default())
+            })
+            .await;
+        shared.map(|_| ()).map_err(|text| serde_json::from_str(&text).unwrap_or(ConsensusError::NoQuorum { shard }))
+    }
+
+    async fn read_barrier_once(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         let deadline = Instant::now() + timeout;
         let leader = self.wait_for_leader(group, deadline).await?;
@@ -495,6 +515,56 @@ impl ShardSet {
             writes_total: writes,
             queries_total: queries,
         }
+    }
+
+    /// Runs a membership change of `shard` on its leader (here or forwarded).
+    pub async fn admin_group(&self, shard: u16, change: GroupAdmin, timeout: Duration) -> Result<(), ConsensusError> {
+        let group = self.group(shard)?;
+        let deadline = Instant::now() + timeout;
+        let leader = self.wait_for_leader(group, deadline).await?;
+        if leader == self.node_id {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            return match tokio::time::timeout(remaining, self.admin_group_local(shard, change)).await {
+                Ok(result) => result,
+                Err(_) => Err(ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 }),
+            };
+        }
+        self.ask_leader(group, leader, "admin", &change, deadline).await
+    }
+
+    /// Runs a membership change on this node, which must lead `shard`.
+    pub async fn admin_group_local(&self, shard: u16, change: GroupAdmin) -> Result<(), ConsensusError> {
+        let group = self.group(shard)?;
+        let (leader, mut voters) = {
+            let metrics = group.raft.metrics();
+            let metrics = metrics.borrow();
+            let voters: std::collections::BTreeSet<NodeId> =
+                metrics.membership_config.membership().voter_ids().collect();
+            (metrics.current_leader, voters)
+        };
+        if leader != Some(self.node_id) {
+            return Err(ConsensusError::NotLeader { shard, leader });
+        }
+        let failed = |e: &dyn std::fmt::Display| ConsensusError::MembershipChange { shard, message: e.to_string() };
+        match change {
+            GroupAdmin::AddVoter { node, addr } => {
+                if voters.contains(&node) {
+                    return Ok(());
+                }
+                group.raft.add_learner(node, BasicNode::new(addr), true).await.map_err(|e| failed(&e))?;
+                voters.insert(node);
+            }
+            GroupAdmin::RemoveNode { node } => {
+                if !voters.remove(&node) {
+                    return Ok(());
+                }
+                if voters.is_empty() {
+                    return Err(failed(&"cannot remove the last voter"));
+                }
+            }
+        }
+        group.raft.change_membership(voters, false).await.map_err(|e| failed(&e))?;
+        Ok(())
     }
 
     /// Stops every group's Raft task.

@@ -56,6 +56,15 @@ impl ShardCommand {
     }
 }
 
+/// A membership change of one shard group, run by its leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GroupAdmin {
+    /// Add `node` as a learner, wait until it has caught up, then make it a voter.
+    AddVoter { node: NodeId, addr: String },
+    /// Remove `node` from the group's voters and learners.
+    RemoveNode { node: NodeId },
+}
+
 /// What applying an assertion produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssertOutcome {

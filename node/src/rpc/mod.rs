@@ -12,7 +12,7 @@ use stemedb_proto::raft::GroupMessage;
 use tonic::{Request, Response, Status};
 
 use crate::raft::network::MAX_MESSAGE_BYTES;
-use crate::raft::types::{Raft, ShardCommand};
+use crate::raft::types::{GroupAdmin, Raft, ShardCommand};
 use crate::raft::{ConsensusError, ShardSet};
 
 /// The gRPC service over this node's shard set.
@@ -82,6 +82,14 @@ impl RaftTransport for RaftService {
         let command: ShardCommand = decode(&message)?;
         // Forwarded writes are proposed here or refused: never forwarded a second time.
         let result = self.shards.propose_local(shard, command, self.write_timeout).await;
+        encode(message.group_id, &result)
+    }
+
+    async fn admin_group(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let shard = self.shard(message.group_id)?;
+        let change: GroupAdmin = decode(&message)?;
+        let result: Result<(), ConsensusError> = self.shards.admin_group_local(shard, change).await;
         encode(message.group_id, &result)
     }
 
