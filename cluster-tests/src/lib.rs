@@ -28,6 +28,16 @@ pub fn stemedb_binary() -> PathBuf {
     dir.join("stemedb")
 }
 
+/// A random id for request ids (process-unique enough for tests).
+fn rand_id() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+    );
+    ((hasher.finish() as u128) << 64) | std::process::id() as u128
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
@@ -146,15 +156,24 @@ impl TestCluster {
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
         let dir = tempfile::tempdir()?;
         let mut nodes = BTreeMap::new();
+        // Hold the nodes' ports until the link proxies have bound theirs, so no proxy can be
+        // handed a port a node is about to use.
+        let mut reserved = Vec::new();
+        let mut reserve = || {
+            let listener = StdListener::bind("127.0.0.1:0").expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            reserved.push(listener);
+            port
+        };
         for id in 1..=options.nodes {
             nodes.insert(
                 id,
                 TestNode {
                     id,
                     join_via: None,
-                    api_port: free_port(),
-                    admin_port: free_port(),
-                    raft_port: free_port(),
+                    api_port: reserve(),
+                    admin_port: reserve(),
+                    raft_port: reserve(),
                     data_dir: dir.path().join(format!("node{id}")),
                     child: None,
                 },
@@ -168,6 +187,7 @@ impl TestCluster {
                 }
             }
         }
+        drop(reserved);
         let initial_cluster =
             nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.raft_port)).collect::<Vec<_>>().join(",");
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
@@ -388,14 +408,26 @@ impl TestCluster {
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
 
-    /// Writes one assertion through node `via`; returns its id on 201.
+    /// Writes one assertion through node `via`, as a client should: with a request id, retrying
+    /// on 503/504 (no leader yet, leader just died) for up to 20 s. Returns its id on 201.
     pub async fn assert_value(&self, via: u64, concept_path: &str, value: Value) -> anyhow::Result<String> {
-        let body = json!({"concept_path": concept_path, "predicate": "p", "value": value, "agent_id": "test"});
-        let (status, response) = self.post(via, "/v1/assert", &body).await?;
-        if status != 201 {
-            bail!("assert via node {via}: {status} {response}");
+        let request_id = format!("{:032x}", rand_id());
+        let body = json!({"concept_path": concept_path, "predicate": "p", "value": value, "agent_id": "test", "request_id": request_id});
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, response) = self.post(via, "/v1/assert", &body).await?;
+            match status {
+                201 => return Ok(response["id"].as_str().context("id")?.to_string()),
+                503 | 504 if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => bail!("assert via node {via}: {status} {response}"),
+            }
         }
-        Ok(response["id"].as_str().context("id")?.to_string())
+    }
+
+    /// Writes once, without retrying: for tests about what a single attempt does.
+    pub async fn assert_once(&self, via: u64, concept_path: &str, value: Value) -> anyhow::Result<(u16, Value)> {
+        let body = json!({"concept_path": concept_path, "predicate": "p", "value": value, "agent_id": "test"});
+        self.post(via, "/v1/assert", &body).await
     }
 
     /// The recency winner's value of `concept_path` read through node `via`.
