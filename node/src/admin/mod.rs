@@ -26,6 +26,9 @@ pub fn router(state: AppState) -> Router {
         .route("/cluster/shards", get(shards))
         .route("/cluster/shards/{id}", get(shard))
         .fallback(|| async { ApiError::not_found("no such cluster admin endpoint; see docs/api.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(405, "method_not_allowed", "this endpoint does not accept that HTTP method; see docs/api.md")
+        })
         .with_state(state)
 }
 
@@ -178,10 +181,21 @@ async fn change_every_shard(state: &AppState, change: impl Fn() -> GroupAdmin) -
 
 /// `POST /cluster/members`: adds a node to every shard (as a learner until it has caught up,
 /// then as a voter). Idempotent: a node that is already a voter stays one.
+/// Membership changes need the admin token when one is configured. Without a token they are
+/// open, because members join from other hosts; set `security.admin_token` in production.
+fn require_token_if_set(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    if state.config.security.admin_token.is_empty() {
+        return Ok(());
+    }
+    state.require_admin(headers, None)
+}
+
 async fn add_member(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     crate::api::extract::StrictJson(request): crate::api::extract::StrictJson<AddMemberRequest>,
 ) -> Result<Response, ApiError> {
+    require_token_if_set(&state, &headers)?;
     if request.id == 0 {
         return Err(ApiError::new(422, "invalid_node_id", "node ids start at 1"));
     }
@@ -189,7 +203,7 @@ async fn add_member(
         return Err(ApiError::new(
             422,
             "invalid_raft_addr",
-            format!("raft_addr {:?} is not HOST:PORT", request.raft_addr),
+            format!("raft_addr {:?} is not IP:PORT", request.raft_addr),
         ));
     }
     tracing::info!(node = request.id, addr = %request.raft_addr, "adding member");
@@ -201,7 +215,12 @@ async fn add_member(
 
 /// `DELETE /cluster/members/{id}`: removes a node from every shard it hosts. Every shard keeps
 /// a replica on each remaining node, so no data moves; a shard refuses to lose its last voter.
-async fn remove_member(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn remove_member(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_token_if_set(&state, &headers)?;
     let id: u64 = id.parse().map_err(|_| ApiError::new(404, "unknown_member", format!("no member {id:?}")))?;
     let statuses = statuses(&state);
     if !member_views(&state, &statuses).contains_key(&id) {

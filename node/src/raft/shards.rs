@@ -159,8 +159,8 @@ pub struct ShardSet {
 
 impl ShardSet {
     /// Opens (and on first start creates) the shard groups. `members` are the voters of every
-    /// group at bootstrap (node id → Raft address); the node with the lowest id initializes each
-    /// group, the others wait to hear from it.
+    /// group at bootstrap (node id → Raft address); member `s mod n` (by id order) initializes
+    /// shard `s`'s group, the others wait to hear from it. Empty `members`: a joining node.
     pub async fn open(
         storage: Arc<Storage>,
         node_id: NodeId,
@@ -556,6 +556,13 @@ impl ShardSet {
             }
             GroupAdmin::RemoveNode { node } => {
                 if !voters.remove(&node) {
+                    // A learner (say, from an interrupted join) is removed as a node.
+                    let is_learner =
+                        group.raft.metrics().borrow().membership_config.membership().get_node(&node).is_some();
+                    if is_learner {
+                        let change = openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([node]));
+                        group.raft.change_membership(change, false).await.map_err(|e| failed(&e))?;
+                    }
                     return Ok(());
                 }
                 if voters.is_empty() {

@@ -101,6 +101,7 @@ impl ShardStateMachine {
         };
         let progress = Arc::new(AppliedProgress::default());
         progress.applied_index.store(state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
         Ok(ShardStateMachine { storage, shard, group, state, progress })
     }
 
@@ -449,6 +450,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.storage.write(batch, Durability::Synced).map_err(sm_write_error)?;
         self.state = state;
         self.progress.applied_index.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
         self.persist_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         Ok(())
     }
