@@ -25,6 +25,7 @@ pub fn router(state: AppState) -> Router {
         .route("/cluster/members/{id}", axum::routing::delete(remove_member))
         .route("/cluster/shards", get(shards))
         .route("/cluster/shards/{id}", get(shard))
+        .route("/admin/shards/{id}/transfer-leader", axum::routing::post(transfer_leader))
         .fallback(|| async { ApiError::not_found("no such cluster admin endpoint; see docs/api.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(405, "method_not_allowed", "this endpoint does not accept that HTTP method; see docs/api.md")
@@ -231,4 +232,26 @@ async fn remove_member(
     let status = if ok { StatusCode::OK } else { StatusCode::CONFLICT };
     Ok((status, Json(json!({"id": id, "status": if ok { "REMOVED" } else { "LEAVING" }, "shards": results})))
         .into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferLeaderRequest {
+    target_node: u64,
+}
+
+/// `POST /admin/shards/{id}/transfer-leader {"target_node": N}`: moves the shard's leadership.
+/// Takes about one election timeout (the voters' leader lease must run out first).
+async fn transfer_leader(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+    crate::api::extract::StrictJson(request): crate::api::extract::StrictJson<TransferLeaderRequest>,
+) -> Result<Json<Value>, ApiError> {
+    require_token_if_set(&state, &headers)?;
+    let shard = parse_shard(&state, &id)?;
+    let previous = state.shards.status(shard)?.leader;
+    let timeout = std::time::Duration::from_millis(state.config.raft.election_timeout_max_ms * 4 + 2000);
+    state.shards.admin_group(shard, GroupAdmin::TransferLeader { target: request.target_node }, timeout).await?;
+    Ok(Json(json!({"shard": shard, "leader": request.target_node, "previous_leader": previous})))
 }

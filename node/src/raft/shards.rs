@@ -152,6 +152,9 @@ pub struct ShardStatus {
 /// Every shard group this node hosts.
 pub struct ShardSet {
     pub node_id: NodeId,
+    /// How long a voter refuses to vote after hearing from a leader (openraft's leader lease,
+    /// the maximum election timeout).
+    leader_lease: Duration,
     shards: u16,
     groups: Vec<ShardGroup>,
     peers: Arc<PeerChannels>,
@@ -220,7 +223,13 @@ impl ShardSet {
                 rate_sample,
             });
         }
-        Ok(ShardSet { node_id, shards, groups, peers })
+        Ok(ShardSet {
+            node_id,
+            leader_lease: Duration::from_millis(settings.election_timeout_max_ms),
+            shards,
+            groups,
+            peers,
+        })
     }
 
     /// Waits until every shard has a leader, up to `timeout`.
@@ -297,6 +306,7 @@ impl ShardSet {
         let response = match kind {
             "write" => client.propose(message).await,
             "admin" => client.admin_group(message).await,
+            "campaign" => client.campaign(message).await,
             _ => client.read_index(message).await,
         };
         let response = response.map_err(|status| {
@@ -547,6 +557,7 @@ impl ShardSet {
         }
         let failed = |e: &dyn std::fmt::Display| ConsensusError::MembershipChange { shard, message: e.to_string() };
         match change {
+            GroupAdmin::TransferLeader { target } => return self.transfer_leader_local(group, target, &voters).await,
             GroupAdmin::AddVoter { node, addr } => {
                 if voters.contains(&node) {
                     return Ok(());
@@ -572,6 +583,54 @@ impl ShardSet {
         }
         group.raft.change_membership(voters, false).await.map_err(|e| failed(&e))?;
         Ok(())
+    }
+
+    /// Asks this node's replica of `shard` to campaign for leadership now.
+    pub async fn campaign_local(&self, shard: u16) -> Result<(), ConsensusError> {
+        let group = self.group(shard)?;
+        group.raft.trigger().elect().await.map_err(|_| ConsensusError::ShuttingDown { shard })
+    }
+
+    /// Leader transfer, run on the current leader. openraft 0.9 has no transfer API and voters
+    /// refuse to vote while their leader lease runs, so the leader stops heartbeating this group,
+    /// waits one lease, and asks `target` to campaign; `target`'s log is as long as a quorum's,
+    /// so it wins unless another follower's election timer fires first (then the answer says
+    /// who leads and the caller may retry). Writes keep committing meanwhile.
+    async fn transfer_leader_local(
+        &self,
+        group: &ShardGroup,
+        target: NodeId,
+        voters: &std::collections::BTreeSet<NodeId>,
+    ) -> Result<(), ConsensusError> {
+        let shard = group.shard;
+        if target == self.node_id {
+            return Ok(());
+        }
+        if !voters.contains(&target) {
+            return Err(ConsensusError::MembershipChange { shard, message: format!("node {target} is not a voter") });
+        }
+        group.raft.runtime_config().heartbeat(false);
+        let outcome = async {
+            tokio::time::sleep(self.leader_lease + Duration::from_millis(100)).await;
+            let deadline = Instant::now() + self.leader_lease * 2;
+            self.ask_leader::<(), ()>(group, target, "campaign", &(), deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let _ = group
+                .raft
+                .wait(Some(remaining))
+                .metrics(|m| m.current_leader == Some(target), "leader transferred")
+                .await;
+            match group.raft.metrics().borrow().current_leader {
+                Some(leader) if leader == target => Ok(()),
+                other => Err(ConsensusError::MembershipChange {
+                    shard,
+                    message: format!("leadership went to {other:?} instead of node {target}; retry"),
+                }),
+            }
+        }
+        .await;
+        group.raft.runtime_config().heartbeat(true);
+        outcome
     }
 
     /// Stops every group's Raft task.

@@ -63,6 +63,8 @@ pub enum GroupAdmin {
     AddVoter { node: NodeId, addr: String },
     /// Remove `node` from the group's voters and learners.
     RemoveNode { node: NodeId },
+    /// Hand leadership to the voter `target`.
+    TransferLeader { target: NodeId },
 }
 
 /// What applying an assertion produced.

@@ -93,6 +93,13 @@ impl RaftTransport for RaftService {
         encode(message.group_id, &result)
     }
 
+    async fn campaign(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let shard = self.shard(message.group_id)?;
+        let result: Result<(), ConsensusError> = self.shards.campaign_local(shard).await;
+        encode(message.group_id, &result)
+    }
+
     async fn read_index(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
         let message = request.into_inner();
         let shard = self.shard(message.group_id)?;
