@@ -77,3 +77,41 @@ async fn leadership_can_be_transferred() -> anyhow::Result<()> {
     assert_eq!(response.status().as_u16(), 409, "not a voter");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hibernating_groups_still_fail_over_and_wake_on_writes() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 3, ..Default::default() }).await?;
+    // Idle for longer than raft::hibernation::IDLE_AFTER: every leader pauses its groups.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut hibernating = 0.0;
+        for id in cluster.running() {
+            let text = cluster.client.get(format!("{}/metrics", cluster.node(id).api())).send().await?.text().await?;
+            hibernating += text
+                .lines()
+                .find(|l| l.starts_with("stemedb_shards_hibernating "))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+        if hibernating == 3.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "groups did not hibernate ({hibernating} of 3)");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A write and a linearizable read wake a hibernating group.
+    let path = (0..100).map(|i| format!("hib/k{i}")).find(|p| cluster.shard_of(p) == 0).expect("a key on shard 0");
+    cluster.assert_value(2, &path, json!("awake")).await?;
+    assert_eq!(cluster.read_value(3, &path, "linearizable").await?.1, json!("awake"));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The leader of a hibernating group dies: its followers resume elections and replace it.
+    let leader = cluster.wait_for_leader(0, Duration::from_secs(10)).await?;
+    cluster.kill(leader);
+    let new_leader = cluster.wait_for_leader(0, Duration::from_secs(20)).await?;
+    assert_ne!(new_leader, leader);
+    let survivor = cluster.running()[0];
+    cluster.assert_value(survivor, &path, json!("after failover")).await?;
+    assert_eq!(cluster.read_value(survivor, &path, "linearizable").await?.1, json!("after failover"));
+    Ok(())
+}

@@ -130,6 +130,11 @@ pub async fn run(
         started_at,
     });
     register_node_gauges(&context);
+    crate::raft::hibernation::start(
+        &shards,
+        Duration::from_millis(config.raft.heartbeat_interval_ms),
+        Duration::from_millis(config.raft.election_timeout_max_ms),
+    );
     // The transport must run before waiting for leaders: elections need the peers' votes.
     let stop = tokio_util::sync::CancellationToken::new();
     let grpc = {
@@ -356,6 +361,15 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
             weak.upgrade()
                 .map(|c| vec![(String::new(), c.storage.stats().cache_memory_bytes as f64)])
                 .unwrap_or_default()
+        }),
+    )));
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::new(
+        "stemedb_shards_hibernating",
+        "Shards this node leads whose Raft heartbeats are paused while idle",
+        "",
+        Box::new(move || {
+            weak.upgrade().map(|c| vec![(String::new(), c.shards.hibernating_count() as f64)]).unwrap_or_default()
         }),
     )));
     let weak = Arc::downgrade(context);

@@ -205,11 +205,11 @@ impl Default for StorageSection {
 impl Default for RaftSection {
     fn default() -> Self {
         RaftSection {
-            // Every group heartbeats on its own (openraft 0.9): at 100 ms a 3-node, 64-shard
-            // cluster burned 7% of a core per idle node, at 300 ms 3.5%. See docs/performance.md.
-            heartbeat_interval_ms: 300,
-            election_timeout_min_ms: 1200,
-            election_timeout_max_ms: 2400,
+            // Idle groups hibernate (raft::hibernation), so idle cost does not depend on this;
+            // it sets how fast a dead leader is replaced. See docs/performance.md.
+            heartbeat_interval_ms: 150,
+            election_timeout_min_ms: 600,
+            election_timeout_max_ms: 1200,
             snapshot_logs_since_last: 20_000,
             logs_to_keep_after_snapshot: 1_000,
             write_timeout_ms: 5_000,

@@ -3,6 +3,7 @@
 //! read-barrier paths. It does not know about HTTP.
 
 pub mod batching;
+pub mod hibernation;
 pub mod keys;
 pub mod log_store;
 pub mod metrics;

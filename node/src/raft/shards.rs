@@ -85,9 +85,9 @@ pub struct RaftSettings {
 impl Default for RaftSettings {
     fn default() -> Self {
         RaftSettings {
-            heartbeat_interval_ms: 300,
-            election_timeout_min_ms: 1200,
-            election_timeout_max_ms: 2400,
+            heartbeat_interval_ms: 150,
+            election_timeout_min_ms: 600,
+            election_timeout_max_ms: 1200,
             snapshot_logs_since_last: 20_000,
             logs_to_keep_after_snapshot: 1_000,
         }
@@ -102,6 +102,12 @@ pub struct ShardGroup {
     pub reader: ShardReader,
     log: LogStore,
     pub writes: AtomicU64,
+    /// Leader side: this group's own heartbeats are paused (see `raft::hibernation`).
+    pub(crate) hibernating: std::sync::atomic::AtomicBool,
+    /// Follower side: elections paused while the leader's node heartbeats say it hibernates.
+    pub(crate) elections_paused: std::sync::atomic::AtomicBool,
+    /// When this node last proposed to or read-indexed this group as leader (µs).
+    pub(crate) last_proposal_us: AtomicU64,
     pub queries: AtomicU64,
     rate_sample: Mutex<RateSample>,
 }
@@ -155,6 +161,7 @@ pub struct ShardSet {
     /// How long a voter refuses to vote after hearing from a leader (openraft's leader lease,
     /// the maximum election timeout).
     leader_lease: Duration,
+    pub(crate) liveness: super::hibernation::PeerLiveness,
     shards: u16,
     groups: Vec<ShardGroup>,
     peers: Arc<PeerChannels>,
@@ -219,6 +226,9 @@ impl ShardSet {
                 reader,
                 log,
                 writes: AtomicU64::new(0),
+                hibernating: std::sync::atomic::AtomicBool::new(false),
+                elections_paused: std::sync::atomic::AtomicBool::new(false),
+                last_proposal_us: AtomicU64::new(crate::model::id::now_us()),
                 queries: AtomicU64::new(0),
                 rate_sample,
             });
@@ -226,6 +236,7 @@ impl ShardSet {
         Ok(ShardSet {
             node_id,
             leader_lease: Duration::from_millis(settings.election_timeout_max_ms),
+            liveness: Default::default(),
             shards,
             groups,
             peers,
@@ -368,6 +379,7 @@ impl ShardSet {
         let started = Instant::now();
         let deadline = started + timeout;
         let leader = self.wait_for_leader(group, deadline).await?;
+        self.wake(group);
         if leader != self.node_id {
             raft_metrics::PROPOSALS.with_label_values(&["not_leader"]).inc();
             return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
@@ -447,6 +459,7 @@ impl ShardSet {
     /// quorum and returns the log index a linearizable read must wait for.
     pub async fn local_read_index(&self, shard: u16) -> Result<u64, ConsensusError> {
         let group = self.group(shard)?;
+        self.wake(group);
         match group.raft.get_read_log_id().await {
             Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => match forward.leader_id {
@@ -585,9 +598,29 @@ impl ShardSet {
         Ok(())
     }
 
+    /// Marks a group active and, if it hibernates, resumes its heartbeats.
+    pub(crate) fn wake(&self, group: &ShardGroup) {
+        group.last_proposal_us.store(crate::model::id::now_us(), Ordering::Release);
+        if group.hibernating.swap(false, Ordering::AcqRel) {
+            group.raft.runtime_config().heartbeat(true);
+        }
+    }
+
+    pub(crate) fn peers(&self) -> &PeerChannels {
+        &self.peers
+    }
+
+    /// Groups whose heartbeats this node has paused.
+    pub fn hibernating_count(&self) -> usize {
+        self.groups.iter().filter(|g| g.hibernating.load(Ordering::Acquire)).count()
+    }
+
     /// Asks this node's replica of `shard` to campaign for leadership now.
     pub async fn campaign_local(&self, shard: u16) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
+        if group.elections_paused.swap(false, Ordering::AcqRel) {
+            group.raft.runtime_config().elect(true);
+        }
         group.raft.trigger().elect().await.map_err(|_| ConsensusError::ShuttingDown { shard })
     }
 
@@ -609,6 +642,7 @@ impl ShardSet {
         if !voters.contains(&target) {
             return Err(ConsensusError::MembershipChange { shard, message: format!("node {target} is not a voter") });
         }
+        self.wake(group);
         group.raft.runtime_config().heartbeat(false);
         let outcome = async {
             tokio::time::sleep(self.leader_lease + Duration::from_millis(100)).await;

@@ -100,6 +100,13 @@ impl RaftTransport for RaftService {
         encode(message.group_id, &result)
     }
 
+    async fn node_heartbeat(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let heartbeat: crate::raft::hibernation::NodeHeartbeat = decode(&message)?;
+        self.shards.on_node_heartbeat(&heartbeat);
+        encode(0, &())
+    }
+
     async fn read_index(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
         let message = request.into_inner();
         let shard = self.shard(message.group_id)?;

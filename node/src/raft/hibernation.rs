@@ -1,0 +1,141 @@
+//! Hibernation of idle shard groups, so that idle cost does not grow with the number of shards.
+//!
+//! openraft 0.9 heartbeats every group on its own. Here, a leader whose group has been idle
+//! (no proposal for [`IDLE_AFTER`] and every follower caught up) stops that group's heartbeats.
+//! Instead, each node sends every peer one **node heartbeat** per heartbeat interval listing the
+//! groups it leads that hibernate. A follower that hears it pauses elections in those groups; a
+//! watchdog resumes them as soon as node heartbeats from that leader stop for one election
+//! timeout, so a dead or partitioned leader is still replaced. Any proposal or read barrier on a
+//! hibernating group wakes it first (`ShardSet::wake`), and a group missing from the leader's
+//! next node heartbeat resumes elections on its followers.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use stemedb_proto::raft::GroupMessage;
+
+use super::shards::ShardSet;
+use super::types::{GroupId, NodeId};
+use crate::model::id::now_us;
+
+/// A group with no proposal for this long, and all followers caught up, hibernates.
+pub const IDLE_AFTER: Duration = Duration::from_secs(3);
+
+/// What a node tells each peer once per heartbeat interval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeHeartbeat {
+    pub from: NodeId,
+    /// Groups `from` leads whose own heartbeats are paused.
+    pub hibernating: Vec<GroupId>,
+}
+
+/// When each peer's node heartbeat was last received.
+#[derive(Default)]
+pub struct PeerLiveness {
+    seen: Mutex<HashMap<NodeId, Instant>>,
+}
+
+impl PeerLiveness {
+    pub fn saw(&self, node: NodeId) {
+        self.seen.lock().insert(node, Instant::now());
+    }
+
+    pub fn heard_within(&self, node: NodeId, window: Duration) -> bool {
+        self.seen.lock().get(&node).is_some_and(|at| at.elapsed() < window)
+    }
+}
+
+impl ShardSet {
+    /// Applies a peer's node heartbeat: pause elections in the groups it leads and hibernates,
+    /// resume them in the groups it leads and does not.
+    pub fn on_node_heartbeat(&self, heartbeat: &NodeHeartbeat) {
+        self.liveness.saw(heartbeat.from);
+        let hibernating: BTreeSet<GroupId> = heartbeat.hibernating.iter().copied().collect();
+        for group in self.groups() {
+            if group.raft.metrics().borrow().current_leader != Some(heartbeat.from) {
+                continue;
+            }
+            let paused = hibernating.contains(&super::types::group_of_shard(group.shard));
+            if group.elections_paused.swap(paused, Ordering::AcqRel) != paused {
+                group.raft.runtime_config().elect(!paused);
+            }
+        }
+    }
+
+    /// One round: hibernate idle groups this node leads, send node heartbeats, resume elections
+    /// in groups whose leader has gone quiet.
+    async fn hibernation_round(&self, election_timeout: Duration) {
+        let mut hibernating = Vec::new();
+        let mut peers: BTreeSet<(NodeId, String)> = BTreeSet::new();
+        for group in self.groups() {
+            let metrics = group.raft.metrics().borrow().clone();
+            for (id, node) in metrics.membership_config.membership().nodes() {
+                if *id != self.node_id {
+                    peers.insert((*id, node.addr.clone()));
+                }
+            }
+            if metrics.current_leader != Some(self.node_id) {
+                if group.hibernating.swap(false, Ordering::AcqRel) {
+                    group.raft.runtime_config().heartbeat(true);
+                }
+                // Follower: resume elections when the leader's node heartbeats stopped.
+                if group.elections_paused.load(Ordering::Acquire) {
+                    let leader_alive = metrics
+                        .current_leader
+                        .is_some_and(|leader| self.liveness.heard_within(leader, election_timeout));
+                    if !leader_alive && group.elections_paused.swap(false, Ordering::AcqRel) {
+                        group.raft.runtime_config().elect(true);
+                        tracing::info!(shard = group.shard, "leader went quiet; elections resumed");
+                    }
+                }
+                continue;
+            }
+            if group.hibernating.load(Ordering::Acquire) {
+                hibernating.push(super::types::group_of_shard(group.shard));
+                continue;
+            }
+            let idle =
+                now_us().saturating_sub(group.last_proposal_us.load(Ordering::Acquire)) > IDLE_AFTER.as_micros() as u64;
+            let last = metrics.last_log_index;
+            let caught_up = metrics
+                .replication
+                .as_ref()
+                .is_some_and(|r| r.values().all(|matched| matched.map(|m| m.index) == last));
+            if idle && caught_up && !group.hibernating.swap(true, Ordering::AcqRel) {
+                group.raft.runtime_config().heartbeat(false);
+                hibernating.push(super::types::group_of_shard(group.shard));
+            }
+        }
+        let heartbeat = NodeHeartbeat { from: self.node_id, hibernating };
+        let Ok(payload) = serde_json::to_vec(&heartbeat) else { return };
+        let sends = peers.into_iter().map(|(_, addr)| {
+            let payload = payload.clone();
+            async move {
+                let Ok(mut client) = self.peers().client(&addr) else { return };
+                let mut request = tonic::Request::new(GroupMessage { group_id: 0, payload });
+                request.set_timeout(election_timeout / 2);
+                let _ = client.node_heartbeat(request).await;
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+}
+
+/// Runs hibernation rounds every `interval` until the shard set is dropped.
+pub async fn run(shards: Weak<ShardSet>, interval: Duration, election_timeout: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(shards) = shards.upgrade() else { return };
+        shards.hibernation_round(election_timeout).await;
+    }
+}
+
+pub fn start(shards: &Arc<ShardSet>, interval: Duration, election_timeout: Duration) {
+    tokio::spawn(run(Arc::downgrade(shards), interval, election_timeout));
+}
