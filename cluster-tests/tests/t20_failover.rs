@@ -20,6 +20,12 @@ async fn leader_kill_loses_no_acknowledged_write() -> anyhow::Result<()> {
     cluster.kill(old_leader);
     let new_leader = cluster.wait_for_leader(shard, Duration::from_secs(15)).await?;
     assert_ne!(new_leader, old_leader);
+    let metrics =
+        cluster.client.get(format!("{}/metrics", cluster.node(new_leader).api())).send().await?.text().await?;
+    assert!(
+        metrics.contains(&format!("stemedb_raft_leader_changes_total{{shard=\"{shard}\"}}")),
+        "leader change not counted"
+    );
 
     for id in &acked {
         let (status, body) = cluster.get(via, &format!("/v1/assertions/{id}")).await?;

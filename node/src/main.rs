@@ -117,8 +117,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&config.logging.level, &config.logging.format);
     let listeners = stemedb::Listeners::bind(&config).await?;
     let api_addr = listeners.api.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    let raft_addr = listeners.raft.local_addr()?;
     eprintln!(
-        "stemedb node {} starting: client API http://{api_addr} (data dir {})",
+        "stemedb node {} starting: client API http://{api_addr}, cluster admin http://{admin_addr}, raft {raft_addr} (data dir {})",
         config.node.id,
         config.node.data_dir.display()
     );

@@ -36,6 +36,14 @@ pub static PROPOSE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static LEADER_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_raft_leader_changes_total", "Times this node saw a shard's leader change, by shard"),
+        &["shard"],
+    )
+    .expect("valid metric")
+});
+
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
         Box::new(ASSERTIONS_INDEXED.clone()),
@@ -45,6 +53,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(PEER_RPC_DURATION.clone()),
         Box::new(PEER_RPC_ERRORS.clone()),
         Box::new(FORWARDED.clone()),
+        Box::new(LEADER_CHANGES.clone()),
     ]
 }
 

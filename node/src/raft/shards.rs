@@ -219,6 +219,18 @@ impl ShardSet {
             }
             let rate_sample =
                 Mutex::new(RateSample { at: Instant::now(), writes: 0, queries: 0, write_rate: 0.0, query_rate: 0.0 });
+            // Count leader changes as this node sees them.
+            let mut watch = raft.metrics();
+            tokio::spawn(async move {
+                let mut leader = watch.borrow().current_leader;
+                while watch.changed().await.is_ok() {
+                    let now = watch.borrow().current_leader;
+                    if now != leader && now.is_some() {
+                        raft_metrics::LEADER_CHANGES.with_label_values(&[&shard.to_string()]).inc();
+                    }
+                    leader = now;
+                }
+            });
             groups.push(ShardGroup {
                 shard,
                 read_barriers: ReadBarrierGroup::default(),
