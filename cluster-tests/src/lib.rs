@@ -356,20 +356,29 @@ impl TestCluster {
 
     /// The leader of `shard` as node `via` sees it.
     pub async fn leader_seen_by(&self, via: u64, shard: u16) -> Option<u64> {
+        self.shard_view(via, shard).await.and_then(|(_, leader)| leader)
+    }
+
+    /// Whether node `via` hosts `shard`, and the leader it sees.
+    pub async fn shard_view(&self, via: u64, shard: u16) -> Option<(bool, Option<u64>)> {
         let url = format!("{}/cluster/shards/{shard}", self.node(via).admin());
         let response = self.client.get(url).timeout(Duration::from_secs(2)).send().await.ok()?;
         let body: Value = response.json().await.ok()?;
-        body["leader"].as_u64()
+        Some((body["hosted"].as_bool().unwrap_or(true), body["leader"].as_u64()))
     }
 
-    /// Waits until the running nodes agree on a leader for `shard` that is itself running.
+    /// Waits until the running nodes that host `shard` agree on a leader that is itself running.
     pub async fn wait_for_leader(&self, shard: u16, timeout: Duration) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;
         loop {
             let running = self.running();
             let mut seen = Vec::new();
             for id in &running {
-                seen.push(self.leader_seen_by(*id, shard).await);
+                match self.shard_view(*id, shard).await {
+                    Some((false, _)) => {}
+                    Some((true, leader)) => seen.push(leader),
+                    None => seen.push(None),
+                }
             }
             if let Some(Some(leader)) = seen.first() {
                 if seen.iter().all(|s| *s == Some(*leader)) && running.contains(leader) {

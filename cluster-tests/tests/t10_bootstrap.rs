@@ -85,5 +85,30 @@ async fn five_nodes_form_a_cluster() -> anyhow::Result<()> {
     write_anywhere_read_everywhere(&cluster).await?;
     let (_, health) = cluster.admin_get(5, "/cluster/health").await?;
     assert_eq!(health["nodes_total"], json!(5), "{health}");
+    // replication_factor 3: every shard has exactly three voters, on distinct nodes, and each
+    // node hosts only its share.
+    for shard in 0..4u16 {
+        let leader = cluster.wait_for_leader(shard, Duration::from_secs(10)).await?;
+        let (_, status) = cluster.admin_get(leader, &format!("/cluster/shards/{shard}")).await?;
+        let voters: std::collections::BTreeSet<u64> =
+            status["voters"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
+        assert_eq!(voters.len(), 3, "shard {shard}: {status}");
+    }
+    let mut hosted = 0;
+    for id in 1..=5u64 {
+        let (_, members) = cluster.admin_get(id, "/cluster/members").await?;
+        let me = members["members"].as_array().into_iter().flatten().find(|m| m["self"] == json!(true)).cloned();
+        let me = me.expect("a member entry for the node itself");
+        assert_eq!(me["status"], json!("UP"));
+        hosted += me["shards_hosted"].as_u64().unwrap_or(0);
+        // Every node knows every member and sees it up through node heartbeats.
+        let up = members["members"].as_array().into_iter().flatten().filter(|m| m["status"] == json!("UP")).count();
+        assert_eq!(up, 5, "node {id}: {members}");
+    }
+    assert_eq!(hosted, 12, "4 shards x 3 replicas");
+    // Stale reads of a shard this node does not host are served by a replica elsewhere.
+    let (status, body) =
+        cluster.post(5, "/v1/query", &json!({"concept_path": "boot/n1", "consistency": "stale"})).await?;
+    assert_eq!(status, 200, "{body}");
     Ok(())
 }

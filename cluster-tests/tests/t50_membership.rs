@@ -67,3 +67,31 @@ async fn data_dir_refuses_another_cluster() -> anyhow::Result<()> {
     assert!(stderr.contains("belongs to cluster"), "{stderr}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decommission_moves_replicas_first() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(ClusterOptions { nodes: 5, shards: 4, ..Default::default() }).await?;
+    for i in 0..20 {
+        cluster.assert_value(1, &format!("decom/k{i}"), json!(i)).await?;
+    }
+    // Node 3 hosts shards 0, 1 and 2 (replication factor 3 over 5 nodes).
+    let response = cluster.client.delete(format!("{}/cluster/members/3", cluster.node(1).admin())).send().await?;
+    let status = response.status().as_u16();
+    let body: Value = response.json().await?;
+    assert_eq!(status, 200, "{body}");
+    cluster.kill(3);
+    for shard in 0..4u16 {
+        let leader = cluster.wait_for_leader(shard, Duration::from_secs(15)).await?;
+        let (_, view) = cluster.admin_get(leader, &format!("/cluster/shards/{shard}")).await?;
+        let voters: Vec<u64> = view["voters"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
+        assert_eq!(voters.len(), 3, "shard {shard} kept three replicas: {view}");
+        assert!(!voters.contains(&3), "shard {shard} still on node 3: {view}");
+    }
+    for via in [1, 2, 4, 5] {
+        for i in (0..20).step_by(7) {
+            let (status, value) = cluster.read_value(via, &format!("decom/k{i}"), "linearizable").await?;
+            assert_eq!((status, value), (200, json!(i)), "via node {via}");
+        }
+    }
+    Ok(())
+}

@@ -113,8 +113,16 @@ pub async fn run(
     let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;
     let peers = PeerChannels::new(config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?);
     let shards = Arc::new(
-        ShardSet::open(storage.clone(), config.node.id, members, config.cluster.shards, &raft_settings(&config), peers)
-            .await?,
+        ShardSet::open(
+            storage.clone(),
+            config.node.id,
+            members,
+            config.cluster.shards,
+            config.cluster.replication_factor,
+            &raft_settings(&config),
+            peers,
+        )
+        .await?,
     );
     let metrics = Metrics::new(config.node.id);
     let api_addr: SocketAddr = listeners.api.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;

@@ -33,8 +33,15 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The shards this node hosts a replica of, as it sees them.
 fn statuses(state: &AppState) -> Vec<ShardStatus> {
-    state.shards.groups().iter().filter_map(|g| state.shards.status(g.shard).ok()).collect()
+    state
+        .shards
+        .groups()
+        .iter()
+        .filter(|g| state.shards.hosts(g))
+        .filter_map(|g| state.shards.status(g.shard).ok())
+        .collect()
 }
 
 struct MemberView {
@@ -45,18 +52,12 @@ struct MemberView {
 }
 
 fn member_views(state: &AppState, statuses: &[ShardStatus]) -> BTreeMap<u64, MemberView> {
-    let mut members: BTreeMap<u64, MemberView> = BTreeMap::new();
-    for group in state.shards.groups() {
-        let metrics = group.raft.metrics().borrow().clone();
-        for (id, node) in metrics.membership_config.membership().nodes() {
-            members.entry(*id).or_insert_with(|| MemberView {
-                addr: node.addr.clone(),
-                shards_led: 0,
-                shards_hosted: 0,
-                max_lag: None,
-            });
-        }
-    }
+    let mut members: BTreeMap<u64, MemberView> = state
+        .shards
+        .known_nodes()
+        .into_iter()
+        .map(|(id, addr)| (id, MemberView { addr, shards_led: 0, shards_hosted: 0, max_lag: None }))
+        .collect();
     for status in statuses {
         for id in status.voters.iter().chain(&status.learners) {
             if let Some(member) = members.get_mut(id) {
@@ -75,9 +76,12 @@ fn member_views(state: &AppState, statuses: &[ShardStatus]) -> BTreeMap<u64, Mem
     members
 }
 
-/// UP when it is this node, leads a shard, or keeps up with a shard this node leads.
+/// UP when it is this node, its node heartbeats arrive, or it keeps up with a shard this node
+/// leads.
 fn member_up(state: &AppState, id: u64, member: &MemberView) -> bool {
-    id == state.shards.node_id || member.shards_led > 0 || member.max_lag.is_some_and(|lag| lag < UP_LAG_SECONDS)
+    id == state.shards.node_id
+        || state.shards.heard_from(id, std::time::Duration::from_secs_f64(UP_LAG_SECONDS))
+        || member.max_lag.is_some_and(|lag| lag < UP_LAG_SECONDS)
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -98,7 +102,8 @@ async fn health(State(state): State<AppState>) -> Response {
         "cluster_id": state.cluster_id,
         "nodes_total": members.len(),
         "nodes_up": up,
-        "shards_total": statuses.len(),
+        "shards_total": state.shards.shard_count(),
+        "shards_hosted": statuses.len(),
         "shards_with_leader": statuses.len() - without_leader.len(),
         "shards_without_leader": without_leader,
     });
@@ -133,6 +138,8 @@ fn shard_json(state: &AppState, status: &ShardStatus) -> Value {
     value["queries_total"] = json!(rates.queries_total);
     value["writes_total"] = json!(rates.writes_total);
     value["rebalance_status"] = json!("NONE");
+    value["hosted"] =
+        json!(status.voters.contains(&state.shards.node_id) || status.learners.contains(&state.shards.node_id));
     value
 }
 
@@ -229,6 +236,9 @@ async fn remove_member(
     }
     tracing::info!(node = id, "removing member");
     let (ok, results) = change_every_shard(&state, || GroupAdmin::RemoveNode { node: id }).await;
+    if ok {
+        state.shards.forget_node(id);
+    }
     let status = if ok { StatusCode::OK } else { StatusCode::CONFLICT };
     Ok((status, Json(json!({"id": id, "status": if ok { "REMOVED" } else { "LEAVING" }, "shards": results})))
         .into_response())

@@ -15,10 +15,10 @@ use super::error::ApiError;
 use super::extract::StrictJson;
 use super::AppState;
 use crate::model::assertion::{validate_concept_path, validate_concept_prefix, validate_predicate, Status};
-use crate::model::id::{format_time_us, now_us, parse_as_of, AssertionId};
+use crate::model::id::{format_time_us, parse_as_of, AssertionId};
 use crate::model::lens::{resolve, Claim, Lens, Resolution};
 use crate::model::ModelError;
-use crate::raft::reader::{ClaimGroup, ConceptEntry};
+use crate::raft::reader::{ClaimGroup, ConceptEntry, ShardRead, ShardReadAnswer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -220,13 +220,8 @@ pub async fn query(
     Ok(Json(body).into_response())
 }
 
-/// Staleness of this node's copy of a shard: 0 on the leader, else time since it last applied.
-fn staleness_ms(state: &AppState, shard: u16) -> u64 {
-    let Ok(group) = state.shards.group(shard) else { return 0 };
-    if group.raft.metrics().borrow().current_leader == Some(state.shards.node_id) {
-        return 0;
-    }
-    now_us().saturating_sub(group.reader.applied_at_us()) / 1000
+fn unexpected_answer() -> ApiError {
+    ApiError::new(500, "unexpected_response", "a replica answered a different read")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -242,12 +237,9 @@ async fn query_path(
     timeout: Duration,
 ) -> Result<Value, ApiError> {
     let shard = state.shards.shard_for_path(path);
-    if consistency == Consistency::Linearizable {
-        state.shards.read_barrier(shard, timeout).await?;
-    }
-    let group = state.shards.group(shard)?;
-    group.queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let groups = group.reader.claims(path, predicate)?;
+    let read = ShardRead::Claims { concept_path: path.to_string(), predicate: predicate.map(str::to_string) };
+    let result = state.shards.read(shard, read, consistency == Consistency::Linearizable, timeout).await?;
+    let ShardReadAnswer::Claims(groups) = result.answer else { return Err(unexpected_answer()) };
     let remaining: Vec<&ClaimGroup> = groups
         .iter()
         .filter(|g| match &after {
@@ -261,14 +253,14 @@ async fn query_path(
     let results: Vec<Value> = page.iter().filter_map(|g| group_result(g, lens, as_of_us)).collect();
     let mut body = json!({"results": results, "next_cursor": next_cursor, "shard": shard});
     if consistency == Consistency::Stale {
-        body["applied_index"] = json!(group.reader.applied_index());
-        body["staleness_ms"] = json!(staleness_ms(state, shard));
+        body["applied_index"] = json!(result.applied_index);
+        body["staleness_ms"] = json!(result.staleness_ms);
     }
     Ok(body)
 }
 
 /// (concept_path, predicate) pairs under `prefix` on every shard, merged in key order, at most
-/// `limit + 1` (the extra one tells whether another page exists).
+/// `limit + 1` (the extra one tells whether another page exists), and the worst staleness seen.
 async fn fan_out_concepts(
     state: &AppState,
     prefix: &str,
@@ -277,37 +269,38 @@ async fn fan_out_concepts(
     limit: usize,
     after: &Option<(String, String)>,
     timeout: Duration,
-) -> Result<Vec<(u16, ConceptEntry)>, ApiError> {
-    if consistency == Consistency::Linearizable {
-        let barriers = state.shards.groups().iter().map(|g| state.shards.read_barrier(g.shard, timeout));
-        for result in futures::future::join_all(barriers).await {
-            result?;
-        }
-    }
-    let mut merged = Vec::new();
-    for group in state.shards.groups() {
+) -> Result<(Vec<(u16, ConceptEntry)>, u64), ApiError> {
+    let linearizable = consistency == Consistency::Linearizable;
+    let per_shard = state.shards.groups().iter().map(|group| async move {
         let mut cursor = after.clone();
-        let mut collected = 0;
-        // With a predicate filter, keep scanning until this shard gives limit + 1 matches.
+        let mut collected = Vec::new();
+        let mut staleness = 0;
+        // With a predicate filter, keep paging until this shard gives limit + 1 matches.
         loop {
-            let page =
-                group.reader.concepts(prefix, cursor.as_ref().map(|(p, q)| (p.as_str(), q.as_str())), limit + 1)?;
+            let read = ShardRead::Concepts { prefix: prefix.to_string(), after: cursor.clone(), limit: limit + 1 };
+            let result = state.shards.read(group.shard, read, linearizable, timeout).await?;
+            staleness = staleness.max(result.staleness_ms);
+            let ShardReadAnswer::Concepts(page) = result.answer else { return Err(unexpected_answer()) };
             let exhausted = page.len() < limit + 1;
             cursor = page.last().map(|e| (e.concept_path.clone(), e.predicate.clone()));
-            for entry in page {
-                if predicate.is_none_or(|p| p == entry.predicate) {
-                    merged.push((group.shard, entry));
-                    collected += 1;
-                }
-            }
-            if exhausted || collected > limit {
-                break;
+            collected.extend(
+                page.into_iter().filter(|e| predicate.is_none_or(|p| p == e.predicate)).map(|e| (group.shard, e)),
+            );
+            if exhausted || collected.len() > limit {
+                return Ok::<_, ApiError>((collected, staleness));
             }
         }
+    });
+    let mut merged = Vec::new();
+    let mut staleness = 0;
+    for result in futures::future::join_all(per_shard).await {
+        let (entries, shard_staleness) = result?;
+        merged.extend(entries);
+        staleness = staleness.max(shard_staleness);
     }
     merged.sort_by(|a, b| a.1.cmp(&b.1));
     merged.truncate(limit + 1);
-    Ok(merged)
+    Ok((merged, staleness))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -322,25 +315,29 @@ async fn query_prefix(
     after: Option<(String, String)>,
     timeout: Duration,
 ) -> Result<Value, ApiError> {
-    let mut entries = fan_out_concepts(state, prefix, predicate, consistency, limit, &after, timeout).await?;
+    let (mut entries, mut staleness) =
+        fan_out_concepts(state, prefix, predicate, consistency, limit, &after, timeout).await?;
     let next_cursor = if entries.len() > limit {
         entries.truncate(limit);
         entries.last().map(|(_, e)| encode_cursor(&e.concept_path, &e.predicate))
     } else {
         None
     };
+    let linearizable = consistency == Consistency::Linearizable;
+    let reads = entries.iter().map(|(shard, entry)| {
+        let read =
+            ShardRead::Claims { concept_path: entry.concept_path.clone(), predicate: Some(entry.predicate.clone()) };
+        state.shards.read(*shard, read, linearizable, timeout)
+    });
     let mut results = Vec::new();
-    for (shard, entry) in &entries {
-        let group = state.shards.group(*shard)?;
-        for claim_group in group.reader.claims(&entry.concept_path, Some(&entry.predicate))? {
-            if let Some(value) = group_result(&claim_group, lens, as_of_us) {
-                results.push(value);
-            }
-        }
+    for result in futures::future::join_all(reads).await {
+        let result = result?;
+        staleness = staleness.max(result.staleness_ms);
+        let ShardReadAnswer::Claims(groups) = result.answer else { return Err(unexpected_answer()) };
+        results.extend(groups.iter().filter_map(|g| group_result(g, lens, as_of_us)));
     }
     let mut body = json!({"results": results, "next_cursor": next_cursor});
     if consistency == Consistency::Stale {
-        let staleness = state.shards.groups().iter().map(|g| staleness_ms(state, g.shard)).max().unwrap_or(0);
         body["staleness_ms"] = json!(staleness);
     }
     Ok(body)
@@ -367,13 +364,13 @@ pub async fn get_assertion(
         return Err(not_found());
     }
     let consistency = parse_consistency(params.consistency.as_deref())?;
-    if consistency == Consistency::Linearizable {
-        let timeout = Duration::from_secs(state.config.query.query_timeout_seconds);
-        state.shards.read_barrier(id.shard(), timeout).await?;
-    }
-    let group = state.shards.group(id.shard())?;
-    let facts = group.reader.facts(id)?.ok_or_else(not_found)?;
-    let retraction = group.reader.retraction(id)?;
+    let timeout = Duration::from_secs(state.config.query.query_timeout_seconds);
+    let result = state
+        .shards
+        .read(id.shard(), ShardRead::Assertion { id }, consistency == Consistency::Linearizable, timeout)
+        .await?;
+    let ShardReadAnswer::Assertion(found) = result.answer else { return Err(unexpected_answer()) };
+    let (facts, retraction) = found.ok_or_else(not_found)?;
     let Some(now) = facts.at(u64::MAX, &|_| 1.0) else { return Err(not_found()) };
     let record = &facts.record;
     let body = json!({
@@ -428,7 +425,7 @@ pub async fn concepts(
     let consistency = parse_consistency(params.consistency.as_deref())?;
     let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
     let timeout = Duration::from_secs(state.config.query.query_timeout_seconds);
-    let mut entries = fan_out_concepts(&state, &prefix, None, consistency, limit, &after, timeout).await?;
+    let (mut entries, _) = fan_out_concepts(&state, &prefix, None, consistency, limit, &after, timeout).await?;
     let next_cursor = if entries.len() > limit {
         entries.truncate(limit);
         entries.last().map(|(_, e)| encode_cursor(&e.concept_path, &e.predicate))

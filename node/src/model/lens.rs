@@ -48,7 +48,7 @@ impl FromStr for Lens {
 }
 
 /// One vote as recorded: later votes by the same agent replace earlier ones.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VoteFact {
     pub agent_id: String,
     pub value: i8,
@@ -56,7 +56,7 @@ pub struct VoteFact {
 }
 
 /// A supersession of this claim by a later one.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SupersessionFact {
     pub by: AssertionId,
     pub at_us: u64,
@@ -65,7 +65,7 @@ pub struct SupersessionFact {
 }
 
 /// Everything recorded about one assertion.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClaimFacts {
     pub record: StoredAssertion,
     pub retracted_at_us: Option<u64>,

@@ -70,14 +70,11 @@ impl ShardSet {
     /// in groups whose leader has gone quiet.
     async fn hibernation_round(&self, election_timeout: Duration) {
         let mut hibernating = Vec::new();
-        let mut peers: BTreeSet<(NodeId, String)> = BTreeSet::new();
+        // Node heartbeats go to every known node: they also tell the cluster admin who is up.
+        let peers: BTreeSet<(NodeId, String)> =
+            self.known_nodes().into_iter().filter(|(id, _)| *id != self.node_id).collect();
         for group in self.groups() {
             let metrics = group.raft.metrics().borrow().clone();
-            for (id, node) in metrics.membership_config.membership().nodes() {
-                if *id != self.node_id {
-                    peers.insert((*id, node.addr.clone()));
-                }
-            }
             if metrics.current_leader != Some(self.node_id) {
                 if group.hibernating.swap(false, Ordering::AcqRel) {
                     group.raft.runtime_config().heartbeat(true);

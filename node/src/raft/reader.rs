@@ -21,7 +21,7 @@ pub struct ShardReader {
 }
 
 /// The claims about one (concept_path, predicate).
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ClaimGroup {
     pub concept_path: String,
     pub predicate: String,
@@ -29,7 +29,7 @@ pub struct ClaimGroup {
 }
 
 /// One (concept_path, predicate) in the concept listing.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ConceptEntry {
     pub concept_path: String,
     pub predicate: String,
@@ -207,5 +207,48 @@ impl ShardReader {
             Some(error) => Err(error),
             None => Ok(out),
         }
+    }
+}
+
+/// A read of one shard's state, executed where a replica of the shard lives.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum ShardRead {
+    Claims { concept_path: String, predicate: Option<String> },
+    Assertion { id: AssertionId },
+    Concepts { prefix: String, after: Option<(String, String)>, limit: usize },
+}
+
+/// What a [`ShardRead`] found, and how fresh the replica that answered was.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ShardReadResult {
+    pub answer: ShardReadAnswer,
+    pub applied_index: u64,
+    pub staleness_ms: u64,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum ShardReadAnswer {
+    Claims(Vec<ClaimGroup>),
+    Assertion(Option<(ClaimFacts, Option<RetractionRecord>)>),
+    Concepts(Vec<ConceptEntry>),
+}
+
+impl ShardReader {
+    /// Executes a read against this replica.
+    pub fn execute(&self, read: &ShardRead) -> Result<ShardReadAnswer, StorageError> {
+        Ok(match read {
+            ShardRead::Claims { concept_path, predicate } => {
+                ShardReadAnswer::Claims(self.claims(concept_path, predicate.as_deref())?)
+            }
+            ShardRead::Assertion { id } => match self.facts(*id)? {
+                Some(facts) => ShardReadAnswer::Assertion(Some((facts, self.retraction(*id)?))),
+                None => ShardReadAnswer::Assertion(None),
+            },
+            ShardRead::Concepts { prefix, after, limit } => ShardReadAnswer::Concepts(self.concepts(
+                prefix,
+                after.as_ref().map(|(p, q)| (p.as_str(), q.as_str())),
+                *limit,
+            )?),
+        })
     }
 }

@@ -15,7 +15,7 @@ use super::batching::ReadBarrierGroup;
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
-use super::reader::ShardReader;
+use super::reader::{ShardRead, ShardReadResult, ShardReader};
 use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::model::id::shard_for_path;
@@ -38,6 +38,8 @@ pub enum ConsensusError {
     UnknownShard { shard: u16 },
     #[error("raft group failed to start: {0}")]
     Startup(String),
+    #[error("storage error on shard {shard}: {message}")]
+    Storage { shard: u16, message: String },
     #[error("membership change of shard {shard} failed: {message}")]
     MembershipChange { shard: u16, message: String },
     #[error("could not reach the leader of shard {shard} (node {leader}): {message}")]
@@ -55,6 +57,7 @@ impl ConsensusError {
             ConsensusError::Startup(_) => "raft_startup_failed",
             ConsensusError::LeaderUnreachable { .. } => "leader_unreachable",
             ConsensusError::MembershipChange { .. } => "membership_change_failed",
+            ConsensusError::Storage { .. } => "storage_error",
         }
     }
 
@@ -67,9 +70,25 @@ impl ConsensusError {
             ConsensusError::Timeout { .. } => 504,
             ConsensusError::UnknownShard { .. } => 404,
             ConsensusError::MembershipChange { .. } => 409,
+            ConsensusError::Storage { .. } => 500,
             ConsensusError::Startup(_) => 500,
         }
     }
+}
+
+/// Bootstrap placement: shard `s` gets `replication_factor` replicas (fewer if there are fewer
+/// members), the members starting at position `s mod n` in id order.
+pub fn place_replicas(
+    members: &BTreeMap<NodeId, String>,
+    shards: u16,
+    replication_factor: u16,
+) -> BTreeMap<u16, Vec<NodeId>> {
+    let ids: Vec<NodeId> = members.keys().copied().collect();
+    if ids.is_empty() {
+        return BTreeMap::new();
+    }
+    let count = (replication_factor.max(1) as usize).min(ids.len());
+    (0..shards).map(|s| (s, (0..count).map(|i| ids[(s as usize + i) % ids.len()]).collect())).collect()
 }
 
 /// Raft tunables from the `[raft]` config section.
@@ -162,6 +181,12 @@ pub struct ShardSet {
     /// the maximum election timeout).
     leader_lease: Duration,
     pub(crate) liveness: super::hibernation::PeerLiveness,
+    /// Raft addresses of every node this node knows of (founding members and shard memberships).
+    directory: Mutex<BTreeMap<NodeId, String>>,
+    /// Replicas of each shard as placed at bootstrap: where to send requests for shards this
+    /// node does not host.
+    placement: BTreeMap<u16, Vec<NodeId>>,
+    replication_factor: u16,
     shards: u16,
     groups: Vec<ShardGroup>,
     peers: Arc<PeerChannels>,
@@ -176,9 +201,11 @@ impl ShardSet {
         node_id: NodeId,
         members: BTreeMap<NodeId, String>,
         shards: u16,
+        replication_factor: u16,
         settings: &RaftSettings,
         peers: Arc<PeerChannels>,
     ) -> Result<ShardSet, ConsensusError> {
+        let placement = place_replicas(&members, shards, replication_factor);
         let config = openraft::Config {
             cluster_name: "stemedb".into(),
             heartbeat_interval: settings.heartbeat_interval_ms,
@@ -207,13 +234,16 @@ impl ShardSet {
                 .await
                 .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
             let initialized = raft.is_initialized().await.map_err(|e| ConsensusError::Startup(e.to_string()))?;
-            // The preferred leader of shard s is member s mod n (by id): it initializes the group
-            // and so becomes its first leader, spreading leaders over the founding nodes.
-            let preferred = members.keys().nth(shard as usize % members.len().max(1));
-            let bootstrapper = preferred == Some(&node_id);
+            // The replicas of shard s are replication_factor members starting at member s mod n
+            // (by id); the first is the preferred leader: it initializes the group and so becomes
+            // its first leader, spreading leaders over the founding nodes.
+            let replicas = placement.get(&shard).cloned().unwrap_or_default();
+            let bootstrapper = replicas.first() == Some(&node_id);
             if !initialized && bootstrapper {
-                let voters: BTreeMap<NodeId, BasicNode> =
-                    members.iter().map(|(id, addr)| (*id, BasicNode::new(addr.clone()))).collect();
+                let voters: BTreeMap<NodeId, BasicNode> = replicas
+                    .iter()
+                    .filter_map(|id| members.get(id).map(|addr| (*id, BasicNode::new(addr.clone()))))
+                    .collect();
                 raft.initialize(voters).await.map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
                 tracing::info!(shard, group, voters = members.len(), "shard group created");
             }
@@ -249,6 +279,9 @@ impl ShardSet {
             node_id,
             leader_lease: Duration::from_millis(settings.election_timeout_max_ms),
             liveness: Default::default(),
+            directory: Mutex::new(members.clone()),
+            placement,
+            replication_factor,
             shards,
             groups,
             peers,
@@ -319,8 +352,7 @@ impl ShardSet {
             raft_metrics::FORWARDED.with_label_values(&[kind, "unreachable"]).inc();
             ConsensusError::LeaderUnreachable { shard, leader, message }
         };
-        let addr =
-            Self::node_addr(group, leader).ok_or_else(|| unreachable("node not in the shard's membership".into()))?;
+        let addr = self.addr_of(group, leader).ok_or_else(|| unreachable("no address known for this node".into()))?;
         let mut client = self.peers.client(&addr).map_err(|e| unreachable(e.to_string()))?;
         let payload = serde_json::to_vec(request).map_err(|e| unreachable(e.to_string()))?;
         let mut message = tonic::Request::new(GroupMessage { group_id: group_of_shard(shard), payload });
@@ -330,6 +362,7 @@ impl ShardSet {
             "write" => client.propose(message).await,
             "admin" => client.admin_group(message).await,
             "campaign" => client.campaign(message).await,
+            "read" => client.shard_read(message).await,
             _ => client.read_index(message).await,
         };
         let response = response.map_err(|status| {
@@ -358,6 +391,9 @@ impl ShardSet {
         let group = self.group(shard)?;
         group.writes.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
+        if !self.hosts(group) {
+            return self.ask_replicas(group, "write", &command, deadline).await;
+        }
         loop {
             let leader = self.wait_for_leader(group, deadline).await.inspect_err(|_| {
                 raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
@@ -556,6 +592,9 @@ impl ShardSet {
     pub async fn admin_group(&self, shard: u16, change: GroupAdmin, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         let deadline = Instant::now() + timeout;
+        if !self.hosts(group) {
+            return self.ask_replicas(group, "admin", &change, deadline).await;
+        }
         let leader = self.wait_for_leader(group, deadline).await?;
         if leader == self.node_id {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -591,6 +630,18 @@ impl ShardSet {
                 voters.insert(node);
             }
             GroupAdmin::RemoveNode { node } => {
+                // Decommission moves the replica first: when removing `node` would leave fewer
+                // than replication_factor voters, another known node is added (as a learner until
+                // it has caught up) before `node` goes.
+                if voters.contains(&node) && voters.len() <= self.replication_factor as usize {
+                    let replacement =
+                        self.known_nodes().into_iter().find(|(id, _)| !voters.contains(id) && *id != node);
+                    if let Some((id, addr)) = replacement {
+                        group.raft.add_learner(id, BasicNode::new(addr), true).await.map_err(|e| failed(&e))?;
+                        voters.insert(id);
+                        tracing::info!(shard, from = node, to = id, "replica moved");
+                    }
+                }
                 if !voters.remove(&node) {
                     // A learner (say, from an interrupted join) is removed as a node.
                     let is_learner =
@@ -608,6 +659,115 @@ impl ShardSet {
         }
         group.raft.change_membership(voters, false).await.map_err(|e| failed(&e))?;
         Ok(())
+    }
+
+    /// Whether this node holds a replica of the group (it is in the group's membership).
+    pub fn hosts(&self, group: &ShardGroup) -> bool {
+        group.raft.metrics().borrow().membership_config.membership().get_node(&self.node_id).is_some()
+    }
+
+    /// The Raft address of `node`: from the group's membership, else from the directory.
+    fn addr_of(&self, group: &ShardGroup, node: NodeId) -> Option<String> {
+        Self::node_addr(group, node).or_else(|| self.directory.lock().get(&node).cloned())
+    }
+
+    /// Whether a node heartbeat from `node` arrived within `window`.
+    pub fn heard_from(&self, node: NodeId, window: Duration) -> bool {
+        self.liveness.heard_within(node, window)
+    }
+
+    /// Drops a removed node from the directory.
+    pub fn forget_node(&self, node: NodeId) {
+        self.directory.lock().remove(&node);
+    }
+
+    /// Every node this node knows of, with its Raft address.
+    pub fn known_nodes(&self) -> BTreeMap<NodeId, String> {
+        let mut nodes = self.directory.lock().clone();
+        for group in &self.groups {
+            for (id, node) in group.raft.metrics().borrow().membership_config.membership().nodes() {
+                nodes.entry(*id).or_insert_with(|| node.addr.clone());
+            }
+        }
+        nodes
+    }
+
+    /// Sends a request about a shard this node does not host to its replicas: the first that
+    /// answers, following a "not the leader" answer to the leader it names.
+    async fn ask_replicas<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        group: &ShardGroup,
+        kind: &'static str,
+        request: &Req,
+        deadline: Instant,
+    ) -> Result<Resp, ConsensusError> {
+        let shard = group.shard;
+        let mut candidates: Vec<NodeId> = match self.placement.get(&shard) {
+            Some(replicas) => replicas.clone(),
+            None => self.known_nodes().into_keys().collect(),
+        };
+        candidates.retain(|id| *id != self.node_id);
+        let mut last = ConsensusError::NoQuorum { shard };
+        let mut tried = std::collections::BTreeSet::new();
+        while let Some(candidate) = candidates.first().copied() {
+            candidates.remove(0);
+            if !tried.insert(candidate) {
+                continue;
+            }
+            match self.ask_leader::<Req, Resp>(group, candidate, kind, request, deadline).await {
+                Err(ConsensusError::NotLeader { leader: Some(leader), .. }) if !tried.contains(&leader) => {
+                    candidates.insert(0, leader);
+                }
+                Err(error @ (ConsensusError::LeaderUnreachable { .. } | ConsensusError::NotLeader { .. })) => {
+                    last = error
+                }
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    /// Reads a shard: on the local replica when this node hosts it (after a read barrier when
+    /// `linearizable`), else on a replica elsewhere.
+    pub async fn read(
+        &self,
+        shard: u16,
+        read: ShardRead,
+        linearizable: bool,
+        timeout: Duration,
+    ) -> Result<ShardReadResult, ConsensusError> {
+        let group = self.group(shard)?;
+        group.queries.fetch_add(1, Ordering::Relaxed);
+        if !self.hosts(group) {
+            let deadline = Instant::now() + timeout;
+            return self.ask_replicas(group, "read", &(read, linearizable), deadline).await;
+        }
+        self.read_local(shard, read, linearizable, timeout).await
+    }
+
+    /// Reads this node's replica of `shard` (used for forwarded reads: never forwarded again).
+    pub async fn read_local(
+        &self,
+        shard: u16,
+        read: ShardRead,
+        linearizable: bool,
+        timeout: Duration,
+    ) -> Result<ShardReadResult, ConsensusError> {
+        let group = self.group(shard)?;
+        if !self.hosts(group) {
+            return Err(ConsensusError::NotLeader { shard, leader: None });
+        }
+        if linearizable {
+            self.read_barrier(shard, timeout).await?;
+        }
+        let answer =
+            group.reader.execute(&read).map_err(|e| ConsensusError::Storage { shard, message: e.to_string() })?;
+        let staleness_ms = if group.raft.metrics().borrow().current_leader == Some(self.node_id) {
+            0
+        } else {
+            crate::model::id::now_us().saturating_sub(group.reader.applied_at_us()) / 1000
+        };
+        Ok(ShardReadResult { answer, applied_index: group.reader.applied_index(), staleness_ms })
     }
 
     /// Marks a group active and, if it hibernates, resumes its heartbeats.

@@ -107,6 +107,14 @@ impl RaftTransport for RaftService {
         encode(0, &())
     }
 
+    async fn shard_read(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        let message = request.into_inner();
+        let shard = self.shard(message.group_id)?;
+        let (read, linearizable): (crate::raft::reader::ShardRead, bool) = decode(&message)?;
+        let result = self.shards.read_local(shard, read, linearizable, self.write_timeout).await;
+        encode(message.group_id, &result)
+    }
+
     async fn read_index(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
         let message = request.into_inner();
         let shard = self.shard(message.group_id)?;
