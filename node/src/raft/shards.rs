@@ -249,8 +249,9 @@ impl ShardSet {
             }
             let rate_sample =
                 Mutex::new(RateSample { at: Instant::now(), writes: 0, queries: 0, write_rate: 0.0, query_rate: 0.0 });
-            // Count leader changes as this node sees them.
-            let mut watch = raft.metrics();
+            // Count leader changes as this node sees them. Server metrics change only with
+            // leadership and membership, unlike the full metrics, which change on every write.
+            let mut watch = raft.server_metrics();
             tokio::spawn(async move {
                 let mut leader = watch.borrow().current_leader;
                 while watch.changed().await.is_ok() {
