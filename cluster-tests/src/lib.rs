@@ -217,15 +217,8 @@ impl TestCluster {
         let node = self.nodes.get_mut(&id).context("no such node")?;
         std::fs::create_dir_all(&node.data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.data_dir.with_extension("log"))?;
-        let mut command = Command::new(stemedb_binary());
+        let mut command = serve_command(node);
         command
-            .arg("serve")
-            .args(["--node-id", &id.to_string()])
-            .arg("--data-dir")
-            .arg(&node.data_dir)
-            .args(["--api-addr", &format!("127.0.0.1:{}", node.api_port)])
-            .args(["--admin-addr", &format!("127.0.0.1:{}", node.admin_port)])
-            .args(["--raft-addr", &format!("127.0.0.1:{}", node.raft_port)])
             .args(match &join_admin {
                 Some(admin) => ["--join", admin.as_str()],
                 None => ["--initial-cluster", self.initial_cluster.as_str()],
@@ -273,15 +266,7 @@ impl TestCluster {
         id: u64,
         initial_cluster: &str,
     ) -> anyhow::Result<(std::process::ExitStatus, String)> {
-        let node = &self.nodes[&id];
-        let output = Command::new(stemedb_binary())
-            .arg("serve")
-            .args(["--node-id", &id.to_string()])
-            .arg("--data-dir")
-            .arg(&node.data_dir)
-            .args(["--api-addr", &format!("127.0.0.1:{}", node.api_port)])
-            .args(["--admin-addr", &format!("127.0.0.1:{}", node.admin_port)])
-            .args(["--raft-addr", &format!("127.0.0.1:{}", node.raft_port)])
+        let output = serve_command(&self.nodes[&id])
             .args(["--initial-cluster", initial_cluster])
             .env("STEMEDB_CLUSTER_SHARDS", self.options.shards.to_string())
             .output()?;
@@ -450,6 +435,20 @@ impl TestCluster {
     pub fn shard_of(&self, concept_path: &str) -> u16 {
         stemedb::model::id::shard_for_path(concept_path, self.options.shards)
     }
+}
+
+/// `stemedb serve` with a node's id, data dir and addresses.
+fn serve_command(node: &TestNode) -> Command {
+    let mut command = Command::new(stemedb_binary());
+    command
+        .arg("serve")
+        .args(["--node-id", &node.id.to_string()])
+        .arg("--data-dir")
+        .arg(&node.data_dir)
+        .args(["--api-addr", &format!("127.0.0.1:{}", node.api_port)])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", node.admin_port)])
+        .args(["--raft-addr", &format!("127.0.0.1:{}", node.raft_port)]);
+    command
 }
 
 impl Drop for TestCluster {
