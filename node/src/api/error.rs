@@ -88,9 +88,9 @@ impl From<ConsensusError> for ApiError {
             | ConsensusError::UnknownShard { shard } => json!({"shard": shard}),
             ConsensusError::NotLeader { shard, leader } => json!({"shard": shard, "leader": leader}),
             ConsensusError::LeaderUnreachable { shard, leader, .. } => json!({"shard": shard, "leader": leader}),
-            ConsensusError::MembershipChange { shard, .. } | ConsensusError::Storage { shard, .. } => {
-                json!({"shard": shard})
-            }
+            ConsensusError::MembershipChange { shard, .. }
+            | ConsensusError::Storage { shard, .. }
+            | ConsensusError::Internal { shard, .. } => json!({"shard": shard}),
             ConsensusError::Startup(_) => json!({}),
         };
         ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)

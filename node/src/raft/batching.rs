@@ -92,7 +92,10 @@ async fn run_batcher(
                 }
                 Ok(_) => {
                     for reply in replies {
-                        let _ = reply.send(Err(ConsensusError::Startup("unexpected state machine answer".into())));
+                        let _ = reply.send(Err(ConsensusError::Internal {
+                            shard,
+                            message: "unexpected state machine answer".into(),
+                        }));
                     }
                 }
                 Err(error) => {

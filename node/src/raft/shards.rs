@@ -38,6 +38,8 @@ pub enum ConsensusError {
     UnknownShard { shard: u16 },
     #[error("raft group failed to start: {0}")]
     Startup(String),
+    #[error("internal error on shard {shard}: {message}")]
+    Internal { shard: u16, message: String },
     #[error("storage error on shard {shard}: {message}")]
     Storage { shard: u16, message: String },
     #[error("membership change of shard {shard} failed: {message}")]
@@ -58,6 +60,7 @@ impl ConsensusError {
             ConsensusError::LeaderUnreachable { .. } => "leader_unreachable",
             ConsensusError::MembershipChange { .. } => "membership_change_failed",
             ConsensusError::Storage { .. } => "storage_error",
+            ConsensusError::Internal { .. } => "internal_error",
         }
     }
 
@@ -70,7 +73,7 @@ impl ConsensusError {
             ConsensusError::Timeout { .. } => 504,
             ConsensusError::UnknownShard { .. } => 404,
             ConsensusError::MembershipChange { .. } => 409,
-            ConsensusError::Storage { .. } => 500,
+            ConsensusError::Storage { .. } | ConsensusError::Internal { .. } => 500,
             ConsensusError::Startup(_) => 500,
         }
     }
@@ -456,7 +459,7 @@ impl ShardSet {
                 }
             }
             Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(ConsensusError::Startup(e.to_string()))
+                Err(ConsensusError::MembershipChange { shard, message: e.to_string() })
             }
             Ok(Err(RaftError::Fatal(_))) => {
                 raft_metrics::PROPOSALS.with_label_values(&["fatal"]).inc();
