@@ -96,6 +96,9 @@ async fn five_nodes_form_a_cluster() -> anyhow::Result<()> {
     }
     let mut hosted = 0;
     for id in 1..=5u64 {
+        // Every node is healthy for a load balancer, though it hosts only some shards.
+        let (status, health) = cluster.get(id, "/health").await?;
+        assert_eq!(status, 200, "node {id}: {health}");
         let (_, members) = cluster.admin_get(id, "/cluster/members").await?;
         let me = members["members"].as_array().into_iter().flatten().find(|m| m["self"] == json!(true)).cloned();
         let me = me.expect("a member entry for the node itself");

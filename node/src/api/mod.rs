@@ -106,14 +106,17 @@ async fn method_not_allowed() -> ApiError {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    let groups = state.shards.groups();
-    let led = groups.iter().filter(|g| g.raft.metrics().borrow().current_leader.is_some()).count();
-    let healthy = led == groups.len();
+    // Only the shards this node hosts: with replication_factor below the node count, the others
+    // have no local leader by design and must not make a load balancer drop the node.
+    let hosted: Vec<_> = state.shards.groups().iter().filter(|g| state.shards.hosts(g)).collect();
+    let led = hosted.iter().filter(|g| g.raft.metrics().borrow().current_leader.is_some()).count();
+    let healthy = led == hosted.len();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "node_id": state.shards.node_id,
         "version": env!("CARGO_PKG_VERSION"),
-        "shards": groups.len(),
+        "shards": state.shards.shard_count(),
+        "shards_hosted": hosted.len(),
         "shards_with_leader": led,
         "uptime_seconds": state.started_at.elapsed().as_secs(),
     });
