@@ -301,13 +301,9 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
         Box::new(move || {
             let Some(context) = weak.upgrade() else { return Vec::new() };
             let mut worst: std::collections::BTreeMap<u64, f64> = Default::default();
-            for group in context.shards.groups() {
-                if let Ok(status) = context.shards.status(group.shard) {
-                    for follower in status.replication {
-                        let slot = worst.entry(follower.node).or_default();
-                        *slot = slot.max(follower.lag_seconds);
-                    }
-                }
+            for (_, node, lag) in context.shards.follower_lags() {
+                let slot = worst.entry(node).or_default();
+                *slot = slot.max(lag);
             }
             worst.into_iter().map(|(node, lag)| (node.to_string(), lag)).collect()
         }),
@@ -319,15 +315,8 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
         vec!["shard", "node"],
         Box::new(move || {
             let Some(context) = weak.upgrade() else { return Vec::new() };
-            let mut out = Vec::new();
-            for group in context.shards.groups() {
-                if let Ok(status) = context.shards.status(group.shard) {
-                    for follower in status.replication {
-                        out.push((vec![group.shard.to_string(), follower.node.to_string()], follower.lag_seconds));
-                    }
-                }
-            }
-            out
+            let lags = context.shards.follower_lags();
+            lags.into_iter().map(|(shard, node, lag)| (vec![shard.to_string(), node.to_string()], lag)).collect()
         }),
     )));
     let weak = Arc::downgrade(context);

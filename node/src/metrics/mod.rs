@@ -61,15 +61,6 @@ impl WindowedSummary {
         state.count += 1;
         state.sum_seconds += elapsed.as_secs_f64();
     }
-
-    /// The quantile (in seconds) over the current window.
-    pub fn quantile(&self, q: f64) -> f64 {
-        let mut state = self.state.lock();
-        state.rotate_if_due();
-        let mut merged = state.previous.clone();
-        let _ = merged.add(&state.current);
-        merged.value_at_quantile(q) as f64 / 1e6
-    }
 }
 
 impl WindowState {

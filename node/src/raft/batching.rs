@@ -99,11 +99,8 @@ async fn run_batcher(
                     }
                 }
                 Err(error) => {
-                    let text = serde_json::to_string(&error).unwrap_or_default();
                     for reply in replies {
-                        // Every waiter gets the same error; ConsensusError is not Clone, so copy it.
-                        let copy = serde_json::from_str(&text).unwrap_or(ConsensusError::ShuttingDown { shard });
-                        let _ = reply.send(Err(copy));
+                        let _ = reply.send(Err(error.clone()));
                     }
                 }
             }
@@ -112,22 +109,29 @@ async fn run_batcher(
     }
 }
 
-/// Shares linearizable read barriers among concurrent readers of a shard.
-#[derive(Default)]
-pub struct ReadBarrierGroup {
-    state: parking_lot::Mutex<BarrierState>,
+/// Shares linearizable read barriers among concurrent readers of a shard; `E` is the barrier's
+/// error, handed to every caller it served.
+pub struct ReadBarrierGroup<E> {
+    state: parking_lot::Mutex<BarrierState<E>>,
 }
 
-#[derive(Default)]
-struct BarrierState {
+struct BarrierState<E> {
     /// Barriers started so far; a caller needs one started after it arrived.
     started: u64,
     running: bool,
     /// Callers waiting for the barrier with generation > the value they recorded.
-    waiters: Vec<(u64, oneshot::Sender<Result<u64, String>>)>,
+    waiters: Vec<(u64, oneshot::Sender<Result<u64, E>>)>,
 }
 
-impl ReadBarrierGroup {
+impl<E> Default for ReadBarrierGroup<E> {
+    fn default() -> Self {
+        ReadBarrierGroup {
+            state: parking_lot::Mutex::new(BarrierState { started: 0, running: false, waiters: Vec::new() }),
+        }
+    }
+}
+
+impl<E: Clone> ReadBarrierGroup<E> {
     /// How many barriers have started so far.
     pub fn started_count(&self) -> u64 {
         self.state.lock().started
@@ -135,10 +139,10 @@ impl ReadBarrierGroup {
 
     /// Runs `barrier` for this caller, or waits for one that started after it arrived. Returns
     /// the number of the barrier that served it.
-    pub async fn run<F, Fut>(&self, barrier: F) -> Result<u64, String>
+    pub async fn run<F, Fut>(&self, barrier: F, abandoned: impl FnOnce() -> E) -> Result<u64, E>
     where
         F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>>,
+        Fut: std::future::Future<Output = Result<(), E>>,
     {
         let (tx, rx) = oneshot::channel();
         let lead = {
@@ -173,7 +177,7 @@ impl ReadBarrierGroup {
                 }
             }
         }
-        rx.await.unwrap_or_else(|_| Err("read barrier abandoned".into()))
+        rx.await.unwrap_or_else(|_| Err(abandoned()))
     }
 }
 
@@ -185,7 +189,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_readers_share_barriers_started_after_they_arrived() {
-        let group = Arc::new(ReadBarrierGroup::default());
+        let group = Arc::new(ReadBarrierGroup::<String>::default());
         let calls = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for i in 0..50u64 {
@@ -194,14 +198,17 @@ mod tests {
                 tokio::time::sleep(Duration::from_micros(200 * (i % 10))).await;
                 let started_before_arrival = group.started_count();
                 let served_by = group
-                    .run(|| {
-                        let calls = calls.clone();
-                        async move {
-                            calls.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                            Ok(())
-                        }
-                    })
+                    .run(
+                        || {
+                            let calls = calls.clone();
+                            async move {
+                                calls.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                                Ok::<(), String>(())
+                            }
+                        },
+                        || "abandoned".to_string(),
+                    )
                     .await
                     .expect("barrier");
                 (started_before_arrival, served_by)

@@ -33,10 +33,6 @@ pub fn log_key(group: GroupId, index: u64) -> Vec<u8> {
     key
 }
 
-pub fn log_index_of(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(key.get(4..12)?.try_into().ok()?))
-}
-
 pub fn state_key(group: GroupId, tag: u8) -> Vec<u8> {
     let mut key = group_prefix(group);
     key.push(tag);

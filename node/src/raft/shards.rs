@@ -24,7 +24,7 @@ use stemedb_proto::raft::GroupMessage;
 
 /// Errors of the consensus layer. Each has a stable code and an HTTP status. Serializable: a
 /// leader's answer to a forwarded request carries it back to the node the client talks to.
-#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ConsensusError {
     #[error("shard {shard} has no leader (no quorum); retry later")]
     NoQuorum { shard: u16 },
@@ -119,7 +119,7 @@ impl Default for RaftSettings {
 /// One shard: its Raft group and a reader over its applied state.
 pub struct ShardGroup {
     pub shard: u16,
-    read_barriers: ReadBarrierGroup,
+    read_barriers: ReadBarrierGroup<ConsensusError>,
     pub raft: Raft,
     pub reader: ShardReader,
     log: LogStore,
@@ -474,13 +474,11 @@ impl ShardSet {
     pub async fn read_barrier(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         // Concurrent readers share one barrier that started after they arrived.
-        let shared = group
+        group
             .read_barriers
-            .run(|| async {
-                self.read_barrier_once(shard, timeout).await.map_err(|e| serde_json::to_string(&e).unwrap_or_default())
-            })
-            .await;
-        shared.map(|_| ()).map_err(|text| serde_json::from_str(&text).unwrap_or(ConsensusError::NoQuorum { shard }))
+            .run(|| self.read_barrier_once(shard, timeout), || ConsensusError::ShuttingDown { shard })
+            .await
+            .map(|_| ())
     }
 
     async fn read_barrier_once(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
@@ -555,6 +553,15 @@ impl ShardSet {
             last_log_index: metrics.last_log_index,
             replication,
         })
+    }
+
+    /// (shard, follower, lag seconds) for every shard this node leads.
+    pub fn follower_lags(&self) -> Vec<(u16, NodeId, f64)> {
+        self.groups
+            .iter()
+            .filter_map(|g| self.status(g.shard).ok())
+            .flat_map(|status| status.replication.into_iter().map(move |f| (status.shard, f.node, f.lag_seconds)))
+            .collect()
     }
 
     /// Seconds since the first entry after `matched` was proposed (0 when `matched >= last`).

@@ -223,10 +223,6 @@ impl Storage {
         Ok(Arc::new(Storage { db, cache, path, options, committer }))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn handle(&self, cf: ColumnFamily) -> Result<&rocksdb::ColumnFamily, StorageError> {
         self.db.cf_handle(cf.name()).ok_or(StorageError::Closed)
     }
