@@ -154,7 +154,12 @@ impl TestCluster {
     /// Starts `options.nodes` nodes that form a new cluster and waits until every shard has a
     /// leader.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
-        let dir = tempfile::tempdir()?;
+        let mut dir = tempfile::tempdir()?;
+        // KEEP_TEST_CLUSTER=1 keeps the data dirs and node logs (`nodeN.log`) for a post-mortem.
+        if std::env::var_os("KEEP_TEST_CLUSTER").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("cluster data dirs and logs kept in {}", dir.path().display());
+        }
         let mut nodes = BTreeMap::new();
         // Hold the nodes' ports until the link proxies have bound theirs, so no proxy can be
         // handed a port a node is about to use.

@@ -27,12 +27,37 @@ async fn add_and_remove_a_node() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let members = member_ids(&cluster, 1).await?;
-        let joined = members.iter().find(|(id, _)| *id == new).map(|(_, m)| m["shards_hosted"] == json!(4));
+        let joined = members.iter().find(|(id, _)| *id == new).map(|(_, m)| m["status"] == json!("UP"));
         if joined == Some(true) {
+            // 4 shards x 3 replicas over 4 nodes: the balancer gives every node 3.
+            for (id, member) in &members {
+                assert_eq!(member["shards_hosted"], json!(3), "node {id} after the join: {members:?}");
+            }
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "node {new} did not join every shard: {members:?}");
+        anyhow::ensure!(Instant::now() < deadline, "node {new} did not become UP: {members:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every node holds the same cluster metadata, and each shard's voters match its placement.
+    let (_, reference) = cluster.admin_get(1, "/cluster/meta").await?;
+    for via in [2, 3, new] {
+        let (_, meta) = cluster.admin_get(via, "/cluster/meta").await?;
+        assert_eq!(meta["placement"], reference["placement"], "node {via}");
+        assert_eq!(meta["nodes"], reference["nodes"], "node {via}");
+    }
+    for shard in 0..4u16 {
+        let leader = cluster.wait_for_leader(shard, Duration::from_secs(15)).await?;
+        let (_, view) = cluster.admin_get(leader, &format!("/cluster/shards/{shard}")).await?;
+        let mut voters: Vec<u64> = view["voters"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
+        let mut placed: Vec<u64> = reference["placement"][shard.to_string()]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        voters.sort();
+        placed.sort();
+        assert_eq!(voters, placed, "shard {shard}: {view}");
     }
     // The new node serves data written before it joined, and writes through it commit.
     for i in 0..10 {
@@ -42,6 +67,41 @@ async fn add_and_remove_a_node() -> anyhow::Result<()> {
     cluster.assert_value(new, "member/after", json!("via new")).await?;
     let (_, value) = cluster.read_value(3, "member/after", "linearizable").await?;
     assert_eq!(value, json!("via new"));
+
+    // Move a replica of a shard the new node does not hold onto it, as an operator would.
+    let (_, meta) = cluster.admin_get(1, "/cluster/meta").await?;
+    let shard = (0..4u16)
+        .find(|s| !meta["placement"][s.to_string()].as_array().into_iter().flatten().any(|v| v.as_u64() == Some(new)))
+        .expect("with 3 of 4 shards on the new node, one shard lacks it");
+    let url = format!("{}/admin/shards/rebalance", cluster.node(1).admin());
+    let body = json!({"shard_id": shard.to_string(), "target_node": new.to_string(), "reason": "hotspot_mitigation"});
+    let response = cluster.client.post(&url).json(&body).send().await?;
+    assert_eq!(response.status().as_u16(), 202, "{}", response.text().await?);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, view) = cluster.admin_get(2, &format!("/cluster/shards/{shard}")).await?;
+        if view["rebalance_status"] == json!("COMPLETE") {
+            let placed = view["placement"].as_array().cloned().unwrap_or_default();
+            assert!(placed.contains(&json!(new)), "{view}");
+            assert_eq!(placed.len(), 3, "{view}");
+            break;
+        }
+        assert_ne!(view["rebalance_status"], json!("FAILED"), "{view}");
+        anyhow::ensure!(Instant::now() < deadline, "the move did not complete: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Bad rebalance requests are refused with a clear error.
+    for (body, status, code) in [
+        (json!({"shard_id": 99, "target_node": new}), 404, "unknown_shard"),
+        (json!({"shard_id": shard, "target_node": new}), 422, "invalid_rebalance"),
+        (json!({"shard_id": shard, "target_node": 77}), 404, "unknown_member"),
+        (json!({"shard_id": shard, "target": new}), 400, "unknown_field"),
+    ] {
+        let response = cluster.client.post(&url).json(&body).send().await?;
+        let got = response.status().as_u16();
+        let answer: Value = response.json().await?;
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{body}: {answer}");
+    }
 
     // Decommission it again.
     let response = cluster.client.delete(format!("{}/cluster/members/{new}", cluster.node(1).admin())).send().await?;

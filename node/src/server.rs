@@ -145,6 +145,15 @@ pub async fn run(
     );
     // The transport must run before waiting for leaders: elections need the peers' votes.
     let stop = tokio_util::sync::CancellationToken::new();
+    crate::cluster::placement::start(
+        &shards,
+        crate::cluster::placement::PlacementSettings {
+            interval: Duration::from_millis(500),
+            auto_rebalance: config.cluster.auto_rebalance,
+            move_timeout: Duration::from_secs(config.cluster.rebalance_move_timeout_seconds.max(1)),
+        },
+        stop.clone(),
+    );
     let grpc = {
         let service = RaftService::server(shards.clone(), Duration::from_millis(config.raft.write_timeout_ms));
         let stop = stop.clone();

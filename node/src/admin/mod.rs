@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 use crate::api::{ApiError, AppState};
+use crate::cluster::meta::{MetaCommand, MetaState, MoveCause, NodeStatus, META_SHARD};
 use crate::raft::shards::ShardStatus;
 use crate::raft::types::GroupAdmin;
 
@@ -25,6 +26,8 @@ pub fn router(state: AppState) -> Router {
         .route("/cluster/members/{id}", axum::routing::delete(remove_member))
         .route("/cluster/shards", get(shards))
         .route("/cluster/shards/{id}", get(shard))
+        .route("/cluster/meta", get(meta))
+        .route("/admin/shards/rebalance", axum::routing::post(rebalance))
         .route("/admin/shards/{id}/transfer-leader", axum::routing::post(transfer_leader))
         .fallback(|| async { ApiError::not_found("no such cluster admin endpoint; see docs/api.md") })
         .method_not_allowed_fallback(|| async {
@@ -46,24 +49,43 @@ fn statuses(state: &AppState) -> Vec<ShardStatus> {
 
 struct MemberView {
     addr: String,
+    /// What the cluster metadata says (JOINING, UP or LEAVING); `None` before it is bootstrapped.
+    lifecycle: Option<NodeStatus>,
     shards_led: usize,
     shards_hosted: usize,
     max_lag: Option<f64>,
 }
 
+/// Every member: from the cluster metadata once bootstrapped (else from the groups' memberships),
+/// with the shards placed on it and, as far as this node sees them, the shards it leads.
 fn member_views(state: &AppState, statuses: &[ShardStatus]) -> BTreeMap<u64, MemberView> {
-    let mut members: BTreeMap<u64, MemberView> = state
-        .shards
-        .known_nodes()
-        .into_iter()
-        .map(|(id, addr)| (id, MemberView { addr, shards_led: 0, shards_hosted: 0, max_lag: None }))
-        .collect();
-    for status in statuses {
-        for id in status.voters.iter().chain(&status.learners) {
-            if let Some(member) = members.get_mut(id) {
-                member.shards_hosted += 1;
+    let meta = state.shards.meta();
+    let view = |addr: String, lifecycle: Option<NodeStatus>| MemberView {
+        addr,
+        lifecycle,
+        shards_led: 0,
+        shards_hosted: 0,
+        max_lag: None,
+    };
+    let mut members: BTreeMap<u64, MemberView> = if meta.is_bootstrapped() {
+        meta.nodes.iter().map(|(id, n)| (*id, view(n.raft_addr.clone(), Some(n.status)))).collect()
+    } else {
+        state.shards.known_nodes().into_iter().map(|(id, addr)| (id, view(addr, None))).collect()
+    };
+    if meta.is_bootstrapped() {
+        for (id, member) in members.iter_mut() {
+            member.shards_hosted = meta.shards_of(*id).len();
+        }
+    } else {
+        for status in statuses {
+            for id in status.voters.iter().chain(&status.learners) {
+                if let Some(member) = members.get_mut(id) {
+                    member.shards_hosted += 1;
+                }
             }
         }
+    }
+    for status in statuses {
         if let Some(member) = status.leader.and_then(|l| members.get_mut(&l)) {
             member.shards_led += 1;
         }
@@ -82,6 +104,16 @@ fn member_up(state: &AppState, id: u64, member: &MemberView) -> bool {
     id == state.shards.node_id
         || state.shards.heard_from(id, std::time::Duration::from_secs_f64(UP_LAG_SECONDS))
         || member.max_lag.is_some_and(|lag| lag < UP_LAG_SECONDS)
+}
+
+/// JOINING or LEAVING while the cluster adds or decommissions the node, else UP or DOWN.
+fn member_status(state: &AppState, id: u64, member: &MemberView) -> &'static str {
+    match member.lifecycle {
+        Some(NodeStatus::Joining) => "JOINING",
+        Some(NodeStatus::Leaving) => "LEAVING",
+        _ if member_up(state, id, member) => "UP",
+        _ => "DOWN",
+    }
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -119,7 +151,7 @@ async fn members(State(state): State<AppState>) -> Json<Value> {
             json!({
                 "id": id,
                 "raft_addr": m.addr,
-                "status": if member_up(&state, *id, m) { "UP" } else { "DOWN" },
+                "status": member_status(&state, *id, m),
                 "replication_lag": if *id == state.shards.node_id { Some(0.0) } else { m.max_lag },
                 "shards_led": m.shards_led,
                 "shards_hosted": m.shards_hosted,
@@ -137,9 +169,15 @@ fn shard_json(state: &AppState, status: &ShardStatus) -> Value {
     value["write_rate"] = json!(rates.write_rate);
     value["queries_total"] = json!(rates.queries_total);
     value["writes_total"] = json!(rates.writes_total);
-    value["rebalance_status"] = json!("NONE");
-    value["hosted"] =
-        json!(status.voters.contains(&state.shards.node_id) || status.learners.contains(&state.shards.node_id));
+    let meta = state.shards.meta();
+    let rebalance = meta.rebalances.get(&status.shard);
+    value["rebalance_status"] = json!(rebalance.map(|r| r.status));
+    if rebalance.is_none() {
+        value["rebalance_status"] = json!("NONE");
+    }
+    value["rebalance"] = json!(rebalance);
+    value["placement"] = json!(meta.placement.get(&status.shard));
+    value["hosted"] = json!(state.shards.group(status.shard).is_ok_and(|g| state.shards.hosts(g)));
     value
 }
 
@@ -170,25 +208,6 @@ struct AddMemberRequest {
     raft_addr: String,
 }
 
-/// Runs one membership change on every shard, in shard order, and reports each result.
-async fn change_every_shard(state: &AppState, change: impl Fn() -> GroupAdmin) -> (bool, Vec<Value>) {
-    let mut all_ok = true;
-    let mut results = Vec::new();
-    for group in state.shards.groups() {
-        match state.shards.admin_group(group.shard, change(), MEMBERSHIP_TIMEOUT).await {
-            Ok(()) => results.push(json!({"shard": group.shard, "result": "ok"})),
-            Err(error) => {
-                all_ok = false;
-                let error = ApiError::from(error);
-                results.push(json!({"shard": group.shard, "result": "error", "error": error.body()["error"].clone()}));
-            }
-        }
-    }
-    (all_ok, results)
-}
-
-/// `POST /cluster/members`: adds a node to every shard (as a learner until it has caught up,
-/// then as a voter). Idempotent: a node that is already a voter stays one.
 /// Membership changes need the admin token when one is configured. Without a token they are
 /// open, because members join from other hosts; set `security.admin_token` in production.
 fn require_token_if_set(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
@@ -198,6 +217,32 @@ fn require_token_if_set(state: &AppState, headers: &axum::http::HeaderMap) -> Re
     state.require_admin(headers, None)
 }
 
+/// Proposes a change of the cluster metadata; refusals become client errors.
+async fn change_meta(state: &AppState, command: MetaCommand) -> Result<(), ApiError> {
+    let timeout = std::time::Duration::from_millis(state.config.raft.write_timeout_ms);
+    state.shards.propose_meta(command, timeout).await?.map_err(ApiError::from)
+}
+
+/// Waits until the cluster metadata satisfies `done`, up to `timeout`; returns whether it did.
+async fn wait_for_meta(state: &AppState, timeout: std::time::Duration, done: impl Fn(&MetaState) -> bool) -> bool {
+    let mut changes = state.shards.meta_changes();
+    let wait = async {
+        loop {
+            if done(&changes.borrow_and_update()) {
+                return true;
+            }
+            if changes.changed().await.is_err() {
+                return false;
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+}
+
+/// `POST /cluster/members {"id", "raft_addr"}`: adds a node. It is recorded as JOINING, becomes a
+/// voter of the meta group, receives its share of replicas (each added as a learner, caught up,
+/// then promoted), and is UP once the placement is balanced. Answers 200 when UP, 202 while
+/// still JOINING after the wait (watch `GET /cluster/members`). Idempotent.
 async fn add_member(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -215,14 +260,22 @@ async fn add_member(
         ));
     }
     tracing::info!(node = request.id, addr = %request.raft_addr, "adding member");
-    let (ok, results) =
-        change_every_shard(&state, || GroupAdmin::AddVoter { node: request.id, addr: request.raft_addr.clone() }).await;
-    let status = if ok { StatusCode::OK } else { StatusCode::CONFLICT };
-    Ok((status, Json(json!({"id": request.id, "raft_addr": request.raft_addr, "status": if ok { "UP" } else { "JOINING" }, "shards": results}))).into_response())
+    change_meta(&state, MetaCommand::AddNode { id: request.id, raft_addr: request.raft_addr.clone() }).await?;
+    let id = request.id;
+    let up = wait_for_meta(&state, MEMBERSHIP_TIMEOUT, |meta| {
+        meta.nodes.get(&id).is_some_and(|n| n.status == NodeStatus::Up)
+    })
+    .await;
+    let shards = state.shards.meta().shards_of(id);
+    let status = if up { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let body = json!({"id": id, "raft_addr": request.raft_addr, "status": if up { "UP" } else { "JOINING" }, "shards": shards});
+    Ok((status, Json(body)).into_response())
 }
 
-/// `DELETE /cluster/members/{id}`: removes a node from every shard it hosts. Every shard keeps
-/// a replica on each remaining node, so no data moves; a shard refuses to lose its last voter.
+/// `DELETE /cluster/members/{id}`: decommissions a node. It is marked LEAVING, its replicas move
+/// to other nodes (a replacement is added before each is removed, so shards keep their
+/// replication factor where enough nodes remain), then it leaves the meta group and the member
+/// list. Answers 200 once removed, 202 while still LEAVING after the wait.
 async fn remove_member(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -230,18 +283,124 @@ async fn remove_member(
 ) -> Result<Response, ApiError> {
     require_token_if_set(&state, &headers)?;
     let id: u64 = id.parse().map_err(|_| ApiError::new(404, "unknown_member", format!("no member {id:?}")))?;
-    let statuses = statuses(&state);
-    if !member_views(&state, &statuses).contains_key(&id) {
+    let meta = state.shards.meta();
+    if !meta.nodes.contains_key(&id) {
         return Err(ApiError::new(404, "unknown_member", format!("node {id} is not a member")));
     }
-    tracing::info!(node = id, "removing member");
-    let (ok, results) = change_every_shard(&state, || GroupAdmin::RemoveNode { node: id }).await;
-    if ok {
+    if meta.active_nodes().all(|other| other == id) {
+        return Err(ApiError::new(409, "last_member", format!("node {id} is the last member; it cannot leave")));
+    }
+    tracing::info!(node = id, "decommissioning member");
+    change_meta(&state, MetaCommand::SetNodeStatus { id, status: NodeStatus::Leaving }).await?;
+    let removed = wait_for_meta(&state, MEMBERSHIP_TIMEOUT * 2, |meta| !meta.nodes.contains_key(&id)).await;
+    if removed {
         state.shards.forget_node(id);
     }
-    let status = if ok { StatusCode::OK } else { StatusCode::CONFLICT };
-    Ok((status, Json(json!({"id": id, "status": if ok { "REMOVED" } else { "LEAVING" }, "shards": results})))
+    let status = if removed { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let remaining = state.shards.meta().shards_of(id);
+    Ok((status, Json(json!({"id": id, "status": if removed { "REMOVED" } else { "LEAVING" }, "shards": remaining})))
         .into_response())
+}
+
+/// A shard or node id given as a number or a string of digits (the runbooks quote them).
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum IdField {
+    Number(u64),
+    Text(String),
+}
+
+impl IdField {
+    fn parse(&self) -> Option<u64> {
+        match self {
+            IdField::Number(n) => Some(*n),
+            IdField::Text(text) => text.trim().parse().ok(),
+        }
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RebalanceRequest {
+    shard_id: IdField,
+    target_node: IdField,
+    /// The replica to move away; default: the one on the node holding the most replicas.
+    #[serde(default)]
+    from_node: Option<IdField>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /admin/shards/rebalance {"shard_id", "target_node", "reason"}`: moves one replica of a
+/// shard to `target_node`. Answers 202 at once; the meta leader runs the move (add learner,
+/// catch up, promote, remove) and `GET /cluster/shards/{id}` reports `rebalance_status`
+/// (PENDING, IN_PROGRESS, COMPLETE or FAILED). The balancer never undoes an operator's move.
+async fn rebalance(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    crate::api::extract::StrictJson(request): crate::api::extract::StrictJson<RebalanceRequest>,
+) -> Result<Response, ApiError> {
+    require_token_if_set(&state, &headers)?;
+    let shard = request
+        .shard_id
+        .parse()
+        .and_then(|s| u16::try_from(s).ok())
+        .filter(|s| *s < state.shards.shard_count())
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "unknown_shard",
+                format!("no shard {:?}; shards are 0..{}", request.shard_id, state.shards.shard_count()),
+            )
+        })?;
+    let target = request
+        .target_node
+        .parse()
+        .ok_or_else(|| ApiError::new(404, "unknown_member", format!("no member {:?}", request.target_node)))?;
+    let meta = state.shards.meta();
+    let replicas = meta.placement.get(&shard).cloned().unwrap_or_default();
+    let from = match &request.from_node {
+        Some(field) => {
+            Some(field.parse().ok_or_else(|| ApiError::new(404, "unknown_member", format!("no member {field:?}")))?)
+        }
+        None => {
+            let load = meta.load();
+            replicas.iter().copied().filter(|id| *id != target).max_by_key(|id| (load.get(id).copied(), *id))
+        }
+    };
+    let reason = request.reason.clone().unwrap_or_else(|| "operator request".into());
+    tracing::info!(shard, to = target, from = ?from, reason = %reason, "replica move requested");
+    let command = MetaCommand::StartMove {
+        shard,
+        from,
+        to: Some(target),
+        cause: MoveCause::Operator,
+        reason: reason.clone(),
+        pending: true,
+    };
+    change_meta(&state, command).await?;
+    let body = json!({
+        "shard_id": shard,
+        "target_node": target,
+        "from_node": from,
+        "reason": reason,
+        "rebalance_status": "PENDING",
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// `GET /cluster/meta`: the cluster metadata as this node has applied it, and the meta group.
+async fn meta(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let meta = state.shards.meta();
+    let group = state.shards.status(META_SHARD)?;
+    Ok(Json(json!({
+        "node_id": state.shards.node_id,
+        "meta_group": group,
+        "nodes": meta.nodes,
+        "placement": meta.placement,
+        "rebalances": meta.rebalances,
+        "load": meta.load(),
+    })))
 }
 
 #[derive(Debug, serde::Deserialize)]

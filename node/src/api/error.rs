@@ -97,6 +97,17 @@ impl From<ConsensusError> for ApiError {
     }
 }
 
+impl From<crate::cluster::meta::MetaError> for ApiError {
+    fn from(error: crate::cluster::meta::MetaError) -> ApiError {
+        // `{"Variant": {fields}}` → `{fields}`; unit variants have no details.
+        let details = match serde_json::to_value(&error) {
+            Ok(Value::Object(map)) => map.into_iter().next().map(|(_, v)| v).unwrap_or_else(|| json!({})),
+            _ => json!({}),
+        };
+        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)
+    }
+}
+
 impl From<StorageError> for ApiError {
     fn from(error: StorageError) -> ApiError {
         ApiError::new(500, error.code(), error.to_string())

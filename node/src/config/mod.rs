@@ -81,6 +81,11 @@ pub struct ClusterSection {
     /// Joins a running cluster through this cluster-admin address (`HOST:18181` of any member)
     /// instead of forming one. Exclusive with `initial_cluster`.
     pub join: String,
+    /// Balance replica counts across nodes automatically (the meta leader moves one replica at a
+    /// time). Repairs and decommissions run either way.
+    pub auto_rebalance: bool,
+    /// Seconds allowed for one replica move (the new replica catching up included).
+    pub rebalance_move_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,6 +197,8 @@ impl Default for ClusterSection {
             initial_cluster: String::new(),
             peer_dial_overrides: String::new(),
             join: String::new(),
+            auto_rebalance: true,
+            rebalance_move_timeout_seconds: 120,
         }
     }
 }

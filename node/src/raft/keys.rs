@@ -11,6 +11,7 @@
 //! | state_machine | group, `E`, id(16), `V`, agent, 0, at_us(8)     | vote (1, i8)           |
 //! | state_machine | group, `Q`, agent, 0, request_id                | outcome (JSON)         |
 //! | state_machine | group, `M`                                      | applied state (JSON)   |
+//! | state_machine | 0 (meta group), `N`                             | cluster metadata (JSON)|
 //! | index         | group, `P`, path, 0, predicate, 0, id(16)       | empty                  |
 //! | index         | group, `C`, path, 0, predicate                  | assertion count (8)    |
 //! | meta          | `snapshot/`, group                              | last snapshot          |
@@ -90,6 +91,11 @@ pub fn request_key(group: GroupId, agent_id: &str, request_id: &str) -> Vec<u8> 
 
 pub fn applied_key(group: GroupId) -> Vec<u8> {
     tagged(group, b'M', 0)
+}
+
+/// The cluster metadata document of the meta group.
+pub fn meta_state_key(group: GroupId) -> Vec<u8> {
+    tagged(group, b'N', 0)
 }
 
 /// `group, P, path, 0` or, with a predicate, `group, P, path, 0, predicate, 0`.

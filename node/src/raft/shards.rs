@@ -18,6 +18,7 @@ use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
 use super::reader::{ShardRead, ShardReadResult, ShardReader};
 use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
+use crate::cluster::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
 use crate::model::id::shard_for_path;
 use crate::storage::Storage;
 use stemedb_proto::raft::GroupMessage;
@@ -134,6 +135,69 @@ pub struct ShardGroup {
     rate_sample: Mutex<RateSample>,
 }
 
+impl ShardGroup {
+    /// Starts the Raft group of `shard` over `state_machine`. `voters` (node id → Raft address):
+    /// this node creates the group with them unless it exists already.
+    async fn start(
+        storage: Arc<Storage>,
+        node_id: NodeId,
+        shard: u16,
+        config: Arc<openraft::Config>,
+        peers: Arc<PeerChannels>,
+        state_machine: ShardStateMachine,
+        voters: Option<BTreeMap<NodeId, String>>,
+    ) -> Result<ShardGroup, ConsensusError> {
+        let group = group_of_shard(shard);
+        let startup = |e: &dyn std::fmt::Display| ConsensusError::Startup(format!("group {group}: {e}"));
+        let log_store = LogStore::new(storage.clone(), group);
+        let log = log_store.clone();
+        let reader = ShardReader::new(storage.clone(), shard, group, state_machine.progress());
+        let network = GrpcNetwork::new(peers, group);
+        let raft = Raft::new(node_id, config, network, log_store, state_machine).await.map_err(|e| startup(&e))?;
+        let initialized = raft.is_initialized().await.map_err(|e| startup(&e))?;
+        if let (false, Some(voters)) = (initialized, voters) {
+            let count = voters.len();
+            let voters: BTreeMap<NodeId, BasicNode> =
+                voters.into_iter().map(|(id, addr)| (id, BasicNode::new(addr))).collect();
+            raft.initialize(voters).await.map_err(|e| startup(&e))?;
+            tracing::info!(group, voters = count, "raft group created");
+        }
+        // Count leader changes as this node sees them. Server metrics change only with
+        // leadership and membership, unlike the full metrics, which change on every write.
+        let mut watch = raft.server_metrics();
+        let label = if shard == META_SHARD { "meta".to_string() } else { shard.to_string() };
+        tokio::spawn(async move {
+            let mut leader = watch.borrow().current_leader;
+            while watch.changed().await.is_ok() {
+                let now = watch.borrow().current_leader;
+                if now != leader && now.is_some() {
+                    raft_metrics::LEADER_CHANGES.with_label_values(&[&label]).inc();
+                }
+                leader = now;
+            }
+        });
+        Ok(ShardGroup {
+            shard,
+            read_barriers: ReadBarrierGroup::default(),
+            raft,
+            reader,
+            log,
+            writes: AtomicU64::new(0),
+            hibernating: std::sync::atomic::AtomicBool::new(false),
+            elections_paused: std::sync::atomic::AtomicBool::new(false),
+            last_proposal_us: AtomicU64::new(crate::model::id::now_us()),
+            queries: AtomicU64::new(0),
+            rate_sample: Mutex::new(RateSample {
+                at: Instant::now(),
+                writes: 0,
+                queries: 0,
+                write_rate: 0.0,
+                query_rate: 0.0,
+            }),
+        })
+    }
+}
+
 /// Totals at the last sample and the rates computed then.
 #[derive(Debug, Clone, Copy)]
 struct RateSample {
@@ -186,12 +250,15 @@ pub struct ShardSet {
     pub(crate) liveness: super::hibernation::PeerLiveness,
     /// Raft addresses of every node this node knows of (founding members and shard memberships).
     directory: Mutex<BTreeMap<NodeId, String>>,
-    /// Replicas of each shard as placed at bootstrap: where to send requests for shards this
-    /// node does not host.
-    placement: BTreeMap<u16, Vec<NodeId>>,
-    replication_factor: u16,
+    /// The founding members and bootstrap placement, when this node founded the cluster: the
+    /// meta group's first leader records them.
+    founding: Option<(BTreeMap<NodeId, String>, BTreeMap<u16, Vec<NodeId>>)>,
+    pub replication_factor: u16,
     shards: u16,
     groups: Vec<ShardGroup>,
+    /// The meta group (group 0): cluster nodes, shard placement, rebalances.
+    meta: ShardGroup,
+    meta_state: tokio::sync::watch::Receiver<Arc<MetaState>>,
     peers: Arc<PeerChannels>,
 }
 
@@ -226,75 +293,53 @@ impl ShardSet {
         let config = Arc::new(config);
         let mut groups = Vec::with_capacity(shards as usize);
         for shard in 0..shards {
-            let group = group_of_shard(shard);
-            let log_store = LogStore::new(storage.clone(), group);
-            let log = log_store.clone();
-            let state_machine = ShardStateMachine::open(storage.clone(), shard, group)
+            let state_machine = ShardStateMachine::open(storage.clone(), shard, group_of_shard(shard))
                 .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
-            let reader = ShardReader::new(storage.clone(), shard, group, state_machine.progress());
-            let network = GrpcNetwork::new(peers.clone(), group);
-            let raft = Raft::new(node_id, config.clone(), network, log_store, state_machine)
-                .await
-                .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
-            let initialized = raft.is_initialized().await.map_err(|e| ConsensusError::Startup(e.to_string()))?;
             // The replicas of shard s are replication_factor members starting at member s mod n
             // (by id); the first is the preferred leader: it initializes the group and so becomes
             // its first leader, spreading leaders over the founding nodes.
             let replicas = placement.get(&shard).cloned().unwrap_or_default();
-            let bootstrapper = replicas.first() == Some(&node_id);
-            if !initialized && bootstrapper {
-                let voters: BTreeMap<NodeId, BasicNode> = replicas
-                    .iter()
-                    .filter_map(|id| members.get(id).map(|addr| (*id, BasicNode::new(addr.clone()))))
-                    .collect();
-                raft.initialize(voters).await.map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
-                tracing::info!(shard, group, voters = members.len(), "shard group created");
-            }
-            let rate_sample =
-                Mutex::new(RateSample { at: Instant::now(), writes: 0, queries: 0, write_rate: 0.0, query_rate: 0.0 });
-            // Count leader changes as this node sees them. Server metrics change only with
-            // leadership and membership, unlike the full metrics, which change on every write.
-            let mut watch = raft.server_metrics();
-            tokio::spawn(async move {
-                let mut leader = watch.borrow().current_leader;
-                while watch.changed().await.is_ok() {
-                    let now = watch.borrow().current_leader;
-                    if now != leader && now.is_some() {
-                        raft_metrics::LEADER_CHANGES.with_label_values(&[&shard.to_string()]).inc();
-                    }
-                    leader = now;
-                }
-            });
-            groups.push(ShardGroup {
-                shard,
-                read_barriers: ReadBarrierGroup::default(),
-                raft,
-                reader,
-                log,
-                writes: AtomicU64::new(0),
-                hibernating: std::sync::atomic::AtomicBool::new(false),
-                elections_paused: std::sync::atomic::AtomicBool::new(false),
-                last_proposal_us: AtomicU64::new(crate::model::id::now_us()),
-                queries: AtomicU64::new(0),
-                rate_sample,
-            });
+            let voters = (replicas.first() == Some(&node_id))
+                .then(|| replicas.iter().filter_map(|id| members.get(id).map(|addr| (*id, addr.clone()))).collect());
+            groups.push(
+                ShardGroup::start(
+                    storage.clone(),
+                    node_id,
+                    shard,
+                    config.clone(),
+                    peers.clone(),
+                    state_machine,
+                    voters,
+                )
+                .await?,
+            );
         }
+        // The meta group has every founding member as a voter; the lowest id creates it.
+        let (meta_publish, meta_state) = tokio::sync::watch::channel(Arc::new(MetaState::default()));
+        let meta_machine = ShardStateMachine::open_meta(storage.clone(), meta_publish)
+            .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
+        let meta_voters = (members.keys().next() == Some(&node_id)).then(|| members.clone());
+        let meta =
+            ShardGroup::start(storage.clone(), node_id, META_SHARD, config, peers.clone(), meta_machine, meta_voters)
+                .await?;
         Ok(ShardSet {
             node_id,
             leader_lease: Duration::from_millis(settings.election_timeout_max_ms),
             liveness: Default::default(),
             directory: Mutex::new(members.clone()),
-            placement,
+            founding: (!members.is_empty()).then_some((members, placement)),
             replication_factor,
             shards,
             groups,
+            meta,
+            meta_state,
             peers,
         })
     }
 
     /// Waits until every shard has a leader, up to `timeout`.
     pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), ConsensusError> {
-        for group in &self.groups {
+        for group in self.groups.iter().chain(std::iter::once(&self.meta)) {
             group
                 .raft
                 .wait(Some(timeout))
@@ -313,8 +358,48 @@ impl ShardSet {
         shard_for_path(concept_path, self.shards)
     }
 
+    /// A data shard's group, or the meta group for [`META_SHARD`].
     pub fn group(&self, shard: u16) -> Result<&ShardGroup, ConsensusError> {
+        if shard == META_SHARD {
+            return Ok(&self.meta);
+        }
         self.groups.get(shard as usize).ok_or(ConsensusError::UnknownShard { shard })
+    }
+
+    /// Whether this node leads `shard` (or, for [`META_SHARD`], the meta group).
+    pub fn leads(&self, shard: u16) -> bool {
+        self.group(shard).is_ok_and(|g| g.raft.metrics().borrow().current_leader == Some(self.node_id))
+    }
+
+    /// The cluster metadata as this node's replica of the meta group has applied it.
+    pub fn meta(&self) -> Arc<MetaState> {
+        self.meta_state.borrow().clone()
+    }
+
+    /// A receiver that sees every change of the cluster metadata.
+    pub fn meta_changes(&self) -> tokio::sync::watch::Receiver<Arc<MetaState>> {
+        self.meta_state.clone()
+    }
+
+    /// The founding members and bootstrap placement, if this node founded the cluster.
+    pub fn founding(&self) -> Option<&(BTreeMap<NodeId, String>, BTreeMap<u16, Vec<NodeId>>)> {
+        self.founding.as_ref()
+    }
+
+    /// Proposes a change of the cluster metadata to the meta group.
+    pub async fn propose_meta(
+        &self,
+        command: MetaCommand,
+        timeout: Duration,
+    ) -> Result<Result<(), MetaError>, ConsensusError> {
+        let proposed_at_us = crate::model::id::now_us();
+        match self.propose(META_SHARD, ShardCommand::Meta { proposed_at_us, command }, timeout).await? {
+            ShardResponse::Meta(result) => Ok(result),
+            other => Err(ConsensusError::Internal {
+                shard: META_SHARD,
+                message: format!("unexpected answer to a metadata change: {other:?}"),
+            }),
+        }
     }
 
     pub fn groups(&self) -> &[ShardGroup] {
@@ -599,10 +684,23 @@ impl ShardSet {
         }
     }
 
-    /// Runs a membership change of `shard` on its leader (here or forwarded).
+    /// Runs a membership change of `shard` on its leader (here or forwarded). Follows a leader
+    /// change (a leader asked to remove itself hands leadership over first) up to twice.
     pub async fn admin_group(&self, shard: u16, change: GroupAdmin, timeout: Duration) -> Result<(), ConsensusError> {
-        let group = self.group(shard)?;
         let deadline = Instant::now() + timeout;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.admin_group_once(shard, change.clone(), deadline).await {
+                Err(ConsensusError::NotLeader { leader: Some(_), .. }) if attempts < 3 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn admin_group_once(&self, shard: u16, change: GroupAdmin, deadline: Instant) -> Result<(), ConsensusError> {
+        let group = self.group(shard)?;
+        let timeout = deadline.saturating_duration_since(Instant::now());
         if !self.hosts(group) {
             return self.ask_replicas(group, "admin", &change, deadline).await;
         }
@@ -630,6 +728,8 @@ impl ShardSet {
         if leader != Some(self.node_id) {
             return Err(ConsensusError::NotLeader { shard, leader });
         }
+        // A membership change is activity: a hibernating group resumes its heartbeats.
+        self.wake(group);
         let failed = |e: &dyn std::fmt::Display| ConsensusError::MembershipChange { shard, message: e.to_string() };
         match change {
             GroupAdmin::TransferLeader { target } => return self.transfer_leader_local(group, target, &voters).await,
@@ -640,19 +740,21 @@ impl ShardSet {
                 group.raft.add_learner(node, BasicNode::new(addr), true).await.map_err(|e| failed(&e))?;
                 voters.insert(node);
             }
+            GroupAdmin::RemoveNode { node } if node == self.node_id && voters.len() > 1 => {
+                // A leader that removed itself would leave the shard leaderless for an election
+                // timeout. It hands leadership to the most caught-up other voter instead; the
+                // caller retries the removal there.
+                let matched = group.raft.metrics().borrow().replication.clone().unwrap_or_default();
+                let target = voters
+                    .iter()
+                    .copied()
+                    .filter(|id| *id != node)
+                    .max_by_key(|id| (matched.get(id).copied().flatten().map(|l| l.index), std::cmp::Reverse(*id)));
+                let Some(target) = target else { return Err(failed(&"no other voter to hand leadership to")) };
+                self.transfer_leader_local(group, target, &voters).await?;
+                return Err(ConsensusError::NotLeader { shard, leader: Some(target) });
+            }
             GroupAdmin::RemoveNode { node } => {
-                // Decommission moves the replica first: when removing `node` would leave fewer
-                // than replication_factor voters, another known node is added (as a learner until
-                // it has caught up) before `node` goes.
-                if voters.contains(&node) && voters.len() <= self.replication_factor as usize {
-                    let replacement =
-                        self.known_nodes().into_iter().find(|(id, _)| !voters.contains(id) && *id != node);
-                    if let Some((id, addr)) = replacement {
-                        group.raft.add_learner(id, BasicNode::new(addr), true).await.map_err(|e| failed(&e))?;
-                        voters.insert(id);
-                        tracing::info!(shard, from = node, to = id, "replica moved");
-                    }
-                }
                 if !voters.remove(&node) {
                     // A learner (say, from an interrupted join) is removed as a node.
                     let is_learner =
@@ -672,14 +774,26 @@ impl ShardSet {
         Ok(())
     }
 
-    /// Whether this node holds a replica of the group (it is in the group's membership).
+    /// Whether this node serves the shard's requests: it is in the group's membership and, once
+    /// the cluster metadata exists, the shard is placed on it. A replica that was moved away
+    /// never hears of the membership that excludes it (its leader stops replicating to it), so
+    /// its own view of the membership is not enough; a replica still being added is not served
+    /// from until its move completes.
     pub fn hosts(&self, group: &ShardGroup) -> bool {
-        group.raft.metrics().borrow().membership_config.membership().get_node(&self.node_id).is_some()
+        let member = group.raft.metrics().borrow().membership_config.membership().get_node(&self.node_id).is_some();
+        if !member || group.shard == META_SHARD {
+            return member;
+        }
+        let meta = self.meta();
+        !meta.is_bootstrapped() || meta.placement.get(&group.shard).is_some_and(|r| r.contains(&self.node_id))
     }
 
-    /// The Raft address of `node`: from the group's membership, else from the directory.
+    /// The Raft address of `node`: from the group's membership, else the cluster metadata, else
+    /// the directory.
     fn addr_of(&self, group: &ShardGroup, node: NodeId) -> Option<String> {
-        Self::node_addr(group, node).or_else(|| self.directory.lock().get(&node).cloned())
+        Self::node_addr(group, node)
+            .or_else(|| self.meta().nodes.get(&node).map(|n| n.raft_addr.clone()))
+            .or_else(|| self.directory.lock().get(&node).cloned())
     }
 
     /// Whether a node heartbeat from `node` arrived within `window`.
@@ -695,6 +809,9 @@ impl ShardSet {
     /// Every node this node knows of, with its Raft address.
     pub fn known_nodes(&self) -> BTreeMap<NodeId, String> {
         let mut nodes = self.directory.lock().clone();
+        for (id, record) in &self.meta().nodes {
+            nodes.insert(*id, record.raft_addr.clone());
+        }
         for group in &self.groups {
             for (id, node) in group.raft.metrics().borrow().membership_config.membership().nodes() {
                 nodes.entry(*id).or_insert_with(|| node.addr.clone());
@@ -713,8 +830,10 @@ impl ShardSet {
         deadline: Instant,
     ) -> Result<Resp, ConsensusError> {
         let shard = group.shard;
-        let mut candidates: Vec<NodeId> = match self.placement.get(&shard) {
-            Some(replicas) => replicas.clone(),
+        let placed = self.meta().placement.get(&shard).cloned();
+        let founding = self.founding.as_ref().and_then(|(_, placement)| placement.get(&shard).cloned());
+        let mut candidates: Vec<NodeId> = match placed.or(founding) {
+            Some(replicas) => replicas,
             None => self.known_nodes().into_keys().collect(),
         };
         candidates.retain(|id| *id != self.node_id);
@@ -852,7 +971,7 @@ impl ShardSet {
 
     /// Stops every group's Raft task.
     pub async fn shutdown(&self) {
-        for group in &self.groups {
+        for group in self.groups.iter().chain(std::iter::once(&self.meta)) {
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(shard = group.shard, error = %error, "raft shutdown failed");
             }

@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 use super::keys;
 use super::metrics as raft_metrics;
 use super::types::{
-    AssertOutcome, Entry, EventOutcome, GroupId, LogId, NodeId, ShardCommand, ShardResponse, StorageIoError, TypeConfig,
+    group_of_shard, AssertOutcome, Entry, EventOutcome, GroupId, LogId, NodeId, ShardCommand, ShardResponse,
+    StorageIoError, TypeConfig,
 };
+use crate::cluster::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
 use crate::model::assertion::{AssertionDraft, StoredAssertion};
 use crate::model::id::AssertionId;
 use crate::model::ModelError;
@@ -57,6 +59,14 @@ pub struct ShardStateMachine {
     group: GroupId,
     state: AppliedState,
     progress: Arc<AppliedProgress>,
+    /// The meta group's state machine also holds the cluster metadata.
+    meta: Option<MetaSlot>,
+}
+
+/// The cluster metadata as applied, and where it is published to the rest of the node.
+struct MetaSlot {
+    state: MetaState,
+    publish: tokio::sync::watch::Sender<Arc<MetaState>>,
 }
 
 fn sm_read_error(e: impl std::error::Error + 'static) -> StorageIoError {
@@ -102,7 +112,46 @@ impl ShardStateMachine {
         let progress = Arc::new(AppliedProgress::default());
         progress.applied_index.store(state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
         progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
-        Ok(ShardStateMachine { storage, shard, group, state, progress })
+        Ok(ShardStateMachine { storage, shard, group, state, progress, meta: None })
+    }
+
+    /// Opens the meta group's state machine; every applied change of the cluster metadata is
+    /// published on `publish`.
+    pub fn open_meta(
+        storage: Arc<Storage>,
+        publish: tokio::sync::watch::Sender<Arc<MetaState>>,
+    ) -> Result<ShardStateMachine, StorageIoError> {
+        let mut machine = ShardStateMachine::open(storage, META_SHARD, group_of_shard(META_SHARD))?;
+        let state = machine.load_meta()?;
+        publish.send_replace(Arc::new(state.clone()));
+        machine.meta = Some(MetaSlot { state, publish });
+        Ok(machine)
+    }
+
+    fn load_meta(&self) -> Result<MetaState, StorageIoError> {
+        match self.storage.get(ColumnFamily::StateMachine, &keys::meta_state_key(self.group)).map_err(sm_read_error)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(sm_read_error),
+            None => Ok(MetaState::default()),
+        }
+    }
+
+    fn apply_meta(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        proposed_at_us: u64,
+        command: MetaCommand,
+    ) -> Result<Result<(), MetaError>, StorageIoError> {
+        let at_us = self.next_time(proposed_at_us);
+        let Some(slot) = self.meta.as_mut() else {
+            // A data shard never receives these (the node proposes them to group 0 only).
+            return Ok(Ok(()));
+        };
+        let result = slot.state.apply(command, at_us);
+        if result.is_ok() {
+            let bytes = serde_json::to_vec(&slot.state).map_err(sm_write_error)?;
+            overlay.put(ColumnFamily::StateMachine, keys::meta_state_key(self.group), bytes);
+        }
+        Ok(result)
     }
 
     pub fn progress(&self) -> Arc<AppliedProgress> {
@@ -360,6 +409,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     ShardCommand::Vote { proposed_at_us, assertion_id, agent_id, value } => ShardResponse::Voted(
                         self.apply_vote(&mut overlay, index, proposed_at_us, assertion_id, &agent_id, value)?,
                     ),
+                    ShardCommand::Meta { proposed_at_us, command } => {
+                        ShardResponse::Meta(self.apply_meta(&mut overlay, proposed_at_us, command)?)
+                    }
                     ShardCommand::Retract { proposed_at_us, assertion_id, agent_id, admin, reason } => {
                         ShardResponse::Retracted(self.apply_retract(
                             &mut overlay,
@@ -381,6 +433,11 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.storage.write(overlay.batch, Durability::Buffered).map_err(sm_write_error)?;
         self.progress.applied_index.store(self.state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
         self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
+        if let Some(slot) = &self.meta {
+            if **slot.publish.borrow() != slot.state {
+                slot.publish.send_replace(Arc::new(slot.state.clone()));
+            }
+        }
         raft_metrics::APPLY_DURATION.observe(started.elapsed().as_secs_f64());
         Ok(responses)
     }
@@ -452,6 +509,13 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.progress.applied_index.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
         self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
         self.persist_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
+        if self.meta.is_some() {
+            let state = self.load_meta()?;
+            if let Some(slot) = self.meta.as_mut() {
+                slot.publish.send_replace(Arc::new(state.clone()));
+                slot.state = state;
+            }
+        }
         Ok(())
     }
 

@@ -4,17 +4,31 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::meta::{MetaCommand, MetaError, META_SHARD};
 use crate::model::assertion::AssertionDraft;
 use crate::model::id::AssertionId;
 use crate::model::ModelError;
 
 /// Node ids are u64; a node's Raft address is in its [`openraft::BasicNode`].
 pub type NodeId = u64;
-/// Group 0 is the meta group (cluster issue); shard `s` is group `s + 1`.
+/// Group 0 is the meta group; shard `s` is group `s + 1`.
 pub type GroupId = u32;
 
+/// The group of `shard`; [`META_SHARD`] names the meta group, group 0.
 pub fn group_of_shard(shard: u16) -> GroupId {
-    shard as GroupId + 1
+    if shard == META_SHARD {
+        0
+    } else {
+        shard as GroupId + 1
+    }
+}
+
+/// The shard of a group id (group 0: [`META_SHARD`]); `None` for ids no shard can have.
+pub fn shard_of_group(group: GroupId) -> Option<u16> {
+    match group {
+        0 => Some(META_SHARD),
+        g => u16::try_from(g - 1).ok().filter(|s| *s != META_SHARD),
+    }
 }
 
 openraft::declare_raft_types!(
@@ -44,6 +58,8 @@ pub enum ShardCommand {
     Vote { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, value: i8 },
     /// A retraction, by the asserting agent or (with `admin`) by an administrator.
     Retract { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, admin: bool, reason: Option<String> },
+    /// A change to the cluster metadata; only the meta group (group 0) applies these.
+    Meta { proposed_at_us: u64, command: MetaCommand },
 }
 
 impl ShardCommand {
@@ -51,7 +67,8 @@ impl ShardCommand {
         match self {
             ShardCommand::Assert { proposed_at_us, .. }
             | ShardCommand::Vote { proposed_at_us, .. }
-            | ShardCommand::Retract { proposed_at_us, .. } => *proposed_at_us,
+            | ShardCommand::Retract { proposed_at_us, .. }
+            | ShardCommand::Meta { proposed_at_us, .. } => *proposed_at_us,
         }
     }
 }
@@ -93,6 +110,7 @@ pub enum ShardResponse {
     Asserted(Vec<Result<AssertOutcome, ModelError>>),
     Voted(Result<EventOutcome, ModelError>),
     Retracted(Result<EventOutcome, ModelError>),
+    Meta(Result<(), MetaError>),
     /// Blank and membership entries.
     #[default]
     Empty,

@@ -36,11 +36,10 @@ impl RaftService {
             .map_err(|_| Status::not_found(format!("group {group_id} is not hosted here")))
     }
 
+    /// The shard of a group id (the meta group: `META_SHARD`).
     fn shard(&self, group_id: u32) -> Result<u16, Status> {
-        group_id
-            .checked_sub(1)
-            .and_then(|s| u16::try_from(s).ok())
-            .ok_or_else(|| Status::not_found(format!("group {group_id} is not a shard group")))
+        crate::raft::types::shard_of_group(group_id)
+            .ok_or_else(|| Status::not_found(format!("group {group_id} is not a raft group")))
     }
 }
 

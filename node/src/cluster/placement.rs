@@ -1,0 +1,173 @@
+//! The placement driver: on the meta group's leader, a loop that makes the cluster match its
+//! metadata. It records the bootstrap, keeps the meta group's voters equal to the node list,
+//! runs replica moves one at a time (add the new replica as a learner, let it catch up, promote
+//! it, then remove the old one) and reports each through `rebalance_status`, marks joined nodes
+//! UP once the placement is balanced, and removes decommissioned nodes once they hold nothing.
+//! Every step is recorded in the meta group first, so a new meta leader resumes where the old
+//! one stopped; every step is idempotent, so resuming twice is harmless.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::meta::{
+    plan_next_move, replicas_after, MetaCommand, MetaError, MetaState, NodeStatus, Rebalance, RebalanceStatus,
+    META_SHARD,
+};
+use crate::raft::types::{GroupAdmin, NodeId};
+use crate::raft::{ConsensusError, ShardSet};
+
+/// How the driver behaves (`[cluster]` config).
+#[derive(Debug, Clone)]
+pub struct PlacementSettings {
+    /// How often the driver looks for work.
+    pub interval: Duration,
+    /// Whether replica counts are balanced across nodes (repairs and decommissions always run).
+    pub auto_rebalance: bool,
+    /// Time allowed for one membership change (a new replica catching up included).
+    pub move_timeout: Duration,
+}
+
+/// Why one driver round stopped early.
+#[derive(Debug, thiserror::Error)]
+enum DriverError {
+    #[error(transparent)]
+    Consensus(#[from] ConsensusError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+/// Starts the driver; it ends with `stop` or when the shard set is dropped.
+pub fn start(shards: &Arc<ShardSet>, settings: PlacementSettings, stop: CancellationToken) {
+    let shards = Arc::downgrade(shards);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = run(shards, settings) => {}
+            _ = stop.cancelled() => {}
+        }
+    });
+}
+
+async fn run(shards: Weak<ShardSet>, settings: PlacementSettings) {
+    loop {
+        tokio::time::sleep(settings.interval).await;
+        let Some(shards) = shards.upgrade() else { return };
+        if !shards.leads(META_SHARD) {
+            continue;
+        }
+        if let Err(error) = round(&shards, &settings).await {
+            tracing::warn!(error = %error, "placement round stopped");
+        }
+    }
+}
+
+/// One round: at most one replica move, so each round is short and sees fresh metadata.
+async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), DriverError> {
+    let timeout = settings.move_timeout;
+    let state = shards.meta();
+    if !state.is_bootstrapped() {
+        if let Some((nodes, placement)) = shards.founding() {
+            let bootstrap = MetaCommand::Bootstrap { nodes: nodes.clone(), placement: placement.clone() };
+            shards.propose_meta(bootstrap, timeout).await??;
+            tracing::info!(nodes = nodes.len(), shards = placement.len(), "cluster metadata bootstrapped");
+        }
+        return Ok(());
+    }
+    sync_meta_voters(shards, &state, timeout).await?;
+    if let Some((shard, rebalance)) = state.rebalances.iter().find(|(s, _)| state.move_under_way(**s)) {
+        return run_move(shards, &state, *shard, rebalance.clone(), timeout).await;
+    }
+    if let Some(planned) = plan_next_move(&state, shards.replication_factor, settings.auto_rebalance) {
+        let reason = format!("{:?}", planned.cause).to_lowercase();
+        let start = MetaCommand::StartMove {
+            shard: planned.shard,
+            from: planned.from,
+            to: planned.to,
+            cause: planned.cause,
+            reason,
+            pending: false,
+        };
+        shards.propose_meta(start, timeout).await??;
+        let state = shards.meta();
+        if let Some(rebalance) = state.rebalances.get(&planned.shard).cloned() {
+            return run_move(shards, &state, planned.shard, rebalance, timeout).await;
+        }
+        return Ok(());
+    }
+    // Balanced: joined nodes are full members now; decommissioned ones that hold nothing go.
+    for (id, node) in &state.nodes {
+        match node.status {
+            NodeStatus::Joining => {
+                shards.propose_meta(MetaCommand::SetNodeStatus { id: *id, status: NodeStatus::Up }, timeout).await??;
+                tracing::info!(node = id, "node joined");
+            }
+            NodeStatus::Leaving if state.shards_of(*id).is_empty() => {
+                shards.propose_meta(MetaCommand::RemoveNode { id: *id }, timeout).await??;
+                tracing::info!(node = id, "node removed");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Makes the meta group's membership follow the node list: every node a voter, removed nodes out.
+async fn sync_meta_voters(shards: &ShardSet, state: &MetaState, timeout: Duration) -> Result<(), DriverError> {
+    let status = shards.status(META_SHARD)?;
+    let members: Vec<NodeId> = status.voters.iter().chain(&status.learners).copied().collect();
+    for (id, node) in &state.nodes {
+        if !status.voters.contains(id) {
+            let add = GroupAdmin::AddVoter { node: *id, addr: node.raft_addr.clone() };
+            shards.admin_group(META_SHARD, add, timeout).await?;
+            tracing::info!(node = id, "node added to the meta group");
+        }
+    }
+    for id in members.into_iter().filter(|id| !state.nodes.contains_key(id)) {
+        shards.admin_group(META_SHARD, GroupAdmin::RemoveNode { node: id }, timeout).await?;
+        shards.forget_node(id);
+        tracing::info!(node = id, "node removed from the meta group");
+    }
+    Ok(())
+}
+
+/// Runs (or resumes) the move of `shard` and records how it ended.
+async fn run_move(
+    shards: &ShardSet,
+    state: &MetaState,
+    shard: u16,
+    rebalance: Rebalance,
+    timeout: Duration,
+) -> Result<(), DriverError> {
+    if rebalance.status == RebalanceStatus::Pending {
+        shards.propose_meta(MetaCommand::MoveRunning { shard }, timeout).await??;
+    }
+    tracing::info!(shard, from = ?rebalance.from, to = ?rebalance.to, cause = ?rebalance.cause, "moving replica");
+    let outcome = async {
+        if let Some(to) = rebalance.to {
+            let addr = state.nodes.get(&to).map(|n| n.raft_addr.clone()).ok_or(MetaError::UnknownNode { id: to })?;
+            shards.admin_group(shard, GroupAdmin::AddVoter { node: to, addr }, timeout).await?;
+        }
+        if let Some(from) = rebalance.from {
+            shards.admin_group(shard, GroupAdmin::RemoveNode { node: from }, timeout).await?;
+        }
+        Ok::<(), DriverError>(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            let replicas = state.placement.get(&shard).cloned().unwrap_or_default();
+            let replicas = replicas_after(&replicas, rebalance.from, rebalance.to);
+            shards.propose_meta(MetaCommand::FinishMove { shard, replicas }, timeout).await??;
+            tracing::info!(shard, "replica moved");
+            Ok(())
+        }
+        Err(error) => {
+            tracing::warn!(shard, error = %error, "replica move failed");
+            shards.propose_meta(MetaCommand::FailMove { shard, error: error.to_string() }, timeout).await??;
+            // Give the cluster a moment before the planner tries again.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(())
+        }
+    }
+}
