@@ -9,14 +9,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+
+pub mod proxy;
+pub use proxy::{LinkFault, LinkProxy};
 
 /// The `stemedb` binary: `STEMEDB_BIN`, else next to the test executable's `deps/` directory.
 pub fn stemedb_binary() -> PathBuf {
@@ -42,64 +41,6 @@ pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-/// A TCP proxy for one directed link. While blocked it refuses new connections and cuts open
-/// ones, which to the sender looks like a dead peer.
-pub struct LinkProxy {
-    pub listen_port: u16,
-    blocked: Arc<AtomicBool>,
-    generation: Arc<tokio::sync::watch::Sender<u64>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LinkProxy {
-    pub async fn start(target: String) -> LinkProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let listen_port = listener.local_addr().expect("addr").port();
-        let blocked = Arc::new(AtomicBool::new(false));
-        let (generation, _) = tokio::sync::watch::channel(0u64);
-        let generation = Arc::new(generation);
-        let task = {
-            let (blocked, generation) = (blocked.clone(), generation.clone());
-            tokio::spawn(async move {
-                loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else { continue };
-                    if blocked.load(Ordering::SeqCst) {
-                        let _ = inbound.shutdown().await;
-                        continue;
-                    }
-                    let target = target.clone();
-                    let mut cut = generation.subscribe();
-                    tokio::spawn(async move {
-                        let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
-                        let _ = inbound.set_nodelay(true);
-                        let _ = outbound.set_nodelay(true);
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                            _ = cut.changed() => {}
-                        }
-                    });
-                }
-            })
-        };
-        LinkProxy { listen_port, blocked, generation, task }
-    }
-
-    pub fn block(&self) {
-        self.blocked.store(true, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    pub fn unblock(&self) {
-        self.blocked.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for LinkProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// One node of a test cluster.
 pub struct TestNode {
     pub id: u64,
@@ -110,6 +51,8 @@ pub struct TestNode {
     pub raft_port: u16,
     pub data_dir: PathBuf,
     child: Option<Child>,
+    /// Stopped with SIGSTOP.
+    paused: bool,
 }
 
 impl TestNode {
@@ -124,6 +67,14 @@ impl TestNode {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 /// Options of a test cluster.
@@ -133,11 +84,15 @@ pub struct ClusterOptions {
     pub shards: u16,
     /// Extra `STEMEDB_*` environment for every node.
     pub env: Vec<(String, String)>,
+    /// The `stemedb` binary; default: [`stemedb_binary`].
+    pub binary: Option<PathBuf>,
+    /// Where the data dirs and node logs go; default: a temporary directory removed on drop.
+    pub data_root: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { nodes: 3, shards: 4, env: Vec::new() }
+        ClusterOptions { nodes: 3, shards: 4, env: Vec::new(), binary: None, data_root: None }
     }
 }
 
@@ -147,19 +102,32 @@ pub struct TestCluster {
     options: ClusterOptions,
     initial_cluster: String,
     pub client: reqwest::Client,
-    _dir: tempfile::TempDir,
+    binary: PathBuf,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl TestCluster {
     /// Starts `options.nodes` nodes that form a new cluster and waits until every shard has a
     /// leader.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
-        let mut dir = tempfile::tempdir()?;
-        // KEEP_TEST_CLUSTER=1 keeps the data dirs and node logs (`nodeN.log`) for a post-mortem.
-        if std::env::var_os("KEEP_TEST_CLUSTER").is_some() {
-            dir.disable_cleanup(true);
-            eprintln!("cluster data dirs and logs kept in {}", dir.path().display());
-        }
+        let dir = match &options.data_root {
+            Some(_) => None,
+            None => {
+                let mut dir = tempfile::tempdir()?;
+                // KEEP_TEST_CLUSTER=1 keeps the data dirs and node logs (`nodeN.log`).
+                if std::env::var_os("KEEP_TEST_CLUSTER").is_some() {
+                    dir.disable_cleanup(true);
+                    eprintln!("cluster data dirs and logs kept in {}", dir.path().display());
+                }
+                Some(dir)
+            }
+        };
+        let root = match (&options.data_root, &dir) {
+            (Some(root), _) => root.clone(),
+            (None, Some(dir)) => dir.path().to_path_buf(),
+            (None, None) => bail!("no data root"),
+        };
+        std::fs::create_dir_all(&root)?;
         let mut nodes = BTreeMap::new();
         // Hold the nodes' ports until the link proxies have bound theirs, so no proxy can be
         // handed a port a node is about to use.
@@ -179,8 +147,9 @@ impl TestCluster {
                     api_port: reserve(),
                     admin_port: reserve(),
                     raft_port: reserve(),
-                    data_dir: dir.path().join(format!("node{id}")),
+                    data_dir: root.join(format!("node{id}")),
                     child: None,
+                    paused: false,
                 },
             );
         }
@@ -196,7 +165,8 @@ impl TestCluster {
         let initial_cluster =
             nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.raft_port)).collect::<Vec<_>>().join(",");
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
-        let mut cluster = TestCluster { nodes, links, options, initial_cluster, client, _dir: dir };
+        let binary = options.binary.clone().unwrap_or_else(stemedb_binary);
+        let mut cluster = TestCluster { nodes, links, options, initial_cluster, client, binary, _dir: dir };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
             cluster.spawn(*id)?;
@@ -222,7 +192,7 @@ impl TestCluster {
         let node = self.nodes.get_mut(&id).context("no such node")?;
         std::fs::create_dir_all(&node.data_dir)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.data_dir.with_extension("log"))?;
-        let mut command = serve_command(node);
+        let mut command = serve_command(&self.binary, node);
         command
             .args(match &join_admin {
                 Some(admin) => ["--join", admin.as_str()],
@@ -257,6 +227,7 @@ impl TestCluster {
                 raft_port: free_port(),
                 data_dir,
                 child: None,
+                paused: false,
             },
         );
         self.spawn(id)?;
@@ -271,7 +242,7 @@ impl TestCluster {
         id: u64,
         initial_cluster: &str,
     ) -> anyhow::Result<(std::process::ExitStatus, String)> {
-        let output = serve_command(&self.nodes[&id])
+        let output = serve_command(&self.binary, &self.nodes[&id])
             .args(["--initial-cluster", initial_cluster])
             .env("STEMEDB_CLUSTER_SHARDS", self.options.shards.to_string())
             .output()?;
@@ -292,10 +263,63 @@ impl TestCluster {
 
     /// SIGKILL: no shutdown code runs.
     pub fn kill(&mut self, id: u64) {
-        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.paused = false;
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open (a stalled VM or a long GC pause).
+    pub fn pause(&mut self, id: u64) {
+        self.signal(id, libc::SIGSTOP, true);
+    }
+
+    /// SIGCONT after [`TestCluster::pause`].
+    pub fn resume(&mut self, id: u64) {
+        self.signal(id, libc::SIGCONT, false);
+    }
+
+    fn signal(&mut self, id: u64, signal: libc::c_int, paused: bool) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            if let Some(pid) = node.pid() {
+                // SAFETY: sending a signal to our own child process; no memory is involved.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, signal);
+                }
+                node.paused = paused;
+            }
+        }
+    }
+
+    /// Sets the fault of the directed link `from → to` (connections `from` opens to `to`).
+    pub fn set_link_fault(&self, from: u64, to: u64, fault: LinkFault) {
+        if let Some(link) = self.links.get(&(from, to)) {
+            link.set_fault(fault);
+        }
+    }
+
+    /// The directed links of the cluster.
+    pub fn links(&self) -> Vec<(u64, u64)> {
+        let mut links: Vec<(u64, u64)> = self.links.keys().copied().collect();
+        links.sort();
+        links
+    }
+
+    /// Kills a node, deletes its data dir and starts it again, empty (it rejoins through `via`).
+    pub async fn wipe_and_rejoin(&mut self, id: u64, via: u64) -> anyhow::Result<()> {
+        self.kill(id);
+        let data_dir = self.nodes[&id].data_dir.clone();
+        if data_dir.exists() {
+            std::fs::remove_dir_all(&data_dir)?;
+        }
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.join_via = Some(via);
+        }
+        self.spawn(id)?;
+        self.wait_api(id, Duration::from_secs(60)).await
     }
 
     /// Restarts a stopped or killed node with its data dir.
@@ -443,8 +467,8 @@ impl TestCluster {
 }
 
 /// `stemedb serve` with a node's id, data dir and addresses.
-fn serve_command(node: &TestNode) -> Command {
-    let mut command = Command::new(stemedb_binary());
+fn serve_command(binary: &Path, node: &TestNode) -> Command {
+    let mut command = Command::new(binary);
     command
         .arg("serve")
         .args(["--node-id", &node.id.to_string()])

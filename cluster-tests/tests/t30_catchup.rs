@@ -28,7 +28,7 @@ async fn restarted_follower_catches_up_by_log_and_by_snapshot() -> anyhow::Resul
         ("STEMEDB_RAFT_SNAPSHOT_LOGS_SINCE_LAST".to_string(), "20".to_string()),
         ("STEMEDB_RAFT_LOGS_TO_KEEP_AFTER_SNAPSHOT".to_string(), "5".to_string()),
     ];
-    let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 2, env }).await?;
+    let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 2, env, ..Default::default() }).await?;
     let by_log = "catchup/log";
     let shard = cluster.shard_of(by_log);
     let leader = cluster.wait_for_leader(shard, Duration::from_secs(10)).await?;

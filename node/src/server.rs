@@ -85,6 +85,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         election_timeout_max_ms: config.raft.election_timeout_max_ms,
         snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
         logs_to_keep_after_snapshot: config.raft.logs_to_keep_after_snapshot,
+        unsafe_skip_read_barrier: config.testing.unsafe_skip_read_barrier,
     }
 }
 
@@ -109,6 +110,9 @@ pub async fn run(
         (members, cluster_id)
     };
     let single_node = !joining && members.len() == 1;
+    if config.testing.unsafe_skip_read_barrier {
+        tracing::error!("testing.unsafe_skip_read_barrier is on: linearizable reads are NOT linearizable");
+    }
     let storage = Storage::open(&config.node.data_dir, storage_options(&config))?;
     let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;
     let peers = PeerChannels::new(config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?);

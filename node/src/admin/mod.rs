@@ -26,6 +26,7 @@ pub fn router(state: AppState) -> Router {
         .route("/cluster/members/{id}", axum::routing::delete(remove_member))
         .route("/cluster/shards", get(shards))
         .route("/cluster/shards/{id}", get(shard))
+        .route("/cluster/shards/{id}/digest", get(shard_digest))
         .route("/cluster/meta", get(meta))
         .route("/admin/shards/rebalance", axum::routing::post(rebalance))
         .route("/admin/shards/{id}/transfer-leader", axum::routing::post(transfer_leader))
@@ -196,6 +197,25 @@ async fn shard(State(state): State<AppState>, Path(id): Path<String>) -> Result<
     let shard = parse_shard(&state, &id)?;
     let status = state.shards.status(shard)?;
     Ok(Json(shard_json(&state, &status)))
+}
+
+/// `GET /cluster/shards/{id}/digest`: a digest of this node's replica of the shard and the
+/// applied index it was taken at. Replicas at the same applied index must agree (the chaos
+/// harness compares them after every run). 404 `not_hosted` when this node has no replica.
+async fn shard_digest(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let shard = parse_shard(&state, &id)?;
+    let group = state.shards.group(shard)?;
+    if !state.shards.hosts(group) {
+        return Err(ApiError::new(
+            404,
+            "not_hosted",
+            format!("node {} has no replica of shard {shard}", state.shards.node_id),
+        ));
+    }
+    let digest = group.reader.digest()?;
+    Ok(Json(
+        json!({"shard": shard, "node_id": state.shards.node_id, "applied_index": digest.applied_index, "digest": digest.digest, "keys": digest.keys}),
+    ))
 }
 
 /// Time allowed for one shard's membership change (adding a voter waits for it to catch up).

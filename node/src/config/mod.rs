@@ -41,6 +41,17 @@ pub struct Config {
     pub query: QuerySection,
     pub security: SecuritySection,
     pub logging: LoggingSection,
+    pub testing: TestingSection,
+}
+
+/// Deliberate bugs, for proving that the chaos harness catches them. Never set in production:
+/// the node logs an error at startup while any is on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingSection {
+    /// Serve `linearizable` reads from the local replica without a read barrier (a follower
+    /// answers from whatever it has applied), breaking linearizability.
+    pub unsafe_skip_read_barrier: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +179,7 @@ impl Default for Config {
             query: QuerySection::default(),
             security: SecuritySection::default(),
             logging: LoggingSection::default(),
+            testing: TestingSection::default(),
         }
     }
 }
@@ -248,7 +260,8 @@ impl Default for LoggingSection {
     }
 }
 
-const SECTIONS: [&str; 9] = ["node", "server", "cluster", "storage", "raft", "limits", "query", "security", "logging"];
+const SECTIONS: [&str; 10] =
+    ["node", "server", "cluster", "storage", "raft", "limits", "query", "security", "logging", "testing"];
 
 /// Environment variables the runbooks use that do not follow `STEMEDB_<SECTION>_<KEY>`.
 const ENV_ALIASES: [(&str, &str); 1] = [("cache_size_mb", "storage.max_cache_size_mb")];

@@ -28,6 +28,14 @@ pub struct ClaimGroup {
     pub claims: Vec<ClaimFacts>,
 }
 
+/// What [`ShardReader::digest`] reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaDigest {
+    pub applied_index: u64,
+    pub digest: String,
+    pub keys: u64,
+}
+
 /// One (concept_path, predicate) in the concept listing.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ConceptEntry {
@@ -50,6 +58,43 @@ pub fn path_under_prefix(path: &str, prefix: &str) -> bool {
 impl ShardReader {
     pub fn new(storage: Arc<Storage>, shard: u16, group: GroupId, progress: Arc<AppliedProgress>) -> ShardReader {
         ShardReader { storage, shard, group, progress }
+    }
+
+    /// A digest of this replica's data (state machine and index families, the applied-state
+    /// record left out), with the applied index it was taken at: replicas of a shard at the
+    /// same applied index must have the same digest. Retries while applies interleave.
+    pub fn digest(&self) -> Result<ReplicaDigest, StorageError> {
+        loop {
+            let before = self.applied_index();
+            let applied_key = keys::applied_key(self.group);
+            let mut hash = crate::model::id::fnv1a64(&[]);
+            let mut keys_total = 0u64;
+            for cf in [ColumnFamily::StateMachine, ColumnFamily::Index] {
+                self.storage.for_each_in_range(
+                    cf,
+                    &keys::group_prefix(self.group),
+                    &keys::group_end(self.group),
+                    |key, value| {
+                        if key != applied_key.as_slice() {
+                            keys_total += 1;
+                            // Order-dependent combination: both replicas iterate in key order.
+                            for part in [
+                                &(key.len() as u32).to_be_bytes()[..],
+                                key,
+                                &(value.len() as u32).to_be_bytes()[..],
+                                value,
+                            ] {
+                                hash = (hash ^ crate::model::id::fnv1a64(part)).wrapping_mul(0x100_0000_01b3);
+                            }
+                        }
+                        true
+                    },
+                )?;
+            }
+            if self.applied_index() == before {
+                return Ok(ReplicaDigest { applied_index: before, digest: format!("{hash:016x}"), keys: keys_total });
+            }
+        }
     }
 
     pub fn applied_index(&self) -> u64 {

@@ -103,6 +103,8 @@ pub struct RaftSettings {
     pub election_timeout_max_ms: u64,
     pub snapshot_logs_since_last: u64,
     pub logs_to_keep_after_snapshot: u64,
+    /// A planted bug (`testing.unsafe_skip_read_barrier`): linearizable reads skip the barrier.
+    pub unsafe_skip_read_barrier: bool,
 }
 
 impl Default for RaftSettings {
@@ -113,6 +115,7 @@ impl Default for RaftSettings {
             election_timeout_max_ms: 1200,
             snapshot_logs_since_last: 20_000,
             logs_to_keep_after_snapshot: 1_000,
+            unsafe_skip_read_barrier: false,
         }
     }
 }
@@ -254,6 +257,7 @@ pub struct ShardSet {
     /// meta group's first leader records them.
     founding: Option<(BTreeMap<NodeId, String>, BTreeMap<u16, Vec<NodeId>>)>,
     pub replication_factor: u16,
+    unsafe_skip_read_barrier: bool,
     shards: u16,
     groups: Vec<ShardGroup>,
     /// The meta group (group 0): cluster nodes, shard placement, rebalances.
@@ -329,6 +333,7 @@ impl ShardSet {
             directory: Mutex::new(members.clone()),
             founding: (!members.is_empty()).then_some((members, placement)),
             replication_factor,
+            unsafe_skip_read_barrier: settings.unsafe_skip_read_barrier,
             shards,
             groups,
             meta,
@@ -887,7 +892,7 @@ impl ShardSet {
         if !self.hosts(group) {
             return Err(ConsensusError::NotLeader { shard, leader: None });
         }
-        if linearizable {
+        if linearizable && !self.unsafe_skip_read_barrier {
             self.read_barrier(shard, timeout).await?;
         }
         let answer =

@@ -1,0 +1,11 @@
+//! The StemeDB chaos and correctness harness (`stemedb-chaos`): runs a cluster of real `stemedb`
+//! processes, drives client workloads against it while a nemesis injects faults, then checks
+//! the histories (linearizability of registers, lost and duplicated writes, replica
+//! convergence) and writes a report. See docs/reliability.md.
+
+pub mod history;
+pub mod linearizability;
+pub mod nemesis;
+pub mod run;
+pub mod scenario;
+pub mod workload;

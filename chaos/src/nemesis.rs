@@ -1,0 +1,284 @@
+//! The nemesis: injects one fault at a time into the cluster, holds it, heals it, and records
+//! what it did and when. Faults: process crashes (kill -9) and pauses (SIGSTOP), network
+//! partitions through the link proxies (isolate a shard leader, majority/minority, bridge,
+//! ring), slow, lossy and blackholed links, leader transfers in a loop, a node added and
+//! removed under load, and a node restarted with its data dir wiped.
+
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::Rng;
+use serde::Serialize;
+use serde_json::json;
+use stemedb_cluster_tests::{LinkFault, TestCluster};
+
+use crate::workload::Targets;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    Kill,
+    Pause,
+    PartitionLeader,
+    MajorityMinority,
+    Bridge,
+    Ring,
+    SlowLinks,
+    LossyLinks,
+    Blackhole,
+    TransferLeader,
+    Membership,
+    Wipe,
+}
+
+impl FaultKind {
+    pub fn name(self) -> String {
+        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    }
+}
+
+/// One injected fault.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub kind: FaultKind,
+    /// Seconds since the run started.
+    pub at_s: f64,
+    pub healed_at_s: Option<f64>,
+    pub detail: String,
+}
+
+/// The nemesis's state over one run.
+pub struct Nemesis<'a> {
+    pub cluster: &'a mut TestCluster,
+    pub targets: Targets,
+    pub rng: StdRng,
+    pub started: Instant,
+    pub records: Vec<FaultRecord>,
+    shards: u16,
+}
+
+impl<'a> Nemesis<'a> {
+    pub fn new(cluster: &'a mut TestCluster, targets: Targets, rng: StdRng, started: Instant, shards: u16) -> Self {
+        Nemesis { cluster, targets, rng, started, records: Vec::new(), shards }
+    }
+
+    fn now_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn node_ids(&self) -> Vec<u64> {
+        self.cluster.nodes.keys().copied().collect()
+    }
+
+    fn random_running(&mut self) -> Option<u64> {
+        let running = self.cluster.running();
+        running.choose(&mut self.rng).copied()
+    }
+
+    fn set_target(&self, id: u64, present: bool) {
+        if let Ok(mut targets) = self.targets.write() {
+            if present {
+                targets.insert(id, self.cluster.node(id).api());
+            } else {
+                targets.remove(&id);
+            }
+        }
+    }
+
+    /// Runs faults from `kinds` until `deadline`: a quiet gap, a fault held for a few seconds,
+    /// its heal.
+    pub async fn run(&mut self, kinds: &[FaultKind], deadline: Instant) {
+        while Instant::now() + Duration::from_secs(4) < deadline && !kinds.is_empty() {
+            let quiet = Duration::from_millis(self.rng.random_range(1000..3000));
+            tokio::time::sleep(quiet.min(deadline.saturating_duration_since(Instant::now()))).await;
+            let kind = kinds[self.rng.random_range(0..kinds.len())];
+            let hold = Duration::from_millis(self.rng.random_range(3000..8000));
+            let hold_until = (Instant::now() + hold).min(deadline);
+            let at_s = self.now_s();
+            let detail = self.inject(kind, hold_until).await;
+            println!("[{at_s:7.1}s] fault {}: {detail}", kind.name());
+            tokio::time::sleep(hold_until.saturating_duration_since(Instant::now())).await;
+            self.heal(kind).await;
+            let healed_at_s = self.now_s();
+            println!("[{healed_at_s:7.1}s] healed {}", kind.name());
+            self.records.push(FaultRecord { kind, at_s, healed_at_s: Some(healed_at_s), detail });
+        }
+    }
+
+    /// Injects one fault; returns what it did.
+    async fn inject(&mut self, kind: FaultKind, hold_until: Instant) -> String {
+        let ids = self.node_ids();
+        match kind {
+            FaultKind::Kill => {
+                // Never more than a minority down at once: one fault at a time, so one node.
+                let Some(id) = self.random_running() else { return "no running node".into() };
+                self.cluster.kill(id);
+                self.set_target(id, false);
+                format!("killed node {id}")
+            }
+            FaultKind::Pause => {
+                let Some(id) = self.random_running() else { return "no running node".into() };
+                self.cluster.pause(id);
+                format!("paused node {id}")
+            }
+            FaultKind::PartitionLeader => {
+                let shard = self.rng.random_range(0..self.shards);
+                let leader = self.leader_of(shard).await;
+                match leader {
+                    Some(leader) => {
+                        self.cluster.isolate(leader);
+                        format!("isolated node {leader}, leader of shard {shard}")
+                    }
+                    None => "no leader found".into(),
+                }
+            }
+            FaultKind::MajorityMinority => {
+                let mut shuffled = ids.clone();
+                shuffled.shuffle(&mut self.rng);
+                let (minority, majority) = shuffled.split_at(ids.len() / 2);
+                self.cluster.partition(minority, majority);
+                format!("split {minority:?} | {majority:?}")
+            }
+            FaultKind::Bridge => {
+                let mut shuffled = ids.clone();
+                shuffled.shuffle(&mut self.rng);
+                let bridge = shuffled[0];
+                let rest = &shuffled[1..];
+                let (a, b) = rest.split_at(rest.len() / 2);
+                self.cluster.partition(a, b);
+                format!("bridge {bridge} between {a:?} and {b:?}")
+            }
+            FaultKind::Ring => {
+                let mut ring = ids.clone();
+                ring.shuffle(&mut self.rng);
+                let n = ring.len();
+                for i in 0..n {
+                    for j in 0..n {
+                        let neighbours = (i + 1) % n == j || (j + 1) % n == i || i == j;
+                        if !neighbours {
+                            self.cluster.set_link_fault(ring[i], ring[j], LinkFault::Block);
+                        }
+                    }
+                }
+                format!("ring {ring:?} (each node reaches only its neighbours)")
+            }
+            FaultKind::SlowLinks | FaultKind::LossyLinks | FaultKind::Blackhole => {
+                let Some(id) = ids.choose(&mut self.rng).copied() else { return String::new() };
+                let fault = match kind {
+                    FaultKind::SlowLinks => LinkFault::Delay { base_ms: 100, jitter_ms: 80 },
+                    FaultKind::LossyLinks => LinkFault::Lossy { per_mille: 30, delay_ms: 5 },
+                    _ => LinkFault::Blackhole,
+                };
+                for (from, to) in self.cluster.links() {
+                    if from == id || to == id {
+                        self.cluster.set_link_fault(from, to, fault);
+                    }
+                }
+                format!("links of node {id}: {fault:?}")
+            }
+            FaultKind::TransferLeader => {
+                let mut transfers = 0;
+                while Instant::now() < hold_until {
+                    let shard = self.rng.random_range(0..self.shards);
+                    if let Some(leader) = self.leader_of(shard).await {
+                        let others: Vec<u64> = self.cluster.running().into_iter().filter(|id| *id != leader).collect();
+                        if let Some(target) = others.choose(&mut self.rng).copied() {
+                            let url =
+                                format!("{}/admin/shards/{shard}/transfer-leader", self.cluster.node(leader).admin());
+                            let request = self.cluster.client.post(url).json(&json!({"target_node": target}));
+                            if request.send().await.is_ok() {
+                                transfers += 1;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                format!("{transfers} leader transfers requested")
+            }
+            FaultKind::Membership => {
+                let Some(via) = self.random_running() else { return "no running node".into() };
+                match self.cluster.add_joining_node(via).await {
+                    Ok(id) => {
+                        self.set_target(id, true);
+                        format!("added node {id} through node {via}")
+                    }
+                    Err(error) => format!("adding a node failed: {error}"),
+                }
+            }
+            FaultKind::Wipe => {
+                let Some(id) = self.random_running() else { return "no running node".into() };
+                let Some(via) = self.cluster.running().into_iter().find(|other| *other != id) else {
+                    return "no other node".into();
+                };
+                self.set_target(id, false);
+                match self.cluster.wipe_and_rejoin(id, via).await {
+                    Ok(()) => {
+                        self.set_target(id, true);
+                        format!("wiped node {id} and rejoined it through node {via}")
+                    }
+                    Err(error) => format!("wiping node {id} failed: {error}"),
+                }
+            }
+        }
+    }
+
+    async fn heal(&mut self, kind: FaultKind) {
+        match kind {
+            FaultKind::Kill => self.heal_all().await,
+            FaultKind::Membership => {
+                // Remove the newest joined node again (its replicas move away first).
+                let newest = self.cluster.nodes.values().filter(|n| n.join_via.is_some()).map(|n| n.id).max();
+                if let Some(id) = newest {
+                    if let Some(via) = self.cluster.running().into_iter().find(|other| *other != id) {
+                        let url = format!("{}/cluster/members/{id}", self.cluster.node(via).admin());
+                        let request = self.cluster.client.delete(url).timeout(Duration::from_secs(120));
+                        let removed = request.send().await.map(|r| r.status().as_u16() == 200).unwrap_or(false);
+                        if removed {
+                            self.set_target(id, false);
+                            self.cluster.kill(id);
+                        }
+                    }
+                }
+            }
+            _ => self.heal_all().await,
+        }
+    }
+
+    /// Every fault undone: links pass, paused nodes continue, killed nodes restart.
+    pub async fn heal_all(&mut self) {
+        for (from, to) in self.cluster.links() {
+            self.cluster.set_link_fault(from, to, LinkFault::Pass);
+        }
+        for id in self.node_ids() {
+            let node = self.cluster.node(id);
+            if node.is_paused() {
+                self.cluster.resume(id);
+            }
+        }
+        for id in self.node_ids() {
+            let node = self.cluster.node(id);
+            // Nodes removed by a membership fault stay down.
+            let removed = node.join_via.is_some() && !node.is_running() && !self.was_wiped(id);
+            if !node.is_running() && !removed {
+                if let Err(error) = self.cluster.restart(id).await {
+                    println!("restarting node {id} failed: {error}");
+                }
+                self.set_target(id, true);
+            }
+        }
+    }
+
+    fn was_wiped(&self, id: u64) -> bool {
+        self.records.iter().any(|r| r.kind == FaultKind::Wipe && r.detail.starts_with(&format!("wiped node {id} ")))
+    }
+
+    async fn leader_of(&self, shard: u16) -> Option<u64> {
+        for id in self.cluster.running() {
+            if let Some((true, Some(leader))) = self.cluster.shard_view(id, shard).await {
+                return Some(leader);
+            }
+        }
+        None
+    }
+}

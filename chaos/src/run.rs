@@ -1,0 +1,370 @@
+//! One chaos run: cluster up, workloads and nemesis for the duration, everything healed, then
+//! the checks and the report.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+use serde_json::{json, Value};
+use stemedb_cluster_tests::{ClusterOptions, TestCluster};
+
+use crate::history::{Op, OpCounts};
+use crate::linearizability::{self, StaleRead, Verdict};
+use crate::nemesis::{FaultRecord, Nemesis};
+use crate::scenario::Scenario;
+use crate::workload::{self, History, SetClientLog, Targets};
+
+pub struct RunOptions {
+    pub scenario: &'static Scenario,
+    pub duration: Duration,
+    pub nodes: u64,
+    pub shards: u16,
+    pub seed: u64,
+    pub register_clients: u32,
+    pub set_clients: u32,
+    pub keys: u32,
+    pub stemedb: PathBuf,
+    pub data_root: Option<PathBuf>,
+    /// Extra node environment (planted bugs, tunables).
+    pub env: Vec<(String, String)>,
+}
+
+/// One anomaly with the operations that show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Anomaly {
+    pub kind: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ops: Vec<Op>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SetCheck {
+    pub paths: usize,
+    pub acknowledged: usize,
+    pub lost: Vec<(String, i64)>,
+    pub duplicated: Vec<(String, i64, usize)>,
+    pub unexpected: Vec<(String, i64)>,
+    pub unknown_outcomes: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReplicaCheck {
+    pub shards_checked: usize,
+    pub diverged: Vec<Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub nodes: u64,
+    pub shards: u16,
+    pub duration_s: f64,
+    pub faults: Vec<FaultRecord>,
+    pub register_ops: OpCounts,
+    pub register_keys: BTreeMap<String, Verdict>,
+    pub stale_reads: Vec<StaleRead>,
+    pub set: SetCheck,
+    pub replicas: ReplicaCheck,
+    pub anomalies: Vec<Anomaly>,
+    pub result: &'static str,
+}
+
+pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
+    let cluster_options = ClusterOptions {
+        nodes: options.nodes,
+        shards: options.shards,
+        env: options.env.clone(),
+        binary: Some(options.stemedb.clone()),
+        data_root: options.data_root.clone(),
+    };
+    println!(
+        "starting {} nodes ({} shards), scenario {}, seed {}",
+        options.nodes, options.shards, options.scenario.name, options.seed
+    );
+    let mut cluster = TestCluster::start(cluster_options).await?;
+    let targets: Targets = Arc::new(std::sync::RwLock::new(
+        cluster.nodes.values().map(|n| (n.id, n.api())).collect::<BTreeMap<u64, String>>(),
+    ));
+    let run_tag = format!("{:x}", options.seed);
+    let keys: Arc<Vec<String>> = Arc::new((0..options.keys).map(|k| format!("chaos/{run_tag}/register/{k}")).collect());
+    let history = Arc::new(History::default());
+    let client = reqwest::Client::builder().pool_max_idle_per_host(4).build()?;
+    let started = Instant::now();
+    let deadline = started + options.duration;
+    let mut registers = Vec::new();
+    for process in 0..options.register_clients {
+        registers.push(tokio::spawn(workload::register_client(
+            process,
+            keys.clone(),
+            targets.clone(),
+            history.clone(),
+            started,
+            deadline,
+            options.seed,
+            client.clone(),
+        )));
+    }
+    let mut sets = Vec::new();
+    for process in 0..options.set_clients {
+        let path = format!("chaos/{run_tag}/set/{process}");
+        sets.push(tokio::spawn(workload::set_client(
+            process,
+            path,
+            targets.clone(),
+            deadline,
+            options.seed,
+            client.clone(),
+        )));
+    }
+    let mut nemesis =
+        Nemesis::new(&mut cluster, targets.clone(), StdRng::seed_from_u64(options.seed), started, options.shards);
+    nemesis.run(options.scenario.faults, deadline).await;
+    nemesis.heal_all().await;
+    let faults = std::mem::take(&mut nemesis.records);
+    drop(nemesis);
+    for task in registers {
+        let _ = task.await;
+    }
+    let mut set_logs = Vec::new();
+    for task in sets {
+        if let Ok(log) = task.await {
+            set_logs.push(log);
+        }
+    }
+    println!("[{:7.1}s] workload done; waiting for the cluster to settle", started.elapsed().as_secs_f64());
+    cluster.wait_all_leaders(Duration::from_secs(60)).await?;
+
+    let ops = history.take();
+    let register_ops = OpCounts::of(&ops);
+    let mut anomalies = Vec::new();
+    let register_keys = linearizability::check(&ops, 20_000_000);
+    for (key, verdict) in &register_keys {
+        match verdict {
+            Verdict::NotLinearizable { frontier } => anomalies.push(Anomaly {
+                kind: "not_linearizable",
+                message: format!("no linearization of key {key}; the search failed at these operations"),
+                ops: ops.iter().filter(|o| frontier.contains(&o.id)).cloned().collect(),
+            }),
+            Verdict::Unknown { steps } => {
+                println!("key {key}: linearizability search gave up after {steps} steps (not counted as an anomaly)")
+            }
+            Verdict::Linearizable => {}
+        }
+    }
+    let stale_reads = linearizability::stale_reads(&ops);
+    for stale in stale_reads.iter().take(20) {
+        anomalies.push(Anomaly {
+            kind: "stale_read",
+            message: format!(
+                "linearizable read {} of {} returned {:?} after write {} of {:?} had completed",
+                stale.read, stale.key, stale.returned, stale.missed_write, stale.missed_value
+            ),
+            ops: ops.iter().filter(|o| o.id == stale.read || o.id == stale.missed_write).cloned().collect(),
+        });
+    }
+    let set = check_sets(&cluster, &set_logs).await;
+    for (path, value) in &set.lost {
+        anomalies.push(Anomaly {
+            kind: "lost_write",
+            message: format!("acknowledged value {value} of {path} is missing"),
+            ops: vec![],
+        });
+    }
+    for (path, value, count) in &set.duplicated {
+        anomalies.push(Anomaly {
+            kind: "duplicate_write",
+            message: format!("value {value} of {path} appears {count} times"),
+            ops: vec![],
+        });
+    }
+    for (path, value) in &set.unexpected {
+        anomalies.push(Anomaly {
+            kind: "unexpected_write",
+            message: format!("value {value} of {path} appears but was refused or never written"),
+            ops: vec![],
+        });
+    }
+    let replicas = check_replicas(&cluster, options.shards).await;
+    for divergence in &replicas.diverged {
+        anomalies.push(Anomaly { kind: "replicas_diverged", message: divergence.to_string(), ops: vec![] });
+    }
+    let result = if anomalies.is_empty() { "pass" } else { "fail" };
+    Ok(Report {
+        scenario: options.scenario.name.to_string(),
+        seed: options.seed,
+        nodes: options.nodes,
+        shards: options.shards,
+        duration_s: options.duration.as_secs_f64(),
+        faults,
+        register_ops,
+        register_keys,
+        stale_reads,
+        set,
+        replicas,
+        anomalies,
+        result,
+    })
+}
+
+/// Reads every set path back (linearizable, retried while the cluster recovers) and compares
+/// with what the clients were told.
+async fn check_sets(cluster: &TestCluster, logs: &[SetClientLog]) -> SetCheck {
+    let mut check = SetCheck {
+        paths: logs.len(),
+        acknowledged: logs.iter().map(|l| l.acknowledged.len()).sum(),
+        lost: vec![],
+        duplicated: vec![],
+        unexpected: vec![],
+        unknown_outcomes: logs.iter().map(|l| l.unknown.len()).sum(),
+    };
+    for log in logs {
+        let Some(values) = read_all_values(cluster, &log.concept_path).await else {
+            check.lost.extend(log.acknowledged.iter().map(|v| (format!("{} (unreadable)", log.concept_path), *v)));
+            continue;
+        };
+        let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+        for value in values {
+            *counts.entry(value).or_default() += 1;
+        }
+        for value in &log.acknowledged {
+            if !counts.contains_key(value) {
+                check.lost.push((log.concept_path.clone(), *value));
+            }
+        }
+        let attempted: BTreeSet<i64> = log.acknowledged.iter().chain(&log.unknown).copied().collect();
+        for (value, count) in counts {
+            if count > 1 {
+                check.duplicated.push((log.concept_path.clone(), value, count));
+            }
+            if !attempted.contains(&value) {
+                check.unexpected.push((log.concept_path.clone(), value));
+            }
+        }
+    }
+    check
+}
+
+/// Every value asserted on `concept_path` (history lens), or `None` if it cannot be read.
+async fn read_all_values(cluster: &TestCluster, concept_path: &str) -> Option<Vec<i64>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = json!({"concept_path": concept_path, "predicate": workload::PREDICATE, "lens": "history", "consistency": "linearizable"});
+    loop {
+        for via in cluster.running() {
+            if let Ok((200, answer)) = cluster.post(via, "/v1/query", &body).await {
+                let assertions = answer["results"].as_array().and_then(|r| r.first()).map(|r| r["assertions"].clone());
+                return Some(
+                    assertions
+                        .and_then(|a| a.as_array().cloned())
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|a| a["value"].as_i64())
+                        .collect(),
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until the replicas of each shard reach the same applied index, then compares digests.
+async fn check_replicas(cluster: &TestCluster, shards: u16) -> ReplicaCheck {
+    let mut diverged = Vec::new();
+    let mut checked = 0;
+    for shard in 0..shards {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut digests = BTreeMap::new();
+            for via in cluster.running() {
+                if let Ok((200, answer)) = cluster.admin_get(via, &format!("/cluster/shards/{shard}/digest")).await {
+                    digests.insert(via, (answer["applied_index"].as_u64(), answer["digest"].clone()));
+                }
+            }
+            let indexes: BTreeSet<Option<u64>> = digests.values().map(|(i, _)| *i).collect();
+            if indexes.len() == 1 && digests.len() >= 2 {
+                let distinct: BTreeSet<String> = digests.values().map(|(_, d)| d.to_string()).collect();
+                checked += 1;
+                if distinct.len() > 1 {
+                    diverged.push(json!({"shard": shard, "replicas": digests.iter().map(|(id, (i, d))| json!({"node": id, "applied_index": i, "digest": d})).collect::<Vec<_>>()}));
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                diverged.push(json!({"shard": shard, "error": "replicas did not reach the same applied index within 60 s", "replicas": digests.iter().map(|(id, (i, d))| json!({"node": id, "applied_index": i, "digest": d})).collect::<Vec<_>>()}));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    ReplicaCheck { shards_checked: checked, diverged }
+}
+
+/// The readable summary printed at the end of a run.
+pub fn summary(report: &Report) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "scenario {} · seed {} · {} nodes · {} shards · {:.0} s\n",
+        report.scenario, report.seed, report.nodes, report.shards, report.duration_s
+    ));
+    out.push_str(&format!("faults injected: {}\n", report.faults.len()));
+    for fault in &report.faults {
+        out.push_str(&format!(
+            "  {:7.1}s - {:7.1}s  {:<18} {}\n",
+            fault.at_s,
+            fault.healed_at_s.unwrap_or(f64::NAN),
+            fault.kind.name(),
+            fault.detail
+        ));
+    }
+    let ops = &report.register_ops;
+    out.push_str(&format!(
+        "register ops: writes {} ok / {} failed / {} indeterminate, reads {} ok / {} failed\n",
+        ops.writes_ok, ops.writes_failed, ops.writes_indeterminate, ops.reads_ok, ops.reads_failed
+    ));
+    let linearizable = report.register_keys.values().filter(|v| **v == Verdict::Linearizable).count();
+    out.push_str(&format!("linearizable keys: {linearizable}/{}\n", report.register_keys.len()));
+    out.push_str(&format!(
+        "set: {} acknowledged over {} paths, {} lost, {} duplicated, {} unexpected, {} left unknown\n",
+        report.set.acknowledged,
+        report.set.paths,
+        report.set.lost.len(),
+        report.set.duplicated.len(),
+        report.set.unexpected.len(),
+        report.set.unknown_outcomes
+    ));
+    out.push_str(&format!(
+        "replicas: {} shards compared, {} diverged\n",
+        report.replicas.shards_checked,
+        report.replicas.diverged.len()
+    ));
+    if report.anomalies.is_empty() {
+        out.push_str("result: PASS (no anomaly)\n");
+    } else {
+        out.push_str(&format!("result: FAIL ({} anomalies)\n", report.anomalies.len()));
+        for anomaly in report.anomalies.iter().take(10) {
+            out.push_str(&format!("  [{}] {}\n", anomaly.kind, anomaly.message));
+            for op in anomaly.ops.iter().take(6) {
+                out.push_str(&format!(
+                    "      op {} p{} {:?} {:?} on node {} invoked {:.3}s completed {} {:?}\n",
+                    op.id,
+                    op.process,
+                    op.kind,
+                    op.value,
+                    op.node,
+                    op.invoke_us as f64 / 1e6,
+                    op.complete_us.map(|c| format!("{:.3}s", c as f64 / 1e6)).unwrap_or_else(|| "never".into()),
+                    op.outcome
+                ));
+            }
+        }
+    }
+    out
+}
