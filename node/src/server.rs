@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 use crate::api::{self, NodeContext};
-use crate::cluster::identity::{cluster_id_of, ensure_identity, IdentityError};
+use crate::cluster::identity::{cluster_id_of, ensure_identity, identity_recorded, IdentityError};
 use crate::config::Config;
 use crate::metrics::{ComputedGauges, Metrics};
 use crate::raft::network::PeerChannels;
@@ -114,6 +114,7 @@ pub async fn run(
         tracing::error!("testing.unsafe_skip_read_barrier is on: linearizable reads are NOT linearizable");
     }
     let storage = Storage::open(&config.node.data_dir, storage_options(&config))?;
+    let fresh_data_dir = !identity_recorded(&storage)?;
     let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;
     let peers = PeerChannels::new(config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?);
     let shards = Arc::new(
@@ -128,6 +129,9 @@ pub async fn run(
         )
         .await?,
     );
+    if joining && fresh_data_dir {
+        shards.arm_vote_guards();
+    }
     let metrics = Metrics::new(config.node.id);
     let api_addr: SocketAddr = listeners.api.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
     let admin_addr: SocketAddr = listeners.admin.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;

@@ -52,6 +52,11 @@ pub fn cluster_id_of(initial_cluster: &std::collections::BTreeMap<u64, String>) 
 
 /// Loads the identity of the data dir, creating it on first start. `cluster_id` is the cluster
 /// this node was started for (`None`: a single node, which gets a random id).
+/// Whether this data dir already records an identity (false: it is new, or was wiped).
+pub fn identity_recorded(storage: &Storage) -> Result<bool, StorageError> {
+    Ok(storage.get(ColumnFamily::Meta, IDENTITY_KEY)?.is_some())
+}
+
 pub fn ensure_identity(
     storage: &Storage,
     node_id: u64,

@@ -31,6 +31,10 @@ pub struct NodeHeartbeat {
     pub from: NodeId,
     /// Groups `from` leads whose own heartbeats are paused.
     pub hibernating: Vec<GroupId>,
+    /// `from` started on an empty data dir and waits to hear from its groups' leaders (see
+    /// `ShardSet::arm_vote_guards`): leaders wake the groups it belongs to so it catches up.
+    #[serde(default)]
+    pub recovering: bool,
 }
 
 /// When each peer's node heartbeat was last received.
@@ -55,6 +59,15 @@ impl ShardSet {
     pub fn on_node_heartbeat(&self, heartbeat: &NodeHeartbeat) {
         self.liveness.saw(heartbeat.from);
         let hibernating: BTreeSet<GroupId> = heartbeat.hibernating.iter().copied().collect();
+        if heartbeat.recovering {
+            for group in self.groups().iter().filter(|g| g.hibernating.load(Ordering::Acquire)) {
+                let member =
+                    group.raft.metrics().borrow().membership_config.membership().get_node(&heartbeat.from).is_some();
+                if member {
+                    self.wake(group);
+                }
+            }
+        }
         for group in self.groups() {
             if group.raft.metrics().borrow().current_leader != Some(heartbeat.from) {
                 continue;
@@ -107,7 +120,7 @@ impl ShardSet {
                 hibernating.push(super::types::group_of_shard(group.shard));
             }
         }
-        let heartbeat = NodeHeartbeat { from: self.node_id, hibernating };
+        let heartbeat = NodeHeartbeat { from: self.node_id, hibernating, recovering: self.recovering() };
         let Ok(payload) = serde_json::to_vec(&heartbeat) else { return };
         let sends = peers.into_iter().map(|(_, addr)| {
             let payload = payload.clone();

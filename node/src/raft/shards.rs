@@ -136,6 +136,10 @@ pub struct ShardGroup {
     pub(crate) last_proposal_us: AtomicU64,
     pub queries: AtomicU64,
     rate_sample: Mutex<RateSample>,
+    /// Vote guard of a node that joined with an empty data dir: 0 = may vote; `u64::MAX` =
+    /// waiting for a leader's first AppendEntries; otherwise the commit index that leader
+    /// reported, which this replica must apply before it votes (see [`ShardSet::may_vote`]).
+    vote_guard: AtomicU64,
 }
 
 impl ShardGroup {
@@ -190,6 +194,7 @@ impl ShardGroup {
             elections_paused: std::sync::atomic::AtomicBool::new(false),
             last_proposal_us: AtomicU64::new(crate::model::id::now_us()),
             queries: AtomicU64::new(0),
+            vote_guard: AtomicU64::new(0),
             rate_sample: Mutex::new(RateSample {
                 at: Instant::now(),
                 writes: 0,
@@ -369,6 +374,51 @@ impl ShardSet {
             return Ok(&self.meta);
         }
         self.groups.get(shard as usize).ok_or(ConsensusError::UnknownShard { shard })
+    }
+
+    /// Arms the vote guard of every group: called when a node starts on an empty data dir to
+    /// join a running cluster (for instance after losing its disk). Such a node may still be a
+    /// voter in the groups' membership, yet it has forgotten entries it acknowledged; voting
+    /// with an empty log could elect a leader that lacks committed entries. So it refuses votes
+    /// until it has applied what a leader reported committed when it first heard from one.
+    pub fn arm_vote_guards(&self) {
+        for group in self.groups.iter().chain(std::iter::once(&self.meta)) {
+            group.vote_guard.store(u64::MAX, Ordering::Release);
+        }
+        tracing::warn!("empty data dir joining a running cluster: votes held back until caught up");
+    }
+
+    /// Whether any group still holds back its votes after an empty-data-dir join.
+    /// Only the meta group and the shards placed on this node count: the others never hear
+    /// from a leader.
+    pub fn recovering(&self) -> bool {
+        let waiting = |shard: u16| {
+            self.group(shard).is_ok_and(|g| g.vote_guard.load(Ordering::Acquire) != 0) && !self.may_vote(shard)
+        };
+        waiting(META_SHARD) || self.meta().shards_of(self.node_id).into_iter().any(waiting)
+    }
+
+    /// Records the commit index a leader reported in an AppendEntries to `shard`.
+    pub fn note_leader_commit(&self, shard: u16, leader_commit: Option<u64>) {
+        if let Ok(group) = self.group(shard) {
+            let target = leader_commit.unwrap_or(0);
+            let _ = group.vote_guard.compare_exchange(u64::MAX, target, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Whether this replica of `shard` may grant votes (its vote guard is down or satisfied).
+    pub fn may_vote(&self, shard: u16) -> bool {
+        let Ok(group) = self.group(shard) else { return true };
+        match group.vote_guard.load(Ordering::Acquire) {
+            0 => true,
+            u64::MAX => false,
+            target if group.reader.applied_index() >= target => {
+                group.vote_guard.store(0, Ordering::Release);
+                tracing::info!(shard, caught_up_to = target, "caught up; votes allowed again");
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Whether this node leads `shard` (or, for [`META_SHARD`], the meta group).

@@ -57,13 +57,20 @@ impl RaftTransport for RaftService {
     async fn append_entries(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
         let message = request.into_inner();
         let raft = self.raft(message.group_id)?;
-        let result = raft.append_entries(decode(&message)?).await;
+        let request: openraft::raft::AppendEntriesRequest<crate::raft::types::TypeConfig> = decode(&message)?;
+        self.shards.note_leader_commit(self.shard(message.group_id)?, request.leader_commit.map(|l| l.index));
+        let result = raft.append_entries(request).await;
         encode(message.group_id, &result)
     }
 
     async fn vote(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
         let message = request.into_inner();
         let raft = self.raft(message.group_id)?;
+        if !self.shards.may_vote(self.shard(message.group_id)?) {
+            return Err(Status::unavailable(
+                "this node lost its data and is catching up; it does not vote until it has",
+            ));
+        }
         let result = raft.vote(decode(&message)?).await;
         encode(message.group_id, &result)
     }

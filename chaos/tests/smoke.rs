@@ -1,0 +1,61 @@
+//! The harness in the default test run: a short `smoke` scenario must pass, and the same
+//! harness must fail when a bug is planted in the nodes (linearizable reads served from a
+//! follower's local state), or a passing run would prove nothing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn chaos() -> Command {
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_stemedb-chaos"));
+    let mut command = Command::new(&binary);
+    // The stemedb binary sits next to stemedb-chaos in the target dir (`cargo build --workspace`).
+    command.arg("run").arg("--stemedb").arg(binary.with_file_name("stemedb"));
+    command
+}
+
+fn report(path: &std::path::Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).expect("report written");
+    serde_json::from_slice(&bytes).expect("report is JSON")
+}
+
+#[test]
+fn smoke_scenario_passes() {
+    let dir = tempfile_dir("smoke");
+    let report_path = dir.join("report.json");
+    let status = chaos()
+        .args(["--scenario", "smoke", "--duration", "40", "--seed", "42", "--shards", "4"])
+        .arg("--report")
+        .arg(&report_path)
+        .status()
+        .expect("run stemedb-chaos");
+    let report = report(&report_path);
+    assert!(status.success(), "anomalies: {}", report["anomalies"]);
+    assert!(report["faults"].as_array().is_some_and(|f| !f.is_empty()), "no fault was injected");
+    assert!(report["register_ops"]["writes_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
+    assert!(report["register_ops"]["reads_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn planted_stale_read_bug_is_caught() {
+    let dir = tempfile_dir("planted");
+    let report_path = dir.join("report.json");
+    let status = chaos()
+        .args(["--scenario", "smoke", "--duration", "20", "--seed", "7", "--shards", "4", "--plant-bug", "stale-reads"])
+        .arg("--report")
+        .arg(&report_path)
+        .status()
+        .expect("run stemedb-chaos");
+    let report = report(&report_path);
+    assert!(!status.success(), "the planted bug went unnoticed: {}", report["register_keys"]);
+    let kinds: Vec<&str> =
+        report["anomalies"].as_array().into_iter().flatten().filter_map(|a| a["kind"].as_str()).collect();
+    assert!(kinds.iter().any(|k| *k == "not_linearizable" || *k == "stale_read"), "{kinds:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn tempfile_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stemedb-chaos-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
