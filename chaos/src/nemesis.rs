@@ -30,6 +30,7 @@ pub enum FaultKind {
     TransferLeader,
     Membership,
     Wipe,
+    DiskFull,
 }
 
 impl FaultKind {
@@ -56,11 +57,24 @@ pub struct Nemesis<'a> {
     pub started: Instant,
     pub records: Vec<FaultRecord>,
     shards: u16,
+    /// Nodes whose data dir is a small filesystem of its own (for disk-full faults).
+    pub small_disks: Vec<u64>,
+    /// Nodes that exited by themselves (crashed) during the run.
+    pub crashed: Vec<u64>,
 }
 
 impl<'a> Nemesis<'a> {
     pub fn new(cluster: &'a mut TestCluster, targets: Targets, rng: StdRng, started: Instant, shards: u16) -> Self {
-        Nemesis { cluster, targets, rng, started, records: Vec::new(), shards }
+        Nemesis {
+            cluster,
+            targets,
+            rng,
+            started,
+            records: Vec::new(),
+            shards,
+            small_disks: Vec::new(),
+            crashed: Vec::new(),
+        }
     }
 
     fn now_s(&self) -> f64 {
@@ -206,6 +220,14 @@ impl<'a> Nemesis<'a> {
                     Err(error) => format!("adding a node failed: {error}"),
                 }
             }
+            FaultKind::DiskFull => {
+                let Some(id) = self.small_disks.choose(&mut self.rng).copied() else {
+                    return "no node has a small disk (mounting one needs root); skipped".into();
+                };
+                let ballast = self.cluster.node(id).data_dir.join("ballast");
+                let written = fill(&ballast);
+                format!("filled node {id}'s disk ({} MiB of ballast)", written >> 20)
+            }
             FaultKind::Wipe => {
                 let Some(id) = self.random_running() else { return "no running node".into() };
                 let Some(via) = self.cluster.running().into_iter().find(|other| *other != id) else {
@@ -247,6 +269,13 @@ impl<'a> Nemesis<'a> {
 
     /// Every fault undone: links pass, paused nodes continue, killed nodes restart.
     pub async fn heal_all(&mut self) {
+        for id in self.small_disks.clone() {
+            let _ = std::fs::remove_file(self.cluster.node(id).data_dir.join("ballast"));
+        }
+        for id in self.cluster.reap() {
+            println!("[{:7.1}s] node {id} had exited by itself", self.now_s());
+            self.crashed.push(id);
+        }
         for (from, to) in self.cluster.links() {
             self.cluster.set_link_fault(from, to, LinkFault::Pass);
         }
@@ -281,4 +310,17 @@ impl<'a> Nemesis<'a> {
         }
         None
     }
+}
+
+/// Writes zeros to `path` until the filesystem is full; returns the bytes written.
+fn fill(path: &std::path::Path) -> u64 {
+    use std::io::Write;
+    let Ok(mut file) = std::fs::File::create(path) else { return 0 };
+    let chunk = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    while file.write_all(&chunk).is_ok() {
+        written += chunk.len() as u64;
+    }
+    let _ = file.sync_all();
+    written
 }

@@ -14,7 +14,7 @@ use stemedb_cluster_tests::{ClusterOptions, TestCluster};
 
 use crate::history::{Op, OpCounts};
 use crate::linearizability::{self, StaleRead, Verdict};
-use crate::nemesis::{FaultRecord, Nemesis};
+use crate::nemesis::{FaultKind, FaultRecord, Nemesis};
 use crate::scenario::Scenario;
 use crate::workload::{self, History, SetClientLog, Targets};
 
@@ -66,6 +66,8 @@ pub struct Report {
     pub shards: u16,
     pub duration_s: f64,
     pub faults: Vec<FaultRecord>,
+    /// Nodes whose process exited by itself.
+    pub crashed: Vec<u64>,
     pub register_ops: OpCounts,
     pub register_keys: BTreeMap<String, Verdict>,
     pub stale_reads: Vec<StaleRead>,
@@ -76,12 +78,27 @@ pub struct Report {
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
+    // Disk-full faults need node 1's data dir on a small filesystem of its own, mounted before
+    // the node starts.
+    let wants_small_disk = options.scenario.faults.contains(&FaultKind::DiskFull);
+    let own_root = wants_small_disk && options.data_root.is_none();
+    let data_root = match (&options.data_root, own_root) {
+        (Some(root), _) => Some(root.clone()),
+        (None, true) => {
+            Some(std::env::temp_dir().join(format!("stemedb-chaos-{}-{}", options.seed, std::process::id())))
+        }
+        (None, false) => None,
+    };
+    let small_disk = match (&data_root, wants_small_disk) {
+        (Some(root), true) => mount_small_disk(&root.join("node1")),
+        _ => None,
+    };
     let cluster_options = ClusterOptions {
         nodes: options.nodes,
         shards: options.shards,
         env: options.env.clone(),
         binary: Some(options.stemedb.clone()),
-        data_root: options.data_root.clone(),
+        data_root: data_root.clone(),
     };
     println!(
         "starting {} nodes ({} shards), scenario {}, seed {}",
@@ -124,9 +141,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
     }
     let mut nemesis =
         Nemesis::new(&mut cluster, targets.clone(), StdRng::seed_from_u64(options.seed), started, options.shards);
+    if small_disk.is_some() {
+        nemesis.small_disks.push(1);
+    }
     nemesis.run(options.scenario.faults, deadline).await;
     nemesis.heal_all().await;
     let faults = std::mem::take(&mut nemesis.records);
+    let crashed = std::mem::take(&mut nemesis.crashed);
+    let small_disks = nemesis.small_disks.clone();
     drop(nemesis);
     for task in registers {
         let _ = task.await;
@@ -190,9 +212,28 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
             ops: vec![],
         });
     }
+    for id in &crashed {
+        // A node may stop itself when its disk is full; any other exit is a crash.
+        if !small_disks.contains(id) {
+            anomalies.push(Anomaly {
+                kind: "node_crashed",
+                message: format!("node {id} exited by itself"),
+                ops: vec![],
+            });
+        }
+    }
     let replicas = check_replicas(&cluster, options.shards).await;
     for divergence in &replicas.diverged {
         anomalies.push(Anomaly { kind: "replicas_diverged", message: divergence.to_string(), ops: vec![] });
+    }
+    drop(cluster);
+    if let Some(mountpoint) = &small_disk {
+        let _ = std::process::Command::new("umount").arg(mountpoint).status();
+    }
+    if own_root {
+        if let Some(root) = &data_root {
+            let _ = std::fs::remove_dir_all(root);
+        }
     }
     let result = if anomalies.is_empty() { "pass" } else { "fail" };
     Ok(Report {
@@ -202,6 +243,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
         shards: options.shards,
         duration_s: options.duration.as_secs_f64(),
         faults,
+        crashed,
         register_ops,
         register_keys,
         stale_reads,
@@ -367,4 +409,22 @@ pub fn summary(report: &Report) -> String {
         }
     }
     out
+}
+
+/// Mounts a 256 MiB tmpfs at `dir` (root only); `None` when the environment does not allow it.
+fn mount_small_disk(dir: &std::path::Path) -> Option<PathBuf> {
+    std::fs::create_dir_all(dir).ok()?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
+        .arg(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    if status.success() {
+        println!("node 1's data dir is a 256 MiB filesystem at {}", dir.display());
+        Some(dir.to_path_buf())
+    } else {
+        println!("cannot mount a small filesystem here (needs root): disk-full faults are skipped");
+        None
+    }
 }

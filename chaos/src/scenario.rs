@@ -56,6 +56,12 @@ pub const SCENARIOS: &[Scenario] = &[
         default_nodes: 3,
     },
     Scenario {
+        name: "disk",
+        description: "one node's data dir on a small filesystem that fills up, then frees (needs root to mount it)",
+        faults: &[DiskFull],
+        default_nodes: 3,
+    },
+    Scenario {
         name: "all",
         description: "every fault above, mixed (for long runs)",
         faults: &[

@@ -272,6 +272,21 @@ impl TestCluster {
         }
     }
 
+    /// Notices nodes whose process exited by itself (a crash): they count as stopped.
+    pub fn reap(&mut self) -> Vec<u64> {
+        let mut exited = Vec::new();
+        for node in self.nodes.values_mut() {
+            if let Some(child) = node.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    node.child = None;
+                    node.paused = false;
+                    exited.push(node.id);
+                }
+            }
+        }
+        exited
+    }
+
     /// SIGSTOP: the process freezes with its sockets open (a stalled VM or a long GC pause).
     pub fn pause(&mut self, id: u64) {
         self.signal(id, libc::SIGSTOP, true);

@@ -34,6 +34,8 @@ pub enum NodeError {
     Serve(String),
     #[error("cannot join the cluster through {addr}: {message}")]
     Join { addr: String, message: String },
+    #[error("stopped after a fatal raft error: {0}")]
+    Fatal(String),
 }
 
 impl NodeError {
@@ -45,6 +47,7 @@ impl NodeError {
             NodeError::Listen { .. } => "listen_failed",
             NodeError::Serve(_) => "serve_failed",
             NodeError::Join { .. } => "join_failed",
+            NodeError::Fatal(_) => "raft_fatal",
         }
     }
 }
@@ -216,14 +219,43 @@ pub async fn run(
         startup_ms = started_at.elapsed().as_millis() as u64,
         "node ready"
     );
+    // A group whose Raft stopped on a fatal error (a storage failure such as a full disk) would
+    // leave the node half alive, still claiming leadership it cannot exercise. The node stops
+    // instead, with an error, so its supervisor restarts it once the cause is fixed; RocksDB
+    // and the Raft log recover on restart.
+    let fatal = tokio_util::sync::CancellationToken::new();
+    let fatal_error = Arc::new(parking_lot::Mutex::new(None::<String>));
+    {
+        let (shards, fatal, fatal_error, stop) = (shards.clone(), fatal.clone(), fatal_error.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = stop.cancelled() => return,
+                }
+                if let Some(error) = shards.fatal_error() {
+                    tracing::error!(error = %error, "raft group stopped on a fatal error; stopping the node");
+                    *fatal_error.lock() = Some(error);
+                    fatal.cancel();
+                    return;
+                }
+            }
+        });
+    }
     let app = api::router(context.clone());
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     let serve = axum::serve(listeners.api, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: no longer accepting requests");
-            let _ = drained_tx.send(());
+        .with_graceful_shutdown({
+            let fatal = fatal.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = fatal.cancelled() => {}
+                }
+                tracing::info!("shutdown requested: no longer accepting requests");
+                let _ = drained_tx.send(());
+            }
         });
     let server = tokio::spawn(async move { serve.await });
     // Wait for the server to end on its own, or for shutdown plus the grace period.
@@ -245,6 +277,9 @@ pub async fn run(
     let _ = grpc.await;
     storage.close()?;
     tracing::info!("node stopped");
+    if let Some(error) = fatal_error.lock().take() {
+        return Err(NodeError::Fatal(error));
+    }
     match serve_result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(NodeError::Serve(e.to_string())),

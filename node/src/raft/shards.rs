@@ -421,6 +421,17 @@ impl ShardSet {
         }
     }
 
+    /// The first fatal error among the groups (a Raft that stopped on a storage failure or a
+    /// panic, not a normal shutdown).
+    pub fn fatal_error(&self) -> Option<String> {
+        self.groups.iter().chain(std::iter::once(&self.meta)).find_map(|group| {
+            match &group.raft.metrics().borrow().running_state {
+                Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+                Err(error) => Some(format!("group {}: {error}", group_of_shard(group.shard))),
+            }
+        })
+    }
+
     /// Whether this node leads `shard` (or, for [`META_SHARD`], the meta group).
     pub fn leads(&self, shard: u16) -> bool {
         self.group(shard).is_ok_and(|g| g.raft.metrics().borrow().current_leader == Some(self.node_id))
