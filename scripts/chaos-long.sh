@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The long chaos suite: every scenario against release builds, one after another (about 40
+# The long chaos suite: every scenario against release builds, one after another (about 45
 # minutes with the default durations). Reports and node logs go to $OUT (default
 # ./chaos-reports/<date>); the script exits non-zero if any scenario found an anomaly.
 #
 #   ./scripts/chaos-long.sh                 # all scenarios, default durations
-#   SCALE=2 ./scripts/chaos-long.sh         # every duration doubled (80 minutes)
+#   SCALE=2 ./scripts/chaos-long.sh         # every duration doubled (90 minutes)
 #   SEED=1234 ./scripts/chaos-long.sh       # reproduce a run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ cargo build --release --locked -p stemedb -p stemedb-chaos
 CHAOS="$CARGO_TARGET_DIR/release/stemedb-chaos"
 
 # scenario:seconds
-RUNS="smoke:240 crashes:300 partitions:300 links:300 leaders:240 membership:300 wipe:240 all:600"
+RUNS="smoke:240 crashes:300 partitions:300 links:300 leaders:240 membership:300 wipe:240 disk:240 all:600"
 failed=0
 printf '%-12s %8s %6s %10s %10s %10s %8s %s\n' scenario seconds faults writes_ok reads_ok set_acked result report > "$OUT/summary.txt"
 for run in $RUNS; do

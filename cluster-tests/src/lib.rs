@@ -175,6 +175,7 @@ impl TestCluster {
             cluster.wait_api(*id, Duration::from_secs(60)).await?;
         }
         cluster.wait_all_leaders(Duration::from_secs(60)).await?;
+        cluster.wait_for_metadata(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
 
@@ -366,6 +367,23 @@ impl TestCluster {
     pub fn heal(&self) {
         for link in self.links.values() {
             link.unblock();
+        }
+    }
+
+    /// Waits until the meta group has recorded the cluster's bootstrap (as node 1 sees it).
+    pub async fn wait_for_metadata(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let first = self.nodes.keys().next().copied().context("no nodes")?;
+        loop {
+            if let Ok((200, meta)) = self.admin_get(first, "/cluster/meta").await {
+                if meta["nodes"].as_object().is_some_and(|nodes| !nodes.is_empty()) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster metadata was not bootstrapped");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

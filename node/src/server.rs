@@ -165,6 +165,9 @@ pub async fn run(
         },
         stop.clone(),
     );
+    if config.cluster.auto_rebalance {
+        crate::cluster::placement::start_leader_balancer(&shards, Duration::from_secs(2), stop.clone());
+    }
     let grpc = {
         let service = RaftService::server(shards.clone(), Duration::from_millis(config.raft.write_timeout_ms));
         let stop = stop.clone();

@@ -441,6 +441,11 @@ async fn transfer_leader(
     let shard = parse_shard(&state, &id)?;
     let previous = state.shards.status(shard)?.leader;
     let timeout = std::time::Duration::from_millis(state.config.raft.election_timeout_max_ms * 4 + 2000);
+    // The target becomes the shard's preferred leader, so the leader balancer keeps it there.
+    let placed = state.shards.meta().placement.get(&shard).is_some_and(|r| r.contains(&request.target_node));
+    if placed {
+        change_meta(&state, MetaCommand::SetPreferredLeader { shard, node: request.target_node }).await?;
+    }
     state.shards.admin_group(shard, GroupAdmin::TransferLeader { target: request.target_node }, timeout).await?;
     Ok(Json(json!({"shard": shard, "leader": request.target_node, "previous_leader": previous})))
 }

@@ -127,6 +127,12 @@ pub enum MetaCommand {
         shard: u16,
         error: String,
     },
+    /// Makes `node` the shard's preferred leader (first in its replica list); the shard's
+    /// leader hands leadership over when the preferred node is up and caught up.
+    SetPreferredLeader {
+        shard: u16,
+        node: NodeId,
+    },
 }
 
 /// Why a metadata change was refused. Each has a stable code and HTTP status.
@@ -313,6 +319,17 @@ impl MetaState {
                 self.placement.insert(shard, replicas);
                 Ok(())
             }
+            MetaCommand::SetPreferredLeader { shard, node } => {
+                let replicas = self.placement.get_mut(&shard).ok_or(MetaError::UnknownShard { shard })?;
+                let position = replicas.iter().position(|id| *id == node).ok_or_else(|| MetaError::InvalidMove {
+                    shard,
+                    node,
+                    reason: "it holds no replica to lead".into(),
+                })?;
+                let preferred = replicas.remove(position);
+                replicas.insert(0, preferred);
+                Ok(())
+            }
             MetaCommand::FailMove { shard, error } => {
                 let record = self.running_move(shard)?;
                 record.status = RebalanceStatus::Failed;
@@ -400,6 +417,58 @@ pub fn plan_next_move(state: &MetaState, replication_factor: u16, balance: bool)
             .next();
         if let Some(shard) = candidate {
             return Some(PlannedMove { shard, from: Some(max_node), to: Some(min_node), cause: MoveCause::Balance });
+        }
+    }
+    None
+}
+
+/// The preferred leader of a shard is the first of its replicas. This picks the next change that
+/// spreads preferred leaders evenly over UP nodes: a shard preferring a node that is not UP gets
+/// its least-preferred UP replica instead; then, while one node is preferred by two more shards
+/// than another, one shard moves its preference from the first to the second (if it has a
+/// replica there). Shards with a move under way are left alone.
+pub fn plan_preferred_leader(state: &MetaState) -> Option<(u16, NodeId)> {
+    let up: Vec<NodeId> = state.nodes.iter().filter(|(_, n)| n.status == NodeStatus::Up).map(|(id, _)| *id).collect();
+    if up.is_empty() {
+        return None;
+    }
+    let mut preferred: BTreeMap<NodeId, usize> = up.iter().map(|id| (*id, 0)).collect();
+    for replicas in state.placement.values() {
+        if let Some(first) = replicas.first() {
+            *preferred.entry(*first).or_default() += 1;
+        }
+    }
+    let movable = |shard: &u16| !state.move_under_way(*shard);
+    for (shard, replicas) in state.placement.iter().filter(|(s, _)| movable(s)) {
+        let Some(first) = replicas.first() else { continue };
+        if !up.contains(first) {
+            let best = replicas
+                .iter()
+                .copied()
+                .filter(|id| up.contains(id))
+                .min_by_key(|id| (preferred.get(id).copied(), *id));
+            if let Some(best) = best {
+                return Some((*shard, best));
+            }
+        }
+    }
+    let (&most, &most_count) =
+        preferred.iter().filter(|(id, _)| up.contains(id)).max_by_key(|(id, c)| (**c, std::cmp::Reverse(**id)))?;
+    let mut by_fewest: Vec<(NodeId, usize)> =
+        preferred.iter().filter(|(id, _)| up.contains(id)).map(|(id, c)| (*id, *c)).collect();
+    by_fewest.sort_by_key(|(id, c)| (*c, *id));
+    for (fewest, fewest_count) in by_fewest {
+        if most_count <= fewest_count + 1 {
+            break;
+        }
+        let candidate = state
+            .placement
+            .iter()
+            .filter(|(s, r)| movable(s) && r.first() == Some(&most) && r.contains(&fewest))
+            .map(|(s, _)| *s)
+            .next();
+        if let Some(shard) = candidate {
+            return Some((shard, fewest));
         }
     }
     None
@@ -533,6 +602,25 @@ mod tests {
             .unwrap();
         settle(&mut state, 3, true);
         assert!(state.placement[&shard].contains(&outside), "the operator's move stands");
+    }
+
+    #[test]
+    fn preferred_leaders_spread_after_a_join() {
+        let mut state = bootstrapped(3, 12, 3);
+        state.apply(MetaCommand::AddNode { id: 4, raft_addr: "127.0.0.4:18182".into() }, 2).unwrap();
+        settle(&mut state, 3, true);
+        state.apply(MetaCommand::SetNodeStatus { id: 4, status: NodeStatus::Up }, 3).unwrap();
+        let mut changes = 0;
+        while let Some((shard, node)) = plan_preferred_leader(&state) {
+            state.apply(MetaCommand::SetPreferredLeader { shard, node }, 4).unwrap();
+            changes += 1;
+            assert!(changes < 100, "does not converge");
+        }
+        let mut counts: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for replicas in state.placement.values() {
+            *counts.entry(replicas[0]).or_default() += 1;
+        }
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![3, 3, 3, 3], "{counts:?}");
     }
 
     proptest! {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::meta::{
-    plan_next_move, replicas_after, MetaCommand, MetaError, MetaState, NodeStatus, Rebalance, RebalanceStatus,
-    META_SHARD,
+    plan_next_move, plan_preferred_leader, replicas_after, MetaCommand, MetaError, MetaState, NodeStatus, Rebalance,
+    RebalanceStatus, META_SHARD,
 };
 use crate::raft::types::{GroupAdmin, NodeId};
 use crate::raft::{ConsensusError, ShardSet};
@@ -109,8 +109,62 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
             _ => {}
         }
     }
+    // Then spread the preferred leaders; each shard's leader follows its preference (below).
+    if settings.auto_rebalance {
+        if let Some((shard, node)) = plan_preferred_leader(&state) {
+            shards.propose_meta(MetaCommand::SetPreferredLeader { shard, node }, timeout).await??;
+            tracing::info!(shard, node, "preferred leader changed");
+        }
+    }
     Ok(())
 }
+
+/// Leaders that are not their shard's preferred leader hand leadership over once the preferred
+/// node is UP (heard from), a voter and caught up: after failovers, leadership drifts to the
+/// survivors, and this brings it back so leaders stay spread. At most one transfer per node
+/// every round, and none for a shard that transferred in the last 30 s.
+pub fn start_leader_balancer(shards: &Arc<ShardSet>, interval: Duration, stop: CancellationToken) {
+    let shards = Arc::downgrade(shards);
+    tokio::spawn(async move {
+        let mut last_transfer: std::collections::HashMap<u16, std::time::Instant> = Default::default();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(shards) = shards.upgrade() else { return };
+            let meta = shards.meta();
+            for group in shards.groups() {
+                let shard = group.shard;
+                if !shards.leads(shard) || last_transfer.get(&shard).is_some_and(|at| at.elapsed() < COOLDOWN) {
+                    continue;
+                }
+                let Some(&preferred) = meta.placement.get(&shard).and_then(|r| r.first()) else { continue };
+                if preferred == shards.node_id || !shards.heard_from(preferred, Duration::from_secs(2)) {
+                    continue;
+                }
+                let Ok(status) = shards.status(shard) else { continue };
+                let caught_up = status.replication.iter().any(|f| {
+                    f.node == preferred && f.matched_index.is_some() && f.matched_index == status.last_log_index
+                });
+                if !status.voters.contains(&preferred) || !caught_up {
+                    continue;
+                }
+                last_transfer.insert(shard, std::time::Instant::now());
+                match shards.admin_group_local(shard, GroupAdmin::TransferLeader { target: preferred }).await {
+                    Ok(()) => tracing::info!(shard, to = preferred, "leadership handed to the preferred leader"),
+                    Err(error) => {
+                        tracing::info!(shard, to = preferred, error = %error, "leader hand-over did not happen")
+                    }
+                }
+                break;
+            }
+        }
+    });
+}
+
+/// How long a shard waits between two hand-overs to its preferred leader.
+const COOLDOWN: Duration = Duration::from_secs(30);
 
 /// Makes the meta group's membership follow the node list: every node a voter, removed nodes out.
 async fn sync_meta_voters(shards: &ShardSet, state: &MetaState, timeout: Duration) -> Result<(), DriverError> {
