@@ -320,7 +320,8 @@ async fn join_target_info(admin_addr: &str) -> Result<(String, u16), NodeError> 
     }
 }
 
-/// Asks the cluster to add this node to every shard, retrying until it succeeds.
+/// Asks the cluster to add this node (recorded as JOINING; it receives its share of replicas),
+/// retrying until the request is accepted.
 async fn request_membership(admin_addr: &str, node_id: u64, raft_addr: &str, admin_token: &str) {
     let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(300)).build() else { return };
     loop {

@@ -1,7 +1,7 @@
-//! Cluster admin on port 18181 (HTTP/JSON): cluster health, members, shards and leader
-//! transfer, computed from this node's view of every shard group. JSON shapes follow the
-//! operations runbooks (`.members[]` with `id`, `status`, `replication_lag`; `.shards[]` with
-//! `query_rate`).
+//! Cluster admin on port 18181 (HTTP/JSON): cluster health, members, shards, leader transfer,
+//! replica moves and the cluster metadata, from this node's view of the groups it hosts and its
+//! copy of the meta group. JSON shapes follow the operations runbooks (`.members[]` with `id`,
+//! `status`, `replication_lag`; `.shards[]` with `query_rate`).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
