@@ -50,6 +50,8 @@ pub struct SetCheck {
     pub duplicated: Vec<(String, i64, usize)>,
     pub unexpected: Vec<(String, i64)>,
     pub unknown_outcomes: usize,
+    /// Paths that could not be read back within 60 s of healing, with the last answer.
+    pub unreadable: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -191,6 +193,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
         });
     }
     let set = check_sets(&cluster, &set_logs).await;
+    for (path, last_answer) in &set.unreadable {
+        anomalies.push(Anomaly {
+            kind: "unavailable_after_heal",
+            message: format!(
+                "{path} could not be read for 60 s after every fault was healed; last answer: {last_answer}"
+            ),
+            ops: vec![],
+        });
+    }
     for (path, value) in &set.lost {
         anomalies.push(Anomaly {
             kind: "lost_write",
@@ -264,11 +275,15 @@ async fn check_sets(cluster: &TestCluster, logs: &[SetClientLog]) -> SetCheck {
         duplicated: vec![],
         unexpected: vec![],
         unknown_outcomes: logs.iter().map(|l| l.unknown.len()).sum(),
+        unreadable: vec![],
     };
     for log in logs {
-        let Some(values) = read_all_values(cluster, &log.concept_path).await else {
-            check.lost.extend(log.acknowledged.iter().map(|v| (format!("{} (unreadable)", log.concept_path), *v)));
-            continue;
+        let values = match read_all_values(cluster, &log.concept_path).await {
+            Ok(values) => values,
+            Err(last_answer) => {
+                check.unreadable.push((log.concept_path.clone(), last_answer));
+                continue;
+            }
         };
         let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
         for value in values {
@@ -292,26 +307,31 @@ async fn check_sets(cluster: &TestCluster, logs: &[SetClientLog]) -> SetCheck {
     check
 }
 
-/// Every value asserted on `concept_path` (history lens), or `None` if it cannot be read.
-async fn read_all_values(cluster: &TestCluster, concept_path: &str) -> Option<Vec<i64>> {
+/// Every value asserted on `concept_path` (history lens), or the last answer when it cannot be
+/// read within 60 s.
+async fn read_all_values(cluster: &TestCluster, concept_path: &str) -> Result<Vec<i64>, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let body = json!({"concept_path": concept_path, "predicate": workload::PREDICATE, "lens": "history", "consistency": "linearizable"});
+    let mut last_answer = String::new();
     loop {
         for via in cluster.running() {
-            if let Ok((200, answer)) = cluster.post(via, "/v1/query", &body).await {
+            let answer = cluster.post(via, "/v1/query", &body).await;
+            if let Ok((200, answer)) = answer {
                 let assertions = answer["results"].as_array().and_then(|r| r.first()).map(|r| r["assertions"].clone());
-                return Some(
-                    assertions
-                        .and_then(|a| a.as_array().cloned())
-                        .unwrap_or_default()
-                        .iter()
-                        .filter_map(|a| a["value"].as_i64())
-                        .collect(),
-                );
+                return Ok(assertions
+                    .and_then(|a| a.as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|a| a["value"].as_i64())
+                    .collect());
             }
+            last_answer = match answer {
+                Ok((status, body)) => format!("node {via}: {status} {body}"),
+                Err(error) => format!("node {via}: {error}"),
+            };
         }
         if Instant::now() > deadline {
-            return None;
+            return Err(last_answer);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -374,13 +394,14 @@ pub fn summary(report: &Report) -> String {
     let linearizable = report.register_keys.values().filter(|v| **v == Verdict::Linearizable).count();
     out.push_str(&format!("linearizable keys: {linearizable}/{}\n", report.register_keys.len()));
     out.push_str(&format!(
-        "set: {} acknowledged over {} paths, {} lost, {} duplicated, {} unexpected, {} left unknown\n",
+        "set: {} acknowledged over {} paths, {} lost, {} duplicated, {} unexpected, {} left unknown, {} unreadable\n",
         report.set.acknowledged,
         report.set.paths,
         report.set.lost.len(),
         report.set.duplicated.len(),
         report.set.unexpected.len(),
-        report.set.unknown_outcomes
+        report.set.unknown_outcomes,
+        report.set.unreadable.len()
     ));
     out.push_str(&format!(
         "replicas: {} shards compared, {} diverged\n",

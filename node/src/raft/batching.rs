@@ -139,45 +139,69 @@ impl<E: Clone> ReadBarrierGroup<E> {
 
     /// Runs `barrier` for this caller, or waits for one that started after it arrived. Returns
     /// the number of the barrier that served it.
-    pub async fn run<F, Fut>(&self, barrier: F, abandoned: impl FnOnce() -> E) -> Result<u64, E>
+    ///
+    /// Cancellation-safe: the caller running barriers for the others may be dropped at any
+    /// await (a client that hung up). Its guard then hands the job back: `running` is cleared
+    /// and every waiter is woken to run `run` again, one of them leading. Without this a single
+    /// cancelled reader left the shard's linearizable reads waiting forever on this node.
+    pub async fn run<F, Fut>(&self, barrier: F) -> Result<u64, E>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,
     {
-        let (tx, rx) = oneshot::channel();
-        let lead = {
-            let mut state = self.state.lock();
-            let needed = state.started + 1;
-            state.waiters.push((needed, tx));
-            if state.running {
-                false
-            } else {
-                state.running = true;
-                true
-            }
-        };
-        if lead {
-            loop {
-                let generation = {
-                    let mut state = self.state.lock();
-                    state.started += 1;
-                    state.started
-                };
-                let result = barrier().await.map(|()| generation);
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let lead = {
                 let mut state = self.state.lock();
-                let (done, rest): (Vec<_>, Vec<_>) =
-                    state.waiters.drain(..).partition(|(needed, _)| *needed <= generation);
-                state.waiters = rest;
-                for (_, waiter) in done {
-                    let _ = waiter.send(result.clone());
+                let needed = state.started + 1;
+                state.waiters.push((needed, tx));
+                !std::mem::replace(&mut state.running, true)
+            };
+            if lead {
+                let mut guard = LeadGuard { group: self, armed: true };
+                loop {
+                    let generation = {
+                        let mut state = self.state.lock();
+                        state.started += 1;
+                        state.started
+                    };
+                    let result = barrier().await.map(|()| generation);
+                    let mut state = self.state.lock();
+                    let (done, rest): (Vec<_>, Vec<_>) =
+                        state.waiters.drain(..).partition(|(needed, _)| *needed <= generation);
+                    state.waiters = rest;
+                    for (_, waiter) in done {
+                        let _ = waiter.send(result.clone());
+                    }
+                    if state.waiters.is_empty() {
+                        state.running = false;
+                        break;
+                    }
                 }
-                if state.waiters.is_empty() {
-                    state.running = false;
-                    break;
-                }
+                guard.armed = false;
+            }
+            match rx.await {
+                Ok(result) => return result,
+                // The leading caller was cancelled before serving us: start over.
+                Err(_) => continue,
             }
         }
-        rx.await.unwrap_or_else(|_| Err(abandoned()))
+    }
+}
+
+/// Clears a cancelled leader's claim and wakes the waiters (their senders drop).
+struct LeadGuard<'a, E> {
+    group: &'a ReadBarrierGroup<E>,
+    armed: bool,
+}
+
+impl<E> Drop for LeadGuard<'_, E> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut state = self.group.state.lock();
+            state.running = false;
+            state.waiters.clear();
+        }
     }
 }
 
@@ -198,17 +222,14 @@ mod tests {
                 tokio::time::sleep(Duration::from_micros(200 * (i % 10))).await;
                 let started_before_arrival = group.started_count();
                 let served_by = group
-                    .run(
-                        || {
-                            let calls = calls.clone();
-                            async move {
-                                calls.fetch_add(1, Ordering::SeqCst);
-                                tokio::time::sleep(Duration::from_millis(2)).await;
-                                Ok::<(), String>(())
-                            }
-                        },
-                        || "abandoned".to_string(),
-                    )
+                    .run(|| {
+                        let calls = calls.clone();
+                        async move {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            Ok::<(), String>(())
+                        }
+                    })
                     .await
                     .expect("barrier");
                 (started_before_arrival, served_by)
@@ -219,5 +240,32 @@ mod tests {
             assert!(served_by > started_before_arrival, "served by barrier {served_by}, which started before arrival");
         }
         assert!(calls.load(Ordering::SeqCst) < 50, "barriers were shared");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_leader_does_not_strand_the_others() {
+        let group = Arc::new(ReadBarrierGroup::<String>::default());
+        // The first caller leads a barrier that never finishes, and is cancelled (timeout).
+        let stuck = tokio::time::timeout(
+            Duration::from_millis(50),
+            group.run(|| async {
+                std::future::pending::<()>().await;
+                Ok::<(), String>(())
+            }),
+        );
+        // A second caller arrives while it runs, and must be served once the first is gone.
+        let second = {
+            let group = group.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                group.run(|| async { Ok::<(), String>(()) }).await
+            })
+        };
+        assert!(stuck.await.is_err(), "the first caller timed out");
+        let served = tokio::time::timeout(Duration::from_secs(5), second).await;
+        assert!(matches!(served, Ok(Ok(Ok(_)))), "the second caller was stranded: {served:?}");
+        // And later callers run barriers again.
+        let later = tokio::time::timeout(Duration::from_secs(5), group.run(|| async { Ok::<(), String>(()) })).await;
+        assert!(matches!(later, Ok(Ok(_))));
     }
 }

@@ -625,11 +625,7 @@ impl ShardSet {
     pub async fn read_barrier(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         // Concurrent readers share one barrier that started after they arrived.
-        group
-            .read_barriers
-            .run(|| self.read_barrier_once(shard, timeout), || ConsensusError::ShuttingDown { shard })
-            .await
-            .map(|_| ())
+        group.read_barriers.run(|| self.read_barrier_once(shard, timeout)).await.map(|_| ())
     }
 
     async fn read_barrier_once(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
@@ -637,7 +633,12 @@ impl ShardSet {
         let deadline = Instant::now() + timeout;
         let leader = self.wait_for_leader(group, deadline).await?;
         let read_index = if leader == self.node_id {
-            self.local_read_index(shard).await?
+            // Bounded like every other step: a leader cut off from its followers must answer
+            // within the request's time, not whenever its heartbeats give up.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(remaining, self.local_read_index(shard))
+                .await
+                .map_err(|_| ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 })??
         } else {
             self.ask_leader::<(), u64>(group, leader, "read_index", &(), deadline).await?
         };
