@@ -147,6 +147,7 @@ pub async fn run(
         storage: storage.clone(),
         metrics,
         started_at,
+        slow_queries: crate::api::slow_queries::SlowQueryLog::new(config.query.slow_query_log_size),
     });
     register_node_gauges(&context);
     crate::raft::hibernation::start(

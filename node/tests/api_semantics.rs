@@ -167,3 +167,55 @@ async fn metrics_expose_runbook_names() {
     assert!(stats["sst_file_count"].is_u64() && stats["cache_memory_bytes"].is_u64());
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_queries_are_logged_for_admins() {
+    // Every query counts as slow; the log keeps the newest two.
+    let node = TestNode::start_with(|config| {
+        config.query.slow_query_ms = 0;
+        config.query.slow_query_log_size = 2;
+        config.security.admin_token = "secret".into();
+    })
+    .await;
+    let (status, _) = node.post("/v1/assert", &json!({"concept_path": "slow/a", "predicate": "p", "value": 1})).await;
+    assert_eq!(status, 201);
+    for (agent, body) in [
+        ("first", json!({"concept_path": "slow/a", "agent_id": "first"})),
+        ("second", json!({"concept_prefix": "slow", "predicate": "p", "lens": "history", "agent_id": "second"})),
+        ("third", json!({"concept_path": "slow/a", "agent_id": "third", "consistency": "stale"})),
+    ] {
+        let (status, answer) = node.post("/v1/query", &body).await;
+        assert_eq!(status, 200, "{agent}: {answer}");
+    }
+    // Admin only.
+    let (status, answer) = node.get("/v1/admin/slow-queries").await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (401, Some("admin_token_required")), "{answer}");
+    let url = format!("{}/v1/admin/slow-queries", node.url);
+    let answer: serde_json::Value =
+        node.client.get(&url).bearer_auth("secret").send().await.expect("send").json().await.expect("json");
+    let queries = answer["queries"].as_array().cloned().unwrap_or_default();
+    let agents: Vec<&str> = queries.iter().filter_map(|q| q["agent_id"].as_str()).collect();
+    assert_eq!(agents, vec!["third", "second"], "newest first, capacity 2: {answer}");
+    let second = &queries[1];
+    assert_eq!(second["subject"], json!("slow/*"));
+    assert_eq!(second["predicate"], json!("p"));
+    assert_eq!(second["lens"], json!("history"));
+    assert_eq!(second["results"], json!(1));
+    assert!(second["duration_ms"].is_u64() && second["memory_mb"].is_f64() && second["at"].is_string(), "{second}");
+    let filtered: serde_json::Value = node
+        .client
+        .get(format!("{url}?agent_id=second&limit=5"))
+        .bearer_auth("secret")
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(filtered["queries"].as_array().map(Vec::len), Some(1));
+    let response = node.client.get(format!("{url}?limit=0")).bearer_auth("secret").send().await.expect("send");
+    assert_eq!(response.status().as_u16(), 400);
+    let response = node.client.get(format!("{url}?bogus=1")).bearer_auth("secret").send().await.expect("send");
+    assert_eq!(response.status().as_u16(), 400);
+    node.stop().await;
+}

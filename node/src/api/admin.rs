@@ -20,6 +20,38 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/storage/stats", get(storage_stats))
         .route("/v1/admin/storage/compact", post(compact))
         .route("/v1/admin/compact", post(compact))
+        .route("/v1/admin/slow-queries", get(slow_queries))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlowQueriesParams {
+    limit: Option<usize>,
+    agent_id: Option<String>,
+}
+
+/// `GET /v1/admin/slow-queries[?limit=N&agent_id=A]`: the slow-query log, newest first
+/// (`limit` default 100, at most 1000).
+async fn slow_queries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+    params: Result<axum::extract::Query<SlowQueriesParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers, peer_of(connect_info))?;
+    let axum::extract::Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_parameters", e.body_text()))?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_limit", format!("limit {limit} is not in 1..=1000")));
+    }
+    let queries = state.slow_queries.list(limit, params.agent_id.as_deref());
+    Ok(Json(json!({
+        "slow_query_ms": state.config.query.slow_query_ms,
+        "capacity": state.config.query.slow_query_log_size,
+        "queries": queries,
+    }))
+    .into_response())
 }
 
 /// `GET /v1/admin/storage/stats`: engine statistics as the runbooks read them.

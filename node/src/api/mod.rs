@@ -6,6 +6,7 @@ pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod reads;
+pub mod slow_queries;
 pub mod writes;
 
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ pub struct NodeContext {
     pub storage: Arc<Storage>,
     pub metrics: Metrics,
     pub started_at: Instant,
+    pub slow_queries: slow_queries::SlowQueryLog,
 }
 
 pub type AppState = Arc<NodeContext>;

@@ -60,6 +60,9 @@ pub struct QueryRequest {
     cursor: Option<String>,
     #[serde(default)]
     consistency: Option<String>,
+    /// Who is asking (recorded in the slow-query log); default `anonymous`.
+    #[serde(default)]
+    agent_id: Option<String>,
 }
 
 /// A page position: the last (concept_path, predicate) returned.
@@ -215,7 +218,27 @@ pub async fn query(
     let elapsed = started.elapsed();
     state.metrics.observe_query(Lens::NAMES[lens as usize], elapsed);
     if elapsed.as_millis() as u64 >= state.config.query.slow_query_ms {
-        tracing::info!(lens = ?lens, path = ?request.concept_path, prefix = ?request.concept_prefix, duration_ms = elapsed.as_millis() as u64, "slow query");
+        let agent_id = request.agent_id.clone().unwrap_or_else(|| crate::model::assertion::DEFAULT_AGENT_ID.into());
+        let subject = match (&request.concept_path, &request.concept_prefix) {
+            (Some(path), _) => path.clone(),
+            (None, Some(prefix)) => format!("{prefix}/*"),
+            (None, None) => String::new(),
+        };
+        let results = body["results"].as_array().map(Vec::len).unwrap_or(0);
+        let memory_mb = serde_json::to_vec(&body).map(|b| b.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
+        tracing::info!(agent_id = %agent_id, subject = %subject, lens = ?lens, duration_ms = elapsed.as_millis() as u64, results, "slow query");
+        crate::metrics::SLOW_QUERIES.inc();
+        state.slow_queries.record(crate::api::slow_queries::SlowQuery {
+            agent_id,
+            subject,
+            predicate: request.predicate.clone(),
+            lens: Lens::NAMES[lens as usize].to_string(),
+            consistency: format!("{consistency:?}").to_lowercase(),
+            duration_ms: elapsed.as_millis() as u64,
+            memory_mb: (memory_mb * 1000.0).round() / 1000.0,
+            results,
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
     }
     Ok(Json(body).into_response())
 }

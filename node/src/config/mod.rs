@@ -146,6 +146,8 @@ pub struct QuerySection {
     pub query_timeout_seconds: u64,
     /// Queries slower than this are logged.
     pub slow_query_ms: u64,
+    /// Slow queries kept for `GET /v1/admin/slow-queries` (oldest dropped first; 0 keeps none).
+    pub slow_query_log_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -244,7 +246,13 @@ impl Default for LimitsSection {
 
 impl Default for QuerySection {
     fn default() -> Self {
-        QuerySection { default_limit: 100, max_limit: 1000, query_timeout_seconds: 30, slow_query_ms: 100 }
+        QuerySection {
+            default_limit: 100,
+            max_limit: 1000,
+            query_timeout_seconds: 30,
+            slow_query_ms: 100,
+            slow_query_log_size: 1000,
+        }
     }
 }
 

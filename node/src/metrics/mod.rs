@@ -130,6 +130,11 @@ pub static QUERY_TOTAL: LazyLock<IntCounterVec> = LazyLock::new(|| {
         .expect("valid metric")
 });
 
+pub static SLOW_QUERIES: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    prometheus::IntCounter::new("stemedb_slow_queries_total", "Queries that took at least query.slow_query_ms")
+        .expect("valid metric")
+});
+
 pub static QUERY_TIMEOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_query_timeout_total", "Queries that exceeded query.query_timeout_seconds"),
@@ -166,6 +171,7 @@ impl Metrics {
             Box::new(QUERY_DURATION.clone()),
             Box::new(QUERY_TOTAL.clone()),
             Box::new(QUERY_TIMEOUTS.clone()),
+            Box::new(SLOW_QUERIES.clone()),
             Box::new(WRITE_DURATION.clone()),
         ];
         collectors.extend(crate::storage::metrics::collectors());
