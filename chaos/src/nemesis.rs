@@ -234,10 +234,20 @@ impl<'a> Nemesis<'a> {
                     return "no other node".into();
                 };
                 self.set_target(id, false);
+                // What the other replicas have applied now: the wiped node must get there.
+                let targets = self.applied_elsewhere(id).await;
                 match self.cluster.wipe_and_rejoin(id, via).await {
                     Ok(()) => {
                         self.set_target(id, true);
-                        format!("wiped node {id} and rejoined it through node {via}")
+                        // One disk lost at a time: losing a second replica before the first has
+                        // been rebuilt loses a majority's data, which no RF-3 system survives.
+                        let started = Instant::now();
+                        let caught_up = self.wait_caught_up(id, &targets, Duration::from_secs(120)).await;
+                        format!(
+                            "wiped node {id} and rejoined it through node {via}; {} after {:.1} s",
+                            if caught_up { "caught up" } else { "NOT caught up" },
+                            started.elapsed().as_secs_f64()
+                        )
                     }
                     Err(error) => format!("wiping node {id} failed: {error}"),
                 }
@@ -300,6 +310,56 @@ impl<'a> Nemesis<'a> {
 
     fn was_wiped(&self, id: u64) -> bool {
         self.records.iter().any(|r| r.kind == FaultKind::Wipe && r.detail.starts_with(&format!("wiped node {id} ")))
+    }
+
+    /// For each shard, the highest applied index among the running nodes other than `id`.
+    async fn applied_elsewhere(&self, id: u64) -> Vec<(u16, u64)> {
+        let mut targets = Vec::new();
+        for shard in 0..self.shards {
+            let mut best = 0;
+            for via in self.cluster.running().into_iter().filter(|n| *n != id) {
+                if let Ok((200, body)) = self.cluster.admin_get(via, &format!("/cluster/shards/{shard}/digest")).await {
+                    best = best.max(body["applied_index"].as_u64().unwrap_or(0));
+                }
+            }
+            targets.push((shard, best));
+        }
+        targets
+    }
+
+    /// Waits until node `id` serves every shard it holds at or beyond `targets`' applied indexes.
+    async fn wait_caught_up(&self, id: u64, targets: &[(u16, u64)], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let placed: Vec<u16> = match self.cluster.admin_get(id, "/cluster/meta").await {
+            Ok((200, meta)) => (0..self.shards)
+                .filter(|s| {
+                    meta["placement"][s.to_string()]
+                        .as_array()
+                        .is_some_and(|r| r.iter().any(|n| n.as_u64() == Some(id)))
+                })
+                .collect(),
+            _ => (0..self.shards).collect(),
+        };
+        loop {
+            let mut done = true;
+            for (shard, target) in targets.iter().filter(|(s, _)| placed.contains(s)) {
+                let applied = match self.cluster.admin_get(id, &format!("/cluster/shards/{shard}/digest")).await {
+                    Ok((200, body)) => body["applied_index"].as_u64().unwrap_or(0),
+                    _ => 0,
+                };
+                if applied < *target {
+                    done = false;
+                    break;
+                }
+            }
+            if done {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     async fn leader_of(&self, shard: u16) -> Option<u64> {
