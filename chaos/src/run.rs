@@ -246,7 +246,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
             let _ = std::fs::remove_dir_all(root);
         }
     }
-    let result = if anomalies.is_empty() { "pass" } else { "fail" };
+    let inconclusive = register_keys.values().any(|v| matches!(v, Verdict::Unknown { .. }));
+    let result = match (anomalies.is_empty(), inconclusive) {
+        (false, _) => "fail",
+        (true, true) => "inconclusive",
+        (true, false) => "pass",
+    };
     Ok(Report {
         scenario: options.scenario.name.to_string(),
         seed: options.seed,
@@ -408,7 +413,9 @@ pub fn summary(report: &Report) -> String {
         report.replicas.shards_checked,
         report.replicas.diverged.len()
     ));
-    if report.anomalies.is_empty() {
+    if report.result == "inconclusive" {
+        out.push_str("result: INCONCLUSIVE (no anomaly found, but a key's history exceeded the search budget)\n");
+    } else if report.anomalies.is_empty() {
         out.push_str("result: PASS (no anomaly)\n");
     } else {
         out.push_str(&format!("result: FAIL ({} anomalies)\n", report.anomalies.len()));

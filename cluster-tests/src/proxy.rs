@@ -80,7 +80,12 @@ impl LinkProxy {
     /// Sets the link's fault; blocking cuts open connections.
     pub fn set_fault(&self, fault: LinkFault) {
         let previous = std::mem::replace(&mut *self.fault.lock(), fault);
-        if fault == LinkFault::Block && previous != LinkFault::Block {
+        // Blocking cuts open connections. So does leaving a blackhole: the bytes it swallowed
+        // are gone, and resuming the stream after the gap would corrupt it (real TCP would
+        // retransmit them; a cut connection is the honest equivalent).
+        let cut = (fault == LinkFault::Block && previous != LinkFault::Block)
+            || (previous == LinkFault::Blackhole && fault != LinkFault::Blackhole);
+        if cut {
             self.generation.send_modify(|g| *g += 1);
         }
     }

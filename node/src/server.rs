@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 use crate::api::{self, NodeContext};
-use crate::cluster::identity::{cluster_id_of, ensure_identity, identity_recorded, IdentityError};
+use crate::cluster::identity::{
+    cluster_id_of, ensure_identity, identity_recorded, is_recovering, set_recovering, IdentityError,
+};
 use crate::config::Config;
 use crate::metrics::{ComputedGauges, Metrics};
 use crate::raft::network::PeerChannels;
@@ -133,6 +135,10 @@ pub async fn run(
         .await?,
     );
     if joining && fresh_data_dir {
+        set_recovering(&storage, true)?;
+    }
+    let recovering = is_recovering(&storage)?;
+    if recovering {
         shards.arm_vote_guards();
     }
     let metrics = Metrics::new(config.node.id);
@@ -231,8 +237,15 @@ pub async fn run(
     let fatal_error = Arc::new(parking_lot::Mutex::new(None::<String>));
     {
         let (shards, fatal, fatal_error, stop) = (shards.clone(), fatal.clone(), fatal_error.clone(), stop.clone());
+        let storage = storage.clone();
+        let mut recovering = recovering;
         tokio::spawn(async move {
             loop {
+                // The vote guards are all satisfied: forget that this node was rebuilding.
+                if recovering && !shards.recovering() && set_recovering(&storage, false).is_ok() {
+                    recovering = false;
+                    tracing::info!("caught up with every group; this node votes normally again");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     _ = stop.cancelled() => return,
@@ -276,14 +289,19 @@ pub async fn run(
         }
     };
     stop.cancel();
-    let _ = admin_server.await;
+    // Admin requests may wait minutes (a decommission); they get the grace period, no more.
+    if tokio::time::timeout(grace, admin_server).await.is_err() {
+        tracing::warn!("cluster admin requests still running at shutdown were abandoned");
+    }
     context.shards.shutdown().await;
     let _ = grpc.await;
-    storage.close()?;
+    let closed = storage.close();
     tracing::info!("node stopped");
+    // The fatal error is the cause; a failing close (say, on a full disk) is its consequence.
     if let Some(error) = fatal_error.lock().take() {
         return Err(NodeError::Fatal(error));
     }
+    closed?;
     match serve_result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(NodeError::Serve(e.to_string())),

@@ -212,7 +212,14 @@ async fn shard_digest(State(state): State<AppState>, Path(id): Path<String>) -> 
             format!("node {} has no replica of shard {shard}", state.shards.node_id),
         ));
     }
-    let digest = group.reader.digest()?;
+    // A full scan of the shard: off the async workers.
+    let reader = group.reader.clone();
+    let digest = tokio::task::spawn_blocking(move || reader.digest())
+        .await
+        .map_err(|e| ApiError::new(500, "internal_error", e.to_string()))??
+        .ok_or_else(|| {
+            ApiError::new(503, "shard_busy", format!("shard {shard} kept changing during the scan; retry"))
+        })?;
     Ok(Json(
         json!({"shard": shard, "node_id": state.shards.node_id, "applied_index": digest.applied_index, "digest": digest.digest, "keys": digest.keys}),
     ))

@@ -154,6 +154,9 @@ pub async fn query(
     StrictJson(request): StrictJson<QueryRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    if let Some(agent_id) = &request.agent_id {
+        crate::model::assertion::validate_agent_id(agent_id)?;
+    }
     let lens: Lens = request.lens.as_deref().unwrap_or("recency").parse()?;
     let as_of_us = match &request.as_of {
         None | Some(Value::Null) => u64::MAX,

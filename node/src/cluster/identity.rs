@@ -52,6 +52,24 @@ pub fn cluster_id_of(initial_cluster: &std::collections::BTreeMap<u64, String>) 
 
 /// Loads the identity of the data dir, creating it on first start. `cluster_id` is the cluster
 /// this node was started for (`None`: a single node, which gets a random id).
+const RECOVERING_KEY: &[u8] = b"recovering";
+
+/// Records (synced) that this node started on an empty data dir to join a running cluster and
+/// has not caught up yet; a restart before it has must keep holding back its votes.
+pub fn set_recovering(storage: &Storage, recovering: bool) -> Result<(), StorageError> {
+    let mut batch = crate::storage::WriteBatch::new();
+    if recovering {
+        batch.put(ColumnFamily::Meta, RECOVERING_KEY.to_vec(), b"1".to_vec());
+    } else {
+        batch.delete(ColumnFamily::Meta, RECOVERING_KEY.to_vec());
+    }
+    storage.write(batch, crate::storage::Durability::Synced)
+}
+
+pub fn is_recovering(storage: &Storage) -> Result<bool, StorageError> {
+    Ok(storage.get(ColumnFamily::Meta, RECOVERING_KEY)?.is_some())
+}
+
 /// Whether this data dir already records an identity (false: it is new, or was wiped).
 pub fn identity_recorded(storage: &Storage) -> Result<bool, StorageError> {
     Ok(storage.get(ColumnFamily::Meta, IDENTITY_KEY)?.is_some())

@@ -126,6 +126,10 @@ pub enum MetaCommand {
     FailMove {
         shard: u16,
         error: String,
+        /// The replicas as the failed move left them (the new one added, the old one not yet
+        /// removed), so the placement stays true to the groups; trimming then fixes the count.
+        #[serde(default)]
+        replicas: Option<Vec<NodeId>>,
     },
     /// Makes `node` the shard's preferred leader (first in its replica list); the shard's
     /// leader hands leadership over when the preferred node is up and caught up.
@@ -156,6 +160,8 @@ pub enum MetaError {
     InvalidMove { shard: u16, node: NodeId, reason: String },
     #[error("the cluster metadata is not bootstrapped yet; retry shortly")]
     NotBootstrapped,
+    #[error("node {id} is the last member that is not leaving; it cannot leave")]
+    LastMember { id: NodeId },
 }
 
 impl MetaError {
@@ -169,6 +175,7 @@ impl MetaError {
             MetaError::StillHostsReplicas { .. } => "member_hosts_replicas",
             MetaError::InvalidMove { .. } => "invalid_rebalance",
             MetaError::NotBootstrapped => "cluster_not_ready",
+            MetaError::LastMember { .. } => "last_member",
         }
     }
 
@@ -248,6 +255,9 @@ impl MetaState {
                 Ok(())
             }
             MetaCommand::SetNodeStatus { id, status } => {
+                if status == NodeStatus::Leaving && self.active_nodes().all(|other| other == id) {
+                    return Err(MetaError::LastMember { id });
+                }
                 let node = self.nodes.get_mut(&id).ok_or(MetaError::UnknownNode { id })?;
                 if node.status != status {
                     node.status = status;
@@ -330,11 +340,14 @@ impl MetaState {
                 replicas.insert(0, preferred);
                 Ok(())
             }
-            MetaCommand::FailMove { shard, error } => {
+            MetaCommand::FailMove { shard, error, replicas } => {
                 let record = self.running_move(shard)?;
                 record.status = RebalanceStatus::Failed;
                 record.error = Some(error);
                 record.updated_at_us = now_us;
+                if let Some(replicas) = replicas {
+                    self.placement.insert(shard, replicas);
+                }
                 Ok(())
             }
         }
@@ -362,7 +375,14 @@ pub struct PlannedMove {
 /// replication factor, and (with `balance`) replica counts per active node differing by more
 /// than one. Shards with a move under way are left alone; shards an operator moved are not
 /// moved again by balancing. `None` when the placement meets every goal.
-pub fn plan_next_move(state: &MetaState, replication_factor: u16, balance: bool) -> Option<PlannedMove> {
+/// A shard whose last move failed less than `backoff` before `now_us` is left alone too.
+pub fn plan_next_move(
+    state: &MetaState,
+    replication_factor: u16,
+    balance: bool,
+    now_us: u64,
+    backoff: std::time::Duration,
+) -> Option<PlannedMove> {
     let active: Vec<NodeId> = state.active_nodes().collect();
     if active.is_empty() {
         return None;
@@ -373,7 +393,12 @@ pub fn plan_next_move(state: &MetaState, replication_factor: u16, balance: bool)
     let least_loaded_outside = |replicas: &[NodeId]| {
         active.iter().copied().filter(|id| !replicas.contains(id)).min_by_key(|id| (load.get(id).copied(), *id))
     };
-    let movable = |shard: &u16| !state.move_under_way(*shard);
+    let recently_failed = |shard: &u16| {
+        state.rebalances.get(shard).is_some_and(|r| {
+            r.status == RebalanceStatus::Failed && now_us.saturating_sub(r.updated_at_us) < backoff.as_micros() as u64
+        })
+    };
+    let movable = |shard: &u16| !state.move_under_way(*shard) && !recently_failed(shard);
     for (shard, replicas) in state.placement.iter().filter(|(s, _)| movable(s)) {
         let leaving =
             replicas.iter().copied().find(|id| state.nodes.get(id).is_none_or(|n| n.status == NodeStatus::Leaving));
@@ -501,7 +526,7 @@ mod tests {
     /// Runs the planner to completion, applying each move as the driver would.
     fn settle(state: &mut MetaState, rf: u16, balance: bool) -> usize {
         let mut moves = 0;
-        while let Some(planned) = plan_next_move(state, rf, balance) {
+        while let Some(planned) = plan_next_move(state, rf, balance, 0, std::time::Duration::ZERO) {
             let replicas = state.placement[&planned.shard].clone();
             state
                 .apply(
@@ -530,7 +555,10 @@ mod tests {
         let before = state.clone();
         state.apply(MetaCommand::Bootstrap { nodes: BTreeMap::new(), placement: BTreeMap::new() }, 9).unwrap();
         assert_eq!(state, before);
-        assert!(plan_next_move(&state, 3, true).is_none(), "bootstrap placement is already balanced");
+        assert!(
+            plan_next_move(&state, 3, true, 0, std::time::Duration::ZERO).is_none(),
+            "bootstrap placement is already balanced"
+        );
     }
 
     #[test]
@@ -539,6 +567,16 @@ mod tests {
         let add = MetaCommand::AddNode { id: 4, raft_addr: "127.0.0.4:18182".into() };
         assert_eq!(state.apply(add, 1), Err(MetaError::NotBootstrapped));
         assert!(!state.is_bootstrapped());
+    }
+
+    #[test]
+    fn the_last_active_member_cannot_leave() {
+        let mut state = bootstrapped(2, 2, 3);
+        assert_eq!(state.apply(MetaCommand::SetNodeStatus { id: 1, status: NodeStatus::Leaving }, 2), Ok(()));
+        assert_eq!(
+            state.apply(MetaCommand::SetNodeStatus { id: 2, status: NodeStatus::Leaving }, 3),
+            Err(MetaError::LastMember { id: 2 })
+        );
     }
 
     #[test]
@@ -595,7 +633,10 @@ mod tests {
             pending: true,
         };
         state.apply(start, 2).unwrap();
-        assert!(plan_next_move(&state, 3, true).is_none_or(|m| m.shard != shard), "a pending move is left alone");
+        assert!(
+            plan_next_move(&state, 3, true, 0, std::time::Duration::ZERO).is_none_or(|m| m.shard != shard),
+            "a pending move is left alone"
+        );
         state.apply(MetaCommand::MoveRunning { shard }, 3).unwrap();
         state
             .apply(MetaCommand::FinishMove { shard, replicas: replicas_after(&replicas, Some(from), Some(outside)) }, 4)

@@ -18,6 +18,9 @@ use super::meta::{
 use crate::raft::types::{GroupAdmin, NodeId};
 use crate::raft::{ConsensusError, ShardSet};
 
+/// A shard whose move failed is left alone this long before the planner tries it again.
+pub const FAILED_MOVE_BACKOFF: Duration = Duration::from_secs(30);
+
 /// How the driver behaves (`[cluster]` config).
 #[derive(Debug, Clone)]
 pub struct PlacementSettings {
@@ -36,6 +39,24 @@ enum DriverError {
     Consensus(#[from] ConsensusError),
     #[error(transparent)]
     Meta(#[from] MetaError),
+}
+
+/// Proposes a metadata change on this node only: if it lost the meta group's leadership, the
+/// round stops instead of an old leader's decision landing after a new leader's.
+async fn propose(
+    shards: &ShardSet,
+    command: MetaCommand,
+    timeout: Duration,
+) -> Result<Result<(), MetaError>, ConsensusError> {
+    let proposed_at_us = crate::model::id::now_us();
+    let command = crate::raft::types::ShardCommand::Meta { proposed_at_us, command };
+    match shards.propose_local(META_SHARD, command, timeout).await? {
+        crate::raft::types::ShardResponse::Meta(result) => Ok(result),
+        other => Err(ConsensusError::Internal {
+            shard: META_SHARD,
+            message: format!("unexpected answer to a metadata change: {other:?}"),
+        }),
+    }
 }
 
 /// Starts the driver; it ends with `stop` or when the shard set is dropped.
@@ -69,7 +90,7 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
     if !state.is_bootstrapped() {
         if let Some((nodes, placement)) = shards.founding() {
             let bootstrap = MetaCommand::Bootstrap { nodes: nodes.clone(), placement: placement.clone() };
-            shards.propose_meta(bootstrap, timeout).await??;
+            propose(shards, bootstrap, timeout).await??;
             tracing::info!(nodes = nodes.len(), shards = placement.len(), "cluster metadata bootstrapped");
         }
         return Ok(());
@@ -78,7 +99,10 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
     if let Some((shard, rebalance)) = state.rebalances.iter().find(|(s, _)| state.move_under_way(**s)) {
         return run_move(shards, &state, *shard, rebalance.clone(), timeout).await;
     }
-    if let Some(planned) = plan_next_move(&state, shards.replication_factor, settings.auto_rebalance) {
+    let now_us = crate::model::id::now_us();
+    if let Some(planned) =
+        plan_next_move(&state, shards.replication_factor, settings.auto_rebalance, now_us, FAILED_MOVE_BACKOFF)
+    {
         let reason = format!("{:?}", planned.cause).to_lowercase();
         let start = MetaCommand::StartMove {
             shard: planned.shard,
@@ -88,7 +112,7 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
             reason,
             pending: false,
         };
-        shards.propose_meta(start, timeout).await??;
+        propose(shards, start, timeout).await??;
         let state = shards.meta();
         if let Some(rebalance) = state.rebalances.get(&planned.shard).cloned() {
             return run_move(shards, &state, planned.shard, rebalance, timeout).await;
@@ -99,11 +123,11 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
     for (id, node) in &state.nodes {
         match node.status {
             NodeStatus::Joining => {
-                shards.propose_meta(MetaCommand::SetNodeStatus { id: *id, status: NodeStatus::Up }, timeout).await??;
+                propose(shards, MetaCommand::SetNodeStatus { id: *id, status: NodeStatus::Up }, timeout).await??;
                 tracing::info!(node = id, "node joined");
             }
             NodeStatus::Leaving if state.shards_of(*id).is_empty() => {
-                shards.propose_meta(MetaCommand::RemoveNode { id: *id }, timeout).await??;
+                propose(shards, MetaCommand::RemoveNode { id: *id }, timeout).await??;
                 tracing::info!(node = id, "node removed");
             }
             _ => {}
@@ -112,7 +136,7 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
     // Then spread the preferred leaders; each shard's leader follows its preference (below).
     if settings.auto_rebalance {
         if let Some((shard, node)) = plan_preferred_leader(&state) {
-            shards.propose_meta(MetaCommand::SetPreferredLeader { shard, node }, timeout).await??;
+            propose(shards, MetaCommand::SetPreferredLeader { shard, node }, timeout).await??;
             tracing::info!(shard, node, "preferred leader changed");
         }
     }
@@ -170,11 +194,17 @@ const COOLDOWN: Duration = Duration::from_secs(30);
 async fn sync_meta_voters(shards: &ShardSet, state: &MetaState, timeout: Duration) -> Result<(), DriverError> {
     let status = shards.status(META_SHARD)?;
     let members: Vec<NodeId> = status.voters.iter().chain(&status.learners).copied().collect();
+    // A node that cannot catch up (it died while joining) must not stall every other change:
+    // each addition gets a short wait, and its failure is logged and retried next round.
+    let add_timeout = timeout.min(Duration::from_secs(10));
     for (id, node) in &state.nodes {
-        if !status.voters.contains(id) {
-            let add = GroupAdmin::AddVoter { node: *id, addr: node.raft_addr.clone() };
-            shards.admin_group(META_SHARD, add, timeout).await?;
-            tracing::info!(node = id, "node added to the meta group");
+        if status.voters.contains(id) || node.status == NodeStatus::Leaving {
+            continue;
+        }
+        let add = GroupAdmin::AddVoter { node: *id, addr: node.raft_addr.clone() };
+        match shards.admin_group(META_SHARD, add, add_timeout).await {
+            Ok(()) => tracing::info!(node = id, "node added to the meta group"),
+            Err(error) => tracing::warn!(node = id, error = %error, "adding a node to the meta group failed; retrying"),
         }
     }
     for id in members.into_iter().filter(|id| !state.nodes.contains_key(id)) {
@@ -194,13 +224,15 @@ async fn run_move(
     timeout: Duration,
 ) -> Result<(), DriverError> {
     if rebalance.status == RebalanceStatus::Pending {
-        shards.propose_meta(MetaCommand::MoveRunning { shard }, timeout).await??;
+        propose(shards, MetaCommand::MoveRunning { shard }, timeout).await??;
     }
     tracing::info!(shard, from = ?rebalance.from, to = ?rebalance.to, cause = ?rebalance.cause, "moving replica");
+    let mut added = false;
     let outcome = async {
         if let Some(to) = rebalance.to {
             let addr = state.nodes.get(&to).map(|n| n.raft_addr.clone()).ok_or(MetaError::UnknownNode { id: to })?;
             shards.admin_group(shard, GroupAdmin::AddVoter { node: to, addr }, timeout).await?;
+            added = true;
         }
         if let Some(from) = rebalance.from {
             shards.admin_group(shard, GroupAdmin::RemoveNode { node: from }, timeout).await?;
@@ -212,13 +244,16 @@ async fn run_move(
         Ok(()) => {
             let replicas = state.placement.get(&shard).cloned().unwrap_or_default();
             let replicas = replicas_after(&replicas, rebalance.from, rebalance.to);
-            shards.propose_meta(MetaCommand::FinishMove { shard, replicas }, timeout).await??;
+            propose(shards, MetaCommand::FinishMove { shard, replicas }, timeout).await??;
             tracing::info!(shard, "replica moved");
             Ok(())
         }
         Err(error) => {
             tracing::warn!(shard, error = %error, "replica move failed");
-            shards.propose_meta(MetaCommand::FailMove { shard, error: error.to_string() }, timeout).await??;
+            // Half done (added, not removed): the placement records both, as the group has them.
+            let replicas = added
+                .then(|| replicas_after(&state.placement.get(&shard).cloned().unwrap_or_default(), None, rebalance.to));
+            propose(shards, MetaCommand::FailMove { shard, error: error.to_string(), replicas }, timeout).await??;
             // Give the cluster a moment before the planner tries again.
             tokio::time::sleep(Duration::from_secs(2)).await;
             Ok(())

@@ -115,18 +115,53 @@ pub struct ReadBarrierGroup<E> {
     state: parking_lot::Mutex<BarrierState<E>>,
 }
 
+/// What a waiting caller is woken with.
+enum Wake<E> {
+    /// A barrier that started after the caller arrived finished.
+    Served(Result<u64, E>),
+    /// The previous leader is done (or gone): this caller runs the next barrier.
+    Lead,
+}
+
 struct BarrierState<E> {
     /// Barriers started so far; a caller needs one started after it arrived.
     started: u64,
     running: bool,
-    /// Callers waiting for the barrier with generation > the value they recorded.
-    waiters: Vec<(u64, oneshot::Sender<Result<u64, E>>)>,
+    /// Callers waiting for the barrier with generation > the value they recorded, in arrival
+    /// order.
+    waiters: std::collections::VecDeque<Waiter<E>>,
+    /// Numbers the callers, so a leader can find its own entry.
+    next_ticket: u64,
+}
+
+struct Waiter<E> {
+    ticket: u64,
+    needed: u64,
+    wake: oneshot::Sender<Wake<E>>,
+}
+
+impl<E> BarrierState<E> {
+    /// Makes the longest-waiting caller that is still there the leader; none left: idle.
+    fn hand_over(&mut self) {
+        // A failed send is a caller that was cancelled while waiting: skip it.
+        while let Some(waiter) = self.waiters.pop_front() {
+            if waiter.wake.send(Wake::Lead).is_ok() {
+                return;
+            }
+        }
+        self.running = false;
+    }
 }
 
 impl<E> Default for ReadBarrierGroup<E> {
     fn default() -> Self {
         ReadBarrierGroup {
-            state: parking_lot::Mutex::new(BarrierState { started: 0, running: false, waiters: Vec::new() }),
+            state: parking_lot::Mutex::new(BarrierState {
+                started: 0,
+                running: false,
+                waiters: std::collections::VecDeque::new(),
+                next_ticket: 0,
+            }),
         }
     }
 }
@@ -140,58 +175,73 @@ impl<E: Clone> ReadBarrierGroup<E> {
     /// Runs `barrier` for this caller, or waits for one that started after it arrived. Returns
     /// the number of the barrier that served it.
     ///
-    /// Cancellation-safe: the caller running barriers for the others may be dropped at any
-    /// await (a client that hung up). Its guard then hands the job back: `running` is cleared
-    /// and every waiter is woken to run `run` again, one of them leading. Without this a single
-    /// cancelled reader left the shard's linearizable reads waiting forever on this node.
+    /// A leader runs one barrier, serves every caller that arrived before it started, and hands
+    /// the lead to the longest-waiting remaining caller, so no caller waits for more than two
+    /// barriers. Cancellation-safe: a leader dropped mid-barrier (a client that hung up) hands
+    /// the lead over from its guard; without that, one cancelled reader left the shard's
+    /// linearizable reads waiting forever on this node.
     pub async fn run<F, Fut>(&self, barrier: F) -> Result<u64, E>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,
     {
-        loop {
+        let (ticket, needed, mut rx, mut lead) = {
             let (tx, rx) = oneshot::channel();
-            let lead = {
-                let mut state = self.state.lock();
-                let needed = state.started + 1;
-                state.waiters.push((needed, tx));
-                !std::mem::replace(&mut state.running, true)
-            };
+            let mut state = self.state.lock();
+            let needed = state.started + 1;
+            state.next_ticket += 1;
+            let ticket = state.next_ticket;
+            state.waiters.push_back(Waiter { ticket, needed, wake: tx });
+            (ticket, needed, rx, !std::mem::replace(&mut state.running, true))
+        };
+        loop {
             if lead {
-                let mut guard = LeadGuard { group: self, armed: true };
-                loop {
-                    let generation = {
-                        let mut state = self.state.lock();
-                        state.started += 1;
-                        state.started
-                    };
-                    let result = barrier().await.map(|()| generation);
+                let mut guard = LeadGuard { group: self, ticket, armed: true };
+                let generation = {
                     let mut state = self.state.lock();
-                    let (done, rest): (Vec<_>, Vec<_>) =
-                        state.waiters.drain(..).partition(|(needed, _)| *needed <= generation);
-                    state.waiters = rest;
-                    for (_, waiter) in done {
-                        let _ = waiter.send(result.clone());
-                    }
-                    if state.waiters.is_empty() {
-                        state.running = false;
-                        break;
-                    }
+                    state.started += 1;
+                    state.started
+                };
+                let result = barrier().await.map(|()| generation);
+                let mut state = self.state.lock();
+                let (done, rest): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+                    state.waiters.drain(..).partition(|waiter| waiter.needed <= generation);
+                state.waiters = rest;
+                for waiter in done {
+                    let _ = waiter.wake.send(Wake::Served(result.clone()));
                 }
+                state.hand_over();
+                drop(state);
                 guard.armed = false;
             }
-            match rx.await {
-                Ok(result) => return result,
-                // The leading caller was cancelled before serving us: start over.
-                Err(_) => continue,
+            match (&mut rx).await {
+                Ok(Wake::Served(result)) => return result,
+                Ok(Wake::Lead) => {
+                    // The previous leader handed over (`running` stays set): lead the next
+                    // barrier, which also serves this caller.
+                    let (tx, fresh) = oneshot::channel();
+                    self.state.lock().waiters.push_front(Waiter { ticket, needed, wake: tx });
+                    rx = fresh;
+                    lead = true;
+                }
+                Err(_) => {
+                    // Our sender went away unanswered: register again.
+                    let (tx, fresh) = oneshot::channel();
+                    let mut state = self.state.lock();
+                    state.waiters.push_back(Waiter { ticket, needed, wake: tx });
+                    lead = !std::mem::replace(&mut state.running, true);
+                    rx = fresh;
+                }
             }
         }
     }
 }
 
-/// Clears a cancelled leader's claim and wakes the waiters (their senders drop).
+/// Hands a cancelled leader's job to the next waiter (after removing the leader's own entry:
+/// its receiver is still alive while the guard drops, so it would accept the lead and vanish).
 struct LeadGuard<'a, E> {
     group: &'a ReadBarrierGroup<E>,
+    ticket: u64,
     armed: bool,
 }
 
@@ -199,8 +249,8 @@ impl<E> Drop for LeadGuard<'_, E> {
     fn drop(&mut self) {
         if self.armed {
             let mut state = self.group.state.lock();
-            state.running = false;
-            state.waiters.clear();
+            state.waiters.retain(|waiter| waiter.ticket != self.ticket);
+            state.hand_over();
         }
     }
 }

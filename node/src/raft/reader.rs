@@ -62,9 +62,10 @@ impl ShardReader {
 
     /// A digest of this replica's data (state machine and index families, the applied-state
     /// record left out), with the applied index it was taken at: replicas of a shard at the
-    /// same applied index must have the same digest. Retries while applies interleave.
-    pub fn digest(&self) -> Result<ReplicaDigest, StorageError> {
-        loop {
+    /// same applied index must have the same digest. Retries (up to 5 times) while applies
+    /// interleave; `None` when the shard kept changing (ask again when it is quieter).
+    pub fn digest(&self) -> Result<Option<ReplicaDigest>, StorageError> {
+        for _ in 0..5 {
             let before = self.applied_index();
             let applied_key = keys::applied_key(self.group);
             let mut hash = crate::model::id::fnv1a64(&[]);
@@ -92,9 +93,14 @@ impl ShardReader {
                 )?;
             }
             if self.applied_index() == before {
-                return Ok(ReplicaDigest { applied_index: before, digest: format!("{hash:016x}"), keys: keys_total });
+                return Ok(Some(ReplicaDigest {
+                    applied_index: before,
+                    digest: format!("{hash:016x}"),
+                    keys: keys_total,
+                }));
             }
         }
+        Ok(None)
     }
 
     pub fn applied_index(&self) -> u64 {

@@ -398,11 +398,18 @@ impl ShardSet {
         waiting(META_SHARD) || self.meta().shards_of(self.node_id).into_iter().any(waiting)
     }
 
-    /// Records the commit index a leader reported in an AppendEntries to `shard`.
+    /// Records the commit index a leader reported in an AppendEntries to `shard`. While the
+    /// guard is up, the target only grows: a stale leader's lower commit index must not lower
+    /// it.
     pub fn note_leader_commit(&self, shard: u16, leader_commit: Option<u64>) {
         if let Ok(group) = self.group(shard) {
-            let target = leader_commit.unwrap_or(0);
-            let _ = group.vote_guard.compare_exchange(u64::MAX, target, Ordering::AcqRel, Ordering::Acquire);
+            let reported = leader_commit.unwrap_or(0).min(u64::MAX - 1);
+            let _ = group.vote_guard.fetch_update(Ordering::AcqRel, Ordering::Acquire, |guard| match guard {
+                0 => None,
+                // Nothing committed yet (0): nothing to have forgotten, the guard drops.
+                u64::MAX => Some(reported),
+                target => Some(target.max(reported)),
+            });
         }
     }
 
@@ -1013,6 +1020,8 @@ impl ShardSet {
         }
         self.wake(group);
         group.raft.runtime_config().heartbeat(false);
+        // Heartbeats come back however this ends, even if the caller is cancelled mid-transfer.
+        let _resume = ResumeHeartbeats(&group.raft);
         let outcome = async {
             tokio::time::sleep(self.leader_lease + Duration::from_millis(100)).await;
             let deadline = Instant::now() + self.leader_lease * 2;
@@ -1032,7 +1041,6 @@ impl ShardSet {
             }
         }
         .await;
-        group.raft.runtime_config().heartbeat(true);
         outcome
     }
 
@@ -1043,5 +1051,14 @@ impl ShardSet {
                 tracing::warn!(shard = group.shard, error = %error, "raft shutdown failed");
             }
         }
+    }
+}
+
+/// Turns a group's heartbeats back on when dropped.
+struct ResumeHeartbeats<'a>(&'a Raft);
+
+impl Drop for ResumeHeartbeats<'_> {
+    fn drop(&mut self) {
+        self.0.runtime_config().heartbeat(true);
     }
 }
