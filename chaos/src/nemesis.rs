@@ -61,6 +61,8 @@ pub struct Nemesis<'a> {
     pub small_disks: Vec<u64>,
     /// Nodes that exited by themselves (crashed) during the run.
     pub crashed: Vec<u64>,
+    /// Nodes a membership fault decommissioned (they stay down).
+    removed: Vec<u64>,
 }
 
 impl<'a> Nemesis<'a> {
@@ -74,6 +76,7 @@ impl<'a> Nemesis<'a> {
             shards,
             small_disks: Vec::new(),
             crashed: Vec::new(),
+            removed: Vec::new(),
         }
     }
 
@@ -260,7 +263,13 @@ impl<'a> Nemesis<'a> {
             FaultKind::Kill => self.heal_all().await,
             FaultKind::Membership => {
                 // Remove the newest joined node again (its replicas move away first).
-                let newest = self.cluster.nodes.values().filter(|n| n.join_via.is_some()).map(|n| n.id).max();
+                let newest = self
+                    .cluster
+                    .nodes
+                    .values()
+                    .filter(|n| n.join_via.is_some() && !self.removed.contains(&n.id))
+                    .map(|n| n.id)
+                    .max();
                 if let Some(id) = newest {
                     if let Some(via) = self.cluster.running().into_iter().find(|other| *other != id) {
                         let url = format!("{}/cluster/members/{id}", self.cluster.node(via).admin());
@@ -269,6 +278,7 @@ impl<'a> Nemesis<'a> {
                         if removed {
                             self.set_target(id, false);
                             self.cluster.kill(id);
+                            self.removed.push(id);
                         }
                     }
                 }
@@ -297,19 +307,15 @@ impl<'a> Nemesis<'a> {
         }
         for id in self.node_ids() {
             let node = self.cluster.node(id);
-            // Nodes removed by a membership fault stay down.
-            let removed = node.join_via.is_some() && !node.is_running() && !self.was_wiped(id);
-            if !node.is_running() && !removed {
+            // Nodes a membership fault removed stay down; every other node comes back (a joined
+            // node whose removal failed is still a member and holds replicas).
+            if !node.is_running() && !self.removed.contains(&id) {
                 if let Err(error) = self.cluster.restart(id).await {
                     println!("restarting node {id} failed: {error}");
                 }
                 self.set_target(id, true);
             }
         }
-    }
-
-    fn was_wiped(&self, id: u64) -> bool {
-        self.records.iter().any(|r| r.kind == FaultKind::Wipe && r.detail.starts_with(&format!("wiped node {id} ")))
     }
 
     /// For each shard, the highest applied index among the running nodes other than `id`.
