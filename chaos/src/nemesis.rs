@@ -336,7 +336,10 @@ impl<'a> Nemesis<'a> {
     /// Waits until node `id` serves every shard it holds at or beyond `targets`' applied indexes.
     async fn wait_caught_up(&self, id: u64, targets: &[(u16, u64)], timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let placed: Vec<u16> = match self.cluster.admin_get(id, "/cluster/meta").await {
+        // The placement as a node that was not wiped knows it (the wiped one may not have its
+        // metadata back yet, and an empty placement would make this wait vacuous).
+        let reference = self.cluster.running().into_iter().find(|n| *n != id).unwrap_or(id);
+        let placed: Vec<u16> = match self.cluster.admin_get(reference, "/cluster/meta").await {
             Ok((200, meta)) => (0..self.shards)
                 .filter(|s| {
                     meta["placement"][s.to_string()]
