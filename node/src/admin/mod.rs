@@ -451,7 +451,7 @@ async fn transfer_leader(
     // The target becomes the shard's preferred leader, so the leader balancer keeps it there.
     let placed = state.shards.meta().placement.get(&shard).is_some_and(|r| r.contains(&request.target_node));
     if placed {
-        change_meta(&state, MetaCommand::SetPreferredLeader { shard, node: request.target_node }).await?;
+        change_meta(&state, MetaCommand::SetPreferredLeader { shard, node: request.target_node, pinned: true }).await?;
     }
     state.shards.admin_group(shard, GroupAdmin::TransferLeader { target: request.target_node }, timeout).await?;
     Ok(Json(json!({"shard": shard, "leader": request.target_node, "previous_leader": previous})))

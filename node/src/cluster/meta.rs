@@ -82,6 +82,10 @@ pub struct MetaState {
     pub placement: BTreeMap<u16, Vec<NodeId>>,
     /// The last move of each shard (finished ones stay as a record).
     pub rebalances: BTreeMap<u16, Rebalance>,
+    /// Shards whose preferred leader an operator chose (a leader transfer): the spreading of
+    /// preferred leaders leaves them alone.
+    #[serde(default)]
+    pub pinned_leaders: std::collections::BTreeSet<u16>,
 }
 
 /// A change to the metadata: the payload of a meta group log entry.
@@ -136,6 +140,9 @@ pub enum MetaCommand {
     SetPreferredLeader {
         shard: u16,
         node: NodeId,
+        /// Chosen by an operator: the spreading leaves this shard's preference alone.
+        #[serde(default)]
+        pinned: bool,
     },
 }
 
@@ -329,7 +336,7 @@ impl MetaState {
                 self.placement.insert(shard, replicas);
                 Ok(())
             }
-            MetaCommand::SetPreferredLeader { shard, node } => {
+            MetaCommand::SetPreferredLeader { shard, node, pinned } => {
                 let replicas = self.placement.get_mut(&shard).ok_or(MetaError::UnknownShard { shard })?;
                 let position = replicas.iter().position(|id| *id == node).ok_or_else(|| MetaError::InvalidMove {
                     shard,
@@ -338,6 +345,11 @@ impl MetaState {
                 })?;
                 let preferred = replicas.remove(position);
                 replicas.insert(0, preferred);
+                if pinned {
+                    self.pinned_leaders.insert(shard);
+                } else {
+                    self.pinned_leaders.remove(&shard);
+                }
                 Ok(())
             }
             MetaCommand::FailMove { shard, error, replicas } => {
@@ -489,7 +501,9 @@ pub fn plan_preferred_leader(state: &MetaState) -> Option<(u16, NodeId)> {
         let candidate = state
             .placement
             .iter()
-            .filter(|(s, r)| movable(s) && r.first() == Some(&most) && r.contains(&fewest))
+            .filter(|(s, r)| {
+                movable(s) && !state.pinned_leaders.contains(*s) && r.first() == Some(&most) && r.contains(&fewest)
+            })
             .map(|(s, _)| *s)
             .next();
         if let Some(shard) = candidate {
@@ -653,7 +667,7 @@ mod tests {
         state.apply(MetaCommand::SetNodeStatus { id: 4, status: NodeStatus::Up }, 3).unwrap();
         let mut changes = 0;
         while let Some((shard, node)) = plan_preferred_leader(&state) {
-            state.apply(MetaCommand::SetPreferredLeader { shard, node }, 4).unwrap();
+            state.apply(MetaCommand::SetPreferredLeader { shard, node, pinned: false }, 4).unwrap();
             changes += 1;
             assert!(changes < 100, "does not converge");
         }
@@ -662,6 +676,19 @@ mod tests {
             *counts.entry(replicas[0]).or_default() += 1;
         }
         assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![3, 3, 3, 3], "{counts:?}");
+    }
+
+    #[test]
+    fn an_operator_choice_of_leader_stands() {
+        let mut state = bootstrapped(3, 6, 3);
+        // Shard 0 prefers node 1; the operator moves it to node 2, making node 2 preferred by 3
+        // shards and node 1 by 1: spreading would move one back, but not shard 0's.
+        state.apply(MetaCommand::SetPreferredLeader { shard: 0, node: 2, pinned: true }, 2).unwrap();
+        while let Some((shard, node)) = plan_preferred_leader(&state) {
+            assert_ne!(shard, 0, "the pinned shard was moved");
+            state.apply(MetaCommand::SetPreferredLeader { shard, node, pinned: false }, 3).unwrap();
+        }
+        assert_eq!(state.placement[&0][0], 2);
     }
 
     proptest! {

@@ -19,7 +19,7 @@ use crate::raft::types::{GroupAdmin, NodeId};
 use crate::raft::{ConsensusError, ShardSet};
 
 /// A shard whose move failed is left alone this long before the planner tries it again.
-pub const FAILED_MOVE_BACKOFF: Duration = Duration::from_secs(30);
+pub const FAILED_MOVE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// How the driver behaves (`[cluster]` config).
 #[derive(Debug, Clone)]
@@ -136,7 +136,7 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
     // Then spread the preferred leaders; each shard's leader follows its preference (below).
     if settings.auto_rebalance {
         if let Some((shard, node)) = plan_preferred_leader(&state) {
-            propose(shards, MetaCommand::SetPreferredLeader { shard, node }, timeout).await??;
+            propose(shards, MetaCommand::SetPreferredLeader { shard, node, pinned: false }, timeout).await??;
             tracing::info!(shard, node, "preferred leader changed");
         }
     }
@@ -160,7 +160,9 @@ pub fn start_leader_balancer(shards: &Arc<ShardSet>, interval: Duration, stop: C
             let meta = shards.meta();
             for group in shards.groups() {
                 let shard = group.shard;
-                if !shards.leads(shard) || last_transfer.get(&shard).is_some_and(|at| at.elapsed() < COOLDOWN) {
+                // A shard being moved is left to the move (it hands leadership over itself).
+                let busy = meta.move_under_way(shard);
+                if busy || !shards.leads(shard) || last_transfer.get(&shard).is_some_and(|at| at.elapsed() < COOLDOWN) {
                     continue;
                 }
                 let Some(&preferred) = meta.placement.get(&shard).and_then(|r| r.first()) else { continue };
