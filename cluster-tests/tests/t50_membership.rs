@@ -104,7 +104,14 @@ async fn add_and_remove_a_node() -> anyhow::Result<()> {
     }
 
     // Decommission it again.
-    let response = cluster.client.delete(format!("{}/cluster/members/{new}", cluster.node(1).admin())).send().await?;
+    // A decommission moves every replica first (leader hand-overs included): it may take a while
+    // on a loaded machine, so the request gets more than the client's default 15 s.
+    let response = cluster
+        .client
+        .delete(format!("{}/cluster/members/{new}", cluster.node(1).admin()))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await?;
     let status = response.status().as_u16();
     let body: Value = response.json().await?;
     assert_eq!(status, 200, "{body}");
@@ -135,7 +142,12 @@ async fn decommission_moves_replicas_first() -> anyhow::Result<()> {
         cluster.assert_value(1, &format!("decom/k{i}"), json!(i)).await?;
     }
     // Node 3 hosts shards 0, 1 and 2 (replication factor 3 over 5 nodes).
-    let response = cluster.client.delete(format!("{}/cluster/members/3", cluster.node(1).admin())).send().await?;
+    let response = cluster
+        .client
+        .delete(format!("{}/cluster/members/3", cluster.node(1).admin()))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await?;
     let status = response.status().as_u16();
     let body: Value = response.json().await?;
     assert_eq!(status, 200, "{body}");
