@@ -134,10 +134,12 @@ pub async fn run(
         )
         .await?,
     );
-    if joining && fresh_data_dir {
+    let recovering = if joining && fresh_data_dir {
         set_recovering(&storage, true)?;
-    }
-    let recovering = is_recovering(&storage)?;
+        true
+    } else {
+        is_recovering(&storage)?
+    };
     if recovering {
         shards.arm_vote_guards();
     }

@@ -172,10 +172,7 @@ fn shard_json(state: &AppState, status: &ShardStatus) -> Value {
     value["writes_total"] = json!(rates.writes_total);
     let meta = state.shards.meta();
     let rebalance = meta.rebalances.get(&status.shard);
-    value["rebalance_status"] = json!(rebalance.map(|r| r.status));
-    if rebalance.is_none() {
-        value["rebalance_status"] = json!("NONE");
-    }
+    value["rebalance_status"] = rebalance.map_or(json!("NONE"), |r| json!(r.status));
     value["rebalance"] = json!(rebalance);
     value["placement"] = json!(meta.placement.get(&status.shard));
     value["hosted"] = json!(state.shards.group(status.shard).is_ok_and(|g| state.shards.hosts(g)));

@@ -41,24 +41,6 @@ enum DriverError {
     Meta(#[from] MetaError),
 }
 
-/// Proposes a metadata change on this node only: if it lost the meta group's leadership, the
-/// round stops instead of an old leader's decision landing after a new leader's.
-async fn propose(
-    shards: &ShardSet,
-    command: MetaCommand,
-    timeout: Duration,
-) -> Result<Result<(), MetaError>, ConsensusError> {
-    let proposed_at_us = crate::model::id::now_us();
-    let command = crate::raft::types::ShardCommand::Meta { proposed_at_us, command };
-    match shards.propose_local(META_SHARD, command, timeout).await? {
-        crate::raft::types::ShardResponse::Meta(result) => Ok(result),
-        other => Err(ConsensusError::Internal {
-            shard: META_SHARD,
-            message: format!("unexpected answer to a metadata change: {other:?}"),
-        }),
-    }
-}
-
 /// Starts the driver; it ends with `stop` or when the shard set is dropped.
 pub fn start(shards: &Arc<ShardSet>, settings: PlacementSettings, stop: CancellationToken) {
     let shards = Arc::downgrade(shards);
@@ -90,7 +72,7 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
     if !state.is_bootstrapped() {
         if let Some((nodes, placement)) = shards.founding() {
             let bootstrap = MetaCommand::Bootstrap { nodes: nodes.clone(), placement: placement.clone() };
-            propose(shards, bootstrap, timeout).await??;
+            shards.propose_meta_local(bootstrap, timeout).await??;
             tracing::info!(nodes = nodes.len(), shards = placement.len(), "cluster metadata bootstrapped");
         }
         return Ok(());
@@ -112,7 +94,7 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
             reason,
             pending: false,
         };
-        propose(shards, start, timeout).await??;
+        shards.propose_meta_local(start, timeout).await??;
         let state = shards.meta();
         if let Some(rebalance) = state.rebalances.get(&planned.shard).cloned() {
             return run_move(shards, &state, planned.shard, rebalance, timeout).await;
@@ -123,11 +105,13 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
     for (id, node) in &state.nodes {
         match node.status {
             NodeStatus::Joining => {
-                propose(shards, MetaCommand::SetNodeStatus { id: *id, status: NodeStatus::Up }, timeout).await??;
+                shards
+                    .propose_meta_local(MetaCommand::SetNodeStatus { id: *id, status: NodeStatus::Up }, timeout)
+                    .await??;
                 tracing::info!(node = id, "node joined");
             }
             NodeStatus::Leaving if state.shards_of(*id).is_empty() => {
-                propose(shards, MetaCommand::RemoveNode { id: *id }, timeout).await??;
+                shards.propose_meta_local(MetaCommand::RemoveNode { id: *id }, timeout).await??;
                 tracing::info!(node = id, "node removed");
             }
             _ => {}
@@ -136,7 +120,9 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
     // Then spread the preferred leaders; each shard's leader follows its preference (below).
     if settings.auto_rebalance {
         if let Some((shard, node)) = plan_preferred_leader(&state) {
-            propose(shards, MetaCommand::SetPreferredLeader { shard, node, pinned: false }, timeout).await??;
+            shards
+                .propose_meta_local(MetaCommand::SetPreferredLeader { shard, node, pinned: false }, timeout)
+                .await??;
             tracing::info!(shard, node, "preferred leader changed");
         }
     }
@@ -226,7 +212,7 @@ async fn run_move(
     timeout: Duration,
 ) -> Result<(), DriverError> {
     if rebalance.status == RebalanceStatus::Pending {
-        propose(shards, MetaCommand::MoveRunning { shard }, timeout).await??;
+        shards.propose_meta_local(MetaCommand::MoveRunning { shard }, timeout).await??;
     }
     tracing::info!(shard, from = ?rebalance.from, to = ?rebalance.to, cause = ?rebalance.cause, "moving replica");
     let mut added = false;
@@ -246,7 +232,7 @@ async fn run_move(
         Ok(()) => {
             let replicas = state.placement.get(&shard).cloned().unwrap_or_default();
             let replicas = replicas_after(&replicas, rebalance.from, rebalance.to);
-            propose(shards, MetaCommand::FinishMove { shard, replicas }, timeout).await??;
+            shards.propose_meta_local(MetaCommand::FinishMove { shard, replicas }, timeout).await??;
             tracing::info!(shard, "replica moved");
             Ok(())
         }
@@ -255,7 +241,9 @@ async fn run_move(
             // Half done (added, not removed): the placement records both, as the group has them.
             let replicas = added
                 .then(|| replicas_after(&state.placement.get(&shard).cloned().unwrap_or_default(), None, rebalance.to));
-            propose(shards, MetaCommand::FailMove { shard, error: error.to_string(), replicas }, timeout).await??;
+            shards
+                .propose_meta_local(MetaCommand::FailMove { shard, error: error.to_string(), replicas }, timeout)
+                .await??;
             // Give the cluster a moment before the planner tries again.
             tokio::time::sleep(Duration::from_secs(2)).await;
             Ok(())

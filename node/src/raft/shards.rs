@@ -466,7 +466,24 @@ impl ShardSet {
         timeout: Duration,
     ) -> Result<Result<(), MetaError>, ConsensusError> {
         let proposed_at_us = crate::model::id::now_us();
-        match self.propose(META_SHARD, ShardCommand::Meta { proposed_at_us, command }, timeout).await? {
+        Self::meta_answer(self.propose(META_SHARD, ShardCommand::Meta { proposed_at_us, command }, timeout).await?)
+    }
+
+    /// Proposes a change of the cluster metadata on this node only, which must lead the meta
+    /// group (the placement driver: a deposed leader's change must not land via forwarding).
+    pub async fn propose_meta_local(
+        &self,
+        command: MetaCommand,
+        timeout: Duration,
+    ) -> Result<Result<(), MetaError>, ConsensusError> {
+        let proposed_at_us = crate::model::id::now_us();
+        Self::meta_answer(
+            self.propose_local(META_SHARD, ShardCommand::Meta { proposed_at_us, command }, timeout).await?,
+        )
+    }
+
+    fn meta_answer(response: ShardResponse) -> Result<Result<(), MetaError>, ConsensusError> {
+        match response {
             ShardResponse::Meta(result) => Ok(result),
             other => Err(ConsensusError::Internal {
                 shard: META_SHARD,
