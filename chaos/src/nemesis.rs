@@ -272,9 +272,7 @@ impl<'a> Nemesis<'a> {
                     .max();
                 if let Some(id) = newest {
                     if let Some(via) = self.cluster.running().into_iter().find(|other| *other != id) {
-                        let url = format!("{}/cluster/members/{id}", self.cluster.node(via).admin());
-                        let request = self.cluster.client.delete(url).timeout(Duration::from_secs(120));
-                        let removed = request.send().await.map(|r| r.status().as_u16() == 200).unwrap_or(false);
+                        let removed = matches!(self.cluster.decommission(via, id).await, Ok((200, _)));
                         if removed {
                             self.set_target(id, false);
                             self.cluster.kill(id);

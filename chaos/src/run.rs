@@ -355,17 +355,23 @@ async fn check_replicas(cluster: &TestCluster, shards: u16) -> ReplicaCheck {
                     digests.insert(via, (answer["applied_index"].as_u64(), answer["digest"].clone()));
                 }
             }
+            let listing = || {
+                digests
+                    .iter()
+                    .map(|(id, (i, d))| json!({"node": id, "applied_index": i, "digest": d}))
+                    .collect::<Vec<_>>()
+            };
             let indexes: BTreeSet<Option<u64>> = digests.values().map(|(i, _)| *i).collect();
             if indexes.len() == 1 && digests.len() >= 2 {
                 let distinct: BTreeSet<String> = digests.values().map(|(_, d)| d.to_string()).collect();
                 checked += 1;
                 if distinct.len() > 1 {
-                    diverged.push(json!({"shard": shard, "replicas": digests.iter().map(|(id, (i, d))| json!({"node": id, "applied_index": i, "digest": d})).collect::<Vec<_>>()}));
+                    diverged.push(json!({"shard": shard, "replicas": listing()}));
                 }
                 break;
             }
             if Instant::now() > deadline {
-                diverged.push(json!({"shard": shard, "error": "replicas did not reach the same applied index within 60 s", "replicas": digests.iter().map(|(id, (i, d))| json!({"node": id, "applied_index": i, "digest": d})).collect::<Vec<_>>()}));
+                diverged.push(json!({"shard": shard, "error": "replicas did not reach the same applied index within 60 s", "replicas": listing()}));
                 break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

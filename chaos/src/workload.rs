@@ -142,33 +142,30 @@ pub async fn register_client(
             let invoke_us = now_us();
             let answer = post(&client, &format!("{base}/v1/query"), &body).await;
             let complete_us = Some(now_us());
-            let op = match answer {
+            let (outcome, value, error) = match answer {
                 Answer::Ok(body) => {
                     let value =
                         body["results"].as_array().and_then(|r| r.first()).map(|r| r["winner"]["value"].clone());
                     match value {
-                        None | Some(Value::Null) => Some((None, None)),
-                        Some(Value::Number(n)) if n.as_i64().is_some() => Some((n.as_i64(), None)),
-                        Some(other) => Some((None, Some(format!("unexpected value {other}")))),
+                        None | Some(Value::Null) => (Outcome::Ok, None, None),
+                        Some(Value::Number(n)) if n.as_i64().is_some() => (Outcome::Ok, n.as_i64(), None),
+                        Some(other) => (Outcome::Ok, None, Some(format!("unexpected value {other}"))),
                     }
-                    .map(|(value, error)| (Outcome::Ok, value, error))
                 }
-                Answer::Refused(e) | Answer::Unknown(e) => Some((Outcome::Fail, None, Some(e))),
+                Answer::Refused(e) | Answer::Unknown(e) => (Outcome::Fail, None, Some(e)),
             };
-            if let Some((outcome, value, error)) = op {
-                history.record(Op {
-                    id,
-                    process,
-                    key,
-                    kind: OpKind::Read,
-                    value,
-                    invoke_us,
-                    complete_us,
-                    outcome,
-                    node,
-                    error,
-                });
-            }
+            history.record(Op {
+                id,
+                process,
+                key,
+                kind: OpKind::Read,
+                value,
+                invoke_us,
+                complete_us,
+                outcome,
+                node,
+                error,
+            });
         }
     }
 }

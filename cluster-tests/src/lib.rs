@@ -310,6 +310,15 @@ impl TestCluster {
         }
     }
 
+    /// `DELETE /cluster/members/{id}` through node `via`. A decommission moves every replica
+    /// first (leader hand-overs included), so it gets 120 s rather than the client's 15 s.
+    pub async fn decommission(&self, via: u64, id: u64) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}/cluster/members/{id}", self.node(via).admin());
+        let response = self.client.delete(url).timeout(Duration::from_secs(120)).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
     /// Sets the fault of the directed link `from → to` (connections `from` opens to `to`).
     pub fn set_link_fault(&self, from: u64, to: u64, fault: LinkFault) {
         if let Some(link) = self.links.get(&(from, to)) {

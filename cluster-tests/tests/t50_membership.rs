@@ -104,23 +104,14 @@ async fn add_and_remove_a_node() -> anyhow::Result<()> {
     }
 
     // Decommission it again.
-    // A decommission moves every replica first (leader hand-overs included): it may take a while
-    // on a loaded machine, so the request gets more than the client's default 15 s.
-    let response = cluster
-        .client
-        .delete(format!("{}/cluster/members/{new}", cluster.node(1).admin()))
-        .timeout(Duration::from_secs(120))
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    let body: Value = response.json().await?;
+    let (status, body) = cluster.decommission(1, new).await?;
     assert_eq!(status, 200, "{body}");
     let ids: Vec<u64> = member_ids(&cluster, 1).await?.into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, vec![1, 2, 3]);
     cluster.kill(new);
     cluster.assert_value(3, "member/removed", json!(true)).await?;
-    let response = cluster.client.delete(format!("{}/cluster/members/42", cluster.node(1).admin())).send().await?;
-    assert_eq!(response.status().as_u16(), 404);
+    let (status, _) = cluster.decommission(1, 42).await?;
+    assert_eq!(status, 404);
     Ok(())
 }
 
@@ -142,14 +133,7 @@ async fn decommission_moves_replicas_first() -> anyhow::Result<()> {
         cluster.assert_value(1, &format!("decom/k{i}"), json!(i)).await?;
     }
     // Node 3 hosts shards 0, 1 and 2 (replication factor 3 over 5 nodes).
-    let response = cluster
-        .client
-        .delete(format!("{}/cluster/members/3", cluster.node(1).admin()))
-        .timeout(Duration::from_secs(120))
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    let body: Value = response.json().await?;
+    let (status, body) = cluster.decommission(1, 3).await?;
     assert_eq!(status, 200, "{body}");
     cluster.kill(3);
     for shard in 0..4u16 {
