@@ -23,29 +23,42 @@ use crate::model::id::shard_for_path;
 use crate::storage::Storage;
 use stemedb_proto::raft::GroupMessage;
 
+/// How errors name a group: `shard N`, or `the meta group` for [`META_SHARD`].
+pub struct GroupLabel(pub u16);
+
+impl std::fmt::Display for GroupLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == META_SHARD {
+            f.write_str("the meta group")
+        } else {
+            write!(f, "shard {}", self.0)
+        }
+    }
+}
+
 /// Errors of the consensus layer. Each has a stable code and an HTTP status. Serializable: a
 /// leader's answer to a forwarded request carries it back to the node the client talks to.
 #[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ConsensusError {
-    #[error("shard {shard} has no leader (no quorum); retry later")]
+    #[error("{} has no leader (no quorum); retry later", GroupLabel(*shard))]
     NoQuorum { shard: u16 },
-    #[error("this node is not the leader of shard {shard}")]
+    #[error("this node is not the leader of {}", GroupLabel(*shard))]
     NotLeader { shard: u16, leader: Option<NodeId> },
-    #[error("shard {shard} did not answer within {timeout_ms} ms; the write may or may not have been applied")]
+    #[error("{} did not answer within {timeout_ms} ms; the write may or may not have been applied", GroupLabel(*shard))]
     Timeout { shard: u16, timeout_ms: u64 },
-    #[error("shard {shard} is shutting down")]
+    #[error("{} is shutting down", GroupLabel(*shard))]
     ShuttingDown { shard: u16 },
-    #[error("shard {shard} does not exist")]
+    #[error("{} does not exist", GroupLabel(*shard))]
     UnknownShard { shard: u16 },
     #[error("raft group failed to start: {0}")]
     Startup(String),
-    #[error("internal error on shard {shard}: {message}")]
+    #[error("internal error on {}: {message}", GroupLabel(*shard))]
     Internal { shard: u16, message: String },
-    #[error("storage error on shard {shard}: {message}")]
+    #[error("storage error on {}: {message}", GroupLabel(*shard))]
     Storage { shard: u16, message: String },
-    #[error("membership change of shard {shard} failed: {message}")]
+    #[error("membership change of {} failed: {message}", GroupLabel(*shard))]
     MembershipChange { shard: u16, message: String },
-    #[error("could not reach the leader of shard {shard} (node {leader}): {message}")]
+    #[error("could not reach the leader of {} (node {leader}): {message}", GroupLabel(*shard))]
     LeaderUnreachable { shard: u16, leader: NodeId, message: String },
 }
 
