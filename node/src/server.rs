@@ -131,6 +131,7 @@ pub async fn run(
             config.cluster.replication_factor,
             &raft_settings(&config),
             peers,
+            crate::cluster::policy::Policy::new(config.authority.max_chain_depth),
         )
         .await?,
     );
@@ -177,6 +178,7 @@ pub async fn run(
     if config.cluster.auto_rebalance {
         crate::cluster::placement::start_leader_balancer(&shards, Duration::from_secs(2), stop.clone());
     }
+    record_config_roots(&shards, &config.authority.roots, stop.clone());
     let grpc = {
         let service = RaftService::server(shards.clone(), Duration::from_millis(config.raft.write_timeout_ms));
         let stop = stop.clone();
@@ -465,4 +467,48 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
                 .unwrap_or_default()
         }),
     )));
+}
+
+/// Records the root authorities of `[authority] roots` in the meta group (once each: a root
+/// already at its configured level is left alone), retrying until the meta group answers.
+fn record_config_roots(
+    shards: &Arc<ShardSet>,
+    roots: &[crate::config::RootAuthority],
+    stop: tokio_util::sync::CancellationToken,
+) {
+    if roots.is_empty() {
+        return;
+    }
+    let shards = shards.clone();
+    let roots = roots.to_vec();
+    tokio::spawn(async move {
+        for root in roots {
+            loop {
+                if shards.policy().read(|s| s.authorities.root_level(&root.agent_id, u64::MAX)) == Some(root.level) {
+                    break;
+                }
+                let command = crate::cluster::policy::PolicyCommand::SetRoot {
+                    agent_id: root.agent_id.clone(),
+                    level: Some(root.level),
+                };
+                match shards.propose_policy(command, Duration::from_secs(5)).await {
+                    Ok(Ok(_)) => {
+                        tracing::info!(agent_id = %root.agent_id, level = root.level, "root authority from config recorded");
+                        break;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::error!(agent_id = %root.agent_id, error = %error, "config root authority refused");
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(error = %error, "config root authority not recorded yet; retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            }
+        }
+    });
 }

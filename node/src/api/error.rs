@@ -99,12 +99,22 @@ impl From<ConsensusError> for ApiError {
 
 impl From<crate::cluster::meta::MetaError> for ApiError {
     fn from(error: crate::cluster::meta::MetaError) -> ApiError {
-        // `{"Variant": {fields}}` → `{fields}`; unit variants have no details.
-        let details = match serde_json::to_value(&error) {
-            Ok(Value::Object(map)) => map.into_iter().next().map(|(_, v)| v).unwrap_or_else(|| json!({})),
-            _ => json!({}),
-        };
-        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)
+        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(variant_fields(&error))
+    }
+}
+
+impl From<crate::cluster::policy::PolicyError> for ApiError {
+    fn from(error: crate::cluster::policy::PolicyError) -> ApiError {
+        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(variant_fields(&error))
+    }
+}
+
+/// An externally tagged enum's fields as error details: `{"Variant": {fields}}` → `{fields}`;
+/// unit variants have none.
+fn variant_fields(error: &impl serde::Serialize) -> Value {
+    match serde_json::to_value(error) {
+        Ok(Value::Object(map)) => map.into_iter().next().map(|(_, v)| v).unwrap_or_else(|| json!({})),
+        _ => json!({}),
     }
 }
 

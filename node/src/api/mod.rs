@@ -3,6 +3,7 @@
 //! the owning shard and turn results into JSON; they hold no data of their own.
 
 pub mod admin;
+pub mod authority;
 pub mod error;
 pub mod extract;
 pub mod reads;
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(admin::router())
+        .merge(authority::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

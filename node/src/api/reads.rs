@@ -128,15 +128,25 @@ fn claim_view<'a>(claim: &Claim<'a>, lens: Lens) -> ClaimView<'a> {
 }
 
 /// Applies the lens to one group; `None` when the lens has nothing to show for it.
-fn group_result(group: &ClaimGroup, lens: Lens, as_of_us: u64) -> Option<Value> {
-    // Authority and weighted votes arrive with the authority issue: until then every agent has
-    // authority 0 and every vote weight 1, which is exactly DESIGN §2 without any grants.
-    let claims: Vec<Claim<'_>> = group.claims.iter().filter_map(|facts| facts.at(as_of_us, &|_| 1.0)).collect();
-    let resolution = resolve(lens, claims, &|_| 0)?;
+fn group_result(state: &AppState, group: &ClaimGroup, lens: Lens, as_of_us: u64) -> Option<Value> {
+    let policy = state.shards.policy();
+    let path = group.concept_path.as_str();
+    let authority = |agent: &str| policy.authority(agent, path, as_of_us).map(|a| a.level);
+    // DESIGN §2: a vote weighs its voter's authority for the path, 1 where it has none. Only
+    // the consensus lens shows scores, so the others skip the lookups.
+    let weighted = |agent: &str| authority(agent).map_or(1.0, f64::from);
+    let unweighted = |_: &str| 1.0;
+    let weight: &dyn Fn(&str) -> f64 =
+        if matches!(lens, Lens::Consensus | Lens::All | Lens::History) { &weighted } else { &unweighted };
+    let claims: Vec<Claim<'_>> = group.claims.iter().filter_map(|facts| facts.at(as_of_us, weight)).collect();
+    let resolution = resolve(lens, claims, &authority)?;
     let mut value = json!({"concept_path": group.concept_path, "predicate": group.predicate});
     match resolution {
         Resolution::Winner { winner, alternatives } => {
             value["winner"] = serde_json::to_value(claim_view(&winner, lens)).unwrap_or(Value::Null);
+            if lens == Lens::Authority {
+                value["winner"]["authority"] = json!(authority(&winner.record.draft.agent_id));
+            }
             value["alternatives"] = json!(alternatives);
             value["conflict"] = json!(alternatives > 0);
         }
@@ -276,7 +286,7 @@ async fn query_path(
     let page = &remaining[..remaining.len().min(limit)];
     let next_cursor =
         if remaining.len() > limit { page.last().map(|g| encode_cursor(&g.concept_path, &g.predicate)) } else { None };
-    let results: Vec<Value> = page.iter().filter_map(|g| group_result(g, lens, as_of_us)).collect();
+    let results: Vec<Value> = page.iter().filter_map(|g| group_result(state, g, lens, as_of_us)).collect();
     let mut body = json!({"results": results, "next_cursor": next_cursor, "shard": shard});
     if consistency == Consistency::Stale {
         body["applied_index"] = json!(result.applied_index);
@@ -360,7 +370,7 @@ async fn query_prefix(
         let result = result?;
         staleness = staleness.max(result.staleness_ms);
         let ShardReadAnswer::Claims(groups) = result.answer else { return Err(unexpected_answer()) };
-        results.extend(groups.iter().filter_map(|g| group_result(g, lens, as_of_us)));
+        results.extend(groups.iter().filter_map(|g| group_result(state, g, lens, as_of_us)));
     }
     let mut body = json!({"results": results, "next_cursor": next_cursor});
     if consistency == Consistency::Stale {

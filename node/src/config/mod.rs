@@ -40,8 +40,90 @@ pub struct Config {
     pub limits: LimitsSection,
     pub query: QuerySection,
     pub security: SecuritySection,
+    pub authority: AuthoritySection,
+    pub quarantine: QuarantineSection,
+    pub circuit_breaker: CircuitBreakerSection,
     pub logging: LoggingSection,
     pub testing: TestingSection,
+}
+
+/// Authority (DESIGN §2): root authorities and the chain depth limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthoritySection {
+    /// Root authorities recorded in the cluster at startup (`[[authority.roots]]` tables with
+    /// `agent_id` and `level`); admins add more with `POST /v1/admin/authority/roots`.
+    pub roots: Vec<RootAuthority>,
+    /// Chains of more grants than this do not count. Must be the same on every node.
+    pub max_chain_depth: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootAuthority {
+    pub agent_id: String,
+    pub level: u8,
+}
+
+/// Quarantine triggers (DESIGN §2). The shard leader decides before proposing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineSection {
+    /// Concept prefixes where an agent needs authority to be heard: claims there by agents
+    /// without authority for the path are quarantined.
+    pub require_authority_prefixes: Vec<String>,
+    /// A claim that contradicts an active claim (same concept_path and predicate, another value)
+    /// by an agent at or above this level is quarantined, unless its own agent is at or above
+    /// it too. 0 turns this trigger off.
+    pub protect_authority_level: u8,
+}
+
+/// Per-agent circuit breakers (DESIGN §2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerSection {
+    /// Open breakers automatically on the rates below (manual trips work either way).
+    pub enabled: bool,
+    /// Writes (assertions, votes, retractions) per second one agent may send through one node.
+    pub max_writes_per_sec: u32,
+    /// Invalid requests per second one agent may send through one node.
+    pub max_invalid_per_sec: u32,
+    /// How long an automatically opened breaker stays open; doubles on each consecutive trip.
+    pub open_seconds: u64,
+    /// The longest open period the doubling reaches.
+    pub max_open_seconds: u64,
+    /// Successful writes a half-open breaker lets through (one per second per node) before it
+    /// closes again.
+    pub half_open_probes: u32,
+    /// What happens to writes of an agent whose breaker is open: `reject` (429 for automatic
+    /// trips, 403 for manual ones) or `quarantine` (stored, kept out of the lenses).
+    pub mode: String,
+}
+
+impl Default for AuthoritySection {
+    fn default() -> Self {
+        AuthoritySection { roots: Vec::new(), max_chain_depth: 8 }
+    }
+}
+
+impl Default for QuarantineSection {
+    fn default() -> Self {
+        QuarantineSection { require_authority_prefixes: Vec::new(), protect_authority_level: 80 }
+    }
+}
+
+impl Default for CircuitBreakerSection {
+    fn default() -> Self {
+        CircuitBreakerSection {
+            enabled: true,
+            max_writes_per_sec: 2_000,
+            max_invalid_per_sec: 50,
+            open_seconds: 30,
+            max_open_seconds: 600,
+            half_open_probes: 5,
+            mode: "reject".into(),
+        }
+    }
 }
 
 /// Deliberate bugs, for proving that the chaos harness catches them. Never set in production:
@@ -180,6 +262,9 @@ impl Default for Config {
             limits: LimitsSection::default(),
             query: QuerySection::default(),
             security: SecuritySection::default(),
+            authority: AuthoritySection::default(),
+            quarantine: QuarantineSection::default(),
+            circuit_breaker: CircuitBreakerSection::default(),
             logging: LoggingSection::default(),
             testing: TestingSection::default(),
         }
@@ -431,6 +516,39 @@ impl Config {
         }
         if self.query.default_limit == 0 || self.query.default_limit > self.query.max_limit {
             return fail("query.default_limit must be between 1 and query.max_limit".into());
+        }
+        if !(1..=16).contains(&self.authority.max_chain_depth) {
+            return fail("authority.max_chain_depth must be between 1 and 16".into());
+        }
+        for root in &self.authority.roots {
+            if crate::model::assertion::validate_agent_id(&root.agent_id).is_err() || root.level > 100 {
+                return fail(format!(
+                    "authority.roots entry {:?}: agent_id must be 1-128 characters and level 0-100",
+                    root.agent_id
+                ));
+            }
+        }
+        for prefix in &self.quarantine.require_authority_prefixes {
+            if crate::model::assertion::validate_concept_prefix(prefix).is_err() {
+                return fail(format!("quarantine.require_authority_prefixes entry {prefix:?} is not a concept prefix"));
+            }
+        }
+        if self.quarantine.protect_authority_level > 100 {
+            return fail("quarantine.protect_authority_level must be 0-100".into());
+        }
+        if !matches!(self.circuit_breaker.mode.as_str(), "reject" | "quarantine") {
+            return fail(format!(
+                "circuit_breaker.mode = {:?}: expected \"reject\" or \"quarantine\"",
+                self.circuit_breaker.mode
+            ));
+        }
+        if self.circuit_breaker.max_writes_per_sec == 0
+            || self.circuit_breaker.max_invalid_per_sec == 0
+            || self.circuit_breaker.open_seconds == 0
+            || self.circuit_breaker.max_open_seconds < self.circuit_breaker.open_seconds
+            || self.circuit_breaker.half_open_probes == 0
+        {
+            return fail("circuit_breaker: rates, open_seconds and half_open_probes must be positive, max_open_seconds at least open_seconds".into());
         }
         if !matches!(self.logging.format.as_str(), "text" | "json") {
             return fail(format!("logging.format = {:?}: expected \"text\" or \"json\"", self.logging.format));

@@ -69,6 +69,9 @@ pub struct SupersessionFact {
 pub struct ClaimFacts {
     pub record: StoredAssertion,
     pub retracted_at_us: Option<u64>,
+    /// When an admin released the claim from quarantine (only for quarantined claims).
+    #[serde(default)]
+    pub released_at_us: Option<u64>,
     pub supersessions: Vec<SupersessionFact>,
     pub votes: Vec<VoteFact>,
 }
@@ -101,7 +104,7 @@ impl ClaimFacts {
             .min_by_key(|s| (s.at_us, s.by));
         let status = if retracted_at_us.is_some() {
             Status::Retracted
-        } else if self.record.quarantined {
+        } else if self.record.quarantined && self.released_at_us.is_none_or(|t| t > as_of_us) {
             Status::Quarantined
         } else if supersession.is_some() {
             Status::Superseded
@@ -155,9 +158,15 @@ fn newest_first(a: &Claim<'_>, b: &Claim<'_>) -> Ordering {
     (b.record.asserted_at_us, b.record.id).cmp(&(a.record.asserted_at_us, a.record.id))
 }
 
-/// Applies `lens` to the claims of one (concept_path, predicate) at one time. Returns `None` when
-/// the lens has nothing to show (no active claim, or no claim at all for `history`).
-pub fn resolve<'a>(lens: Lens, claims: Vec<Claim<'a>>, authority: &dyn Fn(&str) -> u8) -> Option<Resolution<'a>> {
+/// Applies `lens` to the claims of one (concept_path, predicate) at one time. `authority` gives
+/// an agent's authority level for the path (`None`: it has none, which ranks below level 0).
+/// Returns `None` when the lens has nothing to show (no active claim, or no claim at all for
+/// `history`).
+pub fn resolve<'a>(
+    lens: Lens,
+    claims: Vec<Claim<'a>>,
+    authority: &dyn Fn(&str) -> Option<u8>,
+) -> Option<Resolution<'a>> {
     if lens == Lens::History {
         if claims.is_empty() {
             return None;
@@ -175,7 +184,15 @@ pub fn resolve<'a>(lens: Lens, claims: Vec<Claim<'a>>, authority: &dyn Fn(&str) 
     match lens {
         Lens::All | Lens::History => return Some(Resolution::Listed(active)),
         Lens::Recency => {}
-        Lens::Authority => active.sort_by_key(|c| std::cmp::Reverse(authority(&c.record.draft.agent_id))),
+        Lens::Authority => {
+            // One lookup per distinct agent, not one per comparison.
+            let mut levels: std::collections::HashMap<&str, Option<u8>> = std::collections::HashMap::new();
+            for claim in &active {
+                let agent = claim.record.draft.agent_id.as_str();
+                levels.entry(agent).or_insert_with(|| authority(agent));
+            }
+            active.sort_by_key(|c| std::cmp::Reverse(levels.get(c.record.draft.agent_id.as_str()).copied().flatten()))
+        }
         Lens::Consensus => active.sort_by(|a, b| b.score.partial_cmp(&a.score).unwrap_or(Ordering::Equal)),
         Lens::Confidence => active.sort_by(|a, b| {
             b.record.draft.confidence.partial_cmp(&a.record.draft.confidence).unwrap_or(Ordering::Equal)

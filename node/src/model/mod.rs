@@ -2,6 +2,7 @@
 //! derived status and the lenses. Pure code: no storage, no network, no async.
 
 pub mod assertion;
+pub mod authority;
 pub mod id;
 pub mod lens;
 #[cfg(test)]

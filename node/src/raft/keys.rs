@@ -12,6 +12,9 @@
 //! | state_machine | group, `Q`, agent, 0, request_id                | outcome (JSON)         |
 //! | state_machine | group, `M`                                      | applied state (JSON)   |
 //! | state_machine | 0 (meta group), `N`                             | cluster metadata (JSON)|
+//! | state_machine | 0 (meta group), `O`, agent                      | root spans (JSON)      |
+//! | state_machine | 0 (meta group), `G`, grant id(8)                | grant (JSON)           |
+//! | state_machine | 0 (meta group), `B`, agent                      | circuit breaker (JSON) |
 //! | index         | group, `P`, path, 0, predicate, 0, id(16)       | empty                  |
 //! | index         | group, `C`, path, 0, predicate                  | assertion count (8)    |
 //! | meta          | `snapshot/`, group                              | last snapshot          |
@@ -96,6 +99,18 @@ pub fn applied_key(group: GroupId) -> Vec<u8> {
 /// The cluster metadata document of the meta group.
 pub fn meta_state_key(group: GroupId) -> Vec<u8> {
     tagged(group, b'N', 0)
+}
+
+/// Tags of the policy records the meta group keeps (see `cluster::policy`).
+pub const POLICY_ROOT: u8 = b'O';
+pub const POLICY_GRANT: u8 = b'G';
+pub const POLICY_BREAKER: u8 = b'B';
+
+/// The key of one policy record: `group, tag, name`.
+pub fn policy_key(group: GroupId, tag: u8, name: &[u8]) -> Vec<u8> {
+    let mut key = tagged(group, tag, name.len());
+    key.extend_from_slice(name);
+    key
 }
 
 /// `group, P, path, 0` or, with a predicate, `group, P, path, 0, predicate, 0`.

@@ -126,7 +126,13 @@ impl ShardReader {
 
     fn facts_of(&self, record: StoredAssertion) -> Result<ClaimFacts, StorageError> {
         let prefix = keys::events_prefix(self.group, record.id);
-        let mut facts = ClaimFacts { record, retracted_at_us: None, supersessions: Vec::new(), votes: Vec::new() };
+        let mut facts = ClaimFacts {
+            record,
+            retracted_at_us: None,
+            released_at_us: None,
+            supersessions: Vec::new(),
+            votes: Vec::new(),
+        };
         let rows = self.storage.scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), usize::MAX)?;
         for (key, value) in rows {
             let rest = &key[prefix.len()..];

@@ -19,6 +19,7 @@ use super::reader::{ShardRead, ShardReadResult, ShardReader};
 use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::cluster::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
+use crate::cluster::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome};
 use crate::model::id::shard_for_path;
 use crate::storage::Storage;
 use stemedb_proto::raft::GroupMessage;
@@ -281,6 +282,8 @@ pub struct ShardSet {
     /// The meta group (group 0): cluster nodes, shard placement, rebalances.
     meta: ShardGroup,
     meta_state: tokio::sync::watch::Receiver<Arc<MetaState>>,
+    /// Authority grants and circuit breakers, applied by the meta group.
+    policy: Policy,
     peers: Arc<PeerChannels>,
 }
 
@@ -296,6 +299,7 @@ impl ShardSet {
         replication_factor: u16,
         settings: &RaftSettings,
         peers: Arc<PeerChannels>,
+        policy: Policy,
     ) -> Result<ShardSet, ConsensusError> {
         let placement = place_replicas(&members, shards, replication_factor);
         let config = openraft::Config {
@@ -338,7 +342,7 @@ impl ShardSet {
         }
         // The meta group has every founding member as a voter; the lowest id creates it.
         let (meta_publish, meta_state) = tokio::sync::watch::channel(Arc::new(MetaState::default()));
-        let meta_machine = ShardStateMachine::open_meta(storage.clone(), meta_publish)
+        let meta_machine = ShardStateMachine::open_meta(storage.clone(), meta_publish, policy.clone())
             .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
         let meta_voters = (members.keys().next() == Some(&node_id)).then(|| members.clone());
         let meta =
@@ -356,6 +360,7 @@ impl ShardSet {
             groups,
             meta,
             meta_state,
+            policy,
             peers,
         })
     }
@@ -493,6 +498,27 @@ impl ShardSet {
         Self::meta_answer(
             self.propose_local(META_SHARD, ShardCommand::Meta { proposed_at_us, command }, timeout).await?,
         )
+    }
+
+    /// Proposes a change of the cluster-wide policy (authority, breakers) to the meta group.
+    pub async fn propose_policy(
+        &self,
+        command: PolicyCommand,
+        timeout: Duration,
+    ) -> Result<Result<PolicyOutcome, PolicyError>, ConsensusError> {
+        let proposed_at_us = crate::model::id::now_us();
+        match self.propose(META_SHARD, ShardCommand::Policy { proposed_at_us, command }, timeout).await? {
+            ShardResponse::Policy(result) => Ok(result),
+            other => Err(ConsensusError::Internal {
+                shard: META_SHARD,
+                message: format!("unexpected answer to a policy change: {other:?}"),
+            }),
+        }
+    }
+
+    /// The cluster-wide policy as this node has applied it.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     fn meta_answer(response: ShardResponse) -> Result<Result<(), MetaError>, ConsensusError> {

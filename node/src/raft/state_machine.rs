@@ -23,6 +23,7 @@ use super::types::{
     StorageIoError, TypeConfig,
 };
 use crate::cluster::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
+use crate::cluster::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome, PolicyRecord, PolicyStore};
 use crate::model::assertion::{AssertionDraft, StoredAssertion};
 use crate::model::id::AssertionId;
 use crate::model::ModelError;
@@ -67,6 +68,8 @@ pub struct ShardStateMachine {
 struct MetaSlot {
     state: MetaState,
     publish: tokio::sync::watch::Sender<Arc<MetaState>>,
+    /// The cluster-wide policy, shared with the rest of the node.
+    policy: Policy,
 }
 
 fn sm_read_error(e: impl std::error::Error + 'static) -> StorageIoError {
@@ -120,12 +123,74 @@ impl ShardStateMachine {
     pub fn open_meta(
         storage: Arc<Storage>,
         publish: tokio::sync::watch::Sender<Arc<MetaState>>,
+        policy: Policy,
     ) -> Result<ShardStateMachine, StorageIoError> {
         let mut machine = ShardStateMachine::open(storage, META_SHARD, group_of_shard(META_SHARD))?;
         let state = machine.load_meta()?;
         publish.send_replace(Arc::new(state.clone()));
-        machine.meta = Some(MetaSlot { state, publish });
+        let store = machine.load_policy()?;
+        policy.update(|current| *current = store);
+        machine.meta = Some(MetaSlot { state, publish, policy });
         Ok(machine)
+    }
+
+    /// Reads every policy record of the meta group.
+    fn load_policy(&self) -> Result<PolicyStore, StorageIoError> {
+        let mut store = PolicyStore::default();
+        for tag in [keys::POLICY_ROOT, keys::POLICY_GRANT, keys::POLICY_BREAKER] {
+            let prefix = keys::policy_key(self.group, tag, b"");
+            let rows = self
+                .storage
+                .scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), usize::MAX)
+                .map_err(sm_read_error)?;
+            for (key, value) in rows {
+                let record = match tag {
+                    keys::POLICY_ROOT => PolicyRecord::Root {
+                        agent_id: String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
+                        spans: serde_json::from_slice(&value).map_err(sm_read_error)?,
+                    },
+                    keys::POLICY_GRANT => PolicyRecord::Grant(serde_json::from_slice(&value).map_err(sm_read_error)?),
+                    _ => PolicyRecord::Breaker(serde_json::from_slice(&value).map_err(sm_read_error)?),
+                };
+                store.restore(record);
+            }
+        }
+        Ok(store)
+    }
+
+    fn apply_policy(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        proposed_at_us: u64,
+        command: PolicyCommand,
+    ) -> Result<Result<PolicyOutcome, PolicyError>, StorageIoError> {
+        let at_us = self.next_time(proposed_at_us);
+        let Some(slot) = self.meta.as_ref() else {
+            return Ok(Err(PolicyError::UnknownGrant { id: 0 }));
+        };
+        let depth = slot.policy.max_chain_depth();
+        let result = slot.policy.update(|store| store.apply(command, at_us, depth));
+        let (outcome, records) = match result {
+            Ok(done) => done,
+            Err(error) => return Ok(Err(error)),
+        };
+        for record in records {
+            let (key, bytes) = match &record {
+                PolicyRecord::Root { agent_id, spans } => {
+                    (keys::policy_key(self.group, keys::POLICY_ROOT, agent_id.as_bytes()), serde_json::to_vec(spans))
+                }
+                PolicyRecord::Grant(grant) => (
+                    keys::policy_key(self.group, keys::POLICY_GRANT, &grant.id.to_be_bytes()),
+                    serde_json::to_vec(grant),
+                ),
+                PolicyRecord::Breaker(breaker) => (
+                    keys::policy_key(self.group, keys::POLICY_BREAKER, breaker.agent_id.as_bytes()),
+                    serde_json::to_vec(breaker),
+                ),
+            };
+            overlay.put(ColumnFamily::StateMachine, key, bytes.map_err(sm_write_error)?);
+        }
+        Ok(Ok(outcome))
     }
 
     fn load_meta(&self) -> Result<MetaState, StorageIoError> {
@@ -412,6 +477,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     ShardCommand::Meta { proposed_at_us, command } => {
                         ShardResponse::Meta(self.apply_meta(&mut overlay, proposed_at_us, command)?)
                     }
+                    ShardCommand::Policy { proposed_at_us, command } => {
+                        ShardResponse::Policy(self.apply_policy(&mut overlay, proposed_at_us, command)?)
+                    }
                     ShardCommand::Retract { proposed_at_us, assertion_id, agent_id, admin, reason } => {
                         ShardResponse::Retracted(self.apply_retract(
                             &mut overlay,
@@ -511,9 +579,11 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.persist_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         if self.meta.is_some() {
             let state = self.load_meta()?;
+            let store = self.load_policy()?;
             if let Some(slot) = self.meta.as_mut() {
                 slot.publish.send_replace(Arc::new(state.clone()));
                 slot.state = state;
+                slot.policy.update(|current| *current = store);
             }
         }
         Ok(())

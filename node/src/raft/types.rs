@@ -5,6 +5,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::meta::{MetaCommand, MetaError, META_SHARD};
+use crate::cluster::policy::{PolicyCommand, PolicyError, PolicyOutcome};
 use crate::model::assertion::AssertionDraft;
 use crate::model::id::AssertionId;
 use crate::model::ModelError;
@@ -60,6 +61,8 @@ pub enum ShardCommand {
     Retract { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, admin: bool, reason: Option<String> },
     /// A change to the cluster metadata; only the meta group (group 0) applies these.
     Meta { proposed_at_us: u64, command: MetaCommand },
+    /// A change to the cluster-wide policy (authority, breakers); meta group only.
+    Policy { proposed_at_us: u64, command: PolicyCommand },
 }
 
 impl ShardCommand {
@@ -68,7 +71,8 @@ impl ShardCommand {
             ShardCommand::Assert { proposed_at_us, .. }
             | ShardCommand::Vote { proposed_at_us, .. }
             | ShardCommand::Retract { proposed_at_us, .. }
-            | ShardCommand::Meta { proposed_at_us, .. } => *proposed_at_us,
+            | ShardCommand::Meta { proposed_at_us, .. }
+            | ShardCommand::Policy { proposed_at_us, .. } => *proposed_at_us,
         }
     }
 }
@@ -111,6 +115,7 @@ pub enum ShardResponse {
     Voted(Result<EventOutcome, ModelError>),
     Retracted(Result<EventOutcome, ModelError>),
     Meta(Result<(), MetaError>),
+    Policy(Result<PolicyOutcome, PolicyError>),
     /// Blank and membership entries.
     #[default]
     Empty,

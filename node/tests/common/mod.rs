@@ -80,6 +80,12 @@ impl TestNode {
     pub async fn get(&self, path: &str) -> (u16, Value) {
         get_json(&self.client, &format!("{}{path}", self.url)).await
     }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let response = self.client.delete(format!("{}{path}", self.url)).send().await.expect("send");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
 }
 
 pub async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {

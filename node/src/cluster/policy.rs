@@ -1,0 +1,450 @@
+//! Cluster-wide policy, replicated by the meta group next to the cluster metadata: root
+//! authorities, authority grants and per-agent circuit breakers (DESIGN §2). Every node applies
+//! the same [`PolicyCommand`]s in the same order, so every node resolves the same authority and
+//! enforces the same breakers.
+//!
+//! This module owns the data, the rules for changing it ([`PolicyStore::apply`], deterministic)
+//! and the node's shared, cached view of it ([`Policy`]). Each record is persisted under its
+//! own key by the meta group's state machine, so a grant costs one small write however many
+//! grants exist.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::model::authority::{AgentAuthority, Authorities, Grant, RootSpan, MAX_LEVEL};
+
+/// Authority results cached per node, cleared on every policy change.
+const AUTHORITY_CACHE_ENTRIES: usize = 100_000;
+
+/// Why a breaker opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerCause {
+    /// `POST /v1/admin/circuit-breaker/trip`: stays open until reset.
+    Manual,
+    /// The agent wrote faster than `circuit_breaker.max_writes_per_sec`.
+    WriteRate,
+    /// The agent sent invalid requests faster than `circuit_breaker.max_invalid_per_sec`.
+    InvalidRate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    /// The open period is over: a few probe writes are let through; if they succeed within the
+    /// write limit the breaker closes, if the agent exceeds it again it opens for longer.
+    HalfOpen,
+}
+
+/// One agent's circuit breaker as replicated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerRecord {
+    pub agent_id: String,
+    pub cause: BreakerCause,
+    pub reason: String,
+    pub opened_at_us: u64,
+    /// End of the open period; `None` (manual trips) means open until reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_until_us: Option<u64>,
+    /// Consecutive automatic trips: each doubles the open period.
+    pub trips: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_reason: Option<String>,
+}
+
+impl BreakerRecord {
+    /// The state at `now_us` (wall clock of the node asking; every node derives the same state
+    /// from the same record, up to clock skew).
+    pub fn state_at(&self, now_us: u64) -> BreakerState {
+        if self.closed_at_us.is_some() {
+            BreakerState::Closed
+        } else if self.open_until_us.is_some_and(|until| now_us >= until) {
+            BreakerState::HalfOpen
+        } else {
+            BreakerState::Open
+        }
+    }
+}
+
+/// A change to the policy: the payload of a meta group log entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PolicyCommand {
+    /// Makes `agent_id` a root authority at `level`, or (`None`) no longer a root.
+    SetRoot { agent_id: String, level: Option<u8> },
+    /// Delegates authority; refused unless the grantor holds at least `level` for the prefix.
+    Grant { grantor: String, grantee: String, concept_prefix: String, level: u8 },
+    /// Revokes a grant: by its grantor (`by` = the grantor's agent id) or an admin (`by` None).
+    Revoke { grant_id: u64, by: Option<String> },
+    /// Opens an agent's breaker (again). `open_for_ms` None: until reset.
+    TripBreaker { agent_id: String, cause: BreakerCause, reason: String, open_for_ms: Option<u64> },
+    /// Closes an agent's breaker.
+    ResetBreaker { agent_id: String, reason: String },
+}
+
+/// Why a policy change was refused. Each has a stable code and HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum PolicyError {
+    #[error("level {level} is outside 0-100")]
+    InvalidLevel { level: u32 },
+    #[error(
+        "grantor {grantor:?} holds {held} for {concept_prefix:?}, below the {level} it tried to grant; a grantor \
+         may only delegate up to its own authority on a covering prefix"
+    )]
+    InsufficientAuthority { grantor: String, concept_prefix: String, level: u8, held: String },
+    #[error("an agent cannot grant authority to itself")]
+    SelfGrant,
+    #[error("grant {id} not found")]
+    UnknownGrant { id: u64 },
+    #[error("grant {id} is already revoked")]
+    AlreadyRevoked { id: u64 },
+    #[error("agent {agent_id:?} is not the grantor of grant {id}; only its grantor or an admin may revoke it")]
+    NotGrantor { id: u64, agent_id: String },
+    #[error("agent {agent_id:?} has no open circuit breaker")]
+    BreakerNotOpen { agent_id: String },
+}
+
+impl PolicyError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            PolicyError::InvalidLevel { .. } => "invalid_level",
+            PolicyError::InsufficientAuthority { .. } => "insufficient_authority",
+            PolicyError::SelfGrant => "self_grant",
+            PolicyError::UnknownGrant { .. } => "grant_not_found",
+            PolicyError::AlreadyRevoked { .. } => "grant_already_revoked",
+            PolicyError::NotGrantor { .. } => "not_grantor",
+            PolicyError::BreakerNotOpen { .. } => "breaker_not_open",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            PolicyError::InvalidLevel { .. } | PolicyError::SelfGrant => 422,
+            PolicyError::InsufficientAuthority { .. } | PolicyError::NotGrantor { .. } => 403,
+            PolicyError::UnknownGrant { .. } => 404,
+            PolicyError::AlreadyRevoked { .. } | PolicyError::BreakerNotOpen { .. } => 409,
+        }
+    }
+}
+
+/// What applying a policy command produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PolicyOutcome {
+    Root { agent_id: String, level: Option<u8>, changed: bool },
+    Grant(Grant),
+    Breaker(BreakerRecord),
+}
+
+/// A record to persist after a change.
+#[derive(Debug, Clone)]
+pub enum PolicyRecord {
+    Root { agent_id: String, spans: Vec<RootSpan> },
+    Grant(Grant),
+    Breaker(BreakerRecord),
+}
+
+/// Everything the policy holds.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyStore {
+    pub authorities: Authorities,
+    pub breakers: BTreeMap<String, BreakerRecord>,
+}
+
+impl PolicyStore {
+    pub fn restore(&mut self, record: PolicyRecord) {
+        match record {
+            PolicyRecord::Root { agent_id, spans } => self.authorities.insert_root_spans(agent_id, spans),
+            PolicyRecord::Grant(grant) => self.authorities.insert_grant(grant),
+            PolicyRecord::Breaker(breaker) => {
+                self.breakers.insert(breaker.agent_id.clone(), breaker);
+            }
+        }
+    }
+
+    /// Applies `command` at `at_us` (the meta group's monotonic clock). Deterministic: the
+    /// result depends only on the store and the command. On success, also returns the records
+    /// to persist.
+    pub fn apply(
+        &mut self,
+        command: PolicyCommand,
+        at_us: u64,
+        max_chain_depth: usize,
+    ) -> Result<(PolicyOutcome, Vec<PolicyRecord>), PolicyError> {
+        match command {
+            PolicyCommand::SetRoot { agent_id, level } => {
+                if let Some(level) = level.filter(|l| *l > MAX_LEVEL) {
+                    return Err(PolicyError::InvalidLevel { level: level as u32 });
+                }
+                let changed = self.authorities.set_root(&agent_id, level, at_us);
+                let spans = self.authorities.roots().get(&agent_id).cloned().unwrap_or_default();
+                let records =
+                    if changed { vec![PolicyRecord::Root { agent_id: agent_id.clone(), spans }] } else { vec![] };
+                Ok((PolicyOutcome::Root { agent_id, level, changed }, records))
+            }
+            PolicyCommand::Grant { grantor, grantee, concept_prefix, level } => {
+                if level > MAX_LEVEL {
+                    return Err(PolicyError::InvalidLevel { level: level as u32 });
+                }
+                if grantor == grantee {
+                    return Err(PolicyError::SelfGrant);
+                }
+                let held = self.authorities.authority(&grantor, &concept_prefix, u64::MAX, max_chain_depth);
+                if held.as_ref().is_none_or(|h| h.level < level) {
+                    return Err(PolicyError::InsufficientAuthority {
+                        grantor,
+                        concept_prefix,
+                        level,
+                        held: held.map(|h| format!("level {}", h.level)).unwrap_or_else(|| "no authority".into()),
+                    });
+                }
+                let id = self.authorities.grants().keys().next_back().map(|id| id + 1).unwrap_or(1);
+                let grant =
+                    Grant { id, grantor, grantee, concept_prefix, level, granted_at_us: at_us, revoked_at_us: None };
+                self.authorities.insert_grant(grant.clone());
+                Ok((PolicyOutcome::Grant(grant.clone()), vec![PolicyRecord::Grant(grant)]))
+            }
+            PolicyCommand::Revoke { grant_id, by } => {
+                let grant = self.authorities.grant(grant_id).ok_or(PolicyError::UnknownGrant { id: grant_id })?;
+                if grant.revoked_at_us.is_some() {
+                    return Err(PolicyError::AlreadyRevoked { id: grant_id });
+                }
+                if let Some(agent_id) = by.filter(|agent| *agent != grant.grantor) {
+                    return Err(PolicyError::NotGrantor { id: grant_id, agent_id });
+                }
+                let grant = self
+                    .authorities
+                    .revoke(grant_id, at_us)
+                    .cloned()
+                    .ok_or(PolicyError::AlreadyRevoked { id: grant_id })?;
+                Ok((PolicyOutcome::Grant(grant.clone()), vec![PolicyRecord::Grant(grant)]))
+            }
+            PolicyCommand::TripBreaker { agent_id, cause, reason, open_for_ms } => {
+                let previous = self.breakers.get(&agent_id);
+                // Consecutive automatic trips (re-opened from half-open) count up; a trip after
+                // the breaker was closed starts over.
+                let trips = match previous {
+                    Some(p) if p.closed_at_us.is_none() && cause != BreakerCause::Manual => p.trips.saturating_add(1),
+                    _ => 1,
+                };
+                let record = BreakerRecord {
+                    agent_id: agent_id.clone(),
+                    cause,
+                    reason,
+                    opened_at_us: at_us,
+                    open_until_us: open_for_ms.map(|ms| at_us.saturating_add(ms.saturating_mul(1000))),
+                    trips,
+                    closed_at_us: None,
+                    closed_reason: None,
+                };
+                self.breakers.insert(agent_id, record.clone());
+                Ok((PolicyOutcome::Breaker(record.clone()), vec![PolicyRecord::Breaker(record)]))
+            }
+            PolicyCommand::ResetBreaker { agent_id, reason } => {
+                let record = match self.breakers.get_mut(&agent_id) {
+                    Some(record) if record.closed_at_us.is_none() => record,
+                    _ => return Err(PolicyError::BreakerNotOpen { agent_id }),
+                };
+                record.closed_at_us = Some(at_us);
+                record.closed_reason = Some(reason);
+                let record = record.clone();
+                Ok((PolicyOutcome::Breaker(record.clone()), vec![PolicyRecord::Breaker(record)]))
+            }
+        }
+    }
+}
+
+/// The node's view of the replicated policy: written by the meta group's state machine, read
+/// by every request. Authority results for the present are cached until the next change.
+#[derive(Clone)]
+pub struct Policy {
+    inner: Arc<PolicyInner>,
+}
+
+struct PolicyInner {
+    store: RwLock<PolicyStore>,
+    version: AtomicU64,
+    max_chain_depth: usize,
+    cache: Mutex<HashMap<(String, String), Option<AgentAuthority>>>,
+}
+
+impl Policy {
+    pub fn new(max_chain_depth: usize) -> Policy {
+        Policy {
+            inner: Arc::new(PolicyInner {
+                store: RwLock::new(PolicyStore::default()),
+                version: AtomicU64::new(0),
+                max_chain_depth,
+                cache: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn max_chain_depth(&self) -> usize {
+        self.inner.max_chain_depth
+    }
+
+    /// Changes the store (the meta group's state machine only) and drops cached results.
+    pub fn update<T>(&self, change: impl FnOnce(&mut PolicyStore) -> T) -> T {
+        let result = change(&mut self.inner.store.write());
+        self.inner.version.fetch_add(1, Ordering::AcqRel);
+        self.inner.cache.lock().clear();
+        result
+    }
+
+    /// Read access to the store.
+    pub fn read<T>(&self, look: impl FnOnce(&PolicyStore) -> T) -> T {
+        look(&self.inner.store.read())
+    }
+
+    /// Bumped on every change.
+    pub fn version(&self) -> u64 {
+        self.inner.version.load(Ordering::Acquire)
+    }
+
+    /// The authority of `agent` for `path` at `as_of_us` (`u64::MAX`: now, cached).
+    pub fn authority(&self, agent: &str, path: &str, as_of_us: u64) -> Option<AgentAuthority> {
+        let depth = self.inner.max_chain_depth;
+        if as_of_us != u64::MAX {
+            return self.read(|s| s.authorities.authority(agent, path, as_of_us, depth));
+        }
+        let key = (agent.to_string(), path.to_string());
+        if let Some(hit) = self.inner.cache.lock().get(&key) {
+            return hit.clone();
+        }
+        // Computed under the read lock, so a change cannot slip in between computing and caching
+        // (changes clear the cache under the write lock).
+        let store = self.inner.store.read();
+        let result = store.authorities.authority(agent, path, u64::MAX, depth);
+        let mut cache = self.inner.cache.lock();
+        if cache.len() >= AUTHORITY_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, result.clone());
+        result
+    }
+
+    /// Whether any root exists (no root means no agent has authority anywhere).
+    pub fn has_authorities(&self) -> bool {
+        self.read(|s| !s.authorities.roots().is_empty())
+    }
+
+    /// The agent's breaker, if it is open or half-open at `now_us`.
+    pub fn open_breaker(&self, agent: &str, now_us: u64) -> Option<(BreakerRecord, BreakerState)> {
+        self.read(|s| {
+            let record = s.breakers.get(agent)?;
+            match record.state_at(now_us) {
+                BreakerState::Closed => None,
+                state => Some((record.clone(), state)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(
+        store: &mut PolicyStore,
+        grantor: &str,
+        grantee: &str,
+        prefix: &str,
+        level: u8,
+        at: u64,
+    ) -> Result<u64, PolicyError> {
+        let command = PolicyCommand::Grant {
+            grantor: grantor.into(),
+            grantee: grantee.into(),
+            concept_prefix: prefix.into(),
+            level,
+        };
+        match store.apply(command, at, 8)? {
+            (PolicyOutcome::Grant(g), _) => Ok(g.id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn grants_need_the_grantors_authority() {
+        let mut store = PolicyStore::default();
+        store.apply(PolicyCommand::SetRoot { agent_id: "root".into(), level: Some(80) }, 1, 8).expect("root");
+        assert_eq!(grant(&mut store, "root", "a", "infra", 80, 2), Ok(1));
+        // Over the grantor's own level, or on a prefix it does not cover, or from nobody: 403.
+        for (grantor, prefix, level) in
+            [("root", "infra", 81), ("a", "finance", 10), ("a", "", 10), ("nobody", "infra", 1)]
+        {
+            let error = grant(&mut store, grantor, "b", prefix, level, 3).expect_err("refused");
+            assert_eq!(error.http_status(), 403, "{error}");
+        }
+        // A narrower prefix under the grantor's is fine.
+        assert_eq!(grant(&mut store, "a", "b", "infra/db", 50, 4), Ok(2));
+        assert_eq!(grant(&mut store, "a", "a", "infra", 1, 5), Err(PolicyError::SelfGrant));
+        assert!(matches!(
+            store.apply(PolicyCommand::SetRoot { agent_id: "r".into(), level: Some(101) }, 6, 8),
+            Err(PolicyError::InvalidLevel { .. })
+        ));
+    }
+
+    #[test]
+    fn revocation_rules() {
+        let mut store = PolicyStore::default();
+        store.apply(PolicyCommand::SetRoot { agent_id: "root".into(), level: Some(80) }, 1, 8).expect("root");
+        let id = grant(&mut store, "root", "a", "", 50, 2).expect("grant");
+        let by_other = PolicyCommand::Revoke { grant_id: id, by: Some("a".into()) };
+        assert!(matches!(store.apply(by_other, 3, 8), Err(PolicyError::NotGrantor { .. })));
+        store.apply(PolicyCommand::Revoke { grant_id: id, by: Some("root".into()) }, 4, 8).expect("revoke");
+        assert!(matches!(
+            store.apply(PolicyCommand::Revoke { grant_id: id, by: None }, 5, 8),
+            Err(PolicyError::AlreadyRevoked { .. })
+        ));
+        assert!(matches!(
+            store.apply(PolicyCommand::Revoke { grant_id: 99, by: None }, 5, 8),
+            Err(PolicyError::UnknownGrant { .. })
+        ));
+        // Grant ids keep growing after revocations.
+        assert_eq!(grant(&mut store, "root", "b", "", 50, 6), Ok(id + 1));
+    }
+
+    #[test]
+    fn breakers_open_half_open_and_close() {
+        let mut store = PolicyStore::default();
+        let trip = |cause| PolicyCommand::TripBreaker {
+            agent_id: "bot".into(),
+            cause,
+            reason: "too fast".into(),
+            open_for_ms: Some(1000),
+        };
+        let (outcome, _) = store.apply(trip(BreakerCause::WriteRate), 1_000_000, 8).expect("trip");
+        let PolicyOutcome::Breaker(record) = outcome else { panic!("breaker") };
+        assert_eq!(record.state_at(1_500_000), BreakerState::Open);
+        assert_eq!(record.state_at(2_000_000), BreakerState::HalfOpen);
+        // Re-tripped before closing: the count goes up (the proposer doubles the period).
+        store.apply(trip(BreakerCause::WriteRate), 2_100_000, 8).expect("trip again");
+        assert_eq!(store.breakers["bot"].trips, 2);
+        store
+            .apply(PolicyCommand::ResetBreaker { agent_id: "bot".into(), reason: "ok".into() }, 3_000_000, 8)
+            .expect("reset");
+        assert_eq!(store.breakers["bot"].state_at(3_000_001), BreakerState::Closed);
+        assert!(matches!(
+            store.apply(PolicyCommand::ResetBreaker { agent_id: "bot".into(), reason: "again".into() }, 3_000_002, 8),
+            Err(PolicyError::BreakerNotOpen { .. })
+        ));
+        // A manual trip stays open until reset.
+        let manual = PolicyCommand::TripBreaker {
+            agent_id: "bot".into(),
+            cause: BreakerCause::Manual,
+            reason: "operator".into(),
+            open_for_ms: None,
+        };
+        store.apply(manual, 4_000_000, 8).expect("manual");
+        assert_eq!(store.breakers["bot"].trips, 1);
+        assert_eq!(store.breakers["bot"].state_at(u64::MAX - 1), BreakerState::Open);
+    }
+}
