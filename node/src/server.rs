@@ -131,7 +131,10 @@ pub async fn run(
             config.cluster.replication_factor,
             &raft_settings(&config),
             peers,
-            crate::cluster::policy::Policy::new(config.authority.max_chain_depth),
+            crate::cluster::policy::Policy::new(
+                config.authority.max_chain_depth,
+                crate::cluster::quarantine::QuarantineRules::from_config(&config),
+            ),
         )
         .await?,
     );
@@ -157,6 +160,11 @@ pub async fn run(
         metrics,
         started_at,
         slow_queries: crate::api::slow_queries::SlowQueryLog::new(config.query.slow_query_log_size),
+        breakers: crate::api::breakers::BreakerMonitor::new(
+            config.circuit_breaker.clone(),
+            shards.clone(),
+            Duration::from_millis(config.raft.write_timeout_ms),
+        ),
     });
     register_node_gauges(&context);
     crate::raft::hibernation::start(

@@ -154,3 +154,225 @@ async fn authority_chains_lens_and_weighted_consensus() {
 fn urlencode(text: &str) -> String {
     text.replace('+', "%2B").replace(':', "%3A")
 }
+
+async fn wait_for_root(node: &TestNode, agent: &str) {
+    for _ in 0..100 {
+        let (_, roots) = node.get("/v1/authority/roots").await;
+        if roots["roots"].as_array().is_some_and(|r| r.iter().any(|x| x["agent_id"] == json!(agent))) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("root {agent} never recorded");
+}
+
+async fn quarantined_list(node: &TestNode, filter: &str) -> Vec<Value> {
+    let (status, body) = node.get(&format!("/v1/admin/quarantine{filter}")).await;
+    assert_eq!(status, 200, "{body}");
+    body["quarantined"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_triggers_release_and_reject() {
+    let node = TestNode::start_with(|c| {
+        c.authority.roots = vec![stemedb::config::RootAuthority { agent_id: "cto".into(), level: 90 }];
+        c.quarantine.require_authority_prefixes = vec!["finance".into()];
+        c.quarantine.protect_authority_level = 80;
+        c.circuit_breaker.mode = "quarantine".into();
+    })
+    .await;
+    wait_for_root(&node, "cto").await;
+
+    // Trigger 2: finance needs authority; the intern has none.
+    let budget = created(
+        &node,
+        "/v1/assert",
+        json!({"concept_path": "finance/budget", "predicate": "total", "value": 1000, "agent_id": "intern"}),
+    )
+    .await;
+    let (status, empty) = node.post("/v1/query", &json!({"concept_path": "finance/budget"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(empty["results"], json!([]), "a quarantined claim is in no lens: {empty}");
+    let history = query(&node, json!({"concept_path": "finance/budget", "lens": "history"})).await;
+    assert_eq!(history["assertions"][0]["status"], json!("quarantined"), "{history}");
+    // The cto has authority there: not quarantined.
+    created(
+        &node,
+        "/v1/assert",
+        json!({"concept_path": "finance/budget", "predicate": "owner", "value": "cfo", "agent_id": "cto"}),
+    )
+    .await;
+
+    // Trigger 3: contradicting the cto (90 >= 80) on the same path and predicate.
+    let protected = created(
+        &node,
+        "/v1/assert",
+        json!({"concept_path": "infra/x", "predicate": "state", "value": "ok", "agent_id": "cto"}),
+    )
+    .await;
+    let contradiction = created(&node, "/v1/assert", json!({"concept_path": "infra/x", "predicate": "state", "value": "down", "agent_id": "intern", "supersedes": [protected["id"]]})).await;
+    created(
+        &node,
+        "/v1/assert",
+        json!({"concept_path": "infra/x", "predicate": "state", "value": "ok", "agent_id": "agreeing-bot"}),
+    )
+    .await;
+    let winner = query(&node, json!({"concept_path": "infra/x", "predicate": "state", "lens": "all"})).await;
+    let agents: Vec<&str> =
+        winner["assertions"].as_array().expect("list").iter().filter_map(|c| c["agent_id"].as_str()).collect();
+    assert_eq!(agents, vec!["agreeing-bot", "cto"], "the contradiction is quarantined and supersedes nothing yet");
+
+    // Trigger 1: an open breaker in quarantine mode.
+    let (status, tripped) =
+        node.post("/v1/admin/circuit-breaker/trip", &json!({"agent_id": "spammer", "reason": "test"})).await;
+    assert_eq!(status, 200, "{tripped}");
+    let spam = created(
+        &node,
+        "/v1/assert",
+        json!({"concept_path": "misc/a", "predicate": "p", "value": 1, "agent_id": "spammer"}),
+    )
+    .await;
+    // Votes cannot be quarantined: refused, naming the breaker.
+    let (status, refused) =
+        node.post("/v1/vote", &json!({"assertion_id": protected["id"], "agent_id": "spammer", "value": 1})).await;
+    assert_eq!((status, refused["error"]["code"].clone()), (403, json!("circuit_breaker_tripped")), "{refused}");
+
+    let listed = quarantined_list(&node, "").await;
+    let reasons: Vec<(&Value, &Value)> = listed.iter().map(|c| (&c["id"], &c["quarantine"]["reason"])).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (&budget["id"], &json!("authority_required")),
+            (&contradiction["id"], &json!("contradicts_protected_claim")),
+            (&spam["id"], &json!("circuit_breaker_open")),
+        ],
+        "{listed:?}"
+    );
+    assert_eq!(quarantined_list(&node, "?agent_id=intern").await.len(), 2);
+    assert_eq!(quarantined_list(&node, "?concept_prefix=infra").await.len(), 1);
+    let page = node.get("/v1/admin/quarantine?limit=2").await.1;
+    assert_eq!(page["quarantined"].as_array().map(Vec::len), Some(2));
+    let rest =
+        node.get(&format!("/v1/admin/quarantine?cursor={}", page["next_cursor"].as_str().expect("cursor"))).await.1;
+    assert_eq!(rest["quarantined"][0]["id"], spam["id"], "{rest}");
+
+    // Release the contradiction: it joins the lenses and its supersession takes effect now.
+    let contradiction_id = contradiction["id"].as_str().expect("id");
+    let (status, released) =
+        node.post(&format!("/v1/admin/quarantine/{contradiction_id}/release"), &json!({"reason": "verified"})).await;
+    assert_eq!(status, 200, "{released}");
+    let all = query(&node, json!({"concept_path": "infra/x", "predicate": "state", "lens": "all"})).await;
+    let agents: Vec<&str> =
+        all["assertions"].as_array().expect("list").iter().filter_map(|c| c["agent_id"].as_str()).collect();
+    assert_eq!(agents, vec!["agreeing-bot", "intern"], "released, and the cto's claim is now superseded");
+    let (status, again) = node.post(&format!("/v1/admin/quarantine/{contradiction_id}/release"), &json!({})).await;
+    assert_eq!((status, again["error"]["code"].clone()), (409, json!("not_quarantined")));
+    // Reject the budget claim: retracted, never in a lens.
+    let budget_id = budget["id"].as_str().expect("id");
+    let (status, rejected) = node.post_raw(&format!("/v1/admin/quarantine/{budget_id}/reject"), "").await;
+    assert_eq!(status, 200, "{rejected}");
+    let (_, fetched) = node.get(&format!("/v1/assertions/{budget_id}")).await;
+    assert_eq!(fetched["status"], json!("retracted"), "{fetched}");
+    assert_eq!(quarantined_list(&node, "").await.len(), 1, "only the spam is left");
+    let (status, bad) = node.post("/v1/admin/quarantine/nope/release", &json!({})).await;
+    assert_eq!(status, 400, "{bad}");
+    let (status, bad) =
+        node.post(&format!("/v1/admin/quarantine/{budget_id}/release"), &json!({"resaon": "typo"})).await;
+    assert_eq!((status, bad["error"]["code"].clone()), (400, json!("unknown_field")));
+
+    // The by-agent index lists every claim of the intern, any status.
+    let (status, by_agent) = node.get("/v1/assertions?agent_id=intern").await;
+    assert_eq!(status, 200, "{by_agent}");
+    let statuses: Vec<&Value> = by_agent["assertions"].as_array().expect("list").iter().map(|c| &c["status"]).collect();
+    assert_eq!(statuses, vec![&json!("retracted"), &json!("active")]);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_manual_automatic_and_half_open() {
+    let node = TestNode::start_with(|c| {
+        c.circuit_breaker.max_writes_per_sec = 5;
+        c.circuit_breaker.max_invalid_per_sec = 3;
+        c.circuit_breaker.open_seconds = 1;
+        c.circuit_breaker.half_open_probes = 2;
+    })
+    .await;
+    let claim =
+        |agent: &str, n: usize| json!({"concept_path": "cb/test", "predicate": "p", "value": n, "agent_id": agent});
+
+    // Manual trip: 403 naming the breaker, until reset.
+    let (status, tripped) =
+        node.post("/v1/admin/circuit-breaker/trip", &json!({"agent_id": "bad-bot", "reason": "runbook step 2"})).await;
+    assert_eq!((status, tripped["state"].clone()), (200, json!("open")), "{tripped}");
+    let (status, refused) = node.post("/v1/assert", &claim("bad-bot", 0)).await;
+    assert_eq!((status, refused["error"]["code"].clone()), (403, json!("circuit_breaker_tripped")), "{refused}");
+    assert!(refused["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("bad-bot") && m.contains("runbook step 2")));
+    let (_, open) = node.get("/v1/admin/circuit-breaker").await;
+    assert_eq!(open["breakers"][0]["agent_id"], json!("bad-bot"), "{open}");
+    let (status, _) = node.post("/v1/admin/circuit-breaker/reset", &json!({"agent_id": "bad-bot"})).await;
+    assert_eq!(status, 200);
+    let (status, _) = node.post("/v1/assert", &claim("bad-bot", 1)).await;
+    assert_eq!(status, 201);
+    let (status, again) = node.post("/v1/admin/circuit-breaker/reset", &json!({"agent_id": "bad-bot"})).await;
+    assert_eq!((status, again["error"]["code"].clone()), (409, json!("breaker_not_open")));
+    let (status, _) = node.post("/v1/admin/circuit-breaker/trip", &json!({"agent_id": ""})).await;
+    assert_eq!(status, 422);
+
+    // Automatic: over 5 writes per second opens the breaker; refusals are 429 with Retry-After.
+    let mut saw_429 = false;
+    for n in 0..30 {
+        let response =
+            node.client.post(format!("{}/v1/assert", node.url)).json(&claim("fast-bot", n)).send().await.expect("send");
+        if response.status().as_u16() == 429 {
+            assert!(response.headers().get("retry-after").is_some());
+            let body: Value = response.json().await.expect("json");
+            assert_eq!(body["error"]["code"], json!("circuit_breaker_open"), "{body}");
+            saw_429 = true;
+        }
+    }
+    assert!(saw_429, "30 writes in well under a second went through a limit of 5 per second");
+    let mut recorded = Value::Null;
+    for _ in 0..50 {
+        recorded = node.get("/v1/admin/circuit-breaker?agent_id=fast-bot&state=all").await.1;
+        if recorded["breakers"][0]["cause"] == json!("write_rate") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorded["breakers"][0]["cause"], json!("write_rate"), "{recorded}");
+    // Half-open after the open period: probes (one per second) close it after 2 successes.
+    let mut closed = false;
+    for _ in 0..80 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let _ = node.post("/v1/assert", &claim("fast-bot", 99)).await;
+        let (_, state) = node.get("/v1/admin/circuit-breaker?agent_id=fast-bot&state=all").await;
+        if state["breakers"][0]["state"] == json!("closed") {
+            assert!(state["breakers"][0]["closed_reason"].as_str().is_some_and(|r| r.contains("probe")), "{state}");
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the half-open breaker closed after successful probes");
+
+    // Invalid requests: over 3 per second opens the breaker too.
+    for _ in 0..6 {
+        let (status, _) = node.post("/v1/assert", &json!({"concept_path": "cb/test", "predicate": "p", "value": 1, "agent_id": "sloppy", "confidence": 7})).await;
+        assert_eq!(status, 422);
+    }
+    let mut cause = Value::Null;
+    for _ in 0..50 {
+        cause = node.get("/v1/admin/circuit-breaker?agent_id=sloppy").await.1["breakers"][0]["cause"].clone();
+        if !cause.is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(cause, json!("invalid_rate"));
+    let (status, _) = node.post("/v1/assert", &claim("sloppy", 1)).await;
+    assert_eq!(status, 429);
+    let (status, bad) = node.get("/v1/admin/circuit-breaker?state=ajar").await;
+    assert_eq!((status, bad["error"]["code"].clone()), (400, json!("invalid_state")));
+    node.stop().await;
+}

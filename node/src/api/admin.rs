@@ -39,12 +39,8 @@ async fn slow_queries(
     params: Result<axum::extract::Query<SlowQueriesParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     state.require_admin(&headers, peer_of(connect_info))?;
-    let axum::extract::Query(params) =
-        params.map_err(|e| ApiError::bad_request("invalid_parameters", e.body_text()))?;
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_limit", format!("limit {limit} is not in 1..=1000")));
-    }
+    let params = super::extract::query_params(params)?;
+    let limit = super::extract::list_limit(params.limit)?;
     let queries = state.slow_queries.list(limit, params.agent_id.as_deref());
     Ok(Json(json!({
         "slow_query_ms": state.config.query.slow_query_ms,

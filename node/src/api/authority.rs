@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::StrictJson;
+use super::extract::{list_limit, query_params, StrictJson};
 use super::{peer_of, AppState};
 use crate::cluster::policy::{PolicyCommand, PolicyOutcome};
 use crate::model::assertion::{validate_agent_id, validate_concept_path, validate_concept_prefix};
@@ -54,10 +54,6 @@ pub fn grant_json(grant: &Grant) -> Value {
         "revoked_at": grant.revoked_at_us.map(format_time_us),
         "active": grant.revoked_at_us.is_none(),
     })
-}
-
-fn query_params<T>(params: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
-    params.map(|Query(p)| p).map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,10 +172,7 @@ async fn list_grants(
     params: Result<Query<ListGrantsParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let params = query_params(params)?;
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_limit", format!("limit {limit} is not in 1..=1000")));
-    }
+    let limit = list_limit(params.limit)?;
     if let Some(path) = &params.concept_path {
         validate_concept_path(path)?;
     }

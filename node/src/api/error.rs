@@ -17,6 +17,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub details: Value,
+    /// Seconds for the Retry-After header of a 429 or 503 (1 when not set).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -26,7 +28,13 @@ impl ApiError {
             code,
             message: message.into(),
             details: json!({}),
+            retry_after_secs: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after_secs = Some(seconds);
+        self
     }
 
     pub fn with_details(mut self, details: Value) -> ApiError {
@@ -66,7 +74,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if matches!(self.status.as_u16(), 429 | 503) {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let seconds = self.retry_after_secs.unwrap_or(1).max(1);
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
         }
         response
     }

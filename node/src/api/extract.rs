@@ -67,3 +67,29 @@ fn quoted_after(message: &str, marker: &str) -> Option<String> {
     let end = message[start..].find('`')?;
     Some(message[start..start + end].to_string())
 }
+
+/// Query-string parameters parsed strictly (unknown parameters are refused with 400).
+pub fn query_params<T>(
+    params: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    params.map(|axum::extract::Query(p)| p).map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))
+}
+
+/// The page size of an admin or policy listing: default 100, at most 1000.
+pub fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_limit", format!("limit {limit} is not in 1..=1000")));
+    }
+    Ok(limit)
+}
+
+/// An assertion-id cursor of a listing.
+pub fn id_cursor(cursor: Option<&str>) -> Result<Option<crate::model::id::AssertionId>, ApiError> {
+    cursor
+        .map(|c| {
+            crate::model::id::AssertionId::parse(c)
+                .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not one this server returned"))
+        })
+        .transpose()
+}

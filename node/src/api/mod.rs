@@ -4,8 +4,10 @@
 
 pub mod admin;
 pub mod authority;
+pub mod breakers;
 pub mod error;
 pub mod extract;
+pub mod quarantine;
 pub mod reads;
 pub mod slow_queries;
 pub mod writes;
@@ -38,6 +40,8 @@ pub struct NodeContext {
     pub metrics: Metrics,
     pub started_at: Instant,
     pub slow_queries: slow_queries::SlowQueryLog,
+    /// Per-agent write rates and circuit-breaker admission.
+    pub breakers: breakers::BreakerMonitor,
 }
 
 pub type AppState = Arc<NodeContext>;
@@ -88,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vote", post(writes::vote))
         .route("/v1/retract", post(writes::retract))
         .route("/v1/query", post(reads::query))
+        .route("/v1/assertions", get(reads::list_assertions))
         .route("/v1/assertions/{id}", get(reads::get_assertion))
         .route("/v1/concepts", get(reads::concepts))
         .route("/v1/health", get(health))
@@ -95,6 +100,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(admin::router())
         .merge(authority::router())
+        .merge(breakers::router())
+        .merge(quarantine::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

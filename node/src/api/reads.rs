@@ -474,3 +474,97 @@ pub async fn concepts(
         .collect();
     Ok(Json(json!({"prefix": prefix, "concepts": concepts, "next_cursor": next_cursor})).into_response())
 }
+
+/// One assertion in a listing (by agent, by time, quarantine): the record, its status now, and
+/// why it was quarantined, if it was.
+pub fn listed_json(facts: &crate::model::lens::ClaimFacts) -> Value {
+    let record = &facts.record;
+    let status = facts.at(u64::MAX, &|_| 1.0).map(|c| c.status);
+    json!({
+        "id": record.id,
+        "concept_path": record.draft.concept_path,
+        "predicate": record.draft.predicate,
+        "value": record.draft.value,
+        "agent_id": record.draft.agent_id,
+        "confidence": record.draft.confidence,
+        "asserted_at": format_time_us(record.asserted_at_us),
+        "status": status,
+        "quarantine": record.draft.quarantine,
+        "released_at": facts.released_at_us.map(format_time_us),
+        "retracted_at": facts.retracted_at_us.map(format_time_us),
+    })
+}
+
+/// Runs `listing` on every shard and merges the pages in id (time) order: up to `limit`
+/// assertions after `after`, and whether more follow.
+pub async fn list_everywhere(
+    state: &AppState,
+    listing: crate::raft::reader::Listing,
+    after: Option<AssertionId>,
+    limit: usize,
+    linearizable: bool,
+) -> Result<(Vec<crate::model::lens::ClaimFacts>, bool), ApiError> {
+    let timeout = Duration::from_secs(state.config.query.query_timeout_seconds);
+    let reads = (0..state.shards.shard_count()).map(|shard| {
+        let read = ShardRead::List { listing: listing.clone(), after, limit: limit + 1 };
+        state.shards.read(shard, read, linearizable, timeout)
+    });
+    let mut merged = Vec::new();
+    for result in futures::future::join_all(reads).await {
+        let ShardReadAnswer::Listed(found) = result?.answer else { return Err(unexpected_answer()) };
+        merged.extend(found);
+    }
+    merged.sort_by_key(|f| f.record.id);
+    let more = merged.len() > limit;
+    merged.truncate(limit);
+    Ok((merged, more))
+}
+
+fn parse_time_param(name: &str, text: Option<&str>) -> Result<Option<u64>, ApiError> {
+    let Some(text) = text else { return Ok(None) };
+    let value = text.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(text));
+    parse_as_of(&value).map(Some).map_err(|e| ModelError::InvalidTime { message: format!("{name}: {e}") }.into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    agent_id: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+    consistency: Option<String>,
+}
+
+/// `GET /v1/assertions?agent_id=&since=&until=&limit=&cursor=`: assertions of one agent (the
+/// by-agent index) or within a time range (the by-time order of ids), oldest first, every
+/// status included.
+pub async fn list_assertions(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))?;
+    let since_us = parse_time_param("since", params.since.as_deref())?.unwrap_or(0);
+    let until_us = parse_time_param("until", params.until.as_deref())?.unwrap_or(u64::MAX);
+    if params.agent_id.is_none() && params.since.is_none() && params.until.is_none() {
+        return Err(ApiError::bad_request(
+            "missing_filter",
+            "give agent_id, or a time range with since and/or until (RFC 3339 or unix ms)",
+        ));
+    }
+    let listing = match params.agent_id {
+        Some(agent_id) => {
+            crate::model::assertion::validate_agent_id(&agent_id)?;
+            crate::raft::reader::Listing::ByAgent { agent_id, since_us, until_us }
+        }
+        None => crate::raft::reader::Listing::ByTime { since_us, until_us },
+    };
+    let limit = page_limit(&state, params.limit)?;
+    let after = super::extract::id_cursor(params.cursor.as_deref())?;
+    let linearizable = parse_consistency(params.consistency.as_deref())? == Consistency::Linearizable;
+    let (found, more) = list_everywhere(&state, listing, after, limit, linearizable).await?;
+    let next_cursor = if more { found.last().map(|f| f.record.id.to_string()) } else { None };
+    let assertions: Vec<Value> = found.iter().map(listed_json).collect();
+    Ok(Json(json!({"assertions": assertions, "next_cursor": next_cursor})).into_response())
+}

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use super::breakers::Admission;
 use super::error::ApiError;
 use super::extract::{parse_json, StrictJson};
 use super::{peer_of, AppState};
@@ -22,6 +23,26 @@ use crate::model::assertion::{
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::ModelError;
 use crate::raft::types::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
+
+/// Counts an invalid request against the agent it claims to come from (when that is a valid
+/// agent id at all), for the invalid-request rate of its circuit breaker.
+fn count_invalid(state: &AppState, claimed_agent: Option<&str>) {
+    let agent = claimed_agent.unwrap_or(DEFAULT_AGENT_ID);
+    if validate_agent_id(agent).is_ok() {
+        state.breakers.record_invalid(agent);
+    }
+}
+
+/// After a write: a probe's outcome goes to the breaker, a refusal by the state machine (bad
+/// reference, not the owner) counts as an invalid request.
+fn settle(state: &AppState, agent: &str, admission: Admission, succeeded: bool) {
+    if admission == Admission::Probe {
+        state.breakers.probe_result(agent, succeeded);
+    }
+    if !succeeded {
+        state.breakers.record_invalid(agent);
+    }
+}
 
 fn write_timeout(state: &AppState) -> Duration {
     Duration::from_millis(state.config.raft.write_timeout_ms)
@@ -61,10 +82,20 @@ pub async fn assert(
     StrictJson(request): StrictJson<AssertRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let draft = request.validate(state.config.limits.max_value_bytes, state.shards.shard_count())?;
+    let claimed_agent = request.agent_id.clone();
+    let draft = match request.validate(state.config.limits.max_value_bytes, state.shards.shard_count()) {
+        Ok(draft) => draft,
+        Err(error) => {
+            count_invalid(&state, claimed_agent.as_deref());
+            return Err(error.into());
+        }
+    };
+    let admission = state.breakers.admit(&draft.agent_id, 1, true)?;
+    let agent = draft.agent_id.clone();
     let shard = state.shards.shard_for_path(&draft.concept_path);
     let result = state.write_batchers.assert(shard, draft, write_timeout(&state)).await?;
     state.metrics.observe_write(started.elapsed());
+    settle(&state, &agent, admission, result.is_ok());
     match result {
         Ok(outcome) => Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response()),
         Err(error) => Err(error.into()),
@@ -102,7 +133,18 @@ pub async fn assert_batch(
     let mut by_shard: BTreeMap<u16, (Vec<usize>, Vec<AssertionDraft>)> = BTreeMap::new();
     for (position, raw) in request.assertions.into_iter().enumerate() {
         let validated = parse_json::<AssertRequest>(raw.get().as_bytes()).and_then(|item| {
-            item.validate(state.config.limits.max_value_bytes, state.shards.shard_count()).map_err(ApiError::from)
+            let claimed_agent = item.agent_id.clone();
+            let draft = item
+                .validate(state.config.limits.max_value_bytes, state.shards.shard_count())
+                .inspect_err(|_| count_invalid(&state, claimed_agent.as_deref()))?;
+            // A half-open breaker probes with single writes, not batches.
+            match state.breakers.admit(&draft.agent_id, 1, true)? {
+                Admission::Admit => Ok(draft),
+                Admission::Probe => {
+                    state.breakers.probe_result(&draft.agent_id, true);
+                    Ok(draft)
+                }
+            }
         });
         match validated {
             Ok(draft) => {
@@ -175,11 +217,14 @@ pub async fn vote(
     let agent_id = request.agent_id.unwrap_or_else(|| DEFAULT_AGENT_ID.to_string());
     validate_agent_id(&agent_id)?;
     if assertion_id.shard() >= state.shards.shard_count() {
+        count_invalid(&state, Some(&agent_id));
         return Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }.into());
     }
+    let admission = state.breakers.admit(&agent_id, 1, false)?;
     let command = ShardCommand::Vote { proposed_at_us: now_us(), assertion_id, agent_id: agent_id.clone(), value };
     let response = state.shards.propose(assertion_id.shard(), command, write_timeout(&state)).await?;
     state.metrics.observe_write(started.elapsed());
+    settle(&state, &agent_id, admission, matches!(response, ShardResponse::Voted(Ok(_))));
     match response {
         ShardResponse::Voted(Ok(outcome)) => {
             let mut body = event_json(&outcome, "voted_at");
@@ -212,10 +257,17 @@ pub async fn retract(
     // Admin rights only count when a token is configured: a loopback client is not an admin
     // retracting other agents' claims unless the operator said so.
     let admin = !state.config.security.admin_token.is_empty() && state.is_admin(&headers, peer_of(connect_info));
-    let command =
-        ShardCommand::Retract { proposed_at_us: now_us(), assertion_id, agent_id, admin, reason: request.reason };
+    let admission = if admin { Admission::Admit } else { state.breakers.admit(&agent_id, 1, false)? };
+    let command = ShardCommand::Retract {
+        proposed_at_us: now_us(),
+        assertion_id,
+        agent_id: agent_id.clone(),
+        admin,
+        reason: request.reason,
+    };
     let response = state.shards.propose(assertion_id.shard(), command, write_timeout(&state)).await?;
     state.metrics.observe_write(started.elapsed());
+    settle(&state, &agent_id, admission, matches!(response, ShardResponse::Retracted(Ok(_))));
     match response {
         ShardResponse::Retracted(Ok(outcome)) => Ok(Json(event_json(&outcome, "retracted_at")).into_response()),
         ShardResponse::Retracted(Err(error)) => Err(error.into()),

@@ -7,3 +7,4 @@ pub mod identity;
 pub mod meta;
 pub mod placement;
 pub mod policy;
+pub mod quarantine;

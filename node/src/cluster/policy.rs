@@ -15,6 +15,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
+use super::quarantine::QuarantineRules;
 use crate::model::authority::{AgentAuthority, Authorities, Grant, RootSpan, MAX_LEVEL};
 
 /// Authority results cached per node, cleared on every policy change.
@@ -271,16 +272,18 @@ struct PolicyInner {
     store: RwLock<PolicyStore>,
     version: AtomicU64,
     max_chain_depth: usize,
+    quarantine: QuarantineRules,
     cache: Mutex<HashMap<(String, String), Option<AgentAuthority>>>,
 }
 
 impl Policy {
-    pub fn new(max_chain_depth: usize) -> Policy {
+    pub fn new(max_chain_depth: usize, quarantine: QuarantineRules) -> Policy {
         Policy {
             inner: Arc::new(PolicyInner {
                 store: RwLock::new(PolicyStore::default()),
                 version: AtomicU64::new(0),
                 max_chain_depth,
+                quarantine,
                 cache: Mutex::new(HashMap::new()),
             }),
         }
@@ -288,6 +291,11 @@ impl Policy {
 
     pub fn max_chain_depth(&self) -> usize {
         self.inner.max_chain_depth
+    }
+
+    /// The quarantine triggers this node screens with when it leads a shard.
+    pub fn quarantine_rules(&self) -> &QuarantineRules {
+        &self.inner.quarantine
     }
 
     /// Changes the store (the meta group's state machine only) and drops cached results.

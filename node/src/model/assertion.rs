@@ -121,6 +121,18 @@ pub struct AssertionDraft {
     pub signature: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Set only by the shard leader before proposing (DESIGN §2): why this claim is stored but
+    /// kept out of the lenses. Clients cannot set it (`AssertRequest` has no such field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineDecision>,
+}
+
+/// Why the shard leader quarantined a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineDecision {
+    /// `circuit_breaker_open`, `authority_required` or `contradicts_protected_claim`.
+    pub reason: String,
+    pub detail: String,
 }
 
 impl AssertRequest {
@@ -184,6 +196,7 @@ impl AssertRequest {
             source: self.source,
             signature: self.signature,
             request_id: self.request_id,
+            quarantine: None,
         })
     }
 }

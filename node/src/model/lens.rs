@@ -206,7 +206,12 @@ pub fn resolve<'a>(
 
 /// Whether two assertions claim the same value (JSON equality, not byte equality).
 pub fn same_value(a: &StoredAssertion, b: &StoredAssertion) -> bool {
-    let (x, y) = (a.draft.value.get(), b.draft.value.get());
+    same_json(&a.draft.value, &b.draft.value)
+}
+
+/// Whether two raw JSON values are equal as JSON.
+pub fn same_json(a: &serde_json::value::RawValue, b: &serde_json::value::RawValue) -> bool {
+    let (x, y) = (a.get(), b.get());
     if x == y {
         return true;
     }

@@ -132,6 +132,7 @@ fn facts(history: &History) -> Vec<ClaimFacts> {
                     source: None,
                     signature: None,
                     request_id: None,
+                    quarantine: None,
                 },
                 quarantined: a.quarantined,
             },

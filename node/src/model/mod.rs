@@ -53,6 +53,8 @@ pub enum ModelError {
     AlreadyRetracted { id: String },
     #[error("agent {agent_id:?} did not make assertion {id}; only its agent or an admin may retract it")]
     NotAssertionOwner { id: String, agent_id: String },
+    #[error("assertion {id} is not in quarantine (never quarantined, or already released or rejected)")]
+    NotQuarantined { id: String },
 }
 
 impl ModelError {
@@ -77,6 +79,7 @@ impl ModelError {
             ModelError::AssertionNotFound { .. } => "assertion_not_found",
             ModelError::AlreadyRetracted { .. } => "already_retracted",
             ModelError::NotAssertionOwner { .. } => "not_assertion_owner",
+            ModelError::NotQuarantined { .. } => "not_quarantined",
         }
     }
 
@@ -86,7 +89,7 @@ impl ModelError {
             ModelError::ValueTooLarge { .. } | ModelError::SourceTooLarge { .. } => 413,
             ModelError::UnknownLens { .. } | ModelError::InvalidTime { .. } | ModelError::InvalidId { .. } => 400,
             ModelError::AssertionNotFound { .. } => 404,
-            ModelError::AlreadyRetracted { .. } => 409,
+            ModelError::AlreadyRetracted { .. } | ModelError::NotQuarantined { .. } => 409,
             ModelError::NotAssertionOwner { .. } => 403,
             _ => 422,
         }

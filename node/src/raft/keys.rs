@@ -9,6 +9,7 @@
 //! | state_machine | group, `E`, id(16), `R`                         | retraction (JSON)      |
 //! | state_machine | group, `E`, id(16), `S`, superseder id(16)      | at_us(8)               |
 //! | state_machine | group, `E`, id(16), `V`, agent, 0, at_us(8)     | vote (1, i8)           |
+//! | state_machine | group, `E`, id(16), `L`                         | quarantine release (JSON) |
 //! | state_machine | group, `Q`, agent, 0, request_id                | outcome (JSON)         |
 //! | state_machine | group, `M`                                      | applied state (JSON)   |
 //! | state_machine | 0 (meta group), `N`                             | cluster metadata (JSON)|
@@ -17,6 +18,8 @@
 //! | state_machine | 0 (meta group), `B`, agent                      | circuit breaker (JSON) |
 //! | index         | group, `P`, path, 0, predicate, 0, id(16)       | empty                  |
 //! | index         | group, `C`, path, 0, predicate                  | assertion count (8)    |
+//! | index         | group, `q`, id(16)                              | quarantined, undecided |
+//! | index         | group, `a`, agent, 0, id(16)                    | empty (by agent)       |
 //! | meta          | `snapshot/`, group                              | last snapshot          |
 
 use super::types::GroupId;
@@ -73,6 +76,43 @@ pub fn supersession_key(group: GroupId, id: AssertionId, by: AssertionId) -> Vec
     key.push(b'S');
     key.extend_from_slice(&by.to_bytes());
     key
+}
+
+pub fn release_key(group: GroupId, id: AssertionId) -> Vec<u8> {
+    let mut key = events_prefix(group, id);
+    key.push(b'L');
+    key
+}
+
+/// Claims in quarantine that no admin has decided on yet.
+pub fn quarantine_key(group: GroupId, id: AssertionId) -> Vec<u8> {
+    let mut key = tagged(group, b'q', 16);
+    key.extend_from_slice(&id.to_bytes());
+    key
+}
+
+pub fn quarantine_prefix(group: GroupId) -> Vec<u8> {
+    tagged(group, b'q', 0)
+}
+
+/// The by-agent index: every assertion of an agent, in id (time) order. (The by-time index is
+/// the `A` records themselves: ids sort by time.)
+pub fn agent_key(group: GroupId, agent_id: &str, id: AssertionId) -> Vec<u8> {
+    let mut key = agent_prefix(group, agent_id);
+    key.extend_from_slice(&id.to_bytes());
+    key
+}
+
+pub fn agent_prefix(group: GroupId, agent_id: &str) -> Vec<u8> {
+    let mut key = tagged(group, b'a', agent_id.len() + 17);
+    key.extend_from_slice(agent_id.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The first key of the assertion records (`A`): scanning from here walks them in time order.
+pub fn assertions_prefix(group: GroupId) -> Vec<u8> {
+    tagged(group, b'A', 0)
 }
 
 pub fn vote_key(group: GroupId, id: AssertionId, agent_id: &str, at_us: u64) -> Vec<u8> {

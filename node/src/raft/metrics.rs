@@ -9,6 +9,14 @@ pub static ASSERTIONS_INDEXED: LazyLock<IntCounter> = LazyLock::new(|| {
         .expect("valid metric")
 });
 
+pub static QUARANTINED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_quarantined_assertions_total",
+        "Assertions this node's state machines applied as quarantined (DESIGN §2 triggers)",
+    )
+    .expect("valid metric")
+});
+
 pub static APPLY_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     Histogram::with_opts(
         HistogramOpts::new("stemedb_raft_apply_duration_seconds", "Duration of one state machine apply call")
@@ -47,6 +55,7 @@ pub static LEADER_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
         Box::new(ASSERTIONS_INDEXED.clone()),
+        Box::new(QUARANTINED.clone()),
         Box::new(APPLY_DURATION.clone()),
         Box::new(PROPOSALS.clone()),
         Box::new(PROPOSE_DURATION.clone()),

@@ -142,6 +142,11 @@ impl ShardReader {
                         serde_json::from_slice(&value).map_err(|e| corrupt(&format!("retraction: {e}")))?;
                     facts.retracted_at_us = Some(retraction.at_us);
                 }
+                Some(b'L') => {
+                    let release: RetractionRecord =
+                        serde_json::from_slice(&value).map_err(|e| corrupt(&format!("release: {e}")))?;
+                    facts.released_at_us = Some(release.at_us);
+                }
                 Some(b'S') => {
                     let by = AssertionId::from_bytes(&rest[1..]).ok_or_else(|| corrupt("supersession key"))?;
                     let at_us = value
@@ -267,12 +272,93 @@ impl ShardReader {
     }
 }
 
+/// Which assertions a listing walks: an index, with filters, in id (time) order.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum Listing {
+    /// Quarantined claims no admin has decided on yet (the `q` index).
+    Quarantined { agent_id: Option<String>, concept_prefix: Option<String> },
+    /// Every assertion of one agent (the `a` index), optionally within a time range.
+    ByAgent { agent_id: String, since_us: u64, until_us: u64 },
+    /// Every assertion within a time range (the records themselves, keyed by time-sorted ids).
+    ByTime { since_us: u64, until_us: u64 },
+}
+
+impl ShardReader {
+    /// Up to `limit` assertions of `listing` with ids after `after`, with their facts.
+    pub fn list(
+        &self,
+        listing: &Listing,
+        after: Option<AssertionId>,
+        limit: usize,
+    ) -> Result<Vec<ClaimFacts>, StorageError> {
+        let (family, prefix, floor) = match listing {
+            Listing::Quarantined { .. } => (ColumnFamily::Index, keys::quarantine_prefix(self.group), None),
+            Listing::ByAgent { agent_id, since_us, .. } => {
+                (ColumnFamily::Index, keys::agent_prefix(self.group, agent_id), Some(*since_us))
+            }
+            Listing::ByTime { since_us, .. } => {
+                (ColumnFamily::StateMachine, keys::assertions_prefix(self.group), Some(*since_us))
+            }
+        };
+        let until_us = match listing {
+            Listing::ByAgent { until_us, .. } | Listing::ByTime { until_us, .. } => *until_us,
+            Listing::Quarantined { .. } => u64::MAX,
+        };
+        // Ids start with their time: the first id at or after `since` bounds the scan.
+        let mut start = prefix.clone();
+        let from_time = floor.map(|t| AssertionId::new(t, 0, 0, 0));
+        match (after, from_time) {
+            (Some(a), Some(f)) if f > a => start.extend_from_slice(&f.to_bytes()),
+            (Some(a), _) => {
+                start.extend_from_slice(&a.to_bytes());
+                start.push(0);
+            }
+            (None, Some(f)) => start.extend_from_slice(&f.to_bytes()),
+            (None, None) => {}
+        }
+        let end = keys::prefix_end(&prefix);
+        let mut out = Vec::new();
+        let mut failure = None;
+        self.storage.for_each_in_range(family, &start, &end, |key, _| {
+            let Some(id) = key.get(prefix.len()..).and_then(AssertionId::from_bytes) else {
+                failure = Some(StorageError::corrupt(family, "listing key"));
+                return false;
+            };
+            if id.asserted_at_us() >= until_us {
+                return false;
+            }
+            let facts = match self.facts(id) {
+                Ok(Some(facts)) => facts,
+                Ok(None) => return true,
+                Err(error) => {
+                    failure = Some(error);
+                    return false;
+                }
+            };
+            if let Listing::Quarantined { agent_id, concept_prefix } = listing {
+                if agent_id.as_ref().is_some_and(|a| *a != facts.record.draft.agent_id)
+                    || concept_prefix.as_ref().is_some_and(|p| !path_under_prefix(&facts.record.draft.concept_path, p))
+                {
+                    return true;
+                }
+            }
+            out.push(facts);
+            out.len() < limit
+        })?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        Ok(out)
+    }
+}
+
 /// A read of one shard's state, executed where a replica of the shard lives.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum ShardRead {
     Claims { concept_path: String, predicate: Option<String> },
     Assertion { id: AssertionId },
     Concepts { prefix: String, after: Option<(String, String)>, limit: usize },
+    List { listing: Listing, after: Option<AssertionId>, limit: usize },
 }
 
 /// What a [`ShardRead`] found, and how fresh the replica that answered was.
@@ -288,6 +374,7 @@ pub enum ShardReadAnswer {
     Claims(Vec<ClaimGroup>),
     Assertion(Option<(ClaimFacts, Option<RetractionRecord>)>),
     Concepts(Vec<ConceptEntry>),
+    Listed(Vec<ClaimFacts>),
 }
 
 impl ShardReader {
@@ -306,6 +393,7 @@ impl ShardReader {
                 after.as_ref().map(|(p, q)| (p.as_str(), q.as_str())),
                 *limit,
             )?),
+            ShardRead::List { listing, after, limit } => ShardReadAnswer::Listed(self.list(listing, *after, *limit)?),
         })
     }
 }

@@ -650,6 +650,14 @@ impl ShardSet {
             raft_metrics::PROPOSALS.with_label_values(&["not_leader"]).inc();
             return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
         }
+        // DESIGN §2: the leader decides quarantine before proposing and records it in the entry.
+        let command = match command {
+            ShardCommand::Assert { proposed_at_us, mut items } => {
+                self.policy.quarantine_rules().screen(&self.policy, &group.reader, &mut items, proposed_at_us);
+                ShardCommand::Assert { proposed_at_us, items }
+            }
+            other => other,
+        };
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, group.raft.client_write(command)).await {
             Err(_) => {

@@ -84,6 +84,7 @@ fn sm_write_error(e: impl std::error::Error + 'static) -> StorageIoError {
 struct Overlay<'a> {
     storage: &'a Storage,
     pending: HashMap<(ColumnFamily, Vec<u8>), Vec<u8>>,
+    deleted: std::collections::HashSet<(ColumnFamily, Vec<u8>)>,
     batch: WriteBatch,
 }
 
@@ -91,6 +92,9 @@ impl<'a> Overlay<'a> {
     fn get(&self, cf: ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>, StorageIoError> {
         if let Some(v) = self.pending.get(&(cf, key.to_vec())) {
             return Ok(Some(v.clone()));
+        }
+        if self.deleted.contains(&(cf, key.to_vec())) {
+            return Ok(None);
         }
         self.storage.get(cf, key).map_err(sm_read_error)
     }
@@ -103,6 +107,12 @@ impl<'a> Overlay<'a> {
 
     fn put(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
         self.batch.put(cf, key, value);
+    }
+
+    fn delete_visible(&mut self, cf: ColumnFamily, key: Vec<u8>) {
+        self.pending.remove(&(cf, key.clone()));
+        self.deleted.insert((cf, key.clone()));
+        self.batch.delete(cf, key);
     }
 }
 
@@ -268,13 +278,22 @@ impl ShardStateMachine {
             }
             let asserted_at_us = self.next_time(proposed_at_us);
             let id = AssertionId::new(asserted_at_us, self.shard, log_index, position as u16);
-            for &old in &draft.supersedes {
-                overlay.put(
-                    ColumnFamily::StateMachine,
-                    keys::supersession_key(self.group, old, id),
-                    asserted_at_us.to_be_bytes().to_vec(),
-                );
+            let quarantined = draft.quarantine.is_some();
+            if quarantined {
+                // A quarantined claim supersedes nothing until an admin releases it (the
+                // supersessions are written then).
+                overlay.put(ColumnFamily::Index, keys::quarantine_key(self.group, id), Vec::new());
+                raft_metrics::QUARANTINED.inc();
+            } else {
+                for &old in &draft.supersedes {
+                    overlay.put(
+                        ColumnFamily::StateMachine,
+                        keys::supersession_key(self.group, old, id),
+                        asserted_at_us.to_be_bytes().to_vec(),
+                    );
+                }
             }
+            overlay.put(ColumnFamily::Index, keys::agent_key(self.group, &draft.agent_id, id), Vec::new());
             let concept_key = keys::concept_key(self.group, &draft.concept_path, &draft.predicate);
             let count = match overlay.get(ColumnFamily::Index, &concept_key)? {
                 Some(bytes) => bytes.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
@@ -295,7 +314,7 @@ impl ShardStateMachine {
                     serde_json::to_vec(&outcome).map_err(sm_write_error)?,
                 );
             }
-            let record = StoredAssertion { id, asserted_at_us, log_index, draft, quarantined: false };
+            let record = StoredAssertion { id, asserted_at_us, log_index, draft, quarantined };
             overlay.put_visible(
                 ColumnFamily::StateMachine,
                 keys::assertion_key(self.group, id),
@@ -370,6 +389,57 @@ impl ShardStateMachine {
         let at_us = self.next_time(proposed_at_us);
         let retraction = RetractionRecord { at_us, by: agent_id, reason };
         overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&retraction).map_err(sm_write_error)?);
+        Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
+    }
+
+    /// An admin's decision on a quarantined claim. Release: the claim joins the lenses and its
+    /// supersessions take effect now. Reject: it is retracted.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_quarantine_decision(
+        &mut self,
+        overlay: &mut Overlay<'_>,
+        log_index: u64,
+        proposed_at_us: u64,
+        assertion_id: AssertionId,
+        release: bool,
+        by: String,
+        reason: Option<String>,
+    ) -> Result<Result<EventOutcome, ModelError>, StorageIoError> {
+        let Some(record) = self.load_assertion(overlay, assertion_id)? else {
+            return Ok(Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }));
+        };
+        let pending = keys::quarantine_key(self.group, assertion_id);
+        if !record.quarantined || overlay.get(ColumnFamily::Index, &pending)?.is_none() {
+            return Ok(Err(ModelError::NotQuarantined { id: assertion_id.to_string() }));
+        }
+        let at_us = self.next_time(proposed_at_us);
+        overlay.delete_visible(ColumnFamily::Index, pending);
+        let decision = RetractionRecord { at_us, by, reason };
+        if release {
+            for &old in &record.draft.supersedes {
+                overlay.put(
+                    ColumnFamily::StateMachine,
+                    keys::supersession_key(self.group, old, assertion_id),
+                    at_us.to_be_bytes().to_vec(),
+                );
+            }
+            let key = keys::release_key(self.group, assertion_id);
+            overlay.put(ColumnFamily::StateMachine, key, serde_json::to_vec(&decision).map_err(sm_write_error)?);
+        } else {
+            let key = keys::retraction_key(self.group, assertion_id);
+            let rejection = RetractionRecord {
+                reason: Some(format!(
+                    "rejected from quarantine{}",
+                    decision.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                )),
+                ..decision
+            };
+            overlay.put_visible(
+                ColumnFamily::StateMachine,
+                key,
+                serde_json::to_vec(&rejection).map_err(sm_write_error)?,
+            );
+        }
         Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
     }
 
@@ -456,7 +526,12 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     {
         let started = Instant::now();
         let storage = self.storage.clone();
-        let mut overlay = Overlay { storage: &storage, pending: HashMap::new(), batch: WriteBatch::new() };
+        let mut overlay = Overlay {
+            storage: &storage,
+            pending: HashMap::new(),
+            deleted: Default::default(),
+            batch: WriteBatch::new(),
+        };
         let mut responses = Vec::new();
         for entry in entries {
             self.state.last_applied = Some(entry.log_id);
@@ -476,6 +551,17 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                     ),
                     ShardCommand::Meta { proposed_at_us, command } => {
                         ShardResponse::Meta(self.apply_meta(&mut overlay, proposed_at_us, command)?)
+                    }
+                    ShardCommand::Quarantine { proposed_at_us, assertion_id, release, by, reason } => {
+                        ShardResponse::Quarantine(self.apply_quarantine_decision(
+                            &mut overlay,
+                            index,
+                            proposed_at_us,
+                            assertion_id,
+                            release,
+                            by,
+                            reason,
+                        )?)
                     }
                     ShardCommand::Policy { proposed_at_us, command } => {
                         ShardResponse::Policy(self.apply_policy(&mut overlay, proposed_at_us, command)?)

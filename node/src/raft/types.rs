@@ -61,6 +61,9 @@ pub enum ShardCommand {
     Retract { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, admin: bool, reason: Option<String> },
     /// A change to the cluster metadata; only the meta group (group 0) applies these.
     Meta { proposed_at_us: u64, command: MetaCommand },
+    /// An admin's decision on a quarantined claim: release it into the lenses, or reject it
+    /// (recorded as a retraction).
+    Quarantine { proposed_at_us: u64, assertion_id: AssertionId, release: bool, by: String, reason: Option<String> },
     /// A change to the cluster-wide policy (authority, breakers); meta group only.
     Policy { proposed_at_us: u64, command: PolicyCommand },
 }
@@ -72,6 +75,7 @@ impl ShardCommand {
             | ShardCommand::Vote { proposed_at_us, .. }
             | ShardCommand::Retract { proposed_at_us, .. }
             | ShardCommand::Meta { proposed_at_us, .. }
+            | ShardCommand::Quarantine { proposed_at_us, .. }
             | ShardCommand::Policy { proposed_at_us, .. } => *proposed_at_us,
         }
     }
@@ -114,6 +118,7 @@ pub enum ShardResponse {
     Asserted(Vec<Result<AssertOutcome, ModelError>>),
     Voted(Result<EventOutcome, ModelError>),
     Retracted(Result<EventOutcome, ModelError>),
+    Quarantine(Result<EventOutcome, ModelError>),
     Meta(Result<(), MetaError>),
     Policy(Result<PolicyOutcome, PolicyError>),
     /// Blank and membership entries.

@@ -1,0 +1,365 @@
+//! Per-agent circuit breakers at the API (DESIGN §2): admission of each write against the
+//! replicated breaker state, this node's per-agent rates that open breakers automatically,
+//! half-open probing, and the admin endpoints (trip, reset, list).
+//!
+//! The breaker *state* is replicated by the meta group, so every node refuses the same agents.
+//! The *rates* are measured per node (each node sees the writes sent through it); the node that
+//! sees an agent exceed a limit proposes the trip, and the meta group records it for all.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::StrictJson;
+use super::{peer_of, AppState};
+use crate::cluster::policy::{BreakerCause, BreakerRecord, BreakerState, PolicyCommand, PolicyOutcome};
+use crate::config::CircuitBreakerSection;
+use crate::model::assertion::validate_agent_id;
+use crate::model::id::{format_time_us, now_us};
+use crate::raft::ShardSet;
+
+/// Agents tracked at once; older windows are dropped beyond this.
+const MAX_TRACKED_AGENTS: usize = 100_000;
+
+/// What the node does with a write of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Breaker closed, under the limits.
+    Admit,
+    /// Breaker half-open: this write is a probe; report its outcome with
+    /// [`BreakerMonitor::probe_result`].
+    Probe,
+}
+
+/// One agent's counters for the current second on this node.
+#[derive(Debug, Default)]
+struct AgentWindow {
+    second: u64,
+    writes: u32,
+    invalid: u32,
+    /// The second of the last probe let through while half-open (one per second per node).
+    probe_second: u64,
+    probe_successes: u32,
+    /// A trip or reset proposal of this node is in flight for the agent.
+    proposing: bool,
+}
+
+/// This node's view of agents' write and invalid-request rates.
+pub struct BreakerMonitor {
+    settings: CircuitBreakerSection,
+    windows: Arc<Mutex<HashMap<String, AgentWindow>>>,
+    shards: Arc<ShardSet>,
+    timeout: Duration,
+}
+
+pub fn breaker_json(record: &BreakerRecord, now: u64) -> Value {
+    json!({
+        "agent_id": record.agent_id,
+        "state": record.state_at(now),
+        "cause": record.cause,
+        "reason": record.reason,
+        "opened_at": format_time_us(record.opened_at_us),
+        "open_until": record.open_until_us.map(format_time_us),
+        "trips": record.trips,
+        "closed_at": record.closed_at_us.map(format_time_us),
+        "closed_reason": record.closed_reason,
+    })
+}
+
+impl BreakerMonitor {
+    pub fn new(settings: CircuitBreakerSection, shards: Arc<ShardSet>, timeout: Duration) -> BreakerMonitor {
+        BreakerMonitor { settings, windows: Arc::new(Mutex::new(HashMap::new())), shards, timeout }
+    }
+
+    fn quarantines(&self) -> bool {
+        self.settings.mode == "quarantine"
+    }
+
+    /// Admits `writes` writes of `agent`, or refuses them with the breaker named: 429 with
+    /// Retry-After while an automatic trip is open, 403 for a manual trip. In quarantine mode
+    /// an open breaker admits (the shard leader quarantines the claims) — except for votes and
+    /// retractions, which cannot be quarantined (`quarantinable` false).
+    pub fn admit(&self, agent: &str, writes: u32, quarantinable: bool) -> Result<Admission, ApiError> {
+        let now = now_us();
+        let second = now / 1_000_000;
+        let breaker = self.shards.policy().open_breaker(agent, now);
+        let mut windows = self.windows.lock();
+        if windows.len() >= MAX_TRACKED_AGENTS && !windows.contains_key(agent) {
+            windows.retain(|_, w| w.second + 2 >= second || w.proposing);
+        }
+        let window = windows.entry(agent.to_string()).or_default();
+        if window.second != second {
+            window.second = second;
+            window.writes = 0;
+            window.invalid = 0;
+        }
+        match breaker {
+            Some((record, BreakerState::Open)) => {
+                if self.quarantines() && quarantinable {
+                    return Ok(Admission::Admit);
+                }
+                Err(refusal(&record, now))
+            }
+            Some((record, BreakerState::HalfOpen)) => {
+                if window.probe_second == second {
+                    return Err(refusal(&record, now));
+                }
+                window.probe_second = second;
+                Ok(Admission::Probe)
+            }
+            _ => {
+                window.probe_successes = 0;
+                window.writes = window.writes.saturating_add(writes);
+                if self.settings.enabled && window.writes > self.settings.max_writes_per_sec {
+                    let reason = format!(
+                        "over circuit_breaker.max_writes_per_sec: {} writes in one second through node {}",
+                        window.writes, self.shards.node_id
+                    );
+                    self.trip_automatically(window, agent, BreakerCause::WriteRate, reason);
+                    return Err(ApiError::new(
+                        429,
+                        "circuit_breaker_open",
+                        format!(
+                            "circuit breaker of agent {agent:?} is opening: over {} writes per second",
+                            self.settings.max_writes_per_sec
+                        ),
+                    )
+                    .with_details(json!({"agent_id": agent, "cause": "write_rate"})));
+                }
+                Ok(Admission::Admit)
+            }
+        }
+    }
+
+    /// Counts an invalid request of `agent` (refused input); opens its breaker past the limit.
+    pub fn record_invalid(&self, agent: &str) {
+        if !self.settings.enabled {
+            return;
+        }
+        let now = now_us();
+        let second = now / 1_000_000;
+        let mut windows = self.windows.lock();
+        let window = windows.entry(agent.to_string()).or_default();
+        if window.second != second {
+            window.second = second;
+            window.writes = 0;
+            window.invalid = 0;
+        }
+        window.invalid = window.invalid.saturating_add(1);
+        if window.invalid > self.settings.max_invalid_per_sec {
+            let reason = format!(
+                "over circuit_breaker.max_invalid_per_sec: {} invalid requests in one second through node {}",
+                window.invalid, self.shards.node_id
+            );
+            self.trip_automatically(window, agent, BreakerCause::InvalidRate, reason);
+        }
+    }
+
+    /// The outcome of a probe write: enough successes close the breaker; a failure keeps it
+    /// half-open (the rate limit re-trips misbehaving agents).
+    pub fn probe_result(&self, agent: &str, succeeded: bool) {
+        let mut windows = self.windows.lock();
+        let Some(window) = windows.get_mut(agent) else { return };
+        if !succeeded {
+            window.probe_successes = 0;
+            return;
+        }
+        window.probe_successes += 1;
+        if window.probe_successes >= self.settings.half_open_probes && !window.proposing {
+            window.proposing = true;
+            window.probe_successes = 0;
+            let command = PolicyCommand::ResetBreaker {
+                agent_id: agent.to_string(),
+                reason: format!("{} probe writes succeeded while half-open", self.settings.half_open_probes),
+            };
+            self.propose_in_background(agent, command);
+        }
+    }
+
+    fn trip_automatically(&self, window: &mut AgentWindow, agent: &str, cause: BreakerCause, reason: String) {
+        if window.proposing {
+            return;
+        }
+        window.proposing = true;
+        // Consecutive trips double the open period, up to the maximum.
+        let trips = self.shards.policy().read(|s| match s.breakers.get(agent) {
+            Some(record) if record.closed_at_us.is_none() => record.trips,
+            _ => 0,
+        });
+        let open_ms = (self.settings.open_seconds * 1000)
+            .saturating_mul(1u64 << trips.min(20))
+            .min(self.settings.max_open_seconds * 1000);
+        tracing::warn!(agent_id = agent, cause = ?cause, open_ms, reason = %reason, "opening circuit breaker");
+        let command =
+            PolicyCommand::TripBreaker { agent_id: agent.to_string(), cause, reason, open_for_ms: Some(open_ms) };
+        self.propose_in_background(agent, command);
+    }
+
+    /// Proposes a breaker change without holding up the request; clears the agent's
+    /// in-flight mark when the meta group has answered.
+    fn propose_in_background(&self, agent: &str, command: PolicyCommand) {
+        let shards = self.shards.clone();
+        let windows = self.windows.clone();
+        let timeout = self.timeout;
+        let agent = agent.to_string();
+        tokio::spawn(async move {
+            match shards.propose_policy(command, timeout).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::debug!(agent_id = %agent, error = %error, "breaker change refused"),
+                Err(error) => tracing::warn!(agent_id = %agent, error = %error, "breaker change not recorded"),
+            }
+            if let Some(window) = windows.lock().get_mut(&agent) {
+                window.proposing = false;
+            }
+        });
+    }
+}
+
+fn refusal(record: &BreakerRecord, now: u64) -> ApiError {
+    let agent = &record.agent_id;
+    match record.cause {
+        BreakerCause::Manual => ApiError::new(
+            403,
+            "circuit_breaker_tripped",
+            format!("circuit breaker of agent {agent:?} was tripped by an operator: {}", record.reason),
+        ),
+        _ => {
+            let retry_after = record.open_until_us.map_or(1, |until| until.saturating_sub(now).div_ceil(1_000_000).max(1));
+            ApiError::new(
+                429,
+                "circuit_breaker_open",
+                format!("circuit breaker of agent {agent:?} is open: {}", record.reason),
+            )
+            .with_retry_after(retry_after)
+        }
+    }
+    .with_details(json!({"agent_id": agent, "cause": record.cause, "state": record.state_at(now), "open_until": record.open_until_us.map(format_time_us)}))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/circuit-breaker", get(list))
+        .route("/v1/admin/circuit-breaker/trip", post(trip))
+        .route("/v1/admin/circuit-breaker/reset", post(reset))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TripRequest {
+    agent_id: String,
+    #[serde(default)]
+    reason: Option<String>,
+    /// Open for this long, then half-open; without it the breaker stays open until reset.
+    #[serde(default)]
+    duration_seconds: Option<u64>,
+}
+
+/// `POST /v1/admin/circuit-breaker/trip` `{"agent_id", "reason"?, "duration_seconds"?}`.
+async fn trip(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+    StrictJson(request): StrictJson<TripRequest>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers, peer_of(connect_info))?;
+    validate_agent_id(&request.agent_id)?;
+    let reason = request.reason.unwrap_or_else(|| "tripped by an operator".into());
+    if reason.chars().count() > crate::model::assertion::MAX_REASON_CHARS {
+        return Err(crate::model::ModelError::ReasonTooLong.into());
+    }
+    let command = PolicyCommand::TripBreaker {
+        agent_id: request.agent_id,
+        cause: BreakerCause::Manual,
+        reason,
+        open_for_ms: request.duration_seconds.map(|s| s.saturating_mul(1000)),
+    };
+    breaker_change(&state, command).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetRequest {
+    agent_id: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /v1/admin/circuit-breaker/reset` `{"agent_id", "reason"?}`: closes the breaker.
+async fn reset(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+    StrictJson(request): StrictJson<ResetRequest>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers, peer_of(connect_info))?;
+    validate_agent_id(&request.agent_id)?;
+    let reason = request.reason.unwrap_or_else(|| "reset by an operator".into());
+    if reason.chars().count() > crate::model::assertion::MAX_REASON_CHARS {
+        return Err(crate::model::ModelError::ReasonTooLong.into());
+    }
+    breaker_change(&state, PolicyCommand::ResetBreaker { agent_id: request.agent_id, reason }).await
+}
+
+async fn breaker_change(state: &AppState, command: PolicyCommand) -> Result<Response, ApiError> {
+    let timeout = Duration::from_millis(state.config.raft.write_timeout_ms);
+    match state.shards.propose_policy(command, timeout).await?? {
+        PolicyOutcome::Breaker(record) => Ok(Json(breaker_json(&record, now_us())).into_response()),
+        other => Err(ApiError::new(500, "unexpected_response", format!("the meta group answered {other:?}"))),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    /// `open`, `half_open`, `closed`; default: every breaker that is not closed.
+    state: Option<String>,
+    agent_id: Option<String>,
+}
+
+/// `GET /v1/admin/circuit-breaker[?state=open|half_open|closed|all&agent_id=]`.
+async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers, peer_of(connect_info))?;
+    let params = super::extract::query_params(params)?;
+    let wanted: Option<Vec<BreakerState>> = match params.state.as_deref() {
+        None => Some(vec![BreakerState::Open, BreakerState::HalfOpen]),
+        Some("all") => None,
+        Some("open") => Some(vec![BreakerState::Open]),
+        Some("half_open") => Some(vec![BreakerState::HalfOpen]),
+        Some("closed") => Some(vec![BreakerState::Closed]),
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_state",
+                format!(
+                    "state {:?}: expected open, half_open, closed or all",
+                    other.chars().take(32).collect::<String>()
+                ),
+            ))
+        }
+    };
+    let now = now_us();
+    let breakers: Vec<Value> = state.shards.policy().read(|s| {
+        s.breakers
+            .values()
+            .filter(|r| params.agent_id.as_ref().is_none_or(|a| *a == r.agent_id))
+            .filter(|r| wanted.as_ref().is_none_or(|w| w.contains(&r.state_at(now))))
+            .map(|r| breaker_json(r, now))
+            .collect()
+    });
+    Ok(Json(json!({"breakers": breakers, "mode": state.config.circuit_breaker.mode})).into_response())
+}

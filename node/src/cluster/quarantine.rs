@@ -1,0 +1,106 @@
+//! Quarantine triggers (DESIGN §2). The shard leader screens every assertion before proposing
+//! it and records its decision in the entry ([`AssertionDraft::quarantine`]), so every replica
+//! applies the same thing whatever its clock, config or cache says.
+//!
+//! A claim is quarantined when
+//! 1. its agent's circuit breaker is open and `circuit_breaker.mode = "quarantine"`;
+//! 2. its path is under one of `quarantine.require_authority_prefixes` and its agent has no
+//!    authority for the path;
+//! 3. it contradicts (same concept_path and predicate, another value) an active claim by an
+//!    agent at or above `quarantine.protect_authority_level`, and its own agent is below that.
+
+use super::policy::{BreakerState, Policy};
+use crate::config::Config;
+use crate::model::assertion::{AssertionDraft, QuarantineDecision, Status};
+use crate::model::authority::prefix_covers;
+use crate::model::lens::same_json;
+use crate::raft::reader::ShardReader;
+
+/// The configured triggers.
+#[derive(Debug, Clone, Default)]
+pub struct QuarantineRules {
+    pub require_authority_prefixes: Vec<String>,
+    /// 0: the contradiction trigger is off.
+    pub protect_authority_level: u8,
+    /// `circuit_breaker.mode = "quarantine"`: writes of agents with an open breaker are
+    /// quarantined instead of refused.
+    pub breaker_quarantines: bool,
+}
+
+impl QuarantineRules {
+    pub fn from_config(config: &Config) -> QuarantineRules {
+        QuarantineRules {
+            require_authority_prefixes: config.quarantine.require_authority_prefixes.clone(),
+            protect_authority_level: config.quarantine.protect_authority_level,
+            breaker_quarantines: config.circuit_breaker.mode == "quarantine",
+        }
+    }
+
+    /// Decides, for each draft, whether it is quarantined, and records why in the draft.
+    pub fn screen(&self, policy: &Policy, reader: &ShardReader, drafts: &mut [AssertionDraft], now_us: u64) {
+        for draft in drafts.iter_mut() {
+            draft.quarantine = self.decide(policy, reader, draft, now_us);
+        }
+    }
+
+    fn decide(
+        &self,
+        policy: &Policy,
+        reader: &ShardReader,
+        draft: &AssertionDraft,
+        now_us: u64,
+    ) -> Option<QuarantineDecision> {
+        let agent = draft.agent_id.as_str();
+        let path = draft.concept_path.as_str();
+        if self.breaker_quarantines {
+            if let Some((breaker, state)) = policy.open_breaker(agent, now_us) {
+                if state == BreakerState::Open {
+                    return Some(QuarantineDecision {
+                        reason: "circuit_breaker_open".into(),
+                        detail: format!("agent {agent:?} has an open circuit breaker: {}", breaker.reason),
+                    });
+                }
+            }
+        }
+        let mut own_level = None;
+        let mut level = || *own_level.get_or_insert_with(|| policy.authority(agent, path, u64::MAX).map(|a| a.level));
+        if let Some(prefix) = self.require_authority_prefixes.iter().find(|p| prefix_covers(p, path)) {
+            if level().is_none() {
+                return Some(QuarantineDecision {
+                    reason: "authority_required".into(),
+                    detail: format!("claims under {prefix:?} need authority; agent {agent:?} has none for {path:?}"),
+                });
+            }
+        }
+        let protect = self.protect_authority_level;
+        if protect == 0 || !policy.has_authorities() || level().is_some_and(|l| l >= protect) {
+            return None;
+        }
+        // The leader's applied state: claims still in flight are not seen, which only means a
+        // contradiction racing its protected claim is not caught.
+        let groups = match reader.claims(path, Some(&draft.predicate)) {
+            Ok(groups) => groups,
+            Err(error) => {
+                tracing::warn!(error = %error, path, "quarantine screening could not read claims; not quarantining");
+                return None;
+            }
+        };
+        for facts in groups.iter().flat_map(|g| &g.claims) {
+            let Some(claim) = facts.at(u64::MAX, &|_| 1.0) else { continue };
+            if claim.status != Status::Active || same_json(&claim.record.draft.value, &draft.value) {
+                continue;
+            }
+            let other = claim.record.draft.agent_id.as_str();
+            if let Some(found) = policy.authority(other, path, u64::MAX).filter(|a| a.level >= protect) {
+                return Some(QuarantineDecision {
+                    reason: "contradicts_protected_claim".into(),
+                    detail: format!(
+                        "contradicts assertion {} by {other:?} (authority {}, protected at {protect})",
+                        claim.record.id, found.level
+                    ),
+                });
+            }
+        }
+        None
+    }
+}
