@@ -376,3 +376,50 @@ async fn circuit_breakers_manual_automatic_and_half_open() {
     assert_eq!((status, bad["error"]["code"].clone()), (400, json!("invalid_state")));
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_are_required_and_checked() {
+    use ed25519_dalek::Signer;
+    let node = TestNode::start_with(|c| c.security.require_signatures = true).await;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let agent = hex::encode(key.verifying_key().as_bytes());
+    let body = json!({"concept_path": "signed/claims", "predicate": "p", "value": {"b": 2, "a": [1, "x"]}, "agent_id": agent, "confidence": 0.75, "request_id": "r-1"});
+    let draft = serde_json::from_value::<stemedb::model::assertion::AssertRequest>(body.clone())
+        .expect("parse")
+        .validate(65536, 4)
+        .expect("valid");
+    let signature = hex::encode(key.sign(&stemedb::model::signing::assertion_bytes(&draft)).to_bytes());
+
+    let (status, unsigned) = node.post("/v1/assert", &body).await;
+    assert_eq!((status, unsigned["error"]["code"].clone()), (401, json!("signature_required")), "{unsigned}");
+    let mut tampered = body.clone();
+    tampered["value"] = json!({"a": [1, "x"], "b": 3});
+    tampered["signature"] = json!(signature);
+    let (status, bad) = node.post("/v1/assert", &tampered).await;
+    assert_eq!((status, bad["error"]["code"].clone()), (401, json!("invalid_signature")), "{bad}");
+    let mut not_a_key = body.clone();
+    not_a_key["agent_id"] = json!("ops-bot");
+    not_a_key["signature"] = json!(signature);
+    let (status, bad) = node.post("/v1/assert", &not_a_key).await;
+    assert_eq!((status, bad["error"]["code"].clone()), (401, json!("agent_id_not_public_key")), "{bad}");
+    // Key order and whitespace of the value do not matter: the signature covers canonical JSON.
+    let signed_raw = format!(
+        r#"{{"concept_path":"signed/claims","predicate":"p","value":{{ "a" : [1,"x"], "b":2 }},"agent_id":"{agent}","confidence":0.75,"request_id":"r-1","signature":"{signature}"}}"#
+    );
+    let (status, created_claim) = node.post_raw("/v1/assert", &signed_raw).await;
+    assert_eq!(status, 201, "{created_claim}");
+    let (status, listed) = node.get(&format!("/v1/assertions?agent_id={agent}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["assertions"].as_array().map(Vec::len), Some(1));
+
+    // Votes: signed by the voter over (assertion_id, agent_id, value).
+    let id = created_claim["id"].as_str().expect("id");
+    let (status, unsigned_vote) = node.post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": 1})).await;
+    assert_eq!(status, 401, "{unsigned_vote}");
+    let vote_signature = hex::encode(key.sign(&stemedb::model::signing::vote_bytes(id, &agent, 1)).to_bytes());
+    let (status, vote) = node.post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": 1, "signature": vote_signature})).await;
+    assert_eq!(status, 200, "{vote}");
+    let (status, replayed) = node.post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": -1, "signature": vote_signature})).await;
+    assert_eq!(status, 401, "a signature for +1 does not sign -1: {replayed}");
+    node.stop().await;
+}

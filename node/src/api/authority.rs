@@ -128,6 +128,9 @@ struct GrantRequest {
     #[serde(default)]
     concept_prefix: String,
     level: i64,
+    /// The grantor's hex Ed25519 signature over the canonical grant bytes (docs/signatures.md).
+    #[serde(default)]
+    signature: Option<String>,
 }
 
 /// `POST /v1/authority/grants`: 201 with the grant, or 403 unless the grantor holds at least
@@ -140,6 +143,13 @@ async fn create_grant(
     validate_agent_id(&request.grantee)?;
     validate_concept_prefix(&request.concept_prefix)?;
     let level = validate_level(request.level)?;
+    crate::model::signing::verify(
+        "grant",
+        &request.grantor,
+        request.signature.as_deref(),
+        || crate::model::signing::grant_bytes(&request.grantor, &request.grantee, &request.concept_prefix, level),
+        state.config.security.require_signatures,
+    )?;
     let command = PolicyCommand::Grant {
         grantor: request.grantor,
         grantee: request.grantee,
@@ -217,6 +227,8 @@ async fn get_grant(State(state): State<AppState>, Path(id): Path<String>) -> Res
 struct RevokeParams {
     /// The grantor revoking its own grant; without it the admin token is required.
     agent_id: Option<String>,
+    /// With `agent_id`: its hex Ed25519 signature over the canonical revocation bytes.
+    signature: Option<String>,
 }
 
 /// `DELETE /v1/authority/grants/{id}[?agent_id=GRANTOR]`: revokes a grant (its grantor, or an
@@ -233,6 +245,13 @@ async fn revoke_grant(
     let by = match params.agent_id {
         Some(agent) => {
             validate_agent_id(&agent)?;
+            crate::model::signing::verify(
+                "revocation",
+                &agent,
+                params.signature.as_deref(),
+                || crate::model::signing::revoke_bytes(id, &agent),
+                state.config.security.require_signatures,
+            )?;
             Some(agent)
         }
         None => {

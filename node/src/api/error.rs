@@ -129,6 +129,13 @@ fn variant_fields(error: &impl serde::Serialize) -> Value {
     }
 }
 
+impl From<crate::model::signing::SignatureError> for ApiError {
+    fn from(error: crate::model::signing::SignatureError) -> ApiError {
+        let details = serde_json::to_value(&error).unwrap_or(Value::Null);
+        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)
+    }
+}
+
 impl From<StorageError> for ApiError {
     fn from(error: StorageError) -> ApiError {
         ApiError::new(500, error.code(), error.to_string())

@@ -21,6 +21,7 @@ use crate::model::assertion::{
     validate_agent_id, AssertRequest, AssertionDraft, RetractRequest, VoteRequest, DEFAULT_AGENT_ID, MAX_REASON_CHARS,
 };
 use crate::model::id::{format_time_us, now_us, AssertionId};
+use crate::model::signing::{assertion_bytes, retract_bytes, verify, vote_bytes};
 use crate::model::ModelError;
 use crate::raft::types::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
 
@@ -42,6 +43,15 @@ fn settle(state: &AppState, agent: &str, admission: Admission, succeeded: bool) 
     if !succeeded {
         state.breakers.record_invalid(agent);
     }
+}
+
+/// Checks an assertion's signature (required with `security.require_signatures`, checked
+/// whenever present); a refusal counts against the agent's invalid-request rate.
+fn check_assertion_signature(state: &AppState, draft: &AssertionDraft) -> Result<(), ApiError> {
+    let required = state.config.security.require_signatures;
+    verify("assertion", &draft.agent_id, draft.signature.as_deref(), || assertion_bytes(draft), required)
+        .inspect_err(|_| count_invalid(state, Some(&draft.agent_id)))
+        .map_err(ApiError::from)
 }
 
 fn write_timeout(state: &AppState) -> Duration {
@@ -90,6 +100,7 @@ pub async fn assert(
             return Err(error.into());
         }
     };
+    check_assertion_signature(&state, &draft)?;
     let admission = state.breakers.admit(&draft.agent_id, 1, true)?;
     let agent = draft.agent_id.clone();
     let shard = state.shards.shard_for_path(&draft.concept_path);
@@ -137,6 +148,7 @@ pub async fn assert_batch(
             let draft = item
                 .validate(state.config.limits.max_value_bytes, state.shards.shard_count())
                 .inspect_err(|_| count_invalid(&state, claimed_agent.as_deref()))?;
+            check_assertion_signature(&state, &draft)?;
             // A half-open breaker probes with single writes, not batches.
             match state.breakers.admit(&draft.agent_id, 1, true)? {
                 Admission::Admit => Ok(draft),
@@ -220,6 +232,15 @@ pub async fn vote(
         count_invalid(&state, Some(&agent_id));
         return Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }.into());
     }
+    let required = state.config.security.require_signatures;
+    verify(
+        "vote",
+        &agent_id,
+        request.signature.as_deref(),
+        || vote_bytes(&assertion_id.to_string(), &agent_id, value),
+        required,
+    )
+    .inspect_err(|_| count_invalid(&state, Some(&agent_id)))?;
     let admission = state.breakers.admit(&agent_id, 1, false)?;
     let command = ShardCommand::Vote { proposed_at_us: now_us(), assertion_id, agent_id: agent_id.clone(), value };
     let response = state.shards.propose(assertion_id.shard(), command, write_timeout(&state)).await?;
@@ -257,7 +278,22 @@ pub async fn retract(
     // Admin rights only count when a token is configured: a loopback client is not an admin
     // retracting other agents' claims unless the operator said so.
     let admin = !state.config.security.admin_token.is_empty() && state.is_admin(&headers, peer_of(connect_info));
-    let admission = if admin { Admission::Admit } else { state.breakers.admit(&agent_id, 1, false)? };
+    let admission = if admin {
+        // An admin retraction speaks for the operator, not for the agent: no agent signature.
+        Admission::Admit
+    } else {
+        let required = state.config.security.require_signatures;
+        let reason = request.reason.as_deref();
+        verify(
+            "retraction",
+            &agent_id,
+            request.signature.as_deref(),
+            || retract_bytes(&assertion_id.to_string(), &agent_id, reason),
+            required,
+        )
+        .inspect_err(|_| count_invalid(&state, Some(&agent_id)))?;
+        state.breakers.admit(&agent_id, 1, false)?
+    };
     let command = ShardCommand::Retract {
         proposed_at_us: now_us(),
         assertion_id,

@@ -222,6 +222,9 @@ pub struct VoteRequest {
     #[serde(default)]
     pub agent_id: Option<String>,
     pub value: i64,
+    /// Hex Ed25519 signature over the canonical vote bytes (docs/signatures.md).
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 /// A retraction of an assertion.
@@ -233,6 +236,9 @@ pub struct RetractRequest {
     pub agent_id: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// Hex Ed25519 signature over the canonical retraction bytes (docs/signatures.md).
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 pub const MAX_REASON_CHARS: usize = 1024;

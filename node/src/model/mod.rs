@@ -7,6 +7,7 @@ pub mod id;
 pub mod lens;
 #[cfg(test)]
 mod lens_tests;
+pub mod signing;
 
 use serde::{Deserialize, Serialize};
 
