@@ -29,6 +29,12 @@ enum Command {
     Bench(stemedb::bench::BenchArgs),
     /// Run a local cluster of N nodes on 127.0.0.1, 127.0.0.2, ... (default ports) until Ctrl-C.
     DevCluster(DevClusterArgs),
+    /// Verify and repair the secondary indexes of a stopped node's data dir from its records.
+    Rebuild {
+        /// The node's data dir (node.data_dir); the node must be stopped.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -101,6 +107,30 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = terminate => {},
     }
+}
+
+fn rebuild(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    // Logs to stderr: stdout carries the JSON report.
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("STEMEDB_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} shards {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = stemedb::server::rebuild_offline(data_dir, |shard, total, report| {
+        bar.set_length(total as u64);
+        bar.inc(1);
+        bar.set_message(format!("shard {shard}: {} assertions", report.assertions));
+    })?;
+    bar.finish_and_clear();
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "index rebuild complete");
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -198,6 +228,7 @@ fn main() -> ExitCode {
             }
             Command::Bench(args) => stemedb::bench::run(args).await,
             Command::DevCluster(args) => dev_cluster(args).await,
+            Command::Rebuild { data_dir } => rebuild(&data_dir),
         }
     });
     match result {

@@ -75,6 +75,34 @@ impl Listeners {
     }
 }
 
+/// `stemedb rebuild --data-dir DIR`: verifies and repairs the secondary indexes of every shard
+/// in a stopped node's data dir from its state machine records (the applied snapshot and log;
+/// entries not yet applied are applied, with their index entries, when the node starts).
+/// `on_shard(shard, shards_total, report)` is called after each shard. Fails while a node runs
+/// on the data dir (the database lock).
+pub fn rebuild_offline(
+    data_dir: &std::path::Path,
+    mut on_shard: impl FnMut(u16, u16, &crate::raft::index_repair::RepairReport),
+) -> Result<crate::raft::index_repair::RepairReport, NodeError> {
+    if !data_dir.join("db").exists() {
+        return Err(NodeError::Serve(format!("{} holds no StemeDB database (no db/ inside)", data_dir.display())));
+    }
+    let storage = Storage::open(data_dir, storage_options(&Config::default()))?;
+    let identity = crate::cluster::identity::read_identity(&storage)?.ok_or_else(|| {
+        NodeError::Serve(format!("{} has no node identity: not a StemeDB data dir", data_dir.display()))
+    })?;
+    let scanned = std::sync::atomic::AtomicU64::new(0);
+    let mut total = crate::raft::index_repair::RepairReport::default();
+    for shard in 0..identity.shards {
+        let group = crate::raft::types::group_of_shard(shard);
+        let report = crate::raft::index_repair::repair_group(&storage, group, None, &scanned)?;
+        on_shard(shard, identity.shards, &report);
+        total.add(&report);
+    }
+    storage.close()?;
+    Ok(total)
+}
+
 pub fn storage_options(config: &Config) -> StorageOptions {
     StorageOptions {
         block_cache_bytes: (config.storage.max_cache_size_mb as usize) << 20,
@@ -165,6 +193,7 @@ pub async fn run(
             shards.clone(),
             Duration::from_millis(config.raft.write_timeout_ms),
         ),
+        indexes: Default::default(),
     });
     register_node_gauges(&context);
     crate::raft::hibernation::start(
@@ -436,44 +465,61 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
                 .unwrap_or_default()
         }),
     )));
-    let weak = Arc::downgrade(context);
-    context.metrics.register(Box::new(ComputedGauges::new(
-        "stemedb_cache_memory_bytes",
-        "Bytes held by the RocksDB block cache",
-        "",
-        Box::new(move || {
-            weak.upgrade()
-                .map(|c| vec![(String::new(), c.storage.stats().cache_memory_bytes as f64)])
-                .unwrap_or_default()
-        }),
-    )));
-    let weak = Arc::downgrade(context);
-    context.metrics.register(Box::new(ComputedGauges::new(
+    node_gauge(context, "stemedb_cache_memory_bytes", "Bytes held by the RocksDB block cache", |c| {
+        c.storage.stats().cache_memory_bytes as f64
+    });
+    node_gauge(
+        context,
+        "stemedb_index_memory_bytes",
+        "Memory held by indexes: the RocksDB index family's memtables and table readers, and the authority graph",
+        |c| crate::api::indexes::index_memory_bytes(c) as f64,
+    );
+    node_gauge(
+        context,
+        "stemedb_index_entries",
+        "Estimated entries in the secondary indexes (claims, concepts, by agent, quarantine)",
+        |c| c.storage.index_stats().estimated_keys as f64,
+    );
+    node_gauge(
+        context,
+        "stemedb_index_size_bytes",
+        "Bytes of the secondary indexes on disk (SST files of the index family)",
+        |c| c.storage.index_stats().sst_bytes as f64,
+    );
+    node_gauge(context, "stemedb_authority_grants", "Active authority grants in the replicated policy", |c| {
+        c.shards.policy().read(|s| s.authorities.grants().values().filter(|g| g.revoked_at_us.is_none()).count()) as f64
+    });
+    node_gauge(context, "stemedb_circuit_breakers_open", "Agents whose circuit breaker is open or half-open", |c| {
+        let now = crate::model::id::now_us();
+        c.shards.policy().read(|s| {
+            s.breakers.values().filter(|b| b.state_at(now) != crate::cluster::policy::BreakerState::Closed).count()
+        }) as f64
+    });
+    node_gauge(
+        context,
         "stemedb_shards_hibernating",
         "Shards this node leads whose Raft heartbeats are paused while idle",
-        "",
-        Box::new(move || {
-            weak.upgrade().map(|c| vec![(String::new(), c.shards.hibernating_count() as f64)]).unwrap_or_default()
-        }),
-    )));
+        |c| c.shards.hibernating_count() as f64,
+    );
+    node_gauge(context, "stemedb_shards_led", "Shards whose Raft leader is this node", |c| {
+        let leader = |g: &&crate::raft::ShardGroup| g.raft.metrics().borrow().current_leader == Some(c.shards.node_id);
+        c.shards.groups().iter().filter(leader).count() as f64
+    });
+}
+
+/// Registers a gauge without labels computed from the node context at each scrape.
+fn node_gauge(
+    context: &Arc<NodeContext>,
+    name: &str,
+    help: &str,
+    value: impl Fn(&Arc<NodeContext>) -> f64 + Send + Sync + 'static,
+) {
     let weak = Arc::downgrade(context);
     context.metrics.register(Box::new(ComputedGauges::new(
-        "stemedb_shards_led",
-        "Shards whose Raft leader is this node",
+        name,
+        help,
         "",
-        Box::new(move || {
-            weak.upgrade()
-                .map(|c| {
-                    let led = c
-                        .shards
-                        .groups()
-                        .iter()
-                        .filter(|g| g.raft.metrics().borrow().current_leader == Some(c.shards.node_id))
-                        .count();
-                    vec![(String::new(), led as f64)]
-                })
-                .unwrap_or_default()
-        }),
+        Box::new(move || weak.upgrade().map(|c| vec![(String::new(), value(&c))]).unwrap_or_default()),
     )));
 }
 

@@ -414,12 +414,17 @@ async fn signatures_are_required_and_checked() {
 
     // Votes: signed by the voter over (assertion_id, agent_id, value).
     let id = created_claim["id"].as_str().expect("id");
-    let (status, unsigned_vote) = node.post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": 1})).await;
+    let (status, unsigned_vote) =
+        node.post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": 1})).await;
     assert_eq!(status, 401, "{unsigned_vote}");
     let vote_signature = hex::encode(key.sign(&stemedb::model::signing::vote_bytes(id, &agent, 1)).to_bytes());
-    let (status, vote) = node.post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": 1, "signature": vote_signature})).await;
+    let (status, vote) = node
+        .post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": 1, "signature": vote_signature}))
+        .await;
     assert_eq!(status, 200, "{vote}");
-    let (status, replayed) = node.post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": -1, "signature": vote_signature})).await;
+    let (status, replayed) = node
+        .post("/v1/vote", &json!({"assertion_id": id, "agent_id": agent, "value": -1, "signature": vote_signature}))
+        .await;
     assert_eq!(status, 401, "a signature for +1 does not sign -1: {replayed}");
     node.stop().await;
 }

@@ -59,8 +59,8 @@ async fn storage_stats(
     state.require_admin(&headers, peer_of(connect_info))?;
     let stats = state.storage.stats();
     let mut body = serde_json::to_value(&stats).map_err(|e| ApiError::new(500, "encoding_failed", e.to_string()))?;
-    // Indexes live in RocksDB and are paged through the block cache, not held on the heap.
-    body["index_memory_bytes"] = json!(0);
+    body["index_memory_bytes"] = json!(super::indexes::index_memory_bytes(&state));
+    body["index"] = serde_json::to_value(state.storage.index_stats()).unwrap_or_default();
     Ok(Json(body).into_response())
 }
 

@@ -7,6 +7,7 @@ pub mod authority;
 pub mod breakers;
 pub mod error;
 pub mod extract;
+pub mod indexes;
 pub mod quarantine;
 pub mod reads;
 pub mod slow_queries;
@@ -42,6 +43,8 @@ pub struct NodeContext {
     pub slow_queries: slow_queries::SlowQueryLog,
     /// Per-agent write rates and circuit-breaker admission.
     pub breakers: breakers::BreakerMonitor,
+    /// Online index rebuilds of this node's shards.
+    pub indexes: indexes::IndexRebuilds,
 }
 
 pub type AppState = Arc<NodeContext>;
@@ -102,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .merge(authority::router())
         .merge(breakers::router())
         .merge(quarantine::router())
+        .merge(indexes::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

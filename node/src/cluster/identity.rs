@@ -71,6 +71,17 @@ pub fn is_recovering(storage: &Storage) -> Result<bool, StorageError> {
 }
 
 /// Whether this data dir already records an identity (false: it is new, or was wiped).
+/// The identity recorded in a data dir, if any.
+pub fn read_identity(storage: &Storage) -> Result<Option<NodeIdentity>, StorageError> {
+    storage
+        .get(ColumnFamily::Meta, IDENTITY_KEY)?
+        .map(|bytes| {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| StorageError::corrupt(ColumnFamily::Meta, format!("identity: {e}")))
+        })
+        .transpose()
+}
+
 pub fn identity_recorded(storage: &Storage) -> Result<bool, StorageError> {
     Ok(storage.get(ColumnFamily::Meta, IDENTITY_KEY)?.is_some())
 }

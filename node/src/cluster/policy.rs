@@ -338,6 +338,29 @@ impl Policy {
         result
     }
 
+    /// An estimate of the memory the policy holds (records, indexes and cached results).
+    pub fn memory_bytes(&self) -> u64 {
+        let store = self.read(|s| {
+            let grants: usize = s
+                .authorities
+                .grants()
+                .values()
+                .map(|g| 96 + g.grantor.len() * 2 + g.grantee.len() * 2 + g.concept_prefix.len())
+                .sum();
+            let roots: usize = s.authorities.roots().iter().map(|(a, spans)| 48 + a.len() + spans.len() * 32).sum();
+            let breakers: usize = s.breakers.values().map(|b| 160 + b.agent_id.len() * 2 + b.reason.len()).sum();
+            grants + roots + breakers
+        });
+        let cache: usize = self
+            .inner
+            .cache
+            .lock()
+            .iter()
+            .map(|((a, p), v)| 96 + a.len() + p.len() + v.as_ref().map_or(0, |v| 48 + v.chain.len() * 8))
+            .sum();
+        (store + cache) as u64
+    }
+
     /// Whether any root exists (no root means no agent has authority anywhere).
     pub fn has_authorities(&self) -> bool {
         self.read(|s| !s.authorities.roots().is_empty())

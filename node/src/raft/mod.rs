@@ -4,6 +4,7 @@
 
 pub mod batching;
 pub mod hibernation;
+pub mod index_repair;
 pub mod keys;
 pub mod log_store;
 pub mod metrics;

@@ -103,6 +103,15 @@ impl ShardReader {
         Ok(None)
     }
 
+    /// The lock an online index repair of this shard takes per chunk (see `raft::index_repair`).
+    pub fn index_lock(&self) -> &parking_lot::Mutex<()> {
+        &self.progress.index_lock
+    }
+
+    pub fn group_id(&self) -> GroupId {
+        self.group
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.progress.applied_index.load(std::sync::atomic::Ordering::Acquire)
     }

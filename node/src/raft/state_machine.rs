@@ -52,6 +52,8 @@ pub struct AppliedProgress {
     pub applied_index: AtomicU64,
     /// Wall-clock time (µs) of the last apply, for staleness reports.
     pub applied_at_us: AtomicU64,
+    /// Held by `apply` and by each chunk of an online index repair, so they never interleave.
+    pub index_lock: parking_lot::Mutex<()>,
 }
 
 pub struct ShardStateMachine {
@@ -387,6 +389,8 @@ impl ShardStateMachine {
             return Ok(Err(ModelError::AlreadyRetracted { id: assertion_id.to_string() }));
         }
         let at_us = self.next_time(proposed_at_us);
+        // A retracted claim needs no quarantine decision any more.
+        overlay.delete_visible(ColumnFamily::Index, keys::quarantine_key(self.group, assertion_id));
         let retraction = RetractionRecord { at_us, by: agent_id, reason };
         overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&retraction).map_err(sm_write_error)?);
         Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
@@ -525,6 +529,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         I::IntoIter: OptionalSend,
     {
         let started = Instant::now();
+        let progress = self.progress.clone();
+        // No await below: the guard is held through the batch write only on this thread.
+        let _index_guard = progress.index_lock.lock();
         let storage = self.storage.clone();
         let mut overlay = Overlay {
             storage: &storage,
@@ -640,6 +647,8 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 openraft::AnyError::error("malformed snapshot data"),
             ))
         })?;
+        let progress = self.progress.clone();
+        let _index_guard = progress.index_lock.lock();
         let mut batch = WriteBatch::new();
         for cf in [ColumnFamily::StateMachine, ColumnFamily::Index] {
             batch.delete_range(cf, keys::group_prefix(self.group), keys::group_end(self.group));

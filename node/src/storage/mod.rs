@@ -174,6 +174,13 @@ pub struct StorageStats {
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
+pub struct IndexFamilyStats {
+    pub estimated_keys: u64,
+    pub sst_bytes: u64,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ColumnFamilyStats {
     pub name: &'static str,
     pub estimated_keys: u64,
@@ -366,6 +373,18 @@ impl Storage {
 
     fn property_u64(&self, cf: ColumnFamily, name: &str) -> u64 {
         self.handle(cf).ok().and_then(|h| self.db.property_int_value_cf(h, name).ok().flatten()).unwrap_or(0)
+    }
+
+    /// The secondary-index family: entries, bytes on disk, and the memory it holds (memtables
+    /// plus table readers' index and filter blocks outside the block cache).
+    pub fn index_stats(&self) -> IndexFamilyStats {
+        let cf = ColumnFamily::Index;
+        IndexFamilyStats {
+            estimated_keys: self.property_u64(cf, "rocksdb.estimate-num-keys"),
+            sst_bytes: self.property_u64(cf, "rocksdb.total-sst-files-size"),
+            memory_bytes: self.property_u64(cf, "rocksdb.cur-size-all-mem-tables")
+                + self.property_u64(cf, "rocksdb.estimate-table-readers-mem"),
+        }
     }
 
     pub fn stats(&self) -> StorageStats {

@@ -150,6 +150,15 @@ impl ProcessNode {
         ProcessNode { url, data_dir: data_dir.to_path_buf(), child }
     }
 
+    /// SIGTERM, then waits for the process to exit (graceful shutdown).
+    pub fn stop(mut self) {
+        // SAFETY: kill(2) with a child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(mut self) {
         self.child.kill().expect("kill");

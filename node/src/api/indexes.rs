@@ -1,0 +1,164 @@
+//! Index admin endpoints: `POST /v1/admin/indexes/rebuild` starts a verification and repair of
+//! every shard this node hosts (in the background, writes wait at most one chunk at a time, see
+//! `raft::index_repair`), `GET /v1/admin/indexes/status` reports progress and the last result.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{peer_of, AppState};
+use crate::model::id::{format_time_us, now_us};
+use crate::raft::index_repair::{repair_group, RepairReport};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/admin/indexes/rebuild", post(rebuild)).route("/v1/admin/indexes/status", get(status))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebuildState {
+    Ready,
+    Rebuilding,
+    Failed,
+}
+
+/// The node's index rebuilds: the one running, if any, and the last result.
+#[derive(Default)]
+pub struct IndexRebuilds {
+    inner: Mutex<RebuildStatus>,
+    scanned: Arc<AtomicU64>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct RebuildStatus {
+    running: bool,
+    failed: Option<String>,
+    started_at_us: Option<u64>,
+    finished_at_us: Option<u64>,
+    shards_total: usize,
+    shards_done: usize,
+    report: Option<RepairReport>,
+}
+
+impl IndexRebuilds {
+    fn json(&self) -> serde_json::Value {
+        let status = self.inner.lock().clone();
+        let state = if status.running {
+            RebuildState::Rebuilding
+        } else if status.failed.is_some() {
+            RebuildState::Failed
+        } else {
+            RebuildState::Ready
+        };
+        json!({
+            "status": state,
+            "last_rebuild": if status.running { None } else { status.finished_at_us.map(format_time_us) },
+            "started_at": status.started_at_us.map(format_time_us),
+            "error": status.failed,
+            "progress": {
+                "shards_total": status.shards_total,
+                "shards_done": status.shards_done,
+                "assertions_scanned": self.scanned.load(Ordering::Relaxed),
+            },
+            "report": status.report,
+        })
+    }
+}
+
+/// `POST /v1/admin/indexes/rebuild`: 202 with the status; 409 while one is running.
+async fn rebuild(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers, peer_of(connect_info))?;
+    let readers: Vec<_> =
+        state.shards.groups().iter().filter(|g| state.shards.hosts(g)).map(|g| g.reader.clone()).collect();
+    {
+        let mut status = state.indexes.inner.lock();
+        if status.running {
+            return Err(ApiError::new(409, "rebuild_in_progress", "an index rebuild is already running on this node"));
+        }
+        *status = RebuildStatus {
+            running: true,
+            started_at_us: Some(now_us()),
+            shards_total: readers.len(),
+            ..RebuildStatus::default()
+        };
+        state.indexes.scanned.store(0, Ordering::Relaxed);
+    }
+    tracing::info!(shards = readers.len(), "starting index rebuild");
+    let context = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut total = RepairReport::default();
+        let mut failure = None;
+        for reader in &readers {
+            match repair_group(&context.storage, reader.group_id(), Some(reader.index_lock()), &context.indexes.scanned)
+            {
+                Ok(report) => {
+                    tracing::info!(
+                        shard = reader.shard,
+                        assertions = report.assertions,
+                        missing_added = report.missing_added,
+                        stale_removed = report.stale_removed,
+                        counts_fixed = report.counts_fixed,
+                        "shard indexes verified"
+                    );
+                    total.add(&report);
+                }
+                Err(error) => {
+                    tracing::error!(shard = reader.shard, error = %error, "index rebuild failed");
+                    failure = Some(format!("shard {}: {error}", reader.shard));
+                    break;
+                }
+            }
+            context.indexes.inner.lock().shards_done += 1;
+        }
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            assertions = total.assertions,
+            claim_entries = total.claim_entries,
+            concept_entries = total.concept_entries,
+            agent_entries = total.agent_entries,
+            missing_added = total.missing_added,
+            stale_removed = total.stale_removed,
+            "index rebuild complete"
+        );
+        let mut status = context.indexes.inner.lock();
+        status.running = false;
+        status.failed = failure;
+        status.finished_at_us = Some(now_us());
+        status.report = Some(total);
+    });
+    Ok((StatusCode::ACCEPTED, Json(state.indexes.json())).into_response())
+}
+
+/// `GET /v1/admin/indexes/status`: `{"status": "ready"|"rebuilding"|"failed", "last_rebuild", …}`.
+async fn status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: ConnectInfo<SocketAddr>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers, peer_of(connect_info))?;
+    let mut body = state.indexes.json();
+    body["index_memory_bytes"] = json!(index_memory_bytes(&state));
+    body["index_entries_estimate"] = json!(state.storage.index_stats().estimated_keys);
+    Ok(Json(body).into_response())
+}
+
+/// Memory the node's indexes hold: the RocksDB index family's memtables and table readers, and
+/// the in-memory authority graph (grants, roots, breakers) with its cache.
+pub fn index_memory_bytes(state: &AppState) -> u64 {
+    state.storage.index_stats().memory_bytes + state.shards.policy().memory_bytes()
+}

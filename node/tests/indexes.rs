@@ -1,0 +1,109 @@
+//! Index verification and repair: online (`POST /v1/admin/indexes/rebuild`, status) on a healthy
+//! node finds nothing to fix; offline (`stemedb rebuild --data-dir`) repairs deliberately
+//! damaged indexes of a stopped node, and refuses to run while the node does.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{get_json, post_json, ProcessNode};
+use serde_json::{json, Value};
+use stemedb::raft::keys;
+use stemedb::raft::types::group_of_shard;
+use stemedb::storage::{ColumnFamily, Durability, Storage, WriteBatch};
+
+fn run_rebuild(dir: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stemedb"))
+        .args(["rebuild", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("run stemedb rebuild")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_verification_and_offline_repair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ProcessNode::start(dir.path()).await;
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let body = json!({"concept_path": format!("idx/c{}", i % 6), "predicate": "p", "value": i, "agent_id": format!("agent{}", i % 2)});
+        let (status, created) = post_json(&client, &format!("{}/v1/assert", node.url), &body).await;
+        assert_eq!(status, 201, "{created}");
+        ids.push((format!("idx/c{}", i % 6), created["id"].as_str().expect("id").to_string()));
+    }
+
+    // Online: nothing to fix on a healthy node.
+    let response = client.post(format!("{}/v1/admin/indexes/rebuild", node.url)).send().await.expect("send");
+    assert_eq!(response.status().as_u16(), 202);
+    let mut status = Value::Null;
+    for _ in 0..100 {
+        status = get_json(&client, &format!("{}/v1/admin/indexes/status", node.url)).await.1;
+        if status["status"] == json!("ready") && status["report"].is_object() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status["status"], json!("ready"), "{status}");
+    assert!(status["last_rebuild"].is_string(), "{status}");
+    assert_eq!(status["report"]["assertions"], json!(30), "{status}");
+    assert_eq!(status["report"]["claim_entries"], json!(30));
+    assert_eq!(status["report"]["agent_entries"], json!(30));
+    for field in ["missing_added", "stale_removed", "counts_fixed"] {
+        assert_eq!(status["report"][field], json!(0), "{field}: {status}");
+    }
+    let (_, metrics) =
+        (200, client.get(format!("{}/metrics", node.url)).send().await.expect("metrics").text().await.expect("text"));
+    assert!(metrics.contains("stemedb_index_memory_bytes"), "metric missing");
+    assert!(metrics.contains("stemedb_index_entries"));
+
+    // The offline tool refuses while the node holds the database.
+    let busy = run_rebuild(dir.path());
+    assert!(!busy.status.success(), "rebuild ran beside a live node");
+
+    node.stop();
+    // Damage the indexes: drop the claim entry of one assertion, add an entry for an assertion
+    // that does not exist, and falsify a concept count.
+    let (path, id_text) = ids[7].clone();
+    let id = stemedb::model::id::AssertionId::parse(&id_text).expect("id");
+    let group = group_of_shard(id.shard());
+    {
+        let storage = Storage::open(dir.path(), Default::default()).expect("open");
+        let mut batch = WriteBatch::new();
+        batch.delete(ColumnFamily::Index, keys::claim_key(group, &path, "p", id));
+        let ghost = stemedb::model::id::AssertionId::new(1, id.shard(), 999_999, 0);
+        batch.put(ColumnFamily::Index, keys::agent_key(group, "ghost", ghost), Vec::new());
+        batch.put(ColumnFamily::Index, keys::concept_key(group, &path, "p"), 99u64.to_be_bytes().to_vec());
+        storage.write(batch, Durability::Synced).expect("write");
+        storage.close().expect("close");
+    }
+    let repaired = run_rebuild(dir.path());
+    assert!(repaired.status.success(), "{}", String::from_utf8_lossy(&repaired.stderr));
+    let report: Value = serde_json::from_slice(&repaired.stdout).expect("report json");
+    assert_eq!(report["assertions"], json!(30), "{report}");
+    assert_eq!(report["missing_added"], json!(1), "{report}");
+    assert_eq!(report["stale_removed"], json!(1), "{report}");
+    assert_eq!(report["counts_fixed"], json!(1), "{report}");
+    // A second pass finds nothing.
+    let again: Value = serde_json::from_slice(&run_rebuild(dir.path()).stdout).expect("report json");
+    assert_eq!(
+        (again["missing_added"].clone(), again["stale_removed"].clone(), again["counts_fixed"].clone()),
+        (json!(0), json!(0), json!(0))
+    );
+
+    let node = ProcessNode::start(dir.path()).await;
+    let (_, all) =
+        post_json(&client, &format!("{}/v1/query", node.url), &json!({"concept_path": path, "lens": "all"})).await;
+    let listed: Vec<&str> =
+        all["results"][0]["assertions"].as_array().expect("list").iter().filter_map(|c| c["id"].as_str()).collect();
+    assert!(listed.contains(&id_text.as_str()), "repaired claim entry: {all}");
+    let (_, concepts) = get_json(&client, &format!("{}/v1/concepts?prefix={path}", node.url)).await;
+    assert_eq!(concepts["concepts"][0]["assertions"], json!(5), "{concepts}");
+    let (_, by_agent) = get_json(&client, &format!("{}/v1/assertions?agent_id=ghost", node.url)).await;
+    assert_eq!(by_agent["assertions"], json!([]), "{by_agent}");
+    let (_, by_agent) = get_json(&client, &format!("{}/v1/assertions?agent_id=agent1&limit=100", node.url)).await;
+    assert_eq!(by_agent["assertions"].as_array().map(Vec::len), Some(15));
+    drop(node);
+    let missing = run_rebuild(&dir.path().join("nope"));
+    assert!(!missing.status.success());
+}
