@@ -353,8 +353,21 @@ impl Default for LoggingSection {
     }
 }
 
-const SECTIONS: [&str; 10] =
-    ["node", "server", "cluster", "storage", "raft", "limits", "query", "security", "logging", "testing"];
+const SECTIONS: [&str; 13] = [
+    "node",
+    "server",
+    "cluster",
+    "storage",
+    "raft",
+    "limits",
+    "query",
+    "security",
+    "authority",
+    "quarantine",
+    "circuit_breaker",
+    "logging",
+    "testing",
+];
 
 /// Environment variables the runbooks use that do not follow `STEMEDB_<SECTION>_<KEY>`.
 const ENV_ALIASES: [(&str, &str); 1] = [("cache_size_mb", "storage.max_cache_size_mb")];
@@ -616,6 +629,27 @@ mod tests {
             unsafe { std::env::set_var(format!("{prefix}{k}"), v) };
         }
         Env::prefixed(&prefix)
+    }
+
+    #[test]
+    fn epistemics_sections_from_env() {
+        let env = env_with(&[
+            ("AUTHORITY_ROOTS", r#"[{agent_id="cto",level=90}]"#),
+            ("QUARANTINE_REQUIRE_AUTHORITY_PREFIXES", r#"[finance, "hr/payroll"]"#),
+            ("CIRCUIT_BREAKER_MODE", "quarantine"),
+            ("CIRCUIT_BREAKER_MAX_WRITES_PER_SEC", "10"),
+        ]);
+        let config = Config::load_with_env(None, &FlagOverrides::default(), env).expect("load");
+        assert_eq!(config.authority.roots, vec![RootAuthority { agent_id: "cto".into(), level: 90 }]);
+        assert_eq!(config.quarantine.require_authority_prefixes, vec!["finance".to_string(), "hr/payroll".to_string()]);
+        assert_eq!(
+            (config.circuit_breaker.mode.as_str(), config.circuit_breaker.max_writes_per_sec),
+            ("quarantine", 10)
+        );
+        let bad = env_with(&[("CIRCUIT_BREAKER_MODE", "explode")]);
+        assert!(Config::load_with_env(None, &FlagOverrides::default(), bad).is_err());
+        let bad = env_with(&[("QUARANTINE_REQUIRE_AUTHORITY_PREFIXES", r#"["a//b"]"#)]);
+        assert!(Config::load_with_env(None, &FlagOverrides::default(), bad).is_err());
     }
 
     #[test]
