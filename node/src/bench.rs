@@ -50,6 +50,18 @@ pub struct BenchArgs {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Before measuring, create this many authority grants (chains from a root `bench-root`
+    /// under the prefix) and, with --preload, give every key claims by chain-end agents: the
+    /// setup of the authority-lens benchmark (DESIGN §2; docs/performance.md).
+    #[arg(long, default_value_t = 0)]
+    pub authority_grants: usize,
+    /// Grants per chain (the depth of the chain-end agents' authority).
+    #[arg(long, default_value_t = 8)]
+    pub authority_depth: usize,
+    /// With --authority-grants and --preload: claims per key, by distinct chain-end agents
+    /// (plus one by an agent without authority).
+    #[arg(long, default_value_t = 4)]
+    pub claims_per_key: usize,
 }
 
 #[derive(Default)]
@@ -118,8 +130,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let value = "x".repeat(args.value_size);
+    let chains = if args.authority_grants > 0 { setup_authority(&client, &args).await? } else { 0 };
     if args.preload {
-        preload(&client, &args, &value).await?;
+        preload(&client, &args, &value, chains).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let completed = Arc::new(AtomicU64::new(0));
@@ -167,7 +180,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = json!({
         "url": args.url, "writers": args.writers, "readers": args.readers, "duration_s": seconds,
         "batch": args.batch, "value_size": args.value_size, "keys": args.keys, "lens": args.lens,
-        "consistency": args.consistency, "results": sides,
+        "consistency": args.consistency, "authority_grants": args.authority_grants,
+        "authority_depth": args.authority_depth, "results": sides,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -202,19 +216,88 @@ fn concept(args: &BenchArgs, key: u64) -> String {
     format!("{}/k{key}", args.prefix)
 }
 
-async fn preload(client: &reqwest::Client, args: &BenchArgs, value: &str) -> anyhow::Result<()> {
+async fn preload(client: &reqwest::Client, args: &BenchArgs, value: &str, chains: usize) -> anyhow::Result<()> {
     let url = format!("{}/v1/assert/batch", args.url[0]);
-    let mut key = 0;
-    while key < args.keys {
-        let end = (key + 1000).min(args.keys);
-        let items: Vec<_> = (key..end)
-            .map(|k| json!({"concept_path": concept(args, k), "predicate": "value", "value": value, "agent_id": "bench"}))
-            .collect();
-        let response = client.post(&url).json(&json!({"assertions": items})).send().await?;
-        anyhow::ensure!(response.status().is_success(), "preload failed: {}", response.status());
-        key = end;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut items = Vec::new();
+    for key in 0..args.keys {
+        let concept_path = concept(args, key);
+        if chains == 0 {
+            items
+                .push(json!({"concept_path": concept_path, "predicate": "value", "value": value, "agent_id": "bench"}));
+        } else {
+            // Claims by chain-end agents (authority through `depth` grants) and one without.
+            for n in 0..args.claims_per_key {
+                let chain = rng.random_range(0..chains);
+                let agent = chain_agent(args, chain, args.authority_depth);
+                items.push(json!({"concept_path": concept_path, "predicate": "value", "value": format!("{n}"), "agent_id": agent}));
+            }
+            items.push(json!({"concept_path": concept_path, "predicate": "value", "value": "none", "agent_id": "bench-nobody"}));
+        }
+        if items.len() >= 500 || key + 1 == args.keys {
+            let response = client.post(&url).json(&json!({"assertions": std::mem::take(&mut items)})).send().await?;
+            anyhow::ensure!(response.status().is_success(), "preload failed: {}", response.status());
+        }
     }
     Ok(())
+}
+
+fn chain_agent(args: &BenchArgs, chain: usize, depth: usize) -> String {
+    if depth == 0 {
+        "bench-root".into()
+    } else {
+        format!("{}-c{chain}-d{depth}", args.prefix)
+    }
+}
+
+/// Creates `--authority-grants` grants as chains of `--authority-depth` from the root
+/// `bench-root` (level 100) over the prefix; chains are built in parallel, each in order.
+/// Returns the number of chains.
+async fn setup_authority(client: &reqwest::Client, args: &BenchArgs) -> anyhow::Result<usize> {
+    anyhow::ensure!(args.authority_depth >= 1, "--authority-depth must be at least 1");
+    let base = args.url[0].clone();
+    let root = client
+        .post(format!("{base}/v1/admin/authority/roots"))
+        .json(&json!({"agent_id": "bench-root", "level": 100}))
+        .send()
+        .await?;
+    anyhow::ensure!(root.status().is_success(), "setting the root failed: {} (admin rights needed)", root.status());
+    let chains = args.authority_grants.div_ceil(args.authority_depth);
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (client, args, base, next) = (client.clone(), args.clone(), base.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let chain = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if chain >= chains {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                for depth in 1..=args.authority_depth {
+                    let body = json!({
+                        "grantor": chain_agent(&args, chain, depth - 1),
+                        "grantee": chain_agent(&args, chain, depth),
+                        "concept_prefix": args.prefix,
+                        // Non-increasing along the chain: a grantor delegates at most its own level.
+                        "level": 100usize.saturating_sub(chain % 40 + depth),
+                    });
+                    let response = client.post(format!("{base}/v1/authority/grants")).json(&body).send().await?;
+                    anyhow::ensure!(response.status().is_success(), "grant failed: {}", response.text().await?);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    eprintln!(
+        "authority setup: {} grants in {chains} chains of depth {} in {:.1}s",
+        chains * args.authority_depth,
+        args.authority_depth,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(chains)
 }
 
 async fn write_loop(
