@@ -109,7 +109,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn rebuild(data_dir: &std::path::Path) -> anyhow::Result<()> {
+async fn rebuild(data_dir: &std::path::Path) -> anyhow::Result<()> {
     // Logs to stderr: stdout carries the JSON report.
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("STEMEDB_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
@@ -126,7 +126,8 @@ fn rebuild(data_dir: &std::path::Path) -> anyhow::Result<()> {
         bar.set_length(total as u64);
         bar.inc(1);
         bar.set_message(format!("shard {shard}: {} assertions", report.assertions));
-    })?;
+    })
+    .await?;
     bar.finish_and_clear();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "index rebuild complete");
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -228,7 +229,7 @@ fn main() -> ExitCode {
             }
             Command::Bench(args) => stemedb::bench::run(args).await,
             Command::DevCluster(args) => dev_cluster(args).await,
-            Command::Rebuild { data_dir } => rebuild(&data_dir),
+            Command::Rebuild { data_dir } => rebuild(&data_dir).await,
         }
     });
     match result {

@@ -75,15 +75,18 @@ impl Listeners {
     }
 }
 
-/// `stemedb rebuild --data-dir DIR`: verifies and repairs the secondary indexes of every shard
-/// in a stopped node's data dir from its state machine records (the applied snapshot and log;
-/// entries not yet applied are applied, with their index entries, when the node starts).
-/// `on_shard(shard, shards_total, report)` is called after each shard. Fails while a node runs
-/// on the data dir (the database lock).
-pub fn rebuild_offline(
+/// `stemedb rebuild --data-dir DIR`: rebuilds the secondary indexes of every shard in a
+/// stopped node's data dir from its snapshot and log. Committed log entries the state machine
+/// had not applied yet are applied first (exactly what the node does when it starts), then
+/// every index is verified against the records and repaired. `on_shard(shard, shards_total,
+/// report)` is called after each shard. Fails while a node runs on the data dir (the database
+/// lock).
+pub async fn rebuild_offline(
     data_dir: &std::path::Path,
     mut on_shard: impl FnMut(u16, u16, &crate::raft::index_repair::RepairReport),
 ) -> Result<crate::raft::index_repair::RepairReport, NodeError> {
+    use openraft::storage::{RaftLogStorage, RaftStateMachine};
+    use openraft::RaftLogReader;
     if !data_dir.join("db").exists() {
         return Err(NodeError::Serve(format!("{} holds no StemeDB database (no db/ inside)", data_dir.display())));
     }
@@ -95,7 +98,21 @@ pub fn rebuild_offline(
     let mut total = crate::raft::index_repair::RepairReport::default();
     for shard in 0..identity.shards {
         let group = crate::raft::types::group_of_shard(shard);
-        let report = crate::raft::index_repair::repair_group(&storage, group, None, &scanned)?;
+        let failed = |e: &dyn std::fmt::Display| NodeError::Serve(format!("shard {shard}: {e}"));
+        let mut log = crate::raft::log_store::LogStore::new(storage.clone(), group);
+        let mut machine = crate::raft::state_machine::ShardStateMachine::open(storage.clone(), shard, group)
+            .map_err(|e| failed(&e))?;
+        let (applied, _) = machine.applied_state().await.map_err(|e| failed(&e))?;
+        let committed = log.read_committed().await.map_err(|e| failed(&e))?;
+        let from = applied.map_or(0, |l| l.index + 1);
+        let mut replayed = 0;
+        if let Some(committed) = committed.filter(|c| c.index >= from) {
+            let entries = log.try_get_log_entries(from..=committed.index).await.map_err(|e| failed(&e))?;
+            replayed = entries.len() as u64;
+            machine.apply(entries).await.map_err(|e| failed(&e))?;
+        }
+        let mut report = crate::raft::index_repair::repair_group(&storage, group, None, &scanned)?;
+        report.entries_replayed = replayed;
         on_shard(shard, identity.shards, &report);
         total.add(&report);
     }

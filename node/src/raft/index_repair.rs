@@ -36,6 +36,8 @@ pub struct RepairReport {
     pub missing_added: u64,
     pub stale_removed: u64,
     pub counts_fixed: u64,
+    /// Offline only: committed log entries applied before verifying.
+    pub entries_replayed: u64,
 }
 
 impl RepairReport {
@@ -48,6 +50,7 @@ impl RepairReport {
         self.missing_added += other.missing_added;
         self.stale_removed += other.stale_removed;
         self.counts_fixed += other.counts_fixed;
+        self.entries_replayed += other.entries_replayed;
     }
 }
 
