@@ -192,17 +192,15 @@ impl BreakerMonitor {
             return;
         }
         window.proposing = true;
-        // Consecutive trips double the open period, up to the maximum.
-        let trips = self.shards.policy().read(|s| match s.breakers.get(agent) {
-            Some(record) if record.closed_at_us.is_none() => record.trips,
-            _ => 0,
-        });
-        let open_ms = (self.settings.open_seconds * 1000)
-            .saturating_mul(1u64 << trips.min(20))
-            .min(self.settings.max_open_seconds * 1000);
-        tracing::warn!(agent_id = agent, cause = ?cause, open_ms, reason = %reason, "opening circuit breaker");
-        let command =
-            PolicyCommand::TripBreaker { agent_id: agent.to_string(), cause, reason, open_for_ms: Some(open_ms) };
+        // The meta group doubles the period for consecutive trips, up to the maximum.
+        tracing::warn!(agent_id = agent, cause = ?cause, reason = %reason, "opening circuit breaker");
+        let command = PolicyCommand::TripBreaker {
+            agent_id: agent.to_string(),
+            cause,
+            reason,
+            open_for_ms: Some(self.settings.open_seconds.saturating_mul(1000)),
+            max_open_ms: Some(self.settings.max_open_seconds.saturating_mul(1000)),
+        };
         self.propose_in_background(agent, command);
     }
 
@@ -283,6 +281,7 @@ async fn trip(
         cause: BreakerCause::Manual,
         reason,
         open_for_ms: request.duration_seconds.map(|s| s.saturating_mul(1000)),
+        max_open_ms: None,
     };
     breaker_change(&state, command).await
 }

@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use super::quarantine::QuarantineRules;
 use crate::model::authority::{AgentAuthority, Authorities, Grant, RootSpan, MAX_LEVEL};
 
+/// An automatic trip this soon after the breaker last closed counts as consecutive.
+pub const CONSECUTIVE_TRIP_WINDOW_US: u64 = 10 * 60 * 1_000_000;
+
 /// Authority results cached per node, cleared on every policy change.
 const AUTHORITY_CACHE_ENTRIES: usize = 100_000;
 
@@ -84,8 +87,17 @@ pub enum PolicyCommand {
     Grant { grantor: String, grantee: String, concept_prefix: String, level: u8 },
     /// Revokes a grant: by its grantor (`by` = the grantor's agent id) or an admin (`by` None).
     Revoke { grant_id: u64, by: Option<String> },
-    /// Opens an agent's breaker (again). `open_for_ms` None: until reset.
-    TripBreaker { agent_id: String, cause: BreakerCause, reason: String, open_for_ms: Option<u64> },
+    /// Opens an agent's breaker (again). `open_for_ms` None: until reset. Automatic trips that
+    /// follow one another (the breaker still open or half-open, or closed less than
+    /// [`CONSECUTIVE_TRIP_WINDOW_US`] ago) double the period, up to `max_open_ms`.
+    TripBreaker {
+        agent_id: String,
+        cause: BreakerCause,
+        reason: String,
+        open_for_ms: Option<u64>,
+        #[serde(default)]
+        max_open_ms: Option<u64>,
+    },
     /// Closes an agent's breaker.
     ResetBreaker { agent_id: String, reason: String },
 }
@@ -226,20 +238,25 @@ impl PolicyStore {
                     .ok_or(PolicyError::AlreadyRevoked { id: grant_id })?;
                 Ok((PolicyOutcome::Grant(grant.clone()), vec![PolicyRecord::Grant(grant)]))
             }
-            PolicyCommand::TripBreaker { agent_id, cause, reason, open_for_ms } => {
+            PolicyCommand::TripBreaker { agent_id, cause, reason, open_for_ms, max_open_ms } => {
                 let previous = self.breakers.get(&agent_id);
-                // Consecutive automatic trips (re-opened from half-open) count up; a trip after
-                // the breaker was closed starts over.
+                let consecutive = previous.is_some_and(|p| {
+                    p.closed_at_us.is_none_or(|closed| at_us.saturating_sub(closed) < CONSECUTIVE_TRIP_WINDOW_US)
+                });
                 let trips = match previous {
-                    Some(p) if p.closed_at_us.is_none() && cause != BreakerCause::Manual => p.trips.saturating_add(1),
+                    Some(p) if consecutive && cause != BreakerCause::Manual => p.trips.saturating_add(1),
                     _ => 1,
                 };
+                let open_ms = open_for_ms.map(|base| {
+                    let doubled = base.saturating_mul(1u64 << (trips - 1).min(30));
+                    max_open_ms.map_or(doubled, |max| doubled.min(max.max(base)))
+                });
                 let record = BreakerRecord {
                     agent_id: agent_id.clone(),
                     cause,
                     reason,
                     opened_at_us: at_us,
-                    open_until_us: open_for_ms.map(|ms| at_us.saturating_add(ms.saturating_mul(1000))),
+                    open_until_us: open_ms.map(|ms| at_us.saturating_add(ms.saturating_mul(1000))),
                     trips,
                     closed_at_us: None,
                     closed_reason: None,
@@ -451,30 +468,36 @@ mod tests {
             cause,
             reason: "too fast".into(),
             open_for_ms: Some(1000),
+            max_open_ms: Some(3000),
         };
+        let reset = |reason: &str| PolicyCommand::ResetBreaker { agent_id: "bot".into(), reason: reason.into() };
         let (outcome, _) = store.apply(trip(BreakerCause::WriteRate), 1_000_000, 8).expect("trip");
         let PolicyOutcome::Breaker(record) = outcome else { panic!("breaker") };
         assert_eq!(record.state_at(1_500_000), BreakerState::Open);
         assert_eq!(record.state_at(2_000_000), BreakerState::HalfOpen);
-        // Re-tripped before closing: the count goes up (the proposer doubles the period).
+        // Re-tripped before closing: the count goes up and the period doubles.
         store.apply(trip(BreakerCause::WriteRate), 2_100_000, 8).expect("trip again");
-        assert_eq!(store.breakers["bot"].trips, 2);
-        store
-            .apply(PolicyCommand::ResetBreaker { agent_id: "bot".into(), reason: "ok".into() }, 3_000_000, 8)
-            .expect("reset");
-        assert_eq!(store.breakers["bot"].state_at(3_000_001), BreakerState::Closed);
-        assert!(matches!(
-            store.apply(PolicyCommand::ResetBreaker { agent_id: "bot".into(), reason: "again".into() }, 3_000_002, 8),
-            Err(PolicyError::BreakerNotOpen { .. })
-        ));
+        assert_eq!((store.breakers["bot"].trips, store.breakers["bot"].open_until_us), (2, Some(4_100_000)));
+        store.apply(reset("ok"), 5_000_000, 8).expect("reset");
+        assert_eq!(store.breakers["bot"].state_at(5_000_001), BreakerState::Closed);
+        assert!(matches!(store.apply(reset("again"), 5_000_002, 8), Err(PolicyError::BreakerNotOpen { .. })));
+        // Tripped again soon after closing: still consecutive, capped at the maximum.
+        store.apply(trip(BreakerCause::WriteRate), 6_000_000, 8).expect("third trip");
+        assert_eq!((store.breakers["bot"].trips, store.breakers["bot"].open_until_us), (3, Some(9_000_000)));
+        store.apply(reset("ok"), 10_000_000, 8).expect("reset");
+        // Long after closing: starts over.
+        let later = 10_000_000 + CONSECUTIVE_TRIP_WINDOW_US;
+        store.apply(trip(BreakerCause::WriteRate), later, 8).expect("fresh trip");
+        assert_eq!(store.breakers["bot"].trips, 1);
         // A manual trip stays open until reset.
         let manual = PolicyCommand::TripBreaker {
             agent_id: "bot".into(),
             cause: BreakerCause::Manual,
             reason: "operator".into(),
             open_for_ms: None,
+            max_open_ms: None,
         };
-        store.apply(manual, 4_000_000, 8).expect("manual");
+        store.apply(manual, later + 1, 8).expect("manual");
         assert_eq!(store.breakers["bot"].trips, 1);
         assert_eq!(store.breakers["bot"].state_at(u64::MAX - 1), BreakerState::Open);
     }
