@@ -223,8 +223,10 @@ async fn preload(client: &reqwest::Client, args: &BenchArgs, value: &str, chains
     for key in 0..args.keys {
         let concept_path = concept(args, key);
         if chains == 0 {
-            items
-                .push(json!({"concept_path": concept_path, "predicate": "value", "value": value, "agent_id": "bench"}));
+            // One agent per 1,000 keys: a single agent would trip its circuit breaker
+            // (circuit_breaker.max_writes_per_sec) during a fast preload.
+            let agent = format!("bench-preload-{}", key / 1000);
+            items.push(json!({"concept_path": concept_path, "predicate": "value", "value": value, "agent_id": agent}));
         } else {
             // Claims by chain-end agents (authority through `depth` grants) and one without.
             for n in 0..args.claims_per_key {
@@ -232,11 +234,18 @@ async fn preload(client: &reqwest::Client, args: &BenchArgs, value: &str, chains
                 let agent = chain_agent(args, chain, args.authority_depth);
                 items.push(json!({"concept_path": concept_path, "predicate": "value", "value": format!("{n}"), "agent_id": agent}));
             }
-            items.push(json!({"concept_path": concept_path, "predicate": "value", "value": "none", "agent_id": "bench-nobody"}));
+            items.push(json!({"concept_path": concept_path, "predicate": "value", "value": "none", "agent_id": format!("bench-nobody-{}", key % 50)}));
         }
         if items.len() >= 500 || key + 1 == args.keys {
             let response = client.post(&url).json(&json!({"assertions": std::mem::take(&mut items)})).send().await?;
             anyhow::ensure!(response.status().is_success(), "preload failed: {}", response.status());
+            let answer: serde_json::Value = response.json().await?;
+            let refused = answer["results"].as_array().and_then(|r| r.iter().find(|i| i["status"] != json!(201)));
+            anyhow::ensure!(
+                refused.is_none(),
+                "preload: an item was refused: {}",
+                refused.cloned().unwrap_or_default()
+            );
         }
     }
     Ok(())
@@ -314,7 +323,7 @@ async fn write_loop(
     let batch = format!("{base}/v1/assert/batch");
     let mut rng = rand::rngs::StdRng::from_os_rng();
     while Instant::now() < deadline {
-        let item = |rng: &mut rand::rngs::StdRng| json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "predicate": "value", "value": value, "agent_id": format!("bench-{worker}")});
+        let item = |rng: &mut rand::rngs::StdRng| json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "predicate": "value", "value": value, "agent_id": format!("bench-{worker}-{}", rng.random_range(0..32))});
         let started = Instant::now();
         let result = if args.batch > 1 {
             let items: Vec<_> = (0..args.batch).map(|_| item(&mut rng)).collect();

@@ -108,6 +108,16 @@ pub async fn rebuild_offline(
         let mut replayed = 0;
         if let Some(committed) = committed.filter(|c| c.index >= from) {
             let entries = log.try_get_log_entries(from..=committed.index).await.map_err(|e| failed(&e))?;
+            // The log must still hold every entry after the applied index (a purged log means
+            // the applied state came from a snapshot this data dir no longer matches).
+            if entries.first().map(|e| e.log_id.index) != Some(from)
+                || entries.len() as u64 != committed.index + 1 - from
+            {
+                return Err(failed(&format!(
+                    "the log no longer holds entries {from}..={} needed to replay; restore the data dir from a backup",
+                    committed.index
+                )));
+            }
             replayed = entries.len() as u64;
             machine.apply(entries).await.map_err(|e| failed(&e))?;
         }

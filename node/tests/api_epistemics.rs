@@ -190,18 +190,21 @@ async fn quarantine_triggers_release_and_reject() {
         json!({"concept_path": "finance/budget", "predicate": "total", "value": 1000, "agent_id": "intern"}),
     )
     .await;
+    assert_eq!(budget["status"], json!("quarantined"), "the answer says so: {budget}");
+    assert_eq!(budget["quarantine"]["reason"], json!("authority_required"));
     let (status, empty) = node.post("/v1/query", &json!({"concept_path": "finance/budget"})).await;
     assert_eq!(status, 200);
     assert_eq!(empty["results"], json!([]), "a quarantined claim is in no lens: {empty}");
     let history = query(&node, json!({"concept_path": "finance/budget", "lens": "history"})).await;
     assert_eq!(history["assertions"][0]["status"], json!("quarantined"), "{history}");
     // The cto has authority there: not quarantined.
-    created(
+    let owner = created(
         &node,
         "/v1/assert",
         json!({"concept_path": "finance/budget", "predicate": "owner", "value": "cfo", "agent_id": "cto"}),
     )
     .await;
+    assert_eq!(owner["status"], json!("active"), "{owner}");
 
     // Trigger 3: contradicting the cto (90 >= 80) on the same path and predicate.
     let protected = created(

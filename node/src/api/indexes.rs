@@ -125,16 +125,20 @@ async fn rebuild(
             }
             context.indexes.inner.lock().shards_done += 1;
         }
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            assertions = total.assertions,
-            claim_entries = total.claim_entries,
-            concept_entries = total.concept_entries,
-            agent_entries = total.agent_entries,
-            missing_added = total.missing_added,
-            stale_removed = total.stale_removed,
-            "index rebuild complete"
-        );
+        if failure.is_some() {
+            tracing::error!(elapsed_ms = started.elapsed().as_millis() as u64, "index rebuild failed");
+        } else {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                assertions = total.assertions,
+                claim_entries = total.claim_entries,
+                concept_entries = total.concept_entries,
+                agent_entries = total.agent_entries,
+                missing_added = total.missing_added,
+                stale_removed = total.stale_removed,
+                "index rebuild complete"
+            );
+        }
         let mut status = context.indexes.inner.lock();
         status.running = false;
         status.failed = failure;

@@ -545,8 +545,11 @@ pub async fn list_assertions(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))?;
-    let since_us = parse_time_param("since", params.since.as_deref())?.unwrap_or(0);
-    let until_us = parse_time_param("until", params.until.as_deref())?.unwrap_or(u64::MAX);
+    // Both bounds at millisecond precision: since inclusive from the start of its millisecond,
+    // until exclusive (parse_as_of gives the last microsecond of a millisecond, for as_of).
+    let floor_ms = |t: u64| t - t % 1000;
+    let since_us = parse_time_param("since", params.since.as_deref())?.map_or(0, floor_ms);
+    let until_us = parse_time_param("until", params.until.as_deref())?.map_or(u64::MAX, floor_ms);
     if params.agent_id.is_none() && params.since.is_none() && params.until.is_none() {
         return Err(ApiError::bad_request(
             "missing_filter",

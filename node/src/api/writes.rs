@@ -59,13 +59,18 @@ fn write_timeout(state: &AppState) -> Duration {
 }
 
 pub fn outcome_json(outcome: &AssertOutcome) -> Value {
-    json!({
+    let mut body = json!({
         "id": outcome.id,
         "shard": outcome.shard,
         "log_index": outcome.log_index,
         "asserted_at": format_time_us(outcome.asserted_at_us),
         "duplicate": outcome.duplicate,
-    })
+        "status": if outcome.quarantine.is_some() { "quarantined" } else { "active" },
+    });
+    if let Some(decision) = &outcome.quarantine {
+        body["quarantine"] = json!(decision);
+    }
+    body
 }
 
 fn unexpected_response() -> ApiError {
@@ -140,6 +145,8 @@ pub async fn assert_batch(
     }
     let total = request.assertions.len();
     let mut results: Vec<Option<Value>> = vec![None; total];
+    // Per item: its agent and how its breaker admitted it (settled once the item is written).
+    let mut admissions: Vec<Option<(String, Admission)>> = vec![None; total];
     // shard -> (item positions, drafts)
     let mut by_shard: BTreeMap<u16, (Vec<usize>, Vec<AssertionDraft>)> = BTreeMap::new();
     for (position, raw) in request.assertions.into_iter().enumerate() {
@@ -149,17 +156,11 @@ pub async fn assert_batch(
                 .validate(state.config.limits.max_value_bytes, state.shards.shard_count())
                 .inspect_err(|_| count_invalid(&state, claimed_agent.as_deref()))?;
             check_assertion_signature(&state, &draft)?;
-            // A half-open breaker probes with single writes, not batches.
-            match state.breakers.admit(&draft.agent_id, 1, true)? {
-                Admission::Admit => Ok(draft),
-                Admission::Probe => {
-                    state.breakers.probe_result(&draft.agent_id, true);
-                    Ok(draft)
-                }
-            }
+            Ok((state.breakers.admit(&draft.agent_id, 1, true)?, draft))
         });
         match validated {
-            Ok(draft) => {
+            Ok((admission, draft)) => {
+                admissions[position] = Some((draft.agent_id.clone(), admission));
                 let shard = state.shards.shard_for_path(&draft.concept_path);
                 let entry = by_shard.entry(shard).or_default();
                 entry.0.push(position);
@@ -191,6 +192,17 @@ pub async fn assert_batch(
                 for position in positions {
                     results[position] = Some(item_error(position, &error));
                 }
+            }
+        }
+    }
+    for (position, admitted) in admissions.into_iter().enumerate() {
+        if let Some((agent, admission)) = admitted {
+            // Refused input counts against the agent; an unavailable shard does not.
+            match results[position].as_ref().and_then(|r| r["status"].as_u64()) {
+                Some(201) => settle(&state, &agent, admission, true),
+                Some(status) if (400..500).contains(&status) => settle(&state, &agent, admission, false),
+                _ if admission == Admission::Probe => state.breakers.probe_result(&agent, false),
+                _ => {}
             }
         }
     }

@@ -22,6 +22,7 @@ pub enum SignatureError {
     #[error("signature must be 128 hex characters (64 bytes)")]
     MalformedSignature,
     #[error("signature does not verify for agent_id over the canonical bytes of this {kind}")]
+    #[serde(rename = "invalid_signature")]
     BadSignature { kind: &'static str },
 }
 

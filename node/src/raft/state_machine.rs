@@ -307,7 +307,14 @@ impl ShardStateMachine {
                 keys::claim_key(self.group, &draft.concept_path, &draft.predicate, id),
                 Vec::new(),
             );
-            let outcome = AssertOutcome { id, shard: self.shard, log_index, asserted_at_us, duplicate: false };
+            let outcome = AssertOutcome {
+                id,
+                shard: self.shard,
+                log_index,
+                asserted_at_us,
+                duplicate: false,
+                quarantine: draft.quarantine.clone(),
+            };
             if let Some(request_id) = &draft.request_id {
                 let key = keys::request_key(self.group, &draft.agent_id, request_id);
                 overlay.put_visible(

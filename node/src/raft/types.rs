@@ -102,6 +102,9 @@ pub struct AssertOutcome {
     /// True when this is a retry of an earlier write with the same (agent_id, request_id).
     #[serde(default)]
     pub duplicate: bool,
+    /// Set when the shard leader quarantined the claim (DESIGN §2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<crate::model::assertion::QuarantineDecision>,
 }
 
 /// What applying a vote or retraction produced.
