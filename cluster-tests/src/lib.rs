@@ -108,8 +108,28 @@ pub struct TestCluster {
 
 impl TestCluster {
     /// Starts `options.nodes` nodes that form a new cluster and waits until every shard has a
-    /// leader.
+    /// leader. Ports are picked free, then released for the nodes to bind: when another process
+    /// takes one in between (a node exits with "cannot listen"), the cluster is started again
+    /// on fresh ports, up to three times.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(options.clone()).await {
+                Err(error) if attempt < 3 && error.to_string().contains("cannot listen") => {
+                    eprintln!("test cluster start, attempt {attempt}: {error:#}; retrying on fresh ports");
+                    if let Some(root) = &options.data_root {
+                        for id in 1..=options.nodes {
+                            let _ = std::fs::remove_dir_all(root.join(format!("node{id}")));
+                        }
+                    }
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(options: ClusterOptions) -> anyhow::Result<TestCluster> {
         let dir = match &options.data_root {
             Some(_) => None,
             None => {
@@ -396,18 +416,33 @@ impl TestCluster {
         }
     }
 
-    async fn wait_api(&self, id: u64, timeout: Duration) -> anyhow::Result<()> {
+    async fn wait_api(&mut self, id: u64, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let url = format!("{}/v1/health", self.node(id).api());
         loop {
             if self.client.get(&url).send().await.is_ok() {
                 return Ok(());
             }
+            let exited = match self.nodes.get_mut(&id).and_then(|n| n.child.as_mut()) {
+                Some(child) => child.try_wait()?.map(|status| status.to_string()),
+                None => Some("not running".into()),
+            };
+            if let Some(status) = exited {
+                bail!("node {id} exited before listening ({status}): {}", self.log_tail(id, 5));
+            }
             if Instant::now() > deadline {
-                bail!("node {id} did not start listening");
+                bail!("node {id} did not start listening: {}", self.log_tail(id, 5));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The last `lines` lines of a node's log, for error messages.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let path = self.node(id).data_dir.with_extension("log");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join(" | ")
     }
 
     /// The leader of `shard` as node `via` sees it.
