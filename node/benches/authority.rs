@@ -41,9 +41,7 @@ fn main() {
     let chains = GRANTS / DEPTH;
     policy.update(|store| {
         let mut at = 1;
-        store
-            .apply(PolicyCommand::SetRoot { agent_id: "bench-root".into(), level: Some(100) }, at, DEPTH)
-            .expect("root");
+        store.apply(PolicyCommand::SetRoot { agent_id: "bench-root".into(), level: Some(100) }, at).expect("root");
         for chain in 0..chains {
             for depth in 1..=DEPTH {
                 at += 1;
@@ -52,8 +50,9 @@ fn main() {
                     grantee: agent(chain, depth),
                     concept_prefix: "auth".into(),
                     level: (100 - (chain % 40) - depth) as u8,
+                    max_chain_depth: DEPTH,
                 };
-                store.apply(command, at, DEPTH).expect("grant");
+                store.apply(command, at).expect("grant");
             }
         }
     });

@@ -155,6 +155,7 @@ async fn create_grant(
         grantee: request.grantee,
         concept_prefix: request.concept_prefix,
         level,
+        max_chain_depth: state.config.authority.max_chain_depth,
     };
     match state.shards.propose_policy(command, policy_timeout(&state)).await?? {
         PolicyOutcome::Grant(grant) => Ok((StatusCode::CREATED, Json(grant_json(&grant))).into_response()),

@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 use super::quarantine::QuarantineRules;
 use crate::model::authority::{AgentAuthority, Authorities, Grant, RootSpan, MAX_LEVEL};
 
+fn default_chain_depth() -> usize {
+    8
+}
+
 /// An automatic trip this soon after the breaker last closed counts as consecutive.
 pub const CONSECUTIVE_TRIP_WINDOW_US: u64 = 10 * 60 * 1_000_000;
 
@@ -83,8 +87,17 @@ impl BreakerRecord {
 pub enum PolicyCommand {
     /// Makes `agent_id` a root authority at `level`, or (`None`) no longer a root.
     SetRoot { agent_id: String, level: Option<u8> },
-    /// Delegates authority; refused unless the grantor holds at least `level` for the prefix.
-    Grant { grantor: String, grantee: String, concept_prefix: String, level: u8 },
+    /// Delegates authority; refused unless the grantor holds at least `level` for the prefix
+    /// through a chain of at most `max_chain_depth` grants (the proposer's
+    /// `authority.max_chain_depth`, carried in the entry so every replica checks the same).
+    Grant {
+        grantor: String,
+        grantee: String,
+        concept_prefix: String,
+        level: u8,
+        #[serde(default = "default_chain_depth")]
+        max_chain_depth: usize,
+    },
     /// Revokes a grant: by its grantor (`by` = the grantor's agent id) or an admin (`by` None).
     Revoke { grant_id: u64, by: Option<String> },
     /// Opens an agent's breaker (again). `open_for_ms` None: until reset. Automatic trips that
@@ -188,7 +201,6 @@ impl PolicyStore {
         &mut self,
         command: PolicyCommand,
         at_us: u64,
-        max_chain_depth: usize,
     ) -> Result<(PolicyOutcome, Vec<PolicyRecord>), PolicyError> {
         match command {
             PolicyCommand::SetRoot { agent_id, level } => {
@@ -201,7 +213,7 @@ impl PolicyStore {
                     if changed { vec![PolicyRecord::Root { agent_id: agent_id.clone(), spans }] } else { vec![] };
                 Ok((PolicyOutcome::Root { agent_id, level, changed }, records))
             }
-            PolicyCommand::Grant { grantor, grantee, concept_prefix, level } => {
+            PolicyCommand::Grant { grantor, grantee, concept_prefix, level, max_chain_depth } => {
                 if level > MAX_LEVEL {
                     return Err(PolicyError::InvalidLevel { level: level as u32 });
                 }
@@ -412,8 +424,9 @@ mod tests {
             grantee: grantee.into(),
             concept_prefix: prefix.into(),
             level,
+            max_chain_depth: 8,
         };
-        match store.apply(command, at, 8)? {
+        match store.apply(command, at)? {
             (PolicyOutcome::Grant(g), _) => Ok(g.id),
             other => panic!("unexpected {other:?}"),
         }
@@ -422,7 +435,7 @@ mod tests {
     #[test]
     fn grants_need_the_grantors_authority() {
         let mut store = PolicyStore::default();
-        store.apply(PolicyCommand::SetRoot { agent_id: "root".into(), level: Some(80) }, 1, 8).expect("root");
+        store.apply(PolicyCommand::SetRoot { agent_id: "root".into(), level: Some(80) }, 1).expect("root");
         assert_eq!(grant(&mut store, "root", "a", "infra", 80, 2), Ok(1));
         // Over the grantor's own level, or on a prefix it does not cover, or from nobody: 403.
         for (grantor, prefix, level) in
@@ -435,7 +448,7 @@ mod tests {
         assert_eq!(grant(&mut store, "a", "b", "infra/db", 50, 4), Ok(2));
         assert_eq!(grant(&mut store, "a", "a", "infra", 1, 5), Err(PolicyError::SelfGrant));
         assert!(matches!(
-            store.apply(PolicyCommand::SetRoot { agent_id: "r".into(), level: Some(101) }, 6, 8),
+            store.apply(PolicyCommand::SetRoot { agent_id: "r".into(), level: Some(101) }, 6),
             Err(PolicyError::InvalidLevel { .. })
         ));
     }
@@ -443,17 +456,17 @@ mod tests {
     #[test]
     fn revocation_rules() {
         let mut store = PolicyStore::default();
-        store.apply(PolicyCommand::SetRoot { agent_id: "root".into(), level: Some(80) }, 1, 8).expect("root");
+        store.apply(PolicyCommand::SetRoot { agent_id: "root".into(), level: Some(80) }, 1).expect("root");
         let id = grant(&mut store, "root", "a", "", 50, 2).expect("grant");
         let by_other = PolicyCommand::Revoke { grant_id: id, by: Some("a".into()) };
-        assert!(matches!(store.apply(by_other, 3, 8), Err(PolicyError::NotGrantor { .. })));
-        store.apply(PolicyCommand::Revoke { grant_id: id, by: Some("root".into()) }, 4, 8).expect("revoke");
+        assert!(matches!(store.apply(by_other, 3), Err(PolicyError::NotGrantor { .. })));
+        store.apply(PolicyCommand::Revoke { grant_id: id, by: Some("root".into()) }, 4).expect("revoke");
         assert!(matches!(
-            store.apply(PolicyCommand::Revoke { grant_id: id, by: None }, 5, 8),
+            store.apply(PolicyCommand::Revoke { grant_id: id, by: None }, 5),
             Err(PolicyError::AlreadyRevoked { .. })
         ));
         assert!(matches!(
-            store.apply(PolicyCommand::Revoke { grant_id: 99, by: None }, 5, 8),
+            store.apply(PolicyCommand::Revoke { grant_id: 99, by: None }, 5),
             Err(PolicyError::UnknownGrant { .. })
         ));
         // Grant ids keep growing after revocations.
@@ -471,23 +484,23 @@ mod tests {
             max_open_ms: Some(3000),
         };
         let reset = |reason: &str| PolicyCommand::ResetBreaker { agent_id: "bot".into(), reason: reason.into() };
-        let (outcome, _) = store.apply(trip(BreakerCause::WriteRate), 1_000_000, 8).expect("trip");
+        let (outcome, _) = store.apply(trip(BreakerCause::WriteRate), 1_000_000).expect("trip");
         let PolicyOutcome::Breaker(record) = outcome else { panic!("breaker") };
         assert_eq!(record.state_at(1_500_000), BreakerState::Open);
         assert_eq!(record.state_at(2_000_000), BreakerState::HalfOpen);
         // Re-tripped before closing: the count goes up and the period doubles.
-        store.apply(trip(BreakerCause::WriteRate), 2_100_000, 8).expect("trip again");
+        store.apply(trip(BreakerCause::WriteRate), 2_100_000).expect("trip again");
         assert_eq!((store.breakers["bot"].trips, store.breakers["bot"].open_until_us), (2, Some(4_100_000)));
-        store.apply(reset("ok"), 5_000_000, 8).expect("reset");
+        store.apply(reset("ok"), 5_000_000).expect("reset");
         assert_eq!(store.breakers["bot"].state_at(5_000_001), BreakerState::Closed);
-        assert!(matches!(store.apply(reset("again"), 5_000_002, 8), Err(PolicyError::BreakerNotOpen { .. })));
+        assert!(matches!(store.apply(reset("again"), 5_000_002), Err(PolicyError::BreakerNotOpen { .. })));
         // Tripped again soon after closing: still consecutive, capped at the maximum.
-        store.apply(trip(BreakerCause::WriteRate), 6_000_000, 8).expect("third trip");
+        store.apply(trip(BreakerCause::WriteRate), 6_000_000).expect("third trip");
         assert_eq!((store.breakers["bot"].trips, store.breakers["bot"].open_until_us), (3, Some(9_000_000)));
-        store.apply(reset("ok"), 10_000_000, 8).expect("reset");
+        store.apply(reset("ok"), 10_000_000).expect("reset");
         // Long after closing: starts over.
         let later = 10_000_000 + CONSECUTIVE_TRIP_WINDOW_US;
-        store.apply(trip(BreakerCause::WriteRate), later, 8).expect("fresh trip");
+        store.apply(trip(BreakerCause::WriteRate), later).expect("fresh trip");
         assert_eq!(store.breakers["bot"].trips, 1);
         // A manual trip stays open until reset.
         let manual = PolicyCommand::TripBreaker {
@@ -497,7 +510,7 @@ mod tests {
             open_for_ms: None,
             max_open_ms: None,
         };
-        store.apply(manual, later + 1, 8).expect("manual");
+        store.apply(manual, later + 1).expect("manual");
         assert_eq!(store.breakers["bot"].trips, 1);
         assert_eq!(store.breakers["bot"].state_at(u64::MAX - 1), BreakerState::Open);
     }

@@ -180,8 +180,7 @@ impl ShardStateMachine {
         let Some(slot) = self.meta.as_ref() else {
             return Ok(Err(PolicyError::UnknownGrant { id: 0 }));
         };
-        let depth = slot.policy.max_chain_depth();
-        let result = slot.policy.update(|store| store.apply(command, at_us, depth));
+        let result = slot.policy.update(|store| store.apply(command, at_us));
         let (outcome, records) = match result {
             Ok(done) => done,
             Err(error) => return Ok(Err(error)),
