@@ -383,7 +383,11 @@ async fn circuit_breakers_manual_automatic_and_half_open() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signatures_are_required_and_checked() {
     use ed25519_dalek::Signer;
-    let node = TestNode::start_with(|c| c.security.require_signatures = true).await;
+    let node = TestNode::start_with(|c| {
+        c.security.require_signatures = true;
+        c.circuit_breaker.max_invalid_per_sec = 3;
+    })
+    .await;
     let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
     let agent = hex::encode(key.verifying_key().as_bytes());
     let body = json!({"concept_path": "signed/claims", "predicate": "p", "value": {"b": 2, "a": [1, "x"]}, "agent_id": agent, "confidence": 0.75, "request_id": "r-1"});
@@ -393,8 +397,20 @@ async fn signatures_are_required_and_checked() {
         .expect("valid");
     let signature = hex::encode(key.sign(&stemedb::model::signing::assertion_bytes(&draft)).to_bytes());
 
-    let (status, unsigned) = node.post("/v1/assert", &body).await;
-    assert_eq!((status, unsigned["error"]["code"].clone()), (401, json!("signature_required")), "{unsigned}");
+    // Unsigned requests naming the agent prove nothing: many of them must not trip its breaker.
+    for _ in 0..10 {
+        let (status, unsigned) = node.post("/v1/assert", &body).await;
+        assert_eq!((status, unsigned["error"]["code"].clone()), (401, json!("signature_required")), "{unsigned}");
+    }
+    let mut upper = body.clone();
+    upper["agent_id"] = json!(agent.to_uppercase());
+    upper["signature"] = json!(signature);
+    let (status, bad) = node.post("/v1/assert", &upper).await;
+    assert_eq!(
+        (status, bad["error"]["code"].clone()),
+        (401, json!("agent_id_not_public_key")),
+        "one spelling per key: {bad}"
+    );
     let mut tampered = body.clone();
     tampered["value"] = json!({"a": [1, "x"], "b": 3});
     tampered["signature"] = json!(signature);

@@ -150,6 +150,14 @@ impl BreakerMonitor {
         let now = now_us();
         let second = now / 1_000_000;
         let mut windows = self.windows.lock();
+        if windows.len() >= MAX_TRACKED_AGENTS && !windows.contains_key(agent) {
+            windows.retain(|_, w| w.second + 2 >= second || w.proposing);
+            if windows.len() >= MAX_TRACKED_AGENTS {
+                // Still full of agents active this second: not tracking one more is safer
+                // than growing without bound.
+                return;
+            }
+        }
         let window = windows.entry(agent.to_string()).or_default();
         if window.second != second {
             window.second = second;
@@ -179,9 +187,11 @@ impl BreakerMonitor {
         if window.probe_successes >= self.settings.half_open_probes && !window.proposing {
             window.proposing = true;
             window.probe_successes = 0;
+            let opened_at_us = self.shards.policy().read(|s| s.breakers.get(agent).map(|b| b.opened_at_us));
             let command = PolicyCommand::ResetBreaker {
                 agent_id: agent.to_string(),
                 reason: format!("{} probe writes succeeded while half-open", self.settings.half_open_probes),
+                opened_at_us,
             };
             self.propose_in_background(agent, command);
         }
@@ -307,7 +317,7 @@ async fn reset(
     if reason.chars().count() > crate::model::assertion::MAX_REASON_CHARS {
         return Err(crate::model::ModelError::ReasonTooLong.into());
     }
-    breaker_change(&state, PolicyCommand::ResetBreaker { agent_id: request.agent_id, reason }).await
+    breaker_change(&state, PolicyCommand::ResetBreaker { agent_id: request.agent_id, reason, opened_at_us: None }).await
 }
 
 async fn breaker_change(state: &AppState, command: PolicyCommand) -> Result<Response, ApiError> {

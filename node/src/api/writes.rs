@@ -26,8 +26,13 @@ use crate::model::ModelError;
 use crate::raft::types::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
 
 /// Counts an invalid request against the agent it claims to come from (when that is a valid
-/// agent id at all), for the invalid-request rate of its circuit breaker.
+/// agent id at all), for the invalid-request rate of its circuit breaker. With
+/// `security.require_signatures` an unverified claim proves nothing, and counting it would let
+/// anyone trip another agent's breaker: only refusals of verified writes count then (`settle`).
 fn count_invalid(state: &AppState, claimed_agent: Option<&str>) {
+    if state.config.security.require_signatures {
+        return;
+    }
     let agent = claimed_agent.unwrap_or(DEFAULT_AGENT_ID);
     if validate_agent_id(agent).is_ok() {
         state.breakers.record_invalid(agent);
@@ -46,12 +51,36 @@ fn settle(state: &AppState, agent: &str, admission: Admission, succeeded: bool) 
 }
 
 /// Checks an assertion's signature (required with `security.require_signatures`, checked
-/// whenever present); a refusal counts against the agent's invalid-request rate.
-fn check_assertion_signature(state: &AppState, draft: &AssertionDraft) -> Result<(), ApiError> {
+/// whenever present). A signed assertion is stored with its value and source in canonical form,
+/// so what is stored is exactly what was signed. A refused signature never counts against the
+/// claimed agent (it proves nothing about who sent it).
+fn check_assertion_signature(state: &AppState, draft: &mut AssertionDraft) -> Result<(), ApiError> {
     let required = state.config.security.require_signatures;
+    if draft.signature.is_some() {
+        canonicalize(draft)?;
+    }
     verify("assertion", &draft.agent_id, draft.signature.as_deref(), || assertion_bytes(draft), required)
-        .inspect_err(|_| count_invalid(state, Some(&draft.agent_id)))
         .map_err(ApiError::from)
+}
+
+/// Replaces a signed draft's value and source by their canonical JSON (docs/signatures.md), so
+/// the stored claim is exactly what the signature covers: whatever a relay changes in the raw
+/// text without changing the canonical form (whitespace, key order, a duplicate key, digits
+/// beyond a number's precision) cannot make the stored value differ from the signed one.
+fn canonicalize(draft: &mut AssertionDraft) -> Result<(), ApiError> {
+    for (field, raw) in [("value", Some(&mut draft.value)), ("source", draft.source.as_mut())] {
+        let Some(raw) = raw else { continue };
+        let refuse = || {
+            ApiError::new(
+                422,
+                "value_not_canonical",
+                format!("{field} of a signed assertion has no canonical JSON form (nested too deeply?)"),
+            )
+        };
+        let parsed: Value = serde_json::from_str(raw.get()).map_err(|_| refuse())?;
+        *raw = RawValue::from_string(crate::model::signing::canonical_json(&parsed)).map_err(|_| refuse())?;
+    }
+    Ok(())
 }
 
 fn write_timeout(state: &AppState) -> Duration {
@@ -98,14 +127,14 @@ pub async fn assert(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let claimed_agent = request.agent_id.clone();
-    let draft = match request.validate(state.config.limits.max_value_bytes, state.shards.shard_count()) {
+    let mut draft = match request.validate(state.config.limits.max_value_bytes, state.shards.shard_count()) {
         Ok(draft) => draft,
         Err(error) => {
             count_invalid(&state, claimed_agent.as_deref());
             return Err(error.into());
         }
     };
-    check_assertion_signature(&state, &draft)?;
+    check_assertion_signature(&state, &mut draft)?;
     let admission = state.breakers.admit(&draft.agent_id, 1, true)?;
     let agent = draft.agent_id.clone();
     let shard = state.shards.shard_for_path(&draft.concept_path);
@@ -152,10 +181,10 @@ pub async fn assert_batch(
     for (position, raw) in request.assertions.into_iter().enumerate() {
         let validated = parse_json::<AssertRequest>(raw.get().as_bytes()).and_then(|item| {
             let claimed_agent = item.agent_id.clone();
-            let draft = item
+            let mut draft = item
                 .validate(state.config.limits.max_value_bytes, state.shards.shard_count())
                 .inspect_err(|_| count_invalid(&state, claimed_agent.as_deref()))?;
-            check_assertion_signature(&state, &draft)?;
+            check_assertion_signature(&state, &mut draft)?;
             Ok((state.breakers.admit(&draft.agent_id, 1, true)?, draft))
         });
         match validated {
@@ -251,8 +280,7 @@ pub async fn vote(
         request.signature.as_deref(),
         || vote_bytes(&assertion_id.to_string(), &agent_id, value),
         required,
-    )
-    .inspect_err(|_| count_invalid(&state, Some(&agent_id)))?;
+    )?;
     let admission = state.breakers.admit(&agent_id, 1, false)?;
     let command = ShardCommand::Vote { proposed_at_us: now_us(), assertion_id, agent_id: agent_id.clone(), value };
     let response = state.shards.propose(assertion_id.shard(), command, write_timeout(&state)).await?;
@@ -302,8 +330,7 @@ pub async fn retract(
             request.signature.as_deref(),
             || retract_bytes(&assertion_id.to_string(), &agent_id, reason),
             required,
-        )
-        .inspect_err(|_| count_invalid(&state, Some(&agent_id)))?;
+        )?;
         state.breakers.admit(&agent_id, 1, false)?
     };
     let command = ShardCommand::Retract {

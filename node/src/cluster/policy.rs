@@ -111,8 +111,14 @@ pub enum PolicyCommand {
         #[serde(default)]
         max_open_ms: Option<u64>,
     },
-    /// Closes an agent's breaker.
-    ResetBreaker { agent_id: String, reason: String },
+    /// Closes an agent's breaker. `opened_at_us` (half-open probes): only the breaker opened
+    /// then, and only while half-open, so a reset racing a newer trip cannot close that one.
+    ResetBreaker {
+        agent_id: String,
+        reason: String,
+        #[serde(default)]
+        opened_at_us: Option<u64>,
+    },
 }
 
 /// Why a policy change was refused. Each has a stable code and HTTP status.
@@ -252,6 +258,13 @@ impl PolicyStore {
             }
             PolicyCommand::TripBreaker { agent_id, cause, reason, open_for_ms, max_open_ms } => {
                 let previous = self.breakers.get(&agent_id);
+                // An automatic trip never replaces an operator's trip, nor an open period still
+                // running (nodes measure rates separately and may all report the same burst).
+                if let Some(p) = previous.filter(|p| cause != BreakerCause::Manual && p.closed_at_us.is_none()) {
+                    if p.cause == BreakerCause::Manual || p.state_at(at_us) == BreakerState::Open {
+                        return Ok((PolicyOutcome::Breaker(p.clone()), Vec::new()));
+                    }
+                }
                 let consecutive = previous.is_some_and(|p| {
                     p.closed_at_us.is_none_or(|closed| at_us.saturating_sub(closed) < CONSECUTIVE_TRIP_WINDOW_US)
                 });
@@ -276,11 +289,16 @@ impl PolicyStore {
                 self.breakers.insert(agent_id, record.clone());
                 Ok((PolicyOutcome::Breaker(record.clone()), vec![PolicyRecord::Breaker(record)]))
             }
-            PolicyCommand::ResetBreaker { agent_id, reason } => {
+            PolicyCommand::ResetBreaker { agent_id, reason, opened_at_us } => {
                 let record = match self.breakers.get_mut(&agent_id) {
                     Some(record) if record.closed_at_us.is_none() => record,
                     _ => return Err(PolicyError::BreakerNotOpen { agent_id }),
                 };
+                if let Some(opened) = opened_at_us {
+                    if record.opened_at_us != opened || record.state_at(at_us) != BreakerState::HalfOpen {
+                        return Err(PolicyError::BreakerNotOpen { agent_id });
+                    }
+                }
                 record.closed_at_us = Some(at_us);
                 record.closed_reason = Some(reason);
                 let record = record.clone();
@@ -483,12 +501,27 @@ mod tests {
             open_for_ms: Some(1000),
             max_open_ms: Some(3000),
         };
-        let reset = |reason: &str| PolicyCommand::ResetBreaker { agent_id: "bot".into(), reason: reason.into() };
+        let reset = |reason: &str| PolicyCommand::ResetBreaker {
+            agent_id: "bot".into(),
+            reason: reason.into(),
+            opened_at_us: None,
+        };
         let (outcome, _) = store.apply(trip(BreakerCause::WriteRate), 1_000_000).expect("trip");
         let PolicyOutcome::Breaker(record) = outcome else { panic!("breaker") };
         assert_eq!(record.state_at(1_500_000), BreakerState::Open);
         assert_eq!(record.state_at(2_000_000), BreakerState::HalfOpen);
-        // Re-tripped before closing: the count goes up and the period doubles.
+        // Another node's report of the same burst, while open: no change.
+        store.apply(trip(BreakerCause::WriteRate), 1_200_000).expect("same burst");
+        assert_eq!((store.breakers["bot"].trips, store.breakers["bot"].opened_at_us), (1, 1_000_000));
+        // A probe's reset for another opening, or before half-open, is refused.
+        let probe_reset = |opened| PolicyCommand::ResetBreaker {
+            agent_id: "bot".into(),
+            reason: "probes".into(),
+            opened_at_us: Some(opened),
+        };
+        assert!(store.apply(probe_reset(999), 2_050_000).is_err());
+        assert!(store.apply(probe_reset(1_000_000), 1_500_000).is_err());
+        // Re-tripped while half-open: the count goes up and the period doubles.
         store.apply(trip(BreakerCause::WriteRate), 2_100_000).expect("trip again");
         assert_eq!((store.breakers["bot"].trips, store.breakers["bot"].open_until_us), (2, Some(4_100_000)));
         store.apply(reset("ok"), 5_000_000).expect("reset");
@@ -513,5 +546,10 @@ mod tests {
         store.apply(manual, later + 1).expect("manual");
         assert_eq!(store.breakers["bot"].trips, 1);
         assert_eq!(store.breakers["bot"].state_at(u64::MAX - 1), BreakerState::Open);
+        // Automatic trips and probe resets leave an operator's trip alone.
+        store.apply(trip(BreakerCause::InvalidRate), later + 2).expect("ignored");
+        assert_eq!(store.breakers["bot"].cause, BreakerCause::Manual);
+        assert!(store.apply(probe_reset(later + 1), later + 3).is_err());
+        store.apply(reset("operator"), later + 4).expect("an operator's reset closes it");
     }
 }

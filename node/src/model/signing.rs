@@ -153,6 +153,10 @@ pub fn revoke_bytes(grant_id: u64, grantor: &str) -> Vec<u8> {
 
 /// Parses an agent_id as an Ed25519 public key.
 pub fn public_key(agent_id: &str) -> Result<ed25519_dalek::VerifyingKey, SignatureError> {
+    // One spelling per key: with mixed case, one key holder could act as many agents.
+    if agent_id.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(SignatureError::AgentIdNotPublicKey { reason: "hex must be lower-case".into() });
+    }
     let bytes: [u8; 32] = hex::decode(agent_id)
         .map_err(|e| SignatureError::AgentIdNotPublicKey { reason: e.to_string() })?
         .try_into()
@@ -245,6 +249,10 @@ mod tests {
             Err(SignatureError::AgentIdNotPublicKey { .. })
         ));
         assert_eq!(verify("vote", PUBLIC_KEY, Some("abcd"), Vec::new, false), Err(SignatureError::MalformedSignature));
+        assert!(matches!(
+            verify("vote", &PUBLIC_KEY.to_uppercase(), Some("abcd"), Vec::new, false),
+            Err(SignatureError::AgentIdNotPublicKey { .. })
+        ));
     }
 
     const EXPECTED_ASSERT_BYTES: &str =
