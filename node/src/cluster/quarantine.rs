@@ -7,7 +7,8 @@
 //! 2. its path is under one of `quarantine.require_authority_prefixes` and its agent has no
 //!    authority for the path;
 //! 3. it contradicts (same concept_path and predicate, another value) an active claim by an
-//!    agent at or above `quarantine.protect_authority_level`, and its own agent is below that.
+//!    agent at or above `quarantine.protect_authority_level`, and its own agent is below that
+//!    (among the [`SCREENED_CLAIMS`] newest claims there).
 
 use super::policy::{BreakerState, Policy};
 use crate::config::Config;
@@ -15,6 +16,10 @@ use crate::model::assertion::{AssertionDraft, QuarantineDecision, Status};
 use crate::model::authority::prefix_covers;
 use crate::model::lens::same_json;
 use crate::raft::reader::ShardReader;
+
+/// The contradiction trigger compares a claim with this many of the newest claims on its
+/// concept_path and predicate.
+pub const SCREENED_CLAIMS: usize = 256;
 
 /// The configured triggers.
 #[derive(Debug, Clone, Default)]
@@ -77,15 +82,16 @@ impl QuarantineRules {
             return None;
         }
         // The leader's applied state: claims still in flight are not seen, which only means a
-        // contradiction racing its protected claim is not caught.
-        let groups = match reader.claims(path, Some(&draft.predicate)) {
-            Ok(groups) => groups,
+        // contradiction racing its protected claim is not caught. Only the newest claims are
+        // compared, so a write costs the same on a path with millions of claims.
+        let claims = match reader.recent_claims(path, &draft.predicate, SCREENED_CLAIMS) {
+            Ok(claims) => claims,
             Err(error) => {
                 tracing::warn!(error = %error, path, "quarantine screening could not read claims; not quarantining");
                 return None;
             }
         };
-        for facts in groups.iter().flat_map(|g| &g.claims) {
+        for facts in &claims {
             let Some(claim) = facts.at(u64::MAX, &|_| 1.0) else { continue };
             if claim.status != Status::Active || same_json(&claim.record.draft.value, &draft.value) {
                 continue;

@@ -239,6 +239,28 @@ impl ShardReader {
         Ok(groups)
     }
 
+    /// The newest `limit` claims about (concept_path, predicate), newest first, with their facts.
+    pub fn recent_claims(
+        &self,
+        concept_path: &str,
+        predicate: &str,
+        limit: usize,
+    ) -> Result<Vec<ClaimFacts>, StorageError> {
+        let prefix = keys::claims_prefix(self.group, concept_path, Some(predicate));
+        let rows = self.storage.scan_reverse(ColumnFamily::Index, &prefix, &keys::prefix_end(&prefix), limit)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (key, _) in rows {
+            let id = key
+                .get(prefix.len()..)
+                .and_then(AssertionId::from_bytes)
+                .ok_or_else(|| StorageError::corrupt(ColumnFamily::Index, "claim key"))?;
+            if let Some(facts) = self.facts(id)? {
+                out.push(facts);
+            }
+        }
+        Ok(out)
+    }
+
     /// (concept_path, predicate) pairs under `prefix`, in key order, strictly after `after`,
     /// at most `limit`.
     pub fn concepts(

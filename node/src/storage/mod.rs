@@ -293,6 +293,30 @@ impl Storage {
     }
 
     /// The greatest key/value in `[from, to)`.
+    /// Up to `limit` key/values of `[from, to)`, greatest key first.
+    pub fn scan_reverse(
+        &self,
+        cf: ColumnFamily,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_lower_bound(from.to_vec());
+        read_options.set_iterate_upper_bound(to.to_vec());
+        let mut iter = self.db.raw_iterator_cf_opt(self.handle(cf)?, read_options);
+        iter.seek_to_last();
+        let mut out = Vec::new();
+        while iter.valid() && out.len() < limit {
+            if let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+            iter.prev();
+        }
+        iter.status().map_err(|e| engine_error("scan", e))?;
+        Ok(out)
+    }
+
     pub fn last_in_range(
         &self,
         cf: ColumnFamily,
