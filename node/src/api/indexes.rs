@@ -107,6 +107,7 @@ async fn rebuild(
             match repair_group(&context.storage, reader.group_id(), Some(reader.index_lock()), &context.indexes.scanned)
             {
                 Ok(report) => {
+                    reader.clear_cache();
                     tracing::info!(
                         shard = reader.shard,
                         assertions = report.assertions,

@@ -3,6 +3,7 @@
 //! read-barrier paths. It does not know about HTTP.
 
 pub mod batching;
+pub mod claims_cache;
 pub mod hibernation;
 pub mod index_repair;
 pub mod keys;

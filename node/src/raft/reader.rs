@@ -21,7 +21,7 @@ pub struct ShardReader {
 }
 
 /// The claims about one (concept_path, predicate).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClaimGroup {
     pub concept_path: String,
     pub predicate: String,
@@ -106,6 +106,11 @@ impl ShardReader {
     /// The lock an online index repair of this shard takes per chunk (see `raft::index_repair`).
     pub fn index_lock(&self) -> &parking_lot::Mutex<()> {
         &self.progress.index_lock
+    }
+
+    /// Drops this shard's cached claims (after its indexes were repaired).
+    pub fn clear_cache(&self) {
+        self.progress.claims_cache.clear();
     }
 
     pub fn group_id(&self) -> GroupId {
@@ -202,6 +207,21 @@ impl ShardReader {
     /// Every claim about `concept_path` (and `predicate`, if given), grouped by predicate in
     /// predicate order.
     pub fn claims(&self, concept_path: &str, predicate: Option<&str>) -> Result<Vec<ClaimGroup>, StorageError> {
+        let cache = &self.progress.claims_cache;
+        if let Some(hit) = cache.get(concept_path, predicate) {
+            return Ok(hit.as_ref().clone());
+        }
+        let generation = cache.generation();
+        let groups = self.claims_from_storage(concept_path, predicate)?;
+        cache.insert_if_current(generation, concept_path, predicate, &groups);
+        Ok(groups)
+    }
+
+    fn claims_from_storage(
+        &self,
+        concept_path: &str,
+        predicate: Option<&str>,
+    ) -> Result<Vec<ClaimGroup>, StorageError> {
         let prefix = keys::claims_prefix(self.group, concept_path, predicate);
         let rows = self.storage.scan(ColumnFamily::Index, &prefix, &keys::prefix_end(&prefix), usize::MAX)?;
         let path_prefix_len = keys::claims_prefix(self.group, concept_path, None).len();

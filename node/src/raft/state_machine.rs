@@ -54,6 +54,8 @@ pub struct AppliedProgress {
     pub applied_at_us: AtomicU64,
     /// Held by `apply` and by each chunk of an online index repair, so they never interleave.
     pub index_lock: parking_lot::Mutex<()>,
+    /// Claims read by queries, dropped per path by the applies that touch it.
+    pub claims_cache: super::claims_cache::ClaimsCache,
 }
 
 pub struct ShardStateMachine {
@@ -64,6 +66,8 @@ pub struct ShardStateMachine {
     progress: Arc<AppliedProgress>,
     /// The meta group's state machine also holds the cluster metadata.
     meta: Option<MetaSlot>,
+    /// Concept paths the current `apply` call changed (for the claims cache).
+    touched: Vec<String>,
 }
 
 /// The cluster metadata as applied, and where it is published to the rest of the node.
@@ -127,7 +131,7 @@ impl ShardStateMachine {
         let progress = Arc::new(AppliedProgress::default());
         progress.applied_index.store(state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
         progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
-        Ok(ShardStateMachine { storage, shard, group, state, progress, meta: None })
+        Ok(ShardStateMachine { storage, shard, group, state, progress, meta: None, touched: Vec::new() })
     }
 
     /// Opens the meta group's state machine; every applied change of the cluster metadata is
@@ -295,6 +299,7 @@ impl ShardStateMachine {
                 }
             }
             overlay.put(ColumnFamily::Index, keys::agent_key(self.group, &draft.agent_id, id), Vec::new());
+            self.touched.push(draft.concept_path.clone());
             let concept_key = keys::concept_key(self.group, &draft.concept_path, &draft.predicate);
             let count = match overlay.get(ColumnFamily::Index, &concept_key)? {
                 Some(bytes) => bytes.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
@@ -361,9 +366,10 @@ impl ShardStateMachine {
         agent_id: &str,
         value: i8,
     ) -> Result<Result<EventOutcome, ModelError>, StorageIoError> {
-        if self.load_assertion(overlay, assertion_id)?.is_none() {
+        let Some(record) = self.load_assertion(overlay, assertion_id)? else {
             return Ok(Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }));
-        }
+        };
+        self.touched.push(record.draft.concept_path);
         let at_us = self.next_time(proposed_at_us);
         overlay.put(
             ColumnFamily::StateMachine,
@@ -390,6 +396,9 @@ impl ShardStateMachine {
         if !admin && record.draft.agent_id != agent_id {
             return Ok(Err(ModelError::NotAssertionOwner { id: assertion_id.to_string(), agent_id }));
         }
+        // A retraction also withdraws the supersessions this claim made, which changes the
+        // claims it superseded: all on the same concept_path.
+        self.touched.push(record.draft.concept_path.clone());
         let key = keys::retraction_key(self.group, assertion_id);
         if overlay.get(ColumnFamily::StateMachine, &key)?.is_some() {
             return Ok(Err(ModelError::AlreadyRetracted { id: assertion_id.to_string() }));
@@ -422,6 +431,7 @@ impl ShardStateMachine {
         if !record.quarantined || overlay.get(ColumnFamily::Index, &pending)?.is_none() {
             return Ok(Err(ModelError::NotQuarantined { id: assertion_id.to_string() }));
         }
+        self.touched.push(record.draft.concept_path.clone());
         let at_us = self.next_time(proposed_at_us);
         overlay.delete_visible(ColumnFamily::Index, pending);
         let decision = RetractionRecord { at_us, by, reason };
@@ -598,6 +608,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         overlay.batch.put(ColumnFamily::StateMachine, keys::applied_key(self.group), state_bytes);
         // The log is the write-ahead log: applied state need not be synced, a crash re-applies.
         self.storage.write(overlay.batch, Durability::Buffered).map_err(sm_write_error)?;
+        // After the write, so a reader that misses the cache from now on reads the new state.
+        progress.claims_cache.invalidate(self.touched.iter().map(String::as_str));
+        self.touched.clear();
         self.progress.applied_index.store(self.state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
         self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
         if let Some(slot) = &self.meta {
@@ -674,6 +687,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             serde_json::to_vec(&state).map_err(sm_write_error)?,
         );
         self.storage.write(batch, Durability::Synced).map_err(sm_write_error)?;
+        progress.claims_cache.clear();
         self.state = state;
         self.progress.applied_index.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
         self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);

@@ -1,0 +1,100 @@
+//! A per-shard cache of the claims about a concept_path, as [`ShardReader::claims`] reads them
+//! from storage (index scan, records, events). Queries of hot keys then skip the storage reads.
+//!
+//! Correctness rests on one rule: an entry never survives an apply that touched its path. The
+//! state machine writes its batch, then invalidates the paths it touched and bumps the
+//! generation, under the cache lock. A reader notes the generation before reading storage and
+//! inserts only if it is unchanged, under the same lock: a read that started before a write
+//! can never be inserted after that write's invalidation.
+//!
+//! [`ShardReader::claims`]: super::reader::ShardReader::claims
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::reader::ClaimGroup;
+
+/// Paths cached per shard before the cache starts over.
+const MAX_PATHS: usize = 4096;
+/// Groups with more claims than this are not cached (memory).
+const MAX_CLAIMS_PER_ENTRY: usize = 256;
+
+type Entries = HashMap<String, HashMap<Option<String>, Arc<Vec<ClaimGroup>>>>;
+
+#[derive(Debug, Default)]
+pub struct ClaimsCache {
+    entries: Mutex<Entries>,
+    generation: AtomicU64,
+}
+
+impl ClaimsCache {
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn get(&self, path: &str, predicate: Option<&str>) -> Option<Arc<Vec<ClaimGroup>>> {
+        let entries = self.entries.lock();
+        entries.get(path)?.get(&predicate.map(str::to_string)).cloned()
+    }
+
+    /// Caches what a reader read from storage, unless an apply invalidated anything since the
+    /// reader noted `generation`.
+    pub fn insert_if_current(&self, generation: u64, path: &str, predicate: Option<&str>, groups: &[ClaimGroup]) {
+        if groups.iter().map(|g| g.claims.len()).sum::<usize>() > MAX_CLAIMS_PER_ENTRY {
+            return;
+        }
+        let mut entries = self.entries.lock();
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        if entries.len() >= MAX_PATHS && !entries.contains_key(path) {
+            entries.clear();
+        }
+        entries.entry(path.to_string()).or_default().insert(predicate.map(str::to_string), Arc::new(groups.to_vec()));
+    }
+
+    /// Called by the state machine after writing an apply's batch: drops the touched paths.
+    pub fn invalidate<'a>(&self, paths: impl IntoIterator<Item = &'a str>) {
+        let mut entries = self.entries.lock();
+        for path in paths {
+            entries.remove(path);
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drops everything (snapshot installed, indexes repaired).
+    pub fn clear(&self) {
+        let mut entries = self.entries.lock();
+        entries.clear();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(path: &str) -> ClaimGroup {
+        ClaimGroup { concept_path: path.into(), predicate: "p".into(), claims: Vec::new() }
+    }
+
+    #[test]
+    fn a_read_that_raced_an_apply_is_not_cached() {
+        let cache = ClaimsCache::default();
+        let before = cache.generation();
+        cache.invalidate(["a"]);
+        cache.insert_if_current(before, "a", None, &[group("a")]);
+        assert!(cache.get("a", None).is_none(), "read started before the apply");
+        let now = cache.generation();
+        cache.insert_if_current(now, "a", None, &[group("a")]);
+        assert!(cache.get("a", None).is_some());
+        assert!(cache.get("a", Some("p")).is_none(), "per predicate");
+        cache.invalidate(["b"]);
+        assert!(cache.get("a", None).is_some(), "other paths stay");
+        cache.invalidate(["a"]);
+        assert!(cache.get("a", None).is_none());
+    }
+}
