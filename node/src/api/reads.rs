@@ -131,7 +131,7 @@ fn claim_view<'a>(claim: &Claim<'a>, lens: Lens) -> ClaimView<'a> {
 fn group_result(state: &AppState, group: &ClaimGroup, lens: Lens, as_of_us: u64) -> Option<Value> {
     let policy = state.shards.policy();
     let path = group.concept_path.as_str();
-    let authority = |agent: &str| policy.authority(agent, path, as_of_us).map(|a| a.level);
+    let authority = |agent: &str| policy.level(agent, path, as_of_us);
     // DESIGN §2: a vote weighs its voter's authority for the path, 1 where it has none. Only
     // the consensus lens shows scores, so the others skip the lookups.
     let weighted = |agent: &str| authority(agent).map_or(1.0, f64::from);

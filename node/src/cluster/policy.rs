@@ -320,7 +320,22 @@ struct PolicyInner {
     version: AtomicU64,
     max_chain_depth: usize,
     quarantine: QuarantineRules,
-    cache: Mutex<HashMap<(String, String), Option<AgentAuthority>>>,
+    cache: Mutex<AuthorityCache>,
+}
+
+/// Cached results for the present: path → agent → authority. Nested so a lookup by `&str`
+/// allocates nothing.
+#[derive(Default)]
+struct AuthorityCache {
+    by_path: HashMap<String, HashMap<String, Option<AgentAuthority>>>,
+    entries: usize,
+}
+
+impl AuthorityCache {
+    fn clear(&mut self) {
+        self.by_path.clear();
+        self.entries = 0;
+    }
 }
 
 impl Policy {
@@ -331,7 +346,7 @@ impl Policy {
                 version: AtomicU64::new(0),
                 max_chain_depth,
                 quarantine,
-                cache: Mutex::new(HashMap::new()),
+                cache: Mutex::new(AuthorityCache::default()),
             }),
         }
     }
@@ -365,24 +380,34 @@ impl Policy {
 
     /// The authority of `agent` for `path` at `as_of_us` (`u64::MAX`: now, cached).
     pub fn authority(&self, agent: &str, path: &str, as_of_us: u64) -> Option<AgentAuthority> {
+        self.lookup(agent, path, as_of_us, |found| found.cloned())
+    }
+
+    /// Only the level of [`Policy::authority`]: what the lenses need, without copying chains.
+    pub fn level(&self, agent: &str, path: &str, as_of_us: u64) -> Option<u8> {
+        self.lookup(agent, path, as_of_us, |found| found.map(|a| a.level))
+    }
+
+    fn lookup<T>(&self, agent: &str, path: &str, as_of_us: u64, take: impl Fn(Option<&AgentAuthority>) -> T) -> T {
         let depth = self.inner.max_chain_depth;
         if as_of_us != u64::MAX {
-            return self.read(|s| s.authorities.authority(agent, path, as_of_us, depth));
+            return take(self.read(|s| s.authorities.authority(agent, path, as_of_us, depth)).as_ref());
         }
-        let key = (agent.to_string(), path.to_string());
-        if let Some(hit) = self.inner.cache.lock().get(&key) {
-            return hit.clone();
+        if let Some(hit) = self.inner.cache.lock().by_path.get(path).and_then(|agents| agents.get(agent)) {
+            return take(hit.as_ref());
         }
         // Computed under the read lock, so a change cannot slip in between computing and caching
         // (changes clear the cache under the write lock).
         let store = self.inner.store.read();
         let result = store.authorities.authority(agent, path, u64::MAX, depth);
+        let answer = take(result.as_ref());
         let mut cache = self.inner.cache.lock();
-        if cache.len() >= AUTHORITY_CACHE_ENTRIES {
+        if cache.entries >= AUTHORITY_CACHE_ENTRIES {
             cache.clear();
         }
-        cache.insert(key, result.clone());
-        result
+        cache.entries += 1;
+        cache.by_path.entry(path.to_string()).or_default().insert(agent.to_string(), result);
+        answer
     }
 
     /// An estimate of the memory the policy holds (records, indexes and cached results).
@@ -402,8 +427,15 @@ impl Policy {
             .inner
             .cache
             .lock()
+            .by_path
             .iter()
-            .map(|((a, p), v)| 96 + a.len() + p.len() + v.as_ref().map_or(0, |v| 48 + v.chain.len() * 8))
+            .map(|(path, agents)| {
+                48 + path.len()
+                    + agents
+                        .iter()
+                        .map(|(a, v)| 96 + a.len() + v.as_ref().map_or(0, |v| 48 + v.chain.len() * 8))
+                        .sum::<usize>()
+            })
             .sum();
         (store + cache) as u64
     }

@@ -68,7 +68,7 @@ impl QuarantineRules {
             }
         }
         let mut own_level = None;
-        let mut level = || *own_level.get_or_insert_with(|| policy.authority(agent, path, u64::MAX).map(|a| a.level));
+        let mut level = || *own_level.get_or_insert_with(|| policy.level(agent, path, u64::MAX));
         if let Some(prefix) = self.require_authority_prefixes.iter().find(|p| prefix_covers(p, path)) {
             if level().is_none() {
                 return Some(QuarantineDecision {
@@ -97,12 +97,12 @@ impl QuarantineRules {
                 continue;
             }
             let other = claim.record.draft.agent_id.as_str();
-            if let Some(found) = policy.authority(other, path, u64::MAX).filter(|a| a.level >= protect) {
+            if let Some(level) = policy.level(other, path, u64::MAX).filter(|l| *l >= protect) {
                 return Some(QuarantineDecision {
                     reason: "contradicts_protected_claim".into(),
                     detail: format!(
                         "contradicts assertion {} by {other:?} (authority {}, protected at {protect})",
-                        claim.record.id, found.level
+                        claim.record.id, level
                     ),
                 });
             }
