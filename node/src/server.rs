@@ -243,6 +243,9 @@ pub async fn run(
         crate::cluster::placement::start_leader_balancer(&shards, Duration::from_secs(2), stop.clone());
     }
     record_config_roots(&shards, &config.authority.roots, stop.clone());
+    if config.storage.rebuild_indexes_on_start {
+        rebuild_indexes_when_placed(&context, stop.clone());
+    }
     let grpc = {
         let service = RaftService::server(shards.clone(), Duration::from_millis(config.raft.write_timeout_ms));
         let stop = stop.clone();
@@ -531,6 +534,24 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     node_gauge(context, "stemedb_shards_led", "Shards whose Raft leader is this node", |c| {
         let leader = |g: &&crate::raft::ShardGroup| g.raft.metrics().borrow().current_leader == Some(c.shards.node_id);
         c.shards.groups().iter().filter(leader).count() as f64
+    });
+}
+
+/// The start-up index verification (`storage.rebuild_indexes_on_start`): waits until the
+/// cluster metadata says which shards this node hosts (up to a minute), then starts it.
+fn rebuild_indexes_when_placed(context: &Arc<NodeContext>, stop: tokio_util::sync::CancellationToken) {
+    let context = context.clone();
+    tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !context.shards.meta().is_bootstrapped() && Instant::now() < deadline {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        if let Err(error) = crate::api::indexes::start_rebuild(&context, "start-up") {
+            tracing::warn!(error = %error.message, "start-up index rebuild not started");
+        }
     });
 }
 

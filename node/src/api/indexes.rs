@@ -82,6 +82,13 @@ async fn rebuild(
     connect_info: ConnectInfo<SocketAddr>,
 ) -> Result<Response, ApiError> {
     state.require_admin(&headers, peer_of(connect_info))?;
+    start_rebuild(&state, "admin request")?;
+    Ok((StatusCode::ACCEPTED, Json(state.indexes.json())).into_response())
+}
+
+/// Starts a verification and repair of every shard this node hosts, in the background; 409
+/// while one runs.
+pub fn start_rebuild(state: &AppState, trigger: &'static str) -> Result<(), ApiError> {
     let readers: Vec<_> =
         state.shards.groups().iter().filter(|g| state.shards.hosts(g)).map(|g| g.reader.clone()).collect();
     {
@@ -97,7 +104,7 @@ async fn rebuild(
         };
         state.indexes.scanned.store(0, Ordering::Relaxed);
     }
-    tracing::info!(shards = readers.len(), "starting index rebuild");
+    tracing::info!(shards = readers.len(), trigger, "starting index rebuild");
     let context = state.clone();
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
@@ -146,7 +153,7 @@ async fn rebuild(
         status.finished_at_us = Some(now_us());
         status.report = Some(total);
     });
-    Ok((StatusCode::ACCEPTED, Json(state.indexes.json())).into_response())
+    Ok(())
 }
 
 /// `GET /v1/admin/indexes/status`: `{"status": "ready"|"rebuilding"|"failed", "last_rebuild", …}`.

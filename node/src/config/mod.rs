@@ -190,6 +190,9 @@ pub struct StorageSection {
     pub write_buffer_mb: u64,
     /// fsync the Raft log before acknowledging writes. Turn off only for throwaway benchmarks.
     pub fsync: bool,
+    /// Verify and repair the secondary indexes in the background after every start (as
+    /// `POST /v1/admin/indexes/rebuild` does; writes and reads go on meanwhile).
+    pub rebuild_indexes_on_start: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -304,7 +307,7 @@ impl Default for ClusterSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { max_cache_size_mb: 1024, write_buffer_mb: 64, fsync: true }
+        StorageSection { max_cache_size_mb: 1024, write_buffer_mb: 64, fsync: true, rebuild_indexes_on_start: true }
     }
 }
 
