@@ -1,10 +1,7 @@
 //! Node admin endpoints under `/v1/admin/*` (admin token, or loopback when none is configured).
 
-use std::net::SocketAddr;
-
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -13,7 +10,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::extract::parse_json;
-use super::{peer_of, AppState};
+use super::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -34,11 +31,9 @@ struct SlowQueriesParams {
 /// (`limit` default 100, at most 1000).
 async fn slow_queries(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
+    _admin: super::AdminRights,
     params: Result<axum::extract::Query<SlowQueriesParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
     let params = super::extract::query_params(params)?;
     let limit = super::extract::list_limit(params.limit)?;
     let queries = state.slow_queries.list(limit, params.agent_id.as_deref());
@@ -51,12 +46,7 @@ async fn slow_queries(
 }
 
 /// `GET /v1/admin/storage/stats`: engine statistics as the runbooks read them.
-async fn storage_stats(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
-) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
+async fn storage_stats(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
     let stats = state.storage.stats();
     let mut body = serde_json::to_value(&stats).map_err(|e| ApiError::new(500, "encoding_failed", e.to_string()))?;
     body["index_memory_bytes"] = json!(super::indexes::index_memory_bytes(&state));
@@ -75,13 +65,7 @@ struct CompactRequest {
 
 /// `POST /v1/admin/storage/compact` and `POST /v1/admin/compact`: full manual compaction, run
 /// in the background; the answer returns at once.
-async fn compact(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
+async fn compact(State(state): State<AppState>, _admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
     let request: CompactRequest =
         if body.iter().all(|b| b.is_ascii_whitespace()) { CompactRequest::default() } else { parse_json(&body)? };
     let storage = state.storage.clone();

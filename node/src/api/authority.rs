@@ -67,11 +67,9 @@ struct RootRequest {
 /// (or changes its level).
 async fn set_root(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
+    _admin: super::AdminRights,
     StrictJson(request): StrictJson<RootRequest>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
     validate_agent_id(&request.agent_id)?;
     let level = validate_level(request.level)?;
     let command = PolicyCommand::SetRoot { agent_id: request.agent_id, level: Some(level) };
@@ -87,11 +85,9 @@ async fn set_root(
 /// it stop counting; `as_of` reads before now still see it).
 async fn remove_root(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
+    _admin: super::AdminRights,
     Path(agent_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
     validate_agent_id(&agent_id)?;
     if state.shards.policy().read(|s| s.authorities.root_level(&agent_id, u64::MAX)).is_none() {
         return Err(ApiError::new(404, "root_not_found", format!("agent {agent_id:?} is not a root authority")));

@@ -7,12 +7,10 @@
 //! sees an agent exceed a limit proposes the trip, and the meta group records it for all.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,7 +20,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::StrictJson;
-use super::{peer_of, AppState};
+use super::AppState;
 use crate::cluster::policy::{BreakerCause, BreakerRecord, BreakerState, PolicyCommand, PolicyOutcome};
 use crate::config::CircuitBreakerSection;
 use crate::model::assertion::validate_agent_id;
@@ -276,11 +274,9 @@ struct TripRequest {
 /// `POST /v1/admin/circuit-breaker/trip` `{"agent_id", "reason"?, "duration_seconds"?}`.
 async fn trip(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
+    _admin: super::AdminRights,
     StrictJson(request): StrictJson<TripRequest>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
     validate_agent_id(&request.agent_id)?;
     let reason = request.reason.unwrap_or_else(|| "tripped by an operator".into());
     if reason.chars().count() > crate::model::assertion::MAX_REASON_CHARS {
@@ -307,11 +303,9 @@ struct ResetRequest {
 /// `POST /v1/admin/circuit-breaker/reset` `{"agent_id", "reason"?}`: closes the breaker.
 async fn reset(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
+    _admin: super::AdminRights,
     StrictJson(request): StrictJson<ResetRequest>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
     validate_agent_id(&request.agent_id)?;
     let reason = request.reason.unwrap_or_else(|| "reset by an operator".into());
     if reason.chars().count() > crate::model::assertion::MAX_REASON_CHARS {
@@ -339,11 +333,9 @@ struct ListParams {
 /// `GET /v1/admin/circuit-breaker[?state=open|half_open|closed|all&agent_id=]`.
 async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
+    _admin: super::AdminRights,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
     let params = super::extract::query_params(params)?;
     let wanted: Option<Vec<BreakerState>> = match params.state.as_deref() {
         None => Some(vec![BreakerState::Open, BreakerState::HalfOpen]),

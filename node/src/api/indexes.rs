@@ -2,12 +2,11 @@
 //! every shard this node hosts (in the background, writes wait at most one chunk at a time, see
 //! `raft::index_repair`), `GET /v1/admin/indexes/status` reports progress and the last result.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,7 +15,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::error::ApiError;
-use super::{peer_of, AppState};
+use super::AppState;
 use crate::model::id::{format_time_us, now_us};
 use crate::raft::index_repair::{repair_group, RepairReport};
 
@@ -76,12 +75,7 @@ impl IndexRebuilds {
 }
 
 /// `POST /v1/admin/indexes/rebuild`: 202 with the status; 409 while one is running.
-async fn rebuild(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
-) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
+async fn rebuild(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
     start_rebuild(&state, "admin request")?;
     Ok((StatusCode::ACCEPTED, Json(state.indexes.json())).into_response())
 }
@@ -157,12 +151,7 @@ pub fn start_rebuild(state: &AppState, trigger: &'static str) -> Result<(), ApiE
 }
 
 /// `GET /v1/admin/indexes/status`: `{"status": "ready"|"rebuilding"|"failed", "last_rebuild", …}`.
-async fn status(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
-) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
+async fn status(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
     let mut body = state.indexes.json();
     body["index_memory_bytes"] = json!(index_memory_bytes(&state));
     body["index_entries_estimate"] = json!(state.storage.index_stats().estimated_keys);

@@ -77,6 +77,19 @@ impl NodeContext {
     }
 }
 
+/// Extractor for admin endpoints: the request carries admin rights ([`NodeContext::is_admin`]),
+/// else it is refused with `401 admin_token_required` before the handler runs.
+pub struct AdminRights;
+
+impl axum::extract::FromRequestParts<AppState> for AdminRights {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0);
+        state.require_admin(&parts.headers, peer).map(|_| AdminRights)
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

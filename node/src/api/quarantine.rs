@@ -2,12 +2,10 @@
 //! decided on, and the two decisions, release and reject, each a replicated log entry of the
 //! claim's shard so every replica records the same decision.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,7 +15,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::{id_cursor, list_limit, parse_json, query_params};
 use super::reads::{list_everywhere, listed_json};
-use super::{peer_of, AppState};
+use super::AppState;
 use crate::model::assertion::{validate_agent_id, validate_concept_prefix, MAX_REASON_CHARS};
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::ModelError;
@@ -41,11 +39,9 @@ struct ListParams {
 /// claims, oldest first, from every shard (linearizable: every node lists the same).
 async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
+    _admin: super::AdminRights,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
     let params = query_params(params)?;
     if let Some(agent) = &params.agent_id {
         validate_agent_id(agent)?;
@@ -75,12 +71,10 @@ struct DecisionRequest {
 /// `POST /v1/admin/quarantine/{id}/release` and `…/reject`, optional body `{"reason", "by"}`.
 async fn decide(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    connect_info: ConnectInfo<SocketAddr>,
+    _admin: super::AdminRights,
     Path((id, decision)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers, peer_of(connect_info))?;
     let release = match decision.as_str() {
         "release" => true,
         "reject" => false,
