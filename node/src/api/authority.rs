@@ -19,8 +19,7 @@ use super::{peer_of, AppState};
 use crate::cluster::policy::{PolicyCommand, PolicyOutcome};
 use crate::model::assertion::{validate_agent_id, validate_concept_path, validate_concept_prefix};
 use crate::model::authority::{Grant, MAX_LEVEL};
-use crate::model::id::{format_time_us, parse_as_of};
-use crate::model::ModelError;
+use crate::model::id::format_time_us;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -282,14 +281,8 @@ async fn agent_authority(
         .concept_path
         .ok_or_else(|| ApiError::bad_request("missing_concept_path", "concept_path is required: ?concept_path=a/b"))?;
     validate_concept_path(&path)?;
-    let as_of_us = match &params.as_of {
-        None => u64::MAX,
-        Some(text) => {
-            // Unix milliseconds or RFC 3339, as in queries.
-            let value = text.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(text.as_str()));
-            parse_as_of(&value).map_err(|e| ModelError::InvalidTime { message: e.to_string() })?
-        }
-    };
+    // Unix milliseconds or RFC 3339, as in queries.
+    let as_of_us = super::reads::parse_time_param("as_of", params.as_of.as_deref())?.unwrap_or(u64::MAX);
     let policy = state.shards.policy();
     let found = policy.authority(&agent_id, &path, as_of_us);
     let body = policy.read(|s| match &found {

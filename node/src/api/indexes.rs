@@ -3,7 +3,6 @@
 //! `raft::index_repair`), `GET /v1/admin/indexes/status` reports progress and the last result.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -35,7 +34,7 @@ pub enum RebuildState {
 #[derive(Default)]
 pub struct IndexRebuilds {
     inner: Mutex<RebuildStatus>,
-    scanned: Arc<AtomicU64>,
+    scanned: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default)]

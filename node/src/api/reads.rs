@@ -392,7 +392,7 @@ pub async fn get_assertion(
     Path(id): Path<String>,
     params: Result<Query<AssertionParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))?;
+    let params = super::extract::query_params(params)?;
     let id = AssertionId::parse(&id)
         .map_err(|e| ApiError::from(ModelError::InvalidId { id: e.0.chars().take(64).collect() }))?;
     let not_found = || ApiError::from(ModelError::AssertionNotFound { id: id.to_string() });
@@ -454,7 +454,7 @@ pub async fn concepts(
     State(state): State<AppState>,
     params: Result<Query<ConceptParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))?;
+    let params = super::extract::query_params(params)?;
     let prefix = params.prefix.unwrap_or_default();
     validate_concept_prefix(&prefix)?;
     let limit = page_limit(&state, params.limit)?;
@@ -520,7 +520,7 @@ pub async fn list_everywhere(
     Ok((merged, more))
 }
 
-fn parse_time_param(name: &str, text: Option<&str>) -> Result<Option<u64>, ApiError> {
+pub fn parse_time_param(name: &str, text: Option<&str>) -> Result<Option<u64>, ApiError> {
     let Some(text) = text else { return Ok(None) };
     let value = text.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(text));
     parse_as_of(&value).map(Some).map_err(|e| ModelError::InvalidTime { message: format!("{name}: {e}") }.into())
@@ -544,7 +544,7 @@ pub async fn list_assertions(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))?;
+    let params = super::extract::query_params(params)?;
     // Both bounds at millisecond precision: since inclusive from the start of its millisecond,
     // until exclusive (parse_as_of gives the last microsecond of a millisecond, for as_of).
     let floor_ms = |t: u64| t - t % 1000;

@@ -292,7 +292,6 @@ impl Storage {
         Ok(())
     }
 
-    /// The greatest key/value in `[from, to)`.
     /// Up to `limit` key/values of `[from, to)`, greatest key first.
     pub fn scan_reverse(
         &self,
@@ -317,32 +316,14 @@ impl Storage {
         Ok(out)
     }
 
+    /// The greatest key/value in `[from, to)`.
     pub fn last_in_range(
         &self,
         cf: ColumnFamily,
         from: &[u8],
         to: &[u8],
     ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
-        let mut read_options = ReadOptions::default();
-        read_options.set_iterate_lower_bound(from.to_vec());
-        let mut iter =
-            self.db.iterator_cf_opt(self.handle(cf)?, read_options, IteratorMode::From(to, Direction::Reverse));
-        match iter.next() {
-            None => Ok(None),
-            Some(Err(e)) => Err(engine_error("scan", e)),
-            Some(Ok((k, v))) => {
-                if k.as_ref() >= to {
-                    // `From(to, Reverse)` starts at the last key <= to; skip an exact match.
-                    match iter.next() {
-                        None => Ok(None),
-                        Some(Err(e)) => Err(engine_error("scan", e)),
-                        Some(Ok((k, v))) => Ok(Some((k.to_vec(), v.to_vec()))),
-                    }
-                } else {
-                    Ok(Some((k.to_vec(), v.to_vec())))
-                }
-            }
-        }
+        Ok(self.scan_reverse(cf, from, to, 1)?.pop())
     }
 
     fn to_rocks_batch(&self, batch: WriteBatch) -> Result<rocksdb::WriteBatch, StorageError> {
