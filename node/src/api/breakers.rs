@@ -93,15 +93,8 @@ impl BreakerMonitor {
         let second = now / 1_000_000;
         let breaker = self.shards.policy().open_breaker(agent, now);
         let mut windows = self.windows.lock();
-        if windows.len() >= MAX_TRACKED_AGENTS && !windows.contains_key(agent) {
-            windows.retain(|_, w| w.second + 2 >= second || w.proposing);
-        }
-        let window = windows.entry(agent.to_string()).or_default();
-        if window.second != second {
-            window.second = second;
-            window.writes = 0;
-            window.invalid = 0;
-        }
+        let mut untracked = AgentWindow { second, ..AgentWindow::default() };
+        let window = current_window(&mut windows, agent, second).unwrap_or(&mut untracked);
         match breaker {
             Some((record, BreakerState::Open)) => {
                 if self.quarantines() && quarantinable {
@@ -148,20 +141,7 @@ impl BreakerMonitor {
         let now = now_us();
         let second = now / 1_000_000;
         let mut windows = self.windows.lock();
-        if windows.len() >= MAX_TRACKED_AGENTS && !windows.contains_key(agent) {
-            windows.retain(|_, w| w.second + 2 >= second || w.proposing);
-            if windows.len() >= MAX_TRACKED_AGENTS {
-                // Still full of agents active this second: not tracking one more is safer
-                // than growing without bound.
-                return;
-            }
-        }
-        let window = windows.entry(agent.to_string()).or_default();
-        if window.second != second {
-            window.second = second;
-            window.writes = 0;
-            window.invalid = 0;
-        }
+        let Some(window) = current_window(&mut windows, agent, second) else { return };
         window.invalid = window.invalid.saturating_add(1);
         if window.invalid > self.settings.max_invalid_per_sec {
             let reason = format!(
@@ -230,6 +210,29 @@ impl BreakerMonitor {
             }
         });
     }
+}
+
+/// The agent's counters for `second`, started afresh when the second changed. Beyond
+/// [`MAX_TRACKED_AGENTS`], windows idle for two seconds are dropped; if the map is still full of
+/// agents active right now, the agent is not tracked (`None`) rather than growing the map.
+fn current_window<'a>(
+    windows: &'a mut HashMap<String, AgentWindow>,
+    agent: &str,
+    second: u64,
+) -> Option<&'a mut AgentWindow> {
+    if windows.len() >= MAX_TRACKED_AGENTS && !windows.contains_key(agent) {
+        windows.retain(|_, w| w.second + 2 >= second || w.proposing);
+        if windows.len() >= MAX_TRACKED_AGENTS {
+            return None;
+        }
+    }
+    let window = windows.entry(agent.to_string()).or_default();
+    if window.second != second {
+        window.second = second;
+        window.writes = 0;
+        window.invalid = 0;
+    }
+    Some(window)
 }
 
 fn refusal(record: &BreakerRecord, now: u64) -> ApiError {
