@@ -110,16 +110,17 @@ pub fn repair_group(
             if undecided(storage, group, &record)? {
                 expected.push(keys::quarantine_key(group, record.id));
             }
-            for (key, found) in expected.iter().zip(storage.multi_get(ColumnFamily::Index, &expected)?) {
+            // One read for the entries and the concept count: the count is fixed in phase 3.
+            let entries = expected.len();
+            expected.push(keys::concept_key(group, &draft.concept_path, &draft.predicate));
+            let found = storage.multi_get(ColumnFamily::Index, &expected)?;
+            for (key, found) in expected.iter().zip(&found).take(entries) {
                 if found.is_none() {
                     batch.put(ColumnFamily::Index, key.clone(), Vec::new());
                     report.missing_added += 1;
                 }
             }
-            if storage
-                .get(ColumnFamily::Index, &keys::concept_key(group, &draft.concept_path, &draft.predicate))?
-                .is_none()
-            {
+            if found.get(entries).is_none_or(Option::is_none) {
                 concepts_without_count.insert((draft.concept_path.clone(), draft.predicate.clone()));
             }
             report.assertions += 1;
