@@ -141,6 +141,9 @@ pub enum PolicyError {
     NotGrantor { id: u64, agent_id: String },
     #[error("agent {agent_id:?} has no open circuit breaker")]
     BreakerNotOpen { agent_id: String },
+    /// A policy command reached a data shard's log: only the meta group applies them (a bug).
+    #[error("policy change applied outside the meta group")]
+    NotMetaGroup,
 }
 
 impl PolicyError {
@@ -153,6 +156,7 @@ impl PolicyError {
             PolicyError::AlreadyRevoked { .. } => "grant_already_revoked",
             PolicyError::NotGrantor { .. } => "not_grantor",
             PolicyError::BreakerNotOpen { .. } => "breaker_not_open",
+            PolicyError::NotMetaGroup => "policy_outside_meta_group",
         }
     }
 
@@ -162,6 +166,7 @@ impl PolicyError {
             PolicyError::InsufficientAuthority { .. } | PolicyError::NotGrantor { .. } => 403,
             PolicyError::UnknownGrant { .. } => 404,
             PolicyError::AlreadyRevoked { .. } | PolicyError::BreakerNotOpen { .. } => 409,
+            PolicyError::NotMetaGroup => 500,
         }
     }
 }

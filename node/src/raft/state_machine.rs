@@ -182,7 +182,7 @@ impl ShardStateMachine {
     ) -> Result<Result<PolicyOutcome, PolicyError>, StorageIoError> {
         let at_us = self.next_time(proposed_at_us);
         let Some(slot) = self.meta.as_ref() else {
-            return Ok(Err(PolicyError::UnknownGrant { id: 0 }));
+            return Ok(Err(PolicyError::NotMetaGroup));
         };
         let result = slot.policy.update(|store| store.apply(command, at_us));
         let (outcome, records) = match result {
