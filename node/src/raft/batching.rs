@@ -185,7 +185,7 @@ impl<E: Clone> ReadBarrierGroup<E> {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,
     {
-        let (ticket, needed, mut rx, mut lead) = {
+        let (ticket, needed, rx, mut lead) = {
             let (tx, rx) = oneshot::channel();
             let mut state = self.state.lock();
             let needed = state.started + 1;
@@ -194,6 +194,7 @@ impl<E: Clone> ReadBarrierGroup<E> {
             state.waiters.push_back(Waiter { ticket, needed, wake: tx });
             (ticket, needed, rx, !std::mem::replace(&mut state.running, true))
         };
+        let mut waiting = WaitGuard { group: self, rx };
         loop {
             if lead {
                 let mut guard = LeadGuard { group: self, ticket, armed: true };
@@ -214,14 +215,14 @@ impl<E: Clone> ReadBarrierGroup<E> {
                 drop(state);
                 guard.armed = false;
             }
-            match (&mut rx).await {
+            match (&mut waiting.rx).await {
                 Ok(Wake::Served(result)) => return result,
                 Ok(Wake::Lead) => {
                     // The previous leader handed over (`running` stays set): lead the next
                     // barrier, which also serves this caller.
                     let (tx, fresh) = oneshot::channel();
                     self.state.lock().waiters.push_front(Waiter { ticket, needed, wake: tx });
-                    rx = fresh;
+                    waiting.rx = fresh;
                     lead = true;
                 }
                 Err(_) => {
@@ -230,9 +231,28 @@ impl<E: Clone> ReadBarrierGroup<E> {
                     let mut state = self.state.lock();
                     state.waiters.push_back(Waiter { ticket, needed, wake: tx });
                     lead = !std::mem::replace(&mut state.running, true);
-                    rx = fresh;
+                    waiting.rx = fresh;
                 }
             }
+        }
+    }
+}
+
+/// A waiting caller's receiver. A caller can be dropped after the lead was handed to it and
+/// before it was polled again (a connection task dropping its request); the lead would then be
+/// lost and every later reader of the shard would wait forever behind `running`. Dropping the
+/// guard closes the receiver, so no lead can arrive after it, and passes on one that already
+/// did.
+struct WaitGuard<'a, E> {
+    group: &'a ReadBarrierGroup<E>,
+    rx: oneshot::Receiver<Wake<E>>,
+}
+
+impl<E> Drop for WaitGuard<'_, E> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(Wake::Lead) = self.rx.try_recv() {
+            self.group.state.lock().hand_over();
         }
     }
 }
@@ -290,6 +310,44 @@ mod tests {
             assert!(served_by > started_before_arrival, "served by barrier {served_by}, which started before arrival");
         }
         assert!(calls.load(Ordering::SeqCst) < 50, "barriers were shared");
+    }
+
+    /// Callers cancelled at random points (clients hanging up mid-read) never strand the shard:
+    /// in particular a waiter cancelled after it was handed the lead but before it took it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_cancelled_at_random_never_strand_the_shard() {
+        use rand::{Rng, SeedableRng};
+        let group = Arc::new(ReadBarrierGroup::<String>::default());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for round in 0..40 {
+            let mut tasks = Vec::new();
+            for _ in 0..64 {
+                let group = group.clone();
+                let patience = Duration::from_micros(rng.random_range(50..3000));
+                let delay = Duration::from_micros(rng.random_range(0..500));
+                let task = tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = group
+                        .run(|| async {
+                            tokio::time::sleep(Duration::from_micros(300)).await;
+                            Ok::<(), String>(())
+                        })
+                        .await;
+                });
+                // Aborted from outside, like a connection task dropping its request: the reader
+                // may be woken and never polled again.
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(patience).await;
+                    task.abort();
+                }));
+            }
+            for task in tasks {
+                task.await.expect("join");
+            }
+            let after =
+                tokio::time::timeout(Duration::from_secs(2), group.run(|| async { Ok::<(), String>(()) })).await;
+            assert!(matches!(after, Ok(Ok(_))), "round {round}: a reader after the cancellations was stranded");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
