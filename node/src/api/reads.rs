@@ -89,46 +89,74 @@ fn page_limit(state: &AppState, limit: Option<usize>) -> Result<usize, ApiError>
     }
 }
 
+/// One claim as a query shows it. Fields are in alphabetical order, as every other JSON
+/// object this API writes (serde_json maps are sorted), so typed and map-built bodies agree.
 #[derive(Serialize)]
 struct ClaimView<'a> {
-    id: AssertionId,
-    value: &'a RawValue,
     agent_id: &'a str,
-    confidence: f64,
     asserted_at: String,
-    status: Status,
+    /// Only under the authority lens, on the winner: its level (null: none).
     #[serde(skip_serializing_if = "Option::is_none")]
-    votes: Option<Value>,
+    authority: Option<Option<u8>>,
+    confidence: f64,
+    id: AssertionId,
     #[serde(skip_serializing_if = "Option::is_none")]
     retracted_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    superseded_by: Option<AssertionId>,
+    source: Option<&'a RawValue>,
+    status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     superseded_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    source: Option<&'a RawValue>,
+    superseded_by: Option<AssertionId>,
+    value: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    votes: Option<VotesView>,
+}
+
+#[derive(Serialize)]
+struct VotesView {
+    down: u32,
+    score: f64,
+    up: u32,
 }
 
 fn claim_view<'a>(claim: &Claim<'a>, lens: Lens) -> ClaimView<'a> {
     let with_votes = matches!(lens, Lens::Consensus | Lens::All | Lens::History);
     let history = lens == Lens::History;
     ClaimView {
-        id: claim.record.id,
-        value: &claim.record.draft.value,
         agent_id: &claim.record.draft.agent_id,
-        confidence: claim.record.draft.confidence,
         asserted_at: format_time_us(claim.record.asserted_at_us),
-        status: claim.status,
-        votes: with_votes.then(|| json!({"up": claim.votes_up, "down": claim.votes_down, "score": claim.score})),
+        authority: None,
+        confidence: claim.record.draft.confidence,
+        id: claim.record.id,
         retracted_at: if history { claim.retracted_at_us.map(format_time_us) } else { None },
-        superseded_by: if history { claim.superseded_by } else { None },
-        superseded_at: if history { claim.superseded_at_us.map(format_time_us) } else { None },
         source: if history { claim.record.draft.source.as_deref() } else { None },
+        status: claim.status,
+        superseded_at: if history { claim.superseded_at_us.map(format_time_us) } else { None },
+        superseded_by: if history { claim.superseded_by } else { None },
+        value: &claim.record.draft.value,
+        votes: with_votes.then_some(VotesView { down: claim.votes_down, score: claim.score, up: claim.votes_up }),
     }
 }
 
+/// What a lens shows for one (concept_path, predicate): a winner, or a list of claims.
+#[derive(Serialize)]
+struct GroupView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alternatives: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    assertions: Option<Vec<ClaimView<'a>>>,
+    concept_path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conflict: Option<bool>,
+    predicate: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    winner: Option<ClaimView<'a>>,
+}
+
 /// Applies the lens to one group; `None` when the lens has nothing to show for it.
-fn group_result(state: &AppState, group: &ClaimGroup, lens: Lens, as_of_us: u64) -> Option<Value> {
+fn group_result<'a>(state: &AppState, group: &'a ClaimGroup, lens: Lens, as_of_us: u64) -> Option<GroupView<'a>> {
     let policy = state.shards.policy();
     let path = group.concept_path.as_str();
     let authority = |agent: &str| policy.level(agent, path, as_of_us);
@@ -138,24 +166,70 @@ fn group_result(state: &AppState, group: &ClaimGroup, lens: Lens, as_of_us: u64)
     let unweighted = |_: &str| 1.0;
     let weight: &dyn Fn(&str) -> f64 =
         if matches!(lens, Lens::Consensus | Lens::All | Lens::History) { &weighted } else { &unweighted };
-    let claims: Vec<Claim<'_>> = group.claims.iter().filter_map(|facts| facts.at(as_of_us, weight)).collect();
+    let claims: Vec<Claim<'a>> = group.claims.iter().filter_map(|facts| facts.at(as_of_us, weight)).collect();
     let resolution = resolve(lens, claims, &authority)?;
-    let mut value = json!({"concept_path": group.concept_path, "predicate": group.predicate});
+    let mut view = GroupView {
+        alternatives: None,
+        assertions: None,
+        concept_path: path,
+        conflict: None,
+        predicate: &group.predicate,
+        winner: None,
+    };
     match resolution {
         Resolution::Winner { winner, alternatives } => {
-            value["winner"] = serde_json::to_value(claim_view(&winner, lens)).unwrap_or(Value::Null);
+            let mut winner_view = claim_view(&winner, lens);
             if lens == Lens::Authority {
-                value["winner"]["authority"] = json!(authority(&winner.record.draft.agent_id));
+                winner_view.authority = Some(authority(&winner.record.draft.agent_id));
             }
-            value["alternatives"] = json!(alternatives);
-            value["conflict"] = json!(alternatives > 0);
+            view.winner = Some(winner_view);
+            view.alternatives = Some(alternatives);
+            view.conflict = Some(alternatives > 0);
         }
         Resolution::Listed(claims) => {
-            let views: Vec<ClaimView<'_>> = claims.iter().map(|c| claim_view(c, lens)).collect();
-            value["assertions"] = serde_json::to_value(views).unwrap_or(Value::Null);
+            view.assertions = Some(claims.iter().map(|c| claim_view(c, lens)).collect());
         }
     }
-    Some(value)
+    Some(view)
+}
+
+/// The body of a query answer, serialized straight from the claims it borrows: no
+/// intermediate JSON tree (this is the hottest path of the API).
+#[derive(Serialize)]
+struct QueryBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied_index: Option<u64>,
+    as_of: &'a Option<Value>,
+    consistency: Consistency,
+    lens: Lens,
+    next_cursor: Option<String>,
+    results: Vec<GroupView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    staleness_ms: Option<u64>,
+}
+
+/// A serialized query answer and what the slow-query log records of it.
+struct QueryAnswer {
+    body: Vec<u8>,
+    results: usize,
+}
+
+/// What every answer echoes of its request.
+#[derive(Clone, Copy)]
+struct Echo<'a> {
+    as_of: &'a Option<Value>,
+    consistency: Consistency,
+    lens: Lens,
+}
+
+impl QueryBody<'_> {
+    fn encode(&self) -> Result<QueryAnswer, ApiError> {
+        let body = serde_json::to_vec(self)
+            .map_err(|e| ApiError::new(500, "internal_error", format!("cannot encode the answer: {e}")))?;
+        Ok(QueryAnswer { body, results: self.results.len() })
+    }
 }
 
 /// `POST /v1/query`
@@ -179,42 +253,21 @@ pub async fn query(
     }
     let after = request.cursor.as_deref().map(decode_cursor).transpose()?;
     let timeout = Duration::from_secs(state.config.query.query_timeout_seconds);
+    let echo = Echo { as_of: &request.as_of, consistency, lens };
     let work = async {
         match (&request.concept_path, &request.concept_prefix) {
             (Some(path), None) => {
                 validate_concept_path(path)?;
-                query_path(
-                    &state,
-                    path,
-                    request.predicate.as_deref(),
-                    lens,
-                    as_of_us,
-                    consistency,
-                    limit,
-                    after,
-                    timeout,
-                )
-                .await
+                query_path(&state, path, request.predicate.as_deref(), echo, as_of_us, limit, after, timeout).await
             }
             (None, Some(prefix)) => {
                 validate_concept_prefix(prefix)?;
-                query_prefix(
-                    &state,
-                    prefix,
-                    request.predicate.as_deref(),
-                    lens,
-                    as_of_us,
-                    consistency,
-                    limit,
-                    after,
-                    timeout,
-                )
-                .await
+                query_prefix(&state, prefix, request.predicate.as_deref(), echo, as_of_us, limit, after, timeout).await
             }
             _ => Err(ApiError::new(422, "invalid_query", "give exactly one of concept_path and concept_prefix")),
         }
     };
-    let mut body = match tokio::time::timeout(timeout, work).await {
+    let answer = match tokio::time::timeout(timeout, work).await {
         Ok(result) => result?,
         Err(_) => {
             crate::metrics::QUERY_TIMEOUTS.with_label_values(&[&state.metrics.node_label]).inc();
@@ -225,9 +278,6 @@ pub async fn query(
             ));
         }
     };
-    body["lens"] = json!(lens);
-    body["as_of"] = request.as_of.clone().unwrap_or(Value::Null);
-    body["consistency"] = json!(consistency);
     let elapsed = started.elapsed();
     state.metrics.observe_query(Lens::NAMES[lens as usize], elapsed);
     if elapsed.as_millis() as u64 >= state.config.query.slow_query_ms {
@@ -237,8 +287,8 @@ pub async fn query(
             (None, Some(prefix)) => format!("{prefix}/*"),
             (None, None) => String::new(),
         };
-        let results = body["results"].as_array().map(Vec::len).unwrap_or(0);
-        let memory_mb = serde_json::to_vec(&body).map(|b| b.len()).unwrap_or(0) as f64 / (1024.0 * 1024.0);
+        let results = answer.results;
+        let memory_mb = answer.body.len() as f64 / (1024.0 * 1024.0);
         tracing::info!(agent_id = %agent_id, subject = %subject, lens = ?lens, duration_ms = elapsed.as_millis() as u64, results, "slow query");
         crate::metrics::SLOW_QUERIES.inc();
         state.slow_queries.record(crate::api::slow_queries::SlowQuery {
@@ -253,7 +303,7 @@ pub async fn query(
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
     }
-    Ok(Json(body).into_response())
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], answer.body).into_response())
 }
 
 fn unexpected_answer() -> ApiError {
@@ -265,16 +315,16 @@ async fn query_path(
     state: &AppState,
     path: &str,
     predicate: Option<&str>,
-    lens: Lens,
+    echo: Echo<'_>,
     as_of_us: u64,
-    consistency: Consistency,
     limit: usize,
     after: Option<(String, String)>,
     timeout: Duration,
-) -> Result<Value, ApiError> {
+) -> Result<QueryAnswer, ApiError> {
     let shard = state.shards.shard_for_path(path);
     let read = ShardRead::Claims { concept_path: path.to_string(), predicate: predicate.map(str::to_string) };
-    let result = state.shards.read(shard, read, consistency == Consistency::Linearizable, timeout).await?;
+    let linearizable = echo.consistency == Consistency::Linearizable;
+    let result = state.shards.read(shard, read, linearizable, timeout).await?;
     let ShardReadAnswer::Claims(groups) = result.answer else { return Err(unexpected_answer()) };
     let remaining: Vec<&ClaimGroup> = groups
         .iter()
@@ -286,13 +336,17 @@ async fn query_path(
     let page = &remaining[..remaining.len().min(limit)];
     let next_cursor =
         if remaining.len() > limit { page.last().map(|g| encode_cursor(&g.concept_path, &g.predicate)) } else { None };
-    let results: Vec<Value> = page.iter().filter_map(|g| group_result(state, g, lens, as_of_us)).collect();
-    let mut body = json!({"results": results, "next_cursor": next_cursor, "shard": shard});
-    if consistency == Consistency::Stale {
-        body["applied_index"] = json!(result.applied_index);
-        body["staleness_ms"] = json!(result.staleness_ms);
+    QueryBody {
+        applied_index: (!linearizable).then_some(result.applied_index),
+        as_of: echo.as_of,
+        consistency: echo.consistency,
+        lens: echo.lens,
+        next_cursor,
+        results: page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect(),
+        shard: Some(shard),
+        staleness_ms: (!linearizable).then_some(result.staleness_ms),
     }
-    Ok(body)
+    .encode()
 }
 
 /// (concept_path, predicate) pairs under `prefix` on every shard, merged in key order, at most
@@ -344,13 +398,13 @@ async fn query_prefix(
     state: &AppState,
     prefix: &str,
     predicate: Option<&str>,
-    lens: Lens,
+    echo: Echo<'_>,
     as_of_us: u64,
-    consistency: Consistency,
     limit: usize,
     after: Option<(String, String)>,
     timeout: Duration,
-) -> Result<Value, ApiError> {
+) -> Result<QueryAnswer, ApiError> {
+    let consistency = echo.consistency;
     let (mut entries, mut staleness) =
         fan_out_concepts(state, prefix, predicate, consistency, limit, &after, timeout).await?;
     let next_cursor = if entries.len() > limit {
@@ -365,18 +419,28 @@ async fn query_prefix(
             ShardRead::Claims { concept_path: entry.concept_path.clone(), predicate: Some(entry.predicate.clone()) };
         state.shards.read(*shard, read, linearizable, timeout)
     });
-    let mut results = Vec::new();
+    let mut answers = Vec::new();
     for result in futures::future::join_all(reads).await {
         let result = result?;
         staleness = staleness.max(result.staleness_ms);
         let ShardReadAnswer::Claims(groups) = result.answer else { return Err(unexpected_answer()) };
-        results.extend(groups.iter().filter_map(|g| group_result(state, g, lens, as_of_us)));
+        answers.push(groups);
     }
-    let mut body = json!({"results": results, "next_cursor": next_cursor});
-    if consistency == Consistency::Stale {
-        body["staleness_ms"] = json!(staleness);
+    QueryBody {
+        applied_index: None,
+        as_of: echo.as_of,
+        consistency,
+        lens: echo.lens,
+        next_cursor,
+        results: answers
+            .iter()
+            .flat_map(|groups| groups.iter())
+            .filter_map(|g| group_result(state, g, echo.lens, as_of_us))
+            .collect(),
+        shard: None,
+        staleness_ms: (!linearizable).then_some(staleness),
     }
-    Ok(body)
+    .encode()
 }
 
 #[derive(Debug, Deserialize)]

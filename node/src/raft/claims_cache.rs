@@ -22,7 +22,9 @@ const MAX_PATHS: usize = 4096;
 /// Groups with more claims than this are not cached (memory).
 const MAX_CLAIMS_PER_ENTRY: usize = 256;
 
-type Entries = HashMap<String, HashMap<Option<String>, Arc<Vec<ClaimGroup>>>>;
+/// Per path, the cached reads of it by predicate filter (`None`: all predicates). A path has
+/// few filters, so a list searched in place, which a lookup by `&str` needs no allocation for.
+type Entries = HashMap<String, Vec<(Option<String>, Arc<Vec<ClaimGroup>>)>>;
 
 #[derive(Debug, Default)]
 pub struct ClaimsCache {
@@ -37,12 +39,18 @@ impl ClaimsCache {
 
     pub fn get(&self, path: &str, predicate: Option<&str>) -> Option<Arc<Vec<ClaimGroup>>> {
         let entries = self.entries.lock();
-        entries.get(path)?.get(&predicate.map(str::to_string)).cloned()
+        entries.get(path)?.iter().find(|(filter, _)| filter.as_deref() == predicate).map(|(_, groups)| groups.clone())
     }
 
     /// Caches what a reader read from storage, unless an apply invalidated anything since the
     /// reader noted `generation`.
-    pub fn insert_if_current(&self, generation: u64, path: &str, predicate: Option<&str>, groups: &[ClaimGroup]) {
+    pub fn insert_if_current(
+        &self,
+        generation: u64,
+        path: &str,
+        predicate: Option<&str>,
+        groups: &Arc<Vec<ClaimGroup>>,
+    ) {
         if groups.iter().map(|g| g.claims.len()).sum::<usize>() > MAX_CLAIMS_PER_ENTRY {
             return;
         }
@@ -53,7 +61,11 @@ impl ClaimsCache {
         if entries.len() >= MAX_PATHS && !entries.contains_key(path) {
             entries.clear();
         }
-        entries.entry(path.to_string()).or_default().insert(predicate.map(str::to_string), Arc::new(groups.to_vec()));
+        let filters = entries.entry(path.to_string()).or_default();
+        match filters.iter_mut().find(|(filter, _)| filter.as_deref() == predicate) {
+            Some((_, cached)) => *cached = groups.clone(),
+            None => filters.push((predicate.map(str::to_string), groups.clone())),
+        }
     }
 
     /// Called by the state machine after writing an apply's batch: drops the touched paths.
@@ -86,10 +98,10 @@ mod tests {
         let cache = ClaimsCache::default();
         let before = cache.generation();
         cache.invalidate(["a"]);
-        cache.insert_if_current(before, "a", None, &[group("a")]);
+        cache.insert_if_current(before, "a", None, &Arc::new(vec![group("a")]));
         assert!(cache.get("a", None).is_none(), "read started before the apply");
         let now = cache.generation();
-        cache.insert_if_current(now, "a", None, &[group("a")]);
+        cache.insert_if_current(now, "a", None, &Arc::new(vec![group("a")]));
         assert!(cache.get("a", None).is_some());
         assert!(cache.get("a", Some("p")).is_none(), "per predicate");
         cache.invalidate(["b"]);

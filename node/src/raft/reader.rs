@@ -206,13 +206,13 @@ impl ShardReader {
 
     /// Every claim about `concept_path` (and `predicate`, if given), grouped by predicate in
     /// predicate order.
-    pub fn claims(&self, concept_path: &str, predicate: Option<&str>) -> Result<Vec<ClaimGroup>, StorageError> {
+    pub fn claims(&self, concept_path: &str, predicate: Option<&str>) -> Result<Arc<Vec<ClaimGroup>>, StorageError> {
         let cache = &self.progress.claims_cache;
         if let Some(hit) = cache.get(concept_path, predicate) {
-            return Ok(hit.as_ref().clone());
+            return Ok(hit);
         }
         let generation = cache.generation();
-        let groups = self.claims_from_storage(concept_path, predicate)?;
+        let groups = Arc::new(self.claims_from_storage(concept_path, predicate)?);
         cache.insert_if_current(generation, concept_path, predicate, &groups);
         Ok(groups)
     }
@@ -422,7 +422,8 @@ pub struct ShardReadResult {
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum ShardReadAnswer {
-    Claims(Vec<ClaimGroup>),
+    /// Shared with the claims cache: a hit costs a reference count, not a copy.
+    Claims(Arc<Vec<ClaimGroup>>),
     Assertion(Option<(ClaimFacts, Option<RetractionRecord>)>),
     Concepts(Vec<ConceptEntry>),
     Listed(Vec<ClaimFacts>),
