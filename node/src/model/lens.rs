@@ -185,13 +185,8 @@ pub fn resolve<'a>(
         Lens::All | Lens::History => return Some(Resolution::Listed(active)),
         Lens::Recency => {}
         Lens::Authority => {
-            // One lookup per distinct agent, not one per comparison.
-            let mut levels: std::collections::HashMap<&str, Option<u8>> = std::collections::HashMap::new();
-            for claim in &active {
-                let agent = claim.record.draft.agent_id.as_str();
-                levels.entry(agent).or_insert_with(|| authority(agent));
-            }
-            active.sort_by_key(|c| std::cmp::Reverse(levels.get(c.record.draft.agent_id.as_str()).copied().flatten()))
+            // One lookup per claim, not one per comparison (the sort is stable).
+            active.sort_by_cached_key(|c| std::cmp::Reverse(authority(&c.record.draft.agent_id)))
         }
         Lens::Consensus => active.sort_by(|a, b| b.score.partial_cmp(&a.score).unwrap_or(Ordering::Equal)),
         Lens::Confidence => active.sort_by(|a, b| {

@@ -24,7 +24,8 @@ const MAX_CLAIMS_PER_ENTRY: usize = 256;
 
 /// Per path, the cached reads of it by predicate filter (`None`: all predicates). A path has
 /// few filters, so a list searched in place, which a lookup by `&str` needs no allocation for.
-type Entries = HashMap<String, Vec<(Option<String>, Arc<Vec<ClaimGroup>>)>>;
+/// foldhash (randomly seeded per map): this lookup is on every query.
+type Entries = HashMap<String, Vec<(Option<String>, Arc<Vec<ClaimGroup>>)>, foldhash::fast::RandomState>;
 
 #[derive(Debug, Default)]
 pub struct ClaimsCache {

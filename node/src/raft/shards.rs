@@ -713,6 +713,10 @@ impl ShardSet {
         } else {
             self.ask_leader::<(), u64>(group, leader, "read_index", &(), deadline).await?
         };
+        // Usually applied already: skip openraft's Wait, which clones the metrics to check.
+        if group.reader.applied_index() >= read_index {
+            return Ok(());
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         group
             .raft

@@ -611,13 +611,15 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         // After the write, so a reader that misses the cache from now on reads the new state.
         progress.claims_cache.invalidate(self.touched.iter().map(String::as_str));
         self.touched.clear();
-        self.progress.applied_index.store(self.state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
-        self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
         if let Some(slot) = &self.meta {
             if **slot.publish.borrow() != slot.state {
                 slot.publish.send_replace(Arc::new(slot.state.clone()));
             }
         }
+        // Last: a read barrier that sees this index (ShardSet::read_barrier) reads everything
+        // applied so far, the published metadata included.
+        self.progress.applied_index.store(self.state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
         raft_metrics::APPLY_DURATION.observe(started.elapsed().as_secs_f64());
         Ok(responses)
     }
@@ -689,8 +691,6 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         self.storage.write(batch, Durability::Synced).map_err(sm_write_error)?;
         progress.claims_cache.clear();
         self.state = state;
-        self.progress.applied_index.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
-        self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
         self.persist_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
         if self.meta.is_some() {
             let state = self.load_meta()?;
@@ -701,6 +701,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 slot.policy.update(|current| *current = store);
             }
         }
+        // Last, as after an apply: a read barrier that sees this index reads the new state.
+        self.progress.applied_index.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
         Ok(())
     }
 
