@@ -1,6 +1,7 @@
 //! Read endpoints: queries through lenses (one concept_path, or a prefix fanned out over every
 //! shard and merged), single assertions, and the concept listing.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
@@ -18,6 +19,7 @@ use crate::model::assertion::{validate_concept_path, validate_concept_prefix, va
 use crate::model::id::{format_time_us, parse_as_of, AssertionId};
 use crate::model::lens::{resolve, Claim, Lens, Resolution};
 use crate::model::ModelError;
+use crate::raft::claims_cache::RenderedSlot;
 use crate::raft::reader::{ClaimGroup, ConceptEntry, ShardRead, ShardReadAnswer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -203,11 +205,35 @@ struct QueryBody<'a> {
     consistency: Consistency,
     lens: Lens,
     next_cursor: Option<String>,
-    results: Vec<GroupView<'a>>,
+    results: Results<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     shard: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     staleness_ms: Option<u64>,
+}
+
+/// The `results` of an answer: rendered now, or as the claims cache kept them.
+enum Results<'a> {
+    Views(Vec<GroupView<'a>>),
+    Rendered(RenderedSlot),
+}
+
+impl Results<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Results::Views(views) => views.len(),
+            Results::Rendered(slot) => slot.count,
+        }
+    }
+}
+
+impl Serialize for Results<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Results::Views(views) => views.serialize(serializer),
+            Results::Rendered(slot) => slot.json.serialize(serializer),
+        }
+    }
 }
 
 /// A serialized query answer and what the slow-query log records of it.
@@ -325,7 +351,8 @@ async fn query_path(
     let read = ShardRead::Claims { concept_path: path.to_string(), predicate: predicate.map(str::to_string) };
     let linearizable = echo.consistency == Consistency::Linearizable;
     let result = state.shards.read(shard, read, linearizable, timeout).await?;
-    let ShardReadAnswer::Claims(groups) = result.answer else { return Err(unexpected_answer()) };
+    let ShardReadAnswer::Claims(read) = result.answer else { return Err(unexpected_answer()) };
+    let groups = &read.groups;
     let remaining: Vec<&ClaimGroup> = groups
         .iter()
         .filter(|g| match &after {
@@ -336,13 +363,34 @@ async fn query_path(
     let page = &remaining[..remaining.len().min(limit)];
     let next_cursor =
         if remaining.len() > limit { page.last().map(|g| encode_cursor(&g.concept_path, &g.predicate)) } else { None };
+    // An answer for the present covering every group is the same for every query of the key
+    // until its claims or the policy change: render it once (see claims_cache).
+    let whole = as_of_us == u64::MAX && page.len() == groups.len();
+    let results = if whole {
+        let policy_version = state.shards.policy().version();
+        match read.rendered.get(echo.lens, policy_version) {
+            Some(slot) => Results::Rendered(slot),
+            None => {
+                let views: Vec<GroupView<'_>> =
+                    page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect();
+                let count = views.len();
+                let json = serde_json::value::to_raw_value(&views)
+                    .map_err(|e| ApiError::new(500, "internal_error", format!("cannot encode the answer: {e}")))?;
+                let slot = RenderedSlot { lens: echo.lens, policy_version, count, json: Arc::from(json) };
+                read.rendered.put(slot.clone());
+                Results::Rendered(slot)
+            }
+        }
+    } else {
+        Results::Views(page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect())
+    };
     QueryBody {
         applied_index: (!linearizable).then_some(result.applied_index),
         as_of: echo.as_of,
         consistency: echo.consistency,
         lens: echo.lens,
         next_cursor,
-        results: page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect(),
+        results,
         shard: Some(shard),
         staleness_ms: (!linearizable).then_some(result.staleness_ms),
     }
@@ -423,8 +471,8 @@ async fn query_prefix(
     for result in futures::future::join_all(reads).await {
         let result = result?;
         staleness = staleness.max(result.staleness_ms);
-        let ShardReadAnswer::Claims(groups) = result.answer else { return Err(unexpected_answer()) };
-        answers.push(groups);
+        let ShardReadAnswer::Claims(read) = result.answer else { return Err(unexpected_answer()) };
+        answers.push(read);
     }
     QueryBody {
         applied_index: None,
@@ -432,11 +480,13 @@ async fn query_prefix(
         consistency,
         lens: echo.lens,
         next_cursor,
-        results: answers
-            .iter()
-            .flat_map(|groups| groups.iter())
-            .filter_map(|g| group_result(state, g, echo.lens, as_of_us))
-            .collect(),
+        results: Results::Views(
+            answers
+                .iter()
+                .flat_map(|read| read.groups.iter())
+                .filter_map(|g| group_result(state, g, echo.lens, as_of_us))
+                .collect(),
+        ),
         shard: None,
         staleness_ms: (!linearizable).then_some(staleness),
     }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::claims_cache::RenderedResults;
 use super::keys;
 use super::state_machine::{AppliedProgress, RetractionRecord};
 use super::types::GroupId;
@@ -18,6 +19,17 @@ pub struct ShardReader {
     pub shard: u16,
     group: GroupId,
     progress: Arc<AppliedProgress>,
+}
+
+/// The claims about one concept_path (one predicate, or all of them), as the claims cache
+/// shares them between queries. On the wire (forwarded reads) it is just the groups, as before.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct ClaimsRead {
+    pub groups: Vec<ClaimGroup>,
+    /// Query answers already rendered from these claims (kept on this node only).
+    #[serde(skip)]
+    pub rendered: RenderedResults,
 }
 
 /// The claims about one (concept_path, predicate).
@@ -206,13 +218,16 @@ impl ShardReader {
 
     /// Every claim about `concept_path` (and `predicate`, if given), grouped by predicate in
     /// predicate order.
-    pub fn claims(&self, concept_path: &str, predicate: Option<&str>) -> Result<Arc<Vec<ClaimGroup>>, StorageError> {
+    pub fn claims(&self, concept_path: &str, predicate: Option<&str>) -> Result<Arc<ClaimsRead>, StorageError> {
         let cache = &self.progress.claims_cache;
         if let Some(hit) = cache.get(concept_path, predicate) {
             return Ok(hit);
         }
         let generation = cache.generation();
-        let groups = Arc::new(self.claims_from_storage(concept_path, predicate)?);
+        let groups = Arc::new(ClaimsRead {
+            groups: self.claims_from_storage(concept_path, predicate)?,
+            rendered: RenderedResults::default(),
+        });
         cache.insert_if_current(generation, concept_path, predicate, &groups);
         Ok(groups)
     }
@@ -423,7 +438,7 @@ pub struct ShardReadResult {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum ShardReadAnswer {
     /// Shared with the claims cache: a hit costs a reference count, not a copy.
-    Claims(Arc<Vec<ClaimGroup>>),
+    Claims(Arc<ClaimsRead>),
     Assertion(Option<(ClaimFacts, Option<RetractionRecord>)>),
     Concepts(Vec<ConceptEntry>),
     Listed(Vec<ClaimFacts>),
