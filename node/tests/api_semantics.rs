@@ -219,3 +219,42 @@ async fn slow_queries_are_logged_for_admins() {
     assert_eq!(response.status().as_u16(), 400);
     node.stop().await;
 }
+
+/// Clients that hang up in the middle of linearizable queries (their request futures are
+/// dropped wherever they were, including while waiting for a shard's shared read barrier) must
+/// not leave any shard's later readers waiting: every key answers afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_hanging_up_mid_query_do_not_stall_any_shard() {
+    use rand::{Rng, SeedableRng};
+    let node = TestNode::start().await;
+    let keys = 64;
+    let items: Vec<Value> = (0..keys)
+        .map(|k| json!({"concept_path": format!("hangup/k{k}"), "predicate": "p", "value": k, "agent_id": "a"}))
+        .collect();
+    let (status, response) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
+    assert_eq!((status, &response["accepted"]), (200, &json!(keys)), "{response}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for _ in 0..30 {
+        let mut tasks = Vec::new();
+        for k in 0..keys {
+            // A fresh client per request, so each hang-up closes its own connection.
+            let patience = std::time::Duration::from_micros(rng.random_range(100..4000));
+            let client = reqwest::Client::builder().timeout(patience).build().expect("client");
+            let url = format!("{}/v1/query", node.url);
+            tasks.push(tokio::spawn(async move {
+                let _ = client.post(url).json(&json!({"concept_path": format!("hangup/k{k}")})).send().await;
+            }));
+        }
+        for task in tasks {
+            task.await.expect("join");
+        }
+    }
+    let patient = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().expect("client");
+    for k in 0..keys {
+        let url = format!("{}/v1/query", node.url);
+        let answer = patient.post(url).json(&json!({"concept_path": format!("hangup/k{k}")})).send().await;
+        let status = answer.as_ref().map(|r| r.status().as_u16()).map_err(|e| e.to_string());
+        assert_eq!(status, Ok(200), "hangup/k{k}: its shard's linearizable reads are stuck");
+    }
+    node.stop().await;
+}
