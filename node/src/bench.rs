@@ -132,13 +132,17 @@ struct BenchConnection {
     open: Option<(hyper::client::conn::http1::SendRequest<Full<Bytes>>, Http1Connection)>,
 }
 
+/// The `host:port` of a `--url`, checked once before any worker starts.
+fn url_authority(base_url: &str) -> anyhow::Result<String> {
+    let uri: hyper::Uri = base_url.parse().map_err(|e| anyhow::anyhow!("--url {base_url:?}: {e}"))?;
+    anyhow::ensure!(uri.scheme_str() == Some("http"), "--url {base_url:?}: only http:// is supported");
+    let host = uri.host().ok_or_else(|| anyhow::anyhow!("--url {base_url:?} has no host"))?;
+    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+}
+
 impl BenchConnection {
-    fn new(base_url: &str) -> anyhow::Result<BenchConnection> {
-        let uri: hyper::Uri = base_url.parse().map_err(|e| anyhow::anyhow!("--url {base_url:?}: {e}"))?;
-        anyhow::ensure!(uri.scheme_str() == Some("http"), "--url {base_url:?}: only http:// is supported");
-        let host = uri.host().ok_or_else(|| anyhow::anyhow!("--url {base_url:?} has no host"))?;
-        let port = uri.port_u16().unwrap_or(80);
-        Ok(BenchConnection { authority: format!("{host}:{port}"), open: None })
+    fn new(authority: String) -> BenchConnection {
+        BenchConnection { authority, open: None }
     }
 
     /// POSTs a JSON body and reads the whole answer; `Err` is the error kind to count. After a
@@ -196,6 +200,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!args.url.is_empty(), "--url needs at least one URL");
     anyhow::ensure!(args.writers + args.readers > 0, "need at least one writer or reader");
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    let authorities = Arc::new(args.url.iter().map(|url| url_authority(url)).collect::<anyhow::Result<Vec<_>>>()?);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.writers + args.readers + 8)
         .timeout(Duration::from_secs(30))
@@ -209,13 +214,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let completed = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
     for worker in 0..args.writers {
-        let (args, value, completed) = (args.clone(), value.clone(), completed.clone());
-        writers.push(tokio::spawn(async move { write_loop(worker, args, value, deadline, completed).await }));
+        let (authorities, args, value, completed) =
+            (authorities.clone(), args.clone(), value.clone(), completed.clone());
+        writers
+            .push(tokio::spawn(async move { write_loop(worker, authorities, args, value, deadline, completed).await }));
     }
     let mut readers = Vec::new();
     for worker in 0..args.readers {
-        let (args, completed) = (args.clone(), completed.clone());
-        readers.push(tokio::spawn(async move { read_loop(worker, args, deadline, completed).await }));
+        let (authorities, args, completed) = (authorities.clone(), args.clone(), completed.clone());
+        readers.push(tokio::spawn(async move { read_loop(worker, authorities, args, deadline, completed).await }));
     }
     let progress = ProgressBar::new(args.duration);
     progress.set_style(
@@ -382,19 +389,14 @@ async fn setup_authority(client: &reqwest::Client, args: &BenchArgs) -> anyhow::
 
 async fn write_loop(
     worker: usize,
+    authorities: Arc<Vec<String>>,
     args: BenchArgs,
     value: String,
     deadline: Instant,
     completed: Arc<AtomicU64>,
 ) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-    let mut connection = match BenchConnection::new(&args.url[worker % args.url.len()]) {
-        Ok(connection) => connection,
-        Err(error) => {
-            side.errors.insert(format!("bad_url: {error}"), 1);
-            return side;
-        }
-    };
+    let mut connection = BenchConnection::new(authorities[worker % authorities.len()].clone());
     let mut rng = rand::rngs::StdRng::from_os_rng();
     while Instant::now() < deadline {
         let item = |rng: &mut rand::rngs::StdRng| json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "predicate": "value", "value": value, "agent_id": format!("bench-{worker}-{}", rng.random_range(0..32))});
@@ -413,15 +415,15 @@ async fn write_loop(
     side
 }
 
-async fn read_loop(worker: usize, args: BenchArgs, deadline: Instant, completed: Arc<AtomicU64>) -> Side {
+async fn read_loop(
+    worker: usize,
+    authorities: Arc<Vec<String>>,
+    args: BenchArgs,
+    deadline: Instant,
+    completed: Arc<AtomicU64>,
+) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-    let mut connection = match BenchConnection::new(&args.url[(worker + args.writers) % args.url.len()]) {
-        Ok(connection) => connection,
-        Err(error) => {
-            side.errors.insert(format!("bad_url: {error}"), 1);
-            return side;
-        }
-    };
+    let mut connection = BenchConnection::new(authorities[(worker + args.writers) % authorities.len()].clone());
     let mut rng = rand::rngs::StdRng::from_os_rng();
     while Instant::now() < deadline {
         let body = json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "lens": args.lens, "consistency": args.consistency});
