@@ -242,6 +242,10 @@ struct QueryAnswer {
     results: usize,
 }
 
+fn encoding_failed(error: serde_json::Error) -> ApiError {
+    ApiError::new(500, "internal_error", format!("cannot encode the answer: {error}"))
+}
+
 /// What every answer echoes of its request.
 #[derive(Clone, Copy)]
 struct Echo<'a> {
@@ -252,8 +256,7 @@ struct Echo<'a> {
 
 impl QueryBody<'_> {
     fn encode(&self) -> Result<QueryAnswer, ApiError> {
-        let body = serde_json::to_vec(self)
-            .map_err(|e| ApiError::new(500, "internal_error", format!("cannot encode the answer: {e}")))?;
+        let body = serde_json::to_vec(self).map_err(encoding_failed)?;
         Ok(QueryAnswer { body, results: self.results.len() })
     }
 }
@@ -374,8 +377,7 @@ async fn query_path(
                 let views: Vec<GroupView<'_>> =
                     page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect();
                 let count = views.len();
-                let json = serde_json::value::to_raw_value(&views)
-                    .map_err(|e| ApiError::new(500, "internal_error", format!("cannot encode the answer: {e}")))?;
+                let json = serde_json::value::to_raw_value(&views).map_err(encoding_failed)?;
                 let slot = RenderedSlot { lens: echo.lens, policy_version, count, json: Arc::from(json) };
                 read.rendered.put(slot.clone());
                 Results::Rendered(slot)

@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use super::quarantine::QuarantineRules;
 use crate::model::authority::{AgentAuthority, Authorities, Grant, RootSpan, MAX_LEVEL};
 
+/// Grant entries written before the depth was carried in them: the default depth.
 fn default_chain_depth() -> usize {
-    8
+    crate::model::authority::DEFAULT_MAX_CHAIN_DEPTH
 }
 
 /// An automatic trip this soon after the breaker last closed counts as consecutive.

@@ -102,7 +102,7 @@ pub struct CircuitBreakerSection {
 
 impl Default for AuthoritySection {
     fn default() -> Self {
-        AuthoritySection { roots: Vec::new(), max_chain_depth: 8 }
+        AuthoritySection { roots: Vec::new(), max_chain_depth: crate::model::authority::DEFAULT_MAX_CHAIN_DEPTH }
     }
 }
 

@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 /// Authority levels run from 0 to 100.
 pub const MAX_LEVEL: u8 = 100;
 
+/// `authority.max_chain_depth` unless configured (DESIGN §2).
+pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 8;
+
 /// One period during which an agent was a root authority at one level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootSpan {

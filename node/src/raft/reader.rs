@@ -33,7 +33,7 @@ pub struct ClaimsRead {
 }
 
 /// The claims about one (concept_path, predicate).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct ClaimGroup {
     pub concept_path: String,
     pub predicate: String,

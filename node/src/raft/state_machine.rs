@@ -58,6 +58,16 @@ pub struct AppliedProgress {
     pub claims_cache: super::claims_cache::ClaimsCache,
 }
 
+impl AppliedProgress {
+    /// Announces that everything up to `log_id` is applied. Called last by apply and snapshot
+    /// install: a read barrier that sees the index (ShardSet::read_barrier) reads everything
+    /// applied so far, the published metadata and policy included.
+    fn announce_applied(&self, log_id: Option<LogId>) {
+        self.applied_index.store(log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
+        self.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
+    }
+}
+
 pub struct ShardStateMachine {
     storage: Arc<Storage>,
     shard: u16,
@@ -129,8 +139,7 @@ impl ShardStateMachine {
             None => AppliedState::default(),
         };
         let progress = Arc::new(AppliedProgress::default());
-        progress.applied_index.store(state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
-        progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
+        progress.announce_applied(state.last_applied);
         Ok(ShardStateMachine { storage, shard, group, state, progress, meta: None, touched: Vec::new() })
     }
 
@@ -616,10 +625,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 slot.publish.send_replace(Arc::new(slot.state.clone()));
             }
         }
-        // Last: a read barrier that sees this index (ShardSet::read_barrier) reads everything
-        // applied so far, the published metadata included.
-        self.progress.applied_index.store(self.state.last_applied.map(|l| l.index).unwrap_or(0), Ordering::Release);
-        self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
+        self.progress.announce_applied(self.state.last_applied);
         raft_metrics::APPLY_DURATION.observe(started.elapsed().as_secs_f64());
         Ok(responses)
     }
@@ -701,9 +707,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 slot.policy.update(|current| *current = store);
             }
         }
-        // Last, as after an apply: a read barrier that sees this index reads the new state.
-        self.progress.applied_index.store(meta.last_log_id.map(|l| l.index).unwrap_or(0), Ordering::Release);
-        self.progress.applied_at_us.store(crate::model::id::now_us(), Ordering::Release);
+        self.progress.announce_applied(meta.last_log_id);
         Ok(())
     }
 
