@@ -177,27 +177,26 @@ impl<E: Clone> ReadBarrierGroup<E> {
     ///
     /// A leader runs one barrier, serves every caller that arrived before it started, and hands
     /// the lead to the longest-waiting remaining caller, so no caller waits for more than two
-    /// barriers. Cancellation-safe: a leader dropped mid-barrier (a client that hung up) hands
-    /// the lead over from its guard; without that, one cancelled reader left the shard's
-    /// linearizable reads waiting forever on this node.
+    /// barriers. Cancellation-safe: a caller dropped while it leads, or after the lead was
+    /// handed to it (a client that hung up), passes the lead on from its [`Turn`]; without
+    /// that, one cancelled reader left the shard's linearizable reads waiting forever.
     pub async fn run<F, Fut>(&self, barrier: F) -> Result<u64, E>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,
     {
-        let (ticket, needed, rx, mut lead) = {
+        let mut turn = {
             let (tx, rx) = oneshot::channel();
             let mut state = self.state.lock();
             let needed = state.started + 1;
             state.next_ticket += 1;
             let ticket = state.next_ticket;
             state.waiters.push_back(Waiter { ticket, needed, wake: tx });
-            (ticket, needed, rx, !std::mem::replace(&mut state.running, true))
+            let leading = !std::mem::replace(&mut state.running, true);
+            Turn { group: self, ticket, needed, rx, leading }
         };
-        let mut waiting = WaitGuard { group: self, rx };
         loop {
-            if lead {
-                let mut guard = LeadGuard { group: self, ticket, armed: true };
+            if turn.leading {
                 let generation = {
                     let mut state = self.state.lock();
                     state.started += 1;
@@ -212,65 +211,56 @@ impl<E: Clone> ReadBarrierGroup<E> {
                     let _ = waiter.wake.send(Wake::Served(result.clone()));
                 }
                 state.hand_over();
-                drop(state);
-                guard.armed = false;
+                turn.leading = false;
             }
-            match (&mut waiting.rx).await {
+            match (&mut turn.rx).await {
                 Ok(Wake::Served(result)) => return result,
                 Ok(Wake::Lead) => {
                     // The previous leader handed over (`running` stays set): lead the next
                     // barrier, which also serves this caller.
                     let (tx, fresh) = oneshot::channel();
-                    self.state.lock().waiters.push_front(Waiter { ticket, needed, wake: tx });
-                    waiting.rx = fresh;
-                    lead = true;
+                    self.state.lock().waiters.push_front(Waiter { ticket: turn.ticket, needed: turn.needed, wake: tx });
+                    turn.rx = fresh;
+                    turn.leading = true;
                 }
                 Err(_) => {
                     // Our sender went away unanswered: register again.
                     let (tx, fresh) = oneshot::channel();
                     let mut state = self.state.lock();
-                    state.waiters.push_back(Waiter { ticket, needed, wake: tx });
-                    lead = !std::mem::replace(&mut state.running, true);
-                    waiting.rx = fresh;
+                    state.waiters.push_back(Waiter { ticket: turn.ticket, needed: turn.needed, wake: tx });
+                    turn.leading = !std::mem::replace(&mut state.running, true);
+                    turn.rx = fresh;
                 }
             }
         }
     }
 }
 
-/// A waiting caller's receiver. A caller can be dropped after the lead was handed to it and
-/// before it was polled again (a connection task dropping its request); the lead would then be
-/// lost and every later reader of the shard would wait forever behind `running`. Dropping the
-/// guard closes the receiver, so no lead can arrive after it, and passes on one that already
-/// did.
-struct WaitGuard<'a, E> {
-    group: &'a ReadBarrierGroup<E>,
-    rx: oneshot::Receiver<Wake<E>>,
-}
-
-impl<E> Drop for WaitGuard<'_, E> {
-    fn drop(&mut self) {
-        self.rx.close();
-        if let Ok(Wake::Lead) = self.rx.try_recv() {
-            self.group.state.lock().hand_over();
-        }
-    }
-}
-
-/// Hands a cancelled leader's job to the next waiter (after removing the leader's own entry:
-/// its receiver is still alive while the guard drops, so it would accept the lead and vanish).
-struct LeadGuard<'a, E> {
+/// One caller's place in a [`ReadBarrierGroup`]. Dropping it before the caller was served
+/// (the request was cancelled) passes the lead on when the caller held it: while it ran a
+/// barrier (its own waiter entry is removed first, else the lead would go to that entry and
+/// vanish), or after the lead was handed to it and before it was polled again (the receiver is
+/// closed first, so no lead can arrive after the check).
+struct Turn<'a, E> {
     group: &'a ReadBarrierGroup<E>,
     ticket: u64,
-    armed: bool,
+    /// The barrier generation that serves this caller.
+    needed: u64,
+    rx: oneshot::Receiver<Wake<E>>,
+    leading: bool,
 }
 
-impl<E> Drop for LeadGuard<'_, E> {
+impl<E> Drop for Turn<'_, E> {
     fn drop(&mut self) {
-        if self.armed {
+        if self.leading {
             let mut state = self.group.state.lock();
             state.waiters.retain(|waiter| waiter.ticket != self.ticket);
             state.hand_over();
+            return;
+        }
+        self.rx.close();
+        if let Ok(Wake::Lead) = self.rx.try_recv() {
+            self.group.state.lock().hand_over();
         }
     }
 }
