@@ -265,11 +265,7 @@ impl ShardReader {
             }
         }
         for (group, ids) in groups.iter_mut().zip(ids_by_group) {
-            let keys: Vec<Vec<u8>> = ids.iter().map(|id| keys::assertion_key(self.group, *id)).collect();
-            for bytes in self.storage.multi_get(ColumnFamily::StateMachine, &keys)?.into_iter().flatten() {
-                let record = Self::decode_assertion(&bytes)?;
-                group.claims.push(self.facts_of(record)?);
-            }
+            group.claims = self.facts_of_ids(&ids)?;
         }
         Ok(groups)
     }
@@ -283,15 +279,24 @@ impl ShardReader {
     ) -> Result<Vec<ClaimFacts>, StorageError> {
         let prefix = keys::claims_prefix(self.group, concept_path, Some(predicate));
         let rows = self.storage.scan_reverse(ColumnFamily::Index, &prefix, &keys::prefix_end(&prefix), limit)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (key, _) in rows {
-            let id = key
-                .get(prefix.len()..)
-                .and_then(AssertionId::from_bytes)
-                .ok_or_else(|| StorageError::corrupt(ColumnFamily::Index, "claim key"))?;
-            if let Some(facts) = self.facts(id)? {
-                out.push(facts);
-            }
+        let ids = rows
+            .iter()
+            .map(|(key, _)| {
+                key.get(prefix.len()..)
+                    .and_then(AssertionId::from_bytes)
+                    .ok_or_else(|| StorageError::corrupt(ColumnFamily::Index, "claim key"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.facts_of_ids(&ids)
+    }
+
+    /// The facts of the assertions `ids` that exist, in that order: their records in one
+    /// multi-get, then each one's events.
+    fn facts_of_ids(&self, ids: &[AssertionId]) -> Result<Vec<ClaimFacts>, StorageError> {
+        let keys: Vec<Vec<u8>> = ids.iter().map(|id| keys::assertion_key(self.group, *id)).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for bytes in self.storage.multi_get(ColumnFamily::StateMachine, &keys)?.into_iter().flatten() {
+            out.push(self.facts_of(Self::decode_assertion(&bytes)?)?);
         }
         Ok(out)
     }
