@@ -6,6 +6,11 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use stemedb_cluster_tests::{ClusterOptions, TestCluster};
 
+/// The value of a counter series in a Prometheus text exposition (0 when absent).
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
 async fn write_anywhere_read_everywhere(cluster: &TestCluster) -> anyhow::Result<()> {
     let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
     for via in &ids {
@@ -24,6 +29,15 @@ async fn write_anywhere_read_everywhere(cluster: &TestCluster) -> anyhow::Result
 async fn three_nodes_form_a_cluster() -> anyhow::Result<()> {
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 4, ..Default::default() }).await?;
     write_anywhere_read_everywhere(&cluster).await?;
+    // Groups with three voters confirm leadership through a quorum for every linearizable read:
+    // the single-voter shortcut must never apply.
+    let mut quorum_rounds = 0.0;
+    for id in 1..=3u64 {
+        let metrics = cluster.client.get(format!("{}/metrics", cluster.node(id).api())).send().await?.text().await?;
+        assert_eq!(counter(&metrics, "stemedb_read_barriers_total{path=\"sole_voter\"}"), 0.0, "node {id}");
+        quorum_rounds += counter(&metrics, "stemedb_read_barriers_total{path=\"quorum\"}");
+    }
+    assert!(quorum_rounds >= 9.0, "9 linearizable reads, {quorum_rounds} barriers");
 
     let (status, members) = cluster.admin_get(2, "/cluster/members").await?;
     assert_eq!(status, 200);

@@ -84,3 +84,49 @@ async fn refuses_a_data_dir_of_another_node() {
     assert!(!status.0.success());
     assert!(status.1.contains("belongs to node 1"), "stderr: {}", status.1);
 }
+
+/// The value of a counter series in a Prometheus text exposition (0 when absent).
+fn counter(metrics: &str, series: &str) -> f64 {
+    metrics.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_serves_linearizable_reads_alone_and_they_see_every_acknowledged_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ProcessNode::start(dir.path()).await;
+    let client = reqwest::Client::new();
+    let write = |url: String, value: i64| {
+        let client = client.clone();
+        async move {
+            let body = json!({"concept_path": "lin/k", "predicate": "p", "value": value, "agent_id": "w"});
+            let (status, response) = post_json(&client, &format!("{url}/v1/assert"), &body).await;
+            assert_eq!(status, 201, "{response}");
+        }
+    };
+    let read = |url: String| {
+        let client = client.clone();
+        async move {
+            let query = json!({"concept_path": "lin/k", "predicate": "p", "consistency": "linearizable"});
+            let (status, response) = post_json(&client, &format!("{url}/v1/query"), &query).await;
+            assert_eq!(status, 200, "{response}");
+            response["results"][0]["winner"]["value"].clone()
+        }
+    };
+    for value in 0..20 {
+        write(node.url.clone(), value).await;
+    }
+    node.kill9();
+
+    // Straight after the restart, before or after the new term's first entry is applied.
+    let node = ProcessNode::start(dir.path()).await;
+    assert_eq!(read(node.url.clone()).await, json!(19), "an acknowledged write is missing after kill -9");
+    for value in 20..50 {
+        write(node.url.clone(), value).await;
+        assert_eq!(read(node.url.clone()).await, json!(value), "a read missed the write acknowledged before it");
+    }
+    let metrics =
+        client.get(format!("{}/metrics", node.url)).send().await.expect("metrics").text().await.expect("text");
+    let alone = counter(&metrics, "stemedb_read_barriers_total{path=\"sole_voter\"}");
+    assert!(alone >= 30.0, "the only voter confirmed leadership through a quorum round: {alone} reads alone");
+    drop(node);
+}

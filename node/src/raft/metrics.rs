@@ -44,6 +44,20 @@ pub static PROPOSE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// Linearizable read barriers by how they confirmed leadership: `sole_voter` (the node leads
+/// the group alone, no round needed) or `quorum` (a read index confirmed through openraft).
+pub static READ_BARRIERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_read_barriers_total", "Linearizable read barriers, by how leadership was confirmed"),
+        &["path"],
+    )
+    .expect("valid metric")
+});
+
+/// The two `READ_BARRIERS` series, resolved once: a read must not look up labels.
+pub static SOLE_VOTER_READS: LazyLock<IntCounter> = LazyLock::new(|| READ_BARRIERS.with_label_values(&["sole_voter"]));
+pub static QUORUM_READS: LazyLock<IntCounter> = LazyLock::new(|| READ_BARRIERS.with_label_values(&["quorum"]));
+
 pub static LEADER_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_raft_leader_changes_total", "Times this node saw a shard's leader change, by shard"),
@@ -58,6 +72,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(QUARANTINED.clone()),
         Box::new(APPLY_DURATION.clone()),
         Box::new(PROPOSALS.clone()),
+        Box::new(READ_BARRIERS.clone()),
         Box::new(PROPOSE_DURATION.clone()),
         Box::new(PEER_RPC_DURATION.clone()),
         Box::new(PEER_RPC_ERRORS.clone()),

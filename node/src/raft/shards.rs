@@ -94,6 +94,13 @@ impl ConsensusError {
     }
 }
 
+/// Whether `node` is the only voter of `membership`; a joint configuration counts the voters of
+/// both halves, so a group that is adding a voter is no longer led alone.
+fn is_sole_voter(membership: &openraft::Membership<NodeId, BasicNode>, node: NodeId) -> bool {
+    let mut voters = membership.voter_ids();
+    voters.next() == Some(node) && voters.next().is_none()
+}
+
 /// Bootstrap placement: shard `s` gets `replication_factor` replicas (fewer if there are fewer
 /// members), the members starting at position `s mod n` in id order.
 pub fn place_replicas(
@@ -695,8 +702,32 @@ impl ShardSet {
     /// index); a follower asks the leader for that index and waits until it has applied it.
     pub async fn read_barrier(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
+        if self.leads_alone(group) {
+            raft_metrics::SOLE_VOTER_READS.inc();
+            return Ok(());
+        }
+        raft_metrics::QUORUM_READS.inc();
         // Concurrent readers share one barrier that started after they arrived.
         group.read_barriers.run(|| self.read_barrier_once(shard, timeout)).await.map(|_| ())
+    }
+
+    /// Whether this node leads `group` as its only voter and has applied an entry of its own
+    /// term. Then a linearizable read needs no barrier:
+    /// - every write acknowledged so far was applied here before it was acknowledged, and the
+    ///   entry of this term being applied means every entry of earlier terms is applied too;
+    /// - no other node can lead without this node's vote, because any configuration that adds a
+    ///   voter must be appended here first, and the metrics then list that voter.
+    ///
+    /// Metrics are published after RaftCore acts, so they can only lag into a slower answer
+    /// (a barrier after stepping down) or a read that overlaps the change anyway: a write by
+    /// a new leader completes only after this node voted for it and acknowledged the write.
+    fn leads_alone(&self, group: &ShardGroup) -> bool {
+        let metrics = group.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.state == openraft::ServerState::Leader
+            && metrics.current_leader == Some(self.node_id)
+            && metrics.last_applied.is_some_and(|applied| applied.leader_id.get_term() == metrics.current_term)
+            && is_sole_voter(metrics.membership_config.membership(), self.node_id)
     }
 
     async fn read_barrier_once(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
@@ -1128,5 +1159,35 @@ struct ResumeHeartbeats<'a>(&'a Raft);
 impl Drop for ResumeHeartbeats<'_> {
     fn drop(&mut self) {
         self.0.runtime_config().heartbeat(true);
+    }
+}
+
+#[cfg(test)]
+mod sole_voter_tests {
+    use std::collections::BTreeSet;
+
+    use openraft::{BasicNode, Membership};
+
+    use super::is_sole_voter;
+
+    fn config(voters: &[u64]) -> BTreeSet<u64> {
+        voters.iter().copied().collect()
+    }
+
+    #[test]
+    fn only_a_single_voter_configuration_that_names_the_node_is_led_alone() {
+        let alone: Membership<u64, BasicNode> = Membership::new(vec![config(&[1])], None);
+        assert!(is_sole_voter(&alone, 1));
+        assert!(!is_sole_voter(&alone, 2), "another node's single-voter group");
+        let three: Membership<u64, BasicNode> = Membership::new(vec![config(&[1, 2, 3])], None);
+        assert!(!is_sole_voter(&three, 1));
+    }
+
+    #[test]
+    fn learners_do_not_count_but_a_joint_configuration_does() {
+        let with_learner: Membership<u64, BasicNode> = Membership::new(vec![config(&[1])], Some(config(&[2])));
+        assert!(is_sole_voter(&with_learner, 1), "a learner cannot vote, so node 1 still leads alone");
+        let joint: Membership<u64, BasicNode> = Membership::new(vec![config(&[1]), config(&[1, 2])], None);
+        assert!(!is_sole_voter(&joint, 1), "while voter 2 joins, node 1 needs its acknowledgements");
     }
 }
