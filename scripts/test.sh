@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole default test suite: formatting, unit, property, storage-suite and integration tests
-# (including real-process durability tests). Long chaos runs and benchmarks are separate.
+# (including real-process durability tests), and the short smoke versions of the chaos run and
+# the benchmarks. Long chaos runs and full benchmarks are separate commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/stemedb-target}"

@@ -1,0 +1,67 @@
+//! The short version of the benchmarks in the default test run: `stemedb bench` against a real
+//! node, writes and then the authority-lens setup and reads, must complete without errors.
+//! Figures are printed, never asserted (docs/performance.md has the real runs).
+
+mod common;
+
+use std::process::Command;
+
+use common::ProcessNode;
+use serde_json::Value;
+
+fn bench(url: &str, args: &[&str]) -> Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_stemedb"))
+        .args(["bench", "--url", url, "--json", "--duration", "2"])
+        .args(args)
+        .output()
+        .expect("run stemedb bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "stemedb bench failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let start = stdout.find('{').expect("a JSON report");
+    serde_json::from_str(&stdout[start..]).expect("a JSON report")
+}
+
+fn side<'a>(report: &'a Value, name: &str) -> &'a Value {
+    let results = report["results"].as_array().expect("results");
+    results.iter().find(|side| side["name"] == name).unwrap_or_else(|| panic!("no {name} side: {report}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_writes_and_authority_reads_complete_without_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ProcessNode::start(dir.path()).await;
+
+    let writes = bench(&node.url, &["--writers", "4", "--readers", "0", "--keys", "50", "--prefix", "smoke-w"]);
+    let write = side(&writes, "write");
+    println!("write smoke: {write}");
+    assert!(write["ops"].as_u64().unwrap_or(0) > 0, "{writes}");
+    assert_eq!(write["errors"], serde_json::json!({}), "{writes}");
+
+    let reads = bench(
+        &node.url,
+        &[
+            "--writers",
+            "0",
+            "--readers",
+            "8",
+            "--lens",
+            "authority",
+            "--authority-grants",
+            "40",
+            "--authority-depth",
+            "4",
+            "--preload",
+            "--keys",
+            "30",
+            "--prefix",
+            "smoke-a",
+        ],
+    );
+    let read = side(&reads, "read");
+    println!("authority read smoke: {read}");
+    assert!(read["ops"].as_u64().unwrap_or(0) > 0, "{reads}");
+    assert_eq!(read["errors"], serde_json::json!({}), "{reads}");
+    let (p50, p99) = (read["p50_ms"].as_f64().unwrap_or(0.0), read["p99_ms"].as_f64().unwrap_or(0.0));
+    assert!(p50 > 0.0 && p99 >= p50, "percentiles are measured: {read}");
+    drop(node);
+}
