@@ -146,6 +146,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
         logs_to_keep_after_snapshot: config.raft.logs_to_keep_after_snapshot,
         unsafe_skip_read_barrier: config.testing.unsafe_skip_read_barrier,
+        claims_cache_bytes: (config.query.claims_cache_mb as usize) << 20,
     }
 }
 
@@ -497,6 +498,15 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     )));
     node_gauge(context, "stemedb_cache_memory_bytes", "Bytes held by the RocksDB block cache", |c| {
         c.storage.stats().cache_memory_bytes as f64
+    });
+    node_gauge(
+        context,
+        "stemedb_claims_cache_bytes",
+        "Estimated memory held by the claims caches of this node's shards (budget: query.claims_cache_mb)",
+        |c| c.shards.claims_cache_usage().0 as f64,
+    );
+    node_gauge(context, "stemedb_claims_cache_entries", "Claims reads held by this node's claims caches", |c| {
+        c.shards.claims_cache_usage().1 as f64
     });
     node_gauge(
         context,

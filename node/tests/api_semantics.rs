@@ -159,6 +159,9 @@ async fn metrics_expose_runbook_names() {
         "stemedb_raft_apply_duration_seconds_bucket",
         "stemedb_raft_log_fsync_duration_seconds_bucket",
         "process_resident_memory_bytes",
+        "stemedb_read_barriers_total",
+        "stemedb_claims_cache_bytes",
+        "stemedb_claims_cache_entries",
     ] {
         assert!(text.contains(name), "missing {name}");
     }
@@ -255,6 +258,39 @@ async fn readers_hanging_up_mid_query_do_not_stall_any_shard() {
         let answer = patient.post(url).json(&json!({"concept_path": format!("hangup/k{k}")})).send().await;
         let status = answer.as_ref().map(|r| r.status().as_u16()).map_err(|e| e.to_string());
         assert_eq!(status, Ok(200), "hangup/k{k}: its shard's linearizable reads are stuck");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claims_cache_stays_within_its_memory_budget() {
+    let node = TestNode::start_with(|config| config.query.claims_cache_mb = 1).await;
+    let value = |i: usize| format!("{i:04}-{}", "v".repeat(6000));
+    for batch in 0..3 {
+        let items: Vec<Value> = (batch * 100..batch * 100 + 100)
+            .map(|i| json!({"concept_path": format!("mem/k{i}"), "predicate": "p", "value": value(i)}))
+            .collect();
+        let (status, body) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
+        assert_eq!((status, body["accepted"].clone()), (200, json!(100)), "batch {batch}");
+    }
+    let gauge = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in the metrics"))
+    };
+    // 300 reads of about 6 KB each: 1.8 MB, over the 1 MiB budget. Every answer stays right.
+    for round in 0..2 {
+        for i in 0..300 {
+            let (status, answer) = node.post("/v1/query", &json!({"concept_path": format!("mem/k{i}")})).await;
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer["results"][0]["winner"]["value"], json!(value(i)), "round {round}, key {i}");
+        }
+        let text =
+            node.client.get(format!("{}/metrics", node.url)).send().await.expect("metrics").text().await.expect("text");
+        let (bytes, entries) =
+            (gauge(&text, "stemedb_claims_cache_bytes"), gauge(&text, "stemedb_claims_cache_entries"));
+        assert!(bytes > 0.0 && bytes <= (1 << 20) as f64, "round {round}: {bytes} bytes cached");
+        assert!(entries > 0.0 && entries < 300.0, "round {round}: {entries} reads cached");
     }
     node.stop().await;
 }

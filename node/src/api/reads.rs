@@ -379,7 +379,7 @@ async fn query_path(
                 let count = views.len();
                 let json = serde_json::value::to_raw_value(&views).map_err(encoding_failed)?;
                 let slot = RenderedSlot { lens: echo.lens, policy_version, count, json: Arc::from(json) };
-                read.rendered.put(slot.clone());
+                state.shards.keep_rendering(shard, &read, slot.clone());
                 Results::Rendered(slot)
             }
         }

@@ -233,6 +233,9 @@ pub struct QuerySection {
     pub slow_query_ms: u64,
     /// Slow queries kept for `GET /v1/admin/slow-queries` (oldest dropped first; 0 keeps none).
     pub slow_query_log_size: usize,
+    /// Memory budget (MiB, estimated) of the per-shard caches of claims read by queries, for
+    /// all shards together; 0 disables the cache.
+    pub claims_cache_mb: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -340,6 +343,7 @@ impl Default for QuerySection {
             query_timeout_seconds: 30,
             slow_query_ms: 100,
             slow_query_log_size: 1000,
+            claims_cache_mb: 64,
         }
     }
 }
@@ -532,6 +536,9 @@ impl Config {
         }
         if self.query.default_limit == 0 || self.query.default_limit > self.query.max_limit {
             return fail("query.default_limit must be between 1 and query.max_limit".into());
+        }
+        if self.query.claims_cache_mb > 1 << 20 {
+            return fail(format!("query.claims_cache_mb is {}: at most 1048576 (1 TiB)", self.query.claims_cache_mb));
         }
         if !(1..=16).contains(&self.authority.max_chain_depth) {
             return fail("authority.max_chain_depth must be between 1 and 16".into());

@@ -14,35 +14,51 @@
 //!
 //! [`ShardReader::claims`]: super::reader::ShardReader::claims
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
 use serde_json::value::RawValue;
 
-use super::reader::ClaimsRead;
-use crate::model::lens::Lens;
+use super::reader::{ClaimGroup, ClaimsRead};
+use crate::model::lens::{ClaimFacts, Lens, SupersessionFact, VoteFact};
 
-/// Paths cached per shard before the cache starts over.
-const MAX_PATHS: usize = 4096;
-/// Groups with more claims than this are not cached (memory).
+/// Groups with more claims than this are not cached (one read of them is already large).
 const MAX_CLAIMS_PER_ENTRY: usize = 256;
 /// Rendered answers longer than this are not kept (memory: they are re-rendered instead).
 pub const MAX_RENDERED_BYTES: usize = 4096;
+/// Budget of a cache nobody configured (tests, tools): 4 MiB.
+const DEFAULT_BUDGET_BYTES: usize = 4 << 20;
 
 /// Per path, the cached reads of it by predicate filter (`None`: all predicates). A path has
 /// few filters, so a list searched in place, which a lookup by `&str` needs no allocation for.
 /// foldhash (randomly seeded per map): this lookup is on every query.
-type Entries = HashMap<String, Vec<(Option<String>, Arc<ClaimsRead>)>, foldhash::fast::RandomState>;
+type Entries = HashMap<String, Vec<Entry>, foldhash::fast::RandomState>;
+
+struct Entry {
+    predicate: Option<String>,
+    read: Arc<ClaimsRead>,
+    /// What the claims themselves were charged (renderings are counted by `read.rendered`).
+    claims_bytes: usize,
+}
 
 /// The `results` of a query answer as JSON, by lens, for the present (no `as_of`) and a whole
 /// page, each with the policy version it was rendered under (authority levels and vote
 /// weights come from the policy).
 #[derive(Debug, Default)]
 pub struct RenderedResults {
-    slots: Mutex<Vec<RenderedSlot>>,
+    slots: Mutex<RenderedSlots>,
+    /// Set while the read is in a cache, whose budget then counts the renderings.
+    cached: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct RenderedSlots {
+    slots: Vec<RenderedSlot>,
+    /// Bytes of the renderings held.
+    bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -54,71 +70,240 @@ pub struct RenderedSlot {
     pub json: Arc<RawValue>,
 }
 
+impl RenderedSlot {
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<RenderedSlot>() + self.json.get().len()
+    }
+}
+
 impl RenderedResults {
     pub fn get(&self, lens: Lens, policy_version: u64) -> Option<RenderedSlot> {
-        self.slots.lock().iter().find(|s| s.lens == lens && s.policy_version == policy_version).cloned()
+        self.slots.lock().slots.iter().find(|s| s.lens == lens && s.policy_version == policy_version).cloned()
     }
 
     /// Keeps a rendering (replacing one of the same lens), unless it is too long to keep.
-    pub fn put(&self, slot: RenderedSlot) {
+    /// Returns the change in bytes held. Reads in a cache go through [`ClaimsCache::render`],
+    /// which charges that change to the cache's budget.
+    pub fn put(&self, slot: RenderedSlot) -> isize {
         if slot.json.get().len() > MAX_RENDERED_BYTES {
-            return;
+            return 0;
         }
-        let mut slots = self.slots.lock();
-        slots.retain(|s| s.lens != slot.lens);
-        slots.push(slot);
+        let mut held = self.slots.lock();
+        let before = held.bytes;
+        held.slots.retain(|s| s.lens != slot.lens);
+        held.slots.push(slot);
+        held.bytes = held.slots.iter().map(RenderedSlot::bytes).sum();
+        held.bytes as isize - before as isize
+    }
+
+    fn bytes(&self) -> usize {
+        self.slots.lock().bytes
     }
 }
 
-#[derive(Debug, Default)]
+/// An estimate of the heap memory a read of claims holds: the structures and their strings.
+pub fn claims_bytes(groups: &[ClaimGroup]) -> usize {
+    use std::mem::size_of;
+    let claim = |facts: &ClaimFacts| {
+        let draft = &facts.record.draft;
+        size_of::<ClaimFacts>()
+            + draft.concept_path.len()
+            + draft.predicate.len()
+            + draft.value.get().len()
+            + draft.agent_id.len()
+            + draft.source.as_ref().map_or(0, |s| s.get().len())
+            + draft.signature.as_ref().map_or(0, String::len)
+            + draft.request_id.as_ref().map_or(0, String::len)
+            + draft.quarantine.as_ref().map_or(0, |q| q.reason.len() + q.detail.len())
+            + draft.supersedes.len() * 16
+            + facts.supersessions.len() * size_of::<SupersessionFact>()
+            + facts.votes.iter().map(|v| size_of::<VoteFact>() + v.agent_id.len()).sum::<usize>()
+    };
+    groups
+        .iter()
+        .map(|g| {
+            size_of::<ClaimGroup>()
+                + g.concept_path.len()
+                + g.predicate.len()
+                + g.claims.iter().map(claim).sum::<usize>()
+        })
+        .sum()
+}
+
+/// The cache of one shard's claims reads, bounded by an estimate of the memory it holds.
 pub struct ClaimsCache {
-    entries: Mutex<Entries>,
+    inner: Mutex<Inner>,
     generation: AtomicU64,
 }
 
+struct Inner {
+    entries: Entries,
+    /// Paths (and predicate filters) in insertion order: the oldest is evicted first. May name
+    /// entries already invalidated; those are skipped.
+    order: VecDeque<(String, Option<String>)>,
+    /// Estimated bytes held: every entry's claims and renderings, plus its keys.
+    bytes: usize,
+    budget: usize,
+}
+
+impl Default for ClaimsCache {
+    fn default() -> Self {
+        ClaimsCache {
+            inner: Mutex::new(Inner {
+                entries: Entries::default(),
+                order: VecDeque::new(),
+                bytes: 0,
+                budget: DEFAULT_BUDGET_BYTES,
+            }),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClaimsCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock();
+        f.debug_struct("ClaimsCache").field("paths", &inner.entries.len()).field("bytes", &inner.bytes).finish()
+    }
+}
+
+/// Bytes charged for an entry's keys besides its claims.
+fn key_bytes(path: &str, predicate: Option<&str>) -> usize {
+    std::mem::size_of::<Entry>() + path.len() + predicate.map_or(0, str::len)
+}
+
+impl Inner {
+    /// Removes one entry and releases everything it was charged.
+    fn remove(&mut self, path: &str, predicate: Option<&str>) {
+        let Some(filters) = self.entries.get_mut(path) else { return };
+        let Some(at) = filters.iter().position(|e| e.predicate.as_deref() == predicate) else { return };
+        let entry = filters.swap_remove(at);
+        if filters.is_empty() {
+            self.entries.remove(path);
+        }
+        self.release(path, &entry);
+    }
+
+    fn release(&mut self, path: &str, entry: &Entry) {
+        // Under the cache lock, like every `render`: a rendering kept after this is not
+        // charged to a cache that no longer holds the read.
+        entry.read.rendered.cached.store(false, Ordering::Release);
+        let charged = entry.claims_bytes + entry.read.rendered.bytes() + key_bytes(path, entry.predicate.as_deref());
+        self.bytes = self.bytes.saturating_sub(charged);
+    }
+
+    fn remove_path(&mut self, path: &str) {
+        if let Some(filters) = self.entries.remove(path) {
+            for entry in &filters {
+                self.release(path, entry);
+            }
+        }
+    }
+
+    /// Evicts the oldest entries until the estimate fits the budget.
+    fn evict_to_budget(&mut self) {
+        while self.bytes > self.budget {
+            let Some((path, predicate)) = self.order.pop_front() else {
+                // Nothing left to evict: the estimate drifted; start over from empty.
+                self.clear();
+                return;
+            };
+            self.remove(&path, predicate.as_deref());
+        }
+        // Invalidations leave stale names behind: rebuild the order when they dominate.
+        let live: usize = self.entries.values().map(Vec::len).sum();
+        if self.order.len() > 2 * live + 64 {
+            let entries = &self.entries;
+            self.order.retain(|(path, predicate)| {
+                entries.get(path).is_some_and(|f| f.iter().any(|e| e.predicate.as_deref() == predicate.as_deref()))
+            });
+        }
+    }
+
+    fn clear(&mut self) {
+        for (path, filters) in std::mem::take(&mut self.entries) {
+            for entry in &filters {
+                self.release(&path, entry);
+            }
+        }
+        self.order.clear();
+        self.bytes = 0;
+    }
+}
+
 impl ClaimsCache {
+    /// Sets the memory budget (estimated bytes) and evicts down to it.
+    pub fn set_budget(&self, bytes: usize) {
+        let mut inner = self.inner.lock();
+        inner.budget = bytes;
+        inner.evict_to_budget();
+    }
+
+    /// Estimated bytes held, and the number of cached reads.
+    pub fn usage(&self) -> (usize, usize) {
+        let inner = self.inner.lock();
+        (inner.bytes, inner.entries.values().map(Vec::len).sum())
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
     pub fn get(&self, path: &str, predicate: Option<&str>) -> Option<Arc<ClaimsRead>> {
-        let entries = self.entries.lock();
-        entries.get(path)?.iter().find(|(filter, _)| filter.as_deref() == predicate).map(|(_, groups)| groups.clone())
+        let inner = self.inner.lock();
+        inner.entries.get(path)?.iter().find(|e| e.predicate.as_deref() == predicate).map(|e| e.read.clone())
     }
 
     /// Caches what a reader read from storage, unless an apply invalidated anything since the
-    /// reader noted `generation`.
-    pub fn insert_if_current(&self, generation: u64, path: &str, predicate: Option<&str>, groups: &Arc<ClaimsRead>) {
-        if groups.groups.iter().map(|g| g.claims.len()).sum::<usize>() > MAX_CLAIMS_PER_ENTRY {
+    /// reader noted `generation`, or it is too large for the budget.
+    pub fn insert_if_current(&self, generation: u64, path: &str, predicate: Option<&str>, read: &Arc<ClaimsRead>) {
+        if read.groups.iter().map(|g| g.claims.len()).sum::<usize>() > MAX_CLAIMS_PER_ENTRY {
             return;
         }
-        let mut entries = self.entries.lock();
+        let claims_bytes = claims_bytes(&read.groups);
+        let mut inner = self.inner.lock();
         if self.generation.load(Ordering::Acquire) != generation {
             return;
         }
-        if entries.len() >= MAX_PATHS && !entries.contains_key(path) {
-            entries.clear();
+        let charge = claims_bytes + read.rendered.bytes() + key_bytes(path, predicate);
+        if charge > inner.budget / 8 {
+            return; // one entry may not crowd out most of the others
         }
-        let filters = entries.entry(path.to_string()).or_default();
-        match filters.iter_mut().find(|(filter, _)| filter.as_deref() == predicate) {
-            Some((_, cached)) => *cached = groups.clone(),
-            None => filters.push((predicate.map(str::to_string), groups.clone())),
+        inner.remove(path, predicate);
+        read.rendered.cached.store(true, Ordering::Release);
+        inner.bytes += charge;
+        inner.entries.entry(path.to_string()).or_default().push(Entry {
+            predicate: predicate.map(str::to_string),
+            read: read.clone(),
+            claims_bytes,
+        });
+        inner.order.push_back((path.to_string(), predicate.map(str::to_string)));
+        inner.evict_to_budget();
+    }
+
+    /// Keeps a rendering of `read` and, while the read is cached here, charges it to the budget.
+    pub fn render(&self, read: &ClaimsRead, slot: RenderedSlot) {
+        let mut inner = self.inner.lock();
+        let delta = read.rendered.put(slot);
+        if read.rendered.cached.load(Ordering::Acquire) {
+            inner.bytes = inner.bytes.saturating_add_signed(delta);
+            inner.evict_to_budget();
         }
     }
 
     /// Called by the state machine after writing an apply's batch: drops the touched paths.
     pub fn invalidate<'a>(&self, paths: impl IntoIterator<Item = &'a str>) {
-        let mut entries = self.entries.lock();
+        let mut inner = self.inner.lock();
         for path in paths {
-            entries.remove(path);
+            inner.remove_path(path);
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Drops everything (snapshot installed, indexes repaired).
     pub fn clear(&self) {
-        let mut entries = self.entries.lock();
-        entries.clear();
+        let mut inner = self.inner.lock();
+        inner.clear();
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -174,5 +359,67 @@ mod tests {
         assert!(cache.get("a", None).is_some(), "other paths stay");
         cache.invalidate(["a"]);
         assert!(cache.get("a", None).is_none());
+    }
+
+    fn charge_of(path: &str) -> usize {
+        claims_bytes(&group(path).groups) + key_bytes(path, None)
+    }
+
+    #[test]
+    fn the_estimated_memory_stays_within_the_budget_and_the_oldest_reads_go_first() {
+        let cache = ClaimsCache::default();
+        let one = charge_of("k00");
+        cache.set_budget(10 * one);
+        for i in 0..25 {
+            let path = format!("k{i:02}");
+            cache.insert_if_current(cache.generation(), &path, None, &Arc::new(group(&path)));
+            let (bytes, _) = cache.usage();
+            assert!(bytes <= 10 * one, "{bytes} bytes held over a budget of {}", 10 * one);
+        }
+        assert_eq!(cache.usage(), (10 * one, 10));
+        assert!(cache.get("k14", None).is_none(), "the oldest were evicted");
+        assert!(cache.get("k15", None).is_some() && cache.get("k24", None).is_some(), "the newest stay");
+        cache.set_budget(4 * one);
+        assert_eq!(cache.usage(), (4 * one, 4), "a smaller budget evicts at once");
+        cache.invalidate(["k24", "k23"]);
+        assert_eq!(cache.usage(), (2 * one, 2), "invalidation gives the memory back");
+        cache.clear();
+        assert_eq!(cache.usage(), (0, 0));
+    }
+
+    #[test]
+    fn renderings_count_against_the_budget_only_while_their_read_is_cached() {
+        let cache = ClaimsCache::default();
+        let read = Arc::new(group("a"));
+        cache.insert_if_current(cache.generation(), "a", None, &read);
+        let (before, _) = cache.usage();
+        let json: Arc<RawValue> =
+            Arc::from(RawValue::from_string(format!("[\"{}\"]", "x".repeat(1000))).expect("json"));
+        let slot = RenderedSlot { lens: Lens::Authority, policy_version: 1, count: 1, json };
+        cache.render(&read, slot.clone());
+        let (after, _) = cache.usage();
+        assert_eq!(after - before, slot.bytes(), "the rendering is charged");
+        cache.render(&read, slot.clone());
+        assert_eq!(cache.usage().0, after, "replacing a rendering charges the difference only");
+        cache.invalidate(["a"]);
+        assert_eq!(cache.usage(), (0, 0), "claims and renderings released together");
+        cache.render(&read, RenderedSlot { lens: Lens::Recency, ..slot });
+        assert_eq!(cache.usage(), (0, 0), "a read no longer cached charges nothing");
+        assert!(read.rendered.get(Lens::Recency, 1).is_some(), "but still keeps its rendering");
+    }
+
+    #[test]
+    fn a_zero_budget_caches_nothing_and_one_read_may_not_take_most_of_it() {
+        let cache = ClaimsCache::default();
+        cache.set_budget(0);
+        cache.insert_if_current(cache.generation(), "a", None, &Arc::new(group("a")));
+        assert!(cache.get("a", None).is_none());
+        let one = charge_of("a");
+        cache.set_budget(7 * one);
+        cache.insert_if_current(cache.generation(), "a", None, &Arc::new(group("a")));
+        assert!(cache.get("a", None).is_none(), "over an eighth of the budget");
+        cache.set_budget(8 * one);
+        cache.insert_if_current(cache.generation(), "a", None, &Arc::new(group("a")));
+        assert!(cache.get("a", None).is_some());
     }
 }

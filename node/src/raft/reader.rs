@@ -216,6 +216,11 @@ impl ShardReader {
         }
     }
 
+    /// This shard's claims cache.
+    pub fn claims_cache(&self) -> &super::claims_cache::ClaimsCache {
+        &self.progress.claims_cache
+    }
+
     /// Every claim about `concept_path` (and `predicate`, if given), grouped by predicate in
     /// predicate order.
     pub fn claims(&self, concept_path: &str, predicate: Option<&str>) -> Result<Arc<ClaimsRead>, StorageError> {

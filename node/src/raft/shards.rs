@@ -12,10 +12,11 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
 use super::batching::ReadBarrierGroup;
+use super::claims_cache::RenderedSlot;
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
-use super::reader::{ShardRead, ShardReadResult, ShardReader};
+use super::reader::{ClaimsRead, ShardRead, ShardReadResult, ShardReader};
 use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::cluster::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
@@ -126,6 +127,8 @@ pub struct RaftSettings {
     pub logs_to_keep_after_snapshot: u64,
     /// A planted bug (`testing.unsafe_skip_read_barrier`): linearizable reads skip the barrier.
     pub unsafe_skip_read_barrier: bool,
+    /// Memory budget of the claims caches of all shards together (`query.claims_cache_mb`).
+    pub claims_cache_bytes: usize,
 }
 
 impl Default for RaftSettings {
@@ -137,6 +140,7 @@ impl Default for RaftSettings {
             snapshot_logs_since_last: 20_000,
             logs_to_keep_after_snapshot: 1_000,
             unsafe_skip_read_barrier: false,
+            claims_cache_bytes: 64 << 20,
         }
     }
 }
@@ -328,6 +332,7 @@ impl ShardSet {
         for shard in 0..shards {
             let state_machine = ShardStateMachine::open(storage.clone(), shard, group_of_shard(shard))
                 .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
+            state_machine.progress().claims_cache.set_budget(settings.claims_cache_bytes / shards.max(1) as usize);
             // The replicas of shard s are replication_factor members starting at member s mod n
             // (by id); the first is the preferred leader: it initializes the group and so becomes
             // its first leader, spreading leaders over the founding nodes.
@@ -709,6 +714,22 @@ impl ShardSet {
         raft_metrics::QUORUM_READS.inc();
         // Concurrent readers share one barrier that started after they arrived.
         group.read_barriers.run(|| self.read_barrier_once(shard, timeout)).await.map(|_| ())
+    }
+
+    /// Keeps a rendered answer of a claims read of `shard`; while the read is in this node's
+    /// claims cache, the rendering counts against the cache's budget.
+    pub fn keep_rendering(&self, shard: u16, read: &ClaimsRead, slot: RenderedSlot) {
+        match self.group(shard) {
+            Ok(group) => group.reader.claims_cache().render(read, slot),
+            Err(_) => {
+                read.rendered.put(slot);
+            }
+        }
+    }
+
+    /// Estimated bytes held by this node's claims caches, and the reads they hold.
+    pub fn claims_cache_usage(&self) -> (usize, usize) {
+        self.groups.iter().map(|g| g.reader.claims_cache().usage()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// Whether this node leads `group` as its only voter and has applied an entry of its own
