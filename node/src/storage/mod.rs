@@ -31,7 +31,8 @@ pub enum ColumnFamily {
     RaftState,
     /// State machine data of each shard: assertions, events, idempotency keys, applied state.
     StateMachine,
-    /// Secondary indexes of each shard (concept_path + predicate, concept listing).
+    /// Secondary indexes of each shard (concept_path + predicate, concept listing, by agent,
+    /// quarantine).
     Index,
     /// Node metadata: node id, cluster id, shard count, format version.
     Meta,
