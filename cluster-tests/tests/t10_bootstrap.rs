@@ -123,6 +123,19 @@ async fn five_nodes_form_a_cluster() -> anyhow::Result<()> {
         assert_eq!(up, 5, "node {id}: {members}");
     }
     assert_eq!(hosted, 12, "4 shards x 3 replicas");
+    // Each node gives its whole claims cache budget (64 MiB by default) to the shards it hosts.
+    for id in 1..=5u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = cluster.client.get(format!("{}/metrics", cluster.node(id).api())).send().await?.text().await?;
+            let budget = counter(&text, "stemedb_claims_cache_budget_bytes");
+            if budget > (64 << 20) as f64 - 16.0 && budget <= (64 << 20) as f64 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {id}: claims cache budget {budget} of its hosted shards");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     // Stale reads of a shard this node does not host are served by a replica elsewhere.
     let (status, body) =
         cluster.post(5, "/v1/query", &json!({"concept_path": "boot/n1", "consistency": "stale"})).await?;

@@ -224,6 +224,7 @@ pub async fn run(
         indexes: Default::default(),
     });
     register_node_gauges(&context);
+    crate::raft::shards::start_claims_cache_sharing(&shards);
     crate::raft::hibernation::start(
         &shards,
         Duration::from_millis(config.raft.heartbeat_interval_ms),
@@ -504,6 +505,12 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
         "stemedb_claims_cache_bytes",
         "Estimated memory held by the claims caches of this node's shards (budget: query.claims_cache_mb)",
         |c| c.shards.claims_cache_usage().0 as f64,
+    );
+    node_gauge(
+        context,
+        "stemedb_claims_cache_budget_bytes",
+        "Memory budget of the claims caches of the shards this node hosts (query.claims_cache_mb)",
+        |c| c.shards.claims_cache_budget() as f64,
     );
     node_gauge(context, "stemedb_claims_cache_entries", "Claims reads held by this node's claims caches", |c| {
         c.shards.claims_cache_usage().1 as f64

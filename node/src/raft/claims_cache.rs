@@ -235,8 +235,16 @@ impl ClaimsCache {
     /// Sets the memory budget (estimated bytes) and evicts down to it.
     pub fn set_budget(&self, bytes: usize) {
         let mut inner = self.inner.lock();
+        if inner.budget == bytes {
+            return;
+        }
         inner.budget = bytes;
         inner.evict_to_budget();
+    }
+
+    /// The memory budget (estimated bytes).
+    pub fn budget(&self) -> usize {
+        self.inner.lock().budget
     }
 
     /// Estimated bytes held, and the number of cached reads.

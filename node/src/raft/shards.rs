@@ -95,6 +95,19 @@ impl ConsensusError {
     }
 }
 
+/// Re-divides the claims cache budget every second while the shard set lives.
+pub fn start_claims_cache_sharing(shards: &Arc<ShardSet>) {
+    shards.share_claims_cache();
+    let shards = Arc::downgrade(shards);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(shards) = shards.upgrade() else { return };
+            shards.share_claims_cache();
+        }
+    });
+}
+
 /// Whether `node` is the only voter of `membership`; a joint configuration counts the voters of
 /// both halves, so a group that is adding a voter is no longer led alone.
 fn is_sole_voter(membership: &openraft::Membership<NodeId, BasicNode>, node: NodeId) -> bool {
@@ -288,6 +301,8 @@ pub struct ShardSet {
     founding: Option<(BTreeMap<NodeId, String>, BTreeMap<u16, Vec<NodeId>>)>,
     pub replication_factor: u16,
     unsafe_skip_read_barrier: bool,
+    /// `query.claims_cache_mb` in bytes, shared by the shards this node hosts.
+    claims_cache_bytes: usize,
     shards: u16,
     groups: Vec<ShardGroup>,
     /// The meta group (group 0): cluster nodes, shard placement, rebalances.
@@ -332,7 +347,6 @@ impl ShardSet {
         for shard in 0..shards {
             let state_machine = ShardStateMachine::open(storage.clone(), shard, group_of_shard(shard))
                 .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
-            state_machine.progress().claims_cache.set_budget(settings.claims_cache_bytes / shards.max(1) as usize);
             // The replicas of shard s are replication_factor members starting at member s mod n
             // (by id); the first is the preferred leader: it initializes the group and so becomes
             // its first leader, spreading leaders over the founding nodes.
@@ -368,6 +382,7 @@ impl ShardSet {
             founding: (!members.is_empty()).then_some((members, placement)),
             replication_factor,
             unsafe_skip_read_barrier: settings.unsafe_skip_read_barrier,
+            claims_cache_bytes: settings.claims_cache_bytes,
             shards,
             groups,
             meta,
@@ -725,6 +740,24 @@ impl ShardSet {
                 read.rendered.put(slot);
             }
         }
+    }
+
+    /// Divides the claims cache budget evenly between the shards this node hosts now; the
+    /// others get none (their reads are served elsewhere). Hosting changes with joins, moves
+    /// and decommissions, so the node calls this periodically ([`start_claims_cache_sharing`]).
+    pub fn share_claims_cache(&self) {
+        let data_groups = || self.groups.iter().filter(|g| g.shard != META_SHARD);
+        let hosted: Vec<bool> = data_groups().map(|g| self.hosts(g)).collect();
+        let share = self.claims_cache_bytes / hosted.iter().filter(|h| **h).count().max(1);
+        for (group, hosted) in data_groups().zip(hosted) {
+            group.reader.claims_cache().set_budget(if hosted { share } else { 0 });
+        }
+    }
+
+    /// The claims cache budgets of this node's shards, together.
+    pub fn claims_cache_budget(&self) -> usize {
+        let hosted = self.groups.iter().filter(|g| g.shard != META_SHARD && self.hosts(g));
+        hosted.map(|g| g.reader.claims_cache().budget()).sum()
     }
 
     /// Estimated bytes held by this node's claims caches, and the reads they hold.
