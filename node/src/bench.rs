@@ -133,6 +133,8 @@ struct BenchConnection {
 
 /// Largest answer head (status line and headers) the load generator accepts.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Largest answer body it accepts (more is counted as `bad_answer`, not buffered).
+const MAX_BODY_BYTES: usize = 256 << 20;
 
 /// The `host:port` of a `--url`, checked once before any worker starts.
 fn url_authority(base_url: &str) -> anyhow::Result<String> {
@@ -162,15 +164,23 @@ fn parse_answer_head(buffer: &[u8]) -> Result<Option<AnswerHead>, &'static str> 
         Ok(httparse::Status::Partial) | Err(_) => return Err("bad_answer"),
     };
     let status = response.code.ok_or("bad_answer")?;
-    let (mut body_len, mut close) = (None, false);
+    // HTTP/1.0 closes unless the server says keep-alive; HTTP/1.1 keeps the connection open
+    // unless it says close.
+    let (mut body_len, mut close) = (None, response.version == Some(0));
     for header in response.headers.iter() {
         if header.name.eq_ignore_ascii_case("content-length") {
             let text = std::str::from_utf8(header.value).map_err(|_| "bad_answer")?;
-            body_len = Some(text.trim().parse::<usize>().map_err(|_| "bad_answer")?);
+            let len = text.trim().parse::<usize>().map_err(|_| "bad_answer")?;
+            if len > MAX_BODY_BYTES {
+                return Err("bad_answer");
+            }
+            body_len = Some(len);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err("unsupported_framing");
         } else if header.name.eq_ignore_ascii_case("connection") {
-            close = header.value.eq_ignore_ascii_case(b"close");
+            let has =
+                |token: &[u8]| header.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token));
+            close = has(b"close") || (close && !has(b"keep-alive"));
         }
     }
     Ok(Some(AnswerHead { status, head_len, body_len: body_len.ok_or("unsupported_framing")?, close }))
@@ -519,6 +529,12 @@ mod tests {
         let closing = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
         let head = parse_answer_head(closing).expect("valid").expect("complete");
         assert_eq!((head.status, head.body_len, head.close), (503, 0, true));
+        let listed = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse_answer_head(listed).expect("valid").expect("complete").close, "close among other tokens");
+        let old = b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n";
+        assert!(parse_answer_head(old).expect("valid").expect("complete").close, "HTTP/1.0 closes by default");
+        let kept = b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n";
+        assert!(!parse_answer_head(kept).expect("valid").expect("complete").close, "unless it keeps alive");
     }
 
     #[test]
@@ -529,6 +545,8 @@ mod tests {
         assert_eq!(parse_answer_head(unframed).err(), Some("unsupported_framing"));
         let bad_length = b"HTTP/1.1 200 OK\r\ncontent-length: lots\r\n\r\n";
         assert_eq!(parse_answer_head(bad_length).err(), Some("bad_answer"));
+        let huge = b"HTTP/1.1 200 OK\r\ncontent-length: 1099511627776\r\n\r\n";
+        assert_eq!(parse_answer_head(huge).err(), Some("bad_answer"), "not buffered");
         assert_eq!(parse_answer_head(b"SMTP ready\r\n\r\n").err(), Some("bad_answer"));
         let endless = [b"HTTP/1.1 200 OK\r\n".as_slice(), &[b'x'; super::MAX_HEAD_BYTES]].concat();
         assert_eq!(parse_answer_head(&endless).err(), Some("bad_answer"), "a head past the limit");

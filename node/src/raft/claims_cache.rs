@@ -42,6 +42,8 @@ struct Entry {
     read: Arc<ClaimsRead>,
     /// What the claims themselves were charged (renderings are counted by `read.rendered`).
     claims_bytes: usize,
+    /// Insertion number: names the entry in the eviction order.
+    seq: u64,
 }
 
 /// The `results` of a query answer as JSON, by lens, for the present (no `as_of`) and a whole
@@ -138,12 +140,16 @@ pub struct ClaimsCache {
 
 struct Inner {
     entries: Entries,
-    /// Paths (and predicate filters) in insertion order: the oldest is evicted first. May name
-    /// entries already invalidated; those are skipped.
-    order: VecDeque<(String, Option<String>)>,
+    /// Entries in insertion order, by path, predicate filter and insertion number: the oldest
+    /// is evicted first. Names of entries since invalidated or replaced no longer match an
+    /// entry's number and are skipped.
+    order: VecDeque<(String, Option<String>, u64)>,
     /// Estimated bytes held: every entry's claims and renderings, plus its keys.
     bytes: usize,
     budget: usize,
+    /// Entries held.
+    live: usize,
+    next_seq: u64,
 }
 
 impl Default for ClaimsCache {
@@ -154,6 +160,8 @@ impl Default for ClaimsCache {
                 order: VecDeque::new(),
                 bytes: 0,
                 budget: DEFAULT_BUDGET_BYTES,
+                live: 0,
+                next_seq: 0,
             }),
             generation: AtomicU64::new(0),
         }
@@ -173,10 +181,12 @@ fn key_bytes(path: &str, predicate: Option<&str>) -> usize {
 }
 
 impl Inner {
-    /// Removes one entry and releases everything it was charged.
-    fn remove(&mut self, path: &str, predicate: Option<&str>) {
+    /// Removes one entry (only if it has insertion number `seq`, when given) and releases
+    /// everything it was charged.
+    fn remove(&mut self, path: &str, predicate: Option<&str>, seq: Option<u64>) {
         let Some(filters) = self.entries.get_mut(path) else { return };
-        let Some(at) = filters.iter().position(|e| e.predicate.as_deref() == predicate) else { return };
+        let found = filters.iter().position(|e| e.predicate.as_deref() == predicate && seq.is_none_or(|s| s == e.seq));
+        let Some(at) = found else { return };
         let entry = filters.swap_remove(at);
         if filters.is_empty() {
             self.entries.remove(path);
@@ -190,6 +200,7 @@ impl Inner {
         entry.read.rendered.cached.store(false, Ordering::Release);
         let charged = entry.claims_bytes + entry.read.rendered.bytes() + key_bytes(path, entry.predicate.as_deref());
         self.bytes = self.bytes.saturating_sub(charged);
+        self.live = self.live.saturating_sub(1);
     }
 
     fn remove_path(&mut self, path: &str) {
@@ -203,21 +214,26 @@ impl Inner {
     /// Evicts the oldest entries until the estimate fits the budget.
     fn evict_to_budget(&mut self) {
         while self.bytes > self.budget {
-            let Some((path, predicate)) = self.order.pop_front() else {
+            let Some((path, predicate, seq)) = self.order.pop_front() else {
                 // Nothing left to evict: the estimate drifted; start over from empty.
                 self.clear();
                 return;
             };
-            self.remove(&path, predicate.as_deref());
+            self.remove(&path, predicate.as_deref(), Some(seq));
         }
-        // Invalidations leave stale names behind: rebuild the order when they dominate.
-        let live: usize = self.entries.values().map(Vec::len).sum();
-        if self.order.len() > 2 * live + 64 {
-            let entries = &self.entries;
-            self.order.retain(|(path, predicate)| {
-                entries.get(path).is_some_and(|f| f.iter().any(|e| e.predicate.as_deref() == predicate.as_deref()))
-            });
+        self.compact_order();
+    }
+
+    /// Invalidations and replacements leave stale names behind: drop them once they outnumber
+    /// the live entries, so the order stays within a constant factor of the entries held.
+    fn compact_order(&mut self) {
+        if self.order.len() <= 2 * self.live + 64 {
+            return;
         }
+        let entries = &self.entries;
+        self.order.retain(|(path, predicate, seq)| {
+            entries.get(path).is_some_and(|f| f.iter().any(|e| e.seq == *seq && e.predicate == *predicate))
+        });
     }
 
     fn clear(&mut self) {
@@ -228,6 +244,7 @@ impl Inner {
         }
         self.order.clear();
         self.bytes = 0;
+        self.live = 0;
     }
 }
 
@@ -250,7 +267,7 @@ impl ClaimsCache {
     /// Estimated bytes held, and the number of cached reads.
     pub fn usage(&self) -> (usize, usize) {
         let inner = self.inner.lock();
-        (inner.bytes, inner.entries.values().map(Vec::len).sum())
+        (inner.bytes, inner.live)
     }
 
     pub fn generation(&self) -> u64 {
@@ -277,15 +294,19 @@ impl ClaimsCache {
         if charge > inner.budget / 8 {
             return; // one entry may not crowd out most of the others
         }
-        inner.remove(path, predicate);
+        inner.remove(path, predicate, None);
         read.rendered.cached.store(true, Ordering::Release);
         inner.bytes += charge;
+        inner.live += 1;
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
         inner.entries.entry(path.to_string()).or_default().push(Entry {
             predicate: predicate.map(str::to_string),
             read: read.clone(),
             claims_bytes,
+            seq,
         });
-        inner.order.push_back((path.to_string(), predicate.map(str::to_string)));
+        inner.order.push_back((path.to_string(), predicate.map(str::to_string), seq));
         inner.evict_to_budget();
     }
 
@@ -429,5 +450,31 @@ mod tests {
         cache.set_budget(8 * one);
         cache.insert_if_current(cache.generation(), "a", None, &Arc::new(group("a")));
         assert!(cache.get("a", None).is_some());
+    }
+
+    #[test]
+    fn stale_names_neither_evict_fresh_entries_nor_pile_up() {
+        let cache = ClaimsCache::default();
+        let one = charge_of("a");
+        cache.set_budget(8 * one);
+        let insert = |path: &str| cache.insert_if_current(cache.generation(), path, None, &Arc::new(group(path)));
+        insert("a");
+        insert("b");
+        for filler in ["d", "e", "f", "g", "h", "i"] {
+            insert(filler);
+        }
+        cache.invalidate(["a"]);
+        insert("a");
+        insert("c");
+        assert!(cache.get("b", None).is_none(), "b is now the oldest entry");
+        assert!(cache.get("a", None).is_some() && cache.get("c", None).is_some(), "a was cached again after b");
+        // A hot path written and read in a loop: one live entry, a bounded queue of names.
+        for _ in 0..10_000 {
+            cache.invalidate(["hot"]);
+            insert("hot");
+        }
+        let inner = cache.inner.lock();
+        assert_eq!(inner.live, 8);
+        assert!(inner.order.len() <= 2 * inner.live + 65, "{} names for {} entries", inner.order.len(), inner.live);
     }
 }

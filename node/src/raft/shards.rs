@@ -108,11 +108,36 @@ pub fn start_claims_cache_sharing(shards: &Arc<ShardSet>) {
     });
 }
 
-/// Whether `node` is the only voter of `membership`; a joint configuration counts the voters of
-/// both halves, so a group that is adding a voter is no longer led alone.
-fn is_sole_voter(membership: &openraft::Membership<NodeId, BasicNode>, node: NodeId) -> bool {
-    let mut voters = membership.voter_ids();
-    voters.next() == Some(node) && voters.next().is_none()
+/// Whether `me` may serve a linearizable read of a group from its own state machine, without
+/// confirming leadership (a read index through RaftCore), judging by the group's metrics:
+/// - it is the leader, and the group's only member: the only voter, in every half of a joint
+///   configuration, and no learners;
+/// - that configuration took effect in an earlier term, so in this term no other node has
+///   received an entry: an entry committed but not yet applied here cannot have been read
+///   anywhere else (a replica being moved away, or a learner, could have applied it);
+/// - it has applied an entry of its own term, so every entry of earlier terms is applied too,
+///   including those replayed after a restart.
+///
+/// Every write is acknowledged only once applied here, and no other node can lead without a
+/// configuration appended here first, so the read sees every write completed before it.
+/// Metrics are published after RaftCore acts; their lag can only send a read through the
+/// barrier, or let it overlap a change that no other node can complete without this node.
+fn may_read_alone(metrics: &openraft::RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
+    let membership = metrics.membership_config.membership();
+    let term = metrics.current_term;
+    metrics.state == openraft::ServerState::Leader
+        && metrics.current_leader == Some(me)
+        && metrics.last_applied.is_some_and(|applied| applied.leader_id.get_term() == term)
+        && is_only_member(membership, me)
+        && metrics.membership_config.log_id().is_none_or(|since| since.leader_id.get_term() < term)
+}
+
+/// Whether `node` is the only voter of every half of `membership` and it has no learners.
+fn is_only_member(membership: &openraft::Membership<NodeId, BasicNode>, node: NodeId) -> bool {
+    let configs = membership.get_joint_config();
+    !configs.is_empty()
+        && configs.iter().all(|voters| voters.len() == 1 && voters.contains(&node))
+        && membership.nodes().count() == 1
 }
 
 /// Bootstrap placement: shard `s` gets `replication_factor` replicas (fewer if there are fewer
@@ -765,23 +790,11 @@ impl ShardSet {
         self.groups.iter().map(|g| g.reader.claims_cache().usage()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
-    /// Whether this node leads `group` as its only voter and has applied an entry of its own
-    /// term. Then a linearizable read needs no barrier:
-    /// - every write acknowledged so far was applied here before it was acknowledged, and the
-    ///   entry of this term being applied means every entry of earlier terms is applied too;
-    /// - no other node can lead without this node's vote, because any configuration that adds a
-    ///   voter must be appended here first, and the metrics then list that voter.
-    ///
-    /// Metrics are published after RaftCore acts, so they can only lag into a slower answer
-    /// (a barrier after stepping down) or a read that overlaps the change anyway: a write by
-    /// a new leader completes only after this node voted for it and acknowledged the write.
+    /// Whether a linearizable read of `group` may skip the barrier: see [`may_read_alone`].
     fn leads_alone(&self, group: &ShardGroup) -> bool {
         let metrics = group.raft.metrics();
         let metrics = metrics.borrow();
-        metrics.state == openraft::ServerState::Leader
-            && metrics.current_leader == Some(self.node_id)
-            && metrics.last_applied.is_some_and(|applied| applied.leader_id.get_term() == metrics.current_term)
-            && is_sole_voter(metrics.membership_config.membership(), self.node_id)
+        may_read_alone(&metrics, self.node_id)
     }
 
     async fn read_barrier_once(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
@@ -1219,29 +1232,68 @@ impl Drop for ResumeHeartbeats<'_> {
 #[cfg(test)]
 mod sole_voter_tests {
     use std::collections::BTreeSet;
+    use std::sync::Arc;
 
-    use openraft::{BasicNode, Membership};
+    use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, RaftMetrics, ServerState, StoredMembership};
 
-    use super::is_sole_voter;
+    use super::{is_only_member, may_read_alone};
 
     fn config(voters: &[u64]) -> BTreeSet<u64> {
         voters.iter().copied().collect()
     }
 
-    #[test]
-    fn only_a_single_voter_configuration_that_names_the_node_is_led_alone() {
-        let alone: Membership<u64, BasicNode> = Membership::new(vec![config(&[1])], None);
-        assert!(is_sole_voter(&alone, 1));
-        assert!(!is_sole_voter(&alone, 2), "another node's single-voter group");
-        let three: Membership<u64, BasicNode> = Membership::new(vec![config(&[1, 2, 3])], None);
-        assert!(!is_sole_voter(&three, 1));
+    fn log_id(term: u64, index: u64) -> LogId<u64> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    /// Node 1 leading alone in term 3 since a configuration of term 1, its term-3 entry applied.
+    fn leading_alone() -> RaftMetrics<u64, BasicNode> {
+        let mut metrics = RaftMetrics::new_initial(1);
+        metrics.state = ServerState::Leader;
+        metrics.current_leader = Some(1);
+        metrics.current_term = 3;
+        metrics.last_applied = Some(log_id(3, 40));
+        let membership = Membership::new(vec![config(&[1])], None);
+        metrics.membership_config = Arc::new(StoredMembership::new(Some(log_id(1, 1)), membership));
+        metrics
     }
 
     #[test]
-    fn learners_do_not_count_but_a_joint_configuration_does() {
-        let with_learner: Membership<u64, BasicNode> = Membership::new(vec![config(&[1])], Some(config(&[2])));
-        assert!(is_sole_voter(&with_learner, 1), "a learner cannot vote, so node 1 still leads alone");
+    fn only_a_single_member_configuration_that_names_the_node_counts() {
+        let alone: Membership<u64, BasicNode> = Membership::new(vec![config(&[1])], None);
+        assert!(is_only_member(&alone, 1));
+        assert!(!is_only_member(&alone, 2), "another node's single-voter group");
+        let three: Membership<u64, BasicNode> = Membership::new(vec![config(&[1, 2, 3])], None);
+        assert!(!is_only_member(&three, 1));
         let joint: Membership<u64, BasicNode> = Membership::new(vec![config(&[1]), config(&[1, 2])], None);
-        assert!(!is_sole_voter(&joint, 1), "while voter 2 joins, node 1 needs its acknowledgements");
+        assert!(!is_only_member(&joint, 1), "while voter 2 joins, node 1 needs its acknowledgements");
+        let learner: Membership<u64, BasicNode> = Membership::new(vec![config(&[1])], Some(config(&[2])));
+        assert!(!is_only_member(&learner, 1), "a learner may have applied what the leader has not");
+    }
+
+    #[test]
+    fn a_sole_leader_reads_alone_only_once_its_term_and_configuration_are_settled() {
+        assert!(may_read_alone(&leading_alone(), 1));
+        assert!(!may_read_alone(&leading_alone(), 2), "not the leader");
+
+        let mut follower = leading_alone();
+        follower.state = ServerState::Follower;
+        assert!(!may_read_alone(&follower, 1));
+
+        let mut replaying = leading_alone();
+        replaying.last_applied = Some(log_id(2, 35));
+        assert!(!may_read_alone(&replaying, 1), "entries of earlier terms may still be unapplied");
+        replaying.last_applied = None;
+        assert!(!may_read_alone(&replaying, 1));
+
+        let mut just_shrunk = leading_alone();
+        let membership = Membership::new(vec![config(&[1])], None);
+        just_shrunk.membership_config = Arc::new(StoredMembership::new(Some(log_id(3, 38)), membership));
+        assert!(!may_read_alone(&just_shrunk, 1), "a replica removed this term may have applied more");
+
+        let mut initial = leading_alone();
+        let membership = Membership::new(vec![config(&[1])], None);
+        initial.membership_config = Arc::new(StoredMembership::new(None, membership));
+        assert!(may_read_alone(&initial, 1), "the configuration a group was created with");
     }
 }
