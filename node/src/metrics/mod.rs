@@ -159,6 +159,10 @@ pub static WRITE_LATENCY: LazyLock<Arc<WindowedSummary>> = LazyLock::new(|| {
 pub struct Metrics {
     registry: Registry,
     pub node_label: String,
+    /// `stemedb_query_total` for this node and `stemedb_query_duration_seconds` per lens,
+    /// resolved once: a label lookup hashes and locks on every query otherwise.
+    query_total: prometheus::IntCounter,
+    query_duration_by_lens: Vec<(&'static str, prometheus::Histogram)>,
 }
 
 impl Metrics {
@@ -183,7 +187,13 @@ impl Metrics {
                 tracing::warn!(error = %error, "metric registration failed");
             }
         }
-        Metrics { registry, node_label: node_id.to_string() }
+        let node_label = node_id.to_string();
+        let query_total = QUERY_TOTAL.with_label_values(&[&node_label]);
+        let query_duration_by_lens = crate::model::lens::Lens::NAMES
+            .iter()
+            .map(|lens| (*lens, QUERY_DURATION.with_label_values(&[lens])))
+            .collect();
+        Metrics { registry, node_label, query_total, query_duration_by_lens }
     }
 
     /// Registers an extra collector (gauges computed at scrape time).
@@ -204,8 +214,11 @@ impl Metrics {
 
     pub fn observe_query(&self, lens: &str, elapsed: Duration) {
         QUERY_LATENCY.observe(elapsed);
-        QUERY_DURATION.with_label_values(&[lens]).observe(elapsed.as_secs_f64());
-        QUERY_TOTAL.with_label_values(&[&self.node_label]).inc();
+        match self.query_duration_by_lens.iter().find(|(name, _)| *name == lens) {
+            Some((_, histogram)) => histogram.observe(elapsed.as_secs_f64()),
+            None => QUERY_DURATION.with_label_values(&[lens]).observe(elapsed.as_secs_f64()),
+        }
+        self.query_total.inc();
     }
 
     pub fn observe_write(&self, elapsed: Duration) {
