@@ -308,7 +308,7 @@ pub async fn query(
         }
     };
     let elapsed = started.elapsed();
-    state.metrics.observe_query(Lens::NAMES[lens as usize], elapsed);
+    state.metrics.observe_query(lens, elapsed);
     if elapsed.as_millis() as u64 >= state.config.query.slow_query_ms {
         let agent_id = request.agent_id.clone().unwrap_or_else(|| crate::model::assertion::DEFAULT_AGENT_ID.into());
         let subject = match (&request.concept_path, &request.concept_prefix) {
@@ -369,22 +369,23 @@ async fn query_path(
     // An answer for the present covering every group is the same for every query of the key
     // until its claims or the policy change: render it once (see claims_cache).
     let whole = as_of_us == u64::MAX && page.len() == groups.len();
-    let results = if whole {
-        let policy_version = state.shards.policy().version();
-        match read.rendered.get(echo.lens, policy_version) {
-            Some(slot) => Results::Rendered(slot),
-            None => {
-                let views: Vec<GroupView<'_>> =
-                    page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect();
+    let policy_version = state.shards.policy().version();
+    let kept = if whole { read.rendered.get(echo.lens, policy_version) } else { None };
+    let results = match kept {
+        Some(slot) => Results::Rendered(slot),
+        None => {
+            let views: Vec<GroupView<'_>> =
+                page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect();
+            if whole {
                 let count = views.len();
                 let json = serde_json::value::to_raw_value(&views).map_err(encoding_failed)?;
                 let slot = RenderedSlot { lens: echo.lens, policy_version, count, json: Arc::from(json) };
                 state.shards.keep_rendering(shard, &read, slot.clone());
                 Results::Rendered(slot)
+            } else {
+                Results::Views(views)
             }
         }
-    } else {
-        Results::Views(page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect())
     };
     QueryBody {
         applied_index: (!linearizable).then_some(result.applied_index),

@@ -10,6 +10,7 @@
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use crate::model::lens::Lens;
 use hdrhistogram::Histogram as Hdr;
 use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
@@ -162,7 +163,8 @@ pub struct Metrics {
     /// `stemedb_query_total` for this node and `stemedb_query_duration_seconds` per lens,
     /// resolved once: a label lookup hashes and locks on every query otherwise.
     query_total: prometheus::IntCounter,
-    query_duration_by_lens: Vec<(&'static str, prometheus::Histogram)>,
+    /// Indexed by `Lens as usize`, like `Lens::NAMES`.
+    query_duration_by_lens: Vec<Histogram>,
 }
 
 impl Metrics {
@@ -189,10 +191,7 @@ impl Metrics {
         }
         let node_label = node_id.to_string();
         let query_total = QUERY_TOTAL.with_label_values(&[&node_label]);
-        let query_duration_by_lens = crate::model::lens::Lens::NAMES
-            .iter()
-            .map(|lens| (*lens, QUERY_DURATION.with_label_values(&[lens])))
-            .collect();
+        let query_duration_by_lens = Lens::NAMES.iter().map(|lens| QUERY_DURATION.with_label_values(&[lens])).collect();
         Metrics { registry, node_label, query_total, query_duration_by_lens }
     }
 
@@ -212,11 +211,10 @@ impl Metrics {
         String::from_utf8(buffer).unwrap_or_default()
     }
 
-    pub fn observe_query(&self, lens: &str, elapsed: Duration) {
+    pub fn observe_query(&self, lens: Lens, elapsed: Duration) {
         QUERY_LATENCY.observe(elapsed);
-        match self.query_duration_by_lens.iter().find(|(name, _)| *name == lens) {
-            Some((_, histogram)) => histogram.observe(elapsed.as_secs_f64()),
-            None => QUERY_DURATION.with_label_values(&[lens]).observe(elapsed.as_secs_f64()),
+        if let Some(histogram) = self.query_duration_by_lens.get(lens as usize) {
+            histogram.observe(elapsed.as_secs_f64());
         }
         self.query_total.inc();
     }
@@ -327,7 +325,7 @@ mod tests {
     fn summary_renders_quantiles_the_runbooks_read() {
         let metrics = Metrics::new(1);
         for ms in 1..=100 {
-            metrics.observe_query("recency", Duration::from_millis(ms));
+            metrics.observe_query(Lens::Recency, Duration::from_millis(ms));
         }
         let text = metrics.render();
         let line =

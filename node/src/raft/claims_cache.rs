@@ -104,7 +104,7 @@ impl RenderedResults {
 }
 
 /// An estimate of the heap memory a read of claims holds: the structures and their strings.
-pub fn claims_bytes(groups: &[ClaimGroup]) -> usize {
+fn claims_bytes(groups: &[ClaimGroup]) -> usize {
     use std::mem::size_of;
     let claim = |facts: &ClaimFacts| {
         let draft = &facts.record.draft;
