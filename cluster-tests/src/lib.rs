@@ -278,6 +278,13 @@ impl TestCluster {
         &self.nodes[&id]
     }
 
+    /// The value of one series (its name and labels as exposed, e.g. `name{label="v"}`) in node
+    /// `id`'s `/metrics`, if present.
+    pub async fn metric(&self, id: u64, series: &str) -> anyhow::Result<Option<f64>> {
+        let text = self.client.get(format!("{}/metrics", self.node(id).api())).send().await?.text().await?;
+        Ok(text.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())))
+    }
+
     pub fn running(&self) -> Vec<u64> {
         self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
     }

@@ -6,11 +6,6 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use stemedb_cluster_tests::{ClusterOptions, TestCluster};
 
-/// The value of a counter series in a Prometheus text exposition (0 when absent).
-fn counter(metrics: &str, series: &str) -> f64 {
-    metrics.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
-}
-
 async fn write_anywhere_read_everywhere(cluster: &TestCluster) -> anyhow::Result<()> {
     let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
     for via in &ids {
@@ -33,9 +28,9 @@ async fn three_nodes_form_a_cluster() -> anyhow::Result<()> {
     // the single-voter shortcut must never apply.
     let mut quorum_rounds = 0.0;
     for id in 1..=3u64 {
-        let metrics = cluster.client.get(format!("{}/metrics", cluster.node(id).api())).send().await?.text().await?;
-        assert_eq!(counter(&metrics, "stemedb_read_barriers_total{path=\"sole_voter\"}"), 0.0, "node {id}");
-        quorum_rounds += counter(&metrics, "stemedb_read_barriers_total{path=\"quorum\"}");
+        let alone = cluster.metric(id, "stemedb_read_barriers_total{path=\"sole_voter\"}").await?;
+        assert_eq!(alone.unwrap_or(0.0), 0.0, "node {id}");
+        quorum_rounds += cluster.metric(id, "stemedb_read_barriers_total{path=\"quorum\"}").await?.unwrap_or(0.0);
     }
     assert!(quorum_rounds >= 9.0, "9 linearizable reads, {quorum_rounds} barriers");
 
@@ -127,8 +122,7 @@ async fn five_nodes_form_a_cluster() -> anyhow::Result<()> {
     for id in 1..=5u64 {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let text = cluster.client.get(format!("{}/metrics", cluster.node(id).api())).send().await?.text().await?;
-            let budget = counter(&text, "stemedb_claims_cache_budget_bytes");
+            let budget = cluster.metric(id, "stemedb_claims_cache_budget_bytes").await?.unwrap_or(0.0);
             if budget > (64 << 20) as f64 - 16.0 && budget <= (64 << 20) as f64 {
                 break;
             }

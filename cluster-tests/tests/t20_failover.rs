@@ -92,13 +92,7 @@ async fn hibernating_groups_still_fail_over_and_wake_on_writes() -> anyhow::Resu
     loop {
         let mut hibernating = 0.0;
         for id in cluster.running() {
-            let text = cluster.client.get(format!("{}/metrics", cluster.node(id).api())).send().await?.text().await?;
-            hibernating += text
-                .lines()
-                .find(|l| l.starts_with("stemedb_shards_hibernating "))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0);
+            hibernating += cluster.metric(id, "stemedb_shards_hibernating").await?.unwrap_or(0.0);
         }
         if hibernating == 3.0 {
             break;

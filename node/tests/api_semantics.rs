@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::TestNode;
+use common::{metrics_text, series_value, TestNode};
 use serde_json::{json, Value};
 
 async fn assert_ok(node: &TestNode, body: Value) -> Value {
@@ -273,11 +273,7 @@ async fn the_claims_cache_stays_within_its_memory_budget() {
         let (status, body) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
         assert_eq!((status, body["accepted"].clone()), (200, json!(100)), "batch {batch}");
     }
-    let gauge = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no {name} in the metrics"))
-    };
+    let gauge = |text: &str, name: &str| series_value(text, name).unwrap_or_else(|| panic!("no {name} in the metrics"));
     // 300 reads of about 6 KB each: 1.8 MB, over the 1 MiB budget. Every answer stays right.
     for round in 0..2 {
         for i in 0..300 {
@@ -285,8 +281,7 @@ async fn the_claims_cache_stays_within_its_memory_budget() {
             assert_eq!(status, 200, "{answer}");
             assert_eq!(answer["results"][0]["winner"]["value"], json!(value(i)), "round {round}, key {i}");
         }
-        let text =
-            node.client.get(format!("{}/metrics", node.url)).send().await.expect("metrics").text().await.expect("text");
+        let text = metrics_text(&node.client, &node.url).await;
         let (bytes, entries) =
             (gauge(&text, "stemedb_claims_cache_bytes"), gauge(&text, "stemedb_claims_cache_entries"));
         assert!(bytes > 0.0 && bytes <= (1 << 20) as f64, "round {round}: {bytes} bytes cached");

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get_json, post_json, ProcessNode};
+use common::{get_json, metrics_text, post_json, series_value, ProcessNode};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,11 +85,6 @@ async fn refuses_a_data_dir_of_another_node() {
     assert!(status.1.contains("belongs to node 1"), "stderr: {}", status.1);
 }
 
-/// The value of a counter series in a Prometheus text exposition (0 when absent).
-fn counter(metrics: &str, series: &str) -> f64 {
-    metrics.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_node_serves_linearizable_reads_alone_and_they_see_every_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -124,9 +119,8 @@ async fn a_single_node_serves_linearizable_reads_alone_and_they_see_every_acknow
         write(node.url.clone(), value).await;
         assert_eq!(read(node.url.clone()).await, json!(value), "a read missed the write acknowledged before it");
     }
-    let metrics =
-        client.get(format!("{}/metrics", node.url)).send().await.expect("metrics").text().await.expect("text");
-    let alone = counter(&metrics, "stemedb_read_barriers_total{path=\"sole_voter\"}");
+    let metrics = metrics_text(&client, &node.url).await;
+    let alone = series_value(&metrics, "stemedb_read_barriers_total{path=\"sole_voter\"}").unwrap_or(0.0);
     assert!(alone >= 30.0, "the only voter confirmed leadership through a quorum round: {alone} reads alone");
     drop(node);
 }

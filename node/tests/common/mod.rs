@@ -88,6 +88,17 @@ impl TestNode {
     }
 }
 
+/// The value of one series (its name and labels as exposed, e.g. `name{label="v"}`) in a
+/// Prometheus text exposition, if present.
+pub fn series_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
+
+/// A node's `/metrics` text.
+pub async fn metrics_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(format!("{url}/metrics")).send().await.expect("metrics").text().await.expect("text")
+}
+
 pub async fn post_json(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value) {
     let response = client.post(url).json(body).send().await.expect("send");
     let status = response.status().as_u16();
