@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs StemeDB's build prerequisites where missing (Debian/Ubuntu): a C++ toolchain and
-# libclang for RocksDB's bindings. protoc is vendored by the build, so it is not needed here.
+# libclang for RocksDB's bindings, and jeprof (libjemalloc-dev) to read the node's heap profiles.
+# protoc is vendored by the build, so it is not needed here.
 set -euo pipefail
 missing=()
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+command -v jeprof >/dev/null 2>&1 || missing+=(libjemalloc-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   SUDO=""

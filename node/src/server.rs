@@ -222,6 +222,7 @@ pub async fn run(
             Duration::from_millis(config.raft.write_timeout_ms),
         ),
         indexes: Default::default(),
+        heap_profiler: start_heap_profiler(&config),
     });
     register_node_gauges(&context);
     crate::raft::shards::start_claims_cache_sharing(&shards);
@@ -502,6 +503,53 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     });
     node_gauge(
         context,
+        "stemedb_cache_size_bytes",
+        "Capacity of the RocksDB block cache (storage.max_cache_size_mb, env STEMEDB_CACHE_SIZE_MB)",
+        |c| c.storage.block_cache_capacity_bytes() as f64,
+    );
+    node_gauge(
+        context,
+        "stemedb_lsm_pending_compaction_bytes",
+        "Bytes RocksDB estimates compaction still has to rewrite, over all column families",
+        |c| c.storage.pending_compaction_bytes() as f64,
+    );
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(crate::metrics::ComputedSummary::new(
+        "stemedb_lsm_compaction_duration_seconds",
+        "Durations of RocksDB compactions since the node started (quantiles over all of them)",
+        Box::new(move || {
+            let durations = weak.upgrade()?.storage.compaction_durations();
+            Some((durations.count, durations.sum_seconds, durations.quantiles.to_vec()))
+        }),
+    )));
+    let allocator = |name: &str, help: &str, field: fn(&crate::metrics::heap_profile::AllocatorStats) -> u64| {
+        let value = move |_: &Arc<NodeContext>| {
+            crate::metrics::heap_profile::allocator_stats().map(|s| field(&s) as f64).unwrap_or(0.0)
+        };
+        node_gauge(context, name, help, value);
+    };
+    allocator(
+        "stemedb_allocator_allocated_bytes",
+        "Bytes the process has allocated and not freed (jemalloc stats.allocated)",
+        |s| s.allocated,
+    );
+    allocator(
+        "stemedb_allocator_active_bytes",
+        "Bytes in the allocator's pages that hold allocations (jemalloc stats.active)",
+        |s| s.active,
+    );
+    allocator(
+        "stemedb_allocator_resident_bytes",
+        "Bytes of physically resident pages the allocator maps (jemalloc stats.resident)",
+        |s| s.resident,
+    );
+    allocator(
+        "stemedb_allocator_metadata_bytes",
+        "Bytes of the allocator's own metadata, heap-profile samples included (jemalloc stats.metadata)",
+        |s| s.metadata,
+    );
+    node_gauge(
+        context,
         "stemedb_claims_cache_bytes",
         "Estimated memory held by the claims caches of this node's shards (budget: query.claims_cache_mb)",
         |c| c.shards.claims_cache_usage().0 as f64,
@@ -552,6 +600,19 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
         let leader = |g: &&crate::raft::ShardGroup| g.raft.metrics().borrow().current_leader == Some(c.shards.node_id);
         c.shards.groups().iter().filter(leader).count() as f64
     });
+}
+
+/// The heap profiler, with sampling switched on or off as `debug.heap_profiling` says. A
+/// process whose allocator has no profiler (`MALLOC_CONF=prof:false`) runs without one.
+fn start_heap_profiler(config: &Config) -> crate::metrics::heap_profile::HeapProfiler {
+    use crate::metrics::heap_profile::HeapProfiler;
+    let profiler = HeapProfiler::new(config.node.data_dir.join("heap-profiles"), config.debug.heap_profiles_kept);
+    if !HeapProfiler::available() {
+        tracing::info!("heap profiling unavailable: the allocator's profiler is off");
+    } else if let Err(error) = profiler.set_sampling(config.debug.heap_profiling) {
+        tracing::warn!(error = %error, "heap profile sampling not switched");
+    }
+    profiler
 }
 
 /// The start-up index verification (`storage.rebuild_indexes_on_start`): waits until the

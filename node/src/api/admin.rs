@@ -18,6 +18,91 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/storage/compact", post(compact))
         .route("/v1/admin/compact", post(compact))
         .route("/v1/admin/slow-queries", get(slow_queries))
+        .route("/v1/admin/debug/heap-profile", get(heap_profile_status).post(take_heap_profile))
+        .route("/v1/admin/debug/heap-profile/download", get(download_heap_profile))
+        .route("/v1/admin/debug/heap-profile/sampling", post(set_heap_sampling))
+}
+
+/// `GET /v1/admin/debug/heap-profile`: whether allocations are sampled, and the dumps on disk.
+async fn heap_profile_status(State(state): State<AppState>, _admin: super::AdminRights) -> Response {
+    Json(state.heap_profiler.status()).into_response()
+}
+
+/// `POST /v1/admin/debug/heap-profile`: writes a heap profile of the live sampled allocations
+/// now. When sampling was off it is switched on first, so this dump is nearly empty and the
+/// next one, taken after the workload ran, shows where memory goes.
+async fn take_heap_profile(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
+    use crate::metrics::heap_profile::HeapProfiler;
+    let was_sampling = HeapProfiler::sampling();
+    let context = state.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        if !was_sampling {
+            context.heap_profiler.set_sampling(true)?;
+        }
+        context.heap_profiler.dump()
+    })
+    .await
+    .map_err(|e| ApiError::new(500, "heap_profile_failed", e.to_string()))??;
+    let status = state.heap_profiler.status();
+    let note = if was_sampling {
+        "profile of the allocations sampled since sampling began that are still live"
+    } else {
+        "sampling was off and is on from now: this profile is nearly empty; take another once the workload has run"
+    };
+    Ok(Json(json!({
+        "profile": file,
+        "download": format!("/v1/admin/debug/heap-profile/download?name={}", file.name),
+        "sampling_was_on": was_sampling,
+        "sampling_since": status.sampling_since,
+        "sample_interval_bytes": status.sample_interval_bytes,
+        "binary": status.binary,
+        "note": note,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DownloadParams {
+    name: Option<String>,
+}
+
+/// `GET /v1/admin/debug/heap-profile/download[?name=heap-….prof]`: the newest dump, or the
+/// named one, in jemalloc's heap-profile format (`jeprof --text $(which stemedb) FILE`).
+async fn download_heap_profile(
+    State(state): State<AppState>,
+    _admin: super::AdminRights,
+    params: Result<axum::extract::Query<DownloadParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let params = super::extract::query_params(params)?;
+    let path = state.heap_profiler.find(params.name.as_deref())?;
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| ApiError::new(500, "heap_profile_failed", format!("{}: {e}", path.display())))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let headers = [
+        (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (axum::http::header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}\"")),
+    ];
+    Ok((headers, bytes).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SamplingRequest {
+    enabled: bool,
+}
+
+/// `POST /v1/admin/debug/heap-profile/sampling` `{"enabled": bool}`: switches allocation
+/// sampling on or off without a restart.
+async fn set_heap_sampling(
+    State(state): State<AppState>,
+    _admin: super::AdminRights,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: SamplingRequest = parse_json(&body)?;
+    state.heap_profiler.set_sampling(request.enabled)?;
+    Ok(Json(state.heap_profiler.status()).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -59,6 +59,7 @@ impl ApiError {
             404 => 5,             // NOT_FOUND
             409 => 6,             // ALREADY_EXISTS
             429 => 8,             // RESOURCE_EXHAUSTED
+            501 => 12,            // UNIMPLEMENTED
             503 => 14,            // UNAVAILABLE
             504 => 4,             // DEADLINE_EXCEEDED
             _ => 13,              // INTERNAL
@@ -133,6 +134,12 @@ impl From<crate::model::signing::SignatureError> for ApiError {
     fn from(error: crate::model::signing::SignatureError) -> ApiError {
         let details = serde_json::to_value(&error).unwrap_or(Value::Null);
         ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)
+    }
+}
+
+impl From<crate::metrics::heap_profile::HeapProfileError> for ApiError {
+    fn from(error: crate::metrics::heap_profile::HeapProfileError) -> ApiError {
+        ApiError::new(error.http_status(), error.code(), error.to_string())
     }
 }
 

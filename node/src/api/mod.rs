@@ -45,6 +45,8 @@ pub struct NodeContext {
     pub breakers: breakers::BreakerMonitor,
     /// Online index rebuilds of this node's shards.
     pub indexes: indexes::IndexRebuilds,
+    /// Heap-profile sampling and dumps (`/v1/admin/debug/heap-profile`).
+    pub heap_profiler: crate::metrics::heap_profile::HeapProfiler,
 }
 
 pub type AppState = Arc<NodeContext>;

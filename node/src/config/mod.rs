@@ -44,6 +44,7 @@ pub struct Config {
     pub quarantine: QuarantineSection,
     pub circuit_breaker: CircuitBreakerSection,
     pub logging: LoggingSection,
+    pub debug: DebugSection,
     pub testing: TestingSection,
 }
 
@@ -257,6 +258,23 @@ pub struct LoggingSection {
     pub format: String,
 }
 
+/// Diagnostics: the heap profiler (`/v1/admin/debug/heap-profile`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugSection {
+    /// Sample allocations for heap profiles from start-up (one sample per 512 KiB allocated, on
+    /// average). When off, the first `POST /v1/admin/debug/heap-profile` switches it on.
+    pub heap_profiling: bool,
+    /// Heap profiles kept in `<data_dir>/heap-profiles/`; older ones are deleted.
+    pub heap_profiles_kept: usize,
+}
+
+impl Default for DebugSection {
+    fn default() -> Self {
+        DebugSection { heap_profiling: true, heap_profiles_kept: 8 }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -272,6 +290,7 @@ impl Default for Config {
             quarantine: QuarantineSection::default(),
             circuit_breaker: CircuitBreakerSection::default(),
             logging: LoggingSection::default(),
+            debug: DebugSection::default(),
             testing: TestingSection::default(),
         }
     }
@@ -360,7 +379,7 @@ impl Default for LoggingSection {
     }
 }
 
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "node",
     "server",
     "cluster",
@@ -373,6 +392,7 @@ const SECTIONS: [&str; 13] = [
     "quarantine",
     "circuit_breaker",
     "logging",
+    "debug",
     "testing",
 ];
 
@@ -575,6 +595,9 @@ impl Config {
         }
         if !matches!(self.logging.format.as_str(), "text" | "json") {
             return fail(format!("logging.format = {:?}: expected \"text\" or \"json\"", self.logging.format));
+        }
+        if !(1..=1000).contains(&self.debug.heap_profiles_kept) {
+            return fail(format!("debug.heap_profiles_kept is {}: expected 1-1000", self.debug.heap_profiles_kept));
         }
         Ok(())
     }

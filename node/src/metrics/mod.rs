@@ -7,6 +7,8 @@
 //! about a minute. `stemedb_query_duration_seconds` is the same measurement as a histogram with
 //! buckets at the SLO thresholds, for aggregation across nodes.
 
+pub mod heap_profile;
+
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -88,26 +90,37 @@ impl Collector for WindowedSummary {
         let _ = merged.add(&state.current);
         let quantiles = QUANTILES
             .iter()
-            .map(|&q| {
+            .map(|&q| (q, if merged.is_empty() { 0.0 } else { merged.value_at_quantile(q) as f64 / 1e6 }))
+            .collect();
+        vec![summary_family(&self.desc, state.count, state.sum_seconds, quantiles)]
+    }
+}
+
+/// One summary without labels as a metric family: cumulative count and sum, and quantiles
+/// given as (quantile, value) pairs.
+fn summary_family(desc: &Desc, count: u64, sum: f64, quantiles: Vec<(f64, f64)>) -> MetricFamily {
+    let mut summary = Summary::default();
+    summary.set_sample_count(count);
+    summary.set_sample_sum(sum);
+    summary.set_quantile(
+        quantiles
+            .into_iter()
+            .map(|(q, v)| {
                 let mut quantile = Quantile::default();
                 quantile.set_quantile(q);
-                quantile.set_value(if merged.is_empty() { 0.0 } else { merged.value_at_quantile(q) as f64 / 1e6 });
+                quantile.set_value(v);
                 quantile
             })
-            .collect();
-        let mut summary = Summary::default();
-        summary.set_sample_count(state.count);
-        summary.set_sample_sum(state.sum_seconds);
-        summary.set_quantile(quantiles);
-        let mut metric = Metric::default();
-        metric.set_summary(summary);
-        let mut family = MetricFamily::default();
-        family.set_name(self.desc.fq_name.clone());
-        family.set_help(self.desc.help.clone());
-        family.set_field_type(MetricType::SUMMARY);
-        family.set_metric(vec![metric]);
-        vec![family]
-    }
+            .collect(),
+    );
+    let mut metric = Metric::default();
+    metric.set_summary(summary);
+    let mut family = MetricFamily::default();
+    family.set_name(desc.fq_name.clone());
+    family.set_help(desc.help.clone());
+    family.set_field_type(MetricType::SUMMARY);
+    family.set_metric(vec![metric]);
+    family
 }
 
 pub static QUERY_LATENCY: LazyLock<Arc<WindowedSummary>> = LazyLock::new(|| {
@@ -234,6 +247,34 @@ impl Collector for ArcCollector {
     }
     fn collect(&self) -> Vec<MetricFamily> {
         self.0.collect()
+    }
+}
+
+/// A summary without labels whose count, sum and quantiles are computed when scraped, for
+/// durations another component already aggregates (RocksDB's compaction times).
+pub struct ComputedSummary {
+    desc: Desc,
+    compute: SummaryFn,
+}
+
+/// Returns (count, sum of seconds, [(quantile, seconds)]), or `None` to export nothing.
+type SummaryFn = Box<dyn Fn() -> Option<(u64, f64, Vec<(f64, f64)>)> + Send + Sync>;
+
+impl ComputedSummary {
+    pub fn new(name: &str, help: &str, compute: SummaryFn) -> ComputedSummary {
+        let desc = Desc::new(name.into(), help.into(), vec![], Default::default()).expect("valid metric desc");
+        ComputedSummary { desc, compute }
+    }
+}
+
+impl Collector for ComputedSummary {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some((count, sum, quantiles)) = (self.compute)() else { return vec![] };
+        vec![summary_family(&self.desc, count, sum, quantiles)]
     }
 }
 

@@ -137,6 +137,11 @@ pub struct ProcessNode {
 
 impl ProcessNode {
     pub fn spawn(data_dir: &Path, node_id: u64) -> (Child, String) {
+        Self::spawn_with_env(data_dir, node_id, &[])
+    }
+
+    /// Like [`ProcessNode::spawn`], with extra environment variables for the process.
+    pub fn spawn_with_env(data_dir: &Path, node_id: u64, env: &[(&str, &str)]) -> (Child, String) {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_stemedb"))
@@ -148,6 +153,7 @@ impl ProcessNode {
             .env("STEMEDB_CLUSTER_SHARDS", "4")
             .env("STEMEDB_STORAGE_MAX_CACHE_SIZE_MB", "16")
             .env("STEMEDB_LOGGING_LEVEL", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -156,7 +162,11 @@ impl ProcessNode {
     }
 
     pub async fn start(data_dir: &Path) -> ProcessNode {
-        let (child, url) = Self::spawn(data_dir, 1);
+        Self::start_with_env(data_dir, &[]).await
+    }
+
+    pub async fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> ProcessNode {
+        let (child, url) = Self::spawn_with_env(data_dir, 1, env);
         wait_healthy(&reqwest::Client::new(), &url, Duration::from_secs(60)).await;
         ProcessNode { url, data_dir: data_dir.to_path_buf(), child }
     }
