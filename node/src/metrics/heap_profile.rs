@@ -121,13 +121,11 @@ pub fn allocator_stats() -> Option<AllocatorStats> {
 pub struct HeapProfiler {
     dir: PathBuf,
     keep: usize,
-    /// Serializes dumps and pruning; holds when sampling was switched on.
-    state: Mutex<ProfilerState>,
-}
-
-#[derive(Default)]
-struct ProfilerState {
-    sampling_since: Option<SystemTime>,
+    /// When this node last switched sampling on; held only briefly, so status answers never
+    /// wait for a dump.
+    sampling_since: Mutex<Option<SystemTime>>,
+    /// Serializes dumps and pruning, which take milliseconds to hundreds of milliseconds.
+    dumping: Mutex<()>,
 }
 
 const PROFILE_PREFIX: &str = "heap-";
@@ -138,7 +136,7 @@ const NAME_TIME_FORMAT: &str = "%Y%m%dT%H%M%S%.3fZ";
 impl HeapProfiler {
     /// A profiler that writes dumps to `dir` and keeps the newest `keep` of them.
     pub fn new(dir: PathBuf, keep: usize) -> HeapProfiler {
-        HeapProfiler { dir, keep: keep.max(1), state: Mutex::new(ProfilerState::default()) }
+        HeapProfiler { dir, keep: keep.max(1), sampling_since: Mutex::new(None), dumping: Mutex::new(()) }
     }
 
     /// The directory dumps go to.
@@ -161,14 +159,14 @@ impl HeapProfiler {
     /// allocations live.
     pub fn set_sampling(&self, on: bool) -> Result<(), HeapProfileError> {
         require_available()?;
-        let mut state = self.state.lock();
+        let mut sampling_since = self.sampling_since.lock();
         // SAFETY: `prof.active` takes a bool.
         unsafe { tikv_jemalloc_ctl::raw::write(b"prof.active\0", on) }
             .map_err(|e| HeapProfileError::Allocator { control: "prof.active", message: e.to_string() })?;
-        if on && state.sampling_since.is_none() {
-            state.sampling_since = Some(SystemTime::now());
+        if on && sampling_since.is_none() {
+            *sampling_since = Some(SystemTime::now());
         } else if !on {
-            state.sampling_since = None;
+            *sampling_since = None;
         }
         tracing::info!(sampling = on, "heap profile sampling switched");
         Ok(())
@@ -183,7 +181,7 @@ impl HeapProfiler {
 
     pub fn status(&self) -> HeapProfileStatus {
         let available = Self::available();
-        let sampling_since = self.state.lock().sampling_since.map(rfc3339);
+        let sampling_since = self.sampling_since.lock().map(rfc3339);
         HeapProfileStatus {
             available,
             sampling: Self::sampling(),
@@ -198,7 +196,7 @@ impl HeapProfiler {
     /// walks every sampled stack and writes a file): call it off the async workers.
     pub fn dump(&self) -> Result<ProfileFile, HeapProfileError> {
         require_available()?;
-        let _serialized = self.state.lock();
+        let _serialized = self.dumping.lock();
         std::fs::create_dir_all(&self.dir).map_err(|e| HeapProfileError::io(&self.dir, e))?;
         let mut at = chrono::Utc::now();
         let mut path = self.dir.join(profile_name(at));
