@@ -35,15 +35,13 @@ async fn take_heap_profile(State(state): State<AppState>, _admin: super::AdminRi
     use crate::metrics::heap_profile::HeapProfiler;
     let was_sampling = HeapProfiler::sampling();
     let context = state.clone();
-    let file = tokio::task::spawn_blocking(move || {
+    let file = off_workers(move || {
         if !was_sampling {
             context.heap_profiler.set_sampling(true)?;
         }
         context.heap_profiler.dump()
     })
-    .await
-    .map_err(|e| ApiError::new(500, "heap_profile_failed", e.to_string()))??;
-    let status = state.heap_profiler.status();
+    .await?;
     let note = if was_sampling {
         "profile of the allocations sampled since sampling began that are still live"
     } else {
@@ -53,12 +51,22 @@ async fn take_heap_profile(State(state): State<AppState>, _admin: super::AdminRi
         "profile": file,
         "download": format!("/v1/admin/debug/heap-profile/download?name={}", file.name),
         "sampling_was_on": was_sampling,
-        "sampling_since": status.sampling_since,
-        "sample_interval_bytes": status.sample_interval_bytes,
-        "binary": status.binary,
+        "sampling_since": state.heap_profiler.sampling_since(),
+        "sample_interval_bytes": HeapProfiler::sample_interval_bytes(),
+        "binary": HeapProfiler::binary(),
         "note": note,
     }))
     .into_response())
+}
+
+/// Runs blocking heap-profile file work on tokio's blocking pool, off the request workers.
+async fn off_workers<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::metrics::heap_profile::HeapProfileError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(panicked) => Err(ApiError::new(500, "heap_profile_failed", panicked.to_string())),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,11 +83,8 @@ async fn download_heap_profile(
     params: Result<axum::extract::Query<DownloadParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let params = super::extract::query_params(params)?;
-    let path = state.heap_profiler.find(params.name.as_deref())?;
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|e| ApiError::new(500, "heap_profile_failed", format!("{}: {e}", path.display())))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let context = state.clone();
+    let (name, bytes) = off_workers(move || context.heap_profiler.read(params.name.as_deref())).await?;
     let headers = [
         (axum::http::header::CONTENT_TYPE, "application/octet-stream".to_string()),
         (axum::http::header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}\"")),

@@ -139,11 +139,6 @@ impl HeapProfiler {
         HeapProfiler { dir, keep: keep.max(1), sampling_since: Mutex::new(None), dumping: Mutex::new(()) }
     }
 
-    /// The directory dumps go to.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Whether the allocator has a profiler (jemalloc's `opt.prof`).
     pub fn available() -> bool {
         tikv_jemalloc_ctl::profiling::prof::read().unwrap_or(false)
@@ -179,16 +174,25 @@ impl HeapProfiler {
         1u64.checked_shl(lg as u32)
     }
 
+    /// When this node last switched sampling on (RFC 3339), if it is on.
+    pub fn sampling_since(&self) -> Option<String> {
+        self.sampling_since.lock().map(rfc3339)
+    }
+
+    /// The running binary, which `jeprof` needs to name the functions in a profile.
+    pub fn binary() -> Option<String> {
+        std::env::current_exe().ok().map(|p| p.display().to_string())
+    }
+
     pub fn status(&self) -> HeapProfileStatus {
         let available = Self::available();
-        let sampling_since = self.sampling_since.lock().map(rfc3339);
         HeapProfileStatus {
             available,
             sampling: Self::sampling(),
-            sampling_since,
+            sampling_since: self.sampling_since(),
             sample_interval_bytes: if available { Self::sample_interval_bytes() } else { None },
             profiles: self.list().unwrap_or_default(),
-            binary: std::env::current_exe().ok().map(|p| p.display().to_string()),
+            binary: Self::binary(),
         }
     }
 
@@ -251,6 +255,20 @@ impl HeapProfiler {
                 }
             }
             None => self.list()?.first().map(|f| PathBuf::from(&f.path)).ok_or(HeapProfileError::NoProfile),
+        }
+    }
+
+    /// The named dump's (or the newest dump's) file name and bytes. Blocking. A dump pruned
+    /// between finding and reading it is reported as missing, not as a failure.
+    pub fn read(&self, name: Option<&str>) -> Result<(String, Vec<u8>), HeapProfileError> {
+        let path = self.find(name)?;
+        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok((file_name, bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(HeapProfileError::UnknownProfile { name: file_name })
+            }
+            Err(e) => Err(HeapProfileError::io(&path, e)),
         }
     }
 
@@ -346,6 +364,8 @@ mod tests {
         assert_eq!(listed, vec![taken[2].clone(), taken[1].clone()], "newest two kept, newest first");
         assert!(!Path::new(&taken[0].path).exists());
         assert_eq!(profiler.find(None).unwrap(), PathBuf::from(&taken[2].path));
+        let (newest, bytes) = profiler.read(None).unwrap();
+        assert_eq!((newest.as_str(), bytes.as_slice()), (taken[2].name.as_str(), text.as_bytes()));
         assert_eq!(profiler.find(Some(&taken[1].name)).unwrap(), PathBuf::from(&taken[1].path));
         assert!(matches!(profiler.find(Some(&taken[0].name)), Err(HeapProfileError::UnknownProfile { .. })));
         assert!(matches!(profiler.find(Some("../etc/passwd")), Err(HeapProfileError::BadName { .. })));

@@ -431,14 +431,13 @@ impl Storage {
 
     pub fn stats(&self) -> StorageStats {
         let mut column_families = Vec::new();
-        let (mut sst_files, mut live, mut pending, mut memtable, mut keys, mut total) = (0, 0, 0, 0, 0, 0);
+        let (mut sst_files, mut live, mut memtable, mut keys, mut total) = (0, 0, 0, 0, 0);
         for cf in ColumnFamily::ALL {
             let cf_keys = self.property_u64(cf, "rocksdb.estimate-num-keys");
             let cf_live = self.property_u64(cf, "rocksdb.estimate-live-data-size");
             let cf_sst = self.property_u64(cf, "rocksdb.total-sst-files-size");
             sst_files += self.property_u64(cf, "rocksdb.num-files-at-level0")
                 + (1..7).map(|l| self.property_u64(cf, &format!("rocksdb.num-files-at-level{l}"))).sum::<u64>();
-            pending += self.property_u64(cf, "rocksdb.estimate-pending-compaction-bytes");
             memtable += self.property_u64(cf, "rocksdb.cur-size-all-mem-tables");
             live += cf_live;
             keys += cf_keys;
@@ -454,7 +453,7 @@ impl Storage {
             total_bytes: total + memtable,
             sst_file_count: sst_files,
             live_data_bytes: live,
-            pending_compaction_bytes: pending,
+            pending_compaction_bytes: self.pending_compaction_bytes(),
             memtable_bytes: memtable,
             cache_memory_bytes: self.cache.get_usage() as u64,
             estimated_keys: keys,
