@@ -1,6 +1,14 @@
 //! `stemedb bench`: a load generator against any node's client API. Concurrent writers (single
 //! assertions or batches) and/or readers for a fixed duration; prints throughput, latency
 //! percentiles (HdrHistogram) and errors by kind.
+//!
+//! Two load models. Closed loop (the default): every client sends its next request as soon as
+//! the previous answer arrives, so the run measures the most the node serves, and the latency
+//! at that saturation follows from it (Little's law: mean latency = clients / throughput).
+//! Open loop (`--rate`): clients send on a fixed schedule, whatever the node does, and a
+//! request's latency counts from when it was due, not from when a client that was still
+//! waiting for an earlier answer got round to sending it (the coordinated-omission correction
+//! of wrk2). That is the latency users see at a given load.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +70,11 @@ pub struct BenchArgs {
     /// (plus one by an agent without authority).
     #[arg(long, default_value_t = 4)]
     pub claims_per_key: usize,
+    /// Open loop: the total requests per second to send, spread evenly over all clients, each
+    /// request's latency counted from when it was due. Without it, every client sends its next
+    /// request as soon as its previous answer arrives (closed loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 #[derive(Default)]
@@ -103,6 +116,65 @@ impl Side {
             "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "p999_ms": p999, "max_ms": max,
             "errors": self.errors,
         })
+    }
+}
+
+/// One client's send schedule under `--rate`: request k is due at `first + k * interval`.
+#[derive(Debug, Clone)]
+struct Pacer {
+    interval: Duration,
+    next_due: Instant,
+}
+
+impl Pacer {
+    /// The schedule of client `client` of `clients` sharing `rate` requests per second; the
+    /// clients' first requests are spread over one interval so that they do not all fire at once.
+    fn new(rate: f64, client: usize, clients: usize, start: Instant) -> Pacer {
+        let interval = Duration::from_secs_f64(clients as f64 / rate);
+        Pacer { interval, next_due: start + interval.mul_f64(client as f64 / clients as f64) }
+    }
+
+    /// Waits until the next request is due and returns the instant its latency counts from.
+    ///
+    /// A client that is on time sleeps until the due time and counts from when it actually
+    /// sends: the timer's lateness (tokio's timer ticks in milliseconds) is the load
+    /// generator's, not the node's. A client that is late, because the node held its previous
+    /// request past this one's due time, sends at once and counts from the due time, so a stall
+    /// shows in the latency of every request it delayed, not just the one that stalled.
+    async fn wait(&mut self) -> Instant {
+        let due = self.next_due;
+        self.next_due += self.interval;
+        if Instant::now() >= due {
+            return due;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        Instant::now()
+    }
+}
+
+/// When the next request of a client starts counting: at once in a closed loop, on its
+/// schedule in an open one. `None` when the run is over: at the deadline, even for a client
+/// still behind its schedule, so that a node that stalls cannot stretch the run.
+async fn next_start(pacer: &mut Option<Pacer>, deadline: Instant) -> Option<Instant> {
+    if Instant::now() >= deadline {
+        return None;
+    }
+    match pacer {
+        Some(pacer) if pacer.next_due >= deadline => None,
+        Some(pacer) => Some(pacer.wait().await),
+        None => Some(Instant::now()),
+    }
+}
+
+/// Counts the requests an open-loop client had due before the deadline but never sent, because
+/// the node was still answering earlier ones: they are load the node did not take.
+fn count_unsent(side: &mut Side, pacer: Option<Pacer>, deadline: Instant) {
+    if let Some(pacer) = pacer {
+        let behind = deadline.saturating_duration_since(pacer.next_due);
+        let unsent = (behind.as_secs_f64() / pacer.interval.as_secs_f64()).ceil() as u64;
+        if unsent > 0 {
+            *side.errors.entry("unsent_at_deadline".to_string()).or_default() += unsent;
+        }
     }
 }
 
@@ -264,6 +336,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!args.url.is_empty(), "--url needs at least one URL");
     anyhow::ensure!(args.writers + args.readers > 0, "need at least one writer or reader");
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(rate.is_finite() && rate > 0.0, "--rate must be a positive number of requests per second");
+        anyhow::ensure!(
+            rate <= 1e9 * (args.writers + args.readers) as f64,
+            "--rate {rate} is more than a nanosecond interval per client"
+        );
+    }
     let authorities = Arc::new(args.url.iter().map(|url| url_authority(url)).collect::<anyhow::Result<Vec<_>>>()?);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.writers + args.readers + 8)
@@ -274,19 +353,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.preload {
         preload(&client, &args, &value, chains).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(args.duration);
     let completed = Arc::new(AtomicU64::new(0));
+    let clients = args.writers + args.readers;
+    let pacer = |client: usize| args.rate.map(|rate| Pacer::new(rate, client, clients, start));
     let mut writers = Vec::new();
     for worker in 0..args.writers {
-        let (authorities, args, value, completed) =
-            (authorities.clone(), args.clone(), value.clone(), completed.clone());
-        writers
-            .push(tokio::spawn(async move { write_loop(worker, authorities, args, value, deadline, completed).await }));
+        let (authorities, args, value, completed, pacer) =
+            (authorities.clone(), args.clone(), value.clone(), completed.clone(), pacer(worker));
+        writers.push(tokio::spawn(async move {
+            write_loop(worker, authorities, args, value, deadline, pacer, completed).await
+        }));
     }
     let mut readers = Vec::new();
     for worker in 0..args.readers {
-        let (authorities, args, completed) = (authorities.clone(), args.clone(), completed.clone());
-        readers.push(tokio::spawn(async move { read_loop(worker, authorities, args, deadline, completed).await }));
+        let (authorities, args, completed, pacer) =
+            (authorities.clone(), args.clone(), completed.clone(), pacer(args.writers + worker));
+        readers
+            .push(tokio::spawn(async move { read_loop(worker, authorities, args, deadline, pacer, completed).await }));
     }
     let progress = ProgressBar::new(args.duration);
     progress.set_style(
@@ -294,6 +379,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = Instant::now();
+    let cpu_before = host_cpu_ticks();
     let mut last = 0;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -312,6 +398,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         read_side.merge(handle.await?);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let steal_percent = host_steal_percent(cpu_before, host_cpu_ticks());
     let mut sides = Vec::new();
     if args.writers > 0 {
         sides.push(write_side.report(if args.batch > 1 { "batch_write" } else { "write" }, seconds));
@@ -323,13 +410,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "url": args.url, "writers": args.writers, "readers": args.readers, "duration_s": seconds,
         "batch": args.batch, "value_size": args.value_size, "keys": args.keys, "lens": args.lens,
         "consistency": args.consistency, "authority_grants": args.authority_grants,
-        "authority_depth": args.authority_depth, "results": sides,
+        "authority_depth": args.authority_depth, "rate": args.rate,
+        "host_steal_percent": steal_percent, "results": sides,
     });
+    if let Some(rate) = args.rate {
+        let served = (write_side.ops + read_side.ops) as f64 / seconds;
+        if served < 0.95 * rate {
+            eprintln!(
+                "the node answered {served:.0} of the {rate:.0} ops/s asked for: the latencies include the backlog, \
+                 and requests still due at the end count as unsent_at_deadline errors"
+            );
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        let load = match args.rate {
+            Some(rate) => format!("open loop at {rate:.0} ops/s"),
+            None => "closed loop".to_string(),
+        };
         println!(
-            "stemedb bench: {} writers, {} readers, {:.1}s, batch {}, value {} B, {} keys",
+            "stemedb bench: {} writers, {} readers, {load}, {:.1}s, batch {}, value {} B, {} keys",
             args.writers, args.readers, seconds, args.batch, args.value_size, args.keys
         );
         println!(
@@ -350,8 +451,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 side["errors"],
             );
         }
+        if let Some(steal) = steal_percent {
+            println!("host steal time during the run: {steal:.1}% of CPU time");
+        }
     }
     Ok(())
+}
+
+/// The host's CPU time so far, from `/proc/stat`: (all ticks, steal ticks). `None` where there
+/// is no such file.
+fn host_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_cpu_ticks(&stat)
+}
+
+/// The aggregate `cpu` line of `/proc/stat`: user nice system idle iowait irq softirq steal ...
+fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(|t| t.parse().ok()).collect::<Option<_>>()?;
+    // guest and guest_nice (fields 9 and 10) are already counted in user and nice.
+    Some((ticks.iter().take(8).sum(), *ticks.get(7)?))
+}
+
+/// The share of CPU time the hypervisor gave to other guests between two readings: a virtual
+/// machine's benchmark figures are only comparable between runs with similar steal.
+fn host_steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((total0, steal0), (total1, steal1)) = (before?, after?);
+    let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
+    Some(steal1.saturating_sub(steal0) as f64 * 100.0 / total as f64)
 }
 
 fn concept(args: &BenchArgs, key: u64) -> String {
@@ -457,12 +584,13 @@ async fn write_loop(
     args: BenchArgs,
     value: String,
     deadline: Instant,
+    mut pacer: Option<Pacer>,
     completed: Arc<AtomicU64>,
 ) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
     let mut connection = BenchConnection::new(authorities[worker % authorities.len()].clone());
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    while Instant::now() < deadline {
+    loop {
         let item = |rng: &mut rand::rngs::StdRng| json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "predicate": "value", "value": value, "agent_id": format!("bench-{worker}-{}", rng.random_range(0..32))});
         let (path, body) = if args.batch > 1 {
             let items: Vec<_> = (0..args.batch).map(|_| item(&mut rng)).collect();
@@ -471,11 +599,12 @@ async fn write_loop(
             ("/v1/assert", item(&mut rng))
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
-        let started = Instant::now();
+        let Some(started) = next_start(&mut pacer, deadline).await else { break };
         let kind = connection.post(path, &body).await.err();
         record(&mut side, started, kind, args.batch as u64);
         completed.fetch_add(1, Ordering::Relaxed);
     }
+    count_unsent(&mut side, pacer, deadline);
     side
 }
 
@@ -484,21 +613,23 @@ async fn read_loop(
     authorities: Arc<Vec<String>>,
     args: BenchArgs,
     deadline: Instant,
+    mut pacer: Option<Pacer>,
     completed: Arc<AtomicU64>,
 ) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
     let mut connection = BenchConnection::new(authorities[(worker + args.writers) % authorities.len()].clone());
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut body = Vec::with_capacity(256);
-    while Instant::now() < deadline {
+    loop {
         body.clear();
         let query = json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "lens": args.lens, "consistency": args.consistency});
         let _ = serde_json::to_writer(&mut body, &query);
-        let started = Instant::now();
+        let Some(started) = next_start(&mut pacer, deadline).await else { break };
         let kind = connection.post("/v1/query", &body).await.err();
         record(&mut side, started, kind, 1);
         completed.fetch_add(1, Ordering::Relaxed);
     }
+    count_unsent(&mut side, pacer, deadline);
     side
 }
 
@@ -517,7 +648,45 @@ fn record(side: &mut Side, started: Instant, error: Option<String>, items: u64) 
 
 #[cfg(test)]
 mod tests {
-    use super::parse_answer_head;
+    use super::{host_steal_percent, parse_answer_head, parse_cpu_ticks, Pacer};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn steal_time_is_read_from_proc_stat() {
+        let stat = "cpu  100 5 50 800 10 2 3 30 7 0\ncpu0 50 2 25 400 5 1 2 15 0 0\nintr 1\n";
+        assert_eq!(parse_cpu_ticks(stat), Some((1000, 30)), "guest time is not counted twice");
+        assert_eq!(parse_cpu_ticks("cpu  1 2 3\n"), None, "a kernel without steal accounting");
+        assert_eq!(parse_cpu_ticks("intr 1\n"), None);
+        assert_eq!(host_steal_percent(Some((1000, 30)), Some((3000, 130))), Some(5.0));
+        assert_eq!(host_steal_percent(Some((1000, 30)), Some((1000, 30))), None, "no time passed");
+        assert_eq!(host_steal_percent(None, Some((1000, 30))), None);
+    }
+
+    #[test]
+    fn paced_clients_share_the_rate_and_start_spread_over_one_interval() {
+        let start = Instant::now();
+        let pacers: Vec<Pacer> = (0..4).map(|client| Pacer::new(1000.0, client, 4, start)).collect();
+        for (client, pacer) in pacers.iter().enumerate() {
+            assert_eq!(pacer.interval, Duration::from_millis(4), "4 clients at 1000/s: one request each 4 ms");
+            assert_eq!(pacer.next_due - start, Duration::from_millis(client as u64), "first requests 1 ms apart");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_request_counts_from_when_it_was_due() {
+        // Started 450 ms ago at 10/s: five requests are overdue. Each is sent at once and its
+        // latency counts from its due time, not from now.
+        let start = Instant::now() - Duration::from_millis(450);
+        let mut pacer = Pacer::new(10.0, 0, 1, start);
+        for k in 0..5u32 {
+            assert_eq!(pacer.wait().await, start + Duration::from_millis(100) * k, "request {k}");
+        }
+        // The sixth is due 50 ms from now: the client sleeps until then and counts from the send.
+        let before = Instant::now();
+        let counted_from = pacer.wait().await;
+        assert!(counted_from >= start + Duration::from_millis(500), "not sent before it was due");
+        assert!(counted_from >= before, "an on-time request counts from when it is sent");
+    }
 
     #[test]
     fn an_answer_head_is_parsed_only_once_complete() {

@@ -1,5 +1,6 @@
 //! The short version of the benchmarks in the default test run: `stemedb bench` against a real
-//! node, writes and then the authority-lens setup and reads, must complete without errors.
+//! node, writes and then the authority-lens setup and reads, closed and open loop, must complete
+//! without errors.
 //! Figures are printed, never asserted (docs/performance.md has the real runs).
 
 mod common;
@@ -63,5 +64,15 @@ async fn bench_writes_and_authority_reads_complete_without_errors() {
     assert_eq!(read["errors"], serde_json::json!({}), "{reads}");
     let (p50, p99) = (read["p50_ms"].as_f64().unwrap_or(0.0), read["p99_ms"].as_f64().unwrap_or(0.0));
     assert!(p50 > 0.0 && p99 >= p50, "percentiles are measured: {read}");
+
+    // Open loop: 4 clients sharing 200 requests/s for 2 s send the 400 requests of their
+    // schedule, no more (a closed loop would send thousands) and no fewer.
+    let paced =
+        bench(&node.url, &["--writers", "0", "--readers", "4", "--rate", "200", "--keys", "30", "--prefix", "smoke-a"]);
+    let read = side(&paced, "read");
+    println!("open-loop read smoke: {read}");
+    assert_eq!(read["errors"], serde_json::json!({}), "{paced}");
+    assert!((396..=404).contains(&read["ops"].as_u64().unwrap_or(0)), "the schedule's 400 requests: {paced}");
+    assert_eq!(paced["rate"], serde_json::json!(200.0), "{paced}");
     drop(node);
 }
