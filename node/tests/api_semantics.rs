@@ -289,3 +289,104 @@ async fn the_claims_cache_stays_within_its_memory_budget() {
     }
     node.stop().await;
 }
+
+/// `query.max_memory_per_query_mb`: a query whose claims would hold more than the limit stops
+/// reading and answers 422 `query_memory_exceeded`, for a concept_path and for a prefix; the
+/// answer counts too (the history lens over claims that fit on their own is refused); narrower
+/// queries still answer, and the slow-query log records the memory a query held, claims included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_past_their_memory_limit_are_refused_and_narrower_ones_answer() {
+    let node = TestNode::start_with(|config| {
+        config.query.max_memory_per_query_mb = 1;
+        config.query.slow_query_ms = 0;
+    })
+    .await;
+    let value = "x".repeat(32 * 1024);
+    // "big": 40 claims of 32 KiB (1.25 MiB); "mid": 20 of them (640 KiB); "small": one.
+    let mut items: Vec<Value> = Vec::new();
+    for (predicate, count) in [("big", 40), ("mid", 20)] {
+        for i in 0..count {
+            items.push(
+                json!({"concept_path": "bomb/a", "predicate": predicate, "value": value, "agent_id": format!("a{i}")}),
+            );
+        }
+    }
+    items.push(json!({"concept_path": "bomb/a", "predicate": "small", "value": 1, "agent_id": "a0"}));
+    let (status, response) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
+    assert_eq!((status, &response["accepted"]), (200, &json!(61)), "{response}");
+
+    for attempt in 0..2 {
+        let (status, answer) = node.post("/v1/query", &json!({"concept_path": "bomb/a"})).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (422, Some("query_memory_exceeded")),
+            "{attempt}: {answer}"
+        );
+        assert_eq!(answer["error"]["details"]["limit_bytes"], json!(1 << 20), "{answer}");
+        assert!(answer["error"]["details"]["shard"].is_u64(), "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("1.0 MiB") && message.contains("query.max_memory_per_query_mb"), "{message}");
+    }
+    let (status, answer) = node.post("/v1/query", &json!({"concept_prefix": "bomb"})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("query_memory_exceeded")), "{answer}");
+    // Two concepts that fit one at a time do not fit together.
+    let mut items: Vec<Value> = Vec::new();
+    for path in ["bomb2/x", "bomb2/y"] {
+        for i in 0..20 {
+            items.push(json!({"concept_path": path, "predicate": "p", "value": value, "agent_id": format!("a{i}")}));
+        }
+    }
+    let (status, response) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
+    assert_eq!((status, &response["accepted"]), (200, &json!(40)), "{response}");
+    let (status, answer) = node.post("/v1/query", &json!({"concept_path": "bomb2/x"})).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = node.post("/v1/query", &json!({"concept_prefix": "bomb2"})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("query_memory_exceeded")), "{answer}");
+
+    let (status, answer) = node.post("/v1/query", &json!({"concept_path": "bomb/a", "predicate": "small"})).await;
+    assert_eq!((status, answer["results"].as_array().map(Vec::len)), (200, Some(1)), "{answer}");
+    let (status, answer) = node.post("/v1/query", &json!({"concept_path": "bomb/a", "predicate": "mid"})).await;
+    assert_eq!((status, answer["results"].as_array().map(Vec::len)), (200, Some(1)), "one winner: {answer}");
+    let (status, answer) =
+        node.post("/v1/query", &json!({"concept_path": "bomb/a", "predicate": "mid", "lens": "history"})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("query_memory_exceeded")), "{answer}");
+
+    // The winner's answer is ~33 KiB; the query held its 640 KiB of claims too.
+    let (status, log) = node.get("/v1/admin/slow-queries").await;
+    assert_eq!(status, 200, "{log}");
+    let queries = log["queries"].as_array().cloned().unwrap_or_default();
+    let mid = queries
+        .iter()
+        .find(|q| q["subject"] == json!("bomb/a") && q["predicate"] == json!("mid") && q["lens"] == json!("recency"))
+        .unwrap_or_else(|| panic!("the mid query is logged: {log}"));
+    let memory_mb = mid["memory_mb"].as_f64().unwrap_or(0.0);
+    assert!((0.6..1.0).contains(&memory_mb), "claims and answer counted: {mid}");
+    assert!(mid["error"].is_null(), "{mid}");
+    // The refused queries are logged whatever their duration: the query bombs an operator
+    // looks for (memory_mb is the limit they passed).
+    let refused: Vec<&Value> = queries.iter().filter(|q| q["error"] == json!("query_memory_exceeded")).collect();
+    assert_eq!(refused.len(), 5, "{log}");
+    assert!(refused.iter().all(|q| q["memory_mb"] == json!(1.0) && q["results"] == json!(0)), "{log}");
+    assert_eq!(queries.len(), 8, "{log}");
+    node.stop().await;
+
+    // However fast a refused query was, it is logged.
+    let node = TestNode::start_with(|config| {
+        config.query.max_memory_per_query_mb = 1;
+        config.query.slow_query_ms = 3_600_000;
+    })
+    .await;
+    let items: Vec<Value> = (0..40)
+        .map(|i| json!({"concept_path": "bomb/b", "predicate": "p", "value": value, "agent_id": format!("a{i}")}))
+        .collect();
+    let (status, response) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
+    assert_eq!((status, &response["accepted"]), (200, &json!(40)), "{response}");
+    for body in [json!({"concept_path": "bomb/b", "agent_id": "bomber"}), json!({"concept_path": "bomb/c"})] {
+        node.post("/v1/query", &body).await;
+    }
+    let (_, log) = node.get("/v1/admin/slow-queries").await;
+    let queries = log["queries"].as_array().cloned().unwrap_or_default();
+    assert_eq!(queries.len(), 1, "only the refused one: {log}");
+    assert_eq!((&queries[0]["agent_id"], &queries[0]["error"]), (&json!("bomber"), &json!("query_memory_exceeded")));
+    node.stop().await;
+}

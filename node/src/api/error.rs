@@ -104,6 +104,9 @@ impl From<ConsensusError> for ApiError {
             | ConsensusError::Storage { shard, .. }
             | ConsensusError::Internal { shard, .. } => json!({"shard": shard}),
             ConsensusError::Startup(_) => json!({}),
+            ConsensusError::QueryMemoryExceeded { shard, limit_bytes } => {
+                json!({"shard": shard, "limit_bytes": limit_bytes})
+            }
         };
         ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)
     }

@@ -1,6 +1,7 @@
 //! Read endpoints: queries through lenses (one concept_path, or a prefix fanned out over every
 //! shard and merged), single assertions, and the concept listing.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -21,6 +23,7 @@ use crate::model::lens::{resolve, Claim, Lens, Resolution};
 use crate::model::ModelError;
 use crate::raft::claims_cache::RenderedSlot;
 use crate::raft::reader::{ClaimGroup, ConceptEntry, ShardRead, ShardReadAnswer};
+use crate::raft::ConsensusError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -240,6 +243,8 @@ impl Serialize for Results<'_> {
 struct QueryAnswer {
     body: Vec<u8>,
     results: usize,
+    /// Estimated memory the query held: the claims it read and the answer.
+    memory_bytes: usize,
 }
 
 fn encoding_failed(error: serde_json::Error) -> ApiError {
@@ -255,9 +260,28 @@ struct Echo<'a> {
 }
 
 impl QueryBody<'_> {
-    fn encode(&self) -> Result<QueryAnswer, ApiError> {
+    /// The answer, unless it and the `claims_bytes` of claims read for it would hold more
+    /// than `limit`.
+    fn encode(&self, claims_bytes: usize, limit: Option<u64>, shard: Option<u16>) -> Result<QueryAnswer, ApiError> {
         let body = serde_json::to_vec(self).map_err(encoding_failed)?;
-        Ok(QueryAnswer { body, results: self.results.len() })
+        let memory_bytes = claims_bytes + body.len();
+        check_query_memory(memory_bytes, limit, shard)?;
+        Ok(QueryAnswer { body, results: self.results.len(), memory_bytes })
+    }
+}
+
+/// `query.max_memory_per_query_mb` in bytes; `None` when it is 0 (no limit).
+fn query_memory_limit(state: &AppState) -> Option<u64> {
+    let mb = state.config.query.max_memory_per_query_mb;
+    (mb > 0).then_some(mb << 20)
+}
+
+fn check_query_memory(memory_bytes: usize, limit: Option<u64>, shard: Option<u16>) -> Result<(), ApiError> {
+    match limit {
+        Some(limit_bytes) if memory_bytes as u64 > limit_bytes => {
+            Err(ConsensusError::QueryMemoryExceeded { shard, limit_bytes }.into())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -296,29 +320,43 @@ pub async fn query(
             _ => Err(ApiError::new(422, "invalid_query", "give exactly one of concept_path and concept_prefix")),
         }
     };
-    let answer = match tokio::time::timeout(timeout, work).await {
-        Ok(result) => result?,
+    let outcome = match tokio::time::timeout(timeout, work).await {
+        Ok(outcome) => outcome,
         Err(_) => {
             crate::metrics::QUERY_TIMEOUTS.with_label_values(&[&state.metrics.node_label]).inc();
-            return Err(ApiError::new(
+            Err(ApiError::new(
                 504,
                 "query_timeout",
                 format!("query exceeded query.query_timeout_seconds ({}s)", timeout.as_secs()),
-            ));
+            ))
         }
     };
     let elapsed = started.elapsed();
-    state.metrics.observe_query(lens, elapsed);
-    if elapsed.as_millis() as u64 >= state.config.query.slow_query_ms {
+    let logged = match &outcome {
+        Ok(answer) => {
+            state.metrics.observe_query(lens, elapsed);
+            (elapsed.as_millis() as u64 >= state.config.query.slow_query_ms).then_some((
+                answer.results,
+                answer.memory_bytes as u64,
+                None,
+            ))
+        }
+        Err(error) if error.code == "query_timeout" => Some((0, 0, Some("query_timeout"))),
+        Err(error) if error.code == "query_memory_exceeded" => {
+            Some((0, query_memory_limit(&state).unwrap_or(0), Some("query_memory_exceeded")))
+        }
+        Err(_) => None,
+    };
+    if let Some((results, memory_bytes, error)) = logged {
         let agent_id = request.agent_id.clone().unwrap_or_else(|| crate::model::assertion::DEFAULT_AGENT_ID.into());
         let subject = match (&request.concept_path, &request.concept_prefix) {
             (Some(path), _) => path.clone(),
             (None, Some(prefix)) => format!("{prefix}/*"),
             (None, None) => String::new(),
         };
-        let results = answer.results;
-        let memory_mb = answer.body.len() as f64 / (1024.0 * 1024.0);
-        tracing::info!(agent_id = %agent_id, subject = %subject, lens = ?lens, duration_ms = elapsed.as_millis() as u64, results, "slow query");
+        let memory_mb = memory_bytes as f64 / (1024.0 * 1024.0);
+        let duration_ms = elapsed.as_millis() as u64;
+        tracing::info!(agent_id = %agent_id, subject = %subject, lens = ?lens, duration_ms, results, memory_mb, error, "slow query");
         crate::metrics::SLOW_QUERIES.inc();
         state.slow_queries.record(crate::api::slow_queries::SlowQuery {
             agent_id,
@@ -326,12 +364,14 @@ pub async fn query(
             predicate: request.predicate.clone(),
             lens: Lens::NAMES[lens as usize].to_string(),
             consistency: format!("{consistency:?}").to_lowercase(),
-            duration_ms: elapsed.as_millis() as u64,
+            duration_ms,
             memory_mb: (memory_mb * 1000.0).round() / 1000.0,
             results,
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            error,
         });
     }
+    let answer = outcome?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], answer.body).into_response())
 }
 
@@ -351,7 +391,9 @@ async fn query_path(
     timeout: Duration,
 ) -> Result<QueryAnswer, ApiError> {
     let shard = state.shards.shard_for_path(path);
-    let read = ShardRead::Claims { concept_path: path.to_string(), predicate: predicate.map(str::to_string) };
+    let memory_limit = query_memory_limit(state);
+    let read =
+        ShardRead::Claims { concept_path: path.to_string(), predicate: predicate.map(str::to_string), memory_limit };
     let linearizable = echo.consistency == Consistency::Linearizable;
     let result = state.shards.read(shard, read, linearizable, timeout).await?;
     let ShardReadAnswer::Claims(read) = result.answer else { return Err(unexpected_answer()) };
@@ -397,7 +439,7 @@ async fn query_path(
         shard: Some(shard),
         staleness_ms: (!linearizable).then_some(result.staleness_ms),
     }
-    .encode()
+    .encode(read.memory_bytes(), memory_limit, Some(shard))
 }
 
 /// (concept_path, predicate) pairs under `prefix` on every shard, merged in key order, at most
@@ -465,18 +507,32 @@ async fn query_prefix(
         None
     };
     let linearizable = consistency == Consistency::Linearizable;
-    let reads = entries.iter().map(|(shard, entry)| {
-        let read =
-            ShardRead::Claims { concept_path: entry.concept_path.clone(), predicate: Some(entry.predicate.clone()) };
-        state.shards.read(*shard, read, linearizable, timeout)
-    });
+    // The claims of the page's concepts, read a few at a time, each read limited to what the
+    // query's memory allowance has left when it starts, so that the sum stays bounded (by the
+    // limit plus at most PREFIX_READS_IN_FLIGHT reads' overshoot) however many concepts match.
+    let memory_limit = query_memory_limit(state);
+    let held = std::sync::atomic::AtomicU64::new(0);
+    let held = &held;
+    let wanted: Vec<(u16, String, String)> =
+        entries.iter().map(|(shard, e)| (*shard, e.concept_path.clone(), e.predicate.clone())).collect();
+    let mut reads = futures::stream::iter(wanted)
+        .map(|(shard, concept_path, predicate)| {
+            let memory_limit = memory_limit.map(|limit| limit.saturating_sub(held.load(Ordering::Relaxed)));
+            let read = ShardRead::Claims { concept_path, predicate: Some(predicate), memory_limit };
+            state.shards.read(shard, read, linearizable, timeout)
+        })
+        .buffered(PREFIX_READS_IN_FLIGHT);
     let mut answers = Vec::new();
-    for result in futures::future::join_all(reads).await {
+    while let Some(result) = reads.next().await {
         let result = result?;
         staleness = staleness.max(result.staleness_ms);
         let ShardReadAnswer::Claims(read) = result.answer else { return Err(unexpected_answer()) };
+        let total = held.fetch_add(read.memory_bytes() as u64, Ordering::Relaxed) + read.memory_bytes() as u64;
+        check_query_memory(total as usize, memory_limit, None)?;
         answers.push(read);
     }
+    drop(reads);
+    let claims_bytes = held.load(Ordering::Relaxed) as usize;
     QueryBody {
         applied_index: None,
         as_of: echo.as_of,
@@ -493,8 +549,11 @@ async fn query_prefix(
         shard: None,
         staleness_ms: (!linearizable).then_some(staleness),
     }
-    .encode()
+    .encode(claims_bytes, memory_limit, None)
 }
+
+/// Claims reads a prefix query has in flight at once.
+const PREFIX_READS_IN_FLIGHT: usize = 16;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

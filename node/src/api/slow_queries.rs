@@ -1,7 +1,9 @@
-//! The slow-query log: queries that took at least `query.slow_query_ms`, kept in a bounded
-//! in-memory ring (`query.slow_query_log_size`, oldest dropped first) for
-//! `GET /v1/admin/slow-queries`, as the runbooks read it (`.queries[]` with `agent_id`,
-//! `subject`, `predicate`, `lens`, `duration_ms`, `memory_mb`, `results`, `at`).
+//! The slow-query log: queries that took at least `query.slow_query_ms`, and queries refused
+//! for passing `query.query_timeout_seconds` or `query.max_memory_per_query_mb` (the query
+//! bombs the memory runbook looks for), kept in a bounded in-memory ring
+//! (`query.slow_query_log_size`, oldest dropped first) for `GET /v1/admin/slow-queries`, as the
+//! runbooks read it (`.queries[]` with `agent_id`, `subject`, `predicate`, `lens`,
+//! `duration_ms`, `memory_mb`, `results`, `at`, and `error`).
 
 use std::collections::VecDeque;
 
@@ -19,12 +21,16 @@ pub struct SlowQuery {
     pub lens: String,
     pub consistency: String,
     pub duration_ms: u64,
-    /// Size of the answer the query built, in MiB (what it held in memory at the end).
+    /// Estimated memory the query held, in MiB: the claims it read and the answer it built.
+    /// For a query refused with `query_memory_exceeded`, the limit it passed (a lower bound).
     pub memory_mb: f64,
-    /// (concept_path, predicate) results returned.
+    /// (concept_path, predicate) results returned (0 for a refused query).
     pub results: usize,
     /// When it finished, RFC 3339.
     pub at: String,
+    /// The error code a refused query answered (`query_timeout`, `query_memory_exceeded`);
+    /// `null` for a query that answered.
+    pub error: Option<&'static str>,
 }
 
 pub struct SlowQueryLog {
@@ -76,6 +82,7 @@ mod tests {
             memory_mb: 0.0,
             results: 0,
             at: String::new(),
+            error: None,
         }
     }
 

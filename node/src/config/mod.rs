@@ -237,6 +237,10 @@ pub struct QuerySection {
     /// Memory budget (MiB, estimated) of the per-shard caches of claims read by queries, for
     /// all shards together; 0 disables the cache.
     pub claims_cache_mb: u64,
+    /// Most memory (MiB, estimated) one query may hold: the claims it reads and the answer it
+    /// builds. A query past it stops reading and answers 422 `query_memory_exceeded`; 0 means
+    /// no limit.
+    pub max_memory_per_query_mb: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -363,6 +367,7 @@ impl Default for QuerySection {
             slow_query_ms: 100,
             slow_query_log_size: 1000,
             claims_cache_mb: 64,
+            max_memory_per_query_mb: 256,
         }
     }
 }
@@ -559,6 +564,12 @@ impl Config {
         }
         if self.query.claims_cache_mb > 1 << 20 {
             return fail(format!("query.claims_cache_mb is {}: at most 1048576 (1 TiB)", self.query.claims_cache_mb));
+        }
+        if self.query.max_memory_per_query_mb > 1 << 20 {
+            return fail(format!(
+                "query.max_memory_per_query_mb is {}: at most 1048576 (1 TiB); 0 means no limit",
+                self.query.max_memory_per_query_mb
+            ));
         }
         if !(1..=16).contains(&self.authority.max_chain_depth) {
             return fail("authority.max_chain_depth must be between 1 and 16".into());

@@ -104,32 +104,34 @@ impl RenderedResults {
 }
 
 /// An estimate of the heap memory a read of claims holds: the structures and their strings.
-fn claims_bytes(groups: &[ClaimGroup]) -> usize {
-    use std::mem::size_of;
-    let claim = |facts: &ClaimFacts| {
-        let draft = &facts.record.draft;
-        size_of::<ClaimFacts>()
-            + draft.concept_path.len()
-            + draft.predicate.len()
-            + draft.value.get().len()
-            + draft.agent_id.len()
-            + draft.source.as_ref().map_or(0, |s| s.get().len())
-            + draft.signature.as_ref().map_or(0, String::len)
-            + draft.request_id.as_ref().map_or(0, String::len)
-            + draft.quarantine.as_ref().map_or(0, |q| q.reason.len() + q.detail.len())
-            + draft.supersedes.len() * 16
-            + facts.supersessions.len() * size_of::<SupersessionFact>()
-            + facts.votes.iter().map(|v| size_of::<VoteFact>() + v.agent_id.len()).sum::<usize>()
-    };
+pub(crate) fn claims_bytes(groups: &[ClaimGroup]) -> usize {
     groups
         .iter()
-        .map(|g| {
-            size_of::<ClaimGroup>()
-                + g.concept_path.len()
-                + g.predicate.len()
-                + g.claims.iter().map(claim).sum::<usize>()
-        })
+        .map(|g| group_bytes(&g.concept_path, &g.predicate) + g.claims.iter().map(claim_bytes).sum::<usize>())
         .sum()
+}
+
+/// The estimated memory of one group of claims, without its claims.
+pub(crate) fn group_bytes(concept_path: &str, predicate: &str) -> usize {
+    std::mem::size_of::<ClaimGroup>() + concept_path.len() + predicate.len()
+}
+
+/// The estimated memory of one claim: its facts and their strings.
+pub(crate) fn claim_bytes(facts: &ClaimFacts) -> usize {
+    use std::mem::size_of;
+    let draft = &facts.record.draft;
+    size_of::<ClaimFacts>()
+        + draft.concept_path.len()
+        + draft.predicate.len()
+        + draft.value.get().len()
+        + draft.agent_id.len()
+        + draft.source.as_ref().map_or(0, |s| s.get().len())
+        + draft.signature.as_ref().map_or(0, String::len)
+        + draft.request_id.as_ref().map_or(0, String::len)
+        + draft.quarantine.as_ref().map_or(0, |q| q.reason.len() + q.detail.len())
+        + draft.supersedes.len() * 16
+        + facts.supersessions.len() * size_of::<SupersessionFact>()
+        + facts.votes.iter().map(|v| size_of::<VoteFact>() + v.agent_id.len()).sum::<usize>()
 }
 
 /// The cache of one shard's claims reads, bounded by an estimate of the memory it holds.
@@ -285,7 +287,7 @@ impl ClaimsCache {
         if read.groups.iter().map(|g| g.claims.len()).sum::<usize>() > MAX_CLAIMS_PER_ENTRY {
             return;
         }
-        let claims_bytes = claims_bytes(&read.groups);
+        let claims_bytes = read.memory_bytes();
         let mut inner = self.inner.lock();
         if self.generation.load(Ordering::Acquire) != generation {
             return;
@@ -342,14 +344,11 @@ mod tests {
     use super::*;
 
     fn group(path: &str) -> ClaimsRead {
-        ClaimsRead {
-            groups: vec![super::super::reader::ClaimGroup {
-                concept_path: path.into(),
-                predicate: "p".into(),
-                claims: Vec::new(),
-            }],
-            rendered: RenderedResults::default(),
-        }
+        ClaimsRead::new(vec![super::super::reader::ClaimGroup {
+            concept_path: path.into(),
+            predicate: "p".into(),
+            claims: Vec::new(),
+        }])
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::claims_cache::RenderedResults;
 use super::keys;
 use super::state_machine::{AppliedProgress, RetractionRecord};
 use super::types::GroupId;
+use super::ConsensusError;
 use crate::model::assertion::StoredAssertion;
 use crate::model::id::AssertionId;
 use crate::model::lens::{ClaimFacts, SupersessionFact, VoteFact};
@@ -30,6 +31,22 @@ pub struct ClaimsRead {
     /// Query answers already rendered from these claims (kept on this node only).
     #[serde(skip)]
     pub rendered: RenderedResults,
+    /// The estimate of the memory the groups hold, computed once.
+    #[serde(skip)]
+    memory: std::sync::OnceLock<usize>,
+}
+
+impl ClaimsRead {
+    pub fn new(groups: Vec<ClaimGroup>) -> ClaimsRead {
+        ClaimsRead { groups, ..ClaimsRead::default() }
+    }
+
+    /// The estimated heap memory of the claims (`claims_cache::claims_bytes`): what the claims
+    /// cache charges for them and what a query holding them counts against
+    /// `query.max_memory_per_query_mb`.
+    pub fn memory_bytes(&self) -> usize {
+        *self.memory.get_or_init(|| super::claims_cache::claims_bytes(&self.groups))
+    }
 }
 
 /// The claims about one (concept_path, predicate).
@@ -222,42 +239,63 @@ impl ShardReader {
     }
 
     /// Every claim about `concept_path` (and `predicate`, if given), grouped by predicate in
-    /// predicate order.
-    pub fn claims(&self, concept_path: &str, predicate: Option<&str>) -> Result<Arc<ClaimsRead>, StorageError> {
+    /// predicate order; `Ok(None)` when they would hold more than `memory_limit` bytes
+    /// (estimated; `None` for no limit): reading stops there, so a concept with millions of
+    /// claims cannot take the node's memory with it.
+    pub fn claims(
+        &self,
+        concept_path: &str,
+        predicate: Option<&str>,
+        memory_limit: Option<u64>,
+    ) -> Result<Option<Arc<ClaimsRead>>, StorageError> {
+        let limit = memory_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
         let cache = &self.progress.claims_cache;
         if let Some(hit) = cache.get(concept_path, predicate) {
-            return Ok(hit);
+            return Ok((hit.memory_bytes() <= limit).then_some(hit));
         }
         let generation = cache.generation();
-        let groups = Arc::new(ClaimsRead {
-            groups: self.claims_from_storage(concept_path, predicate)?,
-            rendered: RenderedResults::default(),
-        });
+        let Some(groups) = self.claims_from_storage(concept_path, predicate, limit)? else { return Ok(None) };
+        let groups = Arc::new(ClaimsRead::new(groups));
         cache.insert_if_current(generation, concept_path, predicate, &groups);
-        Ok(groups)
+        Ok(Some(groups))
     }
 
+    /// The claims as [`Self::claims`] reads them, or `None` once their estimated memory passes
+    /// `limit` bytes: the index rows are charged as they are scanned, then each claim's facts
+    /// as they are loaded, a chunk at a time.
     fn claims_from_storage(
         &self,
         concept_path: &str,
         predicate: Option<&str>,
-    ) -> Result<Vec<ClaimGroup>, StorageError> {
+        limit: usize,
+    ) -> Result<Option<Vec<ClaimGroup>>, StorageError> {
+        use super::claims_cache::{claim_bytes, group_bytes};
+        /// Claims whose facts are loaded with one multi-get.
+        const FACTS_CHUNK: usize = 1024;
         let prefix = keys::claims_prefix(self.group, concept_path, predicate);
-        let rows = self.storage.scan(ColumnFamily::Index, &prefix, &keys::prefix_end(&prefix), usize::MAX)?;
         let path_prefix_len = keys::claims_prefix(self.group, concept_path, None).len();
         let mut groups: Vec<ClaimGroup> = Vec::new();
         let mut ids_by_group: Vec<Vec<AssertionId>> = Vec::new();
-        for (key, _) in rows {
-            let body = &key[path_prefix_len..];
-            if body.len() < 17 {
-                return Err(StorageError::corrupt(ColumnFamily::Index, "claim key"));
-            }
+        // Each claim is charged its facts' fixed size at the scan; its strings when loaded.
+        let fixed = std::mem::size_of::<ClaimFacts>();
+        let mut charged = 0usize;
+        let mut bad_key = None;
+        self.storage.for_each_in_range(ColumnFamily::Index, &prefix, &keys::prefix_end(&prefix), |key, _| {
+            let Some(body) = key.get(path_prefix_len..).filter(|body| body.len() >= 17) else {
+                bad_key = Some("claim key");
+                return false;
+            };
             let (predicate_bytes, id_bytes) = body.split_at(body.len() - 17);
-            let predicate = std::str::from_utf8(predicate_bytes)
-                .map_err(|_| StorageError::corrupt(ColumnFamily::Index, "claim predicate"))?;
-            let id = AssertionId::from_bytes(&id_bytes[1..])
-                .ok_or_else(|| StorageError::corrupt(ColumnFamily::Index, "claim id"))?;
+            let Ok(predicate) = std::str::from_utf8(predicate_bytes) else {
+                bad_key = Some("claim predicate");
+                return false;
+            };
+            let Some(id) = AssertionId::from_bytes(&id_bytes[1..]) else {
+                bad_key = Some("claim id");
+                return false;
+            };
             if groups.last().map(|g| g.predicate.as_str()) != Some(predicate) {
+                charged += group_bytes(concept_path, predicate);
                 groups.push(ClaimGroup {
                     concept_path: concept_path.to_string(),
                     predicate: predicate.to_string(),
@@ -268,11 +306,28 @@ impl ShardReader {
             if let Some(ids) = ids_by_group.last_mut() {
                 ids.push(id);
             }
+            charged += fixed;
+            charged <= limit
+        })?;
+        if let Some(what) = bad_key {
+            return Err(StorageError::corrupt(ColumnFamily::Index, what));
+        }
+        if charged > limit {
+            return Ok(None);
         }
         for (group, ids) in groups.iter_mut().zip(ids_by_group) {
-            group.claims = self.facts_of_ids(&ids)?;
+            group.claims.reserve_exact(ids.len());
+            for chunk in ids.chunks(FACTS_CHUNK) {
+                for facts in self.facts_of_ids(chunk)? {
+                    charged += claim_bytes(&facts) - fixed;
+                    group.claims.push(facts);
+                }
+                if charged > limit {
+                    return Ok(None);
+                }
+            }
         }
-        Ok(groups)
+        Ok(Some(groups))
     }
 
     /// The newest `limit` claims about (concept_path, predicate), newest first, with their facts.
@@ -431,10 +486,28 @@ impl ShardReader {
 /// A read of one shard's state, executed where a replica of the shard lives.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum ShardRead {
-    Claims { concept_path: String, predicate: Option<String> },
-    Assertion { id: AssertionId },
-    Concepts { prefix: String, after: Option<(String, String)>, limit: usize },
-    List { listing: Listing, after: Option<AssertionId>, limit: usize },
+    Claims {
+        concept_path: String,
+        predicate: Option<String>,
+        /// Most memory (estimated bytes) the claims may hold, set by the node the client asked
+        /// (`query.max_memory_per_query_mb`); past it the read fails with
+        /// `query_memory_exceeded`. Absent from older nodes' requests: no limit.
+        #[serde(default)]
+        memory_limit: Option<u64>,
+    },
+    Assertion {
+        id: AssertionId,
+    },
+    Concepts {
+        prefix: String,
+        after: Option<(String, String)>,
+        limit: usize,
+    },
+    List {
+        listing: Listing,
+        after: Option<AssertionId>,
+        limit: usize,
+    },
 }
 
 /// What a [`ShardRead`] found, and how fresh the replica that answered was.
@@ -456,10 +529,25 @@ pub enum ShardReadAnswer {
 
 impl ShardReader {
     /// Executes a read against this replica.
-    pub fn execute(&self, read: &ShardRead) -> Result<ShardReadAnswer, StorageError> {
-        Ok(match read {
-            ShardRead::Claims { concept_path, predicate } => {
-                ShardReadAnswer::Claims(self.claims(concept_path, predicate.as_deref())?)
+    pub fn execute(&self, read: &ShardRead) -> Result<ShardReadAnswer, ConsensusError> {
+        let storage_error = |e: StorageError| ConsensusError::Storage { shard: self.shard, message: e.to_string() };
+        self.execute_on_storage(read).map_err(storage_error)?.ok_or_else(|| {
+            let limit_bytes = match read {
+                ShardRead::Claims { memory_limit, .. } => memory_limit.unwrap_or(u64::MAX),
+                _ => u64::MAX,
+            };
+            ConsensusError::QueryMemoryExceeded { shard: Some(self.shard), limit_bytes }
+        })
+    }
+
+    /// [`Self::execute`]; `Ok(None)` when a claims read passed its memory limit.
+    fn execute_on_storage(&self, read: &ShardRead) -> Result<Option<ShardReadAnswer>, StorageError> {
+        Ok(Some(match read {
+            ShardRead::Claims { concept_path, predicate, memory_limit } => {
+                match self.claims(concept_path, predicate.as_deref(), *memory_limit)? {
+                    Some(read) => ShardReadAnswer::Claims(read),
+                    None => return Ok(None),
+                }
             }
             ShardRead::Assertion { id } => match self.facts(*id)? {
                 Some(facts) => ShardReadAnswer::Assertion(Some((facts, self.retraction(*id)?))),
@@ -471,6 +559,21 @@ impl ShardReader {
                 *limit,
             )?),
             ShardRead::List { listing, after, limit } => ShardReadAnswer::Listed(self.list(listing, *after, *limit)?),
-        })
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShardRead;
+
+    #[test]
+    fn a_claims_read_from_a_node_that_sends_no_memory_limit_has_none() {
+        let old = r#"{"Claims":{"concept_path":"a/b","predicate":null}}"#;
+        let read: ShardRead = serde_json::from_str(old).expect("an older node's request still parses");
+        assert!(matches!(read, ShardRead::Claims { memory_limit: None, .. }), "{read:?}");
+        let new = ShardRead::Claims { concept_path: "a/b".into(), predicate: None, memory_limit: Some(1 << 20) };
+        let round_trip: ShardRead = serde_json::from_slice(&serde_json::to_vec(&new).expect("encode")).expect("decode");
+        assert!(matches!(round_trip, ShardRead::Claims { memory_limit: Some(1048576), .. }), "{round_trip:?}");
     }
 }

@@ -62,6 +62,22 @@ pub enum ConsensusError {
     MembershipChange { shard: u16, message: String },
     #[error("could not reach the leader of {} (node {leader}): {message}", GroupLabel(*shard))]
     LeaderUnreachable { shard: u16, leader: NodeId, message: String },
+    #[error(
+        "the query would hold more than {} of claims and answer (query.max_memory_per_query_mb); \
+         narrow it (a predicate, a smaller limit) or raise the limit",
+        MiB(*limit_bytes)
+    )]
+    /// `shard` is absent for a query over a prefix, whose reads span shards.
+    QueryMemoryExceeded { shard: Option<u16>, limit_bytes: u64 },
+}
+
+/// A byte count in MiB, for messages.
+struct MiB(u64);
+
+impl std::fmt::Display for MiB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} MiB", self.0 as f64 / (1024.0 * 1024.0))
+    }
 }
 
 impl ConsensusError {
@@ -77,6 +93,7 @@ impl ConsensusError {
             ConsensusError::MembershipChange { .. } => "membership_change_failed",
             ConsensusError::Storage { .. } => "storage_error",
             ConsensusError::Internal { .. } => "internal_error",
+            ConsensusError::QueryMemoryExceeded { .. } => "query_memory_exceeded",
         }
     }
 
@@ -89,6 +106,7 @@ impl ConsensusError {
             ConsensusError::Timeout { .. } => 504,
             ConsensusError::UnknownShard { .. } => 404,
             ConsensusError::MembershipChange { .. } => 409,
+            ConsensusError::QueryMemoryExceeded { .. } => 422,
             ConsensusError::Storage { .. } | ConsensusError::Internal { .. } => 500,
             ConsensusError::Startup(_) => 500,
         }
@@ -1130,8 +1148,7 @@ impl ShardSet {
         if linearizable && !self.unsafe_skip_read_barrier {
             self.read_barrier(shard, timeout).await?;
         }
-        let answer =
-            group.reader.execute(&read).map_err(|e| ConsensusError::Storage { shard, message: e.to_string() })?;
+        let answer = group.reader.execute(&read)?;
         let staleness_ms = if group.raft.metrics().borrow().current_leader == Some(self.node_id) {
             0
         } else {
