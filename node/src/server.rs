@@ -135,6 +135,10 @@ pub fn storage_options(config: &Config) -> StorageOptions {
         block_cache_bytes: (config.storage.max_cache_size_mb as usize) << 20,
         write_buffer_bytes: (config.storage.write_buffer_mb as usize) << 20,
         fsync: config.storage.fsync,
+        index_cache_bytes: config
+            .storage
+            .index_eviction_enabled
+            .then_some((config.storage.index_max_memory_mb as usize) << 20),
     }
 }
 

@@ -390,3 +390,44 @@ async fn queries_past_their_memory_limit_are_refused_and_narrower_ones_answer() 
     assert_eq!((&queries[0]["agent_id"], &queries[0]["error"]), (&json!("bomber"), &json!("query_memory_exceeded")));
     node.stop().await;
 }
+
+/// `storage.index_eviction_enabled`: the secondary indexes are read through a cache of their
+/// own, which the storage stats and `stemedb_index_memory_bytes` count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_eviction_gives_the_indexes_their_own_counted_cache() {
+    let node = TestNode::start_with(|config| {
+        config.storage.index_eviction_enabled = true;
+        config.storage.index_max_memory_mb = 8;
+        config.query.claims_cache_mb = 0; // every query reads RocksDB
+    })
+    .await;
+    let items: Vec<Value> =
+        (0..200).map(|k| json!({"concept_path": format!("evict/k{k}"), "predicate": "p", "value": k})).collect();
+    let (status, response) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
+    assert_eq!((status, &response["accepted"]), (200, &json!(200)), "{response}");
+    // Memtables flushed to tables, whose blocks go through the caches.
+    let (status, answer) = node.post("/v1/admin/storage/compact", &json!({"force": true})).await;
+    assert_eq!(status, 202, "{answer}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, stats) = node.get("/v1/admin/storage/stats").await;
+        if stats["index"]["sst_bytes"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the index family was never flushed: {stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for k in 0..200 {
+        let (status, answer) = node.post("/v1/query", &json!({"concept_path": format!("evict/k{k}")})).await;
+        assert_eq!((status, &answer["results"][0]["winner"]["value"]), (200, &json!(k)), "{answer}");
+    }
+    let (status, stats) = node.get("/v1/admin/storage/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    let own = stats["index_cache_memory_bytes"].as_u64().unwrap_or(0);
+    assert!(own > 0 && own <= 9 << 20, "index blocks in their own cache: {stats}");
+    assert!(stats["index"]["memory_bytes"].as_u64().unwrap_or(0) >= own, "{stats}");
+    let text = metrics_text(&node.client, &node.url).await;
+    let index_memory = series_value(&text, "stemedb_index_memory_bytes").unwrap_or(0.0);
+    assert!(index_memory >= own as f64, "{index_memory} < {own}");
+    node.stop().await;
+}

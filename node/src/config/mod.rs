@@ -194,6 +194,12 @@ pub struct StorageSection {
     /// Verify and repair the secondary indexes in the background after every start (as
     /// `POST /v1/admin/indexes/rebuild` does; writes and reads go on meanwhile).
     pub rebuild_indexes_on_start: bool,
+    /// Give the `index` column family its own block cache of `index_max_memory_mb`, whose
+    /// blocks are evicted (least recently used first) past that size, instead of sharing the
+    /// block cache with the claims data.
+    pub index_eviction_enabled: bool,
+    /// Size of the index family's own block cache, with `index_eviction_enabled`.
+    pub index_max_memory_mb: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -333,7 +339,14 @@ impl Default for ClusterSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { max_cache_size_mb: 1024, write_buffer_mb: 64, fsync: true, rebuild_indexes_on_start: true }
+        StorageSection {
+            max_cache_size_mb: 1024,
+            write_buffer_mb: 64,
+            fsync: true,
+            rebuild_indexes_on_start: true,
+            index_eviction_enabled: false,
+            index_max_memory_mb: 1024,
+        }
     }
 }
 
@@ -526,6 +539,12 @@ impl Config {
         }
         if self.cluster.shards == 0 || self.cluster.shards > 4096 {
             return fail("cluster.shards must be between 1 and 4096".into());
+        }
+        if self.storage.index_eviction_enabled && !(1..=1 << 20).contains(&self.storage.index_max_memory_mb) {
+            return fail(format!(
+                "storage.index_max_memory_mb is {}: with storage.index_eviction_enabled it must be 1-1048576",
+                self.storage.index_max_memory_mb
+            ));
         }
         self.dial_overrides()?;
         let members = self.initial_members()?;
@@ -725,6 +744,33 @@ mod tests {
         assert!(Config::check_file(&path).is_err());
         std::fs::write(&path, "[typo]\nx = 1\n").expect("write");
         assert!(Config::check_file(&path).is_err());
+    }
+
+    #[test]
+    fn the_memory_runbooks_settings_are_taken_as_it_writes_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("api.toml");
+        let runbook = "[storage]\nmax_cache_size_mb = 512\nindex_eviction_enabled = true\nindex_max_memory_mb = 1024\n\
+                       [query]\nmax_memory_per_query_mb = 256\nquery_timeout_seconds = 30\n";
+        std::fs::write(&path, runbook).expect("write");
+        let config = Config::check_file(&path).expect("valid");
+        assert!(config.storage.index_eviction_enabled);
+        assert_eq!((config.storage.index_max_memory_mb, config.query.max_memory_per_query_mb), (1024, 256));
+        let options = crate::server::storage_options(&config);
+        assert_eq!(options.index_cache_bytes, Some(1 << 30));
+        assert_eq!(crate::server::storage_options(&Config::default()).index_cache_bytes, None, "off by default");
+        for bad in [
+            "[storage]\nindex_eviction_enabled = true\nindex_max_memory_mb = 0\n",
+            "[query]\nmax_memory_per_query_mb = 1048577\n",
+        ] {
+            std::fs::write(&path, bad).expect("write");
+            let error = Config::check_file(&path).expect_err(bad);
+            assert!(error.to_string().contains("_mb"), "{error}");
+        }
+        let env = env_with(&[("STORAGE_INDEX_EVICTION_ENABLED", "true"), ("QUERY_MAX_MEMORY_PER_QUERY_MB", "0")]);
+        let config = Config::load_with_env(None, &FlagOverrides::default(), env).expect("load");
+        assert!(config.storage.index_eviction_enabled);
+        assert_eq!(config.query.max_memory_per_query_mb, 0, "0: no limit");
     }
 
     #[test]

@@ -102,11 +102,20 @@ pub struct StorageOptions {
     /// Whether the Raft log is fsync'd before a write is acknowledged. Only tests and benchmarks
     /// that measure the rest of the stack should turn this off.
     pub fsync: bool,
+    /// A block cache of its own for the `index` family (`storage.index_eviction_enabled`,
+    /// `storage.index_max_memory_mb`): its blocks are evicted past this size and no longer
+    /// compete with the claims data for the shared cache. `None`: it shares the block cache.
+    pub index_cache_bytes: Option<usize>,
 }
 
 impl Default for StorageOptions {
     fn default() -> Self {
-        StorageOptions { block_cache_bytes: 256 << 20, write_buffer_bytes: 64 << 20, fsync: true }
+        StorageOptions {
+            block_cache_bytes: 256 << 20,
+            write_buffer_bytes: 64 << 20,
+            fsync: true,
+            index_cache_bytes: None,
+        }
     }
 }
 
@@ -170,6 +179,8 @@ pub struct StorageStats {
     pub pending_compaction_bytes: u64,
     pub memtable_bytes: u64,
     pub cache_memory_bytes: u64,
+    /// The `index` family's own block cache (`storage.index_eviction_enabled`), else 0.
+    pub index_cache_memory_bytes: u64,
     pub estimated_keys: u64,
     pub column_families: Vec<ColumnFamilyStats>,
 }
@@ -204,6 +215,8 @@ pub struct Storage {
     /// Kept for the statistics object RocksDB attached to it at open.
     db_options: Options,
     cache: Cache,
+    /// The `index` family's own block cache, with `storage.index_eviction_enabled`.
+    index_cache: Option<Cache>,
     path: PathBuf,
     options: StorageOptions,
     committer: GroupCommitter,
@@ -222,6 +235,7 @@ impl Storage {
         std::fs::create_dir_all(&path)
             .map_err(|e| StorageError::DataDir { path: path.clone(), message: e.to_string() })?;
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let index_cache = options.index_cache_bytes.map(Cache::new_lru_cache);
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
@@ -235,14 +249,20 @@ impl Storage {
         db_options.enable_statistics();
         let descriptors = ColumnFamily::ALL
             .iter()
-            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), column_family_options(*cf, &cache, &options)))
+            .map(|cf| {
+                let cache = match (cf, &index_cache) {
+                    (ColumnFamily::Index, Some(index_cache)) => index_cache,
+                    _ => &cache,
+                };
+                ColumnFamilyDescriptor::new(cf.name(), column_family_options(*cf, cache, &options))
+            })
             .collect::<Vec<_>>();
         let db = DB::open_cf_descriptors(&db_options, &path, descriptors)
             .map_err(|e| StorageError::DataDir { path: path.clone(), message: e.into_string() })?;
         let db = Arc::new(db);
         let committer = GroupCommitter::start(db.clone(), options.fsync);
         tracing::info!(path = %path.display(), "storage opened");
-        Ok(Arc::new(Storage { db, db_options, cache, path, options, committer }))
+        Ok(Arc::new(Storage { db, db_options, cache, index_cache, path, options, committer }))
     }
 
     fn handle(&self, cf: ColumnFamily) -> Result<&rocksdb::ColumnFamily, StorageError> {
@@ -403,8 +423,14 @@ impl Storage {
             estimated_keys: self.property_u64(cf, "rocksdb.estimate-num-keys"),
             sst_bytes: self.property_u64(cf, "rocksdb.total-sst-files-size"),
             memory_bytes: self.property_u64(cf, "rocksdb.cur-size-all-mem-tables")
-                + self.property_u64(cf, "rocksdb.estimate-table-readers-mem"),
+                + self.property_u64(cf, "rocksdb.estimate-table-readers-mem")
+                + self.index_cache_memory_bytes(),
         }
+    }
+
+    /// Bytes held by the `index` family's own block cache (0 when it shares the block cache).
+    pub fn index_cache_memory_bytes(&self) -> u64 {
+        self.index_cache.as_ref().map_or(0, |cache| cache.get_usage() as u64)
     }
 
     /// Capacity of the block cache (`storage.max_cache_size_mb`).
@@ -456,6 +482,7 @@ impl Storage {
             pending_compaction_bytes: self.pending_compaction_bytes(),
             memtable_bytes: memtable,
             cache_memory_bytes: self.cache.get_usage() as u64,
+            index_cache_memory_bytes: self.index_cache_memory_bytes(),
             estimated_keys: keys,
             column_families,
         }
@@ -554,5 +581,35 @@ mod tests {
         }
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("reopen");
         assert_eq!(storage.scan(ColumnFamily::RaftLog, &[0], &[255], usize::MAX).expect("scan").len(), 50);
+    }
+
+    /// Index blocks read through 4 MiB of index data: how much the shared cache and the
+    /// index family's own cache hold afterwards.
+    fn cache_usage_after_reading_the_index(index_cache_bytes: Option<usize>) -> (u64, u64, u64) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StorageOptions { block_cache_bytes: 64 << 20, index_cache_bytes, ..StorageOptions::default() };
+        let storage = Storage::open(dir.path(), options).expect("open");
+        let mut batch = WriteBatch::new();
+        for i in 0u32..16_384 {
+            // Values that do not compress, so the blocks are as large as the data.
+            let value: Vec<u8> = (0..256u32).map(|j| (i.wrapping_mul(2_654_435_761) >> (j % 24)) as u8).collect();
+            batch.put(ColumnFamily::Index, i.to_be_bytes().to_vec(), value);
+        }
+        storage.write(batch, Durability::Synced).expect("write");
+        storage.compact_all().expect("flush to tables");
+        let rows = storage.scan(ColumnFamily::Index, &[], &[255; 5], usize::MAX).expect("scan");
+        assert_eq!(rows.len(), 16_384);
+        (storage.cache.get_usage() as u64, storage.index_cache_memory_bytes(), storage.index_stats().memory_bytes)
+    }
+
+    #[test]
+    fn with_index_eviction_the_index_family_has_its_own_bounded_cache() {
+        let (shared, own, _) = cache_usage_after_reading_the_index(None);
+        assert!(shared > 2 << 20, "without it, index blocks fill the shared cache: {shared}");
+        assert_eq!(own, 0);
+        let (shared, own, index_memory) = cache_usage_after_reading_the_index(Some(1 << 20));
+        assert!(shared < 256 << 10, "index blocks stay out of the shared cache: {shared}");
+        assert!(own > 0 && own <= (1 << 20) + (64 << 10), "evicted past 1 MiB (give or take a block): {own}");
+        assert!(index_memory >= own, "counted as index memory: {index_memory} < {own}");
     }
 }
