@@ -417,6 +417,44 @@ const SECTIONS: [&str; 14] = [
 /// Environment variables the runbooks use that do not follow `STEMEDB_<SECTION>_<KEY>`.
 const ENV_ALIASES: [(&str, &str); 1] = [("cache_size_mb", "storage.max_cache_size_mb")];
 
+const COMPACTS_ON_ITS_OWN: &str =
+    "RocksDB compacts in the background on its own; POST /v1/admin/storage/compact runs a manual compaction";
+
+/// Settings of the runbooks StemeDB was started from that it does not take, with what does their
+/// job here. They are still errors, like every unknown key, but the error says where to go.
+const RUNBOOK_SETTINGS_REPLACED: [(&str, &str); 10] = [
+    (
+        "wal",
+        "there is no separate write-ahead log: each shard's Raft log in RocksDB is its log, \
+         truncated after each snapshot (raft.snapshot_logs_since_last, raft.logs_to_keep_after_snapshot)",
+    ),
+    ("storage.compaction_enabled", COMPACTS_ON_ITS_OWN),
+    ("storage.compaction_interval_hours", COMPACTS_ON_ITS_OWN),
+    ("storage.compaction_threshold_mb", COMPACTS_ON_ITS_OWN),
+    ("storage.enable_auto_compaction", COMPACTS_ON_ITS_OWN),
+    ("storage.compaction_trigger_mb", COMPACTS_ON_ITS_OWN),
+    (
+        "runtime.memory_ballast_mb",
+        "StemeDB has no garbage collector, so a ballast has nothing to do; memory is bounded by \
+         storage.max_cache_size_mb, storage.write_buffer_mb, query.claims_cache_mb and query.max_memory_per_query_mb (docs/sizing.md)",
+    ),
+    ("runtime", "StemeDB has no [runtime] section"),
+    (
+        "resources",
+        "the budgets are storage.max_cache_size_mb (cache_limit_mb) and storage.index_max_memory_mb with \
+         storage.index_eviction_enabled (index_limit_mb); for a hard cap on the process (max_memory_mb), \
+         use the service manager's (systemd MemoryMax=)",
+    ),
+    ("backup", "backups are not built yet (docs/operations.md, Not yet built)"),
+];
+
+/// The first setting of the runbooks that StemeDB replaces found in `figment`, as an error.
+fn replaced_runbook_setting(figment: &Figment) -> Option<String> {
+    RUNBOOK_SETTINGS_REPLACED.iter().find(|(path, _)| figment.find_value(path).is_ok()).map(|(path, instead)| {
+        format!("`{path}` is a setting of the runbooks StemeDB was started from, not of StemeDB: {instead}")
+    })
+}
+
 /// Maps `STEMEDB_<SECTION>_<KEY>` (prefix already stripped, lowercased) to `section.key`.
 fn env_key_path(key: &str) -> String {
     let key = key.to_ascii_lowercase();
@@ -424,7 +462,8 @@ fn env_key_path(key: &str) -> String {
     if let Some((_, path)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == key) {
         return path.to_string();
     }
-    for section in SECTIONS {
+    // The runbooks' own sections map the same way, so that their errors can name them.
+    for section in SECTIONS.iter().chain(["wal", "runtime", "resources", "backup"].iter()) {
         if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
             return format!("{section}.{rest}");
         }
@@ -505,6 +544,9 @@ impl Config {
         let env = env
             .filter_map(|key| (!key.as_str().eq_ignore_ascii_case("log")).then(|| env_key_path(key.as_str()).into()));
         figment = figment.merge(env).merge(flags.as_figment());
+        if let Some(message) = replaced_runbook_setting(&figment) {
+            return Err(ConfigError::Invalid(message));
+        }
         let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
         Ok(config)
@@ -514,10 +556,12 @@ impl Config {
     pub fn check_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
-        let config: Config = Figment::from(Serialized::defaults(Config::default()))
-            .merge(Toml::string(&text))
-            .extract()
-            .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
+        let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(&text));
+        if let Some(message) = replaced_runbook_setting(&figment) {
+            return Err(ConfigError::File { path: path.to_path_buf(), message });
+        }
+        let config: Config =
+            figment.extract().map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
@@ -771,6 +815,26 @@ mod tests {
         let config = Config::load_with_env(None, &FlagOverrides::default(), env).expect("load");
         assert!(config.storage.index_eviction_enabled);
         assert_eq!(config.query.max_memory_per_query_mb, 0, "0: no limit");
+    }
+
+    #[test]
+    fn runbook_settings_stemedb_replaces_say_what_replaces_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        for (toml, says) in [
+            ("[wal]\nretention_days = 7\n", "raft.snapshot_logs_since_last"),
+            ("[storage]\ncompaction_enabled = true\n", "/v1/admin/storage/compact"),
+            ("[runtime]\nmemory_ballast_mb = 100\n", "no garbage collector"),
+            ("[resources]\nmax_memory_mb = 8192\n", "MemoryMax="),
+            ("[backup]\nretention_days = 7\n", "not built yet"),
+        ] {
+            std::fs::write(&path, toml).expect("write");
+            let error = Config::check_file(&path).expect_err(toml).to_string();
+            assert!(error.contains(says) && error.contains("runbooks"), "{toml}: {error}");
+        }
+        let env = env_with(&[("WAL_RETENTION_DAYS", "7")]);
+        let error = Config::load_with_env(None, &FlagOverrides::default(), env).expect_err("the runbook's env var");
+        assert!(error.to_string().contains("`wal`"), "{error}");
     }
 
     #[test]
