@@ -513,6 +513,25 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     );
     node_gauge(
         context,
+        "stemedb_compaction_progress_ratio",
+        "Share done (0-1) of the running manual compaction (POST /v1/admin/storage/compact), or of the last one",
+        |c| c.storage.manual_compaction().progress,
+    );
+    node_gauge(context, "stemedb_compaction_running", "1 while a manual compaction runs", |c| {
+        if c.storage.manual_compaction().running {
+            1.0
+        } else {
+            0.0
+        }
+    });
+    node_gauge(
+        context,
+        "stemedb_storage_write_amplification",
+        "Bytes RocksDB wrote to disk (write-ahead log, flushes, compactions) per byte of keys and values written, since start",
+        |c| c.storage.write_amplification(),
+    );
+    node_gauge(
+        context,
         "stemedb_lsm_pending_compaction_bytes",
         "Bytes RocksDB estimates compaction still has to rewrite, over all column families",
         |c| c.storage.pending_compaction_bytes() as f64,

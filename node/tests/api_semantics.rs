@@ -431,3 +431,36 @@ async fn index_eviction_gives_the_indexes_their_own_counted_cache() {
     assert!(index_memory >= own as f64, "{index_memory} < {own}");
     node.stop().await;
 }
+
+/// The disk runbook's manual compaction: `POST /v1/admin/compact` starts it, progress shows in
+/// `stemedb_compaction_progress_ratio` and the storage stats, and write amplification is a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_compaction_reports_progress_and_write_amplification() {
+    let node = TestNode::start().await;
+    let items: Vec<Value> =
+        (0..300).map(|k| json!({"concept_path": format!("compact/k{k}"), "predicate": "p", "value": k})).collect();
+    let (status, response) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
+    assert_eq!(status, 200, "{response}");
+    let (_, stats) = node.get("/v1/admin/storage/stats").await;
+    assert_eq!(stats["manual_compaction"]["runs"], json!(0), "{stats}");
+    let (status, answer) = node.post("/v1/admin/compact", &json!({"aggressive": false})).await;
+    assert_eq!((status, &answer["status"]), (202, &json!("started")), "{answer}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let stats = loop {
+        let (_, stats) = node.get("/v1/admin/storage/stats").await;
+        if stats["manual_compaction"]["running"] == json!(false) {
+            break stats;
+        }
+        assert!(std::time::Instant::now() < deadline, "the compaction never finished: {stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let run = &stats["manual_compaction"];
+    assert_eq!((&run["runs"], &run["progress"], &run["last_error"]), (&json!(1), &json!(1.0), &Value::Null), "{run}");
+    assert!(run["last_finished_at_us"].as_u64() >= run["last_started_at_us"].as_u64(), "{run}");
+    assert!(stats["write_amplification"].as_f64().unwrap_or(0.0) > 1.0, "WAL and flush at least: {stats}");
+    let text = metrics_text(&node.client, &node.url).await;
+    assert_eq!(series_value(&text, "stemedb_compaction_progress_ratio"), Some(1.0), "{text}");
+    assert_eq!(series_value(&text, "stemedb_compaction_running"), Some(0.0));
+    assert!(series_value(&text, "stemedb_storage_write_amplification").unwrap_or(0.0) > 1.0);
+    node.stop().await;
+}

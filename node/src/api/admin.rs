@@ -154,15 +154,22 @@ struct CompactRequest {
 }
 
 /// `POST /v1/admin/storage/compact` and `POST /v1/admin/compact`: full manual compaction, run
-/// in the background; the answer returns at once.
+/// in the background; the answer returns at once. One at a time: `409 compaction_in_progress`
+/// while one runs. Progress: `stemedb_compaction_progress_ratio`, and `manual_compaction` of
+/// `GET /v1/admin/storage/stats`.
 async fn compact(State(state): State<AppState>, _admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
     let request: CompactRequest =
         if body.iter().all(|b| b.is_ascii_whitespace()) { CompactRequest::default() } else { parse_json(&body)? };
     let storage = state.storage.clone();
+    if let Err(running) = storage.begin_manual_compaction() {
+        return Err(ApiError::new(409, "compaction_in_progress", "a manual compaction is already running")
+            .with_details(json!({"manual_compaction": running})));
+    }
     tokio::task::spawn_blocking(move || {
         tracing::info!(force = request.force, aggressive = request.aggressive, "manual compaction started");
-        match storage.compact_all() {
-            Ok(()) => tracing::info!("manual compaction finished"),
+        let started = std::time::Instant::now();
+        match storage.run_manual_compaction(request.aggressive) {
+            Ok(()) => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "manual compaction finished"),
             Err(error) => tracing::error!(error = %error, "manual compaction failed"),
         }
     });

@@ -181,6 +181,9 @@ pub struct StorageStats {
     pub cache_memory_bytes: u64,
     /// The `index` family's own block cache (`storage.index_eviction_enabled`), else 0.
     pub index_cache_memory_bytes: u64,
+    /// See [`Storage::write_amplification`].
+    pub write_amplification: f64,
+    pub manual_compaction: ManualCompaction,
     pub estimated_keys: u64,
     pub column_families: Vec<ColumnFamilyStats>,
 }
@@ -220,6 +223,23 @@ pub struct Storage {
     path: PathBuf,
     options: StorageOptions,
     committer: GroupCommitter,
+    /// The manual compaction (`POST /v1/admin/storage/compact`): one at a time, with progress.
+    manual_compaction: parking_lot::Mutex<ManualCompaction>,
+}
+
+/// What the node knows of its manual compactions: the one running, or the last one.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ManualCompaction {
+    pub running: bool,
+    /// Share of the run done, 0 to 1: the bytes (tables and memtables, measured at the start)
+    /// of the column families compacted so far. 1 once a run has finished.
+    pub progress: f64,
+    /// Runs started since the node started.
+    pub runs: u64,
+    pub last_started_at_us: Option<u64>,
+    pub last_finished_at_us: Option<u64>,
+    /// The last run's error, if it failed.
+    pub last_error: Option<String>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -262,7 +282,16 @@ impl Storage {
         let db = Arc::new(db);
         let committer = GroupCommitter::start(db.clone(), options.fsync);
         tracing::info!(path = %path.display(), "storage opened");
-        Ok(Arc::new(Storage { db, db_options, cache, index_cache, path, options, committer }))
+        Ok(Arc::new(Storage {
+            db,
+            db_options,
+            cache,
+            index_cache,
+            path,
+            options,
+            committer,
+            manual_compaction: parking_lot::Mutex::new(ManualCompaction::default()),
+        }))
     }
 
     fn handle(&self, cf: ColumnFamily) -> Result<&rocksdb::ColumnFamily, StorageError> {
@@ -411,6 +440,72 @@ impl Storage {
         Ok(())
     }
 
+    /// Marks a manual compaction as running, unless one already is (then `Err` with its state).
+    /// The caller then runs [`Self::run_manual_compaction`], typically on a blocking thread.
+    pub fn begin_manual_compaction(&self) -> Result<(), ManualCompaction> {
+        let mut state = self.manual_compaction.lock();
+        if state.running {
+            return Err(state.clone());
+        }
+        state.running = true;
+        state.progress = 0.0;
+        state.runs += 1;
+        state.last_started_at_us = Some(crate::model::id::now_us());
+        state.last_error = None;
+        Ok(())
+    }
+
+    /// Compacts every column family in turn (flushing its memtables first), updating the
+    /// progress after each; ends the run [`Self::begin_manual_compaction`] marked. `aggressive`
+    /// also rewrites the bottommost level's tables, which an ordinary run leaves as they are:
+    /// more I/O, and the space of everything deleted or overwritten since they were written
+    /// comes back.
+    pub fn run_manual_compaction(&self, aggressive: bool) -> Result<(), StorageError> {
+        let mut compact_options = rocksdb::CompactOptions::default();
+        if aggressive {
+            compact_options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::ForceOptimized);
+        }
+        let size = |cf| {
+            self.property_u64(cf, "rocksdb.total-sst-files-size")
+                + self.property_u64(cf, "rocksdb.cur-size-all-mem-tables")
+        };
+        let sizes: Vec<(ColumnFamily, u64)> = ColumnFamily::ALL.iter().map(|&cf| (cf, size(cf))).collect();
+        let total = sizes.iter().map(|(_, bytes)| bytes).sum::<u64>().max(1);
+        let mut done = 0;
+        let outcome: Result<(), StorageError> = sizes.iter().try_for_each(|&(cf, bytes)| {
+            self.db.compact_range_cf_opt::<&[u8], &[u8]>(self.handle(cf)?, None, None, &compact_options);
+            done += bytes;
+            self.manual_compaction.lock().progress = done as f64 / total as f64;
+            Ok(())
+        });
+        let mut state = self.manual_compaction.lock();
+        state.running = false;
+        state.last_finished_at_us = Some(crate::model::id::now_us());
+        match &outcome {
+            Ok(()) => state.progress = 1.0,
+            Err(error) => state.last_error = Some(error.to_string()),
+        }
+        outcome
+    }
+
+    /// The running manual compaction, or the last one.
+    pub fn manual_compaction(&self) -> ManualCompaction {
+        self.manual_compaction.lock().clone()
+    }
+
+    /// Bytes RocksDB wrote to disk (its write-ahead log, flushes and compactions) per byte of
+    /// keys and values written to it, since the node started; 0 before the first write.
+    pub fn write_amplification(&self) -> f64 {
+        use rocksdb::statistics::Ticker;
+        let ticker = |t| self.db_options.get_ticker_count(t);
+        let written = ticker(Ticker::BytesWritten);
+        if written == 0 {
+            return 0.0;
+        }
+        let disk = ticker(Ticker::WalFileBytes) + ticker(Ticker::FlushWriteBytes) + ticker(Ticker::CompactWriteBytes);
+        disk as f64 / written as f64
+    }
+
     fn property_u64(&self, cf: ColumnFamily, name: &str) -> u64 {
         self.handle(cf).ok().and_then(|h| self.db.property_int_value_cf(h, name).ok().flatten()).unwrap_or(0)
     }
@@ -483,6 +578,8 @@ impl Storage {
             memtable_bytes: memtable,
             cache_memory_bytes: self.cache.get_usage() as u64,
             index_cache_memory_bytes: self.index_cache_memory_bytes(),
+            write_amplification: self.write_amplification(),
+            manual_compaction: self.manual_compaction(),
             estimated_keys: keys,
             column_families,
         }
@@ -611,5 +708,32 @@ mod tests {
         assert!(shared < 256 << 10, "index blocks stay out of the shared cache: {shared}");
         assert!(own > 0 && own <= (1 << 20) + (64 << 10), "evicted past 1 MiB (give or take a block): {own}");
         assert!(index_memory >= own, "counted as index memory: {index_memory} < {own}");
+    }
+
+    #[test]
+    fn a_manual_compaction_runs_once_at_a_time_and_reports_progress() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
+        assert_eq!(storage.write_amplification(), 0.0, "nothing written yet");
+        let mut batch = WriteBatch::new();
+        for i in 0u32..2000 {
+            // Values that do not compress: the table flushed is as large as the data.
+            let value: Vec<u8> = (0..200u32).map(|j| (i.wrapping_mul(2_654_435_761) >> (j % 24)) as u8).collect();
+            batch.put(ColumnFamily::StateMachine, i.to_be_bytes().to_vec(), value);
+        }
+        storage.write(batch, Durability::Synced).expect("write");
+        assert_eq!(storage.manual_compaction(), ManualCompaction::default());
+        storage.begin_manual_compaction().expect("none running");
+        let running = storage.begin_manual_compaction().expect_err("one at a time");
+        assert!(running.running && running.runs == 1 && running.progress == 0.0, "{running:?}");
+        storage.run_manual_compaction(true).expect("compact");
+        let done = storage.manual_compaction();
+        assert!(!done.running && done.progress == 1.0 && done.last_error.is_none(), "{done:?}");
+        assert!(done.last_finished_at_us >= done.last_started_at_us, "{done:?}");
+        storage.begin_manual_compaction().expect("the next run may start");
+        // Written to the WAL (a little more than the data) and flushed to a table (LZ4 gets
+        // these values to roughly 40%): the WAL alone would be just over 1.
+        let amplification = storage.write_amplification();
+        assert!(amplification > 1.2, "{amplification}");
     }
 }
