@@ -514,21 +514,34 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     node_gauge(
         context,
         "stemedb_compaction_progress_ratio",
-        "Share done (0-1) of the running manual compaction (POST /v1/admin/storage/compact), or of the last one",
+        "Share done (0-1) of the running manual compaction (POST /v1/admin/storage/compact), or of the last one; \
+         RocksDB's own background compactions are in stemedb_lsm_*",
         |c| c.storage.manual_compaction().progress,
     );
-    node_gauge(context, "stemedb_compaction_running", "1 while a manual compaction runs", |c| {
-        if c.storage.manual_compaction().running {
-            1.0
-        } else {
-            0.0
-        }
-    });
+    node_gauge(
+        context,
+        "stemedb_compaction_running",
+        "1 while a manual compaction (POST /v1/admin/compact) runs",
+        |c| {
+            if c.storage.manual_compaction().running {
+                1.0
+            } else {
+                0.0
+            }
+        },
+    );
     node_gauge(
         context,
         "stemedb_storage_write_amplification",
-        "Bytes RocksDB wrote to disk (write-ahead log, flushes, compactions) per byte of keys and values written, since start",
+        "Bytes RocksDB wrote to disk (write-ahead log, flushes, compactions) per byte of keys and values written, \
+         over the node's whole run",
         |c| c.storage.write_amplification(),
+    );
+    node_gauge(
+        context,
+        "stemedb_index_cache_size_bytes",
+        "Capacity of the index family's own block cache (storage.index_max_memory_mb with storage.index_eviction_enabled; 0 when off)",
+        |c| c.storage.index_cache_capacity_bytes() as f64,
     );
     node_gauge(
         context,

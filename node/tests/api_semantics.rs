@@ -329,6 +329,12 @@ async fn queries_past_their_memory_limit_are_refused_and_narrower_ones_answer() 
     }
     let (status, answer) = node.post("/v1/query", &json!({"concept_prefix": "bomb"})).await;
     assert_eq!((status, answer["error"]["code"].as_str()), (422, Some("query_memory_exceeded")), "{answer}");
+    let details = &answer["error"]["details"];
+    assert_eq!(
+        (&details["shard"], &details["limit_bytes"]),
+        (&Value::Null, &json!(1 << 20)),
+        "the query's limit: {answer}"
+    );
     // Two concepts that fit one at a time do not fit together.
     let mut items: Vec<Value> = Vec::new();
     for path in ["bomb2/x", "bomb2/y"] {
@@ -429,6 +435,7 @@ async fn index_eviction_gives_the_indexes_their_own_counted_cache() {
     let text = metrics_text(&node.client, &node.url).await;
     let index_memory = series_value(&text, "stemedb_index_memory_bytes").unwrap_or(0.0);
     assert!(index_memory >= own as f64, "{index_memory} < {own}");
+    assert_eq!(series_value(&text, "stemedb_index_cache_size_bytes"), Some((8 << 20) as f64));
     node.stop().await;
 }
 

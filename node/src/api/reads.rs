@@ -343,6 +343,7 @@ pub async fn query(
         }
         Err(error) if error.code == "query_timeout" => Some((0, 0, Some("query_timeout"))),
         Err(error) if error.code == "query_memory_exceeded" => {
+            crate::metrics::QUERY_MEMORY_EXCEEDED.inc();
             Some((0, query_memory_limit(&state).unwrap_or(0), Some("query_memory_exceeded")))
         }
         Err(_) => None,
@@ -357,7 +358,11 @@ pub async fn query(
         let memory_mb = memory_bytes as f64 / (1024.0 * 1024.0);
         let duration_ms = elapsed.as_millis() as u64;
         tracing::info!(agent_id = %agent_id, subject = %subject, lens = ?lens, duration_ms, results, memory_mb, error, "slow query");
-        crate::metrics::SLOW_QUERIES.inc();
+        if error.is_none() {
+            // Refused queries have their own counters (stemedb_query_timeout_total,
+            // stemedb_query_memory_exceeded_total); this one keeps its meaning for alerts.
+            crate::metrics::SLOW_QUERIES.inc();
+        }
         state.slow_queries.record(crate::api::slow_queries::SlowQuery {
             agent_id,
             subject,
@@ -507,28 +512,44 @@ async fn query_prefix(
         None
     };
     let linearizable = consistency == Consistency::Linearizable;
-    // The claims of the page's concepts, read a few at a time, each read limited to what the
-    // query's memory allowance has left when it starts, so that the sum stays bounded (by the
-    // limit plus at most PREFIX_READS_IN_FLIGHT reads' overshoot) however many concepts match.
+    // The claims of the page's concepts, PREFIX_READS_IN_FLIGHT reads at a time. Each read may
+    // hold a share (1/16, or 1/n of the last n reads) of the allowance that is neither held by
+    // finished reads nor promised to reads in flight, so what is held plus what is promised
+    // never passes the limit.
     let memory_limit = query_memory_limit(state);
-    let held = std::sync::atomic::AtomicU64::new(0);
-    let held = &held;
+    let (held, promised) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+    let (held, promised) = (&held, &promised);
     let wanted: Vec<(u16, String, String)> =
         entries.iter().map(|(shard, e)| (*shard, e.concept_path.clone(), e.predicate.clone())).collect();
+    let mut not_started = wanted.len();
     let mut reads = futures::stream::iter(wanted)
         .map(|(shard, concept_path, predicate)| {
-            let memory_limit = memory_limit.map(|limit| limit.saturating_sub(held.load(Ordering::Relaxed)));
-            let read = ShardRead::Claims { concept_path, predicate: Some(predicate), memory_limit };
-            state.shards.read(shard, read, linearizable, timeout)
+            let sharing = not_started.min(PREFIX_READS_IN_FLIGHT) as u64;
+            not_started -= 1;
+            let share = memory_limit.map(|limit| {
+                let free = limit.saturating_sub(held.load(Ordering::Relaxed) + promised.load(Ordering::Relaxed));
+                let share = free / sharing.max(1);
+                promised.fetch_add(share, Ordering::Relaxed);
+                share
+            });
+            let read = ShardRead::Claims { concept_path, predicate: Some(predicate), memory_limit: share };
+            let read = state.shards.read(shard, read, linearizable, timeout);
+            async move { (share, read.await) }
         })
         .buffered(PREFIX_READS_IN_FLIGHT);
     let mut answers = Vec::new();
-    while let Some(result) = reads.next().await {
-        let result = result?;
+    while let Some((share, result)) = reads.next().await {
+        promised.fetch_sub(share.unwrap_or(0), Ordering::Relaxed);
+        let result = result.map_err(|error| match error {
+            // A read refused for its share: the query as a whole is what passed the limit.
+            ConsensusError::QueryMemoryExceeded { .. } => {
+                ConsensusError::QueryMemoryExceeded { shard: None, limit_bytes: memory_limit.unwrap_or(u64::MAX) }
+            }
+            other => other,
+        })?;
         staleness = staleness.max(result.staleness_ms);
         let ShardReadAnswer::Claims(read) = result.answer else { return Err(unexpected_answer()) };
-        let total = held.fetch_add(read.memory_bytes() as u64, Ordering::Relaxed) + read.memory_bytes() as u64;
-        check_query_memory(total as usize, memory_limit, None)?;
+        held.fetch_add(read.memory_bytes() as u64, Ordering::Relaxed);
         answers.push(read);
     }
     drop(reads);

@@ -149,6 +149,14 @@ pub static SLOW_QUERIES: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
         .expect("valid metric")
 });
 
+pub static QUERY_MEMORY_EXCEEDED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    prometheus::IntCounter::new(
+        "stemedb_query_memory_exceeded_total",
+        "Queries refused for holding more than query.max_memory_per_query_mb",
+    )
+    .expect("valid metric")
+});
+
 pub static QUERY_TIMEOUTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_query_timeout_total", "Queries that exceeded query.query_timeout_seconds"),
@@ -191,6 +199,7 @@ impl Metrics {
             Box::new(QUERY_TOTAL.clone()),
             Box::new(QUERY_TIMEOUTS.clone()),
             Box::new(SLOW_QUERIES.clone()),
+            Box::new(QUERY_MEMORY_EXCEEDED.clone()),
             Box::new(WRITE_DURATION.clone()),
         ];
         collectors.extend(crate::storage::metrics::collectors());

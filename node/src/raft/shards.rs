@@ -64,7 +64,7 @@ pub enum ConsensusError {
     LeaderUnreachable { shard: u16, leader: NodeId, message: String },
     #[error(
         "the query would hold more than {} of claims and answer (query.max_memory_per_query_mb); \
-         narrow it (a predicate, a smaller limit) or raise the limit",
+         narrow it (a predicate; for a concept_prefix query, a smaller limit) or raise the limit",
         MiB(*limit_bytes)
     )]
     /// `shard` is absent for a query over a prefix, whose reads span shards.
