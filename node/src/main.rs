@@ -39,9 +39,13 @@ enum Command {
     DevCluster(DevClusterArgs),
     /// Verify and repair the secondary indexes of a stopped node's data dir from its records.
     Rebuild {
-        /// The node's data dir (node.data_dir); the node must be stopped.
+        /// The node's data dir; the node must be stopped. Default: node.data_dir of the config.
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
+        /// The node's config file, for its storage settings (caches, memtables) and data dir
+        /// (default: /etc/stemedb/stemedb.toml when present; STEMEDB_* variables apply too).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -117,7 +121,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn rebuild(data_dir: &std::path::Path) -> anyhow::Result<()> {
+async fn rebuild(data_dir: Option<PathBuf>, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     // Logs to stderr: stdout carries the JSON report.
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("STEMEDB_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
@@ -130,7 +134,9 @@ async fn rebuild(data_dir: &std::path::Path) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} shards {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let report = stemedb::server::rebuild_offline(data_dir, |shard, total, report| {
+    let flags = FlagOverrides { data_dir, ..FlagOverrides::default() };
+    let config = Config::load(config_file.as_deref(), &flags)?;
+    let report = stemedb::server::rebuild_offline(&config, |shard, total, report| {
         bar.set_length(total as u64);
         bar.inc(1);
         bar.set_message(format!("shard {shard}: {} assertions", report.assertions));
@@ -237,7 +243,7 @@ fn main() -> ExitCode {
             }
             Command::Bench(args) => stemedb::bench::run(args).await,
             Command::DevCluster(args) => dev_cluster(args).await,
-            Command::Rebuild { data_dir } => rebuild(&data_dir).await,
+            Command::Rebuild { data_dir, config } => rebuild(data_dir, config).await,
         }
     });
     match result {

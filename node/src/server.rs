@@ -82,15 +82,17 @@ impl Listeners {
 /// report)` is called after each shard. Fails while a node runs on the data dir (the database
 /// lock).
 pub async fn rebuild_offline(
-    data_dir: &std::path::Path,
+    config: &Config,
     mut on_shard: impl FnMut(u16, u16, &crate::raft::index_repair::RepairReport),
 ) -> Result<crate::raft::index_repair::RepairReport, NodeError> {
     use openraft::storage::{RaftLogStorage, RaftStateMachine};
     use openraft::RaftLogReader;
+    let data_dir = config.node.data_dir.as_path();
     if !data_dir.join("db").exists() {
         return Err(NodeError::Serve(format!("{} holds no StemeDB database (no db/ inside)", data_dir.display())));
     }
-    let storage = Storage::open(data_dir, storage_options(&Config::default()))?;
+    // The node's own storage settings: the same caches and memtables it runs with.
+    let storage = Storage::open(data_dir, storage_options(config))?;
     let identity = crate::cluster::identity::read_identity(&storage)?.ok_or_else(|| {
         NodeError::Serve(format!("{} has no node identity: not a StemeDB data dir", data_dir.display()))
     })?;

@@ -117,8 +117,22 @@ async fn online_verification_and_offline_repair() {
     assert!(report["entries_replayed"].as_u64().is_some_and(|n| n > 0), "{report}");
     // The falsified count, and the counts the replay of the other shard counted twice.
     assert!(report["counts_fixed"].as_u64().is_some_and(|n| n >= 1), "{report}");
-    // A second pass finds nothing.
-    let again: Value = serde_json::from_slice(&run_rebuild(dir.path()).stdout).expect("report json");
+    // A second pass finds nothing; this one takes the data dir and the storage settings from
+    // the node's config file.
+    let config_file = dir.path().join("node.toml");
+    let config_text = format!(
+        "[node]\ndata_dir = {:?}\n[storage]\nmax_cache_size_mb = 32\nindex_eviction_enabled = true\nindex_max_memory_mb = 8\n",
+        dir.path().display().to_string()
+    );
+    std::fs::write(&config_file, config_text).expect("write config");
+    let by_config = std::process::Command::new(env!("CARGO_BIN_EXE_stemedb"))
+        .arg("rebuild")
+        .arg("--config")
+        .arg(&config_file)
+        .output()
+        .expect("run stemedb rebuild --config");
+    assert!(by_config.status.success(), "{}", String::from_utf8_lossy(&by_config.stderr));
+    let again: Value = serde_json::from_slice(&by_config.stdout).expect("report json");
     assert_eq!(
         (again["missing_added"].clone(), again["stale_removed"].clone(), again["counts_fixed"].clone()),
         (json!(0), json!(0), json!(0))
@@ -145,4 +159,14 @@ async fn online_verification_and_offline_repair() {
     drop(node);
     let missing = run_rebuild(&dir.path().join("nope"));
     assert!(!missing.status.success());
+    std::fs::write(&config_file, "[storage]\nindex_eviction = true\n").expect("write config");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_stemedb"))
+        .args(["rebuild", "--data-dir"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&config_file)
+        .output()
+        .expect("run stemedb rebuild");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("index_eviction"), "a bad config is refused by name: {stderr}");
 }
