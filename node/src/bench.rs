@@ -381,13 +381,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len}s {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let started = Instant::now();
     let cpu_before = host_cpu_ticks();
     let mut last = 0;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = completed.load(Ordering::Relaxed);
-        progress.set_position(started.elapsed().as_secs().min(args.duration));
+        progress.set_position(start.elapsed().as_secs().min(args.duration));
         progress.set_message(format!("{} ops/s", now - last));
         last = now;
     }
@@ -400,7 +399,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for handle in readers {
         read_side.merge(handle.await?);
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = start.elapsed().as_secs_f64();
     let steal_percent = host_steal_percent(cpu_before, host_cpu_ticks());
     let mut sides = Vec::new();
     if args.writers > 0 {

@@ -505,7 +505,7 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
         }),
     )));
     node_gauge(context, "stemedb_cache_memory_bytes", "Bytes held by the RocksDB block cache", |c| {
-        c.storage.stats().cache_memory_bytes as f64
+        c.storage.cache_memory_bytes() as f64
     });
     node_gauge(
         context,
@@ -524,13 +524,7 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
         context,
         "stemedb_compaction_running",
         "1 while a manual compaction (POST /v1/admin/compact) runs",
-        |c| {
-            if c.storage.manual_compaction().running {
-                1.0
-            } else {
-                0.0
-            }
-        },
+        |c| f64::from(u8::from(c.storage.manual_compaction().running)),
     );
     node_gauge(
         context,

@@ -412,17 +412,8 @@ async fn index_eviction_gives_the_indexes_their_own_counted_cache() {
     let (status, response) = node.post("/v1/assert/batch", &json!({"assertions": items})).await;
     assert_eq!((status, &response["accepted"]), (200, &json!(200)), "{response}");
     // Memtables flushed to tables, whose blocks go through the caches.
-    let (status, answer) = node.post("/v1/admin/storage/compact", &json!({"force": true})).await;
-    assert_eq!(status, 202, "{answer}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let (_, stats) = node.get("/v1/admin/storage/stats").await;
-        if stats["index"]["sst_bytes"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the index family was never flushed: {stats}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let stats = compacted(&node, "/v1/admin/storage/compact", json!({"force": true})).await;
+    assert!(stats["index"]["sst_bytes"].as_u64().unwrap_or(0) > 0, "the index family was never flushed: {stats}");
     for k in 0..200 {
         let (status, answer) = node.post("/v1/query", &json!({"concept_path": format!("evict/k{k}")})).await;
         assert_eq!((status, &answer["results"][0]["winner"]["value"]), (200, &json!(k)), "{answer}");
@@ -439,6 +430,21 @@ async fn index_eviction_gives_the_indexes_their_own_counted_cache() {
     node.stop().await;
 }
 
+/// Starts a manual compaction through `path` and waits for it to finish: the storage stats then.
+async fn compacted(node: &TestNode, path: &str, body: Value) -> Value {
+    let (status, answer) = node.post(path, &body).await;
+    assert_eq!((status, &answer["status"]), (202, &json!("started")), "{answer}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, stats) = node.get("/v1/admin/storage/stats").await;
+        if stats["manual_compaction"]["running"] == json!(false) {
+            return stats;
+        }
+        assert!(std::time::Instant::now() < deadline, "the compaction never finished: {stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The disk runbook's manual compaction: `POST /v1/admin/compact` starts it, progress shows in
 /// `stemedb_compaction_progress_ratio` and the storage stats, and write amplification is a metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,17 +456,7 @@ async fn manual_compaction_reports_progress_and_write_amplification() {
     assert_eq!(status, 200, "{response}");
     let (_, stats) = node.get("/v1/admin/storage/stats").await;
     assert_eq!(stats["manual_compaction"]["runs"], json!(0), "{stats}");
-    let (status, answer) = node.post("/v1/admin/compact", &json!({"aggressive": false})).await;
-    assert_eq!((status, &answer["status"]), (202, &json!("started")), "{answer}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let stats = loop {
-        let (_, stats) = node.get("/v1/admin/storage/stats").await;
-        if stats["manual_compaction"]["running"] == json!(false) {
-            break stats;
-        }
-        assert!(std::time::Instant::now() < deadline, "the compaction never finished: {stats}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let stats = compacted(&node, "/v1/admin/compact", json!({"aggressive": false})).await;
     let run = &stats["manual_compaction"];
     assert_eq!((&run["runs"], &run["progress"], &run["last_error"]), (&json!(1), &json!(1.0), &Value::Null), "{run}");
     assert!(run["last_finished_at_us"].as_u64() >= run["last_started_at_us"].as_u64(), "{run}");

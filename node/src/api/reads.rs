@@ -513,12 +513,12 @@ async fn query_prefix(
     };
     let linearizable = consistency == Consistency::Linearizable;
     // The claims of the page's concepts, PREFIX_READS_IN_FLIGHT reads at a time. Each read may
-    // hold a share (1/16, or 1/n of the last n reads) of the allowance that is neither held by
-    // finished reads nor promised to reads in flight, so what is held plus what is promised
-    // never passes the limit.
+    // hold a share (1/16, or 1/n of the last n reads) of the allowance not yet committed:
+    // held by finished reads or promised to reads in flight. A finished read commits what it
+    // holds instead of its share (never more), so the commitments never pass the limit.
     let memory_limit = query_memory_limit(state);
-    let (held, promised) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
-    let (held, promised) = (&held, &promised);
+    let committed = std::sync::atomic::AtomicU64::new(0);
+    let committed = &committed;
     let wanted: Vec<(u16, String, String)> =
         entries.iter().map(|(shard, e)| (*shard, e.concept_path.clone(), e.predicate.clone())).collect();
     let mut not_started = wanted.len();
@@ -527,9 +527,8 @@ async fn query_prefix(
             let sharing = not_started.min(PREFIX_READS_IN_FLIGHT) as u64;
             not_started -= 1;
             let share = memory_limit.map(|limit| {
-                let free = limit.saturating_sub(held.load(Ordering::Relaxed) + promised.load(Ordering::Relaxed));
-                let share = free / sharing.max(1);
-                promised.fetch_add(share, Ordering::Relaxed);
+                let share = limit.saturating_sub(committed.load(Ordering::Relaxed)) / sharing.max(1);
+                committed.fetch_add(share, Ordering::Relaxed);
                 share
             });
             let read = ShardRead::Claims { concept_path, predicate: Some(predicate), memory_limit: share };
@@ -539,7 +538,6 @@ async fn query_prefix(
         .buffered(PREFIX_READS_IN_FLIGHT);
     let mut answers = Vec::new();
     while let Some((share, result)) = reads.next().await {
-        promised.fetch_sub(share.unwrap_or(0), Ordering::Relaxed);
         let result = result.map_err(|error| match error {
             // A read refused for its share: the query as a whole is what passed the limit.
             ConsensusError::QueryMemoryExceeded { .. } => {
@@ -549,11 +547,12 @@ async fn query_prefix(
         })?;
         staleness = staleness.max(result.staleness_ms);
         let ShardReadAnswer::Claims(read) = result.answer else { return Err(unexpected_answer()) };
-        held.fetch_add(read.memory_bytes() as u64, Ordering::Relaxed);
+        if let Some(share) = share {
+            committed.fetch_sub(share.saturating_sub(read.memory_bytes() as u64), Ordering::Relaxed);
+        }
         answers.push(read);
     }
-    drop(reads);
-    let claims_bytes = held.load(Ordering::Relaxed) as usize;
+    let claims_bytes = answers.iter().map(|read| read.memory_bytes()).sum();
     QueryBody {
         applied_index: None,
         as_of: echo.as_of,

@@ -463,7 +463,8 @@ fn env_key_path(key: &str) -> String {
         return path.to_string();
     }
     // The runbooks' own sections map the same way, so that their errors can name them.
-    for section in SECTIONS.iter().chain(["wal", "runtime", "resources", "backup"].iter()) {
+    let runbook_sections = RUNBOOK_SETTINGS_REPLACED.iter().map(|(path, _)| path).filter(|path| !path.contains('.'));
+    for section in SECTIONS.iter().chain(runbook_sections) {
         if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
             return format!("{section}.{rest}");
         }

@@ -41,6 +41,11 @@ impl ClaimsRead {
         ClaimsRead { groups, ..ClaimsRead::default() }
     }
 
+    /// Claims whose [`Self::memory_bytes`] the reader already added up while reading them.
+    fn measured(groups: Vec<ClaimGroup>, memory_bytes: usize) -> ClaimsRead {
+        ClaimsRead { groups, memory: memory_bytes.into(), ..ClaimsRead::default() }
+    }
+
     /// The estimated heap memory of the claims (`claims_cache::claims_bytes`): what the claims
     /// cache charges for them and what a query holding them counts against
     /// `query.max_memory_per_query_mb`.
@@ -254,21 +259,22 @@ impl ShardReader {
             return Ok((hit.memory_bytes() <= limit).then_some(hit));
         }
         let generation = cache.generation();
-        let Some(groups) = self.claims_from_storage(concept_path, predicate, limit)? else { return Ok(None) };
-        let groups = Arc::new(ClaimsRead::new(groups));
+        let Some((groups, bytes)) = self.claims_from_storage(concept_path, predicate, limit)? else { return Ok(None) };
+        let groups = Arc::new(ClaimsRead::measured(groups, bytes));
         cache.insert_if_current(generation, concept_path, predicate, &groups);
         Ok(Some(groups))
     }
 
-    /// The claims as [`Self::claims`] reads them, or `None` once their estimated memory passes
-    /// `limit` bytes: the index rows are charged as they are scanned, then each claim's facts
-    /// as they are loaded, a chunk at a time.
+    /// The claims as [`Self::claims`] reads them with their estimated memory
+    /// (`claims_cache::claims_bytes`), or `None` once that passes `limit` bytes: the index rows
+    /// are charged as they are scanned, then each claim's facts as they are loaded, a chunk at
+    /// a time.
     fn claims_from_storage(
         &self,
         concept_path: &str,
         predicate: Option<&str>,
         limit: usize,
-    ) -> Result<Option<Vec<ClaimGroup>>, StorageError> {
+    ) -> Result<Option<(Vec<ClaimGroup>, usize)>, StorageError> {
         use super::claims_cache::{claim_bytes, group_bytes};
         /// Claims whose facts are loaded with one multi-get.
         const FACTS_CHUNK: usize = 1024;
@@ -327,7 +333,9 @@ impl ShardReader {
                 }
             }
         }
-        Ok(Some(groups))
+        // What the claims cache and the queries charge for these claims, added up as read.
+        debug_assert_eq!(charged, super::claims_cache::claims_bytes(&groups));
+        Ok(Some((groups, charged)))
     }
 
     /// The newest `limit` claims about (concept_path, predicate), newest first, with their facts.

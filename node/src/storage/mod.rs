@@ -445,15 +445,6 @@ impl Storage {
         self.db.flush_wal(self.options.fsync).map_err(|e| engine_error("sync", e))
     }
 
-    /// Compacts the whole key space of every column family.
-    pub fn compact_all(&self) -> Result<(), StorageError> {
-        for cf in ColumnFamily::ALL {
-            let handle = self.handle(cf)?;
-            self.db.compact_range_cf::<&[u8], &[u8]>(handle, None, None);
-        }
-        Ok(())
-    }
-
     /// Marks a manual compaction as running, unless one already is (then `Err` with its state).
     /// The caller then runs [`Self::run_manual_compaction`], typically on a blocking thread.
     pub fn begin_manual_compaction(&self) -> Result<(), ManualCompaction> {
@@ -551,6 +542,11 @@ impl Storage {
         self.index_cache.as_ref().map_or(0, |cache| cache.get_usage() as u64)
     }
 
+    /// Bytes held by the shared block cache.
+    pub fn cache_memory_bytes(&self) -> u64 {
+        self.cache.get_usage() as u64
+    }
+
     /// Capacity of the block cache (`storage.max_cache_size_mb`).
     pub fn block_cache_capacity_bytes(&self) -> u64 {
         self.options.block_cache_bytes as u64
@@ -599,7 +595,7 @@ impl Storage {
             live_data_bytes: live,
             pending_compaction_bytes: self.pending_compaction_bytes(),
             memtable_bytes: memtable,
-            cache_memory_bytes: self.cache.get_usage() as u64,
+            cache_memory_bytes: self.cache_memory_bytes(),
             index_cache_memory_bytes: self.index_cache_memory_bytes(),
             write_amplification: self.write_amplification(),
             manual_compaction: self.manual_compaction(),
@@ -674,7 +670,7 @@ mod tests {
                 batch.put(ColumnFamily::StateMachine, vec![7, i], vec![round; 100]);
             }
             storage.write(batch, Durability::Synced).expect("write");
-            storage.compact_all().expect("compact");
+            compact(&storage);
         }
         let durations = storage.compaction_durations();
         assert!(durations.count >= 1, "{durations:?}");
@@ -703,21 +699,33 @@ mod tests {
         assert_eq!(storage.scan(ColumnFamily::RaftLog, &[0], &[255], usize::MAX).expect("scan").len(), 50);
     }
 
+    /// A manual compaction of every family, as `POST /v1/admin/storage/compact` runs it.
+    fn compact(storage: &Storage) {
+        storage.begin_manual_compaction().expect("none running");
+        storage.run_manual_compaction(false).expect("compact");
+    }
+
+    /// `rows` keys of `cf` with random values of `value_bytes`: they do not compress, so the
+    /// tables written are as large as the data.
+    fn incompressible_rows(cf: ColumnFamily, rows: u32, value_bytes: usize) -> WriteBatch {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(rows));
+        let mut batch = WriteBatch::new();
+        for i in 0..rows {
+            let value: Vec<u8> = (0..value_bytes).map(|_| rng.random::<u8>()).collect();
+            batch.put(cf, i.to_be_bytes().to_vec(), value);
+        }
+        batch
+    }
+
     /// Index blocks read through 4 MiB of index data: how much the shared cache and the
     /// index family's own cache hold afterwards.
     fn cache_usage_after_reading_the_index(index_cache_bytes: Option<usize>) -> (u64, u64, u64) {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = StorageOptions { block_cache_bytes: 64 << 20, index_cache_bytes, ..StorageOptions::default() };
         let storage = Storage::open(dir.path(), options).expect("open");
-        let mut batch = WriteBatch::new();
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
-        for i in 0u32..16_384 {
-            // Random values do not compress, so the blocks are as large as the data.
-            let value: Vec<u8> = (0..256).map(|_| rand::Rng::random::<u8>(&mut rng)).collect();
-            batch.put(ColumnFamily::Index, i.to_be_bytes().to_vec(), value);
-        }
-        storage.write(batch, Durability::Synced).expect("write");
-        storage.compact_all().expect("flush to tables");
+        storage.write(incompressible_rows(ColumnFamily::Index, 16_384, 256), Durability::Synced).expect("write");
+        compact(&storage);
         let rows = storage.scan(ColumnFamily::Index, &[], &[255; 5], usize::MAX).expect("scan");
         assert_eq!(rows.len(), 16_384);
         (storage.cache.get_usage() as u64, storage.index_cache_memory_bytes(), storage.index_stats().memory_bytes)
@@ -739,14 +747,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
         assert_eq!(storage.write_amplification(), 0.0, "nothing written yet");
-        let mut batch = WriteBatch::new();
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
-        for i in 0u32..2000 {
-            // Random values do not compress: the table flushed is as large as the data.
-            let value: Vec<u8> = (0..200).map(|_| rand::Rng::random::<u8>(&mut rng)).collect();
-            batch.put(ColumnFamily::StateMachine, i.to_be_bytes().to_vec(), value);
-        }
-        storage.write(batch, Durability::Synced).expect("write");
+        storage.write(incompressible_rows(ColumnFamily::StateMachine, 2000, 200), Durability::Synced).expect("write");
         assert_eq!(storage.manual_compaction(), ManualCompaction::default());
         storage.begin_manual_compaction().expect("none running");
         let running = storage.begin_manual_compaction().expect_err("one at a time");
