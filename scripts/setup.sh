@@ -3,10 +3,13 @@
 # libclang for RocksDB's bindings, and jeprof (libjemalloc-dev) to read the node's heap profiles.
 # protoc is vendored by the build, so it is not needed here.
 set -euo pipefail
+# shellcheck source=lib/libclang.sh
+. "$(dirname "$0")/lib/libclang.sh"
 missing=()
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+# Exactly the file bindgen loads: libclang-cpp.so (clang's C++ library) does not count.
+find_libclang >/dev/null || missing+=(libclang-dev)
 command -v jeprof >/dev/null 2>&1 || missing+=(libjemalloc-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
@@ -15,4 +18,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
+find_libclang >/dev/null || { echo "setup: libclang (libclang.so*) still not found for RocksDB's bindings; set LIBCLANG_PATH" >&2; exit 1; }
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }

@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/stemedb-target}"
 ./scripts/setup.sh
+./scripts/test-setup.sh
 cargo fmt --all -- --check
-cargo build --workspace --all-targets --locked
-cargo test --workspace --locked -- --test-threads 2
+# The release profile, as `cargo run --release` in the README: one RocksDB build serves both.
+cargo build --release --workspace --all-targets --locked
+cargo test --release --workspace --locked -- --test-threads 2
