@@ -8,7 +8,9 @@
 #   SEED=1234 ./scripts/chaos-long.sh       # reproduce a run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/stemedb-target}"
+# cargo's own default (./target) unless the caller chose one: the README's `cargo run --release`
+# builds there too, so RocksDB is compiled once for both.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 SCALE="${SCALE:-1}"
 SEED="${SEED:-$(date +%s)}"
 OUT="${OUT:-chaos-reports/$(date +%Y%m%d-%H%M%S)}"

@@ -4,7 +4,9 @@
 # the benchmarks. Long chaos runs and full benchmarks are separate commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/stemedb-target}"
+# cargo's own default (./target) unless the caller chose one: the README's `cargo run --release`
+# builds there too, so RocksDB is compiled once for both.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 ./scripts/setup.sh
 ./scripts/test-setup.sh
 cargo fmt --all -- --check
