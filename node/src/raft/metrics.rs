@@ -66,8 +66,18 @@ pub static LEADER_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// Snapshots of shard state machines: `built`, `installed`, `build_failed`, `install_failed`.
+pub static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_raft_snapshots_total", "Shard snapshots this node built or installed, by event"),
+        &["event"],
+    )
+    .expect("valid metric")
+});
+
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
+        Box::new(SNAPSHOTS.clone()),
         Box::new(ASSERTIONS_INDEXED.clone()),
         Box::new(QUARANTINED.clone()),
         Box::new(APPLY_DURATION.clone()),

@@ -708,6 +708,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             }
         }
         self.progress.announce_applied(meta.last_log_id);
+        raft_metrics::SNAPSHOTS.with_label_values(&["installed"]).inc();
         Ok(())
     }
 
