@@ -6,6 +6,7 @@ pub mod api;
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod raft;

@@ -16,6 +16,7 @@ use crate::cluster::identity::{
     cluster_id_of, ensure_identity, identity_recorded, is_recovering, set_recovering, IdentityError,
 };
 use crate::config::Config;
+use crate::error::ErrorCode;
 use crate::metrics::{ComputedGauges, Metrics};
 use crate::raft::network::PeerChannels;
 use crate::raft::{ConsensusError, RaftSettings, ShardSet};
@@ -41,18 +42,21 @@ pub enum NodeError {
 }
 
 impl NodeError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
             NodeError::Storage(e) => e.code(),
             NodeError::Identity(e) => e.code(),
             NodeError::Consensus(e) => e.code(),
-            NodeError::Listen { .. } => "listen_failed",
-            NodeError::Serve(_) => "serve_failed",
-            NodeError::Join { .. } => "join_failed",
-            NodeError::Fatal(_) => "raft_fatal",
+            NodeError::Listen { .. } => ErrorCode::ListenFailed,
+            NodeError::Serve(_) => ErrorCode::ServeFailed,
+            NodeError::Join { .. } => ErrorCode::JoinFailed,
+            NodeError::Fatal(_) => ErrorCode::RaftFatal,
         }
     }
 }
+
+/// Streams a peer may reset before this node accepts them, per connection (see the gRPC server).
+const PEER_MAX_PENDING_RESETS: usize = 4096;
 
 /// The sockets a node serves on; tests bind port 0 and pass them in.
 pub struct Listeners {
@@ -153,6 +157,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         logs_to_keep_after_snapshot: config.raft.logs_to_keep_after_snapshot,
         unsafe_skip_read_barrier: config.testing.unsafe_skip_read_barrier,
         claims_cache_bytes: (config.query.claims_cache_mb as usize) << 20,
+        snapshot_install_pause_ms: config.testing.snapshot_install_pause_ms,
     }
 }
 
@@ -217,7 +222,7 @@ pub async fn run(
         cluster_id: identity.cluster_id.clone(),
         config: config.clone(),
         shards: shards.clone(),
-        write_batchers: crate::raft::batching::WriteBatchers::start(&shards),
+        write_batchers: crate::raft::batching::WriteBatchers::start(&shards, config.limits.max_queued_writes_per_shard),
         storage: storage.clone(),
         metrics,
         started_at,
@@ -268,6 +273,11 @@ pub async fn run(
             });
         tokio::spawn(async move {
             tonic::transport::Server::builder()
+                // Peers cancel requests whose deadline passed; after a partition heals, hundreds
+                // of queued forwards and heartbeats are reset at once before this server accepts
+                // them. h2's default (20 such streams) then answers GOAWAY "too_many_resets" and
+                // tears down the connection every heal. The transport only serves cluster peers.
+                .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await

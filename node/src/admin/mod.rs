@@ -13,11 +13,9 @@ use std::collections::BTreeMap;
 
 use crate::api::{ApiError, AppState};
 use crate::cluster::meta::{MetaCommand, MetaState, MoveCause, NodeStatus, META_SHARD};
+use crate::error::ErrorCode;
 use crate::raft::shards::ShardStatus;
 use crate::raft::types::GroupAdmin;
-
-/// A peer whose replication lag stays under this is reported UP.
-const UP_LAG_SECONDS: f64 = 5.0;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -30,9 +28,12 @@ pub fn router(state: AppState) -> Router {
         .route("/cluster/meta", get(meta))
         .route("/admin/shards/rebalance", axum::routing::post(rebalance))
         .route("/admin/shards/{id}/transfer-leader", axum::routing::post(transfer_leader))
-        .fallback(|| async { ApiError::not_found("no such cluster admin endpoint; see docs/api.md") })
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such cluster admin endpoint; see docs/api.md") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(405, "method_not_allowed", "this endpoint does not accept that HTTP method; see docs/api.md")
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "this endpoint does not accept that HTTP method; see docs/api.md",
+            )
         })
         .with_state(state)
 }
@@ -99,12 +100,16 @@ fn member_views(state: &AppState, statuses: &[ShardStatus]) -> BTreeMap<u64, Mem
     members
 }
 
-/// UP when it is this node, its node heartbeats arrive, or it keeps up with a shard this node
-/// leads.
-fn member_up(state: &AppState, id: u64, member: &MemberView) -> bool {
-    id == state.shards.node_id
-        || state.shards.heard_from(id, std::time::Duration::from_secs_f64(UP_LAG_SECONDS))
-        || member.max_lag.is_some_and(|lag| lag < UP_LAG_SECONDS)
+/// UP when it is this node or its node heartbeats (sent every `raft.heartbeat_interval_ms` to
+/// every known node) arrived within two maximum election timeouts. Replication lag says nothing
+/// about liveness: a follower of a shard nobody writes to has no lag, reachable or not.
+fn member_up(state: &AppState, id: u64) -> bool {
+    id == state.shards.node_id || state.shards.heard_from(id, liveness_window(state))
+}
+
+/// How long a member may stay silent before it counts as DOWN.
+fn liveness_window(state: &AppState) -> std::time::Duration {
+    std::time::Duration::from_millis(state.config.raft.election_timeout_max_ms.saturating_mul(2))
 }
 
 /// JOINING or LEAVING while the cluster adds or decommissions the node, else UP or DOWN.
@@ -112,7 +117,7 @@ fn member_status(state: &AppState, id: u64, member: &MemberView) -> &'static str
     match member.lifecycle {
         Some(NodeStatus::Joining) => "JOINING",
         Some(NodeStatus::Leaving) => "LEAVING",
-        _ if member_up(state, id, member) => "UP",
+        _ if member_up(state, id) => "UP",
         _ => "DOWN",
     }
 }
@@ -120,7 +125,7 @@ fn member_status(state: &AppState, id: u64, member: &MemberView) -> &'static str
 async fn health(State(state): State<AppState>) -> Response {
     let statuses = statuses(&state);
     let members = member_views(&state, &statuses);
-    let up = members.iter().filter(|(id, m)| member_up(&state, **id, m)).count();
+    let up = members.keys().filter(|id| member_up(&state, **id)).count();
     let without_leader: Vec<u16> = statuses.iter().filter(|s| s.leader.is_none()).map(|s| s.shard).collect();
     let status = if !without_leader.is_empty() {
         "unavailable"
@@ -186,7 +191,7 @@ async fn shards(State(state): State<AppState>) -> Json<Value> {
 
 fn parse_shard(state: &AppState, id: &str) -> Result<u16, ApiError> {
     id.parse::<u16>().ok().filter(|s| *s < state.shards.shard_count()).ok_or_else(|| {
-        ApiError::new(404, "unknown_shard", format!("no shard {id:?}; shards are 0..{}", state.shards.shard_count()))
+        ApiError::new(ErrorCode::UnknownShard, format!("no shard {id:?}; shards are 0..{}", state.shards.shard_count()))
     })
 }
 
@@ -204,8 +209,7 @@ async fn shard_digest(State(state): State<AppState>, Path(id): Path<String>) -> 
     let group = state.shards.group(shard)?;
     if !state.shards.hosts(group) {
         return Err(ApiError::new(
-            404,
-            "not_hosted",
+            ErrorCode::NotHosted,
             format!("node {} has no replica of shard {shard}", state.shards.node_id),
         ));
     }
@@ -213,9 +217,9 @@ async fn shard_digest(State(state): State<AppState>, Path(id): Path<String>) -> 
     let reader = group.reader.clone();
     let digest = tokio::task::spawn_blocking(move || reader.digest())
         .await
-        .map_err(|e| ApiError::new(500, "internal_error", e.to_string()))??
+        .map_err(|e| ApiError::new(ErrorCode::InternalError, e.to_string()))??
         .ok_or_else(|| {
-            ApiError::new(503, "shard_busy", format!("shard {shard} kept changing during the scan; retry"))
+            ApiError::new(ErrorCode::ShardBusy, format!("shard {shard} kept changing during the scan; retry"))
         })?;
     Ok(Json(
         json!({"shard": shard, "node_id": state.shards.node_id, "applied_index": digest.applied_index, "digest": digest.digest, "keys": digest.keys}),
@@ -274,12 +278,11 @@ async fn add_member(
 ) -> Result<Response, ApiError> {
     require_token_if_set(&state, &headers)?;
     if request.id == 0 {
-        return Err(ApiError::new(422, "invalid_node_id", "node ids start at 1"));
+        return Err(ApiError::new(ErrorCode::InvalidNodeId, "node ids start at 1"));
     }
     if request.raft_addr.parse::<std::net::SocketAddr>().is_err() {
         return Err(ApiError::new(
-            422,
-            "invalid_raft_addr",
+            ErrorCode::InvalidRaftAddr,
             format!("raft_addr {:?} is not IP:PORT", request.raft_addr),
         ));
     }
@@ -306,13 +309,13 @@ async fn remove_member(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     require_token_if_set(&state, &headers)?;
-    let id: u64 = id.parse().map_err(|_| ApiError::new(404, "unknown_member", format!("no member {id:?}")))?;
+    let id: u64 = id.parse().map_err(|_| ApiError::new(ErrorCode::UnknownMember, format!("no member {id:?}")))?;
     let meta = state.shards.meta();
     if !meta.nodes.contains_key(&id) {
-        return Err(ApiError::new(404, "unknown_member", format!("node {id} is not a member")));
+        return Err(ApiError::new(ErrorCode::UnknownMember, format!("node {id} is not a member")));
     }
     if meta.active_nodes().all(|other| other == id) {
-        return Err(ApiError::new(409, "last_member", format!("node {id} is the last member; it cannot leave")));
+        return Err(ApiError::new(ErrorCode::LastMember, format!("node {id} is the last member; it cannot leave")));
     }
     tracing::info!(node = id, "decommissioning member");
     change_meta(&state, MetaCommand::SetNodeStatus { id, status: NodeStatus::Leaving }).await?;
@@ -372,20 +375,19 @@ async fn rebalance(
         .filter(|s| *s < state.shards.shard_count())
         .ok_or_else(|| {
             ApiError::new(
-                404,
-                "unknown_shard",
+                ErrorCode::UnknownShard,
                 format!("no shard {:?}; shards are 0..{}", request.shard_id, state.shards.shard_count()),
             )
         })?;
     let target = request
         .target_node
         .parse()
-        .ok_or_else(|| ApiError::new(404, "unknown_member", format!("no member {:?}", request.target_node)))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownMember, format!("no member {:?}", request.target_node)))?;
     let meta = state.shards.meta();
     let replicas = meta.placement.get(&shard).cloned().unwrap_or_default();
     let from = match &request.from_node {
         Some(field) => {
-            Some(field.parse().ok_or_else(|| ApiError::new(404, "unknown_member", format!("no member {field:?}")))?)
+            Some(field.parse().ok_or_else(|| ApiError::new(ErrorCode::UnknownMember, format!("no member {field:?}")))?)
         }
         None => {
             let load = meta.load();

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::extract::parse_json;
 use super::AppState;
+use crate::error::ErrorCode;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -65,7 +66,7 @@ async fn off_workers<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result.map_err(ApiError::from),
-        Err(panicked) => Err(ApiError::new(500, "heap_profile_failed", panicked.to_string())),
+        Err(panicked) => Err(ApiError::new(ErrorCode::HeapProfileFailed, panicked.to_string())),
     }
 }
 
@@ -138,7 +139,7 @@ async fn slow_queries(
 /// `GET /v1/admin/storage/stats`: engine statistics as the runbooks read them.
 async fn storage_stats(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
     let stats = state.storage.stats();
-    let mut body = serde_json::to_value(&stats).map_err(|e| ApiError::new(500, "encoding_failed", e.to_string()))?;
+    let mut body = serde_json::to_value(&stats).map_err(|e| ApiError::new(ErrorCode::EncodingFailed, e.to_string()))?;
     body["index_memory_bytes"] = json!(super::indexes::index_memory_bytes(&state));
     body["index"] = serde_json::to_value(state.storage.index_stats()).unwrap_or_default();
     Ok(Json(body).into_response())
@@ -162,7 +163,7 @@ async fn compact(State(state): State<AppState>, _admin: super::AdminRights, body
         if body.iter().all(|b| b.is_ascii_whitespace()) { CompactRequest::default() } else { parse_json(&body)? };
     let storage = state.storage.clone();
     if let Err(running) = storage.begin_manual_compaction() {
-        return Err(ApiError::new(409, "compaction_in_progress", "a manual compaction is already running")
+        return Err(ApiError::new(ErrorCode::CompactionInProgress, "a manual compaction is already running")
             .with_details(json!({"manual_compaction": running})));
     }
     tokio::task::spawn_blocking(move || {

@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::extract::{list_limit, query_params, StrictJson};
 use super::{peer_of, AppState};
 use crate::cluster::policy::{PolicyCommand, PolicyOutcome};
+use crate::error::ErrorCode;
 use crate::model::assertion::{validate_agent_id, validate_concept_path, validate_concept_prefix};
 use crate::model::authority::{Grant, MAX_LEVEL};
 use crate::model::id::format_time_us;
@@ -37,7 +38,7 @@ fn policy_timeout(state: &AppState) -> Duration {
 
 fn validate_level(level: i64) -> Result<u8, ApiError> {
     u8::try_from(level).ok().filter(|l| *l <= MAX_LEVEL).ok_or_else(|| {
-        ApiError::new(422, "invalid_level", format!("level {level} is outside 0-100"))
+        ApiError::new(ErrorCode::InvalidLevel, format!("level {level} is outside 0-100"))
             .with_details(json!({"level": level}))
     })
 }
@@ -89,7 +90,7 @@ async fn remove_root(
 ) -> Result<Response, ApiError> {
     validate_agent_id(&agent_id)?;
     if state.shards.policy().read(|s| s.authorities.root_level(&agent_id, u64::MAX)).is_none() {
-        return Err(ApiError::new(404, "root_not_found", format!("agent {agent_id:?} is not a root authority")));
+        return Err(ApiError::new(ErrorCode::RootNotFound, format!("agent {agent_id:?} is not a root authority")));
     }
     let command = PolicyCommand::SetRoot { agent_id, level: None };
     match state.shards.propose_policy(command, policy_timeout(&state)).await?? {
@@ -205,7 +206,7 @@ async fn list_grants(
 }
 
 fn parse_grant_id(text: &str) -> Result<u64, ApiError> {
-    text.parse().map_err(|_| ApiError::bad_request("invalid_grant_id", format!("grant id {text:?} is not a number")))
+    text.parse().map_err(|_| ApiError::new(ErrorCode::InvalidGrantId, format!("grant id {text:?} is not a number")))
 }
 
 /// `GET /v1/authority/grants/{id}`
@@ -214,7 +215,7 @@ async fn get_grant(State(state): State<AppState>, Path(id): Path<String>) -> Res
     let grant = state.shards.policy().read(|s| s.authorities.grant(id).cloned());
     match grant {
         Some(grant) => Ok(Json(grant_json(&grant)).into_response()),
-        None => Err(ApiError::new(404, "grant_not_found", format!("grant {id} not found"))),
+        None => Err(ApiError::new(ErrorCode::GrantNotFound, format!("grant {id} not found"))),
     }
 }
 
@@ -279,7 +280,7 @@ async fn agent_authority(
     let params = query_params(params)?;
     let path = params
         .concept_path
-        .ok_or_else(|| ApiError::bad_request("missing_concept_path", "concept_path is required: ?concept_path=a/b"))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::MissingConceptPath, "concept_path is required: ?concept_path=a/b"))?;
     validate_concept_path(&path)?;
     // Unix milliseconds or RFC 3339, as in queries.
     let as_of_us = super::reads::parse_time_param("as_of", params.as_of.as_deref())?.unwrap_or(u64::MAX);
@@ -308,5 +309,5 @@ async fn agent_authority(
 }
 
 fn unexpected(outcome: PolicyOutcome) -> ApiError {
-    ApiError::new(500, "unexpected_response", format!("the meta group answered {outcome:?}"))
+    ApiError::new(ErrorCode::UnexpectedResponse, format!("the meta group answered {outcome:?}"))
 }

@@ -23,6 +23,7 @@ use super::extract::StrictJson;
 use super::AppState;
 use crate::cluster::policy::{BreakerCause, BreakerRecord, BreakerState, PolicyCommand, PolicyOutcome};
 use crate::config::CircuitBreakerSection;
+use crate::error::ErrorCode;
 use crate::model::assertion::validate_agent_id;
 use crate::model::id::{format_time_us, now_us};
 use crate::raft::ShardSet;
@@ -119,8 +120,7 @@ impl BreakerMonitor {
                     );
                     self.trip_automatically(window, agent, BreakerCause::WriteRate, reason);
                     return Err(ApiError::new(
-                        429,
-                        "circuit_breaker_open",
+                        ErrorCode::CircuitBreakerOpen,
                         format!(
                             "circuit breaker of agent {agent:?} is opening: over {} writes per second",
                             self.settings.max_writes_per_sec
@@ -238,17 +238,11 @@ fn current_window<'a>(
 fn refusal(record: &BreakerRecord, now: u64) -> ApiError {
     let agent = &record.agent_id;
     match record.cause {
-        BreakerCause::Manual => ApiError::new(
-            403,
-            "circuit_breaker_tripped",
-            format!("circuit breaker of agent {agent:?} was tripped by an operator: {}", record.reason),
+        BreakerCause::Manual => ApiError::new(ErrorCode::CircuitBreakerTripped, format!("circuit breaker of agent {agent:?} was tripped by an operator: {}", record.reason),
         ),
         _ => {
             let retry_after = record.open_until_us.map_or(1, |until| until.saturating_sub(now).div_ceil(1_000_000).max(1));
-            ApiError::new(
-                429,
-                "circuit_breaker_open",
-                format!("circuit breaker of agent {agent:?} is open: {}", record.reason),
+            ApiError::new(ErrorCode::CircuitBreakerOpen, format!("circuit breaker of agent {agent:?} is open: {}", record.reason),
             )
             .with_retry_after(retry_after)
         }
@@ -321,7 +315,7 @@ async fn breaker_change(state: &AppState, command: PolicyCommand) -> Result<Resp
     let timeout = Duration::from_millis(state.config.raft.write_timeout_ms);
     match state.shards.propose_policy(command, timeout).await?? {
         PolicyOutcome::Breaker(record) => Ok(Json(breaker_json(&record, now_us())).into_response()),
-        other => Err(ApiError::new(500, "unexpected_response", format!("the meta group answered {other:?}"))),
+        other => Err(ApiError::new(ErrorCode::UnexpectedResponse, format!("the meta group answered {other:?}"))),
     }
 }
 
@@ -347,8 +341,8 @@ async fn list(
         Some("half_open") => Some(vec![BreakerState::HalfOpen]),
         Some("closed") => Some(vec![BreakerState::Closed]),
         Some(other) => {
-            return Err(ApiError::bad_request(
-                "invalid_state",
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
                 format!(
                     "state {:?}: expected open, half_open, closed or all",
                     other.chars().take(32).collect::<String>()

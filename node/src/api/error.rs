@@ -1,20 +1,19 @@
-//! The client-facing error: `{"error": {"code", "message", "details"}}` with one HTTP status per
-//! code. Every lower layer's error converts into it through its own `code()` and
-//! `http_status()`, so a code always maps to the same status (and, for gRPC, to the same status
-//! code through [`ApiError::grpc_code`]).
+//! The client-facing error: `{"error": {"code", "message", "details"}}`. Its status comes from
+//! the one error-code table ([`ErrorCode`]), and every lower layer's error converts into it
+//! through its own `code()`, so a code always maps to the same HTTP status and gRPC code.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::error::ErrorCode;
 use crate::model::ModelError;
 use crate::raft::ConsensusError;
 use crate::storage::StorageError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub details: Value,
     /// Seconds for the Retry-After header of a 429 or 503 (1 when not set).
@@ -22,14 +21,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            code,
-            message: message.into(),
-            details: json!({}),
-            retry_after_secs: None,
-        }
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError { code, message: message.into(), details: json!({}), retry_after_secs: None }
     }
 
     pub fn with_retry_after(mut self, seconds: u64) -> ApiError {
@@ -42,28 +35,8 @@ impl ApiError {
         self
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(400, code, message)
-    }
-
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(404, "not_found", message)
-    }
-
-    /// The gRPC status code for this error's HTTP status.
-    pub fn grpc_code(&self) -> i32 {
-        match self.status.as_u16() {
-            400 | 413 | 422 => 3, // INVALID_ARGUMENT
-            401 => 16,            // UNAUTHENTICATED
-            403 => 7,             // PERMISSION_DENIED
-            404 => 5,             // NOT_FOUND
-            409 => 6,             // ALREADY_EXISTS
-            429 => 8,             // RESOURCE_EXHAUSTED
-            501 => 12,            // UNIMPLEMENTED
-            503 => 14,            // UNAVAILABLE
-            504 => 4,             // DEADLINE_EXCEEDED
-            _ => 13,              // INTERNAL
-        }
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     pub fn body(&self) -> Value {
@@ -73,8 +46,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body())).into_response();
-        if matches!(self.status.as_u16(), 429 | 503) {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if matches!(self.code.http_status(), 429 | 503) {
             let seconds = self.retry_after_secs.unwrap_or(1).max(1);
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
@@ -87,7 +60,7 @@ impl IntoResponse for ApiError {
 impl From<ModelError> for ApiError {
     fn from(error: ModelError) -> ApiError {
         let details = serde_json::to_value(&error).unwrap_or(Value::Null);
-        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)
+        ApiError::new(error.code(), error.to_string()).with_details(details)
     }
 }
 
@@ -95,6 +68,7 @@ impl From<ConsensusError> for ApiError {
     fn from(error: ConsensusError) -> ApiError {
         let details = match &error {
             ConsensusError::NoQuorum { shard }
+            | ConsensusError::CatchingUp { shard }
             | ConsensusError::Timeout { shard, .. }
             | ConsensusError::ShuttingDown { shard }
             | ConsensusError::UnknownShard { shard } => json!({"shard": shard}),
@@ -107,20 +81,24 @@ impl From<ConsensusError> for ApiError {
             ConsensusError::QueryMemoryExceeded { shard, limit_bytes } => {
                 json!({"shard": shard, "limit_bytes": limit_bytes})
             }
+            ConsensusError::OutcomeUnknown { shard, timeout_ms } => json!({"shard": shard, "timeout_ms": timeout_ms}),
+            ConsensusError::Overloaded { shard, queued } => json!({"shard": shard, "queued": queued}),
+            // The model error's own fields, as when the API refuses it before proposing.
+            ConsensusError::Refused { error, .. } => return ApiError::from(error.clone()),
         };
-        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)
+        ApiError::new(error.code(), error.to_string()).with_details(details)
     }
 }
 
 impl From<crate::cluster::meta::MetaError> for ApiError {
     fn from(error: crate::cluster::meta::MetaError) -> ApiError {
-        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(variant_fields(&error))
+        ApiError::new(error.code(), error.to_string()).with_details(variant_fields(&error))
     }
 }
 
 impl From<crate::cluster::policy::PolicyError> for ApiError {
     fn from(error: crate::cluster::policy::PolicyError) -> ApiError {
-        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(variant_fields(&error))
+        ApiError::new(error.code(), error.to_string()).with_details(variant_fields(&error))
     }
 }
 
@@ -136,18 +114,18 @@ fn variant_fields(error: &impl serde::Serialize) -> Value {
 impl From<crate::model::signing::SignatureError> for ApiError {
     fn from(error: crate::model::signing::SignatureError) -> ApiError {
         let details = serde_json::to_value(&error).unwrap_or(Value::Null);
-        ApiError::new(error.http_status(), error.code(), error.to_string()).with_details(details)
+        ApiError::new(error.code(), error.to_string()).with_details(details)
     }
 }
 
 impl From<crate::metrics::heap_profile::HeapProfileError> for ApiError {
     fn from(error: crate::metrics::heap_profile::HeapProfileError) -> ApiError {
-        ApiError::new(error.http_status(), error.code(), error.to_string())
+        ApiError::new(error.code(), error.to_string())
     }
 }
 
 impl From<StorageError> for ApiError {
     fn from(error: StorageError) -> ApiError {
-        ApiError::new(500, error.code(), error.to_string())
+        ApiError::new(error.code(), error.to_string())
     }
 }

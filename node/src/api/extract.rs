@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::error::ApiError;
+use crate::error::ErrorCode;
 
 /// A JSON body parsed strictly (the target types use `deny_unknown_fields`). The Content-Type
 /// header is not required: operators' curl commands often omit it.
@@ -22,9 +23,9 @@ where
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(413, "payload_too_large", "request body exceeds limits.max_request_bytes")
+                ApiError::new(ErrorCode::PayloadTooLarge, "request body exceeds limits.max_request_bytes")
             } else {
-                ApiError::bad_request("unreadable_body", rejection.body_text())
+                ApiError::new(ErrorCode::UnreadableBody, rejection.body_text())
             }
         })?;
         parse_json(&bytes).map(StrictJson)
@@ -34,7 +35,7 @@ where
 /// Parses JSON with the error classes of DESIGN §3.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::bad_request("malformed_json", "request body is empty; expected a JSON object"));
+        return Err(ApiError::new(ErrorCode::MalformedJson, "request body is empty; expected a JSON object"));
     }
     serde_json::from_slice(bytes).map_err(json_error)
 }
@@ -44,18 +45,18 @@ pub fn json_error(error: serde_json::Error) -> ApiError {
     let message = error.to_string();
     match error.classify() {
         Category::Syntax | Category::Eof | Category::Io => {
-            ApiError::bad_request("malformed_json", format!("malformed JSON: {message}"))
+            ApiError::new(ErrorCode::MalformedJson, format!("malformed JSON: {message}"))
                 .with_details(json!({"line": error.line(), "column": error.column()}))
         }
         Category::Data => {
             if let Some(field) = quoted_after(&message, "unknown field `") {
-                ApiError::bad_request("unknown_field", format!("unknown field {field:?} in request body"))
+                ApiError::new(ErrorCode::UnknownField, format!("unknown field {field:?} in request body"))
                     .with_details(json!({"field": field}))
             } else if let Some(field) = quoted_after(&message, "missing field `") {
-                ApiError::new(422, "missing_field", format!("required field {field:?} is missing"))
+                ApiError::new(ErrorCode::MissingField, format!("required field {field:?} is missing"))
                     .with_details(json!({"field": field}))
             } else {
-                ApiError::new(422, "invalid_field", format!("invalid request body: {message}"))
+                ApiError::new(ErrorCode::InvalidField, format!("invalid request body: {message}"))
                     .with_details(json!({"line": error.line(), "column": error.column()}))
             }
         }
@@ -72,14 +73,14 @@ fn quoted_after(message: &str, marker: &str) -> Option<String> {
 pub fn query_params<T>(
     params: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
 ) -> Result<T, ApiError> {
-    params.map(|axum::extract::Query(p)| p).map_err(|e| ApiError::bad_request("invalid_query_string", e.body_text()))
+    params.map(|axum::extract::Query(p)| p).map_err(|e| ApiError::new(ErrorCode::InvalidQueryString, e.body_text()))
 }
 
 /// The page size of an admin or policy listing: default 100, at most 1000.
 pub fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     let limit = limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_limit", format!("limit {limit} is not in 1..=1000")));
+        return Err(ApiError::new(ErrorCode::InvalidLimit, format!("limit {limit} is not in 1..=1000")));
     }
     Ok(limit)
 }
@@ -89,7 +90,7 @@ pub fn id_cursor(cursor: Option<&str>) -> Result<Option<crate::model::id::Assert
     cursor
         .map(|c| {
             crate::model::id::AssertionId::parse(c)
-                .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor is not one this server returned"))
+                .map_err(|_| ApiError::new(ErrorCode::InvalidCursor, "cursor is not one this server returned"))
         })
         .transpose()
 }

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::error::ErrorCode;
 use crate::model::id::{format_time_us, now_us};
 use crate::raft::index_repair::{repair_group, RepairReport};
 
@@ -87,7 +88,10 @@ pub fn start_rebuild(state: &AppState, trigger: &'static str) -> Result<(), ApiE
     {
         let mut status = state.indexes.inner.lock();
         if status.running {
-            return Err(ApiError::new(409, "rebuild_in_progress", "an index rebuild is already running on this node"));
+            return Err(ApiError::new(
+                ErrorCode::RebuildInProgress,
+                "an index rebuild is already running on this node",
+            ));
         }
         *status = RebuildStatus {
             running: true,

@@ -25,6 +25,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::config::Config;
+use crate::error::ErrorCode;
 use crate::metrics::Metrics;
 use crate::raft::ShardSet;
 use crate::storage::Storage;
@@ -71,8 +72,7 @@ impl NodeContext {
             Ok(())
         } else {
             Err(ApiError::new(
-                401,
-                "admin_token_required",
+                ErrorCode::AdminTokenRequired,
                 "this endpoint needs the admin token: Authorization: Bearer <security.admin_token>",
             ))
         }
@@ -101,9 +101,38 @@ pub fn peer_of(connect_info: ConnectInfo<SocketAddr>) -> Option<SocketAddr> {
     Some(connect_info.0)
 }
 
+/// Admits a request while fewer than `server.max_concurrent_requests` run, else answers
+/// `503 overloaded` at once. Health checks and `/metrics` always pass, so a load balancer and
+/// Prometheus still see an overloaded node.
+async fn admit(
+    State(permits): State<Arc<tokio::sync::Semaphore>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if matches!(request.uri().path(), "/health" | "/v1/health" | "/metrics") {
+        return next.run(request).await;
+    }
+    match permits.try_acquire_owned() {
+        Ok(permit) => {
+            let response = next.run(request).await;
+            drop(permit);
+            response
+        }
+        Err(_) => {
+            crate::metrics::REQUESTS_SHED.with_label_values(&["concurrency"]).inc();
+            ApiError::new(
+                ErrorCode::Overloaded,
+                "this node is serving server.max_concurrent_requests requests already; retry shortly",
+            )
+            .into_response()
+        }
+    }
+}
+
 /// The client API router.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.limits.max_request_bytes;
+    let permits = Arc::new(tokio::sync::Semaphore::new(state.config.server.max_concurrent_requests));
     Router::new()
         .route("/v1/assert", post(writes::assert))
         .route("/v1/assert/batch", post(writes::assert_batch))
@@ -124,15 +153,16 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(permits, admit))
         .with_state(state)
 }
 
 async fn not_found() -> ApiError {
-    ApiError::not_found("no such endpoint; see docs/api.md")
+    ApiError::new(ErrorCode::NotFound, "no such endpoint; see docs/api.md")
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(405, "method_not_allowed", "this endpoint does not accept that HTTP method; see docs/api.md")
+    ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method; see docs/api.md")
 }
 
 async fn health(State(state): State<AppState>) -> Response {

@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::extract::{id_cursor, list_limit, parse_json, query_params};
 use super::reads::{list_everywhere, listed_json};
 use super::AppState;
+use crate::error::ErrorCode;
 use crate::model::assertion::{validate_agent_id, validate_concept_prefix, MAX_REASON_CHARS};
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::ModelError;
@@ -78,7 +79,7 @@ async fn decide(
     let release = match decision.as_str() {
         "release" => true,
         "reject" => false,
-        _ => return Err(ApiError::not_found("quarantine decisions are /release and /reject")),
+        _ => return Err(ApiError::new(ErrorCode::NotFound, "quarantine decisions are /release and /reject")),
     };
     let request: DecisionRequest =
         if body.iter().all(|b| b.is_ascii_whitespace()) { DecisionRequest::default() } else { parse_json(&body)? };
@@ -104,6 +105,6 @@ async fn decide(
         }))
         .into_response()),
         ShardResponse::Quarantine(Err(error)) => Err(error.into()),
-        _ => Err(ApiError::new(500, "unexpected_response", "the state machine answered a different command")),
+        _ => Err(ApiError::new(ErrorCode::UnexpectedResponse, "the state machine answered a different command")),
     }
 }

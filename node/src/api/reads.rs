@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::StrictJson;
 use super::AppState;
+use crate::error::ErrorCode;
 use crate::model::assertion::{validate_concept_path, validate_concept_prefix, validate_predicate, Status};
 use crate::model::id::{format_time_us, parse_as_of, AssertionId};
 use crate::model::lens::{resolve, Claim, Lens, Resolution};
@@ -36,8 +37,8 @@ fn parse_consistency(text: Option<&str>) -> Result<Consistency, ApiError> {
     match text {
         None | Some("linearizable") => Ok(Consistency::Linearizable),
         Some("stale") => Ok(Consistency::Stale),
-        Some(other) => Err(ApiError::bad_request(
-            "invalid_consistency",
+        Some(other) => Err(ApiError::new(
+            ErrorCode::InvalidConsistency,
             format!(
                 "consistency {:?}: expected \"linearizable\" or \"stale\"",
                 other.chars().take(64).collect::<String>()
@@ -77,7 +78,7 @@ fn encode_cursor(concept_path: &str, predicate: &str) -> String {
 }
 
 fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
-    let invalid = || ApiError::bad_request("invalid_cursor", "cursor is not one this server returned");
+    let invalid = || ApiError::new(ErrorCode::InvalidCursor, "cursor is not one this server returned");
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
     serde_json::from_slice(&bytes).map_err(|_| invalid())
 }
@@ -86,9 +87,9 @@ fn page_limit(state: &AppState, limit: Option<usize>) -> Result<usize, ApiError>
     let max = state.config.query.max_limit;
     match limit {
         None => Ok(state.config.query.default_limit),
-        Some(0) => Err(ApiError::bad_request("invalid_limit", "limit must be at least 1")),
+        Some(0) => Err(ApiError::new(ErrorCode::InvalidLimit, "limit must be at least 1")),
         Some(n) if n > max => {
-            Err(ApiError::bad_request("invalid_limit", format!("limit {n} is over query.max_limit ({max})")))
+            Err(ApiError::new(ErrorCode::InvalidLimit, format!("limit {n} is over query.max_limit ({max})")))
         }
         Some(n) => Ok(n),
     }
@@ -248,7 +249,7 @@ struct QueryAnswer {
 }
 
 fn encoding_failed(error: serde_json::Error) -> ApiError {
-    ApiError::new(500, "internal_error", format!("cannot encode the answer: {error}"))
+    ApiError::new(ErrorCode::InternalError, format!("cannot encode the answer: {error}"))
 }
 
 /// What every answer echoes of its request.
@@ -317,7 +318,7 @@ pub async fn query(
                 validate_concept_prefix(prefix)?;
                 query_prefix(&state, prefix, request.predicate.as_deref(), echo, as_of_us, limit, after, timeout).await
             }
-            _ => Err(ApiError::new(422, "invalid_query", "give exactly one of concept_path and concept_prefix")),
+            _ => Err(ApiError::new(ErrorCode::InvalidQuery, "give exactly one of concept_path and concept_prefix")),
         }
     };
     let outcome = match tokio::time::timeout(timeout, work).await {
@@ -325,8 +326,7 @@ pub async fn query(
         Err(_) => {
             crate::metrics::QUERY_TIMEOUTS.with_label_values(&[&state.metrics.node_label]).inc();
             Err(ApiError::new(
-                504,
-                "query_timeout",
+                ErrorCode::QueryTimeout,
                 format!("query exceeded query.query_timeout_seconds ({}s)", timeout.as_secs()),
             ))
         }
@@ -341,8 +341,8 @@ pub async fn query(
                 None,
             ))
         }
-        Err(error) if error.code == "query_timeout" => Some((0, 0, Some("query_timeout"))),
-        Err(error) if error.code == "query_memory_exceeded" => {
+        Err(error) if error.code == ErrorCode::QueryTimeout => Some((0, 0, Some("query_timeout"))),
+        Err(error) if error.code == ErrorCode::QueryMemoryExceeded => {
             crate::metrics::QUERY_MEMORY_EXCEEDED.inc();
             Some((0, query_memory_limit(&state).unwrap_or(0), Some("query_memory_exceeded")))
         }
@@ -381,7 +381,7 @@ pub async fn query(
 }
 
 fn unexpected_answer() -> ApiError {
-    ApiError::new(500, "unexpected_response", "a replica answered a different read")
+    ApiError::new(ErrorCode::UnexpectedResponse, "a replica answered a different read")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -747,8 +747,8 @@ pub async fn list_assertions(
     let since_us = parse_time_param("since", params.since.as_deref())?.map_or(0, floor_ms);
     let until_us = parse_time_param("until", params.until.as_deref())?.map_or(u64::MAX, floor_ms);
     if params.agent_id.is_none() && params.since.is_none() && params.until.is_none() {
-        return Err(ApiError::bad_request(
-            "missing_filter",
+        return Err(ApiError::new(
+            ErrorCode::MissingFilter,
             "give agent_id, or a time range with since and/or until (RFC 3339 or unix ms)",
         ));
     }

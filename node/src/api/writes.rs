@@ -17,6 +17,7 @@ use super::breakers::Admission;
 use super::error::ApiError;
 use super::extract::{parse_json, StrictJson};
 use super::{peer_of, AppState};
+use crate::error::ErrorCode;
 use crate::model::assertion::{
     validate_agent_id, AssertRequest, AssertionDraft, RetractRequest, VoteRequest, DEFAULT_AGENT_ID, MAX_REASON_CHARS,
 };
@@ -72,8 +73,7 @@ fn canonicalize(draft: &mut AssertionDraft) -> Result<(), ApiError> {
         let Some(raw) = raw else { continue };
         let refuse = || {
             ApiError::new(
-                422,
-                "value_not_canonical",
+                ErrorCode::ValueNotCanonical,
                 format!("{field} of a signed assertion has no canonical JSON form (nested too deeply?)"),
             )
         };
@@ -103,7 +103,51 @@ pub fn outcome_json(outcome: &AssertOutcome) -> Value {
 }
 
 fn unexpected_response() -> ApiError {
-    ApiError::new(500, "unexpected_response", "the state machine answered a different command")
+    ApiError::new(ErrorCode::UnexpectedResponse, "the state machine answered a different command")
+}
+
+/// The most a batch puts into one Raft entry (estimated encoded bytes). A Raft entry is
+/// replicated whole, inside the leader's heartbeat-sized AppendEntries timeout: a 1000-item
+/// batch of 4 KB values (4 MB and more) could not reach a follower that had fallen behind.
+pub const MAX_ENTRY_BYTES: usize = 1 << 20;
+
+/// What one draft adds to an entry, roughly: its value, source and names, plus overhead.
+fn draft_bytes(draft: &AssertionDraft) -> usize {
+    draft.value.get().len()
+        + draft.source.as_ref().map_or(0, |s| s.get().len())
+        + draft.concept_path.len()
+        + draft.predicate.len()
+        + draft.agent_id.len()
+        + draft.signature.as_ref().map_or(0, String::len)
+        + draft.request_id.as_ref().map_or(0, String::len)
+        + draft.supersedes.len() * 28
+        + 160
+}
+
+/// Splits drafts (with their positions in the request) into runs of at most `limit` estimated
+/// bytes, in order; a draft larger than `limit` is a run of its own.
+fn chunk_by_bytes(
+    positions: Vec<usize>,
+    drafts: Vec<AssertionDraft>,
+    limit: usize,
+) -> Vec<(Vec<usize>, Vec<AssertionDraft>)> {
+    let mut chunks: Vec<(Vec<usize>, Vec<AssertionDraft>)> = Vec::new();
+    let mut bytes = 0;
+    for (position, draft) in positions.into_iter().zip(drafts) {
+        let size = draft_bytes(&draft);
+        match chunks.last_mut() {
+            Some(chunk) if bytes + size <= limit => {
+                bytes += size;
+                chunk.0.push(position);
+                chunk.1.push(draft);
+            }
+            _ => {
+                bytes = size;
+                chunks.push((vec![position], vec![draft]));
+            }
+        }
+    }
+    chunks
 }
 
 /// Proposes validated drafts of one shard and returns one result per draft, in order.
@@ -162,12 +206,11 @@ pub async fn assert_batch(
     let started = Instant::now();
     let limit = state.config.limits.max_batch_items;
     if request.assertions.is_empty() {
-        return Err(ApiError::new(422, "empty_batch", "assertions must hold at least one item"));
+        return Err(ApiError::new(ErrorCode::EmptyBatch, "assertions must hold at least one item"));
     }
     if request.assertions.len() > limit {
         return Err(ApiError::new(
-            413,
-            "batch_too_large",
+            ErrorCode::BatchTooLarge,
             format!("batch holds {} items; at most {limit} are allowed", request.assertions.len()),
         )
         .with_details(json!({"items": request.assertions.len(), "limit": limit})));
@@ -198,11 +241,19 @@ pub async fn assert_batch(
             Err(error) => results[position] = Some(item_error(position, &error)),
         }
     }
+    // Shards in parallel; within a shard, entries of at most MAX_ENTRY_BYTES in item order.
     let proposals = by_shard.into_iter().map(|(shard, (positions, drafts))| {
         let state = state.clone();
-        async move { (positions, propose_drafts(&state, shard, drafts).await) }
+        async move {
+            let mut outcomes = Vec::new();
+            for (positions, drafts) in chunk_by_bytes(positions, drafts, MAX_ENTRY_BYTES) {
+                outcomes.push((positions, propose_drafts(&state, shard, drafts).await));
+            }
+            outcomes
+        }
     });
-    for (positions, outcome) in futures::future::join_all(proposals).await {
+    let outcomes = futures::future::join_all(proposals).await.into_iter().flatten();
+    for (positions, outcome) in outcomes {
         match outcome {
             Ok(shard_results) => {
                 for (position, result) in positions.into_iter().zip(shard_results) {
@@ -242,7 +293,7 @@ pub async fn assert_batch(
 }
 
 fn item_error(position: usize, error: &ApiError) -> Value {
-    json!({"index": position, "status": error.status.as_u16(), "error": error.body()["error"].clone()})
+    json!({"index": position, "status": error.code.http_status(), "error": error.body()["error"].clone()})
 }
 
 fn parse_assertion_id(text: &str) -> Result<AssertionId, ApiError> {
@@ -347,5 +398,31 @@ pub async fn retract(
         ShardResponse::Retracted(Ok(outcome)) => Ok(Json(event_json(&outcome, "retracted_at")).into_response()),
         ShardResponse::Retracted(Err(error)) => Err(error.into()),
         _ => Err(unexpected_response()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{chunk_by_bytes, draft_bytes};
+    use crate::model::assertion::AssertionDraft;
+
+    fn draft(value_bytes: usize) -> AssertionDraft {
+        AssertionDraft::for_test("a/b", "p", "agent", &format!("\"{}\"", "x".repeat(value_bytes)))
+    }
+
+    #[test]
+    fn batches_split_into_entries_under_the_byte_limit_in_order() {
+        let drafts: Vec<AssertionDraft> = (0..500).map(|_| draft(4096)).collect();
+        let limit = 1 << 20;
+        let chunks = chunk_by_bytes((0..500).collect(), drafts, limit);
+        assert!(chunks.len() >= 2, "500 items of 4 KB need more than one entry");
+        let positions: Vec<usize> = chunks.iter().flat_map(|c| c.0.clone()).collect();
+        assert_eq!(positions, (0..500).collect::<Vec<_>>(), "every item once, in order");
+        for (positions, drafts) in &chunks {
+            assert_eq!(positions.len(), drafts.len());
+            assert!(drafts.iter().map(draft_bytes).sum::<usize>() <= limit);
+        }
+        let huge = chunk_by_bytes(vec![0, 1], vec![draft(2 << 20), draft(1)], limit);
+        assert_eq!(huge.len(), 2, "an item over the limit travels alone");
     }
 }

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ErrorCode;
 use crate::storage::{ColumnFamily, Durability, Storage, StorageError, WriteBatch};
 
 const IDENTITY_KEY: &[u8] = b"identity";
@@ -31,12 +32,12 @@ pub enum IdentityError {
 }
 
 impl IdentityError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            IdentityError::NodeIdMismatch { .. } => "node_id_mismatch",
-            IdentityError::ClusterIdMismatch { .. } => "cluster_id_mismatch",
-            IdentityError::ShardCountMismatch { .. } => "shard_count_mismatch",
-            IdentityError::FormatMismatch { .. } => "format_mismatch",
+            IdentityError::NodeIdMismatch { .. } => ErrorCode::NodeIdMismatch,
+            IdentityError::ClusterIdMismatch { .. } => ErrorCode::ClusterIdMismatch,
+            IdentityError::ShardCountMismatch { .. } => ErrorCode::ShardCountMismatch,
+            IdentityError::FormatMismatch { .. } => ErrorCode::FormatMismatch,
             IdentityError::Storage(e) => e.code(),
         }
     }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ErrorCode;
 use crate::raft::types::NodeId;
 
 /// The shard number the meta group goes by inside the shard set (its group id is 0).
@@ -172,26 +173,17 @@ pub enum MetaError {
 }
 
 impl MetaError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            MetaError::UnknownNode { .. } => "unknown_member",
-            MetaError::AddressConflict { .. } | MetaError::AddressTaken { .. } => "member_conflict",
-            MetaError::UnknownShard { .. } => "unknown_shard",
-            MetaError::MoveInProgress { .. } => "rebalance_in_progress",
-            MetaError::NoMove { .. } => "no_rebalance",
-            MetaError::StillHostsReplicas { .. } => "member_hosts_replicas",
-            MetaError::InvalidMove { .. } => "invalid_rebalance",
-            MetaError::NotBootstrapped => "cluster_not_ready",
-            MetaError::LastMember { .. } => "last_member",
-        }
-    }
-
-    pub fn http_status(&self) -> u16 {
-        match self {
-            MetaError::UnknownNode { .. } | MetaError::UnknownShard { .. } => 404,
-            MetaError::InvalidMove { .. } => 422,
-            MetaError::NotBootstrapped => 503,
-            _ => 409,
+            MetaError::UnknownNode { .. } => ErrorCode::UnknownMember,
+            MetaError::AddressConflict { .. } | MetaError::AddressTaken { .. } => ErrorCode::MemberConflict,
+            MetaError::UnknownShard { .. } => ErrorCode::UnknownShard,
+            MetaError::MoveInProgress { .. } => ErrorCode::RebalanceInProgress,
+            MetaError::NoMove { .. } => ErrorCode::NoRebalance,
+            MetaError::StillHostsReplicas { .. } => ErrorCode::MemberHostsReplicas,
+            MetaError::InvalidMove { .. } => ErrorCode::InvalidRebalance,
+            MetaError::NotBootstrapped => ErrorCode::ClusterNotReady,
+            MetaError::LastMember { .. } => ErrorCode::LastMember,
         }
     }
 }

@@ -16,6 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use super::quarantine::QuarantineRules;
+use crate::error::ErrorCode;
 use crate::model::authority::{AgentAuthority, Authorities, Grant, RootSpan, MAX_LEVEL};
 
 /// Grant entries written before the depth was carried in them: the default depth.
@@ -148,26 +149,16 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            PolicyError::InvalidLevel { .. } => "invalid_level",
-            PolicyError::InsufficientAuthority { .. } => "insufficient_authority",
-            PolicyError::SelfGrant => "self_grant",
-            PolicyError::UnknownGrant { .. } => "grant_not_found",
-            PolicyError::AlreadyRevoked { .. } => "grant_already_revoked",
-            PolicyError::NotGrantor { .. } => "not_grantor",
-            PolicyError::BreakerNotOpen { .. } => "breaker_not_open",
-            PolicyError::NotMetaGroup => "policy_outside_meta_group",
-        }
-    }
-
-    pub fn http_status(&self) -> u16 {
-        match self {
-            PolicyError::InvalidLevel { .. } | PolicyError::SelfGrant => 422,
-            PolicyError::InsufficientAuthority { .. } | PolicyError::NotGrantor { .. } => 403,
-            PolicyError::UnknownGrant { .. } => 404,
-            PolicyError::AlreadyRevoked { .. } | PolicyError::BreakerNotOpen { .. } => 409,
-            PolicyError::NotMetaGroup => 500,
+            PolicyError::InvalidLevel { .. } => ErrorCode::InvalidLevel,
+            PolicyError::InsufficientAuthority { .. } => ErrorCode::InsufficientAuthority,
+            PolicyError::SelfGrant => ErrorCode::SelfGrant,
+            PolicyError::UnknownGrant { .. } => ErrorCode::GrantNotFound,
+            PolicyError::AlreadyRevoked { .. } => ErrorCode::GrantAlreadyRevoked,
+            PolicyError::NotGrantor { .. } => ErrorCode::NotGrantor,
+            PolicyError::BreakerNotOpen { .. } => ErrorCode::BreakerNotOpen,
+            PolicyError::NotMetaGroup => ErrorCode::PolicyOutsideMetaGroup,
         }
     }
 }
@@ -183,10 +174,24 @@ pub enum PolicyOutcome {
 /// A record to persist after a change.
 #[derive(Debug, Clone)]
 pub enum PolicyRecord {
-    Root { agent_id: String, spans: Vec<RootSpan> },
+    Root {
+        agent_id: String,
+        spans: Vec<RootSpan>,
+    },
     Grant(Grant),
     Breaker(BreakerRecord),
+    /// The agent's breaker record is deleted.
+    BreakerExpired {
+        agent_id: String,
+    },
 }
+
+/// How long a closed (or, automatic, no longer open) breaker is remembered: longer than the
+/// window in which trips count as consecutive, so the doubling of open periods still works.
+pub const BREAKER_RETENTION_US: u64 = 24 * 3600 * 1_000_000;
+
+/// Bounds the work one policy change does to expire breakers.
+pub const MAX_BREAKERS_EXPIRED_PER_CHANGE: usize = 256;
 
 /// Everything the policy holds.
 #[derive(Debug, Clone, Default)]
@@ -203,13 +208,45 @@ impl PolicyStore {
             PolicyRecord::Breaker(breaker) => {
                 self.breakers.insert(breaker.agent_id.clone(), breaker);
             }
+            PolicyRecord::BreakerExpired { agent_id } => {
+                self.breakers.remove(&agent_id);
+            }
         }
     }
 
     /// Applies `command` at `at_us` (the meta group's monotonic clock). Deterministic: the
     /// result depends only on the store and the command. On success, also returns the records
-    /// to persist.
+    /// to persist, including the breakers that expired ([`BREAKER_RETENTION_US`]).
     pub fn apply(
+        &mut self,
+        command: PolicyCommand,
+        at_us: u64,
+    ) -> Result<(PolicyOutcome, Vec<PolicyRecord>), PolicyError> {
+        let (outcome, mut records) = self.apply_command(command, at_us)?;
+        records.extend(self.expire_breakers(at_us));
+        Ok((outcome, records))
+    }
+
+    /// Forgets breakers closed (or, automatic ones, past their open period) more than
+    /// [`BREAKER_RETENTION_US`] ago, at most [`MAX_BREAKERS_EXPIRED_PER_CHANGE`] per change.
+    /// Any agent id can trip a breaker, so without this every id that ever did would stay in
+    /// the replicated state forever. Manual trips stay until reset.
+    fn expire_breakers(&mut self, at_us: u64) -> Vec<PolicyRecord> {
+        let horizon = at_us.saturating_sub(BREAKER_RETENTION_US);
+        let expired: Vec<String> = self
+            .breakers
+            .iter()
+            .filter(|(_, record)| record.closed_at_us.or(record.open_until_us).is_some_and(|at| at < horizon))
+            .map(|(agent, _)| agent.clone())
+            .take(MAX_BREAKERS_EXPIRED_PER_CHANGE)
+            .collect();
+        for agent in &expired {
+            self.breakers.remove(agent);
+        }
+        expired.into_iter().map(|agent_id| PolicyRecord::BreakerExpired { agent_id }).collect()
+    }
+
+    fn apply_command(
         &mut self,
         command: PolicyCommand,
         at_us: u64,
@@ -501,7 +538,7 @@ mod tests {
             [("root", "infra", 81), ("a", "finance", 10), ("a", "", 10), ("nobody", "infra", 1)]
         {
             let error = grant(&mut store, grantor, "b", prefix, level, 3).expect_err("refused");
-            assert_eq!(error.http_status(), 403, "{error}");
+            assert_eq!(error.code().http_status(), 403, "{error}");
         }
         // A narrower prefix under the grantor's is fine.
         assert_eq!(grant(&mut store, "a", "b", "infra/db", 50, 4), Ok(2));
@@ -592,5 +629,43 @@ mod tests {
         assert_eq!(store.breakers["bot"].cause, BreakerCause::Manual);
         assert!(store.apply(probe_reset(later + 1), later + 3).is_err());
         store.apply(reset("operator"), later + 4).expect("an operator's reset closes it");
+    }
+
+    #[test]
+    fn breakers_closed_long_ago_are_forgotten_by_a_later_change() {
+        let hour = 3600 * 1_000_000u64;
+        let mut store = PolicyStore::default();
+        let trip = |agent: &str| PolicyCommand::TripBreaker {
+            agent_id: agent.into(),
+            cause: BreakerCause::WriteRate,
+            reason: "fast".into(),
+            open_for_ms: Some(1000),
+            max_open_ms: None,
+        };
+        let manual = PolicyCommand::TripBreaker {
+            agent_id: "held".into(),
+            cause: BreakerCause::Manual,
+            reason: "operator".into(),
+            open_for_ms: None,
+            max_open_ms: None,
+        };
+        store.apply(trip("noisy-1"), hour).expect("trip");
+        store.apply(manual, hour).expect("trip");
+        let reset = PolicyCommand::ResetBreaker { agent_id: "noisy-1".into(), reason: "ok".into(), opened_at_us: None };
+        store.apply(reset, 2 * hour).expect("reset");
+        store.apply(trip("noisy-2"), 3 * hour).expect("trip");
+        assert_eq!(store.breakers.len(), 3);
+        // A day later, any change forgets the closed breaker and the long-expired automatic
+        // one, and keeps the operator's trip.
+        let (_, records) = store.apply(trip("noisy-3"), 4 * hour + BREAKER_RETENTION_US).expect("trip");
+        let forgotten: Vec<&str> = records
+            .iter()
+            .filter_map(|r| match r {
+                PolicyRecord::BreakerExpired { agent_id } => Some(agent_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(forgotten, vec!["noisy-1", "noisy-2"]);
+        assert_eq!(store.breakers.keys().collect::<Vec<_>>(), vec!["held", "noisy-3"]);
     }
 }

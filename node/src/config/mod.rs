@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use crate::error::ErrorCode;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -21,10 +22,10 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ConfigError::Invalid(_) => "config_invalid",
-            ConfigError::File { .. } => "config_file_error",
+            ConfigError::Invalid(_) => ErrorCode::ConfigInvalid,
+            ConfigError::File { .. } => ErrorCode::ConfigFileError,
         }
     }
 }
@@ -135,6 +136,9 @@ pub struct TestingSection {
     /// Serve `linearizable` reads from the local replica without a read barrier (a follower
     /// answers from whatever it has applied), breaking linearizability.
     pub unsafe_skip_read_barrier: bool,
+    /// Pause every snapshot install this long after its first data batch, so a test can kill
+    /// the node in the middle of one. 0: no pause.
+    pub snapshot_install_pause_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,6 +161,9 @@ pub struct ServerSection {
     pub raft_addr: String,
     /// Seconds to wait for in-flight requests at shutdown.
     pub shutdown_grace_seconds: u64,
+    /// Requests the client API serves at once; more are answered `503 overloaded` with
+    /// `Retry-After` at once rather than queued without bound.
+    pub max_concurrent_requests: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +232,9 @@ pub struct LimitsSection {
     pub max_request_bytes: usize,
     /// Most items in one `/v1/assert/batch`.
     pub max_batch_items: usize,
+    /// Single-assertion writes that may wait per shard for the next coalesced entry; more are
+    /// answered `503 overloaded` with `Retry-After`.
+    pub max_queued_writes_per_shard: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +329,7 @@ impl Default for ServerSection {
             admin_addr: "127.0.0.1:18181".into(),
             raft_addr: "127.0.0.1:18182".into(),
             shutdown_grace_seconds: 10,
+            max_concurrent_requests: 4096,
         }
     }
 }
@@ -367,7 +378,12 @@ impl Default for RaftSection {
 
 impl Default for LimitsSection {
     fn default() -> Self {
-        LimitsSection { max_value_bytes: 64 * 1024, max_request_bytes: 32 * 1024 * 1024, max_batch_items: 1000 }
+        LimitsSection {
+            max_value_bytes: 64 * 1024,
+            max_request_bytes: 32 * 1024 * 1024,
+            max_batch_items: 1000,
+            max_queued_writes_per_shard: 4096,
+        }
     }
 }
 
@@ -622,6 +638,12 @@ impl Config {
                 "limits.max_batch_items must be between 1 and {}",
                 crate::model::id::MAX_ITEMS_PER_ENTRY
             ));
+        }
+        if !(1..=1 << 20).contains(&self.limits.max_queued_writes_per_shard) {
+            return fail("limits.max_queued_writes_per_shard must be between 1 and 1048576".into());
+        }
+        if !(1..=1 << 20).contains(&self.server.max_concurrent_requests) {
+            return fail("server.max_concurrent_requests must be between 1 and 1048576".into());
         }
         if self.query.default_limit == 0 || self.query.default_limit > self.query.max_limit {
             return fail("query.default_limit must be between 1 and query.max_limit".into());

@@ -17,6 +17,7 @@ use std::ffi::{c_char, CString};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use crate::error::ErrorCode;
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -40,22 +41,13 @@ pub enum HeapProfileError {
 }
 
 impl HeapProfileError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            HeapProfileError::Unavailable { .. } => "heap_profiling_unavailable",
-            HeapProfileError::NoProfile => "no_heap_profile",
-            HeapProfileError::UnknownProfile { .. } => "heap_profile_not_found",
-            HeapProfileError::BadName { .. } => "invalid_heap_profile_name",
-            HeapProfileError::Io { .. } | HeapProfileError::Allocator { .. } => "heap_profile_failed",
-        }
-    }
-
-    pub fn http_status(&self) -> u16 {
-        match self {
-            HeapProfileError::Unavailable { .. } => 501,
-            HeapProfileError::NoProfile | HeapProfileError::UnknownProfile { .. } => 404,
-            HeapProfileError::BadName { .. } => 400,
-            HeapProfileError::Io { .. } | HeapProfileError::Allocator { .. } => 500,
+            HeapProfileError::Unavailable { .. } => ErrorCode::HeapProfilingUnavailable,
+            HeapProfileError::NoProfile => ErrorCode::NoHeapProfile,
+            HeapProfileError::UnknownProfile { .. } => ErrorCode::HeapProfileNotFound,
+            HeapProfileError::BadName { .. } => ErrorCode::InvalidHeapProfileName,
+            HeapProfileError::Io { .. } | HeapProfileError::Allocator { .. } => ErrorCode::HeapProfileFailed,
         }
     }
 

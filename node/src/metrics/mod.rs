@@ -177,6 +177,17 @@ pub static WRITE_LATENCY: LazyLock<Arc<WindowedSummary>> = LazyLock::new(|| {
     Arc::new(WindowedSummary::new("stemedb_write_latency_seconds", "Write latency over the last 30-60 s, as quantiles"))
 });
 
+/// Requests refused before any work because a bounded queue or limit was full, by `limit`
+/// (`concurrency`: `server.max_concurrent_requests`; `write_queue`:
+/// `limits.max_queued_writes_per_shard`).
+pub static REQUESTS_SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("stemedb_requests_shed_total", "Requests answered 503 overloaded because a bound was reached"),
+        &["limit"],
+    )
+    .expect("valid metric")
+});
+
 /// A node's metrics registry.
 pub struct Metrics {
     registry: Registry,
@@ -201,6 +212,7 @@ impl Metrics {
             Box::new(SLOW_QUERIES.clone()),
             Box::new(QUERY_MEMORY_EXCEEDED.clone()),
             Box::new(WRITE_DURATION.clone()),
+            Box::new(REQUESTS_SHED.clone()),
         ];
         collectors.extend(crate::storage::metrics::collectors());
         collectors.extend(crate::raft::metrics::collectors());

@@ -127,6 +127,25 @@ pub struct AssertionDraft {
     pub quarantine: Option<QuarantineDecision>,
 }
 
+impl AssertionDraft {
+    /// A draft for tests: `value` is the raw JSON of the value.
+    #[cfg(test)]
+    pub fn for_test(concept_path: &str, predicate: &str, agent_id: &str, value: &str) -> AssertionDraft {
+        AssertionDraft {
+            concept_path: concept_path.into(),
+            predicate: predicate.into(),
+            value: RawValue::from_string(value.to_string()).expect("raw JSON"),
+            agent_id: agent_id.into(),
+            confidence: 1.0,
+            supersedes: vec![],
+            source: None,
+            signature: None,
+            request_id: None,
+            quarantine: None,
+        }
+    }
+}
+
 /// Why the shard leader quarantined a claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineDecision {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 pub const ID_LEN: usize = 26;
-const MAX_LOG_INDEX: u64 = (1 << 36) - 1;
+pub const MAX_LOG_INDEX: u64 = (1 << 36) - 1;
 pub const MAX_ITEMS_PER_ENTRY: usize = 1 << 12;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -9,10 +9,11 @@ pub mod lens;
 mod lens_tests;
 pub mod signing;
 
+use crate::error::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 /// Errors about the content of a request or the state of an assertion. Each variant has one
-/// stable code and one HTTP status; the API layer maps them, gRPC will use the same table.
+/// stable [`ErrorCode`] (and so one HTTP status and gRPC code).
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 #[serde(tag = "code", rename_all = "snake_case")]
 pub enum ModelError {
@@ -56,43 +57,37 @@ pub enum ModelError {
     NotAssertionOwner { id: String, agent_id: String },
     #[error("assertion {id} is not in quarantine (never quarantined, or already released or rejected)")]
     NotQuarantined { id: String },
+    #[error("a command of {items} items is more than one log entry can number (at most {limit})")]
+    CommandTooLarge { items: usize, limit: usize },
+    #[error("log index {index} is beyond what assertion ids can hold ({limit}); the shard takes no more assertions")]
+    IdSpaceExhausted { index: u64, limit: u64 },
 }
 
 impl ModelError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ModelError::InvalidConceptPath { .. } => "invalid_concept_path",
-            ModelError::InvalidPredicate { .. } => "invalid_predicate",
-            ModelError::ValueTooLarge { .. } => "value_too_large",
-            ModelError::InvalidAgentId { .. } => "invalid_agent_id",
-            ModelError::InvalidConfidence { .. } => "invalid_confidence",
-            ModelError::TooManySupersedes { .. } => "too_many_supersedes",
-            ModelError::InvalidId { .. } => "invalid_id",
-            ModelError::SupersedesOtherConcept { .. } => "supersedes_other_concept",
-            ModelError::SourceTooLarge { .. } => "source_too_large",
-            ModelError::InvalidSource => "invalid_source",
-            ModelError::InvalidSignatureFormat => "invalid_signature_format",
-            ModelError::InvalidRequestId => "invalid_request_id",
-            ModelError::UnknownLens { .. } => "unknown_lens",
-            ModelError::InvalidTime { .. } => "invalid_time",
-            ModelError::InvalidVote { .. } => "invalid_vote",
-            ModelError::ReasonTooLong => "reason_too_long",
-            ModelError::AssertionNotFound { .. } => "assertion_not_found",
-            ModelError::AlreadyRetracted { .. } => "already_retracted",
-            ModelError::NotAssertionOwner { .. } => "not_assertion_owner",
-            ModelError::NotQuarantined { .. } => "not_quarantined",
-        }
-    }
-
-    /// The HTTP status of this error (the gRPC status follows from it in the API error table).
-    pub fn http_status(&self) -> u16 {
-        match self {
-            ModelError::ValueTooLarge { .. } | ModelError::SourceTooLarge { .. } => 413,
-            ModelError::UnknownLens { .. } | ModelError::InvalidTime { .. } | ModelError::InvalidId { .. } => 400,
-            ModelError::AssertionNotFound { .. } => 404,
-            ModelError::AlreadyRetracted { .. } | ModelError::NotQuarantined { .. } => 409,
-            ModelError::NotAssertionOwner { .. } => 403,
-            _ => 422,
+            ModelError::InvalidConceptPath { .. } => ErrorCode::InvalidConceptPath,
+            ModelError::InvalidPredicate { .. } => ErrorCode::InvalidPredicate,
+            ModelError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
+            ModelError::InvalidAgentId { .. } => ErrorCode::InvalidAgentId,
+            ModelError::InvalidConfidence { .. } => ErrorCode::InvalidConfidence,
+            ModelError::TooManySupersedes { .. } => ErrorCode::TooManySupersedes,
+            ModelError::InvalidId { .. } => ErrorCode::InvalidId,
+            ModelError::SupersedesOtherConcept { .. } => ErrorCode::SupersedesOtherConcept,
+            ModelError::SourceTooLarge { .. } => ErrorCode::SourceTooLarge,
+            ModelError::InvalidSource => ErrorCode::InvalidSource,
+            ModelError::InvalidSignatureFormat => ErrorCode::InvalidSignatureFormat,
+            ModelError::InvalidRequestId => ErrorCode::InvalidRequestId,
+            ModelError::UnknownLens { .. } => ErrorCode::UnknownLens,
+            ModelError::InvalidTime { .. } => ErrorCode::InvalidTime,
+            ModelError::InvalidVote { .. } => ErrorCode::InvalidVote,
+            ModelError::ReasonTooLong => ErrorCode::ReasonTooLong,
+            ModelError::AssertionNotFound { .. } => ErrorCode::AssertionNotFound,
+            ModelError::AlreadyRetracted { .. } => ErrorCode::AlreadyRetracted,
+            ModelError::NotAssertionOwner { .. } => ErrorCode::NotAssertionOwner,
+            ModelError::NotQuarantined { .. } => ErrorCode::NotQuarantined,
+            ModelError::CommandTooLarge { .. } => ErrorCode::CommandTooLarge,
+            ModelError::IdSpaceExhausted { .. } => ErrorCode::IdSpaceExhausted,
         }
     }
 }

@@ -10,6 +10,7 @@
 use serde_json::Value;
 
 use super::assertion::AssertionDraft;
+use crate::error::ErrorCode;
 
 /// Why a signature was refused. Each has a stable code; all are HTTP 401.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
@@ -27,17 +28,13 @@ pub enum SignatureError {
 }
 
 impl SignatureError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            SignatureError::SignatureRequired => "signature_required",
-            SignatureError::AgentIdNotPublicKey { .. } => "agent_id_not_public_key",
-            SignatureError::MalformedSignature => "malformed_signature",
-            SignatureError::BadSignature { .. } => "invalid_signature",
+            SignatureError::SignatureRequired => ErrorCode::SignatureRequired,
+            SignatureError::AgentIdNotPublicKey { .. } => ErrorCode::AgentIdNotPublicKey,
+            SignatureError::MalformedSignature => ErrorCode::MalformedSignature,
+            SignatureError::BadSignature { .. } => ErrorCode::InvalidSignature,
         }
-    }
-
-    pub fn http_status(&self) -> u16 {
-        401
     }
 }
 

@@ -33,38 +33,42 @@ struct PendingWrite {
 
 /// The write batchers of every shard.
 pub struct WriteBatchers {
-    senders: Vec<mpsc::UnboundedSender<PendingWrite>>,
+    senders: Vec<mpsc::Sender<PendingWrite>>,
+    capacity: usize,
 }
 
 impl WriteBatchers {
-    /// Starts one batcher task per shard. They stop when the shard set is dropped.
-    pub fn start(shards: &Arc<ShardSet>) -> WriteBatchers {
+    /// Starts one batcher task per shard, each queue holding at most `capacity` waiting writes.
+    /// They stop when the shard set is dropped.
+    pub fn start(shards: &Arc<ShardSet>, capacity: usize) -> WriteBatchers {
+        let capacity = capacity.max(1);
         let senders = (0..shards.shard_count())
             .map(|shard| {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = mpsc::channel(capacity);
                 tokio::spawn(run_batcher(Arc::downgrade(shards), shard, rx));
                 tx
             })
             .collect();
-        WriteBatchers { senders }
+        WriteBatchers { senders, capacity }
     }
 
-    /// Proposes one assertion to `shard` as part of the next batch.
+    /// Proposes one assertion to `shard` as part of the next batch; refused at once with
+    /// [`ConsensusError::Overloaded`] when the shard's queue is full.
     pub async fn assert(&self, shard: u16, draft: AssertionDraft, timeout: Duration) -> ItemResult {
         let sender = self.senders.get(shard as usize).ok_or(ConsensusError::UnknownShard { shard })?;
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(PendingWrite { draft, deadline: Instant::now() + timeout, reply })
-            .map_err(|_| ConsensusError::ShuttingDown { shard })?;
+        sender.try_send(PendingWrite { draft, deadline: Instant::now() + timeout, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                crate::metrics::REQUESTS_SHED.with_label_values(&["write_queue"]).inc();
+                ConsensusError::Overloaded { shard, queued: self.capacity }
+            }
+            mpsc::error::TrySendError::Closed(_) => ConsensusError::ShuttingDown { shard },
+        })?;
         answer.await.map_err(|_| ConsensusError::ShuttingDown { shard })?
     }
 }
 
-async fn run_batcher(
-    shards: std::sync::Weak<ShardSet>,
-    shard: u16,
-    mut requests: mpsc::UnboundedReceiver<PendingWrite>,
-) {
+async fn run_batcher(shards: std::sync::Weak<ShardSet>, shard: u16, mut requests: mpsc::Receiver<PendingWrite>) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         // Wait for a free proposal slot first, so requests pile up into the next batch meanwhile.

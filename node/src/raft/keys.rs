@@ -12,6 +12,7 @@
 //! | state_machine | group, `E`, id(16), `L`                         | quarantine release (JSON) |
 //! | state_machine | group, `Q`, agent, 0, request_id                | outcome (JSON)         |
 //! | state_machine | group, `M`                                      | applied state (JSON)   |
+//! | state_machine | group, `T`, issued_at_us(8), nonce(8)           | response to a forwarded proposal (JSON) |
 //! | state_machine | 0 (meta group), `N`                             | cluster metadata (JSON)|
 //! | state_machine | 0 (meta group), `O`, agent                      | root spans (JSON)      |
 //! | state_machine | 0 (meta group), `G`, grant id(8)                | grant (JSON)           |
@@ -20,7 +21,8 @@
 //! | index         | group, `C`, path, 0, predicate                  | assertion count (8)    |
 //! | index         | group, `q`, id(16)                              | quarantined, undecided |
 //! | index         | group, `a`, agent, 0, id(16)                    | empty (by agent)       |
-//! | meta          | `snapshot/`, group                              | last snapshot          |
+//! | meta          | `snapshot/`, group                              | last snapshot (old format, converted to a file) |
+//! | meta          | `install/`, group                               | snapshot install in progress (meta JSON) |
 
 use super::types::GroupId;
 use crate::model::id::AssertionId;
@@ -50,6 +52,15 @@ fn tagged(group: GroupId, tag: u8, capacity: usize) -> Vec<u8> {
     let mut key = Vec::with_capacity(5 + capacity);
     key.extend_from_slice(&group.to_be_bytes());
     key.push(tag);
+    key
+}
+
+/// The response recorded for a forwarded proposal's idempotency token. Keys sort by the time
+/// the token was issued, so expired ones are one range.
+pub fn token_key(group: GroupId, issued_at_us: u64, nonce: u64) -> Vec<u8> {
+    let mut key = tagged(group, b'T', 16);
+    key.extend_from_slice(&issued_at_us.to_be_bytes());
+    key.extend_from_slice(&nonce.to_be_bytes());
     key
 }
 
@@ -115,11 +126,17 @@ pub fn assertions_prefix(group: GroupId) -> Vec<u8> {
     tagged(group, b'A', 0)
 }
 
-pub fn vote_key(group: GroupId, id: AssertionId, agent_id: &str, at_us: u64) -> Vec<u8> {
+/// Every vote of `agent_id` on `id`, oldest first.
+pub fn agent_votes_prefix(group: GroupId, id: AssertionId, agent_id: &str) -> Vec<u8> {
     let mut key = events_prefix(group, id);
     key.push(b'V');
     key.extend_from_slice(agent_id.as_bytes());
     key.push(0);
+    key
+}
+
+pub fn vote_key(group: GroupId, id: AssertionId, agent_id: &str, at_us: u64) -> Vec<u8> {
+    let mut key = agent_votes_prefix(group, id, agent_id);
     key.extend_from_slice(&at_us.to_be_bytes());
     key
 }
@@ -192,6 +209,15 @@ pub fn parse_concept_key(key: &[u8]) -> Option<(&str, &str)> {
     Some((path, predicate))
 }
 
+/// Set while a snapshot of `group` is being installed (its metadata, JSON): a node that stops
+/// in the middle finishes the install from the snapshot file when it opens again.
+pub fn install_marker_key(group: GroupId) -> Vec<u8> {
+    let mut key = b"install/".to_vec();
+    key.extend_from_slice(&group.to_be_bytes());
+    key
+}
+
+/// Where versions before streamed snapshots kept a group's last snapshot (read to convert it).
 pub fn snapshot_key(group: GroupId) -> Vec<u8> {
     let mut key = b"snapshot/".to_vec();
     key.extend_from_slice(&group.to_be_bytes());

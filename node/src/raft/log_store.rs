@@ -11,6 +11,7 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOEr
 
 use super::keys;
 use super::types::{Entry, GroupId, LogId, NodeId, StorageIoError, TypeConfig};
+use crate::storage::blocking;
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
 
 const VOTE_TAG: u8 = b'v';
@@ -86,13 +87,47 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => keys::log_key(self.group, i),
             Bound::Unbounded => keys::group_end(self.group),
         };
-        let rows = self
-            .storage
-            .scan(ColumnFamily::RaftLog, &keys::log_key(self.group, start), &end, usize::MAX)
-            .map_err(read_error)?;
+        let rows =
+            blocking(|| self.storage.scan(ColumnFamily::RaftLog, &keys::log_key(self.group, start), &end, usize::MAX))
+                .map_err(read_error)?;
         rows.iter().map(|(_, v)| Self::decode(v)).collect()
     }
+
+    /// What replication sends in one AppendEntries: entries from `start`, at least one, while
+    /// their stored size stays under [`MAX_APPEND_BYTES`]. openraft gives each AppendEntries
+    /// one heartbeat interval; a byte bound, not an entry count, keeps any backlog moving.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageIoError> {
+        let from = keys::log_key(self.group, start);
+        let to = keys::log_key(self.group, end);
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let mut failure = None;
+        blocking(|| {
+            self.storage.for_each_in_range(ColumnFamily::RaftLog, &from, &to, |_, value| {
+                if !entries.is_empty() && bytes + value.len() > MAX_APPEND_BYTES {
+                    return false;
+                }
+                bytes += value.len();
+                match Self::decode(value) {
+                    Ok(entry) => entries.push(entry),
+                    Err(error) => {
+                        failure = Some(error);
+                        return false;
+                    }
+                }
+                true
+            })
+        })
+        .map_err(read_error)?;
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(entries),
+        }
+    }
 }
+
+/// Stored bytes of log entries one AppendEntries carries, beyond its first entry.
+pub const MAX_APPEND_BYTES: usize = 1 << 20;
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
@@ -117,7 +152,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageIoError> {
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, VOTE_TAG, vote)?;
-        self.storage.write(batch, Durability::Synced).map_err(write_error)
+        blocking(|| self.storage.write(batch, Durability::Synced)).map_err(write_error)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageIoError> {
@@ -127,7 +162,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageIoError> {
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, COMMITTED_TAG, &committed)?;
-        self.storage.write(batch, Durability::Buffered).map_err(write_error)
+        blocking(|| self.storage.write(batch, Durability::Buffered)).map_err(write_error)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageIoError> {
@@ -144,15 +179,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = serde_json::to_vec(&entry).map_err(write_error)?;
             batch.put(ColumnFamily::RaftLog, keys::log_key(self.group, entry.log_id.index), bytes);
         }
-        self.storage
-            .write_group_commit(batch, Box::new(move |result| callback.log_io_completed(result)))
+        // The fsync runs on the group-commit thread; the buffered write itself can still wait
+        // for a memtable flush under a write stall.
+        blocking(|| self.storage.write_group_commit(batch, Box::new(move |result| callback.log_io_completed(result))))
             .map_err(write_error)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
         let mut batch = WriteBatch::new();
         batch.delete_range(ColumnFamily::RaftLog, keys::log_key(self.group, log_id.index), keys::group_end(self.group));
-        self.storage.write(batch, Durability::Synced).map_err(write_error)
+        blocking(|| self.storage.write(batch, Durability::Synced)).map_err(write_error)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
@@ -163,6 +199,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             keys::log_key(self.group, 0),
             keys::log_key(self.group, log_id.index.saturating_add(1)),
         );
-        self.storage.write(batch, Durability::Buffered).map_err(write_error)
+        blocking(|| self.storage.write(batch, Durability::Buffered)).map_err(write_error)
     }
 }

@@ -75,8 +75,30 @@ pub static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static DEDUPLICATED_PROPOSALS: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_raft_deduplicated_proposals_total",
+        "Copies of forwarded proposals this node's state machines applied as no-ops (their token was applied already)",
+    )
+    .expect("valid metric")
+});
+
+pub static FORWARD_RETRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_forward_retries_total",
+            "Forwarded proposals sent again with the same idempotency token, by cause \
+             (leader_changed, not_leader, ambiguous)",
+        ),
+        &["cause"],
+    )
+    .expect("valid metric")
+});
+
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
+        Box::new(FORWARD_RETRIES.clone()),
+        Box::new(DEDUPLICATED_PROPOSALS.clone()),
         Box::new(SNAPSHOTS.clone()),
         Box::new(ASSERTIONS_INDEXED.clone()),
         Box::new(QUARANTINED.clone()),

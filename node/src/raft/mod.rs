@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod network;
 pub mod reader;
 pub mod shards;
+pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 

@@ -537,6 +537,11 @@ pub enum ShardReadAnswer {
 
 impl ShardReader {
     /// Executes a read against this replica.
+    /// Whether a snapshot install has this replica's ranges half old, half new.
+    pub fn installing(&self) -> bool {
+        self.progress.installing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn execute(&self, read: &ShardRead) -> Result<ShardReadAnswer, ConsensusError> {
         let storage_error = |e: StorageError| ConsensusError::Storage { shard: self.shard, message: e.to_string() };
         self.execute_on_storage(read).map_err(storage_error)?.ok_or_else(|| {

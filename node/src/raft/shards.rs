@@ -21,9 +21,17 @@ use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::cluster::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
 use crate::cluster::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome};
+use crate::error::ErrorCode;
 use crate::model::id::shard_for_path;
 use crate::storage::Storage;
 use stemedb_proto::raft::GroupMessage;
+
+/// How long a forwarding node waits before sending a proposal again after a failure that did
+/// not name a new leader.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Bytes of snapshot data in one InstallSnapshot RPC.
+const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
 
 /// How errors name a group: `shard N`, or `the meta group` for [`META_SHARD`].
 pub struct GroupLabel(pub u16);
@@ -69,6 +77,19 @@ pub enum ConsensusError {
     )]
     /// `shard` is absent for a query over a prefix, whose reads span shards.
     QueryMemoryExceeded { shard: Option<u16>, limit_bytes: u64 },
+    #[error(
+        "the write to {} could not be confirmed within {timeout_ms} ms: the leader failed or changed while it \
+         was in flight. It was applied at most once, but may have been; retry with the same request_id to learn which",
+        GroupLabel(*shard)
+    )]
+    OutcomeUnknown { shard: u16, timeout_ms: u64 },
+    #[error("{} has too many writes waiting ({queued}); retry shortly", GroupLabel(*shard))]
+    Overloaded { shard: u16, queued: usize },
+    #[error("this node's replica of {} is installing a snapshot; retry, or read through another node", GroupLabel(*shard))]
+    CatchingUp { shard: u16 },
+    #[error("{error}")]
+    /// The state machine refused the whole command, the same way on every replica.
+    Refused { shard: u16, error: crate::model::ModelError },
 }
 
 /// A byte count in MiB, for messages.
@@ -81,34 +102,23 @@ impl std::fmt::Display for MiB {
 }
 
 impl ConsensusError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ConsensusError::NoQuorum { .. } => "no_quorum",
-            ConsensusError::NotLeader { .. } => "not_leader",
-            ConsensusError::Timeout { .. } => "timeout",
-            ConsensusError::ShuttingDown { .. } => "shutting_down",
-            ConsensusError::UnknownShard { .. } => "unknown_shard",
-            ConsensusError::Startup(_) => "raft_startup_failed",
-            ConsensusError::LeaderUnreachable { .. } => "leader_unreachable",
-            ConsensusError::MembershipChange { .. } => "membership_change_failed",
-            ConsensusError::Storage { .. } => "storage_error",
-            ConsensusError::Internal { .. } => "internal_error",
-            ConsensusError::QueryMemoryExceeded { .. } => "query_memory_exceeded",
-        }
-    }
-
-    pub fn http_status(&self) -> u16 {
-        match self {
-            ConsensusError::NoQuorum { .. }
-            | ConsensusError::NotLeader { .. }
-            | ConsensusError::ShuttingDown { .. }
-            | ConsensusError::LeaderUnreachable { .. } => 503,
-            ConsensusError::Timeout { .. } => 504,
-            ConsensusError::UnknownShard { .. } => 404,
-            ConsensusError::MembershipChange { .. } => 409,
-            ConsensusError::QueryMemoryExceeded { .. } => 422,
-            ConsensusError::Storage { .. } | ConsensusError::Internal { .. } => 500,
-            ConsensusError::Startup(_) => 500,
+            ConsensusError::NoQuorum { .. } => ErrorCode::NoQuorum,
+            ConsensusError::NotLeader { .. } => ErrorCode::NotLeader,
+            ConsensusError::Timeout { .. } => ErrorCode::Timeout,
+            ConsensusError::ShuttingDown { .. } => ErrorCode::ShuttingDown,
+            ConsensusError::UnknownShard { .. } => ErrorCode::UnknownShard,
+            ConsensusError::Startup(_) => ErrorCode::RaftStartupFailed,
+            ConsensusError::LeaderUnreachable { .. } => ErrorCode::LeaderUnreachable,
+            ConsensusError::MembershipChange { .. } => ErrorCode::MembershipChangeFailed,
+            ConsensusError::Storage { .. } => ErrorCode::StorageError,
+            ConsensusError::Internal { .. } => ErrorCode::InternalError,
+            ConsensusError::QueryMemoryExceeded { .. } => ErrorCode::QueryMemoryExceeded,
+            ConsensusError::OutcomeUnknown { .. } => ErrorCode::OutcomeUnknown,
+            ConsensusError::Overloaded { .. } => ErrorCode::Overloaded,
+            ConsensusError::CatchingUp { .. } => ErrorCode::ReplicaCatchingUp,
+            ConsensusError::Refused { error, .. } => error.code(),
         }
     }
 }
@@ -185,6 +195,8 @@ pub struct RaftSettings {
     pub unsafe_skip_read_barrier: bool,
     /// Memory budget of the claims caches of all shards together (`query.claims_cache_mb`).
     pub claims_cache_bytes: usize,
+    /// `testing.snapshot_install_pause_ms`.
+    pub snapshot_install_pause_ms: u64,
 }
 
 impl Default for RaftSettings {
@@ -197,6 +209,7 @@ impl Default for RaftSettings {
             logs_to_keep_after_snapshot: 1_000,
             unsafe_skip_read_barrier: false,
             claims_cache_bytes: 64 << 20,
+            snapshot_install_pause_ms: 0,
         }
     }
 }
@@ -336,6 +349,9 @@ pub struct ShardSet {
     /// How long a voter refuses to vote after hearing from a leader (openraft's leader lease,
     /// the maximum election timeout).
     leader_lease: Duration,
+    /// How long one forwarded attempt of a proposal may take before it is sent again (with the
+    /// same token): two maximum election timeouts, at least a second.
+    forward_attempt_timeout: Duration,
     pub(crate) liveness: super::hibernation::PeerLiveness,
     /// Raft addresses of every node this node knows of (founding members and shard memberships).
     directory: Mutex<BTreeMap<NodeId, String>>,
@@ -378,9 +394,13 @@ impl ShardSet {
             election_timeout_max: settings.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: settings.logs_to_keep_after_snapshot,
-            // Keep one AppendEntries message well under the transport's message limit even for
-            // entries holding 1000-assertion batches.
-            max_payload_entries: 64,
+            // AppendEntries are bounded by bytes in the log store (`limited_get_log_entries`);
+            // this bounds the count of small entries.
+            max_payload_entries: 256,
+            // Snapshots stream in chunks of this size; each chunk's RPC may take this long (the
+            // last one includes the follower's install of the whole snapshot).
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            install_snapshot_timeout: 60_000,
             ..Default::default()
         }
         .validate()
@@ -389,7 +409,8 @@ impl ShardSet {
         let mut groups = Vec::with_capacity(shards as usize);
         for shard in 0..shards {
             let state_machine = ShardStateMachine::open(storage.clone(), shard, group_of_shard(shard))
-                .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?;
+                .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?
+                .with_install_pause(Duration::from_millis(settings.snapshot_install_pause_ms));
             // The replicas of shard s are replication_factor members starting at member s mod n
             // (by id); the first is the preferred leader: it initializes the group and so becomes
             // its first leader, spreading leaders over the founding nodes.
@@ -420,6 +441,8 @@ impl ShardSet {
         Ok(ShardSet {
             node_id,
             leader_lease: Duration::from_millis(settings.election_timeout_max_ms),
+            forward_attempt_timeout: Duration::from_millis(settings.election_timeout_max_ms.saturating_mul(2))
+                .max(Duration::from_secs(1)),
             liveness: Default::default(),
             directory: Mutex::new(members.clone()),
             founding: (!members.is_empty()).then_some((members, placement)),
@@ -654,6 +677,20 @@ impl ShardSet {
             _ => client.read_index(message).await,
         };
         let response = response.map_err(|status| {
+            // A status with an error code was answered by the peer's handler before it did
+            // anything: a definite refusal. Anything else came from the transport and may
+            // have followed delivery.
+            match ErrorCode::of_status(&status) {
+                Some(ErrorCode::UnknownShard | ErrorCode::ShuttingDown) => {
+                    raft_metrics::FORWARDED.with_label_values(&[kind, "error"]).inc();
+                    return ConsensusError::NotLeader { shard, leader: None };
+                }
+                Some(code) => {
+                    raft_metrics::FORWARDED.with_label_values(&[kind, "error"]).inc();
+                    return ConsensusError::Internal { shard, message: format!("node {leader} refused: {code}") };
+                }
+                None => {}
+            }
             if status.code() == tonic::Code::DeadlineExceeded {
                 raft_metrics::FORWARDED.with_label_values(&[kind, "timeout"]).inc();
                 return ConsensusError::Timeout { shard, timeout_ms: remaining.as_millis() as u64 };
@@ -668,8 +705,16 @@ impl ShardSet {
     }
 
     /// Proposes `command` to `shard` and returns what applying it produced: on this node when it
-    /// leads the shard, else forwarded to the leader. Waits (up to `timeout`) while the shard has
-    /// no leader; reports a timeout as indeterminate.
+    /// leads the shard, else forwarded to the leader.
+    ///
+    /// A forwarded command carries an idempotency token this node generates
+    /// ([`ShardCommand::once`]), so it is retried freely: after a transport failure (which may
+    /// have come after the leader received it), after a "not the leader" answer, when this
+    /// node sees the leader change while an attempt is in flight (a paused or isolated leader
+    /// never answers: the request moves to the new leader at once), and when an attempt passes
+    /// its own deadline. Every copy applies once. If no copy is confirmed by the deadline and
+    /// one may have arrived, the answer is [`ConsensusError::OutcomeUnknown`], never a silent
+    /// second write.
     pub async fn propose(
         &self,
         shard: u16,
@@ -679,26 +724,157 @@ impl ShardSet {
         let group = self.group(shard)?;
         group.writes.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
-        if !self.hosts(group) {
-            return self.ask_replicas(group, "write", &command, deadline).await;
+        let response = if !self.hosts(group) {
+            let command = command.once();
+            match self.ask_replicas(group, "write", &command, deadline).await {
+                Err(error) if Self::may_have_arrived(&error) => {
+                    Err(ConsensusError::OutcomeUnknown { shard, timeout_ms: timeout.as_millis() as u64 })
+                }
+                other => other,
+            }
+        } else {
+            self.propose_hosted(group, command, deadline, timeout).await
+        };
+        Self::settle(shard, response?)
+    }
+
+    /// Turns the answers that refuse a whole command into errors.
+    fn settle(shard: u16, response: ShardResponse) -> Result<ShardResponse, ConsensusError> {
+        match response {
+            ShardResponse::TokenExpired => Err(ConsensusError::OutcomeUnknown { shard, timeout_ms: 0 }),
+            ShardResponse::Refused(error) => Err(ConsensusError::Refused { shard, error }),
+            other => Ok(other),
         }
+    }
+
+    /// Whether a failed forward may still have reached the leader (and so may be applied).
+    fn may_have_arrived(error: &ConsensusError) -> bool {
+        matches!(error, ConsensusError::LeaderUnreachable { .. } | ConsensusError::Timeout { .. })
+    }
+
+    /// [`ShardSet::propose`] for a shard this node hosts: it knows the leader from its replica.
+    async fn propose_hosted(
+        &self,
+        group: &ShardGroup,
+        command: ShardCommand,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<ShardResponse, ConsensusError> {
+        let shard = group.shard;
+        let mut command = Some(command);
+        // Whether some forwarded copy may have reached a leader: then the outcome is unknown
+        // unless a later copy is confirmed.
+        let mut maybe_delivered = false;
+        let mut last_error = None;
+        // A leader named by a node that no longer leads: this replica may not know it yet.
+        let mut hint: Option<NodeId> = None;
         loop {
-            let leader = self.wait_for_leader(group, deadline).await.inspect_err(|_| {
-                raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
-            })?;
+            let known = match hint.take() {
+                Some(leader) => Ok(leader),
+                None => self.wait_for_leader(group, deadline).await,
+            };
+            let leader = match known {
+                Ok(leader) => leader,
+                Err(error) => {
+                    raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
+                    return Err(self.unconfirmed(shard, timeout, maybe_delivered, last_error.unwrap_or(error)));
+                }
+            };
+            let Some(current) = command.take() else {
+                return Err(ConsensusError::Internal { shard, message: "proposal lost".into() });
+            };
             if leader == self.node_id {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                return self.propose_local(shard, command, remaining).await;
-            }
-            match self.ask_leader(group, leader, "write", &command, deadline).await {
-                // The leader could not even be connected to, so the write was not delivered:
-                // wait for the election that follows a dead leader and try the new one.
-                Err(ConsensusError::LeaderUnreachable { message, .. })
-                    if message.contains("onnect") && Instant::now() + Duration::from_millis(100) < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                match self.propose_local(shard, current.clone(), remaining).await {
+                    // Leadership moved between the check and the proposal: nothing appended.
+                    Err(ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. })
+                        if Instant::now() < deadline =>
+                    {
+                        command = Some(current);
+                        self.await_leader_change(group, leader, deadline).await;
+                        continue;
+                    }
+                    Err(error) if maybe_delivered => return Err(self.unconfirmed(shard, timeout, true, error)),
+                    other => return other,
                 }
-                other => return other,
+            }
+            let current = current.once();
+            let attempt_deadline = deadline.min(Instant::now() + self.forward_attempt_timeout);
+            let attempt = self.ask_leader::<_, ShardResponse>(group, leader, "write", &current, attempt_deadline);
+            let outcome = tokio::select! {
+                outcome = attempt => Some(outcome),
+                // The leader this attempt went to was replaced: the new one gets the same token.
+                _ = self.await_leader_change(group, leader, attempt_deadline) => None,
+            };
+            command = Some(current);
+            match outcome {
+                Some(Ok(response)) => return Ok(response),
+                None => {
+                    maybe_delivered = true;
+                    raft_metrics::FORWARD_RETRIES.with_label_values(&["leader_changed"]).inc();
+                }
+                Some(Err(error @ (ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. }))) => {
+                    // Refused before proposing: this copy was not appended.
+                    raft_metrics::FORWARD_RETRIES.with_label_values(&["not_leader"]).inc();
+                    hint = match error {
+                        ConsensusError::NotLeader { leader: Some(named), .. } if named != leader => Some(named),
+                        _ => None,
+                    };
+                    last_error = Some(error);
+                    if hint.is_none() {
+                        self.await_leader_change(group, leader, deadline.min(Instant::now() + RETRY_PAUSE)).await;
+                    }
+                }
+                Some(Err(error)) if Self::may_have_arrived(&error) => {
+                    maybe_delivered = true;
+                    raft_metrics::FORWARD_RETRIES.with_label_values(&["ambiguous"]).inc();
+                    last_error = Some(error);
+                    // A dead leader refuses connections at once: wait for a new leader (or a
+                    // short pause) rather than spin.
+                    self.await_leader_change(group, leader, deadline.min(Instant::now() + RETRY_PAUSE)).await;
+                }
+                Some(Err(ConsensusError::ShuttingDown { .. })) if Instant::now() < deadline => {
+                    self.await_leader_change(group, leader, deadline).await;
+                }
+                Some(Err(error)) => return Err(self.unconfirmed(shard, timeout, maybe_delivered, error)),
+            }
+            if Instant::now() >= deadline {
+                let error = last_error.take().unwrap_or(ConsensusError::NoQuorum { shard });
+                return Err(self.unconfirmed(shard, timeout, maybe_delivered, error));
+            }
+        }
+    }
+
+    /// The answer when no copy of a proposal was confirmed: `outcome_unknown` if one may have
+    /// arrived somewhere, else the error that ended the attempts.
+    fn unconfirmed(
+        &self,
+        shard: u16,
+        timeout: Duration,
+        maybe_delivered: bool,
+        error: ConsensusError,
+    ) -> ConsensusError {
+        if maybe_delivered || Self::may_have_arrived(&error) {
+            raft_metrics::PROPOSALS.with_label_values(&["outcome_unknown"]).inc();
+            ConsensusError::OutcomeUnknown { shard, timeout_ms: timeout.as_millis() as u64 }
+        } else {
+            error
+        }
+    }
+
+    /// Returns once this node's replica of `group` names a leader other than `leader`, or at
+    /// `deadline`.
+    async fn await_leader_change(&self, group: &ShardGroup, leader: NodeId, deadline: Instant) {
+        let mut metrics = group.raft.server_metrics();
+        loop {
+            let current = metrics.borrow_and_update().current_leader;
+            if current.is_some_and(|now| now != leader) {
+                return;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(remaining, metrics.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return,
             }
         }
     }
@@ -721,13 +897,9 @@ impl ShardSet {
             return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
         }
         // DESIGN §2: the leader decides quarantine before proposing and records it in the entry.
-        let command = match command {
-            ShardCommand::Assert { proposed_at_us, mut items } => {
-                self.policy.quarantine_rules().screen(&self.policy, &group.reader, &mut items, proposed_at_us);
-                ShardCommand::Assert { proposed_at_us, items }
-            }
-            other => other,
-        };
+        // Screening reads the shard's claims from RocksDB.
+        let mut command = command;
+        crate::storage::blocking(|| self.screen(group, &mut command));
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, group.raft.client_write(command)).await {
             Err(_) => {
@@ -757,6 +929,17 @@ impl ShardSet {
                 raft_metrics::PROPOSALS.with_label_values(&["fatal"]).inc();
                 Err(ConsensusError::ShuttingDown { shard })
             }
+        }
+    }
+
+    /// Records the quarantine decisions of an assertion command (forwarded ones included).
+    fn screen(&self, group: &ShardGroup, command: &mut ShardCommand) {
+        match command {
+            ShardCommand::Assert { proposed_at_us, items } => {
+                self.policy.quarantine_rules().screen(&self.policy, &group.reader, items, *proposed_at_us)
+            }
+            ShardCommand::Once { command, .. } => self.screen(group, command),
+            _ => {}
         }
     }
 
@@ -1148,7 +1331,10 @@ impl ShardSet {
         if linearizable && !self.unsafe_skip_read_barrier {
             self.read_barrier(shard, timeout).await?;
         }
-        let answer = group.reader.execute(&read)?;
+        if group.reader.installing() {
+            return Err(ConsensusError::CatchingUp { shard });
+        }
+        let answer = crate::storage::blocking(|| group.reader.execute(&read))?;
         let staleness_ms = if group.raft.metrics().borrow().current_leader == Some(self.node_id) {
             0
         } else {

@@ -1,7 +1,5 @@
 //! The Raft type configuration shared by every shard group, and the commands a shard's log holds.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::meta::{MetaCommand, MetaError, META_SHARD};
@@ -40,7 +38,8 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        // A file: snapshots are written, sent, received and installed in chunks (raft::snapshot).
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
@@ -66,6 +65,34 @@ pub enum ShardCommand {
     Quarantine { proposed_at_us: u64, assertion_id: AssertionId, release: bool, by: String, reason: Option<String> },
     /// A change to the cluster-wide policy (authority, breakers); meta group only.
     Policy { proposed_at_us: u64, command: PolicyCommand },
+    /// A proposal forwarded to the shard leader by another node, with the idempotency token
+    /// that node generated: every copy of it (a forward retried after an ambiguous failure, or
+    /// sent again to a new leader) applies once; later copies answer the first copy's response.
+    Once { token: ProposalToken, command: Box<ShardCommand> },
+}
+
+/// The idempotency token of a forwarded proposal: when the forwarding node issued it (its
+/// clock) and a random nonce. Applied tokens are remembered for [`TOKEN_TTL_US`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposalToken {
+    pub issued_at_us: u64,
+    pub nonce: u64,
+}
+
+/// How long a replica remembers an applied token. Forwarding retries a proposal only within
+/// its write timeout (seconds), so ten minutes leaves room for any clock skew between nodes.
+pub const TOKEN_TTL_US: u64 = 10 * 60 * 1_000_000;
+
+impl ProposalToken {
+    pub fn new() -> ProposalToken {
+        ProposalToken { issued_at_us: crate::model::id::now_us(), nonce: rand::random() }
+    }
+}
+
+impl Default for ProposalToken {
+    fn default() -> Self {
+        ProposalToken::new()
+    }
 }
 
 impl ShardCommand {
@@ -77,6 +104,24 @@ impl ShardCommand {
             | ShardCommand::Meta { proposed_at_us, .. }
             | ShardCommand::Quarantine { proposed_at_us, .. }
             | ShardCommand::Policy { proposed_at_us, .. } => *proposed_at_us,
+            ShardCommand::Once { command, .. } => command.proposed_at_us(),
+        }
+    }
+
+    /// This command with an idempotency token, unless it has one already.
+    pub fn once(self) -> ShardCommand {
+        match self {
+            ShardCommand::Once { .. } => self,
+            command => ShardCommand::Once { token: ProposalToken::new(), command: Box::new(command) },
+        }
+    }
+
+    /// The number of items an entry of this command numbers (assertion ids pack the position).
+    pub fn item_count(&self) -> usize {
+        match self {
+            ShardCommand::Assert { items, .. } => items.len(),
+            ShardCommand::Once { command, .. } => command.item_count(),
+            _ => 1,
         }
     }
 }
@@ -124,6 +169,12 @@ pub enum ShardResponse {
     Quarantine(Result<EventOutcome, ModelError>),
     Meta(Result<(), MetaError>),
     Policy(Result<PolicyOutcome, PolicyError>),
+    /// A forwarded proposal whose token had expired when it was applied: it was not applied
+    /// (the proposer answers `outcome_unknown`; an earlier copy may have been applied).
+    TokenExpired,
+    /// A command refused whole, deterministically on every replica (e.g. more items than an
+    /// entry can number): nothing was applied.
+    Refused(crate::model::ModelError),
     /// Blank and membership entries.
     #[default]
     Empty,

@@ -11,6 +11,9 @@ use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportSer
 use stemedb_proto::raft::GroupMessage;
 use tonic::{Request, Response, Status};
 
+use crate::error::ErrorCode;
+use crate::model::id::MAX_ITEMS_PER_ENTRY;
+use crate::model::ModelError;
 use crate::raft::network::MAX_MESSAGE_BYTES;
 use crate::raft::types::{GroupAdmin, Raft, ShardCommand};
 use crate::raft::{ConsensusError, ShardSet};
@@ -33,23 +36,47 @@ impl RaftService {
         self.shards
             .group(shard)
             .map(|g| &g.raft)
-            .map_err(|_| Status::not_found(format!("group {group_id} is not hosted here")))
+            .map_err(|_| ErrorCode::UnknownShard.to_status(format!("group {group_id} is not hosted here")))
     }
 
     /// The shard of a group id (the meta group: `META_SHARD`).
     fn shard(&self, group_id: u32) -> Result<u16, Status> {
         crate::raft::types::shard_of_group(group_id)
-            .ok_or_else(|| Status::not_found(format!("group {group_id} is not a raft group")))
+            .ok_or_else(|| ErrorCode::UnknownShard.to_status(format!("group {group_id} is not a raft group")))
     }
 }
 
 fn decode<T: DeserializeOwned>(message: &GroupMessage) -> Result<T, Status> {
-    serde_json::from_slice(&message.payload).map_err(|e| Status::invalid_argument(format!("undecodable payload: {e}")))
+    serde_json::from_slice(&message.payload)
+        .map_err(|e| ErrorCode::MalformedJson.to_status(format!("undecodable payload: {e}")))
 }
 
 fn encode<T: Serialize>(group_id: u32, value: &T) -> Result<Response<GroupMessage>, Status> {
-    let payload = serde_json::to_vec(value).map_err(|e| Status::internal(format!("unencodable answer: {e}")))?;
+    let payload = serde_json::to_vec(value)
+        .map_err(|e| ErrorCode::EncodingFailed.to_status(format!("unencodable answer: {e}")))?;
     Ok(Response::new(GroupMessage { group_id, payload }))
+}
+
+/// The deadline a gRPC client set (the `grpc-timeout` header: digits and a unit letter).
+fn request_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 #[tonic::async_trait]
@@ -67,9 +94,8 @@ impl RaftTransport for RaftService {
         let message = request.into_inner();
         let raft = self.raft(message.group_id)?;
         if !self.shards.may_vote(self.shard(message.group_id)?) {
-            return Err(Status::unavailable(
-                "this node lost its data and is catching up; it does not vote until it has",
-            ));
+            return Err(ErrorCode::ShuttingDown
+                .to_status("this node lost its data and is catching up; it does not vote until it has"));
         }
         let result = raft.vote(decode(&message)?).await;
         encode(message.group_id, &result)
@@ -83,11 +109,23 @@ impl RaftTransport for RaftService {
     }
 
     async fn propose(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        // The sender's deadline bounds the proposal here too: an answer nobody waits for any
+        // more is work for nothing, and the sender has already sent the token elsewhere.
+        let timeout = request_timeout(&request).unwrap_or(self.write_timeout).min(self.write_timeout);
         let message = request.into_inner();
         let shard = self.shard(message.group_id)?;
         let command: ShardCommand = decode(&message)?;
-        // Forwarded writes are proposed here or refused: never forwarded a second time.
-        let result = self.shards.propose_local(shard, command, self.write_timeout).await;
+        // Checked before proposing: an entry whose items cannot be numbered is refused whole.
+        let items = command.item_count();
+        let result = if items > MAX_ITEMS_PER_ENTRY {
+            Err(ConsensusError::Refused {
+                shard,
+                error: ModelError::CommandTooLarge { items, limit: MAX_ITEMS_PER_ENTRY },
+            })
+        } else {
+            // Forwarded writes are proposed here or refused: never forwarded a second time.
+            self.shards.propose_local(shard, command, timeout).await
+        };
         encode(message.group_id, &result)
     }
 
@@ -126,5 +164,23 @@ impl RaftTransport for RaftService {
         let shard = self.shard(message.group_id)?;
         let result: Result<u64, ConsensusError> = self.shards.local_read_index(shard).await;
         encode(message.group_id, &result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_grpc_timeout;
+
+    #[test]
+    fn grpc_timeouts_parse_by_their_unit() {
+        assert_eq!(parse_grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("250000u"), Some(Duration::from_millis(250)));
+        for bad in ["", "m", "12", "123456789S", "5x", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

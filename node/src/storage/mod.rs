@@ -18,8 +18,22 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
+use crate::error::ErrorCode;
 pub use group_commit::DurableCallback;
 use group_commit::GroupCommitter;
+
+/// Runs storage work (RocksDB reads and writes, fsyncs) so that it never stalls an async
+/// worker: on the multi-threaded runtime the node runs on, the calling worker becomes a
+/// blocking thread for the duration (`block_in_place`) and its other tasks move to a fresh
+/// worker; elsewhere (single-threaded test runtimes, plain threads) it simply runs.
+pub fn blocking<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
 
 /// The column families of a node's database. Keys inside each are prefixed by group id where they
 /// belong to a Raft group, so one family serves every shard.
@@ -72,12 +86,12 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            StorageError::Engine { .. } => "storage_engine_error",
-            StorageError::DataDir { .. } => "storage_data_dir_error",
-            StorageError::Corrupt { .. } => "storage_corrupt_record",
-            StorageError::Closed => "storage_closed",
+            StorageError::Engine { .. } => ErrorCode::StorageEngineError,
+            StorageError::DataDir { .. } => ErrorCode::StorageDataDirError,
+            StorageError::Corrupt { .. } => ErrorCode::StorageCorruptRecord,
+            StorageError::Closed => ErrorCode::StorageClosed,
         }
     }
 
@@ -264,6 +278,11 @@ impl std::fmt::Debug for Storage {
 
 impl Storage {
     /// Opens (creating if needed) the database under `<data_dir>/db`.
+    /// The node's data directory (RocksDB lives in its `db/`).
+    pub fn data_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(&self.path)
+    }
+
     pub fn open(data_dir: &Path, options: StorageOptions) -> Result<Arc<Storage>, StorageError> {
         let path = data_dir.join("db");
         std::fs::create_dir_all(&path)
