@@ -374,6 +374,14 @@ impl TestCluster {
         self.wait_api(id, Duration::from_secs(60)).await
     }
 
+    /// Sets (or, with `None`, removes) a `STEMEDB_*` variable for every node started from now on.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.options.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.options.env.push((key.to_string(), value.to_string()));
+        }
+    }
+
     /// Restarts a stopped or killed node with its data dir.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         self.kill(id);

@@ -841,6 +841,34 @@ impl ShardStateMachine {
     }
 }
 
+/// The path of the snapshot data in `handle`: the receiving file when `handle` is that file,
+/// else a copy of `handle`'s content (from its start) in a new receiving file.
+fn adopt_snapshot_file(
+    mut handle: std::fs::File,
+    receiving: Option<PathBuf>,
+    dir: &Path,
+    group: GroupId,
+) -> std::io::Result<PathBuf> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
+    let opened = handle.metadata()?;
+    if let Some(path) = receiving {
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.dev() == opened.dev() && meta.ino() == opened.ino() => return Ok(path),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let path = snapshot::receiving_path(dir, group);
+    let mut copy = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+    handle.seek(SeekFrom::Start(0))?;
+    std::io::copy(&mut handle, &mut copy)?;
+    copy.sync_all()?;
+    Ok(path)
+}
+
 /// Write batches of a snapshot install are cut at about this many bytes.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 
@@ -999,10 +1027,14 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let signature = Some(meta.signature());
         let failed = |e: std::io::Error| StorageIoError::from(StorageIOError::write_snapshot(signature.clone(), &e));
         snapshot.sync_all().await.map_err(failed)?;
-        drop(snapshot);
-        let Some(received) = self.receiving.take() else {
-            return Err(failed(std::io::Error::other("no snapshot is being received")));
-        };
+        let handle = snapshot.into_std().await;
+        let dir = self.snapshot_dir.clone();
+        let group = self.group;
+        let receiving = self.receiving.take();
+        // Normally openraft hands back the file `begin_receiving_snapshot` opened; any other
+        // handle (a snapshot passed on directly) is copied into a file of our own first.
+        let received =
+            crate::storage::blocking(|| adopt_snapshot_file(handle, receiving, &dir, group)).map_err(failed)?;
         let result = crate::storage::blocking(|| {
             // Checked whole before anything changes: a damaged transfer leaves the old state.
             snapshot::verify(&received).map_err(failed)?;

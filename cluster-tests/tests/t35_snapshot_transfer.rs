@@ -1,0 +1,143 @@
+//! Large catch-up and snapshot installs on real processes (issue 14 §2): a follower that missed
+//! 200 MB of batched assertions catches up with bounded memory on both sides, and a follower
+//! killed in the middle of installing a snapshot restarts with a complete replica.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stemedb_cluster_tests::{ClusterOptions, TestCluster};
+
+const RSS: &str = "process_resident_memory_bytes";
+
+/// Writes `batches` batches of `items` assertions with `value_bytes`-byte values through
+/// `via`, one after the other; every item must be accepted.
+async fn write_batches(
+    cluster: &TestCluster,
+    via: u64,
+    batches: usize,
+    items: usize,
+    value_bytes: usize,
+) -> anyhow::Result<()> {
+    let filler = "x".repeat(value_bytes);
+    for b in 0..batches {
+        let assertions: Vec<Value> = (0..items)
+            .map(|i| {
+                json!({"concept_path": format!("bulk/{}", (b * items + i) % 64), "predicate": "blob", "value": format!("{b}-{i}-{filler}")})
+            })
+            .collect();
+        let (status, body) = cluster.post(via, "/v1/assert/batch", &json!({"assertions": assertions})).await?;
+        anyhow::ensure!(status == 200 && body["accepted"] == json!(items), "batch {b} refused: {status} {body}");
+    }
+    Ok(())
+}
+
+/// The applied index of shard 0 on `node`, from its cluster admin.
+async fn applied_index(cluster: &TestCluster, node: u64) -> Option<u64> {
+    let (status, body) = cluster.admin_get(node, "/cluster/shards/0").await.ok()?;
+    (status == 200).then(|| body["applied_index"].as_u64()).flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_missed_200_mb_catches_up_with_bounded_memory() -> anyhow::Result<()> {
+    let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 1, ..Default::default() }).await?;
+    let leader = cluster.wait_for_leader(0, Duration::from_secs(10)).await?;
+    let lagging = *cluster.nodes.keys().find(|id| **id != leader).expect("a follower");
+    cluster.kill(lagging);
+    // 100 batches of 500 items of 4 KB: about 200 MB of assertions.
+    let started = Instant::now();
+    write_batches(&cluster, leader, 100, 500, 4096).await?;
+    println!("wrote 200 MB in {:.1} s", started.elapsed().as_secs_f64());
+    let target = applied_index(&cluster, leader).await.expect("the leader's applied index");
+    let leader_before = cluster.metric(leader, RSS).await?.unwrap_or(0.0);
+    cluster.restart(lagging).await?;
+    let follower_before = cluster.metric(lagging, RSS).await?.unwrap_or(0.0);
+    let (mut leader_peak, mut follower_peak) = (leader_before, follower_before);
+    let caught_up = Instant::now();
+    let deadline = caught_up + Duration::from_secs(240);
+    loop {
+        leader_peak = leader_peak.max(cluster.metric(leader, RSS).await?.unwrap_or(0.0));
+        follower_peak = follower_peak.max(cluster.metric(lagging, RSS).await?.unwrap_or(0.0));
+        if applied_index(&cluster, lagging).await.is_some_and(|i| i >= target) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {lagging} did not catch up: {}",
+            cluster.log_tail(lagging, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+    let (leader_growth, follower_growth) = (mib(leader_peak - leader_before), mib(follower_peak - follower_before));
+    println!(
+        "caught up in {:.1} s; resident memory growth during catch-up: leader {leader_growth:.1} MiB, follower {follower_growth:.1} MiB",
+        caught_up.elapsed().as_secs_f64()
+    );
+    let snapshots = cluster.metric(lagging, "stemedb_raft_snapshots_total{event=\"installed\"}").await?.unwrap_or(0.0);
+    println!("snapshots installed by the follower: {snapshots}");
+    anyhow::ensure!(leader_growth < 64.0, "leader memory grew {leader_growth:.1} MiB");
+    anyhow::ensure!(follower_growth < 64.0, "follower memory grew {follower_growth:.1} MiB");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_killed_during_a_snapshot_install_restarts_complete() -> anyhow::Result<()> {
+    // Snapshot every 10 entries, keep 2: a follower that misses more catches up by snapshot.
+    let env = vec![
+        ("STEMEDB_RAFT_SNAPSHOT_LOGS_SINCE_LAST".to_string(), "10".to_string()),
+        ("STEMEDB_RAFT_LOGS_TO_KEEP_AFTER_SNAPSHOT".to_string(), "2".to_string()),
+    ];
+    let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 1, env, ..Default::default() }).await?;
+    let leader = cluster.wait_for_leader(0, Duration::from_secs(10)).await?;
+    let lagging = *cluster.nodes.keys().find(|id| **id != leader).expect("a follower");
+    cluster.kill(lagging);
+    // 40 batches of 100 items of 4 KB (16 MB): the install writes several 4 MiB batches.
+    write_batches(&cluster, leader, 40, 100, 4096).await?;
+    let target = applied_index(&cluster, leader).await.expect("the leader's applied index");
+    // The restarted follower pauses 30 s after the first batch of its install.
+    cluster.set_env("STEMEDB_TESTING_SNAPSHOT_INSTALL_PAUSE_MS", Some("30000"));
+    cluster.restart(lagging).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) =
+            cluster.post(lagging, "/v1/query", &json!({"concept_path": "bulk/1", "consistency": "stale"})).await?;
+        if status == 503 && body["error"]["code"] == json!("replica_catching_up") {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "node {lagging} never started installing: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Mid-install: half the ranges are new. Kill it there, restart it without the pause.
+    cluster.kill(lagging);
+    cluster.set_env("STEMEDB_TESTING_SNAPSHOT_INSTALL_PAUSE_MS", None);
+    cluster.restart(lagging).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !applied_index(&cluster, lagging).await.is_some_and(|i| i >= target) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node {lagging} did not catch up: {}",
+            cluster.log_tail(lagging, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Same applied index, same digest on every replica: nothing lost, nothing half-installed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut digests = Vec::new();
+        for id in cluster.running() {
+            let (status, body) = cluster.admin_get(id, "/cluster/shards/0/digest").await?;
+            anyhow::ensure!(status == 200, "digest of node {id}: {status} {body}");
+            digests.push((body["applied_index"].clone(), body["digest"].clone()));
+        }
+        if digests.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "replicas differ: {digests:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = cluster
+        .post(lagging, "/v1/query", &json!({"concept_path": "bulk/1", "lens": "all", "consistency": "stale"}))
+        .await?;
+    anyhow::ensure!(status == 200, "{status} {body}");
+    Ok(())
+}
