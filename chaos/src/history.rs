@@ -36,6 +36,9 @@ pub struct Op {
     pub invoke_us: u64,
     /// `None` for indeterminate operations (they never completed as far as we know).
     pub complete_us: Option<u64>,
+    /// When the client had its answer or gave up, whatever the outcome: what the client waited
+    /// (the failover measurement), unlike `complete_us`, which is what the checkers may assume.
+    pub answered_us: u64,
     pub outcome: Outcome,
     /// The node the client sent the request to.
     pub node: u64,

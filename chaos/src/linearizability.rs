@@ -236,6 +236,7 @@ mod tests {
             value,
             invoke_us: invoke,
             complete_us: complete,
+            answered_us: complete.unwrap_or(invoke),
             outcome,
             node: 1,
             error: None,

@@ -41,7 +41,11 @@ enum Command {
         /// Set-workload clients.
         #[arg(long, default_value_t = 2)]
         set_clients: u32,
-        /// Register keys.
+        /// Unkeyed-set clients: writes without a request_id, each sent once (default: the
+        /// scenario's; 0 turns the workload off).
+        #[arg(long)]
+        unkeyed_clients: Option<u32>,
+        /// Register keys, and keys of the unkeyed set.
         #[arg(long, default_value_t = 4)]
         keys: u32,
         /// Write the JSON report here.
@@ -68,6 +72,9 @@ async fn main() -> anyhow::Result<()> {
             for scenario in SCENARIOS {
                 let faults: Vec<String> = scenario.faults.iter().map(|f| f.name()).collect();
                 println!("{:<12} {} nodes  {}", scenario.name, scenario.default_nodes, scenario.description);
+                if scenario.unkeyed_clients > 0 {
+                    println!("{:<12}          + {} unkeyed-set clients", "", scenario.unkeyed_clients);
+                }
                 println!("{:<12}          faults: {}", "", faults.join(", "));
             }
             Ok(())
@@ -80,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
             seed,
             clients,
             set_clients,
+            unkeyed_clients,
             keys,
             report,
             stemedb,
@@ -120,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
                 seed,
                 register_clients: clients,
                 set_clients,
+                unkeyed_clients: unkeyed_clients.unwrap_or(scenario.unkeyed_clients),
                 keys,
                 stemedb,
                 data_root: data_dir,

@@ -12,11 +12,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use stemedb_cluster_tests::{ClusterOptions, TestCluster};
 
-use crate::history::{Op, OpCounts};
+use crate::history::{Op, OpCounts, OpKind, Outcome};
 use crate::linearizability::{self, StaleRead, Verdict};
 use crate::nemesis::{FaultKind, FaultRecord, Nemesis};
 use crate::scenario::Scenario;
-use crate::workload::{self, History, SetClientLog, Targets};
+use crate::workload::{self, Clients, History, SetClientLog, Targets};
 
 pub struct RunOptions {
     pub scenario: &'static Scenario,
@@ -26,6 +26,9 @@ pub struct RunOptions {
     pub seed: u64,
     pub register_clients: u32,
     pub set_clients: u32,
+    /// Unkeyed-set clients (0: none).
+    pub unkeyed_clients: u32,
+    /// Register keys, and keys of the unkeyed set.
     pub keys: u32,
     pub stemedb: PathBuf,
     pub data_root: Option<PathBuf>,
@@ -54,6 +57,29 @@ pub struct SetCheck {
     pub unreadable: Vec<(String, String)>,
 }
 
+/// The unkeyed set: writes without a `request_id`, each sent once, read back at the end.
+#[derive(Debug, Serialize)]
+pub struct UnkeyedCheck {
+    pub keys: usize,
+    pub sent: usize,
+    pub acknowledged: usize,
+    pub refused: usize,
+    /// Writes whose outcome the client never learned (timeouts, 5xx, dropped connections).
+    pub unknown: usize,
+    /// Of the unknown writes, those found (once) in the read-back: applied after all, fine.
+    pub unknown_landed: usize,
+    /// Values found more than once: applied twice although sent once.
+    pub duplicates: usize,
+    /// `[key, value, times found]` of each duplicated value.
+    pub duplicated: Vec<(String, i64, usize)>,
+    /// Acknowledged values missing from the read-back.
+    pub lost: Vec<(String, i64)>,
+    /// Values found that were refused or never sent.
+    pub unexpected: Vec<(String, i64)>,
+    /// Keys that could not be read back within 60 s of healing, with the last answer.
+    pub unreadable: Vec<(String, String)>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ReplicaCheck {
     pub shards_checked: usize,
@@ -74,6 +100,7 @@ pub struct Report {
     pub register_keys: BTreeMap<String, Verdict>,
     pub stale_reads: Vec<StaleRead>,
     pub set: SetCheck,
+    pub unkeyed: UnkeyedCheck,
     pub replicas: ReplicaCheck,
     pub anomalies: Vec<Anomaly>,
     pub result: &'static str,
@@ -116,19 +143,22 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(4).build()?;
     let started = Instant::now();
     let deadline = started + options.duration;
-    let mut registers = Vec::new();
-    for process in 0..options.register_clients {
-        registers.push(tokio::spawn(workload::register_client(
-            process,
-            keys.clone(),
-            targets.clone(),
-            history.clone(),
-            started,
-            deadline,
-            options.seed,
-            client.clone(),
-        )));
-    }
+    let registers = Clients {
+        keys,
+        targets: targets.clone(),
+        history: history.clone(),
+        started,
+        deadline,
+        seed: options.seed,
+        client: client.clone(),
+    };
+    let unkeyed_set = Clients {
+        keys: Arc::new((0..options.keys).map(|k| format!("chaos/{run_tag}/unkeyed/{k}")).collect()),
+        history: Arc::new(History::default()),
+        ..registers.clone()
+    };
+    let register_tasks = spawn_clients(options.register_clients, |p| workload::register_client(p, registers.clone()));
+    let unkeyed_tasks = spawn_clients(options.unkeyed_clients, |p| workload::unkeyed_client(p, unkeyed_set.clone()));
     let mut sets = Vec::new();
     for process in 0..options.set_clients {
         let path = format!("chaos/{run_tag}/set/{process}");
@@ -152,7 +182,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
     let crashed = std::mem::take(&mut nemesis.crashed);
     let small_disks = nemesis.small_disks.clone();
     drop(nemesis);
-    for task in registers {
+    for task in register_tasks.into_iter().chain(unkeyed_tasks) {
         let _ = task.await;
     }
     let mut set_logs = Vec::new();
@@ -233,6 +263,41 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
             });
         }
     }
+    let unkeyed_ops = unkeyed_set.history.take();
+    let unkeyed = check_unkeyed(&cluster, &unkeyed_set.keys, &unkeyed_ops).await;
+    for (key, last_answer) in &unkeyed.unreadable {
+        anomalies.push(Anomaly {
+            kind: "unavailable_after_heal",
+            message: format!(
+                "{key} could not be read for 60 s after every fault was healed; last answer: {last_answer}"
+            ),
+            ops: vec![],
+        });
+    }
+    let sent_op = |key: &str, value: i64| {
+        unkeyed_ops.iter().filter(|o| o.key == key && o.value == Some(value)).cloned().collect::<Vec<_>>()
+    };
+    for (key, value, count) in &unkeyed.duplicated {
+        anomalies.push(Anomaly {
+            kind: "duplicate_write",
+            message: format!("value {value} of {key} appears {count} times; it was sent once, without a request_id"),
+            ops: sent_op(key, *value),
+        });
+    }
+    for (key, value) in &unkeyed.lost {
+        anomalies.push(Anomaly {
+            kind: "lost_write",
+            message: format!("acknowledged value {value} of {key} is missing"),
+            ops: sent_op(key, *value),
+        });
+    }
+    for (key, value) in &unkeyed.unexpected {
+        anomalies.push(Anomaly {
+            kind: "unexpected_write",
+            message: format!("value {value} of {key} appears but was refused or never sent"),
+            ops: sent_op(key, *value),
+        });
+    }
     let replicas = check_replicas(&cluster, options.shards).await;
     for divergence in &replicas.diverged {
         anomalies.push(Anomaly { kind: "replicas_diverged", message: divergence.to_string(), ops: vec![] });
@@ -264,10 +329,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
         register_keys,
         stale_reads,
         set,
+        unkeyed,
         replicas,
         anomalies,
         result,
     })
+}
+
+/// Starts `count` clients, numbered from 0, as tasks.
+fn spawn_clients<F, T>(count: u32, client: impl Fn(u32) -> F) -> Vec<tokio::task::JoinHandle<T>>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    (0..count).map(|process| tokio::spawn(client(process))).collect()
 }
 
 /// Reads every set path back (linearizable, retried while the cluster recovers) and compares
@@ -290,10 +365,7 @@ async fn check_sets(cluster: &TestCluster, logs: &[SetClientLog]) -> SetCheck {
                 continue;
             }
         };
-        let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
-        for value in values {
-            *counts.entry(value).or_default() += 1;
-        }
+        let counts = tally(values);
         for value in &log.acknowledged {
             if !counts.contains_key(value) {
                 check.lost.push((log.concept_path.clone(), *value));
@@ -309,6 +381,68 @@ async fn check_sets(cluster: &TestCluster, logs: &[SetClientLog]) -> SetCheck {
             }
         }
     }
+    check
+}
+
+/// How many times each value occurs.
+fn tally(values: Vec<i64>) -> BTreeMap<i64, usize> {
+    let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+    for value in values {
+        *counts.entry(value).or_default() += 1;
+    }
+    counts
+}
+
+/// Reads every unkeyed-set key back and compares with what was sent to it (`ops`: the unkeyed
+/// clients' writes).
+async fn check_unkeyed(cluster: &TestCluster, keys: &[String], ops: &[Op]) -> UnkeyedCheck {
+    let count = |outcome: Outcome| ops.iter().filter(|o| o.outcome == outcome).count();
+    let mut check = UnkeyedCheck {
+        keys: keys.len(),
+        sent: ops.len(),
+        acknowledged: count(Outcome::Ok),
+        refused: count(Outcome::Fail),
+        unknown: count(Outcome::Indeterminate),
+        unknown_landed: 0,
+        duplicates: 0,
+        duplicated: vec![],
+        lost: vec![],
+        unexpected: vec![],
+        unreadable: vec![],
+    };
+    if ops.is_empty() {
+        return check;
+    }
+    for key in keys {
+        let counts = match read_all_values(cluster, key).await {
+            Ok(values) => tally(values),
+            Err(last_answer) => {
+                check.unreadable.push((key.clone(), last_answer));
+                continue;
+            }
+        };
+        let sent: BTreeMap<i64, Outcome> = ops
+            .iter()
+            .filter(|o| o.kind == OpKind::Write && o.key == *key)
+            .filter_map(|o| Some((o.value?, o.outcome)))
+            .collect();
+        for (value, outcome) in &sent {
+            if *outcome == Outcome::Ok && !counts.contains_key(value) {
+                check.lost.push((key.clone(), *value));
+            }
+        }
+        for (value, found) in counts {
+            if found > 1 {
+                check.duplicated.push((key.clone(), value, found));
+            }
+            match sent.get(&value) {
+                Some(Outcome::Ok) => {}
+                Some(Outcome::Indeterminate) => check.unknown_landed += 1,
+                Some(Outcome::Fail) | None => check.unexpected.push((key.clone(), value)),
+            }
+        }
+    }
+    check.duplicates = check.duplicated.len();
     check
 }
 
@@ -414,6 +548,22 @@ pub fn summary(report: &Report) -> String {
         report.set.unknown_outcomes,
         report.set.unreadable.len()
     ));
+    let u = &report.unkeyed;
+    if u.sent > 0 {
+        out.push_str(&format!(
+            "unkeyed set (no request_id, each write sent once): {} sent to {} keys, {} acknowledged / {} refused / {} unknown ({} of them landed); duplicates: {}, lost: {}, unexpected: {}, unreadable: {}\n",
+            u.sent,
+            u.keys,
+            u.acknowledged,
+            u.refused,
+            u.unknown,
+            u.unknown_landed,
+            u.duplicates,
+            u.lost.len(),
+            u.unexpected.len(),
+            u.unreadable.len()
+        ));
+    }
     out.push_str(&format!(
         "replicas: {} shards compared, {} diverged\n",
         report.replicas.shards_checked,

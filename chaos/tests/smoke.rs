@@ -33,6 +33,8 @@ fn smoke_scenario_passes() {
     assert!(report["faults"].as_array().is_some_and(|f| !f.is_empty()), "no fault was injected");
     assert!(report["register_ops"]["writes_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
     assert!(report["register_ops"]["reads_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
+    assert!(report["unkeyed"]["acknowledged"].as_u64().unwrap_or(0) > 50, "{}", report["unkeyed"]);
+    assert_eq!(report["unkeyed"]["duplicates"].as_u64(), Some(0), "{}", report["unkeyed"]);
     let _ = std::fs::remove_dir_all(dir);
 }
 
