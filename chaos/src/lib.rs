@@ -3,6 +3,7 @@
 //! the histories (linearizability of registers, lost and duplicated writes, replica
 //! convergence) and writes a report. See docs/reliability.md.
 
+pub mod failover;
 pub mod history;
 pub mod linearizability;
 pub mod nemesis;

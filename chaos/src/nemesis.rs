@@ -47,6 +47,10 @@ pub struct FaultRecord {
     pub at_s: f64,
     pub healed_at_s: Option<f64>,
     pub detail: String,
+    /// The nodes the fault hit: killed, paused, wiped, given bad links or a full disk, or cut
+    /// off from the majority. Requests through the other nodes are the ones that should not
+    /// notice more than a leader election (the failover measurement).
+    pub nodes: Vec<u64>,
 }
 
 /// The nemesis's state over one run.
@@ -113,31 +117,32 @@ impl<'a> Nemesis<'a> {
             let hold = Duration::from_millis(self.rng.random_range(3000..8000));
             let hold_until = (Instant::now() + hold).min(deadline);
             let at_s = self.now_s();
-            let detail = self.inject(kind, hold_until).await;
+            let (detail, nodes) = self.inject(kind, hold_until).await;
             println!("[{at_s:7.1}s] fault {}: {detail}", kind.name());
             tokio::time::sleep(hold_until.saturating_duration_since(Instant::now())).await;
             self.heal(kind).await;
             let healed_at_s = self.now_s();
             println!("[{healed_at_s:7.1}s] healed {}", kind.name());
-            self.records.push(FaultRecord { kind, at_s, healed_at_s: Some(healed_at_s), detail });
+            self.records.push(FaultRecord { kind, at_s, healed_at_s: Some(healed_at_s), detail, nodes });
         }
     }
 
-    /// Injects one fault; returns what it did.
-    async fn inject(&mut self, kind: FaultKind, hold_until: Instant) -> String {
+    /// Injects one fault; returns what it did and the nodes it hit.
+    async fn inject(&mut self, kind: FaultKind, hold_until: Instant) -> (String, Vec<u64>) {
+        let none = |detail: &str| (detail.to_string(), Vec::new());
         let ids = self.node_ids();
         match kind {
             FaultKind::Kill => {
                 // Never more than a minority down at once: one fault at a time, so one node.
-                let Some(id) = self.random_running() else { return "no running node".into() };
+                let Some(id) = self.random_running() else { return none("no running node") };
                 self.cluster.kill(id);
                 self.set_target(id, false);
-                format!("killed node {id}")
+                (format!("killed node {id}"), vec![id])
             }
             FaultKind::Pause => {
-                let Some(id) = self.random_running() else { return "no running node".into() };
+                let Some(id) = self.random_running() else { return none("no running node") };
                 self.cluster.pause(id);
-                format!("paused node {id}")
+                (format!("paused node {id}"), vec![id])
             }
             FaultKind::PartitionLeader => {
                 let shard = self.rng.random_range(0..self.shards);
@@ -145,9 +150,9 @@ impl<'a> Nemesis<'a> {
                 match leader {
                     Some(leader) => {
                         self.cluster.isolate(leader);
-                        format!("isolated node {leader}, leader of shard {shard}")
+                        (format!("isolated node {leader}, leader of shard {shard}"), vec![leader])
                     }
-                    None => "no leader found".into(),
+                    None => none("no leader found"),
                 }
             }
             FaultKind::MajorityMinority => {
@@ -155,7 +160,7 @@ impl<'a> Nemesis<'a> {
                 shuffled.shuffle(&mut self.rng);
                 let (minority, majority) = shuffled.split_at(ids.len() / 2);
                 self.cluster.partition(minority, majority);
-                format!("split {minority:?} | {majority:?}")
+                (format!("split {minority:?} | {majority:?}"), minority.to_vec())
             }
             FaultKind::Bridge => {
                 let mut shuffled = ids.clone();
@@ -164,7 +169,8 @@ impl<'a> Nemesis<'a> {
                 let rest = &shuffled[1..];
                 let (a, b) = rest.split_at(rest.len() / 2);
                 self.cluster.partition(a, b);
-                format!("bridge {bridge} between {a:?} and {b:?}")
+                // Each half still reaches a majority through the bridge: no node is cut off.
+                (format!("bridge {bridge} between {a:?} and {b:?}"), Vec::new())
             }
             FaultKind::Ring => {
                 let mut ring = ids.clone();
@@ -178,10 +184,11 @@ impl<'a> Nemesis<'a> {
                         }
                     }
                 }
-                format!("ring {ring:?} (each node reaches only its neighbours)")
+                // Each node still reaches a majority (itself and two neighbours of 3 to 5 nodes).
+                (format!("ring {ring:?} (each node reaches only its neighbours)"), Vec::new())
             }
             FaultKind::SlowLinks | FaultKind::LossyLinks | FaultKind::Blackhole => {
-                let Some(id) = ids.choose(&mut self.rng).copied() else { return String::new() };
+                let Some(id) = ids.choose(&mut self.rng).copied() else { return none("") };
                 let fault = match kind {
                     FaultKind::SlowLinks => LinkFault::Delay { base_ms: 100, jitter_ms: 80 },
                     FaultKind::LossyLinks => LinkFault::Lossy { per_mille: 30, delay_ms: 5 },
@@ -192,7 +199,7 @@ impl<'a> Nemesis<'a> {
                         self.cluster.set_link_fault(from, to, fault);
                     }
                 }
-                format!("links of node {id}: {fault:?}")
+                (format!("links of node {id}: {fault:?}"), vec![id])
             }
             FaultKind::TransferLeader => {
                 let mut transfers = 0;
@@ -211,30 +218,30 @@ impl<'a> Nemesis<'a> {
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                format!("{transfers} leader transfers requested")
+                none(&format!("{transfers} leader transfers requested"))
             }
             FaultKind::Membership => {
-                let Some(via) = self.random_running() else { return "no running node".into() };
+                let Some(via) = self.random_running() else { return none("no running node") };
                 match self.cluster.add_joining_node(via).await {
                     Ok(id) => {
                         self.set_target(id, true);
-                        format!("added node {id} through node {via}")
+                        none(&format!("added node {id} through node {via}"))
                     }
-                    Err(error) => format!("adding a node failed: {error}"),
+                    Err(error) => none(&format!("adding a node failed: {error}")),
                 }
             }
             FaultKind::DiskFull => {
                 let Some(id) = self.small_disks.choose(&mut self.rng).copied() else {
-                    return "no node has a small disk (mounting one needs root); skipped".into();
+                    return none("no node has a small disk (mounting one needs root); skipped");
                 };
                 let ballast = self.cluster.node(id).data_dir.join("ballast");
                 let written = fill(&ballast);
-                format!("filled node {id}'s disk ({} MiB of ballast)", written >> 20)
+                (format!("filled node {id}'s disk ({} MiB of ballast)", written >> 20), vec![id])
             }
             FaultKind::Wipe => {
-                let Some(id) = self.random_running() else { return "no running node".into() };
+                let Some(id) = self.random_running() else { return none("no running node") };
                 let Some(via) = self.cluster.running().into_iter().find(|other| *other != id) else {
-                    return "no other node".into();
+                    return none("no other node");
                 };
                 self.set_target(id, false);
                 // What the other replicas have applied now: the wiped node must get there.
@@ -246,13 +253,14 @@ impl<'a> Nemesis<'a> {
                         // been rebuilt loses a majority's data, which no RF-3 system survives.
                         let started = Instant::now();
                         let caught_up = self.wait_caught_up(id, &targets, Duration::from_secs(120)).await;
-                        format!(
+                        let detail = format!(
                             "wiped node {id} and rejoined it through node {via}; {} after {:.1} s",
                             if caught_up { "caught up" } else { "NOT caught up" },
                             started.elapsed().as_secs_f64()
-                        )
+                        );
+                        (detail, vec![id])
                     }
-                    Err(error) => format!("wiping node {id} failed: {error}"),
+                    Err(error) => (format!("wiping node {id} failed: {error}"), vec![id]),
                 }
             }
         }

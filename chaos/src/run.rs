@@ -12,11 +12,16 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use stemedb_cluster_tests::{ClusterOptions, TestCluster};
 
+use crate::failover::{self, Failover};
 use crate::history::{Op, OpCounts, OpKind, Outcome};
 use crate::linearizability::{self, StaleRead, Verdict};
 use crate::nemesis::{FaultKind, FaultRecord, Nemesis};
 use crate::scenario::Scenario;
 use crate::workload::{self, Clients, History, SetClientLog, Targets};
+
+/// The nodes' `raft.election_timeout_max_ms` when the run's environment does not set it (the
+/// node's default; the harness leaves it alone).
+const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 1200;
 
 pub struct RunOptions {
     pub scenario: &'static Scenario,
@@ -101,6 +106,8 @@ pub struct Report {
     pub stale_reads: Vec<StaleRead>,
     pub set: SetCheck,
     pub unkeyed: UnkeyedCheck,
+    /// How long requests through the nodes each fault did not hit waited.
+    pub failover: Failover,
     pub replicas: ReplicaCheck,
     pub anomalies: Vec<Anomaly>,
     pub result: &'static str,
@@ -298,6 +305,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
             ops: sent_op(key, *value),
         });
     }
+    let election_timeout_max_ms = options
+        .env
+        .iter()
+        .find(|(name, _)| name == "STEMEDB_RAFT_ELECTION_TIMEOUT_MAX_MS")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(DEFAULT_ELECTION_TIMEOUT_MAX_MS);
+    let all_ops: Vec<&Op> = ops.iter().chain(&unkeyed_ops).collect();
+    let failover = failover::measure(&faults, &all_ops, election_timeout_max_ms);
     let replicas = check_replicas(&cluster, options.shards).await;
     for divergence in &replicas.diverged {
         anomalies.push(Anomaly { kind: "replicas_diverged", message: divergence.to_string(), ops: vec![] });
@@ -330,6 +345,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
         stale_reads,
         set,
         unkeyed,
+        failover,
         replicas,
         anomalies,
         result,
@@ -564,6 +580,7 @@ pub fn summary(report: &Report) -> String {
             u.unreadable.len()
         ));
     }
+    out.push_str(&failover_summary(&report.failover));
     out.push_str(&format!(
         "replicas: {} shards compared, {} diverged\n",
         report.replicas.shards_checked,
@@ -591,6 +608,31 @@ pub fn summary(report: &Report) -> String {
                 ));
             }
         }
+    }
+    out
+}
+
+/// The failover part of the summary: per fault class, the worst wait and write gap through
+/// healthy nodes, each fault's, and the target.
+fn failover_summary(failover: &Failover) -> String {
+    if failover.by_class.is_empty() {
+        return String::new();
+    }
+    let list = |values: &[f64]| values.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(" ");
+    let worst = |value: Option<f64>| value.map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into());
+    let mut out = format!(
+        "failover through healthy nodes (target < {:.1} s = raft.election_timeout_max_ms {} ms + 1 s; reported, not checked):\n",
+        failover.target_s, failover.election_timeout_max_ms
+    );
+    for (class, numbers) in &failover.by_class {
+        out.push_str(&format!(
+            "  {class:<18} {} faults  longest wait {}  longest write gap {}  waits [{}]  gaps [{}]\n",
+            numbers.faults,
+            worst(numbers.longest_wait_s),
+            worst(numbers.longest_write_gap_s),
+            list(&numbers.waits_s),
+            list(&numbers.write_gaps_s)
+        ));
     }
     out
 }
