@@ -12,6 +12,8 @@
 //!   the first of those writes that was acknowledged; the largest over the keys. Observation
 //!   ends when the next fault starts (or at the last answer of the run): a key still without an
 //!   acknowledged write then gives a lower bound (`gap_open`).
+//!
+//! The probe's operations are left out: its write retries on purpose through one partition.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +21,7 @@ use serde::Serialize;
 
 use crate::history::{Op, OpKind, Outcome};
 use crate::nemesis::FaultRecord;
+use crate::probe::PROBE_PROCESS;
 
 /// What one fault cost the healthy nodes' clients.
 #[derive(Debug, Clone, Serialize)]
@@ -69,6 +72,7 @@ fn secs(us: u64) -> f64 {
 
 /// Measures every fault of `faults` (in injection order) over `ops` (any histories' operations).
 pub fn measure(faults: &[FaultRecord], ops: &[&Op], election_timeout_max_ms: u64) -> Failover {
+    let ops: Vec<&Op> = ops.iter().copied().filter(|o| o.process != PROBE_PROCESS).collect();
     let last_answer_us = ops.iter().map(|o| o.answered_us).max().unwrap_or(0);
     let to_us = |s: f64| (s * 1e6) as u64;
     let mut windows = Vec::new();

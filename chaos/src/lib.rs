@@ -7,6 +7,7 @@ pub mod failover;
 pub mod history;
 pub mod linearizability;
 pub mod nemesis;
+pub mod probe;
 pub mod run;
 pub mod scenario;
 pub mod workload;

@@ -3,6 +3,11 @@
 //! partitions through the link proxies (isolate a shard leader, majority/minority, bridge,
 //! ring), slow, lossy and blackholed links, leader transfers in a loop, a node added and
 //! removed under load, and a node restarted with its data dir wiped.
+//!
+//! Faults come in rounds: every kind of the scenario once, in an order the seed shuffles, before
+//! any kind repeats, so a run long enough for one round exercises every fault it names. The
+//! partition faults that cut one node off from the majority also run the stale-read probe
+//! (see `probe.rs`) when it is enabled.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +18,7 @@ use serde::Serialize;
 use serde_json::json;
 use stemedb_cluster_tests::{LinkFault, TestCluster};
 
+use crate::probe::{Prepared, Probe};
 use crate::workload::Targets;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +73,12 @@ pub struct Nemesis<'a> {
     pub crashed: Vec<u64>,
     /// Nodes a membership fault decommissioned (they stay down).
     removed: Vec<u64>,
+    /// The fault kinds left in the current round.
+    round: Vec<FaultKind>,
+    /// Runs around partitions that cut a node off, when set.
+    pub probe: Option<Probe>,
+    /// When the fault being injected took effect, if not when its injection began.
+    took_effect_s: Option<f64>,
 }
 
 impl<'a> Nemesis<'a> {
@@ -81,7 +93,21 @@ impl<'a> Nemesis<'a> {
             small_disks: Vec::new(),
             crashed: Vec::new(),
             removed: Vec::new(),
+            round: Vec::new(),
+            probe: None,
+            took_effect_s: None,
         }
+    }
+
+    /// The next fault kind: the rest of the current round, or a new round, shuffled.
+    fn next_kind(&mut self, kinds: &[FaultKind]) -> FaultKind {
+        if self.round.is_empty() {
+            self.round = kinds.to_vec();
+            self.round.shuffle(&mut self.rng);
+            // Popped from the end: reverse so the round runs in the shuffled order as printed.
+            self.round.reverse();
+        }
+        self.round.pop().unwrap_or(kinds[0])
     }
 
     fn now_s(&self) -> f64 {
@@ -113,11 +139,18 @@ impl<'a> Nemesis<'a> {
         while Instant::now() + Duration::from_secs(4) < deadline && !kinds.is_empty() {
             let quiet = Duration::from_millis(self.rng.random_range(1000..3000));
             tokio::time::sleep(quiet.min(deadline.saturating_duration_since(Instant::now()))).await;
-            let kind = kinds[self.rng.random_range(0..kinds.len())];
+            let kind = self.next_kind(kinds);
             let hold = Duration::from_millis(self.rng.random_range(3000..8000));
             let hold_until = (Instant::now() + hold).min(deadline);
-            let at_s = self.now_s();
-            let (detail, nodes) = self.inject(kind, hold_until).await;
+            let chosen_s = self.now_s();
+            let probes_before = self.probe.as_ref().map_or(0, |p| p.records.len());
+            self.took_effect_s = None;
+            let (mut detail, nodes) = self.inject(kind, hold_until).await;
+            // A fault with a probe takes effect after the probe's first write, not when chosen.
+            let at_s = self.took_effect_s.take().unwrap_or(chosen_s);
+            if let Some(probe) = self.probe.as_ref().and_then(|p| p.records.get(probes_before)) {
+                detail.push_str(&format!("; probe on shard {}: {} ({})", probe.shard, probe.result, probe.detail));
+            }
             println!("[{at_s:7.1}s] fault {}: {detail}", kind.name());
             tokio::time::sleep(hold_until.saturating_duration_since(Instant::now())).await;
             self.heal(kind).await;
@@ -146,10 +179,15 @@ impl<'a> Nemesis<'a> {
             }
             FaultKind::PartitionLeader => {
                 let shard = self.rng.random_range(0..self.shards);
-                let leader = self.leader_of(shard).await;
+                // Right after a heal the shard may still be electing: wait for a leader.
+                let leader = self.wait_leader_of(shard, Duration::from_secs(10)).await;
                 match leader {
                     Some(leader) => {
+                        let prepared = self.probe_prepare(kind, shard, leader).await;
+                        self.took_effect_s = Some(self.now_s());
                         self.cluster.isolate(leader);
+                        let majority: Vec<u64> = ids.iter().copied().filter(|id| *id != leader).collect();
+                        self.probe_finish(prepared, &majority).await;
                         (format!("isolated node {leader}, leader of shard {shard}"), vec![leader])
                     }
                     None => none("no leader found"),
@@ -159,7 +197,16 @@ impl<'a> Nemesis<'a> {
                 let mut shuffled = ids.clone();
                 shuffled.shuffle(&mut self.rng);
                 let (minority, majority) = shuffled.split_at(ids.len() / 2);
+                // The probe reads through one minority node, on a shard it hosts.
+                let mut prepared = None;
+                if let Some(cut) = minority.first().copied() {
+                    if let Some(shard) = self.random_hosted_shard(cut).await {
+                        prepared = self.probe_prepare(kind, shard, cut).await;
+                    }
+                }
+                self.took_effect_s = Some(self.now_s());
                 self.cluster.partition(minority, majority);
+                self.probe_finish(prepared, majority).await;
                 (format!("split {minority:?} | {majority:?}"), minority.to_vec())
             }
             FaultKind::Bridge => {
@@ -264,6 +311,32 @@ impl<'a> Nemesis<'a> {
                 }
             }
         }
+    }
+
+    /// The probe's step before a fault that cuts `node` off (nothing without a probe).
+    async fn probe_prepare(&mut self, fault: FaultKind, shard: u16, node: u64) -> Option<Prepared> {
+        self.probe.as_mut()?.prepare(self.cluster, fault, shard, node).await
+    }
+
+    /// The probe's steps once the node is cut off: a write through a random node of `majority`,
+    /// then the read through the cut-off node.
+    async fn probe_finish(&mut self, prepared: Option<Prepared>, majority: &[u64]) {
+        let (Some(prepared), Some(probe)) = (prepared, self.probe.as_mut()) else { return };
+        if let Some(via) = majority.choose(&mut self.rng).copied() {
+            probe.finish(self.cluster, prepared, via).await;
+        }
+    }
+
+    /// A random shard that `node` hosts (as `node` sees it), if any.
+    async fn random_hosted_shard(&mut self, node: u64) -> Option<u16> {
+        let mut shards: Vec<u16> = (0..self.shards).collect();
+        shards.shuffle(&mut self.rng);
+        for shard in shards {
+            if let Some((true, _)) = self.cluster.shard_view(node, shard).await {
+                return Some(shard);
+            }
+        }
+        None
     }
 
     async fn heal(&mut self, kind: FaultKind) {
@@ -374,6 +447,18 @@ impl<'a> Nemesis<'a> {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// [`Nemesis::leader_of`], asked again every 100 ms until `timeout`.
+    async fn wait_leader_of(&self, shard: u16, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self.leader_of(shard).await;
+            if leader.is_some() || Instant::now() > deadline {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

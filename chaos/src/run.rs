@@ -16,6 +16,7 @@ use crate::failover::{self, Failover};
 use crate::history::{Op, OpCounts, OpKind, Outcome};
 use crate::linearizability::{self, StaleRead, Verdict};
 use crate::nemesis::{FaultKind, FaultRecord, Nemesis};
+use crate::probe::{Probe, ProbeRecord};
 use crate::scenario::Scenario;
 use crate::workload::{self, Clients, History, SetClientLog, Targets};
 
@@ -106,6 +107,8 @@ pub struct Report {
     pub stale_reads: Vec<StaleRead>,
     pub set: SetCheck,
     pub unkeyed: UnkeyedCheck,
+    /// The stale-read probes run around partitions (see `probe.rs`).
+    pub probes: Vec<ProbeRecord>,
     /// How long requests through the nodes each fault did not hit waited.
     pub failover: Failover,
     pub replicas: ReplicaCheck,
@@ -183,10 +186,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
     if small_disk.is_some() {
         nemesis.small_disks.push(1);
     }
+    nemesis.probe = Some(Probe::new(history.clone(), client.clone(), run_tag.clone(), started));
     nemesis.run(options.scenario.faults, deadline).await;
     nemesis.heal_all().await;
     let faults = std::mem::take(&mut nemesis.records);
     let crashed = std::mem::take(&mut nemesis.crashed);
+    let probes = nemesis.probe.take().map(|p| p.records).unwrap_or_default();
     let small_disks = nemesis.small_disks.clone();
     drop(nemesis);
     for task in register_tasks.into_iter().chain(unkeyed_tasks) {
@@ -345,6 +350,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
         stale_reads,
         set,
         unkeyed,
+        probes,
         failover,
         replicas,
         anomalies,
@@ -579,6 +585,14 @@ pub fn summary(report: &Report) -> String {
             u.unexpected.len(),
             u.unreadable.len()
         ));
+    }
+    if !report.probes.is_empty() {
+        let mut results: BTreeMap<&str, usize> = BTreeMap::new();
+        for probe in &report.probes {
+            *results.entry(probe.result).or_default() += 1;
+        }
+        let results: Vec<String> = results.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        out.push_str(&format!("stale-read probes: {}\n", results.join(", ")));
     }
     out.push_str(&failover_summary(&report.failover));
     out.push_str(&format!(
