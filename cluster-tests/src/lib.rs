@@ -219,6 +219,8 @@ impl TestCluster {
                 Some(admin) => ["--join", admin.as_str()],
                 None => ["--initial-cluster", self.initial_cluster.as_str()],
             })
+            // The harness's own variable, not a node setting (nodes refuse unknown STEMEDB_*).
+            .env_remove("STEMEDB_BIN")
             .env("STEMEDB_CLUSTER_SHARDS", self.options.shards.to_string())
             .env("STEMEDB_CLUSTER_PEER_DIAL_OVERRIDES", overrides.join(","))
             .env("STEMEDB_STORAGE_MAX_CACHE_SIZE_MB", "16")

@@ -1001,16 +1001,40 @@ impl ShardSet {
     async fn read_barrier_once(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         let deadline = Instant::now() + timeout;
-        let leader = self.wait_for_leader(group, deadline).await?;
-        let read_index = if leader == self.node_id {
+        let read_index = loop {
+            let leader = self.wait_for_leader(group, deadline).await?;
+            let attempt_deadline = deadline.min(Instant::now() + self.forward_attempt_timeout);
             // Bounded like every other step: a leader cut off from its followers must answer
-            // within the request's time, not whenever its heartbeats give up.
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            tokio::time::timeout(remaining, self.local_read_index(shard))
-                .await
-                .map_err(|_| ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 })??
-        } else {
-            self.ask_leader::<(), u64>(group, leader, "read_index", &(), deadline).await?
+            // within the request's time, not whenever its heartbeats give up. A read index
+            // changes nothing, so when the leader changes (a paused or isolated one never
+            // answers) the next one is simply asked.
+            let attempt = async {
+                if leader == self.node_id {
+                    self.local_read_index(shard).await
+                } else {
+                    self.ask_leader::<(), u64>(group, leader, "read_index", &(), attempt_deadline).await
+                }
+            };
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout(attempt_deadline.saturating_duration_since(Instant::now()), attempt) => {
+                    outcome.ok()
+                }
+                _ = self.await_leader_change(group, leader, attempt_deadline) => None,
+            };
+            match outcome {
+                Some(Ok(index)) => break index,
+                Some(Err(
+                    error @ (ConsensusError::QueryMemoryExceeded { .. } | ConsensusError::UnknownShard { .. }),
+                )) => return Err(error),
+                Some(Err(error)) if Instant::now() >= deadline => return Err(error),
+                Some(Err(_)) => {
+                    self.await_leader_change(group, leader, deadline.min(Instant::now() + RETRY_PAUSE)).await
+                }
+                None if Instant::now() >= deadline => {
+                    return Err(ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 })
+                }
+                None => {}
+            }
         };
         // Usually applied already: skip openraft's Wait, which clones the metrics to check.
         if group.reader.applied_index() >= read_index {
