@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
-use stemedb::cluster::policy::{Policy, PolicyCommand};
-use stemedb::cluster::quarantine::QuarantineRules;
+use stemedb::meta::policy::{Policy, PolicyCommand};
+use stemedb::meta::quarantine::QuarantineRules;
 
 const GRANTS: usize = 10_000;
 const DEPTH: usize = 8;

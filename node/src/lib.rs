@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod meta;
 pub mod metrics;
 pub mod model;
 pub mod raft;

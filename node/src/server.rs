@@ -198,9 +198,9 @@ pub async fn run(
             config.cluster.replication_factor,
             &raft_settings(&config),
             peers,
-            crate::cluster::policy::Policy::new(
+            crate::meta::policy::Policy::new(
                 config.authority.max_chain_depth,
-                crate::cluster::quarantine::QuarantineRules::from_config(&config),
+                crate::meta::quarantine::QuarantineRules::from_config(&config),
             ),
         )
         .await?,
@@ -214,7 +214,8 @@ pub async fn run(
     if recovering {
         shards.arm_vote_guards();
     }
-    let metrics = Metrics::new(config.node.id);
+    let layers = crate::storage::metrics::collectors().into_iter().chain(crate::raft::metrics::collectors()).collect();
+    let metrics = Metrics::new(config.node.id, layers);
     let api_addr: SocketAddr = listeners.api.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
     let admin_addr: SocketAddr = listeners.admin.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
     let raft_addr: SocketAddr = listeners.raft.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
@@ -629,7 +630,7 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     node_gauge(context, "stemedb_circuit_breakers_open", "Agents whose circuit breaker is open or half-open", |c| {
         let now = crate::model::id::now_us();
         c.shards.policy().read(|s| {
-            s.breakers.values().filter(|b| b.state_at(now) != crate::cluster::policy::BreakerState::Closed).count()
+            s.breakers.values().filter(|b| b.state_at(now) != crate::meta::policy::BreakerState::Closed).count()
         }) as f64
     });
     node_gauge(
@@ -709,7 +710,7 @@ fn record_config_roots(
                 if shards.policy().read(|s| s.authorities.root_level(&root.agent_id, u64::MAX)) == Some(root.level) {
                     break;
                 }
-                let command = crate::cluster::policy::PolicyCommand::SetRoot {
+                let command = crate::meta::policy::PolicyCommand::SetRoot {
                     agent_id: root.agent_id.clone(),
                     level: Some(root.level),
                 };

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 use crate::api::{ApiError, AppState};
-use crate::cluster::meta::{MetaCommand, MetaState, MoveCause, NodeStatus, META_SHARD};
 use crate::error::ErrorCode;
+use crate::meta::{MetaCommand, MetaState, MoveCause, NodeStatus, META_SHARD};
 use crate::raft::shards::ShardStatus;
 use crate::raft::types::GroupAdmin;
 

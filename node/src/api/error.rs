@@ -90,14 +90,14 @@ impl From<ConsensusError> for ApiError {
     }
 }
 
-impl From<crate::cluster::meta::MetaError> for ApiError {
-    fn from(error: crate::cluster::meta::MetaError) -> ApiError {
+impl From<crate::meta::MetaError> for ApiError {
+    fn from(error: crate::meta::MetaError) -> ApiError {
         ApiError::new(error.code(), error.to_string()).with_details(variant_fields(&error))
     }
 }
 
-impl From<crate::cluster::policy::PolicyError> for ApiError {
-    fn from(error: crate::cluster::policy::PolicyError) -> ApiError {
+impl From<crate::meta::policy::PolicyError> for ApiError {
+    fn from(error: crate::meta::policy::PolicyError) -> ApiError {
         ApiError::new(error.code(), error.to_string()).with_details(variant_fields(&error))
     }
 }

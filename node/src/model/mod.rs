@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 /// Errors about the content of a request or the state of an assertion. Each variant has one
 /// stable [`ErrorCode`] (and so one HTTP status and gRPC code).
+/// A node's id in the cluster (1 and up); a node's Raft address travels beside it.
+pub type NodeId = u64;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
 #[serde(tag = "code", rename_all = "snake_case")]
 pub enum ModelError {

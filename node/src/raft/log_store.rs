@@ -97,32 +97,43 @@ impl RaftLogReader<TypeConfig> for LogStore {
     /// their stored size stays under [`MAX_APPEND_BYTES`]. openraft gives each AppendEntries
     /// one heartbeat interval; a byte bound, not an entry count, keeps any backlog moving.
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageIoError> {
-        let from = keys::log_key(self.group, start);
-        let to = keys::log_key(self.group, end);
-        let mut entries = Vec::new();
-        let mut bytes = 0usize;
-        let mut failure = None;
-        blocking(|| {
-            self.storage.for_each_in_range(ColumnFamily::RaftLog, &from, &to, |_, value| {
-                if !entries.is_empty() && bytes + value.len() > MAX_APPEND_BYTES {
+        let (from, to) = (keys::log_key(self.group, start), keys::log_key(self.group, end));
+        let storage = self.storage.clone();
+        let (pool_from, pool_to) = (from.clone(), to.clone());
+        // On the storage read pool: a far-behind follower's entries come from disk. A failure
+        // here would be fatal to the group, so a full pool means reading off the worker instead.
+        match crate::storage::read_pool::read_pool().run(move || read_limited(&storage, &pool_from, &pool_to)).await {
+            Ok(result) => result,
+            Err(_) => blocking(|| read_limited(&self.storage, &from, &to)),
+        }
+    }
+}
+
+/// Log entries in `[from, to)`, at least one, while their stored size stays under
+/// [`MAX_APPEND_BYTES`].
+fn read_limited(storage: &Storage, from: &[u8], to: &[u8]) -> Result<Vec<Entry>, StorageIoError> {
+    let mut entries = Vec::new();
+    let mut bytes = 0usize;
+    let mut failure = None;
+    storage
+        .for_each_in_range(ColumnFamily::RaftLog, from, to, |_, value| {
+            if !entries.is_empty() && bytes + value.len() > MAX_APPEND_BYTES {
+                return false;
+            }
+            bytes += value.len();
+            match LogStore::decode(value) {
+                Ok(entry) => entries.push(entry),
+                Err(error) => {
+                    failure = Some(error);
                     return false;
                 }
-                bytes += value.len();
-                match Self::decode(value) {
-                    Ok(entry) => entries.push(entry),
-                    Err(error) => {
-                        failure = Some(error);
-                        return false;
-                    }
-                }
-                true
-            })
+            }
+            true
         })
         .map_err(read_error)?;
-        match failure {
-            Some(error) => Err(error),
-            None => Ok(entries),
-        }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(entries),
     }
 }
 
@@ -179,9 +190,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = serde_json::to_vec(&entry).map_err(write_error)?;
             batch.put(ColumnFamily::RaftLog, keys::log_key(self.group, entry.log_id.index), bytes);
         }
-        // The fsync runs on the group-commit thread; the buffered write itself can still wait
-        // for a memtable flush under a write stall.
-        blocking(|| self.storage.write_group_commit(batch, Box::new(move |result| callback.log_io_completed(result))))
+        // A buffered write into the memtable (microseconds); the fsync that makes it durable
+        // runs on the group-commit thread, never here.
+        self.storage
+            .write_group_commit(batch, Box::new(move |result| callback.log_io_completed(result)))
             .map_err(write_error)
     }
 

@@ -590,3 +590,14 @@ mod tests {
         assert!(matches!(round_trip, ShardRead::Claims { memory_limit: Some(1048576), .. }), "{round_trip:?}");
     }
 }
+
+impl crate::meta::quarantine::RecentClaims for ShardReader {
+    fn recent_claims(
+        &self,
+        concept_path: &str,
+        predicate: &str,
+        limit: usize,
+    ) -> Result<Vec<ClaimFacts>, StorageError> {
+        ShardReader::recent_claims(self, concept_path, predicate, limit)
+    }
+}

@@ -19,9 +19,9 @@ use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
 use super::reader::{ClaimsRead, ShardRead, ShardReadResult, ShardReader};
 use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
-use crate::cluster::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
-use crate::cluster::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome};
 use crate::error::ErrorCode;
+use crate::meta::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome};
+use crate::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
 use crate::model::id::shard_for_path;
 use crate::storage::Storage;
 use stemedb_proto::raft::GroupMessage;
@@ -168,20 +168,7 @@ fn is_only_member(membership: &openraft::Membership<NodeId, BasicNode>, node: No
         && membership.nodes().count() == 1
 }
 
-/// Bootstrap placement: shard `s` gets `replication_factor` replicas (fewer if there are fewer
-/// members), the members starting at position `s mod n` in id order.
-pub fn place_replicas(
-    members: &BTreeMap<NodeId, String>,
-    shards: u16,
-    replication_factor: u16,
-) -> BTreeMap<u16, Vec<NodeId>> {
-    let ids: Vec<NodeId> = members.keys().copied().collect();
-    if ids.is_empty() {
-        return BTreeMap::new();
-    }
-    let count = (replication_factor.max(1) as usize).min(ids.len());
-    (0..shards).map(|s| (s, (0..count).map(|i| ids[(s as usize + i) % ids.len()]).collect())).collect()
-}
+pub use crate::meta::place_replicas;
 
 /// Raft tunables from the `[raft]` config section.
 #[derive(Debug, Clone)]
@@ -1358,7 +1345,12 @@ impl ShardSet {
         if group.reader.installing() {
             return Err(ConsensusError::CatchingUp { shard });
         }
-        let answer = crate::storage::blocking(|| group.reader.execute(&read))?;
+        // On the storage read pool: a fixed set of threads, never an async worker.
+        let reader = group.reader.clone();
+        let answer = crate::storage::read_pool::read_pool()
+            .run(move || reader.execute(&read))
+            .await
+            .map_err(|_| ConsensusError::Overloaded { shard, queued: crate::storage::read_pool::READ_QUEUE })??;
         let staleness_ms = if group.raft.metrics().borrow().current_leader == Some(self.node_id) {
             0
         } else {

@@ -23,8 +23,8 @@ use super::types::{
     group_of_shard, AssertOutcome, Entry, EventOutcome, GroupId, LogId, NodeId, ProposalToken, ShardCommand,
     ShardResponse, StorageIoError, TypeConfig, TOKEN_TTL_US,
 };
-use crate::cluster::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
-use crate::cluster::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome, PolicyRecord, PolicyStore};
+use crate::meta::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome, PolicyRecord, PolicyStore};
+use crate::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
 use crate::model::assertion::{AssertionDraft, StoredAssertion};
 use crate::model::id::AssertionId;
 use crate::model::ModelError;

@@ -2,14 +2,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::meta::{MetaCommand, MetaError, META_SHARD};
-use crate::cluster::policy::{PolicyCommand, PolicyError, PolicyOutcome};
+use crate::meta::policy::{PolicyCommand, PolicyError, PolicyOutcome};
+use crate::meta::{MetaCommand, MetaError, META_SHARD};
 use crate::model::assertion::AssertionDraft;
 use crate::model::id::AssertionId;
 use crate::model::ModelError;
 
 /// Node ids are u64; a node's Raft address is in its [`openraft::BasicNode`].
-pub type NodeId = u64;
+pub use crate::model::NodeId;
 /// Group 0 is the meta group; shard `s` is group `s + 1`.
 pub type GroupId = u32;
 

@@ -8,6 +8,7 @@
 
 mod group_commit;
 pub mod metrics;
+pub mod read_pool;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

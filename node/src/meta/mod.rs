@@ -1,15 +1,35 @@
-//! The cluster's metadata, replicated by the meta group (Raft group 0) and kept by every node:
-//! the nodes of the cluster with their status, where each shard's replicas should be, and the
-//! replica moves (rebalances) under way. This module owns the data and the rules for changing
-//! it ([`MetaState::apply`], deterministic on every replica); the placement driver
+//! The meta group's replicated state, kept by every node: the cluster's metadata (the nodes and
+//! their status, where each shard's replicas should be, the replica moves under way), and in
+//! [`policy`] the cluster-wide policy (root authorities, grants, circuit breakers) with, in
+//! [`quarantine`], the rules a shard leader screens writes with. This module owns the data and
+//! the rules for changing it ([`MetaState::apply`], deterministic on every replica); it knows
+//! nothing of openraft (the adapter is `raft::state_machine`), and the placement driver
 //! (`cluster::placement`) decides which changes to propose.
+
+pub mod policy;
+pub mod quarantine;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::raft::types::NodeId;
+pub use crate::model::NodeId;
+
+/// Bootstrap placement: shard `s` gets `replication_factor` replicas (fewer if there are fewer
+/// members), the members starting at position `s mod n` in id order.
+pub fn place_replicas(
+    members: &BTreeMap<NodeId, String>,
+    shards: u16,
+    replication_factor: u16,
+) -> BTreeMap<u16, Vec<NodeId>> {
+    let ids: Vec<NodeId> = members.keys().copied().collect();
+    if ids.is_empty() {
+        return BTreeMap::new();
+    }
+    let count = (replication_factor.max(1) as usize).min(ids.len());
+    (0..shards).map(|s| (s, (0..count).map(|i| ids[(s as usize + i) % ids.len()]).collect())).collect()
+}
 
 /// The shard number the meta group goes by inside the shard set (its group id is 0).
 pub const META_SHARD: u16 = u16::MAX;
@@ -523,7 +543,7 @@ mod tests {
 
     fn bootstrapped(nodes: u64, shards: u16, rf: u16) -> MetaState {
         let members: BTreeMap<NodeId, String> = (1..=nodes).map(|id| (id, format!("127.0.0.{id}:18182"))).collect();
-        let placement = crate::raft::shards::place_replicas(&members, shards, rf);
+        let placement = place_replicas(&members, shards, rf);
         let mut state = MetaState::default();
         state.apply(MetaCommand::Bootstrap { nodes: members, placement }, 1).unwrap();
         state

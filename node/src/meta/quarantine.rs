@@ -11,11 +11,20 @@
 //!    (among the [`SCREENED_CLAIMS`] newest claims there).
 
 use super::policy::{BreakerState, Policy};
+use crate::model::lens::ClaimFacts;
+use crate::storage::StorageError;
+
+/// Where screening reads the claims already made about a path: the leader's replica of the
+/// shard (`raft::reader::ShardReader`). A trait, so these rules depend on no Raft code.
+pub trait RecentClaims {
+    /// The newest `limit` claims about (concept_path, predicate), newest first.
+    fn recent_claims(&self, concept_path: &str, predicate: &str, limit: usize)
+        -> Result<Vec<ClaimFacts>, StorageError>;
+}
 use crate::config::Config;
 use crate::model::assertion::{AssertionDraft, QuarantineDecision, Status};
 use crate::model::authority::prefix_covers;
 use crate::model::lens::same_json;
-use crate::raft::reader::ShardReader;
 
 /// The contradiction trigger compares a claim with this many of the newest claims on its
 /// concept_path and predicate.
@@ -42,7 +51,7 @@ impl QuarantineRules {
     }
 
     /// Decides, for each draft, whether it is quarantined, and records why in the draft.
-    pub fn screen(&self, policy: &Policy, reader: &ShardReader, drafts: &mut [AssertionDraft], now_us: u64) {
+    pub fn screen(&self, policy: &Policy, reader: &dyn RecentClaims, drafts: &mut [AssertionDraft], now_us: u64) {
         for draft in drafts.iter_mut() {
             draft.quarantine = self.decide(policy, reader, draft, now_us);
         }
@@ -51,7 +60,7 @@ impl QuarantineRules {
     fn decide(
         &self,
         policy: &Policy,
-        reader: &ShardReader,
+        reader: &dyn RecentClaims,
         draft: &AssertionDraft,
         now_us: u64,
     ) -> Option<QuarantineDecision> {
