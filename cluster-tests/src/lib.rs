@@ -287,6 +287,28 @@ impl TestCluster {
         Ok(text.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())))
     }
 
+    /// Waits until the running nodes together report `groups` hibernating shard groups
+    /// (`stemedb_shards_hibernating`, which counts the groups a node leads whose heartbeats it
+    /// has paused), and returns how long that took. Every shard has one leader, so `groups` equal
+    /// to the shard count means that every shard hibernates.
+    pub async fn wait_for_hibernation(&self, groups: usize, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let mut hibernating = 0.0;
+            for id in self.running() {
+                hibernating += self.metric(id, "stemedb_shards_hibernating").await?.unwrap_or(0.0);
+            }
+            if hibernating == groups as f64 {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("{hibernating} shard groups hibernate, not {groups}, after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     pub fn running(&self) -> Vec<u64> {
         self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
     }
