@@ -4,9 +4,10 @@
 //! a [`LinkProxy`] (the node dials its peers through `cluster.peer_dial_overrides`), so a test can
 //! cut any link in either direction, isolate a node or split the cluster, then heal it: the
 //! send filters of TiKV's test_raftstore, over real TCP.
+//!
+//! The nodes run on leased ports (see [`ports`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -14,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+pub mod ports;
 pub mod proxy;
+pub use ports::{lease_port, PortLease};
 pub use proxy::{LinkFault, LinkProxy};
 
 /// The `stemedb` binary: `STEMEDB_BIN`, else next to the test executable's `deps/` directory.
@@ -37,10 +40,6 @@ fn rand_id() -> u128 {
     ((hasher.finish() as u128) << 64) | std::process::id() as u128
 }
 
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// One node of a test cluster.
 pub struct TestNode {
     pub id: u64,
@@ -53,9 +52,26 @@ pub struct TestNode {
     child: Option<Child>,
     /// Stopped with SIGSTOP.
     paused: bool,
+    /// The three ports, held for the node's lifetime so that they stay free while it is down.
+    _ports: [PortLease; 3],
 }
 
 impl TestNode {
+    fn new(id: u64, join_via: Option<u64>, data_dir: PathBuf) -> anyhow::Result<TestNode> {
+        let ports = [lease_port()?, lease_port()?, lease_port()?];
+        Ok(TestNode {
+            id,
+            join_via,
+            api_port: ports[0].port,
+            admin_port: ports[1].port,
+            raft_port: ports[2].port,
+            data_dir,
+            child: None,
+            paused: false,
+            _ports: ports,
+        })
+    }
+
     pub fn api(&self) -> String {
         format!("http://127.0.0.1:{}", self.api_port)
     }
@@ -108,9 +124,9 @@ pub struct TestCluster {
 
 impl TestCluster {
     /// Starts `options.nodes` nodes that form a new cluster and waits until every shard has a
-    /// leader. Ports are picked free, then released for the nodes to bind: when another process
-    /// takes one in between (a node exits with "cannot listen"), the cluster is started again
-    /// on fresh ports, up to three times.
+    /// leader. The nodes' ports are leased (see [`ports`]), but a process that takes no leases
+    /// may still bind one first: when a node exits with "cannot listen", the cluster is started
+    /// again on fresh ports, up to three times.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
         let mut attempt = 1;
         loop {
@@ -149,29 +165,8 @@ impl TestCluster {
         };
         std::fs::create_dir_all(&root)?;
         let mut nodes = BTreeMap::new();
-        // Hold the nodes' ports until the link proxies have bound theirs, so no proxy can be
-        // handed a port a node is about to use.
-        let mut reserved = Vec::new();
-        let mut reserve = || {
-            let listener = StdListener::bind("127.0.0.1:0").expect("bind");
-            let port = listener.local_addr().expect("addr").port();
-            reserved.push(listener);
-            port
-        };
         for id in 1..=options.nodes {
-            nodes.insert(
-                id,
-                TestNode {
-                    id,
-                    join_via: None,
-                    api_port: reserve(),
-                    admin_port: reserve(),
-                    raft_port: reserve(),
-                    data_dir: root.join(format!("node{id}")),
-                    child: None,
-                    paused: false,
-                },
-            );
+            nodes.insert(id, TestNode::new(id, None, root.join(format!("node{id}")))?);
         }
         let mut links = HashMap::new();
         for from in nodes.keys() {
@@ -181,7 +176,6 @@ impl TestCluster {
                 }
             }
         }
-        drop(reserved);
         let initial_cluster =
             nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.raft_port)).collect::<Vec<_>>().join(",");
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
@@ -240,19 +234,7 @@ impl TestCluster {
     pub async fn add_joining_node(&mut self, via: u64) -> anyhow::Result<u64> {
         let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
         let data_dir = self.nodes[&via].data_dir.with_file_name(format!("node{id}"));
-        self.nodes.insert(
-            id,
-            TestNode {
-                id,
-                join_via: Some(via),
-                api_port: free_port(),
-                admin_port: free_port(),
-                raft_port: free_port(),
-                data_dir,
-                child: None,
-                paused: false,
-            },
-        );
+        self.nodes.insert(id, TestNode::new(id, Some(via), data_dir)?);
         self.spawn(id)?;
         self.wait_api(id, Duration::from_secs(60)).await?;
         Ok(id)
