@@ -5,7 +5,8 @@
 //! cut any link in either direction, isolate a node or split the cluster, then heal it: the
 //! send filters of TiKV's test_raftstore, over real TCP.
 //!
-//! The nodes run on leased ports (see [`ports`]).
+//! The nodes run the `stemedb` binary built from the current code (see [`binary`]; `STEMEDB_BIN`
+//! names another) on leased ports (see [`ports`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,20 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+pub mod binary;
 pub mod ports;
 pub mod proxy;
+pub use binary::stemedb_binary;
 pub use ports::{lease_port, PortLease};
 pub use proxy::{LinkFault, LinkProxy};
-
-/// The `stemedb` binary: `STEMEDB_BIN`, else next to the test executable's `deps/` directory.
-pub fn stemedb_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("STEMEDB_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    dir.join("stemedb")
-}
 
 /// A random id for request ids (process-unique enough for tests).
 fn rand_id() -> u128 {
@@ -146,6 +139,11 @@ impl TestCluster {
     }
 
     async fn start_once(options: ClusterOptions) -> anyhow::Result<TestCluster> {
+        let binary = match &options.binary {
+            Some(binary) => binary.clone(),
+            // Off the runtime's threads: the first call may build for minutes.
+            None => tokio::task::spawn_blocking(stemedb_binary).await??,
+        };
         let dir = match &options.data_root {
             Some(_) => None,
             None => {
@@ -179,7 +177,6 @@ impl TestCluster {
         let initial_cluster =
             nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.raft_port)).collect::<Vec<_>>().join(",");
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
-        let binary = options.binary.clone().unwrap_or_else(stemedb_binary);
         let mut cluster = TestCluster { nodes, links, options, initial_cluster, client, binary, _dir: dir };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
@@ -226,7 +223,7 @@ impl TestCluster {
         for (key, value) in &self.options.env {
             command.env(key, value);
         }
-        node.child = Some(command.spawn().context("spawn stemedb (build it first: cargo build -p stemedb)")?);
+        node.child = Some(command.spawn().with_context(|| format!("spawn {}", self.binary.display()))?);
         Ok(())
     }
 
