@@ -48,6 +48,7 @@ impl TestNode {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = test_config(dir.path());
         adjust(&mut config);
+        let config = config.validate().expect("a valid test config");
         let listeners = stemedb::Listeners::bind(&config).await.expect("bind");
         let url = format!("http://{}", listeners.api.local_addr().expect("addr"));
         let (tx, rx) = oneshot::channel::<()>();
