@@ -115,28 +115,31 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
 }
 
 pub async fn wait_healthy(client: &reqwest::Client, url: &str, timeout: Duration) {
-    wait_healthy_while(client, url, timeout, || Ok(())).await
+    if let Err(why) = wait_healthy_while(client, url, timeout, || Ok(())).await {
+        panic!("node at {url} {why}");
+    }
 }
 
-/// Waits until `url` answers its health check; `alive` says why waiting is pointless (a node
-/// process that exited), with what to show.
+/// Waits until `url` answers its health check. `alive` says why waiting is pointless (a node
+/// process that exited).
 async fn wait_healthy_while(
     client: &reqwest::Client,
     url: &str,
     timeout: Duration,
     mut alive: impl FnMut() -> Result<(), String>,
-) {
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(response) = client.get(format!("{url}/health")).send().await {
-            if response.status().is_success() {
-                return;
-            }
+        // Each probe has its own timeout: a node that accepted the connection but is stuck
+        // would otherwise hold the probe, and the test, forever.
+        let probe = client.get(format!("{url}/health")).timeout(Duration::from_secs(2)).send().await;
+        if probe.is_ok_and(|response| response.status().is_success()) {
+            return Ok(());
         }
-        if let Err(why) = alive() {
-            panic!("node at {url} stopped before it became healthy: {why}");
+        alive().map_err(|why| format!("stopped before it became healthy: {why}"))?;
+        if Instant::now() > deadline {
+            return Err(format!("did not become healthy within {timeout:?}"));
         }
-        assert!(Instant::now() < deadline, "node at {url} did not become healthy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -248,11 +251,11 @@ impl NodeProcess {
         self.output.text()
     }
 
-    /// `Err` (with the exit status and the output) once the process has exited.
+    /// `Err` with the exit status once the process has exited.
     fn running(&mut self) -> Result<(), String> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(format!("exited ({status}); output:\n{}", self.output())),
+            Ok(Some(status)) => Err(format!("exited ({status})")),
             Err(error) => Err(format!("cannot wait for it: {error}")),
         }
     }
@@ -265,7 +268,7 @@ impl NodeProcess {
                 return url;
             }
             if let Err(why) = self.running() {
-                panic!("stemedb stopped before listening: {why}");
+                panic!("stemedb stopped before listening: {why}; output:\n{}", self.output());
             }
             assert!(Instant::now() < deadline, "stemedb did not listen within {timeout:?}; output:\n{}", self.output());
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -317,7 +320,11 @@ impl ProcessNode {
     pub async fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> ProcessNode {
         let mut process = NodeProcess::spawn(data_dir, 1, env);
         let url = process.wait_listening(Duration::from_secs(60)).await;
-        wait_healthy_while(&reqwest::Client::new(), &url, Duration::from_secs(60), || process.running()).await;
+        let healthy =
+            wait_healthy_while(&reqwest::Client::new(), &url, Duration::from_secs(60), || process.running()).await;
+        if let Err(why) = healthy {
+            panic!("node at {url} {why}; output:\n{}", process.output());
+        }
         ProcessNode { url, data_dir: data_dir.to_path_buf(), process }
     }
 
