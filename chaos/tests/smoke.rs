@@ -13,10 +13,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn chaos() -> Command {
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_stemedb-chaos"));
-    let mut command = Command::new(&binary);
-    // The stemedb binary sits next to stemedb-chaos in the target dir (`cargo build --workspace`).
-    command.arg("run").arg("--stemedb").arg(binary.with_file_name("stemedb"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stemedb-chaos"));
+    // Built from the current code first: cargo builds stemedb-chaos for this test, not stemedb.
+    let stemedb = stemedb_cluster_tests::stemedb_binary().expect("the stemedb binary");
+    command.arg("run").arg("--stemedb").arg(stemedb);
     command
 }
 

@@ -4,9 +4,11 @@
 //! a [`LinkProxy`] (the node dials its peers through `cluster.peer_dial_overrides`), so a test can
 //! cut any link in either direction, isolate a node or split the cluster, then heal it: the
 //! send filters of TiKV's test_raftstore, over real TCP.
+//!
+//! The nodes run the `stemedb` binary built from the current code (see [`binary`]; `STEMEDB_BIN`
+//! names another) on leased ports (see [`ports`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -14,18 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+pub mod binary;
+pub mod ports;
 pub mod proxy;
+pub use binary::stemedb_binary;
+pub use ports::{lease_port, PortLease};
 pub use proxy::{LinkFault, LinkProxy};
-
-/// The `stemedb` binary: `STEMEDB_BIN`, else next to the test executable's `deps/` directory.
-pub fn stemedb_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("STEMEDB_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    dir.join("stemedb")
-}
 
 /// A random id for request ids (process-unique enough for tests).
 fn rand_id() -> u128 {
@@ -35,10 +31,6 @@ fn rand_id() -> u128 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
     );
     ((hasher.finish() as u128) << 64) | std::process::id() as u128
-}
-
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// One node of a test cluster.
@@ -53,9 +45,26 @@ pub struct TestNode {
     child: Option<Child>,
     /// Stopped with SIGSTOP.
     paused: bool,
+    /// The three ports, held for the node's lifetime so that they stay free while it is down.
+    _ports: [PortLease; 3],
 }
 
 impl TestNode {
+    fn new(id: u64, join_via: Option<u64>, data_dir: PathBuf) -> anyhow::Result<TestNode> {
+        let ports = [lease_port()?, lease_port()?, lease_port()?];
+        Ok(TestNode {
+            id,
+            join_via,
+            api_port: ports[0].port,
+            admin_port: ports[1].port,
+            raft_port: ports[2].port,
+            data_dir,
+            child: None,
+            paused: false,
+            _ports: ports,
+        })
+    }
+
     pub fn api(&self) -> String {
         format!("http://127.0.0.1:{}", self.api_port)
     }
@@ -108,9 +117,9 @@ pub struct TestCluster {
 
 impl TestCluster {
     /// Starts `options.nodes` nodes that form a new cluster and waits until every shard has a
-    /// leader. Ports are picked free, then released for the nodes to bind: when another process
-    /// takes one in between (a node exits with "cannot listen"), the cluster is started again
-    /// on fresh ports, up to three times.
+    /// leader. The nodes' ports are leased (see [`ports`]), but a process that takes no leases
+    /// may still bind one first: when a node exits with "cannot listen", the cluster is started
+    /// again on fresh ports, up to three times.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestCluster> {
         let mut attempt = 1;
         loop {
@@ -130,6 +139,11 @@ impl TestCluster {
     }
 
     async fn start_once(options: ClusterOptions) -> anyhow::Result<TestCluster> {
+        let binary = match &options.binary {
+            Some(binary) => binary.clone(),
+            // Off the runtime's threads: the first call may build for minutes.
+            None => tokio::task::spawn_blocking(stemedb_binary).await??,
+        };
         let dir = match &options.data_root {
             Some(_) => None,
             None => {
@@ -149,29 +163,8 @@ impl TestCluster {
         };
         std::fs::create_dir_all(&root)?;
         let mut nodes = BTreeMap::new();
-        // Hold the nodes' ports until the link proxies have bound theirs, so no proxy can be
-        // handed a port a node is about to use.
-        let mut reserved = Vec::new();
-        let mut reserve = || {
-            let listener = StdListener::bind("127.0.0.1:0").expect("bind");
-            let port = listener.local_addr().expect("addr").port();
-            reserved.push(listener);
-            port
-        };
         for id in 1..=options.nodes {
-            nodes.insert(
-                id,
-                TestNode {
-                    id,
-                    join_via: None,
-                    api_port: reserve(),
-                    admin_port: reserve(),
-                    raft_port: reserve(),
-                    data_dir: root.join(format!("node{id}")),
-                    child: None,
-                    paused: false,
-                },
-            );
+            nodes.insert(id, TestNode::new(id, None, root.join(format!("node{id}")))?);
         }
         let mut links = HashMap::new();
         for from in nodes.keys() {
@@ -181,11 +174,9 @@ impl TestCluster {
                 }
             }
         }
-        drop(reserved);
         let initial_cluster =
             nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.raft_port)).collect::<Vec<_>>().join(",");
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
-        let binary = options.binary.clone().unwrap_or_else(stemedb_binary);
         let mut cluster = TestCluster { nodes, links, options, initial_cluster, client, binary, _dir: dir };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in &ids {
@@ -232,7 +223,7 @@ impl TestCluster {
         for (key, value) in &self.options.env {
             command.env(key, value);
         }
-        node.child = Some(command.spawn().context("spawn stemedb (build it first: cargo build -p stemedb)")?);
+        node.child = Some(command.spawn().with_context(|| format!("spawn {}", self.binary.display()))?);
         Ok(())
     }
 
@@ -240,19 +231,7 @@ impl TestCluster {
     pub async fn add_joining_node(&mut self, via: u64) -> anyhow::Result<u64> {
         let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
         let data_dir = self.nodes[&via].data_dir.with_file_name(format!("node{id}"));
-        self.nodes.insert(
-            id,
-            TestNode {
-                id,
-                join_via: Some(via),
-                api_port: free_port(),
-                admin_port: free_port(),
-                raft_port: free_port(),
-                data_dir,
-                child: None,
-                paused: false,
-            },
-        );
+        self.nodes.insert(id, TestNode::new(id, Some(via), data_dir)?);
         self.spawn(id)?;
         self.wait_api(id, Duration::from_secs(60)).await?;
         Ok(id)
@@ -285,6 +264,28 @@ impl TestCluster {
     pub async fn metric(&self, id: u64, series: &str) -> anyhow::Result<Option<f64>> {
         let text = self.client.get(format!("{}/metrics", self.node(id).api())).send().await?.text().await?;
         Ok(text.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())))
+    }
+
+    /// Waits until the running nodes together report `groups` hibernating shard groups
+    /// (`stemedb_shards_hibernating`, which counts the groups a node leads whose heartbeats it
+    /// has paused), and returns how long that took. Every shard has one leader, so `groups` equal
+    /// to the shard count means that every shard hibernates.
+    pub async fn wait_for_hibernation(&self, groups: usize, timeout: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let mut hibernating = 0.0;
+            for id in self.running() {
+                hibernating += self.metric(id, "stemedb_shards_hibernating").await?.unwrap_or(0.0);
+            }
+            if hibernating == groups as f64 {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("{hibernating} shard groups hibernate, not {groups}, after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     pub fn running(&self) -> Vec<u64> {

@@ -87,24 +87,14 @@ async fn leadership_can_be_transferred() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hibernating_groups_still_fail_over_and_wake_on_writes() -> anyhow::Result<()> {
     let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 3, ..Default::default() }).await?;
-    // Idle for longer than raft::hibernation::IDLE_AFTER: every leader pauses its groups.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut hibernating = 0.0;
-        for id in cluster.running() {
-            hibernating += cluster.metric(id, "stemedb_shards_hibernating").await?.unwrap_or(0.0);
-        }
-        if hibernating == 3.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "groups did not hibernate ({hibernating} of 3)");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // Idle for longer than raft::hibernation::IDLE_AFTER (3 s): every leader pauses its groups.
+    cluster.wait_for_hibernation(3, Duration::from_secs(20)).await?;
     // A write and a linearizable read wake a hibernating group.
     let path = (0..100).map(|i| format!("hib/k{i}")).find(|p| cluster.shard_of(p) == 0).expect("a key on shard 0");
     cluster.assert_value(2, &path, json!("awake")).await?;
     assert_eq!(cluster.read_value(3, &path, "linearizable").await?.1, json!("awake"));
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Idle again, shard 0 goes back to sleep: the failover below starts from a hibernating group.
+    cluster.wait_for_hibernation(3, Duration::from_secs(20)).await?;
     // The leader of a hibernating group dies: its followers resume elections and replace it.
     let leader = cluster.wait_for_leader(0, Duration::from_secs(10)).await?;
     cluster.kill(leader);

@@ -5,6 +5,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use stemedb_cluster_tests::{ClusterOptions, TestCluster};
 
+/// Snapshots a node installed since it started.
+const INSTALLED: &str = "stemedb_raft_snapshots_total{event=\"installed\"}";
+
 async fn wait_follower_has(cluster: &TestCluster, node: u64, path: &str, count: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -40,6 +43,9 @@ async fn restarted_follower_catches_up_by_log_and_by_snapshot() -> anyhow::Resul
     }
     cluster.restart(follower).await?;
     wait_follower_has(&cluster, follower, by_log, 5).await?;
+    // Five entries behind is well within the leader's log: no snapshot was needed.
+    let installed = cluster.metric(follower, INSTALLED).await?.unwrap_or(0.0);
+    assert_eq!(installed, 0.0, "node {follower} caught up by snapshot, not by log");
 
     // Leadership may have moved while the follower was away: pick again.
     let leader = cluster.wait_for_leader(shard, Duration::from_secs(10)).await?;
@@ -54,5 +60,17 @@ async fn restarted_follower_catches_up_by_log_and_by_snapshot() -> anyhow::Resul
         wait_follower_has(&cluster, follower, &format!("{by_snapshot}{k}"), 20).await?;
     }
     wait_follower_has(&cluster, follower, by_log, 5).await?;
+    // The leader purged the entries the follower missed, so it can only have caught up by
+    // installing a snapshot (the counter started at zero with the restarted process). Counted
+    // once the install has returned, which may be just after the data became readable.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let installed = cluster.metric(follower, INSTALLED).await?.unwrap_or(0.0);
+        if installed >= 1.0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "node {follower} installed no snapshot: {installed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }

@@ -14,8 +14,8 @@ async fn wiped_node_rejoins_and_catches_up() -> anyhow::Result<()> {
     for i in 0..20 {
         cluster.assert_value(1, &format!("wipe/k{i}"), json!(i)).await?;
     }
-    // Let the groups go idle (hibernate), so catching up depends on the rejoining node waking them.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The groups go idle and hibernate, so catching up depends on the rejoining node waking them.
+    cluster.wait_for_hibernation(2, Duration::from_secs(20)).await?;
     cluster.wipe_and_rejoin(3, 1).await?;
     // Every shard keeps (or regains) a leader and takes writes through every node.
     for via in [1, 2, 3] {

@@ -170,12 +170,20 @@ async fn next_start(pacer: &mut Option<Pacer>, deadline: Instant) -> Option<Inst
 /// the node was still answering earlier ones: they are load the node did not take.
 fn count_unsent(side: &mut Side, pacer: Option<Pacer>, deadline: Instant) {
     if let Some(pacer) = pacer {
-        let behind = deadline.saturating_duration_since(pacer.next_due);
-        let unsent = (behind.as_secs_f64() / pacer.interval.as_secs_f64()).ceil() as u64;
+        let unsent = unsent_requests(&pacer, deadline);
         if unsent > 0 {
             *side.errors.entry("unsent_at_deadline".to_string()).or_default() += unsent;
         }
     }
+}
+
+/// The due times of `pacer` in `[next_due, deadline)`. In whole nanoseconds: with seconds as
+/// floats, 140 ms behind a 20 ms schedule came out as 7.000000000000001 intervals, one request
+/// too many, and sent + unsent must equal the schedule exactly.
+fn unsent_requests(pacer: &Pacer, deadline: Instant) -> u64 {
+    let behind = deadline.saturating_duration_since(pacer.next_due).as_nanos();
+    let unsent = behind.div_ceil(pacer.interval.as_nanos().max(1));
+    u64::try_from(unsent).unwrap_or(u64::MAX)
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -674,6 +682,20 @@ mod tests {
             assert_eq!(pacer.interval, Duration::from_millis(4), "4 clients at 1000/s: one request each 4 ms");
             assert_eq!(pacer.next_due - start, Duration::from_millis(client as u64), "first requests 1 ms apart");
         }
+    }
+
+    #[test]
+    fn requests_left_unsent_are_counted_exactly() {
+        let start = Instant::now();
+        let pacer = Pacer::new(50.0, 0, 1, start);
+        assert_eq!(pacer.interval, Duration::from_millis(20));
+        for behind in 0..2000u32 {
+            let deadline = pacer.next_due + Duration::from_millis(20) * behind;
+            assert_eq!(super::unsent_requests(&pacer, deadline), u64::from(behind), "{behind} intervals behind");
+            let just_after = deadline + Duration::from_nanos(1);
+            assert_eq!(super::unsent_requests(&pacer, just_after), u64::from(behind) + 1, "one more is due");
+        }
+        assert_eq!(super::unsent_requests(&pacer, start), 0, "a deadline before the next due time");
     }
 
     #[tokio::test]

@@ -163,12 +163,12 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
 
 /// Runs a node until `shutdown` resolves, then shuts it down in order.
 pub async fn run(
-    config: Config,
+    config: crate::config::ValidatedConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let started_at = Instant::now();
-    let mut config = config;
+    let mut config = config.into_inner();
     let joining = !config.cluster.join.is_empty();
     // Founding nodes derive the cluster id from the initial cluster; a joining node learns it
     // (and the shard count) from the member it joins through.

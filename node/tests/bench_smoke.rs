@@ -1,7 +1,8 @@
 //! The short version of the benchmarks in the default test run: `stemedb bench` against a real
 //! node, writes and then the authority-lens setup and reads, closed and open loop, must complete
 //! without errors.
-//! Figures are printed, never asserted (docs/performance.md has the real runs).
+//! Figures are printed, never asserted (docs/performance.md has the real runs); what is asserted
+//! does not depend on the machine's speed.
 
 mod common;
 
@@ -65,19 +66,21 @@ async fn bench_writes_and_authority_reads_complete_without_errors() {
     let (p50, p99) = (read["p50_ms"].as_f64().unwrap_or(0.0), read["p99_ms"].as_f64().unwrap_or(0.0));
     assert!(p50 > 0.0 && p99 >= p50, "percentiles are measured: {read}");
 
-    // Open loop: 4 clients sharing 200 requests/s for 2 s send the 400 requests of their
-    // schedule, no more (a closed loop would send thousands) and no fewer.
+    // Open loop: 4 clients sharing 200 requests/s for 2 s have 400 requests due (each client one
+    // every 20 ms, starting 0, 5, 10 and 15 ms in: 100 each before the deadline), whatever the
+    // speed of the machine. A request is either sent (then answered, or counted as an error) or,
+    // when its client is still waiting at the deadline for an earlier answer, counted as
+    // `unsent_at_deadline`: the two add up to the schedule exactly. A closed loop would send
+    // thousands.
     let paced =
         bench(&node.url, &["--writers", "0", "--readers", "4", "--rate", "200", "--keys", "30", "--prefix", "smoke-a"]);
     let read = side(&paced, "read");
     println!("open-loop read smoke: {read}");
-    // A client held up at the very end (a busy CI machine) leaves its last requests unsent;
-    // they are counted, not lost.
-    let unsent = read["errors"]["unsent_at_deadline"].as_u64().unwrap_or(0);
-    let other_errors = read["errors"].as_object().map_or(0, |e| e.len()) - usize::from(unsent > 0);
-    assert_eq!(other_errors, 0, "{paced}");
-    let scheduled = read["ops"].as_u64().unwrap_or(0) + unsent;
-    assert!((396..=404).contains(&scheduled), "the schedule's 400 requests: {paced}");
+    let errors = read["errors"].as_object().expect("errors by kind");
+    let unsent = errors.get("unsent_at_deadline").map_or(0, |n| n.as_u64().expect("a count"));
+    assert!(errors.keys().all(|kind| kind == "unsent_at_deadline"), "{paced}");
+    let scheduled = read["ops"].as_u64().expect("ops") + unsent;
+    assert_eq!(scheduled, 400, "sent + unsent is the schedule's 400 requests: {paced}");
     assert_eq!(paced["rate"], serde_json::json!(200.0), "{paced}");
     drop(node);
 }

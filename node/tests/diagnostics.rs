@@ -151,3 +151,16 @@ async fn runbook_storage_metrics_are_exported() {
     assert!(series_value(&metrics, "stemedb_lsm_pending_compaction_bytes").is_some(), "pending compaction");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_logging_more_than_a_pipe_holds_keeps_answering() {
+    // A pipe holds 64 KiB, and a node blocked writing to a full one stops answering. At trace
+    // level the node logs more than that within these requests; the test harness drains its
+    // output, so every request is answered (the client gives up after 10 s otherwise).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = ProcessNode::start_with_env(dir.path(), &[("STEMEDB_LOG", "trace")]).await;
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().expect("client");
+    write_load(&client, &node.url, 200, 100).await;
+    let output = node.output();
+    assert!(output.len() > 60 << 10, "the node logged only {} bytes, less than a pipe holds", output.len());
+}

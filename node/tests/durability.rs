@@ -60,29 +60,11 @@ async fn refuses_a_data_dir_of_another_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = ProcessNode::start(dir.path()).await;
     drop(node);
-    let (mut child, _) = ProcessNode::spawn(dir.path(), 2);
-    let status = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
-                return (status, stderr);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("node with a foreign data dir kept running");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .expect("join");
-    assert!(!status.0.success());
-    assert!(status.1.contains("belongs to node 1"), "stderr: {}", status.1);
+    let mut other = ProcessNode::spawn(dir.path(), 2);
+    let (status, output) =
+        other.wait_exit(Duration::from_secs(30)).await.expect("node with a foreign data dir kept running");
+    assert!(!status.success());
+    assert!(output.contains("belongs to node 1"), "output: {output}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,42 @@ use serde::{Deserialize, Serialize};
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/stemedb/stemedb.toml";
 
+/// The largest size a `*_mb` key may have: 1 TiB. The node turns them into bytes with
+/// `(mb as usize) << 20`, which then cannot overflow.
+pub const MAX_SIZE_MB: u64 = 1 << 20;
+
+/// The longest timeout or period a `*_ms` or `*_seconds` key may have: one day. The node adds
+/// them to `Instant::now()`, which panics on overflow, and nothing it waits for should take
+/// longer.
+pub const MAX_DURATION_SECONDS: u64 = 24 * 60 * 60;
+
+/// The largest `query.max_limit`: queries read `limit + 1` results per shard.
+pub const MAX_PAGE_LIMIT: usize = 1_000_000;
+
+// `MAX_SIZE_MB << 20` bytes (2^40) must fit in a usize.
+const _: () = assert!(usize::BITS >= 64, "StemeDB needs a 64-bit target");
+
+/// A [`Config`] that passed [`Config::validate`], the only kind a node runs with. It is read
+/// through `Deref` and cannot be changed, so its values stay within the checked bounds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ValidatedConfig(Config);
+
+impl ValidatedConfig {
+    /// The config itself, for changes the validation no longer covers.
+    pub fn into_inner(self) -> Config {
+        self.0
+    }
+}
+
+impl std::ops::Deref for ValidatedConfig {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config error: {0}")]
@@ -537,12 +573,13 @@ impl FlagOverrides {
 }
 
 impl Config {
-    /// Loads the layered configuration. `file` of `None` uses [`DEFAULT_CONFIG_PATH`] if present.
-    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigError> {
+    /// Loads and validates the layered configuration. `file` of `None` uses
+    /// [`DEFAULT_CONFIG_PATH`] if present.
+    pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<ValidatedConfig, ConfigError> {
         Self::load_with_env(file, flags, Env::prefixed("STEMEDB_"))
     }
 
-    fn load_with_env(file: Option<&Path>, flags: &FlagOverrides, env: Env) -> Result<Config, ConfigError> {
+    fn load_with_env(file: Option<&Path>, flags: &FlagOverrides, env: Env) -> Result<ValidatedConfig, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         match file {
             Some(path) => {
@@ -565,12 +602,11 @@ impl Config {
             return Err(ConfigError::Invalid(message));
         }
         let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        config.validate()?;
-        Ok(config)
+        config.validate()
     }
 
     /// Parses and validates one TOML file on its own (for `stemedb check-config`).
-    pub fn check_file(path: &Path) -> Result<Config, ConfigError> {
+    pub fn check_file(path: &Path) -> Result<ValidatedConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
         let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(&text));
@@ -579,13 +615,18 @@ impl Config {
         }
         let config: Config =
             figment.extract().map_err(|e| ConfigError::File { path: path.to_path_buf(), message: e.to_string() })?;
-        config.validate()?;
-        Ok(config)
+        config.validate()
     }
 
-    /// Checks the values that types alone do not.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the values that types alone do not; the error names the key and what it must be.
+    pub fn validate(self) -> Result<ValidatedConfig, ConfigError> {
+        self.check()?;
+        Ok(ValidatedConfig(self))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError::Invalid(m));
+        self.check_bounds()?;
         if self.node.id == 0 {
             return fail("node.id must be 1 or more".into());
         }
@@ -601,11 +642,10 @@ impl Config {
         if self.cluster.shards == 0 || self.cluster.shards > 4096 {
             return fail("cluster.shards must be between 1 and 4096".into());
         }
-        if self.storage.index_eviction_enabled && !(1..=1 << 20).contains(&self.storage.index_max_memory_mb) {
-            return fail(format!(
-                "storage.index_max_memory_mb is {}: with storage.index_eviction_enabled it must be 1-1048576",
-                self.storage.index_max_memory_mb
-            ));
+        if self.storage.index_eviction_enabled && self.storage.index_max_memory_mb == 0 {
+            return fail(
+                "storage.index_max_memory_mb is 0: with storage.index_eviction_enabled it must be at least 1".into(),
+            );
         }
         self.dial_overrides()?;
         let members = self.initial_members()?;
@@ -648,15 +688,6 @@ impl Config {
         if self.query.default_limit == 0 || self.query.default_limit > self.query.max_limit {
             return fail("query.default_limit must be between 1 and query.max_limit".into());
         }
-        if self.query.claims_cache_mb > 1 << 20 {
-            return fail(format!("query.claims_cache_mb is {}: at most 1048576 (1 TiB)", self.query.claims_cache_mb));
-        }
-        if self.query.max_memory_per_query_mb > 1 << 20 {
-            return fail(format!(
-                "query.max_memory_per_query_mb is {}: at most 1048576 (1 TiB); 0 means no limit",
-                self.query.max_memory_per_query_mb
-            ));
-        }
         if !(1..=16).contains(&self.authority.max_chain_depth) {
             return fail("authority.max_chain_depth must be between 1 and 16".into());
         }
@@ -697,6 +728,40 @@ impl Config {
             return fail(format!("debug.heap_profiles_kept is {}: expected 1-1000", self.debug.heap_profiles_kept));
         }
         Ok(())
+    }
+
+    /// The upper bounds of sizes, timeouts and periods, so that turning them into bytes or
+    /// deadlines cannot overflow.
+    fn check_bounds(&self) -> Result<(), ConfigError> {
+        const TIB: (u64, &str) = (MAX_SIZE_MB, "1 TiB");
+        const DAY_MS: (u64, &str) = (MAX_DURATION_SECONDS * 1000, "1 day");
+        const DAY_SECONDS: (u64, &str) = (MAX_DURATION_SECONDS, "1 day");
+        let (storage, query, raft, breaker) = (&self.storage, &self.query, &self.raft, &self.circuit_breaker);
+        let bounds = [
+            ("storage.max_cache_size_mb", storage.max_cache_size_mb, TIB),
+            ("storage.write_buffer_mb", storage.write_buffer_mb, TIB),
+            ("storage.index_max_memory_mb", storage.index_max_memory_mb, TIB),
+            ("query.claims_cache_mb", query.claims_cache_mb, TIB),
+            ("query.max_memory_per_query_mb", query.max_memory_per_query_mb, TIB),
+            ("limits.max_request_bytes", self.limits.max_request_bytes as u64, (MAX_SIZE_MB << 20, "1 TiB")),
+            ("raft.heartbeat_interval_ms", raft.heartbeat_interval_ms, DAY_MS),
+            ("raft.election_timeout_min_ms", raft.election_timeout_min_ms, DAY_MS),
+            ("raft.election_timeout_max_ms", raft.election_timeout_max_ms, DAY_MS),
+            ("raft.write_timeout_ms", raft.write_timeout_ms, DAY_MS),
+            ("query.slow_query_ms", query.slow_query_ms, DAY_MS),
+            ("server.shutdown_grace_seconds", self.server.shutdown_grace_seconds, DAY_SECONDS),
+            ("cluster.rebalance_move_timeout_seconds", self.cluster.rebalance_move_timeout_seconds, DAY_SECONDS),
+            ("query.query_timeout_seconds", query.query_timeout_seconds, DAY_SECONDS),
+            ("circuit_breaker.open_seconds", breaker.open_seconds, DAY_SECONDS),
+            ("circuit_breaker.max_open_seconds", breaker.max_open_seconds, DAY_SECONDS),
+            ("query.max_limit", query.max_limit as u64, (MAX_PAGE_LIMIT as u64, "results in one page")),
+        ];
+        match bounds.into_iter().find(|(_, value, (max, _))| value > max) {
+            Some((key, value, (max, what))) => {
+                Err(ConfigError::Invalid(format!("{key} is {value}: at most {max} ({what})")))
+            }
+            None => Ok(()),
+        }
     }
 
     /// `cluster.peer_dial_overrides` as a map from peer address to the address to dial instead.
@@ -860,11 +925,91 @@ mod tests {
         assert!(error.to_string().contains("`wal`"), "{error}");
     }
 
+    /// Every size, timeout and period at its largest valid value.
+    fn config_at_the_bounds() -> Config {
+        const DAY_MS: u64 = MAX_DURATION_SECONDS * 1000;
+        let mut config = Config::default();
+        config.storage.max_cache_size_mb = MAX_SIZE_MB;
+        config.storage.write_buffer_mb = MAX_SIZE_MB;
+        config.storage.index_eviction_enabled = true;
+        config.storage.index_max_memory_mb = MAX_SIZE_MB;
+        config.query.claims_cache_mb = MAX_SIZE_MB;
+        config.query.max_memory_per_query_mb = MAX_SIZE_MB;
+        // Heartbeat < minimum < maximum election timeout must still hold.
+        config.raft.heartbeat_interval_ms = DAY_MS - 2;
+        config.raft.election_timeout_min_ms = DAY_MS - 1;
+        config.raft.election_timeout_max_ms = DAY_MS;
+        config.raft.write_timeout_ms = DAY_MS;
+        config.query.slow_query_ms = DAY_MS;
+        config.server.shutdown_grace_seconds = MAX_DURATION_SECONDS;
+        config.cluster.rebalance_move_timeout_seconds = MAX_DURATION_SECONDS;
+        config.query.query_timeout_seconds = MAX_DURATION_SECONDS;
+        config.circuit_breaker.open_seconds = MAX_DURATION_SECONDS;
+        config.circuit_breaker.max_open_seconds = MAX_DURATION_SECONDS;
+        config.limits.max_request_bytes = (MAX_SIZE_MB << 20) as usize;
+        config.query.max_limit = MAX_PAGE_LIMIT;
+        config
+    }
+
+    #[test]
+    fn sizes_and_durations_at_their_bounds_convert_without_overflow() {
+        let config = config_at_the_bounds().validate().expect("every value at its bound is valid");
+        let storage = crate::server::storage_options(&config);
+        assert_eq!((storage.block_cache_bytes, storage.index_cache_bytes), (1 << 40, Some(1 << 40)));
+        assert_eq!(crate::server::raft_settings(&config).claims_cache_bytes, 1 << 40);
+        let now = std::time::Instant::now();
+        for ms in [config.raft.write_timeout_ms, config.raft.election_timeout_max_ms] {
+            assert!(now.checked_add(std::time::Duration::from_millis(ms)).is_some());
+        }
+        assert!(now.checked_add(std::time::Duration::from_secs(config.query.query_timeout_seconds)).is_some());
+    }
+
+    #[test]
+    fn sizes_and_durations_past_their_bounds_are_refused_by_name() {
+        type Set = fn(&mut Config);
+        let over: [(&str, u64, Set); 16] = [
+            ("storage.max_cache_size_mb", MAX_SIZE_MB, |c| c.storage.max_cache_size_mb += 1),
+            ("storage.write_buffer_mb", MAX_SIZE_MB, |c| c.storage.write_buffer_mb += 1),
+            ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
+            ("query.claims_cache_mb", MAX_SIZE_MB, |c| c.query.claims_cache_mb += 1),
+            ("query.max_memory_per_query_mb", MAX_SIZE_MB, |c| c.query.max_memory_per_query_mb += 1),
+            ("raft.heartbeat_interval_ms", 86_400_000, |c| c.raft.heartbeat_interval_ms += 3),
+            ("raft.election_timeout_min_ms", 86_400_000, |c| c.raft.election_timeout_min_ms += 2),
+            ("raft.election_timeout_max_ms", 86_400_000, |c| c.raft.election_timeout_max_ms += 1),
+            ("raft.write_timeout_ms", 86_400_000, |c| c.raft.write_timeout_ms += 1),
+            ("query.slow_query_ms", 86_400_000, |c| c.query.slow_query_ms += 1),
+            ("server.shutdown_grace_seconds", 86_400, |c| c.server.shutdown_grace_seconds += 1),
+            ("cluster.rebalance_move_timeout_seconds", 86_400, |c| c.cluster.rebalance_move_timeout_seconds += 1),
+            ("query.query_timeout_seconds", 86_400, |c| c.query.query_timeout_seconds += 1),
+            ("circuit_breaker.max_open_seconds", 86_400, |c| c.circuit_breaker.max_open_seconds += 1),
+            ("limits.max_request_bytes", 1 << 40, |c| c.limits.max_request_bytes += 1),
+            ("query.max_limit", MAX_PAGE_LIMIT as u64, |c| c.query.max_limit += 1),
+        ];
+        for (key, bound, past) in over {
+            let mut config = config_at_the_bounds();
+            past(&mut config);
+            let error = config.validate().expect_err(key).to_string();
+            assert!(error.contains(key) && error.contains(&format!("at most {bound} (")), "{key}: {error}");
+        }
+        // open_seconds past the bound is refused before it could exceed max_open_seconds.
+        let mut config = config_at_the_bounds();
+        config.circuit_breaker.open_seconds += 1;
+        let error = config.validate().expect_err("open_seconds").to_string();
+        assert!(error.contains("circuit_breaker.open_seconds is 86401: at most 86400 (1 day)"), "{error}");
+        // From the environment too, as an operator would set it.
+        let env = env_with(&[("RAFT_WRITE_TIMEOUT_MS", "18446744073709551615")]);
+        let error = Config::load_with_env(None, &FlagOverrides::default(), env).expect_err("u64::MAX ms");
+        assert!(
+            error.to_string().contains("raft.write_timeout_ms is 18446744073709551615: at most 86400000"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn sample_config_round_trips() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sample.toml");
         std::fs::write(&path, Config::sample_toml()).expect("write");
-        assert_eq!(Config::check_file(&path).expect("valid"), Config::default());
+        assert_eq!(Config::check_file(&path).expect("valid").into_inner(), Config::default());
     }
 }
