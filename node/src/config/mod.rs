@@ -749,6 +749,7 @@ impl Config {
             ("raft.election_timeout_max_ms", raft.election_timeout_max_ms, DAY_MS),
             ("raft.write_timeout_ms", raft.write_timeout_ms, DAY_MS),
             ("query.slow_query_ms", query.slow_query_ms, DAY_MS),
+            ("testing.snapshot_install_pause_ms", self.testing.snapshot_install_pause_ms, DAY_MS),
             ("server.shutdown_grace_seconds", self.server.shutdown_grace_seconds, DAY_SECONDS),
             ("cluster.rebalance_move_timeout_seconds", self.cluster.rebalance_move_timeout_seconds, DAY_SECONDS),
             ("query.query_timeout_seconds", query.query_timeout_seconds, DAY_SECONDS),
@@ -941,6 +942,7 @@ mod tests {
         config.raft.election_timeout_max_ms = DAY_MS;
         config.raft.write_timeout_ms = DAY_MS;
         config.query.slow_query_ms = DAY_MS;
+        config.testing.snapshot_install_pause_ms = DAY_MS;
         config.server.shutdown_grace_seconds = MAX_DURATION_SECONDS;
         config.cluster.rebalance_move_timeout_seconds = MAX_DURATION_SECONDS;
         config.query.query_timeout_seconds = MAX_DURATION_SECONDS;
@@ -967,7 +969,7 @@ mod tests {
     #[test]
     fn sizes_and_durations_past_their_bounds_are_refused_by_name() {
         type Set = fn(&mut Config);
-        let over: [(&str, u64, Set); 16] = [
+        let over: [(&str, u64, Set); 17] = [
             ("storage.max_cache_size_mb", MAX_SIZE_MB, |c| c.storage.max_cache_size_mb += 1),
             ("storage.write_buffer_mb", MAX_SIZE_MB, |c| c.storage.write_buffer_mb += 1),
             ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
@@ -978,6 +980,7 @@ mod tests {
             ("raft.election_timeout_max_ms", 86_400_000, |c| c.raft.election_timeout_max_ms += 1),
             ("raft.write_timeout_ms", 86_400_000, |c| c.raft.write_timeout_ms += 1),
             ("query.slow_query_ms", 86_400_000, |c| c.query.slow_query_ms += 1),
+            ("testing.snapshot_install_pause_ms", 86_400_000, |c| c.testing.snapshot_install_pause_ms += 1),
             ("server.shutdown_grace_seconds", 86_400, |c| c.server.shutdown_grace_seconds += 1),
             ("cluster.rebalance_move_timeout_seconds", 86_400, |c| c.cluster.rebalance_move_timeout_seconds += 1),
             ("query.query_timeout_seconds", 86_400, |c| c.query.query_timeout_seconds += 1),
