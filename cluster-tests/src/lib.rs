@@ -210,8 +210,6 @@ impl TestCluster {
                 Some(admin) => ["--join", admin.as_str()],
                 None => ["--initial-cluster", self.initial_cluster.as_str()],
             })
-            // The harness's own variable, not a node setting (nodes refuse unknown STEMEDB_*).
-            .env_remove("STEMEDB_BIN")
             .env("STEMEDB_CLUSTER_SHARDS", self.options.shards.to_string())
             .env("STEMEDB_CLUSTER_PEER_DIAL_OVERRIDES", overrides.join(","))
             .env("STEMEDB_STORAGE_MAX_CACHE_SIZE_MB", "16")
@@ -565,6 +563,8 @@ impl TestCluster {
 fn serve_command(binary: &Path, node: &TestNode) -> Command {
     let mut command = Command::new(binary);
     command
+        // The harness's own variable, not a node setting (nodes refuse unknown STEMEDB_*).
+        .env_remove("STEMEDB_BIN")
         .arg("serve")
         .args(["--node-id", &node.id.to_string()])
         .arg("--data-dir")
