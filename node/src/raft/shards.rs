@@ -1010,13 +1010,14 @@ impl ShardSet {
             };
             match outcome {
                 Some(Ok(index)) => break index,
-                Some(Err(
-                    error @ (ConsensusError::QueryMemoryExceeded { .. } | ConsensusError::UnknownShard { .. }),
-                )) => return Err(error),
-                Some(Err(error)) if Instant::now() >= deadline => return Err(error),
-                Some(Err(_)) => {
+                // The leader moved, or could not be reached: ask again (the new one, if known).
+                Some(Err(ConsensusError::NotLeader { .. } | ConsensusError::LeaderUnreachable { .. }))
+                    if Instant::now() < deadline =>
+                {
                     self.await_leader_change(group, leader, deadline.min(Instant::now() + RETRY_PAUSE)).await
                 }
+                // A definite answer (no quorum behind the leader, ...) is the reader's at once.
+                Some(Err(error)) => return Err(error),
                 None if Instant::now() >= deadline => {
                     return Err(ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 })
                 }
