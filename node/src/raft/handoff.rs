@@ -38,7 +38,7 @@ use tokio::sync::{RwLock, RwLockReadGuard};
 
 use super::shards::{ConsensusError, ShardGroup, ShardSet};
 use super::types::{group_of_shard, NodeId};
-use crate::cluster::meta::META_SHARD;
+use crate::meta::META_SHARD;
 
 /// How long a hand-over waits for the proposals in flight to finish.
 const DRAIN_IN_FLIGHT: Duration = Duration::from_secs(1);
