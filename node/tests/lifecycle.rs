@@ -45,6 +45,7 @@ impl InProcess {
     async fn start(dir: &Path, adjust: impl FnOnce(&mut Config, &[SocketAddr; 3])) -> InProcess {
         let (config, listeners, addrs) = bind(dir, adjust).await;
         let (stop, stopped) = oneshot::channel::<()>();
+        let config = config.validate().expect("a valid test config");
         let node = tokio::spawn(stemedb::run(config, listeners, async move {
             let _ = stopped.await;
         }));
@@ -105,6 +106,7 @@ async fn a_start_up_that_fails_late_stops_what_it_had_started() {
     // node's own listen fail (EADDRINUSE) when it gets there.
     let squatter = TcpListener::bind(addrs[0]).await.expect("squat on the api port");
     let started = Instant::now();
+    let config = config.validate().expect("a valid test config");
     let result = tokio::time::timeout(Duration::from_secs(60), stemedb::run(config, listeners, std::future::pending()))
         .await
         .expect("run returned instead of serving");
@@ -120,9 +122,17 @@ async fn a_start_up_that_fails_late_stops_what_it_had_started() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_quorum_shuts_down_promptly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let peer = || format!("127.0.0.1:{}", common::free_port());
+    // The two peers' addresses: bound, never listening (connections are refused), and held for
+    // the whole test so nothing else can take them.
+    let peer = || {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        socket
+    };
+    let peers = [peer(), peer()];
+    let peer_addrs: Vec<SocketAddr> = peers.iter().map(|p| p.local_addr().expect("addr")).collect();
     let node = InProcess::start(dir.path(), |config, addrs| {
-        config.cluster.initial_cluster = format!("1={},2={},3={}", addrs[2], peer(), peer());
+        config.cluster.initial_cluster = format!("1={},2={},3={}", addrs[2], peer_addrs[0], peer_addrs[1]);
     })
     .await;
     // Up once the cluster admin answers (the client API waits up to 5 s for leaders first).
