@@ -9,13 +9,16 @@
 //!
 //! A connection the server accepted but has not read from yet is closed, unread, by a graceful
 //! shutdown (to the server it is an idle keep-alive connection), which resets it too. So the
-//! listener counts those ([`Connection`]), and the server waits for the count to reach zero
-//! before its graceful shutdown ([`ListenerCloser::wait_until_read`]).
+//! listener keeps track of those ([`Connection`]), and the server waits until none accepted in
+//! the last [`FRESH`] is left unread before its graceful shutdown
+//! ([`ListenerCloser::wait_until_read`]). Older unread connections are spares a client's pool
+//! opened and keeps idle: waiting for them would only delay the shutdown.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -24,13 +27,24 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// A connection accepted this recently and not read from yet is waited for at shutdown: its
+/// client connected to send a request, which is on its way.
+pub const FRESH: Duration = Duration::from_millis(250);
+
+/// The accepted connections not read from yet, by number, with when they were accepted.
+#[derive(Default)]
+struct Unread {
+    next: AtomicU64,
+    accepted: parking_lot::Mutex<HashMap<u64, Instant>>,
+}
+
 /// The listener side; give it to `axum::serve` (through `ListenerExt::tap_io`, which lets the
 /// handlers see the peer address).
 pub struct ClosableListener {
     state: State,
     close: CancellationToken,
     closed: CancellationToken,
-    unread: Arc<AtomicUsize>,
+    unread: Arc<Unread>,
 }
 
 enum State {
@@ -45,27 +59,29 @@ enum State {
 pub struct ListenerCloser {
     close: CancellationToken,
     closed: CancellationToken,
-    unread: Arc<AtomicUsize>,
+    unread: Arc<Unread>,
 }
 
 /// An accepted connection, counted as unread until its first read returns (data, end of
 /// stream or an error).
 pub struct Connection {
     stream: TcpStream,
-    unread: Option<Arc<AtomicUsize>>,
+    /// Its number among the unread, until the first read returns.
+    unread: Option<(Arc<Unread>, u64)>,
 }
 
 impl ClosableListener {
     pub fn new(listener: TcpListener) -> (ClosableListener, ListenerCloser) {
         let (close, closed) = (CancellationToken::new(), CancellationToken::new());
-        let unread = Arc::new(AtomicUsize::new(0));
+        let unread = Arc::new(Unread::default());
         let closer = ListenerCloser { close: close.clone(), closed: closed.clone(), unread: unread.clone() };
         (ClosableListener { state: State::Open(listener), close, closed, unread }, closer)
     }
 
     fn counted(&self, (stream, peer): (TcpStream, SocketAddr)) -> (Connection, SocketAddr) {
-        self.unread.fetch_add(1, Ordering::AcqRel);
-        (Connection { stream, unread: Some(self.unread.clone()) }, peer)
+        let number = self.unread.next.fetch_add(1, Ordering::Relaxed);
+        self.unread.accepted.lock().insert(number, Instant::now());
+        (Connection { stream, unread: Some((self.unread.clone(), number)) }, peer)
     }
 
     /// The next connection the kernel already completed, once closing; `None` when there is
@@ -143,11 +159,13 @@ impl ListenerCloser {
         let _ = tokio::time::timeout(bound, self.closed.cancelled()).await;
     }
 
-    /// Waits (up to `bound`) until the server has read from every connection it accepted, so
-    /// that a graceful shutdown finds their requests under way rather than closing them unread.
+    /// Waits (up to `bound`) until the server has read from every connection accepted in the
+    /// last [`FRESH`], so that a graceful shutdown finds their requests under way rather than
+    /// closing them unread.
     pub async fn wait_until_read(&self, bound: Duration) {
         let deadline = Instant::now() + bound;
-        while self.unread.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        let waiting = || self.unread.accepted.lock().values().any(|at| at.elapsed() < FRESH);
+        while waiting() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -155,8 +173,8 @@ impl ListenerCloser {
 
 impl Connection {
     fn mark_read(&mut self) {
-        if let Some(unread) = self.unread.take() {
-            unread.fetch_sub(1, Ordering::AcqRel);
+        if let Some((unread, number)) = self.unread.take() {
+            unread.accepted.lock().remove(&number);
         }
     }
 }
