@@ -11,6 +11,10 @@
 //!    (among the [`SCREENED_CLAIMS`] newest claims there).
 
 use super::policy::{BreakerState, Policy};
+use crate::config::Config;
+use crate::model::assertion::{AssertionDraft, QuarantineDecision, Status};
+use crate::model::authority::prefix_covers;
+use crate::model::lens::same_json;
 use crate::model::lens::ClaimFacts;
 use crate::storage::StorageError;
 
@@ -21,10 +25,6 @@ pub trait RecentClaims {
     fn recent_claims(&self, concept_path: &str, predicate: &str, limit: usize)
         -> Result<Vec<ClaimFacts>, StorageError>;
 }
-use crate::config::Config;
-use crate::model::assertion::{AssertionDraft, QuarantineDecision, Status};
-use crate::model::authority::prefix_covers;
-use crate::model::lens::same_json;
 
 /// The contradiction trigger compares a claim with this many of the newest claims on its
 /// concept_path and predicate.

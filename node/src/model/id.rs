@@ -115,12 +115,36 @@ impl<'de> Deserialize<'de> for AssertionId {
 /// Stable 64-bit FNV-1a; unlike `DefaultHasher` it never changes between Rust releases, so a
 /// concept_path maps to the same shard on every node and every version.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= b as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    let mut hash = Fnv1a64::new();
+    hash.feed(bytes);
+    hash.finish()
+}
+
+/// [`fnv1a64`] fed in pieces (snapshot files checksum everything they write).
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv1a64(u64);
+
+impl Fnv1a64 {
+    pub fn new() -> Fnv1a64 {
+        Fnv1a64(0xcbf2_9ce4_8422_2325)
     }
-    hash
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv1a64 {
+    fn default() -> Self {
+        Fnv1a64::new()
+    }
 }
 
 /// Jump consistent hash (Lamping and Veach): a key moves only when it must as buckets grow.

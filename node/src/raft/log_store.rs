@@ -12,6 +12,7 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOEr
 use super::keys;
 use super::types::{Entry, GroupId, LogId, NodeId, StorageIoError, TypeConfig};
 use crate::storage::blocking;
+use crate::storage::read_pool::read_pool;
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
 
 const VOTE_TAG: u8 = b'v';
@@ -87,9 +88,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => keys::log_key(self.group, i),
             Bound::Unbounded => keys::group_end(self.group),
         };
-        let rows =
-            blocking(|| self.storage.scan(ColumnFamily::RaftLog, &keys::log_key(self.group, start), &end, usize::MAX))
-                .map_err(read_error)?;
+        let (storage, from) = (self.storage.clone(), keys::log_key(self.group, start));
+        // Entries to apply or replicate: on the storage read pool, like every request-path read.
+        let rows = read_pool()
+            .run_or_block(move || storage.scan(ColumnFamily::RaftLog, &from, &end, usize::MAX))
+            .await
+            .map_err(read_error)?;
         rows.iter().map(|(_, v)| Self::decode(v)).collect()
     }
 
@@ -99,13 +103,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageIoError> {
         let (from, to) = (keys::log_key(self.group, start), keys::log_key(self.group, end));
         let storage = self.storage.clone();
-        let (pool_from, pool_to) = (from.clone(), to.clone());
-        // On the storage read pool: a far-behind follower's entries come from disk. A failure
-        // here would be fatal to the group, so a full pool means reading off the worker instead.
-        match crate::storage::read_pool::read_pool().run(move || read_limited(&storage, &pool_from, &pool_to)).await {
-            Ok(result) => result,
-            Err(_) => blocking(|| read_limited(&self.storage, &from, &to)),
-        }
+        // A far-behind follower's entries come from disk.
+        read_pool().run_or_block(move || read_limited(&storage, &from, &to)).await
     }
 }
 
@@ -173,7 +172,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageIoError> {
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, COMMITTED_TAG, &committed)?;
-        blocking(|| self.storage.write(batch, Durability::Buffered)).map_err(write_error)
+        // Buffered (a memtable insert, on every commit advance): inline, like `append`.
+        self.storage.write(batch, Durability::Buffered).map_err(write_error)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageIoError> {

@@ -537,14 +537,20 @@ pub enum ShardReadAnswer {
 
 impl ShardReader {
     /// Executes a read against this replica.
-    /// Whether a snapshot install has this replica's ranges half old, half new.
-    pub fn installing(&self) -> bool {
-        self.progress.installing.load(std::sync::atomic::Ordering::Acquire)
-    }
-
+    /// Runs `read` against this replica. A read that overlaps a snapshot install (which leaves
+    /// the ranges half old, half new until it ends) answers `CatchingUp` instead.
     pub fn execute(&self, read: &ShardRead) -> Result<ShardReadAnswer, ConsensusError> {
+        let installs = self.progress.installs.load(std::sync::atomic::Ordering::Acquire);
+        let catching_up = ConsensusError::CatchingUp { shard: self.shard };
+        if installs % 2 == 1 {
+            return Err(catching_up);
+        }
         let storage_error = |e: StorageError| ConsensusError::Storage { shard: self.shard, message: e.to_string() };
-        self.execute_on_storage(read).map_err(storage_error)?.ok_or_else(|| {
+        let answer = self.execute_on_storage(read);
+        if self.progress.installs.load(std::sync::atomic::Ordering::Acquire) != installs {
+            return Err(catching_up);
+        }
+        answer.map_err(storage_error)?.ok_or_else(|| {
             let limit_bytes = match read {
                 ShardRead::Claims { memory_limit, .. } => memory_limit.unwrap_or(u64::MAX),
                 _ => u64::MAX,

@@ -30,6 +30,17 @@ use stemedb_proto::raft::GroupMessage;
 /// not name a new leader.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// Records the quarantine decisions of an assertion command (forwarded ones included).
+fn screen(policy: &Policy, reader: &ShardReader, command: &mut ShardCommand) {
+    match command {
+        ShardCommand::Assert { proposed_at_us, items } => {
+            policy.quarantine_rules().screen(policy, reader, items, *proposed_at_us)
+        }
+        ShardCommand::Once { command, .. } => screen(policy, reader, command),
+        _ => {}
+    }
+}
+
 /// Bytes of snapshot data in one InstallSnapshot RPC.
 const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
 
@@ -764,7 +775,7 @@ impl ShardSet {
                 Ok(leader) => leader,
                 Err(error) => {
                     raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
-                    return Err(self.unconfirmed(shard, timeout, maybe_delivered, last_error.unwrap_or(error)));
+                    return Err(Self::unconfirmed(shard, timeout, maybe_delivered, last_error.unwrap_or(error)));
                 }
             };
             let Some(current) = command.take() else {
@@ -781,7 +792,7 @@ impl ShardSet {
                         self.await_leader_change(group, leader, deadline).await;
                         continue;
                     }
-                    Err(error) if maybe_delivered => return Err(self.unconfirmed(shard, timeout, true, error)),
+                    Err(error) if maybe_delivered => return Err(Self::unconfirmed(shard, timeout, true, error)),
                     other => return other,
                 }
             }
@@ -823,24 +834,18 @@ impl ShardSet {
                 Some(Err(ConsensusError::ShuttingDown { .. })) if Instant::now() < deadline => {
                     self.await_leader_change(group, leader, deadline).await;
                 }
-                Some(Err(error)) => return Err(self.unconfirmed(shard, timeout, maybe_delivered, error)),
+                Some(Err(error)) => return Err(Self::unconfirmed(shard, timeout, maybe_delivered, error)),
             }
             if Instant::now() >= deadline {
                 let error = last_error.take().unwrap_or(ConsensusError::NoQuorum { shard });
-                return Err(self.unconfirmed(shard, timeout, maybe_delivered, error));
+                return Err(Self::unconfirmed(shard, timeout, maybe_delivered, error));
             }
         }
     }
 
     /// The answer when no copy of a proposal was confirmed: `outcome_unknown` if one may have
     /// arrived somewhere, else the error that ended the attempts.
-    fn unconfirmed(
-        &self,
-        shard: u16,
-        timeout: Duration,
-        maybe_delivered: bool,
-        error: ConsensusError,
-    ) -> ConsensusError {
+    fn unconfirmed(shard: u16, timeout: Duration, maybe_delivered: bool, error: ConsensusError) -> ConsensusError {
         if maybe_delivered || Self::may_have_arrived(&error) {
             raft_metrics::PROPOSALS.with_label_values(&["outcome_unknown"]).inc();
             ConsensusError::OutcomeUnknown { shard, timeout_ms: timeout.as_millis() as u64 }
@@ -884,9 +889,16 @@ impl ShardSet {
             return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
         }
         // DESIGN §2: the leader decides quarantine before proposing and records it in the entry.
-        // Screening reads the shard's claims from RocksDB.
-        let mut command = command;
-        crate::storage::blocking(|| self.screen(group, &mut command));
+        // Screening reads the shard's claims from RocksDB: on the storage read pool.
+        let (policy, reader) = (self.policy.clone(), group.reader.clone());
+        let command = crate::storage::read_pool::read_pool()
+            .run(move || {
+                let mut command = command;
+                screen(&policy, &reader, &mut command);
+                command
+            })
+            .await
+            .map_err(|_| ConsensusError::Overloaded { shard, queued: crate::storage::read_pool::READ_QUEUE })?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, group.raft.client_write(command)).await {
             Err(_) => {
@@ -916,17 +928,6 @@ impl ShardSet {
                 raft_metrics::PROPOSALS.with_label_values(&["fatal"]).inc();
                 Err(ConsensusError::ShuttingDown { shard })
             }
-        }
-    }
-
-    /// Records the quarantine decisions of an assertion command (forwarded ones included).
-    fn screen(&self, group: &ShardGroup, command: &mut ShardCommand) {
-        match command {
-            ShardCommand::Assert { proposed_at_us, items } => {
-                self.policy.quarantine_rules().screen(&self.policy, &group.reader, items, *proposed_at_us)
-            }
-            ShardCommand::Once { command, .. } => self.screen(group, command),
-            _ => {}
         }
     }
 
@@ -1342,9 +1343,6 @@ impl ShardSet {
         }
         if linearizable && !self.unsafe_skip_read_barrier {
             self.read_barrier(shard, timeout).await?;
-        }
-        if group.reader.installing() {
-            return Err(ConsensusError::CatchingUp { shard });
         }
         // On the storage read pool: a fixed set of threads, never an async worker.
         let reader = group.reader.clone();

@@ -18,6 +18,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::types::GroupId;
+use crate::model::id::Fnv1a64 as Fnv;
 
 const MAGIC: &[u8; 8] = b"STMSNAP1";
 const END: u8 = 0xFF;
@@ -26,23 +27,6 @@ const MAX_KEY_BYTES: usize = 64 << 10;
 /// Values hold one record; a longer length field means the file is damaged.
 const MAX_VALUE_BYTES: usize = 256 << 20;
 const MAX_META_BYTES: usize = 64 << 20;
-
-/// FNV-1a, 64 bits, fed incrementally.
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
 
 fn damaged(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.into())
@@ -131,7 +115,7 @@ impl SnapshotWriter {
         let result = (|| {
             self.out.write_all(&[END])?;
             self.out.write_all(&self.records.to_be_bytes())?;
-            self.out.write_all(&self.hash.0.to_be_bytes())?;
+            self.out.write_all(&self.hash.finish().to_be_bytes())?;
             self.out.flush()?;
             self.out.get_ref().sync_all()?;
             std::fs::rename(&self.temporary, &self.destination)?;
@@ -214,7 +198,7 @@ impl SnapshotReader {
             self.input.read_exact(&mut trailer).map_err(|_| damaged("snapshot trailer is truncated"))?;
             let records = u64::from_be_bytes(trailer[..8].try_into().map_err(|_| damaged("trailer"))?);
             let checksum = u64::from_be_bytes(trailer[8..].try_into().map_err(|_| damaged("trailer"))?);
-            if records != self.records || checksum != hash_before.0 {
+            if records != self.records || checksum != hash_before.finish() {
                 return Err(damaged(format!(
                     "snapshot checksum mismatch ({} records read, {records} expected)",
                     self.records

@@ -57,9 +57,10 @@ pub struct AppliedProgress {
     pub index_lock: parking_lot::Mutex<()>,
     /// Claims read by queries, dropped per path by the applies that touch it.
     pub claims_cache: super::claims_cache::ClaimsCache,
-    /// A snapshot is being installed: the shard's ranges are partly old, partly new, and no
-    /// read may look at them.
-    pub installing: std::sync::atomic::AtomicBool,
+    /// Snapshot installs begun and finished (odd while one runs: the shard's ranges are partly
+    /// old, partly new). A reader that sees it odd, or changed across its read, discards the
+    /// read (`ShardReader::execute`).
+    pub installs: AtomicU64,
 }
 
 impl AppliedProgress {
@@ -453,6 +454,16 @@ impl ShardStateMachine {
                 EntryPayload::Normal(command) => self.apply_command(&mut overlay, index, command)?,
             };
             responses.push(response);
+            // Forget expired proposal tokens every 256 entries, whatever the entry: the same
+            // range on every replica, since it depends only on the log index and the clock.
+            if index % 256 == 0 {
+                let horizon = self.state.clock_us.saturating_sub(TOKEN_TTL_US);
+                overlay.batch.delete_range(
+                    ColumnFamily::StateMachine,
+                    keys::token_key(self.group, 0, 0),
+                    keys::token_key(self.group, horizon, 0),
+                );
+            }
         }
         let state_bytes = serde_json::to_vec(&self.state).map_err(sm_write_error)?;
         overlay.batch.put(ColumnFamily::StateMachine, keys::applied_key(self.group), state_bytes);
@@ -546,16 +557,6 @@ impl ShardStateMachine {
         }
         let response = self.apply_command(overlay, index, command)?;
         overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&response).map_err(sm_write_error)?);
-        // Forget expired tokens every 256 entries: the same range on every replica, since it
-        // depends only on the log index and the replicated clock.
-        if index % 256 == 0 {
-            let horizon = self.state.clock_us.saturating_sub(TOKEN_TTL_US);
-            overlay.batch.delete_range(
-                ColumnFamily::StateMachine,
-                keys::token_key(self.group, 0, 0),
-                keys::token_key(self.group, horizon, 0),
-            );
-        }
         Ok(response)
     }
 
@@ -753,7 +754,7 @@ impl ShardStateMachine {
             |e: std::io::Error| StorageIoError::from(StorageIOError::read_snapshot(signature.clone(), &e));
         let progress = self.progress.clone();
         let _index_guard = progress.index_lock.lock();
-        progress.installing.store(true, Ordering::Release);
+        progress.installs.fetch_add(1, Ordering::AcqRel);
         let _done = InstallingFlag(&progress);
         let marker = keys::install_marker_key(self.group);
         let mut batch = WriteBatch::new();
@@ -872,12 +873,12 @@ fn adopt_snapshot_file(
 /// Write batches of a snapshot install are cut at about this many bytes.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 
-/// Clears `AppliedProgress::installing` however an install ends.
+/// Ends the install in `AppliedProgress::installs` however the install ends.
 struct InstallingFlag<'a>(&'a AppliedProgress);
 
 impl Drop for InstallingFlag<'_> {
     fn drop(&mut self) {
-        self.0.installing.store(false, Ordering::Release);
+        self.0.installs.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -94,7 +94,7 @@ impl RaftTransport for RaftService {
         let message = request.into_inner();
         let raft = self.raft(message.group_id)?;
         if !self.shards.may_vote(self.shard(message.group_id)?) {
-            return Err(ErrorCode::ShuttingDown
+            return Err(ErrorCode::ReplicaCatchingUp
                 .to_status("this node lost its data and is catching up; it does not vote until it has"));
         }
         let result = raft.vote(decode(&message)?).await;

@@ -68,6 +68,24 @@ impl ReadPool {
         // A panicking read drops `reply`: reported like a full pool rather than hanging.
         answer.await.map_err(|_| ReadPoolFull)
     }
+
+    /// Runs `read` on a pool thread, or, when the queue is full, right here off the async
+    /// worker ([`super::blocking`]): for reads whose failure would cost more than waiting (a
+    /// Raft group's log reads, where a storage error is fatal to the group).
+    pub async fn run_or_block<R: Send + 'static>(&self, read: impl FnOnce() -> R + Send + 'static) -> R {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = reply.send(read());
+        });
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = self.jobs.try_send(job) {
+            super::blocking(job);
+        }
+        match answer.await {
+            Ok(value) => value,
+            // Only a panicking read drops its reply: the caller sees the panic, as if inline.
+            Err(_) => panic!("a storage read panicked"),
+        }
+    }
 }
 
 #[cfg(test)]
