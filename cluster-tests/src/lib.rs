@@ -383,6 +383,43 @@ impl TestCluster {
         }
     }
 
+    /// SIGTERM, then waits (up to `timeout`) for the process to exit: a graceful shutdown.
+    /// Returns its exit status.
+    pub async fn terminate(&mut self, id: u64, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(id, libc::SIGTERM, false);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.nodes.get_mut(&id).context("no such node")?;
+            let Some(child) = node.child.as_mut() else { bail!("node {id} is not running") };
+            if let Some(status) = child.try_wait()? {
+                node.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} did not exit within {timeout:?} of SIGTERM: {}", self.log_tail(id, 5));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until node `via` reports the cluster `healthy` (every member up, every shard with a
+    /// leader) on `/cluster/health`.
+    pub async fn wait_healthy(&self, via: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.admin_get(via, "/cluster/health").await;
+            if let Ok((200, body)) = &seen {
+                if body["status"] == "healthy" {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("node {via} does not report the cluster healthy: {seen:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Restarts a stopped or killed node with its data dir.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         self.kill(id);

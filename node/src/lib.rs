@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod listener;
 pub mod meta;
 pub mod metrics;
 pub mod model;
@@ -14,6 +15,7 @@ pub mod raft;
 pub mod rpc;
 pub mod server;
 pub mod storage;
+pub mod tasks;
 
 pub use config::Config;
 pub use server::{run, Listeners, NodeError};

@@ -1,15 +1,14 @@
 //! Running a node: open storage, check the data dir's identity, open the shard groups, serve the
-//! client API, and shut down in order when told to.
-//!
-//! Shutdown order: stop accepting requests and drain in-flight ones (bounded by
-//! `server.shutdown_grace_seconds`), stop every Raft group, then sync and close RocksDB.
+//! client API, and shut down in order when told to (or when start-up fails half-way): see
+//! [`Node::stop`] and docs/architecture.md (Shutdown).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, NodeContext};
 use crate::cluster::identity::{
@@ -17,11 +16,13 @@ use crate::cluster::identity::{
 };
 use crate::config::Config;
 use crate::error::ErrorCode;
+use crate::listener::{ClosableListener, ListenerCloser};
 use crate::metrics::{ComputedGauges, Metrics};
 use crate::raft::network::PeerChannels;
 use crate::raft::{ConsensusError, RaftSettings, ShardSet};
 use crate::rpc::RaftService;
 use crate::storage::{Storage, StorageError, StorageOptions};
+use crate::tasks::NodeTasks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -58,21 +59,40 @@ impl NodeError {
 /// Streams a peer may reset before this node accepts them, per connection (see the gRPC server).
 const PEER_MAX_PENDING_RESETS: usize = 4096;
 
-/// The sockets a node serves on; tests bind port 0 and pass them in.
+/// The sockets a node serves on; tests bind port 0 and pass them in. The client API's socket is
+/// bound but not listening until the node is ready (start-up step 7): until then clients are
+/// refused at once, rather than queued by the kernel while the node opens its storage and
+/// finds its leaders, so a load balancer or client sends them elsewhere.
 pub struct Listeners {
-    pub api: TcpListener,
+    pub api: TcpSocket,
     pub admin: TcpListener,
     pub raft: TcpListener,
 }
+
+/// How many connections the kernel queues for the client API before the node accepts them.
+const API_BACKLOG: u32 = 1024;
 
 async fn bind(addr: &str) -> Result<TcpListener, NodeError> {
     TcpListener::bind(addr).await.map_err(|e| NodeError::Listen { addr: addr.to_string(), message: e.to_string() })
 }
 
+/// Binds `addr` (the first address it resolves to) without listening yet.
+async fn bind_only(addr: &str) -> Result<TcpSocket, NodeError> {
+    let failed = |message: String| NodeError::Listen { addr: addr.to_string(), message };
+    let resolved = tokio::net::lookup_host(addr).await.map_err(|e| failed(e.to_string()))?.next();
+    let resolved = resolved.ok_or_else(|| failed("resolves to no address".into()))?;
+    let socket = if resolved.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+    let socket = socket.map_err(|e| failed(e.to_string()))?;
+    // Like `TcpListener::bind`: a restarted node may bind while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(|e| failed(e.to_string()))?;
+    socket.bind(resolved).map_err(|e| failed(e.to_string()))?;
+    Ok(socket)
+}
+
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Listeners, NodeError> {
         Ok(Listeners {
-            api: bind(&config.server.api_addr).await?,
+            api: bind_only(&config.server.api_addr).await?,
             admin: bind(&config.server.admin_addr).await?,
             raft: bind(&config.server.raft_addr).await?,
         })
@@ -161,185 +181,267 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
     }
 }
 
-/// Runs a node until `shutdown` resolves, then shuts it down in order.
+/// Runs a node until `shutdown` resolves (or one of its Raft groups stops on a fatal error),
+/// then shuts it down in the order [`Node::stop`] describes. If a step of start-up fails,
+/// everything the earlier steps started is stopped, in the same order, before the error is
+/// returned: no server, task or open database outlives `run`.
 pub async fn run(
     config: crate::config::ValidatedConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    let started_at = Instant::now();
-    let mut config = config.into_inner();
-    let joining = !config.cluster.join.is_empty();
-    // Founding nodes derive the cluster id from the initial cluster; a joining node learns it
-    // (and the shard count) from the member it joins through.
-    let (members, cluster_id) = if joining {
-        let (cluster_id, shards) = join_target_info(&config.cluster.join).await?;
-        config.cluster.shards = shards;
-        (std::collections::BTreeMap::new(), Some(cluster_id))
-    } else {
-        let members = config.initial_members().map_err(|e| NodeError::Serve(e.to_string()))?;
-        let cluster_id = (members.len() > 1).then(|| cluster_id_of(&members));
-        (members, cluster_id)
+    let config = config.into_inner();
+    let mut node = Node::new(&config);
+    let mut shutdown = std::pin::pin!(shutdown);
+    // A shutdown requested during start-up (which may wait for leaders or for the cluster to
+    // join) stops it where it is: whatever the finished steps started is stopped below.
+    let started = tokio::select! {
+        started = node.start(config, listeners) => Some(started),
+        _ = &mut shutdown => None,
     };
-    let single_node = !joining && members.len() == 1;
-    if config.testing.unsafe_skip_read_barrier {
-        tracing::error!("testing.unsafe_skip_read_barrier is on: linearizable reads are NOT linearizable");
-    }
-    let storage = Storage::open(&config.node.data_dir, storage_options(&config))?;
-    let fresh_data_dir = !identity_recorded(&storage)?;
-    let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;
-    let peers = PeerChannels::new(config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?);
-    let shards = Arc::new(
-        ShardSet::open(
-            storage.clone(),
-            config.node.id,
-            members,
-            config.cluster.shards,
-            config.cluster.replication_factor,
-            &raft_settings(&config),
-            peers,
-            crate::meta::policy::Policy::new(
-                config.authority.max_chain_depth,
-                crate::meta::quarantine::QuarantineRules::from_config(&config),
-            ),
-        )
-        .await?,
-    );
-    let recovering = if joining && fresh_data_dir {
-        set_recovering(&storage, true)?;
-        true
-    } else {
-        is_recovering(&storage)?
-    };
-    if recovering {
-        shards.arm_vote_guards();
-    }
-    let layers = crate::storage::metrics::collectors().into_iter().chain(crate::raft::metrics::collectors()).collect();
-    let metrics = Metrics::new(config.node.id, layers);
-    let api_addr: SocketAddr = listeners.api.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
-    let admin_addr: SocketAddr = listeners.admin.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
-    let raft_addr: SocketAddr = listeners.raft.local_addr().map_err(|e| NodeError::Serve(e.to_string()))?;
-    let context = Arc::new(NodeContext {
-        cluster_id: identity.cluster_id.clone(),
-        config: config.clone(),
-        shards: shards.clone(),
-        write_batchers: crate::raft::batching::WriteBatchers::start(&shards, config.limits.max_queued_writes_per_shard),
-        storage: storage.clone(),
-        metrics,
-        started_at,
-        slow_queries: crate::api::slow_queries::SlowQueryLog::new(config.query.slow_query_log_size),
-        breakers: crate::api::breakers::BreakerMonitor::new(
-            config.circuit_breaker.clone(),
-            shards.clone(),
-            Duration::from_millis(config.raft.write_timeout_ms),
-        ),
-        indexes: Default::default(),
-        heap_profiler: start_heap_profiler(&config),
-    });
-    register_node_gauges(&context);
-    crate::raft::shards::start_claims_cache_sharing(&shards);
-    crate::raft::hibernation::start(
-        &shards,
-        Duration::from_millis(config.raft.heartbeat_interval_ms),
-        Duration::from_millis(config.raft.election_timeout_max_ms),
-    );
-    // The transport must run before waiting for leaders: elections need the peers' votes.
-    let stop = tokio_util::sync::CancellationToken::new();
-    crate::cluster::placement::start(
-        &shards,
-        crate::cluster::placement::PlacementSettings {
-            interval: Duration::from_millis(500),
-            auto_rebalance: config.cluster.auto_rebalance,
-            move_timeout: Duration::from_secs(config.cluster.rebalance_move_timeout_seconds.max(1)),
-        },
-        stop.clone(),
-    );
-    if config.cluster.auto_rebalance {
-        crate::cluster::placement::start_leader_balancer(&shards, Duration::from_secs(2), stop.clone());
-    }
-    record_config_roots(&shards, &config.authority.roots, stop.clone());
-    if config.storage.rebuild_indexes_on_start {
-        rebuild_indexes_when_placed(&context, stop.clone());
-    }
-    let grpc = {
-        let service = RaftService::server(shards.clone(), Duration::from_millis(config.raft.write_timeout_ms));
-        let stop = stop.clone();
-        // Raft messages are small and latency-bound: without TCP_NODELAY on accepted sockets,
-        // Nagle's algorithm and delayed ACKs added ~40 ms to replication round trips.
-        let incoming =
-            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listeners.raft), |conn| {
-                conn.inspect(|stream| {
-                    let _ = stream.set_nodelay(true);
-                })
-            });
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                // Peers cancel requests whose deadline passed; after a partition heals, hundreds
-                // of queued forwards and heartbeats are reset at once before this server accepts
-                // them. h2's default (20 such streams) then answers GOAWAY "too_many_resets" and
-                // tears down the connection every heal. The transport only serves cluster peers.
-                .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-        })
-    };
-    let admin_server = {
-        let stop = stop.clone();
-        let app = crate::admin::router(context.clone());
-        let listener = listeners.admin;
-        tokio::spawn(async move {
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
-    };
-    if joining {
-        let (join, node_id, raft_addr) = (config.cluster.join.clone(), config.node.id, config.server.raft_addr.clone());
-        let token = config.security.admin_token.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
+    match &started {
+        Some(Ok(())) => {
             tokio::select! {
-                _ = request_membership(&join, node_id, &raft_addr, &token) => {}
-                _ = stop.cancelled() => {}
+                _ = &mut shutdown => tracing::info!("shutdown requested"),
+                _ = node.fatal.cancelled() => {}
             }
-        });
-    } else if single_node {
-        shards.wait_for_leaders(Duration::from_secs(30)).await?;
-    } else if shards.wait_for_leaders(Duration::from_secs(5)).await.is_err() {
-        tracing::info!("not every shard has a leader yet; waiting for peers in the background");
+        }
+        Some(Err(error)) => tracing::error!(error = %error, "start-up failed; stopping what had started"),
+        None => tracing::info!("shutdown requested during start-up"),
     }
-    tracing::info!(
-        node_id = config.node.id,
-        cluster_id = %identity.cluster_id,
-        api = %api_addr,
-        admin = %admin_addr,
-        raft = %raft_addr,
-        data_dir = %config.node.data_dir.display(),
-        shards = config.cluster.shards,
-        startup_ms = started_at.elapsed().as_millis() as u64,
-        "node ready"
-    );
-    // A group whose Raft stopped on a fatal error (a storage failure such as a full disk) would
-    // leave the node half alive, still claiming leadership it cannot exercise. The node stops
-    // instead, with an error, so its supervisor restarts it once the cause is fixed; RocksDB
-    // and the Raft log recover on restart.
-    let fatal = tokio_util::sync::CancellationToken::new();
-    let fatal_error = Arc::new(parking_lot::Mutex::new(None::<String>));
-    {
-        let (shards, fatal, fatal_error, stop) = (shards.clone(), fatal.clone(), fatal_error.clone(), stop.clone());
-        let storage = storage.clone();
+    let closed = node.stop().await;
+    // A fatal error, or a failed start-up, is the cause; a failing close (say, on a full disk)
+    // is its consequence.
+    if let Some(error) = node.fatal_error.lock().take() {
+        return Err(NodeError::Fatal(error));
+    }
+    started.transpose()?;
+    closed
+}
+
+/// What start-up has started so far. [`Node::stop`] stops exactly that, so a start-up that
+/// fails half-way and a normal shutdown take the same path.
+struct Node {
+    tasks: NodeTasks,
+    /// Loops that change the cluster (placement driver, leader balancer, config roots, the
+    /// join request, the start-up index check): the first thing shutdown stops.
+    cluster_work: CancellationToken,
+    /// Cancelled when a Raft group stops on a fatal error (the node then shuts down).
+    fatal: CancellationToken,
+    fatal_error: Arc<parking_lot::Mutex<Option<String>>>,
+    grace: Duration,
+    /// How long handing every leadership over may take (two leases and some).
+    handover_bound: Duration,
+    storage: Option<Arc<Storage>>,
+    shards: Option<Arc<ShardSet>>,
+    context: Option<Arc<NodeContext>>,
+    grpc: Option<GrpcServer>,
+    admin: Option<HttpServer>,
+    api: Option<HttpServer>,
+}
+
+/// How long background tasks get to end once told to stop.
+const TASKS_BOUND: Duration = Duration::from_secs(5);
+/// How long Raft's tasks get to release the storage after the groups stopped.
+const STORAGE_RELEASE_BOUND: Duration = Duration::from_secs(2);
+
+impl Node {
+    fn new(config: &Config) -> Node {
+        let tasks = NodeTasks::new();
+        Node {
+            cluster_work: tasks.child_token(),
+            tasks,
+            fatal: CancellationToken::new(),
+            fatal_error: Default::default(),
+            grace: Duration::from_secs(config.server.shutdown_grace_seconds),
+            handover_bound: Duration::from_millis(config.raft.election_timeout_max_ms) * 2 + Duration::from_secs(2),
+            storage: None,
+            shards: None,
+            context: None,
+            grpc: None,
+            admin: None,
+            api: None,
+        }
+    }
+
+    /// Start-up, in order; each step records what it started before the next can fail.
+    async fn start(&mut self, config: Config, listeners: Listeners) -> Result<(), NodeError> {
+        let started_at = Instant::now();
+        let mut config = config;
+        let joining = !config.cluster.join.is_empty();
+        // Founding nodes derive the cluster id from the initial cluster; a joining node learns
+        // it (and the shard count) from the member it joins through.
+        let (members, cluster_id) = if joining {
+            let (cluster_id, shards) = join_target_info(&config.cluster.join).await?;
+            config.cluster.shards = shards;
+            (std::collections::BTreeMap::new(), Some(cluster_id))
+        } else {
+            let members = config.initial_members().map_err(|e| NodeError::Serve(e.to_string()))?;
+            let cluster_id = (members.len() > 1).then(|| cluster_id_of(&members));
+            (members, cluster_id)
+        };
+        let single_node = !joining && members.len() == 1;
+        if config.testing.unsafe_skip_read_barrier {
+            tracing::error!("testing.unsafe_skip_read_barrier is on: linearizable reads are NOT linearizable");
+        }
+        let addr_of = |addr: std::io::Result<SocketAddr>| addr.map_err(|e| NodeError::Serve(e.to_string()));
+        let api_addr = addr_of(listeners.api.local_addr())?;
+        let (admin_addr, raft_addr) = (addr_of(listeners.admin.local_addr())?, addr_of(listeners.raft.local_addr())?);
+
+        // 1. Storage and the data dir's identity.
+        let storage = Storage::open(&config.node.data_dir, storage_options(&config))?;
+        self.storage = Some(storage.clone());
+        let fresh_data_dir = !identity_recorded(&storage)?;
+        let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;
+
+        // 2. The Raft groups.
+        let peers = PeerChannels::new(config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?);
+        let policy = crate::meta::policy::Policy::new(
+            config.authority.max_chain_depth,
+            crate::meta::quarantine::QuarantineRules::from_config(&config),
+        );
+        let shards = Arc::new(
+            ShardSet::open(
+                storage.clone(),
+                config.node.id,
+                members,
+                config.cluster.shards,
+                config.cluster.replication_factor,
+                &raft_settings(&config),
+                peers,
+                policy,
+                self.tasks.clone(),
+            )
+            .await?,
+        );
+        self.shards = Some(shards.clone());
+        let recovering = if joining && fresh_data_dir {
+            set_recovering(&storage, true)?;
+            true
+        } else {
+            is_recovering(&storage)?
+        };
+        if recovering {
+            shards.arm_vote_guards();
+        }
+
+        // 3. What requests need, and the background tasks.
+        let write_timeout = Duration::from_millis(config.raft.write_timeout_ms);
+        let context = Arc::new(NodeContext {
+            cluster_id: identity.cluster_id.clone(),
+            config: config.clone(),
+            shards: shards.clone(),
+            write_batchers: crate::raft::batching::WriteBatchers::start(
+                &shards,
+                config.limits.max_queued_writes_per_shard,
+            ),
+            storage: storage.clone(),
+            metrics: Metrics::new(
+                config.node.id,
+                crate::storage::metrics::collectors().into_iter().chain(crate::raft::metrics::collectors()).collect(),
+            ),
+            started_at,
+            slow_queries: crate::api::slow_queries::SlowQueryLog::new(config.query.slow_query_log_size),
+            breakers: crate::api::breakers::BreakerMonitor::new(
+                config.circuit_breaker.clone(),
+                shards.clone(),
+                write_timeout,
+            ),
+            indexes: Default::default(),
+            heap_profiler: start_heap_profiler(&config),
+        });
+        self.context = Some(context.clone());
+        register_node_gauges(&context);
+        crate::raft::shards::start_claims_cache_sharing(&shards);
+        shards.start_leadership_clocks();
+        crate::raft::hibernation::start(
+            &shards,
+            Duration::from_millis(config.raft.heartbeat_interval_ms),
+            Duration::from_millis(config.raft.election_timeout_max_ms),
+        );
+        crate::cluster::placement::start(
+            &shards,
+            crate::cluster::placement::PlacementSettings {
+                interval: Duration::from_millis(500),
+                auto_rebalance: config.cluster.auto_rebalance,
+                move_timeout: Duration::from_secs(config.cluster.rebalance_move_timeout_seconds.max(1)),
+            },
+            self.cluster_work.clone(),
+        );
+        if config.cluster.auto_rebalance {
+            crate::cluster::placement::start_leader_balancer(
+                &shards,
+                Duration::from_secs(2),
+                self.cluster_work.clone(),
+            );
+        }
+        record_config_roots(&shards, &config.authority.roots, self.cluster_work.clone());
+        if config.storage.rebuild_indexes_on_start {
+            rebuild_indexes_when_placed(&context, self.cluster_work.clone());
+        }
+        self.watch_for_fatal_errors(&shards, &storage, recovering);
+
+        // 4. The transport, before waiting for leaders: elections need the peers' votes.
+        self.grpc =
+            Some(GrpcServer::start(&self.tasks, RaftService::server(shards.clone(), write_timeout), listeners.raft));
+
+        // 5. The cluster admin.
+        self.admin = Some(HttpServer::start(&self.tasks, listeners.admin, crate::admin::router(context.clone())));
+
+        // 6. Joining the cluster, or waiting for the groups' leaders.
+        if joining {
+            let (join, node_id, raft_addr) =
+                (config.cluster.join.clone(), config.node.id, config.server.raft_addr.clone());
+            let token = config.security.admin_token.clone();
+            let stop = self.cluster_work.clone();
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    _ = request_membership(&join, node_id, &raft_addr, &token) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        } else if single_node {
+            shards.wait_for_leaders(Duration::from_secs(30)).await?;
+        } else if shards.wait_for_leaders(Duration::from_secs(5)).await.is_err() {
+            tracing::info!("not every shard has a leader yet; waiting for peers in the background");
+        }
+
+        // 7. The client API, last: requests find the node ready.
+        let api_listener = listeners
+            .api
+            .listen(API_BACKLOG)
+            .map_err(|e| NodeError::Listen { addr: api_addr.to_string(), message: e.to_string() })?;
+        self.api = Some(HttpServer::start(&self.tasks, api_listener, api::router(context)));
+        tracing::info!(
+            node_id = config.node.id,
+            cluster_id = %identity.cluster_id,
+            api = %api_addr,
+            admin = %admin_addr,
+            raft = %raft_addr,
+            data_dir = %config.node.data_dir.display(),
+            shards = config.cluster.shards,
+            startup_ms = started_at.elapsed().as_millis() as u64,
+            "node ready"
+        );
+        Ok(())
+    }
+
+    /// A group whose Raft stopped on a fatal error (a storage failure such as a full disk) would
+    /// leave the node half alive, still claiming leadership it cannot exercise. The node stops
+    /// instead, with an error, so its supervisor restarts it once the cause is fixed; RocksDB and
+    /// the Raft log recover on restart. The same task notices when a node that started on an
+    /// empty data dir has caught up with every group.
+    fn watch_for_fatal_errors(&self, shards: &Arc<ShardSet>, storage: &Arc<Storage>, recovering: bool) {
+        let (shards, fatal, fatal_error) = (Arc::downgrade(shards), self.fatal.clone(), self.fatal_error.clone());
+        let storage = Arc::downgrade(storage);
         let mut recovering = recovering;
-        tokio::spawn(async move {
+        self.tasks.spawn_until_stopped(async move {
             loop {
+                let (Some(shards), Some(storage)) = (shards.upgrade(), storage.upgrade()) else { return };
                 // The vote guards are all satisfied: forget that this node was rebuilding.
                 if recovering && !shards.recovering() && set_recovering(&storage, false).is_ok() {
                     recovering = false;
                     tracing::info!("caught up with every group; this node votes normally again");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = stop.cancelled() => return,
                 }
                 if let Some(error) = shards.fatal_error() {
                     tracing::error!(error = %error, "raft group stopped on a fatal error; stopping the node");
@@ -347,57 +449,190 @@ pub async fn run(
                     fatal.cancel();
                     return;
                 }
+                drop((shards, storage));
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
     }
-    let app = api::router(context.clone());
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let serve = axum::serve(listeners.api, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown({
-            let fatal = fatal.clone();
-            async move {
-                tokio::select! {
-                    _ = shutdown => {}
-                    _ = fatal.cancelled() => {}
-                }
-                tracing::info!("shutdown requested: no longer accepting requests");
-                let _ = drained_tx.send(());
-            }
-        });
-    let server = tokio::spawn(async move { serve.await });
-    // Wait for the server to end on its own, or for shutdown plus the grace period.
-    let mut server = server;
-    let serve_result = tokio::select! {
-        result = &mut server => result,
-        _ = async {
-            let _ = drained_rx.await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!(grace_seconds = grace.as_secs(), "in-flight requests did not finish within the grace period");
-            server.abort();
-            Ok(Ok(()))
+
+    /// Shuts down what started, in this order (docs/architecture.md, Shutdown):
+    ///
+    /// 1. stop the loops that change the cluster, and start leaving: this node refuses to
+    ///    campaign and tells its peers, so nothing hands it a leadership back;
+    /// 2. stop accepting client and cluster-admin connections (requests already received go on);
+    /// 3. hand every group this node leads to a caught-up voter; writes that arrive meanwhile
+    ///    wait a moment, then go to the new leader;
+    /// 4. let in-flight HTTP requests finish (at most `server.shutdown_grace_seconds`);
+    /// 5. stop the gRPC server, letting the requests peers forwarded here finish (forwarded on
+    ///    to the new leaders);
+    /// 6. stop every Raft group;
+    /// 7. stop every background task and wait for them (bounded);
+    /// 8. sync the WAL, flush the memtables and close RocksDB, on the blocking pool.
+    async fn stop(&mut self) -> Result<(), NodeError> {
+        let started = Instant::now();
+        self.cluster_work.cancel();
+        if let Some(shards) = &self.shards {
+            shards.begin_leaving();
         }
-    };
-    stop.cancel();
-    // Admin requests may wait minutes (a decommission); they get the grace period, no more.
-    if tokio::time::timeout(grace, admin_server).await.is_err() {
-        tracing::warn!("cluster admin requests still running at shutdown were abandoned");
+        let (api, admin) = (self.api.take(), self.admin.take());
+        let stop_accepting = |server: &Option<HttpServer>| {
+            let closer = server.as_ref().map(|s| s.closer.clone());
+            async move {
+                if let Some(closer) = closer {
+                    closer.close(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        futures::future::join(stop_accepting(&api), stop_accepting(&admin)).await;
+        tracing::info!("no longer accepting connections");
+        if let Some(shards) = &self.shards {
+            let (moved, kept) = shards.hand_over_leaderships(self.handover_bound).await;
+            if moved + kept > 0 {
+                tracing::info!(moved, kept, took_ms = started.elapsed().as_millis() as u64, "leaderships handed over");
+            }
+        }
+        let grace = self.grace;
+        let drain = |server: Option<HttpServer>, name: &'static str| async move {
+            if let Some(server) = server {
+                server.drain(grace, name).await;
+            }
+        };
+        futures::future::join(drain(api, "client api"), drain(admin, "cluster admin")).await;
+        if let Some(grpc) = self.grpc.take() {
+            grpc.stop(grace).await;
+        }
+        if let Some(shards) = &self.shards {
+            shards.shutdown().await;
+        }
+        let abandoned = self.tasks.stop_and_wait(TASKS_BOUND).await;
+        if abandoned > 0 {
+            tracing::warn!(tasks = abandoned, "background tasks still running at shutdown were abandoned");
+        }
+        self.context = None;
+        self.shards = None;
+        let closed = match self.storage.take() {
+            Some(storage) => close_storage(storage).await,
+            None => Ok(()),
+        };
+        tracing::info!(shutdown_ms = started.elapsed().as_millis() as u64, "node stopped");
+        closed
     }
-    context.shards.shutdown().await;
-    let _ = grpc.await;
-    let closed = storage.close();
-    tracing::info!("node stopped");
-    // The fatal error is the cause; a failing close (say, on a full disk) is its consequence.
-    if let Some(error) = fatal_error.lock().take() {
-        return Err(NodeError::Fatal(error));
+}
+
+/// Syncs and closes the database once nothing else holds it (Raft's tasks release it as they
+/// end; up to [`STORAGE_RELEASE_BOUND`]), on the blocking pool: a flush writes files.
+async fn close_storage(storage: Arc<Storage>) -> Result<(), NodeError> {
+    let deadline = Instant::now() + STORAGE_RELEASE_BOUND;
+    while Arc::strong_count(&storage) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    closed?;
-    match serve_result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(NodeError::Serve(e.to_string())),
-        Err(e) if e.is_cancelled() => Ok(()),
-        Err(e) => Err(NodeError::Serve(e.to_string())),
+    let holders = Arc::strong_count(&storage) - 1;
+    if holders > 0 {
+        tracing::warn!(holders, "storage still in use at shutdown; flushed, closed when the last user ends");
+    }
+    let closing = tokio::task::spawn_blocking(move || {
+        let result = storage.close();
+        // The last reference closes RocksDB (releasing its lock) here, off the async workers.
+        drop(storage);
+        result
+    });
+    match closing.await {
+        Ok(result) => Ok(result?),
+        Err(error) => Err(NodeError::Serve(format!("closing storage: {error}"))),
+    }
+}
+
+/// An HTTP server (client API or cluster admin) with the two halves of its shutdown: stop
+/// accepting, then let the requests in flight finish.
+struct HttpServer {
+    closer: ListenerCloser,
+    drain: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl HttpServer {
+    fn start(tasks: &NodeTasks, listener: TcpListener, app: axum::Router) -> HttpServer {
+        use axum::serve::ListenerExt;
+        let (listener, closer) = ClosableListener::new(listener);
+        let drain = CancellationToken::new();
+        // `tap_io` only so that handlers see the peer address (admin rights of loopback peers).
+        let serve = axum::serve(listener.tap_io(|_| {}), app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(drain.clone().cancelled_owned());
+        let task = tasks.spawn(async move { serve.await });
+        HttpServer { closer, drain, task }
+    }
+
+    /// Closes idle connections and waits for requests in flight, up to `grace`; then abandons
+    /// them (a decommission may wait minutes).
+    async fn drain(self, grace: Duration, name: &'static str) {
+        // A connection accepted just before the close may not have been read yet; a graceful
+        // shutdown would close it unread (resetting the client) instead of answering.
+        self.closer.wait_until_read(Duration::from_secs(1)).await;
+        self.drain.cancel();
+        let mut task = self.task;
+        match tokio::time::timeout(grace, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(server = name, error = %error, "server failed"),
+            Ok(Err(error)) => tracing::warn!(server = name, error = %error, "server task failed"),
+            Err(_) => {
+                tracing::warn!(
+                    server = name,
+                    grace_seconds = grace.as_secs(),
+                    "requests still running after the grace period were abandoned"
+                );
+                task.abort();
+            }
+        }
+    }
+}
+
+/// The gRPC server on the Raft port.
+struct GrpcServer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl GrpcServer {
+    fn start(
+        tasks: &NodeTasks,
+        service: stemedb_proto::raft::raft_transport_server::RaftTransportServer<RaftService>,
+        listener: TcpListener,
+    ) -> GrpcServer {
+        let stop = CancellationToken::new();
+        // Raft messages are small and latency-bound: without TCP_NODELAY on accepted sockets,
+        // Nagle's algorithm and delayed ACKs added ~40 ms to replication round trips.
+        let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+            conn.inspect(|stream| {
+                let _ = stream.set_nodelay(true);
+            })
+        });
+        let serve = tonic::transport::Server::builder()
+            // Peers cancel requests whose deadline passed; after a partition heals, hundreds of
+            // queued forwards and heartbeats are reset at once before this server accepts them.
+            // h2's default (20 such streams) then answers GOAWAY "too_many_resets" and tears down
+            // the connection every heal. The transport only serves cluster peers.
+            .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+        GrpcServer { stop, task: tasks.spawn(serve) }
+    }
+
+    /// Stops accepting, lets the requests in flight finish (up to `grace`), then abandons them.
+    async fn stop(self, grace: Duration) {
+        self.stop.cancel();
+        let mut task = self.task;
+        match tokio::time::timeout(grace, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(error = %error, "grpc server failed"),
+            Ok(Err(error)) => tracing::warn!(error = %error, "grpc server task failed"),
+            Err(_) => {
+                tracing::warn!(
+                    grace_seconds = grace.as_secs(),
+                    "grpc requests still running after the grace period were abandoned"
+                );
+                task.abort();
+            }
+        }
     }
 }
 
@@ -662,7 +897,8 @@ fn start_heap_profiler(config: &Config) -> crate::metrics::heap_profile::HeapPro
 /// cluster metadata says which shards this node hosts (up to a minute), then starts it.
 fn rebuild_indexes_when_placed(context: &Arc<NodeContext>, stop: tokio_util::sync::CancellationToken) {
     let context = context.clone();
-    tokio::spawn(async move {
+    let tasks = context.shards.tasks.clone();
+    tasks.spawn(async move {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !context.shards.meta().is_bootstrapped() && Instant::now() < deadline {
             tokio::select! {
@@ -704,7 +940,8 @@ fn record_config_roots(
     }
     let shards = shards.clone();
     let roots = roots.to_vec();
-    tokio::spawn(async move {
+    let tasks = shards.tasks.clone();
+    let record = async move {
         for root in roots {
             loop {
                 if shards.policy().read(|s| s.authorities.root_level(&root.agent_id, u64::MAX)) == Some(root.level) {
@@ -725,13 +962,17 @@ fn record_config_roots(
                     }
                     Err(error) => {
                         tracing::debug!(error = %error, "config root authority not recorded yet; retrying");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
+        }
+    };
+    // Shutdown stops it at any point, a proposal in flight included: the next start resumes.
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = record => {}
+            _ = stop.cancelled() => {}
         }
     });
 }

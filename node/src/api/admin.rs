@@ -166,7 +166,8 @@ async fn compact(State(state): State<AppState>, _admin: super::AdminRights, body
         return Err(ApiError::new(ErrorCode::CompactionInProgress, "a manual compaction is already running")
             .with_details(json!({"manual_compaction": running})));
     }
-    tokio::task::spawn_blocking(move || {
+    // Tracked: shutdown waits (bounded) for it before closing the storage.
+    state.shards.tasks.spawn_blocking(move || {
         tracing::info!(force = request.force, aggressive = request.aggressive, "manual compaction started");
         let started = std::time::Instant::now();
         match storage.run_manual_compaction(request.aggressive) {

@@ -199,7 +199,8 @@ impl BreakerMonitor {
         let windows = self.windows.clone();
         let timeout = self.timeout;
         let agent = agent.to_string();
-        tokio::spawn(async move {
+        let tasks = shards.tasks.clone();
+        tasks.spawn(async move {
             match shards.propose_policy(command, timeout).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => tracing::debug!(agent_id = %agent, error = %error, "breaker change refused"),

@@ -103,11 +103,16 @@ pub fn start_rebuild(state: &AppState, trigger: &'static str) -> Result<(), ApiE
     }
     tracing::info!(shards = readers.len(), trigger, "starting index rebuild");
     let context = state.clone();
-    tokio::task::spawn_blocking(move || {
+    state.shards.tasks.spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut total = RepairReport::default();
         let mut failure = None;
         for reader in &readers {
+            // Shutdown waits for this task before closing the storage: stop between shards.
+            if context.shards.tasks.is_stopping() {
+                failure = Some("interrupted by shutdown; run it again".to_string());
+                break;
+            }
             match repair_group(&context.storage, reader.group_id(), Some(reader.index_lock()), &context.indexes.scanned)
             {
                 Ok(report) => {

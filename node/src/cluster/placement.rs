@@ -43,8 +43,9 @@ enum DriverError {
 
 /// Starts the driver; it ends with `stop` or when the shard set is dropped.
 pub fn start(shards: &Arc<ShardSet>, settings: PlacementSettings, stop: CancellationToken) {
+    let tasks = shards.tasks.clone();
     let shards = Arc::downgrade(shards);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         tokio::select! {
             _ = run(shards, settings) => {}
             _ = stop.cancelled() => {}
@@ -134,8 +135,9 @@ async fn round(shards: &ShardSet, settings: &PlacementSettings) -> Result<(), Dr
 /// survivors, and this brings it back so leaders stay spread. At most one transfer per node
 /// every round, and none for a shard that transferred in the last 30 s.
 pub fn start_leader_balancer(shards: &Arc<ShardSet>, interval: Duration, stop: CancellationToken) {
+    let tasks = shards.tasks.clone();
     let shards = Arc::downgrade(shards);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut last_transfer: std::collections::HashMap<u16, std::time::Instant> = Default::default();
         loop {
             tokio::select! {

@@ -39,13 +39,13 @@ pub struct WriteBatchers {
 
 impl WriteBatchers {
     /// Starts one batcher task per shard, each queue holding at most `capacity` waiting writes.
-    /// They stop when the shard set is dropped.
+    /// They stop with the node's tasks, or when the shard set is dropped.
     pub fn start(shards: &Arc<ShardSet>, capacity: usize) -> WriteBatchers {
         let capacity = capacity.max(1);
         let senders = (0..shards.shard_count())
             .map(|shard| {
                 let (tx, rx) = mpsc::channel(capacity);
-                tokio::spawn(run_batcher(Arc::downgrade(shards), shard, rx));
+                shards.tasks.spawn_until_stopped(run_batcher(Arc::downgrade(shards), shard, rx));
                 tx
             })
             .collect();
@@ -82,7 +82,8 @@ async fn run_batcher(shards: std::sync::Weak<ShardSet>, shard: u16, mut requests
             }
         }
         let Some(shards) = shards.upgrade() else { return };
-        tokio::spawn(async move {
+        let tasks = shards.tasks.clone();
+        tasks.spawn(async move {
             let deadline = batch.iter().map(|p| p.deadline).max().unwrap_or_else(Instant::now);
             let timeout = deadline.saturating_duration_since(Instant::now());
             let (drafts, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.draft, p.reply)).unzip();

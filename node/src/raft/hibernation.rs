@@ -35,21 +35,26 @@ pub struct NodeHeartbeat {
     /// `ShardSet::arm_vote_guards`): leaders wake the groups it belongs to so it catches up.
     #[serde(default)]
     pub recovering: bool,
+    /// `from` is shutting down (`ShardSet::begin_leaving`): peers stop counting it as up, so
+    /// their leader balancers do not hand it leaderships it would only hand back.
+    #[serde(default)]
+    pub leaving: bool,
 }
 
-/// When each peer's node heartbeat was last received.
+/// When each peer's node heartbeat was last received, and whether it said it was leaving.
 #[derive(Default)]
 pub struct PeerLiveness {
-    seen: Mutex<HashMap<NodeId, Instant>>,
+    seen: Mutex<HashMap<NodeId, (Instant, bool)>>,
 }
 
 impl PeerLiveness {
-    pub fn saw(&self, node: NodeId) {
-        self.seen.lock().insert(node, Instant::now());
+    pub fn saw(&self, node: NodeId, leaving: bool) {
+        self.seen.lock().insert(node, (Instant::now(), leaving));
     }
 
+    /// Whether a heartbeat from `node` arrived within `window` and it is not leaving.
     pub fn heard_within(&self, node: NodeId, window: Duration) -> bool {
-        self.seen.lock().get(&node).is_some_and(|at| at.elapsed() < window)
+        self.seen.lock().get(&node).is_some_and(|(at, leaving)| !leaving && at.elapsed() < window)
     }
 }
 
@@ -57,7 +62,7 @@ impl ShardSet {
     /// Applies a peer's node heartbeat: pause elections in the groups it leads and hibernates,
     /// resume them in the groups it leads and does not.
     pub fn on_node_heartbeat(&self, heartbeat: &NodeHeartbeat) {
-        self.liveness.saw(heartbeat.from);
+        self.liveness.saw(heartbeat.from, heartbeat.leaving);
         let hibernating: BTreeSet<GroupId> = heartbeat.hibernating.iter().copied().collect();
         if heartbeat.recovering {
             for group in self.groups().iter().filter(|g| g.hibernating.load(Ordering::Acquire)) {
@@ -120,7 +125,12 @@ impl ShardSet {
                 hibernating.push(super::types::group_of_shard(group.shard));
             }
         }
-        let heartbeat = NodeHeartbeat { from: self.node_id, hibernating, recovering: self.recovering() };
+        let heartbeat = NodeHeartbeat {
+            from: self.node_id,
+            hibernating,
+            recovering: self.recovering(),
+            leaving: self.is_leaving(),
+        };
         let Ok(payload) = serde_json::to_vec(&heartbeat) else { return };
         let sends = peers.into_iter().map(|(_, addr)| {
             let payload = payload.clone();
@@ -146,6 +156,8 @@ pub async fn run(shards: Weak<ShardSet>, interval: Duration, election_timeout: D
     }
 }
 
+/// Runs until the node stops its tasks: a leaving node keeps telling its peers so until its Raft
+/// groups have stopped.
 pub fn start(shards: &Arc<ShardSet>, interval: Duration, election_timeout: Duration) {
-    tokio::spawn(run(Arc::downgrade(shards), interval, election_timeout));
+    shards.tasks.spawn_until_stopped(run(Arc::downgrade(shards), interval, election_timeout));
 }

@@ -4,6 +4,7 @@
 
 pub mod batching;
 pub mod claims_cache;
+pub mod handoff;
 pub mod hibernation;
 pub mod index_repair;
 pub mod keys;

@@ -137,8 +137,9 @@ impl ConsensusError {
 /// Re-divides the claims cache budget every second while the shard set lives.
 pub fn start_claims_cache_sharing(shards: &Arc<ShardSet>) {
     shards.share_claims_cache();
+    let tasks = shards.tasks.clone();
     let shards = Arc::downgrade(shards);
-    tokio::spawn(async move {
+    tasks.spawn_until_stopped(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let Some(shards) = shards.upgrade() else { return };
@@ -245,6 +246,7 @@ impl ShardGroup {
         peers: Arc<PeerChannels>,
         state_machine: ShardStateMachine,
         voters: Option<BTreeMap<NodeId, String>>,
+        tasks: &crate::tasks::NodeTasks,
     ) -> Result<ShardGroup, ConsensusError> {
         let group = group_of_shard(shard);
         let startup = |e: &dyn std::fmt::Display| ConsensusError::Startup(format!("group {group}: {e}"));
@@ -265,7 +267,7 @@ impl ShardGroup {
         // leadership and membership, unlike the full metrics, which change on every write.
         let mut watch = raft.server_metrics();
         let label = if shard == META_SHARD { "meta".to_string() } else { shard.to_string() };
-        tokio::spawn(async move {
+        tasks.spawn_until_stopped(async move {
             let mut leader = watch.borrow().current_leader;
             while watch.changed().await.is_ok() {
                 let now = watch.borrow().current_leader;
@@ -346,7 +348,7 @@ pub struct ShardSet {
     pub node_id: NodeId,
     /// How long a voter refuses to vote after hearing from a leader (openraft's leader lease,
     /// the maximum election timeout).
-    leader_lease: Duration,
+    pub(super) leader_lease: Duration,
     /// How long one forwarded attempt of a proposal may take before it is sent again (with the
     /// same token): two maximum election timeouts, at least a second.
     forward_attempt_timeout: Duration,
@@ -368,6 +370,10 @@ pub struct ShardSet {
     /// Authority grants and circuit breakers, applied by the meta group.
     policy: Policy,
     peers: Arc<PeerChannels>,
+    /// Every task the node runs in the background, stopped and awaited at shutdown.
+    pub tasks: crate::tasks::NodeTasks,
+    /// Leader hand-overs and the requests that arrive during one (`raft::handoff`).
+    pub(super) handoff: super::handoff::Handoff,
 }
 
 impl ShardSet {
@@ -383,6 +389,7 @@ impl ShardSet {
         settings: &RaftSettings,
         peers: Arc<PeerChannels>,
         policy: Policy,
+        tasks: crate::tasks::NodeTasks,
     ) -> Result<ShardSet, ConsensusError> {
         let placement = place_replicas(&members, shards, replication_factor);
         let config = openraft::Config {
@@ -424,6 +431,7 @@ impl ShardSet {
                     peers.clone(),
                     state_machine,
                     voters,
+                    &tasks,
                 )
                 .await?,
             );
@@ -433,9 +441,17 @@ impl ShardSet {
         let meta_machine = ShardStateMachine::open_meta(storage.clone(), meta_publish, policy.clone())
             .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
         let meta_voters = (members.keys().next() == Some(&node_id)).then(|| members.clone());
-        let meta =
-            ShardGroup::start(storage.clone(), node_id, META_SHARD, config, peers.clone(), meta_machine, meta_voters)
-                .await?;
+        let meta = ShardGroup::start(
+            storage.clone(),
+            node_id,
+            META_SHARD,
+            config,
+            peers.clone(),
+            meta_machine,
+            meta_voters,
+            &tasks,
+        )
+        .await?;
         Ok(ShardSet {
             node_id,
             leader_lease: Duration::from_millis(settings.election_timeout_max_ms),
@@ -453,6 +469,8 @@ impl ShardSet {
             meta_state,
             policy,
             peers,
+            tasks,
+            handoff: super::handoff::Handoff::new(shards),
         })
     }
 
@@ -648,7 +666,7 @@ impl ShardSet {
     }
 
     /// Sends a request to another node about a shard over the transport and decodes its answer.
-    async fn ask_leader<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    pub(super) async fn ask_leader<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
         &self,
         group: &ShardGroup,
         leader: NodeId,
@@ -882,6 +900,8 @@ impl ShardSet {
         let group = self.group(shard)?;
         let started = Instant::now();
         let deadline = started + timeout;
+        // Waits while this node hands the group over (then it answers `not_leader`, below).
+        let _gate = self.admit(group, deadline).await?;
         let leader = self.wait_for_leader(group, deadline).await?;
         self.wake(group);
         if leader != self.node_id {
@@ -1048,6 +1068,8 @@ impl ShardSet {
     /// quorum and returns the log index a linearizable read must wait for.
     pub async fn local_read_index(&self, shard: u16) -> Result<u64, ConsensusError> {
         let group = self.group(shard)?;
+        // Waits while this node hands the group over (then openraft answers `not_leader`).
+        let _gate = self.admit(group, Instant::now() + self.leader_lease * 2).await?;
         self.wake(group);
         match group.raft.get_read_log_id().await {
             Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
@@ -1186,7 +1208,7 @@ impl ShardSet {
         self.wake(group);
         let failed = |e: &dyn std::fmt::Display| ConsensusError::MembershipChange { shard, message: e.to_string() };
         match change {
-            GroupAdmin::TransferLeader { target } => return self.transfer_leader_local(group, target, &voters).await,
+            GroupAdmin::TransferLeader { target } => return self.hand_over(group, &[target]).await.map(|_| ()),
             GroupAdmin::AddVoter { node, addr } => {
                 if voters.contains(&node) {
                     return Ok(());
@@ -1198,14 +1220,7 @@ impl ShardSet {
                 // A leader that removed itself would leave the shard leaderless for an election
                 // timeout. It hands leadership to the most caught-up other voter instead; the
                 // caller retries the removal there.
-                let matched = group.raft.metrics().borrow().replication.clone().unwrap_or_default();
-                let target = voters
-                    .iter()
-                    .copied()
-                    .filter(|id| *id != node)
-                    .max_by_key(|id| (matched.get(id).copied().flatten().map(|l| l.index), std::cmp::Reverse(*id)));
-                let Some(target) = target else { return Err(failed(&"no other voter to hand leadership to")) };
-                self.transfer_leader_local(group, target, &voters).await?;
+                let target = self.hand_over(group, &[]).await?;
                 return Err(ConsensusError::NotLeader { shard, leader: Some(target) });
             }
             GroupAdmin::RemoveNode { node } => {
@@ -1378,18 +1393,23 @@ impl ShardSet {
     /// Asks this node's replica of `shard` to campaign for leadership now.
     pub async fn campaign_local(&self, shard: u16) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
+        // A node shutting down hands its leaderships away; it must not take one back.
+        if self.is_leaving() {
+            return Err(ConsensusError::ShuttingDown { shard });
+        }
         if group.elections_paused.swap(false, Ordering::AcqRel) {
             group.raft.runtime_config().elect(true);
         }
         group.raft.trigger().elect().await.map_err(|_| ConsensusError::ShuttingDown { shard })
     }
 
-    /// Leader transfer, run on the current leader. openraft 0.9 has no transfer API and voters
-    /// refuse to vote while their leader lease runs, so the leader stops heartbeating this group,
-    /// waits one lease, and asks `target` to campaign; `target`'s log is as long as a quorum's,
-    /// so it wins unless another follower's election timer fires first (then the answer says
-    /// who leads and the caller may retry). Writes keep committing meanwhile.
-    async fn transfer_leader_local(
+    /// Leader transfer by waiting out the voters' leases, run on the current leader with the
+    /// group's gate closed (the slow path of `raft::handoff`, for groups of more than three
+    /// voters): voters refuse to vote while their leader lease runs, so the leader stops
+    /// heartbeating this group, waits one lease, and asks `target` to campaign; `target`'s log
+    /// is as long as a quorum's, so it wins unless another follower's election timer fires
+    /// first (then the answer says who leads and the caller may retry).
+    pub(super) async fn transfer_leader_local(
         &self,
         group: &ShardGroup,
         target: NodeId,
