@@ -359,6 +359,7 @@ impl Node {
             Duration::from_millis(config.raft.heartbeat_interval_ms),
             Duration::from_millis(config.raft.election_timeout_max_ms),
         );
+        crate::raft::takeover::start(&shards, Duration::from_millis(config.raft.heartbeat_interval_ms));
         crate::cluster::placement::start(
             &shards,
             crate::cluster::placement::PlacementSettings {

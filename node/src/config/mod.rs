@@ -670,6 +670,14 @@ impl Config {
         {
             return fail("raft: need heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into());
         }
+        // The leader lease is half the maximum and the random part of the timeout must exceed a
+        // heartbeat (`raft::shards::openraft_election_timeouts`).
+        if self.raft.heartbeat_interval_ms.saturating_add(1) >= self.raft.election_timeout_max_ms / 2 {
+            return fail(format!(
+                "raft: need heartbeat_interval_ms + 1 < election_timeout_max_ms / 2 (heartbeat {} ms, maximum election timeout {} ms)",
+                self.raft.heartbeat_interval_ms, self.raft.election_timeout_max_ms
+            ));
+        }
         if self.limits.max_value_bytes == 0 || self.limits.max_value_bytes > self.limits.max_request_bytes {
             return fail("limits.max_value_bytes must be positive and at most limits.max_request_bytes".into());
         }
@@ -937,7 +945,7 @@ mod tests {
         config.query.claims_cache_mb = MAX_SIZE_MB;
         config.query.max_memory_per_query_mb = MAX_SIZE_MB;
         // Heartbeat < minimum < maximum election timeout must still hold.
-        config.raft.heartbeat_interval_ms = DAY_MS - 2;
+        config.raft.heartbeat_interval_ms = DAY_MS / 2 - 2;
         config.raft.election_timeout_min_ms = DAY_MS - 1;
         config.raft.election_timeout_max_ms = DAY_MS;
         config.raft.write_timeout_ms = DAY_MS;
@@ -975,7 +983,7 @@ mod tests {
             ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
             ("query.claims_cache_mb", MAX_SIZE_MB, |c| c.query.claims_cache_mb += 1),
             ("query.max_memory_per_query_mb", MAX_SIZE_MB, |c| c.query.max_memory_per_query_mb += 1),
-            ("raft.heartbeat_interval_ms", 86_400_000, |c| c.raft.heartbeat_interval_ms += 3),
+            ("raft.heartbeat_interval_ms", 86_400_000, |c| c.raft.heartbeat_interval_ms = 86_400_001),
             ("raft.election_timeout_min_ms", 86_400_000, |c| c.raft.election_timeout_min_ms += 2),
             ("raft.election_timeout_max_ms", 86_400_000, |c| c.raft.election_timeout_max_ms += 1),
             ("raft.write_timeout_ms", 86_400_000, |c| c.raft.write_timeout_ms += 1),
@@ -1006,6 +1014,16 @@ mod tests {
             error.to_string().contains("raft.write_timeout_ms is 18446744073709551615: at most 86400000"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_heartbeat_of_half_the_maximum_election_timeout_is_refused() {
+        let mut config = Config::default();
+        (config.raft.heartbeat_interval_ms, config.raft.election_timeout_min_ms) = (599, 1000);
+        let error = config.clone().validate().expect_err("heartbeat 599 of 1200").to_string();
+        assert!(error.contains("heartbeat_interval_ms + 1 < election_timeout_max_ms / 2"), "{error}");
+        config.raft.heartbeat_interval_ms = 598;
+        config.validate().expect("heartbeat 598 of 1200");
     }
 
     #[test]

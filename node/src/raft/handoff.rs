@@ -4,7 +4,8 @@
 //! the leader balancer, and by a leader asked to remove itself from a group.
 //!
 //! openraft 0.9 has no leader-transfer call, and a voter refuses to vote while its leader lease
-//! runs (`raft.election_timeout_max_ms` since it last heard from the leader): under a steady
+//! runs (half of `raft.election_timeout_max_ms` since it last heard from the leader, see
+//! `shards::openraft_election_timeouts`): under a steady
 //! write load, forever. The leader itself, though, refreshes its own lease only when it is
 //! elected. Once it has led for longer than one lease it grants its vote to a candidate of a
 //! higher term whose log is at least as long as its own, and steps down. With at most three

@@ -7,7 +7,8 @@
 //! watchdog resumes them as soon as node heartbeats from that leader stop for one election
 //! timeout, so a dead or partitioned leader is still replaced. Any proposal or read barrier on a
 //! hibernating group wakes it first (`ShardSet::wake`), and a group missing from the leader's
-//! next node heartbeat resumes elections on its followers.
+//! next node heartbeat resumes elections on its followers. Node heartbeats also carry the last
+//! log index of each of the sender's replicas, for `raft::takeover`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -39,22 +40,48 @@ pub struct NodeHeartbeat {
     /// their leader balancers do not hand it leaderships it would only hand back.
     #[serde(default)]
     pub leaving: bool,
+    /// The last log index of each of `from`'s replicas, by group: who should campaign when a
+    /// leader goes silent (`raft::takeover`).
+    #[serde(default)]
+    pub logs: Vec<(GroupId, u64)>,
 }
 
-/// When each peer's node heartbeat was last received, and whether it said it was leaving.
+/// What the last node heartbeat from a peer said, and when it arrived.
+struct Seen {
+    at: Instant,
+    leaving: bool,
+    logs: HashMap<GroupId, u64>,
+}
+
+/// When each peer's node heartbeat was last received, and what it said. One entry per known
+/// node: bounded by the membership.
 #[derive(Default)]
 pub struct PeerLiveness {
-    seen: Mutex<HashMap<NodeId, (Instant, bool)>>,
+    seen: Mutex<HashMap<NodeId, Seen>>,
 }
 
 impl PeerLiveness {
-    pub fn saw(&self, node: NodeId, leaving: bool) {
-        self.seen.lock().insert(node, (Instant::now(), leaving));
+    pub fn saw_with_logs(&self, node: NodeId, leaving: bool, logs: &[(GroupId, u64)]) {
+        let logs = logs.iter().copied().collect();
+        self.seen.lock().insert(node, Seen { at: Instant::now(), leaving, logs });
     }
 
     /// Whether a heartbeat from `node` arrived within `window` and it is not leaving.
     pub fn heard_within(&self, node: NodeId, window: Duration) -> bool {
-        self.seen.lock().get(&node).is_some_and(|(at, leaving)| !leaving && at.elapsed() < window)
+        self.seen.lock().get(&node).is_some_and(|seen| !seen.leaving && seen.at.elapsed() < window)
+    }
+
+    /// How long ago the last heartbeat from `node` arrived, leaving or not (`None`: never).
+    pub fn since_heard(&self, node: NodeId) -> Option<Duration> {
+        self.seen.lock().get(&node).map(|seen| seen.at.elapsed())
+    }
+
+    /// The last log index `node` reported for `group` in a heartbeat received within `fresh`,
+    /// and how long ago that heartbeat arrived.
+    pub fn reported_index(&self, node: NodeId, group: GroupId, fresh: Duration) -> Option<(u64, Duration)> {
+        let seen = self.seen.lock();
+        let seen = seen.get(&node).filter(|seen| seen.at.elapsed() < fresh)?;
+        seen.logs.get(&group).map(|index| (*index, seen.at.elapsed()))
     }
 }
 
@@ -62,7 +89,7 @@ impl ShardSet {
     /// Applies a peer's node heartbeat: pause elections in the groups it leads and hibernates,
     /// resume them in the groups it leads and does not.
     pub fn on_node_heartbeat(&self, heartbeat: &NodeHeartbeat) {
-        self.liveness.saw(heartbeat.from, heartbeat.leaving);
+        self.liveness.saw_with_logs(heartbeat.from, heartbeat.leaving, &heartbeat.logs);
         let hibernating: BTreeSet<GroupId> = heartbeat.hibernating.iter().copied().collect();
         if heartbeat.recovering {
             for group in self.groups().iter().filter(|g| g.hibernating.load(Ordering::Acquire)) {
@@ -125,23 +152,38 @@ impl ShardSet {
                 hibernating.push(super::types::group_of_shard(group.shard));
             }
         }
+        let logs = self
+            .all_groups()
+            .map(|group| {
+                let last = group.raft.metrics().borrow().last_log_index.unwrap_or(0);
+                (super::types::group_of_shard(group.shard), last)
+            })
+            .collect();
         let heartbeat = NodeHeartbeat {
             from: self.node_id,
             hibernating,
             recovering: self.recovering(),
             leaving: self.is_leaving(),
+            logs,
         };
         let Ok(payload) = serde_json::to_vec(&heartbeat) else { return };
-        let sends = peers.into_iter().map(|(_, addr)| {
-            let payload = payload.clone();
-            async move {
-                let Ok(mut client) = self.peers().client(&addr) else { return };
-                let mut request = tonic::Request::new(GroupMessage { group_id: 0, payload });
-                request.set_timeout(election_timeout / 2);
-                let _ = client.node_heartbeat(request).await;
+        // Each peer gets its own send, and a peer whose last send has not finished is skipped
+        // this round: a dead or cut-off peer must not delay the heartbeats of the live ones
+        // (`raft::takeover` relies on them), nor pile up sends.
+        let mut in_flight = self.heartbeats_in_flight.lock();
+        in_flight.retain(|_, send: &mut tokio::task::JoinHandle<()>| !send.is_finished());
+        for (id, addr) in peers {
+            if in_flight.contains_key(&id) {
+                continue;
             }
-        });
-        futures::future::join_all(sends).await;
+            let Ok(mut client) = self.peers().client(&addr) else { continue };
+            let mut request = tonic::Request::new(GroupMessage { group_id: 0, payload: payload.clone() });
+            request.set_timeout(election_timeout / 2);
+            let send = tokio::spawn(async move {
+                let _ = client.node_heartbeat(request).await;
+            });
+            in_flight.insert(id, send);
+        }
     }
 }
 

@@ -95,9 +95,19 @@ pub static FORWARD_RETRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static PROMPT_CAMPAIGNS: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_raft_prompt_campaigns_total",
+        "Elections this node started because its group's leader went silent past every lease and no \
+         reachable voter had a longer log (raft::takeover)",
+    )
+    .expect("valid metric")
+});
+
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
         Box::new(FORWARD_RETRIES.clone()),
+        Box::new(PROMPT_CAMPAIGNS.clone()),
         Box::new(DEDUPLICATED_PROPOSALS.clone()),
         Box::new(SNAPSHOTS.clone()),
         Box::new(ASSERTIONS_INDEXED.clone()),

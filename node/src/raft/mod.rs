@@ -15,6 +15,7 @@ pub mod reader;
 pub mod shards;
 pub mod snapshot;
 pub mod state_machine;
+pub mod takeover;
 pub mod types;
 
 pub use shards::{ConsensusError, RaftSettings, ShardGroup, ShardSet};

@@ -1,7 +1,7 @@
 //! The shard groups of a node: creating them at first start, reopening them on restart,
 //! proposing commands to a shard's leader and waiting for linearizable read barriers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -198,6 +198,31 @@ pub struct RaftSettings {
     pub snapshot_install_pause_ms: u64,
 }
 
+/// openraft 0.9's election timer, as (`election_timeout_min`, `election_timeout_max`), for the
+/// configured window.
+///
+/// A follower of openraft 0.9 that knows a leader campaigns only after the leader lease *plus* its
+/// own random timeout, and the lease is openraft's `election_timeout_max`: given (600, 1200) it
+/// would wait 1.8-2.4 s, twice what `raft.election_timeout_*_ms` promise, and a voter refuses
+/// any candidate within one lease of its last heartbeat. Here the lease is half the configured
+/// maximum, and the random part fills the rest, so a follower that hears nothing campaigns after
+/// `max(min, max/2 + heartbeat + 1, 2/3 max)` to `max` ms, and every voter's lease has expired
+/// by then. (`raft::takeover` usually campaigns first, one lease and 50-100 ms after the leader
+/// went silent.)
+/// `Config::validate` keeps `heartbeat + 1 < max / 2`, so the window is never empty.
+pub fn openraft_election_timeouts(heartbeat_ms: u64, min_ms: u64, max_ms: u64) -> (u64, u64) {
+    let lease = max_ms / 2;
+    // At least a third of the lease: `raft::takeover` campaigns one lease and a little after the
+    // leader went silent, and openraft's timer is its fallback, not its rival.
+    let random_min = min_ms.saturating_sub(lease).max(heartbeat_ms + 1).max(lease / 3);
+    if random_min < lease {
+        (random_min, lease)
+    } else {
+        // Unreachable after validation; openraft's own timer is the safe fallback.
+        (min_ms, max_ms)
+    }
+}
+
 impl Default for RaftSettings {
     fn default() -> Self {
         RaftSettings {
@@ -233,6 +258,10 @@ pub struct ShardGroup {
     /// waiting for a leader's first AppendEntries; otherwise the commit index that leader
     /// reported, which this replica must apply before it votes (see [`ShardSet::may_vote`]).
     vote_guard: AtomicU64,
+    /// When this replica last received an AppendEntries (`takeover::monotonic_ms`).
+    pub(crate) last_append_ms: AtomicU64,
+    /// The term in which this node last campaigned on its own (`raft::takeover`).
+    pub(crate) campaigned_term: AtomicU64,
 }
 
 impl ShardGroup {
@@ -289,6 +318,8 @@ impl ShardGroup {
             last_proposal_us: AtomicU64::new(crate::model::id::now_us()),
             queries: AtomicU64::new(0),
             vote_guard: AtomicU64::new(0),
+            last_append_ms: AtomicU64::new(super::takeover::monotonic_ms()),
+            campaigned_term: AtomicU64::new(0),
             rate_sample: Mutex::new(RateSample {
                 at: Instant::now(),
                 writes: 0,
@@ -353,6 +384,8 @@ pub struct ShardSet {
     /// same token): two maximum election timeouts, at least a second.
     forward_attempt_timeout: Duration,
     pub(crate) liveness: super::hibernation::PeerLiveness,
+    /// The node heartbeat send to each peer still in flight (at most one per known node).
+    pub(crate) heartbeats_in_flight: Mutex<HashMap<NodeId, tokio::task::JoinHandle<()>>>,
     /// Raft addresses of every node this node knows of (founding members and shard memberships).
     directory: Mutex<BTreeMap<NodeId, String>>,
     /// The founding members and bootstrap placement, when this node founded the cluster: the
@@ -392,11 +425,16 @@ impl ShardSet {
         tasks: crate::tasks::NodeTasks,
     ) -> Result<ShardSet, ConsensusError> {
         let placement = place_replicas(&members, shards, replication_factor);
+        let (election_timeout_min, election_timeout_max) = openraft_election_timeouts(
+            settings.heartbeat_interval_ms,
+            settings.election_timeout_min_ms,
+            settings.election_timeout_max_ms,
+        );
         let config = openraft::Config {
             cluster_name: "stemedb".into(),
             heartbeat_interval: settings.heartbeat_interval_ms,
-            election_timeout_min: settings.election_timeout_min_ms,
-            election_timeout_max: settings.election_timeout_max_ms,
+            election_timeout_min,
+            election_timeout_max,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: settings.logs_to_keep_after_snapshot,
             // AppendEntries are bounded by bytes in the log store (`limited_get_log_entries`);
@@ -454,10 +492,12 @@ impl ShardSet {
         .await?;
         Ok(ShardSet {
             node_id,
-            leader_lease: Duration::from_millis(settings.election_timeout_max_ms),
+            // openraft's lease: how long a voter that heard the leader refuses other candidates.
+            leader_lease: Duration::from_millis(election_timeout_max),
             forward_attempt_timeout: Duration::from_millis(settings.election_timeout_max_ms.saturating_mul(2))
                 .max(Duration::from_secs(1)),
             liveness: Default::default(),
+            heartbeats_in_flight: Default::default(),
             directory: Mutex::new(members.clone()),
             founding: (!members.is_empty()).then_some((members, placement)),
             replication_factor,
@@ -525,11 +565,12 @@ impl ShardSet {
         waiting(META_SHARD) || self.meta().shards_of(self.node_id).into_iter().any(waiting)
     }
 
-    /// Records the commit index a leader reported in an AppendEntries to `shard`. While the
-    /// guard is up, the target only grows: a stale leader's lower commit index must not lower
-    /// it.
+    /// Records an AppendEntries to `shard`: when it came (`raft::takeover`) and the commit
+    /// index the leader reported. While the vote guard is up, its target only grows: a stale
+    /// leader's lower commit index must not lower it.
     pub fn note_leader_commit(&self, shard: u16, leader_commit: Option<u64>) {
         if let Ok(group) = self.group(shard) {
+            group.last_append_ms.store(super::takeover::monotonic_ms(), Ordering::Release);
             let reported = leader_commit.unwrap_or(0).min(u64::MAX - 1);
             let _ = group.vote_guard.fetch_update(Ordering::AcqRel, Ordering::Acquire, |guard| match guard {
                 0 => None,
@@ -642,6 +683,11 @@ impl ShardSet {
 
     pub fn groups(&self) -> &[ShardGroup] {
         &self.groups
+    }
+
+    /// The shard groups and the meta group.
+    pub fn all_groups(&self) -> impl Iterator<Item = &ShardGroup> {
+        self.groups.iter().chain(std::iter::once(&self.meta))
     }
 
     /// Waits (until `deadline`) for `shard` to have a leader and returns it.
@@ -1533,5 +1579,53 @@ mod sole_voter_tests {
         let membership = Membership::new(vec![config(&[1])], None);
         initial.membership_config = Arc::new(StoredMembership::new(None, membership));
         assert!(may_read_alone(&initial, 1), "the configuration a group was created with");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::openraft_election_timeouts;
+
+    /// When a follower that last heard its leader at 0 campaigns: openraft's lease plus its
+    /// random timeout, from the lowest to the highest it can draw.
+    fn campaign_window(heartbeat: u64, min: u64, max: u64) -> (u64, u64) {
+        let (random_min, lease) = openraft_election_timeouts(heartbeat, min, max);
+        (lease + random_min, lease + lease)
+    }
+
+    #[test]
+    fn the_default_window_campaigns_within_the_configured_maximum() {
+        assert_eq!(openraft_election_timeouts(150, 600, 1200), (200, 600));
+        assert_eq!(campaign_window(150, 600, 1200), (800, 1200));
+        // Handing openraft the configured values would campaign at 1.8-2.4 s.
+        assert_eq!(campaign_window(150, 1000, 1200), (1000, 1200));
+    }
+
+    proptest! {
+        #[test]
+        fn every_valid_configuration_campaigns_inside_its_window(
+            heartbeat in 1u64..10_000,
+            extra_min in 1u64..100_000,
+            extra_max in 1u64..100_000,
+        ) {
+            let min = heartbeat + extra_min;
+            let max = min + extra_max;
+            prop_assume!(heartbeat + 1 < max / 2);
+            let (random_min, lease) = openraft_election_timeouts(heartbeat, min, max);
+            // What openraft::Config::validate requires.
+            prop_assert!(heartbeat < random_min && random_min < lease);
+            let (first, last) = campaign_window(heartbeat, min, max);
+            prop_assert!(last <= max, "campaigns at {last} ms, after the maximum {max}");
+            prop_assert!(
+                first >= min || random_min == heartbeat + 1 || random_min == lease / 3,
+                "campaigns at {first} ms, before {min}"
+            );
+            // After raft::takeover's own campaign, one lease and its margin past the silence.
+            prop_assert!(first >= lease + lease / 3);
+            // Every voter's lease has run out when the earliest candidate asks.
+            prop_assert!(first > lease);
+        }
     }
 }
