@@ -1,6 +1,7 @@
 //! `stemedb bench`: a load generator against any node's client API. Concurrent writers (single
 //! assertions or batches) and/or readers for a fixed duration; prints throughput, latency
-//! percentiles (HdrHistogram) and errors by kind.
+//! percentiles (HdrHistogram) and errors by kind. `--target etcd` runs the same load shape against
+//! an etcd cluster's gRPC KV service, the reference of `scripts/bench-vs-etcd.sh`.
 //!
 //! Two load models. Closed loop (the default): every client sends its next request as soon as
 //! the previous answer arrives, so the run measures the most the node serves, and the latency
@@ -20,11 +21,26 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+/// What `stemedb bench` loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// StemeDB's client API: single assertions or batches, and lens queries.
+    Stemedb,
+    /// An etcd cluster's v3 KV service over gRPC (the reference of scripts/bench-vs-etcd.sh):
+    /// writes are `Put`s of `--value-size` bytes, reads are `Range`s of one key, linearizable
+    /// unless `--consistency stale` (then serializable).
+    Etcd,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Client API base URLs of the node(s) to load, comma separated; clients are spread over them.
+    /// With `--target etcd`: etcd client URLs (http://127.0.0.1:2379,...).
     #[arg(long, default_value = "http://127.0.0.1:18180", value_delimiter = ',')]
     pub url: Vec<String>,
+    /// The system to load.
+    #[arg(long, value_enum, default_value = "stemedb")]
+    pub target: Target,
     /// Concurrent writer clients.
     #[arg(long, default_value_t = 64)]
     pub writers: usize,
@@ -355,6 +371,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let authorities = Arc::new(args.url.iter().map(|url| url_authority(url)).collect::<anyhow::Result<Vec<_>>>()?);
+    if args.target == Target::Etcd {
+        anyhow::ensure!(args.batch == 1, "--target etcd sends single puts: --batch must be 1");
+        anyhow::ensure!(args.authority_grants == 0, "--authority-grants is for StemeDB only");
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.writers + args.readers + 8)
         .timeout(Duration::from_secs(30))
@@ -362,7 +382,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let value = "x".repeat(args.value_size);
     let chains = if args.authority_grants > 0 { setup_authority(&client, &args).await? } else { 0 };
     if args.preload {
-        preload(&client, &args, &value, chains).await?;
+        match args.target {
+            Target::Stemedb => preload(&client, &args, &value, chains).await?,
+            Target::Etcd => etcd::preload(&args, value.as_bytes()).await?,
+        }
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.duration);
@@ -374,15 +397,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let (authorities, args, value, completed, pacer) =
             (authorities.clone(), args.clone(), value.clone(), completed.clone(), pacer(worker));
         writers.push(tokio::spawn(async move {
-            write_loop(worker, authorities, args, value, deadline, pacer, completed).await
+            match args.target {
+                Target::Stemedb => write_loop(worker, authorities, args, value, deadline, pacer, completed).await,
+                Target::Etcd => etcd::write_loop(worker, args, value.into_bytes(), deadline, pacer, completed).await,
+            }
         }));
     }
     let mut readers = Vec::new();
     for worker in 0..args.readers {
         let (authorities, args, completed, pacer) =
             (authorities.clone(), args.clone(), completed.clone(), pacer(args.writers + worker));
-        readers
-            .push(tokio::spawn(async move { read_loop(worker, authorities, args, deadline, pacer, completed).await }));
+        readers.push(tokio::spawn(async move {
+            match args.target {
+                Target::Stemedb => read_loop(worker, authorities, args, deadline, pacer, completed).await,
+                Target::Etcd => etcd::read_loop(worker, args, deadline, pacer, completed).await,
+            }
+        }));
     }
     let progress = ProgressBar::new(args.duration);
     progress.set_style(
@@ -417,7 +447,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         sides.push(read_side.report("read", seconds));
     }
     let report = json!({
-        "url": args.url, "writers": args.writers, "readers": args.readers, "duration_s": seconds,
+        "target": format!("{:?}", args.target).to_lowercase(), "url": args.url, "writers": args.writers, "readers": args.readers, "duration_s": seconds,
         "batch": args.batch, "value_size": args.value_size, "keys": args.keys, "lens": args.lens,
         "consistency": args.consistency, "authority_grants": args.authority_grants,
         "authority_depth": args.authority_depth, "rate": args.rate,
@@ -439,8 +469,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Some(rate) => format!("open loop at {rate:.0} ops/s"),
             None => "closed loop".to_string(),
         };
+        let target = match args.target {
+            Target::Stemedb => "stemedb",
+            Target::Etcd => "etcd",
+        };
         println!(
-            "stemedb bench: {} writers, {} readers, {load}, {:.1}s, batch {}, value {} B, {} keys",
+            "stemedb bench ({target}): {} writers, {} readers, {load}, {:.1}s, batch {}, value {} B, {} keys",
             args.writers, args.readers, seconds, args.batch, args.value_size, args.keys
         );
         println!(
@@ -641,6 +675,126 @@ async fn read_loop(
     }
     count_unsent(&mut side, pacer, deadline);
     side
+}
+
+/// The etcd side of the side-by-side benchmark: the same clients, pacing and histograms as the
+/// StemeDB loops, over etcd's gRPC KV service. One gRPC channel (one HTTP/2 connection) per
+/// client, as the StemeDB loops hold one HTTP/1.1 connection per client.
+mod etcd {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rand::{Rng, SeedableRng};
+    use stemedb_proto::etcd::kv_client::KvClient;
+    use stemedb_proto::etcd::{PutRequest, RangeRequest};
+    use tonic::transport::Channel;
+
+    use super::{count_unsent, new_histogram, next_start, record, BenchArgs, Pacer, Side};
+
+    fn key(args: &BenchArgs, key: u64) -> Vec<u8> {
+        super::concept(args, key).into_bytes()
+    }
+
+    fn channel(args: &BenchArgs, client: usize) -> Result<KvClient<Channel>, String> {
+        let url = args.url[client % args.url.len()].clone();
+        let endpoint = Channel::from_shared(url).map_err(|e| format!("bad_url: {e}"))?;
+        let channel = endpoint.timeout(Duration::from_secs(30)).connect_lazy();
+        Ok(KvClient::new(channel))
+    }
+
+    /// gRPC status code names, as the error kinds of the report.
+    fn kind(status: &tonic::Status) -> String {
+        format!("grpc_{:?}", status.code()).to_lowercase()
+    }
+
+    /// Puts every key once, 16 at a time.
+    pub async fn preload(args: &BenchArgs, value: &[u8]) -> anyhow::Result<()> {
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for client in 0..16 {
+            let (args, value, next) = (args.clone(), value.to_vec(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut kv = channel(&args, client).map_err(anyhow::Error::msg)?;
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= args.keys {
+                        return anyhow::Ok(());
+                    }
+                    let request = PutRequest { key: key(&args, n), value: value.clone(), ..Default::default() };
+                    kv.put(request).await.map_err(|e| anyhow::anyhow!("etcd preload put: {e}"))?;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        Ok(())
+    }
+
+    pub async fn write_loop(
+        worker: usize,
+        args: BenchArgs,
+        value: Vec<u8>,
+        deadline: Instant,
+        mut pacer: Option<Pacer>,
+        completed: Arc<AtomicU64>,
+    ) -> Side {
+        let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
+        let mut kv = match channel(&args, worker) {
+            Ok(kv) => kv,
+            Err(error) => {
+                side.errors.insert(error, 1);
+                return side;
+            }
+        };
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        loop {
+            let request = PutRequest {
+                key: key(&args, rng.random_range(0..args.keys.max(1))),
+                value: value.clone(),
+                ..Default::default()
+            };
+            let Some(started) = next_start(&mut pacer, deadline).await else { break };
+            let error = kv.put(request).await.err().map(|status| kind(&status));
+            record(&mut side, started, error, 1);
+            completed.fetch_add(1, Ordering::Relaxed);
+        }
+        count_unsent(&mut side, pacer, deadline);
+        side
+    }
+
+    pub async fn read_loop(
+        worker: usize,
+        args: BenchArgs,
+        deadline: Instant,
+        mut pacer: Option<Pacer>,
+        completed: Arc<AtomicU64>,
+    ) -> Side {
+        let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
+        let mut kv = match channel(&args, worker + args.writers) {
+            Ok(kv) => kv,
+            Err(error) => {
+                side.errors.insert(error, 1);
+                return side;
+            }
+        };
+        let serializable = args.consistency == "stale";
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        loop {
+            let request = RangeRequest {
+                key: key(&args, rng.random_range(0..args.keys.max(1))),
+                serializable,
+                ..Default::default()
+            };
+            let Some(started) = next_start(&mut pacer, deadline).await else { break };
+            let error = kv.range(request).await.err().map(|status| kind(&status));
+            record(&mut side, started, error, 1);
+            completed.fetch_add(1, Ordering::Relaxed);
+        }
+        count_unsent(&mut side, pacer, deadline);
+        side
+    }
 }
 
 fn record(side: &mut Side, started: Instant, error: Option<String>, items: u64) {

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Side by side: a 3-node StemeDB and a 3-member etcd (Debian's etcd-server) on 127.0.0.1-3 of
+# this machine, both with fsync on, loaded by the same client (`stemedb bench`, --target etcd
+# for etcd: gRPC Put and Range) with the same workload shape, alternating the two systems in
+# each round. Prints every run and, per workload, the medians and their ratio. Reports only:
+# nothing here asserts a timing.
+#
+#   scripts/bench-vs-etcd.sh [--rounds N] [--seconds S] [--out DIR]
+#
+# Workloads (docs/performance.md): 64 clients of single writes (256-byte values, 10,000 keys),
+# 1 client of single writes, and 64 clients of linearizable reads of those keys. Clients are
+# spread over the three nodes / members. Both clusters run for the whole benchmark; the one not
+# being measured is idle.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=3
+SECONDS_PER_RUN=20
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--seconds S] [--out DIR]" >&2; exit 2 ;;
+  esac
+done
+case "$ROUNDS$SECONDS_PER_RUN" in *[!0-9]*) echo "--rounds and --seconds take whole numbers" >&2; exit 2 ;; esac
+[ "$ROUNDS" -ge 1 ] && [ "$SECONDS_PER_RUN" -ge 1 ] || { echo "--rounds and --seconds must be at least 1" >&2; exit 2; }
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+missing=()
+for pkg in etcd-server etcd-client python3 curl; do installed "$pkg" || missing+=("$pkg"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+if [ -z "${STEMEDB_BIN:-}" ]; then
+  cargo build --release --locked -p stemedb --bin stemedb
+  STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb"
+fi
+BIN="$STEMEDB_BIN"
+unset STEMEDB_BIN   # nodes refuse unknown STEMEDB_* variables
+
+WORK=$(mktemp -d /tmp/bench-vs-etcd.XXXXXX)
+OUT="${OUT:-$WORK/results}"
+mkdir -p "$OUT"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK/stemedb" "$WORK/etcd"
+}
+trap cleanup EXIT
+
+# --- StemeDB: node i on 127.0.0.i, ports 18180 (API), 18181 (admin), 18182 (Raft) ---
+CLUSTER="1=127.0.0.1:18182,2=127.0.0.2:18182,3=127.0.0.3:18182"
+for i in 1 2 3; do
+  ip=127.0.0.$i
+  mkdir -p "$WORK/stemedb/n$i"
+  # The per-agent circuit breaker off the path (etcd has none): bench agents write fast.
+  STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=10000000 "$BIN" serve --node-id "$i" --data-dir "$WORK/stemedb/n$i" \
+    --api-addr "$ip:18180" --admin-addr "$ip:18181" --raft-addr "$ip:18182" \
+    --initial-cluster "$CLUSTER" >"$OUT/stemedb-n$i.log" 2>&1 &
+  PIDS+=($!)
+done
+# --- etcd: member i on 127.0.0.i, ports 2379 (client), 2380 (peer) ---
+ETCD_CLUSTER="n1=http://127.0.0.1:2380,n2=http://127.0.0.2:2380,n3=http://127.0.0.3:2380"
+for i in 1 2 3; do
+  ip=127.0.0.$i
+  etcd --name "n$i" --data-dir "$WORK/etcd/n$i" \
+    --listen-peer-urls "http://$ip:2380" --initial-advertise-peer-urls "http://$ip:2380" \
+    --listen-client-urls "http://$ip:2379" --advertise-client-urls "http://$ip:2379" \
+    --initial-cluster "$ETCD_CLUSTER" --initial-cluster-token bench-vs-etcd \
+    --initial-cluster-state new >"$OUT/etcd-n$i.log" 2>&1 &
+  PIDS+=($!)
+done
+
+STEMEDB_URLS="http://127.0.0.1:18180,http://127.0.0.2:18180,http://127.0.0.3:18180"
+ETCD_URLS="http://127.0.0.1:2379,http://127.0.0.2:2379,http://127.0.0.3:2379"
+ready=0
+for _ in $(seq 1 120); do
+  if curl -sf -o /dev/null http://127.0.0.1:18181/cluster/health \
+    && curl -sf -o /dev/null http://127.0.0.2:18181/cluster/health \
+    && curl -sf -o /dev/null http://127.0.0.3:18181/cluster/health \
+    && etcdctl --endpoints="$ETCD_URLS" endpoint health >/dev/null 2>&1; then
+    ready=1; break
+  fi
+  sleep 0.5
+done
+[ "$ready" = 1 ] || { echo "the clusters did not become healthy in 60 s; logs in $OUT" >&2; exit 1; }
+echo "both clusters healthy; results in $OUT"
+
+bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json
+  local system=$1 workload=$2 round=$3 urls target writers readers
+  if [ "$system" = stemedb ]; then urls=$STEMEDB_URLS; target=stemedb; else urls=$ETCD_URLS; target=etcd; fi
+  case "$workload" in
+    write64) writers=64; readers=0 ;;
+    write1) writers=1; readers=0 ;;
+    read64) writers=0; readers=64 ;;
+  esac
+  "$BIN" bench --target "$target" --url "$urls" --writers "$writers" --readers "$readers" \
+    --duration "$SECONDS_PER_RUN" --value-size 256 --keys 10000 --prefix vs-etcd --json \
+    >"$OUT/$system-$workload-$round.json" 2>"$OUT/$system-$workload-$round.err"
+}
+
+# The read workload reads keys that exist: one preload per system.
+"$BIN" bench --target stemedb --url "$STEMEDB_URLS" --writers 1 --readers 0 --duration 1 \
+  --value-size 256 --keys 10000 --prefix vs-etcd --preload --json >/dev/null
+"$BIN" bench --target etcd --url "$ETCD_URLS" --writers 1 --readers 0 --duration 1 \
+  --value-size 256 --keys 10000 --prefix vs-etcd --preload --json >/dev/null
+
+for round in $(seq 1 "$ROUNDS"); do
+  if [ $((round % 2)) = 1 ]; then order="stemedb etcd"; else order="etcd stemedb"; fi
+  for workload in write64 write1 read64; do
+    for system in $order; do
+      echo "round $round: $workload on $system"
+      bench "$system" "$workload" "$round"
+    done
+  done
+done
+
+python3 - "$OUT" "$ROUNDS" <<'PY'
+import json, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+names = {"write64": "single writes, 64 clients", "write1": "single writes, 1 client", "read64": "linearizable reads, 64 clients"}
+print(f"\n{'workload':<32} {'system':<8} {'round':>5} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8}  errors")
+summary = []
+for workload, name in names.items():
+    med = {}
+    for system in ("stemedb", "etcd"):
+        runs = []
+        for r in range(1, rounds + 1):
+            report = json.load(open(f"{out}/{system}-{workload}-{r}.json"))
+            side = report["results"][0]
+            runs.append(side)
+            print(f"{name:<32} {system:<8} {r:>5} {side['ops_per_sec']:>9.0f} {side['p50_ms']:>8.2f} {side['p99_ms']:>8.2f} {side['p999_ms']:>8.2f}  {side['errors']}")
+        med[system] = {k: statistics.median(s[k] for s in runs) for k in ("ops_per_sec", "p50_ms", "p99_ms", "p999_ms")}
+    summary.append((name, med))
+print(f"\nmedians over {rounds} round(s)")
+print(f"{'workload':<32} {'StemeDB ops/s':>13} {'p50':>7} {'p99':>7} {'etcd ops/s':>11} {'p50':>7} {'p99':>7} {'ratio':>6}")
+for name, med in summary:
+    s, e = med["stemedb"], med["etcd"]
+    ratio = s["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("nan")
+    print(f"{name:<32} {s['ops_per_sec']:>13.0f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} {e['ops_per_sec']:>11.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} {ratio:>5.2f}x")
+PY
