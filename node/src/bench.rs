@@ -703,6 +703,18 @@ mod etcd {
         Ok(KvClient::new(channel))
     }
 
+    /// A client's empty results and its channel, or the results that record why there is none.
+    fn start(args: &BenchArgs, client: usize) -> Result<(Side, KvClient<Channel>), Side> {
+        let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
+        match channel(args, client) {
+            Ok(kv) => Ok((side, kv)),
+            Err(error) => {
+                side.errors.insert(error, 1);
+                Err(side)
+            }
+        }
+    }
+
     /// gRPC status code names, as the error kinds of the report.
     fn kind(status: &tonic::Status) -> String {
         format!("grpc_{:?}", status.code()).to_lowercase()
@@ -740,13 +752,9 @@ mod etcd {
         mut pacer: Option<Pacer>,
         completed: Arc<AtomicU64>,
     ) -> Side {
-        let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-        let mut kv = match channel(&args, worker) {
-            Ok(kv) => kv,
-            Err(error) => {
-                side.errors.insert(error, 1);
-                return side;
-            }
+        let (mut side, mut kv) = match start(&args, worker) {
+            Ok(started) => started,
+            Err(side) => return side,
         };
         let mut rng = rand::rngs::StdRng::from_os_rng();
         loop {
@@ -771,13 +779,9 @@ mod etcd {
         mut pacer: Option<Pacer>,
         completed: Arc<AtomicU64>,
     ) -> Side {
-        let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-        let mut kv = match channel(&args, worker + args.writers) {
-            Ok(kv) => kv,
-            Err(error) => {
-                side.errors.insert(error, 1);
-                return side;
-            }
+        let (mut side, mut kv) = match start(&args, worker + args.writers) {
+            Ok(started) => started,
+            Err(side) => return side,
         };
         let serializable = args.consistency == "stale";
         let mut rng = rand::rngs::StdRng::from_os_rng();
