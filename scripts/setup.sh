@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs StemeDB's build prerequisites where missing (Debian/Ubuntu): a C++ toolchain and
-# libclang for RocksDB's bindings, and jeprof (libjemalloc-dev) to read the node's heap profiles.
+# libclang for RocksDB's bindings, and jeprof (libjemalloc-dev) to read the node's heap profiles;
+# and the real peers the tests start: nginx and HAProxy (deploy/ configs).
 # protoc is vendored by the build, so it is not needed here.
 set -euo pipefail
 # shellcheck source=lib/libclang.sh
@@ -11,6 +12,11 @@ command -v make >/dev/null 2>&1 || missing+=(make)
 # Exactly the file bindgen loads: libclang-cpp.so (clang's C++ library) does not count.
 find_libclang >/dev/null || missing+=(libclang-dev)
 command -v jeprof >/dev/null 2>&1 || missing+=(libjemalloc-dev)
+# Installed packages, not commands on PATH: nginx and haproxy live in /usr/sbin, which a
+# non-root PATH may lack.
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+installed nginx || missing+=(nginx)
+installed haproxy || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   SUDO=""

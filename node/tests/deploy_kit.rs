@@ -127,3 +127,54 @@ fn which(program: &str) -> Result<PathBuf, ()> {
     let path = std::env::var_os("PATH").ok_or(())?;
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file()).ok_or(())
 }
+
+/// A program the set-up script installs, found where Debian puts it.
+fn installed(program: &str) -> PathBuf {
+    ["/usr/sbin", "/usr/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+        .or_else(|| which(program).ok())
+        .unwrap_or_else(|| panic!("{program} is not installed: run scripts/setup.sh"))
+}
+
+#[test]
+fn the_nginx_config_passes_nginx_t() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let include = deploy().join("nginx/stemedb.conf");
+    // The shipped file is an http-level include; listen on a loopback port for the check.
+    let site = std::fs::read_to_string(&include)
+        .expect("deploy/nginx/stemedb.conf")
+        .replace("listen 80;", "listen 127.0.0.1:18999;");
+    std::fs::write(dir.path().join("stemedb.conf"), site).expect("write site");
+    let main = format!(
+        "pid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {d};\n  include {d}/stemedb.conf;\n}}\n",
+        d = dir.path().display()
+    );
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(&conf, main).expect("write nginx.conf");
+    let output = std::process::Command::new(installed("nginx"))
+        .args(["-t", "-q", "-p"])
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .expect("run nginx -t");
+    assert!(output.status.success(), "nginx -t: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn the_haproxy_config_passes_haproxy_c() {
+    let output = std::process::Command::new(installed("haproxy"))
+        .arg("-c")
+        .arg("-f")
+        .arg(deploy().join("haproxy/haproxy.cfg"))
+        .output()
+        .expect("run haproxy -c");
+    assert!(
+        output.status.success(),
+        "haproxy -c: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
