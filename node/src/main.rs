@@ -92,7 +92,9 @@ fn init_tracing(level: &str, format: &str) {
     let filter = EnvFilter::try_from_env("STEMEDB_LOG").unwrap_or_else(|_| {
         EnvFilter::try_new(format!("{level},openraft=warn")).unwrap_or_else(|_| EnvFilter::new("info"))
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // Colour codes only on a terminal: a file, a pipe or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi);
     if format == "json" {
         builder.json().init();
     } else {
@@ -126,6 +128,7 @@ async fn rebuild(data_dir: Option<PathBuf>, config_file: Option<PathBuf>) -> any
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("STEMEDB_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let started = std::time::Instant::now();
