@@ -977,3 +977,28 @@ fn record_config_roots(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_runbooks_index_budget_reaches_storage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("api.toml");
+        let runbook = "[storage]\nmax_cache_size_mb = 512\nindex_eviction_enabled = true\nindex_max_memory_mb = 1024\n\
+                       [query]\nmax_memory_per_query_mb = 256\nquery_timeout_seconds = 30\n";
+        std::fs::write(&path, runbook).expect("write");
+        let config = Config::check_file(&path).expect("valid");
+        assert_eq!(storage_options(&config).index_cache_bytes, Some(1 << 30));
+        assert_eq!(storage_options(&Config::default()).index_cache_bytes, None, "off by default");
+    }
+
+    #[test]
+    fn sizes_at_their_bounds_reach_storage_and_raft_without_overflow() {
+        let config = crate::config::config_at_the_bounds().validate().expect("every value at its bound is valid");
+        let storage = storage_options(&config);
+        assert_eq!((storage.block_cache_bytes, storage.index_cache_bytes), (1 << 40, Some(1 << 40)));
+        assert_eq!(raft_settings(&config).claims_cache_bytes, 1 << 40);
+    }
+}
