@@ -14,6 +14,7 @@ pub mod model;
 pub mod raft;
 pub mod rpc;
 pub mod server;
+pub mod shard;
 pub mod storage;
 pub mod tasks;
 

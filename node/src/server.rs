@@ -19,8 +19,9 @@ use crate::error::ErrorCode;
 use crate::listener::{ClosableListener, ListenerCloser};
 use crate::metrics::{ComputedGauges, Metrics};
 use crate::raft::network::PeerChannels;
-use crate::raft::{ConsensusError, RaftSettings, ShardSet};
+use crate::raft::{RaftSettings, ShardSet};
 use crate::rpc::RaftService;
+use crate::shard::ConsensusError;
 use crate::storage::{Storage, StorageError, StorageOptions};
 use crate::tasks::NodeTasks;
 
@@ -107,8 +108,8 @@ impl Listeners {
 /// lock).
 pub async fn rebuild_offline(
     config: &Config,
-    mut on_shard: impl FnMut(u16, u16, &crate::raft::index_repair::RepairReport),
-) -> Result<crate::raft::index_repair::RepairReport, NodeError> {
+    mut on_shard: impl FnMut(u16, u16, &crate::shard::index_repair::RepairReport),
+) -> Result<crate::shard::index_repair::RepairReport, NodeError> {
     use openraft::storage::{RaftLogStorage, RaftStateMachine};
     use openraft::RaftLogReader;
     let data_dir = config.node.data_dir.as_path();
@@ -121,9 +122,9 @@ pub async fn rebuild_offline(
         NodeError::Serve(format!("{} has no node identity: not a StemeDB data dir", data_dir.display()))
     })?;
     let scanned = std::sync::atomic::AtomicU64::new(0);
-    let mut total = crate::raft::index_repair::RepairReport::default();
+    let mut total = crate::shard::index_repair::RepairReport::default();
     for shard in 0..identity.shards {
-        let group = crate::raft::types::group_of_shard(shard);
+        let group = crate::shard::command::group_of_shard(shard);
         let failed = |e: &dyn std::fmt::Display| NodeError::Serve(format!("shard {shard}: {e}"));
         let mut log = crate::raft::log_store::LogStore::new(storage.clone(), group);
         let mut machine = crate::raft::state_machine::ShardStateMachine::open(storage.clone(), shard, group)
@@ -147,7 +148,7 @@ pub async fn rebuild_offline(
             replayed = entries.len() as u64;
             machine.apply(entries).await.map_err(|e| failed(&e))?;
         }
-        let mut report = crate::raft::index_repair::repair_group(&storage, group, None, &scanned)?;
+        let mut report = crate::shard::index_repair::repair_group(&storage, group, None, &scanned)?;
         report.entries_replayed = replayed;
         on_shard(shard, identity.shards, &report);
         total.add(&report);

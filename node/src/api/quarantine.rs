@@ -20,8 +20,8 @@ use crate::error::ErrorCode;
 use crate::model::assertion::{validate_agent_id, validate_concept_prefix, MAX_REASON_CHARS};
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::ModelError;
-use crate::raft::reader::Listing;
-use crate::raft::types::{ShardCommand, ShardResponse};
+use crate::shard::command::{ShardCommand, ShardResponse};
+use crate::shard::reader::Listing;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/admin/quarantine", get(list)).route("/v1/admin/quarantine/{id}/{decision}", post(decide))

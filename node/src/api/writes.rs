@@ -24,7 +24,7 @@ use crate::model::assertion::{
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::signing::{assertion_bytes, retract_bytes, verify, vote_bytes};
 use crate::model::ModelError;
-use crate::raft::types::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
+use crate::shard::command::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
 
 /// Counts an invalid request against the agent it claims to come from (when that is a valid
 /// agent id at all), for the invalid-request rate of its circuit breaker. With

@@ -16,7 +16,8 @@ use crate::meta::{
     RebalanceStatus, META_SHARD,
 };
 use crate::raft::types::{GroupAdmin, NodeId};
-use crate::raft::{ConsensusError, ShardSet};
+use crate::raft::ShardSet;
+use crate::shard::ConsensusError;
 
 /// A shard whose move failed is left alone this long before the planner tries it again.
 pub const FAILED_MOVE_BACKOFF: Duration = Duration::from_secs(5);

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::shards::{ConsensusError, ShardSet};
+use super::shards::ShardSet;
 use super::types::{AssertOutcome, ShardCommand, ShardResponse};
 use crate::model::assertion::AssertionDraft;
 use crate::model::id::now_us;
 use crate::model::ModelError;
+use crate::shard::ConsensusError;
 
 pub const MAX_BATCH_ITEMS: usize = 256;
 pub const MAX_IN_FLIGHT: usize = 1;

@@ -3,19 +3,14 @@
 //! read-barrier paths. It does not know about HTTP.
 
 pub mod batching;
-pub mod claims_cache;
 pub mod handoff;
 pub mod hibernation;
-pub mod index_repair;
-pub mod keys;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
-pub mod reader;
 pub mod shards;
-pub mod snapshot;
 pub mod state_machine;
 pub mod takeover;
 pub mod types;
 
-pub use shards::{ConsensusError, RaftSettings, ShardGroup, ShardSet};
+pub use shards::{RaftSettings, ShardGroup, ShardSet};
