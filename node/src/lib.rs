@@ -6,6 +6,7 @@ pub mod api;
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod coordinator;
 pub mod error;
 pub mod listener;
 pub mod meta;

@@ -15,6 +15,7 @@ use crate::cluster::identity::{
     cluster_id_of, ensure_identity, identity_recorded, is_recovering, set_recovering, IdentityError,
 };
 use crate::config::Config;
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::listener::{ClosableListener, ListenerCloser};
 use crate::metrics::{ComputedGauges, Metrics};
@@ -332,7 +333,7 @@ impl Node {
             cluster_id: identity.cluster_id.clone(),
             config: config.clone(),
             shards: shards.clone(),
-            write_batchers: crate::raft::batching::WriteBatchers::start(
+            write_batchers: crate::coordinator::batch::WriteBatchers::start(
                 &shards,
                 config.limits.max_queued_writes_per_shard,
             ),

@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::extract::{id_cursor, list_limit, parse_json, query_params};
 use super::reads::{list_everywhere, listed_json};
 use super::AppState;
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::assertion::{validate_agent_id, validate_concept_prefix, MAX_REASON_CHARS};
 use crate::model::id::{format_time_us, now_us, AssertionId};

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::StrictJson;
 use super::AppState;
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::assertion::{validate_concept_path, validate_concept_prefix, validate_predicate, Status};
 use crate::model::id::{format_time_us, parse_as_of, AssertionId};

@@ -17,6 +17,7 @@ use super::breakers::Admission;
 use super::error::ApiError;
 use super::extract::{parse_json, StrictJson};
 use super::{peer_of, AppState};
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::assertion::{
     validate_agent_id, AssertRequest, AssertionDraft, RetractRequest, VoteRequest, DEFAULT_AGENT_ID, MAX_REASON_CHARS,

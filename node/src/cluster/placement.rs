@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::coordinator::Coordinator;
 use crate::meta::{
     plan_next_move, plan_preferred_leader, replicas_after, MetaCommand, MetaError, MetaState, NodeStatus, Rebalance,
     RebalanceStatus, META_SHARD,

@@ -11,6 +11,7 @@ use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportSer
 use stemedb_proto::raft::GroupMessage;
 use tonic::{Request, Response, Status};
 
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::id::MAX_ITEMS_PER_ENTRY;
 use crate::model::ModelError;
