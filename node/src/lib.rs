@@ -6,6 +6,7 @@ pub mod api;
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod coordinator;
 pub mod error;
 pub mod listener;
 pub mod meta;
@@ -14,6 +15,7 @@ pub mod model;
 pub mod raft;
 pub mod rpc;
 pub mod server;
+pub mod shard;
 pub mod storage;
 pub mod tasks;
 

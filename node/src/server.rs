@@ -15,12 +15,14 @@ use crate::cluster::identity::{
     cluster_id_of, ensure_identity, identity_recorded, is_recovering, set_recovering, IdentityError,
 };
 use crate::config::Config;
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::listener::{ClosableListener, ListenerCloser};
 use crate::metrics::{ComputedGauges, Metrics};
 use crate::raft::network::PeerChannels;
-use crate::raft::{ConsensusError, RaftSettings, ShardSet};
+use crate::raft::{RaftSettings, ShardSet};
 use crate::rpc::RaftService;
+use crate::shard::ConsensusError;
 use crate::storage::{Storage, StorageError, StorageOptions};
 use crate::tasks::NodeTasks;
 
@@ -107,8 +109,8 @@ impl Listeners {
 /// lock).
 pub async fn rebuild_offline(
     config: &Config,
-    mut on_shard: impl FnMut(u16, u16, &crate::raft::index_repair::RepairReport),
-) -> Result<crate::raft::index_repair::RepairReport, NodeError> {
+    mut on_shard: impl FnMut(u16, u16, &crate::shard::index_repair::RepairReport),
+) -> Result<crate::shard::index_repair::RepairReport, NodeError> {
     use openraft::storage::{RaftLogStorage, RaftStateMachine};
     use openraft::RaftLogReader;
     let data_dir = config.node.data_dir.as_path();
@@ -121,9 +123,9 @@ pub async fn rebuild_offline(
         NodeError::Serve(format!("{} has no node identity: not a StemeDB data dir", data_dir.display()))
     })?;
     let scanned = std::sync::atomic::AtomicU64::new(0);
-    let mut total = crate::raft::index_repair::RepairReport::default();
+    let mut total = crate::shard::index_repair::RepairReport::default();
     for shard in 0..identity.shards {
-        let group = crate::raft::types::group_of_shard(shard);
+        let group = crate::shard::command::group_of_shard(shard);
         let failed = |e: &dyn std::fmt::Display| NodeError::Serve(format!("shard {shard}: {e}"));
         let mut log = crate::raft::log_store::LogStore::new(storage.clone(), group);
         let mut machine = crate::raft::state_machine::ShardStateMachine::open(storage.clone(), shard, group)
@@ -147,7 +149,7 @@ pub async fn rebuild_offline(
             replayed = entries.len() as u64;
             machine.apply(entries).await.map_err(|e| failed(&e))?;
         }
-        let mut report = crate::raft::index_repair::repair_group(&storage, group, None, &scanned)?;
+        let mut report = crate::shard::index_repair::repair_group(&storage, group, None, &scanned)?;
         report.entries_replayed = replayed;
         on_shard(shard, identity.shards, &report);
         total.add(&report);
@@ -331,7 +333,7 @@ impl Node {
             cluster_id: identity.cluster_id.clone(),
             config: config.clone(),
             shards: shards.clone(),
-            write_batchers: crate::raft::batching::WriteBatchers::start(
+            write_batchers: crate::coordinator::batch::WriteBatchers::start(
                 &shards,
                 config.limits.max_queued_writes_per_shard,
             ),
@@ -976,4 +978,29 @@ fn record_config_roots(
             _ = stop.cancelled() => {}
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_runbooks_index_budget_reaches_storage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("api.toml");
+        let runbook = "[storage]\nmax_cache_size_mb = 512\nindex_eviction_enabled = true\nindex_max_memory_mb = 1024\n\
+                       [query]\nmax_memory_per_query_mb = 256\nquery_timeout_seconds = 30\n";
+        std::fs::write(&path, runbook).expect("write");
+        let config = Config::check_file(&path).expect("valid");
+        assert_eq!(storage_options(&config).index_cache_bytes, Some(1 << 30));
+        assert_eq!(storage_options(&Config::default()).index_cache_bytes, None, "off by default");
+    }
+
+    #[test]
+    fn sizes_at_their_bounds_reach_storage_and_raft_without_overflow() {
+        let config = crate::config::config_at_the_bounds().validate().expect("every value at its bound is valid");
+        let storage = storage_options(&config);
+        assert_eq!((storage.block_cache_bytes, storage.index_cache_bytes), (1 << 40, Some(1 << 40)));
+        assert_eq!(raft_settings(&config).claims_cache_bytes, 1 << 40);
+    }
 }

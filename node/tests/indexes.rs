@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{get_json, post_json, ProcessNode};
 use serde_json::{json, Value};
-use stemedb::raft::keys;
-use stemedb::raft::types::group_of_shard;
+use stemedb::shard::command::group_of_shard;
+use stemedb::shard::keys;
 use stemedb::storage::{ColumnFamily, Durability, Storage, WriteBatch};
 
 fn run_rebuild(dir: &std::path::Path) -> std::process::Output {

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 use crate::api::{ApiError, AppState};
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::meta::{MetaCommand, MetaState, MoveCause, NodeStatus, META_SHARD};
 use crate::raft::shards::ShardStatus;

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::{list_limit, query_params, StrictJson};
 use super::{peer_of, AppState};
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::meta::policy::{PolicyCommand, PolicyOutcome};
 use crate::model::assertion::{validate_agent_id, validate_concept_path, validate_concept_prefix};

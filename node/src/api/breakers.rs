@@ -22,6 +22,7 @@ use super::error::ApiError;
 use super::extract::StrictJson;
 use super::AppState;
 use crate::config::CircuitBreakerSection;
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::meta::policy::{BreakerCause, BreakerRecord, BreakerState, PolicyCommand, PolicyOutcome};
 use crate::model::assertion::validate_agent_id;

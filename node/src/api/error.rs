@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::error::ErrorCode;
 use crate::model::ModelError;
-use crate::raft::ConsensusError;
+use crate::shard::ConsensusError;
 use crate::storage::StorageError;
 
 #[derive(Debug, Clone)]

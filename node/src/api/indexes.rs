@@ -1,6 +1,6 @@
 //! Index admin endpoints: `POST /v1/admin/indexes/rebuild` starts a verification and repair of
 //! every shard this node hosts (in the background, writes wait at most one chunk at a time, see
-//! `raft::index_repair`), `GET /v1/admin/indexes/status` reports progress and the last result.
+//! `shard::index_repair`), `GET /v1/admin/indexes/status` reports progress and the last result.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::error::ErrorCode;
 use crate::model::id::{format_time_us, now_us};
-use crate::raft::index_repair::{repair_group, RepairReport};
+use crate::shard::index_repair::{repair_group, RepairReport};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/admin/indexes/rebuild", post(rebuild)).route("/v1/admin/indexes/status", get(status))

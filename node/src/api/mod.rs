@@ -37,7 +37,7 @@ pub struct NodeContext {
     pub config: Config,
     pub shards: Arc<ShardSet>,
     /// Coalesces concurrent single-assertion writes per shard into one Raft entry.
-    pub write_batchers: crate::raft::batching::WriteBatchers,
+    pub write_batchers: crate::coordinator::batch::WriteBatchers,
     pub storage: Arc<Storage>,
     pub metrics: Metrics,
     pub started_at: Instant,

@@ -16,12 +16,13 @@ use super::error::ApiError;
 use super::extract::{id_cursor, list_limit, parse_json, query_params};
 use super::reads::{list_everywhere, listed_json};
 use super::AppState;
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::assertion::{validate_agent_id, validate_concept_prefix, MAX_REASON_CHARS};
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::ModelError;
-use crate::raft::reader::Listing;
-use crate::raft::types::{ShardCommand, ShardResponse};
+use crate::shard::command::{ShardCommand, ShardResponse};
+use crate::shard::reader::Listing;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/admin/quarantine", get(list)).route("/v1/admin/quarantine/{id}/{decision}", post(decide))

@@ -17,14 +17,15 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::StrictJson;
 use super::AppState;
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::assertion::{validate_concept_path, validate_concept_prefix, validate_predicate, Status};
 use crate::model::id::{format_time_us, parse_as_of, AssertionId};
 use crate::model::lens::{resolve, Claim, Lens, Resolution};
 use crate::model::ModelError;
-use crate::raft::claims_cache::RenderedSlot;
-use crate::raft::reader::{ClaimGroup, ConceptEntry, ShardRead, ShardReadAnswer};
-use crate::raft::ConsensusError;
+use crate::shard::claims_cache::RenderedSlot;
+use crate::shard::reader::{ClaimGroup, ConceptEntry, ShardRead, ShardReadAnswer};
+use crate::shard::ConsensusError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -695,7 +696,7 @@ pub fn listed_json(facts: &crate::model::lens::ClaimFacts) -> Value {
 /// assertions after `after`, and whether more follow.
 pub async fn list_everywhere(
     state: &AppState,
-    listing: crate::raft::reader::Listing,
+    listing: crate::shard::reader::Listing,
     after: Option<AssertionId>,
     limit: usize,
     linearizable: bool,
@@ -755,9 +756,9 @@ pub async fn list_assertions(
     let listing = match params.agent_id {
         Some(agent_id) => {
             crate::model::assertion::validate_agent_id(&agent_id)?;
-            crate::raft::reader::Listing::ByAgent { agent_id, since_us, until_us }
+            crate::shard::reader::Listing::ByAgent { agent_id, since_us, until_us }
         }
-        None => crate::raft::reader::Listing::ByTime { since_us, until_us },
+        None => crate::shard::reader::Listing::ByTime { since_us, until_us },
     };
     let limit = page_limit(&state, params.limit)?;
     let after = super::extract::id_cursor(params.cursor.as_deref())?;

@@ -17,6 +17,7 @@ use super::breakers::Admission;
 use super::error::ApiError;
 use super::extract::{parse_json, StrictJson};
 use super::{peer_of, AppState};
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::assertion::{
     validate_agent_id, AssertRequest, AssertionDraft, RetractRequest, VoteRequest, DEFAULT_AGENT_ID, MAX_REASON_CHARS,
@@ -24,7 +25,7 @@ use crate::model::assertion::{
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::signing::{assertion_bytes, retract_bytes, verify, vote_bytes};
 use crate::model::ModelError;
-use crate::raft::types::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
+use crate::shard::command::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
 
 /// Counts an invalid request against the agent it claims to come from (when that is a valid
 /// agent id at all), for the invalid-request rate of its circuit breaker. With

@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::coordinator::Coordinator;
 use crate::meta::{
     plan_next_move, plan_preferred_leader, replicas_after, MetaCommand, MetaError, MetaState, NodeStatus, Rebalance,
     RebalanceStatus, META_SHARD,
 };
 use crate::raft::types::{GroupAdmin, NodeId};
-use crate::raft::{ConsensusError, ShardSet};
+use crate::raft::ShardSet;
+use crate::shard::ConsensusError;
 
 /// A shard whose move failed is left alone this long before the planner tries it again.
 pub const FAILED_MOVE_BACKOFF: Duration = Duration::from_secs(5);

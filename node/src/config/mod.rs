@@ -820,6 +820,34 @@ impl Config {
     }
 }
 
+/// Every size, timeout and period at its largest valid value (tests: here and in `server`).
+#[cfg(test)]
+pub(crate) fn config_at_the_bounds() -> Config {
+    const DAY_MS: u64 = MAX_DURATION_SECONDS * 1000;
+    let mut config = Config::default();
+    config.storage.max_cache_size_mb = MAX_SIZE_MB;
+    config.storage.write_buffer_mb = MAX_SIZE_MB;
+    config.storage.index_eviction_enabled = true;
+    config.storage.index_max_memory_mb = MAX_SIZE_MB;
+    config.query.claims_cache_mb = MAX_SIZE_MB;
+    config.query.max_memory_per_query_mb = MAX_SIZE_MB;
+    // Heartbeat < minimum < maximum election timeout must still hold.
+    config.raft.heartbeat_interval_ms = DAY_MS / 2 - 2;
+    config.raft.election_timeout_min_ms = DAY_MS - 1;
+    config.raft.election_timeout_max_ms = DAY_MS;
+    config.raft.write_timeout_ms = DAY_MS;
+    config.query.slow_query_ms = DAY_MS;
+    config.testing.snapshot_install_pause_ms = DAY_MS;
+    config.server.shutdown_grace_seconds = MAX_DURATION_SECONDS;
+    config.cluster.rebalance_move_timeout_seconds = MAX_DURATION_SECONDS;
+    config.query.query_timeout_seconds = MAX_DURATION_SECONDS;
+    config.circuit_breaker.open_seconds = MAX_DURATION_SECONDS;
+    config.circuit_breaker.max_open_seconds = MAX_DURATION_SECONDS;
+    config.limits.max_request_bytes = (MAX_SIZE_MB << 20) as usize;
+    config.query.max_limit = MAX_PAGE_LIMIT;
+    config
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -897,9 +925,6 @@ mod tests {
         let config = Config::check_file(&path).expect("valid");
         assert!(config.storage.index_eviction_enabled);
         assert_eq!((config.storage.index_max_memory_mb, config.query.max_memory_per_query_mb), (1024, 256));
-        let options = crate::server::storage_options(&config);
-        assert_eq!(options.index_cache_bytes, Some(1 << 30));
-        assert_eq!(crate::server::storage_options(&Config::default()).index_cache_bytes, None, "off by default");
         for bad in [
             "[storage]\nindex_eviction_enabled = true\nindex_max_memory_mb = 0\n",
             "[query]\nmax_memory_per_query_mb = 1048577\n",
@@ -934,39 +959,9 @@ mod tests {
         assert!(error.to_string().contains("`wal`"), "{error}");
     }
 
-    /// Every size, timeout and period at its largest valid value.
-    fn config_at_the_bounds() -> Config {
-        const DAY_MS: u64 = MAX_DURATION_SECONDS * 1000;
-        let mut config = Config::default();
-        config.storage.max_cache_size_mb = MAX_SIZE_MB;
-        config.storage.write_buffer_mb = MAX_SIZE_MB;
-        config.storage.index_eviction_enabled = true;
-        config.storage.index_max_memory_mb = MAX_SIZE_MB;
-        config.query.claims_cache_mb = MAX_SIZE_MB;
-        config.query.max_memory_per_query_mb = MAX_SIZE_MB;
-        // Heartbeat < minimum < maximum election timeout must still hold.
-        config.raft.heartbeat_interval_ms = DAY_MS / 2 - 2;
-        config.raft.election_timeout_min_ms = DAY_MS - 1;
-        config.raft.election_timeout_max_ms = DAY_MS;
-        config.raft.write_timeout_ms = DAY_MS;
-        config.query.slow_query_ms = DAY_MS;
-        config.testing.snapshot_install_pause_ms = DAY_MS;
-        config.server.shutdown_grace_seconds = MAX_DURATION_SECONDS;
-        config.cluster.rebalance_move_timeout_seconds = MAX_DURATION_SECONDS;
-        config.query.query_timeout_seconds = MAX_DURATION_SECONDS;
-        config.circuit_breaker.open_seconds = MAX_DURATION_SECONDS;
-        config.circuit_breaker.max_open_seconds = MAX_DURATION_SECONDS;
-        config.limits.max_request_bytes = (MAX_SIZE_MB << 20) as usize;
-        config.query.max_limit = MAX_PAGE_LIMIT;
-        config
-    }
-
     #[test]
     fn sizes_and_durations_at_their_bounds_convert_without_overflow() {
         let config = config_at_the_bounds().validate().expect("every value at its bound is valid");
-        let storage = crate::server::storage_options(&config);
-        assert_eq!((storage.block_cache_bytes, storage.index_cache_bytes), (1 << 40, Some(1 << 40)));
-        assert_eq!(crate::server::raft_settings(&config).claims_cache_bytes, 1 << 40);
         let now = std::time::Instant::now();
         for ms in [config.raft.write_timeout_ms, config.raft.election_timeout_max_ms] {
             assert!(now.checked_add(std::time::Duration::from_millis(ms)).is_some());

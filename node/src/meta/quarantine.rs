@@ -19,7 +19,7 @@ use crate::model::lens::ClaimFacts;
 use crate::storage::StorageError;
 
 /// Where screening reads the claims already made about a path: the leader's replica of the
-/// shard (`raft::reader::ShardReader`). A trait, so these rules depend on no Raft code.
+/// shard (`shard::reader::ShardReader`). A trait, so these rules depend on no Raft code.
 pub trait RecentClaims {
     /// The newest `limit` claims about (concept_path, predicate), newest first.
     fn recent_claims(&self, concept_path: &str, predicate: &str, limit: usize)

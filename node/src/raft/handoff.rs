@@ -37,9 +37,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::{RwLock, RwLockReadGuard};
 
-use super::shards::{ConsensusError, ShardGroup, ShardSet};
+use super::shards::{ShardGroup, ShardSet};
 use super::types::{group_of_shard, NodeId};
 use crate::meta::META_SHARD;
+use crate::shard::ConsensusError;
 
 /// How long a hand-over waits for the proposals in flight to finish.
 const DRAIN_IN_FLIGHT: Duration = Duration::from_secs(1);

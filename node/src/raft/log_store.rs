@@ -9,8 +9,8 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote};
 
-use super::keys;
 use super::types::{Entry, GroupId, LogId, NodeId, StorageIoError, TypeConfig};
+use crate::shard::keys;
 use crate::storage::blocking;
 use crate::storage::read_pool::read_pool;
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};

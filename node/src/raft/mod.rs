@@ -1,21 +1,18 @@
-//! Raft: one openraft group per shard over the node's RocksDB. Owns the type configuration, the
-//! log store, the state machine, the transport and the set of local groups with its write and
-//! read-barrier paths. It does not know about HTTP.
+//! Raft: one openraft group per shard over the node's RocksDB. Owns the type configuration
+//! (`types`), the log store, the state machine adapter (apply and snapshots, over the state of
+//! `shard` and `meta`), the transport (`network`), the set of local groups (`shards`: routing,
+//! membership, local proposals, read barriers shared via `read_barrier`), hibernation, takeover
+//! and leader hand-over. It does not know about HTTP, and never calls `coordinator`.
 
-pub mod batching;
-pub mod claims_cache;
 pub mod handoff;
 pub mod hibernation;
-pub mod index_repair;
-pub mod keys;
 pub mod log_store;
 pub mod metrics;
 pub mod network;
-pub mod reader;
+pub mod read_barrier;
 pub mod shards;
-pub mod snapshot;
 pub mod state_machine;
 pub mod takeover;
 pub mod types;
 
-pub use shards::{ConsensusError, RaftSettings, ShardGroup, ShardSet};
+pub use shards::{RaftSettings, ShardGroup, ShardSet};

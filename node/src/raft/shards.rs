@@ -1,5 +1,10 @@
-//! The shard groups of a node: creating them at first start, reopening them on restart,
-//! proposing commands to a shard's leader and waiting for linearizable read barriers.
+//! The shard groups of a node (`ShardSet`): creating them at first start, reopening them on
+//! restart, routing a shard to its group and a node to its address, membership changes and
+//! leader transfers, vote guards of a rejoining replica, status, rates and follower lags, the
+//! claims cache budget, proposals on this node as leader (with the leader's quarantine
+//! screening), linearizable read barriers, and asking a shard's leader or replicas over the
+//! transport. The request path from any node (forwarding, retries, reads elsewhere) is
+//! `coordinator`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,24 +16,25 @@ use parking_lot::Mutex;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
-use super::batching::ReadBarrierGroup;
-use super::claims_cache::RenderedSlot;
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
-use super::reader::{ClaimsRead, ShardRead, ShardReadResult, ShardReader};
+use super::read_barrier::ReadBarrierGroup;
 use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::error::ErrorCode;
-use crate::meta::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome};
-use crate::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
+use crate::meta::policy::Policy;
+use crate::meta::{MetaState, META_SHARD};
 use crate::model::id::shard_for_path;
+use crate::shard::claims_cache::RenderedSlot;
+use crate::shard::reader::{ClaimsRead, ShardReader};
+use crate::shard::ConsensusError;
 use crate::storage::Storage;
 use stemedb_proto::raft::GroupMessage;
 
 /// How long a forwarding node waits before sending a proposal again after a failure that did
 /// not name a new leader.
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
+pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Records the quarantine decisions of an assertion command (forwarded ones included).
 fn screen(policy: &Policy, reader: &ShardReader, command: &mut ShardCommand) {
@@ -43,96 +49,6 @@ fn screen(policy: &Policy, reader: &ShardReader, command: &mut ShardCommand) {
 
 /// Bytes of snapshot data in one InstallSnapshot RPC.
 const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
-
-/// How errors name a group: `shard N`, or `the meta group` for [`META_SHARD`].
-pub struct GroupLabel(pub u16);
-
-impl std::fmt::Display for GroupLabel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0 == META_SHARD {
-            f.write_str("the meta group")
-        } else {
-            write!(f, "shard {}", self.0)
-        }
-    }
-}
-
-/// Errors of the consensus layer. Each has a stable code and an HTTP status. Serializable: a
-/// leader's answer to a forwarded request carries it back to the node the client talks to.
-#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
-pub enum ConsensusError {
-    #[error("{} has no leader (no quorum); retry later", GroupLabel(*shard))]
-    NoQuorum { shard: u16 },
-    #[error("this node is not the leader of {}", GroupLabel(*shard))]
-    NotLeader { shard: u16, leader: Option<NodeId> },
-    #[error("{} did not answer within {timeout_ms} ms; the write may or may not have been applied", GroupLabel(*shard))]
-    Timeout { shard: u16, timeout_ms: u64 },
-    #[error("{} is shutting down", GroupLabel(*shard))]
-    ShuttingDown { shard: u16 },
-    #[error("{} does not exist", GroupLabel(*shard))]
-    UnknownShard { shard: u16 },
-    #[error("raft group failed to start: {0}")]
-    Startup(String),
-    #[error("internal error on {}: {message}", GroupLabel(*shard))]
-    Internal { shard: u16, message: String },
-    #[error("storage error on {}: {message}", GroupLabel(*shard))]
-    Storage { shard: u16, message: String },
-    #[error("membership change of {} failed: {message}", GroupLabel(*shard))]
-    MembershipChange { shard: u16, message: String },
-    #[error("could not reach the leader of {} (node {leader}): {message}", GroupLabel(*shard))]
-    LeaderUnreachable { shard: u16, leader: NodeId, message: String },
-    #[error(
-        "the query would hold more than {} of claims and answer (query.max_memory_per_query_mb); \
-         narrow it (a predicate; for a concept_prefix query, a smaller limit) or raise the limit",
-        MiB(*limit_bytes)
-    )]
-    /// `shard` is absent for a query over a prefix, whose reads span shards.
-    QueryMemoryExceeded { shard: Option<u16>, limit_bytes: u64 },
-    #[error(
-        "the write to {} could not be confirmed within {timeout_ms} ms: the leader failed or changed while it \
-         was in flight. It was applied at most once, but may have been; retry with the same request_id to learn which",
-        GroupLabel(*shard)
-    )]
-    OutcomeUnknown { shard: u16, timeout_ms: u64 },
-    #[error("{} has too many writes waiting ({queued}); retry shortly", GroupLabel(*shard))]
-    Overloaded { shard: u16, queued: usize },
-    #[error("this node's replica of {} is installing a snapshot; retry, or read through another node", GroupLabel(*shard))]
-    CatchingUp { shard: u16 },
-    #[error("{error}")]
-    /// The state machine refused the whole command, the same way on every replica.
-    Refused { shard: u16, error: crate::model::ModelError },
-}
-
-/// A byte count in MiB, for messages.
-struct MiB(u64);
-
-impl std::fmt::Display for MiB {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.1} MiB", self.0 as f64 / (1024.0 * 1024.0))
-    }
-}
-
-impl ConsensusError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            ConsensusError::NoQuorum { .. } => ErrorCode::NoQuorum,
-            ConsensusError::NotLeader { .. } => ErrorCode::NotLeader,
-            ConsensusError::Timeout { .. } => ErrorCode::Timeout,
-            ConsensusError::ShuttingDown { .. } => ErrorCode::ShuttingDown,
-            ConsensusError::UnknownShard { .. } => ErrorCode::UnknownShard,
-            ConsensusError::Startup(_) => ErrorCode::RaftStartupFailed,
-            ConsensusError::LeaderUnreachable { .. } => ErrorCode::LeaderUnreachable,
-            ConsensusError::MembershipChange { .. } => ErrorCode::MembershipChangeFailed,
-            ConsensusError::Storage { .. } => ErrorCode::StorageError,
-            ConsensusError::Internal { .. } => ErrorCode::InternalError,
-            ConsensusError::QueryMemoryExceeded { .. } => ErrorCode::QueryMemoryExceeded,
-            ConsensusError::OutcomeUnknown { .. } => ErrorCode::OutcomeUnknown,
-            ConsensusError::Overloaded { .. } => ErrorCode::Overloaded,
-            ConsensusError::CatchingUp { .. } => ErrorCode::ReplicaCatchingUp,
-            ConsensusError::Refused { error, .. } => error.code(),
-        }
-    }
-}
 
 /// Re-divides the claims cache budget every second while the shard set lives.
 pub fn start_claims_cache_sharing(shards: &Arc<ShardSet>) {
@@ -382,7 +298,7 @@ pub struct ShardSet {
     pub(super) leader_lease: Duration,
     /// How long one forwarded attempt of a proposal may take before it is sent again (with the
     /// same token): two maximum election timeouts, at least a second.
-    forward_attempt_timeout: Duration,
+    pub(crate) forward_attempt_timeout: Duration,
     pub(crate) liveness: super::hibernation::PeerLiveness,
     /// The node heartbeat send to each peer still in flight (at most one per known node).
     pub(crate) heartbeats_in_flight: Mutex<HashMap<NodeId, tokio::task::JoinHandle<()>>>,
@@ -392,7 +308,7 @@ pub struct ShardSet {
     /// meta group's first leader records them.
     founding: Option<(BTreeMap<NodeId, String>, BTreeMap<u16, Vec<NodeId>>)>,
     pub replication_factor: u16,
-    unsafe_skip_read_barrier: bool,
+    pub(crate) unsafe_skip_read_barrier: bool,
     /// `query.claims_cache_mb` in bytes, shared by the shards this node hosts.
     claims_cache_bytes: usize,
     shards: u16,
@@ -627,58 +543,9 @@ impl ShardSet {
         self.founding.as_ref()
     }
 
-    /// Proposes a change of the cluster metadata to the meta group.
-    pub async fn propose_meta(
-        &self,
-        command: MetaCommand,
-        timeout: Duration,
-    ) -> Result<Result<(), MetaError>, ConsensusError> {
-        let proposed_at_us = crate::model::id::now_us();
-        Self::meta_answer(self.propose(META_SHARD, ShardCommand::Meta { proposed_at_us, command }, timeout).await?)
-    }
-
-    /// Proposes a change of the cluster metadata on this node only, which must lead the meta
-    /// group (the placement driver: a deposed leader's change must not land via forwarding).
-    pub async fn propose_meta_local(
-        &self,
-        command: MetaCommand,
-        timeout: Duration,
-    ) -> Result<Result<(), MetaError>, ConsensusError> {
-        let proposed_at_us = crate::model::id::now_us();
-        Self::meta_answer(
-            self.propose_local(META_SHARD, ShardCommand::Meta { proposed_at_us, command }, timeout).await?,
-        )
-    }
-
-    /// Proposes a change of the cluster-wide policy (authority, breakers) to the meta group.
-    pub async fn propose_policy(
-        &self,
-        command: PolicyCommand,
-        timeout: Duration,
-    ) -> Result<Result<PolicyOutcome, PolicyError>, ConsensusError> {
-        let proposed_at_us = crate::model::id::now_us();
-        match self.propose(META_SHARD, ShardCommand::Policy { proposed_at_us, command }, timeout).await? {
-            ShardResponse::Policy(result) => Ok(result),
-            other => Err(ConsensusError::Internal {
-                shard: META_SHARD,
-                message: format!("unexpected answer to a policy change: {other:?}"),
-            }),
-        }
-    }
-
     /// The cluster-wide policy as this node has applied it.
     pub fn policy(&self) -> &Policy {
         &self.policy
-    }
-
-    fn meta_answer(response: ShardResponse) -> Result<Result<(), MetaError>, ConsensusError> {
-        match response {
-            ShardResponse::Meta(result) => Ok(result),
-            other => Err(ConsensusError::Internal {
-                shard: META_SHARD,
-                message: format!("unexpected answer to a metadata change: {other:?}"),
-            }),
-        }
     }
 
     pub fn groups(&self) -> &[ShardGroup] {
@@ -691,7 +558,11 @@ impl ShardSet {
     }
 
     /// Waits (until `deadline`) for `shard` to have a leader and returns it.
-    async fn wait_for_leader(&self, group: &ShardGroup, deadline: Instant) -> Result<NodeId, ConsensusError> {
+    pub(crate) async fn wait_for_leader(
+        &self,
+        group: &ShardGroup,
+        deadline: Instant,
+    ) -> Result<NodeId, ConsensusError> {
         let mut metrics = group.raft.metrics();
         loop {
             if let Some(leader) = metrics.borrow_and_update().current_leader {
@@ -712,7 +583,7 @@ impl ShardSet {
     }
 
     /// Sends a request to another node about a shard over the transport and decodes its answer.
-    pub(super) async fn ask_leader<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    pub(crate) async fn ask_leader<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
         &self,
         group: &ShardGroup,
         leader: NodeId,
@@ -766,161 +637,9 @@ impl ShardSet {
         decoded
     }
 
-    /// Proposes `command` to `shard` and returns what applying it produced: on this node when it
-    /// leads the shard, else forwarded to the leader.
-    ///
-    /// A forwarded command carries an idempotency token this node generates
-    /// ([`ShardCommand::once`]), so it is retried freely: after a transport failure (which may
-    /// have come after the leader received it), after a "not the leader" answer, when this
-    /// node sees the leader change while an attempt is in flight (a paused or isolated leader
-    /// never answers: the request moves to the new leader at once), and when an attempt passes
-    /// its own deadline. Every copy applies once. If no copy is confirmed by the deadline and
-    /// one may have arrived, the answer is [`ConsensusError::OutcomeUnknown`], never a silent
-    /// second write.
-    pub async fn propose(
-        &self,
-        shard: u16,
-        command: ShardCommand,
-        timeout: Duration,
-    ) -> Result<ShardResponse, ConsensusError> {
-        let group = self.group(shard)?;
-        group.writes.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + timeout;
-        let response = if !self.hosts(group) {
-            let command = command.once();
-            match self.ask_replicas(group, "write", &command, deadline).await {
-                Err(error) if Self::may_have_arrived(&error) => {
-                    Err(ConsensusError::OutcomeUnknown { shard, timeout_ms: timeout.as_millis() as u64 })
-                }
-                other => other,
-            }
-        } else {
-            self.propose_hosted(group, command, deadline, timeout).await
-        };
-        Self::settle(shard, response?)
-    }
-
-    /// Turns the answers that refuse a whole command into errors.
-    fn settle(shard: u16, response: ShardResponse) -> Result<ShardResponse, ConsensusError> {
-        match response {
-            ShardResponse::TokenExpired => Err(ConsensusError::OutcomeUnknown { shard, timeout_ms: 0 }),
-            ShardResponse::Refused(error) => Err(ConsensusError::Refused { shard, error }),
-            other => Ok(other),
-        }
-    }
-
-    /// Whether a failed forward may still have reached the leader (and so may be applied).
-    fn may_have_arrived(error: &ConsensusError) -> bool {
-        matches!(error, ConsensusError::LeaderUnreachable { .. } | ConsensusError::Timeout { .. })
-    }
-
-    /// [`ShardSet::propose`] for a shard this node hosts: it knows the leader from its replica.
-    async fn propose_hosted(
-        &self,
-        group: &ShardGroup,
-        command: ShardCommand,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<ShardResponse, ConsensusError> {
-        let shard = group.shard;
-        let mut command = Some(command);
-        // Whether some forwarded copy may have reached a leader: then the outcome is unknown
-        // unless a later copy is confirmed.
-        let mut maybe_delivered = false;
-        let mut last_error = None;
-        // A leader named by a node that no longer leads: this replica may not know it yet.
-        let mut hint: Option<NodeId> = None;
-        loop {
-            let known = match hint.take() {
-                Some(leader) => Ok(leader),
-                None => self.wait_for_leader(group, deadline).await,
-            };
-            let leader = match known {
-                Ok(leader) => leader,
-                Err(error) => {
-                    raft_metrics::PROPOSALS.with_label_values(&["no_quorum"]).inc();
-                    return Err(Self::unconfirmed(shard, timeout, maybe_delivered, last_error.unwrap_or(error)));
-                }
-            };
-            let Some(current) = command.take() else {
-                return Err(ConsensusError::Internal { shard, message: "proposal lost".into() });
-            };
-            if leader == self.node_id {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                match self.propose_local(shard, current.clone(), remaining).await {
-                    // Leadership moved between the check and the proposal: nothing appended.
-                    Err(ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. })
-                        if Instant::now() < deadline =>
-                    {
-                        command = Some(current);
-                        self.await_leader_change(group, leader, deadline).await;
-                        continue;
-                    }
-                    Err(error) if maybe_delivered => return Err(Self::unconfirmed(shard, timeout, true, error)),
-                    other => return other,
-                }
-            }
-            let current = current.once();
-            let attempt_deadline = deadline.min(Instant::now() + self.forward_attempt_timeout);
-            let attempt = self.ask_leader::<_, ShardResponse>(group, leader, "write", &current, attempt_deadline);
-            let outcome = tokio::select! {
-                outcome = attempt => Some(outcome),
-                // The leader this attempt went to was replaced: the new one gets the same token.
-                _ = self.await_leader_change(group, leader, attempt_deadline) => None,
-            };
-            command = Some(current);
-            match outcome {
-                Some(Ok(response)) => return Ok(response),
-                None => {
-                    maybe_delivered = true;
-                    raft_metrics::FORWARD_RETRIES.with_label_values(&["leader_changed"]).inc();
-                }
-                Some(Err(error @ (ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. }))) => {
-                    // Refused before proposing: this copy was not appended.
-                    raft_metrics::FORWARD_RETRIES.with_label_values(&["not_leader"]).inc();
-                    hint = match error {
-                        ConsensusError::NotLeader { leader: Some(named), .. } if named != leader => Some(named),
-                        _ => None,
-                    };
-                    last_error = Some(error);
-                    if hint.is_none() {
-                        self.await_leader_change(group, leader, deadline.min(Instant::now() + RETRY_PAUSE)).await;
-                    }
-                }
-                Some(Err(error)) if Self::may_have_arrived(&error) => {
-                    maybe_delivered = true;
-                    raft_metrics::FORWARD_RETRIES.with_label_values(&["ambiguous"]).inc();
-                    last_error = Some(error);
-                    // A dead leader refuses connections at once: wait for a new leader (or a
-                    // short pause) rather than spin.
-                    self.await_leader_change(group, leader, deadline.min(Instant::now() + RETRY_PAUSE)).await;
-                }
-                Some(Err(ConsensusError::ShuttingDown { .. })) if Instant::now() < deadline => {
-                    self.await_leader_change(group, leader, deadline).await;
-                }
-                Some(Err(error)) => return Err(Self::unconfirmed(shard, timeout, maybe_delivered, error)),
-            }
-            if Instant::now() >= deadline {
-                let error = last_error.take().unwrap_or(ConsensusError::NoQuorum { shard });
-                return Err(Self::unconfirmed(shard, timeout, maybe_delivered, error));
-            }
-        }
-    }
-
-    /// The answer when no copy of a proposal was confirmed: `outcome_unknown` if one may have
-    /// arrived somewhere, else the error that ended the attempts.
-    fn unconfirmed(shard: u16, timeout: Duration, maybe_delivered: bool, error: ConsensusError) -> ConsensusError {
-        if maybe_delivered || Self::may_have_arrived(&error) {
-            raft_metrics::PROPOSALS.with_label_values(&["outcome_unknown"]).inc();
-            ConsensusError::OutcomeUnknown { shard, timeout_ms: timeout.as_millis() as u64 }
-        } else {
-            error
-        }
-    }
-
     /// Returns once this node's replica of `group` names a leader other than `leader`, or at
     /// `deadline`.
-    async fn await_leader_change(&self, group: &ShardGroup, leader: NodeId, deadline: Instant) {
+    pub(crate) async fn await_leader_change(&self, group: &ShardGroup, leader: NodeId, deadline: Instant) {
         let mut metrics = group.raft.server_metrics();
         loop {
             let current = metrics.borrow_and_update().current_leader;
@@ -1337,7 +1056,7 @@ impl ShardSet {
 
     /// Sends a request about a shard this node does not host to its replicas: the first that
     /// answers, following a "not the leader" answer to the leader it names.
-    async fn ask_replicas<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    pub(crate) async fn ask_replicas<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
         &self,
         group: &ShardGroup,
         kind: &'static str,
@@ -1370,53 +1089,6 @@ impl ShardSet {
             }
         }
         Err(last)
-    }
-
-    /// Reads a shard: on the local replica when this node hosts it (after a read barrier when
-    /// `linearizable`), else on a replica elsewhere.
-    pub async fn read(
-        &self,
-        shard: u16,
-        read: ShardRead,
-        linearizable: bool,
-        timeout: Duration,
-    ) -> Result<ShardReadResult, ConsensusError> {
-        let group = self.group(shard)?;
-        group.queries.fetch_add(1, Ordering::Relaxed);
-        if !self.hosts(group) {
-            let deadline = Instant::now() + timeout;
-            return self.ask_replicas(group, "read", &(read, linearizable), deadline).await;
-        }
-        self.read_local(shard, read, linearizable, timeout).await
-    }
-
-    /// Reads this node's replica of `shard` (used for forwarded reads: never forwarded again).
-    pub async fn read_local(
-        &self,
-        shard: u16,
-        read: ShardRead,
-        linearizable: bool,
-        timeout: Duration,
-    ) -> Result<ShardReadResult, ConsensusError> {
-        let group = self.group(shard)?;
-        if !self.hosts(group) {
-            return Err(ConsensusError::NotLeader { shard, leader: None });
-        }
-        if linearizable && !self.unsafe_skip_read_barrier {
-            self.read_barrier(shard, timeout).await?;
-        }
-        // On the storage read pool: a fixed set of threads, never an async worker.
-        let reader = group.reader.clone();
-        let answer = crate::storage::read_pool::read_pool()
-            .run(move || reader.execute(&read))
-            .await
-            .map_err(|_| ConsensusError::Overloaded { shard, queued: crate::storage::read_pool::READ_QUEUE })??;
-        let staleness_ms = if group.raft.metrics().borrow().current_leader == Some(self.node_id) {
-            0
-        } else {
-            crate::model::id::now_us().saturating_sub(group.reader.applied_at_us()) / 1000
-        };
-        Ok(ShardReadResult { answer, applied_index: group.reader.applied_index(), staleness_ms })
     }
 
     /// Marks a group active and, if it hibernates, resumes its heartbeats.

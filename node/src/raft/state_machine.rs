@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,9 +16,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::keys;
 use super::metrics as raft_metrics;
-use super::snapshot;
 use super::types::{
     group_of_shard, AssertOutcome, Entry, EventOutcome, GroupId, LogId, NodeId, ProposalToken, ShardCommand,
     ShardResponse, StorageIoError, TypeConfig, TOKEN_TTL_US,
@@ -28,6 +26,8 @@ use crate::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
 use crate::model::assertion::{AssertionDraft, StoredAssertion};
 use crate::model::id::AssertionId;
 use crate::model::ModelError;
+use crate::shard::progress::{AppliedProgress, RetractionRecord};
+use crate::shard::{keys, snapshot};
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
 
 /// What the state machine persists about itself, in the same batch as the data it describes.
@@ -39,31 +39,12 @@ struct AppliedState {
     clock_us: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RetractionRecord {
-    pub at_us: u64,
-    pub by: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+/// The adapter's side of [`AppliedProgress`]: it knows openraft's log ids.
+trait Announce {
+    fn announce_applied(&self, log_id: Option<LogId>);
 }
 
-/// Progress shared between the state machine task and the readers of a shard.
-#[derive(Debug, Default)]
-pub struct AppliedProgress {
-    pub applied_index: AtomicU64,
-    /// Wall-clock time (µs) of the last apply, for staleness reports.
-    pub applied_at_us: AtomicU64,
-    /// Held by `apply` and by each chunk of an online index repair, so they never interleave.
-    pub index_lock: parking_lot::Mutex<()>,
-    /// Claims read by queries, dropped per path by the applies that touch it.
-    pub claims_cache: super::claims_cache::ClaimsCache,
-    /// Snapshot installs begun and finished (odd while one runs: the shard's ranges are partly
-    /// old, partly new). A reader that sees it odd, or changed across its read, discards the
-    /// read (`ShardReader::execute`).
-    pub installs: AtomicU64,
-}
-
-impl AppliedProgress {
+impl Announce for AppliedProgress {
     /// Announces that everything up to `log_id` is applied. Called last by apply and snapshot
     /// install: a read barrier that sees the index (ShardSet::read_barrier) reads everything
     /// applied so far, the published metadata and policy included.

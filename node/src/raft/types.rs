@@ -1,34 +1,14 @@
-//! The Raft type configuration shared by every shard group, and the commands a shard's log holds.
+//! The Raft type configuration shared by every shard group (over the commands of
+//! `shard::command`), and the membership changes a group's leader runs.
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::policy::{PolicyCommand, PolicyError, PolicyOutcome};
-use crate::meta::{MetaCommand, MetaError, META_SHARD};
-use crate::model::assertion::AssertionDraft;
-use crate::model::id::AssertionId;
-use crate::model::ModelError;
-
 /// Node ids are u64; a node's Raft address is in its [`openraft::BasicNode`].
 pub use crate::model::NodeId;
-/// Group 0 is the meta group; shard `s` is group `s + 1`.
-pub type GroupId = u32;
-
-/// The group of `shard`; [`META_SHARD`] names the meta group, group 0.
-pub fn group_of_shard(shard: u16) -> GroupId {
-    if shard == META_SHARD {
-        0
-    } else {
-        shard as GroupId + 1
-    }
-}
-
-/// The shard of a group id (group 0: [`META_SHARD`]); `None` for ids no shard can have.
-pub fn shard_of_group(group: GroupId) -> Option<u16> {
-    match group {
-        0 => Some(META_SHARD),
-        g => u16::try_from(g - 1).ok().filter(|s| *s != META_SHARD),
-    }
-}
+pub use crate::shard::command::{
+    group_of_shard, shard_of_group, AssertOutcome, EventOutcome, GroupId, ProposalToken, ShardCommand, ShardResponse,
+    TOKEN_TTL_US,
+};
 
 openraft::declare_raft_types!(
     /// Type configuration of every StemeDB Raft group.
@@ -38,7 +18,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        // A file: snapshots are written, sent, received and installed in chunks (raft::snapshot).
+        // A file: snapshots are written, sent, received and installed in chunks (shard::snapshot).
         SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
@@ -47,84 +27,6 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type LogId = openraft::LogId<NodeId>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type StorageIoError = openraft::StorageError<NodeId>;
-
-/// A command in a shard's log. Everything that varies between replicas (time, ids) is decided by
-/// the leader before proposing or derived deterministically while applying.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum ShardCommand {
-    /// New assertions, all on this shard. Items keep their order; each gets its own result.
-    Assert { proposed_at_us: u64, items: Vec<AssertionDraft> },
-    /// A vote; a later vote of the same agent on the same assertion replaces the earlier one.
-    Vote { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, value: i8 },
-    /// A retraction, by the asserting agent or (with `admin`) by an administrator.
-    Retract { proposed_at_us: u64, assertion_id: AssertionId, agent_id: String, admin: bool, reason: Option<String> },
-    /// A change to the cluster metadata; only the meta group (group 0) applies these.
-    Meta { proposed_at_us: u64, command: MetaCommand },
-    /// An admin's decision on a quarantined claim: release it into the lenses, or reject it
-    /// (recorded as a retraction).
-    Quarantine { proposed_at_us: u64, assertion_id: AssertionId, release: bool, by: String, reason: Option<String> },
-    /// A change to the cluster-wide policy (authority, breakers); meta group only.
-    Policy { proposed_at_us: u64, command: PolicyCommand },
-    /// A proposal forwarded to the shard leader by another node, with the idempotency token
-    /// that node generated: every copy of it (a forward retried after an ambiguous failure, or
-    /// sent again to a new leader) applies once; later copies answer the first copy's response.
-    Once { token: ProposalToken, command: Box<ShardCommand> },
-}
-
-/// The idempotency token of a forwarded proposal: when the forwarding node issued it (its
-/// clock) and a random nonce. Applied tokens are remembered for [`TOKEN_TTL_US`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProposalToken {
-    pub issued_at_us: u64,
-    pub nonce: u64,
-}
-
-/// How long a replica remembers an applied token. Forwarding retries a proposal only within
-/// its write timeout (seconds), so ten minutes leaves room for any clock skew between nodes.
-pub const TOKEN_TTL_US: u64 = 10 * 60 * 1_000_000;
-
-impl ProposalToken {
-    pub fn new() -> ProposalToken {
-        ProposalToken { issued_at_us: crate::model::id::now_us(), nonce: rand::random() }
-    }
-}
-
-impl Default for ProposalToken {
-    fn default() -> Self {
-        ProposalToken::new()
-    }
-}
-
-impl ShardCommand {
-    pub fn proposed_at_us(&self) -> u64 {
-        match self {
-            ShardCommand::Assert { proposed_at_us, .. }
-            | ShardCommand::Vote { proposed_at_us, .. }
-            | ShardCommand::Retract { proposed_at_us, .. }
-            | ShardCommand::Meta { proposed_at_us, .. }
-            | ShardCommand::Quarantine { proposed_at_us, .. }
-            | ShardCommand::Policy { proposed_at_us, .. } => *proposed_at_us,
-            ShardCommand::Once { command, .. } => command.proposed_at_us(),
-        }
-    }
-
-    /// This command with an idempotency token, unless it has one already.
-    pub fn once(self) -> ShardCommand {
-        match self {
-            ShardCommand::Once { .. } => self,
-            command => ShardCommand::Once { token: ProposalToken::new(), command: Box::new(command) },
-        }
-    }
-
-    /// The number of items an entry of this command numbers (assertion ids pack the position).
-    pub fn item_count(&self) -> usize {
-        match self {
-            ShardCommand::Assert { items, .. } => items.len(),
-            ShardCommand::Once { command, .. } => command.item_count(),
-            _ => 1,
-        }
-    }
-}
 
 /// A membership change of one shard group, run by its leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,47 +37,4 @@ pub enum GroupAdmin {
     RemoveNode { node: NodeId },
     /// Hand leadership to the voter `target`.
     TransferLeader { target: NodeId },
-}
-
-/// What applying an assertion produced.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AssertOutcome {
-    pub id: AssertionId,
-    pub shard: u16,
-    pub log_index: u64,
-    pub asserted_at_us: u64,
-    /// True when this is a retry of an earlier write with the same (agent_id, request_id).
-    #[serde(default)]
-    pub duplicate: bool,
-    /// Set when the shard leader quarantined the claim (DESIGN §2).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quarantine: Option<crate::model::assertion::QuarantineDecision>,
-}
-
-/// What applying a vote or retraction produced.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventOutcome {
-    pub assertion_id: AssertionId,
-    pub at_us: u64,
-    pub log_index: u64,
-}
-
-/// The state machine's answer to one log entry.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub enum ShardResponse {
-    Asserted(Vec<Result<AssertOutcome, ModelError>>),
-    Voted(Result<EventOutcome, ModelError>),
-    Retracted(Result<EventOutcome, ModelError>),
-    Quarantine(Result<EventOutcome, ModelError>),
-    Meta(Result<(), MetaError>),
-    Policy(Result<PolicyOutcome, PolicyError>),
-    /// A forwarded proposal whose token had expired when it was applied: it was not applied
-    /// (the proposer answers `outcome_unknown`; an earlier copy may have been applied).
-    TokenExpired,
-    /// A command refused whole, deterministically on every replica (e.g. more items than an
-    /// entry can number): nothing was applied.
-    Refused(crate::model::ModelError),
-    /// Blank and membership entries.
-    #[default]
-    Empty,
 }

@@ -11,12 +11,15 @@ use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportSer
 use stemedb_proto::raft::GroupMessage;
 use tonic::{Request, Response, Status};
 
+use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::id::MAX_ITEMS_PER_ENTRY;
 use crate::model::ModelError;
 use crate::raft::network::MAX_MESSAGE_BYTES;
-use crate::raft::types::{GroupAdmin, Raft, ShardCommand};
-use crate::raft::{ConsensusError, ShardSet};
+use crate::raft::types::{GroupAdmin, Raft};
+use crate::raft::ShardSet;
+use crate::shard::command::ShardCommand;
+use crate::shard::ConsensusError;
 
 /// The gRPC service over this node's shard set.
 pub struct RaftService {
@@ -41,7 +44,7 @@ impl RaftService {
 
     /// The shard of a group id (the meta group: `META_SHARD`).
     fn shard(&self, group_id: u32) -> Result<u16, Status> {
-        crate::raft::types::shard_of_group(group_id)
+        crate::shard::command::shard_of_group(group_id)
             .ok_or_else(|| ErrorCode::UnknownShard.to_status(format!("group {group_id} is not a raft group")))
     }
 }
@@ -154,7 +157,7 @@ impl RaftTransport for RaftService {
     async fn shard_read(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
         let message = request.into_inner();
         let shard = self.shard(message.group_id)?;
-        let (read, linearizable): (crate::raft::reader::ShardRead, bool) = decode(&message)?;
+        let (read, linearizable): (crate::shard::reader::ShardRead, bool) = decode(&message)?;
         let result = self.shards.read_local(shard, read, linearizable, self.write_timeout).await;
         encode(message.group_id, &result)
     }

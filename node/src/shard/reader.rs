@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use super::claims_cache::RenderedResults;
+use super::command::GroupId;
 use super::keys;
-use super::state_machine::{AppliedProgress, RetractionRecord};
-use super::types::GroupId;
+use super::progress::{AppliedProgress, RetractionRecord};
 use super::ConsensusError;
 use crate::model::assertion::StoredAssertion;
 use crate::model::id::AssertionId;
@@ -137,7 +137,7 @@ impl ShardReader {
         Ok(None)
     }
 
-    /// The lock an online index repair of this shard takes per chunk (see `raft::index_repair`).
+    /// The lock an online index repair of this shard takes per chunk (see `shard::index_repair`).
     pub fn index_lock(&self) -> &parking_lot::Mutex<()> {
         &self.progress.index_lock
     }

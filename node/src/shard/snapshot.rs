@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::types::GroupId;
+use super::command::GroupId;
 use crate::model::id::Fnv1a64 as Fnv;
 
 const MAGIC: &[u8; 8] = b"STMSNAP1";

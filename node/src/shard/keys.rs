@@ -24,7 +24,7 @@
 //! | meta          | `snapshot/`, group                              | last snapshot (old format, converted to a file) |
 //! | meta          | `install/`, group                               | snapshot install in progress (meta JSON) |
 
-use super::types::GroupId;
+use super::command::GroupId;
 use crate::model::id::AssertionId;
 
 pub fn group_prefix(group: GroupId) -> Vec<u8> {

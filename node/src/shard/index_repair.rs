@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::command::GroupId;
 use super::keys;
-use super::types::GroupId;
 use crate::model::assertion::StoredAssertion;
 use crate::model::id::AssertionId;
 use crate::storage::{ColumnFamily, Durability, Storage, StorageError, WriteBatch};
