@@ -5,7 +5,10 @@
 # each round. Prints every run and, per workload, the medians and their ratio. Reports only:
 # nothing here asserts a timing.
 #
-#   scripts/bench-vs-etcd.sh [--rounds N] [--seconds S] [--out DIR]
+#   scripts/bench-vs-etcd.sh [--rounds N] [--seconds S] [--out DIR] [--server-bin PATH]
+#
+# --server-bin runs the nodes from another stemedb binary (an older build, to compare), while
+# the client stays this build's `stemedb bench`.
 #
 # Workloads (docs/performance.md): 64 clients of single writes (256-byte values, 10,000 keys),
 # 1 client of single writes, and 64 clients of linearizable reads of those keys. Clients are
@@ -17,12 +20,14 @@ cd "$(dirname "$0")/.."
 ROUNDS=3
 SECONDS_PER_RUN=20
 OUT=""
+SERVER_BIN=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    *) echo "usage: $0 [--rounds N] [--seconds S] [--out DIR]" >&2; exit 2 ;;
+    --server-bin) SERVER_BIN="$2"; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--seconds S] [--out DIR] [--server-bin PATH]" >&2; exit 2 ;;
   esac
 done
 case "$ROUNDS$SECONDS_PER_RUN" in *[!0-9]*) echo "--rounds and --seconds take whole numbers" >&2; exit 2 ;; esac
@@ -42,6 +47,8 @@ if [ -z "${STEMEDB_BIN:-}" ]; then
   STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb"
 fi
 BIN="$STEMEDB_BIN"
+SERVER_BIN="${SERVER_BIN:-$BIN}"
+[ -x "$SERVER_BIN" ] || { echo "--server-bin $SERVER_BIN is not an executable" >&2; exit 2; }
 unset STEMEDB_BIN   # nodes refuse unknown STEMEDB_* variables
 
 WORK=$(mktemp -d /tmp/bench-vs-etcd.XXXXXX)
@@ -64,7 +71,7 @@ for i in 1 2 3; do
   ip=127.0.0.$i
   mkdir -p "$WORK/stemedb/n$i"
   # The per-agent circuit breaker off the path (etcd has none): bench agents write fast.
-  STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=10000000 "$BIN" serve --node-id "$i" --data-dir "$WORK/stemedb/n$i" \
+  STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=10000000 "$SERVER_BIN" serve --node-id "$i" --data-dir "$WORK/stemedb/n$i" \
     --api-addr "$ip:18180" --admin-addr "$ip:18181" --raft-addr "$ip:18182" \
     --initial-cluster "$CLUSTER" >"$OUT/stemedb-n$i.log" 2>&1 &
   PIDS+=($!)
