@@ -988,9 +988,7 @@ mod tests {
     fn the_memory_runbooks_index_budget_reaches_storage() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("api.toml");
-        let runbook = "[storage]\nmax_cache_size_mb = 512\nindex_eviction_enabled = true\nindex_max_memory_mb = 1024\n\
-                       [query]\nmax_memory_per_query_mb = 256\nquery_timeout_seconds = 30\n";
-        std::fs::write(&path, runbook).expect("write");
+        std::fs::write(&path, crate::config::MEMORY_RUNBOOK_SETTINGS).expect("write");
         let config = Config::check_file(&path).expect("valid");
         assert_eq!(storage_options(&config).index_cache_bytes, Some(1 << 30));
         assert_eq!(storage_options(&Config::default()).index_cache_bytes, None, "off by default");

@@ -820,6 +820,11 @@ impl Config {
     }
 }
 
+/// The settings the memory runbook tells operators to write (tests: here and in `server`).
+#[cfg(test)]
+pub(crate) const MEMORY_RUNBOOK_SETTINGS: &str = "[storage]\nmax_cache_size_mb = 512\nindex_eviction_enabled = true\n\
+    index_max_memory_mb = 1024\n[query]\nmax_memory_per_query_mb = 256\nquery_timeout_seconds = 30\n";
+
 /// Every size, timeout and period at its largest valid value (tests: here and in `server`).
 #[cfg(test)]
 pub(crate) fn config_at_the_bounds() -> Config {
@@ -919,9 +924,7 @@ mod tests {
     fn the_memory_runbooks_settings_are_taken_as_it_writes_them() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("api.toml");
-        let runbook = "[storage]\nmax_cache_size_mb = 512\nindex_eviction_enabled = true\nindex_max_memory_mb = 1024\n\
-                       [query]\nmax_memory_per_query_mb = 256\nquery_timeout_seconds = 30\n";
-        std::fs::write(&path, runbook).expect("write");
+        std::fs::write(&path, MEMORY_RUNBOOK_SETTINGS).expect("write");
         let config = Config::check_file(&path).expect("valid");
         assert!(config.storage.index_eviction_enabled);
         assert_eq!((config.storage.index_max_memory_mb, config.query.max_memory_per_query_mb), (1024, 256));

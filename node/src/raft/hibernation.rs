@@ -113,7 +113,7 @@ impl ShardSet {
 
     /// One round: hibernate idle groups this node leads, send node heartbeats, resume elections
     /// in groups whose leader has gone quiet.
-    async fn hibernation_round(&self, election_timeout: Duration) {
+    fn hibernation_round(&self, election_timeout: Duration) {
         let mut hibernating = Vec::new();
         // Node heartbeats go to every known node: they also tell the cluster admin who is up.
         let peers: BTreeSet<(NodeId, String)> =
@@ -179,7 +179,7 @@ impl ShardSet {
             let Ok(mut client) = self.peers().client(&addr) else { continue };
             let mut request = tonic::Request::new(GroupMessage { group_id: 0, payload: payload.clone() });
             request.set_timeout(election_timeout / 2);
-            let send = tokio::spawn(async move {
+            let send = self.tasks.spawn(async move {
                 let _ = client.node_heartbeat(request).await;
             });
             in_flight.insert(id, send);
@@ -194,7 +194,7 @@ pub async fn run(shards: Weak<ShardSet>, interval: Duration, election_timeout: D
     loop {
         ticker.tick().await;
         let Some(shards) = shards.upgrade() else { return };
-        shards.hibernation_round(election_timeout).await;
+        shards.hibernation_round(election_timeout);
     }
 }
 

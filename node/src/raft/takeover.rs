@@ -60,9 +60,15 @@ pub struct Situation {
     pub since_leader_heartbeat: Option<Duration>,
 }
 
+/// How long a leader must have been silent before a follower campaigns: every voter's lease
+/// has run out by then.
+fn quiet(lease: Duration) -> Duration {
+    lease + MARGIN
+}
+
 /// Whether this follower should campaign now (see the module documentation).
 pub fn should_campaign(s: &Situation, lease: Duration) -> bool {
-    let quiet = lease + MARGIN;
+    let quiet = quiet(lease);
     if s.leader == s.me || !s.voters.contains(&s.me) || s.since_append < quiet {
         return false;
     }
@@ -91,11 +97,10 @@ impl ShardSet {
         }
         let now = monotonic_ms();
         for group in self.all_groups() {
-            let Some(situation) = self.situation(group, now, fresh) else { continue };
+            let Some((situation, term)) = self.situation(group, now, fresh) else { continue };
             if !should_campaign(&situation, self.leader_lease) {
                 continue;
             }
-            let term = group.raft.metrics().borrow().current_term;
             if group.campaigned_term.swap(term, Ordering::AcqRel) == term {
                 continue;
             }
@@ -113,29 +118,40 @@ impl ShardSet {
         }
     }
 
-    fn situation(&self, group: &ShardGroup, now_ms: u64, fresh: Duration) -> Option<Situation> {
-        let metrics = group.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader?;
-        let membership = metrics.membership_config.membership();
-        if membership.get_joint_config().len() != 1 {
+    /// What this node knows about `group`, and its current term; `None` when it knows no leader,
+    /// the membership is joint, or AppendEntries still arrive (the common case, decided on an
+    /// atomic before anything else is read).
+    fn situation(&self, group: &ShardGroup, now_ms: u64, fresh: Duration) -> Option<(Situation, u64)> {
+        let since_append = Duration::from_millis(now_ms.saturating_sub(group.last_append_ms.load(Ordering::Acquire)));
+        if since_append < quiet(self.leader_lease) {
             return None;
         }
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let (leader, voters, my_last_index, term) = {
+            let metrics = group.raft.metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            if membership.get_joint_config().len() != 1 {
+                return None;
+            }
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            (metrics.current_leader?, voters, metrics.last_log_index.unwrap_or(0), metrics.current_term)
+        };
         let group_id = group_of_shard(group.shard);
         let reported = voters
             .iter()
             .filter(|id| **id != self.node_id && **id != leader)
             .filter_map(|id| self.liveness.reported_index(*id, group_id, fresh).map(|(index, age)| (*id, index, age)))
             .collect();
-        Some(Situation {
+        let situation = Situation {
             me: self.node_id,
             leader,
             voters,
-            my_last_index: metrics.last_log_index.unwrap_or(0),
+            my_last_index,
             reported,
-            since_append: Duration::from_millis(now_ms.saturating_sub(group.last_append_ms.load(Ordering::Acquire))),
+            since_append,
             since_leader_heartbeat: self.liveness.since_heard(leader),
-        })
+        };
+        Some((situation, term))
     }
 }
 
