@@ -340,7 +340,11 @@ impl Node {
             storage: storage.clone(),
             metrics: Metrics::new(
                 config.node.id,
-                crate::storage::metrics::collectors().into_iter().chain(crate::raft::metrics::collectors()).collect(),
+                crate::storage::metrics::collectors()
+                    .into_iter()
+                    .chain(crate::shard::metrics::collectors())
+                    .chain(crate::raft::metrics::collectors())
+                    .collect(),
             ),
             started_at,
             slow_queries: crate::api::slow_queries::SlowQueryLog::new(config.query.slow_query_log_size),

@@ -1,21 +1,9 @@
-//! Raft and state machine metrics.
+//! Raft metrics: proposals, applies, read barriers, snapshots, elections, peer RPCs and forwarding.
+//! The counters of applying itself are in `shard::metrics`.
 
 use std::sync::LazyLock;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
-
-pub static ASSERTIONS_INDEXED: LazyLock<IntCounter> = LazyLock::new(|| {
-    IntCounter::new("assertions_indexed_total", "Assertions applied and indexed by this node's state machines")
-        .expect("valid metric")
-});
-
-pub static QUARANTINED: LazyLock<IntCounter> = LazyLock::new(|| {
-    IntCounter::new(
-        "stemedb_quarantined_assertions_total",
-        "Assertions this node's state machines applied as quarantined (DESIGN §2 triggers)",
-    )
-    .expect("valid metric")
-});
 
 pub static APPLY_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     Histogram::with_opts(
@@ -75,14 +63,6 @@ pub static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
-pub static DEDUPLICATED_PROPOSALS: LazyLock<IntCounter> = LazyLock::new(|| {
-    IntCounter::new(
-        "stemedb_raft_deduplicated_proposals_total",
-        "Copies of forwarded proposals this node's state machines applied as no-ops (their token was applied already)",
-    )
-    .expect("valid metric")
-});
-
 pub static FORWARD_RETRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new(
@@ -108,10 +88,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
         Box::new(FORWARD_RETRIES.clone()),
         Box::new(PROMPT_CAMPAIGNS.clone()),
-        Box::new(DEDUPLICATED_PROPOSALS.clone()),
         Box::new(SNAPSHOTS.clone()),
-        Box::new(ASSERTIONS_INDEXED.clone()),
-        Box::new(QUARANTINED.clone()),
         Box::new(APPLY_DURATION.clone()),
         Box::new(PROPOSALS.clone()),
         Box::new(READ_BARRIERS.clone()),

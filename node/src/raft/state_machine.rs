@@ -1,9 +1,10 @@
-//! The state machine of one shard: applies assertions, votes and retractions, keeps the
-//! secondary indexes, and builds and installs snapshots. Each `apply` call writes its entries'
-//! data, index entries and `last_applied` in one write batch, so a crash never leaves the
-//! indexes and the data apart.
+//! The adapter from openraft's state machine trait to a shard's state (`crate::shard`): it keeps
+//! what openraft asks the state machine to remember (the last applied log id and membership,
+//! in the same write batch as the data they describe), hands committed commands to
+//! `shard::apply::Applier` at their (index, term) position, builds, streams and installs
+//! snapshots (file format in `shard::snapshot`), and translates the shard's errors into
+//! openraft's storage errors.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,16 +18,11 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::metrics as raft_metrics;
-use super::types::{
-    group_of_shard, AssertOutcome, Entry, EventOutcome, GroupId, LogId, NodeId, ProposalToken, ShardCommand,
-    ShardResponse, StorageIoError, TypeConfig, TOKEN_TTL_US,
-};
-use crate::meta::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome, PolicyRecord, PolicyStore};
-use crate::meta::{MetaCommand, MetaError, MetaState, META_SHARD};
-use crate::model::assertion::{AssertionDraft, StoredAssertion};
-use crate::model::id::AssertionId;
-use crate::model::ModelError;
-use crate::shard::progress::{AppliedProgress, RetractionRecord};
+use super::types::{group_of_shard, Entry, GroupId, LogId, NodeId, ShardResponse, StorageIoError, TypeConfig};
+use crate::meta::policy::Policy;
+use crate::meta::{MetaState, META_SHARD};
+use crate::shard::apply::{Applicable, Applier, ApplyError, LoadError, Position};
+use crate::shard::progress::AppliedProgress;
 use crate::shard::{keys, snapshot};
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
 
@@ -60,12 +56,9 @@ pub struct ShardStateMachine {
     group: GroupId,
     state: AppliedState,
     progress: Arc<AppliedProgress>,
-    /// The meta group's state machine also holds the cluster metadata.
-    meta: Option<MetaSlot>,
-    /// Concept paths the current `apply` call changed (for the claims cache).
-    touched: Vec<String>,
-    /// The policy as the current `apply` call changed it, published after its write.
-    pending_policy: Option<PolicyStore>,
+    /// Applies committed commands to the shard's ranges; owns the shard clock and, for the
+    /// meta group, the cluster metadata.
+    applier: Applier,
     /// `<data_dir>/snapshots`: the group's last snapshot and any being received.
     snapshot_dir: PathBuf,
     /// The file openraft is writing a snapshot from the leader into.
@@ -76,14 +69,6 @@ pub struct ShardStateMachine {
     inject: Injected,
 }
 
-/// The cluster metadata as applied, and where it is published to the rest of the node.
-struct MetaSlot {
-    state: MetaState,
-    publish: tokio::sync::watch::Sender<Arc<MetaState>>,
-    /// The cluster-wide policy, shared with the rest of the node.
-    policy: Policy,
-}
-
 fn sm_read_error(e: impl std::error::Error + 'static) -> StorageIoError {
     StorageIOError::new(ErrorSubject::StateMachine, ErrorVerb::Read, openraft::AnyError::new(&e)).into()
 }
@@ -92,72 +77,19 @@ fn sm_write_error(e: impl std::error::Error + 'static) -> StorageIoError {
     StorageIOError::new(ErrorSubject::StateMachine, ErrorVerb::Write, openraft::AnyError::new(&e)).into()
 }
 
-/// Votes an agent keeps per assertion (its current one and earlier changes of mind).
-pub const MAX_VOTES_PER_AGENT: usize = 16;
-
-/// Reads through the pending write batch of the current `apply` call, then storage.
-struct Overlay<'a> {
-    storage: &'a Storage,
-    pending: HashMap<(ColumnFamily, Vec<u8>), Vec<u8>>,
-    deleted: std::collections::HashSet<(ColumnFamily, Vec<u8>)>,
-    /// Vote keys written by this call, in key order, for [`Overlay::votes_with_prefix`].
-    pending_votes: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
-    batch: WriteBatch,
+/// An apply failure as openraft's error for applying the entry at its position.
+fn apply_error(error: ApplyError, group: GroupId, entries: &[(LogId, Position)]) -> StorageIoError {
+    let at = error.position();
+    let verb = if error.is_write() { ErrorVerb::Write } else { ErrorVerb::Read };
+    tracing::error!(group, error = %error, "applying committed entries failed; the group stops");
+    match entries.iter().find(|(_, position)| *position == at) {
+        Some((log_id, _)) => StorageIOError::apply(*log_id, openraft::AnyError::new(&error)).into(),
+        None => StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&error)).into(),
+    }
 }
 
-impl<'a> Overlay<'a> {
-    fn get(&self, cf: ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>, StorageIoError> {
-        if let Some(v) = self.pending.get(&(cf, key.to_vec())) {
-            return Ok(Some(v.clone()));
-        }
-        if self.deleted.contains(&(cf, key.to_vec())) {
-            return Ok(None);
-        }
-        self.storage.get(cf, key).map_err(sm_read_error)
-    }
-
-    /// A put that later reads in the same `apply` call must see.
-    fn put_visible(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
-        self.deleted.remove(&(cf, key.clone()));
-        self.pending.insert((cf, key.clone()), value.clone());
-        self.batch.put(cf, key, value);
-    }
-
-    fn put(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.put(cf, key, value);
-    }
-
-    /// A vote, visible to later [`Overlay::votes_with_prefix`] calls of this apply.
-    fn put_vote(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.pending_votes.insert(key.clone(), value.clone());
-        self.put_visible(ColumnFamily::StateMachine, key, value);
-    }
-
-    /// The vote records under `prefix` (one agent on one assertion), oldest first: stored
-    /// ones not deleted by this call, and this call's.
-    fn votes_with_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageIoError> {
-        let end = keys::prefix_end(prefix);
-        let mut rows: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = self
-            .storage
-            .scan(ColumnFamily::StateMachine, prefix, &end, usize::MAX)
-            .map_err(sm_read_error)?
-            .into_iter()
-            .collect();
-        for (key, value) in self.pending_votes.range(prefix.to_vec()..end) {
-            rows.insert(key.clone(), value.clone());
-        }
-        rows.retain(|key, _| !self.deleted.contains(&(ColumnFamily::StateMachine, key.clone())));
-        Ok(rows.into_iter().collect())
-    }
-
-    fn delete_visible(&mut self, cf: ColumnFamily, key: Vec<u8>) {
-        if cf == ColumnFamily::StateMachine {
-            self.pending_votes.remove(&key);
-        }
-        self.pending.remove(&(cf, key.clone()));
-        self.deleted.insert((cf, key.clone()));
-        self.batch.delete(cf, key);
-    }
+fn load_error(error: LoadError) -> StorageIoError {
+    sm_read_error(error)
 }
 
 impl ShardStateMachine {
@@ -169,15 +101,14 @@ impl ShardStateMachine {
         let progress = Arc::new(AppliedProgress::default());
         progress.announce_applied(state.last_applied);
         let snapshot_dir = storage.data_dir().join("snapshots");
+        let applier = Applier::new(storage.clone(), shard, group, progress.clone(), state.clock_us);
         let mut machine = ShardStateMachine {
             storage,
             shard,
             group,
             state,
             progress,
-            meta: None,
-            touched: Vec::new(),
-            pending_policy: None,
+            applier,
             snapshot_dir,
             receiving: None,
             install_pause: std::time::Duration::ZERO,
@@ -202,478 +133,45 @@ impl ShardStateMachine {
         policy: Policy,
     ) -> Result<ShardStateMachine, StorageIoError> {
         let mut machine = ShardStateMachine::open(storage, META_SHARD, group_of_shard(META_SHARD))?;
-        let state = machine.load_meta()?;
-        publish.send_replace(Arc::new(state.clone()));
-        let store = machine.load_policy()?;
-        policy.update(|current| *current = store);
-        machine.meta = Some(MetaSlot { state, publish, policy });
+        machine.applier.attach_meta(publish, policy).map_err(load_error)?;
         Ok(machine)
-    }
-
-    /// Reads every policy record of the meta group.
-    fn load_policy(&self) -> Result<PolicyStore, StorageIoError> {
-        let mut store = PolicyStore::default();
-        for tag in [keys::POLICY_ROOT, keys::POLICY_GRANT, keys::POLICY_BREAKER] {
-            let prefix = keys::policy_key(self.group, tag, b"");
-            let rows = self
-                .storage
-                .scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), usize::MAX)
-                .map_err(sm_read_error)?;
-            for (key, value) in rows {
-                let record = match tag {
-                    keys::POLICY_ROOT => PolicyRecord::Root {
-                        agent_id: String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
-                        spans: serde_json::from_slice(&value).map_err(sm_read_error)?,
-                    },
-                    keys::POLICY_GRANT => PolicyRecord::Grant(serde_json::from_slice(&value).map_err(sm_read_error)?),
-                    _ => PolicyRecord::Breaker(serde_json::from_slice(&value).map_err(sm_read_error)?),
-                };
-                store.restore(record);
-            }
-        }
-        Ok(store)
-    }
-
-    fn apply_policy(
-        &mut self,
-        overlay: &mut Overlay<'_>,
-        proposed_at_us: u64,
-        command: PolicyCommand,
-    ) -> Result<Result<PolicyOutcome, PolicyError>, StorageIoError> {
-        let at_us = self.next_time(proposed_at_us);
-        let Some(slot) = self.meta.as_ref() else {
-            return Ok(Err(PolicyError::NotMetaGroup));
-        };
-        // Applied to a copy that is published only after this call's write batch is on disk
-        // (`apply`): a reader must never act on a grant or breaker a crash could undo.
-        let store = self.pending_policy.get_or_insert_with(|| slot.policy.read(PolicyStore::clone));
-        let result = store.apply(command, at_us);
-        let (outcome, records) = match result {
-            Ok(done) => done,
-            Err(error) => return Ok(Err(error)),
-        };
-        for record in records {
-            let (key, bytes) = match &record {
-                PolicyRecord::Root { agent_id, spans } => {
-                    (keys::policy_key(self.group, keys::POLICY_ROOT, agent_id.as_bytes()), serde_json::to_vec(spans))
-                }
-                PolicyRecord::Grant(grant) => (
-                    keys::policy_key(self.group, keys::POLICY_GRANT, &grant.id.to_be_bytes()),
-                    serde_json::to_vec(grant),
-                ),
-                PolicyRecord::Breaker(breaker) => (
-                    keys::policy_key(self.group, keys::POLICY_BREAKER, breaker.agent_id.as_bytes()),
-                    serde_json::to_vec(breaker),
-                ),
-                PolicyRecord::BreakerExpired { agent_id } => {
-                    let key = keys::policy_key(self.group, keys::POLICY_BREAKER, agent_id.as_bytes());
-                    overlay.delete_visible(ColumnFamily::StateMachine, key);
-                    continue;
-                }
-            };
-            overlay.put(ColumnFamily::StateMachine, key, bytes.map_err(sm_write_error)?);
-        }
-        Ok(Ok(outcome))
-    }
-
-    fn load_meta(&self) -> Result<MetaState, StorageIoError> {
-        match self.storage.get(ColumnFamily::StateMachine, &keys::meta_state_key(self.group)).map_err(sm_read_error)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(sm_read_error),
-            None => Ok(MetaState::default()),
-        }
-    }
-
-    fn apply_meta(
-        &mut self,
-        overlay: &mut Overlay<'_>,
-        proposed_at_us: u64,
-        command: MetaCommand,
-    ) -> Result<Result<(), MetaError>, StorageIoError> {
-        let at_us = self.next_time(proposed_at_us);
-        let Some(slot) = self.meta.as_mut() else {
-            // A data shard never receives these (the node proposes them to group 0 only).
-            return Ok(Ok(()));
-        };
-        let result = slot.state.apply(command, at_us);
-        if result.is_ok() {
-            let bytes = serde_json::to_vec(&slot.state).map_err(sm_write_error)?;
-            overlay.put(ColumnFamily::StateMachine, keys::meta_state_key(self.group), bytes);
-        }
-        Ok(result)
     }
 
     pub fn progress(&self) -> Arc<AppliedProgress> {
         self.progress.clone()
     }
 
-    fn next_time(&mut self, proposed_at_us: u64) -> u64 {
-        let at = proposed_at_us.max(self.state.clock_us.saturating_add(1));
-        self.state.clock_us = at;
-        at
-    }
-
-    fn load_assertion(
-        &self,
-        overlay: &Overlay<'_>,
-        id: AssertionId,
-    ) -> Result<Option<StoredAssertion>, StorageIoError> {
-        if id.shard() != self.shard {
-            return Ok(None);
-        }
-        match overlay.get(ColumnFamily::StateMachine, &keys::assertion_key(self.group, id))? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(sm_read_error),
-            None => Ok(None),
-        }
-    }
-
-    fn apply_assert(
-        &mut self,
-        overlay: &mut Overlay<'_>,
-        log_index: u64,
-        proposed_at_us: u64,
-        items: Vec<AssertionDraft>,
-    ) -> Result<Vec<Result<AssertOutcome, ModelError>>, StorageIoError> {
-        let mut results = Vec::with_capacity(items.len());
-        let mut indexed = 0u64;
-        for (position, draft) in items.into_iter().enumerate() {
-            if let Some(request_id) = &draft.request_id {
-                let key = keys::request_key(self.group, &draft.agent_id, request_id);
-                if let Some(bytes) = overlay.get(ColumnFamily::StateMachine, &key)? {
-                    let mut outcome: AssertOutcome = serde_json::from_slice(&bytes).map_err(sm_read_error)?;
-                    outcome.duplicate = true;
-                    results.push(Ok(outcome));
-                    continue;
-                }
-            }
-            if let Some(error) = self.check_supersedes(overlay, &draft)? {
-                results.push(Err(error));
-                continue;
-            }
-            let asserted_at_us = self.next_time(proposed_at_us);
-            let id = AssertionId::new(asserted_at_us, self.shard, log_index, position as u16);
-            let quarantined = draft.quarantine.is_some();
-            if quarantined {
-                // A quarantined claim supersedes nothing until an admin releases it (the
-                // supersessions are written then).
-                overlay.put(ColumnFamily::Index, keys::quarantine_key(self.group, id), Vec::new());
-                raft_metrics::QUARANTINED.inc();
-            } else {
-                for &old in &draft.supersedes {
-                    overlay.put(
-                        ColumnFamily::StateMachine,
-                        keys::supersession_key(self.group, old, id),
-                        asserted_at_us.to_be_bytes().to_vec(),
-                    );
-                }
-            }
-            overlay.put(ColumnFamily::Index, keys::agent_key(self.group, &draft.agent_id, id), Vec::new());
-            self.touched.push(draft.concept_path.clone());
-            let concept_key = keys::concept_key(self.group, &draft.concept_path, &draft.predicate);
-            let count = match overlay.get(ColumnFamily::Index, &concept_key)? {
-                Some(bytes) => bytes.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
-                None => 0,
-            };
-            overlay.put_visible(ColumnFamily::Index, concept_key, (count + 1).to_be_bytes().to_vec());
-            overlay.put(
-                ColumnFamily::Index,
-                keys::claim_key(self.group, &draft.concept_path, &draft.predicate, id),
-                Vec::new(),
-            );
-            let outcome = AssertOutcome {
-                id,
-                shard: self.shard,
-                log_index,
-                asserted_at_us,
-                duplicate: false,
-                quarantine: draft.quarantine.clone(),
-            };
-            if let Some(request_id) = &draft.request_id {
-                let key = keys::request_key(self.group, &draft.agent_id, request_id);
-                overlay.put_visible(
-                    ColumnFamily::StateMachine,
-                    key,
-                    serde_json::to_vec(&outcome).map_err(sm_write_error)?,
-                );
-            }
-            let record = StoredAssertion { id, asserted_at_us, log_index, draft, quarantined };
-            overlay.put_visible(
-                ColumnFamily::StateMachine,
-                keys::assertion_key(self.group, id),
-                serde_json::to_vec(&record).map_err(sm_write_error)?,
-            );
-            indexed += 1;
-            results.push(Ok(outcome));
-        }
-        raft_metrics::ASSERTIONS_INDEXED.inc_by(indexed);
-        Ok(results)
-    }
-
-    /// Applies `entries` in one write batch (see [`ShardStateMachine::apply`]).
+    /// Applies `entries` in one write batch with the new applied state (see
+    /// [`ShardStateMachine::apply`]), then announces them applied.
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
-        let progress = self.progress.clone();
-        // Held through the batch write, so an index repair chunk never interleaves with it.
-        let _index_guard = progress.index_lock.lock();
-        self.pending_policy = None;
-        let storage = self.storage.clone();
-        let mut overlay = Overlay {
-            storage: &storage,
-            pending: HashMap::new(),
-            deleted: Default::default(),
-            pending_votes: Default::default(),
-            batch: WriteBatch::new(),
-        };
-        let mut responses = Vec::new();
+        let mut next = self.state.clone();
+        let mut positions = Vec::with_capacity(entries.len());
+        let mut run: Vec<Applicable> = Vec::with_capacity(entries.len());
         for entry in entries {
-            self.state.last_applied = Some(entry.log_id);
-            let index = entry.log_id.index;
-            let response = match entry.payload {
-                EntryPayload::Blank => ShardResponse::Empty,
+            let at = Position { index: entry.log_id.index, term: entry.log_id.leader_id.term };
+            next.last_applied = Some(entry.log_id);
+            positions.push((entry.log_id, at));
+            let command = match entry.payload {
+                EntryPayload::Blank => None,
                 EntryPayload::Membership(membership) => {
-                    self.state.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    ShardResponse::Empty
+                    next.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    None
                 }
-                EntryPayload::Normal(command) => self.apply_command(&mut overlay, index, command)?,
+                EntryPayload::Normal(command) => Some(command),
             };
-            responses.push(response);
-            // Forget expired proposal tokens every 256 entries, whatever the entry: the same
-            // range on every replica, since it depends only on the log index and the clock.
-            if index % 256 == 0 {
-                let horizon = self.state.clock_us.saturating_sub(TOKEN_TTL_US);
-                overlay.batch.delete_range(
-                    ColumnFamily::StateMachine,
-                    keys::token_key(self.group, 0, 0),
-                    keys::token_key(self.group, horizon, 0),
-                );
-            }
+            run.push((at, command));
         }
-        let state_bytes = serde_json::to_vec(&self.state).map_err(sm_write_error)?;
-        overlay.batch.put(ColumnFamily::StateMachine, keys::applied_key(self.group), state_bytes);
-        // The log is the write-ahead log: applied state need not be synced, a crash re-applies.
-        self.storage.write(overlay.batch, Durability::Buffered).map_err(sm_write_error)?;
-        if let (Some(store), Some(slot)) = (self.pending_policy.take(), &self.meta) {
-            slot.policy.update(|current| *current = store);
-        }
-        // After the write, so a reader that misses the cache from now on reads the new state.
-        progress.claims_cache.invalidate(self.touched.iter().map(String::as_str));
-        self.touched.clear();
-        if let Some(slot) = &self.meta {
-            if **slot.publish.borrow() != slot.state {
-                slot.publish.send_replace(Arc::new(slot.state.clone()));
-            }
-        }
+        let responses = self
+            .applier
+            .apply(run, keys::applied_key(self.group), |clock_us| {
+                next.clock_us = clock_us;
+                serde_json::to_vec(&next)
+            })
+            .map_err(|error| apply_error(error, self.group, &positions))?;
+        next.clock_us = self.applier.clock_us();
+        self.state = next;
         self.progress.announce_applied(self.state.last_applied);
         Ok(responses)
-    }
-
-    /// Applies one command of the entry at `index`.
-    fn apply_command(
-        &mut self,
-        overlay: &mut Overlay<'_>,
-        index: u64,
-        command: ShardCommand,
-    ) -> Result<ShardResponse, StorageIoError> {
-        Ok(match command {
-            ShardCommand::Assert { proposed_at_us, items } => {
-                if let Some(refusal) = refuse_numbering(index, items.len()) {
-                    return Ok(ShardResponse::Refused(refusal));
-                }
-                ShardResponse::Asserted(self.apply_assert(overlay, index, proposed_at_us, items)?)
-            }
-            ShardCommand::Vote { proposed_at_us, assertion_id, agent_id, value } => {
-                ShardResponse::Voted(self.apply_vote(overlay, index, proposed_at_us, assertion_id, &agent_id, value)?)
-            }
-            ShardCommand::Meta { proposed_at_us, command } => {
-                ShardResponse::Meta(self.apply_meta(overlay, proposed_at_us, command)?)
-            }
-            ShardCommand::Quarantine { proposed_at_us, assertion_id, release, by, reason } => {
-                ShardResponse::Quarantine(self.apply_quarantine_decision(
-                    overlay,
-                    index,
-                    proposed_at_us,
-                    assertion_id,
-                    release,
-                    by,
-                    reason,
-                )?)
-            }
-            ShardCommand::Policy { proposed_at_us, command } => {
-                ShardResponse::Policy(self.apply_policy(overlay, proposed_at_us, command)?)
-            }
-            ShardCommand::Retract { proposed_at_us, assertion_id, agent_id, admin, reason } => {
-                ShardResponse::Retracted(self.apply_retract(
-                    overlay,
-                    index,
-                    proposed_at_us,
-                    assertion_id,
-                    agent_id,
-                    admin,
-                    reason,
-                )?)
-            }
-            ShardCommand::Once { token, command } => self.apply_once(overlay, index, token, *command)?,
-        })
-    }
-
-    /// Applies a forwarded proposal once per token: a later copy answers what the first one
-    /// produced and changes nothing. Tokens are remembered for [`TOKEN_TTL_US`] of the shard's
-    /// clock; a copy older than that is refused rather than risk a second application.
-    fn apply_once(
-        &mut self,
-        overlay: &mut Overlay<'_>,
-        index: u64,
-        token: ProposalToken,
-        command: ShardCommand,
-    ) -> Result<ShardResponse, StorageIoError> {
-        let key = keys::token_key(self.group, token.issued_at_us, token.nonce);
-        if let Some(bytes) = overlay.get(ColumnFamily::StateMachine, &key)? {
-            raft_metrics::DEDUPLICATED_PROPOSALS.inc();
-            return serde_json::from_slice(&bytes).map_err(sm_read_error);
-        }
-        if token.issued_at_us.saturating_add(TOKEN_TTL_US) < self.state.clock_us {
-            return Ok(ShardResponse::TokenExpired);
-        }
-        if matches!(command, ShardCommand::Once { .. }) {
-            // Never built by this code; refused rather than recursing on a peer's word.
-            return Ok(ShardResponse::TokenExpired);
-        }
-        let response = self.apply_command(overlay, index, command)?;
-        overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&response).map_err(sm_write_error)?);
-        Ok(response)
-    }
-
-    fn check_supersedes(
-        &self,
-        overlay: &Overlay<'_>,
-        draft: &AssertionDraft,
-    ) -> Result<Option<ModelError>, StorageIoError> {
-        for &old in &draft.supersedes {
-            match self.load_assertion(overlay, old)? {
-                None => return Ok(Some(ModelError::AssertionNotFound { id: old.to_string() })),
-                Some(record) if record.draft.concept_path != draft.concept_path => {
-                    return Ok(Some(ModelError::SupersedesOtherConcept { id: old.to_string() }))
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(None)
-    }
-
-    fn apply_vote(
-        &mut self,
-        overlay: &mut Overlay<'_>,
-        log_index: u64,
-        proposed_at_us: u64,
-        assertion_id: AssertionId,
-        agent_id: &str,
-        value: i8,
-    ) -> Result<Result<EventOutcome, ModelError>, StorageIoError> {
-        let Some(record) = self.load_assertion(overlay, assertion_id)? else {
-            return Ok(Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }));
-        };
-        let prefix = keys::agent_votes_prefix(self.group, assertion_id, agent_id);
-        let history = overlay.votes_with_prefix(&prefix)?;
-        // A repeat of the agent's current vote changes no lens at any time: nothing is written,
-        // and the answer gives the time that vote took effect.
-        if let Some((key, current)) = history.last() {
-            if current.first() == Some(&(value as u8)) {
-                let since = key.get(prefix.len()..).and_then(|t| t.try_into().ok()).map(u64::from_be_bytes);
-                return Ok(Ok(EventOutcome { assertion_id, at_us: since.unwrap_or(0), log_index }));
-            }
-        }
-        // Changes of mind keep their history for `as_of` reads, up to MAX_VOTES_PER_AGENT: an
-        // agent flipping its vote cannot make every read of the assertion scan without bound.
-        let excess = (history.len() + 1).saturating_sub(MAX_VOTES_PER_AGENT);
-        for (key, _) in history.into_iter().take(excess) {
-            overlay.delete_visible(ColumnFamily::StateMachine, key);
-        }
-        self.touched.push(record.draft.concept_path);
-        let at_us = self.next_time(proposed_at_us);
-        overlay.put_vote(keys::vote_key(self.group, assertion_id, agent_id, at_us), vec![value as u8]);
-        Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn apply_retract(
-        &mut self,
-        overlay: &mut Overlay<'_>,
-        log_index: u64,
-        proposed_at_us: u64,
-        assertion_id: AssertionId,
-        agent_id: String,
-        admin: bool,
-        reason: Option<String>,
-    ) -> Result<Result<EventOutcome, ModelError>, StorageIoError> {
-        let Some(record) = self.load_assertion(overlay, assertion_id)? else {
-            return Ok(Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }));
-        };
-        if !admin && record.draft.agent_id != agent_id {
-            return Ok(Err(ModelError::NotAssertionOwner { id: assertion_id.to_string(), agent_id }));
-        }
-        // A retraction also withdraws the supersessions this claim made, which changes the
-        // claims it superseded: all on the same concept_path.
-        self.touched.push(record.draft.concept_path.clone());
-        let key = keys::retraction_key(self.group, assertion_id);
-        if overlay.get(ColumnFamily::StateMachine, &key)?.is_some() {
-            return Ok(Err(ModelError::AlreadyRetracted { id: assertion_id.to_string() }));
-        }
-        let at_us = self.next_time(proposed_at_us);
-        // A retracted claim needs no quarantine decision any more.
-        overlay.delete_visible(ColumnFamily::Index, keys::quarantine_key(self.group, assertion_id));
-        let retraction = RetractionRecord { at_us, by: agent_id, reason };
-        overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&retraction).map_err(sm_write_error)?);
-        Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
-    }
-
-    /// An admin's decision on a quarantined claim. Release: the claim joins the lenses and its
-    /// supersessions take effect now. Reject: it is retracted.
-    #[allow(clippy::too_many_arguments)]
-    fn apply_quarantine_decision(
-        &mut self,
-        overlay: &mut Overlay<'_>,
-        log_index: u64,
-        proposed_at_us: u64,
-        assertion_id: AssertionId,
-        release: bool,
-        by: String,
-        reason: Option<String>,
-    ) -> Result<Result<EventOutcome, ModelError>, StorageIoError> {
-        let Some(record) = self.load_assertion(overlay, assertion_id)? else {
-            return Ok(Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }));
-        };
-        let pending = keys::quarantine_key(self.group, assertion_id);
-        if !record.quarantined || overlay.get(ColumnFamily::Index, &pending)?.is_none() {
-            return Ok(Err(ModelError::NotQuarantined { id: assertion_id.to_string() }));
-        }
-        self.touched.push(record.draft.concept_path.clone());
-        let at_us = self.next_time(proposed_at_us);
-        overlay.delete_visible(ColumnFamily::Index, pending);
-        let decision = RetractionRecord { at_us, by, reason };
-        if release {
-            for &old in &record.draft.supersedes {
-                overlay.put(
-                    ColumnFamily::StateMachine,
-                    keys::supersession_key(self.group, old, assertion_id),
-                    at_us.to_be_bytes().to_vec(),
-                );
-            }
-            let key = keys::release_key(self.group, assertion_id);
-            overlay.put(ColumnFamily::StateMachine, key, serde_json::to_vec(&decision).map_err(sm_write_error)?);
-        } else {
-            let key = keys::retraction_key(self.group, assertion_id);
-            let rejection = RetractionRecord {
-                reason: Some(format!(
-                    "rejected from quarantine{}",
-                    decision.reason.map(|r| format!(": {r}")).unwrap_or_default()
-                )),
-                ..decision
-            };
-            overlay.put_visible(
-                ColumnFamily::StateMachine,
-                key,
-                serde_json::to_vec(&rejection).map_err(sm_write_error)?,
-            );
-        }
-        Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
     }
 
     /// Writes this shard's state machine and index ranges, as applied now, to the group's
@@ -782,17 +280,8 @@ impl ShardStateMachine {
         batch.delete(ColumnFamily::Meta, marker);
         // The data batches were buffered: this synced write makes them durable too (one WAL).
         self.storage.write(batch, Durability::Synced).map_err(sm_write_error)?;
-        progress.claims_cache.clear();
+        self.applier.installed(clock_us).map_err(load_error)?;
         self.state = state;
-        if self.meta.is_some() {
-            let state = self.load_meta()?;
-            let store = self.load_policy()?;
-            if let Some(slot) = self.meta.as_mut() {
-                slot.publish.send_replace(Arc::new(state.clone()));
-                slot.state = state;
-                slot.policy.update(|current| *current = store);
-            }
-        }
         self.progress.announce_applied(meta.last_log_id);
         Ok(())
     }
@@ -886,19 +375,6 @@ fn convert_legacy(bytes: &[u8], dir: &Path, group: GroupId) -> std::io::Result<(
         }
     }
     writer.finish().map(|_| ())
-}
-
-/// Why an assertion entry at `index` with `items` items cannot be numbered (ids pack the log
-/// index into 36 bits and the position into 12), or `None`. Decided in apply from the entry
-/// alone, so every replica refuses the same entries.
-fn refuse_numbering(index: u64, items: usize) -> Option<ModelError> {
-    if items > crate::model::id::MAX_ITEMS_PER_ENTRY {
-        return Some(ModelError::CommandTooLarge { items, limit: crate::model::id::MAX_ITEMS_PER_ENTRY });
-    }
-    if index > crate::model::id::MAX_LOG_INDEX {
-        return Some(ModelError::IdSpaceExhausted { index, limit: crate::model::id::MAX_LOG_INDEX });
-    }
-    None
 }
 
 /// The records of an old-format snapshot.
@@ -1055,6 +531,9 @@ mod tests {
     use openraft::{CommittedLeaderId, EntryPayload};
 
     use super::*;
+    use crate::model::assertion::AssertionDraft;
+    use crate::model::id::AssertionId;
+    use crate::shard::command::ShardCommand;
     use crate::storage::StorageOptions;
 
     fn draft(value: u32) -> AssertionDraft {
@@ -1073,80 +552,6 @@ mod tests {
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open storage");
         let machine = ShardStateMachine::open(storage.clone(), 2, 3).expect("open state machine");
         (dir, storage, machine)
-    }
-
-    fn stored_assertions(storage: &Storage) -> usize {
-        let prefix = keys::state_key(3, b'A');
-        storage.scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), usize::MAX).expect("scan").len()
-    }
-
-    fn assert_once(token: ProposalToken, value: u32) -> ShardCommand {
-        ShardCommand::Once {
-            token,
-            command: Box::new(ShardCommand::Assert { proposed_at_us: token.issued_at_us, items: vec![draft(value)] }),
-        }
-    }
-
-    fn outcomes(response: &ShardResponse) -> Vec<AssertOutcome> {
-        match response {
-            ShardResponse::Asserted(results) => results.iter().map(|r| r.clone().expect("applied")).collect(),
-            other => panic!("unexpected response {other:?}"),
-        }
-    }
-
-    /// A forwarded proposal retried after an ambiguous failure lands twice in the log, in the
-    /// same apply call or a later one; each copy must answer the first one's result and write
-    /// nothing. Without tokens, both copies were applied (issue 14 §1).
-    #[tokio::test]
-    async fn copies_of_a_tokened_proposal_apply_once() {
-        let (_dir, storage, mut machine) = machine();
-        let token = ProposalToken::new();
-        let other = ProposalToken::new();
-        let responses = machine
-            .apply(vec![
-                entry(1, assert_once(token, 1)),
-                entry(2, assert_once(token, 1)),
-                entry(3, assert_once(other, 2)),
-            ])
-            .await
-            .expect("apply");
-        assert_eq!(outcomes(&responses[0]), outcomes(&responses[1]), "the copy answers the first result");
-        assert_ne!(outcomes(&responses[0]), outcomes(&responses[2]), "another token is another write");
-        let later = machine.apply(vec![entry(4, assert_once(token, 1))]).await.expect("apply");
-        assert_eq!(outcomes(&later[0]), outcomes(&responses[0]));
-        assert_eq!(stored_assertions(&storage), 2, "one assertion per token");
-        // The same command without a token is applied every time: that was the bug.
-        let untokened = ShardCommand::Assert { proposed_at_us: token.issued_at_us, items: vec![draft(1)] };
-        machine.apply(vec![entry(5, untokened.clone()), entry(6, untokened)]).await.expect("apply");
-        assert_eq!(stored_assertions(&storage), 4);
-    }
-
-    #[tokio::test]
-    async fn an_expired_token_is_refused_not_applied() {
-        let (_dir, storage, mut machine) = machine();
-        let now = crate::model::id::now_us();
-        let fresh = ShardCommand::Assert { proposed_at_us: now, items: vec![draft(1)] };
-        machine.apply(vec![entry(1, fresh)]).await.expect("apply");
-        let stale = ProposalToken { issued_at_us: now - TOKEN_TTL_US - 1_000_000, nonce: 7 };
-        let responses = machine.apply(vec![entry(2, assert_once(stale, 2))]).await.expect("apply");
-        assert!(matches!(responses[0], ShardResponse::TokenExpired), "{:?}", responses[0]);
-        assert_eq!(stored_assertions(&storage), 1);
-    }
-
-    /// Assertion ids number an entry's items in 12 bits: a longer command is refused whole, by
-    /// every replica alike, instead of wrapping ids into each other.
-    #[tokio::test]
-    async fn an_entry_with_more_items_than_ids_can_number_is_refused_whole() {
-        let (_dir, storage, mut machine) = machine();
-        let items: Vec<AssertionDraft> = (0..crate::model::id::MAX_ITEMS_PER_ENTRY as u32 + 1).map(draft).collect();
-        let command = ShardCommand::Assert { proposed_at_us: crate::model::id::now_us(), items };
-        let responses = machine.apply(vec![entry(1, command)]).await.expect("apply");
-        assert!(
-            matches!(responses[0], ShardResponse::Refused(ModelError::CommandTooLarge { items: 4097, limit: 4096 })),
-            "{:?}",
-            responses[0]
-        );
-        assert_eq!(stored_assertions(&storage), 0);
     }
 
     fn shard_rows(storage: &Storage) -> Vec<(ColumnFamily, Vec<u8>, Vec<u8>)> {
@@ -1263,48 +668,5 @@ mod tests {
         assert_eq!(shard_rows(&follower_storage), shard_rows(&leader_storage));
         assert_eq!(reopened.state.last_applied, meta.last_log_id);
         assert!(follower_storage.get(ColumnFamily::Meta, &keys::install_marker_key(3)).expect("get").is_none());
-    }
-
-    /// An agent repeating or flipping its vote forever must not make the assertion's events grow
-    /// without bound: repeats write nothing, flips keep the last MAX_VOTES_PER_AGENT.
-    #[tokio::test]
-    async fn an_agents_votes_on_an_assertion_stay_bounded() {
-        let (_dir, storage, mut machine) = leader_with(1).await;
-        let prefix = keys::assertions_prefix(3);
-        let (key, _) = storage
-            .scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), 1)
-            .expect("scan")
-            .pop()
-            .expect("one assertion");
-        let id = AssertionId::from_bytes(&key[prefix.len()..]).expect("an assertion id");
-        let vote = |value: i8| ShardCommand::Vote {
-            proposed_at_us: crate::model::id::now_us(),
-            assertion_id: id,
-            agent_id: "voter".into(),
-            value,
-        };
-        let votes_prefix = keys::agent_votes_prefix(3, id, "voter");
-        let stored = |storage: &Storage| {
-            storage
-                .scan(ColumnFamily::StateMachine, &votes_prefix, &keys::prefix_end(&votes_prefix), usize::MAX)
-                .expect("scan")
-        };
-        // Repeats, in one apply call and across calls.
-        machine.apply((2..12).map(|i| entry(i, vote(1))).collect::<Vec<_>>()).await.expect("apply");
-        machine.apply(vec![entry(12, vote(1))]).await.expect("apply");
-        assert_eq!(stored(&storage).len(), 1, "a repeated vote writes nothing");
-        // Flips, in one call and across calls.
-        let flips: Vec<Entry> = (13..53).map(|i| entry(i, vote(if i % 2 == 0 { 1 } else { -1 }))).collect();
-        machine.apply(flips).await.expect("apply");
-        for i in 53..60 {
-            machine.apply(vec![entry(i, vote(if i % 2 == 0 { 1 } else { -1 }))]).await.expect("apply");
-        }
-        let kept = stored(&storage);
-        assert_eq!(kept.len(), MAX_VOTES_PER_AGENT);
-        assert_eq!(
-            kept.last().map(|(_, v)| v.clone()),
-            Some(vec![(-1i8) as u8]),
-            "the current vote (entry 59: -1) is kept"
-        );
     }
 }

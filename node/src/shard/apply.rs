@@ -1,0 +1,890 @@
+//! Applying a shard's committed commands to its state, independent of consensus. An
+//! [`Applier`] owns what applying needs between calls: the shard's clock (so `asserted_at` stays
+//! monotonic across leaders), and for the meta group the cluster metadata and policy it
+//! publishes to the rest of the node. [`Applier::apply`] turns a run of committed commands, each
+//! at its log [`Position`], into one write batch: data, index entries and the caller's applied
+//! record together, so a crash never leaves the indexes and the data apart. Every replica
+//! decides the same from the same log: nothing here reads a wall clock or local state other
+//! than the shard's ranges. The adapter from openraft's state machine trait (`raft`) calls it
+//! and translates its [`ApplyError`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use super::command::{AssertOutcome, EventOutcome, GroupId, ProposalToken, ShardCommand, ShardResponse, TOKEN_TTL_US};
+use super::keys;
+use super::metrics;
+use super::progress::{AppliedProgress, RetractionRecord};
+use crate::meta::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome, PolicyRecord, PolicyStore};
+use crate::meta::{MetaCommand, MetaError, MetaState};
+use crate::model::assertion::{AssertionDraft, StoredAssertion};
+use crate::model::id::AssertionId;
+use crate::model::ModelError;
+use crate::storage::{ColumnFamily, Durability, Storage, StorageError, WriteBatch};
+
+/// Votes an agent keeps per assertion (its current one and earlier changes of mind).
+pub const MAX_VOTES_PER_AGENT: usize = 16;
+
+/// Where an entry sits in the shard's log: its index and the term of the leader that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub index: u64,
+    pub term: u64,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "log index {} (term {})", self.index, self.term)
+    }
+}
+
+/// Why applying failed. Each names the entry it was applying (or, for the batch write, the
+/// last entry of the batch). None of them is an answer to a client: the replica cannot go on
+/// applying, and the adapter hands the error to consensus, which stops the group.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("applying the entry at {at}: reading the shard's state failed: {source}")]
+    Read { at: Position, source: StorageError },
+    #[error("applying the entry at {at}: a stored record of the shard is damaged: {source}")]
+    Damaged { at: Position, source: serde_json::Error },
+    #[error("applying the entry at {at}: encoding a record failed: {source}")]
+    Encode { at: Position, source: serde_json::Error },
+    #[error("writing the entries applied up to {at} failed: {source}")]
+    Write { at: Position, source: StorageError },
+}
+
+impl ApplyError {
+    /// The entry being applied when it failed.
+    pub fn position(&self) -> Position {
+        match self {
+            ApplyError::Read { at, .. }
+            | ApplyError::Damaged { at, .. }
+            | ApplyError::Encode { at, .. }
+            | ApplyError::Write { at, .. } => *at,
+        }
+    }
+
+    /// True when the failure was a write (the batch or a record's encoding), false for a read.
+    pub fn is_write(&self) -> bool {
+        matches!(self, ApplyError::Encode { .. } | ApplyError::Write { .. })
+    }
+}
+
+/// A failure inside one entry's application, before its position is attached.
+#[derive(Debug)]
+enum Fault {
+    Read(StorageError),
+    Damaged(serde_json::Error),
+    Encode(serde_json::Error),
+}
+
+impl Fault {
+    fn at(self, at: Position) -> ApplyError {
+        match self {
+            Fault::Read(source) => ApplyError::Read { at, source },
+            Fault::Damaged(source) => ApplyError::Damaged { at, source },
+            Fault::Encode(source) => ApplyError::Encode { at, source },
+        }
+    }
+}
+
+/// Reading the meta group's state at open or after a snapshot install failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading the meta group's state failed: {0}")]
+    Read(#[source] StorageError),
+    #[error("a stored record of the meta group is damaged: {0}")]
+    Damaged(#[source] serde_json::Error),
+}
+
+impl From<Fault> for LoadError {
+    fn from(fault: Fault) -> LoadError {
+        match fault {
+            Fault::Read(error) => LoadError::Read(error),
+            Fault::Damaged(error) | Fault::Encode(error) => LoadError::Damaged(error),
+        }
+    }
+}
+
+/// Reads through the pending write batch of the current `apply` call, then storage.
+struct Overlay {
+    storage: Arc<Storage>,
+    pending: HashMap<(ColumnFamily, Vec<u8>), Vec<u8>>,
+    deleted: HashSet<(ColumnFamily, Vec<u8>)>,
+    /// Vote keys written by this call, in key order, for [`Overlay::votes_with_prefix`].
+    pending_votes: BTreeMap<Vec<u8>, Vec<u8>>,
+    batch: WriteBatch,
+}
+
+impl Overlay {
+    fn new(storage: Arc<Storage>) -> Overlay {
+        Overlay {
+            storage,
+            pending: HashMap::new(),
+            deleted: HashSet::new(),
+            pending_votes: BTreeMap::new(),
+            batch: WriteBatch::new(),
+        }
+    }
+
+    fn get(&self, cf: ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>, Fault> {
+        if let Some(v) = self.pending.get(&(cf, key.to_vec())) {
+            return Ok(Some(v.clone()));
+        }
+        if self.deleted.contains(&(cf, key.to_vec())) {
+            return Ok(None);
+        }
+        self.storage.get(cf, key).map_err(Fault::Read)
+    }
+
+    /// A put that later reads in the same `apply` call must see.
+    fn put_visible(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
+        self.deleted.remove(&(cf, key.clone()));
+        self.pending.insert((cf, key.clone()), value.clone());
+        self.batch.put(cf, key, value);
+    }
+
+    fn put(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.put(cf, key, value);
+    }
+
+    /// A vote, visible to later [`Overlay::votes_with_prefix`] calls of this apply.
+    fn put_vote(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.pending_votes.insert(key.clone(), value.clone());
+        self.put_visible(ColumnFamily::StateMachine, key, value);
+    }
+
+    /// The vote records under `prefix` (one agent on one assertion), oldest first: stored
+    /// ones not deleted by this call, and this call's.
+    fn votes_with_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Fault> {
+        let end = keys::prefix_end(prefix);
+        let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = self
+            .storage
+            .scan(ColumnFamily::StateMachine, prefix, &end, usize::MAX)
+            .map_err(Fault::Read)?
+            .into_iter()
+            .collect();
+        for (key, value) in self.pending_votes.range(prefix.to_vec()..end) {
+            rows.insert(key.clone(), value.clone());
+        }
+        rows.retain(|key, _| !self.deleted.contains(&(ColumnFamily::StateMachine, key.clone())));
+        Ok(rows.into_iter().collect())
+    }
+
+    fn delete_visible(&mut self, cf: ColumnFamily, key: Vec<u8>) {
+        if cf == ColumnFamily::StateMachine {
+            self.pending_votes.remove(&key);
+        }
+        self.pending.remove(&(cf, key.clone()));
+        self.deleted.insert((cf, key.clone()));
+        self.batch.delete(cf, key);
+    }
+}
+
+/// The cluster metadata as applied, and where it is published to the rest of the node.
+struct MetaSlot {
+    state: MetaState,
+    publish: tokio::sync::watch::Sender<Arc<MetaState>>,
+    /// The cluster-wide policy, shared with the rest of the node.
+    policy: Policy,
+}
+
+/// One entry of a run to apply: its position, and its command (`None` for entries that carry
+/// none, such as a new leader's blank entry or a membership change).
+pub type Applicable = (Position, Option<ShardCommand>);
+
+/// Applies a shard's committed commands (see the module doc).
+pub struct Applier {
+    storage: Arc<Storage>,
+    shard: u16,
+    group: GroupId,
+    /// The last `asserted_at` handed out (µs): keeps time monotonic per shard across leaders.
+    clock_us: u64,
+    progress: Arc<AppliedProgress>,
+    /// The meta group's applier also holds the cluster metadata.
+    meta: Option<MetaSlot>,
+    /// Concept paths the current `apply` call changed (for the claims cache).
+    touched: Vec<String>,
+    /// The policy as the current `apply` call changed it, published after its write.
+    pending_policy: Option<PolicyStore>,
+}
+
+impl Applier {
+    /// An applier for `shard` (group `group`) whose clock last handed out `clock_us`.
+    pub fn new(
+        storage: Arc<Storage>,
+        shard: u16,
+        group: GroupId,
+        progress: Arc<AppliedProgress>,
+        clock_us: u64,
+    ) -> Applier {
+        Applier { storage, shard, group, clock_us, progress, meta: None, touched: Vec::new(), pending_policy: None }
+    }
+
+    /// Makes this the meta group's applier: loads the cluster metadata and policy, publishes
+    /// them, and publishes every applied change from now on.
+    pub fn attach_meta(
+        &mut self,
+        publish: tokio::sync::watch::Sender<Arc<MetaState>>,
+        policy: Policy,
+    ) -> Result<(), LoadError> {
+        let state = self.load_meta()?;
+        publish.send_replace(Arc::new(state.clone()));
+        let store = self.load_policy()?;
+        policy.update(|current| *current = store);
+        self.meta = Some(MetaSlot { state, publish, policy });
+        Ok(())
+    }
+
+    /// The last `asserted_at` handed out, for the caller's applied record.
+    pub fn clock_us(&self) -> u64 {
+        self.clock_us
+    }
+
+    /// Takes up the state a snapshot install just wrote: its clock, and (meta group) the
+    /// metadata and policy it holds, which are published. Drops the claims cache.
+    pub fn installed(&mut self, clock_us: u64) -> Result<(), LoadError> {
+        self.clock_us = clock_us;
+        self.progress.claims_cache.clear();
+        if self.meta.is_some() {
+            let state = self.load_meta()?;
+            let store = self.load_policy()?;
+            if let Some(slot) = self.meta.as_mut() {
+                slot.publish.send_replace(Arc::new(state.clone()));
+                slot.state = state;
+                slot.policy.update(|current| *current = store);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `entries` in one write batch, together with `applied`'s record (the caller's
+    /// account of how far it has applied, built from the clock after the run) under
+    /// `applied_key`. After the write, publishes changed policy and metadata and drops the
+    /// claims-cache entries of the touched concepts. Returns one response per entry. The
+    /// caller announces the new applied index afterwards.
+    pub fn apply(
+        &mut self,
+        entries: Vec<Applicable>,
+        applied_key: Vec<u8>,
+        applied: impl FnOnce(u64) -> Result<Vec<u8>, serde_json::Error>,
+    ) -> Result<Vec<ShardResponse>, ApplyError> {
+        let Some(last) = entries.last().map(|(at, _)| *at) else {
+            return Ok(Vec::new());
+        };
+        let progress = self.progress.clone();
+        // Held through the batch write, so an index repair chunk never interleaves with it.
+        let _index_guard = progress.index_lock.lock();
+        self.pending_policy = None;
+        self.touched.clear();
+        let mut overlay = Overlay::new(self.storage.clone());
+        let mut responses = Vec::with_capacity(entries.len());
+        for (at, command) in entries {
+            let response = match command {
+                None => ShardResponse::Empty,
+                Some(command) => self.apply_command(&mut overlay, at.index, command).map_err(|f| f.at(at))?,
+            };
+            responses.push(response);
+            // Forget expired proposal tokens every 256 entries, whatever the entry: the same
+            // range on every replica, since it depends only on the log index and the clock.
+            if at.index % 256 == 0 {
+                let horizon = self.clock_us.saturating_sub(TOKEN_TTL_US);
+                overlay.batch.delete_range(
+                    ColumnFamily::StateMachine,
+                    keys::token_key(self.group, 0, 0),
+                    keys::token_key(self.group, horizon, 0),
+                );
+            }
+        }
+        let record = applied(self.clock_us).map_err(|source| ApplyError::Encode { at: last, source })?;
+        overlay.batch.put(ColumnFamily::StateMachine, applied_key, record);
+        // The log is the write-ahead log: applied state need not be synced, a crash re-applies.
+        self.storage
+            .write(std::mem::take(&mut overlay.batch), Durability::Buffered)
+            .map_err(|source| ApplyError::Write { at: last, source })?;
+        if let (Some(store), Some(slot)) = (self.pending_policy.take(), &self.meta) {
+            slot.policy.update(|current| *current = store);
+        }
+        // After the write, so a reader that misses the cache from now on reads the new state.
+        progress.claims_cache.invalidate(self.touched.iter().map(String::as_str));
+        self.touched.clear();
+        if let Some(slot) = &self.meta {
+            if **slot.publish.borrow() != slot.state {
+                slot.publish.send_replace(Arc::new(slot.state.clone()));
+            }
+        }
+        Ok(responses)
+    }
+
+    fn next_time(&mut self, proposed_at_us: u64) -> u64 {
+        let at = proposed_at_us.max(self.clock_us.saturating_add(1));
+        self.clock_us = at;
+        at
+    }
+
+    fn load_assertion(&self, overlay: &Overlay, id: AssertionId) -> Result<Option<StoredAssertion>, Fault> {
+        if id.shard() != self.shard {
+            return Ok(None);
+        }
+        match overlay.get(ColumnFamily::StateMachine, &keys::assertion_key(self.group, id))? {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(Fault::Damaged),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads every policy record of the meta group.
+    fn load_policy(&self) -> Result<PolicyStore, Fault> {
+        let mut store = PolicyStore::default();
+        for tag in [keys::POLICY_ROOT, keys::POLICY_GRANT, keys::POLICY_BREAKER] {
+            let prefix = keys::policy_key(self.group, tag, b"");
+            let rows = self
+                .storage
+                .scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), usize::MAX)
+                .map_err(Fault::Read)?;
+            for (key, value) in rows {
+                let record = match tag {
+                    keys::POLICY_ROOT => PolicyRecord::Root {
+                        agent_id: String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
+                        spans: serde_json::from_slice(&value).map_err(Fault::Damaged)?,
+                    },
+                    keys::POLICY_GRANT => PolicyRecord::Grant(serde_json::from_slice(&value).map_err(Fault::Damaged)?),
+                    _ => PolicyRecord::Breaker(serde_json::from_slice(&value).map_err(Fault::Damaged)?),
+                };
+                store.restore(record);
+            }
+        }
+        Ok(store)
+    }
+
+    fn apply_policy(
+        &mut self,
+        overlay: &mut Overlay,
+        proposed_at_us: u64,
+        command: PolicyCommand,
+    ) -> Result<Result<PolicyOutcome, PolicyError>, Fault> {
+        let at_us = self.next_time(proposed_at_us);
+        let Some(slot) = self.meta.as_ref() else {
+            return Ok(Err(PolicyError::NotMetaGroup));
+        };
+        // Applied to a copy that is published only after this call's write batch is on disk
+        // (`apply`): a reader must never act on a grant or breaker a crash could undo.
+        let store = self.pending_policy.get_or_insert_with(|| slot.policy.read(PolicyStore::clone));
+        let result = store.apply(command, at_us);
+        let (outcome, records) = match result {
+            Ok(done) => done,
+            Err(error) => return Ok(Err(error)),
+        };
+        for record in records {
+            let (key, bytes) = match &record {
+                PolicyRecord::Root { agent_id, spans } => {
+                    (keys::policy_key(self.group, keys::POLICY_ROOT, agent_id.as_bytes()), serde_json::to_vec(spans))
+                }
+                PolicyRecord::Grant(grant) => (
+                    keys::policy_key(self.group, keys::POLICY_GRANT, &grant.id.to_be_bytes()),
+                    serde_json::to_vec(grant),
+                ),
+                PolicyRecord::Breaker(breaker) => (
+                    keys::policy_key(self.group, keys::POLICY_BREAKER, breaker.agent_id.as_bytes()),
+                    serde_json::to_vec(breaker),
+                ),
+                PolicyRecord::BreakerExpired { agent_id } => {
+                    let key = keys::policy_key(self.group, keys::POLICY_BREAKER, agent_id.as_bytes());
+                    overlay.delete_visible(ColumnFamily::StateMachine, key);
+                    continue;
+                }
+            };
+            overlay.put(ColumnFamily::StateMachine, key, bytes.map_err(Fault::Encode)?);
+        }
+        Ok(Ok(outcome))
+    }
+
+    fn load_meta(&self) -> Result<MetaState, Fault> {
+        match self.storage.get(ColumnFamily::StateMachine, &keys::meta_state_key(self.group)).map_err(Fault::Read)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(Fault::Damaged),
+            None => Ok(MetaState::default()),
+        }
+    }
+
+    fn apply_meta(
+        &mut self,
+        overlay: &mut Overlay,
+        proposed_at_us: u64,
+        command: MetaCommand,
+    ) -> Result<Result<(), MetaError>, Fault> {
+        let at_us = self.next_time(proposed_at_us);
+        let Some(slot) = self.meta.as_mut() else {
+            // A data shard never receives these (the node proposes them to group 0 only).
+            return Ok(Ok(()));
+        };
+        let result = slot.state.apply(command, at_us);
+        if result.is_ok() {
+            let bytes = serde_json::to_vec(&slot.state).map_err(Fault::Encode)?;
+            overlay.put(ColumnFamily::StateMachine, keys::meta_state_key(self.group), bytes);
+        }
+        Ok(result)
+    }
+
+    fn apply_assert(
+        &mut self,
+        overlay: &mut Overlay,
+        log_index: u64,
+        proposed_at_us: u64,
+        items: Vec<AssertionDraft>,
+    ) -> Result<Vec<Result<AssertOutcome, ModelError>>, Fault> {
+        let mut results = Vec::with_capacity(items.len());
+        let mut indexed = 0u64;
+        for (position, draft) in items.into_iter().enumerate() {
+            if let Some(request_id) = &draft.request_id {
+                let key = keys::request_key(self.group, &draft.agent_id, request_id);
+                if let Some(bytes) = overlay.get(ColumnFamily::StateMachine, &key)? {
+                    let mut outcome: AssertOutcome = serde_json::from_slice(&bytes).map_err(Fault::Damaged)?;
+                    outcome.duplicate = true;
+                    results.push(Ok(outcome));
+                    continue;
+                }
+            }
+            if let Some(error) = self.check_supersedes(overlay, &draft)? {
+                results.push(Err(error));
+                continue;
+            }
+            let asserted_at_us = self.next_time(proposed_at_us);
+            let id = AssertionId::new(asserted_at_us, self.shard, log_index, position as u16);
+            let quarantined = draft.quarantine.is_some();
+            if quarantined {
+                // A quarantined claim supersedes nothing until an admin releases it (the
+                // supersessions are written then).
+                overlay.put(ColumnFamily::Index, keys::quarantine_key(self.group, id), Vec::new());
+                metrics::QUARANTINED.inc();
+            } else {
+                for &old in &draft.supersedes {
+                    overlay.put(
+                        ColumnFamily::StateMachine,
+                        keys::supersession_key(self.group, old, id),
+                        asserted_at_us.to_be_bytes().to_vec(),
+                    );
+                }
+            }
+            overlay.put(ColumnFamily::Index, keys::agent_key(self.group, &draft.agent_id, id), Vec::new());
+            self.touched.push(draft.concept_path.clone());
+            let concept_key = keys::concept_key(self.group, &draft.concept_path, &draft.predicate);
+            let count = match overlay.get(ColumnFamily::Index, &concept_key)? {
+                Some(bytes) => bytes.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
+                None => 0,
+            };
+            overlay.put_visible(ColumnFamily::Index, concept_key, (count + 1).to_be_bytes().to_vec());
+            overlay.put(
+                ColumnFamily::Index,
+                keys::claim_key(self.group, &draft.concept_path, &draft.predicate, id),
+                Vec::new(),
+            );
+            let outcome = AssertOutcome {
+                id,
+                shard: self.shard,
+                log_index,
+                asserted_at_us,
+                duplicate: false,
+                quarantine: draft.quarantine.clone(),
+            };
+            if let Some(request_id) = &draft.request_id {
+                let key = keys::request_key(self.group, &draft.agent_id, request_id);
+                overlay.put_visible(
+                    ColumnFamily::StateMachine,
+                    key,
+                    serde_json::to_vec(&outcome).map_err(Fault::Encode)?,
+                );
+            }
+            let record = StoredAssertion { id, asserted_at_us, log_index, draft, quarantined };
+            overlay.put_visible(
+                ColumnFamily::StateMachine,
+                keys::assertion_key(self.group, id),
+                serde_json::to_vec(&record).map_err(Fault::Encode)?,
+            );
+            indexed += 1;
+            results.push(Ok(outcome));
+        }
+        metrics::ASSERTIONS_INDEXED.inc_by(indexed);
+        Ok(results)
+    }
+
+    /// Applies one command of the entry at `index`.
+    fn apply_command(
+        &mut self,
+        overlay: &mut Overlay,
+        index: u64,
+        command: ShardCommand,
+    ) -> Result<ShardResponse, Fault> {
+        Ok(match command {
+            ShardCommand::Assert { proposed_at_us, items } => {
+                if let Some(refusal) = refuse_numbering(index, items.len()) {
+                    return Ok(ShardResponse::Refused(refusal));
+                }
+                ShardResponse::Asserted(self.apply_assert(overlay, index, proposed_at_us, items)?)
+            }
+            ShardCommand::Vote { proposed_at_us, assertion_id, agent_id, value } => {
+                ShardResponse::Voted(self.apply_vote(overlay, index, proposed_at_us, assertion_id, &agent_id, value)?)
+            }
+            ShardCommand::Meta { proposed_at_us, command } => {
+                ShardResponse::Meta(self.apply_meta(overlay, proposed_at_us, command)?)
+            }
+            ShardCommand::Quarantine { proposed_at_us, assertion_id, release, by, reason } => {
+                ShardResponse::Quarantine(self.apply_quarantine_decision(
+                    overlay,
+                    index,
+                    proposed_at_us,
+                    assertion_id,
+                    release,
+                    by,
+                    reason,
+                )?)
+            }
+            ShardCommand::Policy { proposed_at_us, command } => {
+                ShardResponse::Policy(self.apply_policy(overlay, proposed_at_us, command)?)
+            }
+            ShardCommand::Retract { proposed_at_us, assertion_id, agent_id, admin, reason } => {
+                ShardResponse::Retracted(self.apply_retract(
+                    overlay,
+                    index,
+                    proposed_at_us,
+                    assertion_id,
+                    agent_id,
+                    admin,
+                    reason,
+                )?)
+            }
+            ShardCommand::Once { token, command } => self.apply_once(overlay, index, token, *command)?,
+        })
+    }
+
+    /// Applies a forwarded proposal once per token: a later copy answers what the first one
+    /// produced and changes nothing. Tokens are remembered for [`TOKEN_TTL_US`] of the shard's
+    /// clock; a copy older than that is refused rather than risk a second application.
+    fn apply_once(
+        &mut self,
+        overlay: &mut Overlay,
+        index: u64,
+        token: ProposalToken,
+        command: ShardCommand,
+    ) -> Result<ShardResponse, Fault> {
+        let key = keys::token_key(self.group, token.issued_at_us, token.nonce);
+        if let Some(bytes) = overlay.get(ColumnFamily::StateMachine, &key)? {
+            metrics::DEDUPLICATED_PROPOSALS.inc();
+            return serde_json::from_slice(&bytes).map_err(Fault::Damaged);
+        }
+        if token.issued_at_us.saturating_add(TOKEN_TTL_US) < self.clock_us {
+            return Ok(ShardResponse::TokenExpired);
+        }
+        if matches!(command, ShardCommand::Once { .. }) {
+            // Never built by this code; refused rather than recursing on a peer's word.
+            return Ok(ShardResponse::TokenExpired);
+        }
+        let response = self.apply_command(overlay, index, command)?;
+        overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&response).map_err(Fault::Encode)?);
+        Ok(response)
+    }
+
+    fn check_supersedes(&self, overlay: &Overlay, draft: &AssertionDraft) -> Result<Option<ModelError>, Fault> {
+        for &old in &draft.supersedes {
+            match self.load_assertion(overlay, old)? {
+                None => return Ok(Some(ModelError::AssertionNotFound { id: old.to_string() })),
+                Some(record) if record.draft.concept_path != draft.concept_path => {
+                    return Ok(Some(ModelError::SupersedesOtherConcept { id: old.to_string() }))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(None)
+    }
+
+    fn apply_vote(
+        &mut self,
+        overlay: &mut Overlay,
+        log_index: u64,
+        proposed_at_us: u64,
+        assertion_id: AssertionId,
+        agent_id: &str,
+        value: i8,
+    ) -> Result<Result<EventOutcome, ModelError>, Fault> {
+        let Some(record) = self.load_assertion(overlay, assertion_id)? else {
+            return Ok(Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }));
+        };
+        let prefix = keys::agent_votes_prefix(self.group, assertion_id, agent_id);
+        let history = overlay.votes_with_prefix(&prefix)?;
+        // A repeat of the agent's current vote changes no lens at any time: nothing is written,
+        // and the answer gives the time that vote took effect.
+        if let Some((key, current)) = history.last() {
+            if current.first() == Some(&(value as u8)) {
+                let since = key.get(prefix.len()..).and_then(|t| t.try_into().ok()).map(u64::from_be_bytes);
+                return Ok(Ok(EventOutcome { assertion_id, at_us: since.unwrap_or(0), log_index }));
+            }
+        }
+        // Changes of mind keep their history for `as_of` reads, up to MAX_VOTES_PER_AGENT: an
+        // agent flipping its vote cannot make every read of the assertion scan without bound.
+        let excess = (history.len() + 1).saturating_sub(MAX_VOTES_PER_AGENT);
+        for (key, _) in history.into_iter().take(excess) {
+            overlay.delete_visible(ColumnFamily::StateMachine, key);
+        }
+        self.touched.push(record.draft.concept_path);
+        let at_us = self.next_time(proposed_at_us);
+        overlay.put_vote(keys::vote_key(self.group, assertion_id, agent_id, at_us), vec![value as u8]);
+        Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_retract(
+        &mut self,
+        overlay: &mut Overlay,
+        log_index: u64,
+        proposed_at_us: u64,
+        assertion_id: AssertionId,
+        agent_id: String,
+        admin: bool,
+        reason: Option<String>,
+    ) -> Result<Result<EventOutcome, ModelError>, Fault> {
+        let Some(record) = self.load_assertion(overlay, assertion_id)? else {
+            return Ok(Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }));
+        };
+        if !admin && record.draft.agent_id != agent_id {
+            return Ok(Err(ModelError::NotAssertionOwner { id: assertion_id.to_string(), agent_id }));
+        }
+        // A retraction also withdraws the supersessions this claim made, which changes the
+        // claims it superseded: all on the same concept_path.
+        self.touched.push(record.draft.concept_path.clone());
+        let key = keys::retraction_key(self.group, assertion_id);
+        if overlay.get(ColumnFamily::StateMachine, &key)?.is_some() {
+            return Ok(Err(ModelError::AlreadyRetracted { id: assertion_id.to_string() }));
+        }
+        let at_us = self.next_time(proposed_at_us);
+        // A retracted claim needs no quarantine decision any more.
+        overlay.delete_visible(ColumnFamily::Index, keys::quarantine_key(self.group, assertion_id));
+        let retraction = RetractionRecord { at_us, by: agent_id, reason };
+        overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&retraction).map_err(Fault::Encode)?);
+        Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
+    }
+
+    /// An admin's decision on a quarantined claim. Release: the claim joins the lenses and its
+    /// supersessions take effect now. Reject: it is retracted.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_quarantine_decision(
+        &mut self,
+        overlay: &mut Overlay,
+        log_index: u64,
+        proposed_at_us: u64,
+        assertion_id: AssertionId,
+        release: bool,
+        by: String,
+        reason: Option<String>,
+    ) -> Result<Result<EventOutcome, ModelError>, Fault> {
+        let Some(record) = self.load_assertion(overlay, assertion_id)? else {
+            return Ok(Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }));
+        };
+        let pending = keys::quarantine_key(self.group, assertion_id);
+        if !record.quarantined || overlay.get(ColumnFamily::Index, &pending)?.is_none() {
+            return Ok(Err(ModelError::NotQuarantined { id: assertion_id.to_string() }));
+        }
+        self.touched.push(record.draft.concept_path.clone());
+        let at_us = self.next_time(proposed_at_us);
+        overlay.delete_visible(ColumnFamily::Index, pending);
+        let decision = RetractionRecord { at_us, by, reason };
+        if release {
+            for &old in &record.draft.supersedes {
+                overlay.put(
+                    ColumnFamily::StateMachine,
+                    keys::supersession_key(self.group, old, assertion_id),
+                    at_us.to_be_bytes().to_vec(),
+                );
+            }
+            let key = keys::release_key(self.group, assertion_id);
+            overlay.put(ColumnFamily::StateMachine, key, serde_json::to_vec(&decision).map_err(Fault::Encode)?);
+        } else {
+            let key = keys::retraction_key(self.group, assertion_id);
+            let rejection = RetractionRecord {
+                reason: Some(format!(
+                    "rejected from quarantine{}",
+                    decision.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                )),
+                ..decision
+            };
+            overlay.put_visible(
+                ColumnFamily::StateMachine,
+                key,
+                serde_json::to_vec(&rejection).map_err(Fault::Encode)?,
+            );
+        }
+        Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
+    }
+}
+
+/// Why an assertion entry at `index` with `items` items cannot be numbered (ids pack the log
+/// index into 36 bits and the position into 12), or `None`. Decided in apply from the entry
+/// alone, so every replica refuses the same entries.
+fn refuse_numbering(index: u64, items: usize) -> Option<ModelError> {
+    if items > crate::model::id::MAX_ITEMS_PER_ENTRY {
+        return Some(ModelError::CommandTooLarge { items, limit: crate::model::id::MAX_ITEMS_PER_ENTRY });
+    }
+    if index > crate::model::id::MAX_LOG_INDEX {
+        return Some(ModelError::IdSpaceExhausted { index, limit: crate::model::id::MAX_LOG_INDEX });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageOptions;
+
+    const SHARD: u16 = 2;
+    const GROUP: GroupId = 3;
+
+    fn draft(value: u32) -> AssertionDraft {
+        AssertionDraft::for_test("test/set", "member", "writer", &value.to_string())
+    }
+
+    fn applier() -> (tempfile::TempDir, Arc<Storage>, Applier) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open storage");
+        let applier = Applier::new(storage.clone(), SHARD, GROUP, Arc::new(AppliedProgress::default()), 0);
+        (dir, storage, applier)
+    }
+
+    fn at(index: u64) -> Position {
+        Position { index, term: 1 }
+    }
+
+    /// Applies `commands` at consecutive positions from `first`, with an applied record that
+    /// holds the clock.
+    fn run(applier: &mut Applier, first: u64, commands: Vec<ShardCommand>) -> Vec<ShardResponse> {
+        let entries = commands.into_iter().enumerate().map(|(i, c)| (at(first + i as u64), Some(c))).collect();
+        applier.apply(entries, keys::applied_key(GROUP), |clock_us| serde_json::to_vec(&clock_us)).expect("apply")
+    }
+
+    fn stored_assertions(storage: &Storage) -> usize {
+        let prefix = keys::assertions_prefix(GROUP);
+        storage.scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), usize::MAX).expect("scan").len()
+    }
+
+    fn assert_once(token: ProposalToken, value: u32) -> ShardCommand {
+        ShardCommand::Once {
+            token,
+            command: Box::new(ShardCommand::Assert { proposed_at_us: token.issued_at_us, items: vec![draft(value)] }),
+        }
+    }
+
+    fn outcomes(response: &ShardResponse) -> Vec<AssertOutcome> {
+        match response {
+            ShardResponse::Asserted(results) => results.iter().map(|r| r.clone().expect("applied")).collect(),
+            other => panic!("unexpected response {other:?}"),
+        }
+    }
+
+    /// A forwarded proposal retried after an ambiguous failure lands twice in the log, in the
+    /// same apply call or a later one; each copy must answer the first one's result and write
+    /// nothing. Without tokens, both copies were applied (issue 14 §1).
+    #[test]
+    fn copies_of_a_tokened_proposal_apply_once() {
+        let (_dir, storage, mut applier) = applier();
+        let token = ProposalToken::new();
+        let other = ProposalToken::new();
+        let responses = run(&mut applier, 1, vec![assert_once(token, 1), assert_once(token, 1), assert_once(other, 2)]);
+        assert_eq!(outcomes(&responses[0]), outcomes(&responses[1]), "the copy answers the first result");
+        assert_ne!(outcomes(&responses[0]), outcomes(&responses[2]), "another token is another write");
+        let later = run(&mut applier, 4, vec![assert_once(token, 1)]);
+        assert_eq!(outcomes(&later[0]), outcomes(&responses[0]));
+        assert_eq!(stored_assertions(&storage), 2, "one assertion per token");
+        // The same command without a token is applied every time: that was the bug.
+        let untokened = ShardCommand::Assert { proposed_at_us: token.issued_at_us, items: vec![draft(1)] };
+        run(&mut applier, 5, vec![untokened.clone(), untokened]);
+        assert_eq!(stored_assertions(&storage), 4);
+    }
+
+    #[test]
+    fn an_expired_token_is_refused_not_applied() {
+        let (_dir, storage, mut applier) = applier();
+        let now = crate::model::id::now_us();
+        run(&mut applier, 1, vec![ShardCommand::Assert { proposed_at_us: now, items: vec![draft(1)] }]);
+        let stale = ProposalToken { issued_at_us: now - TOKEN_TTL_US - 1_000_000, nonce: 7 };
+        let responses = run(&mut applier, 2, vec![assert_once(stale, 2)]);
+        assert!(matches!(responses[0], ShardResponse::TokenExpired), "{:?}", responses[0]);
+        assert_eq!(stored_assertions(&storage), 1);
+    }
+
+    /// Assertion ids number an entry's items in 12 bits: a longer command is refused whole, by
+    /// every replica alike, instead of wrapping ids into each other.
+    #[test]
+    fn an_entry_with_more_items_than_ids_can_number_is_refused_whole() {
+        let (_dir, storage, mut applier) = applier();
+        let items: Vec<AssertionDraft> = (0..crate::model::id::MAX_ITEMS_PER_ENTRY as u32 + 1).map(draft).collect();
+        let responses =
+            run(&mut applier, 1, vec![ShardCommand::Assert { proposed_at_us: crate::model::id::now_us(), items }]);
+        assert!(
+            matches!(responses[0], ShardResponse::Refused(ModelError::CommandTooLarge { items: 4097, limit: 4096 })),
+            "{:?}",
+            responses[0]
+        );
+        assert_eq!(stored_assertions(&storage), 0);
+    }
+
+    /// The shard clock never runs backwards, whatever the proposers' clocks say, and the
+    /// caller's applied record is written with the clock after the run, in the same batch.
+    #[test]
+    fn the_clock_is_monotonic_and_lands_in_the_applied_record() {
+        let (_dir, storage, mut applier) = applier();
+        let assert_at = |t: u64| ShardCommand::Assert { proposed_at_us: t, items: vec![draft(t as u32)] };
+        let responses = run(&mut applier, 1, vec![assert_at(1_000), assert_at(500), assert_at(2_000)]);
+        let times: Vec<u64> = responses.iter().flat_map(outcomes).map(|o| o.asserted_at_us).collect();
+        assert_eq!(times, vec![1_000, 1_001, 2_000]);
+        let record = storage.get(ColumnFamily::StateMachine, &keys::applied_key(GROUP)).expect("get").expect("record");
+        assert_eq!(serde_json::from_slice::<u64>(&record).expect("clock"), 2_000);
+        assert_eq!(applier.clock_us(), 2_000);
+    }
+
+    /// A failure to write the batch names the last entry of the run; nothing of it is applied.
+    #[test]
+    fn a_failed_applied_record_fails_the_run_and_writes_nothing() {
+        let (_dir, storage, mut applier) = applier();
+        let command = ShardCommand::Assert { proposed_at_us: 1, items: vec![draft(1)] };
+        let entries = vec![(at(7), Some(command)), (at(8), None)];
+        let error = applier
+            .apply(entries, keys::applied_key(GROUP), |_| Err(serde::ser::Error::custom("injected")))
+            .expect_err("the record fails");
+        assert_eq!(error.position(), at(8));
+        assert!(error.is_write());
+        assert_eq!(stored_assertions(&storage), 0);
+    }
+
+    /// An agent repeating or flipping its vote forever must not make the assertion's events grow
+    /// without bound: repeats write nothing, flips keep the last MAX_VOTES_PER_AGENT.
+    #[test]
+    fn an_agents_votes_on_an_assertion_stay_bounded() {
+        let (_dir, storage, mut applier) = applier();
+        let asserted = run(&mut applier, 1, vec![ShardCommand::Assert { proposed_at_us: 1, items: vec![draft(1)] }]);
+        let id = outcomes(&asserted[0])[0].id;
+        let vote = |value: i8| ShardCommand::Vote {
+            proposed_at_us: crate::model::id::now_us(),
+            assertion_id: id,
+            agent_id: "voter".into(),
+            value,
+        };
+        let votes_prefix = keys::agent_votes_prefix(GROUP, id, "voter");
+        let stored = |storage: &Storage| {
+            storage
+                .scan(ColumnFamily::StateMachine, &votes_prefix, &keys::prefix_end(&votes_prefix), usize::MAX)
+                .expect("scan")
+        };
+        // Repeats, in one apply call and across calls.
+        run(&mut applier, 2, (2..12).map(|_| vote(1)).collect());
+        run(&mut applier, 12, vec![vote(1)]);
+        assert_eq!(stored(&storage).len(), 1, "a repeated vote writes nothing");
+        // Flips, in one call and across calls.
+        run(&mut applier, 13, (13..53).map(|i| vote(if i % 2 == 0 { 1 } else { -1 })).collect());
+        for i in 53..60 {
+            run(&mut applier, i, vec![vote(if i % 2 == 0 { 1 } else { -1 })]);
+        }
+        let kept = stored(&storage);
+        assert_eq!(kept.len(), MAX_VOTES_PER_AGENT);
+        assert_eq!(
+            kept.last().map(|(_, v)| v.clone()),
+            Some(vec![(-1i8) as u8]),
+            "the current vote (entry 59: -1) is kept"
+        );
+    }
+}
