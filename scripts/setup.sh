@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs StemeDB's build prerequisites where missing (Debian/Ubuntu): a C++ toolchain and
 # libclang for RocksDB's bindings, and jeprof (libjemalloc-dev) to read the node's heap profiles;
-# and the real peers the tests start: nginx and HAProxy (deploy/ configs).
+# the real peers the tests start: nginx and HAProxy (deploy/ configs); and Prometheus with
+# node_exporter and python3-yaml for dashboards/ (scripts/check-dashboards.sh).
 # protoc is vendored by the build, so it is not needed here.
 set -euo pipefail
 # shellcheck source=lib/libclang.sh
@@ -17,6 +18,14 @@ command -v jeprof >/dev/null 2>&1 || missing+=(libjemalloc-dev)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 installed nginx || missing+=(nginx)
 installed haproxy || missing+=(haproxy)
+# promtool (package prometheus) checks and unit-tests the alert rules, and the same package's
+# server is the real Prometheus a live-cluster test scrapes with; node_exporter serves the host
+# metrics (memory, swap, disk space, inodes) the rules read where the runbooks mean the host.
+# Where systemd runs, Debian starts both as services on :9090 and :9100; tests start their own
+# instances on other loopback ports. python3-yaml: check-dashboards reads the rule files.
+installed prometheus || missing+=(prometheus)
+installed prometheus-node-exporter || missing+=(prometheus-node-exporter)
+installed python3-yaml || missing+=(python3-yaml)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   SUDO=""

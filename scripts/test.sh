@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole default test suite: formatting, unit, property, storage-suite and integration tests
+# The whole default test suite: the dashboards' alert rules and panels (promtool), formatting,
+# unit, property, storage-suite and integration tests
 # (including real-process durability tests), and the short smoke versions of the chaos run and
 # the benchmarks. Long chaos runs and full benchmarks are separate commands.
 set -euo pipefail
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 ./scripts/setup.sh
 ./scripts/test-setup.sh
+./scripts/check-dashboards.sh
 cargo fmt --all -- --check
 # The release profile, as `cargo run --release` in the README: one RocksDB build serves both.
 cargo build --release --workspace --all-targets --locked
