@@ -1,10 +1,15 @@
 //! The Raft log store of one group: entries, vote, committed and purged log ids in the node's
 //! RocksDB. Appends are group-committed: readable at once, acknowledged to openraft only after
-//! the fsync that covers them (see `storage::group_commit`).
+//! the fsync that covers them (see `storage::group_commit`). The tail of the log is also kept in
+//! memory ([`RecentEntries`]): replication and apply read just-appended entries from it, on the
+//! calling task, without a storage read or a decode.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -24,6 +29,90 @@ const PURGED_TAG: u8 = b'p';
 pub struct LogStore {
     storage: Arc<Storage>,
     group: GroupId,
+    recent: Arc<Mutex<RecentEntries>>,
+}
+
+/// Stored bytes of log entries a group keeps in memory ([`RecentEntries`]): two full
+/// AppendEntries, enough for followers and apply to read what was just appended.
+pub const RECENT_LOG_BYTES: usize = 2 * MAX_APPEND_BYTES;
+
+/// The newest entries of the log, contiguous, oldest first, with their stored sizes; at most
+/// [`RECENT_LOG_BYTES`] of them (the newest entry is kept whatever its size). Every change of
+/// the stored log goes through [`LogStore`], which changes this the same way in the same call:
+/// when it holds anything, its last entry is the log's last entry.
+#[derive(Default)]
+struct RecentEntries {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl RecentEntries {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.log_id.index)
+    }
+
+    /// Adds an appended entry. An entry that does not follow the last one starts the tail
+    /// afresh: after a purge past the tail (a snapshot installed) the log continues after a gap.
+    /// openraft truncates before it overwrites, so an append never lands inside the tail.
+    fn push(&mut self, entry: Entry, size: usize) {
+        if self.last_index().is_some_and(|last| last.checked_add(1) != Some(entry.log_id.index)) {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.bytes > RECENT_LOG_BYTES && self.entries.len() > 1 {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Forgets entries at `index` and after (a truncation).
+    fn truncate_from(&mut self, index: u64) {
+        while self.last_index().is_some_and(|last| last >= index) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Forgets entries up to and including `index` (a purge).
+    fn purge_through(&mut self, index: u64) {
+        while self.first_index().is_some_and(|first| first <= index) {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// The entries in `[start, end)` when this holds all of them that the log holds (from
+    /// `start` on), else `None`. With `max_bytes`, stops before the entry that would pass it,
+    /// after at least one.
+    fn read(&self, start: u64, end: u64, max_bytes: Option<usize>) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        if start < first {
+            return None;
+        }
+        let skip = usize::try_from(start - first).ok()?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (entry, size) in self.entries.iter().skip(skip) {
+            if entry.log_id.index >= end {
+                break;
+            }
+            if max_bytes.is_some_and(|max| !out.is_empty() && bytes + size > max) {
+                break;
+            }
+            bytes += size;
+            out.push(entry.clone());
+        }
+        Some(out)
+    }
 }
 
 pub(crate) fn read_error(e: impl std::error::Error + 'static) -> StorageIoError {
@@ -36,7 +125,7 @@ pub(crate) fn write_error(e: impl std::error::Error + 'static) -> StorageIoError
 
 impl LogStore {
     pub fn new(storage: Arc<Storage>, group: GroupId) -> LogStore {
-        LogStore { storage, group }
+        LogStore { storage, group, recent: Arc::new(Mutex::new(RecentEntries::default())) }
     }
 
     fn read_state<T: serde::de::DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, StorageIoError> {
@@ -83,10 +172,17 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end_index = match range.end_bound() {
+            Bound::Included(&i) => i.saturating_add(1),
+            Bound::Excluded(&i) => i,
+            Bound::Unbounded => u64::MAX,
+        };
+        if let Some(entries) = self.recent.lock().read(start, end_index, None) {
+            return Ok(entries);
+        }
         let end = match range.end_bound() {
-            Bound::Included(&i) => keys::log_key(self.group, i.saturating_add(1)),
-            Bound::Excluded(&i) => keys::log_key(self.group, i),
             Bound::Unbounded => keys::group_end(self.group),
+            _ => keys::log_key(self.group, end_index),
         };
         let (storage, from) = (self.storage.clone(), keys::log_key(self.group, start));
         // Entries to apply or replicate: on the storage read pool, like every request-path read.
@@ -101,6 +197,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
     /// their stored size stays under [`MAX_APPEND_BYTES`]. openraft gives each AppendEntries
     /// one heartbeat interval; a byte bound, not an entry count, keeps any backlog moving.
     async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageIoError> {
+        if let Some(entries) = self.recent.lock().read(start, end, Some(MAX_APPEND_BYTES)) {
+            return Ok(entries);
+        }
         let (from, to) = (keys::log_key(self.group, start), keys::log_key(self.group, end));
         let storage = self.storage.clone();
         // A far-behind follower's entries come from disk.
@@ -186,9 +285,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::new();
+        let mut appended = Vec::new();
         for entry in entries {
             let bytes = serde_json::to_vec(&entry).map_err(write_error)?;
+            let size = bytes.len();
             batch.put(ColumnFamily::RaftLog, keys::log_key(self.group, entry.log_id.index), bytes);
+            appended.push((entry, size));
+        }
+        // Before the write, under the lock a reader takes: a reader never finds an entry in
+        // storage that the tail lacks while the tail holds later ones. openraft reads nothing
+        // past what this call returned, and a failed write fails the group.
+        {
+            let mut recent = self.recent.lock();
+            for (entry, size) in appended {
+                recent.push(entry, size);
+            }
         }
         // A buffered write into the memtable (microseconds); the fsync that makes it durable
         // runs on the group-commit thread, never here.
@@ -198,12 +309,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
+        self.recent.lock().truncate_from(log_id.index);
         let mut batch = WriteBatch::new();
         batch.delete_range(ColumnFamily::RaftLog, keys::log_key(self.group, log_id.index), keys::group_end(self.group));
         blocking(|| self.storage.write(batch, Durability::Synced)).map_err(write_error)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
+        self.recent.lock().purge_through(log_id.index);
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, PURGED_TAG, &log_id)?;
         batch.delete_range(
@@ -212,5 +325,116 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             keys::log_key(self.group, log_id.index.saturating_add(1)),
         );
         blocking(|| self.storage.write(batch, Durability::Buffered)).map_err(write_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry { log_id: openraft::LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Appends this many entries after the log's last.
+        Append(u64, usize),
+        /// Truncates this many entries off the end.
+        Truncate(u64),
+        /// Purges this many entries off the front.
+        Purge(u64),
+        /// Installs a snapshot this far past the end: purge everything, continue after a gap.
+        Install(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u64..40, 1usize..300_000).prop_map(|(n, size)| Op::Append(n, size)),
+            1 => (0u64..20).prop_map(Op::Truncate),
+            1 => (0u64..20).prop_map(Op::Purge),
+            1 => (1u64..50).prop_map(Op::Install),
+        ]
+    }
+
+    proptest! {
+        /// Whatever appends, truncations, purges and snapshot gaps happen, a read the tail
+        /// answers is exactly what the stored log holds in that range (and bounded reads stop
+        /// where the stored-log read stops), and the tail stays within its byte budget.
+        #[test]
+        fn the_tail_answers_only_what_the_log_holds(ops in proptest::collection::vec(op(), 1..60),
+                                                      probes in proptest::collection::vec((0u64..400, 0u64..400), 8)) {
+            let mut log: BTreeMap<u64, usize> = BTreeMap::new();
+            let mut purged = 0u64;
+            let mut recent = RecentEntries::default();
+            for op in ops {
+                let last = log.keys().next_back().copied().unwrap_or(purged);
+                match op {
+                    Op::Append(n, size) => {
+                        for index in last + 1..=last + n {
+                            log.insert(index, size);
+                            recent.push(entry(index), size);
+                        }
+                    }
+                    Op::Truncate(n) => {
+                        let from = last.saturating_sub(n).max(purged + 1);
+                        log.retain(|&i, _| i < from);
+                        recent.truncate_from(from);
+                    }
+                    Op::Purge(n) => {
+                        let through = (log.keys().next().copied().unwrap_or(purged + 1) + n).min(last);
+                        log.retain(|&i, _| i > through);
+                        purged = purged.max(through);
+                        recent.purge_through(through);
+                    }
+                    Op::Install(gap) => {
+                        purged = last + gap;
+                        log.clear();
+                        recent.purge_through(purged);
+                    }
+                }
+                prop_assert!(recent.entries.len() <= 1 || recent.bytes <= RECENT_LOG_BYTES);
+                prop_assert_eq!(recent.bytes, recent.entries.iter().map(|(_, s)| s).sum::<usize>());
+                for &(start, len) in &probes {
+                    let end = start + len;
+                    let stored: Vec<u64> = log.range(start..end.max(start)).map(|(i, _)| *i).collect();
+                    if let Some(read) = recent.read(start, end, None) {
+                        let got: Vec<u64> = read.iter().map(|e| e.log_id.index).collect();
+                        prop_assert_eq!(&got, &stored);
+                    }
+                    if let Some(read) = recent.read(start, end, Some(MAX_APPEND_BYTES)) {
+                        let mut bytes = 0usize;
+                        let limited: Vec<u64> = log
+                            .range(start..end.max(start))
+                            .take_while(|(_, &size)| {
+                                let fits = bytes == 0 || bytes + size <= MAX_APPEND_BYTES;
+                                bytes += size;
+                                fits
+                            })
+                            .map(|(i, _)| *i)
+                            .collect();
+                        let got: Vec<u64> = read.iter().map(|e| e.log_id.index).collect();
+                        prop_assert_eq!(got, limited);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Right after appends, reads of what was just appended come from the tail.
+    #[test]
+    fn just_appended_entries_are_served_from_the_tail() {
+        let mut recent = RecentEntries::default();
+        for index in 1..=10 {
+            recent.push(entry(index), 100);
+        }
+        let read = recent.read(5, u64::MAX, None).expect("served from the tail");
+        assert_eq!(read.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
+        assert!(recent.read(0, 3, None).is_none(), "before the tail: storage");
     }
 }
