@@ -84,12 +84,24 @@ pub static PROMPT_CAMPAIGNS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static APPEND_BATCH_MESSAGES: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new(
+            "stemedb_raft_append_batch_messages",
+            "AppendEntries messages (of all groups) sent to a peer in one call",
+        )
+        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+    )
+    .expect("valid metric")
+});
+
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
         Box::new(FORWARD_RETRIES.clone()),
         Box::new(PROMPT_CAMPAIGNS.clone()),
         Box::new(SNAPSHOTS.clone()),
         Box::new(APPLY_DURATION.clone()),
+        Box::new(APPEND_BATCH_MESSAGES.clone()),
         Box::new(PROPOSALS.clone()),
         Box::new(READ_BARRIERS.clone()),
         Box::new(PROPOSE_DURATION.clone()),

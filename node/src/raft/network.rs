@@ -1,11 +1,14 @@
 //! Raft transport, client side: one lazily connected gRPC channel per peer address, shared by
-//! every group (each message names its group), with tonic reconnecting on failure. A slow or dead
-//! peer costs its own requests their timeout and nothing else: every RPC has a deadline and no
-//! lock is held across a call.
+//! every group (each message names its group), with tonic reconnecting on failure. The
+//! AppendEntries of all groups to one peer go through that peer's [`PeerBatcher`], which sends
+//! whatever has queued up while its earlier batches were in flight as one call, so groups
+//! share the per-call cost (HTTP/2 frames, syscalls, wake-ups) the way they share an fsync. A
+//! slow or dead peer costs its own requests their timeout and nothing else: every RPC has a
+//! deadline and no lock is held across a call.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -18,7 +21,8 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use stemedb_proto::raft::raft_transport_client::RaftTransportClient;
-use stemedb_proto::raft::GroupMessage;
+use stemedb_proto::raft::{GroupBatch, GroupMessage, GroupReply};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use super::metrics as raft_metrics;
@@ -27,10 +31,30 @@ use super::types::{GroupId, NodeId, TypeConfig};
 /// Largest gRPC message either side accepts (log batches and snapshot chunks stay far below).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// Messages one AppendEntriesBatch carries at most (a receiver refuses more).
+pub const MAX_BATCH_MESSAGES: usize = 64;
+
+/// Payload bytes after which a batch takes no more messages (each AppendEntries is itself
+/// bounded by `log_store::MAX_APPEND_BYTES` of entries).
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Batches in flight to one peer at once. Messages that arrive meanwhile wait and go together.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// AppendEntries waiting for a batch to one peer, at most; a group's replication waits for room
+/// (within its own deadline) rather than queue without bound.
+const BATCH_QUEUE: usize = 1024;
+
+/// How long a peer that does not know batches (an older version, during a rolling upgrade) is
+/// sent unbatched AppendEntries before batching is tried again.
+const UNBATCHED_RETRY: Duration = Duration::from_secs(30);
+
 /// The gRPC channels to peer nodes, by Raft address.
 #[derive(Default)]
 pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
+    /// The AppendEntries batcher of each peer, by Raft address.
+    batchers: Mutex<HashMap<String, PeerBatcher>>,
     /// Addresses dialled through another (fault-injection proxies in tests).
     overrides: HashMap<String, String>,
 }
@@ -41,7 +65,18 @@ pub struct InvalidPeerAddress(pub String);
 
 impl PeerChannels {
     pub fn new(overrides: HashMap<String, String>) -> Arc<PeerChannels> {
-        Arc::new(PeerChannels { channels: Mutex::new(HashMap::new()), overrides })
+        Arc::new(PeerChannels { channels: Mutex::new(HashMap::new()), batchers: Mutex::new(HashMap::new()), overrides })
+    }
+
+    /// The AppendEntries batcher of the peer at `addr`, started on first use (on the current
+    /// runtime; it stops when these channels are dropped).
+    pub fn batcher(&self, addr: &str) -> Result<PeerBatcher, InvalidPeerAddress> {
+        if let Some(batcher) = self.batchers.lock().get(addr) {
+            return Ok(batcher.clone());
+        }
+        let client = self.client(addr)?;
+        let mut batchers = self.batchers.lock();
+        Ok(batchers.entry(addr.to_string()).or_insert_with(|| PeerBatcher::start(client)).clone())
     }
 
     /// The channel to `addr` (`HOST:PORT`), created on first use; it connects lazily and
@@ -84,6 +119,7 @@ impl GrpcNetwork {
 
 pub struct GrpcConnection {
     client: Result<RaftTransportClient<Channel>, InvalidPeerAddress>,
+    batcher: Result<PeerBatcher, InvalidPeerAddress>,
     group: GroupId,
     target: NodeId,
 }
@@ -92,7 +128,12 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = GrpcConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        GrpcConnection { client: self.peers.client(&node.addr), group: self.group, target }
+        GrpcConnection {
+            client: self.peers.client(&node.addr),
+            batcher: self.peers.batcher(&node.addr),
+            group: self.group,
+            target,
+        }
     }
 }
 
@@ -135,23 +176,176 @@ impl GrpcConnection {
             Err(error) => return Err(RPCError::Unreachable(Unreachable::new(error))),
         };
         let payload = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut message = tonic::Request::new(GroupMessage { group_id: self.group, payload });
-        message.set_timeout(timeout);
+        let message = GroupMessage { group_id: self.group, payload };
         let started = std::time::Instant::now();
-        let result = match rpc {
-            Rpc::AppendEntries => client.append_entries(message).await,
-            Rpc::Vote => client.vote(message).await,
-            Rpc::InstallSnapshot => client.install_snapshot(message).await,
+        let result = match (rpc, &self.batcher) {
+            (Rpc::AppendEntries, Ok(batcher)) => batcher.append(message, timeout).await,
+            _ => {
+                let mut message = tonic::Request::new(message);
+                message.set_timeout(timeout);
+                match rpc {
+                    Rpc::AppendEntries => client.append_entries(message).await,
+                    Rpc::Vote => client.vote(message).await,
+                    Rpc::InstallSnapshot => client.install_snapshot(message).await,
+                }
+                .map(|response| response.into_inner().payload)
+            }
         };
         raft_metrics::PEER_RPC_DURATION.with_label_values(&[rpc.label()]).observe(started.elapsed().as_secs_f64());
-        let response = result.map_err(|status| {
+        let payload = result.map_err(|status| {
             raft_metrics::PEER_RPC_ERRORS.with_label_values(&[rpc.label(), &self.target.to_string()]).inc();
             status_to_rpc_error(status)
         })?;
-        let decoded: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&response.into_inner().payload)
+        let decoded: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
         decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+}
+
+/// An AppendEntries waiting for its batch.
+struct Pending {
+    message: GroupMessage,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Vec<u8>, tonic::Status>>,
+}
+
+/// Sends the AppendEntries of every group to one peer, batched: up to [`BATCHES_IN_FLIGHT`]
+/// calls at once, each carrying what queued up while the earlier ones were in flight (at most
+/// [`MAX_BATCH_MESSAGES`] messages, about [`MAX_BATCH_BYTES`]). A lone message, or any message to
+/// a peer that does not know batches, goes as a plain AppendEntries. Each message keeps its
+/// own deadline and its own answer: a batch answers message by message, as separate calls would.
+#[derive(Clone)]
+pub struct PeerBatcher {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl PeerBatcher {
+    fn start(client: RaftTransportClient<Channel>) -> PeerBatcher {
+        let (queue, waiting) = mpsc::channel(BATCH_QUEUE);
+        tokio::spawn(run_batches(client, waiting));
+        PeerBatcher { queue }
+    }
+
+    /// Sends `message` in the next batch and returns the peer's answer payload.
+    async fn append(&self, message: GroupMessage, timeout: Duration) -> Result<Vec<u8>, tonic::Status> {
+        let deadline = Instant::now() + timeout;
+        let (reply, answer) = oneshot::channel();
+        let sent = async {
+            self.queue
+                .send(Pending { message, deadline, reply })
+                .await
+                .map_err(|_| tonic::Status::unavailable("the peer's batcher has stopped"))?;
+            answer.await.map_err(|_| tonic::Status::unavailable("the batch was dropped"))?
+        };
+        match tokio::time::timeout_at(deadline.into(), sent).await {
+            Ok(result) => result,
+            Err(_) => Err(tonic::Status::deadline_exceeded("append entries: no answer within its deadline")),
+        }
+    }
+}
+
+/// The batcher of one peer: takes what is waiting whenever a slot for a call is free.
+async fn run_batches(client: RaftTransportClient<Channel>, mut waiting: mpsc::Receiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let unbatched_until: Arc<Mutex<Option<Instant>>> = Arc::default();
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Some(first) = waiting.recv().await else { return };
+        let mut bytes = first.message.payload.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+            match waiting.try_recv() {
+                Ok(pending) => {
+                    bytes += pending.message.payload.len();
+                    batch.push(pending);
+                }
+                Err(_) => break,
+            }
+        }
+        // A caller past its deadline has stopped waiting: its message is not sent.
+        batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        raft_metrics::APPEND_BATCH_MESSAGES.observe(batch.len() as f64);
+        let (client, unbatched_until) = (client.clone(), unbatched_until.clone());
+        tokio::spawn(async move {
+            send_batch(client, batch, &unbatched_until).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Sends one batch and hands each caller its answer.
+async fn send_batch(
+    mut client: RaftTransportClient<Channel>,
+    batch: Vec<Pending>,
+    unbatched_until: &Mutex<Option<Instant>>,
+) {
+    let unbatched = unbatched_until.lock().is_some_and(|until| Instant::now() < until);
+    if batch.len() == 1 || unbatched {
+        futures::future::join_all(batch.into_iter().map(|pending| {
+            let mut client = client.clone();
+            async move {
+                let mut request = tonic::Request::new(pending.message);
+                request.set_timeout(pending.deadline.saturating_duration_since(Instant::now()));
+                let result = client.append_entries(request).await.map(|r| r.into_inner().payload);
+                let _ = pending.reply.send(result);
+            }
+        }))
+        .await;
+        return;
+    }
+    let deadline = batch.iter().map(|pending| pending.deadline).max().unwrap_or_else(Instant::now);
+    let (messages, waiters): (Vec<GroupMessage>, Vec<_>) =
+        batch.into_iter().map(|pending| (pending.message, pending.reply)).unzip();
+    let count = messages.len();
+    let mut request = tonic::Request::new(GroupBatch { messages });
+    request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    match client.append_entries_batch(request).await {
+        Ok(response) => {
+            let replies = response.into_inner().replies;
+            if replies.len() != count {
+                let status = tonic::Status::internal(format!(
+                    "the peer answered a batch of {count} messages with {} replies",
+                    replies.len()
+                ));
+                for waiter in waiters {
+                    let _ = waiter.send(Err(status.clone()));
+                }
+                return;
+            }
+            for (reply, waiter) in replies.into_iter().zip(waiters) {
+                let _ = waiter.send(reply_result(reply));
+            }
+        }
+        Err(status) => {
+            if status.code() == tonic::Code::Unimplemented {
+                // An older peer: its groups' replication retries, unbatched for a while.
+                *unbatched_until.lock() = Some(Instant::now() + UNBATCHED_RETRY);
+                tracing::info!("a peer does not accept batched append entries; sending them one by one");
+            }
+            for waiter in waiters {
+                let _ = waiter.send(Err(status.clone()));
+            }
+        }
+    }
+}
+
+/// One message's answer in a batch, as an unbatched call would have returned it.
+fn reply_result(reply: GroupReply) -> Result<Vec<u8>, tonic::Status> {
+    if reply.status_code == 0 {
+        return Ok(reply.payload);
+    }
+    let code = tonic::Code::from(reply.status_code);
+    let mut status = match crate::error::ErrorCode::from_name(&reply.error_code) {
+        Some(error) => error.to_status(reply.status_message),
+        None => tonic::Status::new(code, reply.status_message),
+    };
+    if status.code() != code {
+        status = tonic::Status::with_metadata(code, status.message().to_string(), status.metadata().clone());
+    }
+    Err(status)
 }
 
 pub(crate) fn status_to_rpc_error<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, BasicNode, E> {
@@ -187,5 +381,236 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
+    use stemedb_proto::raft::GroupReplies;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::error::ErrorCode;
+
+    /// A peer that answers each AppendEntries with its payload reversed, refuses group 404 as
+    /// an unknown shard, records the size of every batch, and holds every call until the test
+    /// opens its gate.
+    struct FakePeer {
+        batches: Arc<Mutex<Vec<usize>>>,
+        singles: Arc<Mutex<usize>>,
+        /// Calls that reached the peer (before its gate).
+        arrived: Arc<std::sync::atomic::AtomicUsize>,
+        gate: tokio::sync::watch::Receiver<bool>,
+        knows_batches: bool,
+    }
+
+    impl FakePeer {
+        async fn wait_for_gate(&self) {
+            self.arrived.fetch_add(1, Ordering::SeqCst);
+            let mut gate = self.gate.clone();
+            let _ = gate.wait_for(|open| *open).await;
+        }
+
+        fn answer(message: &GroupMessage) -> Result<GroupMessage, Status> {
+            if message.group_id == 404 {
+                return Err(ErrorCode::UnknownShard.to_status("group 404 is not hosted here"));
+            }
+            let mut payload = message.payload.clone();
+            payload.reverse();
+            Ok(GroupMessage { group_id: message.group_id, payload })
+        }
+    }
+
+    fn unused<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    #[tonic::async_trait]
+    impl RaftTransport for FakePeer {
+        async fn append_entries(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            self.wait_for_gate().await;
+            *self.singles.lock() += 1;
+            FakePeer::answer(request.get_ref()).map(Response::new)
+        }
+        async fn append_entries_batch(&self, request: Request<GroupBatch>) -> Result<Response<GroupReplies>, Status> {
+            if !self.knows_batches {
+                return unused();
+            }
+            self.wait_for_gate().await;
+            let messages = request.into_inner().messages;
+            self.batches.lock().push(messages.len());
+            let replies = messages
+                .iter()
+                .map(|message| match FakePeer::answer(message) {
+                    Ok(answer) => {
+                        GroupReply { group_id: answer.group_id, payload: answer.payload, ..Default::default() }
+                    }
+                    Err(status) => GroupReply {
+                        group_id: message.group_id,
+                        status_code: status.code() as i32,
+                        status_message: status.message().to_string(),
+                        error_code: ErrorCode::of_status(&status).map(|c| c.as_str().to_string()).unwrap_or_default(),
+                        ..Default::default()
+                    },
+                })
+                .collect();
+            Ok(Response::new(GroupReplies { replies }))
+        }
+        async fn vote(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            unused()
+        }
+        async fn install_snapshot(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            unused()
+        }
+        async fn propose(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            unused()
+        }
+        async fn read_index(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            unused()
+        }
+        async fn admin_group(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            unused()
+        }
+        async fn campaign(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            unused()
+        }
+        async fn node_heartbeat(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            unused()
+        }
+        async fn shard_read(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+            unused()
+        }
+    }
+
+    struct Harness {
+        peers: Arc<PeerChannels>,
+        addr: String,
+        batches: Arc<Mutex<Vec<usize>>>,
+        singles: Arc<Mutex<usize>>,
+        arrived: Arc<std::sync::atomic::AtomicUsize>,
+        gate: tokio::sync::watch::Sender<bool>,
+    }
+
+    async fn harness(knows_batches: bool) -> Harness {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (gate, gate_rx) = tokio::sync::watch::channel(false);
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let singles = Arc::new(Mutex::new(0));
+        let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let peer = FakePeer {
+            batches: batches.clone(),
+            singles: singles.clone(),
+            arrived: arrived.clone(),
+            gate: gate_rx,
+            knows_batches,
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        Harness { peers: PeerChannels::new(HashMap::new()), addr, batches, singles, arrived, gate }
+    }
+
+    /// Sends one message at a time until both call slots are held at the peer.
+    async fn fill_slots(
+        h: &Harness,
+        batcher: &PeerBatcher,
+    ) -> Vec<tokio::task::JoinHandle<(u32, Result<Vec<u8>, Status>)>> {
+        let mut held = Vec::new();
+        for group in 0..BATCHES_IN_FLIGHT as u32 {
+            held.extend(sends(batcher, group..group + 1));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while h.arrived.load(Ordering::SeqCst) <= group as usize {
+                assert!(Instant::now() < deadline, "call {group} never reached the peer");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        held
+    }
+
+    /// Polls until `count` messages wait in the batcher's queue.
+    async fn until_queued(batcher: &PeerBatcher, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while BATCH_QUEUE - batcher.queue.capacity() < count {
+            assert!(Instant::now() < deadline, "{count} messages never queued");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn sends(
+        batcher: &PeerBatcher,
+        groups: std::ops::Range<u32>,
+    ) -> Vec<tokio::task::JoinHandle<(u32, Result<Vec<u8>, Status>)>> {
+        groups
+            .map(|group| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move {
+                    let message = GroupMessage { group_id: group, payload: format!("g{group}-x").into_bytes() };
+                    (group, batcher.append(message, Duration::from_secs(30)).await)
+                })
+            })
+            .collect()
+    }
+
+    /// Messages that queue up while calls are in flight go in one batch, and every caller gets
+    /// its own message's answer, errors included (with their StemeDB code).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_messages_go_in_one_batch_and_each_caller_gets_its_answer() {
+        let h = harness(true).await;
+        let batcher = h.peers.batcher(&h.addr).expect("batcher");
+        // The first messages take both call slots and are held at the peer; the rest queue.
+        let mut calls = fill_slots(&h, &batcher).await;
+        let mut rest = sends(&batcher, 2..40);
+        rest.extend(sends(&batcher, 404..405));
+        until_queued(&batcher, 39).await;
+        h.gate.send_replace(true);
+        calls.extend(rest);
+        for call in calls {
+            let (group, result) = call.await.expect("join");
+            if group == 404 {
+                let status = result.expect_err("group 404 is refused");
+                assert_eq!(ErrorCode::of_status(&status), Some(ErrorCode::UnknownShard));
+                assert_eq!(status.code(), tonic::Code::NotFound);
+            } else {
+                let mut expected = format!("g{group}-x").into_bytes();
+                expected.reverse();
+                assert_eq!(result.expect("answered"), expected, "group {group} got another's answer");
+            }
+        }
+        let largest = h.batches.lock().iter().copied().max().unwrap_or(0);
+        assert!(largest >= 39, "the 39 waiting messages went in one batch: {:?}", h.batches.lock());
+    }
+
+    /// A peer without batches (an older version) fails the batch once; from then on its
+    /// messages go one by one, and they are answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_without_batches_gets_single_calls() {
+        let h = harness(false).await;
+        let batcher = h.peers.batcher(&h.addr).expect("batcher");
+        let held = fill_slots(&h, &batcher).await;
+        let batched = sends(&batcher, 2..10);
+        until_queued(&batcher, 8).await;
+        h.gate.send_replace(true);
+        for call in held {
+            assert!(call.await.expect("join").1.is_ok(), "a lone message goes unbatched");
+        }
+        let refused = AtomicBool::new(false);
+        for call in batched {
+            if let Err(status) = call.await.expect("join").1 {
+                assert_eq!(status.code(), tonic::Code::Unimplemented);
+                refused.store(true, Ordering::Relaxed);
+            }
+        }
+        assert!(refused.load(Ordering::Relaxed), "the batch reached the peer and was refused");
+        let before = *h.singles.lock();
+        for call in sends(&batcher, 10..20) {
+            assert!(call.await.expect("join").1.is_ok());
+        }
+        assert_eq!(*h.singles.lock(), before + 10, "after the refusal, one call per message");
     }
 }

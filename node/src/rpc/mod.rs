@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-use stemedb_proto::raft::GroupMessage;
+use stemedb_proto::raft::{GroupBatch, GroupMessage, GroupReplies, GroupReply};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
@@ -82,15 +82,55 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-#[tonic::async_trait]
-impl RaftTransport for RaftService {
-    async fn append_entries(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
-        let message = request.into_inner();
+impl RaftService {
+    /// One AppendEntries, batched or not.
+    async fn append_one(&self, message: GroupMessage) -> Result<GroupMessage, Status> {
         let raft = self.raft(message.group_id)?;
         let request: openraft::raft::AppendEntriesRequest<crate::raft::types::TypeConfig> = decode(&message)?;
         self.shards.note_leader_commit(self.shard(message.group_id)?, request.leader_commit.map(|l| l.index));
         let result = raft.append_entries(request).await;
-        encode(message.group_id, &result)
+        encode(message.group_id, &result).map(Response::into_inner)
+    }
+}
+
+/// A batch's answer to one message: its payload, or the status an unbatched call would have
+/// failed with (its StemeDB error code included).
+fn reply_of(group_id: u32, result: Result<GroupMessage, Status>) -> GroupReply {
+    match result {
+        Ok(message) => GroupReply { group_id, payload: message.payload, ..GroupReply::default() },
+        Err(status) => GroupReply {
+            group_id,
+            payload: Vec::new(),
+            status_code: status.code() as i32,
+            status_message: status.message().to_string(),
+            error_code: ErrorCode::of_status(&status).map(|c| c.as_str().to_string()).unwrap_or_default(),
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn append_entries(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        self.append_one(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn append_entries_batch(&self, request: Request<GroupBatch>) -> Result<Response<GroupReplies>, Status> {
+        let messages = request.into_inner().messages;
+        if messages.len() > crate::raft::network::MAX_BATCH_MESSAGES {
+            return Err(ErrorCode::BatchTooLarge.to_status(format!(
+                "a batch of {} messages; at most {}",
+                messages.len(),
+                crate::raft::network::MAX_BATCH_MESSAGES
+            )));
+        }
+        // Each group's Raft handles its own message; they wait on their own log flushes, so
+        // they run together and the batch answers when the slowest has.
+        let replies = futures::future::join_all(messages.into_iter().map(|message| async move {
+            let group_id = message.group_id;
+            reply_of(group_id, self.append_one(message).await)
+        }))
+        .await;
+        Ok(Response::new(GroupReplies { replies }))
     }
 
     async fn vote(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
