@@ -757,6 +757,23 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
                 .unwrap_or_default()
         }),
     )));
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::new(
+        "stemedb_quarantine_pending",
+        "Claims waiting in quarantine for a release or reject, per shard this node hosts (its replica's count)",
+        "shard",
+        Box::new(move || {
+            weak.upgrade()
+                .map(|c| {
+                    c.shards
+                        .groups()
+                        .iter()
+                        .map(|g| (g.shard.to_string(), g.reader.quarantine_pending() as f64))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }),
+    )));
     node_gauge(context, "stemedb_cache_memory_bytes", "Bytes held by the RocksDB block cache", |c| {
         c.storage.cache_memory_bytes() as f64
     });

@@ -82,7 +82,9 @@ impl From<ConsensusError> for ApiError {
                 json!({"shard": shard, "limit_bytes": limit_bytes})
             }
             ConsensusError::OutcomeUnknown { shard, timeout_ms } => json!({"shard": shard, "timeout_ms": timeout_ms}),
-            ConsensusError::Overloaded { shard, queued } => json!({"shard": shard, "queued": queued}),
+            ConsensusError::Overloaded { shard, queued } | ConsensusError::ReadsOverloaded { shard, queued } => {
+                json!({"shard": shard, "queued": queued})
+            }
             // The model error's own fields, as when the API refuses it before proposing.
             ConsensusError::Refused { error, .. } => return ApiError::from(error.clone()),
         };

@@ -179,7 +179,7 @@ pub static WRITE_LATENCY: LazyLock<Arc<WindowedSummary>> = LazyLock::new(|| {
 
 /// Requests refused before any work because a bounded queue or limit was full, by `limit`
 /// (`concurrency`: `server.max_concurrent_requests`; `write_queue`:
-/// `limits.max_queued_writes_per_shard`).
+/// `limits.max_queued_writes_per_shard`; `read_pool`: the storage read queue).
 pub static REQUESTS_SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_requests_shed_total", "Requests answered 503 overloaded because a bound was reached"),
@@ -225,6 +225,12 @@ impl Metrics {
             }
         }
         let node_label = node_id.to_string();
+        // Every known label value exists from the start at 0: a dashboard shows 0, not "no
+        // data", and `increase()` sees the first event after a start.
+        QUERY_TIMEOUTS.with_label_values(&[&node_label]);
+        for limit in ["concurrency", "write_queue", "read_pool"] {
+            REQUESTS_SHED.with_label_values(&[limit]);
+        }
         let query_total = QUERY_TOTAL.with_label_values(&[&node_label]);
         let query_duration_by_lens = Lens::NAMES.iter().map(|lens| QUERY_DURATION.with_label_values(&[lens])).collect();
         Metrics { registry, node_label, query_total, query_duration_by_lens }

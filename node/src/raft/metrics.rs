@@ -95,7 +95,26 @@ pub static APPEND_BATCH_MESSAGES: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// Every Raft collector, for registration. The known label values start at 0, so dashboards
+/// show 0 rather than no data and `increase()` sees the first event after a start.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
+    for outcome in ["ok", "not_leader", "no_quorum", "timeout", "fatal", "outcome_unknown"] {
+        PROPOSALS.with_label_values(&[outcome]);
+    }
+    for cause in ["leader_changed", "not_leader", "ambiguous"] {
+        FORWARD_RETRIES.with_label_values(&[cause]);
+    }
+    for barrier in ["quorum", "sole_voter"] {
+        READ_BARRIERS.with_label_values(&[barrier]);
+    }
+    for event in ["built", "build_failed", "installed", "install_failed"] {
+        SNAPSHOTS.with_label_values(&[event]);
+    }
+    for kind in FORWARD_KINDS {
+        for outcome in ["ok", "error", "timeout", "unreachable"] {
+            FORWARDED.with_label_values(&[kind, outcome]);
+        }
+    }
     vec![
         Box::new(FORWARD_RETRIES.clone()),
         Box::new(PROMPT_CAMPAIGNS.clone()),
@@ -129,6 +148,9 @@ pub static PEER_RPC_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// The `kind` label values of [`FORWARDED`].
+pub const FORWARD_KINDS: [&str; 5] = ["write", "read", "read_index", "admin", "campaign"];
+
 pub static FORWARDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new(
@@ -139,3 +161,28 @@ pub static FORWARDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("valid metric")
 });
+
+#[cfg(test)]
+mod tests {
+    /// Labelled counters exist at 0 from the start: dashboards and `increase()` need the series
+    /// before the first event.
+    #[test]
+    fn known_label_values_start_at_zero() {
+        let registry = prometheus::Registry::new();
+        for collector in super::collectors() {
+            registry.register(collector).expect("register");
+        }
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut text).expect("encode");
+        let text = String::from_utf8(text).expect("utf-8");
+        for series in [
+            r#"stemedb_raft_proposals_total{outcome="no_quorum"}"#,
+            r#"stemedb_raft_proposals_total{outcome="outcome_unknown"}"#,
+            r#"stemedb_forward_retries_total{cause="ambiguous"}"#,
+            r#"stemedb_raft_snapshots_total{event="install_failed"}"#,
+            r#"stemedb_forwarded_requests_total{kind="read_index",outcome="unreachable"}"#,
+        ] {
+            assert!(text.contains(series), "missing {series}");
+        }
+    }
+}

@@ -686,7 +686,10 @@ impl ShardSet {
                     command
                 })
                 .await
-                .map_err(|_| ConsensusError::Overloaded { shard, queued: crate::storage::read_pool::READ_QUEUE })?
+                .map_err(|_| {
+                    crate::metrics::REQUESTS_SHED.with_label_values(&["read_pool"]).inc();
+                    ConsensusError::ReadsOverloaded { shard, queued: crate::storage::read_pool::READ_QUEUE }
+                })?
         } else {
             let mut command = command;
             screen(&self.policy, &group.reader, &mut command);

@@ -207,6 +207,8 @@ pub struct Applier {
     touched: Vec<String>,
     /// The policy as the current `apply` call changed it, published after its write.
     pending_policy: Option<PolicyStore>,
+    /// Claims the current `apply` call put into quarantine, less those it took out.
+    quarantine_delta: i64,
 }
 
 impl Applier {
@@ -218,7 +220,19 @@ impl Applier {
         progress: Arc<AppliedProgress>,
         clock_us: u64,
     ) -> Applier {
-        Applier { storage, shard, group, clock_us, progress, meta: None, touched: Vec::new(), pending_policy: None }
+        let applier = Applier {
+            storage,
+            shard,
+            group,
+            clock_us,
+            progress,
+            meta: None,
+            touched: Vec::new(),
+            pending_policy: None,
+            quarantine_delta: 0,
+        };
+        applier.count_quarantine();
+        applier
     }
 
     /// Makes this the meta group's applier: loads the cluster metadata and policy, publishes
@@ -236,6 +250,23 @@ impl Applier {
         Ok(())
     }
 
+    /// Counts the replica's quarantine index into `AppliedProgress::quarantine_pending` (at open
+    /// and after a snapshot install; applies keep it up to date). A failed count leaves 0 and
+    /// is logged: the gauge is a report, and applying does not depend on it.
+    fn count_quarantine(&self) {
+        let prefix = keys::quarantine_prefix(self.group);
+        let mut count = 0u64;
+        let counted =
+            self.storage.for_each_in_range(ColumnFamily::Index, &prefix, &keys::prefix_end(&prefix), |_, _| {
+                count += 1;
+                true
+            });
+        if let Err(error) = counted {
+            tracing::warn!(shard = self.shard, error = %error, "counting quarantined claims failed");
+        }
+        self.progress.quarantine_pending.store(count, std::sync::atomic::Ordering::Release);
+    }
+
     /// The last `asserted_at` handed out, for the caller's applied record.
     pub fn clock_us(&self) -> u64 {
         self.clock_us
@@ -246,6 +277,7 @@ impl Applier {
     pub fn installed(&mut self, clock_us: u64) -> Result<(), LoadError> {
         self.clock_us = clock_us;
         self.progress.claims_cache.clear();
+        self.count_quarantine();
         if self.meta.is_some() {
             let state = self.load_meta()?;
             let store = self.load_policy()?;
@@ -277,6 +309,7 @@ impl Applier {
         let _index_guard = progress.index_lock.lock();
         self.pending_policy = None;
         self.touched.clear();
+        self.quarantine_delta = 0;
         let mut overlay = Overlay::new(self.storage.clone());
         let mut responses = Vec::with_capacity(entries.len());
         for (at, command) in entries {
@@ -305,6 +338,10 @@ impl Applier {
         if let (Some(store), Some(slot)) = (self.pending_policy.take(), &self.meta) {
             slot.policy.update(|current| *current = store);
         }
+        let pending = &progress.quarantine_pending;
+        let delta = std::mem::take(&mut self.quarantine_delta);
+        let now = (pending.load(std::sync::atomic::Ordering::Acquire) as i64).saturating_add(delta).max(0);
+        pending.store(now as u64, std::sync::atomic::Ordering::Release);
         // After the write, so a reader that misses the cache from now on reads the new state.
         progress.claims_cache.invalidate(self.touched.iter().map(String::as_str));
         self.touched.clear();
@@ -453,7 +490,8 @@ impl Applier {
             if quarantined {
                 // A quarantined claim supersedes nothing until an admin releases it (the
                 // supersessions are written then).
-                overlay.put(ColumnFamily::Index, keys::quarantine_key(self.group, id), Vec::new());
+                overlay.put_visible(ColumnFamily::Index, keys::quarantine_key(self.group, id), Vec::new());
+                self.quarantine_delta += 1;
                 metrics::QUARANTINED.inc();
             } else {
                 for &old in &draft.supersedes {
@@ -655,7 +693,11 @@ impl Applier {
         }
         let at_us = self.next_time(proposed_at_us);
         // A retracted claim needs no quarantine decision any more.
-        overlay.delete_visible(ColumnFamily::Index, keys::quarantine_key(self.group, assertion_id));
+        let pending = keys::quarantine_key(self.group, assertion_id);
+        if record.quarantined && overlay.get(ColumnFamily::Index, &pending)?.is_some() {
+            self.quarantine_delta -= 1;
+        }
+        overlay.delete_visible(ColumnFamily::Index, pending);
         let retraction = RetractionRecord { at_us, by: agent_id, reason };
         overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&retraction).map_err(Fault::Encode)?);
         Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
@@ -684,6 +726,7 @@ impl Applier {
         self.touched.push(record.draft.concept_path.clone());
         let at_us = self.next_time(proposed_at_us);
         overlay.delete_visible(ColumnFamily::Index, pending);
+        self.quarantine_delta -= 1;
         let decision = RetractionRecord { at_us, by, reason };
         if release {
             for &old in &record.draft.supersedes {
@@ -849,6 +892,54 @@ mod tests {
         assert_eq!(error.position(), at(8));
         assert!(error.is_write());
         assert_eq!(stored_assertions(&storage), 0);
+    }
+
+    /// The replica's count of claims awaiting a quarantine decision follows every way in and
+    /// out (quarantined assert, release, reject, retraction) and is recounted from storage by a
+    /// new applier.
+    #[test]
+    fn the_quarantine_backlog_is_counted() {
+        let (_dir, storage, mut applier) = applier();
+        let pending =
+            |applier: &Applier| applier.progress.quarantine_pending.load(std::sync::atomic::Ordering::Acquire);
+        let quarantined = |value: u32| {
+            let mut draft = draft(value);
+            draft.quarantine = Some(crate::model::assertion::QuarantineDecision {
+                reason: "authority_required".into(),
+                detail: "test".into(),
+            });
+            draft
+        };
+        let asserted = run(
+            &mut applier,
+            1,
+            vec![ShardCommand::Assert {
+                proposed_at_us: 1,
+                items: (1..=4).map(quarantined).chain([draft(9)]).collect(),
+            }],
+        );
+        let ids: Vec<AssertionId> = outcomes(&asserted[0]).iter().map(|o| o.id).collect();
+        assert_eq!(pending(&applier), 4, "four quarantined, one not");
+        let decide = |id, release| ShardCommand::Quarantine {
+            proposed_at_us: 2,
+            assertion_id: id,
+            release,
+            by: "admin".into(),
+            reason: None,
+        };
+        let retract = |id| ShardCommand::Retract {
+            proposed_at_us: 3,
+            assertion_id: id,
+            agent_id: "writer".into(),
+            admin: true,
+            reason: None,
+        };
+        run(&mut applier, 2, vec![decide(ids[0], true), decide(ids[1], false), retract(ids[4])]);
+        assert_eq!(pending(&applier), 2, "a release and a reject leave two; retracting a free claim changes nothing");
+        run(&mut applier, 5, vec![retract(ids[2]), decide(ids[2], true)]);
+        assert_eq!(pending(&applier), 1, "a retraction takes a claim out; a decision on it is refused");
+        let reopened = Applier::new(storage.clone(), SHARD, GROUP, Arc::new(AppliedProgress::default()), 0);
+        assert_eq!(pending(&reopened), 1, "recounted from the index");
     }
 
     /// An agent repeating or flipping its vote forever must not make the assertion's events grow

@@ -59,6 +59,8 @@ pub enum ConsensusError {
     OutcomeUnknown { shard: u16, timeout_ms: u64 },
     #[error("{} has too many writes waiting ({queued}); retry shortly", GroupLabel(*shard))]
     Overloaded { shard: u16, queued: usize },
+    #[error("this node's storage read queue is full ({queued} reads waiting) serving {}; retry shortly", GroupLabel(*shard))]
+    ReadsOverloaded { shard: u16, queued: usize },
     #[error("this node's replica of {} is installing a snapshot; retry, or read through another node", GroupLabel(*shard))]
     CatchingUp { shard: u16 },
     #[error("{error}")]
@@ -90,7 +92,7 @@ impl ConsensusError {
             ConsensusError::Internal { .. } => ErrorCode::InternalError,
             ConsensusError::QueryMemoryExceeded { .. } => ErrorCode::QueryMemoryExceeded,
             ConsensusError::OutcomeUnknown { .. } => ErrorCode::OutcomeUnknown,
-            ConsensusError::Overloaded { .. } => ErrorCode::Overloaded,
+            ConsensusError::Overloaded { .. } | ConsensusError::ReadsOverloaded { .. } => ErrorCode::Overloaded,
             ConsensusError::CatchingUp { .. } => ErrorCode::ReplicaCatchingUp,
             ConsensusError::Refused { error, .. } => error.code(),
         }

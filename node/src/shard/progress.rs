@@ -28,4 +28,7 @@ pub struct AppliedProgress {
     /// old, partly new). A reader that sees it odd, or changed across its read, discards the
     /// read (`ShardReader::execute`).
     pub installs: AtomicU64,
+    /// Claims of this replica waiting in quarantine for a release or reject (the quarantine
+    /// index's entries), kept by the applier after each write.
+    pub quarantine_pending: AtomicU64,
 }

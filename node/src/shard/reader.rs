@@ -151,6 +151,11 @@ impl ShardReader {
         self.group
     }
 
+    /// Claims of this replica waiting in quarantine for a decision.
+    pub fn quarantine_pending(&self) -> u64 {
+        self.progress.quarantine_pending.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.progress.applied_index.load(std::sync::atomic::Ordering::Acquire)
     }

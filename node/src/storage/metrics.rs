@@ -44,8 +44,11 @@ pub static GROUP_COMMIT_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
-/// Every storage collector, for registration.
+/// Every storage collector, for registration. The known label values start at 0.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
+    for operation in ["get", "scan", "put", "sync", "flush", "fsync"] {
+        STORAGE_OPERATION_ERRORS.with_label_values(&[operation]);
+    }
     vec![
         Box::new(STORAGE_OPERATION_ERRORS.clone()),
         Box::new(STORAGE_PUT_DURATION.clone()),
