@@ -727,53 +727,21 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
             lags.into_iter().map(|(shard, node, lag)| (vec![shard.to_string(), node.to_string()], lag)).collect()
         }),
     )));
-    let weak = Arc::downgrade(context);
-    context.metrics.register(Box::new(ComputedGauges::new(
-        "stemedb_raft_term",
-        "Current Raft term of each shard on this node",
-        "shard",
-        Box::new(move || {
-            weak.upgrade()
-                .map(|c| {
-                    c.shards
-                        .groups()
-                        .iter()
-                        .map(|g| (g.shard.to_string(), g.raft.metrics().borrow().current_term as f64))
-                        .collect()
-                })
-                .unwrap_or_default()
-        }),
-    )));
-    let weak = Arc::downgrade(context);
-    context.metrics.register(Box::new(ComputedGauges::new(
+    shard_gauge(context, "stemedb_raft_term", "Current Raft term of each shard on this node", |g| {
+        g.raft.metrics().borrow().current_term as f64
+    });
+    shard_gauge(
+        context,
         "stemedb_shard_applied_index",
         "Last log index applied by this node's replica of each shard",
-        "shard",
-        Box::new(move || {
-            weak.upgrade()
-                .map(|c| {
-                    c.shards.groups().iter().map(|g| (g.shard.to_string(), g.reader.applied_index() as f64)).collect()
-                })
-                .unwrap_or_default()
-        }),
-    )));
-    let weak = Arc::downgrade(context);
-    context.metrics.register(Box::new(ComputedGauges::new(
+        |g| g.reader.applied_index() as f64,
+    );
+    shard_gauge(
+        context,
         "stemedb_quarantine_pending",
         "Claims waiting in quarantine for a release or reject, per shard this node hosts (its replica's count)",
-        "shard",
-        Box::new(move || {
-            weak.upgrade()
-                .map(|c| {
-                    c.shards
-                        .groups()
-                        .iter()
-                        .map(|g| (g.shard.to_string(), g.reader.quarantine_pending() as f64))
-                        .collect()
-                })
-                .unwrap_or_default()
-        }),
-    )));
+        |g| g.reader.quarantine_pending() as f64,
+    );
     node_gauge(context, "stemedb_cache_memory_bytes", "Bytes held by the RocksDB block cache", |c| {
         c.storage.cache_memory_bytes() as f64
     });
@@ -937,6 +905,26 @@ fn rebuild_indexes_when_placed(context: &Arc<NodeContext>, stop: tokio_util::syn
 }
 
 /// Registers a gauge without labels computed from the node context at each scrape.
+/// A gauge with one series per data shard, labelled `shard`.
+fn shard_gauge(
+    context: &Arc<NodeContext>,
+    name: &str,
+    help: &str,
+    value: impl Fn(&crate::raft::shards::ShardGroup) -> f64 + Send + Sync + 'static,
+) {
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::new(
+        name,
+        help,
+        "shard",
+        Box::new(move || {
+            weak.upgrade()
+                .map(|c| c.shards.groups().iter().map(|g| (g.shard.to_string(), value(g))).collect())
+                .unwrap_or_default()
+        }),
+    )));
+}
+
 fn node_gauge(
     context: &Arc<NodeContext>,
     name: &str,
