@@ -13,6 +13,9 @@ command -v make >/dev/null 2>&1 || missing+=(make)
 # Exactly the file bindgen loads: libclang-cpp.so (clang's C++ library) does not count.
 find_libclang >/dev/null || missing+=(libclang-dev)
 command -v jeprof >/dev/null 2>&1 || missing+=(libjemalloc-dev)
+# The runbooks' tools (scripts/run-runbooks.py runs their commands).
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
 # Installed packages, not commands on PATH: nginx and haproxy live in /usr/sbin, which a
 # non-root PATH may lack.
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }

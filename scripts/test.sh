@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole default test suite: the dashboards' alert rules and panels (promtool), formatting,
 # unit, property, storage-suite and integration tests
-# (including real-process durability tests), and the short smoke versions of the chaos run and
-# the benchmarks. Long chaos runs and full benchmarks are separate commands.
+# (including real-process durability tests), the short smoke versions of the chaos run and
+# the benchmarks, and the runbooks' commands against a live cluster (scripts/run-runbooks.py).
+# Long chaos runs and full benchmarks are separate commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # cargo's own default (./target) unless the caller chose one: the README's `cargo run --release`
@@ -15,3 +16,5 @@ cargo fmt --all -- --check
 # The release profile, as `cargo run --release` in the README: one RocksDB build serves both.
 cargo build --release --workspace --all-targets --locked
 cargo test --release --workspace --locked -- --test-threads 2
+# Every shell command of runbooks/, against live 3-node clusters of the release binary built above.
+STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/run-runbooks.py
