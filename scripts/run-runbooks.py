@@ -798,6 +798,7 @@ SCENARIOS = {
     "replace-dead-node.md": {"after_start": lambda c, _: scenario_kill_node3(c, wipe=True),
                              "vars": lambda c: {"DEAD_IP": c.ips[2]}},
     "circuit-breakers.md": {"after_start": lambda c, _: scenario_breaker(c)},
+    "quarantine-backlog.md": {"after_start": lambda c, _: scenario_breaker(c)},
     "disk-full.md": {"before_start": scenario_disk_full_prepare, "after_start": scenario_disk_full},
 }
 
