@@ -147,8 +147,7 @@ async fn rebuild(data_dir: Option<PathBuf>, config_file: Option<PathBuf>) -> any
     .await?;
     bar.finish_and_clear();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "index rebuild complete");
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -222,6 +221,17 @@ async fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a command's output to stdout. A reader that stopped reading (`stemedb check-config F |
+/// head -1`) ends the output quietly, as for any Unix tool; `println!` would panic.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
+        _ => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -236,14 +246,10 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::CheckConfig { file } => {
                 let config = Config::check_file(&file)?;
-                println!("{} is valid; effective configuration:\n", file.display());
-                println!("{}", toml::to_string_pretty(&config)?);
-                Ok(())
+                let effective = toml::to_string_pretty(&config)?;
+                print_out(&format!("{} is valid; effective configuration:\n\n{effective}\n", file.display()))
             }
-            Command::PrintSampleConfig => {
-                print!("{}", Config::sample_toml());
-                Ok(())
-            }
+            Command::PrintSampleConfig => print_out(&Config::sample_toml()),
             Command::Bench(args) => stemedb::bench::run(args).await,
             Command::DevCluster(args) => dev_cluster(args).await,
             Command::Rebuild { data_dir, config } => rebuild(data_dir, config).await,
