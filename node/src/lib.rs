@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod coordinator;
+pub mod ctl;
 pub mod error;
 pub mod listener;
 pub mod meta;

@@ -35,6 +35,8 @@ enum Command {
     PrintSampleConfig,
     /// Load-test a running node.
     Bench(stemedb::bench::BenchArgs),
+    /// Ask or change the cluster through any node's cluster admin API (port 18181).
+    Cluster(stemedb::ctl::ClusterArgs),
     /// Run a local cluster of N nodes on 127.0.0.1, 127.0.0.2, ... (default ports) until Ctrl-C.
     DevCluster(DevClusterArgs),
     /// Verify and repair the secondary indexes of a stopped node's data dir from its records.
@@ -251,6 +253,14 @@ fn main() -> ExitCode {
             }
             Command::PrintSampleConfig => print_out(&Config::sample_toml()),
             Command::Bench(args) => stemedb::bench::run(args).await,
+            Command::Cluster(args) => {
+                let report = stemedb::ctl::run(args).await?;
+                print_out(&report.output)?;
+                match report.failure {
+                    Some(failure) => Err(anyhow::anyhow!(failure)),
+                    None => Ok(()),
+                }
+            }
             Command::DevCluster(args) => dev_cluster(args).await,
             Command::Rebuild { data_dir, config } => rebuild(data_dir, config).await,
         }

@@ -27,6 +27,7 @@ const LAYERS: &[&str] = &[
     "api",         // client API and node admin
     "admin",       // cluster admin
     "bench",       // `stemedb bench`: a client of the HTTP API, uses no other module
+    "ctl",         // `stemedb cluster`: a client of the cluster admin API, uses no other module
     "listener",    // the node's closable listeners
     "server",      // lifecycle: start-up and the shutdown order
     "lib",         // the crate root re-exports the node's entry points
