@@ -2,7 +2,8 @@
 # The whole default test suite: the dashboards' alert rules and panels (promtool), formatting,
 # unit, property, storage-suite and integration tests
 # (including real-process durability tests), the short smoke versions of the chaos run and
-# the benchmarks, and the runbooks' commands against a live cluster (scripts/run-runbooks.py).
+# the benchmarks, the runbooks' commands against a live cluster (scripts/run-runbooks.py), and
+# the load-balancer configs through a node kill (scripts/lb-test.py).
 # Long chaos runs and full benchmarks are separate commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +19,5 @@ cargo build --release --workspace --all-targets --locked
 cargo test --release --workspace --locked -- --test-threads 2
 # Every shell command of runbooks/, against live 3-node clusters of the release binary built above.
 STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/run-runbooks.py
+# The shipped nginx and HAProxy configs in front of live 3-node clusters, through a node kill.
+STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/lb-test.py
