@@ -3,7 +3,8 @@
 # unit, property, storage-suite and integration tests
 # (including real-process durability tests), the short smoke versions of the chaos run and
 # the benchmarks, the runbooks' commands against a live cluster (scripts/run-runbooks.py), and
-# the load-balancer configs through a node kill (scripts/lb-test.py).
+# the load-balancer configs through a node kill (scripts/lb-test.py), and every dashboard
+# panel and alert rule evaluated by a real Prometheus (scripts/prometheus-live-test.py).
 # Long chaos runs and full benchmarks are separate commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +22,5 @@ cargo test --release --workspace --locked -- --test-threads 2
 STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/run-runbooks.py
 # The shipped nginx and HAProxy configs in front of live 3-node clusters, through a node kill.
 STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/lb-test.py
+# Every dashboard panel and alert rule expression through a real Prometheus scraping a live 3-node cluster under load.
+STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/prometheus-live-test.py

@@ -13,6 +13,9 @@
   `promtool check rules` to parse (argv[2]).
 
 Usage: check_dashboards.py REPO_ROOT PANEL_RULES_OUT
+
+Importable (scripts/prometheus-live-test.py): rule_expressions() and panel_expressions() list
+every alert rule and panel expression; importing runs no check.
 """
 import glob
 import json
@@ -22,8 +25,8 @@ import sys
 
 import yaml
 
-ROOT = sys.argv[1]
-PANEL_RULES_OUT = sys.argv[2]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PANEL_RULES_OUT = None
 
 # The prometheus crate's process collector (Linux), registered by node/src/metrics.
 PROCESS_METRICS = {
@@ -80,38 +83,68 @@ def known(name, exported):
     return base != name and base in exported
 
 
-def check_rules(exported):
-    alerts = {}
-    unchecked_runbooks = set()
-    for path in sorted(glob.glob(os.path.join(ROOT, "dashboards/alerts/*.yml"))):
+def rule_expressions(root=None):
+    """(file name, group name, rule, rule name) of every rule of dashboards/alerts/*.yml."""
+    for path in sorted(glob.glob(os.path.join(root or ROOT, "dashboards/alerts/*.yml"))):
         with open(path) as f:
             doc = yaml.safe_load(f)
         for group in doc.get("groups", []):
             for rule in group.get("rules", []):
-                name = rule.get("alert") or rule.get("record")
-                where = f"{os.path.basename(path)}: {name}"
-                for metric in metric_names(rule["expr"]):
-                    if not known(metric, exported):
-                        fail(f"{where}: reads {metric}, which neither the node nor node_exporter exports")
-                if "alert" not in rule:
-                    continue
-                alerts[name] = where
-                if "for" not in rule:
-                    fail(f"{where}: no `for`")
-                if rule.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
-                    fail(f"{where}: severity label missing or not critical/warning/info")
-                annotations = rule.get("annotations", {})
-                for key in ("summary", "description", "runbook_url"):
-                    if not annotations.get(key):
-                        fail(f"{where}: no {key} annotation")
-                runbook = annotations.get("runbook_url", "")
-                if not runbook.startswith("runbooks/"):
-                    fail(f"{where}: runbook_url {runbook!r} is not under runbooks/")
-                elif os.path.isdir(os.path.join(ROOT, "runbooks")):
-                    if not os.path.isfile(os.path.join(ROOT, runbook.split("#")[0])):
-                        fail(f"{where}: {runbook} does not exist")
-                else:
-                    unchecked_runbooks.add(runbook)
+                yield os.path.basename(path), group.get("name"), rule, rule.get("alert") or rule.get("record")
+
+
+def dashboard_panels(board):
+    """Every panel of a dashboard, those nested in rows included."""
+    panels = list(board.get("panels", []))
+    for panel in list(panels):
+        panels.extend(panel.get("panels", []))
+    return panels
+
+
+def panel_expressions(root=None):
+    """(file name, panel, target, expression with the Grafana variables replaced) of every panel
+    target with an expression in dashboards/grafana/*.json (rows skipped)."""
+    for path in sorted(glob.glob(os.path.join(root or ROOT, "dashboards/grafana/*.json"))):
+        with open(path) as f:
+            board = json.load(f)
+        for panel in dashboard_panels(board):
+            if panel.get("type") == "row":
+                continue
+            for target in panel.get("targets") or []:
+                expr = (target.get("expr") or "").strip()
+                if expr:
+                    for variable, value in GRAFANA_VARIABLES.items():
+                        expr = expr.replace(variable, value)
+                    yield os.path.basename(path), panel, target, expr
+
+
+def check_rules(exported):
+    alerts = {}
+    unchecked_runbooks = set()
+    for base, _group, rule, name in rule_expressions():
+        where = f"{base}: {name}"
+        for metric in metric_names(rule["expr"]):
+            if not known(metric, exported):
+                fail(f"{where}: reads {metric}, which neither the node nor node_exporter exports")
+        if "alert" not in rule:
+            continue
+        alerts[name] = where
+        if "for" not in rule:
+            fail(f"{where}: no `for`")
+        if rule.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
+            fail(f"{where}: severity label missing or not critical/warning/info")
+        annotations = rule.get("annotations", {})
+        for key in ("summary", "description", "runbook_url"):
+            if not annotations.get(key):
+                fail(f"{where}: no {key} annotation")
+        runbook = annotations.get("runbook_url", "")
+        if not runbook.startswith("runbooks/"):
+            fail(f"{where}: runbook_url {runbook!r} is not under runbooks/")
+        elif os.path.isdir(os.path.join(ROOT, "runbooks")):
+            if not os.path.isfile(os.path.join(ROOT, runbook.split("#")[0])):
+                fail(f"{where}: {runbook} does not exist")
+        else:
+            unchecked_runbooks.add(runbook)
     if unchecked_runbooks:
         print(f"note: runbooks/ does not exist yet; not checked: {', '.join(sorted(unchecked_runbooks))}")
     return alerts
@@ -150,10 +183,7 @@ def check_dashboards(exported):
         variables = {v.get("name") for v in board.get("templating", {}).get("list", [])}
         if "DS_PROMETHEUS" not in variables:
             fail(f"{base}: no DS_PROMETHEUS data source variable")
-        panels = list(board.get("panels", []))
-        for panel in list(panels):
-            panels.extend(panel.get("panels", []))
-        for panel in panels:
+        for panel in dashboard_panels(board):
             title = f"{base}: panel {panel.get('id')} {panel.get('title')!r}"
             if panel.get("type") == "row":
                 continue
@@ -184,14 +214,21 @@ def check_dashboards(exported):
     return len(panel_rules)
 
 
-exported = exported_metrics()
-if not exported:
-    fail("found no metric names in node/src")
-alerts = check_rules(exported)
-check_alert_tests(alerts)
-expressions = check_dashboards(exported)
-for message in failures:
-    print(f"FAIL {message}")
-print(f"{len(alerts)} alerts, {expressions} panel expressions, {len(exported)} metric names exported by the node: "
-      f"{'ok' if not failures else f'{len(failures)} failure(s)'}")
-sys.exit(1 if failures else 0)
+def main():
+    global ROOT, PANEL_RULES_OUT
+    ROOT, PANEL_RULES_OUT = sys.argv[1], sys.argv[2]
+    exported = exported_metrics()
+    if not exported:
+        fail("found no metric names in node/src")
+    alerts = check_rules(exported)
+    check_alert_tests(alerts)
+    expressions = check_dashboards(exported)
+    for message in failures:
+        print(f"FAIL {message}")
+    print(f"{len(alerts)} alerts, {expressions} panel expressions, {len(exported)} metric names exported by the node: "
+          f"{'ok' if not failures else f'{len(failures)} failure(s)'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
