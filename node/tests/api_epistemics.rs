@@ -192,6 +192,12 @@ async fn quarantine_triggers_release_and_reject() {
     .await;
     assert_eq!(budget["status"], json!("quarantined"), "the answer says so: {budget}");
     assert_eq!(budget["quarantine"]["reason"], json!("authority_required"));
+    let id = budget["id"].as_str().expect("id");
+    let (status, one) = node.get(&format!("/v1/assertions/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(one["status"], json!("quarantined"), "{one}");
+    assert_eq!(one["quarantine"]["reason"], json!("authority_required"), "the claim says why: {one}");
+    assert_eq!(one["released_at"], json!(null), "{one}");
     let (status, empty) = node.post("/v1/query", &json!({"concept_path": "finance/budget"})).await;
     assert_eq!(status, 200);
     assert_eq!(empty["results"], json!([]), "a quarantined claim is in no lens: {empty}");

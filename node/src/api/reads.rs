@@ -623,6 +623,8 @@ pub async fn get_assertion(
         "status": now.status,
         "superseded_by": facts.supersessions.iter().filter(|s| s.by_retracted_at_us.is_none()).map(|s| json!({"id": s.by, "at": format_time_us(s.at_us)})).collect::<Vec<_>>(),
         "retraction": retraction.map(|r| json!({"at": format_time_us(r.at_us), "by": r.by, "reason": r.reason})),
+        "quarantine": record.draft.quarantine,
+        "released_at": facts.released_at_us.map(format_time_us),
         "votes": {
             "up": now.votes_up,
             "down": now.votes_down,
