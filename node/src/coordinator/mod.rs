@@ -177,11 +177,10 @@ impl Coordinator for ShardSet {
         }
         // On the storage read pool: a fixed set of threads, never an async worker.
         let reader = group.reader.clone();
-        let answer =
-            crate::storage::read_pool::read_pool().run(move || reader.execute(&read)).await.map_err(|_| {
-                crate::metrics::REQUESTS_SHED.with_label_values(&["read_pool"]).inc();
-                ConsensusError::ReadsOverloaded { shard, queued: crate::storage::read_pool::READ_QUEUE }
-            })??;
+        let answer = crate::storage::read_pool::read_pool()
+            .run(move || reader.execute(&read))
+            .await
+            .map_err(|_| ConsensusError::ReadsOverloaded { shard, queued: crate::storage::read_pool::READ_QUEUE })??;
         let staleness_ms = if group.raft.metrics().borrow().current_leader == Some(self.node_id) {
             0
         } else {

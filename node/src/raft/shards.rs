@@ -367,9 +367,11 @@ impl ShardSet {
         let config = Arc::new(config);
         let mut groups = Vec::with_capacity(shards as usize);
         for shard in 0..shards {
-            let state_machine = ShardStateMachine::open(storage.clone(), shard, group_of_shard(shard))
-                .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?
-                .with_install_pause(Duration::from_millis(settings.snapshot_install_pause_ms));
+            // Opening reads RocksDB and may finish an interrupted snapshot install: off the workers.
+            let state_machine =
+                crate::storage::blocking(|| ShardStateMachine::open(storage.clone(), shard, group_of_shard(shard)))
+                    .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?
+                    .with_install_pause(Duration::from_millis(settings.snapshot_install_pause_ms));
             // The replicas of shard s are replication_factor members starting at member s mod n
             // (by id); the first is the preferred leader: it initializes the group and so becomes
             // its first leader, spreading leaders over the founding nodes.
@@ -392,8 +394,9 @@ impl ShardSet {
         }
         // The meta group has every founding member as a voter; the lowest id creates it.
         let (meta_publish, meta_state) = tokio::sync::watch::channel(Arc::new(MetaState::default()));
-        let meta_machine = ShardStateMachine::open_meta(storage.clone(), meta_publish, policy.clone())
-            .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
+        let meta_machine =
+            crate::storage::blocking(|| ShardStateMachine::open_meta(storage.clone(), meta_publish, policy.clone()))
+                .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
         let meta_voters = (members.keys().next() == Some(&node_id)).then(|| members.clone());
         let meta = ShardGroup::start(
             storage.clone(),
@@ -686,10 +689,7 @@ impl ShardSet {
                     command
                 })
                 .await
-                .map_err(|_| {
-                    crate::metrics::REQUESTS_SHED.with_label_values(&["read_pool"]).inc();
-                    ConsensusError::ReadsOverloaded { shard, queued: crate::storage::read_pool::READ_QUEUE }
-                })?
+                .map_err(|_| ConsensusError::ReadsOverloaded { shard, queued: crate::storage::read_pool::READ_QUEUE })?
         } else {
             let mut command = command;
             screen(&self.policy, &group.reader, &mut command);

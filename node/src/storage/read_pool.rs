@@ -5,7 +5,8 @@
 //! read made the runtime hand each worker's queue to a new thread per call: under 64 concurrent
 //! queries the node ran 300+ threads and query p99 doubled. This pool keeps the thread count
 //! fixed (one per core, at least two) and its queue bounded: a full queue is refused at once
-//! ([`ReadPoolFull`], answered `503 overloaded`), never an unbounded backlog.
+//! ([`ReadPoolFull`], answered `503 overloaded` and counted in
+//! `stemedb_requests_shed_total{limit="read_pool"}`), never an unbounded backlog.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -63,7 +64,10 @@ impl ReadPool {
             let _ = reply.send(read());
         });
         self.jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) | TrySendError::Disconnected(_) => ReadPoolFull,
+            TrySendError::Full(_) | TrySendError::Disconnected(_) => {
+                crate::metrics::REQUESTS_SHED.with_label_values(&["read_pool"]).inc();
+                ReadPoolFull
+            }
         })?;
         // A panicking read drops `reply`: reported like a full pool rather than hanging.
         answer.await.map_err(|_| ReadPoolFull)
