@@ -21,7 +21,7 @@ use super::metrics as raft_metrics;
 use super::types::{group_of_shard, Entry, GroupId, LogId, NodeId, ShardResponse, StorageIoError, TypeConfig};
 use crate::meta::policy::Policy;
 use crate::meta::{MetaState, META_SHARD};
-use crate::shard::apply::{Applicable, Applier, ApplyError, LoadError, Position};
+use crate::shard::apply::{Applicable, Applier, ApplyError, Position};
 use crate::shard::progress::AppliedProgress;
 use crate::shard::{keys, snapshot};
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
@@ -77,19 +77,15 @@ fn sm_write_error(e: impl std::error::Error + 'static) -> StorageIoError {
     StorageIOError::new(ErrorSubject::StateMachine, ErrorVerb::Write, openraft::AnyError::new(&e)).into()
 }
 
-/// An apply failure as openraft's error for applying the entry at its position.
-fn apply_error(error: ApplyError, group: GroupId, entries: &[(LogId, Position)]) -> StorageIoError {
-    let at = error.position();
-    let verb = if error.is_write() { ErrorVerb::Write } else { ErrorVerb::Read };
+/// An apply failure as openraft's error for applying the entry at its position, one of
+/// `log_ids`.
+fn apply_error(error: ApplyError, group: GroupId, log_ids: &[LogId]) -> StorageIoError {
     tracing::error!(group, error = %error, "applying committed entries failed; the group stops");
-    match entries.iter().find(|(_, position)| *position == at) {
-        Some((log_id, _)) => StorageIOError::apply(*log_id, openraft::AnyError::new(&error)).into(),
-        None => StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&error)).into(),
+    match log_ids.iter().find(|log_id| log_id.index == error.at.index) {
+        Some(log_id) => StorageIOError::apply(*log_id, openraft::AnyError::new(&error)).into(),
+        None if error.is_write() => sm_write_error(error),
+        None => sm_read_error(error),
     }
-}
-
-fn load_error(error: LoadError) -> StorageIoError {
-    sm_read_error(error)
 }
 
 impl ShardStateMachine {
@@ -133,7 +129,7 @@ impl ShardStateMachine {
         policy: Policy,
     ) -> Result<ShardStateMachine, StorageIoError> {
         let mut machine = ShardStateMachine::open(storage, META_SHARD, group_of_shard(META_SHARD))?;
-        machine.applier.attach_meta(publish, policy).map_err(load_error)?;
+        machine.applier.attach_meta(publish, policy).map_err(sm_read_error)?;
         Ok(machine)
     }
 
@@ -145,12 +141,12 @@ impl ShardStateMachine {
     /// [`ShardStateMachine::apply`]), then announces them applied.
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
         let mut next = self.state.clone();
-        let mut positions = Vec::with_capacity(entries.len());
+        let mut log_ids = Vec::with_capacity(entries.len());
         let mut run: Vec<Applicable> = Vec::with_capacity(entries.len());
         for entry in entries {
             let at = Position { index: entry.log_id.index, term: entry.log_id.leader_id.term };
             next.last_applied = Some(entry.log_id);
-            positions.push((entry.log_id, at));
+            log_ids.push(entry.log_id);
             let command = match entry.payload {
                 EntryPayload::Blank => None,
                 EntryPayload::Membership(membership) => {
@@ -167,8 +163,7 @@ impl ShardStateMachine {
                 next.clock_us = clock_us;
                 serde_json::to_vec(&next)
             })
-            .map_err(|error| apply_error(error, self.group, &positions))?;
-        next.clock_us = self.applier.clock_us();
+            .map_err(|error| apply_error(error, self.group, &log_ids))?;
         self.state = next;
         self.progress.announce_applied(self.state.last_applied);
         Ok(responses)
@@ -280,7 +275,7 @@ impl ShardStateMachine {
         batch.delete(ColumnFamily::Meta, marker);
         // The data batches were buffered: this synced write makes them durable too (one WAL).
         self.storage.write(batch, Durability::Synced).map_err(sm_write_error)?;
-        self.applier.installed(clock_us).map_err(load_error)?;
+        self.applier.installed(clock_us).map_err(sm_read_error)?;
         self.state = state;
         self.progress.announce_applied(meta.last_log_id);
         Ok(())

@@ -38,53 +38,45 @@ impl std::fmt::Display for Position {
     }
 }
 
-/// Why applying failed. Each names the entry it was applying (or, for the batch write, the
-/// last entry of the batch). None of them is an answer to a client: the replica cannot go on
-/// applying, and the adapter hands the error to consensus, which stops the group.
+/// Why applying failed, and at which entry (for the batch write, the last entry of the
+/// batch). Never an answer to a client: the replica cannot go on applying, and the adapter
+/// hands the error to consensus, which stops the group.
 #[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error("applying the entry at {at}: reading the shard's state failed: {source}")]
-    Read { at: Position, source: StorageError },
-    #[error("applying the entry at {at}: a stored record of the shard is damaged: {source}")]
-    Damaged { at: Position, source: serde_json::Error },
-    #[error("applying the entry at {at}: encoding a record failed: {source}")]
-    Encode { at: Position, source: serde_json::Error },
-    #[error("writing the entries applied up to {at} failed: {source}")]
-    Write { at: Position, source: StorageError },
+#[error("applying the entry at {at}: {fault}")]
+pub struct ApplyError {
+    pub at: Position,
+    #[source]
+    pub fault: Fault,
+}
+
+/// What went wrong while applying.
+#[derive(Debug, thiserror::Error)]
+pub enum Fault {
+    #[error("reading the shard's state failed: {0}")]
+    Read(StorageError),
+    #[error("a stored record of the shard is damaged: {0}")]
+    Damaged(serde_json::Error),
+    #[error("encoding a record failed: {0}")]
+    Encode(serde_json::Error),
+    #[error("writing the applied batch failed: {0}")]
+    Write(StorageError),
 }
 
 impl ApplyError {
     /// The entry being applied when it failed.
     pub fn position(&self) -> Position {
-        match self {
-            ApplyError::Read { at, .. }
-            | ApplyError::Damaged { at, .. }
-            | ApplyError::Encode { at, .. }
-            | ApplyError::Write { at, .. } => *at,
-        }
+        self.at
     }
 
     /// True when the failure was a write (the batch or a record's encoding), false for a read.
     pub fn is_write(&self) -> bool {
-        matches!(self, ApplyError::Encode { .. } | ApplyError::Write { .. })
+        matches!(self.fault, Fault::Encode(_) | Fault::Write(_))
     }
-}
-
-/// A failure inside one entry's application, before its position is attached.
-#[derive(Debug)]
-enum Fault {
-    Read(StorageError),
-    Damaged(serde_json::Error),
-    Encode(serde_json::Error),
 }
 
 impl Fault {
     fn at(self, at: Position) -> ApplyError {
-        match self {
-            Fault::Read(source) => ApplyError::Read { at, source },
-            Fault::Damaged(source) => ApplyError::Damaged { at, source },
-            Fault::Encode(source) => ApplyError::Encode { at, source },
-        }
+        ApplyError { at, fault: self }
     }
 }
 
@@ -100,7 +92,7 @@ pub enum LoadError {
 impl From<Fault> for LoadError {
     fn from(fault: Fault) -> LoadError {
         match fault {
-            Fault::Read(error) => LoadError::Read(error),
+            Fault::Read(error) | Fault::Write(error) => LoadError::Read(error),
             Fault::Damaged(error) | Fault::Encode(error) => LoadError::Damaged(error),
         }
     }
@@ -329,12 +321,12 @@ impl Applier {
                 );
             }
         }
-        let record = applied(self.clock_us).map_err(|source| ApplyError::Encode { at: last, source })?;
+        let record = applied(self.clock_us).map_err(|error| Fault::Encode(error).at(last))?;
         overlay.batch.put(ColumnFamily::StateMachine, applied_key, record);
         // The log is the write-ahead log: applied state need not be synced, a crash re-applies.
         self.storage
             .write(std::mem::take(&mut overlay.batch), Durability::Buffered)
-            .map_err(|source| ApplyError::Write { at: last, source })?;
+            .map_err(|error| Fault::Write(error).at(last))?;
         if let (Some(store), Some(slot)) = (self.pending_policy.take(), &self.meta) {
             slot.policy.update(|current| *current = store);
         }
