@@ -739,7 +739,7 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     shard_gauge(
         context,
         "stemedb_quarantine_pending",
-        "Claims waiting in quarantine for a release or reject, per shard this node hosts (its replica's count)",
+        "Claims waiting in quarantine for a release or reject, per shard, as this node's replica counts them (0 without a replica)",
         |g| g.reader.quarantine_pending() as f64,
     );
     node_gauge(context, "stemedb_cache_memory_bytes", "Bytes held by the RocksDB block cache", |c| {
@@ -904,8 +904,8 @@ fn rebuild_indexes_when_placed(context: &Arc<NodeContext>, stop: tokio_util::syn
     });
 }
 
-/// Registers a gauge without labels computed from the node context at each scrape.
-/// A gauge with one series per data shard, labelled `shard`.
+/// Registers a gauge with one series per data shard, labelled `shard`, computed from each shard
+/// group at each scrape (a shard this node holds no replica of reports its empty replica).
 fn shard_gauge(
     context: &Arc<NodeContext>,
     name: &str,
@@ -925,6 +925,7 @@ fn shard_gauge(
     )));
 }
 
+/// Registers a gauge without labels computed from the node context at each scrape.
 fn node_gauge(
     context: &Arc<NodeContext>,
     name: &str,

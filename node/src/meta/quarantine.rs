@@ -50,7 +50,6 @@ impl QuarantineRules {
         }
     }
 
-    /// Decides, for each draft, whether it is quarantined, and records why in the draft.
     /// Whether screening may read claims (the protected-claim rule is on and some agent has
     /// authority). When not, [`QuarantineRules::screen`] does no I/O: memory lookups only, cheap
     /// enough to run on an async worker.
@@ -58,6 +57,7 @@ impl QuarantineRules {
         self.protect_authority_level != 0 && policy.has_authorities()
     }
 
+    /// Decides, for each draft, whether it is quarantined, and records why in the draft.
     pub fn screen(&self, policy: &Policy, reader: &dyn RecentClaims, drafts: &mut [AssertionDraft], now_us: u64) {
         for draft in drafts.iter_mut() {
             draft.quarantine = self.decide(policy, reader, draft, now_us);

@@ -332,18 +332,31 @@ async fn send_batch(
     }
 }
 
-/// One message's answer in a batch, as an unbatched call would have returned it.
+/// A batch's answer to one message (the receiver's side): its payload, or the status an
+/// unbatched call would have failed with, its StemeDB error code included.
+pub fn batch_reply(group_id: u32, result: Result<Vec<u8>, tonic::Status>) -> GroupReply {
+    match result {
+        Ok(payload) => GroupReply { group_id, payload, ..GroupReply::default() },
+        Err(status) => GroupReply {
+            group_id,
+            payload: Vec::new(),
+            status_code: status.code() as i32,
+            status_message: status.message().to_string(),
+            error_code: crate::error::ErrorCode::of_status(&status).map(|c| c.as_str().to_string()).unwrap_or_default(),
+        },
+    }
+}
+
+/// One message's answer in a batch (the sender's side), as an unbatched call would have
+/// returned it: the inverse of [`batch_reply`].
 fn reply_result(reply: GroupReply) -> Result<Vec<u8>, tonic::Status> {
     if reply.status_code == 0 {
         return Ok(reply.payload);
     }
-    let code = tonic::Code::from(reply.status_code);
-    let mut status = match crate::error::ErrorCode::from_name(&reply.error_code) {
-        Some(error) => error.to_status(reply.status_message),
-        None => tonic::Status::new(code, reply.status_message),
-    };
-    if status.code() != code {
-        status = tonic::Status::with_metadata(code, status.message().to_string(), status.metadata().clone());
+    let mut status = tonic::Status::new(tonic::Code::from(reply.status_code), reply.status_message);
+    let code = Some(reply.error_code.as_str()).filter(|code| !code.is_empty());
+    if let Some(value) = code.and_then(|code| tonic::metadata::MetadataValue::try_from(code).ok()) {
+        status.metadata_mut().insert(crate::error::GRPC_CODE_KEY, value);
     }
     Err(status)
 }
@@ -386,7 +399,7 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
     use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
     use stemedb_proto::raft::GroupReplies;
@@ -444,18 +457,7 @@ mod tests {
             self.batches.lock().push(messages.len());
             let replies = messages
                 .iter()
-                .map(|message| match FakePeer::answer(message) {
-                    Ok(answer) => {
-                        GroupReply { group_id: answer.group_id, payload: answer.payload, ..Default::default() }
-                    }
-                    Err(status) => GroupReply {
-                        group_id: message.group_id,
-                        status_code: status.code() as i32,
-                        status_message: status.message().to_string(),
-                        error_code: ErrorCode::of_status(&status).map(|c| c.as_str().to_string()).unwrap_or_default(),
-                        ..Default::default()
-                    },
-                })
+                .map(|message| batch_reply(message.group_id, FakePeer::answer(message).map(|answer| answer.payload)))
                 .collect();
             Ok(Response::new(GroupReplies { replies }))
         }
@@ -599,14 +601,14 @@ mod tests {
         for call in held {
             assert!(call.await.expect("join").1.is_ok(), "a lone message goes unbatched");
         }
-        let refused = AtomicBool::new(false);
+        let mut refused = false;
         for call in batched {
             if let Err(status) = call.await.expect("join").1 {
                 assert_eq!(status.code(), tonic::Code::Unimplemented);
-                refused.store(true, Ordering::Relaxed);
+                refused = true;
             }
         }
-        assert!(refused.load(Ordering::Relaxed), "the batch reached the peer and was refused");
+        assert!(refused, "the batch reached the peer and was refused");
         let before = *h.singles.lock();
         for call in sends(&batcher, 10..20) {
             assert!(call.await.expect("join").1.is_ok());

@@ -8,14 +8,14 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-use stemedb_proto::raft::{GroupBatch, GroupMessage, GroupReplies, GroupReply};
+use stemedb_proto::raft::{GroupBatch, GroupMessage, GroupReplies};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::id::MAX_ITEMS_PER_ENTRY;
 use crate::model::ModelError;
-use crate::raft::network::MAX_MESSAGE_BYTES;
+use crate::raft::network::{batch_reply, MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES};
 use crate::raft::types::{GroupAdmin, Raft};
 use crate::raft::ShardSet;
 use crate::shard::command::ShardCommand;
@@ -93,21 +93,6 @@ impl RaftService {
     }
 }
 
-/// A batch's answer to one message: its payload, or the status an unbatched call would have
-/// failed with (its StemeDB error code included).
-fn reply_of(group_id: u32, result: Result<GroupMessage, Status>) -> GroupReply {
-    match result {
-        Ok(message) => GroupReply { group_id, payload: message.payload, ..GroupReply::default() },
-        Err(status) => GroupReply {
-            group_id,
-            payload: Vec::new(),
-            status_code: status.code() as i32,
-            status_message: status.message().to_string(),
-            error_code: ErrorCode::of_status(&status).map(|c| c.as_str().to_string()).unwrap_or_default(),
-        },
-    }
-}
-
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
     async fn append_entries(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
@@ -116,18 +101,18 @@ impl RaftTransport for RaftService {
 
     async fn append_entries_batch(&self, request: Request<GroupBatch>) -> Result<Response<GroupReplies>, Status> {
         let messages = request.into_inner().messages;
-        if messages.len() > crate::raft::network::MAX_BATCH_MESSAGES {
+        if messages.len() > MAX_BATCH_MESSAGES {
             return Err(ErrorCode::BatchTooLarge.to_status(format!(
                 "a batch of {} messages; at most {}",
                 messages.len(),
-                crate::raft::network::MAX_BATCH_MESSAGES
+                MAX_BATCH_MESSAGES
             )));
         }
         // Each group's Raft handles its own message; they wait on their own log flushes, so
         // they run together and the batch answers when the slowest has.
         let replies = futures::future::join_all(messages.into_iter().map(|message| async move {
             let group_id = message.group_id;
-            reply_of(group_id, self.append_one(message).await)
+            batch_reply(group_id, self.append_one(message).await.map(|answer| answer.payload))
         }))
         .await;
         Ok(Response::new(GroupReplies { replies }))
