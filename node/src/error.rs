@@ -223,6 +223,8 @@ error_codes! {
     UnexpectedResponse = "unexpected_response", 500, Internal, final;
     /// internal: storage stats could not be encoded
     EncodingFailed = "encoding_failed", 500, Internal, final;
+    /// internal: an inter-node message (port 18182) could not be decoded; names the field
+    MalformedMessage = "malformed_message", 400, InvalidArgument, final;
     /// a signed value or source has no canonical JSON form
     ValueNotCanonical = "value_not_canonical", 422, InvalidArgument, final;
     /// no replica move of that shard to act on

@@ -16,8 +16,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
-use stemedb_proto::raft::GroupMessage;
 
 use super::shards::ShardSet;
 use super::types::{GroupId, NodeId};
@@ -27,22 +25,19 @@ use crate::model::id::now_us;
 pub const IDLE_AFTER: Duration = Duration::from_secs(3);
 
 /// What a node tells each peer once per heartbeat interval.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct NodeHeartbeat {
     pub from: NodeId,
     /// Groups `from` leads whose own heartbeats are paused.
     pub hibernating: Vec<GroupId>,
     /// `from` started on an empty data dir and waits to hear from its groups' leaders (see
     /// `ShardSet::arm_vote_guards`): leaders wake the groups it belongs to so it catches up.
-    #[serde(default)]
     pub recovering: bool,
     /// `from` is shutting down (`ShardSet::begin_leaving`): peers stop counting it as up, so
     /// their leader balancers do not hand it leaderships it would only hand back.
-    #[serde(default)]
     pub leaving: bool,
     /// The last log index of each of `from`'s replicas, by group: who should campaign when a
     /// leader goes silent (`raft::takeover`).
-    #[serde(default)]
     pub logs: Vec<(GroupId, u64)>,
 }
 
@@ -166,7 +161,7 @@ impl ShardSet {
             leaving: self.is_leaving(),
             logs,
         };
-        let Ok(payload) = serde_json::to_vec(&heartbeat) else { return };
+        let message = super::wire::heartbeat::heartbeat_to_proto(&heartbeat);
         // Each peer gets its own send, and a peer whose last send has not finished is skipped
         // this round: a dead or cut-off peer must not delay the heartbeats of the live ones
         // (`raft::takeover` relies on them), nor pile up sends.
@@ -177,7 +172,7 @@ impl ShardSet {
                 continue;
             }
             let Ok(mut client) = self.peers().client(&addr) else { continue };
-            let mut request = tonic::Request::new(GroupMessage { group_id: 0, payload: payload.clone() });
+            let mut request = tonic::Request::new(message.clone());
             request.set_timeout(election_timeout / 2);
             let send = self.tasks.spawn(async move {
                 let _ = client.node_heartbeat(request).await;

@@ -2,7 +2,9 @@
 //! RocksDB. Appends are group-committed: readable at once, acknowledged to openraft only after
 //! the fsync that covers them (see `storage::group_commit`). The tail of the log is also kept in
 //! memory ([`RecentEntries`]): replication and apply read just-appended entries from it, on the
-//! calling task, without a storage read or a decode.
+//! calling task, without a storage read or a decode. Entries are stored in their binary form
+//! (`wire::encode_entry`: a version byte and protobuf); entries an earlier version stored as
+//! JSON still read.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -158,7 +160,7 @@ impl LogStore {
     }
 
     fn decode(bytes: &[u8]) -> Result<Entry, StorageIoError> {
-        serde_json::from_slice(bytes).map_err(read_error)
+        super::wire::decode_entry(bytes).map_err(read_error)
     }
 }
 
@@ -287,7 +289,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::new();
         let mut appended = Vec::new();
         for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(write_error)?;
+            let bytes = super::wire::encode_entry(&entry);
             let size = bytes.len();
             batch.put(ColumnFamily::RaftLog, keys::log_key(self.group, entry.log_id.index), bytes);
             appended.push((entry, size));

@@ -14,5 +14,6 @@ pub mod shards;
 pub mod state_machine;
 pub mod takeover;
 pub mod types;
+pub mod wire;
 
 pub use shards::{RaftSettings, ShardGroup, ShardSet};

@@ -18,15 +18,15 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use parking_lot::Mutex;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use stemedb_proto::raft::raft_transport_client::RaftTransportClient;
-use stemedb_proto::raft::{GroupBatch, GroupMessage, GroupReply};
+use stemedb_proto::raft::{AppendBatch, AppendBatchItem, AppendReply, AppendRequest};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use super::metrics as raft_metrics;
 use super::types::{GroupId, NodeId, TypeConfig};
+use super::wire::replication as wire;
+use super::wire::WireError;
 
 /// Largest gRPC message either side accepts (log batches and snapshot chunks stay far below).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -59,7 +59,7 @@ pub struct PeerChannels {
     overrides: HashMap<String, String>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("invalid peer address {0:?}")]
 pub struct InvalidPeerAddress(pub String);
 
@@ -137,11 +137,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct CodecError(String);
-
-/// Which RPC of the transport to call.
+/// Which RPC of the transport a call is (its metric label).
 #[derive(Clone, Copy)]
 enum Rpc {
     AppendEntries,
@@ -159,54 +155,43 @@ impl Rpc {
     }
 }
 
+type RaftRpcError<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
 impl GrpcConnection {
-    async fn call<Req, Resp, E>(
-        &mut self,
+    fn client(&mut self) -> Result<&mut RaftTransportClient<Channel>, InvalidPeerAddress> {
+        self.client.as_mut().map_err(|e| e.clone())
+    }
+
+    /// Times the call, counts its failure, and turns the peer's answer into openraft's: a
+    /// transport failure is the network's, a failure the peer's group reported is remote.
+    async fn finish<T, R, E>(
+        &self,
         rpc: Rpc,
-        request: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+        decode: impl FnOnce(T) -> Result<Result<R, RaftError<NodeId, E>>, WireError>,
+    ) -> Result<R, RaftRpcError<E>>
     where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
+        E: std::error::Error,
     {
-        let client = match &mut self.client {
-            Ok(client) => client,
-            Err(error) => return Err(RPCError::Unreachable(Unreachable::new(error))),
-        };
-        let payload = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let message = GroupMessage { group_id: self.group, payload };
-        let started = std::time::Instant::now();
-        let result = match (rpc, &self.batcher) {
-            (Rpc::AppendEntries, Ok(batcher)) => batcher.append(message, timeout).await,
-            _ => {
-                let mut message = tonic::Request::new(message);
-                message.set_timeout(timeout);
-                match rpc {
-                    Rpc::AppendEntries => client.append_entries(message).await,
-                    Rpc::Vote => client.vote(message).await,
-                    Rpc::InstallSnapshot => client.install_snapshot(message).await,
-                }
-                .map(|response| response.into_inner().payload)
-            }
-        };
+        let started = Instant::now();
+        let result = call.await;
         raft_metrics::PEER_RPC_DURATION.with_label_values(&[rpc.label()]).observe(started.elapsed().as_secs_f64());
-        let payload = result.map_err(|status| {
+        let reply = result.map_err(|status| {
             raft_metrics::PEER_RPC_ERRORS.with_label_values(&[rpc.label(), &self.target.to_string()]).inc();
             status_to_rpc_error(status)
         })?;
-        let decoded: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
-        decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        let answer = decode(reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
 /// An AppendEntries waiting for its batch.
 struct Pending {
-    message: GroupMessage,
+    message: AppendRequest,
+    /// The message's encoded size (what a batch is bounded by).
+    bytes: usize,
     deadline: Instant,
-    reply: oneshot::Sender<Result<Vec<u8>, tonic::Status>>,
+    reply: oneshot::Sender<Result<AppendReply, tonic::Status>>,
 }
 
 /// Sends the AppendEntries of every group to one peer, batched: up to [`BATCHES_IN_FLIGHT`]
@@ -226,13 +211,14 @@ impl PeerBatcher {
         PeerBatcher { queue }
     }
 
-    /// Sends `message` in the next batch and returns the peer's answer payload.
-    async fn append(&self, message: GroupMessage, timeout: Duration) -> Result<Vec<u8>, tonic::Status> {
+    /// Sends `message` in the next batch and returns the peer's answer.
+    async fn append(&self, message: AppendRequest, timeout: Duration) -> Result<AppendReply, tonic::Status> {
         let deadline = Instant::now() + timeout;
         let (reply, answer) = oneshot::channel();
+        let bytes = prost::Message::encoded_len(&message);
         let sent = async {
             self.queue
-                .send(Pending { message, deadline, reply })
+                .send(Pending { message, bytes, deadline, reply })
                 .await
                 .map_err(|_| tonic::Status::unavailable("the peer's batcher has stopped"))?;
             answer.await.map_err(|_| tonic::Status::unavailable("the batch was dropped"))?
@@ -251,12 +237,12 @@ async fn run_batches(client: RaftTransportClient<Channel>, mut waiting: mpsc::Re
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let Some(first) = waiting.recv().await else { return };
-        let mut bytes = first.message.payload.len();
+        let mut bytes = first.bytes;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
             match waiting.try_recv() {
                 Ok(pending) => {
-                    bytes += pending.message.payload.len();
+                    bytes += pending.bytes;
                     batch.push(pending);
                 }
                 Err(_) => break,
@@ -289,7 +275,7 @@ async fn send_batch(
             async move {
                 let mut request = tonic::Request::new(pending.message);
                 request.set_timeout(pending.deadline.saturating_duration_since(Instant::now()));
-                let result = client.append_entries(request).await.map(|r| r.into_inner().payload);
+                let result = client.append_entries(request).await.map(tonic::Response::into_inner);
                 let _ = pending.reply.send(result);
             }
         }))
@@ -297,10 +283,10 @@ async fn send_batch(
         return;
     }
     let deadline = batch.iter().map(|pending| pending.deadline).max().unwrap_or_else(Instant::now);
-    let (messages, waiters): (Vec<GroupMessage>, Vec<_>) =
+    let (messages, waiters): (Vec<AppendRequest>, Vec<_>) =
         batch.into_iter().map(|pending| (pending.message, pending.reply)).unzip();
     let count = messages.len();
-    let mut request = tonic::Request::new(GroupBatch { messages });
+    let mut request = tonic::Request::new(AppendBatch { messages });
     request.set_timeout(deadline.saturating_duration_since(Instant::now()));
     match client.append_entries_batch(request).await {
         Ok(response) => {
@@ -332,14 +318,14 @@ async fn send_batch(
     }
 }
 
-/// A batch's answer to one message (the receiver's side): its payload, or the status an
+/// A batch's answer to one message (the receiver's side): its reply, or the status an
 /// unbatched call would have failed with, its StemeDB error code included.
-pub fn batch_reply(group_id: u32, result: Result<Vec<u8>, tonic::Status>) -> GroupReply {
+pub fn batch_reply(group_id: u32, result: Result<AppendReply, tonic::Status>) -> AppendBatchItem {
     match result {
-        Ok(payload) => GroupReply { group_id, payload, ..GroupReply::default() },
-        Err(status) => GroupReply {
+        Ok(reply) => AppendBatchItem { group_id, reply: Some(reply), ..AppendBatchItem::default() },
+        Err(status) => AppendBatchItem {
             group_id,
-            payload: Vec::new(),
+            reply: None,
             status_code: status.code() as i32,
             status_message: status.message().to_string(),
             error_code: crate::error::ErrorCode::of_status(&status).map(|c| c.as_str().to_string()).unwrap_or_default(),
@@ -349,9 +335,9 @@ pub fn batch_reply(group_id: u32, result: Result<Vec<u8>, tonic::Status>) -> Gro
 
 /// One message's answer in a batch (the sender's side), as an unbatched call would have
 /// returned it: the inverse of [`batch_reply`].
-fn reply_result(reply: GroupReply) -> Result<Vec<u8>, tonic::Status> {
+fn reply_result(reply: AppendBatchItem) -> Result<AppendReply, tonic::Status> {
     if reply.status_code == 0 {
-        return Ok(reply.payload);
+        return reply.reply.ok_or_else(|| tonic::Status::internal("a batch reply without its answer"));
     }
     let mut status = tonic::Status::new(tonic::Code::from(reply.status_code), reply.status_message);
     let code = Some(reply.error_code.as_str()).filter(|code| !code.is_empty());
@@ -375,25 +361,40 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(Rpc::AppendEntries, &rpc, option.hard_ttl()).await
+    ) -> Result<AppendEntriesResponse<NodeId>, RaftRpcError> {
+        let message = wire::append_to_proto(self.group, &rpc);
+        let timeout = option.hard_ttl();
+        let call = async {
+            match &self.batcher {
+                Ok(batcher) => batcher.append(message, timeout).await,
+                Err(error) => Err(tonic::Status::unavailable(error.to_string())),
+            }
+        };
+        self.finish(Rpc::AppendEntries, call, wire::append_reply_from_proto).await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
-        self.call(Rpc::InstallSnapshot, &rpc, option.hard_ttl()).await
+    ) -> Result<InstallSnapshotResponse<NodeId>, RaftRpcError<InstallSnapshotError>> {
+        let mut client = self.client().map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?.clone();
+        let mut request = tonic::Request::new(wire::snapshot_to_proto(self.group, rpc));
+        request.set_timeout(option.hard_ttl());
+        let call = async { client.install_snapshot(request).await.map(tonic::Response::into_inner) };
+        self.finish(Rpc::InstallSnapshot, call, wire::snapshot_reply_from_proto).await
     }
 
     async fn vote(
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    ) -> Result<VoteResponse<NodeId>, RaftRpcError> {
+        let mut client = self.client().map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?.clone();
+        let mut request = tonic::Request::new(wire::vote_request_to_proto(self.group, &rpc));
+        request.set_timeout(option.hard_ttl());
+        let call = async { client.vote(request).await.map(tonic::Response::into_inner) };
+        self.finish(Rpc::Vote, call, wire::vote_reply_from_proto).await
     }
 }
 
@@ -402,13 +403,16 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-    use stemedb_proto::raft::GroupReplies;
+    use stemedb_proto::raft::{
+        AppendBatchReply, GroupMessage, Heartbeat, HeartbeatAck, InstallSnapshotReply,
+        InstallSnapshotRequest as PbSnapshot, PartialSuccess, VoteReply, VoteRequest as PbVote,
+    };
     use tonic::{Request, Response, Status};
 
     use super::*;
     use crate::error::ErrorCode;
 
-    /// A peer that answers each AppendEntries with its payload reversed, refuses group 404 as
+    /// A peer that answers each AppendEntries with a partial success at 7 times its group id, refuses group 404 as
     /// an unknown shard, records the size of every batch, and holds every call until the test
     /// opens its gate.
     struct FakePeer {
@@ -427,13 +431,11 @@ mod tests {
             let _ = gate.wait_for(|open| *open).await;
         }
 
-        fn answer(message: &GroupMessage) -> Result<GroupMessage, Status> {
+        fn answer(message: &AppendRequest) -> Result<AppendReply, Status> {
             if message.group_id == 404 {
                 return Err(ErrorCode::UnknownShard.to_status("group 404 is not hosted here"));
             }
-            let mut payload = message.payload.clone();
-            payload.reverse();
-            Ok(GroupMessage { group_id: message.group_id, payload })
+            Ok(expected(message.group_id))
         }
     }
 
@@ -443,28 +445,29 @@ mod tests {
 
     #[tonic::async_trait]
     impl RaftTransport for FakePeer {
-        async fn append_entries(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn append_entries(&self, request: Request<AppendRequest>) -> Result<Response<AppendReply>, Status> {
             self.wait_for_gate().await;
             *self.singles.lock() += 1;
             FakePeer::answer(request.get_ref()).map(Response::new)
         }
-        async fn append_entries_batch(&self, request: Request<GroupBatch>) -> Result<Response<GroupReplies>, Status> {
+        async fn append_entries_batch(
+            &self,
+            request: Request<AppendBatch>,
+        ) -> Result<Response<AppendBatchReply>, Status> {
             if !self.knows_batches {
                 return unused();
             }
             self.wait_for_gate().await;
             let messages = request.into_inner().messages;
             self.batches.lock().push(messages.len());
-            let replies = messages
-                .iter()
-                .map(|message| batch_reply(message.group_id, FakePeer::answer(message).map(|answer| answer.payload)))
-                .collect();
-            Ok(Response::new(GroupReplies { replies }))
+            let replies =
+                messages.iter().map(|message| batch_reply(message.group_id, FakePeer::answer(message))).collect();
+            Ok(Response::new(AppendBatchReply { replies }))
         }
-        async fn vote(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn vote(&self, _: Request<PbVote>) -> Result<Response<VoteReply>, Status> {
             unused()
         }
-        async fn install_snapshot(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn install_snapshot(&self, _: Request<PbSnapshot>) -> Result<Response<InstallSnapshotReply>, Status> {
             unused()
         }
         async fn propose(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
@@ -479,12 +482,19 @@ mod tests {
         async fn campaign(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
             unused()
         }
-        async fn node_heartbeat(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn node_heartbeat(&self, _: Request<Heartbeat>) -> Result<Response<HeartbeatAck>, Status> {
             unused()
         }
         async fn shard_read(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
             unused()
         }
+    }
+
+    /// The peer's answer to a message of `group`.
+    fn expected(group: u32) -> AppendReply {
+        use stemedb_proto::raft::append_reply::Result as R;
+        let matching = stemedb_proto::raft::LogId { term: 1, node_id: 2, index: u64::from(group) * 7 };
+        AppendReply { result: Some(R::PartialSuccess(PartialSuccess { matching: Some(matching) })) }
     }
 
     struct Harness {
@@ -522,7 +532,7 @@ mod tests {
     async fn fill_slots(
         h: &Harness,
         batcher: &PeerBatcher,
-    ) -> Vec<tokio::task::JoinHandle<(u32, Result<Vec<u8>, Status>)>> {
+    ) -> Vec<tokio::task::JoinHandle<(u32, Result<AppendReply, Status>)>> {
         let mut held = Vec::new();
         for group in 0..BATCHES_IN_FLIGHT as u32 {
             held.extend(sends(batcher, group..group + 1));
@@ -547,12 +557,12 @@ mod tests {
     fn sends(
         batcher: &PeerBatcher,
         groups: std::ops::Range<u32>,
-    ) -> Vec<tokio::task::JoinHandle<(u32, Result<Vec<u8>, Status>)>> {
+    ) -> Vec<tokio::task::JoinHandle<(u32, Result<AppendReply, Status>)>> {
         groups
             .map(|group| {
                 let batcher = batcher.clone();
                 tokio::spawn(async move {
-                    let message = GroupMessage { group_id: group, payload: format!("g{group}-x").into_bytes() };
+                    let message = AppendRequest { group_id: group, ..AppendRequest::default() };
                     (group, batcher.append(message, Duration::from_secs(30)).await)
                 })
             })
@@ -579,9 +589,7 @@ mod tests {
                 assert_eq!(ErrorCode::of_status(&status), Some(ErrorCode::UnknownShard));
                 assert_eq!(status.code(), tonic::Code::NotFound);
             } else {
-                let mut expected = format!("g{group}-x").into_bytes();
-                expected.reverse();
-                assert_eq!(result.expect("answered"), expected, "group {group} got another's answer");
+                assert_eq!(result.expect("answered"), expected(group), "group {group} got another's answer");
             }
         }
         let largest = h.batches.lock().iter().copied().max().unwrap_or(0);

@@ -8,7 +8,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-use stemedb_proto::raft::{GroupBatch, GroupMessage, GroupReplies};
+use stemedb_proto::raft::{
+    AppendBatch, AppendBatchReply, AppendReply, AppendRequest, GroupMessage, Heartbeat, HeartbeatAck,
+    InstallSnapshotReply, InstallSnapshotRequest, VoteReply, VoteRequest,
+};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
@@ -17,6 +20,8 @@ use crate::model::id::MAX_ITEMS_PER_ENTRY;
 use crate::model::ModelError;
 use crate::raft::network::{batch_reply, MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES};
 use crate::raft::types::{GroupAdmin, Raft};
+use crate::raft::wire::heartbeat::heartbeat_from_proto;
+use crate::raft::wire::replication as wire;
 use crate::raft::ShardSet;
 use crate::shard::command::ShardCommand;
 use crate::shard::ConsensusError;
@@ -83,23 +88,24 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 impl RaftService {
-    /// One AppendEntries, batched or not.
-    async fn append_one(&self, message: GroupMessage) -> Result<GroupMessage, Status> {
-        let raft = self.raft(message.group_id)?;
-        let request: openraft::raft::AppendEntriesRequest<crate::raft::types::TypeConfig> = decode(&message)?;
-        self.shards.note_leader_commit(self.shard(message.group_id)?, request.leader_commit.map(|l| l.index));
+    /// One AppendRequest, batched or not.
+    async fn append_one(&self, message: AppendRequest) -> Result<AppendReply, Status> {
+        let group_id = message.group_id;
+        let raft = self.raft(group_id)?;
+        let request = wire::append_from_proto(message).map_err(|e| e.to_status())?;
+        self.shards.note_leader_commit(self.shard(group_id)?, request.leader_commit.map(|l| l.index));
         let result = raft.append_entries(request).await;
-        encode(message.group_id, &result).map(Response::into_inner)
+        Ok(wire::append_reply_to_proto(&result))
     }
 }
 
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
-    async fn append_entries(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+    async fn append_entries(&self, request: Request<AppendRequest>) -> Result<Response<AppendReply>, Status> {
         self.append_one(request.into_inner()).await.map(Response::new)
     }
 
-    async fn append_entries_batch(&self, request: Request<GroupBatch>) -> Result<Response<GroupReplies>, Status> {
+    async fn append_entries_batch(&self, request: Request<AppendBatch>) -> Result<Response<AppendBatchReply>, Status> {
         let messages = request.into_inner().messages;
         if messages.len() > MAX_BATCH_MESSAGES {
             return Err(ErrorCode::BatchTooLarge.to_status(format!(
@@ -112,28 +118,31 @@ impl RaftTransport for RaftService {
         // they run together and the batch answers when the slowest has.
         let replies = futures::future::join_all(messages.into_iter().map(|message| async move {
             let group_id = message.group_id;
-            batch_reply(group_id, self.append_one(message).await.map(|answer| answer.payload))
+            batch_reply(group_id, self.append_one(message).await)
         }))
         .await;
-        Ok(Response::new(GroupReplies { replies }))
+        Ok(Response::new(AppendBatchReply { replies }))
     }
 
-    async fn vote(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+    async fn vote(&self, request: Request<VoteRequest>) -> Result<Response<VoteReply>, Status> {
         let message = request.into_inner();
         let raft = self.raft(message.group_id)?;
         if !self.shards.may_vote(self.shard(message.group_id)?) {
             return Err(ErrorCode::ReplicaCatchingUp
                 .to_status("this node lost its data and is catching up; it does not vote until it has"));
         }
-        let result = raft.vote(decode(&message)?).await;
-        encode(message.group_id, &result)
+        let result = raft.vote(wire::vote_request_from_proto(message).map_err(|e| e.to_status())?).await;
+        Ok(Response::new(wire::vote_reply_to_proto(&result)))
     }
 
-    async fn install_snapshot(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<InstallSnapshotRequest>,
+    ) -> Result<Response<InstallSnapshotReply>, Status> {
         let message = request.into_inner();
         let raft = self.raft(message.group_id)?;
-        let result = raft.install_snapshot(decode(&message)?).await;
-        encode(message.group_id, &result)
+        let result = raft.install_snapshot(wire::snapshot_from_proto(message).map_err(|e| e.to_status())?).await;
+        Ok(Response::new(wire::snapshot_reply_to_proto(&result)))
     }
 
     async fn propose(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
@@ -172,11 +181,9 @@ impl RaftTransport for RaftService {
         encode(message.group_id, &result)
     }
 
-    async fn node_heartbeat(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
-        let message = request.into_inner();
-        let heartbeat: crate::raft::hibernation::NodeHeartbeat = decode(&message)?;
-        self.shards.on_node_heartbeat(&heartbeat);
-        encode(0, &())
+    async fn node_heartbeat(&self, request: Request<Heartbeat>) -> Result<Response<HeartbeatAck>, Status> {
+        self.shards.on_node_heartbeat(&heartbeat_from_proto(request.into_inner()));
+        Ok(Response::new(HeartbeatAck {}))
     }
 
     async fn shard_read(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {

@@ -56,6 +56,8 @@ pub enum Fault {
     Read(StorageError),
     #[error("a stored record of the shard is damaged: {0}")]
     Damaged(serde_json::Error),
+    #[error("a stored assertion of the shard is damaged: {0}")]
+    DamagedAssertion(super::codec::CodecError),
     #[error("encoding a record failed: {0}")]
     Encode(serde_json::Error),
     #[error("writing the applied batch failed: {0}")]
@@ -87,6 +89,8 @@ pub enum LoadError {
     Read(#[source] StorageError),
     #[error("a stored record of the meta group is damaged: {0}")]
     Damaged(#[source] serde_json::Error),
+    #[error("a stored assertion is damaged: {0}")]
+    DamagedAssertion(#[source] super::codec::CodecError),
 }
 
 impl From<Fault> for LoadError {
@@ -94,6 +98,7 @@ impl From<Fault> for LoadError {
         match fault {
             Fault::Read(error) | Fault::Write(error) => LoadError::Read(error),
             Fault::Damaged(error) | Fault::Encode(error) => LoadError::Damaged(error),
+            Fault::DamagedAssertion(error) => LoadError::DamagedAssertion(error),
         }
     }
 }
@@ -356,7 +361,7 @@ impl Applier {
             return Ok(None);
         }
         match overlay.get(ColumnFamily::StateMachine, &keys::assertion_key(self.group, id))? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(Fault::Damaged),
+            Some(bytes) => super::codec::decode_assertion(&bytes).map(Some).map_err(Fault::DamagedAssertion),
             None => Ok(None),
         }
     }
@@ -527,7 +532,7 @@ impl Applier {
             overlay.put_visible(
                 ColumnFamily::StateMachine,
                 keys::assertion_key(self.group, id),
-                serde_json::to_vec(&record).map_err(Fault::Encode)?,
+                super::codec::encode_assertion(&record),
             );
             indexed += 1;
             results.push(Ok(outcome));

@@ -59,7 +59,7 @@ fn corrupt(message: &str) -> StorageError {
 }
 
 fn decode(bytes: &[u8]) -> Result<StoredAssertion, StorageError> {
-    serde_json::from_slice(bytes).map_err(|e| corrupt(&format!("assertion record: {e}")))
+    super::codec::decode_assertion(bytes).map_err(|e| corrupt(&format!("assertion record: {e}")))
 }
 
 /// Whether a quarantined claim still awaits a decision (not released, not retracted).

@@ -165,7 +165,7 @@ impl ShardReader {
     }
 
     fn decode_assertion(bytes: &[u8]) -> Result<StoredAssertion, StorageError> {
-        serde_json::from_slice(bytes).map_err(|e| corrupt(&format!("assertion record: {e}")))
+        super::codec::decode_assertion(bytes).map_err(|e| corrupt(&format!("assertion record: {e}")))
     }
 
     /// An assertion and everything recorded about it, or `None` if this shard has no such id.
