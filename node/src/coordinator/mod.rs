@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::meta::policy::{PolicyCommand, PolicyError, PolicyOutcome};
 use crate::meta::{MetaCommand, MetaError, META_SHARD};
 use crate::model::NodeId;
+use crate::raft::forward::ReplicaRead;
 use crate::raft::metrics as raft_metrics;
 use crate::raft::shards::RETRY_PAUSE;
 use crate::raft::{ShardGroup, ShardSet};
@@ -100,7 +101,7 @@ impl Coordinator for ShardSet {
         let deadline = Instant::now() + timeout;
         let response = if !self.hosts(group) {
             let command = command.once();
-            match self.ask_replicas(group, "write", &command, deadline).await {
+            match self.ask_replicas(group, &command, deadline).await {
                 Err(error) if may_have_arrived(&error) => {
                     Err(ConsensusError::OutcomeUnknown { shard, timeout_ms: timeout.as_millis() as u64 })
                 }
@@ -156,7 +157,7 @@ impl Coordinator for ShardSet {
         group.queries.fetch_add(1, Ordering::Relaxed);
         if !self.hosts(group) {
             let deadline = Instant::now() + timeout;
-            return self.ask_replicas(group, "read", &(read, linearizable), deadline).await;
+            return self.ask_replicas(group, &ReplicaRead { read, linearizable }, deadline).await;
         }
         self.read_local(shard, read, linearizable, timeout).await
     }
@@ -238,7 +239,7 @@ async fn propose_hosted(
         }
         let current = current.once();
         let attempt_deadline = deadline.min(Instant::now() + shards.forward_attempt_timeout);
-        let attempt = shards.ask_leader::<_, ShardResponse>(group, leader, "write", &current, attempt_deadline);
+        let attempt = shards.ask_leader(group, leader, &current, attempt_deadline);
         let outcome = tokio::select! {
             outcome = attempt => Some(outcome),
             // The leader this attempt went to was replaced: the new one gets the same token.

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::{RwLock, RwLockReadGuard};
 
+use super::forward::Campaign;
 use super::shards::{ShardGroup, ShardSet};
 use super::types::{group_of_shard, NodeId};
 use crate::meta::META_SHARD;
@@ -284,7 +285,7 @@ impl ShardSet {
     async fn campaign_for(&self, group: &ShardGroup, target: NodeId) -> Result<(), ConsensusError> {
         let shard = group.shard;
         let deadline = Instant::now() + self.leader_lease * 2;
-        self.ask_leader::<(), ()>(group, target, "campaign", &(), deadline).await?;
+        self.ask_leader(group, target, &Campaign, deadline).await?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let someone_else = |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
             m.current_leader.is_some_and(|leader| leader != self.node_id)

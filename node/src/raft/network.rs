@@ -404,8 +404,9 @@ mod tests {
 
     use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
     use stemedb_proto::raft::{
-        AppendBatchReply, GroupMessage, Heartbeat, HeartbeatAck, InstallSnapshotReply,
-        InstallSnapshotRequest as PbSnapshot, PartialSuccess, VoteReply, VoteRequest as PbVote,
+        AdminGroupRequest, AppendBatchReply, CampaignRequest, DoneReply, Heartbeat, HeartbeatAck, InstallSnapshotReply,
+        InstallSnapshotRequest as PbSnapshot, PartialSuccess, ProposeReply, ProposeRequest, ReadIndexReply,
+        ReadIndexRequest, ShardReadReply, ShardReadRequest, VoteReply, VoteRequest as PbVote,
     };
     use tonic::{Request, Response, Status};
 
@@ -470,22 +471,22 @@ mod tests {
         async fn install_snapshot(&self, _: Request<PbSnapshot>) -> Result<Response<InstallSnapshotReply>, Status> {
             unused()
         }
-        async fn propose(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn propose(&self, _: Request<ProposeRequest>) -> Result<Response<ProposeReply>, Status> {
             unused()
         }
-        async fn read_index(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn read_index(&self, _: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
             unused()
         }
-        async fn admin_group(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn admin_group(&self, _: Request<AdminGroupRequest>) -> Result<Response<DoneReply>, Status> {
             unused()
         }
-        async fn campaign(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn campaign(&self, _: Request<CampaignRequest>) -> Result<Response<DoneReply>, Status> {
             unused()
         }
         async fn node_heartbeat(&self, _: Request<Heartbeat>) -> Result<Response<HeartbeatAck>, Status> {
             unused()
         }
-        async fn shard_read(&self, _: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+        async fn shard_read(&self, _: Request<ShardReadRequest>) -> Result<Response<ShardReadReply>, Status> {
             unused()
         }
     }

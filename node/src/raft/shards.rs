@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
+use super::forward::{Campaign, Forward, ReadIndex};
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
@@ -30,7 +31,6 @@ use crate::shard::claims_cache::RenderedSlot;
 use crate::shard::reader::{ClaimsRead, ShardReader};
 use crate::shard::ConsensusError;
 use crate::storage::Storage;
-use stemedb_proto::raft::GroupMessage;
 
 /// How long a forwarding node waits before sending a proposal again after a failure that did
 /// not name a new leader.
@@ -585,34 +585,27 @@ impl ShardSet {
         group.raft.metrics().borrow().membership_config.membership().get_node(&node).map(|n| n.addr.clone())
     }
 
-    /// Sends a request to another node about a shard over the transport and decodes its answer.
-    pub(crate) async fn ask_leader<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    /// Sends a request to another node about a shard over the transport and returns its answer
+    /// (see `forward` for the kinds of request).
+    pub(crate) async fn ask_leader<F: Forward>(
         &self,
         group: &ShardGroup,
         leader: NodeId,
-        kind: &'static str,
-        request: &Req,
+        request: &F,
         deadline: Instant,
-    ) -> Result<Resp, ConsensusError> {
+    ) -> Result<F::Output, ConsensusError> {
         let shard = group.shard;
+        let kind = F::KIND;
         let unreachable = |message: String| {
             raft_metrics::FORWARDED.with_label_values(&[kind, "unreachable"]).inc();
             ConsensusError::LeaderUnreachable { shard, leader, message }
         };
         let addr = self.addr_of(group, leader).ok_or_else(|| unreachable("no address known for this node".into()))?;
-        let mut client = self.peers.client(&addr).map_err(|e| unreachable(e.to_string()))?;
-        let payload = serde_json::to_vec(request).map_err(|e| unreachable(e.to_string()))?;
-        let mut message = tonic::Request::new(GroupMessage { group_id: group_of_shard(shard), payload });
+        let client = self.peers.client(&addr).map_err(|e| unreachable(e.to_string()))?;
+        let mut message = tonic::Request::new(request.message(group_of_shard(shard)));
         let remaining = deadline.saturating_duration_since(Instant::now());
         message.set_timeout(remaining);
-        let response = match kind {
-            "write" => client.propose(message).await,
-            "admin" => client.admin_group(message).await,
-            "campaign" => client.campaign(message).await,
-            "read" => client.shard_read(message).await,
-            _ => client.read_index(message).await,
-        };
-        let response = response.map_err(|status| {
+        let response = F::call(client, message).await.map_err(|status| {
             // A status with an error code was answered by the peer's handler before it did
             // anything: a definite refusal. Anything else came from the transport and may
             // have followed delivery.
@@ -634,10 +627,9 @@ impl ShardSet {
             let error: openraft::error::RPCError<NodeId, BasicNode, ConsensusError> = status_to_rpc_error(status);
             unreachable(error.to_string())
         })?;
-        let decoded: Result<Resp, ConsensusError> =
-            serde_json::from_slice(&response.into_inner().payload).map_err(|e| unreachable(e.to_string()))?;
-        raft_metrics::FORWARDED.with_label_values(&[kind, if decoded.is_ok() { "ok" } else { "error" }]).inc();
-        decoded
+        let answer = F::answer(response.into_inner()).map_err(|e| unreachable(e.to_string()))?;
+        raft_metrics::FORWARDED.with_label_values(&[kind, if answer.is_ok() { "ok" } else { "error" }]).inc();
+        answer
     }
 
     /// Returns once this node's replica of `group` names a leader other than `leader`, or at
@@ -796,7 +788,7 @@ impl ShardSet {
                 if leader == self.node_id {
                     self.local_read_index(shard).await
                 } else {
-                    self.ask_leader::<(), u64>(group, leader, "read_index", &(), attempt_deadline).await
+                    self.ask_leader(group, leader, &ReadIndex, attempt_deadline).await
                 }
             };
             let outcome = tokio::select! {
@@ -954,7 +946,7 @@ impl ShardSet {
         let group = self.group(shard)?;
         let timeout = deadline.saturating_duration_since(Instant::now());
         if !self.hosts(group) {
-            return self.ask_replicas(group, "admin", &change, deadline).await;
+            return self.ask_replicas(group, &change, deadline).await;
         }
         let leader = self.wait_for_leader(group, deadline).await?;
         if leader == self.node_id {
@@ -964,7 +956,7 @@ impl ShardSet {
                 Err(_) => Err(ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 }),
             };
         }
-        self.ask_leader(group, leader, "admin", &change, deadline).await
+        self.ask_leader(group, leader, &change, deadline).await
     }
 
     /// Runs a membership change on this node, which must lead `shard`.
@@ -1067,13 +1059,12 @@ impl ShardSet {
 
     /// Sends a request about a shard this node does not host to its replicas: the first that
     /// answers, following a "not the leader" answer to the leader it names.
-    pub(crate) async fn ask_replicas<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    pub(crate) async fn ask_replicas<F: Forward>(
         &self,
         group: &ShardGroup,
-        kind: &'static str,
-        request: &Req,
+        request: &F,
         deadline: Instant,
-    ) -> Result<Resp, ConsensusError> {
+    ) -> Result<F::Output, ConsensusError> {
         let shard = group.shard;
         let placed = self.meta().placement.get(&shard).cloned();
         let founding = self.founding.as_ref().and_then(|(_, placement)| placement.get(&shard).cloned());
@@ -1089,7 +1080,7 @@ impl ShardSet {
             if !tried.insert(candidate) {
                 continue;
             }
-            match self.ask_leader::<Req, Resp>(group, candidate, kind, request, deadline).await {
+            match self.ask_leader(group, candidate, request, deadline).await {
                 Err(ConsensusError::NotLeader { leader: Some(leader), .. }) if !tried.contains(&leader) => {
                     candidates.insert(0, leader);
                 }
@@ -1158,7 +1149,7 @@ impl ShardSet {
         let outcome = async {
             tokio::time::sleep(self.leader_lease + Duration::from_millis(100)).await;
             let deadline = Instant::now() + self.leader_lease * 2;
-            self.ask_leader::<(), ()>(group, target, "campaign", &(), deadline).await?;
+            self.ask_leader(group, target, &Campaign, deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let _ = group
                 .raft

@@ -1,8 +1,6 @@
 //! The Raft type configuration shared by every shard group (over the commands of
 //! `shard::command`), and the membership changes a group's leader runs.
 
-use serde::{Deserialize, Serialize};
-
 /// Node ids are u64; a node's Raft address is in its [`openraft::BasicNode`].
 pub use crate::model::NodeId;
 pub use crate::shard::command::{
@@ -28,8 +26,9 @@ pub type LogId = openraft::LogId<NodeId>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type StorageIoError = openraft::StorageError<NodeId>;
 
-/// A membership change of one shard group, run by its leader.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A membership change of one shard group, run by its leader (sent to it in the protobuf form
+/// of `wire::admin`).
+#[derive(Debug, Clone)]
 pub enum GroupAdmin {
     /// Add `node` as a learner, wait until it has caught up, then make it a voter.
     AddVoter { node: NodeId, addr: String },

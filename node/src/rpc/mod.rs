@@ -1,16 +1,18 @@
 //! The inter-node gRPC server on port 18182: Raft messages for every local group, writes
-//! forwarded to a shard leader, and read-index requests from followers. It decodes, hands the
-//! message to the group's Raft or to the shard set, and encodes the answer; it owns no state.
+//! forwarded to a shard leader, read-index requests from followers, membership changes and
+//! campaigns asked of a group's replica, and reads of a shard from nodes that do not host it.
+//! It decodes the typed protobuf message (`raft::wire`), hands it to the group's Raft or to the
+//! shard set, and encodes the answer; it owns no state. A message that does not decode is
+//! refused with `malformed_message` before anything is done.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use stemedb_proto::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
 use stemedb_proto::raft::{
-    AppendBatch, AppendBatchReply, AppendReply, AppendRequest, GroupMessage, Heartbeat, HeartbeatAck,
-    InstallSnapshotReply, InstallSnapshotRequest, VoteReply, VoteRequest,
+    AdminGroupRequest, AppendBatch, AppendBatchReply, AppendReply, AppendRequest, CampaignRequest, DoneReply,
+    Heartbeat, HeartbeatAck, InstallSnapshotReply, InstallSnapshotRequest, ProposeReply, ProposeRequest,
+    ReadIndexReply, ReadIndexRequest, ShardReadReply, ShardReadRequest, VoteReply, VoteRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -19,11 +21,11 @@ use crate::error::ErrorCode;
 use crate::model::id::MAX_ITEMS_PER_ENTRY;
 use crate::model::ModelError;
 use crate::raft::network::{batch_reply, MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES};
-use crate::raft::types::{GroupAdmin, Raft};
+use crate::raft::types::Raft;
 use crate::raft::wire::heartbeat::heartbeat_from_proto;
 use crate::raft::wire::replication as wire;
+use crate::raft::wire::{admin, requests};
 use crate::raft::ShardSet;
-use crate::shard::command::ShardCommand;
 use crate::shard::ConsensusError;
 
 /// The gRPC service over this node's shard set.
@@ -52,17 +54,6 @@ impl RaftService {
         crate::shard::command::shard_of_group(group_id)
             .ok_or_else(|| ErrorCode::UnknownShard.to_status(format!("group {group_id} is not a raft group")))
     }
-}
-
-fn decode<T: DeserializeOwned>(message: &GroupMessage) -> Result<T, Status> {
-    serde_json::from_slice(&message.payload)
-        .map_err(|e| ErrorCode::MalformedJson.to_status(format!("undecodable payload: {e}")))
-}
-
-fn encode<T: Serialize>(group_id: u32, value: &T) -> Result<Response<GroupMessage>, Status> {
-    let payload = serde_json::to_vec(value)
-        .map_err(|e| ErrorCode::EncodingFailed.to_status(format!("unencodable answer: {e}")))?;
-    Ok(Response::new(GroupMessage { group_id, payload }))
 }
 
 /// The deadline a gRPC client set (the `grpc-timeout` header: digits and a unit letter).
@@ -145,13 +136,13 @@ impl RaftTransport for RaftService {
         Ok(Response::new(wire::snapshot_reply_to_proto(&result)))
     }
 
-    async fn propose(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeReply>, Status> {
         // The sender's deadline bounds the proposal here too: an answer nobody waits for any
         // more is work for nothing, and the sender has already sent the token elsewhere.
         let timeout = request_timeout(&request).unwrap_or(self.write_timeout).min(self.write_timeout);
         let message = request.into_inner();
         let shard = self.shard(message.group_id)?;
-        let command: ShardCommand = decode(&message)?;
+        let command = requests::propose_from_proto(message).map_err(|e| e.to_status())?;
         // Checked before proposing: an entry whose items cannot be numbered is refused whole.
         let items = command.item_count();
         let result = if items > MAX_ITEMS_PER_ENTRY {
@@ -163,22 +154,21 @@ impl RaftTransport for RaftService {
             // Forwarded writes are proposed here or refused: never forwarded a second time.
             self.shards.propose_local(shard, command, timeout).await
         };
-        encode(message.group_id, &result)
+        Ok(Response::new(requests::propose_reply_to_proto(&result)))
     }
 
-    async fn admin_group(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+    async fn admin_group(&self, request: Request<AdminGroupRequest>) -> Result<Response<DoneReply>, Status> {
         let message = request.into_inner();
         let shard = self.shard(message.group_id)?;
-        let change: GroupAdmin = decode(&message)?;
-        let result: Result<(), ConsensusError> = self.shards.admin_group_local(shard, change).await;
-        encode(message.group_id, &result)
+        let change = admin::admin_from_proto(message).map_err(|e| e.to_status())?;
+        let result = self.shards.admin_group_local(shard, change).await;
+        Ok(Response::new(requests::done_reply_to_proto(&result)))
     }
 
-    async fn campaign(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
-        let message = request.into_inner();
-        let shard = self.shard(message.group_id)?;
-        let result: Result<(), ConsensusError> = self.shards.campaign_local(shard).await;
-        encode(message.group_id, &result)
+    async fn campaign(&self, request: Request<CampaignRequest>) -> Result<Response<DoneReply>, Status> {
+        let shard = self.shard(request.into_inner().group_id)?;
+        let result = self.shards.campaign_local(shard).await;
+        Ok(Response::new(requests::done_reply_to_proto(&result)))
     }
 
     async fn node_heartbeat(&self, request: Request<Heartbeat>) -> Result<Response<HeartbeatAck>, Status> {
@@ -186,19 +176,18 @@ impl RaftTransport for RaftService {
         Ok(Response::new(HeartbeatAck {}))
     }
 
-    async fn shard_read(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
+    async fn shard_read(&self, request: Request<ShardReadRequest>) -> Result<Response<ShardReadReply>, Status> {
         let message = request.into_inner();
         let shard = self.shard(message.group_id)?;
-        let (read, linearizable): (crate::shard::reader::ShardRead, bool) = decode(&message)?;
+        let (read, linearizable) = requests::shard_read_from_proto(message).map_err(|e| e.to_status())?;
         let result = self.shards.read_local(shard, read, linearizable, self.write_timeout).await;
-        encode(message.group_id, &result)
+        Ok(Response::new(requests::shard_read_reply_to_proto(&result)))
     }
 
-    async fn read_index(&self, request: Request<GroupMessage>) -> Result<Response<GroupMessage>, Status> {
-        let message = request.into_inner();
-        let shard = self.shard(message.group_id)?;
-        let result: Result<u64, ConsensusError> = self.shards.local_read_index(shard).await;
-        encode(message.group_id, &result)
+    async fn read_index(&self, request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
+        let shard = self.shard(request.into_inner().group_id)?;
+        let result = self.shards.local_read_index(shard).await;
+        Ok(Response::new(requests::read_index_reply_to_proto(&result)))
     }
 }
 

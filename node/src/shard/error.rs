@@ -1,7 +1,7 @@
 //! The errors of the request path over the groups (`ConsensusError`), each with its code in the
 //! one table of `crate::error`. Defined here, at the lowest layer that returns them (a shard's
-//! readers refuse over-budget queries and reads of a replica installing a snapshot), and
-//! serializable: a leader's answer to a forwarded request carries one back.
+//! readers refuse over-budget queries and reads of a replica installing a snapshot); a leader's
+//! answer to a forwarded request carries one back, in the protobuf form of `codec::errors`.
 
 use crate::error::ErrorCode;
 use crate::meta::META_SHARD;
@@ -20,8 +20,8 @@ impl std::fmt::Display for GroupLabel {
     }
 }
 
-/// Errors of the consensus layer. Each has a stable code and an HTTP status. Serializable: a
-/// leader's answer to a forwarded request carries it back to the node the client talks to.
+/// Errors of the consensus layer. Each has a stable code and an HTTP status. A leader's answer
+/// to a forwarded request carries it back to the node the client talks to (`codec::errors`).
 #[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ConsensusError {
     #[error("{} has no leader (no quorum); retry later", GroupLabel(*shard))]

@@ -1,10 +1,12 @@
 //! A data shard's replicated state, independent of consensus: the commands its log holds and the
-//! answers applying them gives (`command`), the commands' binary form (`codec`), applying them
-//! at their log position (`apply`) and the counters it raises (`metrics`), the key layout of
-//! the groups in the column families (`keys`), the progress the state machine shares with its
-//! readers (`progress`), the readers (`reader`) and their claims cache (`claims_cache`), index
-//! verification and repair (`index_repair`), the snapshot file format and its streaming
-//! (`snapshot`), and the errors of the request path (`ConsensusError`, in `error`).
+//! answers applying them gives (`command`), the protobuf form of the commands, of the stored
+//! assertions and of what the transport carries about a shard: answers, errors and reads
+//! (`codec`, one submodule per message family), applying commands at their log position
+//! (`apply`) and the counters it raises (`metrics`), the key layout of the groups in the column
+//! families (`keys`), the progress the state machine shares with its readers (`progress`), the
+//! readers (`reader`) and their claims cache (`claims_cache`), index verification and repair
+//! (`index_repair`), the snapshot file format and its streaming (`snapshot`), and the errors of
+//! the request path (`ConsensusError`, in `error`).
 //! It knows nothing of openraft: the adapters from openraft's traits to this state are in `raft`.
 
 pub mod apply;

@@ -23,7 +23,8 @@ pub struct ShardReader {
 }
 
 /// The claims about one concept_path (one predicate, or all of them), as the claims cache
-/// shares them between queries. On the wire (forwarded reads) it is just the groups, as before.
+/// shares them between queries. On the wire (forwarded reads, `codec::read`) it is just the
+/// groups.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct ClaimsRead {

@@ -1,11 +1,16 @@
-//! openraft's types in their protobuf form (`proto/log.proto`, `proto/raft.proto`), one module
-//! per message family: the shared pieces and log entries here, replication, votes and snapshot
-//! chunks in `replication`, node heartbeats in `heartbeat`. Commands are converted by
+//! Everything the transport on port 18182 carries, in its protobuf form (`proto/log.proto`,
+//! `proto/raft.proto`, `proto/request.proto`), one module per message family: openraft's shared
+//! pieces and log entries here, replication, votes and snapshot chunks in `replication`, node
+//! heartbeats in `heartbeat`, the request path's messages (forwarded writes, read barriers,
+//! reads of a shard, and their answers) in `requests`, and a group's membership changes in
+//! `admin`. Commands, answers, reads and errors of the shard layer are converted by
 //! `shard::codec`. A stored log entry is one version byte ([`ENTRY_V1`]) and the protobuf
 //! `Entry`; entries written before the binary form are JSON and start with `{`, and still read.
 
+pub mod admin;
 pub mod heartbeat;
 pub mod replication;
+pub mod requests;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,10 +1,17 @@
-//! The binary form of a shard log's commands and of its stored assertions: [`ShardCommand`] to
-//! and from the protobuf `Command` of `proto/log.proto` (the Raft log stores and the transport
-//! sends commands in this form; `raft::wire` frames whole entries), and [`StoredAssertion`]
-//! records behind a version byte ([`RECORD_V1`]; records an earlier version wrote as JSON start
-//! with `{` and still read). Assertion values and sources stay the client's JSON text. Decoding
-//! checks every range a Rust type has and protobuf does not (a `u8` level, a `u16` shard, a
-//! 16-byte id) and names the field that is out of it.
+//! The binary form of a shard log's commands, of its stored assertions, and of what the
+//! transport carries about a shard: [`ShardCommand`] to and from the protobuf `Command` of
+//! `proto/log.proto` (the Raft log stores and the transport sends commands in this form;
+//! `raft::wire` frames whole entries), [`StoredAssertion`] records behind a version byte
+//! ([`RECORD_V1`]; records an earlier version wrote as JSON start with `{` and still read),
+//! and, one module per message family of `proto/request.proto`, the errors of the request path
+//! (`errors`), the state machine's answers (`response`) and reads of a shard with their
+//! results (`read`). Assertion values and sources stay the client's JSON text. Decoding checks
+//! every range a Rust type has and protobuf does not (a `u8` level, a `u16` shard, a 16-byte
+//! id, a `usize` count) and names the field that is out of it or missing; it never panics.
+
+pub mod errors;
+pub mod read;
+pub mod response;
 
 use std::collections::BTreeMap;
 
@@ -39,13 +46,7 @@ pub const RECORD_V1: u8 = 1;
 
 /// The stored form of an assertion: [`RECORD_V1`], then the protobuf `StoredAssertion`.
 pub fn encode_assertion(record: &StoredAssertion) -> Vec<u8> {
-    let message = pb::StoredAssertion {
-        id: id_bytes(record.id),
-        asserted_at_us: record.asserted_at_us,
-        log_index: record.log_index,
-        draft: Some(draft_to_proto(&record.draft)),
-        quarantined: record.quarantined,
-    };
+    let message = record_to_proto(record);
     let mut bytes = Vec::with_capacity(1 + prost::Message::encoded_len(&message));
     bytes.push(RECORD_V1);
     prost::Message::encode_raw(&message, &mut bytes);
@@ -55,20 +56,32 @@ pub fn encode_assertion(record: &StoredAssertion) -> Vec<u8> {
 /// A stored assertion, in either form.
 pub fn decode_assertion(bytes: &[u8]) -> Result<StoredAssertion, CodecError> {
     match bytes.first() {
-        Some(&RECORD_V1) => {
-            let record: pb::StoredAssertion = prost::Message::decode(&bytes[1..])?;
-            Ok(StoredAssertion {
-                id: id_from("record.id", &record.id)?,
-                asserted_at_us: record.asserted_at_us,
-                log_index: record.log_index,
-                draft: draft_from_proto(record.draft.ok_or(CodecError::Missing("record.draft"))?)?,
-                quarantined: record.quarantined,
-            })
-        }
+        Some(&RECORD_V1) => record_from_proto(prost::Message::decode(&bytes[1..])?),
         Some(b'{') => Ok(serde_json::from_slice(bytes)?),
         Some(version) => Err(CodecError::UnknownVersion(*version)),
         None => Err(CodecError::Empty),
     }
+}
+
+/// The protobuf form of a stored assertion (a record, and the `record` of a claim's facts).
+pub fn record_to_proto(record: &StoredAssertion) -> pb::StoredAssertion {
+    pb::StoredAssertion {
+        id: id_bytes(record.id),
+        asserted_at_us: record.asserted_at_us,
+        log_index: record.log_index,
+        draft: Some(draft_to_proto(&record.draft)),
+        quarantined: record.quarantined,
+    }
+}
+
+pub fn record_from_proto(record: pb::StoredAssertion) -> Result<StoredAssertion, CodecError> {
+    Ok(StoredAssertion {
+        id: id_from("record.id", &record.id)?,
+        asserted_at_us: record.asserted_at_us,
+        log_index: record.log_index,
+        draft: draft_from_proto(record.draft.ok_or(CodecError::Missing("record.draft"))?)?,
+        quarantined: record.quarantined,
+    })
 }
 
 fn invalid(field: &'static str, reason: impl ToString) -> CodecError {
@@ -341,11 +354,7 @@ fn policy_to_proto(proposed_at_us: u64, command: &PolicyCommand) -> pb::PolicyCo
         PolicyCommand::TripBreaker { agent_id, cause, reason, open_for_ms, max_open_ms } => {
             Kind::TripBreaker(pb::TripBreaker {
                 agent_id: agent_id.clone(),
-                cause: match cause {
-                    BreakerCause::Manual => pb::BreakerCause::Manual,
-                    BreakerCause::WriteRate => pb::BreakerCause::WriteRate,
-                    BreakerCause::InvalidRate => pb::BreakerCause::InvalidRate,
-                } as i32,
+                cause: breaker_cause_to_proto(*cause),
                 reason: reason.clone(),
                 open_for_ms: *open_for_ms,
                 max_open_ms: *max_open_ms,
@@ -377,12 +386,7 @@ fn policy_from_proto(command: pb::PolicyCommand) -> Result<PolicyCommand, CodecE
         Kind::Revoke(c) => PolicyCommand::Revoke { grant_id: c.grant_id, by: c.by },
         Kind::TripBreaker(c) => PolicyCommand::TripBreaker {
             agent_id: c.agent_id,
-            cause: match pb::BreakerCause::try_from(c.cause) {
-                Ok(pb::BreakerCause::Manual) => BreakerCause::Manual,
-                Ok(pb::BreakerCause::WriteRate) => BreakerCause::WriteRate,
-                Ok(pb::BreakerCause::InvalidRate) => BreakerCause::InvalidRate,
-                _ => return Err(invalid("trip_breaker.cause", c.cause)),
-            },
+            cause: breaker_cause_from_proto("trip_breaker.cause", c.cause)?,
             reason: c.reason,
             open_for_ms: c.open_for_ms,
             max_open_ms: c.max_open_ms,
@@ -393,17 +397,35 @@ fn policy_from_proto(command: pb::PolicyCommand) -> Result<PolicyCommand, CodecE
     })
 }
 
+fn breaker_cause_to_proto(cause: BreakerCause) -> i32 {
+    let cause = match cause {
+        BreakerCause::Manual => pb::BreakerCause::Manual,
+        BreakerCause::WriteRate => pb::BreakerCause::WriteRate,
+        BreakerCause::InvalidRate => pb::BreakerCause::InvalidRate,
+    };
+    cause as i32
+}
+
+fn breaker_cause_from_proto(field: &'static str, cause: i32) -> Result<BreakerCause, CodecError> {
+    match pb::BreakerCause::try_from(cause) {
+        Ok(pb::BreakerCause::Manual) => Ok(BreakerCause::Manual),
+        Ok(pb::BreakerCause::WriteRate) => Ok(BreakerCause::WriteRate),
+        Ok(pb::BreakerCause::InvalidRate) => Ok(BreakerCause::InvalidRate),
+        _ => Err(invalid(field, cause)),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
 
-    fn text() -> impl Strategy<Value = String> {
+    pub(crate) fn text() -> impl Strategy<Value = String> {
         prop_oneof![Just(String::new()), "[a-z/._-]{1,24}", "\\PC{0,12}"]
     }
 
-    fn json() -> impl Strategy<Value = Box<RawValue>> {
+    pub(crate) fn json() -> impl Strategy<Value = Box<RawValue>> {
         prop_oneof![
             Just("null".to_string()),
             any::<i64>().prop_map(|n| n.to_string()),
@@ -413,12 +435,13 @@ pub(crate) mod tests {
         .prop_map(|s| RawValue::from_string(s).expect("json"))
     }
 
-    fn id() -> impl Strategy<Value = AssertionId> {
-        (any::<u64>(), any::<u16>(), any::<u64>(), any::<u16>())
-            .prop_map(|(at, shard, index, item)| AssertionId::new(at >> 8, shard, index >> 16, item))
+    /// Any 16 bytes: the codec carries ids it does not interpret (`AssertionId::new` would
+    /// refuse, in debug builds, a log index or an item beyond what ids number).
+    pub(crate) fn id() -> impl Strategy<Value = AssertionId> {
+        any::<u128>().prop_map(|bits| AssertionId::from_bytes(&bits.to_be_bytes()).expect("16 bytes"))
     }
 
-    fn draft() -> impl Strategy<Value = AssertionDraft> {
+    pub(crate) fn draft() -> impl Strategy<Value = AssertionDraft> {
         (
             (text(), text(), json(), text(), any::<f64>()),
             (
@@ -448,6 +471,18 @@ pub(crate) mod tests {
                     }
                 },
             )
+    }
+
+    pub(crate) fn record() -> impl Strategy<Value = StoredAssertion> {
+        (draft(), id(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+            |(draft, id, asserted_at_us, log_index, quarantined)| StoredAssertion {
+                id,
+                asserted_at_us,
+                log_index,
+                draft,
+                quarantined,
+            },
+        )
     }
 
     fn meta() -> impl Strategy<Value = MetaCommand> {
