@@ -14,6 +14,10 @@
 # 1 client of single writes, and 64 clients of linearizable reads of those keys. Clients are
 # spread over the three nodes / members. Both clusters run for the whole benchmark; the one not
 # being measured is idle.
+#
+# The machine's floor runs in the same rounds: Debian's nginx on 127.0.0.1-3 answering every
+# request `200 {}` at once (no storage, no replication), loaded by the same client with the same
+# requests as StemeDB. No database over HTTP on these cores can pass its figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +39,7 @@ case "$ROUNDS$SECONDS_PER_RUN" in *[!0-9]*) echo "--rounds and --seconds take wh
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
-for pkg in etcd-server etcd-client python3 curl; do installed "$pkg" || missing+=("$pkg"); done
+for pkg in etcd-server etcd-client nginx python3 curl; do installed "$pkg" || missing+=("$pkg"); done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   SUDO=""
@@ -64,7 +68,7 @@ cleanup() {
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -KILL "$pid" 2>/dev/null || true
   done
-  rm -rf "$WORK/stemedb" "$WORK/etcd"
+  rm -rf "$WORK/stemedb" "$WORK/etcd" "$WORK/floor"
 }
 trap cleanup EXIT
 
@@ -91,24 +95,51 @@ for i in 1 2 3; do
   PIDS+=($!)
 done
 
+# --- the floor: nginx answering every request at once, on 127.0.0.1-3:18190 ---
+mkdir -p "$WORK/floor"
+cat >"$WORK/floor/nginx.conf" <<NGINX
+worker_processes 2;
+pid $WORK/floor/nginx.pid;
+error_log $WORK/floor/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/floor;
+  keepalive_requests 1000000;
+  keepalive_timeout 60s;
+  server {
+    listen 127.0.0.1:18190; listen 127.0.0.2:18190; listen 127.0.0.3:18190;
+    location / { default_type application/json; return 200 '{}'; }
+  }
+}
+NGINX
+nginx -c "$WORK/floor/nginx.conf" -g 'daemon off;' >"$OUT/floor.log" 2>&1 &
+PIDS+=($!)
+
 STEMEDB_URLS="http://127.0.0.1:18180,http://127.0.0.2:18180,http://127.0.0.3:18180"
+FLOOR_URLS="http://127.0.0.1:18190,http://127.0.0.2:18190,http://127.0.0.3:18190"
 ETCD_URLS="http://127.0.0.1:2379,http://127.0.0.2:2379,http://127.0.0.3:2379"
 ready=0
 for _ in $(seq 1 120); do
   if curl -sf -o /dev/null http://127.0.0.1:18181/cluster/health \
     && curl -sf -o /dev/null http://127.0.0.2:18181/cluster/health \
     && curl -sf -o /dev/null http://127.0.0.3:18181/cluster/health \
-    && etcdctl --endpoints="$ETCD_URLS" endpoint health >/dev/null 2>&1; then
+    && etcdctl --endpoints="$ETCD_URLS" endpoint health >/dev/null 2>&1 \
+    && curl -sf -o /dev/null http://127.0.0.3:18190/; then
     ready=1; break
   fi
   sleep 0.5
 done
-[ "$ready" = 1 ] || { echo "the clusters did not become healthy in 60 s; logs in $OUT" >&2; exit 1; }
-echo "both clusters healthy; results in $OUT"
+[ "$ready" = 1 ] || { echo "the clusters (or the floor's nginx) did not come up in 60 s; logs in $OUT" >&2; exit 1; }
+echo "both clusters healthy and the floor up; results in $OUT"
 
 bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json
   local system=$1 workload=$2 round=$3 urls target writers readers
-  if [ "$system" = stemedb ]; then urls=$STEMEDB_URLS; target=stemedb; else urls=$ETCD_URLS; target=etcd; fi
+  case "$system" in
+    stemedb) urls=$STEMEDB_URLS; target=stemedb ;;
+    floor) urls=$FLOOR_URLS; target=stemedb ;;
+    *) urls=$ETCD_URLS; target=etcd ;;
+  esac
   case "$workload" in
     write64) writers=64; readers=0 ;;
     write1) writers=1; readers=0 ;;
@@ -126,7 +157,7 @@ bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json
   --value-size 256 --keys 10000 --prefix vs-etcd --preload --json >/dev/null
 
 for round in $(seq 1 "$ROUNDS"); do
-  if [ $((round % 2)) = 1 ]; then order="stemedb etcd"; else order="etcd stemedb"; fi
+  if [ $((round % 2)) = 1 ]; then order="stemedb etcd floor"; else order="floor etcd stemedb"; fi
   for workload in write64 write1 read64; do
     for system in $order; do
       echo "round $round: $workload on $system"
@@ -143,7 +174,7 @@ print(f"\n{'workload':<32} {'system':<8} {'round':>5} {'ops/s':>9} {'p50 ms':>8}
 summary = []
 for workload, name in names.items():
     med = {}
-    for system in ("stemedb", "etcd"):
+    for system in ("stemedb", "etcd", "floor"):
         runs = []
         for r in range(1, rounds + 1):
             report = json.load(open(f"{out}/{system}-{workload}-{r}.json"))
@@ -153,9 +184,9 @@ for workload, name in names.items():
         med[system] = {k: statistics.median(s[k] for s in runs) for k in ("ops_per_sec", "p50_ms", "p99_ms", "p999_ms")}
     summary.append((name, med))
 print(f"\nmedians over {rounds} round(s)")
-print(f"{'workload':<32} {'StemeDB ops/s':>13} {'p50':>7} {'p99':>7} {'etcd ops/s':>11} {'p50':>7} {'p99':>7} {'ratio':>6}")
+print(f"{'workload':<32} {'StemeDB ops/s':>13} {'p50':>7} {'p99':>7} {'etcd ops/s':>11} {'p50':>7} {'p99':>7} {'ratio':>6} {'floor ops/s':>12} {'p50':>7} {'p99':>7}")
 for name, med in summary:
-    s, e = med["stemedb"], med["etcd"]
+    s, e, f = med["stemedb"], med["etcd"], med["floor"]
     ratio = s["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("nan")
-    print(f"{name:<32} {s['ops_per_sec']:>13.0f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} {e['ops_per_sec']:>11.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} {ratio:>5.2f}x")
+    print(f"{name:<32} {s['ops_per_sec']:>13.0f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} {e['ops_per_sec']:>11.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} {ratio:>5.2f}x {f['ops_per_sec']:>12.0f} {f['p50_ms']:>7.2f} {f['p99_ms']:>7.2f}")
 PY
