@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use super::codec;
 use super::command::{AssertOutcome, EventOutcome, GroupId, ProposalToken, ShardCommand, ShardResponse, TOKEN_TTL_US};
 use super::keys;
 use super::metrics;
@@ -56,8 +57,8 @@ pub enum Fault {
     Read(StorageError),
     #[error("a stored record of the shard is damaged: {0}")]
     Damaged(serde_json::Error),
-    #[error("a stored assertion of the shard is damaged: {0}")]
-    DamagedAssertion(super::codec::CodecError),
+    #[error("a stored record of the shard is damaged: {0}")]
+    DamagedRecord(codec::CodecError),
     #[error("encoding a record failed: {0}")]
     Encode(serde_json::Error),
     #[error("writing the applied batch failed: {0}")]
@@ -89,8 +90,8 @@ pub enum LoadError {
     Read(#[source] StorageError),
     #[error("a stored record of the meta group is damaged: {0}")]
     Damaged(#[source] serde_json::Error),
-    #[error("a stored assertion is damaged: {0}")]
-    DamagedAssertion(#[source] super::codec::CodecError),
+    #[error("a stored record is damaged: {0}")]
+    DamagedRecord(#[source] codec::CodecError),
 }
 
 impl From<Fault> for LoadError {
@@ -98,7 +99,7 @@ impl From<Fault> for LoadError {
         match fault {
             Fault::Read(error) | Fault::Write(error) => LoadError::Read(error),
             Fault::Damaged(error) | Fault::Encode(error) => LoadError::Damaged(error),
-            Fault::DamagedAssertion(error) => LoadError::DamagedAssertion(error),
+            Fault::DamagedRecord(error) => LoadError::DamagedRecord(error),
         }
     }
 }
@@ -361,7 +362,7 @@ impl Applier {
             return Ok(None);
         }
         match overlay.get(ColumnFamily::StateMachine, &keys::assertion_key(self.group, id))? {
-            Some(bytes) => super::codec::decode_assertion(&bytes).map(Some).map_err(Fault::DamagedAssertion),
+            Some(bytes) => codec::decode_assertion(&bytes).map(Some).map_err(Fault::DamagedRecord),
             None => Ok(None),
         }
     }
@@ -471,7 +472,7 @@ impl Applier {
             if let Some(request_id) = &draft.request_id {
                 let key = keys::request_key(self.group, &draft.agent_id, request_id);
                 if let Some(bytes) = overlay.get(ColumnFamily::StateMachine, &key)? {
-                    let mut outcome: AssertOutcome = serde_json::from_slice(&bytes).map_err(Fault::Damaged)?;
+                    let mut outcome = codec::decode_outcome(&bytes).map_err(Fault::DamagedRecord)?;
                     outcome.duplicate = true;
                     results.push(Ok(outcome));
                     continue;
@@ -522,17 +523,13 @@ impl Applier {
             };
             if let Some(request_id) = &draft.request_id {
                 let key = keys::request_key(self.group, &draft.agent_id, request_id);
-                overlay.put_visible(
-                    ColumnFamily::StateMachine,
-                    key,
-                    serde_json::to_vec(&outcome).map_err(Fault::Encode)?,
-                );
+                overlay.put_visible(ColumnFamily::StateMachine, key, codec::encode_outcome(&outcome));
             }
             let record = StoredAssertion { id, asserted_at_us, log_index, draft, quarantined };
             overlay.put_visible(
                 ColumnFamily::StateMachine,
                 keys::assertion_key(self.group, id),
-                super::codec::encode_assertion(&record),
+                codec::encode_assertion(&record),
             );
             indexed += 1;
             results.push(Ok(outcome));
@@ -603,7 +600,7 @@ impl Applier {
         let key = keys::token_key(self.group, token.issued_at_us, token.nonce);
         if let Some(bytes) = overlay.get(ColumnFamily::StateMachine, &key)? {
             metrics::DEDUPLICATED_PROPOSALS.inc();
-            return serde_json::from_slice(&bytes).map_err(Fault::Damaged);
+            return codec::decode_response(&bytes).map_err(Fault::DamagedRecord);
         }
         if token.issued_at_us.saturating_add(TOKEN_TTL_US) < self.clock_us {
             return Ok(ShardResponse::TokenExpired);
@@ -613,7 +610,7 @@ impl Applier {
             return Ok(ShardResponse::TokenExpired);
         }
         let response = self.apply_command(overlay, index, command)?;
-        overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&response).map_err(Fault::Encode)?);
+        overlay.put_visible(ColumnFamily::StateMachine, key, codec::encode_response(&response));
         Ok(response)
     }
 
@@ -696,7 +693,7 @@ impl Applier {
         }
         overlay.delete_visible(ColumnFamily::Index, pending);
         let retraction = RetractionRecord { at_us, by: agent_id, reason };
-        overlay.put_visible(ColumnFamily::StateMachine, key, serde_json::to_vec(&retraction).map_err(Fault::Encode)?);
+        overlay.put_visible(ColumnFamily::StateMachine, key, codec::encode_event(&retraction));
         Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
     }
 
@@ -734,7 +731,7 @@ impl Applier {
                 );
             }
             let key = keys::release_key(self.group, assertion_id);
-            overlay.put(ColumnFamily::StateMachine, key, serde_json::to_vec(&decision).map_err(Fault::Encode)?);
+            overlay.put(ColumnFamily::StateMachine, key, codec::encode_event(&decision));
         } else {
             let key = keys::retraction_key(self.group, assertion_id);
             let rejection = RetractionRecord {
@@ -744,11 +741,7 @@ impl Applier {
                 )),
                 ..decision
             };
-            overlay.put_visible(
-                ColumnFamily::StateMachine,
-                key,
-                serde_json::to_vec(&rejection).map_err(Fault::Encode)?,
-            );
+            overlay.put_visible(ColumnFamily::StateMachine, key, codec::encode_event(&rejection));
         }
         Ok(Ok(EventOutcome { assertion_id, at_us, log_index }))
     }

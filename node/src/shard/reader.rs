@@ -192,13 +192,12 @@ impl ShardReader {
             let rest = &key[prefix.len()..];
             match rest.first() {
                 Some(b'R') => {
-                    let retraction: RetractionRecord =
-                        serde_json::from_slice(&value).map_err(|e| corrupt(&format!("retraction: {e}")))?;
+                    let retraction =
+                        super::codec::decode_event(&value).map_err(|e| corrupt(&format!("retraction: {e}")))?;
                     facts.retracted_at_us = Some(retraction.at_us);
                 }
                 Some(b'L') => {
-                    let release: RetractionRecord =
-                        serde_json::from_slice(&value).map_err(|e| corrupt(&format!("release: {e}")))?;
+                    let release = super::codec::decode_event(&value).map_err(|e| corrupt(&format!("release: {e}")))?;
                     facts.released_at_us = Some(release.at_us);
                 }
                 Some(b'S') => {
@@ -208,15 +207,15 @@ impl ShardReader {
                         .try_into()
                         .map(u64::from_be_bytes)
                         .map_err(|_| corrupt("supersession time"))?;
-                    let by_retracted_at_us =
-                        match self.storage.get(ColumnFamily::StateMachine, &keys::retraction_key(self.group, by))? {
-                            Some(bytes) => Some(
-                                serde_json::from_slice::<RetractionRecord>(&bytes)
-                                    .map_err(|e| corrupt(&format!("retraction: {e}")))?
-                                    .at_us,
-                            ),
-                            None => None,
-                        };
+                    let by_retracted_at_us = match self
+                        .storage
+                        .get(ColumnFamily::StateMachine, &keys::retraction_key(self.group, by))?
+                    {
+                        Some(bytes) => Some(
+                            super::codec::decode_event(&bytes).map_err(|e| corrupt(&format!("retraction: {e}")))?.at_us,
+                        ),
+                        None => None,
+                    };
                     facts.supersessions.push(SupersessionFact { by, at_us, by_retracted_at_us });
                 }
                 Some(b'V') => {
@@ -239,7 +238,9 @@ impl ShardReader {
     /// The retraction of an assertion, if any.
     pub fn retraction(&self, id: AssertionId) -> Result<Option<RetractionRecord>, StorageError> {
         match self.storage.get(ColumnFamily::StateMachine, &keys::retraction_key(self.group, id))? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| corrupt(&format!("retraction: {e}"))),
+            Some(bytes) => {
+                super::codec::decode_event(&bytes).map(Some).map_err(|e| corrupt(&format!("retraction: {e}")))
+            }
             None => Ok(None),
         }
     }

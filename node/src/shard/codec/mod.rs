@@ -1,8 +1,9 @@
-//! The binary form of a shard log's commands, of its stored assertions, and of what the
+//! The binary form of a shard log's commands, of its stored records, and of what the
 //! transport carries about a shard: [`ShardCommand`] to and from the protobuf `Command` of
 //! `proto/log.proto` (the Raft log stores and the transport sends commands in this form;
-//! `raft::wire` frames whole entries), [`StoredAssertion`] records behind a version byte
-//! ([`RECORD_V1`]; records an earlier version wrote as JSON start with `{` and still read),
+//! `raft::wire` frames whole entries), the state machine's records (assertions, retractions
+//! and releases, write outcomes, token responses) behind a version byte ([`RECORD_V1`];
+//! records an earlier version wrote as JSON start with `{` or `"` and still read),
 //! and, one module per message family of `proto/request.proto`, the errors of the request path
 //! (`errors`), the state machine's answers (`response`) and reads of a shard with their
 //! results (`read`). Assertion values and sources stay the client's JSON text. Decoding checks
@@ -18,7 +19,8 @@ use std::collections::BTreeMap;
 use serde_json::value::RawValue;
 use stemedb_proto::raft as pb;
 
-use super::command::{ProposalToken, ShardCommand};
+use super::command::{AssertOutcome, ProposalToken, ShardCommand, ShardResponse};
+use super::progress::RetractionRecord;
 use crate::meta::policy::{BreakerCause, PolicyCommand};
 use crate::meta::{MetaCommand, MoveCause, NodeStatus};
 use crate::model::assertion::{AssertionDraft, QuarantineDecision, StoredAssertion};
@@ -41,26 +43,68 @@ pub enum CodecError {
     Empty,
 }
 
-/// The version byte of a stored assertion in the protobuf form.
+/// The version byte of a stored record in the protobuf form.
 pub const RECORD_V1: u8 = 1;
 
-/// The stored form of an assertion: [`RECORD_V1`], then the protobuf `StoredAssertion`.
-pub fn encode_assertion(record: &StoredAssertion) -> Vec<u8> {
-    let message = record_to_proto(record);
-    let mut bytes = Vec::with_capacity(1 + prost::Message::encoded_len(&message));
+/// [`RECORD_V1`], then `message`.
+fn frame(message: &impl prost::Message) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + message.encoded_len());
     bytes.push(RECORD_V1);
-    prost::Message::encode_raw(&message, &mut bytes);
+    message.encode_raw(&mut bytes);
     bytes
+}
+
+/// A record in either form: framed protobuf, or the JSON an earlier version wrote (an object,
+/// or for a unit variant such as `ShardResponse::Empty` a string: it starts with `{` or `"`,
+/// which no version byte is).
+fn unframe<P, T>(bytes: &[u8], from_proto: impl FnOnce(P) -> Result<T, CodecError>) -> Result<T, CodecError>
+where
+    P: prost::Message + Default,
+    T: serde::de::DeserializeOwned,
+{
+    match bytes.first() {
+        Some(&RECORD_V1) => from_proto(P::decode(&bytes[1..])?),
+        Some(b'{' | b'"') => Ok(serde_json::from_slice(bytes)?),
+        Some(version) => Err(CodecError::UnknownVersion(*version)),
+        None => Err(CodecError::Empty),
+    }
+}
+
+/// The stored form of an assertion.
+pub fn encode_assertion(record: &StoredAssertion) -> Vec<u8> {
+    frame(&record_to_proto(record))
 }
 
 /// A stored assertion, in either form.
 pub fn decode_assertion(bytes: &[u8]) -> Result<StoredAssertion, CodecError> {
-    match bytes.first() {
-        Some(&RECORD_V1) => record_from_proto(prost::Message::decode(&bytes[1..])?),
-        Some(b'{') => Ok(serde_json::from_slice(bytes)?),
-        Some(version) => Err(CodecError::UnknownVersion(*version)),
-        None => Err(CodecError::Empty),
-    }
+    unframe(bytes, record_from_proto)
+}
+
+/// The stored form of a retraction, a rejection or a quarantine release.
+pub fn encode_event(record: &RetractionRecord) -> Vec<u8> {
+    frame(&read::retraction_to_proto(record))
+}
+
+pub fn decode_event(bytes: &[u8]) -> Result<RetractionRecord, CodecError> {
+    unframe(bytes, |p| Ok(read::retraction_from_proto(p)))
+}
+
+/// The stored form of a write's outcome, kept under its `(agent_id, request_id)`.
+pub fn encode_outcome(outcome: &AssertOutcome) -> Vec<u8> {
+    frame(&response::outcome_to_proto(outcome))
+}
+
+pub fn decode_outcome(bytes: &[u8]) -> Result<AssertOutcome, CodecError> {
+    unframe(bytes, response::outcome_from_proto)
+}
+
+/// The stored form of an applied proposal's response, kept under its idempotency token.
+pub fn encode_response(response: &ShardResponse) -> Vec<u8> {
+    frame(&response::response_to_proto(response))
+}
+
+pub fn decode_response(bytes: &[u8]) -> Result<ShardResponse, CodecError> {
+    unframe(bytes, response::response_from_proto)
 }
 
 /// The protobuf form of a stored assertion (a record, and the `record` of a claim's facts).
@@ -592,6 +636,23 @@ pub(crate) mod tests {
         })
     }
 
+    /// `value` survives its stored form, and its JSON form (what an earlier version stored)
+    /// reads as that version read it; compared by their JSON.
+    fn same_both_ways<T: serde::Serialize + serde::de::DeserializeOwned>(
+        value: &T,
+        encode: fn(&T) -> Vec<u8>,
+        decode: fn(&[u8]) -> Result<T, CodecError>,
+    ) -> Result<(), TestCaseError> {
+        let json = |v: &T| serde_json::to_string(v).expect("json");
+        let bytes = encode(value);
+        prop_assert_eq!(bytes[0], RECORD_V1);
+        prop_assert_eq!(json(value), json(&decode(&bytes).expect("decodes")));
+        let legacy = serde_json::to_vec(value).expect("json");
+        let before: T = serde_json::from_slice(&legacy).expect("the earlier version read it");
+        prop_assert_eq!(json(&before), json(&decode(&legacy).expect("decodes")));
+        Ok(())
+    }
+
     /// Commands compare by their JSON form (the form they had before this codec): equal JSON,
     /// equal command.
     fn same(a: &ShardCommand, b: &ShardCommand) -> bool {
@@ -629,12 +690,28 @@ pub(crate) mod tests {
             prop_assert_eq!(serde_json::to_string(&before).expect("json"), serde_json::to_string(&decoded).expect("json"));
         }
 
+        /// Events, outcomes and token responses: framed, and as JSON from an earlier version.
+        #[test]
+        fn every_other_record_round_trips(
+            event in super::read::tests::retraction(),
+            outcome in super::response::tests::assert_outcome(),
+            response in super::response::tests::response(),
+        ) {
+            same_both_ways(&event, encode_event, decode_event)?;
+            same_both_ways(&outcome, encode_outcome, decode_outcome)?;
+            same_both_ways(&response, encode_response, decode_response)?;
+        }
+
         #[test]
         fn damaged_records_are_errors_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
-            let _ = decode_assertion(&bytes);
             let mut framed = vec![RECORD_V1];
             framed.extend_from_slice(&bytes);
-            let _ = decode_assertion(&framed);
+            for bytes in [&bytes, &framed] {
+                let _ = decode_assertion(bytes);
+                let _ = decode_event(bytes);
+                let _ = decode_outcome(bytes);
+                let _ = decode_response(bytes);
+            }
         }
 
         /// Arbitrary bytes never panic the decoder: they are a command or a named error.

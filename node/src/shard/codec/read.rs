@@ -199,11 +199,11 @@ fn facts_from_proto(facts: pb::ClaimFacts) -> Result<ClaimFacts, CodecError> {
     })
 }
 
-fn retraction_to_proto(retraction: &RetractionRecord) -> pb::RetractionRecord {
+pub(super) fn retraction_to_proto(retraction: &RetractionRecord) -> pb::RetractionRecord {
     pb::RetractionRecord { at_us: retraction.at_us, by: retraction.by.clone(), reason: retraction.reason.clone() }
 }
 
-fn retraction_from_proto(retraction: pb::RetractionRecord) -> RetractionRecord {
+pub(super) fn retraction_from_proto(retraction: pb::RetractionRecord) -> RetractionRecord {
     RetractionRecord { at_us: retraction.at_us, by: retraction.by, reason: retraction.reason }
 }
 
@@ -288,7 +288,7 @@ pub(crate) mod tests {
             })
     }
 
-    fn retraction() -> impl Strategy<Value = RetractionRecord> {
+    pub(crate) fn retraction() -> impl Strategy<Value = RetractionRecord> {
         (any::<u64>(), text(), proptest::option::of(text())).prop_map(|(at_us, by, reason)| RetractionRecord {
             at_us,
             by,

@@ -83,17 +83,7 @@ fn assert_result_to_proto(result: &Result<AssertOutcome, ModelError>) -> pb::Ass
     use pb::assert_result::Result as R;
     pb::AssertResult {
         result: Some(match result {
-            Ok(outcome) => R::Outcome(pb::AssertOutcome {
-                id: id_bytes(outcome.id),
-                shard: u32::from(outcome.shard),
-                log_index: outcome.log_index,
-                asserted_at_us: outcome.asserted_at_us,
-                duplicate: outcome.duplicate,
-                quarantine: outcome
-                    .quarantine
-                    .as_ref()
-                    .map(|q| pb::QuarantineDecision { reason: q.reason.clone(), detail: q.detail.clone() }),
-            }),
+            Ok(outcome) => R::Outcome(outcome_to_proto(outcome)),
             Err(error) => R::Error(model_error_to_proto(error)),
         }),
     }
@@ -102,15 +92,33 @@ fn assert_result_to_proto(result: &Result<AssertOutcome, ModelError>) -> pb::Ass
 fn assert_result_from_proto(result: pb::AssertResult) -> Result<Result<AssertOutcome, ModelError>, CodecError> {
     use pb::assert_result::Result as R;
     Ok(match result.result.ok_or(CodecError::Missing("asserted.result"))? {
-        R::Outcome(outcome) => Ok(AssertOutcome {
-            id: id_from("asserted.id", &outcome.id)?,
-            shard: narrow("asserted.shard", outcome.shard)?,
-            log_index: outcome.log_index,
-            asserted_at_us: outcome.asserted_at_us,
-            duplicate: outcome.duplicate,
-            quarantine: outcome.quarantine.map(|q| QuarantineDecision { reason: q.reason, detail: q.detail }),
-        }),
+        R::Outcome(outcome) => Ok(outcome_from_proto(outcome)?),
         R::Error(error) => Err(model_error_from_proto(error)?),
+    })
+}
+
+pub(super) fn outcome_to_proto(outcome: &AssertOutcome) -> pb::AssertOutcome {
+    pb::AssertOutcome {
+        id: id_bytes(outcome.id),
+        shard: u32::from(outcome.shard),
+        log_index: outcome.log_index,
+        asserted_at_us: outcome.asserted_at_us,
+        duplicate: outcome.duplicate,
+        quarantine: outcome
+            .quarantine
+            .as_ref()
+            .map(|q| pb::QuarantineDecision { reason: q.reason.clone(), detail: q.detail.clone() }),
+    }
+}
+
+pub(super) fn outcome_from_proto(outcome: pb::AssertOutcome) -> Result<AssertOutcome, CodecError> {
+    Ok(AssertOutcome {
+        id: id_from("asserted.id", &outcome.id)?,
+        shard: narrow("asserted.shard", outcome.shard)?,
+        log_index: outcome.log_index,
+        asserted_at_us: outcome.asserted_at_us,
+        duplicate: outcome.duplicate,
+        quarantine: outcome.quarantine.map(|q| QuarantineDecision { reason: q.reason, detail: q.detail }),
     })
 }
 
@@ -222,7 +230,7 @@ pub(crate) mod tests {
         proptest::option::of((text(), text()).prop_map(|(reason, detail)| QuarantineDecision { reason, detail }))
     }
 
-    fn assert_outcome() -> impl Strategy<Value = AssertOutcome> {
+    pub(crate) fn assert_outcome() -> impl Strategy<Value = AssertOutcome> {
         (id(), any::<u16>(), any::<u64>(), any::<u64>(), any::<bool>(), quarantine()).prop_map(
             |(id, shard, log_index, asserted_at_us, duplicate, quarantine)| AssertOutcome {
                 id,
