@@ -5,7 +5,11 @@
 # each round. Prints every run and, per workload, the medians and their ratio. Reports only:
 # nothing here asserts a timing.
 #
-#   scripts/bench-vs-etcd.sh [--rounds N] [--seconds S] [--out DIR] [--server-bin PATH]
+#   scripts/bench-vs-etcd.sh [--rounds N] [--seconds S] [--out DIR] [--server-bin PATH] [--shards N]
+#
+# --shards sets the StemeDB cluster's shard count (cluster.shards, default 16). Each shard is
+# its own Raft group; etcd is one. Fewer shards let each group's round (log append, fsync,
+# AppendEntries, commit, apply) carry more writes: docs/performance.md measures 1, 4 and 16.
 #
 # --server-bin runs the nodes from another stemedb binary (an older build, to compare), while
 # the client stays this build's `stemedb bench`.
@@ -25,16 +29,18 @@ ROUNDS=3
 SECONDS_PER_RUN=20
 OUT=""
 SERVER_BIN=""
+SHARDS=16
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --server-bin) SERVER_BIN="$2"; shift 2 ;;
-    *) echo "usage: $0 [--rounds N] [--seconds S] [--out DIR] [--server-bin PATH]" >&2; exit 2 ;;
+    --shards) SHARDS="$2"; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--seconds S] [--out DIR] [--server-bin PATH] [--shards N]" >&2; exit 2 ;;
   esac
 done
-case "$ROUNDS$SECONDS_PER_RUN" in *[!0-9]*) echo "--rounds and --seconds take whole numbers" >&2; exit 2 ;; esac
+case "$ROUNDS$SECONDS_PER_RUN$SHARDS" in *[!0-9]*) echo "--rounds, --seconds and --shards take whole numbers" >&2; exit 2 ;; esac
 [ "$ROUNDS" -ge 1 ] && [ "$SECONDS_PER_RUN" -ge 1 ] || { echo "--rounds and --seconds must be at least 1" >&2; exit 2; }
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
@@ -78,7 +84,7 @@ for i in 1 2 3; do
   ip=127.0.0.$i
   mkdir -p "$WORK/stemedb/n$i"
   # The per-agent circuit breaker off the path (etcd has none): bench agents write fast.
-  STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=10000000 "$SERVER_BIN" serve --node-id "$i" --data-dir "$WORK/stemedb/n$i" \
+  STEMEDB_CLUSTER_SHARDS="$SHARDS" STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=10000000 "$SERVER_BIN" serve --node-id "$i" --data-dir "$WORK/stemedb/n$i" \
     --api-addr "$ip:18180" --admin-addr "$ip:18181" --raft-addr "$ip:18182" \
     --initial-cluster "$CLUSTER" >"$OUT/stemedb-n$i.log" 2>&1 &
   PIDS+=($!)
@@ -131,7 +137,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 [ "$ready" = 1 ] || { echo "the clusters (or the floor's nginx) did not come up in 60 s; logs in $OUT" >&2; exit 1; }
-echo "both clusters healthy and the floor up; results in $OUT"
+echo "both clusters healthy (StemeDB with $SHARDS shards) and the floor up; results in $OUT"
 
 bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json
   local system=$1 workload=$2 round=$3 urls target writers readers
