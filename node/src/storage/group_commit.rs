@@ -87,6 +87,7 @@ fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool) {
             std::mem::take(&mut queue.pending)
         };
         let started = Instant::now();
+        metrics::OPS_FSYNC.inc();
         let result = db.flush_wal(fsync);
         metrics::LOG_FSYNC_DURATION.observe(started.elapsed().as_secs_f64());
         metrics::GROUP_COMMIT_SIZE.observe(batch.len() as f64);

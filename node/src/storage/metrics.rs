@@ -12,6 +12,31 @@ pub static STORAGE_OPERATION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| 
     .expect("valid metric")
 });
 
+pub static STORAGE_OPERATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_storage_operations_total",
+            "Storage operations attempted, by operation (get: one per key read; scan: one per range read; put: one \
+             per write batch; sync, fsync, flush: one per call); the denominator of the storage error rate",
+        ),
+        &["operation"],
+    )
+    .expect("valid metric")
+});
+
+/// The counter of one operation, looked up once (the hot paths count every call).
+macro_rules! operation_counter {
+    ($name:ident, $label:literal) => {
+        pub static $name: LazyLock<IntCounter> = LazyLock::new(|| STORAGE_OPERATIONS.with_label_values(&[$label]));
+    };
+}
+operation_counter!(OPS_GET, "get");
+operation_counter!(OPS_SCAN, "scan");
+operation_counter!(OPS_PUT, "put");
+operation_counter!(OPS_SYNC, "sync");
+operation_counter!(OPS_FLUSH, "flush");
+operation_counter!(OPS_FSYNC, "fsync");
+
 pub static STORAGE_PUT_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     Histogram::with_opts(
         HistogramOpts::new("stemedb_storage_put_duration_seconds", "Duration of one storage write batch")
@@ -48,9 +73,11 @@ pub static GROUP_COMMIT_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     for operation in ["get", "scan", "put", "sync", "flush", "fsync"] {
         STORAGE_OPERATION_ERRORS.with_label_values(&[operation]);
+        STORAGE_OPERATIONS.with_label_values(&[operation]);
     }
     vec![
         Box::new(STORAGE_OPERATION_ERRORS.clone()),
+        Box::new(STORAGE_OPERATIONS.clone()),
         Box::new(STORAGE_PUT_DURATION.clone()),
         Box::new(STORAGE_WRITTEN_BYTES.clone()),
         Box::new(LOG_FSYNC_DURATION.clone()),

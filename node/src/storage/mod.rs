@@ -333,12 +333,14 @@ impl Storage {
     }
 
     pub fn get(&self, cf: ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        metrics::OPS_GET.inc();
         self.db.get_cf(self.handle(cf)?, key).map_err(|e| engine_error("get", e))
     }
 
     /// Point reads of many keys of one column family, in order.
     pub fn multi_get(&self, cf: ColumnFamily, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StorageError> {
         let handle = self.handle(cf)?;
+        metrics::OPS_GET.inc_by(keys.len() as u64);
         self.db
             .batched_multi_get_cf(handle, keys.iter(), false)
             .into_iter()
@@ -356,6 +358,7 @@ impl Storage {
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
         let mut read_options = ReadOptions::default();
         read_options.set_iterate_upper_bound(to.to_vec());
+        metrics::OPS_SCAN.inc();
         let iter =
             self.db.iterator_cf_opt(self.handle(cf)?, read_options, IteratorMode::From(from, Direction::Forward));
         let mut out = Vec::new();
@@ -379,6 +382,7 @@ impl Storage {
     ) -> Result<(), StorageError> {
         let mut read_options = ReadOptions::default();
         read_options.set_iterate_upper_bound(to.to_vec());
+        metrics::OPS_SCAN.inc();
         let iter =
             self.db.iterator_cf_opt(self.handle(cf)?, read_options, IteratorMode::From(from, Direction::Forward));
         for item in iter {
@@ -401,6 +405,7 @@ impl Storage {
         let mut read_options = ReadOptions::default();
         read_options.set_iterate_lower_bound(from.to_vec());
         read_options.set_iterate_upper_bound(to.to_vec());
+        metrics::OPS_SCAN.inc();
         let mut iter = self.db.raw_iterator_cf_opt(self.handle(cf)?, read_options);
         iter.seek_to_last();
         let mut out = Vec::new();
@@ -446,6 +451,7 @@ impl Storage {
         let rocks_batch = self.to_rocks_batch(batch)?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(durability == Durability::Synced && self.options.fsync);
+        metrics::OPS_PUT.inc();
         let result = self.db.write_opt(rocks_batch, &write_options).map_err(|e| engine_error("put", e));
         metrics::STORAGE_PUT_DURATION.observe(started.elapsed().as_secs_f64());
         metrics::STORAGE_WRITTEN_BYTES.inc_by(bytes as u64);
@@ -462,6 +468,7 @@ impl Storage {
 
     /// Makes every write so far durable.
     pub fn sync(&self) -> Result<(), StorageError> {
+        metrics::OPS_SYNC.inc();
         self.db.flush_wal(self.options.fsync).map_err(|e| engine_error("sync", e))
     }
 
@@ -628,6 +635,7 @@ impl Storage {
     pub fn close(&self) -> Result<(), StorageError> {
         self.committer.stop();
         self.sync()?;
+        metrics::OPS_FLUSH.inc();
         self.db.flush().map_err(|e| engine_error("flush", e))
     }
 }
