@@ -158,6 +158,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::shard::codec::tests::same;
 
     pub(crate) fn log_id() -> impl Strategy<Value = LogId> {
         (any::<u64>(), 0u64..8, any::<u64>())
@@ -194,11 +195,6 @@ pub(crate) mod tests {
             membership().prop_map(EntryPayload::Membership),
         ];
         (log_id(), payload).prop_map(|(log_id, payload)| Entry { log_id, payload })
-    }
-
-    /// Entries compare by their JSON form, the form they were stored in before.
-    pub(crate) fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
-        serde_json::to_string(a).expect("json") == serde_json::to_string(b).expect("json")
     }
 
     proptest! {

@@ -202,8 +202,9 @@ fn fatal_from_proto(failure: pb::RaftFailure) -> Fatal<NodeId> {
 mod tests {
     use proptest::prelude::*;
 
-    use super::super::tests::{entry, log_id, membership, same, vote};
+    use super::super::tests::{entry, log_id, membership, vote};
     use super::*;
+    use crate::shard::codec::tests::{round_trip, same};
 
     fn append() -> impl Strategy<Value = AppendEntriesRequest<TypeConfig>> {
         (
@@ -232,10 +233,6 @@ mod tests {
             3 => Ok(AppendEntriesResponse::HigherVote(vote)),
             _ => Err(RaftError::Fatal(fatal)),
         })
-    }
-
-    fn round_trip<M: prost::Message + Default>(message: &M) -> M {
-        M::decode(message.encode_to_vec().as_slice()).expect("decode")
     }
 
     proptest! {

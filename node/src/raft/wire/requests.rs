@@ -116,15 +116,7 @@ mod tests {
     use crate::shard::codec::errors::tests::consensus_error;
     use crate::shard::codec::read::tests::{read_result, shard_read};
     use crate::shard::codec::response::tests::response;
-    use crate::shard::codec::tests::command;
-
-    fn round_trip<M: prost::Message + Default>(message: &M) -> M {
-        M::decode(message.encode_to_vec().as_slice()).expect("decode")
-    }
-
-    fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
-        serde_json::to_string(a).expect("json") == serde_json::to_string(b).expect("json")
-    }
+    use crate::shard::codec::tests::{command, round_trip, same};
 
     fn result<T: std::fmt::Debug>(
         answer: impl Strategy<Value = T>,

@@ -292,7 +292,7 @@ pub fn policy_error_from_proto(error: pb::PolicyError) -> Result<PolicyError, Co
 pub(crate) mod tests {
     use proptest::prelude::*;
 
-    use super::super::tests::text;
+    use super::super::tests::{round_trip, same, text};
     use super::*;
 
     fn count() -> impl Strategy<Value = usize> {
@@ -390,15 +390,6 @@ pub(crate) mod tests {
             shard.prop_map(|shard| ConsensusError::CatchingUp { shard }),
             (shard, model_error()).prop_map(|(shard, error)| ConsensusError::Refused { shard, error }),
         ]
-    }
-
-    fn round_trip<M: prost::Message + Default>(message: &M) -> M {
-        M::decode(message.encode_to_vec().as_slice()).expect("decode")
-    }
-
-    /// Errors compare by their JSON form (the form the transport carried them in before).
-    fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
-        serde_json::to_string(a).expect("json") == serde_json::to_string(b).expect("json")
     }
 
     proptest! {

@@ -653,10 +653,15 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    /// Commands compare by their JSON form (the form they had before this codec): equal JSON,
-    /// equal command.
-    fn same(a: &ShardCommand, b: &ShardCommand) -> bool {
+    /// Values compare by their JSON form (the form they had before the binary codecs): equal
+    /// JSON, equal value. Shared by every codec test, here and in `raft::wire`.
+    pub(crate) fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
         serde_json::to_string(a).expect("json") == serde_json::to_string(b).expect("json")
+    }
+
+    /// A protobuf message after encoding and decoding.
+    pub(crate) fn round_trip<M: prost::Message + Default>(message: &M) -> M {
+        M::decode(message.encode_to_vec().as_slice()).expect("decode")
     }
 
     proptest! {

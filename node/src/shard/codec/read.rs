@@ -223,7 +223,7 @@ fn concept_from_proto(entry: pb::ConceptEntry) -> ConceptEntry {
 pub(crate) mod tests {
     use proptest::prelude::*;
 
-    use super::super::tests::{id, record, text};
+    use super::super::tests::{id, record, same, text};
     use super::*;
 
     fn limit() -> impl Strategy<Value = usize> {
@@ -317,12 +317,6 @@ pub(crate) mod tests {
             applied_index,
             staleness_ms,
         })
-    }
-
-    /// Reads and answers compare by their JSON form (the form the transport carried them in
-    /// before).
-    fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
-        serde_json::to_string(a).expect("json") == serde_json::to_string(b).expect("json")
     }
 
     proptest! {

@@ -222,7 +222,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::super::errors::tests::{meta_error, model_error, policy_error};
-    use super::super::tests::{id, text};
+    use super::super::tests::{id, same, text};
     use super::*;
     use crate::meta::policy::{BreakerCause, PolicyError};
 
@@ -320,10 +320,6 @@ pub(crate) mod tests {
             model_error().prop_map(ShardResponse::Refused),
             Just(ShardResponse::Empty),
         ]
-    }
-
-    fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
-        serde_json::to_string(a).expect("json") == serde_json::to_string(b).expect("json")
     }
 
     proptest! {
