@@ -128,8 +128,13 @@ pub async fn rebuild_offline(
         let group = crate::shard::command::group_of_shard(shard);
         let failed = |e: &dyn std::fmt::Display| NodeError::Serve(format!("shard {shard}: {e}"));
         let mut log = crate::raft::log_store::LogStore::new(storage.clone(), group);
-        let mut machine = crate::raft::state_machine::ShardStateMachine::open(storage.clone(), shard, group)
-            .map_err(|e| failed(&e))?;
+        let mut machine = crate::raft::state_machine::ShardStateMachine::open(
+            storage.clone(),
+            shard,
+            group,
+            config.anti_entropy.buckets,
+        )
+        .map_err(|e| failed(&e))?;
         let (applied, _) = machine.applied_state().await.map_err(|e| failed(&e))?;
         let committed = log.read_committed().await.map_err(|e| failed(&e))?;
         let from = applied.map_or(0, |l| l.index + 1);
@@ -180,6 +185,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         unsafe_skip_read_barrier: config.testing.unsafe_skip_read_barrier,
         claims_cache_bytes: (config.query.claims_cache_mb as usize) << 20,
         snapshot_install_pause_ms: config.testing.snapshot_install_pause_ms,
+        digest_buckets: config.anti_entropy.buckets,
     }
 }
 

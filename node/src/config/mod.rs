@@ -74,6 +74,7 @@ pub struct Config {
     pub cluster: ClusterSection,
     pub storage: StorageSection,
     pub raft: RaftSection,
+    pub anti_entropy: AntiEntropySection,
     pub limits: LimitsSection,
     pub query: QuerySection,
     pub security: SecuritySection,
@@ -245,6 +246,38 @@ pub struct StorageSection {
     pub index_max_memory_mb: u64,
 }
 
+/// Anti-entropy (`cluster::anti_entropy`): check entries, the scrub, and automatic repair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntiEntropySection {
+    /// Run checks, scrubs and repairs. Digests are kept either way.
+    pub enabled: bool,
+    /// Seconds between check entries of a shard that was written since its last check.
+    pub interval_seconds: u64,
+    /// Bytes per second one scrub reads from disk to recompute the digests (0: unlimited).
+    pub scrub_bytes_per_second: u64,
+    /// Seconds between the starts of two scrubs of a replica.
+    pub scrub_interval_seconds: u64,
+    /// Digest buckets per replica: a power of two from 16 to 65536. Every replica of a shard
+    /// compares only with replicas that have the same count; a change rebuilds them at start.
+    pub buckets: usize,
+    /// Differing buckets above which a replica is re-seeded whole rather than bucket by bucket.
+    pub reseed_buckets: usize,
+}
+
+impl Default for AntiEntropySection {
+    fn default() -> Self {
+        AntiEntropySection {
+            enabled: true,
+            interval_seconds: 10,
+            scrub_bytes_per_second: 16 << 20,
+            scrub_interval_seconds: 30,
+            buckets: crate::shard::digest::DEFAULT_BUCKETS,
+            reseed_buckets: 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftSection {
@@ -339,6 +372,7 @@ impl Default for Config {
             cluster: ClusterSection::default(),
             storage: StorageSection::default(),
             raft: RaftSection::default(),
+            anti_entropy: AntiEntropySection::default(),
             limits: LimitsSection::default(),
             query: QuerySection::default(),
             security: SecuritySection::default(),
@@ -639,6 +673,17 @@ impl Config {
                 return fail(format!("{name} = {addr:?} is not HOST:PORT with an IP address"));
             }
         }
+        if !crate::shard::digest::valid_bucket_count(self.anti_entropy.buckets) {
+            return fail(format!(
+                "anti_entropy.buckets = {}: must be a power of two from {} to {}",
+                self.anti_entropy.buckets,
+                crate::shard::digest::MIN_BUCKETS,
+                crate::shard::digest::MAX_BUCKETS
+            ));
+        }
+        if self.anti_entropy.interval_seconds == 0 {
+            return fail("anti_entropy.interval_seconds must be 1 or more".into());
+        }
         if self.cluster.shards == 0 || self.cluster.shards > 4096 {
             return fail("cluster.shards must be between 1 and 4096".into());
         }
@@ -762,6 +807,8 @@ impl Config {
             ("cluster.rebalance_move_timeout_seconds", self.cluster.rebalance_move_timeout_seconds, DAY_SECONDS),
             ("query.query_timeout_seconds", query.query_timeout_seconds, DAY_SECONDS),
             ("circuit_breaker.open_seconds", breaker.open_seconds, DAY_SECONDS),
+            ("anti_entropy.interval_seconds", self.anti_entropy.interval_seconds, DAY_SECONDS),
+            ("anti_entropy.scrub_interval_seconds", self.anti_entropy.scrub_interval_seconds, DAY_SECONDS),
             ("circuit_breaker.max_open_seconds", breaker.max_open_seconds, DAY_SECONDS),
             ("query.max_limit", query.max_limit as u64, (MAX_PAGE_LIMIT as u64, "results in one page")),
         ];
@@ -848,6 +895,8 @@ pub(crate) fn config_at_the_bounds() -> Config {
     config.query.query_timeout_seconds = MAX_DURATION_SECONDS;
     config.circuit_breaker.open_seconds = MAX_DURATION_SECONDS;
     config.circuit_breaker.max_open_seconds = MAX_DURATION_SECONDS;
+    config.anti_entropy.interval_seconds = MAX_DURATION_SECONDS;
+    config.anti_entropy.scrub_interval_seconds = MAX_DURATION_SECONDS;
     config.limits.max_request_bytes = (MAX_SIZE_MB << 20) as usize;
     config.query.max_limit = MAX_PAGE_LIMIT;
     config
@@ -975,7 +1024,7 @@ mod tests {
     #[test]
     fn sizes_and_durations_past_their_bounds_are_refused_by_name() {
         type Set = fn(&mut Config);
-        let over: [(&str, u64, Set); 17] = [
+        let over: [(&str, u64, Set); 19] = [
             ("storage.max_cache_size_mb", MAX_SIZE_MB, |c| c.storage.max_cache_size_mb += 1),
             ("storage.write_buffer_mb", MAX_SIZE_MB, |c| c.storage.write_buffer_mb += 1),
             ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
@@ -993,6 +1042,8 @@ mod tests {
             ("circuit_breaker.max_open_seconds", 86_400, |c| c.circuit_breaker.max_open_seconds += 1),
             ("limits.max_request_bytes", 1 << 40, |c| c.limits.max_request_bytes += 1),
             ("query.max_limit", MAX_PAGE_LIMIT as u64, |c| c.query.max_limit += 1),
+            ("anti_entropy.interval_seconds", 86_400, |c| c.anti_entropy.interval_seconds += 1),
+            ("anti_entropy.scrub_interval_seconds", 86_400, |c| c.anti_entropy.scrub_interval_seconds += 1),
         ];
         for (key, bound, past) in over {
             let mut config = config_at_the_bounds();

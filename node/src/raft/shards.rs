@@ -112,6 +112,8 @@ pub struct RaftSettings {
     pub claims_cache_bytes: usize,
     /// `testing.snapshot_install_pause_ms`.
     pub snapshot_install_pause_ms: u64,
+    /// `anti_entropy.buckets`: digest buckets per replica.
+    pub digest_buckets: usize,
 }
 
 /// openraft 0.9's election timer, as (`election_timeout_min`, `election_timeout_max`), for the
@@ -150,6 +152,7 @@ impl Default for RaftSettings {
             unsafe_skip_read_barrier: false,
             claims_cache_bytes: 64 << 20,
             snapshot_install_pause_ms: 0,
+            digest_buckets: crate::shard::digest::DEFAULT_BUCKETS,
         }
     }
 }
@@ -368,10 +371,11 @@ impl ShardSet {
         let mut groups = Vec::with_capacity(shards as usize);
         for shard in 0..shards {
             // Opening reads RocksDB and may finish an interrupted snapshot install: off the workers.
-            let state_machine =
-                crate::storage::blocking(|| ShardStateMachine::open(storage.clone(), shard, group_of_shard(shard)))
-                    .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?
-                    .with_install_pause(Duration::from_millis(settings.snapshot_install_pause_ms));
+            let state_machine = crate::storage::blocking(|| {
+                ShardStateMachine::open(storage.clone(), shard, group_of_shard(shard), settings.digest_buckets)
+            })
+            .map_err(|e| ConsensusError::Startup(format!("shard {shard}: {e}")))?
+            .with_install_pause(Duration::from_millis(settings.snapshot_install_pause_ms));
             // The replicas of shard s are replication_factor members starting at member s mod n
             // (by id); the first is the preferred leader: it initializes the group and so becomes
             // its first leader, spreading leaders over the founding nodes.
@@ -394,9 +398,10 @@ impl ShardSet {
         }
         // The meta group has every founding member as a voter; the lowest id creates it.
         let (meta_publish, meta_state) = tokio::sync::watch::channel(Arc::new(MetaState::default()));
-        let meta_machine =
-            crate::storage::blocking(|| ShardStateMachine::open_meta(storage.clone(), meta_publish, policy.clone()))
-                .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
+        let meta_machine = crate::storage::blocking(|| {
+            ShardStateMachine::open_meta(storage.clone(), meta_publish, policy.clone(), settings.digest_buckets)
+        })
+        .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
         let meta_voters = (members.keys().next() == Some(&node_id)).then(|| members.clone());
         let meta = ShardGroup::start(
             storage.clone(),

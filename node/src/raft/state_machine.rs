@@ -23,8 +23,11 @@ use crate::meta::policy::Policy;
 use crate::meta::{MetaState, META_SHARD};
 use crate::shard::apply::{Applicable, Applier, ApplyError, Position};
 use crate::shard::progress::AppliedProgress;
-use crate::shard::{keys, snapshot};
+use crate::shard::{digest, keys, snapshot};
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
+
+/// The longest an anti-entropy repair may stop a replica's applies (`AppliedProgress::gate`).
+const MAX_REPAIR_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the state machine persists about itself, in the same batch as the data it describes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -65,6 +68,8 @@ pub struct ShardStateMachine {
     receiving: Option<PathBuf>,
     /// `testing.snapshot_install_pause_ms`: a pause after an install's first data batch.
     install_pause: std::time::Duration,
+    /// The replica's anti-entropy bucket count.
+    buckets: usize,
     #[cfg(test)]
     inject: Injected,
 }
@@ -89,13 +94,22 @@ fn apply_error(error: ApplyError, group: GroupId, log_ids: &[LogId]) -> StorageI
 }
 
 impl ShardStateMachine {
-    pub fn open(storage: Arc<Storage>, shard: u16, group: GroupId) -> Result<ShardStateMachine, StorageIoError> {
+    /// Opens the state machine of `shard` (group `group`), keeping `buckets` anti-entropy
+    /// digests (`shard::digest`).
+    pub fn open(
+        storage: Arc<Storage>,
+        shard: u16,
+        group: GroupId,
+        buckets: usize,
+    ) -> Result<ShardStateMachine, StorageIoError> {
         let state = match storage.get(ColumnFamily::StateMachine, &keys::applied_key(group)).map_err(sm_read_error)? {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(sm_read_error)?,
             None => AppliedState::default(),
         };
         let progress = Arc::new(AppliedProgress::default());
         progress.announce_applied(state.last_applied);
+        progress.digest.lock().buckets =
+            Some(digest::load_or_rebuild(&storage, group, buckets).map_err(sm_read_error)?);
         let snapshot_dir = storage.data_dir().join("snapshots");
         let applier = Applier::new(storage.clone(), shard, group, progress.clone(), state.clock_us);
         let mut machine = ShardStateMachine {
@@ -108,6 +122,7 @@ impl ShardStateMachine {
             snapshot_dir,
             receiving: None,
             install_pause: std::time::Duration::ZERO,
+            buckets,
             #[cfg(test)]
             inject: Injected::default(),
         };
@@ -127,8 +142,9 @@ impl ShardStateMachine {
         storage: Arc<Storage>,
         publish: tokio::sync::watch::Sender<Arc<MetaState>>,
         policy: Policy,
+        buckets: usize,
     ) -> Result<ShardStateMachine, StorageIoError> {
-        let mut machine = ShardStateMachine::open(storage, META_SHARD, group_of_shard(META_SHARD))?;
+        let mut machine = ShardStateMachine::open(storage, META_SHARD, group_of_shard(META_SHARD), buckets)?;
         machine.applier.attach_meta(publish, policy).map_err(sm_read_error)?;
         Ok(machine)
     }
@@ -137,9 +153,33 @@ impl ShardStateMachine {
         self.progress.clone()
     }
 
+    /// Applies `entries`, stopping right after the index an anti-entropy repair asked for
+    /// (`AppliedProgress::gate`) until it is done.
+    fn apply_entries(&mut self, mut entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
+        let mut responses = Vec::with_capacity(entries.len());
+        loop {
+            let applied = self.state.last_applied.map_or(0, |l| l.index);
+            self.progress.gate.wait_if_paused_at(applied, MAX_REPAIR_PAUSE);
+            let cut = match self.progress.gate.target() {
+                Some(target) if target > applied => entries.iter().position(|e| e.log_id.index > target),
+                _ => None,
+            };
+            match cut {
+                Some(cut) if cut > 0 => {
+                    let rest = entries.split_off(cut);
+                    responses.extend(self.apply_run(std::mem::replace(&mut entries, rest))?);
+                }
+                _ => {
+                    responses.extend(self.apply_run(entries)?);
+                    return Ok(responses);
+                }
+            }
+        }
+    }
+
     /// Applies `entries` in one write batch with the new applied state (see
     /// [`ShardStateMachine::apply`]), then announces them applied.
-    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
+    fn apply_run(&mut self, entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
         let mut next = self.state.clone();
         let mut log_ids = Vec::with_capacity(entries.len());
         let mut run: Vec<Applicable> = Vec::with_capacity(entries.len());
@@ -275,6 +315,14 @@ impl ShardStateMachine {
         batch.delete(ColumnFamily::Meta, marker);
         // The data batches were buffered: this synced write makes them durable too (one WAL).
         self.storage.write(batch, Durability::Synced).map_err(sm_write_error)?;
+        // The snapshot carries the sender's digests; they are rebuilt if it did not (or with
+        // another bucket count). The scrub then checks them against what was installed.
+        let buckets = digest::load_or_rebuild(&self.storage, self.group, self.buckets).map_err(sm_read_error)?;
+        {
+            let mut digests = progress.digest.lock();
+            digests.buckets = Some(buckets);
+            digests.last_check = None;
+        }
         self.applier.installed(clock_us).map_err(sm_read_error)?;
         self.state = state;
         self.progress.announce_applied(meta.last_log_id);
@@ -545,7 +593,8 @@ mod tests {
     fn machine() -> (tempfile::TempDir, Arc<Storage>, ShardStateMachine) {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open storage");
-        let machine = ShardStateMachine::open(storage.clone(), 2, 3).expect("open state machine");
+        let machine =
+            ShardStateMachine::open(storage.clone(), 2, 3, digest::DEFAULT_BUCKETS).expect("open state machine");
         (dir, storage, machine)
     }
 
@@ -659,7 +708,8 @@ mod tests {
         batch.put(ColumnFamily::StateMachine, keys::assertion_key(3, AssertionId::new(1, 2, 1, 0)), b"{}".to_vec());
         follower_storage.write(batch, Durability::Synced).expect("write");
         drop(follower);
-        let reopened = ShardStateMachine::open(follower_storage.clone(), 2, 3).expect("reopen");
+        let reopened =
+            ShardStateMachine::open(follower_storage.clone(), 2, 3, digest::DEFAULT_BUCKETS).expect("reopen");
         assert_eq!(shard_rows(&follower_storage), shard_rows(&leader_storage));
         assert_eq!(reopened.state.last_applied, meta.last_log_id);
         assert!(follower_storage.get(ColumnFamily::Meta, &keys::install_marker_key(3)).expect("get").is_none());

@@ -13,9 +13,10 @@ use std::sync::Arc;
 
 use super::codec;
 use super::command::{AssertOutcome, EventOutcome, GroupId, ProposalToken, ShardCommand, ShardResponse, TOKEN_TTL_US};
+use super::digest::{self, Buckets};
 use super::keys;
 use super::metrics;
-use super::progress::{AppliedProgress, RetractionRecord};
+use super::progress::{AppliedProgress, CheckRecord, RetractionRecord};
 use crate::meta::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome, PolicyRecord, PolicyStore};
 use crate::meta::{MetaCommand, MetaError, MetaState};
 use crate::model::assertion::{AssertionDraft, StoredAssertion};
@@ -112,6 +113,12 @@ struct Overlay {
     /// Vote keys written by this call, in key order, for [`Overlay::votes_with_prefix`].
     pending_votes: BTreeMap<Vec<u8>, Vec<u8>>,
     batch: WriteBatch,
+    /// The XOR this call's record changes make to each touched digest bucket.
+    digest_delta: HashMap<usize, u64>,
+    /// The replica's bucket count (0: digests not kept).
+    buckets: usize,
+    /// The first failed read of an old value for the digests: fails the whole call.
+    digest_fault: Option<Fault>,
 }
 
 impl Overlay {
@@ -122,6 +129,33 @@ impl Overlay {
             deleted: HashSet::new(),
             pending_votes: BTreeMap::new(),
             batch: WriteBatch::new(),
+            digest_delta: HashMap::new(),
+            buckets: 0,
+            digest_fault: None,
+        }
+    }
+
+    /// Keeps the digests of a digested record changing from what it holds now to `new`.
+    fn track(&mut self, cf: ColumnFamily, key: &[u8], new: Option<&[u8]>) {
+        if cf != ColumnFamily::StateMachine || self.buckets == 0 || !digest::digested(key) {
+            return;
+        }
+        let old = match self.get(cf, key) {
+            Ok(old) => old,
+            Err(fault) => {
+                self.digest_fault.get_or_insert(fault);
+                return;
+            }
+        };
+        let mut change = 0u64;
+        if let Some(old) = old {
+            change ^= digest::record_hash(key, &old);
+        }
+        if let Some(new) = new {
+            change ^= digest::record_hash(key, new);
+        }
+        if change != 0 {
+            *self.digest_delta.entry(digest::bucket_of(key, self.buckets)).or_insert(0) ^= change;
         }
     }
 
@@ -137,12 +171,17 @@ impl Overlay {
 
     /// A put that later reads in the same `apply` call must see.
     fn put_visible(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
+        self.track(cf, &key, Some(&value));
         self.deleted.remove(&(cf, key.clone()));
         self.pending.insert((cf, key.clone()), value.clone());
         self.batch.put(cf, key, value);
     }
 
     fn put(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
+        if cf == ColumnFamily::StateMachine {
+            // Records are digested against their old value: later puts must see this one.
+            return self.put_visible(cf, key, value);
+        }
         self.batch.put(cf, key, value);
     }
 
@@ -170,6 +209,7 @@ impl Overlay {
     }
 
     fn delete_visible(&mut self, cf: ColumnFamily, key: Vec<u8>) {
+        self.track(cf, &key, None);
         if cf == ColumnFamily::StateMachine {
             self.pending_votes.remove(&key);
         }
@@ -207,6 +247,8 @@ pub struct Applier {
     pending_policy: Option<PolicyStore>,
     /// Claims the current `apply` call put into quarantine, less those it took out.
     quarantine_delta: i64,
+    /// The check the current `apply` call recorded, published after its write.
+    pending_check: Option<CheckRecord>,
 }
 
 impl Applier {
@@ -228,6 +270,7 @@ impl Applier {
             touched: Vec::new(),
             pending_policy: None,
             quarantine_delta: 0,
+            pending_check: None,
         };
         applier.count_quarantine();
         applier
@@ -308,11 +351,17 @@ impl Applier {
         self.pending_policy = None;
         self.touched.clear();
         self.quarantine_delta = 0;
+        self.pending_check = None;
         let mut overlay = Overlay::new(self.storage.clone());
+        overlay.buckets = progress.digest.lock().buckets.as_ref().map_or(0, Buckets::count);
         let mut responses = Vec::with_capacity(entries.len());
         for (at, command) in entries {
             let response = match command {
                 None => ShardResponse::Empty,
+                Some(ShardCommand::Check { proposed_at_us }) => {
+                    self.record_check(&overlay, at, proposed_at_us);
+                    ShardResponse::Empty
+                }
                 Some(command) => self.apply_command(&mut overlay, at.index, command).map_err(|f| f.at(at))?,
             };
             responses.push(response);
@@ -327,12 +376,34 @@ impl Applier {
                 );
             }
         }
+        if let Some(fault) = overlay.digest_fault.take() {
+            return Err(fault.at(last));
+        }
         let record = applied(self.clock_us).map_err(|error| Fault::Encode(error).at(last))?;
         overlay.batch.put(ColumnFamily::StateMachine, applied_key, record);
+        // The touched buckets' new digests, in the same batch as the records they cover.
+        let mut digests = progress.digest.lock();
+        if let Some(buckets) = digests.buckets.as_mut() {
+            for (&bucket, &change) in &overlay.digest_delta {
+                buckets.xor(bucket, change);
+                digest::put_bucket(&mut overlay.batch, self.group, bucket, buckets.get(bucket));
+            }
+        }
         // The log is the write-ahead log: applied state need not be synced, a crash re-applies.
-        self.storage
-            .write(std::mem::take(&mut overlay.batch), Durability::Buffered)
-            .map_err(|error| Fault::Write(error).at(last))?;
+        let written = self.storage.write(std::mem::take(&mut overlay.batch), Durability::Buffered);
+        if let Err(error) = written {
+            // Undo: the digests describe what is stored.
+            if let Some(buckets) = digests.buckets.as_mut() {
+                for (&bucket, &change) in &overlay.digest_delta {
+                    buckets.xor(bucket, change);
+                }
+            }
+            return Err(Fault::Write(error).at(last));
+        }
+        if let Some(check) = self.pending_check.take() {
+            digests.last_check = Some(Arc::new(check));
+        }
+        drop(digests);
         if let (Some(store), Some(slot)) = (self.pending_policy.take(), &self.meta) {
             slot.policy.update(|current| *current = store);
         }
@@ -349,6 +420,19 @@ impl Applier {
             }
         }
         Ok(responses)
+    }
+
+    /// Records the replica's digests as of the check entry at `at`: those applied so far, with
+    /// this call's changes up to here.
+    fn record_check(&mut self, overlay: &Overlay, at: Position, proposed_at_us: u64) {
+        let Some(mut buckets) = self.progress.digest.lock().buckets.clone() else {
+            return;
+        };
+        for (&bucket, &change) in &overlay.digest_delta {
+            buckets.xor(bucket, change);
+        }
+        let root = buckets.tree().root();
+        self.pending_check = Some(CheckRecord { index: at.index, term: at.term, proposed_at_us, root, buckets });
     }
 
     fn next_time(&mut self, proposed_at_us: u64) -> u64 {
@@ -584,6 +668,8 @@ impl Applier {
                 )?)
             }
             ShardCommand::Once { token, command } => self.apply_once(overlay, index, token, *command)?,
+            // Recorded by `apply`, which knows the entry's term; inside a token it records nothing.
+            ShardCommand::Check { .. } => ShardResponse::Empty,
         })
     }
 
@@ -775,7 +861,9 @@ mod tests {
     fn applier() -> (tempfile::TempDir, Arc<Storage>, Applier) {
         let dir = tempfile::tempdir().expect("tempdir");
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open storage");
-        let applier = Applier::new(storage.clone(), SHARD, GROUP, Arc::new(AppliedProgress::default()), 0);
+        let progress = Arc::new(AppliedProgress::default());
+        progress.digest.lock().buckets = Some(digest::Buckets::empty(64));
+        let applier = Applier::new(storage.clone(), SHARD, GROUP, progress, 0);
         (dir, storage, applier)
     }
 
@@ -967,5 +1055,71 @@ mod tests {
             Some(vec![(-1i8) as u8]),
             "the current vote (entry 59: -1) is kept"
         );
+    }
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+    use crate::storage::StorageOptions;
+
+    const GROUP: GroupId = 5;
+
+    /// Whatever the commands (inserts, vote flips that delete old votes, retractions,
+    /// quarantine decisions, tokened copies), the digests the applier keeps equal the ones
+    /// recomputed from what it stored, stored ones included; a check entry records the digests
+    /// as of its own position in a batch.
+    #[test]
+    fn kept_digests_equal_the_stored_records_and_checks_record_their_position() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open storage");
+        let progress = Arc::new(AppliedProgress::default());
+        progress.digest.lock().buckets = Some(digest::load_or_rebuild(&storage, GROUP, 64).expect("digests"));
+        let mut applier = Applier::new(storage.clone(), 4, GROUP, progress.clone(), 0);
+        let index = std::cell::Cell::new(0u64);
+        let apply = |applier: &mut Applier, commands: Vec<ShardCommand>| {
+            let entries: Vec<Applicable> = commands
+                .into_iter()
+                .map(|c| {
+                    index.set(index.get() + 1);
+                    (Position { index: index.get(), term: 2 }, Some(c))
+                })
+                .collect();
+            applier.apply(entries, keys::applied_key(GROUP), |clock| serde_json::to_vec(&clock)).expect("apply")
+        };
+        let draft = |n: u32| AssertionDraft::for_test("digest/set", "member", "writer", &n.to_string());
+        let asserted =
+            apply(&mut applier, vec![ShardCommand::Assert { proposed_at_us: 1, items: (0..20).map(draft).collect() }]);
+        let ShardResponse::Asserted(results) = &asserted[0] else { panic!("not an assert response") };
+        let ids: Vec<AssertionId> = results.iter().map(|r| r.as_ref().expect("asserted").id).collect();
+        let before_check = progress.digest.lock().buckets.clone().expect("kept");
+        // A batch: a write, a check, another write. The check sees the first write only.
+        let vote = |n: usize, value: i8| ShardCommand::Vote {
+            proposed_at_us: crate::model::id::now_us(),
+            assertion_id: ids[n],
+            agent_id: "voter".into(),
+            value,
+        };
+        apply(&mut applier, vec![vote(0, 1), ShardCommand::Check { proposed_at_us: 7 }, vote(1, 1)]);
+        let check = progress.digest.lock().last_check.clone().expect("a check was recorded");
+        assert_eq!((check.index, check.term, check.proposed_at_us), (index.get() - 1, 2, 7));
+        assert_ne!(check.buckets, before_check, "the vote before the check is in it");
+        assert_ne!(Some(&check.buckets), progress.digest.lock().buckets.as_ref(), "the vote after it is not");
+        assert_eq!(check.root, check.buckets.tree().root());
+        // Vote flips past the per-agent bound delete the oldest votes.
+        for round in 0..(MAX_VOTES_PER_AGENT as i8 + 4) {
+            apply(&mut applier, vec![vote(2, if round % 2 == 0 { 1 } else { -1 })]);
+        }
+        let retract = |n: usize| ShardCommand::Retract {
+            proposed_at_us: 9,
+            assertion_id: ids[n],
+            agent_id: "writer".into(),
+            admin: false,
+            reason: Some("digest".into()),
+        };
+        apply(&mut applier, vec![retract(3), retract(3).once(), retract(4)]);
+        let kept = progress.digest.lock().buckets.clone().expect("kept");
+        assert_eq!(kept, digest::rebuild(&storage, GROUP, 64).expect("rebuild"), "kept = recomputed");
+        assert_eq!(digest::load(&storage, GROUP, 64).expect("load"), Some(kept), "kept = stored");
     }
 }

@@ -51,6 +51,10 @@ pub enum ShardCommand {
     /// that node generated: every copy of it (a forward retried after an ambiguous failure, or
     /// sent again to a new leader) applies once; later copies answer the first copy's response.
     Once { token: ProposalToken, command: Box<ShardCommand> },
+    /// An anti-entropy check: every replica records the root of its digests as of this entry,
+    /// so replicas compare their state at the same log position (`shard::digest`). Changes no
+    /// data.
+    Check { proposed_at_us: u64 },
 }
 
 /// The idempotency token of a forwarded proposal: when the forwarding node issued it (its
@@ -85,7 +89,8 @@ impl ShardCommand {
             | ShardCommand::Retract { proposed_at_us, .. }
             | ShardCommand::Meta { proposed_at_us, .. }
             | ShardCommand::Quarantine { proposed_at_us, .. }
-            | ShardCommand::Policy { proposed_at_us, .. } => *proposed_at_us,
+            | ShardCommand::Policy { proposed_at_us, .. }
+            | ShardCommand::Check { proposed_at_us } => *proposed_at_us,
             ShardCommand::Once { command, .. } => command.proposed_at_us(),
         }
     }

@@ -2,7 +2,8 @@
 //! answers applying them gives (`command`), the protobuf form of the commands, of the stored
 //! assertions and of what the transport carries about a shard: answers, errors and reads
 //! (`codec`, one submodule per message family), applying commands at their log position
-//! (`apply`) and the counters it raises (`metrics`), the key layout of the groups in the column
+//! (`apply`) and the counters it raises (`metrics`), the replica's anti-entropy digests and their
+//! Merkle tree (`digest`), the key layout of the groups in the column
 //! families (`keys`), the progress the state machine shares with its readers (`progress`), the
 //! readers (`reader`) and their claims cache (`claims_cache`), index verification and repair
 //! (`index_repair`), the snapshot file format and its streaming (`snapshot`), and the errors of
@@ -13,6 +14,7 @@ pub mod apply;
 pub mod claims_cache;
 pub mod codec;
 pub mod command;
+pub mod digest;
 pub mod error;
 pub mod index_repair;
 pub mod keys;

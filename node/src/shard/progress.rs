@@ -1,8 +1,12 @@
 //! What a shard's state machine shares with its readers: how far it has applied, the index lock
 //! that keeps applies and index repairs apart, the claims cache, and the snapshot-install
-//! sequence a reader checks its read against; and the retraction record both sides read.
+//! sequence a reader checks its read against, the anti-entropy digests and the gate a repair
+//! stops applies with; and the retraction record both sides read.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use super::digest::{Buckets, NodeHash};
 
 use serde::{Deserialize, Serialize};
 
@@ -31,4 +35,76 @@ pub struct AppliedProgress {
     /// Claims of this replica waiting in quarantine for a release or reject (the quarantine
     /// index's entries), kept by the applier after each write.
     pub quarantine_pending: AtomicU64,
+    /// The replica's anti-entropy digests as applied, and its last check.
+    pub digest: parking_lot::Mutex<DigestState>,
+    /// Lets an anti-entropy repair stop applies at a chosen index.
+    pub gate: ApplyGate,
+}
+
+/// A replica's digests (`shard::digest`), kept by the applier in step with its writes.
+#[derive(Debug, Default)]
+pub struct DigestState {
+    /// The bucket digests as of the applied index (empty until the state machine opens).
+    pub buckets: Option<Buckets>,
+    /// What the replica recorded when it applied its last check entry.
+    pub last_check: Option<Arc<CheckRecord>>,
+}
+
+/// A replica's state at a check entry: the same on every healthy replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckRecord {
+    pub index: u64,
+    pub term: u64,
+    /// When the leader proposed the check (its clock, µs).
+    pub proposed_at_us: u64,
+    pub root: NodeHash,
+    pub buckets: Buckets,
+}
+
+/// Stops a replica's applies right after a chosen index until released, so an anti-entropy
+/// repair can replace buckets at exactly the index its healthy copy was read at
+/// (`cluster::anti_entropy`). The state machine checks it between entries; nothing else waits
+/// on it.
+#[derive(Debug, Default)]
+pub struct ApplyGate {
+    target: parking_lot::Mutex<Option<u64>>,
+    released: parking_lot::Condvar,
+}
+
+impl ApplyGate {
+    /// Applies stop once everything up to `index` is applied.
+    pub fn pause_at(&self, index: u64) {
+        *self.target.lock() = Some(index);
+    }
+
+    /// Lets applies go on.
+    pub fn release(&self) {
+        *self.target.lock() = None;
+        self.released.notify_all();
+    }
+
+    pub fn target(&self) -> Option<u64> {
+        *self.target.lock()
+    }
+
+    /// Called by the state machine with everything up to `applied` applied: if applies are to
+    /// stop there, waits until released (or `longest` passes: then releases it itself, so a
+    /// repair that died never stops the replica for good). Returns whether it waited.
+    pub fn wait_if_paused_at(&self, applied: u64, longest: std::time::Duration) -> bool {
+        let mut target = self.target.lock();
+        if *target != Some(applied) {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + longest;
+        while *target == Some(applied) {
+            if self.released.wait_until(&mut target, deadline).timed_out() {
+                if *target == Some(applied) {
+                    tracing::warn!(applied, "an anti-entropy pause outlived its limit; applies go on");
+                    *target = None;
+                }
+                break;
+            }
+        }
+        true
+    }
 }

@@ -78,6 +78,10 @@ impl ColumnFamily {
 pub enum StorageError {
     #[error("rocksdb error during {operation}: {message}")]
     Engine { operation: &'static str, message: String },
+    /// RocksDB found damaged data on disk (a block checksum mismatch, a truncated or missing
+    /// file): what the message names is unreadable until it is repaired.
+    #[error("damaged data on disk during {operation}: {message}")]
+    EngineCorruption { operation: &'static str, message: String },
     #[error("data directory {path}: {message}")]
     DataDir { path: PathBuf, message: String },
     #[error("corrupt record in {cf}: {message}")]
@@ -90,6 +94,7 @@ impl StorageError {
     pub fn code(&self) -> ErrorCode {
         match self {
             StorageError::Engine { .. } => ErrorCode::StorageEngineError,
+            StorageError::EngineCorruption { .. } => ErrorCode::StorageCorruptRecord,
             StorageError::DataDir { .. } => ErrorCode::StorageDataDirError,
             StorageError::Corrupt { .. } => ErrorCode::StorageCorruptRecord,
             StorageError::Closed => ErrorCode::StorageClosed,
@@ -99,11 +104,22 @@ impl StorageError {
     pub fn corrupt(cf: ColumnFamily, message: impl Into<String>) -> Self {
         StorageError::Corrupt { cf: cf.name(), message: message.into() }
     }
+
+    /// Whether the data on disk is damaged (as opposed to the engine failing or closing).
+    pub fn is_damage(&self) -> bool {
+        matches!(self, StorageError::EngineCorruption { .. } | StorageError::Corrupt { .. })
+    }
 }
 
 fn engine_error(operation: &'static str, error: rocksdb::Error) -> StorageError {
     metrics::STORAGE_OPERATION_ERRORS.with_label_values(&[operation]).inc();
     tracing::error!(operation, error = %error, "storage operation failed");
+    // A read that fails on a damaged block or a file gone missing is damage; a write's I/O
+    // error (a full disk, say) is not.
+    let read = matches!(operation, "get" | "scan");
+    if error.kind() == rocksdb::ErrorKind::Corruption || (read && error.kind() == rocksdb::ErrorKind::IOError) {
+        return StorageError::EngineCorruption { operation, message: error.into_string() };
+    }
     StorageError::Engine { operation, message: error.into_string() }
 }
 
@@ -385,6 +401,37 @@ impl Storage {
         metrics::OPS_SCAN.inc();
         let iter =
             self.db.iterator_cf_opt(self.handle(cf)?, read_options, IteratorMode::From(from, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| engine_error("scan", e))?;
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`Storage::for_each_in_range`], over a consistent snapshot of the database:
+    /// `taken` runs right after the snapshot is taken (so a caller holding a lock that keeps
+    /// writers out can note what it needs and let them go on), then `visit` sees the range as
+    /// it was at that moment, however long the walk takes.
+    pub fn for_each_in_snapshot(
+        &self,
+        cf: ColumnFamily,
+        from: &[u8],
+        to: &[u8],
+        taken: impl FnOnce(),
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let handle = self.handle(cf)?;
+        let snapshot = self.db.snapshot();
+        taken();
+        let mut read_options = ReadOptions::default();
+        read_options.set_iterate_upper_bound(to.to_vec());
+        // A scrub reads everything once: keep it out of the block cache.
+        read_options.fill_cache(false);
+        read_options.set_verify_checksums(true);
+        metrics::OPS_SCAN.inc();
+        let iter = snapshot.iterator_cf_opt(handle, read_options, IteratorMode::From(from, Direction::Forward));
         for item in iter {
             let (k, v) = item.map_err(|e| engine_error("scan", e))?;
             if !visit(&k, &v) {

@@ -190,6 +190,7 @@ pub fn command_to_proto(command: &ShardCommand) -> pb::Command {
             nonce: token.nonce,
             command: Some(Box::new(command_to_proto(command))),
         })),
+        ShardCommand::Check { proposed_at_us } => Kind::Check(pb::CheckCommand { proposed_at_us: *proposed_at_us }),
     };
     pb::Command { kind: Some(kind) }
 }
@@ -240,6 +241,7 @@ pub fn command_from_proto(command: pb::Command) -> Result<ShardCommand, CodecErr
                 command: Box::new(inner),
             }
         }
+        Kind::Check(c) => ShardCommand::Check { proposed_at_us: c.proposed_at_us },
     })
 }
 
@@ -627,6 +629,7 @@ pub(crate) mod tests {
                 }
             ),
             (at, policy()).prop_map(|(proposed_at_us, command)| ShardCommand::Policy { proposed_at_us, command }),
+            at.prop_map(|proposed_at_us| ShardCommand::Check { proposed_at_us }),
         ];
         (plain, proptest::option::of((any::<u64>(), any::<u64>()))).prop_map(|(command, token)| match token {
             Some((issued_at_us, nonce)) => {
