@@ -6,7 +6,7 @@
 //! Merkle tree (`digest`), the key layout of the groups in the column
 //! families (`keys`), the progress the state machine shares with its readers (`progress`), the
 //! readers (`reader`) and their claims cache (`claims_cache`), index verification and repair
-//! (`index_repair`), the snapshot file format and its streaming (`snapshot`), and the errors of
+//! (`index_repair`), the scrub and the bucket copies of anti-entropy repair (`repair`), the snapshot file format and its streaming (`snapshot`), and the errors of
 //! the request path (`ConsensusError`, in `error`).
 //! It knows nothing of openraft: the adapters from openraft's traits to this state are in `raft`.
 
@@ -21,6 +21,7 @@ pub mod keys;
 pub mod metrics;
 pub mod progress;
 pub mod reader;
+pub mod repair;
 pub mod snapshot;
 
 pub use error::{ConsensusError, GroupLabel};

@@ -412,19 +412,20 @@ impl Storage {
 
     /// Like [`Storage::for_each_in_range`], over a consistent snapshot of the database:
     /// `taken` runs right after the snapshot is taken (so a caller holding a lock that keeps
-    /// writers out can note what it needs and let them go on), then `visit` sees the range as
-    /// it was at that moment, however long the walk takes.
-    pub fn for_each_in_snapshot(
+    /// writers out can note what it needs and let them go on) and makes the walk's state, then
+    /// `visit` sees the range as it was at that moment, however long the walk takes. Returns
+    /// the state.
+    pub fn for_each_in_snapshot<T>(
         &self,
         cf: ColumnFamily,
         from: &[u8],
         to: &[u8],
-        taken: impl FnOnce(),
-        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), StorageError> {
+        taken: impl FnOnce() -> T,
+        mut visit: impl FnMut(&mut T, &[u8], &[u8]) -> bool,
+    ) -> Result<T, StorageError> {
         let handle = self.handle(cf)?;
         let snapshot = self.db.snapshot();
-        taken();
+        let mut state = taken();
         let mut read_options = ReadOptions::default();
         read_options.set_iterate_upper_bound(to.to_vec());
         // A scrub reads everything once: keep it out of the block cache.
@@ -434,11 +435,11 @@ impl Storage {
         let iter = snapshot.iterator_cf_opt(handle, read_options, IteratorMode::From(from, Direction::Forward));
         for item in iter {
             let (k, v) = item.map_err(|e| engine_error("scan", e))?;
-            if !visit(&k, &v) {
+            if !visit(&mut state, &k, &v) {
                 break;
             }
         }
-        Ok(())
+        Ok(state)
     }
 
     /// Up to `limit` key/values of `[from, to)`, greatest key first.
