@@ -225,6 +225,10 @@ error_codes! {
     EncodingFailed = "encoding_failed", 500, Internal, final;
     /// internal: an inter-node message (port 18182) could not be decoded; names the field
     MalformedMessage = "malformed_message", 400, InvalidArgument, final;
+    /// anti-entropy: this replica is being repaired and is no source of truth for now
+    ReplicaSuspect = "replica_suspect", 503, Unavailable, retry;
+    /// anti-entropy: no healthy replica could be copied from
+    RepairFailed = "repair_failed", 500, Internal, retry;
     /// a signed value or source has no canonical JSON form
     ValueNotCanonical = "value_not_canonical", 422, InvalidArgument, final;
     /// no replica move of that shard to act on

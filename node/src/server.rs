@@ -335,6 +335,17 @@ impl Node {
 
         // 3. What requests need, and the background tasks.
         let write_timeout = Duration::from_millis(config.raft.write_timeout_ms);
+        let anti_entropy = crate::cluster::anti_entropy::AntiEntropy::new(
+            shards.clone(),
+            crate::cluster::anti_entropy::Settings {
+                enabled: config.anti_entropy.enabled,
+                interval: Duration::from_secs(config.anti_entropy.interval_seconds),
+                scrub_bytes_per_second: config.anti_entropy.scrub_bytes_per_second,
+                scrub_interval: Duration::from_secs(config.anti_entropy.scrub_interval_seconds),
+                buckets: config.anti_entropy.buckets,
+                reseed_buckets: config.anti_entropy.reseed_buckets,
+            },
+        );
         let context = Arc::new(NodeContext {
             cluster_id: identity.cluster_id.clone(),
             config: config.clone(),
@@ -350,6 +361,7 @@ impl Node {
                     .into_iter()
                     .chain(crate::shard::metrics::collectors())
                     .chain(crate::raft::metrics::collectors())
+                    .chain(crate::cluster::anti_entropy::metrics::collectors())
                     .collect(),
             ),
             started_at,
@@ -360,6 +372,7 @@ impl Node {
                 write_timeout,
             ),
             indexes: Default::default(),
+            anti_entropy: anti_entropy.clone(),
             heap_profiler: start_heap_profiler(&config),
         });
         self.context = Some(context.clone());
@@ -393,10 +406,15 @@ impl Node {
             rebuild_indexes_when_placed(&context, self.cluster_work.clone());
         }
         self.watch_for_fatal_errors(&shards, &storage, recovering);
+        anti_entropy.start();
 
         // 4. The transport, before waiting for leaders: elections need the peers' votes.
-        self.grpc =
-            Some(GrpcServer::start(&self.tasks, RaftService::server(shards.clone(), write_timeout), listeners.raft));
+        self.grpc = Some(GrpcServer::start(
+            &self.tasks,
+            RaftService::server(shards.clone(), write_timeout),
+            crate::rpc::anti_entropy::AntiEntropyService::server(anti_entropy.clone()),
+            listeners.raft,
+        ));
 
         // 5. The cluster admin.
         self.admin = Some(HttpServer::start(&self.tasks, listeners.admin, crate::admin::router(context.clone())));
@@ -609,6 +627,9 @@ impl GrpcServer {
     fn start(
         tasks: &NodeTasks,
         service: stemedb_proto::raft::raft_transport_server::RaftTransportServer<RaftService>,
+        anti_entropy: stemedb_proto::raft::anti_entropy_server::AntiEntropyServer<
+            crate::rpc::anti_entropy::AntiEntropyService,
+        >,
         listener: TcpListener,
     ) -> GrpcServer {
         let stop = CancellationToken::new();
@@ -626,6 +647,7 @@ impl GrpcServer {
             // the connection every heal. The transport only serves cluster peers.
             .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
             .add_service(service)
+            .add_service(anti_entropy)
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         GrpcServer { stop, task: tasks.spawn(serve) }
     }

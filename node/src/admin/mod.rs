@@ -1,7 +1,10 @@
 //! Cluster admin on port 18181 (HTTP/JSON): cluster health, members, shards, leader transfer,
 //! replica moves and the cluster metadata, from this node's view of the groups it hosts and its
 //! copy of the meta group. JSON shapes follow the operations runbooks (`.members[]` with `id`,
-//! `status`, `replication_lag`; `.shards[]` with `query_rate`).
+//! `status`, `replication_lag`; `.shards[]` with `query_rate`). Anti-entropy's status and its
+//! sync-now request are in `sync`.
+
+mod sync;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -27,6 +30,8 @@ pub fn router(state: AppState) -> Router {
         .route("/cluster/shards/{id}", get(shard))
         .route("/cluster/shards/{id}/digest", get(shard_digest))
         .route("/cluster/meta", get(meta))
+        .route("/cluster/sync_status", get(sync::sync_status))
+        .route("/cluster/sync", axum::routing::post(sync::sync))
         .route("/admin/shards/rebalance", axum::routing::post(rebalance))
         .route("/admin/shards/{id}/transfer-leader", axum::routing::post(transfer_leader))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such cluster admin endpoint; see docs/api.md") })

@@ -46,6 +46,8 @@ pub struct NodeContext {
     pub breakers: breakers::BreakerMonitor,
     /// Online index rebuilds of this node's shards.
     pub indexes: indexes::IndexRebuilds,
+    /// Anti-entropy checks, scrubs and repairs of this node's replicas (`/cluster/sync*`).
+    pub anti_entropy: Arc<crate::cluster::anti_entropy::AntiEntropy>,
     /// Heap-profile sampling and dumps (`/v1/admin/debug/heap-profile`).
     pub heap_profiler: crate::metrics::heap_profile::HeapProfiler,
 }

@@ -1,6 +1,8 @@
 //! Cluster concerns above the Raft groups: the identity a data dir remembers (node id, cluster
-//! id, shard count) and the placement driver that moves replicas to match the cluster metadata
-//! (which the meta group replicates: see `meta`).
+//! id, shard count), the placement driver that moves replicas to match the cluster metadata
+//! (which the meta group replicates: see `meta`), and anti-entropy, which finds and repairs
+//! replicas whose data differs from their shard's majority (`anti_entropy`).
 
+pub mod anti_entropy;
 pub mod identity;
 pub mod placement;

@@ -483,12 +483,13 @@ impl Default for LoggingSection {
     }
 }
 
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 15] = [
     "node",
     "server",
     "cluster",
     "storage",
     "raft",
+    "anti_entropy",
     "limits",
     "query",
     "security",

@@ -82,6 +82,13 @@ impl PeerChannels {
     /// The channel to `addr` (`HOST:PORT`), created on first use; it connects lazily and
     /// reconnects with backoff by itself.
     pub fn client(&self, addr: &str) -> Result<RaftTransportClient<Channel>, InvalidPeerAddress> {
+        Ok(RaftTransportClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The HTTP/2 channel to `addr`, shared by every service of the transport.
+    pub fn channel(&self, addr: &str) -> Result<Channel, InvalidPeerAddress> {
         let mut channels = self.channels.lock();
         let channel = match channels.get(addr) {
             Some(channel) => channel.clone(),
@@ -98,9 +105,7 @@ impl PeerChannels {
                 channel
             }
         };
-        Ok(RaftTransportClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(channel)
     }
 }
 

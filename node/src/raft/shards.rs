@@ -586,6 +586,18 @@ impl ShardSet {
     }
 
     /// The Raft address of `node` as the group's membership records it.
+    /// The voters of `shard` as this node's replica knows them, with their Raft addresses.
+    pub fn voters(&self, shard: u16) -> Result<Vec<(NodeId, String)>, ConsensusError> {
+        let group = self.group(shard)?;
+        let membership = group.raft.metrics().borrow().membership_config.membership().clone();
+        Ok(membership.voter_ids().filter_map(|id| self.addr_of(group, id).map(|addr| (id, addr))).collect())
+    }
+
+    /// The transport's channel to the node at `addr` (for services beside Raft on 18182).
+    pub fn peer_channel(&self, addr: &str) -> Option<tonic::transport::Channel> {
+        self.peers.channel(addr).ok()
+    }
+
     fn node_addr(group: &ShardGroup, node: NodeId) -> Option<String> {
         group.raft.metrics().borrow().membership_config.membership().get_node(&node).map(|n| n.addr.clone())
     }

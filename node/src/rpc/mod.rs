@@ -3,7 +3,10 @@
 //! campaigns asked of a group's replica, and reads of a shard from nodes that do not host it.
 //! It decodes the typed protobuf message (`raft::wire`), hands it to the group's Raft or to the
 //! shard set, and encodes the answer; it owns no state. A message that does not decode is
-//! refused with `malformed_message` before anything is done.
+//! refused with `malformed_message` before anything is done. Beside it, on the same port, the
+//! anti-entropy service (`anti_entropy`).
+
+pub mod anti_entropy;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -157,6 +157,19 @@ impl ShardReader {
         self.progress.quarantine_pending.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// What the state machine shares with this replica's readers.
+    pub fn progress(&self) -> &Arc<AppliedProgress> {
+        &self.progress
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.progress.applied_index.load(std::sync::atomic::Ordering::Acquire)
     }

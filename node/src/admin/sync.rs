@@ -1,0 +1,170 @@
+//! `GET /cluster/sync_status` and `POST /cluster/sync`: anti-entropy as this node sees it, and
+//! a check and repair started now (`cluster::anti_entropy`).
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::api::{ApiError, AppState};
+use crate::error::ErrorCode;
+use crate::meta::META_SHARD;
+
+/// `GET /cluster/sync_status`: per shard this node hosts, the last check it ran as leader, every
+/// replica's last check root (asked live), whether they agree, what the scrub and the repairs
+/// of this node's replica did.
+pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let anti_entropy = &state.anti_entropy;
+    let status = anti_entropy.status();
+    let mut shards = Vec::with_capacity(status.len());
+    let (mut agreeing, mut suspect, mut repairs, mut mismatched) = (0usize, 0usize, 0u64, 0usize);
+    for (shard, sync) in status {
+        let roots = anti_entropy.replica_roots(shard).await.unwrap_or_default();
+        // Replicas that recorded the same (newest) check index must have the same root.
+        let newest = roots.iter().filter_map(|(_, r)| r.as_ref().map(|(i, _, _)| *i)).max();
+        let at_newest: Vec<&String> = roots
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().filter(|(i, _, _)| Some(*i) == newest).map(|(_, root, _)| root))
+            .collect();
+        let agreement = match newest {
+            None => "unchecked",
+            Some(_) if at_newest.windows(2).any(|w| w[0] != w[1]) => "differ",
+            Some(_) if at_newest.len() == roots.len() => "agree",
+            Some(_) => "pending",
+        };
+        if agreement == "agree" {
+            agreeing += 1;
+        }
+        if sync.suspect {
+            suspect += 1;
+        }
+        repairs += sync.repairs;
+        mismatched += sync.mismatched_buckets;
+        let replicas: Vec<Value> = roots
+            .iter()
+            .map(|(node, r)| match r {
+                Some((index, root, suspect)) => {
+                    json!({"node": node, "check_index": index, "root": root, "suspect": suspect})
+                }
+                None => json!({"node": node, "check_index": null, "root": null, "suspect": null}),
+            })
+            .collect();
+        let group = state.shards.group(shard).ok();
+        shards.push(json!({
+            "shard": if shard == META_SHARD { json!("meta") } else { json!(shard) },
+            "leader": group.and_then(|g| g.raft.metrics().borrow().current_leader),
+            "applied_index": group.map(|g| g.reader.applied_index()),
+            "agreement": agreement,
+            "check_index": newest,
+            "replicas": replicas,
+            "last_check": sync.last_check,
+            "mismatched_buckets": sync.mismatched_buckets,
+            "repairs": sync.repairs,
+            "repaired_keys": sync.repaired_keys,
+            "last_repair": sync.last_repair,
+            "scrub": sync.scrub,
+            "suspect": sync.suspect,
+        }));
+    }
+    let settings = anti_entropy.settings();
+    Ok(Json(json!({
+        "node_id": state.shards.node_id,
+        "enabled": settings.enabled,
+        "interval_seconds": settings.interval.as_secs(),
+        "scrub_interval_seconds": settings.scrub_interval.as_secs(),
+        "scrub_bytes_per_second": settings.scrub_bytes_per_second,
+        "buckets": settings.buckets,
+        "summary": {
+            "shards": shards.len(),
+            "agreeing": agreeing,
+            "suspect": suspect,
+            "mismatched_buckets": mismatched,
+            "repairs": repairs,
+        },
+        "shards": shards,
+    })))
+}
+
+/// `target_node`: a node id, as a number or a string of digits (the runbooks write it quoted).
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum NodeRef {
+    Id(u64),
+    Text(String),
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRequest {
+    target_node: NodeRef,
+    #[serde(default)]
+    shard_id: Option<u16>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /cluster/sync {"target_node", "shard_id"?, "force"?}`: the target node scrubs its
+/// replicas (of `shard_id`, or all) now and compares its last checks with its peers, repairing
+/// what differs; with `force`, each shard's leader also proposes a fresh check now. Answers at
+/// once with the shards asked; `GET /cluster/sync_status` shows the progress.
+pub async fn sync(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    crate::api::extract::StrictJson(request): crate::api::extract::StrictJson<SyncRequest>,
+) -> Result<Json<Value>, ApiError> {
+    super::require_token_if_set(&state, &headers)?;
+    let target = match &request.target_node {
+        NodeRef::Id(id) => *id,
+        NodeRef::Text(text) => text.trim().parse::<u64>().map_err(|_| {
+            ApiError::new(ErrorCode::InvalidNodeId, format!("target_node {text:?} is not a node id (a number)"))
+        })?,
+    };
+    if let Some(shard) = request.shard_id {
+        if shard >= state.shards.shard_count() {
+            return Err(ApiError::new(
+                ErrorCode::UnknownShard,
+                format!("no shard {shard}; shards are 0..{}", state.shards.shard_count()),
+            ));
+        }
+    }
+    let nodes = state.shards.known_nodes();
+    let Some(target_addr) = nodes.get(&target).cloned() else {
+        return Err(ApiError::new(ErrorCode::UnknownMember, format!("node {target} is not a member of this cluster")));
+    };
+    let meta = state.shards.meta();
+    let shards: Vec<u16> = (0..state.shards.shard_count())
+        .filter(|s| request.shard_id.is_none_or(|only| only == *s))
+        .filter(|s| !meta.is_bootstrapped() || meta.placement.get(s).is_some_and(|r| r.contains(&target)))
+        .collect();
+    let mut started = Vec::new();
+    let mut failed = Vec::new();
+    for &shard in &shards {
+        let asked = if target == state.shards.node_id {
+            Ok(!state.anti_entropy.sync_now(Some(shard)).is_empty())
+        } else {
+            state.anti_entropy.ask_sync(shard, &target_addr, false).await
+        };
+        match asked {
+            Ok(_) => started.push(shard),
+            Err(error) => {
+                failed.push(json!({"shard": shard, "code": error.code().as_str(), "error": error.to_string()}))
+            }
+        }
+        if request.force {
+            // The leader's fresh check compares every replica at the current index.
+            let leader = state.shards.group(shard).ok().and_then(|g| g.raft.metrics().borrow().current_leader);
+            if let Some(addr) = leader.filter(|l| *l != target).and_then(|l| nodes.get(&l)) {
+                if let Err(error) = state.anti_entropy.ask_sync(shard, addr, true).await {
+                    tracing::debug!(shard, error = %error, "asking the leader for a fresh check failed");
+                }
+            }
+        }
+    }
+    Ok(Json(json!({
+        "target_node": target,
+        "force": request.force,
+        "status": if failed.is_empty() { "started" } else { "partly_started" },
+        "shards": started,
+        "failed": failed,
+        "progress": "GET /cluster/sync_status",
+    })))
+}
