@@ -19,7 +19,7 @@ cargo build --release --locked -p stemedb -p stemedb-chaos
 CHAOS="$CARGO_TARGET_DIR/release/stemedb-chaos"
 
 # scenario:seconds
-RUNS="smoke:240 crashes:300 partitions:300 links:300 leaders:240 membership:300 wipe:240 disk:240 all:600"
+RUNS="smoke:240 crashes:300 partitions:300 links:300 leaders:240 membership:300 wipe:240 disk:240 corrupt:240 all:600"
 failed=0
 printf '%-12s %8s %6s %10s %10s %10s %8s %s\n' scenario seconds faults writes_ok reads_ok set_acked result report > "$OUT/summary.txt"
 for run in $RUNS; do

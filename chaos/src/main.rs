@@ -58,7 +58,8 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Plant a bug in the nodes to prove the checkers catch it: `stale-reads` (linearizable
-        /// reads served from the local replica without a read barrier).
+        /// reads served from the local replica without a read barrier) or `no-anti-entropy`
+        /// (damaged replicas never repaired: the `corrupt` scenario must fail).
         #[arg(long)]
         plant_bug: Option<String>,
     },
@@ -111,7 +112,10 @@ async fn main() -> anyhow::Result<()> {
             match plant_bug.as_deref() {
                 None => {}
                 Some("stale-reads") => env.push(("STEMEDB_TESTING_UNSAFE_SKIP_READ_BARRIER".into(), "true".into())),
-                Some(other) => anyhow::bail!("unknown bug {other:?}; known: stale-reads"),
+                // Damaged replicas are never found nor repaired: the `corrupt` fault must fail
+                // the run.
+                Some("no-anti-entropy") => env.push(("STEMEDB_ANTI_ENTROPY_ENABLED".into(), "false".into())),
+                Some(other) => anyhow::bail!("unknown bug {other:?}; known: stale-reads, no-anti-entropy"),
             }
             let seed = seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()

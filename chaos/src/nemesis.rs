@@ -2,7 +2,9 @@
 //! what it did and when. Faults: process crashes (kill -9) and pauses (SIGSTOP), network
 //! partitions through the link proxies (isolate a shard leader, majority/minority, bridge,
 //! ring), slow, lossy and blackholed links, leader transfers in a loop, a node added and
-//! removed under load, and a node restarted with its data dir wiped.
+//! removed under load, a node restarted with its data dir wiped, and a stopped node's replica
+//! damaged (a record changed, another deleted) before it restarts, which anti-entropy must
+//! find and repair by itself (the run's replica check then sees every replica equal).
 //!
 //! Faults come in rounds: every kind of the scenario once, in an order the seed shuffles, before
 //! any kind repeats, so a run long enough for one round exercises every fault it names. The
@@ -37,6 +39,7 @@ pub enum FaultKind {
     Membership,
     Wipe,
     DiskFull,
+    Corrupt,
 }
 
 impl FaultKind {
@@ -284,6 +287,20 @@ impl<'a> Nemesis<'a> {
                 let ballast = self.cluster.node(id).data_dir.join("ballast");
                 let written = fill(&ballast);
                 (format!("filled node {id}'s disk ({} MiB of ballast)", written >> 20), vec![id])
+            }
+            FaultKind::Corrupt => {
+                let Some(id) = self.random_running() else { return none("no running node") };
+                let Some(shard) = self.random_hosted_shard(id).await else {
+                    return none(&format!("node {id} hosts no shard"));
+                };
+                self.set_target(id, false);
+                let pick = self.rng.random_range(0..1_000_000u64);
+                let done = self.cluster.damage_records(id, shard, pick).await;
+                self.set_target(id, true);
+                match done {
+                    Ok(detail) => (detail, vec![id]),
+                    Err(error) => (format!("damaging node {id} failed: {error}"), vec![id]),
+                }
             }
             FaultKind::Wipe => {
                 let Some(id) = self.random_running() else { return none("no running node") };

@@ -80,6 +80,14 @@ pub const SCENARIOS: &[Scenario] = &[
         unkeyed_clients: 0,
     },
     Scenario {
+        name: "corrupt",
+        description:
+            "a stopped node's replica damaged (a record changed, one deleted), restarted; anti-entropy repairs it",
+        faults: &[Corrupt],
+        default_nodes: 3,
+        unkeyed_clients: 0,
+    },
+    Scenario {
         name: "all",
         description: "every fault above, mixed (for long runs)",
         faults: &[
@@ -94,6 +102,7 @@ pub const SCENARIOS: &[Scenario] = &[
             Blackhole,
             TransferLeader,
             Membership,
+            Corrupt,
         ],
         default_nodes: 5,
         unkeyed_clients: UNKEYED,

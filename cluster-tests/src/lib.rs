@@ -420,6 +420,48 @@ impl TestCluster {
         }
     }
 
+    /// Damages node `id`'s replica of `shard` behind its back, the way bit rot and a lost
+    /// record would: stops the node (SIGTERM), changes one assertion record's bytes and deletes
+    /// another through StemeDB's own storage layer, and starts it again. Returns what it did.
+    /// Nothing in a release build's API can do this: the test harness is the hook.
+    pub async fn damage_records(&mut self, id: u64, shard: u16, pick: u64) -> anyhow::Result<String> {
+        use stemedb::storage::{ColumnFamily, Durability, Storage, StorageOptions, WriteBatch};
+        self.terminate(id, Duration::from_secs(30)).await?;
+        let data_dir = self.node(id).data_dir.clone();
+        let detail = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+            let storage = Storage::open(&data_dir, StorageOptions::default())?;
+            let group = stemedb::shard::command::group_of_shard(shard);
+            let prefix = stemedb::shard::keys::assertions_prefix(group);
+            let end = stemedb::shard::keys::prefix_end(&prefix);
+            let records = storage.scan(ColumnFamily::StateMachine, &prefix, &end, usize::MAX)?;
+            let detail = if records.len() < 2 {
+                format!("shard {shard} holds {} assertion(s) on node {id}: nothing damaged", records.len())
+            } else {
+                let changed = &records[pick as usize % records.len()];
+                let deleted = &records[(pick as usize + 1 + records.len() / 2) % records.len()];
+                let mut rotten = changed.1.clone();
+                if let Some(last) = rotten.last_mut() {
+                    *last ^= 0x5a;
+                }
+                let mut batch = WriteBatch::new();
+                batch.put(ColumnFamily::StateMachine, changed.0.clone(), rotten);
+                if deleted.0 != changed.0 {
+                    batch.delete(ColumnFamily::StateMachine, deleted.0.clone());
+                }
+                storage.write(batch, Durability::Synced)?;
+                format!(
+                    "changed one and deleted one of {} assertion records of shard {shard} on node {id}",
+                    records.len()
+                )
+            };
+            storage.close()?;
+            Ok(detail)
+        })
+        .await??;
+        self.restart(id).await?;
+        Ok(detail)
+    }
+
     /// Restarts a stopped or killed node with its data dir.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         self.kill(id);

@@ -88,6 +88,25 @@ pub static DIGEST_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// Every label value the node can report, at zero, so dashboards and alerts see the series
+/// before the first check, scrub or repair.
+pub fn initialize(shards: impl Iterator<Item = String>) {
+    for result in ["agree", "mismatch", "incomplete", "failed"] {
+        CHECKS.with_label_values(&[result]);
+    }
+    for result in ["clean", "mismatch", "unreadable", "failed"] {
+        SCRUBS.with_label_values(&[result]);
+    }
+    for kind in ["buckets", "reseed"] {
+        for result in ["ok", "failed"] {
+            REPAIRS.with_label_values(&[kind, result]);
+        }
+    }
+    for shard in shards {
+        MISMATCHED_BUCKETS.with_label_values(&[&shard]).set(0);
+    }
+}
+
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
         Box::new(CHECKS.clone()),

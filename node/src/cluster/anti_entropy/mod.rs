@@ -195,6 +195,7 @@ pub struct AntiEntropy {
 
 impl AntiEntropy {
     pub fn new(shards: Arc<ShardSet>, settings: Settings) -> Arc<AntiEntropy> {
+        metrics::initialize(shards.all_groups().map(|g| shard_label(g.shard)));
         Arc::new(AntiEntropy {
             shards,
             settings,
