@@ -22,7 +22,8 @@ Markers (HTML comments on the lines right before a fence; see runbooks/README.md
 
 Blocks run with these variables set for the test cluster (the runbooks default them to a
 production host): NODE, ADMIN, HOSTS, TOKEN, CONFIG, ENV_FILE, DATA_DIR, BIN, NEW_BIN, NEW_IP,
-JOIN_VIA, PEER_ADMIN, BACKUP_DIR, NEW_VOLUME, and per runbook LAGGING_IP and DEAD_IP (SCENARIOS).
+JOIN_VIA, PEER_ADMIN, BACKUP_DIR, NEW_VOLUME, and per runbook LAGGING_IP, DEAD_IP and DIVERGED_IP
+(SCENARIOS).
 Every STEMEDB_* variable of the caller is removed (nodes refuse unknown ones). `systemctl`,
 `journalctl` and `ssh` on PATH are the runner's shims (ADAPTATIONS); a block that calls them
 without the matching `adapted` key fails. Every alert of dashboards/alerts/ must be named in
@@ -794,6 +795,9 @@ def scenario_disk_full(cluster, mounted):
 SCENARIOS = {
     # No node lags in a fresh test cluster: the test names node 3 so that the restart runs.
     "high-query-latency.md": {"vars": lambda c: {"LAGGING_IP": c.ips[2]}},
+    # No replica differs in a fresh test cluster: the test names node 3 so that the check and
+    # repair (POST /cluster/sync) runs.
+    "replica-divergence.md": {"vars": lambda c: {"DIVERGED_IP": c.ips[2]}},
     "node-down.md": {"after_start": lambda c, _: scenario_kill_node3(c)},
     "replace-dead-node.md": {"after_start": lambda c, _: scenario_kill_node3(c, wipe=True),
                              "vars": lambda c: {"DEAD_IP": c.ips[2]}},

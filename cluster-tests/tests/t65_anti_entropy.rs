@@ -246,3 +246,188 @@ async fn checks_every_second_under_load_and_a_leader_change_raise_no_false_alarm
     assert!(agreed >= 10.0, "only {agreed} checks agreed in {load_for:?} of checks every second");
     Ok(())
 }
+
+/// Loads `total` assertions (256-byte values) through node 1 in batches of 1000.
+async fn load(cluster: &TestCluster, total: usize) -> anyhow::Result<()> {
+    let value = "x".repeat(256);
+    for batch in 0..total.div_ceil(1000) {
+        let items: Vec<Value> = (0..1000.min(total - batch * 1000))
+            .map(|i| {
+                let n = batch * 1000 + i;
+                // Many agents: one agent's writes past circuit_breaker.max_writes_per_sec trip it.
+                json!({"concept_path": format!("bench/c{}", n % 5000), "predicate": "p", "value": format!("{value}{i}"), "agent_id": format!("bench-{}", n % 500)})
+            })
+            .collect();
+        let (status, body) = cluster.post(1, "/v1/assert/batch", &json!({"assertions": items})).await?;
+        anyhow::ensure!(status == 200 && body["rejected"] == 0, "batch {batch}: {status} {}", body["results"][0]);
+    }
+    Ok(())
+}
+
+/// p50/p99/p999 (ms) and throughput of single writes by `clients` clients for `seconds`.
+async fn write_latencies(cluster: &TestCluster, clients: usize, seconds: u64) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let tasks = (0..clients).map(|c| async move {
+        let mut samples = Vec::new();
+        let mut i = 0u64;
+        while Instant::now() < until {
+            let body = json!({"concept_path": format!("lat/c{c}"), "predicate": "p", "value": i, "agent_id": "lat"});
+            let t = Instant::now();
+            let (status, _) = cluster.post(1 + (c as u64 % 3), "/v1/assert", &body).await?;
+            if status == 201 {
+                samples.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            i += 1;
+        }
+        anyhow::Ok(samples)
+    });
+    let mut all = Vec::new();
+    for samples in futures_all(tasks).await {
+        all.extend(samples?);
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    let at =
+        |q: f64| all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    Ok((all.len() as f64 / started.elapsed().as_secs_f64(), at(0.5), at(0.99), at(0.999)))
+}
+
+/// Runs futures concurrently on the current task.
+async fn futures_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    let mut futures: Vec<Option<std::pin::Pin<Box<F>>>> = futures.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, slot) in futures.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(out) => {
+                        outputs[i] = Some(out);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().map(|o| o.expect("every future finished")).collect()
+}
+
+/// Damages `per_mille`‰ of node `id`'s assertion records (each changed in its last byte)
+/// while it is stopped; returns how many.
+async fn damage_share(
+    cluster: &mut TestCluster,
+    id: u64,
+    shards: u16,
+    per_mille: usize,
+) -> anyhow::Result<(usize, Instant)> {
+    cluster.terminate(id, Duration::from_secs(30)).await?;
+    let storage = Storage::open(&cluster.node(id).data_dir, StorageOptions::default())?;
+    let mut batch = WriteBatch::new();
+    let mut damaged = 0;
+    for shard in 0..shards {
+        for (n, (key, mut value)) in assertion_records(&storage, shard).into_iter().enumerate() {
+            if n % 1000 < per_mille {
+                let last = value.len() - 1;
+                value[last] ^= 0x5a;
+                batch.put(ColumnFamily::StateMachine, key, value);
+                damaged += 1;
+            }
+        }
+    }
+    storage.write(batch, Durability::Synced)?;
+    storage.close()?;
+    drop(storage);
+    let restarted = Instant::now();
+    cluster.restart(id).await?;
+    Ok((damaged, restarted))
+}
+
+/// The anti-entropy benchmark of issue 16 (docs/performance.md): run with
+/// `cargo test --release -p stemedb-cluster-tests --test t65_anti_entropy -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_anti_entropy() -> anyhow::Result<()> {
+    const BENCH_SHARDS: u16 = 16;
+    let total: usize = std::env::var("AE_BENCH_ASSERTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let mut cluster =
+        TestCluster::start(ClusterOptions { nodes: 3, shards: BENCH_SHARDS, ..Default::default() }).await?;
+    let loaded = Instant::now();
+    load(&cluster, total).await?;
+    println!("loaded {total} assertions in {:.1} s", loaded.elapsed().as_secs_f64());
+    wait_sync(&cluster, 3, Duration::from_secs(120), "all agree", all_agree).await?;
+    let memory = cluster.metric(3, "stemedb_antientropy_digest_memory_bytes").await?.unwrap_or(0.0);
+    let replicas = BENCH_SHARDS as f64 + 1.0;
+    println!(
+        "digest memory: {memory:.0} bytes on node 3 for {replicas} replicas = {:.1} KiB per replica",
+        memory / replicas / 1024.0
+    );
+
+    // One damaged record (one bucket) of shard 0.
+    cluster.terminate(3, Duration::from_secs(30)).await?;
+    {
+        let storage = Storage::open(&cluster.node(3).data_dir, StorageOptions::default())?;
+        let (key, mut value) = assertion_records(&storage, 0).into_iter().next().expect("a record");
+        let last = value.len() - 1;
+        value[last] ^= 0x5a;
+        let mut batch = WriteBatch::new();
+        batch.put(ColumnFamily::StateMachine, key, value);
+        storage.write(batch, Durability::Synced)?;
+        storage.close()?;
+    }
+    let restarted = Instant::now();
+    cluster.restart(3).await?;
+    let up = restarted.elapsed();
+    let body = wait_sync(&cluster, 3, Duration::from_secs(60), "shard 0 repaired", |b| {
+        shard_entry(b, 0)["repairs"].as_u64() >= Some(1)
+    })
+    .await?;
+    let repair = shard_entry(&body, 0)["last_repair"].clone();
+    println!(
+        "one damaged bucket: node API up after {:.2} s, repaired {:.2} s after the restart began; repair took {:.1} ms ({} bucket, {} written, cause {})",
+        up.as_secs_f64(),
+        restarted.elapsed().as_secs_f64(),
+        repair["duration_ms"].as_f64().unwrap_or(0.0),
+        repair["buckets"],
+        repair["written"],
+        repair["cause"]
+    );
+
+    // 1% of every replica's records damaged.
+    let (damaged, restarted) = damage_share(&mut cluster, 3, BENCH_SHARDS, 10).await?;
+    let up = restarted.elapsed();
+    let body = wait_sync(&cluster, 3, Duration::from_secs(120), "every shard repaired", |b| {
+        (0..BENCH_SHARDS).all(|s| shard_entry(b, s)["repairs"].as_u64() >= Some(1)) && b["summary"]["suspect"] == 0
+    })
+    .await?;
+    let slowest = (0..BENCH_SHARDS)
+        .map(|s| shard_entry(&body, s)["last_repair"]["duration_ms"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    let written: u64 =
+        (0..BENCH_SHARDS).map(|s| shard_entry(&body, s)["last_repair"]["written"].as_u64().unwrap_or(0)).sum();
+    let buckets: u64 =
+        (0..BENCH_SHARDS).map(|s| shard_entry(&body, s)["last_repair"]["buckets"].as_u64().unwrap_or(0)).sum();
+    println!(
+        "1% damaged ({damaged} records over {BENCH_SHARDS} shards): API up after {:.2} s, all repaired {:.2} s after the restart began; slowest shard repair {slowest:.1} ms; {buckets} buckets copied, {written} records written",
+        up.as_secs_f64(),
+        restarted.elapsed().as_secs_f64()
+    );
+    drop(cluster);
+
+    // Added write latency: checks every 10 s (the default) against anti-entropy off.
+    for (name, enabled) in [("anti-entropy off", "false"), ("checks every 10 s", "true")] {
+        let env = vec![("STEMEDB_ANTI_ENTROPY_ENABLED".to_string(), enabled.to_string())];
+        let cluster =
+            TestCluster::start(ClusterOptions { nodes: 3, shards: BENCH_SHARDS, env, ..Default::default() }).await?;
+        let (rate, p50, p99, p999) = write_latencies(&cluster, 16, 30).await?;
+        println!("{name}: {rate:.0} writes/s, p50 {p50:.2} ms, p99 {p99:.2} ms, p999 {p999:.2} ms (16 clients, 30 s)");
+    }
+    Ok(())
+}

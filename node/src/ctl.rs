@@ -67,6 +67,20 @@ pub enum ClusterCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Anti-entropy of the shards the node hosts: replicas' roots, agreement, repairs, scrubs.
+    SyncStatus,
+    /// Check and repair a node's replicas now (anti-entropy) instead of at the next interval.
+    Sync {
+        /// The node whose replicas to check.
+        #[arg(long)]
+        target_node: u64,
+        /// Only this shard.
+        #[arg(long)]
+        shard: Option<u16>,
+        /// Also have each shard's leader propose a fresh check now.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// What a command prints, and why it fails after printing (an unhealthy cluster's status).
@@ -96,6 +110,14 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<Report> {
         }
         ClusterCommand::TransferLeader { shard, to } => {
             (reqwest::Method::POST, format!("/admin/shards/{shard}/transfer-leader"), Some(json!({"target_node": to})))
+        }
+        ClusterCommand::SyncStatus => (reqwest::Method::GET, "/cluster/sync_status".to_string(), None),
+        ClusterCommand::Sync { target_node, shard, force } => {
+            let mut body = json!({"target_node": target_node, "force": force});
+            if let Some(shard) = shard {
+                body["shard_id"] = json!(shard);
+            }
+            (reqwest::Method::POST, "/cluster/sync".to_string(), Some(body))
         }
     };
     let mut request = client.request(method, format!("{base}{path}"));
@@ -172,6 +194,30 @@ fn render(command: &ClusterCommand, status: reqwest::StatusCode, answer: &Value)
                         text(&s["applied_index"]),
                         format!("{lag:.3}"),
                         text(&s["rebalance_status"]),
+                    ]
+                })
+                .collect(),
+        ),
+        ClusterCommand::SyncStatus => table(
+            &["SHARD", "AGREEMENT", "CHECK INDEX", "ROOTS", "MISMATCHED", "REPAIRS", "REPAIRED KEYS", "SCRUBS", "SUSPECT"],
+            rows(&answer["shards"])
+                .map(|s| {
+                    let roots: Vec<String> = rows(&s["replicas"])
+                        .map(|r| {
+                            let root = r["root"].as_str().map_or("-".to_string(), |h| h.chars().take(8).collect());
+                            format!("{}:{}@{}", text(&r["node"]), root, text(&r["check_index"]))
+                        })
+                        .collect();
+                    vec![
+                        text(&s["shard"]),
+                        text(&s["agreement"]),
+                        text(&s["check_index"]),
+                        roots.join(" "),
+                        text(&s["mismatched_buckets"]),
+                        text(&s["repairs"]),
+                        text(&s["repaired_keys"]),
+                        text(&s["scrub"]["passes"]),
+                        text(&s["suspect"]),
                     ]
                 })
                 .collect(),

@@ -1,5 +1,5 @@
-//! `stemedb cluster` against a live node: status, members and shards as tables and as JSON,
-//! and a refusal printed with its error code and a non-zero exit.
+//! `stemedb cluster` against a live node: status, members, shards and anti-entropy (sync-status,
+//! sync) as tables and as JSON, and refusals printed with their error code and a non-zero exit.
 
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
@@ -79,6 +79,28 @@ fn cluster_commands_against_a_live_node() {
     assert!(count > 0, "{answer}");
     let table = stdout(&cluster(&admin, &["shards"]));
     assert_eq!(table.lines().count(), count + 1, "a header and a line per shard: {table}");
+
+    // Anti-entropy: every replica of a single node agrees with itself once it recorded a check
+    // (the node asks for one at start); `sync` starts a check of this node now.
+    let sync = cluster(&admin, &["sync", "--target-node", "1", "--force", "--json"]);
+    assert!(sync.status.success(), "{}", String::from_utf8_lossy(&sync.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&sync.stdout).expect("JSON");
+    assert_eq!(answer["status"], "started", "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = stdout(&cluster(&admin, &["sync-status"]));
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("SHARD  AGREEMENT"), "{table}");
+        // A header and a line per shard and the meta group, each agreeing.
+        if lines.len() == count + 2 && lines[1..].iter().all(|l| l.contains(" agree ")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replicas never agreed: {table}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let refused = cluster(&admin, &["sync", "--target-node", "99"]);
+    assert!(!refused.status.success(), "syncing an unknown node must fail");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("404 unknown_member"));
 
     let refused = cluster(&admin, &["remove-node", "99"]);
     assert!(!refused.status.success(), "removing an unknown node must fail");
