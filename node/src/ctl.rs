@@ -199,7 +199,17 @@ fn render(command: &ClusterCommand, status: reqwest::StatusCode, answer: &Value)
                 .collect(),
         ),
         ClusterCommand::SyncStatus => table(
-            &["SHARD", "AGREEMENT", "CHECK INDEX", "ROOTS", "MISMATCHED", "REPAIRS", "REPAIRED KEYS", "SCRUBS", "SUSPECT"],
+            &[
+                "SHARD",
+                "AGREEMENT",
+                "CHECK INDEX",
+                "ROOTS",
+                "MISMATCHED",
+                "REPAIRS",
+                "REPAIRED KEYS",
+                "SCRUBS",
+                "SUSPECT",
+            ],
             rows(&answer["shards"])
                 .map(|s| {
                     let roots: Vec<String> = rows(&s["replicas"])
