@@ -391,6 +391,8 @@ impl Node {
                 interval: Duration::from_millis(500),
                 auto_rebalance: config.cluster.auto_rebalance,
                 move_timeout: Duration::from_secs(config.cluster.rebalance_move_timeout_seconds.max(1)),
+                dead_node_timeout: (config.cluster.dead_node_timeout_seconds > 0)
+                    .then(|| Duration::from_secs(config.cluster.dead_node_timeout_seconds)),
             },
             self.cluster_work.clone(),
         );

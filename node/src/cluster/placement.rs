@@ -3,6 +3,10 @@
 //! runs replica moves one at a time (add the new replica as a learner, let it catch up, promote
 //! it, then remove the old one) and reports each through `rebalance_status`, marks joined nodes
 //! UP once the placement is balanced, and removes decommissioned nodes once they hold nothing.
+//! A node unreachable past `cluster.dead_node_timeout_seconds` is decommissioned by the driver
+//! itself when the live nodes can hold its replicas: they are re-created on live nodes (added,
+//! caught up, promoted, and only then the dead replica removed, so no shard drops below a
+//! quorum of live replicas during a move).
 //! Every step is recorded in the meta group first, so a new meta leader resumes where the old
 //! one stopped; every step is idempotent, so resuming twice is harmless.
 
@@ -32,6 +36,8 @@ pub struct PlacementSettings {
     pub auto_rebalance: bool,
     /// Time allowed for one membership change (a new replica catching up included).
     pub move_timeout: Duration,
+    /// A node not heard from for this long is replaced (`None`: never).
+    pub dead_node_timeout: Option<Duration>,
 }
 
 /// Why one driver round stopped early.
@@ -56,16 +62,57 @@ pub fn start(shards: &Arc<ShardSet>, settings: PlacementSettings, stop: Cancella
 }
 
 async fn run(shards: Weak<ShardSet>, settings: PlacementSettings) {
+    // Since when this node leads the meta group: only a leader that has been listening for a
+    // whole timeout may call a node dead (a new leader has heard from nobody yet).
+    let mut leading_since: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(settings.interval).await;
         let Some(shards) = shards.upgrade() else { return };
         if !shards.leads(META_SHARD) {
+            leading_since = None;
             continue;
+        }
+        let since = *leading_since.get_or_insert_with(std::time::Instant::now);
+        if let Some(timeout) = settings.dead_node_timeout.filter(|t| since.elapsed() >= *t) {
+            match replace_dead_node(&shards, timeout, settings.move_timeout).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(error) => tracing::warn!(error = %error, "replacing a dead node failed"),
+            }
         }
         if let Err(error) = round(&shards, &settings).await {
             tracing::warn!(error = %error, "placement round stopped");
         }
     }
+}
+
+/// Decommissions one UP node that has not been heard from for `timeout`, if the other live
+/// nodes can hold the replication factor without it (else its shards keep running one replica
+/// short, and it is kept for when it comes back). Returns whether it did.
+async fn replace_dead_node(shards: &ShardSet, timeout: Duration, move_timeout: Duration) -> Result<bool, DriverError> {
+    let state = shards.meta();
+    if !state.is_bootstrapped() {
+        return Ok(false);
+    }
+    let alive = |id: &NodeId| *id == shards.node_id || shards.heard_from(*id, timeout);
+    let up: Vec<NodeId> = state.nodes.iter().filter(|(_, n)| n.status == NodeStatus::Up).map(|(id, _)| *id).collect();
+    let Some(dead) = up.iter().copied().find(|id| !alive(id)) else { return Ok(false) };
+    let live = up.iter().filter(|id| alive(id)).count();
+    if live < shards.replication_factor as usize {
+        tracing::debug!(node = dead, live, "a node is unreachable, but too few live nodes to re-create its replicas");
+        return Ok(false);
+    }
+    let hosted = state.shards_of(dead).len();
+    shards
+        .propose_meta_local(MetaCommand::SetNodeStatus { id: dead, status: NodeStatus::Leaving }, move_timeout)
+        .await??;
+    tracing::warn!(
+        node = dead,
+        unreachable_for_s = timeout.as_secs(),
+        replicas = hosted,
+        "node unreachable past cluster.dead_node_timeout_seconds: re-creating its replicas on live nodes"
+    );
+    Ok(true)
 }
 
 /// One round: at most one replica move, so each round is short and sees fresh metadata.

@@ -224,6 +224,9 @@ pub struct ClusterSection {
     pub auto_rebalance: bool,
     /// Seconds allowed for one replica move (the new replica catching up included).
     pub rebalance_move_timeout_seconds: u64,
+    /// A node unreachable this long has its replicas re-created on live nodes (when enough
+    /// live nodes remain) and is decommissioned. 0: never.
+    pub dead_node_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -414,6 +417,7 @@ impl Default for ClusterSection {
             join: String::new(),
             auto_rebalance: true,
             rebalance_move_timeout_seconds: 120,
+            dead_node_timeout_seconds: 300,
         }
     }
 }
@@ -806,6 +810,7 @@ impl Config {
             ("testing.snapshot_install_pause_ms", self.testing.snapshot_install_pause_ms, DAY_MS),
             ("server.shutdown_grace_seconds", self.server.shutdown_grace_seconds, DAY_SECONDS),
             ("cluster.rebalance_move_timeout_seconds", self.cluster.rebalance_move_timeout_seconds, DAY_SECONDS),
+            ("cluster.dead_node_timeout_seconds", self.cluster.dead_node_timeout_seconds, DAY_SECONDS),
             ("query.query_timeout_seconds", query.query_timeout_seconds, DAY_SECONDS),
             ("circuit_breaker.open_seconds", breaker.open_seconds, DAY_SECONDS),
             ("anti_entropy.interval_seconds", self.anti_entropy.interval_seconds, DAY_SECONDS),
@@ -893,6 +898,7 @@ pub(crate) fn config_at_the_bounds() -> Config {
     config.testing.snapshot_install_pause_ms = DAY_MS;
     config.server.shutdown_grace_seconds = MAX_DURATION_SECONDS;
     config.cluster.rebalance_move_timeout_seconds = MAX_DURATION_SECONDS;
+    config.cluster.dead_node_timeout_seconds = MAX_DURATION_SECONDS;
     config.query.query_timeout_seconds = MAX_DURATION_SECONDS;
     config.circuit_breaker.open_seconds = MAX_DURATION_SECONDS;
     config.circuit_breaker.max_open_seconds = MAX_DURATION_SECONDS;
@@ -1025,7 +1031,7 @@ mod tests {
     #[test]
     fn sizes_and_durations_past_their_bounds_are_refused_by_name() {
         type Set = fn(&mut Config);
-        let over: [(&str, u64, Set); 19] = [
+        let over: [(&str, u64, Set); 20] = [
             ("storage.max_cache_size_mb", MAX_SIZE_MB, |c| c.storage.max_cache_size_mb += 1),
             ("storage.write_buffer_mb", MAX_SIZE_MB, |c| c.storage.write_buffer_mb += 1),
             ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
@@ -1039,6 +1045,7 @@ mod tests {
             ("testing.snapshot_install_pause_ms", 86_400_000, |c| c.testing.snapshot_install_pause_ms += 1),
             ("server.shutdown_grace_seconds", 86_400, |c| c.server.shutdown_grace_seconds += 1),
             ("cluster.rebalance_move_timeout_seconds", 86_400, |c| c.cluster.rebalance_move_timeout_seconds += 1),
+            ("cluster.dead_node_timeout_seconds", 86_400, |c| c.cluster.dead_node_timeout_seconds += 1),
             ("query.query_timeout_seconds", 86_400, |c| c.query.query_timeout_seconds += 1),
             ("circuit_breaker.max_open_seconds", 86_400, |c| c.circuit_breaker.max_open_seconds += 1),
             ("limits.max_request_bytes", 1 << 40, |c| c.limits.max_request_bytes += 1),
