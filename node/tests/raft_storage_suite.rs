@@ -14,7 +14,7 @@ impl StoreBuilder<TypeConfig, LogStore, ShardStateMachine, tempfile::TempDir> fo
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open storage");
         // Group 3 (shard 2): keys of other groups must never leak into it.
         let log_store = LogStore::new(storage.clone(), 3);
-        let state_machine = ShardStateMachine::open(storage, 2, 3)?;
+        let state_machine = ShardStateMachine::open(storage, 2, 3, stemedb::shard::digest::DEFAULT_BUCKETS)?;
         Ok((dir, log_store, state_machine))
     }
 }
