@@ -17,8 +17,10 @@ pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, A
     let status = anti_entropy.status();
     let mut shards = Vec::with_capacity(status.len());
     let (mut agreeing, mut suspect, mut repairs, mut mismatched) = (0usize, 0usize, 0u64, 0usize);
-    for (shard, sync) in status {
-        let roots = anti_entropy.replica_roots(shard).await.unwrap_or_default();
+    // Every shard's replicas are asked at once: a down peer costs one timeout, not one per shard.
+    let all_roots = futures::future::join_all(status.keys().map(|shard| anti_entropy.replica_roots(*shard))).await;
+    for ((shard, sync), roots) in status.into_iter().zip(all_roots) {
+        let roots = roots.unwrap_or_default();
         // Replicas that recorded the same (newest) check index must have the same root.
         let newest = roots.iter().filter_map(|(_, r)| r.as_ref().map(|(i, _, _)| *i)).max();
         let at_newest: Vec<&String> = roots

@@ -94,7 +94,9 @@ async fn replace_dead_node(shards: &ShardSet, timeout: Duration, move_timeout: D
     if !state.is_bootstrapped() {
         return Ok(false);
     }
-    let alive = |id: &NodeId| *id == shards.node_id || shards.heard_from(*id, timeout);
+    // Silence, not the `leaving` flag of a heartbeat: a node that stops for a restart says it
+    // is leaving, and must still get the whole timeout to come back.
+    let alive = |id: &NodeId| *id == shards.node_id || shards.unheard_for(*id).is_some_and(|d| d < timeout);
     let up: Vec<NodeId> = state.nodes.iter().filter(|(_, n)| n.status == NodeStatus::Up).map(|(id, _)| *id).collect();
     let Some(dead) = up.iter().copied().find(|id| !alive(id)) else { return Ok(false) };
     let live = up.iter().filter(|id| alive(id)).count();

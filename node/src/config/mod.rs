@@ -22,6 +22,17 @@ pub const MAX_SIZE_MB: u64 = 1 << 20;
 /// longer.
 pub const MAX_DURATION_SECONDS: u64 = 24 * 60 * 60;
 
+/// Anti-entropy digest buckets per replica (`anti_entropy.buckets`): the default and the bounds
+/// (a power of two: the Merkle tree over them is then full; see `shard::digest`).
+pub const DEFAULT_DIGEST_BUCKETS: usize = 4096;
+pub const MIN_DIGEST_BUCKETS: usize = 16;
+pub const MAX_DIGEST_BUCKETS: usize = 65536;
+
+/// Whether `count` is a digest bucket count anti-entropy accepts.
+pub fn valid_digest_bucket_count(count: usize) -> bool {
+    count.is_power_of_two() && (MIN_DIGEST_BUCKETS..=MAX_DIGEST_BUCKETS).contains(&count)
+}
+
 /// The largest `query.max_limit`: queries read `limit + 1` results per shard.
 pub const MAX_PAGE_LIMIT: usize = 1_000_000;
 
@@ -275,7 +286,7 @@ impl Default for AntiEntropySection {
             interval_seconds: 10,
             scrub_bytes_per_second: 16 << 20,
             scrub_interval_seconds: 30,
-            buckets: crate::shard::digest::DEFAULT_BUCKETS,
+            buckets: DEFAULT_DIGEST_BUCKETS,
             reseed_buckets: 1024,
         }
     }
@@ -678,12 +689,10 @@ impl Config {
                 return fail(format!("{name} = {addr:?} is not HOST:PORT with an IP address"));
             }
         }
-        if !crate::shard::digest::valid_bucket_count(self.anti_entropy.buckets) {
+        if !valid_digest_bucket_count(self.anti_entropy.buckets) {
             return fail(format!(
                 "anti_entropy.buckets = {}: must be a power of two from {} to {}",
-                self.anti_entropy.buckets,
-                crate::shard::digest::MIN_BUCKETS,
-                crate::shard::digest::MAX_BUCKETS
+                self.anti_entropy.buckets, MIN_DIGEST_BUCKETS, MAX_DIGEST_BUCKETS
             ));
         }
         if self.anti_entropy.interval_seconds == 0 {

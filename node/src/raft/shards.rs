@@ -1051,6 +1051,12 @@ impl ShardSet {
     }
 
     /// Whether a node heartbeat from `node` arrived within `window`.
+    /// How long ago the last node heartbeat from `node` arrived, whether or not it said it was
+    /// leaving (`None`: none since this process started).
+    pub fn unheard_for(&self, node: NodeId) -> Option<Duration> {
+        self.liveness.since_heard(node)
+    }
+
     pub fn heard_from(&self, node: NodeId, window: Duration) -> bool {
         self.liveness.heard_within(node, window)
     }

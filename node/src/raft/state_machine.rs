@@ -197,15 +197,22 @@ impl ShardStateMachine {
             };
             run.push((at, command));
         }
+        let last_applied = next.last_applied;
+        let progress = self.progress.clone();
+        // Announced by the applier under the index lock, right after the write.
         let responses = self
             .applier
-            .apply(run, keys::applied_key(self.group), |clock_us| {
-                next.clock_us = clock_us;
-                serde_json::to_vec(&next)
-            })
+            .apply(
+                run,
+                keys::applied_key(self.group),
+                |clock_us| {
+                    next.clock_us = clock_us;
+                    serde_json::to_vec(&next)
+                },
+                || progress.announce_applied(last_applied),
+            )
             .map_err(|error| apply_error(error, self.group, &log_ids))?;
         self.state = next;
-        self.progress.announce_applied(self.state.last_applied);
         Ok(responses)
     }
 

@@ -39,7 +39,8 @@ impl AntiEntropyRpc for AntiEntropyService {
     async fn tree_nodes(&self, request: Request<TreeNodesRequest>) -> Result<Response<TreeNodesReply>, Status> {
         let r = request.into_inner();
         self.anti_entropy
-            .tree_nodes(r.group, r.index, r.level as usize, &r.positions)
+            .tree_nodes(r.group, r.index, r.level as usize, r.positions)
+            .await
             .map(Response::new)
             .map_err(|e| e.to_status())
     }

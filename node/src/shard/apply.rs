@@ -95,6 +95,17 @@ pub enum LoadError {
     DamagedRecord(#[source] codec::CodecError),
 }
 
+impl Fault {
+    /// A failed load of the meta group's state, as a fault of the apply that needed it.
+    fn from_load(error: LoadError) -> Fault {
+        match error {
+            LoadError::Read(error) => Fault::Read(error),
+            LoadError::Damaged(error) => Fault::Damaged(error),
+            LoadError::DamagedRecord(error) => Fault::DamagedRecord(error),
+        }
+    }
+}
+
 impl From<Fault> for LoadError {
     fn from(fault: Fault) -> LoadError {
         match fault {
@@ -341,13 +352,20 @@ impl Applier {
         entries: Vec<Applicable>,
         applied_key: Vec<u8>,
         applied: impl FnOnce(u64) -> Result<Vec<u8>, serde_json::Error>,
+        announce: impl FnOnce(),
     ) -> Result<Vec<ShardResponse>, ApplyError> {
         let Some(last) = entries.last().map(|(at, _)| *at) else {
             return Ok(Vec::new());
         };
         let progress = self.progress.clone();
-        // Held through the batch write, so an index repair chunk never interleaves with it.
+        // Held through the batch write and the announcement, so an index repair chunk or an
+        // anti-entropy repair never interleaves with it and always sees the applied index of
+        // what is stored.
         let _index_guard = progress.index_lock.lock();
+        if progress.reload_meta.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            // An anti-entropy repair rewrote the meta group's records: take them up.
+            self.reload_meta().map_err(|error| Fault::from_load(error).at(last))?;
+        }
         self.pending_policy = None;
         self.touched.clear();
         self.quarantine_delta = 0;
@@ -381,29 +399,32 @@ impl Applier {
         }
         let record = applied(self.clock_us).map_err(|error| Fault::Encode(error).at(last))?;
         overlay.batch.put(ColumnFamily::StateMachine, applied_key, record);
-        // The touched buckets' new digests, in the same batch as the records they cover.
-        let mut digests = progress.digest.lock();
-        if let Some(buckets) = digests.buckets.as_mut() {
-            for (&bucket, &change) in &overlay.digest_delta {
-                buckets.xor(bucket, change);
-                digest::put_bucket(&mut overlay.batch, self.group, bucket, buckets.get(bucket));
+        // The touched buckets' new digests, in the same batch as the records they cover. The
+        // digest lock is not held across the write (readers on async workers take it); the
+        // index lock keeps every other writer of the digests out meanwhile.
+        {
+            let digests = progress.digest.lock();
+            if let Some(buckets) = digests.buckets.as_ref() {
+                for (&bucket, &change) in &overlay.digest_delta {
+                    digest::put_bucket(&mut overlay.batch, self.group, bucket, buckets.get(bucket) ^ change);
+                }
             }
         }
         // The log is the write-ahead log: applied state need not be synced, a crash re-applies.
-        let written = self.storage.write(std::mem::take(&mut overlay.batch), Durability::Buffered);
-        if let Err(error) = written {
-            // Undo: the digests describe what is stored.
+        self.storage
+            .write(std::mem::take(&mut overlay.batch), Durability::Buffered)
+            .map_err(|error| Fault::Write(error).at(last))?;
+        {
+            let mut digests = progress.digest.lock();
             if let Some(buckets) = digests.buckets.as_mut() {
                 for (&bucket, &change) in &overlay.digest_delta {
                     buckets.xor(bucket, change);
                 }
             }
-            return Err(Fault::Write(error).at(last));
+            if let Some(check) = self.pending_check.take() {
+                digests.last_check = Some(Arc::new(check));
+            }
         }
-        if let Some(check) = self.pending_check.take() {
-            digests.last_check = Some(Arc::new(check));
-        }
-        drop(digests);
         if let (Some(store), Some(slot)) = (self.pending_policy.take(), &self.meta) {
             slot.policy.update(|current| *current = store);
         }
@@ -419,7 +440,24 @@ impl Applier {
                 slot.publish.send_replace(Arc::new(slot.state.clone()));
             }
         }
+        announce();
         Ok(responses)
+    }
+
+    /// Reloads (and publishes) the meta group's metadata and policy from storage, after an
+    /// anti-entropy repair rewrote their records. Nothing for a data shard.
+    fn reload_meta(&mut self) -> Result<(), LoadError> {
+        if self.meta.is_none() {
+            return Ok(());
+        }
+        let state = self.load_meta()?;
+        let store = self.load_policy()?;
+        if let Some(slot) = self.meta.as_mut() {
+            slot.publish.send_replace(Arc::new(state.clone()));
+            slot.state = state;
+            slot.policy.update(|current| *current = store);
+        }
+        Ok(())
     }
 
     /// Records the replica's digests as of the check entry at `at`: those applied so far, with
@@ -875,7 +913,9 @@ mod tests {
     /// holds the clock.
     fn run(applier: &mut Applier, first: u64, commands: Vec<ShardCommand>) -> Vec<ShardResponse> {
         let entries = commands.into_iter().enumerate().map(|(i, c)| (at(first + i as u64), Some(c))).collect();
-        applier.apply(entries, keys::applied_key(GROUP), |clock_us| serde_json::to_vec(&clock_us)).expect("apply")
+        applier
+            .apply(entries, keys::applied_key(GROUP), |clock_us| serde_json::to_vec(&clock_us), || {})
+            .expect("apply")
     }
 
     fn stored_assertions(storage: &Storage) -> usize {
@@ -965,7 +1005,7 @@ mod tests {
         let command = ShardCommand::Assert { proposed_at_us: 1, items: vec![draft(1)] };
         let entries = vec![(at(7), Some(command)), (at(8), None)];
         let error = applier
-            .apply(entries, keys::applied_key(GROUP), |_| Err(serde::ser::Error::custom("injected")))
+            .apply(entries, keys::applied_key(GROUP), |_| Err(serde::ser::Error::custom("injected")), || {})
             .expect_err("the record fails");
         assert_eq!(error.position(), at(8));
         assert!(error.is_write());
@@ -1085,7 +1125,7 @@ mod digest_tests {
                     (Position { index: index.get(), term: 2 }, Some(c))
                 })
                 .collect();
-            applier.apply(entries, keys::applied_key(GROUP), |clock| serde_json::to_vec(&clock)).expect("apply")
+            applier.apply(entries, keys::applied_key(GROUP), |clock| serde_json::to_vec(&clock), || {}).expect("apply")
         };
         let draft = |n: u32| AssertionDraft::for_test("digest/set", "member", "writer", &n.to_string());
         let asserted =

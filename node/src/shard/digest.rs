@@ -25,11 +25,11 @@ use super::command::GroupId;
 use super::keys;
 use crate::storage::{ColumnFamily, Storage, StorageError, WriteBatch};
 
-/// Buckets per replica unless `anti_entropy.buckets` says otherwise.
-pub const DEFAULT_BUCKETS: usize = 4096;
-/// The bounds `anti_entropy.buckets` is checked against.
-pub const MIN_BUCKETS: usize = 16;
-pub const MAX_BUCKETS: usize = 65536;
+/// Buckets per replica unless `anti_entropy.buckets` says otherwise, and the bounds it is
+/// checked against (defined with the config).
+pub use crate::config::{
+    DEFAULT_DIGEST_BUCKETS as DEFAULT_BUCKETS, MAX_DIGEST_BUCKETS as MAX_BUCKETS, MIN_DIGEST_BUCKETS as MIN_BUCKETS,
+};
 
 /// A node of the Merkle tree: the first 16 bytes of a SHA-256.
 pub type NodeHash = [u8; 16];
@@ -60,7 +60,7 @@ pub fn record_hash(key: &[u8], value: &[u8]) -> u64 {
 
 /// Whether `count` is a bucket count anti-entropy accepts.
 pub fn valid_bucket_count(count: usize) -> bool {
-    count.is_power_of_two() && (MIN_BUCKETS..=MAX_BUCKETS).contains(&count)
+    crate::config::valid_digest_bucket_count(count)
 }
 
 /// The bucket digests of one replica.

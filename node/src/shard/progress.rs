@@ -39,6 +39,9 @@ pub struct AppliedProgress {
     pub digest: parking_lot::Mutex<DigestState>,
     /// Lets an anti-entropy repair stop applies at a chosen index.
     pub gate: ApplyGate,
+    /// Set by an anti-entropy repair of the meta group: the applier reloads the metadata and
+    /// policy from storage before its next batch.
+    pub reload_meta: std::sync::atomic::AtomicBool,
 }
 
 /// A replica's digests (`shard::digest`), kept by the applier in step with its writes.

@@ -124,11 +124,16 @@ pub struct BucketCopy {
 }
 
 impl BucketCopy {
-    /// Whether the records give the digests the source kept: a source whose own disk is damaged
-    /// in these buckets is not copied from.
-    pub fn consistent(&self, count: usize) -> bool {
+    /// Whether the records are digested records of `group` in the asked buckets and give the
+    /// digests the source kept: a source whose own disk is damaged in these buckets (or that
+    /// sends anything else) is not copied from.
+    pub fn consistent(&self, group: GroupId, count: usize) -> bool {
         let mut recomputed: HashMap<usize, u64> = self.digests.iter().map(|(b, _)| (*b, 0)).collect();
+        let prefix = keys::group_prefix(group);
         for (key, value) in &self.records {
+            if !key.starts_with(&prefix) || !digest::digested(key) {
+                return false;
+            }
             let bucket = digest::bucket_of(key, count);
             match recomputed.get_mut(&bucket) {
                 Some(digest) => *digest ^= digest::record_hash(key, value),
@@ -269,6 +274,8 @@ pub fn replace_buckets(
     storage.write(batch, Durability::Synced)?;
     progress.digest.lock().buckets = Some(kept);
     progress.claims_cache.clear();
+    // The meta group's applier holds its records in memory too: it reloads them first thing.
+    progress.reload_meta.store(true, Ordering::Release);
     Ok(replaced)
 }
 
@@ -337,7 +344,7 @@ mod tests {
         assert_eq!(report.records, 299);
 
         let copy = read_buckets(&healthy, &healthy_progress, GROUP, COUNT, &expected).expect("read");
-        assert!(copy.consistent(COUNT));
+        assert!(copy.consistent(GROUP, COUNT));
         assert_eq!(copy.applied_index, 7);
         let replaced = replace_buckets(&damaged, &damaged_progress, GROUP, &expected, &copy).expect("replace");
         assert_eq!(replaced, Replaced { written: 2, deleted: 0 });
@@ -358,14 +365,14 @@ mod tests {
         let (_dir, storage, progress) = replica(&[(1, "a"), (2, "b")]);
         let all: BTreeSet<usize> = (0..COUNT).collect();
         let mut copy = read_buckets(&storage, &progress, GROUP, COUNT, &all).expect("read");
-        assert!(copy.consistent(COUNT));
+        assert!(copy.consistent(GROUP, COUNT));
         progress.applied_index.store(8, Ordering::Release);
         assert!(matches!(
             replace_buckets(&storage, &progress, GROUP, &all, &copy),
             Err(ReplaceError::NotAtIndex { at: 8, expected: 7 })
         ));
         copy.records[0].1 = b"changed".to_vec();
-        assert!(!copy.consistent(COUNT));
+        assert!(!copy.consistent(GROUP, COUNT));
     }
 
     /// An extra record (here, not on the healthy replica) is deleted by the repair.

@@ -551,13 +551,13 @@ impl AntiEntropy {
         })
     }
 
-    /// `TreeNodes`: nodes of this replica's tree at check `index`.
-    pub fn tree_nodes(
+    /// `TreeNodes`: nodes of this replica's tree at check `index` (built on a blocking thread).
+    pub async fn tree_nodes(
         &self,
         group: u32,
         index: u64,
         level: usize,
-        positions: &[u32],
+        positions: Vec<u32>,
     ) -> Result<pb::TreeNodesReply, AntiEntropyError> {
         let shard = self.shard_of(group)?;
         if self.is_suspect(shard) {
@@ -568,9 +568,16 @@ impl AntiEntropy {
         let Some(record) = record.filter(|r| r.index == index) else {
             return Ok(pb::TreeNodesReply { found: false, nodes: Vec::new() });
         };
-        let tree = record.buckets.tree();
-        let nodes = positions.iter().map(|p| tree.node(level, *p as usize).map(|n| n.to_vec()).unwrap_or_default());
-        Ok(pb::TreeNodesReply { found: true, nodes: nodes.collect() })
+        if positions.len() > record.buckets.count() {
+            return Err(AntiEntropyError::RepairFailed { shard, message: "more positions than nodes".into() });
+        }
+        let nodes = tokio::task::spawn_blocking(move || {
+            let tree = record.buckets.tree();
+            positions.iter().map(|p| tree.node(level, *p as usize).map(|n| n.to_vec()).unwrap_or_default()).collect()
+        })
+        .await
+        .map_err(|e| AntiEntropyError::RepairFailed { shard, message: e.to_string() })?;
+        Ok(pb::TreeNodesReply { found: true, nodes })
     }
 
     /// `FetchBuckets`: the records of some buckets, once this replica has applied `min_applied`.
@@ -978,7 +985,11 @@ impl AntiEntropy {
         addr: &str,
     ) -> Result<repair::Replaced, String> {
         let mut client = self.client(addr).ok_or("no channel")?;
+        // Applies stop where this replica stands now, before the copy is asked for: the source
+        // answers at or past this index, so this replica can always reach the copy's index
+        // (it is let on to exactly there below) and never overshoots it under load.
         let min_applied = progress.applied_index.load(Ordering::Acquire);
+        progress.gate.pause_at(min_applied);
         let mut request = tonic::Request::new(pb::FetchBucketsRequest {
             group,
             bucket_count: count as u32,
@@ -987,17 +998,26 @@ impl AntiEntropy {
             wait_ms: SOURCE_WAIT.as_millis() as u32,
         });
         request.set_timeout(RPC_TIMEOUT + SOURCE_WAIT);
-        let reply = client.fetch_buckets(request).await.map_err(|s| s.message().to_string())?.into_inner();
+        let reply = match client.fetch_buckets(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                progress.gate.release();
+                return Err(status.message().to_string());
+            }
+        };
         let copy = BucketCopy {
             applied_index: reply.applied_index,
             records: reply.records.into_iter().map(|r| (r.key, r.value)).collect(),
             digests: buckets.iter().copied().zip(reply.digests).collect(),
         };
-        if copy.digests.len() != buckets.len() || !copy.consistent(count) {
+        if copy.digests.len() != buckets.len() || !copy.consistent(group, count) {
+            progress.gate.release();
             return Err("the source's records do not match its own digests".into());
         }
-        if copy.applied_index < min_applied {
-            return Err(format!("the source stands at {}, behind this replica's {min_applied}", copy.applied_index));
+        let at = progress.applied_index.load(Ordering::Acquire);
+        if copy.applied_index < at {
+            progress.gate.release();
+            return Err(format!("the source stands at {}, behind this replica's {at}", copy.applied_index));
         }
         progress.gate.pause_at(copy.applied_index);
         let deadline = Instant::now() + CATCH_UP_WAIT;
