@@ -330,16 +330,7 @@ impl Applier {
         self.clock_us = clock_us;
         self.progress.claims_cache.clear();
         self.count_quarantine();
-        if self.meta.is_some() {
-            let state = self.load_meta()?;
-            let store = self.load_policy()?;
-            if let Some(slot) = self.meta.as_mut() {
-                slot.publish.send_replace(Arc::new(state.clone()));
-                slot.state = state;
-                slot.policy.update(|current| *current = store);
-            }
-        }
-        Ok(())
+        self.reload_meta()
     }
 
     /// Applies `entries` in one write batch, together with `applied`'s record (the caller's
@@ -444,8 +435,9 @@ impl Applier {
         Ok(responses)
     }
 
-    /// Reloads (and publishes) the meta group's metadata and policy from storage, after an
-    /// anti-entropy repair rewrote their records. Nothing for a data shard.
+    /// Reloads (and publishes) the meta group's metadata and policy from storage, after a
+    /// snapshot install or an anti-entropy repair rewrote their records. Nothing for a data
+    /// shard.
     fn reload_meta(&mut self) -> Result<(), LoadError> {
         if self.meta.is_none() {
             return Ok(());
