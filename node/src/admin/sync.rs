@@ -143,7 +143,7 @@ pub async fn sync(
         let asked = if target == state.shards.node_id {
             Ok(!state.anti_entropy.sync_now(Some(shard)).is_empty())
         } else {
-            state.anti_entropy.ask_sync(shard, &target_addr, false).await
+            state.anti_entropy.ask_sync(shard, target, &target_addr, false).await
         };
         match asked {
             Ok(_) => started.push(shard),
@@ -154,8 +154,8 @@ pub async fn sync(
         if request.force {
             // The leader's fresh check compares every replica at the current index.
             let leader = state.shards.group(shard).ok().and_then(|g| g.raft.metrics().borrow().current_leader);
-            if let Some(addr) = leader.filter(|l| *l != target).and_then(|l| nodes.get(&l)) {
-                if let Err(error) = state.anti_entropy.ask_sync(shard, addr, true).await {
+            if let Some((leader, addr)) = leader.filter(|l| *l != target).and_then(|l| nodes.get(&l).map(|a| (l, a))) {
+                if let Err(error) = state.anti_entropy.ask_sync(shard, leader, addr, true).await {
                     tracing::debug!(shard, error = %error, "asking the leader for a fresh check failed");
                 }
             }

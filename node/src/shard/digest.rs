@@ -188,11 +188,6 @@ impl Tree {
     }
 }
 
-/// The root as text (hex), for reports.
-pub fn root_hex(root: &NodeHash) -> String {
-    hex::encode(root)
-}
-
 fn header_key(group: GroupId) -> Vec<u8> {
     keys::state_key(group, b'D')
 }

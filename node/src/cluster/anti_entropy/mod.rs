@@ -41,7 +41,7 @@ use crate::meta::META_SHARD;
 use crate::model::id::now_us;
 use crate::raft::types::{GroupAdmin, NodeId, ShardCommand};
 use crate::raft::ShardSet;
-use crate::shard::digest::{self, NodeHash};
+use crate::shard::digest;
 use crate::shard::progress::{AppliedProgress, CheckRecord};
 use crate::shard::repair::{self, BucketCopy, ReplaceError};
 use crate::shard::ConsensusError;
@@ -82,6 +82,10 @@ pub enum AntiEntropyError {
     Suspect { shard: u16 },
     #[error("shard {shard}: {message}")]
     RepairFailed { shard: u16, message: String },
+    /// A peer's request this node cannot act on (an unknown group, a bucket count or tree
+    /// position out of range).
+    #[error("{0}")]
+    Malformed(String),
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
 }
@@ -93,6 +97,7 @@ impl AntiEntropyError {
             AntiEntropyError::Peer { .. } => ErrorCode::LeaderUnreachable,
             AntiEntropyError::Suspect { .. } => ErrorCode::ReplicaSuspect,
             AntiEntropyError::RepairFailed { .. } => ErrorCode::RepairFailed,
+            AntiEntropyError::Malformed(_) => ErrorCode::MalformedMessage,
             AntiEntropyError::Storage(e) => e.code(),
         }
     }
@@ -253,7 +258,7 @@ impl AntiEntropy {
                         true
                     }
                     Some(leader) => match self.addr_of(shard, leader) {
-                        Ok(addr) => self.ask_sync(shard, &addr, true).await.unwrap_or(false),
+                        Ok(addr) => self.ask_sync(shard, leader, &addr, true).await.unwrap_or(false),
                         Err(_) => false,
                     },
                 };
@@ -276,7 +281,7 @@ impl AntiEntropy {
 
     fn shard_of(&self, group: u32) -> Result<u16, AntiEntropyError> {
         crate::shard::command::shard_of_group(group)
-            .ok_or(AntiEntropyError::Consensus(ConsensusError::UnknownShard { shard: u16::MAX }))
+            .ok_or_else(|| AntiEntropyError::Malformed(format!("group {group} is not a raft group")))
     }
 
     fn update(&self, shard: u16, change: impl FnOnce(&mut ShardSync)) {
@@ -354,17 +359,9 @@ impl AntiEntropy {
             peers.iter().map(|(node, addr)| async move { (*node, self.remote_report(addr, group, index).await) }),
         )
         .await;
-        let mut votes: BTreeMap<Vec<u8>, Vec<NodeId>> = BTreeMap::new();
-        votes.entry(own.root.to_vec()).or_default().push(self.shards.node_id);
-        for (node, report) in reports {
-            if let Some((root, count, false)) = report {
-                if count == own.buckets.count() {
-                    votes.entry(root).or_default().push(node);
-                }
-            }
-        }
-        let majority = votes.into_iter().find(|(_, nodes)| nodes.len() * 2 > voters.len());
-        if let Some((root, sources)) = majority {
+        let mut reports = reports;
+        reports.push((self.shards.node_id, Some((own.root.to_vec(), own.buckets.count(), false))));
+        if let Some((root, sources)) = majority(&reports, own.buckets.count(), voters.len()) {
             if root != own.root.to_vec() {
                 self.start_repair(shard, Plan::AtCheck { index: own.index, sources }, "check");
             }
@@ -425,16 +422,7 @@ impl AntiEntropy {
             }
         }))
         .await;
-        // The majority root among replicas with the same bucket count that are not suspect.
-        let mut votes: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
-        for (_, report) in &reports {
-            if let Some((root, count, false)) = report {
-                if *count == record.buckets.count() {
-                    *votes.entry(root.clone()).or_default() += 1;
-                }
-            }
-        }
-        let majority = votes.iter().find(|(_, n)| **n * 2 > voters.len()).map(|(root, _)| root.clone());
+        let majority = majority(&reports, record.buckets.count(), voters.len()).map(|(root, _)| root);
         let mut replicas = Vec::with_capacity(reports.len());
         let mut disagreeing = Vec::new();
         let mut agreeing = Vec::new();
@@ -481,7 +469,7 @@ impl AntiEntropy {
 
     /// A replica's root at check `index`: (root, bucket count, suspect), or `None` if it has
     /// none (not applied that far in time, unreachable, or a later check already).
-    async fn remote_report(&self, addr: &str, group: u32, index: u64) -> Option<(Vec<u8>, usize, bool)> {
+    async fn remote_report(&self, addr: &str, group: u32, index: u64) -> Report {
         let mut client = self.client(addr)?;
         let mut request =
             tonic::Request::new(pb::CheckReportRequest { group, index, wait_ms: REPORT_WAIT.as_millis() as u32 });
@@ -529,10 +517,7 @@ impl AntiEntropy {
     ) -> Result<pb::CheckReportReply, AntiEntropyError> {
         let shard = self.shard_of(group)?;
         let (progress, _, _) = self.progress(shard)?;
-        let deadline = Instant::now() + wait.min(Duration::from_secs(10));
-        while progress.applied_index.load(Ordering::Acquire) < index && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_applied(&progress, index, wait.min(Duration::from_secs(10))).await;
         let record = progress.digest.lock().last_check.clone();
         let applied_index = progress.applied_index.load(Ordering::Acquire);
         let suspect = self.is_suspect(shard);
@@ -569,7 +554,7 @@ impl AntiEntropy {
             return Ok(pb::TreeNodesReply { found: false, nodes: Vec::new() });
         };
         if positions.len() > record.buckets.count() {
-            return Err(AntiEntropyError::RepairFailed { shard, message: "more positions than nodes".into() });
+            return Err(AntiEntropyError::Malformed(format!("shard {shard}: more tree positions than nodes")));
         }
         let nodes = tokio::task::spawn_blocking(move || {
             let tree = record.buckets.tree();
@@ -590,13 +575,15 @@ impl AntiEntropy {
             return Err(AntiEntropyError::Suspect { shard });
         }
         let (progress, storage, group) = self.progress(shard)?;
-        let deadline = Instant::now() + Duration::from_millis(u64::from(request.wait_ms)).min(SOURCE_WAIT * 5);
-        while progress.applied_index.load(Ordering::Acquire) < request.min_applied && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        wait_applied(
+            &progress,
+            request.min_applied,
+            Duration::from_millis(u64::from(request.wait_ms)).min(SOURCE_WAIT * 5),
+        )
+        .await;
         let count = request.bucket_count as usize;
         if !digest::valid_bucket_count(count) {
-            return Err(AntiEntropyError::RepairFailed { shard, message: format!("{count} is no bucket count") });
+            return Err(AntiEntropyError::Malformed(format!("shard {shard}: {count} is no bucket count")));
         }
         let buckets: BTreeSet<usize> = request.buckets.iter().map(|b| *b as usize).filter(|b| *b < count).collect();
         let copy =
@@ -636,9 +623,14 @@ impl AntiEntropy {
 
     /// Asks the node at `addr` to sync its replica of `shard` now (a `Repair` at index 0), or
     /// with `check_now`, to propose a check now if it leads the shard.
-    pub async fn ask_sync(&self, shard: u16, addr: &str, check_now: bool) -> Result<bool, AntiEntropyError> {
+    pub async fn ask_sync(
+        &self,
+        shard: u16,
+        node: NodeId,
+        addr: &str,
+        check_now: bool,
+    ) -> Result<bool, AntiEntropyError> {
         let (_, _, group) = self.progress(shard)?;
-        let node = 0;
         let mut client =
             self.client(addr).ok_or_else(|| AntiEntropyError::Peer { node, message: format!("bad address {addr}") })?;
         let mut request =
@@ -661,7 +653,7 @@ impl AntiEntropy {
         Ok(futures::future::join_all(voters.into_iter().map(|(node, addr)| async move {
             if node == self.shards.node_id {
                 let own = self.local_check(shard);
-                return (node, own.map(|c| (c.index, root_text(&c.root), self.is_suspect(shard))));
+                return (node, own.map(|c| (c.index, hex::encode(c.root), self.is_suspect(shard))));
             }
             let Some(mut client) = self.client(&addr) else { return (node, None) };
             let mut request = tonic::Request::new(pb::CheckReportRequest { group, index: 0, wait_ms: 0 });
@@ -1020,10 +1012,7 @@ impl AntiEntropy {
             return Err(format!("the source stands at {}, behind this replica's {at}", copy.applied_index));
         }
         progress.gate.pause_at(copy.applied_index);
-        let deadline = Instant::now() + CATCH_UP_WAIT;
-        while progress.applied_index.load(Ordering::Acquire) < copy.applied_index && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_applied(progress, copy.applied_index, CATCH_UP_WAIT).await;
         let (p, st, b) = (progress.clone(), storage.clone(), buckets.clone());
         let replaced = tokio::task::spawn_blocking(move || repair::replace_buckets(&st, &p, group, &b, &copy)).await;
         progress.gate.release();
@@ -1055,6 +1044,31 @@ impl AntiEntropy {
     }
 }
 
+/// A voter's report at a check index: (root, bucket count, suspect), `None` if it had none.
+type Report = Option<(Vec<u8>, usize, bool)>;
+
+/// The root a majority of the `voters` hold among the reports of non-suspect replicas with
+/// `count` buckets, and the nodes that hold it.
+fn majority(reports: &[(NodeId, Report)], count: usize, voters: usize) -> Option<(Vec<u8>, Vec<NodeId>)> {
+    let mut votes: BTreeMap<&[u8], Vec<NodeId>> = BTreeMap::new();
+    for (node, report) in reports {
+        if let Some((root, buckets, false)) = report {
+            if *buckets == count {
+                votes.entry(root.as_slice()).or_default().push(*node);
+            }
+        }
+    }
+    votes.into_iter().find(|(_, nodes)| nodes.len() * 2 > voters).map(|(root, nodes)| (root.to_vec(), nodes))
+}
+
+/// Waits (polling, at most `wait`) until the replica has applied `index`.
+async fn wait_applied(progress: &AppliedProgress, index: u64, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while progress.applied_index.load(Ordering::Acquire) < index && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// The `shard` label of a metric (the meta group: `meta`).
 fn shard_label(shard: u16) -> String {
     if shard == META_SHARD {
@@ -1064,7 +1078,21 @@ fn shard_label(shard: u16) -> String {
     }
 }
 
-/// The root of a check record as text.
-pub fn root_text(root: &NodeHash) -> String {
-    digest::root_hex(root)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The majority root counts only non-suspect replicas with the same bucket count, and needs
+    /// more than half of all voters (absent ones included).
+    #[test]
+    fn the_majority_root_needs_more_than_half_of_the_voters() {
+        let good = |root: u8| Some((vec![root], 4096, false));
+        let reports = vec![(1, good(7)), (2, good(7)), (3, good(9))];
+        assert_eq!(majority(&reports, 4096, 3), Some((vec![7], vec![1, 2])));
+        let reports = vec![(1, good(7)), (2, Some((vec![7], 4096, true))), (3, good(9))];
+        assert_eq!(majority(&reports, 4096, 3), None, "a suspect replica is no vote");
+        let reports = vec![(1, good(7)), (2, Some((vec![7], 1024, false))), (3, None)];
+        assert_eq!(majority(&reports, 4096, 3), None, "another bucket count is no vote");
+        assert_eq!(majority(&[(1, good(7)), (2, good(7))], 4096, 5), None, "two of five voters");
+    }
 }
