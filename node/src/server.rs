@@ -168,6 +168,7 @@ pub fn storage_options(config: &Config) -> StorageOptions {
         block_cache_bytes: (config.storage.max_cache_size_mb as usize) << 20,
         write_buffer_bytes: (config.storage.write_buffer_mb as usize) << 20,
         fsync: config.storage.fsync,
+        verify_on_start: config.storage.verify_on_start,
         index_cache_bytes: config
             .storage
             .index_eviction_enabled
@@ -323,7 +324,9 @@ impl Node {
             .await?,
         );
         self.shards = Some(shards.clone());
-        let recovering = if joining && fresh_data_dir {
+        // A node on an empty data dir, or one whose damaged replicas were dropped at start, has
+        // forgotten entries it acknowledged: it holds its votes back until it caught up.
+        let recovering = if (joining && fresh_data_dir) || !shards.damaged_at_start.is_empty() {
             set_recovering(&storage, true)?;
             true
         } else {

@@ -252,6 +252,10 @@ pub struct StorageSection {
     /// Verify and repair the secondary indexes in the background after every start (as
     /// `POST /v1/admin/indexes/rebuild` does; writes and reads go on meanwhile).
     pub rebuild_indexes_on_start: bool,
+    /// Read every table file (checksums verified) before the node opens its Raft groups. A
+    /// damaged file is set aside by a RocksDB repair and the replicas whose keys it held are
+    /// re-seeded from their peers, instead of a read failing later and stopping a group.
+    pub verify_on_start: bool,
     /// Give the `index` column family its own block cache of `index_max_memory_mb`, whose
     /// blocks are evicted (least recently used first) past that size, instead of sharing the
     /// block cache with the claims data.
@@ -440,6 +444,7 @@ impl Default for StorageSection {
             write_buffer_mb: 64,
             fsync: true,
             rebuild_indexes_on_start: true,
+            verify_on_start: true,
             index_eviction_enabled: false,
             index_max_memory_mb: 1024,
         }

@@ -22,7 +22,7 @@ use crate::storage::blocking;
 use crate::storage::read_pool::read_pool;
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
 
-const VOTE_TAG: u8 = b'v';
+pub(crate) const VOTE_TAG: u8 = b'v';
 const COMMITTED_TAG: u8 = b'c';
 const PURGED_TAG: u8 = b'p';
 

@@ -95,6 +95,17 @@ pub static APPEND_BATCH_MESSAGES: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static DAMAGED_REPLICAS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_damaged_replicas_total",
+            "Replicas of this node dropped at start to be re-seeded from their peers because a table file holding their keys was damaged, by shard and file",
+        ),
+        &["shard", "file"],
+    )
+    .expect("valid metric")
+});
+
 /// Every Raft collector, for registration. The known label values start at 0, so dashboards
 /// show 0 rather than no data and `increase()` sees the first event after a start.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
@@ -116,6 +127,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         }
     }
     vec![
+        Box::new(DAMAGED_REPLICAS.clone()),
         Box::new(FORWARD_RETRIES.clone()),
         Box::new(PROMPT_CAMPAIGNS.clone()),
         Box::new(SNAPSHOTS.clone()),

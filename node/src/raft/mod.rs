@@ -3,9 +3,11 @@
 //! `shard` and `meta`), the transport (`network`, its messages' protobuf form in `wire`, and the
 //! requests one node sends another about a shard in `forward`), the set of local groups
 //! (`shards`: routing, membership, local proposals, read barriers shared via `read_barrier`),
-//! hibernation, takeover and leader hand-over. It does not know about HTTP, and never calls
+//! hibernation, takeover and leader hand-over, and dropping at start the replicas whose table files
+//! were damaged (`damage`). It does not know about HTTP, and never calls
 //! `coordinator`.
 
+pub mod damage;
 pub mod forward;
 pub mod handoff;
 pub mod hibernation;

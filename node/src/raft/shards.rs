@@ -326,6 +326,9 @@ pub struct ShardSet {
     pub tasks: crate::tasks::NodeTasks,
     /// Leader hand-overs and the requests that arrive during one (`raft::handoff`).
     pub(super) handoff: super::handoff::Handoff,
+    /// Shards (and [`META_SHARD`]) whose replica here was dropped at start because a damaged
+    /// table file held their keys (`raft::damage`); their leaders re-seed them.
+    pub damaged_at_start: Vec<u16>,
 }
 
 impl ShardSet {
@@ -368,6 +371,12 @@ impl ShardSet {
         .validate()
         .map_err(|e| ConsensusError::Startup(e.to_string()))?;
         let config = Arc::new(config);
+        // Replicas whose keys were in a damaged table file: dropped, to be re-seeded by peers.
+        let damaged = super::damage::damaged_groups(storage.lost_files(), shards);
+        for (group, files) in &damaged {
+            crate::storage::blocking(|| super::damage::drop_replica(&storage, *group, files))
+                .map_err(|e| ConsensusError::Startup(format!("dropping damaged group {group}: {e}")))?;
+        }
         let mut groups = Vec::with_capacity(shards as usize);
         for shard in 0..shards {
             // Opening reads RocksDB and may finish an interrupted snapshot install: off the workers.
@@ -380,7 +389,9 @@ impl ShardSet {
             // (by id); the first is the preferred leader: it initializes the group and so becomes
             // its first leader, spreading leaders over the founding nodes.
             let replicas = placement.get(&shard).cloned().unwrap_or_default();
-            let voters = (replicas.first() == Some(&node_id))
+            // A dropped replica never bootstraps its group again: its leader re-seeds it.
+            let reseeding = damaged.contains_key(&group_of_shard(shard));
+            let voters = (replicas.first() == Some(&node_id) && !reseeding)
                 .then(|| replicas.iter().filter_map(|id| members.get(id).map(|addr| (*id, addr.clone()))).collect());
             groups.push(
                 ShardGroup::start(
@@ -402,7 +413,8 @@ impl ShardSet {
             ShardStateMachine::open_meta(storage.clone(), meta_publish, policy.clone(), settings.digest_buckets)
         })
         .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
-        let meta_voters = (members.keys().next() == Some(&node_id)).then(|| members.clone());
+        let meta_voters =
+            (members.keys().next() == Some(&node_id) && !damaged.contains_key(&0)).then(|| members.clone());
         let meta = ShardGroup::start(
             storage.clone(),
             node_id,
@@ -435,6 +447,7 @@ impl ShardSet {
             peers,
             tasks,
             handoff: super::handoff::Handoff::new(shards),
+            damaged_at_start: damaged.keys().filter_map(|g| crate::shard::command::shard_of_group(*g)).collect(),
         })
     }
 
@@ -476,7 +489,7 @@ impl ShardSet {
         for group in self.groups.iter().chain(std::iter::once(&self.meta)) {
             group.vote_guard.store(u64::MAX, Ordering::Release);
         }
-        tracing::warn!("empty data dir joining a running cluster: votes held back until caught up");
+        tracing::warn!("this node forgot entries it acknowledged (an empty data dir, or replicas dropped as damaged): votes held back until caught up");
     }
 
     /// Whether any group still holds back its votes after an empty-data-dir join.

@@ -12,6 +12,17 @@ pub static STORAGE_OPERATION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| 
     .expect("valid metric")
 });
 
+pub static LOST_FILES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_storage_lost_files_total",
+            "Table files found damaged at start and set aside by a repair (storage.verify_on_start), by column family and file",
+        ),
+        &["family", "file"],
+    )
+    .expect("valid metric")
+});
+
 pub static STORAGE_OPERATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new(
@@ -78,6 +89,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     vec![
         Box::new(STORAGE_OPERATION_ERRORS.clone()),
         Box::new(STORAGE_OPERATIONS.clone()),
+        Box::new(LOST_FILES.clone()),
         Box::new(STORAGE_PUT_DURATION.clone()),
         Box::new(STORAGE_WRITTEN_BYTES.clone()),
         Box::new(LOG_FSYNC_DURATION.clone()),

@@ -2,7 +2,9 @@
 //!
 //! This is the only module that imports `rocksdb`. It owns the column families, the write path
 //! (write batches, synchronous writes, and the group-commit flusher that turns many buffered Raft
-//! log appends into one fsync), reads and range scans, and the storage metrics. Everything above
+//! log appends into one fsync), reads and range scans, the check of every table file at open
+//! (damaged files are set aside by a RocksDB repair and reported as [`LostFile`]s), and the
+//! storage metrics. Everything above
 //! it (Raft log store, state machine, node identity) speaks in column families, byte keys and
 //! [`WriteBatch`]es and never sees a RocksDB type.
 
@@ -123,6 +125,88 @@ fn engine_error(operation: &'static str, error: rocksdb::Error) -> StorageError 
     StorageError::Engine { operation, message: error.into_string() }
 }
 
+/// A table file that RocksDB could not read whole at open, set aside (into `db/lost/`) by a
+/// repair. Its keys, `first_key..=last_key` of `cf`, are gone from this node. A file too
+/// damaged to open has no known family or range (`cf` is `None`): it may have held any key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostFile {
+    pub cf: Option<ColumnFamily>,
+    pub name: String,
+    pub first_key: Vec<u8>,
+    pub last_key: Vec<u8>,
+}
+
+impl LostFile {
+    /// A loss whose family and range are unknown: it may have held any key.
+    fn unknown(name: &str) -> Self {
+        LostFile { cf: None, name: name.to_string(), first_key: Vec::new(), last_key: Vec::new() }
+    }
+
+    /// Whether `[from, to)` holds any key of the file's range.
+    pub fn overlaps(&self, cf: ColumnFamily, from: &[u8], to: &[u8]) -> bool {
+        match self.cf {
+            None => true,
+            Some(family) => family == cf && self.first_key.as_slice() < to && self.last_key.as_slice() >= from,
+        }
+    }
+}
+
+/// The first damage a full, checksum-verifying read of every column family meets, if any.
+fn first_damage(db: &DB) -> Option<String> {
+    for cf in ColumnFamily::ALL {
+        let Some(handle) = db.cf_handle(cf.name()) else { continue };
+        let mut read_options = ReadOptions::default();
+        read_options.fill_cache(false);
+        read_options.set_verify_checksums(true);
+        let mut iter = db.raw_iterator_cf_opt(handle, read_options);
+        iter.seek_to_first();
+        while iter.valid() {
+            iter.next();
+        }
+        if let Err(error) = iter.status() {
+            return Some(format!("{}: {error}", cf.name()));
+        }
+    }
+    None
+}
+
+/// The names of the files in `dir` (none if it does not exist).
+fn list_files(dir: &Path) -> std::collections::HashSet<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// The files of `before` that a repair set aside (absent from `after`). If the damage was found
+/// and yet no file went (the repair could read them all: damage in a write-ahead log, say),
+/// nothing is reported lost.
+fn lost_after_repair(
+    before: Vec<rocksdb::LiveFile>,
+    after: &std::collections::HashSet<String>,
+    damage: &str,
+) -> Vec<LostFile> {
+    let lost: Vec<LostFile> = before
+        .into_iter()
+        .filter(|f| !after.contains(&f.name))
+        .filter_map(|f| {
+            let cf = ColumnFamily::ALL.into_iter().find(|cf| cf.name() == f.column_family_name)?;
+            Some(LostFile {
+                cf: Some(cf),
+                name: f.name.trim_start_matches('/').to_string(),
+                first_key: f.start_key.unwrap_or_default(),
+                last_key: f.end_key.unwrap_or_default(),
+            })
+        })
+        .collect();
+    if lost.is_empty() {
+        // Damage was seen and yet no table file went: where it was is unknown, so every key
+        // counts as possibly lost (every replica is re-seeded) rather than none.
+        tracing::error!(error = %damage, "the repair kept every table file; treating every key as possibly lost");
+        return vec![LostFile::unknown("(none set aside)")];
+    }
+    lost
+}
+
 /// Tunables of the storage engine, taken from the `[storage]` config section.
 #[derive(Debug, Clone)]
 pub struct StorageOptions {
@@ -137,6 +221,8 @@ pub struct StorageOptions {
     /// `storage.index_max_memory_mb`): its blocks are evicted past this size and no longer
     /// compete with the claims data for the shared cache. `None`: it shares the block cache.
     pub index_cache_bytes: Option<usize>,
+    /// Read every table file at open (`storage.verify_on_start`); see [`Storage::lost_files`].
+    pub verify_on_start: bool,
 }
 
 impl Default for StorageOptions {
@@ -146,6 +232,7 @@ impl Default for StorageOptions {
             write_buffer_bytes: 64 << 20,
             fsync: true,
             index_cache_bytes: None,
+            verify_on_start: true,
         }
     }
 }
@@ -256,6 +343,8 @@ pub struct Storage {
     committer: GroupCommitter,
     /// The manual compaction (`POST /v1/admin/storage/compact`): one at a time, with progress.
     manual_compaction: parking_lot::Mutex<ManualCompaction>,
+    /// Table files found damaged at open and set aside.
+    lost_files: Vec<LostFile>,
 }
 
 /// Marks a manual compaction as no longer running when dropped, if its run did not get to.
@@ -317,18 +406,94 @@ impl Storage {
         // Statistics give the compaction durations (`stemedb_lsm_compaction_duration_seconds`);
         // the default level also times each RocksDB read and write with two clock reads.
         db_options.enable_statistics();
-        let descriptors = ColumnFamily::ALL
-            .iter()
-            .map(|cf| {
-                let cache = match (cf, &index_cache) {
-                    (ColumnFamily::Index, Some(index_cache)) => index_cache,
-                    _ => &cache,
-                };
-                ColumnFamilyDescriptor::new(cf.name(), column_family_options(*cf, cache, &options))
-            })
-            .collect::<Vec<_>>();
-        let db = DB::open_cf_descriptors(&db_options, &path, descriptors)
-            .map_err(|e| StorageError::DataDir { path: path.clone(), message: e.into_string() })?;
+        let descriptors = || {
+            ColumnFamily::ALL
+                .iter()
+                .map(|cf| {
+                    let cache = match (cf, &index_cache) {
+                        (ColumnFamily::Index, Some(index_cache)) => index_cache,
+                        _ => &cache,
+                    };
+                    ColumnFamilyDescriptor::new(cf.name(), column_family_options(*cf, cache, &options))
+                })
+                .collect::<Vec<_>>()
+        };
+        let open = |descriptors| {
+            DB::open_cf_descriptors(&db_options, &path, descriptors)
+                .map_err(|e| StorageError::DataDir { path: path.clone(), message: e.into_string() })
+        };
+        let mut lost_files = Vec::new();
+        let mut db = match DB::open_cf_descriptors(&db_options, &path, descriptors()) {
+            Ok(db) => db,
+            // A table file too damaged to open (its footer or index): repair, then open. Which
+            // keys it held is unknown, so it counts as holding every key.
+            Err(error) if options.verify_on_start && error.kind() == rocksdb::ErrorKind::Corruption => {
+                let damage = error.into_string();
+                tracing::error!(path = %path.display(), error = %damage, "the database does not open on damaged files; repairing it");
+                let lost_dir = path.join("lost");
+                let set_aside_before = list_files(&lost_dir);
+                DB::repair(&db_options, &path).map_err(|e| StorageError::DataDir {
+                    path: path.clone(),
+                    message: format!("repair after damage ({damage}): {}", e.into_string()),
+                })?;
+                lost_files = list_files(&lost_dir)
+                    .into_iter()
+                    .filter(|name| name.ends_with(".sst") && !set_aside_before.contains(name))
+                    .map(|name| LostFile::unknown(&name))
+                    .collect();
+                if lost_files.is_empty() {
+                    // It did not open, and the repair set no table aside (a file missing, say):
+                    // what was lost is unknown, so every replica is re-seeded.
+                    lost_files.push(LostFile::unknown("(none set aside)"));
+                }
+                open(descriptors())?
+            }
+            Err(error) => {
+                return Err(StorageError::DataDir { path: path.clone(), message: error.into_string() });
+            }
+        };
+        if options.verify_on_start {
+            let started = Instant::now();
+            if let Some(damage) = first_damage(&db) {
+                // A damaged table file must go: a compaction that reads it would stop every write
+                // of the node. RocksDB's repair re-reads every table and sets aside (into `lost/`)
+                // those it cannot read whole; the replicas whose keys they held are re-seeded
+                // from their peers by the layers above (`Storage::lost_files`).
+                tracing::error!(path = %path.display(), error = %damage, "damaged table file found at start; repairing the database");
+                let before = db.live_files().map_err(|e| engine_error("live_files", e))?;
+                drop(db);
+                DB::repair(&db_options, &path).map_err(|e| StorageError::DataDir {
+                    path: path.clone(),
+                    message: format!("repair after damage ({damage}): {}", e.into_string()),
+                })?;
+                db = open(descriptors())?;
+                let after: std::collections::HashSet<String> =
+                    db.live_files().map_err(|e| engine_error("live_files", e))?.into_iter().map(|f| f.name).collect();
+                lost_files.extend(lost_after_repair(before, &after, &damage));
+                if let Some(still) = first_damage(&db) {
+                    return Err(StorageError::DataDir {
+                        path: path.clone(),
+                        message: format!("still damaged after a repair: {still}"),
+                    });
+                }
+            }
+            for lost in &lost_files {
+                let family = lost.cf.map_or("unknown", ColumnFamily::name);
+                metrics::LOST_FILES.with_label_values(&[family, &lost.name]).inc();
+                tracing::error!(
+                family,
+                    file = %lost.name,
+                    first_key = %hex::encode(&lost.first_key),
+                    last_key = %hex::encode(&lost.last_key),
+                    "damaged table file set aside in db/lost; its keys are gone from this node"
+                );
+            }
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                lost_files = lost_files.len(),
+                "verified every table file"
+            );
+        }
         let db = Arc::new(db);
         let committer = GroupCommitter::start(db.clone(), options.fsync);
         tracing::info!(path = %path.display(), "storage opened");
@@ -341,7 +506,15 @@ impl Storage {
             options,
             committer,
             manual_compaction: parking_lot::Mutex::new(ManualCompaction::default()),
+            lost_files,
         }))
+    }
+
+    /// The table files found damaged at open and set aside (empty when none was, or when
+    /// `verify_on_start` is off). Every key in their ranges is gone from this node: the
+    /// replicas that held any must be re-seeded.
+    pub fn lost_files(&self) -> &[LostFile] {
+        &self.lost_files
     }
 
     fn handle(&self, cf: ColumnFamily) -> Result<&rocksdb::ColumnFamily, StorageError> {
@@ -684,7 +857,12 @@ impl Storage {
         self.committer.stop();
         self.sync()?;
         metrics::OPS_FLUSH.inc();
-        self.db.flush().map_err(|e| engine_error("flush", e))
+        // Every family's memtable (`DB::flush` alone flushes only the default family, leaving
+        // the others to a write-ahead-log replay at the next start).
+        for cf in ColumnFamily::ALL {
+            self.db.flush_cf(self.handle(cf)?).map_err(|e| engine_error("flush", e))?;
+        }
+        Ok(())
     }
 }
 
@@ -837,5 +1015,94 @@ mod tests {
         // WAL alone would be just over 1.
         let amplification = storage.write_amplification();
         assert!(amplification > 1.8, "{amplification}");
+    }
+
+    /// Writes 2,000 random 200-byte records for each of `groups` (4-byte group prefix) into
+    /// one bottom-level table file, closes, and flips 16 bytes a quarter into that file.
+    fn damaged_table(dir: &Path, groups: &[u32]) -> String {
+        let storage = Storage::open(dir, StorageOptions::default()).expect("open");
+        for group in groups {
+            let mut batch = WriteBatch::new();
+            for i in 0u32..2000 {
+                let value: Vec<u8> = (0..200).map(|_| rand::random::<u8>()).collect();
+                let mut key = group.to_be_bytes().to_vec();
+                key.extend_from_slice(&i.to_be_bytes());
+                batch.put(ColumnFamily::RaftLog, key, value);
+            }
+            storage.write(batch, Durability::Synced).expect("write");
+        }
+        storage.close().expect("close");
+        let handle = storage.handle(ColumnFamily::RaftLog).expect("family");
+        storage.db.compact_range_cf(handle, None::<&[u8]>, None::<&[u8]>);
+        let files = storage.db.live_files().expect("live files");
+        let tables: Vec<_> = files.iter().filter(|f| f.column_family_name == "raft_log").collect();
+        assert_eq!(tables.len(), 1, "one table file: {files:?}");
+        let name = tables[0].name.trim_start_matches('/').to_string();
+        drop(storage);
+        let path = dir.join("db").join(&name);
+        let mut bytes = std::fs::read(&path).expect("read table");
+        let at = bytes.len() / 4;
+        for b in &mut bytes[at..at + 16] {
+            *b ^= 0xff;
+        }
+        std::fs::write(&path, bytes).expect("write table");
+        name
+    }
+
+    #[test]
+    fn a_damaged_table_file_is_set_aside_at_open_and_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = damaged_table(dir.path(), &[1, 2]);
+        // Without the check, the damage surfaces on a read of group 1 (and would stop every
+        // write once a compaction read it).
+        let unchecked = Storage::open(dir.path(), StorageOptions { verify_on_start: false, ..Default::default() })
+            .expect("open unchecked");
+        assert!(unchecked.lost_files().is_empty());
+        let read = unchecked.scan(ColumnFamily::RaftLog, &1u32.to_be_bytes(), &2u32.to_be_bytes(), usize::MAX);
+        assert!(matches!(read, Err(ref e) if e.is_damage()), "{read:?}");
+        drop(unchecked);
+
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open checked");
+        let lost = storage.lost_files().to_vec();
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(lost[0].name, name);
+        assert_eq!(lost[0].cf, Some(ColumnFamily::RaftLog));
+        let mut group1_start = 1u32.to_be_bytes().to_vec();
+        group1_start.extend_from_slice(&0u32.to_be_bytes());
+        assert_eq!(lost[0].first_key, group1_start, "the file's range, as it was");
+        assert!(lost[0].overlaps(ColumnFamily::RaftLog, &2u32.to_be_bytes(), &3u32.to_be_bytes()));
+        assert!(!lost[0].overlaps(ColumnFamily::RaftLog, &3u32.to_be_bytes(), &4u32.to_be_bytes()));
+        assert!(dir.path().join("db/lost").join(&name).exists(), "set aside, not deleted");
+        // Every read works (the file's keys are gone) and, after a full compaction, so do writes.
+        for group in [1u32, 2] {
+            let left = storage.scan(ColumnFamily::RaftLog, &group.to_be_bytes(), &(group + 1).to_be_bytes(), 10);
+            assert_eq!(left.expect("scan").len(), 0);
+        }
+        let handle = storage.handle(ColumnFamily::RaftLog).expect("family");
+        storage.db.compact_range_cf(handle, None::<&[u8]>, None::<&[u8]>);
+        let mut batch = WriteBatch::new();
+        batch.put(ColumnFamily::RaftLog, vec![0, 0, 0, 3], vec![1]);
+        storage.write(batch, Durability::Synced).expect("write after compaction");
+        drop(storage);
+        // A clean database opens with nothing lost.
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("reopen");
+        assert!(storage.lost_files().is_empty());
+    }
+
+    #[test]
+    fn a_table_file_too_damaged_to_open_is_set_aside_with_an_unknown_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = damaged_table(dir.path(), &[1]);
+        // Its footer too: RocksDB cannot open the file at all.
+        let path = dir.path().join("db").join(&name);
+        let mut bytes = std::fs::read(&path).expect("read table");
+        let len = bytes.len();
+        bytes[len - 48..].fill(0);
+        std::fs::write(&path, bytes).expect("write table");
+        let unchecked = Storage::open(dir.path(), StorageOptions { verify_on_start: false, ..Default::default() });
+        assert!(unchecked.is_err(), "the database does not open on it");
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open checked");
+        assert_eq!(storage.lost_files(), &[LostFile::unknown(&name)]);
+        assert!(storage.lost_files()[0].overlaps(ColumnFamily::StateMachine, &[0], &[1]), "may have held any key");
     }
 }

@@ -1,0 +1,138 @@
+//! Replicas whose storage was damaged: found at start, dropped, re-seeded by their peers.
+//!
+//! `storage` reads every table file when it opens (`storage.verify_on_start`) and sets aside the
+//! files it cannot read whole ([`LostFile`]). Every group with a key in such a file's range has
+//! lost part of its Raft log or state, so its replica on this node is dropped whole here, before
+//! the groups open: log, hard state (the vote excepted), state machine, indexes, snapshot. The
+//! group then opens empty and without bootstrapping, and its leader re-seeds it (a snapshot,
+//! then the log) as it would a new replica; its vote guard keeps it from voting until it has
+//! applied what that leader had committed, since it forgot entries it acknowledged. The other
+//! groups of the node start and serve as usual.
+
+use crate::shard::command::{group_of_shard, GroupId};
+use crate::shard::keys;
+use crate::storage::{ColumnFamily, Durability, LostFile, Storage, StorageError, WriteBatch};
+use std::collections::BTreeMap;
+
+/// The families whose keys start with the group id.
+const GROUP_FAMILIES: [ColumnFamily; 4] =
+    [ColumnFamily::RaftLog, ColumnFamily::RaftState, ColumnFamily::StateMachine, ColumnFamily::Index];
+
+/// The groups (of `shards` shards and the meta group) that held a key of a lost file, each with
+/// the files that make it damaged. A lost file of the `meta` family (snapshot-install markers,
+/// the node's identity), or of no known family, damages every group: what it held cannot be
+/// told apart per group.
+pub fn damaged_groups(lost: &[LostFile], shards: u16) -> BTreeMap<GroupId, Vec<String>> {
+    let groups = std::iter::once(0).chain((0..shards).map(group_of_shard));
+    let mut damaged: BTreeMap<GroupId, Vec<String>> = BTreeMap::new();
+    for group in groups {
+        let (from, to) = (keys::group_prefix(group), keys::group_end(group));
+        for file in lost {
+            let hit = matches!(file.cf, None | Some(ColumnFamily::Meta))
+                || GROUP_FAMILIES.iter().any(|cf| file.overlaps(*cf, &from, &to));
+            if hit {
+                damaged.entry(group).or_default().push(file.name.clone());
+            }
+        }
+    }
+    damaged
+}
+
+/// Drops this node's replica of `group` whole, keeping only its vote: the group opens empty
+/// and its leader re-seeds it. Runs on a blocking thread (RocksDB, file removal).
+pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Result<(), StorageError> {
+    let vote_key = keys::state_key(group, super::log_store::VOTE_TAG);
+    // A vote that reads back is kept: a voter must never vote twice in a term.
+    let vote = storage.get(ColumnFamily::RaftState, &vote_key).ok().flatten();
+    let mut batch = WriteBatch::new();
+    for cf in GROUP_FAMILIES {
+        batch.delete_range(cf, keys::group_prefix(group), keys::group_end(group));
+    }
+    batch.delete(ColumnFamily::Meta, keys::install_marker_key(group));
+    batch.delete(ColumnFamily::Meta, keys::snapshot_key(group));
+    if let Some(vote) = vote {
+        batch.put(ColumnFamily::RaftState, vote_key, vote);
+    }
+    storage.write(batch, Durability::Synced)?;
+    let snapshot = crate::shard::snapshot::snapshot_path(&storage.data_dir().join("snapshots"), group);
+    match std::fs::remove_file(&snapshot) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(StorageError::DataDir {
+                path: snapshot,
+                message: format!("removing a damaged replica's snapshot: {error}"),
+            })
+        }
+    }
+    let shard = crate::shard::command::shard_of_group(group)
+        .map(|s| if s == crate::meta::META_SHARD { "meta".to_string() } else { s.to_string() })
+        .unwrap_or_else(|| group.to_string());
+    for file in files {
+        super::metrics::DAMAGED_REPLICAS.with_label_values(&[&shard, file]).inc();
+    }
+    tracing::error!(
+        shard = %shard,
+        group,
+        files = %files.join(","),
+        "replica damaged on disk: dropped it to be re-seeded from its peers (log and state)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lost(cf: ColumnFamily, first: Vec<u8>, last: Vec<u8>) -> LostFile {
+        LostFile { cf: Some(cf), name: "000009.sst".into(), first_key: first, last_key: last }
+    }
+
+    #[test]
+    fn a_lost_file_damages_exactly_the_groups_in_its_range() {
+        // Group 2's log tail to group 3's first entry (shards 1 and 2).
+        let file = lost(ColumnFamily::RaftLog, keys::log_key(2, 7), keys::log_key(3, 1));
+        let damaged = damaged_groups(&[file], 4);
+        assert_eq!(damaged.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+        // The same range in another family damages the same groups.
+        let file = lost(ColumnFamily::Index, keys::group_prefix(1), keys::group_prefix(1));
+        assert_eq!(damaged_groups(&[file], 4).keys().copied().collect::<Vec<_>>(), vec![1]);
+        // Keys beyond the last shard's group name no group.
+        let file = lost(ColumnFamily::StateMachine, keys::group_prefix(9), keys::group_prefix(10));
+        assert!(damaged_groups(&[file], 4).is_empty());
+        // A lost meta-family file damages every group, the meta group included.
+        let file = lost(ColumnFamily::Meta, b"install/".to_vec(), b"snapshot/".to_vec());
+        assert_eq!(damaged_groups(&[file], 2).len(), 3);
+        // So does a file too damaged to open, whose range is unknown.
+        let file = LostFile { cf: None, name: "000011.sst".into(), first_key: Vec::new(), last_key: Vec::new() };
+        assert_eq!(damaged_groups(&[file], 2).len(), 3);
+    }
+
+    #[test]
+    fn dropping_a_replica_keeps_its_vote_and_no_other_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), crate::storage::StorageOptions::default()).expect("open");
+        let mut batch = WriteBatch::new();
+        for group in [1, 2] {
+            batch.put(ColumnFamily::RaftLog, keys::log_key(group, 1), b"entry".to_vec());
+            batch.put(
+                ColumnFamily::RaftState,
+                keys::state_key(group, super::super::log_store::VOTE_TAG),
+                b"vote".to_vec(),
+            );
+            batch.put(ColumnFamily::StateMachine, keys::applied_key(group), b"applied".to_vec());
+            batch.put(ColumnFamily::Index, keys::quarantine_prefix(group), Vec::new());
+        }
+        storage.write(batch, Durability::Synced).expect("write");
+        drop_replica(&storage, 1, &["000009.sst".to_string()]).expect("drop");
+        for cf in GROUP_FAMILIES {
+            let left = storage.scan(cf, &keys::group_prefix(1), &keys::group_end(1), 10).expect("scan");
+            let expected = usize::from(cf == ColumnFamily::RaftState);
+            assert_eq!(left.len(), expected, "group 1 in {}: {left:?}", cf.name());
+            let other = storage.scan(cf, &keys::group_prefix(2), &keys::group_end(2), 10).expect("scan");
+            assert_eq!(other.len(), 1, "group 2 untouched in {}", cf.name());
+        }
+        let vote = storage.get(ColumnFamily::RaftState, &keys::state_key(1, super::super::log_store::VOTE_TAG));
+        assert_eq!(vote.expect("get"), Some(b"vote".to_vec()));
+    }
+}
