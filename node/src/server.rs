@@ -298,7 +298,8 @@ impl Node {
         let (admin_addr, raft_addr) = (addr_of(listeners.admin.local_addr())?, addr_of(listeners.raft.local_addr())?);
 
         // 1. Storage and the data dir's identity.
-        let storage = Storage::open(&config.node.data_dir, storage_options(&config))?;
+        // Opening reads every table file (`storage.verify_on_start`): off the async workers.
+        let storage = crate::storage::blocking(|| Storage::open(&config.node.data_dir, storage_options(&config)))?;
         self.storage = Some(storage.clone());
         let fresh_data_dir = !identity_recorded(&storage)?;
         let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;

@@ -53,7 +53,7 @@ pub fn cluster_id_of(initial_cluster: &std::collections::BTreeMap<u64, String>) 
 
 /// Loads the identity of the data dir, creating it on first start. `cluster_id` is the cluster
 /// this node was started for (`None`: a single node, which gets a random id).
-const RECOVERING_KEY: &[u8] = b"recovering";
+use crate::shard::keys::RECOVERING_KEY;
 
 /// Records (synced) that this node started on an empty data dir to join a running cluster and
 /// has not caught up yet; a restart before it has must keep holding back its votes.

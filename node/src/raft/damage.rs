@@ -43,8 +43,24 @@ pub fn damaged_groups(lost: &[LostFile], shards: u16) -> BTreeMap<GroupId, Vec<S
 pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Result<(), StorageError> {
     let vote_key = keys::state_key(group, super::log_store::VOTE_TAG);
     // A vote that reads back is kept: a voter must never vote twice in a term.
-    let vote = storage.get(ColumnFamily::RaftState, &vote_key).ok().flatten();
+    let vote = storage.get(ColumnFamily::RaftState, &vote_key)?;
+    // The snapshot first (and durably): a crash after the batch must not find it again.
+    let dir = storage.data_dir().join("snapshots");
+    let snapshot = crate::shard::snapshot::snapshot_path(&dir, group);
+    let fs_error = |path: &std::path::Path, error: std::io::Error| StorageError::DataDir {
+        path: path.to_path_buf(),
+        message: format!("removing a damaged replica's snapshot: {error}"),
+    };
+    match std::fs::remove_file(&snapshot) {
+        Ok(()) => std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| fs_error(&dir, e))?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(fs_error(&snapshot, error)),
+    }
     let mut batch = WriteBatch::new();
+    // In the same synced batch as the drop: a crash right after it must still find the node
+    // holding its votes back and the group never bootstrapping itself again.
+    batch.put(ColumnFamily::Meta, keys::RECOVERING_KEY.to_vec(), b"1".to_vec());
+    batch.put(ColumnFamily::Meta, keys::reseed_marker_key(group), b"1".to_vec());
     for cf in GROUP_FAMILIES {
         batch.delete_range(cf, keys::group_prefix(group), keys::group_end(group));
     }
@@ -54,17 +70,6 @@ pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Resu
         batch.put(ColumnFamily::RaftState, vote_key, vote);
     }
     storage.write(batch, Durability::Synced)?;
-    let snapshot = crate::shard::snapshot::snapshot_path(&storage.data_dir().join("snapshots"), group);
-    match std::fs::remove_file(&snapshot) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => {
-            return Err(StorageError::DataDir {
-                path: snapshot,
-                message: format!("removing a damaged replica's snapshot: {error}"),
-            })
-        }
-    }
     let shard = crate::shard::command::shard_of_group(group)
         .map(|s| if s == crate::meta::META_SHARD { "meta".to_string() } else { s.to_string() })
         .unwrap_or_else(|| group.to_string());
@@ -134,5 +139,9 @@ mod tests {
         }
         let vote = storage.get(ColumnFamily::RaftState, &keys::state_key(1, super::super::log_store::VOTE_TAG));
         assert_eq!(vote.expect("get"), Some(b"vote".to_vec()));
+        // Durable with the drop: the node holds its votes back, the group never re-bootstraps.
+        assert!(storage.get(ColumnFamily::Meta, keys::RECOVERING_KEY).expect("get").is_some());
+        assert!(storage.get(ColumnFamily::Meta, &keys::reseed_marker_key(1)).expect("get").is_some());
+        assert!(storage.get(ColumnFamily::Meta, &keys::reseed_marker_key(2)).expect("get").is_none());
     }
 }

@@ -250,6 +250,15 @@ impl ShardGroup {
     }
 }
 
+/// Whether this node's replica of `group` was once dropped as damaged (`raft::damage`).
+fn reseed_marked(storage: &Storage, group: u32) -> Result<bool, ConsensusError> {
+    crate::storage::blocking(|| {
+        storage.get(crate::storage::ColumnFamily::Meta, &crate::shard::keys::reseed_marker_key(group))
+    })
+    .map(|v| v.is_some())
+    .map_err(|e| ConsensusError::Startup(format!("group {group}: {e}")))
+}
+
 /// Totals at the last sample and the rates computed then.
 #[derive(Debug, Clone, Copy)]
 struct RateSample {
@@ -390,7 +399,8 @@ impl ShardSet {
             // its first leader, spreading leaders over the founding nodes.
             let replicas = placement.get(&shard).cloned().unwrap_or_default();
             // A dropped replica never bootstraps its group again: its leader re-seeds it.
-            let reseeding = damaged.contains_key(&group_of_shard(shard));
+            let reseeding =
+                damaged.contains_key(&group_of_shard(shard)) || reseed_marked(&storage, group_of_shard(shard))?;
             let voters = (replicas.first() == Some(&node_id) && !reseeding)
                 .then(|| replicas.iter().filter_map(|id| members.get(id).map(|addr| (*id, addr.clone()))).collect());
             groups.push(
@@ -413,8 +423,8 @@ impl ShardSet {
             ShardStateMachine::open_meta(storage.clone(), meta_publish, policy.clone(), settings.digest_buckets)
         })
         .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
-        let meta_voters =
-            (members.keys().next() == Some(&node_id) && !damaged.contains_key(&0)).then(|| members.clone());
+        let meta_reseeding = damaged.contains_key(&0) || reseed_marked(&storage, 0)?;
+        let meta_voters = (members.keys().next() == Some(&node_id) && !meta_reseeding).then(|| members.clone());
         let meta = ShardGroup::start(
             storage.clone(),
             node_id,
@@ -496,8 +506,12 @@ impl ShardSet {
     /// Only the meta group and the shards placed on this node count: the others never hear
     /// from a leader.
     pub fn recovering(&self) -> bool {
+        // A group this node leads hears no leader's AppendEntries; it has a log a majority chose.
         let waiting = |shard: u16| {
-            self.group(shard).is_ok_and(|g| g.vote_guard.load(Ordering::Acquire) != 0) && !self.may_vote(shard)
+            self.group(shard).is_ok_and(|g| {
+                g.vote_guard.load(Ordering::Acquire) != 0
+                    && g.raft.metrics().borrow().current_leader != Some(self.node_id)
+            }) && !self.may_vote(shard)
         };
         waiting(META_SHARD) || self.meta().shards_of(self.node_id).into_iter().any(waiting)
     }

@@ -23,6 +23,8 @@
 //! | index         | group, `a`, agent, 0, id(16)                    | empty (by agent)       |
 //! | meta          | `snapshot/`, group                              | last snapshot (old format, converted to a file) |
 //! | meta          | `install/`, group                               | snapshot install in progress (meta JSON) |
+//! | meta          | `reseed/`, group                                | replica dropped as damaged, never re-bootstrapped |
+//! | meta          | `recovering`                                    | votes held back until caught up |
 
 use super::command::GroupId;
 use crate::model::id::AssertionId;
@@ -213,6 +215,18 @@ pub fn parse_concept_key(key: &[u8]) -> Option<(&str, &str)> {
 /// in the middle finishes the install from the snapshot file when it opens again.
 pub fn install_marker_key(group: GroupId) -> Vec<u8> {
     let mut key = b"install/".to_vec();
+    key.extend_from_slice(&group.to_be_bytes());
+    key
+}
+
+/// The node's recovering flag (meta family): set while it holds its votes back because it
+/// forgot entries it acknowledged (an empty data dir, or replicas dropped as damaged).
+pub const RECOVERING_KEY: &[u8] = b"recovering";
+
+/// Set (meta family) when this node's replica of `group` was dropped as damaged: the group
+/// never bootstraps itself here again; its leader re-seeds it.
+pub fn reseed_marker_key(group: GroupId) -> Vec<u8> {
+    let mut key = b"reseed/".to_vec();
     key.extend_from_slice(&group.to_be_bytes());
     key
 }

@@ -142,13 +142,28 @@ impl LostFile {
         LostFile { cf: None, name: name.to_string(), first_key: Vec::new(), last_key: Vec::new() }
     }
 
-    /// Whether `[from, to)` holds any key of the file's range.
+    /// Whether `[from, to)` holds any key of the file's range (`last_key` included).
     pub fn overlaps(&self, cf: ColumnFamily, from: &[u8], to: &[u8]) -> bool {
         match self.cf {
             None => true,
             Some(family) => family == cf && self.first_key.as_slice() < to && self.last_key.as_slice() >= from,
         }
     }
+}
+
+/// After a repair, which registers every table file in level 0 ordered by its newest sequence
+/// number, a point read could stop at an older version of a key in a file that counts as newer,
+/// and the many level-0 files would stall writes: a full compaction of every family merges
+/// them by sequence number before anything reads.
+fn compact_after_repair(db: &DB) -> Result<(), StorageError> {
+    for cf in ColumnFamily::ALL {
+        let Some(handle) = db.cf_handle(cf.name()) else { continue };
+        let mut options = rocksdb::CompactOptions::default();
+        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        db.compact_range_cf_opt(handle, None::<&[u8]>, None::<&[u8]>, &options);
+    }
+    tracing::info!("compacted every family after the repair");
+    Ok(())
 }
 
 /// The first damage a full, checksum-verifying read of every column family meets, if any.
@@ -190,11 +205,10 @@ fn lost_after_repair(
         .filter(|f| !after.contains(&f.name))
         .filter_map(|f| {
             let cf = ColumnFamily::ALL.into_iter().find(|cf| cf.name() == f.column_family_name)?;
-            Some(LostFile {
-                cf: Some(cf),
-                name: f.name.trim_start_matches('/').to_string(),
-                first_key: f.start_key.unwrap_or_default(),
-                last_key: f.end_key.unwrap_or_default(),
+            let name = f.name.trim_start_matches('/').to_string();
+            Some(match (f.start_key, f.end_key) {
+                (Some(first_key), Some(last_key)) => LostFile { cf: Some(cf), name, first_key, last_key },
+                _ => LostFile::unknown(&name),
             })
         })
         .collect();
@@ -470,6 +484,9 @@ impl Storage {
                 let after: std::collections::HashSet<String> =
                     db.live_files().map_err(|e| engine_error("live_files", e))?.into_iter().map(|f| f.name).collect();
                 lost_files.extend(lost_after_repair(before, &after, &damage));
+            }
+            if !lost_files.is_empty() {
+                compact_after_repair(&db)?;
                 if let Some(still) = first_damage(&db) {
                     return Err(StorageError::DataDir {
                         path: path.clone(),
