@@ -42,8 +42,12 @@ pub fn damaged_groups(lost: &[LostFile], shards: u16) -> BTreeMap<GroupId, Vec<S
 /// and its leader re-seeds it. Runs on a blocking thread (RocksDB, file removal).
 pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Result<(), StorageError> {
     let vote_key = keys::state_key(group, super::log_store::VOTE_TAG);
-    // A vote that reads back is kept: a voter must never vote twice in a term.
-    let vote = storage.get(ColumnFamily::RaftState, &vote_key)?;
+    // The vote is kept: a voter must never vote twice in a term. Of its two copies (one may
+    // have been in the lost file, leaving an older version to read back), the newer.
+    let vote = newer_vote(
+        storage.get(ColumnFamily::RaftState, &vote_key)?,
+        storage.get(ColumnFamily::Meta, &keys::vote_copy_key(group))?,
+    );
     // The snapshot first (and durably): a crash after the batch must not find it again.
     let dir = storage.data_dir().join("snapshots");
     let snapshot = crate::shard::snapshot::snapshot_path(&dir, group);
@@ -67,6 +71,7 @@ pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Resu
     batch.delete(ColumnFamily::Meta, keys::install_marker_key(group));
     batch.delete(ColumnFamily::Meta, keys::snapshot_key(group));
     if let Some(vote) = vote {
+        batch.put(ColumnFamily::Meta, keys::vote_copy_key(group), vote.clone());
         batch.put(ColumnFamily::RaftState, vote_key, vote);
     }
     storage.write(batch, Durability::Synced)?;
@@ -83,6 +88,24 @@ pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Resu
         "replica damaged on disk: dropped it to be re-seeded from its peers (log and state)"
     );
     Ok(())
+}
+
+/// The newer of two stored votes (JSON): the higher term, then a committed one. A copy that
+/// does not decode counts as absent.
+fn newer_vote(a: Option<Vec<u8>>, b: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    let rank = |bytes: &Vec<u8>| {
+        serde_json::from_slice::<openraft::Vote<super::types::NodeId>>(bytes)
+            .ok()
+            .map(|v| (v.leader_id.term, v.committed))
+    };
+    match (a, b) {
+        (Some(a), Some(b)) => match (rank(&a), rank(&b)) {
+            (Some(ra), Some(rb)) if rb > ra => Some(b),
+            (None, Some(_)) => Some(b),
+            _ => Some(a),
+        },
+        (a, b) => a.or(b),
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +134,21 @@ mod tests {
         // So does a file too damaged to open, whose range is unknown.
         let file = LostFile { cf: None, name: "000011.sst".into(), first_key: Vec::new(), last_key: Vec::new() };
         assert_eq!(damaged_groups(&[file], 2).len(), 3);
+    }
+
+    #[test]
+    fn the_newer_of_the_two_vote_copies_is_kept() {
+        let vote = |term: u64, node: u64, committed: bool| {
+            let mut v = openraft::Vote::new(term, node);
+            v.committed = committed;
+            Some(serde_json::to_vec(&v).expect("json"))
+        };
+        assert_eq!(newer_vote(vote(3, 1, false), vote(5, 2, false)), vote(5, 2, false));
+        assert_eq!(newer_vote(vote(5, 2, false), vote(3, 1, false)), vote(5, 2, false));
+        assert_eq!(newer_vote(vote(5, 2, false), vote(5, 2, true)), vote(5, 2, true));
+        assert_eq!(newer_vote(None, vote(4, 1, false)), vote(4, 1, false));
+        assert_eq!(newer_vote(Some(b"garbage".to_vec()), vote(4, 1, false)), vote(4, 1, false));
+        assert_eq!(newer_vote(None, None), None);
     }
 
     #[test]
@@ -143,5 +181,21 @@ mod tests {
         assert!(storage.get(ColumnFamily::Meta, keys::RECOVERING_KEY).expect("get").is_some());
         assert!(storage.get(ColumnFamily::Meta, &keys::reseed_marker_key(1)).expect("get").is_some());
         assert!(storage.get(ColumnFamily::Meta, &keys::reseed_marker_key(2)).expect("get").is_none());
+    }
+
+    #[test]
+    fn a_vote_that_reads_back_older_than_its_copy_is_replaced_by_the_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), crate::storage::StorageOptions::default()).expect("open");
+        let older = serde_json::to_vec(&openraft::Vote::new(3u64, 1u64)).expect("json");
+        let newer = serde_json::to_vec(&openraft::Vote::new(5u64, 2u64)).expect("json");
+        let mut batch = WriteBatch::new();
+        batch.put(ColumnFamily::RaftState, keys::state_key(1, super::super::log_store::VOTE_TAG), older);
+        batch.put(ColumnFamily::Meta, keys::vote_copy_key(1), newer.clone());
+        storage.write(batch, Durability::Synced).expect("write");
+        drop_replica(&storage, 1, &[]).expect("drop");
+        let kept = storage.get(ColumnFamily::RaftState, &keys::state_key(1, super::super::log_store::VOTE_TAG));
+        assert_eq!(kept.expect("get"), Some(newer.clone()));
+        assert_eq!(storage.get(ColumnFamily::Meta, &keys::vote_copy_key(1)).expect("get"), Some(newer));
     }
 }

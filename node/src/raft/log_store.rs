@@ -263,6 +263,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageIoError> {
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, VOTE_TAG, vote)?;
+        // And a copy in another family, so that one lost table file cannot take the vote.
+        let copy = serde_json::to_vec(vote).map_err(write_error)?;
+        batch.put(ColumnFamily::Meta, keys::vote_copy_key(self.group), copy);
         blocking(|| self.storage.write(batch, Durability::Synced)).map_err(write_error)
     }
 

@@ -24,6 +24,7 @@
 //! | meta          | `snapshot/`, group                              | last snapshot (old format, converted to a file) |
 //! | meta          | `install/`, group                               | snapshot install in progress (meta JSON) |
 //! | meta          | `reseed/`, group                                | replica dropped as damaged, never re-bootstrapped |
+//! | meta          | `vote/`, group                                  | copy of the group's vote (JSON) |
 //! | meta          | `recovering`                                    | votes held back until caught up |
 
 use super::command::GroupId;
@@ -227,6 +228,14 @@ pub const RECOVERING_KEY: &[u8] = b"recovering";
 /// never bootstraps itself here again; its leader re-seeds it.
 pub fn reseed_marker_key(group: GroupId) -> Vec<u8> {
     let mut key = b"reseed/".to_vec();
+    key.extend_from_slice(&group.to_be_bytes());
+    key
+}
+
+/// A copy of `group`'s vote (meta family), written with it: a table file lost from the
+/// `raft_state` family cannot take the vote with it (`raft::damage`).
+pub fn vote_copy_key(group: GroupId) -> Vec<u8> {
+    let mut key = b"vote/".to_vec();
     key.extend_from_slice(&group.to_be_bytes());
     key
 }
