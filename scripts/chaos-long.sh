@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long chaos suite: every scenario against release builds, one after another (about 45
+# The long chaos suite: every scenario against release builds, one after another (about 50
 # minutes with the default durations). Reports and node logs go to $OUT (default
 # ./chaos-reports/<date>); the script exits non-zero if any scenario found an anomaly.
 #
@@ -19,7 +19,7 @@ cargo build --release --locked -p stemedb -p stemedb-chaos
 CHAOS="$CARGO_TARGET_DIR/release/stemedb-chaos"
 
 # scenario:seconds
-RUNS="smoke:240 crashes:300 partitions:300 links:300 leaders:240 membership:300 wipe:240 disk:240 corrupt:240 all:600"
+RUNS="smoke:240 crashes:300 partitions:300 links:300 leaders:240 membership:300 wipe:240 disk:240 corrupt:240 rot:240 all:600"
 failed=0
 printf '%-12s %8s %6s %10s %10s %10s %8s %s\n' scenario seconds faults writes_ok reads_ok set_acked result report > "$OUT/summary.txt"
 for run in $RUNS; do

@@ -40,6 +40,7 @@ pub enum FaultKind {
     Wipe,
     DiskFull,
     Corrupt,
+    Rot,
 }
 
 impl FaultKind {
@@ -300,6 +301,17 @@ impl<'a> Nemesis<'a> {
                 match done {
                     Ok(detail) => (detail, vec![id]),
                     Err(error) => (format!("damaging node {id} failed: {error}"), vec![id]),
+                }
+            }
+            FaultKind::Rot => {
+                let Some(id) = self.random_running() else { return none("no running node") };
+                self.set_target(id, false);
+                let ranges = self.rng.random_range(4..32usize);
+                let done = self.cluster.rot_tables(id, ranges).await;
+                self.set_target(id, true);
+                match done {
+                    Ok(detail) => (detail, vec![id]),
+                    Err(error) => (format!("rotting node {id}'s table files failed: {error}"), vec![id]),
                 }
             }
             FaultKind::Wipe => {

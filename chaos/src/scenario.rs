@@ -88,6 +88,14 @@ pub const SCENARIOS: &[Scenario] = &[
         unkeyed_clients: 0,
     },
     Scenario {
+        name: "rot",
+        description: "a stopped node's table files rotted (bytes flipped, a block run zeroed), restarted; it sets \
+                      the damaged files aside and its peers re-seed the replicas they held",
+        faults: &[Rot],
+        default_nodes: 3,
+        unkeyed_clients: 0,
+    },
+    Scenario {
         name: "all",
         description: "every fault above, mixed (for long runs)",
         faults: &[
@@ -103,6 +111,7 @@ pub const SCENARIOS: &[Scenario] = &[
             TransferLeader,
             Membership,
             Corrupt,
+            Rot,
         ],
         default_nodes: 5,
         unkeyed_clients: UNKEYED,

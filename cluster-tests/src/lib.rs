@@ -462,6 +462,17 @@ impl TestCluster {
         Ok(detail)
     }
 
+    /// Bit rot in node `id`'s table files: stops it (SIGTERM), flips `ranges` 16-byte ranges
+    /// spread over every table file and zeroes a 4 KiB run in the largest
+    /// ([`rot_table_files`]), and starts it again. Returns what it did.
+    pub async fn rot_tables(&mut self, id: u64, ranges: usize) -> anyhow::Result<String> {
+        self.terminate(id, Duration::from_secs(30)).await?;
+        let data_dir = self.node(id).data_dir.clone();
+        let (files, bytes) = tokio::task::spawn_blocking(move || rot_table_files(&data_dir, ranges)).await??;
+        self.restart(id).await?;
+        Ok(format!("rotted {files} table files of node {id} ({bytes} bytes changed)"))
+    }
+
     /// Restarts a stopped or killed node with its data dir.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         self.kill(id);
@@ -661,4 +672,39 @@ impl Drop for TestCluster {
             self.kill(id);
         }
     }
+}
+
+/// Flips `ranges` 16-byte ranges spread over every table file of a stopped node, and zeroes a
+/// 4 KiB run of blocks in the largest one. Returns (files, bytes changed).
+pub fn rot_table_files(data_dir: &std::path::Path, ranges: usize) -> anyhow::Result<(usize, usize)> {
+    let db = data_dir.join("db");
+    let mut tables: Vec<(std::path::PathBuf, u64)> = std::fs::read_dir(&db)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sst"))
+        .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
+        .collect();
+    anyhow::ensure!(!tables.is_empty(), "no table file in {}", db.display());
+    tables.sort_by_key(|(_, len)| std::cmp::Reverse(*len));
+    let mut changed = 0;
+    for i in 0..ranges {
+        let (path, _) = &tables[i % tables.len()];
+        let mut bytes = std::fs::read(path)?;
+        // Inside the data blocks: the first 80% of the file, a different place each round.
+        let span = (bytes.len() * 4 / 5).saturating_sub(16).max(1);
+        let at = (span / (ranges + 1)) * (i + 1) % span;
+        let end = (at + 16).min(bytes.len());
+        for b in &mut bytes[at..end] {
+            *b ^= 0xa5;
+            changed += 1;
+        }
+        std::fs::write(path, bytes)?;
+    }
+    let (largest, len) = &tables[0];
+    let mut bytes = std::fs::read(largest)?;
+    let at = (*len as usize / 3).min(bytes.len().saturating_sub(4096));
+    let end = (at + 4096).min(bytes.len());
+    bytes[at..end].fill(0);
+    changed += end - at;
+    std::fs::write(largest, bytes)?;
+    Ok((tables.len(), changed))
 }

@@ -1,5 +1,5 @@
 //! Adding a node to a running cluster and removing it again; a data dir refuses to start for
-//! another cluster.
+//! another cluster; a replica moved away from a node is deleted there and can come back.
 
 use std::time::{Duration, Instant};
 
@@ -159,6 +159,109 @@ async fn decommission_moves_replicas_first() -> anyhow::Result<()> {
             let (status, value) = cluster.read_value(via, &format!("decom/k{i}"), "linearizable").await?;
             assert_eq!((status, value), (200, json!(i)), "via node {via}");
         }
+    }
+    Ok(())
+}
+
+/// Asks node 1 to move `shard`'s replica from `from` to `to` and waits until the move completes.
+async fn move_replica(cluster: &TestCluster, shard: u16, from: u64, to: u64) -> anyhow::Result<()> {
+    let url = format!("{}/admin/shards/rebalance", cluster.node(1).admin());
+    let body = json!({"shard_id": shard, "target_node": to, "from_node": from, "reason": "test"});
+    let response = cluster.client.post(&url).json(&body).send().await?;
+    anyhow::ensure!(response.status().as_u16() == 202, "{}", response.text().await?);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, view) = cluster.admin_get(1, &format!("/cluster/shards/{shard}")).await?;
+        let placed: Vec<u64> = view["placement"].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
+        if view["rebalance_status"] == json!("COMPLETE") && placed.contains(&to) && !placed.contains(&from) {
+            return Ok(());
+        }
+        anyhow::ensure!(view["rebalance_status"] != json!("FAILED"), "the move failed: {view}");
+        anyhow::ensure!(Instant::now() < deadline, "the move did not complete: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What node `id`'s data dir (stopped) holds of `group`: Raft log entries, assertion records,
+/// index entries (an empty group's own bookkeeping, such as its empty digests, not counted).
+fn group_keys(cluster: &TestCluster, id: u64, group: u32) -> anyhow::Result<(usize, usize, usize)> {
+    use stemedb::shard::keys;
+    use stemedb::storage::{ColumnFamily, Storage, StorageOptions};
+    let storage = Storage::open(&cluster.node(id).data_dir, StorageOptions::default())?;
+    let (from, to) = (keys::group_prefix(group), keys::group_end(group));
+    let assertions = keys::assertions_prefix(group);
+    let counts = (
+        storage.scan(ColumnFamily::RaftLog, &from, &to, usize::MAX)?.len(),
+        storage.scan(ColumnFamily::StateMachine, &assertions, &keys::prefix_end(&assertions), usize::MAX)?.len(),
+        storage.scan(ColumnFamily::Index, &from, &to, usize::MAX)?.len(),
+    );
+    storage.close()?;
+    Ok(counts)
+}
+
+/// Issue 16 §6: a replica that a move took away from a node is deleted from it (log, state,
+/// records; `stemedb_retired_replicas_total`) once the metadata has placed it elsewhere for a
+/// while and the shard's leader confirms the node is no member; the group reopens empty, and a
+/// later move brings the replica back like any new one, with every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_moved_away_is_deleted_and_can_come_back() -> anyhow::Result<()> {
+    let env = vec![("STEMEDB_CLUSTER_AUTO_REBALANCE".to_string(), "false".to_string())];
+    let mut cluster = TestCluster::start(ClusterOptions { nodes: 4, shards: 2, env, ..Default::default() }).await?;
+    let shard = cluster.shard_of("retire/k0");
+    let paths: Vec<String> = (0..40).map(|i| format!("retire/k{i}")).filter(|p| cluster.shard_of(p) == shard).collect();
+    for (i, path) in paths.iter().enumerate() {
+        cluster.assert_value(1, path, json!(i)).await?;
+    }
+    let (_, meta) = cluster.admin_get(1, "/cluster/meta").await?;
+    let placed: Vec<u64> =
+        meta["placement"][shard.to_string()].as_array().into_iter().flatten().filter_map(|v| v.as_u64()).collect();
+    let from = *placed.last().expect("replicas");
+    let to = (1..=4).find(|n| !placed.contains(n)).expect("a node without the shard");
+
+    move_replica(&cluster, shard, from, to).await?;
+    // Deleted from `from` by itself, after the metadata placed it elsewhere for 10 s.
+    let moved_at = Instant::now();
+    let deadline = moved_at + Duration::from_secs(60);
+    while cluster.metric(from, "stemedb_retired_replicas_total").await?.unwrap_or(0.0) < 1.0 {
+        anyhow::ensure!(Instant::now() < deadline, "node {from} kept the replica of shard {shard} it no longer holds");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "replica of shard {shard} deleted from node {from} {:.1} s after the move",
+        moved_at.elapsed().as_secs_f64()
+    );
+    let (_, view) = cluster.admin_get(from, &format!("/cluster/shards/{shard}")).await?;
+    assert_eq!(view["hosted"], json!(false), "{view}");
+    // Nothing of the group is left on its disk.
+    cluster.terminate(from, Duration::from_secs(20)).await?;
+    let group = stemedb::shard::command::group_of_shard(shard);
+    let held = group_keys(&cluster, from, group)?;
+    assert_eq!(held, (0, 0, 0), "node {from} still holds (log entries, records, index entries) of group {group}");
+    cluster.restart(from).await?;
+
+    // A move brings it back like any new replica, with every write; nothing is deleted again.
+    move_replica(&cluster, shard, to, from).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, path) in paths.iter().enumerate() {
+        loop {
+            let (status, value) = cluster.read_value(from, path, "stale").await?;
+            if (status, &value) == (200, &json!(i)) {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {from} lacks {path} after the move back: {status} {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let retired_again = cluster.metric(from, "stemedb_retired_replicas_total").await?.unwrap_or(0.0);
+    assert_eq!(retired_again, 0.0, "the restarted node deleted a replica it holds again");
+    // And the node it moved away from in turn deletes its copy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.metric(to, "stemedb_retired_replicas_total").await?.unwrap_or(0.0) < 1.0 {
+        anyhow::ensure!(Instant::now() < deadline, "node {to} kept the replica of shard {shard} moved back");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! A node that dies and stays dead is replaced (issue 16 §6): past
 //! `cluster.dead_node_timeout_seconds` its replicas are re-created on the live nodes and it is
-//! decommissioned, so every shard is back at the replication factor without an operator.
+//! decommissioned, so every shard is back at the replication factor without an operator; when
+//! it comes back it is told it was removed and deletes its replicas.
 
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,39 @@ async fn a_dead_node_has_its_replicas_recreated_on_live_nodes() -> anyhow::Resul
         let (status, _) = cluster.read_value(2, path, "linearizable").await?;
         anyhow::ensure!(status == 200, "reading {path} (last written {value}): {status}");
     }
+
+    // It comes back with its old data dir: the meta group's leader tells it it was removed. It
+    // reports so on /health (503, for load balancers), serves nothing of its stale replicas
+    // (reads through it are answered by the shards' replicas), and deletes them; the cluster
+    // stays healthy.
+    cluster.restart(4).await?;
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(60);
+    loop {
+        let (status, health) = cluster.get(4, "/health").await?;
+        let retired = cluster.metric(4, "stemedb_retired_replicas_total").await?.unwrap_or(0.0);
+        if health["status"] == "removed" && retired >= hosted_by_4 as f64 {
+            assert_eq!(status, 503, "{health}");
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node 4 back: /health {status} {health}, {retired} replicas deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "node 4, back, told it was removed and deleted its {hosted_by_4} replicas in {:.1} s",
+        back.elapsed().as_secs_f64()
+    );
+    let log = std::fs::read_to_string(cluster.node(4).data_dir.with_extension("log"))?;
+    anyhow::ensure!(log.contains("this node was removed from the cluster"), "node 4 does not say it was removed");
+    let last: std::collections::BTreeMap<&String, i64> = written.iter().map(|(p, v)| (p, *v)).collect();
+    for (path, value) in last {
+        let (status, got) = cluster.read_value(4, path, "stale").await?;
+        assert_eq!((status, got), (200, json!(value)), "{path} read through the removed node");
+    }
+    cluster.wait_healthy(1, Duration::from_secs(30)).await?;
     Ok(())
 }
 

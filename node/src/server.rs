@@ -187,6 +187,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         claims_cache_bytes: (config.query.claims_cache_mb as usize) << 20,
         snapshot_install_pause_ms: config.testing.snapshot_install_pause_ms,
         digest_buckets: config.anti_entropy.buckets,
+        check_before_serving: config.anti_entropy.enabled,
     }
 }
 
@@ -293,6 +294,12 @@ impl Node {
         if config.testing.unsafe_skip_read_barrier {
             tracing::error!("testing.unsafe_skip_read_barrier is on: linearizable reads are NOT linearizable");
         }
+        if config.testing.start_up_scrub_delay_ms > 0 {
+            tracing::error!(
+                delay_ms = config.testing.start_up_scrub_delay_ms,
+                "testing.start_up_scrub_delay_ms is on: replicas stay unchecked (neither leading nor serving) that long after start"
+            );
+        }
         let addr_of = |addr: std::io::Result<SocketAddr>| addr.map_err(|e| NodeError::Serve(e.to_string()));
         let api_addr = addr_of(listeners.api.local_addr())?;
         let (admin_addr, raft_addr) = (addr_of(listeners.admin.local_addr())?, addr_of(listeners.raft.local_addr())?);
@@ -348,6 +355,7 @@ impl Node {
                 scrub_interval: Duration::from_secs(config.anti_entropy.scrub_interval_seconds),
                 buckets: config.anti_entropy.buckets,
                 reseed_buckets: config.anti_entropy.reseed_buckets,
+                start_up_scrub_delay: Duration::from_millis(config.testing.start_up_scrub_delay_ms),
             },
         );
         let context = Arc::new(NodeContext {
@@ -400,6 +408,7 @@ impl Node {
             },
             self.cluster_work.clone(),
         );
+        crate::cluster::placement::start_replica_cleanup(&shards, Duration::from_secs(2), self.cluster_work.clone());
         if config.cluster.auto_rebalance {
             crate::cluster::placement::start_leader_balancer(
                 &shards,
@@ -901,7 +910,9 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
         |c| c.shards.hibernating_count() as f64,
     );
     node_gauge(context, "stemedb_shards_led", "Shards whose Raft leader is this node", |c| {
-        let leader = |g: &&crate::raft::ShardGroup| g.raft.metrics().borrow().current_leader == Some(c.shards.node_id);
+        let leader = |g: &&std::sync::Arc<crate::raft::ShardGroup>| {
+            g.raft.metrics().borrow().current_leader == Some(c.shards.node_id)
+        };
         c.shards.groups().iter().filter(leader).count() as f64
     });
 }

@@ -186,7 +186,7 @@ fn shard_json(state: &AppState, status: &ShardStatus) -> Value {
     value["rebalance_status"] = rebalance.map_or(json!("NONE"), |r| json!(r.status));
     value["rebalance"] = json!(rebalance);
     value["placement"] = json!(meta.placement.get(&status.shard));
-    value["hosted"] = json!(state.shards.group(status.shard).is_ok_and(|g| state.shards.hosts(g)));
+    value["hosted"] = json!(state.shards.group(status.shard).is_ok_and(|g| state.shards.hosts(&g)));
     value
 }
 
@@ -213,7 +213,7 @@ async fn shard(State(state): State<AppState>, Path(id): Path<String>) -> Result<
 async fn shard_digest(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let shard = parse_shard(&state, &id)?;
     let group = state.shards.group(shard)?;
-    if !state.shards.hosts(group) {
+    if !state.shards.hosts(&group) {
         return Err(ApiError::new(
             ErrorCode::NotHosted,
             format!("node {} has no replica of shard {shard}", state.shards.node_id),

@@ -17,6 +17,7 @@ pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, A
     let status = anti_entropy.status();
     let mut shards = Vec::with_capacity(status.len());
     let (mut agreeing, mut suspect, mut repairs, mut mismatched) = (0usize, 0usize, 0u64, 0usize);
+    let mut unchecked = 0usize;
     // Every shard's replicas are asked at once: a down peer costs one timeout, not one per shard.
     let all_roots = futures::future::join_all(status.keys().map(|shard| anti_entropy.replica_roots(*shard))).await;
     for ((shard, sync), roots) in status.into_iter().zip(all_roots) {
@@ -51,10 +52,15 @@ pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, A
             })
             .collect();
         let group = state.shards.group(shard).ok();
+        // Checked since start: until then this replica neither leads nor serves.
+        let checked = group.as_ref().is_none_or(|g| g.health.checked());
+        if !checked {
+            unchecked += 1;
+        }
         shards.push(json!({
             "shard": if shard == META_SHARD { json!("meta") } else { json!(shard) },
-            "leader": group.and_then(|g| g.raft.metrics().borrow().current_leader),
-            "applied_index": group.map(|g| g.reader.applied_index()),
+            "leader": group.as_ref().and_then(|g| g.raft.metrics().borrow().current_leader),
+            "applied_index": group.as_ref().map(|g| g.reader.applied_index()),
             "agreement": agreement,
             "check_index": newest,
             "replicas": replicas,
@@ -65,6 +71,7 @@ pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, A
             "last_repair": sync.last_repair,
             "scrub": sync.scrub,
             "suspect": sync.suspect,
+            "checked": checked,
         }));
     }
     let settings = anti_entropy.settings();
@@ -79,6 +86,7 @@ pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, A
             "shards": shards.len(),
             "agreeing": agreeing,
             "suspect": suspect,
+            "unchecked": unchecked,
             "mismatched_buckets": mismatched,
             "repairs": repairs,
         },

@@ -170,11 +170,14 @@ async fn method_not_allowed() -> ApiError {
 async fn health(State(state): State<AppState>) -> Response {
     // Only the shards this node hosts: with replication_factor below the node count, the others
     // have no local leader by design and must not make a load balancer drop the node.
-    let hosted: Vec<_> = state.shards.groups().iter().filter(|g| state.shards.hosts(g)).collect();
+    let groups = state.shards.groups();
+    let hosted: Vec<_> = groups.iter().filter(|g| state.shards.hosts(g)).collect();
     let led = hosted.iter().filter(|g| g.raft.metrics().borrow().current_leader.is_some()).count();
-    let healthy = led == hosted.len();
+    // A node told it was removed from the cluster serves nothing of its own.
+    let removed = state.shards.removed_by().is_some();
+    let healthy = led == hosted.len() && !removed;
     let body = json!({
-        "status": if healthy { "ok" } else { "degraded" },
+        "status": if removed { "removed" } else if healthy { "ok" } else { "degraded" },
         "node_id": state.shards.node_id,
         "version": env!("CARGO_PKG_VERSION"),
         "shards": state.shards.shard_count(),

@@ -460,7 +460,8 @@ async fn fan_out_concepts(
     timeout: Duration,
 ) -> Result<(Vec<(u16, ConceptEntry)>, u64), ApiError> {
     let linearizable = consistency == Consistency::Linearizable;
-    let per_shard = state.shards.groups().iter().map(|group| async move {
+    let groups = state.shards.groups();
+    let per_shard = groups.iter().map(|group| async move {
         let mut cursor = after.clone();
         let mut collected = Vec::new();
         let mut staleness = 0;

@@ -9,6 +9,11 @@
 //! quorum of live replicas during a move).
 //! Every step is recorded in the meta group first, so a new meta leader resumes where the old
 //! one stopped; every step is idempotent, so resuming twice is harmless.
+//!
+//! On every node, a cleanup loop deletes the replicas that moves took away from it
+//! ([`start_replica_cleanup`]): once the metadata, read fresh, has placed a shard elsewhere for
+//! a while and the shard's leader confirms this node is no member of its group, the replica's
+//! log, state and records are deleted and its group opened again empty.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -26,6 +31,9 @@ use crate::shard::ConsensusError;
 
 /// A shard whose move failed is left alone this long before the planner tries it again.
 pub const FAILED_MOVE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How long a replica must stay moved away (see [`moved_away`]) before this node deletes it.
+pub const RETIRE_AFTER: Duration = Duration::from_secs(10);
 
 /// How the driver behaves (`[cluster]` config).
 #[derive(Debug, Clone)]
@@ -301,5 +309,136 @@ async fn run_move(
             tokio::time::sleep(Duration::from_secs(2)).await;
             Ok(())
         }
+    }
+}
+
+/// Starts, on every node, the loop that deletes the replicas moves took away from it, every
+/// `interval`; it ends with `stop` or when the shard set is dropped.
+pub fn start_replica_cleanup(shards: &Arc<ShardSet>, interval: Duration, stop: CancellationToken) {
+    let tasks = shards.tasks.clone();
+    let shards = Arc::downgrade(shards);
+    tasks.spawn(async move {
+        // Since when each shard has been seen moved away.
+        let mut seen: std::collections::HashMap<u16, std::time::Instant> = Default::default();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(shards) = shards.upgrade() else { return };
+            if let Err(error) = cleanup_round(&shards, &mut seen).await {
+                tracing::info!(error = %error, "moved-away replicas not deleted yet; trying again");
+            }
+        }
+    });
+}
+
+/// Whether this node's replica of `group` holds anything (an empty, never-initialized group
+/// needs no cleanup).
+fn holds_data(group: &crate::raft::ShardGroup) -> bool {
+    let metrics = group.raft.metrics().borrow().clone();
+    metrics.last_log_index.is_some()
+        || metrics.last_applied.is_some()
+        || metrics.membership_config.membership().nodes().next().is_some()
+}
+
+async fn cleanup_round(
+    shards: &ShardSet,
+    seen: &mut std::collections::HashMap<u16, std::time::Instant>,
+) -> Result<(), DriverError> {
+    let holding: std::collections::BTreeSet<u16> =
+        shards.groups().iter().filter(|g| holds_data(g)).map(|g| g.shard).collect();
+    // A node the meta group's leader says was removed holds no replica any more: its own
+    // metadata is stale (it left the meta group), so it cannot read that fresh.
+    let removed = shards.removed_by().is_some();
+    let candidates = if removed {
+        holding.iter().copied().filter(|s| *s != META_SHARD).collect()
+    } else {
+        moved_away(&shards.meta(), shards.node_id, &holding)
+    };
+    seen.retain(|shard, _| candidates.contains(shard));
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let candidates = if removed {
+        candidates
+    } else {
+        // Decided on fresh metadata only: a linearizable read of the meta group first.
+        shards.read_barrier(META_SHARD, Duration::from_secs(5)).await?;
+        moved_away(&shards.meta(), shards.node_id, &holding)
+    };
+    for shard in candidates {
+        let since = *seen.entry(shard).or_insert_with(std::time::Instant::now);
+        if since.elapsed() < RETIRE_AFTER {
+            continue;
+        }
+        // The shard's leader confirms this node is no member of the group (and removes it, should
+        // a failed move have left it in): idempotent, and refused without a leader.
+        let me = shards.node_id;
+        shards.admin_group(shard, GroupAdmin::RemoveNode { node: me }, Duration::from_secs(10)).await?;
+        shards.retire_replica(shard).await?;
+        seen.remove(&shard);
+    }
+    Ok(())
+}
+
+/// The data shards of which `me` holds a replica (`holding`) that the metadata places on other
+/// nodes, with no move of the shard under way; every one if the metadata no longer lists `me`
+/// (a node is removed only once it holds no replica); none before the metadata is bootstrapped.
+pub fn moved_away(meta: &MetaState, me: NodeId, holding: &std::collections::BTreeSet<u16>) -> Vec<u16> {
+    if !meta.is_bootstrapped() {
+        return Vec::new();
+    }
+    if !meta.nodes.contains_key(&me) {
+        return holding.iter().copied().filter(|s| *s != META_SHARD).collect();
+    }
+    holding
+        .iter()
+        .copied()
+        .filter(|shard| {
+            *shard != META_SHARD
+                && meta.placement.get(shard).is_some_and(|replicas| !replicas.contains(&me))
+                && !meta.move_under_way(*shard)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::MoveCause;
+
+    fn state(placement: &[(u16, &[NodeId])]) -> MetaState {
+        let mut state = MetaState::default();
+        let nodes = (1..=4).map(|id| (id, format!("127.0.0.{id}:18182"))).collect();
+        let placement = placement.iter().map(|(s, r)| (*s, r.to_vec())).collect();
+        state.apply(MetaCommand::Bootstrap { nodes, placement }, 1).expect("bootstrap");
+        state
+    }
+
+    #[test]
+    fn only_replicas_placed_elsewhere_with_no_move_under_way_are_moved_away() {
+        let mut meta = state(&[(0, &[1, 2, 3]), (1, &[2, 3, 4]), (2, &[2, 3, 4])]);
+        let holding = [0u16, 1, 2].into_iter().collect();
+        // Node 1 holds 1 and 2, which are placed on 2, 3, 4.
+        assert_eq!(moved_away(&meta, 1, &holding), vec![1, 2]);
+        // Not what it does not hold.
+        assert_eq!(moved_away(&meta, 1, &[0u16, 2].into_iter().collect()), vec![2]);
+        // A move of shard 2 under way (to node 1, say): left alone until it ends.
+        let start = MetaCommand::StartMove {
+            shard: 2,
+            from: Some(4),
+            to: Some(1),
+            cause: MoveCause::Operator,
+            reason: "operator".into(),
+            pending: false,
+        };
+        meta.apply(start, 2).expect("start move");
+        assert_eq!(moved_away(&meta, 1, &holding), vec![1]);
+        // A node the metadata no longer lists holds nothing; never the meta group.
+        let with_meta = [0u16, 1, META_SHARD].into_iter().collect();
+        assert_eq!(moved_away(&meta, 9, &with_meta), vec![0, 1]);
+        // Nothing before the metadata is bootstrapped.
+        assert!(moved_away(&MetaState::default(), 1, &holding).is_empty());
     }
 }

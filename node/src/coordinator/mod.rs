@@ -99,16 +99,16 @@ impl Coordinator for ShardSet {
         let group = self.group(shard)?;
         group.writes.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
-        let response = if !self.hosts(group) {
+        let response = if !self.hosts(&group) {
             let command = command.once();
-            match self.ask_replicas(group, &command, deadline).await {
+            match self.ask_replicas(&group, &command, deadline).await {
                 Err(error) if may_have_arrived(&error) => {
                     Err(ConsensusError::OutcomeUnknown { shard, timeout_ms: timeout.as_millis() as u64 })
                 }
                 other => other,
             }
         } else {
-            propose_hosted(self, group, command, deadline, timeout).await
+            propose_hosted(self, &group, command, deadline, timeout).await
         };
         settle(shard, response?)
     }
@@ -155,9 +155,12 @@ impl Coordinator for ShardSet {
     ) -> Result<ShardReadResult, ConsensusError> {
         let group = self.group(shard)?;
         group.queries.fetch_add(1, Ordering::Relaxed);
-        if !self.hosts(group) {
+        // A replica not checked since start (`raft::replica_health`) serves nothing from its own
+        // state: a follower that knows its leader sends the read on, like a node that does not
+        // host the shard.
+        if !self.hosts(&group) || (!group.health.checked() && knows_other_leader(self, &group)) {
             let deadline = Instant::now() + timeout;
-            return self.ask_replicas(group, &ReplicaRead { read, linearizable }, deadline).await;
+            return self.ask_replicas(&group, &ReplicaRead { read, linearizable }, deadline).await;
         }
         self.read_local(shard, read, linearizable, timeout).await
     }
@@ -170,8 +173,16 @@ impl Coordinator for ShardSet {
         timeout: Duration,
     ) -> Result<ShardReadResult, ConsensusError> {
         let group = self.group(shard)?;
-        if !self.hosts(group) {
+        if !self.hosts(&group) {
             return Err(ConsensusError::NotLeader { shard, leader: None });
+        }
+        if !group.health.checked() {
+            // Sent on to the leader; a replica that knows none (or leads) waits for its check.
+            let leader = group.raft.metrics().borrow().current_leader;
+            if let Some(leader) = leader.filter(|l| *l != self.node_id) {
+                return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
+            }
+            self.until_checked(&group, Instant::now() + timeout).await?;
         }
         if linearizable && !self.unsafe_skip_read_barrier {
             self.read_barrier(shard, timeout).await?;
@@ -189,6 +200,11 @@ impl Coordinator for ShardSet {
         };
         Ok(ShardReadResult { answer, applied_index: group.reader.applied_index(), staleness_ms })
     }
+}
+
+/// Whether `group` has a leader that is not this node.
+fn knows_other_leader(shards: &ShardSet, group: &ShardGroup) -> bool {
+    group.raft.metrics().borrow().current_leader.is_some_and(|leader| leader != shards.node_id)
 }
 
 /// [`Coordinator::propose`] for a shard this node hosts: it knows the leader from its replica.

@@ -8,6 +8,9 @@
 //! then the log) as it would a new replica; its vote guard keeps it from voting until it has
 //! applied what that leader had committed, since it forgot entries it acknowledged. The other
 //! groups of the node start and serve as usual.
+//!
+//! Deleting a replica's data whole ([`clear_replica`]) also serves a replica that a move took
+//! away from this node (`ShardSet::retire_replica`).
 
 use crate::shard::command::{group_of_shard, GroupId};
 use crate::shard::keys;
@@ -41,40 +44,7 @@ pub fn damaged_groups(lost: &[LostFile], shards: u16) -> BTreeMap<GroupId, Vec<S
 /// Drops this node's replica of `group` whole, keeping only its vote: the group opens empty
 /// and its leader re-seeds it. Runs on a blocking thread (RocksDB, file removal).
 pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Result<(), StorageError> {
-    let vote_key = keys::state_key(group, super::log_store::VOTE_TAG);
-    // The vote is kept: a voter must never vote twice in a term. Of its two copies (one may
-    // have been in the lost file, leaving an older version to read back), the newer.
-    let vote = newer_vote(
-        storage.get(ColumnFamily::RaftState, &vote_key)?,
-        storage.get(ColumnFamily::Meta, &keys::vote_copy_key(group))?,
-    );
-    // The snapshot first (and durably): a crash after the batch must not find it again.
-    let dir = storage.data_dir().join("snapshots");
-    let snapshot = crate::shard::snapshot::snapshot_path(&dir, group);
-    let fs_error = |path: &std::path::Path, error: std::io::Error| StorageError::DataDir {
-        path: path.to_path_buf(),
-        message: format!("removing a damaged replica's snapshot: {error}"),
-    };
-    match std::fs::remove_file(&snapshot) {
-        Ok(()) => std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| fs_error(&dir, e))?,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(fs_error(&snapshot, error)),
-    }
-    let mut batch = WriteBatch::new();
-    // In the same synced batch as the drop: a crash right after it must still find the node
-    // holding its votes back and the group never bootstrapping itself again.
-    batch.put(ColumnFamily::Meta, keys::RECOVERING_KEY.to_vec(), b"1".to_vec());
-    batch.put(ColumnFamily::Meta, keys::reseed_marker_key(group), b"1".to_vec());
-    for cf in GROUP_FAMILIES {
-        batch.delete_range(cf, keys::group_prefix(group), keys::group_end(group));
-    }
-    batch.delete(ColumnFamily::Meta, keys::install_marker_key(group));
-    batch.delete(ColumnFamily::Meta, keys::snapshot_key(group));
-    if let Some(vote) = vote {
-        batch.put(ColumnFamily::Meta, keys::vote_copy_key(group), vote.clone());
-        batch.put(ColumnFamily::RaftState, vote_key, vote);
-    }
-    storage.write(batch, Durability::Synced)?;
+    clear_replica(storage, group, true)?;
     let shard = crate::shard::command::shard_of_group(group)
         .map(|s| if s == crate::meta::META_SHARD { "meta".to_string() } else { s.to_string() })
         .unwrap_or_else(|| group.to_string());
@@ -88,6 +58,50 @@ pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Resu
         "replica damaged on disk: dropped it to be re-seeded from its peers (log and state)"
     );
     Ok(())
+}
+
+/// Deletes everything of this node's replica of `group` but its vote (a voter must never vote
+/// twice in a term): Raft log and hard state, state machine, indexes, snapshot. The group never
+/// bootstraps itself again at a later start (a marker says so). With `forgot_acknowledged`
+/// (a damaged replica that was a voter), the node also holds its votes back at its next start
+/// until it has caught up. Its Raft must not run. Runs on a blocking thread.
+pub fn clear_replica(storage: &Storage, group: GroupId, forgot_acknowledged: bool) -> Result<(), StorageError> {
+    let vote_key = keys::state_key(group, super::log_store::VOTE_TAG);
+    // The vote is kept: a voter must never vote twice in a term. Of its two copies (one may
+    // have been in the lost file, leaving an older version to read back), the newer.
+    let vote = newer_vote(
+        storage.get(ColumnFamily::RaftState, &vote_key)?,
+        storage.get(ColumnFamily::Meta, &keys::vote_copy_key(group))?,
+    );
+    // The snapshot first (and durably): a crash after the batch must not find it again.
+    let dir = storage.data_dir().join("snapshots");
+    let snapshot = crate::shard::snapshot::snapshot_path(&dir, group);
+    let fs_error = |path: &std::path::Path, error: std::io::Error| StorageError::DataDir {
+        path: path.to_path_buf(),
+        message: format!("removing a dropped replica's snapshot: {error}"),
+    };
+    match std::fs::remove_file(&snapshot) {
+        Ok(()) => std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| fs_error(&dir, e))?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(fs_error(&snapshot, error)),
+    }
+    let mut batch = WriteBatch::new();
+    // In the same synced batch as the drop: a crash right after it must still find the node
+    // holding its votes back and the group never bootstrapping itself again.
+    if forgot_acknowledged {
+        batch.put(ColumnFamily::Meta, keys::RECOVERING_KEY.to_vec(), b"1".to_vec());
+    }
+    batch.put(ColumnFamily::Meta, keys::reseed_marker_key(group), b"1".to_vec());
+    for cf in GROUP_FAMILIES {
+        batch.delete_range(cf, keys::group_prefix(group), keys::group_end(group));
+    }
+    batch.delete(ColumnFamily::Meta, keys::install_marker_key(group));
+    batch.delete(ColumnFamily::Meta, keys::snapshot_key(group));
+    if let Some(vote) = vote {
+        batch.put(ColumnFamily::Meta, keys::vote_copy_key(group), vote.clone());
+        batch.put(ColumnFamily::RaftState, vote_key, vote);
+    }
+    storage.write(batch, Durability::Synced)
 }
 
 /// The newer of two stored votes (JSON): the higher term, then a committed one. A copy that

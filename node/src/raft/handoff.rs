@@ -90,11 +90,6 @@ impl ShardSet {
         self.handoff.leaving.load(Ordering::Acquire)
     }
 
-    /// The data groups and the meta group.
-    fn every_group(&self) -> impl Iterator<Item = &ShardGroup> {
-        self.groups().iter().chain(self.group(META_SHARD).ok())
-    }
-
     /// Waits while a hand-over of `group` is under way (its gate is closed), up to `deadline`.
     /// The guard keeps the gate open until the proposal or read index that holds it is done.
     /// Afterwards a node that no longer leads answers `not_leader` naming the new leader, which
@@ -181,11 +176,17 @@ impl ShardSet {
         // A group of one voter has nobody to hand over to (a single node): it just stops.
         let has_other_voter =
             |g: &ShardGroup| g.raft.metrics().borrow().membership_config.membership().voter_ids().count() > 1;
-        let led: Vec<&ShardGroup> = self.every_group().filter(|g| self.leads(g.shard) && has_other_voter(g)).collect();
+        let led: Vec<Arc<ShardGroup>> =
+            self.all_groups().filter(|g| self.leads(g.shard) && has_other_voter(g)).collect();
         // Spread the leaderships over the other nodes, most caught-up first.
         let mut tally = self.leaders_tally();
-        let plans: Vec<(&ShardGroup, Vec<NodeId>)> =
-            led.into_iter().map(|g| (g, self.handover_order(g, &mut tally))).collect();
+        let plans: Vec<(Arc<ShardGroup>, Vec<NodeId>)> = led
+            .into_iter()
+            .map(|g| {
+                let order = self.handover_order(&g, &mut tally);
+                (g, order)
+            })
+            .collect();
         let outcomes = futures::future::join_all(plans.iter().map(|(group, targets)| async move {
             let started = Instant::now();
             let outcome = tokio::time::timeout(bound, self.hand_over(group, targets)).await;
@@ -236,7 +237,7 @@ impl ShardSet {
     /// How many groups each node leads, as this node sees it.
     fn leaders_tally(&self) -> BTreeMap<NodeId, usize> {
         let mut tally = BTreeMap::new();
-        for group in self.every_group() {
+        for group in self.all_groups() {
             if let Some(leader) = group.raft.metrics().borrow().current_leader {
                 *tally.entry(leader).or_default() += 1;
             }
@@ -303,7 +304,7 @@ impl ShardSet {
     /// Starts, for every group, a task that notes when this node starts leading it in a new
     /// term ([`ShardSet::hand_over`] must know whether its own lease has run out).
     pub fn start_leadership_clocks(self: &Arc<Self>) {
-        for group in self.every_group() {
+        for group in self.all_groups() {
             let mut watch = group.raft.server_metrics();
             let (shards, shard) = (Arc::downgrade(self), group.shard);
             self.tasks.spawn_until_stopped(async move {

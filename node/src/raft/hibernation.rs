@@ -101,7 +101,7 @@ impl ShardSet {
             }
             let paused = hibernating.contains(&super::types::group_of_shard(group.shard));
             if group.elections_paused.swap(paused, Ordering::AcqRel) != paused {
-                group.raft.runtime_config().elect(!paused);
+                group.update_elections();
             }
         }
     }
@@ -125,7 +125,7 @@ impl ShardSet {
                         .current_leader
                         .is_some_and(|leader| self.liveness.heard_within(leader, election_timeout));
                     if !leader_alive && group.elections_paused.swap(false, Ordering::AcqRel) {
-                        group.raft.runtime_config().elect(true);
+                        group.update_elections();
                         tracing::info!(shard = group.shard, "leader went quiet; elections resumed");
                     }
                 }
@@ -174,8 +174,18 @@ impl ShardSet {
             let Ok(mut client) = self.peers().client(&addr) else { continue };
             let mut request = tonic::Request::new(message.clone());
             request.set_timeout(election_timeout / 2);
+            let removed_by = self.removed_by.clone();
             let send = self.tasks.spawn(async move {
-                let _ = client.node_heartbeat(request).await;
+                if let Ok(ack) = client.node_heartbeat(request).await {
+                    if ack.into_inner().removed && removed_by.swap(id, Ordering::AcqRel) == 0 {
+                        tracing::error!(
+                            told_by = id,
+                            "this node was removed from the cluster (the meta group's leader no longer lists it): \
+                             its replicas moved to other nodes and are deleted here; it serves nothing. To bring it \
+                             back, start it with an empty data dir and --join"
+                        );
+                    }
+                }
             });
             in_flight.insert(id, send);
         }

@@ -54,7 +54,8 @@ pub static LEADER_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
-/// Snapshots of shard state machines: `built`, `installed`, `build_failed`, `install_failed`.
+/// Snapshots of shard state machines: `built`, `installed`, `build_failed`, `install_failed`,
+/// and `held` (a send refused because this replica is unchecked since start or being repaired).
 pub static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_raft_snapshots_total", "Shard snapshots this node built or installed, by event"),
@@ -106,6 +107,14 @@ pub static DAMAGED_REPLICAS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static RETIRED_REPLICAS: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_retired_replicas_total",
+        "Replicas this node deleted (log, state, records) because a move took them to other nodes",
+    )
+    .expect("valid metric")
+});
+
 /// Every Raft collector, for registration. The known label values start at 0, so dashboards
 /// show 0 rather than no data and `increase()` sees the first event after a start.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
@@ -118,7 +127,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     for barrier in ["quorum", "sole_voter"] {
         READ_BARRIERS.with_label_values(&[barrier]);
     }
-    for event in ["built", "build_failed", "installed", "install_failed"] {
+    for event in ["built", "build_failed", "installed", "install_failed", "held"] {
         SNAPSHOTS.with_label_values(&[event]);
     }
     for kind in FORWARD_KINDS {
@@ -128,6 +137,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     }
     vec![
         Box::new(DAMAGED_REPLICAS.clone()),
+        Box::new(RETIRED_REPLICAS.clone()),
         Box::new(FORWARD_RETRIES.clone()),
         Box::new(PROMPT_CAMPAIGNS.clone()),
         Box::new(SNAPSHOTS.clone()),

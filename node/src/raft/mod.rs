@@ -3,8 +3,9 @@
 //! `shard` and `meta`), the transport (`network`, its messages' protobuf form in `wire`, and the
 //! requests one node sends another about a shard in `forward`), the set of local groups
 //! (`shards`: routing, membership, local proposals, read barriers shared via `read_barrier`),
-//! hibernation, takeover and leader hand-over, and dropping at start the replicas whose table files
-//! were damaged (`damage`). It does not know about HTTP, and never calls
+//! hibernation, takeover and leader hand-over, dropping at start the replicas whose table files
+//! were damaged (`damage`), and what anti-entropy established about each replica since start
+//! (`replica_health`: checked, suspect). It does not know about HTTP, and never calls
 //! `coordinator`.
 
 pub mod damage;
@@ -15,6 +16,7 @@ pub mod log_store;
 pub mod metrics;
 pub mod network;
 pub mod read_barrier;
+pub mod replica_health;
 pub mod shards;
 pub mod state_machine;
 pub mod takeover;

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use super::metrics as raft_metrics;
+use super::replica_health::ReplicaHealth;
 use super::types::{GroupId, NodeId, TypeConfig};
 use super::wire::replication as wire;
 use super::wire::WireError;
@@ -114,11 +115,13 @@ impl PeerChannels {
 pub struct GrpcNetwork {
     peers: Arc<PeerChannels>,
     group: GroupId,
+    /// The local replica's health: an unchecked or suspect replica sends no snapshot.
+    health: Arc<ReplicaHealth>,
 }
 
 impl GrpcNetwork {
-    pub fn new(peers: Arc<PeerChannels>, group: GroupId) -> GrpcNetwork {
-        GrpcNetwork { peers, group }
+    pub fn new(peers: Arc<PeerChannels>, group: GroupId, health: Arc<ReplicaHealth>) -> GrpcNetwork {
+        GrpcNetwork { peers, group, health }
     }
 }
 
@@ -127,6 +130,14 @@ pub struct GrpcConnection {
     batcher: Result<PeerBatcher, InvalidPeerAddress>,
     group: GroupId,
     target: NodeId,
+    health: Arc<ReplicaHealth>,
+}
+
+/// Why a snapshot was not sent: this replica is unchecked since start or being repaired.
+#[derive(Debug, thiserror::Error)]
+#[error("group {group}: this replica is not checked since start or is being repaired; it sends no snapshot")]
+struct SnapshotsHeld {
+    group: GroupId,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
@@ -138,6 +149,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             batcher: self.peers.batcher(&node.addr),
             group: self.group,
             target,
+            health: self.health.clone(),
         }
     }
 }
@@ -383,6 +395,11 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RaftRpcError<InstallSnapshotError>> {
+        // Never a snapshot of data that may be damaged; openraft tries again after a while.
+        if !self.health.sends_snapshots() {
+            raft_metrics::SNAPSHOTS.with_label_values(&["held"]).inc();
+            return Err(RPCError::Unreachable(Unreachable::new(&SnapshotsHeld { group: self.group })));
+        }
         let mut client = self.client().map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?.clone();
         let mut request = tonic::Request::new(wire::snapshot_to_proto(self.group, rpc));
         request.set_timeout(option.hard_ttl());

@@ -21,6 +21,7 @@ use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
 use super::read_barrier::ReadBarrierGroup;
+use super::replica_health::ReplicaHealth;
 use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::error::ErrorCode;
@@ -114,6 +115,9 @@ pub struct RaftSettings {
     pub snapshot_install_pause_ms: u64,
     /// `anti_entropy.buckets`: digest buckets per replica.
     pub digest_buckets: usize,
+    /// `anti_entropy.enabled`: the replicas this node hosts start unchecked (they neither
+    /// campaign nor serve until their start-up scrub ends, `raft::replica_health`).
+    pub check_before_serving: bool,
 }
 
 /// openraft 0.9's election timer, as (`election_timeout_min`, `election_timeout_max`), for the
@@ -153,6 +157,7 @@ impl Default for RaftSettings {
             claims_cache_bytes: 64 << 20,
             snapshot_install_pause_ms: 0,
             digest_buckets: crate::shard::digest::DEFAULT_BUCKETS,
+            check_before_serving: false,
         }
     }
 }
@@ -181,6 +186,8 @@ pub struct ShardGroup {
     pub(crate) last_append_ms: AtomicU64,
     /// The term in which this node last campaigned on its own (`raft::takeover`).
     pub(crate) campaigned_term: AtomicU64,
+    /// Checked since start, suspect (`raft::replica_health`); shared with the transport.
+    pub health: Arc<ReplicaHealth>,
 }
 
 impl ShardGroup {
@@ -194,6 +201,7 @@ impl ShardGroup {
         peers: Arc<PeerChannels>,
         state_machine: ShardStateMachine,
         voters: Option<BTreeMap<NodeId, String>>,
+        checked: bool,
         tasks: &crate::tasks::NodeTasks,
     ) -> Result<ShardGroup, ConsensusError> {
         let group = group_of_shard(shard);
@@ -201,8 +209,11 @@ impl ShardGroup {
         let log_store = LogStore::new(storage.clone(), group);
         let log = log_store.clone();
         let reader = ShardReader::new(storage.clone(), shard, group, state_machine.progress());
-        let network = GrpcNetwork::new(peers, group);
+        let health = Arc::new(ReplicaHealth::new(checked));
+        let network = GrpcNetwork::new(peers, group, health.clone());
         let raft = Raft::new(node_id, config, network, log_store, state_machine).await.map_err(|e| startup(&e))?;
+        // An unchecked replica does not campaign (its data may be damaged).
+        raft.runtime_config().elect(checked);
         let initialized = raft.is_initialized().await.map_err(|e| startup(&e))?;
         if let (false, Some(voters)) = (initialized, voters) {
             let count = voters.len();
@@ -239,6 +250,7 @@ impl ShardGroup {
             vote_guard: AtomicU64::new(0),
             last_append_ms: AtomicU64::new(super::takeover::monotonic_ms()),
             campaigned_term: AtomicU64::new(0),
+            health,
             rate_sample: Mutex::new(RateSample {
                 at: Instant::now(),
                 writes: 0,
@@ -247,6 +259,15 @@ impl ShardGroup {
                 query_rate: 0.0,
             }),
         })
+    }
+}
+
+impl ShardGroup {
+    /// Turns openraft's election timer on or off: off while elections are paused (the leader
+    /// hibernates the group, `raft::hibernation`) or the replica is unchecked.
+    pub(crate) fn update_elections(&self) {
+        let on = !self.elections_paused.load(Ordering::Acquire) && self.health.checked();
+        self.raft.runtime_config().elect(on);
     }
 }
 
@@ -324,9 +345,12 @@ pub struct ShardSet {
     /// `query.claims_cache_mb` in bytes, shared by the shards this node hosts.
     claims_cache_bytes: usize,
     shards: u16,
-    groups: Vec<ShardGroup>,
+    /// One slot per data shard. A slot's group is replaced when this node's replica is deleted
+    /// after a move took it away ([`ShardSet::retire_replica`]); callers hold an `Arc` of the
+    /// group they work on, so a replaced one lives until they are done with it.
+    groups: Vec<Mutex<Arc<ShardGroup>>>,
     /// The meta group (group 0): cluster nodes, shard placement, rebalances.
-    meta: ShardGroup,
+    meta: Arc<ShardGroup>,
     meta_state: tokio::sync::watch::Receiver<Arc<MetaState>>,
     /// Authority grants and circuit breakers, applied by the meta group.
     policy: Policy,
@@ -338,6 +362,13 @@ pub struct ShardSet {
     /// Shards (and [`META_SHARD`]) whose replica here was dropped at start because a damaged
     /// table file held their keys (`raft::damage`); their leaders re-seed them.
     pub damaged_at_start: Vec<u16>,
+    /// The node (the meta group's leader) that said this node was removed from the cluster,
+    /// answering its node heartbeat; 0: none did ([`ShardSet::removed_by`]).
+    pub(crate) removed_by: Arc<AtomicU64>,
+    /// What a group needs to be opened again ([`ShardSet::retire_replica`]).
+    raft_config: Arc<openraft::Config>,
+    settings: RaftSettings,
+    storage: Arc<Storage>,
 }
 
 impl ShardSet {
@@ -403,7 +434,7 @@ impl ShardSet {
                 damaged.contains_key(&group_of_shard(shard)) || reseed_marked(&storage, group_of_shard(shard))?;
             let voters = (replicas.first() == Some(&node_id) && !reseeding)
                 .then(|| replicas.iter().filter_map(|id| members.get(id).map(|addr| (*id, addr.clone()))).collect());
-            groups.push(
+            groups.push(Mutex::new(Arc::new(
                 ShardGroup::start(
                     storage.clone(),
                     node_id,
@@ -412,10 +443,11 @@ impl ShardSet {
                     peers.clone(),
                     state_machine,
                     voters,
+                    !settings.check_before_serving,
                     &tasks,
                 )
                 .await?,
-            );
+            )));
         }
         // The meta group has every founding member as a voter; the lowest id creates it.
         let (meta_publish, meta_state) = tokio::sync::watch::channel(Arc::new(MetaState::default()));
@@ -425,17 +457,20 @@ impl ShardSet {
         .map_err(|e| ConsensusError::Startup(format!("meta group: {e}")))?;
         let meta_reseeding = damaged.contains_key(&0) || reseed_marked(&storage, 0)?;
         let meta_voters = (members.keys().next() == Some(&node_id) && !meta_reseeding).then(|| members.clone());
-        let meta = ShardGroup::start(
-            storage.clone(),
-            node_id,
-            META_SHARD,
-            config,
-            peers.clone(),
-            meta_machine,
-            meta_voters,
-            &tasks,
-        )
-        .await?;
+        let meta = Arc::new(
+            ShardGroup::start(
+                storage.clone(),
+                node_id,
+                META_SHARD,
+                config.clone(),
+                peers.clone(),
+                meta_machine,
+                meta_voters,
+                !settings.check_before_serving,
+                &tasks,
+            )
+            .await?,
+        );
         Ok(ShardSet {
             node_id,
             // openraft's lease: how long a voter that heard the leader refuses other candidates.
@@ -458,12 +493,16 @@ impl ShardSet {
             tasks,
             handoff: super::handoff::Handoff::new(shards),
             damaged_at_start: damaged.keys().filter_map(|g| crate::shard::command::shard_of_group(*g)).collect(),
+            removed_by: Arc::new(AtomicU64::new(0)),
+            raft_config: config,
+            settings: settings.clone(),
+            storage,
         })
     }
 
     /// Waits until every shard has a leader, up to `timeout`.
     pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), ConsensusError> {
-        for group in self.groups.iter().chain(std::iter::once(&self.meta)) {
+        for group in self.all_groups() {
             group
                 .raft
                 .wait(Some(timeout))
@@ -483,11 +522,11 @@ impl ShardSet {
     }
 
     /// A data shard's group, or the meta group for [`META_SHARD`].
-    pub fn group(&self, shard: u16) -> Result<&ShardGroup, ConsensusError> {
+    pub fn group(&self, shard: u16) -> Result<Arc<ShardGroup>, ConsensusError> {
         if shard == META_SHARD {
-            return Ok(&self.meta);
+            return Ok(self.meta.clone());
         }
-        self.groups.get(shard as usize).ok_or(ConsensusError::UnknownShard { shard })
+        self.groups.get(shard as usize).map(|slot| slot.lock().clone()).ok_or(ConsensusError::UnknownShard { shard })
     }
 
     /// Arms the vote guard of every group: called when a node starts on an empty data dir to
@@ -496,10 +535,42 @@ impl ShardSet {
     /// with an empty log could elect a leader that lacks committed entries. So it refuses votes
     /// until it has applied what a leader reported committed when it first heard from one.
     pub fn arm_vote_guards(&self) {
-        for group in self.groups.iter().chain(std::iter::once(&self.meta)) {
+        for group in self.all_groups() {
             group.vote_guard.store(u64::MAX, Ordering::Release);
         }
         tracing::warn!("this node forgot entries it acknowledged (an empty data dir, or replicas dropped as damaged): votes held back until caught up");
+    }
+
+    /// Records that this node's replica of `shard` ended its start-up check
+    /// (`raft::replica_health`): it may campaign and serve from now on.
+    pub fn mark_checked(&self, shard: u16) {
+        if let Ok(group) = self.group(shard) {
+            if group.health.mark_checked() {
+                group.update_elections();
+                tracing::info!(shard, "replica checked since start; it may lead and serve");
+            }
+        }
+    }
+
+    /// Whether this node's replica of `shard` ended its start-up check.
+    pub fn checked(&self, shard: u16) -> bool {
+        self.group(shard).is_ok_and(|g| g.health.checked())
+    }
+
+    /// Marks this node's replica of `shard` suspect (being repaired) or not: a suspect replica
+    /// sends no snapshot.
+    pub fn set_suspect(&self, shard: u16, suspect: bool) {
+        if let Ok(group) = self.group(shard) {
+            group.health.set_suspect(suspect);
+        }
+    }
+
+    /// Waits until `group`'s replica is checked (`raft::replica_health`), up to `deadline`.
+    pub(crate) async fn until_checked(&self, group: &ShardGroup, deadline: Instant) -> Result<(), ConsensusError> {
+        if group.health.checked() || group.health.until_checked(deadline).await {
+            return Ok(());
+        }
+        Err(ConsensusError::CatchingUp { shard: group.shard })
     }
 
     /// Whether any group still holds back its votes after an empty-data-dir join.
@@ -550,11 +621,9 @@ impl ShardSet {
     /// The first fatal error among the groups (a Raft that stopped on a storage failure or a
     /// panic, not a normal shutdown).
     pub fn fatal_error(&self) -> Option<String> {
-        self.groups.iter().chain(std::iter::once(&self.meta)).find_map(|group| {
-            match &group.raft.metrics().borrow().running_state {
-                Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
-                Err(error) => Some(format!("group {}: {error}", group_of_shard(group.shard))),
-            }
+        self.all_groups().find_map(|group| match &group.raft.metrics().borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(error) => Some(format!("group {}: {error}", group_of_shard(group.shard))),
         })
     }
 
@@ -583,13 +652,14 @@ impl ShardSet {
         &self.policy
     }
 
-    pub fn groups(&self) -> &[ShardGroup] {
-        &self.groups
+    /// The data shards' groups, in shard order.
+    pub fn groups(&self) -> Vec<Arc<ShardGroup>> {
+        self.groups.iter().map(|slot| slot.lock().clone()).collect()
     }
 
     /// The shard groups and the meta group.
-    pub fn all_groups(&self) -> impl Iterator<Item = &ShardGroup> {
-        self.groups.iter().chain(std::iter::once(&self.meta))
+    pub fn all_groups(&self) -> impl Iterator<Item = Arc<ShardGroup>> {
+        self.groups().into_iter().chain(std::iter::once(self.meta.clone()))
     }
 
     /// Waits (until `deadline`) for `shard` to have a leader and returns it.
@@ -617,7 +687,7 @@ impl ShardSet {
     pub fn voters(&self, shard: u16) -> Result<Vec<(NodeId, String)>, ConsensusError> {
         let group = self.group(shard)?;
         let membership = group.raft.metrics().borrow().membership_config.membership().clone();
-        Ok(membership.voter_ids().filter_map(|id| self.addr_of(group, id).map(|addr| (id, addr))).collect())
+        Ok(membership.voter_ids().filter_map(|id| self.addr_of(&group, id).map(|addr| (id, addr))).collect())
     }
 
     /// The transport's channel to the node at `addr` (for services beside Raft on 18182).
@@ -705,13 +775,15 @@ impl ShardSet {
         let started = Instant::now();
         let deadline = started + timeout;
         // Waits while this node hands the group over (then it answers `not_leader`, below).
-        let _gate = self.admit(group, deadline).await?;
-        let leader = self.wait_for_leader(group, deadline).await?;
-        self.wake(group);
+        let _gate = self.admit(&group, deadline).await?;
+        let leader = self.wait_for_leader(&group, deadline).await?;
+        self.wake(&group);
         if leader != self.node_id {
             raft_metrics::PROPOSALS.with_label_values(&["not_leader"]).inc();
             return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
         }
+        // A leader restored at start applies nothing new before its replica is checked.
+        self.until_checked(&group, deadline).await?;
         // DESIGN §2: the leader decides quarantine before proposing and records it in the entry.
         // Screening that reads the shard's claims from RocksDB runs on the storage read pool;
         // without the protected-claim rule it reads nothing and runs here (a hop to the pool
@@ -768,7 +840,7 @@ impl ShardSet {
     /// index); a follower asks the leader for that index and waits until it has applied it.
     pub async fn read_barrier(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
-        if self.leads_alone(group) {
+        if self.leads_alone(&group) {
             raft_metrics::SOLE_VOTER_READS.inc();
             return Ok(());
         }
@@ -792,7 +864,8 @@ impl ShardSet {
     /// others get none (their reads are served elsewhere). Hosting changes with joins, moves
     /// and decommissions, so the node calls this periodically ([`start_claims_cache_sharing`]).
     pub fn share_claims_cache(&self) {
-        let data_groups = || self.groups.iter().filter(|g| g.shard != META_SHARD);
+        let groups = self.groups();
+        let data_groups = || groups.iter().filter(|g| g.shard != META_SHARD);
         let hosted: Vec<bool> = data_groups().map(|g| self.hosts(g)).collect();
         let share = self.claims_cache_bytes / hosted.iter().filter(|h| **h).count().max(1);
         for (group, hosted) in data_groups().zip(hosted) {
@@ -802,13 +875,14 @@ impl ShardSet {
 
     /// The claims cache budgets of this node's shards, together.
     pub fn claims_cache_budget(&self) -> usize {
-        let hosted = self.groups.iter().filter(|g| g.shard != META_SHARD && self.hosts(g));
+        let groups = self.groups();
+        let hosted = groups.iter().filter(|g| g.shard != META_SHARD && self.hosts(g));
         hosted.map(|g| g.reader.claims_cache().budget()).sum()
     }
 
     /// Estimated bytes held by this node's claims caches, and the reads they hold.
     pub fn claims_cache_usage(&self) -> (usize, usize) {
-        self.groups.iter().map(|g| g.reader.claims_cache().usage()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        self.groups().iter().map(|g| g.reader.claims_cache().usage()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// Whether a linearizable read of `group` may skip the barrier: see [`may_read_alone`].
@@ -822,7 +896,7 @@ impl ShardSet {
         let group = self.group(shard)?;
         let deadline = Instant::now() + timeout;
         let read_index = loop {
-            let leader = self.wait_for_leader(group, deadline).await?;
+            let leader = self.wait_for_leader(&group, deadline).await?;
             let attempt_deadline = deadline.min(Instant::now() + self.forward_attempt_timeout);
             // Bounded like every other step: a leader cut off from its followers must answer
             // within the request's time, not whenever its heartbeats give up. A read index
@@ -832,14 +906,14 @@ impl ShardSet {
                 if leader == self.node_id {
                     self.local_read_index(shard).await
                 } else {
-                    self.ask_leader(group, leader, &ReadIndex, attempt_deadline).await
+                    self.ask_leader(&group, leader, &ReadIndex, attempt_deadline).await
                 }
             };
             let outcome = tokio::select! {
                 outcome = tokio::time::timeout(attempt_deadline.saturating_duration_since(Instant::now()), attempt) => {
                     outcome.ok()
                 }
-                _ = self.await_leader_change(group, leader, attempt_deadline) => None,
+                _ = self.await_leader_change(&group, leader, attempt_deadline) => None,
             };
             match outcome {
                 Some(Ok(index)) => break index,
@@ -847,7 +921,7 @@ impl ShardSet {
                 Some(Err(ConsensusError::NotLeader { .. } | ConsensusError::LeaderUnreachable { .. }))
                     if Instant::now() < deadline =>
                 {
-                    self.await_leader_change(group, leader, deadline.min(Instant::now() + RETRY_PAUSE)).await
+                    self.await_leader_change(&group, leader, deadline.min(Instant::now() + RETRY_PAUSE)).await
                 }
                 // A definite answer (no quorum behind the leader, ...) is the reader's at once.
                 Some(Err(error)) => return Err(error),
@@ -881,8 +955,8 @@ impl ShardSet {
     pub async fn local_read_index(&self, shard: u16) -> Result<u64, ConsensusError> {
         let group = self.group(shard)?;
         // Waits while this node hands the group over (then openraft answers `not_leader`).
-        let _gate = self.admit(group, Instant::now() + self.leader_lease * 2).await?;
-        self.wake(group);
+        let _gate = self.admit(&group, Instant::now() + self.leader_lease * 2).await?;
+        self.wake(&group);
         match group.raft.get_read_log_id().await {
             Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => match forward.leader_id {
@@ -911,7 +985,7 @@ impl ShardSet {
                     continue;
                 }
                 let matched_index = matched.map(|l| l.index);
-                let lag_seconds = self.unmatched_age(group, matched_index.unwrap_or(0), last);
+                let lag_seconds = self.unmatched_age(&group, matched_index.unwrap_or(0), last);
                 replication.push(FollowerProgress { node: *node, matched_index, lag_seconds });
             }
         }
@@ -930,7 +1004,7 @@ impl ShardSet {
 
     /// (shard, follower, lag seconds) for every shard this node leads.
     pub fn follower_lags(&self) -> Vec<(u16, NodeId, f64)> {
-        self.groups
+        self.groups()
             .iter()
             .filter_map(|g| self.status(g.shard).ok())
             .flat_map(|status| status.replication.into_iter().map(move |f| (status.shard, f.node, f.lag_seconds)))
@@ -989,10 +1063,10 @@ impl ShardSet {
     async fn admin_group_once(&self, shard: u16, change: GroupAdmin, deadline: Instant) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         let timeout = deadline.saturating_duration_since(Instant::now());
-        if !self.hosts(group) {
-            return self.ask_replicas(group, &change, deadline).await;
+        if !self.hosts(&group) {
+            return self.ask_replicas(&group, &change, deadline).await;
         }
-        let leader = self.wait_for_leader(group, deadline).await?;
+        let leader = self.wait_for_leader(&group, deadline).await?;
         if leader == self.node_id {
             let remaining = deadline.saturating_duration_since(Instant::now());
             return match tokio::time::timeout(remaining, self.admin_group_local(shard, change)).await {
@@ -1000,7 +1074,7 @@ impl ShardSet {
                 Err(_) => Err(ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 }),
             };
         }
-        self.ask_leader(group, leader, &change, deadline).await
+        self.ask_leader(&group, leader, &change, deadline).await
     }
 
     /// Runs a membership change on this node, which must lead `shard`.
@@ -1017,10 +1091,10 @@ impl ShardSet {
             return Err(ConsensusError::NotLeader { shard, leader });
         }
         // A membership change is activity: a hibernating group resumes its heartbeats.
-        self.wake(group);
+        self.wake(&group);
         let failed = |e: &dyn std::fmt::Display| ConsensusError::MembershipChange { shard, message: e.to_string() };
         match change {
-            GroupAdmin::TransferLeader { target } => return self.hand_over(group, &[target]).await.map(|_| ()),
+            GroupAdmin::TransferLeader { target } => return self.hand_over(&group, &[target]).await.map(|_| ()),
             GroupAdmin::AddVoter { node, addr } => {
                 if voters.contains(&node) {
                     return Ok(());
@@ -1032,7 +1106,7 @@ impl ShardSet {
                 // A leader that removed itself would leave the shard leaderless for an election
                 // timeout. It hands leadership to the most caught-up other voter instead; the
                 // caller retries the removal there.
-                let target = self.hand_over(group, &[]).await?;
+                let target = self.hand_over(&group, &[]).await?;
                 return Err(ConsensusError::NotLeader { shard, leader: Some(target) });
             }
             GroupAdmin::RemoveNode { node } => {
@@ -1061,6 +1135,10 @@ impl ShardSet {
     /// its own view of the membership is not enough; a replica still being added is not served
     /// from until its move completes.
     pub fn hosts(&self, group: &ShardGroup) -> bool {
+        // A node removed from the cluster hosts no data shard, whatever its stale metadata says.
+        if group.shard != META_SHARD && self.removed_by().is_some() {
+            return false;
+        }
         let member = group.raft.metrics().borrow().membership_config.membership().get_node(&self.node_id).is_some();
         if !member || group.shard == META_SHARD {
             return member;
@@ -1099,7 +1177,7 @@ impl ShardSet {
         for (id, record) in &self.meta().nodes {
             nodes.insert(*id, record.raft_addr.clone());
         }
-        for group in &self.groups {
+        for group in self.groups() {
             for (id, node) in group.raft.metrics().borrow().membership_config.membership().nodes() {
                 nodes.entry(*id).or_insert_with(|| node.addr.clone());
             }
@@ -1157,7 +1235,7 @@ impl ShardSet {
 
     /// Groups whose heartbeats this node has paused.
     pub fn hibernating_count(&self) -> usize {
-        self.groups.iter().filter(|g| g.hibernating.load(Ordering::Acquire)).count()
+        self.groups().iter().filter(|g| g.hibernating.load(Ordering::Acquire)).count()
     }
 
     /// Asks this node's replica of `shard` to campaign for leadership now.
@@ -1167,8 +1245,12 @@ impl ShardSet {
         if self.is_leaving() {
             return Err(ConsensusError::ShuttingDown { shard });
         }
+        // An unchecked replica does not lead (`raft::replica_health`).
+        if !group.health.checked() {
+            return Err(ConsensusError::CatchingUp { shard });
+        }
         if group.elections_paused.swap(false, Ordering::AcqRel) {
-            group.raft.runtime_config().elect(true);
+            group.update_elections();
         }
         group.raft.trigger().elect().await.map_err(|_| ConsensusError::ShuttingDown { shard })
     }
@@ -1218,9 +1300,59 @@ impl ShardSet {
         outcome
     }
 
+    /// Deletes this node's replica of data shard `shard` (Raft log and hard state but the vote,
+    /// records, indexes, digests, snapshot) and opens the group again empty, as on a node that
+    /// never held it: a leader can add it back later like any new replica. Only for a replica
+    /// that a move took away, once its group's leader confirmed this node is no member
+    /// (`cluster::placement` does both).
+    pub async fn retire_replica(&self, shard: u16) -> Result<(), ConsensusError> {
+        let slot = self.groups.get(shard as usize).ok_or(ConsensusError::UnknownShard { shard })?;
+        let group = group_of_shard(shard);
+        let startup = |e: &dyn std::fmt::Display| ConsensusError::Storage { shard, message: e.to_string() };
+        let old = slot.lock().clone();
+        // Its Raft stops first: nothing may read or write the replica while it is deleted.
+        old.raft.shutdown().await.map_err(|e| startup(&e))?;
+        let storage = self.storage.clone();
+        crate::storage::blocking(|| super::damage::clear_replica(&storage, group, false)).map_err(|e| startup(&e))?;
+        let buckets = self.settings.digest_buckets;
+        let state_machine =
+            crate::storage::blocking(|| ShardStateMachine::open(storage.clone(), shard, group, buckets))
+                .map_err(|e| startup(&e))?
+                .with_install_pause(Duration::from_millis(self.settings.snapshot_install_pause_ms));
+        let fresh = ShardGroup::start(
+            storage,
+            self.node_id,
+            shard,
+            self.raft_config.clone(),
+            self.peers.clone(),
+            state_machine,
+            None,
+            true,
+            &self.tasks,
+        )
+        .await?;
+        *slot.lock() = Arc::new(fresh);
+        raft_metrics::RETIRED_REPLICAS.inc();
+        tracing::info!(shard, group, "replica moved away: its data and raft state are deleted from this node");
+        Ok(())
+    }
+
+    /// Whether `node` was removed from the cluster, as this node can tell: it leads the meta
+    /// group (whose metadata holds every committed removal) and the metadata no longer lists
+    /// `node`. A node that only follows says nothing (its metadata may lag).
+    pub fn was_removed(&self, node: NodeId) -> bool {
+        let meta = self.meta();
+        node != self.node_id && self.leads(META_SHARD) && meta.is_bootstrapped() && !meta.nodes.contains_key(&node)
+    }
+
+    /// The meta leader that told this node it was removed from the cluster, if one did.
+    pub fn removed_by(&self) -> Option<NodeId> {
+        Some(self.removed_by.load(Ordering::Acquire)).filter(|id| *id != 0)
+    }
+
     /// Stops every group's Raft task.
     pub async fn shutdown(&self) {
-        for group in self.groups.iter().chain(std::iter::once(&self.meta)) {
+        for group in self.all_groups() {
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(shard = group.shard, error = %error, "raft shutdown failed");
             }

@@ -96,8 +96,9 @@ impl ShardSet {
             return;
         }
         let now = monotonic_ms();
-        for group in self.all_groups() {
-            let Some((situation, term)) = self.situation(group, now, fresh) else { continue };
+        // An unchecked replica does not lead (`raft::replica_health`).
+        for group in self.all_groups().filter(|g| g.health.checked()) {
+            let Some((situation, term)) = self.situation(&group, now, fresh) else { continue };
             if !should_campaign(&situation, self.leader_lease) {
                 continue;
             }

@@ -44,11 +44,11 @@ impl RaftService {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    fn raft(&self, group_id: u32) -> Result<&Raft, Status> {
+    fn raft(&self, group_id: u32) -> Result<Raft, Status> {
         let shard = self.shard(group_id)?;
         self.shards
             .group(shard)
-            .map(|g| &g.raft)
+            .map(|g| g.raft.clone())
             .map_err(|_| ErrorCode::UnknownShard.to_status(format!("group {group_id} is not hosted here")))
     }
 
@@ -175,8 +175,9 @@ impl RaftTransport for RaftService {
     }
 
     async fn node_heartbeat(&self, request: Request<Heartbeat>) -> Result<Response<HeartbeatAck>, Status> {
-        self.shards.on_node_heartbeat(&heartbeat_from_proto(request.into_inner()));
-        Ok(Response::new(HeartbeatAck {}))
+        let heartbeat = heartbeat_from_proto(request.into_inner());
+        self.shards.on_node_heartbeat(&heartbeat);
+        Ok(Response::new(HeartbeatAck { removed: self.shards.was_removed(heartbeat.from) }))
     }
 
     async fn shard_read(&self, request: Request<ShardReadRequest>) -> Result<Response<ShardReadReply>, Status> {

@@ -69,6 +69,8 @@ pub struct Settings {
     pub scrub_interval: Duration,
     pub buckets: usize,
     pub reseed_buckets: usize,
+    /// `testing.start_up_scrub_delay_ms`: the start-up scrubs wait this long (tests only).
+    pub start_up_scrub_delay: Duration,
 }
 
 /// Why an anti-entropy step failed.
@@ -196,6 +198,9 @@ pub struct AntiEntropy {
     last_proposed: Mutex<BTreeMap<u16, Instant>>,
     /// When each replica's last scrub started.
     last_scrub: Mutex<BTreeMap<u16, Instant>>,
+    /// Replicas whose start-up scrub has not ended (nor the repair it started): they neither
+    /// lead nor serve until it has (`raft::replica_health`).
+    unchecked: Mutex<HashSet<u16>>,
 }
 
 impl AntiEntropy {
@@ -210,6 +215,7 @@ impl AntiEntropy {
             scrub_now: Mutex::new(HashSet::new()),
             last_proposed: Mutex::new(BTreeMap::new()),
             last_scrub: Mutex::new(BTreeMap::new()),
+            unchecked: Mutex::new(HashSet::new()),
         })
     }
 
@@ -218,12 +224,18 @@ impl AntiEntropy {
     }
 
     /// Starts the check and scrub loops (with `anti_entropy.enabled`). The first scrub of every
-    /// replica runs at once, unpaced.
+    /// replica runs at once, unpaced; until it (and the repair it starts) ends, the replica
+    /// neither leads nor serves. Replicas this node does not host need no check.
     pub fn start(self: &Arc<Self>) {
         if !self.settings.enabled {
             return;
         }
-        self.scrub_now.lock().extend(self.local_shards());
+        let local = self.local_shards();
+        for group in self.shards.all_groups().filter(|g| !local.contains(&g.shard)) {
+            self.shards.mark_checked(group.shard);
+        }
+        self.unchecked.lock().extend(local.iter().copied());
+        self.scrub_now.lock().extend(local);
         let me = self.clone();
         self.shards.tasks.spawn_until_stopped(async move { me.check_loop().await });
         let me = self.clone();
@@ -667,8 +679,15 @@ impl AntiEntropy {
     // ---- scrubs ----
 
     async fn scrub_loop(self: Arc<Self>) {
+        tokio::time::sleep(self.settings.start_up_scrub_delay).await;
         loop {
-            for shard in self.local_shards() {
+            let local = self.local_shards();
+            // A replica that stopped being hosted before its first scrub needs no check.
+            let gone: Vec<u16> = self.unchecked.lock().iter().copied().filter(|s| !local.contains(s)).collect();
+            for shard in gone {
+                self.end_start_up_check(shard);
+            }
+            for shard in local {
                 let now = self.scrub_now.lock().remove(&shard);
                 let due =
                     self.last_scrub.lock().get(&shard).is_none_or(|at| at.elapsed() >= self.settings.scrub_interval);
@@ -680,6 +699,10 @@ impl AntiEntropy {
                 if let Err(error) = self.scrub(shard, pace).await {
                     metrics::SCRUBS.with_label_values(&["failed"]).inc();
                     tracing::warn!(shard, error = %error, "scrub failed");
+                }
+                // The start-up check ends with the scrub, or with the repair it started.
+                if !self.is_suspect(shard) {
+                    self.end_start_up_check(shard);
                 }
             }
             self.update_digest_memory();
@@ -774,6 +797,7 @@ impl AntiEntropy {
             return false;
         }
         self.update(shard, |s| s.suspect = true);
+        self.shards.set_suspect(shard, true);
         let me = self.clone();
         self.shards.tasks.spawn(async move {
             let started = Instant::now();
@@ -830,7 +854,22 @@ impl AntiEntropy {
             }
             s.last_repair = Some(summary);
         });
+        self.shards.set_suspect(shard, false);
         self.repairing.lock().remove(&shard);
+        // A replica repaired (or whose repair failed) after its start-up scrub may lead and
+        // serve now: a failed repair is tried again by the next check or scrub, and holding
+        // the replica back for good could leave its shard without a leader. (A repair that a
+        // peer's check started before that scrub ran leaves the scrub to end the check.)
+        if !self.scrub_now.lock().contains(&shard) {
+            self.end_start_up_check(shard);
+        }
+    }
+
+    /// Ends the start-up check of this node's replica of `shard`, if it was still running.
+    fn end_start_up_check(&self, shard: u16) {
+        if self.unchecked.lock().remove(&shard) {
+            self.shards.mark_checked(shard);
+        }
     }
 
     /// After a repair, the leader checks again so every replica is compared at a fresh entry.
