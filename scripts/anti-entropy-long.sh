@@ -11,6 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # cargo's own default (./target) unless the caller chose one, as the other scripts.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-STEMEDB_FP_SECONDS="${SECONDS_TO_RUN:-300}" cargo test --release --locked -p stemedb-cluster-tests \
+FALSE_ALARM_RUN_SECONDS="${SECONDS_TO_RUN:-300}" cargo test --release --locked -p stemedb-cluster-tests \
   --test t65_anti_entropy checks_under_load_leader_changes_and_a_snapshot_install_raise_no_false_alarm \
   -- --exact --nocapture
