@@ -788,6 +788,34 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     node_gauge(context, "stemedb_cache_memory_bytes", "Bytes held by the RocksDB block cache", |c| {
         c.storage.cache_memory_bytes() as f64
     });
+    let traffic = |pick: fn(&crate::storage::CacheTraffic) -> u64| {
+        move |c: &Arc<NodeContext>| pick(&c.storage.cache_traffic()) as f64
+    };
+    node_counter(
+        context,
+        "stemedb_cache_hits_total",
+        "Block reads the RocksDB block caches answered",
+        traffic(|t| t.hits),
+    );
+    node_counter(
+        context,
+        "stemedb_cache_misses_total",
+        "Block reads the RocksDB block caches missed (read from disk)",
+        traffic(|t| t.misses),
+    );
+    node_counter(
+        context,
+        "stemedb_cache_inserted_bytes_total",
+        "Bytes of blocks inserted into the RocksDB block caches",
+        traffic(|t| t.inserted_bytes),
+    );
+    node_counter(
+        context,
+        "stemedb_cache_evicted_bytes_total",
+        "Bytes of blocks that left the RocksDB block caches (evicted for room, or dropped with their table file): \
+         inserted less held",
+        traffic(|t| t.evicted_bytes),
+    );
     node_gauge(
         context,
         "stemedb_cache_size_bytes",
@@ -971,6 +999,21 @@ fn shard_gauge(
 }
 
 /// Registers a gauge without labels computed from the node context at each scrape.
+/// An unlabelled counter of the node, read when scraped.
+fn node_counter(
+    context: &Arc<NodeContext>,
+    name: &str,
+    help: &str,
+    value: impl Fn(&Arc<NodeContext>) -> f64 + Send + Sync + 'static,
+) {
+    let weak = Arc::downgrade(context);
+    context.metrics.register(Box::new(ComputedGauges::counter(
+        name,
+        help,
+        Box::new(move || weak.upgrade().map(|c| value(&c))),
+    )));
+}
+
 fn node_gauge(
     context: &Arc<NodeContext>,
     name: &str,

@@ -306,11 +306,13 @@ impl Collector for ComputedSummary {
     }
 }
 
-/// A gauge family whose values are computed when scraped.
+/// A gauge family whose values are computed when scraped (or a counter family, made with
+/// [`ComputedGauges::counter`], whose values only grow).
 pub struct ComputedGauges {
     desc: Desc,
     labels: Vec<&'static str>,
     compute: GaugeFn,
+    kind: MetricType,
 }
 
 type GaugeFn = Box<dyn Fn() -> Vec<(Vec<String>, f64)> + Send + Sync>;
@@ -345,7 +347,15 @@ impl ComputedGauges {
             .expect("valid metric desc"),
             labels,
             compute,
+            kind: MetricType::GAUGE,
         }
+    }
+
+    /// An unlabelled counter read when scraped: `compute` must never return less than before
+    /// (an engine ticker, say).
+    pub fn counter(name: &str, help: &str, compute: Box<dyn Fn() -> Option<f64> + Send + Sync>) -> ComputedGauges {
+        let compute: GaugeFn = Box::new(move || compute().map(|v| vec![(vec![], v)]).unwrap_or_default());
+        ComputedGauges { kind: MetricType::COUNTER, ..Self::with_labels(name, help, vec![], compute) }
     }
 }
 
@@ -358,10 +368,16 @@ impl Collector for ComputedGauges {
         let metrics = (self.compute)()
             .into_iter()
             .map(|(label_values, value)| {
-                let mut gauge = prometheus::proto::Gauge::default();
-                gauge.set_value(value);
                 let mut metric = Metric::default();
-                metric.set_gauge(gauge);
+                if self.kind == MetricType::COUNTER {
+                    let mut counter = prometheus::proto::Counter::default();
+                    counter.set_value(value);
+                    metric.set_counter(counter);
+                } else {
+                    let mut gauge = prometheus::proto::Gauge::default();
+                    gauge.set_value(value);
+                    metric.set_gauge(gauge);
+                }
                 let pairs = self
                     .labels
                     .iter()
@@ -380,7 +396,7 @@ impl Collector for ComputedGauges {
         let mut family = MetricFamily::default();
         family.set_name(self.desc.fq_name.clone());
         family.set_help(self.desc.help.clone());
-        family.set_field_type(MetricType::GAUGE);
+        family.set_field_type(self.kind);
         family.set_metric(metrics);
         vec![family]
     }

@@ -342,6 +342,15 @@ pub struct IndexFamilyStats {
     pub memory_bytes: u64,
 }
 
+/// Block cache traffic since the node started ([`Storage::cache_traffic`]).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct CacheTraffic {
+    pub hits: u64,
+    pub misses: u64,
+    pub inserted_bytes: u64,
+    pub evicted_bytes: u64,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ColumnFamilyStats {
     pub name: &'static str,
@@ -365,6 +374,8 @@ pub struct Storage {
     manual_compaction: parking_lot::Mutex<ManualCompaction>,
     /// Table files found damaged at open and set aside.
     lost_files: Vec<LostFile>,
+    /// The largest count of bytes seen leaving the block caches ([`Storage::cache_traffic`]).
+    cache_bytes_left: std::sync::atomic::AtomicU64,
 }
 
 /// Marks a manual compaction as no longer running when dropped, if its run did not get to.
@@ -529,6 +540,7 @@ impl Storage {
             options,
             committer,
             manual_compaction: parking_lot::Mutex::new(ManualCompaction::default()),
+            cache_bytes_left: std::sync::atomic::AtomicU64::new(0),
             lost_files,
         }))
     }
@@ -783,6 +795,25 @@ impl Storage {
         }
         let disk = ticker(Ticker::WalFileBytes) + ticker(Ticker::FlushWriteBytes) + ticker(Ticker::CompactWriteBytes);
         disk as f64 / written as f64
+    }
+
+    /// The block caches' traffic since the node started (both caches when the `index` family
+    /// has its own): lookups that found the block, lookups that missed, bytes inserted, and bytes
+    /// that left (evicted for room, or dropped with their table file). What left is what was
+    /// inserted less what the caches hold now, kept from ever going down.
+    pub fn cache_traffic(&self) -> CacheTraffic {
+        use rocksdb::statistics::Ticker;
+        let ticker = |t| self.db_options.get_ticker_count(t);
+        let inserted = ticker(Ticker::BlockCacheBytesWrite);
+        let held = self.cache_memory_bytes() + self.index_cache_memory_bytes();
+        let ordering = std::sync::atomic::Ordering::AcqRel;
+        let left = self.cache_bytes_left.fetch_max(inserted.saturating_sub(held), ordering);
+        CacheTraffic {
+            hits: ticker(Ticker::BlockCacheHit),
+            misses: ticker(Ticker::BlockCacheMiss),
+            inserted_bytes: inserted,
+            evicted_bytes: left.max(inserted.saturating_sub(held)),
+        }
     }
 
     fn property_u64(&self, cf: ColumnFamily, name: &str) -> u64 {
@@ -1110,6 +1141,27 @@ mod tests {
         // A clean database opens with nothing lost.
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("reopen");
         assert!(storage.lost_files().is_empty());
+    }
+
+    #[test]
+    fn block_cache_traffic_is_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
+        let mut batch = WriteBatch::new();
+        for i in 0u32..1000 {
+            batch.put(ColumnFamily::StateMachine, i.to_be_bytes().to_vec(), vec![7; 100]);
+        }
+        storage.write(batch, Durability::Synced).expect("write");
+        storage.close().expect("flush");
+        let before = storage.cache_traffic();
+        for _ in 0..2 {
+            storage.get(ColumnFamily::StateMachine, &500u32.to_be_bytes()).expect("read").expect("found");
+        }
+        let after = storage.cache_traffic();
+        assert!(after.misses > before.misses, "the first read of a flushed block misses: {after:?}");
+        assert!(after.hits > before.hits, "the second one hits: {after:?}");
+        assert!(after.inserted_bytes > before.inserted_bytes, "{after:?}");
+        assert!(after.evicted_bytes <= after.inserted_bytes, "{after:?}");
     }
 
     #[test]
