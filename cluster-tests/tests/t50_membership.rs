@@ -255,13 +255,16 @@ async fn a_replica_moved_away_is_deleted_and_can_come_back() -> anyhow::Result<(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let retired_again = cluster.metric(from, "stemedb_retired_replicas_total").await?.unwrap_or(0.0);
-    assert_eq!(retired_again, 0.0, "the restarted node deleted a replica it holds again");
-    // And the node it moved away from in turn deletes its copy.
+    // The node it moved away from in turn deletes its copy (10 s after the move at the
+    // earliest), and by then the node it moved back to has not deleted the one it holds again.
     let deadline = Instant::now() + Duration::from_secs(60);
     while cluster.metric(to, "stemedb_retired_replicas_total").await?.unwrap_or(0.0) < 1.0 {
         anyhow::ensure!(Instant::now() < deadline, "node {to} kept the replica of shard {shard} moved back");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let retired_again = cluster.metric(from, "stemedb_retired_replicas_total").await?.unwrap_or(0.0);
+    assert_eq!(retired_again, 0.0, "the restarted node deleted a replica it holds again");
+    let (status, value) = cluster.read_value(from, &paths[0], "stale").await?;
+    assert_eq!((status, value), (200, json!(0)), "node {from} still serves the shard");
     Ok(())
 }

@@ -326,7 +326,12 @@ pub fn start_replica_cleanup(shards: &Arc<ShardSet>, interval: Duration, stop: C
                 _ = stop.cancelled() => return,
             }
             let Some(shards) = shards.upgrade() else { return };
-            if let Err(error) = cleanup_round(&shards, &mut seen).await {
+            // A round stops with the node: nothing is retired once shutdown has begun.
+            let round = tokio::select! {
+                round = cleanup_round(&shards, &mut seen) => round,
+                _ = stop.cancelled() => return,
+            };
+            if let Err(error) = round {
                 tracing::info!(error = %error, "moved-away replicas not deleted yet; trying again");
             }
         }
@@ -346,8 +351,13 @@ async fn cleanup_round(
     shards: &ShardSet,
     seen: &mut std::collections::HashMap<u16, std::time::Instant>,
 ) -> Result<(), DriverError> {
+    // Decided on this node's metadata only once its own replica of it has been checked; and a
+    // replica under repair (suspect) is left alone until its repair ends.
+    if !shards.checked(META_SHARD) {
+        return Ok(());
+    }
     let holding: std::collections::BTreeSet<u16> =
-        shards.groups().iter().filter(|g| holds_data(g)).map(|g| g.shard).collect();
+        shards.groups().iter().filter(|g| holds_data(g) && !g.health.suspect()).map(|g| g.shard).collect();
     // A node the meta group's leader says was removed holds no replica any more: its own
     // metadata is stale (it left the meta group), so it cannot read that fresh.
     let removed = shards.removed_by().is_some();
@@ -376,6 +386,14 @@ async fn cleanup_round(
         // a failed move have left it in): idempotent, and refused without a leader.
         let me = shards.node_id;
         shards.admin_group(shard, GroupAdmin::RemoveNode { node: me }, Duration::from_secs(10)).await?;
+        // A move back to this node may have started meanwhile: read the metadata fresh again.
+        if !removed {
+            shards.read_barrier(META_SHARD, Duration::from_secs(5)).await?;
+            if !moved_away(&shards.meta(), me, &holding).contains(&shard) {
+                seen.remove(&shard);
+                continue;
+            }
+        }
         shards.retire_replica(shard).await?;
         seen.remove(&shard);
     }

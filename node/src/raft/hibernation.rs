@@ -174,10 +174,18 @@ impl ShardSet {
             let Ok(mut client) = self.peers().client(&addr) else { continue };
             let mut request = tonic::Request::new(message.clone());
             request.set_timeout(election_timeout / 2);
-            let removed_by = self.removed_by.clone();
+            let (removed_by, removed_first) = (self.removed_by.clone(), self.removed_first_ms.clone());
             let send = self.tasks.spawn(async move {
-                if let Ok(ack) = client.node_heartbeat(request).await {
-                    if ack.into_inner().removed && removed_by.swap(id, Ordering::AcqRel) == 0 {
+                let Ok(ack) = client.node_heartbeat(request).await else { return };
+                if ack.into_inner().removed {
+                    // Believed once said twice, far enough apart.
+                    let now = super::takeover::monotonic_ms().max(1);
+                    let first = match removed_first.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => now,
+                        Err(first) => first,
+                    };
+                    let confirmed = now.saturating_sub(first) >= super::shards::REMOVED_CONFIRM_MS;
+                    if confirmed && removed_by.swap(id, Ordering::AcqRel) == 0 {
                         tracing::error!(
                             told_by = id,
                             "this node was removed from the cluster (the meta group's leader no longer lists it): \

@@ -99,6 +99,9 @@ fn is_only_member(membership: &openraft::Membership<NodeId, BasicNode>, node: No
 
 pub use crate::meta::place_replicas;
 
+/// How long apart two heartbeat answers must say this node was removed before it believes it.
+pub(crate) const REMOVED_CONFIRM_MS: u64 = 2_000;
+
 /// Raft tunables from the `[raft]` config section.
 #[derive(Debug, Clone)]
 pub struct RaftSettings {
@@ -188,6 +191,9 @@ pub struct ShardGroup {
     pub(crate) campaigned_term: AtomicU64,
     /// Checked since start, suspect (`raft::replica_health`); shared with the transport.
     pub health: Arc<ReplicaHealth>,
+    /// Held while the election timer is set from its inputs ([`ShardGroup::update_elections`]),
+    /// so a stale setting never lands last.
+    elections: Mutex<()>,
 }
 
 impl ShardGroup {
@@ -251,6 +257,7 @@ impl ShardGroup {
             last_append_ms: AtomicU64::new(super::takeover::monotonic_ms()),
             campaigned_term: AtomicU64::new(0),
             health,
+            elections: Mutex::new(()),
             rate_sample: Mutex::new(RateSample {
                 at: Instant::now(),
                 writes: 0,
@@ -266,6 +273,7 @@ impl ShardGroup {
     /// Turns openraft's election timer on or off: off while elections are paused (the leader
     /// hibernates the group, `raft::hibernation`) or the replica is unchecked.
     pub(crate) fn update_elections(&self) {
+        let _setting = self.elections.lock();
         let on = !self.elections_paused.load(Ordering::Acquire) && self.health.checked();
         self.raft.runtime_config().elect(on);
     }
@@ -365,6 +373,9 @@ pub struct ShardSet {
     /// The node (the meta group's leader) that said this node was removed from the cluster,
     /// answering its node heartbeat; 0: none did ([`ShardSet::removed_by`]).
     pub(crate) removed_by: Arc<AtomicU64>,
+    /// When (`takeover::monotonic_ms`) a heartbeat answer first said so: it must be said again
+    /// at least [`REMOVED_CONFIRM_MS`] later before this node believes it.
+    pub(crate) removed_first_ms: Arc<AtomicU64>,
     /// What a group needs to be opened again ([`ShardSet::retire_replica`]).
     raft_config: Arc<openraft::Config>,
     settings: RaftSettings,
@@ -494,6 +505,7 @@ impl ShardSet {
             handoff: super::handoff::Handoff::new(shards),
             damaged_at_start: damaged.keys().filter_map(|g| crate::shard::command::shard_of_group(*g)).collect(),
             removed_by: Arc::new(AtomicU64::new(0)),
+            removed_first_ms: Arc::new(AtomicU64::new(0)),
             raft_config: config,
             settings: settings.clone(),
             storage,
@@ -550,6 +562,13 @@ impl ShardSet {
                 tracing::info!(shard, "replica checked since start; it may lead and serve");
             }
         }
+    }
+
+    /// Hands the leadership of `shard`, which this node leads, to the most caught-up other
+    /// voter (see `raft::handoff`); returns the new leader.
+    pub async fn hand_over_shard(&self, shard: u16) -> Result<NodeId, ConsensusError> {
+        let group = self.group(shard)?;
+        self.hand_over(&group, &[]).await
     }
 
     /// Whether this node's replica of `shard` ended its start-up check.
@@ -774,6 +793,11 @@ impl ShardSet {
         let group = self.group(shard)?;
         let started = Instant::now();
         let deadline = started + timeout;
+        // A leader restored at start applies nothing new before its replica is checked; it waits
+        // before the hand-over gate, which a hand-over must be able to close meanwhile.
+        if group.raft.metrics().borrow().current_leader == Some(self.node_id) {
+            self.until_checked(&group, deadline).await?;
+        }
         // Waits while this node hands the group over (then it answers `not_leader`, below).
         let _gate = self.admit(&group, deadline).await?;
         let leader = self.wait_for_leader(&group, deadline).await?;
@@ -782,8 +806,6 @@ impl ShardSet {
             raft_metrics::PROPOSALS.with_label_values(&["not_leader"]).inc();
             return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
         }
-        // A leader restored at start applies nothing new before its replica is checked.
-        self.until_checked(&group, deadline).await?;
         // DESIGN §2: the leader decides quarantine before proposing and records it in the entry.
         // Screening that reads the shard's claims from RocksDB runs on the storage read pool;
         // without the protected-claim rule it reads nothing and runs here (a hop to the pool
@@ -1117,6 +1139,14 @@ impl ShardSet {
                     if is_learner {
                         let change = openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([node]));
                         group.raft.change_membership(change, false).await.map_err(|e| failed(&e))?;
+                    } else {
+                        // "Not a member" is this leader's view: a quorum confirms it still leads
+                        // (so no newer leader has added the node since) before it says so.
+                        group
+                            .raft
+                            .ensure_linearizable()
+                            .await
+                            .map_err(|_| ConsensusError::NotLeader { shard, leader: None })?;
                     }
                     return Ok(());
                 }
@@ -1313,7 +1343,9 @@ impl ShardSet {
         // Its Raft stops first: nothing may read or write the replica while it is deleted.
         old.raft.shutdown().await.map_err(|e| startup(&e))?;
         let storage = self.storage.clone();
-        crate::storage::blocking(|| super::damage::clear_replica(&storage, group, false)).map_err(|e| startup(&e))?;
+        // As for a damaged replica: should the group still count this node a voter (a membership
+        // change the leader has not told it of), it must not vote before it has caught up.
+        crate::storage::blocking(|| super::damage::clear_replica(&storage, group, true)).map_err(|e| startup(&e))?;
         let buckets = self.settings.digest_buckets;
         let state_machine =
             crate::storage::blocking(|| ShardStateMachine::open(storage.clone(), shard, group, buckets))
@@ -1331,6 +1363,7 @@ impl ShardSet {
             &self.tasks,
         )
         .await?;
+        fresh.vote_guard.store(u64::MAX, Ordering::Release);
         *slot.lock() = Arc::new(fresh);
         raft_metrics::RETIRED_REPLICAS.inc();
         tracing::info!(shard, group, "replica moved away: its data and raft state are deleted from this node");
@@ -1340,9 +1373,15 @@ impl ShardSet {
     /// Whether `node` was removed from the cluster, as this node can tell: it leads the meta
     /// group (whose metadata holds every committed removal) and the metadata no longer lists
     /// `node`. A node that only follows says nothing (its metadata may lag).
-    pub fn was_removed(&self, node: NodeId) -> bool {
-        let meta = self.meta();
-        node != self.node_id && self.leads(META_SHARD) && meta.is_bootstrapped() && !meta.nodes.contains_key(&node)
+    pub async fn was_removed(&self, node: NodeId) -> bool {
+        let unlisted = |meta: &MetaState| meta.is_bootstrapped() && !meta.nodes.contains_key(&node);
+        if node == self.node_id || !self.leads(META_SHARD) || !self.checked(META_SHARD) || !unlisted(&self.meta()) {
+            return false;
+        }
+        // Said only by a leader a quorum confirms, with its metadata applied up to that point (a
+        // deposed leader, or one that has not applied a recent addition, must not say it).
+        let confirmed = tokio::time::timeout(Duration::from_millis(300), self.meta.raft.ensure_linearizable()).await;
+        matches!(confirmed, Ok(Ok(_))) && unlisted(&self.meta())
     }
 
     /// The meta leader that told this node it was removed from the cluster, if one did.

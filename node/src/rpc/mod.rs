@@ -177,7 +177,7 @@ impl RaftTransport for RaftService {
     async fn node_heartbeat(&self, request: Request<Heartbeat>) -> Result<Response<HeartbeatAck>, Status> {
         let heartbeat = heartbeat_from_proto(request.into_inner());
         self.shards.on_node_heartbeat(&heartbeat);
-        Ok(Response::new(HeartbeatAck { removed: self.shards.was_removed(heartbeat.from) }))
+        Ok(Response::new(HeartbeatAck { removed: self.shards.was_removed(heartbeat.from).await }))
     }
 
     async fn shard_read(&self, request: Request<ShardReadRequest>) -> Result<Response<ShardReadReply>, Status> {

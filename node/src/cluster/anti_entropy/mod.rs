@@ -236,12 +236,38 @@ impl AntiEntropy {
         }
         self.unchecked.lock().extend(local.iter().copied());
         self.scrub_now.lock().extend(local);
+        // A leadership openraft restored at start is handed to a peer rather than held
+        // unchecked (its requests would wait for the check).
+        let me = self.clone();
+        self.shards.tasks.spawn(async move { me.hand_over_unchecked_leaderships().await });
         let me = self.clone();
         self.shards.tasks.spawn_until_stopped(async move { me.check_loop().await });
         let me = self.clone();
         self.shards.tasks.spawn_until_stopped(async move { me.ask_leaders_to_check().await });
         let me = self.clone();
         self.shards.tasks.spawn_until_stopped(async move { me.scrub_loop().await });
+    }
+
+    /// Hands over every group this node leads while its replica is unchecked (openraft restores
+    /// a committed leadership at start), to the most caught-up other voter. A group with no
+    /// other voter, or whose hand-over fails, keeps its leader; its requests wait for the check.
+    async fn hand_over_unchecked_leaderships(self: Arc<Self>) {
+        // The groups' leadership shows once their Raft has started.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let unchecked: Vec<u16> = self.unchecked.lock().iter().copied().collect();
+        for shard in unchecked {
+            if !self.shards.leads(shard) || self.shards.checked(shard) {
+                continue;
+            }
+            match self.shards.hand_over_shard(shard).await {
+                Ok(to) => {
+                    tracing::info!(shard, to, "leadership restored at start handed over until this replica is checked")
+                }
+                Err(error) => {
+                    tracing::info!(shard, error = %error, "leadership restored at start kept; requests wait for the check")
+                }
+            }
+        }
     }
 
     /// After start, asks each shard's leader for a check, so this node's replicas are compared
@@ -687,6 +713,9 @@ impl AntiEntropy {
             for shard in gone {
                 self.end_start_up_check(shard);
             }
+            // Replicas this node leads first: their requests wait for their check.
+            let mut local = local;
+            local.sort_by_key(|shard| !self.shards.leads(*shard));
             for shard in local {
                 let now = self.scrub_now.lock().remove(&shard);
                 let due =
@@ -819,6 +848,10 @@ impl AntiEntropy {
             let repaired = summary.error.is_none() && summary.buckets > 0;
             me.finish_repair(shard, summary);
             if repaired {
+                // A snapshot built before the repair holds the damage: build a fresh one.
+                if let Ok(group) = me.shards.group(shard) {
+                    let _ = group.raft.trigger().snapshot().await;
+                }
                 me.confirm_repair(shard);
             }
         });
