@@ -770,6 +770,18 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
             lags.into_iter().map(|(shard, node, lag)| (vec![shard.to_string(), node.to_string()], lag)).collect()
         }),
     )));
+    shard_counter(
+        context,
+        "stemedb_shard_writes_total",
+        "Write requests for each shard that reached this node (served here or sent on to the shard's leader)",
+        |g| g.writes.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
+    shard_counter(
+        context,
+        "stemedb_shard_queries_total",
+        "Shard reads for each shard that reached this node (served here or sent on to a replica)",
+        |g| g.queries.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
     shard_gauge(context, "stemedb_raft_term", "Current Raft term of each shard on this node", |g| {
         g.raft.metrics().borrow().current_term as f64
     });
@@ -985,8 +997,27 @@ fn shard_gauge(
     help: &str,
     value: impl Fn(&crate::raft::shards::ShardGroup) -> f64 + Send + Sync + 'static,
 ) {
+    context.metrics.register(Box::new(shard_family(context, name, help, value)));
+}
+
+/// [`shard_gauge`] for a counter.
+fn shard_counter(
+    context: &Arc<NodeContext>,
+    name: &str,
+    help: &str,
+    value: impl Fn(&crate::raft::shards::ShardGroup) -> f64 + Send + Sync + 'static,
+) {
+    context.metrics.register(Box::new(shard_family(context, name, help, value).into_counter()));
+}
+
+fn shard_family(
+    context: &Arc<NodeContext>,
+    name: &str,
+    help: &str,
+    value: impl Fn(&crate::raft::shards::ShardGroup) -> f64 + Send + Sync + 'static,
+) -> ComputedGauges {
     let weak = Arc::downgrade(context);
-    context.metrics.register(Box::new(ComputedGauges::new(
+    ComputedGauges::new(
         name,
         help,
         "shard",
@@ -995,10 +1026,9 @@ fn shard_gauge(
                 .map(|c| c.shards.groups().iter().map(|g| (g.shard.to_string(), value(g))).collect())
                 .unwrap_or_default()
         }),
-    )));
+    )
 }
 
-/// Registers a gauge without labels computed from the node context at each scrape.
 /// An unlabelled counter of the node, read when scraped.
 fn node_counter(
     context: &Arc<NodeContext>,
@@ -1014,6 +1044,7 @@ fn node_counter(
     )));
 }
 
+/// Registers a gauge without labels computed from the node context at each scrape.
 fn node_gauge(
     context: &Arc<NodeContext>,
     name: &str,

@@ -149,6 +149,19 @@ async fn runbook_storage_metrics_are_exported() {
     // test_config sets storage.max_cache_size_mb = 16.
     assert_eq!(series_value(&metrics, "stemedb_cache_size_bytes"), Some((16u64 << 20) as f64));
     assert!(series_value(&metrics, "stemedb_lsm_pending_compaction_bytes").is_some(), "pending compaction");
+    // Per-shard request counters: the 20 writes and 20 reads, summed over the shards.
+    let per_shard = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{shard=")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(per_shard("stemedb_shard_writes_total"), 20.0, "writes per shard");
+    assert_eq!(per_shard("stemedb_shard_queries_total"), 20.0, "reads per shard");
+    for counter in ["stemedb_cache_hits_total", "stemedb_cache_misses_total", "stemedb_cache_evicted_bytes_total"] {
+        assert!(series_value(&metrics, counter).is_some(), "{counter}");
+    }
     node.stop().await;
 }
 

@@ -351,6 +351,12 @@ impl ComputedGauges {
         }
     }
 
+    /// The same family typed as a counter: every series must never go down (but for a restart
+    /// or a replaced shard group, which Prometheus reads as a counter reset).
+    pub fn into_counter(self) -> ComputedGauges {
+        ComputedGauges { kind: MetricType::COUNTER, ..self }
+    }
+
     /// An unlabelled counter read when scraped: `compute` must never return less than before
     /// (an engine ticker, say).
     pub fn counter(name: &str, help: &str, compute: Box<dyn Fn() -> Option<f64> + Send + Sync>) -> ComputedGauges {
