@@ -302,7 +302,17 @@ async fn damage_met_while_running_heals_through_a_restart() -> anyhow::Result<()
     let compact = format!("{}/v1/admin/storage/compact", cluster.node(victim).api());
     let response = cluster.client.post(&compact).send().await?;
     anyhow::ensure!(response.status().as_u16() == 202, "compaction: {}", response.text().await?);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, stats) = cluster.get(victim, "/v1/admin/storage/stats").await?;
+        let compaction = &stats["manual_compaction"];
+        if compaction["running"] == json!(false) && compaction["last_finished_at_us"].is_u64() {
+            anyhow::ensure!(compaction["last_error"].is_null(), "compaction failed: {compaction}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the compaction did not finish: {compaction}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (files, bytes) = stemedb_cluster_tests::rot_table_files(&cluster.node(victim).data_dir, 24)?;
     eprintln!("rotted {files} table files of running node {victim} ({bytes} bytes)");
     let _ = cluster.client.post(&compact).send().await?;
@@ -311,8 +321,7 @@ async fn damage_met_while_running_heals_through_a_restart() -> anyhow::Result<()
     let mut i = 0i64;
     let stopped_after = loop {
         let path = format!("live/after{}", i % 4);
-        if let Ok(id) = cluster.assert_value(1 + (i as u64 % 2), &path, json!(1000 + i)).await {
-            let _ = id;
+        if cluster.assert_value(1 + (i as u64 % 2), &path, json!(1000 + i)).await.is_ok() {
             written.push((path, 1000 + i));
         }
         i += 1;

@@ -1029,19 +1029,14 @@ fn shard_family(
     )
 }
 
-/// An unlabelled counter of the node, read when scraped.
+/// An unlabelled counter of the node, read when scraped (`value` never goes down).
 fn node_counter(
     context: &Arc<NodeContext>,
     name: &str,
     help: &str,
     value: impl Fn(&Arc<NodeContext>) -> f64 + Send + Sync + 'static,
 ) {
-    let weak = Arc::downgrade(context);
-    context.metrics.register(Box::new(ComputedGauges::counter(
-        name,
-        help,
-        Box::new(move || weak.upgrade().map(|c| value(&c))),
-    )));
+    context.metrics.register(Box::new(node_family(context, name, help, value).into_counter()));
 }
 
 /// Registers a gauge without labels computed from the node context at each scrape.
@@ -1051,13 +1046,22 @@ fn node_gauge(
     help: &str,
     value: impl Fn(&Arc<NodeContext>) -> f64 + Send + Sync + 'static,
 ) {
+    context.metrics.register(Box::new(node_family(context, name, help, value)));
+}
+
+fn node_family(
+    context: &Arc<NodeContext>,
+    name: &str,
+    help: &str,
+    value: impl Fn(&Arc<NodeContext>) -> f64 + Send + Sync + 'static,
+) -> ComputedGauges {
     let weak = Arc::downgrade(context);
-    context.metrics.register(Box::new(ComputedGauges::new(
+    ComputedGauges::new(
         name,
         help,
         "",
         Box::new(move || weak.upgrade().map(|c| vec![(String::new(), value(&c))]).unwrap_or_default()),
-    )));
+    )
 }
 
 /// Records the root authorities of `[authority] roots` in the meta group (once each: a root

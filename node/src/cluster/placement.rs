@@ -341,7 +341,8 @@ pub fn start_replica_cleanup(shards: &Arc<ShardSet>, interval: Duration, stop: C
 /// Whether this node's replica of `group` holds anything (an empty, never-initialized group
 /// needs no cleanup).
 fn holds_data(group: &crate::raft::ShardGroup) -> bool {
-    let metrics = group.raft.metrics().borrow().clone();
+    let metrics = group.raft.metrics();
+    let metrics = metrics.borrow();
     metrics.last_log_index.is_some()
         || metrics.last_applied.is_some()
         || metrics.membership_config.membership().nodes().next().is_some()
@@ -359,25 +360,27 @@ async fn cleanup_round(
     let holding: std::collections::BTreeSet<u16> =
         shards.groups().iter().filter(|g| holds_data(g) && !g.health.suspect()).map(|g| g.shard).collect();
     // A node the meta group's leader says was removed holds no replica any more: its own
-    // metadata is stale (it left the meta group), so it cannot read that fresh.
+    // metadata is stale (it left the meta group), so it cannot read that fresh. (`holding`
+    // has data shards only.)
     let removed = shards.removed_by().is_some();
-    let candidates = if removed {
-        holding.iter().copied().filter(|s| *s != META_SHARD).collect()
-    } else {
-        moved_away(&shards.meta(), shards.node_id, &holding)
+    let pick = || {
+        if removed {
+            holding.iter().copied().collect()
+        } else {
+            moved_away(&shards.meta(), shards.node_id, &holding)
+        }
     };
+    let candidates: Vec<u16> = pick();
     seen.retain(|shard, _| candidates.contains(shard));
     if candidates.is_empty() {
         return Ok(());
     }
-    let candidates = if removed {
-        candidates
-    } else {
-        // Decided on fresh metadata only: a linearizable read of the meta group first.
-        shards.read_barrier(META_SHARD, Duration::from_secs(5)).await?;
-        moved_away(&shards.meta(), shards.node_id, &holding)
-    };
-    for shard in candidates {
+    // Otherwise decided on fresh metadata only: a linearizable read of the meta group first.
+    let fresh = || shards.read_barrier(META_SHARD, Duration::from_secs(5));
+    if !removed {
+        fresh().await?;
+    }
+    for shard in pick() {
         let since = *seen.entry(shard).or_insert_with(std::time::Instant::now);
         if since.elapsed() < RETIRE_AFTER {
             continue;
@@ -388,8 +391,8 @@ async fn cleanup_round(
         shards.admin_group(shard, GroupAdmin::RemoveNode { node: me }, Duration::from_secs(10)).await?;
         // A move back to this node may have started meanwhile: read the metadata fresh again.
         if !removed {
-            shards.read_barrier(META_SHARD, Duration::from_secs(5)).await?;
-            if !moved_away(&shards.meta(), me, &holding).contains(&shard) {
+            fresh().await?;
+            if !pick().contains(&shard) {
                 seen.remove(&shard);
                 continue;
             }

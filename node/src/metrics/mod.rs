@@ -307,7 +307,7 @@ impl Collector for ComputedSummary {
 }
 
 /// A gauge family whose values are computed when scraped (or a counter family, made with
-/// [`ComputedGauges::counter`], whose values only grow).
+/// [`ComputedGauges::into_counter`], whose values only grow).
 pub struct ComputedGauges {
     desc: Desc,
     labels: Vec<&'static str>,
@@ -355,13 +355,6 @@ impl ComputedGauges {
     /// or a replaced shard group, which Prometheus reads as a counter reset).
     pub fn into_counter(self) -> ComputedGauges {
         ComputedGauges { kind: MetricType::COUNTER, ..self }
-    }
-
-    /// An unlabelled counter read when scraped: `compute` must never return less than before
-    /// (an engine ticker, say).
-    pub fn counter(name: &str, help: &str, compute: Box<dyn Fn() -> Option<f64> + Send + Sync>) -> ComputedGauges {
-        let compute: GaugeFn = Box::new(move || compute().map(|v| vec![(vec![], v)]).unwrap_or_default());
-        ComputedGauges { kind: MetricType::COUNTER, ..Self::with_labels(name, help, vec![], compute) }
     }
 }
 
