@@ -132,7 +132,13 @@ async fn health(State(state): State<AppState>) -> Response {
     let statuses = statuses(&state);
     let members = member_views(&state, &statuses);
     let up = members.keys().filter(|id| member_up(&state, **id)).count();
-    let without_leader: Vec<u16> = statuses.iter().filter(|s| s.leader.is_none()).map(|s| s.shard).collect();
+    // A shard that lost its leader less than one maximum election timeout ago is in a hand-over
+    // or an election (requests for it wait); past that it has no leader.
+    let grace = state.config.raft.leaderless_grace();
+    let (without_leader, electing): (Vec<&ShardStatus>, Vec<&ShardStatus>) =
+        statuses.iter().filter(|s| s.leaderless_for.is_some()).partition(|s| s.leaderless_for > Some(grace));
+    let without_leader: Vec<u16> = without_leader.iter().map(|s| s.shard).collect();
+    let electing: Vec<u16> = electing.iter().map(|s| s.shard).collect();
     let status = if !without_leader.is_empty() {
         "unavailable"
     } else if up < members.len() {
@@ -150,6 +156,7 @@ async fn health(State(state): State<AppState>) -> Response {
         "shards_hosted": statuses.len(),
         "shards_with_leader": statuses.len() - without_leader.len(),
         "shards_without_leader": without_leader,
+        "shards_electing": electing,
     });
     let code = if status == "unavailable" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (code, Json(body)).into_response()

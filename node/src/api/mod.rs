@@ -172,7 +172,10 @@ async fn health(State(state): State<AppState>) -> Response {
     // have no local leader by design and must not make a load balancer drop the node.
     let groups = state.shards.groups();
     let hosted: Vec<_> = groups.iter().filter(|g| state.shards.hosts(g)).collect();
-    let led = hosted.iter().filter(|g| g.raft.metrics().borrow().current_leader.is_some()).count();
+    // A shard in a hand-over or an election (leaderless for less than the grace) still counts:
+    // its requests wait for the new leader, and a load balancer must not drop the node for it.
+    let grace = state.config.raft.leaderless_grace();
+    let led = hosted.iter().filter(|g| g.leaderless_for().map_or(true, |d| d <= grace)).count();
     // A node told it was removed from the cluster serves nothing of its own.
     let removed = state.shards.removed_by().is_some();
     let healthy = led == hosted.len() && !removed;

@@ -313,6 +313,14 @@ pub struct RaftSection {
     pub write_timeout_ms: u64,
 }
 
+impl RaftSection {
+    /// How long a shard may have no known leader before health reports count it as without
+    /// one: a hand-over or an election ends within one maximum election timeout.
+    pub fn leaderless_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.election_timeout_max_ms)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSection {

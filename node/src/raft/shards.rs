@@ -194,7 +194,13 @@ pub struct ShardGroup {
     /// Held while the election timer is set from its inputs ([`ShardGroup::update_elections`]),
     /// so a stale setting never lands last.
     elections: Mutex<()>,
+    /// `takeover::monotonic_ms` when this node last lost sight of the group's leader; 0 while
+    /// it knows one, [`NEVER_LED`] until it first knows one (see [`ShardGroup::leaderless_for`]).
+    leader_lost_ms: Arc<AtomicU64>,
 }
+
+/// `ShardGroup::leader_lost_ms` of a group that had no known leader since this node started.
+const NEVER_LED: u64 = u64::MAX;
 
 impl ShardGroup {
     /// Starts the Raft group of `shard` over `state_machine`. `voters` (node id → Raft address):
@@ -230,14 +236,25 @@ impl ShardGroup {
         }
         // Count leader changes as this node sees them. Server metrics change only with
         // leadership and membership, unlike the full metrics, which change on every write.
+        // Also note when the leader was lost, for `leaderless_for`.
         let mut watch = raft.server_metrics();
         let label = if shard == META_SHARD { "meta".to_string() } else { shard.to_string() };
+        let leader_lost_ms = Arc::new(AtomicU64::new(NEVER_LED));
+        let lost = leader_lost_ms.clone();
         tasks.spawn_until_stopped(async move {
             let mut leader = watch.borrow().current_leader;
+            if leader.is_some() {
+                lost.store(0, Ordering::Release);
+            }
             while watch.changed().await.is_ok() {
                 let now = watch.borrow().current_leader;
                 if now != leader && now.is_some() {
                     raft_metrics::LEADER_CHANGES.with_label_values(&[&label]).inc();
+                }
+                match (leader, now) {
+                    (_, Some(_)) => lost.store(0, Ordering::Release),
+                    (Some(_), None) => lost.store(super::takeover::monotonic_ms().max(1), Ordering::Release),
+                    (None, None) => {}
                 }
                 leader = now;
             }
@@ -258,6 +275,7 @@ impl ShardGroup {
             campaigned_term: AtomicU64::new(0),
             health,
             elections: Mutex::new(()),
+            leader_lost_ms,
             rate_sample: Mutex::new(RateSample {
                 at: Instant::now(),
                 writes: 0,
@@ -270,6 +288,22 @@ impl ShardGroup {
 }
 
 impl ShardGroup {
+    /// `None` while this node knows the group's leader; otherwise for how long it has not
+    /// known one: since it lost sight of the last leader, or [`Duration::MAX`] when it has known
+    /// none since it started. A hand-over or an election leaves a group leaderless for a few
+    /// milliseconds; health reports count a shard as without leader only past a grace period.
+    pub fn leaderless_for(&self) -> Option<Duration> {
+        if self.raft.metrics().borrow().current_leader.is_some() {
+            return None;
+        }
+        match self.leader_lost_ms.load(Ordering::Acquire) {
+            NEVER_LED => Some(Duration::MAX),
+            // The watcher has not seen the loss yet: it has just happened.
+            0 => Some(Duration::ZERO),
+            since => Some(Duration::from_millis(super::takeover::monotonic_ms().saturating_sub(since))),
+        }
+    }
+
     /// Turns openraft's election timer on or off: off while elections are paused (the leader
     /// hibernates the group, `raft::hibernation`) or the replica is unchecked.
     pub(crate) fn update_elections(&self) {
@@ -322,6 +356,8 @@ pub struct ShardStatus {
     pub shard: u16,
     pub group: u32,
     pub leader: Option<NodeId>,
+    /// See [`ShardGroup::leaderless_for`].
+    pub leaderless_for: Option<Duration>,
     pub term: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
@@ -1015,6 +1051,7 @@ impl ShardSet {
             shard,
             group: group_of_shard(shard),
             leader: metrics.current_leader,
+            leaderless_for: group.leaderless_for(),
             term: metrics.current_term,
             voters,
             learners,
