@@ -4,7 +4,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY-free: build scripts are single-threaded; PROTOC is read by prost-build below.
     unsafe { std::env::set_var("PROTOC", protoc) };
     tonic_prost_build::configure().compile_protos(
-        &["proto/log.proto", "proto/request.proto", "proto/raft.proto", "proto/antientropy.proto"],
+        &[
+            "proto/log.proto",
+            "proto/request.proto",
+            "proto/raft.proto",
+            "proto/antientropy.proto",
+            "proto/backup.proto",
+        ],
         &["proto"],
     )?;
     // etcd's KV service, client side only: the reference of the side-by-side benchmark.

@@ -2,7 +2,8 @@
 # Installs StemeDB's build prerequisites where missing (Debian/Ubuntu): a C++ toolchain and
 # libclang for RocksDB's bindings, and jeprof (libjemalloc-dev) to read the node's heap profiles;
 # the real peers the tests start: nginx and HAProxy (deploy/ configs); and Prometheus with
-# node_exporter and python3-yaml for dashboards/ (scripts/check-dashboards.sh).
+# node_exporter and python3-yaml for dashboards/ (scripts/check-dashboards.sh); moto's S3 server
+# (PyPI, in a virtualenv) for the backup tests.
 # protoc is vendored by the build, so it is not needed here.
 set -euo pipefail
 # shellcheck source=lib/libclang.sh
@@ -29,12 +30,23 @@ installed haproxy || missing+=(haproxy)
 installed prometheus || missing+=(prometheus)
 installed prometheus-node-exporter || missing+=(prometheus-node-exporter)
 installed python3-yaml || missing+=(python3-yaml)
+# moto's S3 server (PyPI), which the backup tests start on loopback as a real S3 endpoint, lives
+# in a virtualenv of Debian's python3 (pip may not install into the system's Python).
+installed python3-venv || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+# The virtualenv with moto's server: created, or completed, unless its server already imports.
+MOTO_VENV="${MOTO_VENV:-$HOME/.cache/stemedb-venv}"
+if ! "$MOTO_VENV/bin/python" -c 'import moto.server, flask_cors' >/dev/null 2>&1; then
+  echo "installing moto[server] into $MOTO_VENV"
+  /usr/bin/python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
+  "$MOTO_VENV/bin/python" -c 'import moto.server, flask_cors' || { echo "setup: moto's server does not import from $MOTO_VENV" >&2; exit 1; }
 fi
 find_libclang >/dev/null || { echo "setup: libclang (libclang.so*) still not found for RocksDB's bindings; set LIBCLANG_PATH" >&2; exit 1; }
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }

@@ -138,6 +138,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<Report> {
         env: options.env.clone(),
         binary: Some(options.stemedb.clone()),
         data_root: data_root.clone(),
+        prepare: None,
     };
     println!(
         "starting {} nodes ({} shards), scenario {}, seed {}",

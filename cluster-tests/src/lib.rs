@@ -97,11 +97,17 @@ pub struct ClusterOptions {
     pub binary: Option<PathBuf>,
     /// Where the data dirs and node logs go; default: a temporary directory removed on drop.
     pub data_root: Option<PathBuf>,
+    /// Runs for each founding node before it first starts, with its id, data dir and the
+    /// cluster's `--initial-cluster` (a restore builds the data dir there).
+    pub prepare: Option<PrepareNode>,
 }
+
+/// See [`ClusterOptions::prepare`].
+pub type PrepareNode = std::sync::Arc<dyn Fn(u64, &Path, &str) -> anyhow::Result<()> + Send + Sync>;
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { nodes: 3, shards: 4, env: Vec::new(), binary: None, data_root: None }
+        ClusterOptions { nodes: 3, shards: 4, env: Vec::new(), binary: None, data_root: None, prepare: None }
     }
 }
 
@@ -179,6 +185,11 @@ impl TestCluster {
         let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build()?;
         let mut cluster = TestCluster { nodes, links, options, initial_cluster, client, binary, _dir: dir };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        if let Some(prepare) = cluster.options.prepare.clone() {
+            for id in &ids {
+                prepare(*id, &cluster.nodes[id].data_dir, &cluster.initial_cluster)?;
+            }
+        }
         for id in &ids {
             cluster.spawn(*id)?;
         }

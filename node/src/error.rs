@@ -269,6 +269,20 @@ error_codes! {
     ShardCountMismatch = "shard_count_mismatch", 500, Internal, final;
     /// startup: the data dir format is not supported
     FormatMismatch = "format_mismatch", 500, Internal, final;
+    /// backup: the destination or source is not a directory path or `s3://bucket/prefix`
+    BackupDestinationInvalid = "backup_destination_invalid", 400, InvalidArgument, final;
+    /// backup: no backup with that id (no manifest: an interrupted backup does not exist)
+    BackupNotFound = "backup_not_found", 404, NotFound, final;
+    /// backup: another backup is running on this node
+    BackupInProgress = "backup_in_progress", 409, AlreadyExists, final;
+    /// backup: the backup store could not be read or written
+    BackupStoreFailed = "backup_store_failed", 502, Unavailable, retry;
+    /// backup: a stored file or manifest does not match its checksum or cannot be decoded
+    BackupDamaged = "backup_damaged", 422, DataLoss, final;
+    /// backup: no healthy replica of a shard could be copied
+    BackupFailed = "backup_failed", 500, Internal, retry;
+    /// restore: the data dir is not empty, or the backup does not fit the new cluster
+    RestoreRefused = "restore_refused", 409, FailedPrecondition, final;
 }
 
 impl ErrorCode {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod backup_ctl;
 pub mod bench;
 pub mod cluster;
 pub mod config;

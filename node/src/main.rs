@@ -37,6 +37,8 @@ enum Command {
     Bench(stemedb::bench::BenchArgs),
     /// Ask or change the cluster through any node's cluster admin API (port 18181).
     Cluster(stemedb::ctl::ClusterArgs),
+    /// Back up the cluster (through a node), and list, verify or restore backups.
+    Backup(stemedb::backup_ctl::BackupArgs),
     /// Run a local cluster of N nodes on 127.0.0.1, 127.0.0.2, ... (default ports) until Ctrl-C.
     DevCluster(DevClusterArgs),
     /// Verify and repair the secondary indexes of a stopped node's data dir from its records.
@@ -255,6 +257,21 @@ fn main() -> ExitCode {
             Command::Bench(args) => stemedb::bench::run(args).await,
             Command::Cluster(args) => {
                 let report = stemedb::ctl::run(args).await?;
+                print_out(&report.output)?;
+                match report.failure {
+                    Some(failure) => Err(anyhow::anyhow!(failure)),
+                    None => Ok(()),
+                }
+            }
+            Command::Backup(args) => {
+                // Logs (a restore's progress) go to stderr: stdout carries the report.
+                tracing_subscriber::fmt()
+                    .with_env_filter(EnvFilter::try_from_env("STEMEDB_LOG").unwrap_or_else(|_| EnvFilter::new("warn")))
+                    .with_target(false)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr)
+                    .init();
+                let report = stemedb::backup_ctl::run(args).await?;
                 print_out(&report.output)?;
                 match report.failure {
                     Some(failure) => Err(anyhow::anyhow!(failure)),

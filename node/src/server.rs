@@ -374,6 +374,7 @@ impl Node {
                     .chain(crate::shard::metrics::collectors())
                     .chain(crate::raft::metrics::collectors())
                     .chain(crate::cluster::anti_entropy::metrics::collectors())
+                    .chain(crate::cluster::backup::metrics::collectors())
                     .collect(),
             ),
             started_at,
@@ -385,6 +386,12 @@ impl Node {
             ),
             indexes: Default::default(),
             anti_entropy: anti_entropy.clone(),
+            backups: Arc::new(crate::cluster::backup::Backups::new(
+                shards.clone(),
+                storage.clone(),
+                config.backup.clone(),
+                identity.cluster_id.clone(),
+            )),
             heap_profiler: start_heap_profiler(&config),
         });
         self.context = Some(context.clone());
@@ -428,6 +435,7 @@ impl Node {
             &self.tasks,
             RaftService::server(shards.clone(), write_timeout),
             crate::rpc::anti_entropy::AntiEntropyService::server(anti_entropy.clone()),
+            crate::rpc::backup::BackupService::server(context.backups.clone()),
             listeners.raft,
         ));
 
@@ -645,6 +653,7 @@ impl GrpcServer {
         anti_entropy: stemedb_proto::raft::anti_entropy_server::AntiEntropyServer<
             crate::rpc::anti_entropy::AntiEntropyService,
         >,
+        backup: stemedb_proto::raft::backup_server::BackupServer<crate::rpc::backup::BackupService>,
         listener: TcpListener,
     ) -> GrpcServer {
         let stop = CancellationToken::new();
@@ -663,6 +672,7 @@ impl GrpcServer {
             .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
             .add_service(service)
             .add_service(anti_entropy)
+            .add_service(backup)
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         GrpcServer { stop, task: tasks.spawn(serve) }
     }

@@ -30,6 +30,7 @@ const LAYERS: &[&str] = &[
     "ctl",         // `stemedb cluster`: a client of the cluster admin API, uses no other module
     "listener",    // the node's closable listeners
     "server",      // lifecycle: start-up and the shutdown order
+    "backup_ctl",  // `stemedb backup`: the admin API for create; list, verify and restore offline
     "lib",         // the crate root re-exports the node's entry points
 ];
 

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod authority;
+pub mod backup;
 pub mod breakers;
 pub mod error;
 pub mod extract;
@@ -48,6 +49,9 @@ pub struct NodeContext {
     pub indexes: indexes::IndexRebuilds,
     /// Anti-entropy checks, scrubs and repairs of this node's replicas (`/cluster/sync*`).
     pub anti_entropy: Arc<crate::cluster::anti_entropy::AntiEntropy>,
+    /// Backups this node coordinates (`/v1/admin/backup`), and copies of its replicas for
+    /// backups peers coordinate.
+    pub backups: Arc<crate::cluster::backup::Backups>,
     /// Heap-profile sampling and dumps (`/v1/admin/debug/heap-profile`).
     pub heap_profiler: crate::metrics::heap_profile::HeapProfiler,
 }
@@ -148,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(admin::router())
+        .merge(backup::router())
         .merge(authority::router())
         .merge(breakers::router())
         .merge(quarantine::router())

@@ -15,6 +15,12 @@ pub struct NodeIdentity {
     pub cluster_id: String,
     pub shards: u16,
     pub format_version: u32,
+    /// A data dir restored from a backup (`stemedb backup restore`): the id its initial cluster
+    /// would have had (`cluster_id_of`), which the node's `initial_cluster` must still give.
+    /// The restored cluster's own id (`cluster_id`) differs from it and from the backed-up
+    /// cluster's, so nodes of the old cluster are never taken for members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_for: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +109,8 @@ pub fn ensure_identity(
             return Err(IdentityError::NodeIdMismatch { expected: node_id, found: identity.node_id });
         }
         if let Some(expected) = cluster_id {
-            if identity.cluster_id != expected {
+            let formed_by = identity.restored_for.as_deref().unwrap_or(&identity.cluster_id);
+            if formed_by != expected {
                 return Err(IdentityError::ClusterIdMismatch {
                     expected: expected.to_string(),
                     found: identity.cluster_id,
@@ -120,16 +127,33 @@ pub fn ensure_identity(
         cluster_id: cluster_id.map(str::to_string).unwrap_or_else(|| format!("{:016x}", rand::random::<u64>())),
         shards,
         format_version: FORMAT_VERSION,
+        restored_for: None,
     };
+    write_identity(storage, &identity)?;
+    tracing::info!(node_id, cluster_id = %identity.cluster_id, shards, "data dir initialized");
+    Ok(identity)
+}
+
+/// The id of a cluster restored from backup `backup_id` into `initial_cluster`: the same on
+/// every restored node, and never the backed-up cluster's nor a cluster formed normally.
+pub fn restored_cluster_id(backup_id: &str, initial_cluster: &std::collections::BTreeMap<u64, String>) -> String {
+    let text = format!("restored:{backup_id}:{}", cluster_id_of(initial_cluster));
+    format!("{:016x}", crate::model::id::fnv1a64(text.as_bytes()))
+}
+
+/// Records the identity of a data dir a restore built: its last step.
+pub fn record_restored(storage: &Storage, identity: &NodeIdentity) -> Result<(), StorageError> {
+    write_identity(storage, identity)
+}
+
+fn write_identity(storage: &Storage, identity: &NodeIdentity) -> Result<(), StorageError> {
     let mut batch = WriteBatch::new();
     batch.put(
         ColumnFamily::Meta,
         IDENTITY_KEY.to_vec(),
-        serde_json::to_vec(&identity).map_err(|e| StorageError::corrupt(ColumnFamily::Meta, e.to_string()))?,
+        serde_json::to_vec(identity).map_err(|e| StorageError::corrupt(ColumnFamily::Meta, e.to_string()))?,
     );
-    storage.write(batch, Durability::Synced)?;
-    tracing::info!(node_id, cluster_id = %identity.cluster_id, shards, "data dir initialized");
-    Ok(identity)
+    storage.write(batch, Durability::Synced)
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ pub struct Config {
     pub circuit_breaker: CircuitBreakerSection,
     pub logging: LoggingSection,
     pub debug: DebugSection,
+    pub backup: BackupSection,
     pub testing: TestingSection,
 }
 
@@ -376,6 +377,44 @@ pub struct LoggingSection {
     pub format: String,
 }
 
+/// Backups (`stemedb backup`, `POST /v1/admin/backup`; docs/backup.md). S3 credentials come
+/// from the usual `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT`); the `s3_*` keys here override them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupSection {
+    /// Where `stemedb backup create` and the backup timer write when no `--to` is given: a
+    /// directory or `s3://bucket/prefix`. Empty: `--to` is required.
+    pub destination: String,
+    /// After each successful backup, manifests older than this many days are deleted (the
+    /// newest backup is always kept), then the files no kept backup uses. 0 keeps everything.
+    pub retention_days: u64,
+    /// Compress backup files (LZ4).
+    pub compression_enabled: bool,
+    /// S3 endpoint (for S3-compatible stores); empty: AWS's, or `AWS_ENDPOINT`.
+    pub s3_endpoint: String,
+    /// S3 region; empty: `AWS_REGION`, else `us-east-1`.
+    pub s3_region: String,
+    /// Allow a plain-HTTP S3 endpoint (a local S3-compatible server).
+    pub s3_allow_http: bool,
+    /// Files uploaded at the same time by one node.
+    pub max_concurrent_uploads: usize,
+}
+
+impl Default for BackupSection {
+    fn default() -> Self {
+        BackupSection {
+            destination: String::new(),
+            retention_days: 7,
+            compression_enabled: true,
+            s3_endpoint: String::new(),
+            s3_region: String::new(),
+            s3_allow_http: false,
+            max_concurrent_uploads: 8,
+        }
+    }
+}
+
 /// Diagnostics: the heap profiler (`/v1/admin/debug/heap-profile`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -410,6 +449,7 @@ impl Default for Config {
             circuit_breaker: CircuitBreakerSection::default(),
             logging: LoggingSection::default(),
             debug: DebugSection::default(),
+            backup: BackupSection::default(),
             testing: TestingSection::default(),
         }
     }
@@ -514,7 +554,7 @@ impl Default for LoggingSection {
     }
 }
 
-const SECTIONS: [&str; 15] = [
+const SECTIONS: [&str; 16] = [
     "node",
     "server",
     "cluster",
@@ -529,6 +569,7 @@ const SECTIONS: [&str; 15] = [
     "circuit_breaker",
     "logging",
     "debug",
+    "backup",
     "testing",
 ];
 
@@ -540,7 +581,7 @@ const COMPACTS_ON_ITS_OWN: &str =
 
 /// Settings of the runbooks StemeDB was started from that it does not take, with what does their
 /// job here. They are still errors, like every unknown key, but the error says where to go.
-const RUNBOOK_SETTINGS_REPLACED: [(&str, &str); 10] = [
+const RUNBOOK_SETTINGS_REPLACED: [(&str, &str); 9] = [
     (
         "wal",
         "there is no separate write-ahead log: each shard's Raft log in RocksDB is its log, \
@@ -563,7 +604,6 @@ const RUNBOOK_SETTINGS_REPLACED: [(&str, &str); 10] = [
          storage.index_eviction_enabled (index_limit_mb); for a hard cap on the process (max_memory_mb), \
          use the service manager's (systemd MemoryMax=)",
     ),
-    ("backup", "backups are not built yet (docs/operations.md, Not yet built)"),
 ];
 
 /// The first setting of the runbooks that StemeDB replaces found in `figment`, as an error.
@@ -810,6 +850,18 @@ impl Config {
         if !(1..=1000).contains(&self.debug.heap_profiles_kept) {
             return fail(format!("debug.heap_profiles_kept is {}: expected 1-1000", self.debug.heap_profiles_kept));
         }
+        if !(1..=64).contains(&self.backup.max_concurrent_uploads) {
+            return fail(format!(
+                "backup.max_concurrent_uploads is {}: expected 1-64",
+                self.backup.max_concurrent_uploads
+            ));
+        }
+        if self.backup.retention_days > 36_500 {
+            return fail(format!(
+                "backup.retention_days is {}: at most 36500 (0 keeps every backup)",
+                self.backup.retention_days
+            ));
+        }
         Ok(())
     }
 
@@ -1034,7 +1086,6 @@ mod tests {
             ("[storage]\ncompaction_enabled = true\n", "/v1/admin/storage/compact"),
             ("[runtime]\nmemory_ballast_mb = 100\n", "no garbage collector"),
             ("[resources]\nmax_memory_mb = 8192\n", "MemoryMax="),
-            ("[backup]\nretention_days = 7\n", "not built yet"),
         ] {
             std::fs::write(&path, toml).expect("write");
             let error = Config::check_file(&path).expect_err(toml).to_string();

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod network;
 pub mod read_barrier;
 pub mod replica_health;
+pub mod restore;
 pub mod shards;
 pub mod state_machine;
 pub mod takeover;

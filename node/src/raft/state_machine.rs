@@ -31,11 +31,11 @@ const MAX_REPAIR_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the state machine persists about itself, in the same batch as the data it describes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct AppliedState {
-    last_applied: Option<LogId>,
-    membership: StoredMembership<NodeId, openraft::BasicNode>,
+pub(super) struct AppliedState {
+    pub(super) last_applied: Option<LogId>,
+    pub(super) membership: StoredMembership<NodeId, openraft::BasicNode>,
     /// The last `asserted_at` handed out: keeps time monotonic per shard across leaders.
-    clock_us: u64,
+    pub(super) clock_us: u64,
 }
 
 /// The adapter's side of [`AppliedProgress`]: it knows openraft's log ids.

@@ -4,9 +4,10 @@
 //! It decodes the typed protobuf message (`raft::wire`), hands it to the group's Raft or to the
 //! shard set, and encodes the answer; it owns no state. A message that does not decode is
 //! refused with `malformed_message` before anything is done. Beside it, on the same port, the
-//! anti-entropy service (`anti_entropy`).
+//! anti-entropy service (`anti_entropy`) and the backup service (`backup`).
 
 pub mod anti_entropy;
+pub mod backup;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -278,6 +278,73 @@ pub fn load_or_rebuild(storage: &Storage, group: GroupId, count: usize) -> Resul
     Ok(buckets)
 }
 
+/// Digests of one replica's `state_machine` range computed in one walk over its records in key
+/// order, when the bucket count is only known once the stored digests (`D` records) are met:
+/// records are digested at the finest count ([`MAX_BUCKETS`]) and folded down at the end (a
+/// bucket at count `c` is the XOR of the fine buckets with the same low bits). Backups use it
+/// to check the replica they copy and `backup verify` to check what they stored.
+pub struct DigestWalk {
+    header: Vec<u8>,
+    fine: Vec<u64>,
+    stored_count: Option<usize>,
+    stored: Vec<(usize, u64)>,
+    malformed: bool,
+}
+
+impl DigestWalk {
+    pub fn new(group: GroupId) -> DigestWalk {
+        DigestWalk {
+            header: header_key(group),
+            fine: vec![0; MAX_BUCKETS],
+            stored_count: None,
+            stored: Vec::new(),
+            malformed: false,
+        }
+    }
+
+    /// Feeds one record of the group's `state_machine` range.
+    pub fn record(&mut self, key: &[u8], value: &[u8]) {
+        if digested(key) {
+            self.fine[bucket_of(key, MAX_BUCKETS)] ^= record_hash(key, value);
+        } else if key == self.header.as_slice() {
+            match <[u8; 4]>::try_from(value) {
+                Ok(count) => self.stored_count = Some(u32::from_be_bytes(count) as usize),
+                Err(_) => self.malformed = true,
+            }
+        } else if let Some(bucket) = key.strip_prefix(self.header.as_slice()) {
+            match (<[u8; 4]>::try_from(bucket), <[u8; 8]>::try_from(value)) {
+                (Ok(b), Ok(v)) => self.stored.push((u32::from_be_bytes(b) as usize, u64::from_be_bytes(v))),
+                _ => self.malformed = true,
+            }
+        }
+    }
+
+    /// The digests recomputed from the records, at `count` buckets (a valid count).
+    pub fn recomputed(&self, count: usize) -> Buckets {
+        let mut buckets = Buckets::empty(count);
+        for (fine, value) in self.fine.iter().enumerate() {
+            buckets.xor(fine & (count - 1), *value);
+        }
+        buckets
+    }
+
+    /// The digests the replica stored, if they are complete and well-formed.
+    pub fn stored(&self) -> Option<Buckets> {
+        let count = self.stored_count.filter(|c| valid_bucket_count(*c))?;
+        if self.malformed || self.stored.len() != count {
+            return None;
+        }
+        let mut buckets = Buckets::empty(count);
+        for (bucket, value) in &self.stored {
+            if *bucket >= count {
+                return None;
+            }
+            buckets.set(*bucket, *value);
+        }
+        Some(buckets)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,5 +440,31 @@ mod tests {
             prop_assert_eq!(&kept, &recomputed);
             prop_assert_eq!(kept.tree().root(), recomputed.tree().root());
         }
+    }
+
+    #[test]
+    fn a_walk_folds_to_the_digests_of_any_count() {
+        let group = 5;
+        let records: Vec<(Vec<u8>, Vec<u8>)> =
+            (0..300u32).map(|n| (key(group, b'A', n), format!("value {n}").into_bytes())).collect();
+        for count in [16usize, 4096, MAX_BUCKETS] {
+            let mut expected = Buckets::empty(count);
+            let mut walk = DigestWalk::new(group);
+            for (k, v) in &records {
+                expected.toggle(k, v);
+                walk.record(k, v);
+            }
+            assert_eq!(walk.recomputed(count), expected, "{count} buckets");
+            // The stored digests (the records `put_all` writes) are read back by the walk.
+            walk.record(&header_key(group), &(count as u32).to_be_bytes());
+            for (bucket, value) in expected.values().iter().enumerate() {
+                walk.record(&bucket_key(group, bucket), &value.to_be_bytes());
+            }
+            assert_eq!(walk.stored(), Some(expected));
+        }
+        let mut incomplete = DigestWalk::new(group);
+        incomplete.record(&header_key(group), &16u32.to_be_bytes());
+        incomplete.record(&bucket_key(group, 0), &1u64.to_be_bytes());
+        assert_eq!(incomplete.stored(), None);
     }
 }

@@ -378,6 +378,57 @@ pub struct Storage {
     cache_bytes_left: std::sync::atomic::AtomicU64,
 }
 
+/// See [`Storage::point_in_time`]. Reads verify block checksums and stay out of the block cache
+/// (a backup reads everything once).
+pub struct PointInTime<'a> {
+    storage: &'a Storage,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl PointInTime<'_> {
+    fn read_options(&self, upper_bound: Option<&[u8]>) -> ReadOptions {
+        let mut read_options = ReadOptions::default();
+        if let Some(to) = upper_bound {
+            read_options.set_iterate_upper_bound(to.to_vec());
+        }
+        read_options.fill_cache(false);
+        read_options.set_verify_checksums(true);
+        read_options.set_snapshot(&self.snapshot);
+        read_options
+    }
+
+    pub fn get(&self, cf: ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        metrics::OPS_GET.inc();
+        let handle = self.storage.handle(cf)?;
+        self.storage.db.get_cf_opt(handle, key, &self.read_options(None)).map_err(|e| engine_error("get", e))
+    }
+
+    /// Calls `visit` on every key/value in `[from, to)`, as of the snapshot, until it returns
+    /// `false`.
+    pub fn for_each_in_range(
+        &self,
+        cf: ColumnFamily,
+        from: &[u8],
+        to: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let handle = self.storage.handle(cf)?;
+        metrics::OPS_SCAN.inc();
+        let iter = self.storage.db.iterator_cf_opt(
+            handle,
+            self.read_options(Some(to)),
+            IteratorMode::From(from, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(|e| engine_error("scan", e))?;
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Marks a manual compaction as no longer running when dropped, if its run did not get to.
 struct EndManualCompaction<'a>(&'a parking_lot::Mutex<ManualCompaction>);
 
@@ -631,23 +682,18 @@ impl Storage {
         taken: impl FnOnce() -> T,
         mut visit: impl FnMut(&mut T, &[u8], &[u8]) -> bool,
     ) -> Result<T, StorageError> {
-        let handle = self.handle(cf)?;
-        let snapshot = self.db.snapshot();
+        // A scrub reads everything once: the view keeps it out of the block cache.
+        let view = self.point_in_time();
         let mut state = taken();
-        let mut read_options = ReadOptions::default();
-        read_options.set_iterate_upper_bound(to.to_vec());
-        // A scrub reads everything once: keep it out of the block cache.
-        read_options.fill_cache(false);
-        read_options.set_verify_checksums(true);
-        metrics::OPS_SCAN.inc();
-        let iter = snapshot.iterator_cf_opt(handle, read_options, IteratorMode::From(from, Direction::Forward));
-        for item in iter {
-            let (k, v) = item.map_err(|e| engine_error("scan", e))?;
-            if !visit(&mut state, &k, &v) {
-                break;
-            }
-        }
+        view.for_each_in_range(cf, from, to, |k, v| visit(&mut state, k, v))?;
         Ok(state)
+    }
+
+    /// A consistent, read-only view of the whole database as it is now, over every column
+    /// family (a RocksDB snapshot: nothing is copied, and writes go on). Backups read one
+    /// shard's ranges and its applied state through it, so they agree with each other.
+    pub fn point_in_time(&self) -> PointInTime<'_> {
+        PointInTime { storage: self, snapshot: self.db.snapshot() }
     }
 
     /// Up to `limit` key/values of `[from, to)`, greatest key first.

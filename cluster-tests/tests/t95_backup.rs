@@ -1,0 +1,350 @@
+//! Backups on real clusters (docs/backup.md): a backup taken while writes go on, verified and
+//! restored into a new cluster that holds every write acknowledged before the backup began;
+//! shared files between backups; a flipped byte named by `verify` and refused by `restore`; a
+//! failed backup that leaves no manifest; and the same to a real S3 server (moto, started on
+//! loopback from the virtualenv `scripts/setup.sh` makes).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use stemedb_cluster_tests::{lease_port, stemedb_binary, ClusterOptions, TestCluster};
+
+/// Runs `stemedb backup ARGS` with `env`; (success, stdout, stderr).
+fn backup_cli(args: &[&str], env: &[(String, String)]) -> anyhow::Result<(bool, String, String)> {
+    let mut command = Command::new(stemedb_binary()?);
+    command.env_remove("STEMEDB_BIN").arg("backup").args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output()?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    ))
+}
+
+/// Starts a backup through `via` and waits for its end; its final progress.
+async fn backup(cluster: &TestCluster, via: u64, destination: &str) -> anyhow::Result<Value> {
+    let (status, started) = cluster.post(via, "/v1/admin/backup", &json!({"destination": destination})).await?;
+    anyhow::ensure!(status == 202, "{status} {started}");
+    let id = started["id"].as_str().unwrap_or_default().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, progress) = cluster.get(via, &format!("/v1/admin/backup/{id}")).await?;
+        anyhow::ensure!(status == 200, "{status} {progress}");
+        if progress["state"] != "running" {
+            return Ok(progress);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "backup {id} still running: {progress}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A prepare hook that restores `source` into each node's data dir.
+fn restore_hook(source: String, env: Vec<(String, String)>) -> stemedb_cluster_tests::PrepareNode {
+    Arc::new(move |id: u64, data_dir: &Path, initial_cluster: &str| {
+        let data_dir = data_dir.to_string_lossy().to_string();
+        let node_id = id.to_string();
+        let args = [
+            "restore",
+            "--from",
+            source.as_str(),
+            "--data-dir",
+            data_dir.as_str(),
+            "--node-id",
+            node_id.as_str(),
+            "--initial-cluster",
+            initial_cluster,
+            "--json",
+        ];
+        let (ok, stdout, stderr) = backup_cli(&args, &env)?;
+        anyhow::ensure!(ok, "restore of node {id} failed: {stdout} {stderr}");
+        eprintln!("node {id}: {}", stdout.trim());
+        Ok(())
+    })
+}
+
+/// Writes `bk/k<i>` through the nodes in turn until `stop`, recording when each was acknowledged.
+fn start_writer(
+    cluster: &TestCluster,
+    stop: Arc<AtomicBool>,
+) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<(String, Instant)>>>) {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let (client, apis) = (cluster.client.clone(), cluster.nodes.values().map(|n| n.api()).collect::<Vec<_>>());
+    let record = acked.clone();
+    let writer = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut i = 0usize;
+        while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
+            let path = format!("bk/k{i}");
+            let body = json!({"concept_path": path, "predicate": "v", "value": i, "agent_id": "writer", "request_id": format!("w{i}")});
+            let sent = client.post(format!("{}/v1/assert", apis[i % apis.len()])).json(&body).send().await;
+            if let Ok(response) = sent {
+                if response.status().as_u16() == 201 {
+                    record.lock().push((path, Instant::now()));
+                    i += 1;
+                }
+            }
+        }
+    });
+    (writer, acked)
+}
+
+async fn wait_for_acks(acked: &Mutex<Vec<(String, Instant)>>, count: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = acked.lock().len();
+        if done >= count {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {done} writes acknowledged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every path reads back its value on `cluster` (linearizable, through the nodes in turn).
+async fn assert_all_present(cluster: &TestCluster, paths: &[String]) -> anyhow::Result<()> {
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for (n, path) in paths.iter().enumerate() {
+        let i: u64 = path.trim_start_matches("bk/k").parse()?;
+        let (status, value) = cluster.read_value(ids[n % ids.len()], path, "linearizable").await?;
+        assert_eq!((status, value), (200, json!(i)), "{path} after restore");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_while_writing_then_restore_a_new_cluster() -> anyhow::Result<()> {
+    let old = TestCluster::start(ClusterOptions { nodes: 3, shards: 4, ..Default::default() }).await?;
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store").to_string_lossy().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (writer, acked) = start_writer(&old, stop.clone());
+    wait_for_acks(&acked, 150).await?;
+    let began = Instant::now();
+    let first = backup(&old, 2, &store).await?;
+    assert_eq!(first["state"], json!("succeeded"), "{first}");
+    let so_far = acked.lock().len();
+    wait_for_acks(&acked, so_far + 30).await?;
+    stop.store(true, Ordering::Release);
+    writer.await?;
+    let (before, all): (Vec<String>, usize) = {
+        let acked = acked.lock();
+        (acked.iter().filter(|(_, at)| *at < began).map(|(p, _)| p.clone()).collect(), acked.len())
+    };
+    eprintln!("{} writes acknowledged before the backup began, {all} in all; first backup {first}", before.len());
+
+    // A second backup shares the files nothing changed (the meta group's at least).
+    let second = backup(&old, 1, &store).await?;
+    assert_eq!(second["state"], json!("succeeded"), "{second}");
+    let (ok, listed, stderr) = backup_cli(&["list", "--from", &store, "--json"], &[])?;
+    assert!(ok, "{stderr}");
+    let listed: Value = serde_json::from_str(&listed)?;
+    assert_eq!(listed["backups"].as_array().map(Vec::len), Some(2), "{listed}");
+    let first_id = first["id"].as_str().unwrap_or_default();
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(format!("store/manifests/{first_id}.json")))?)?;
+    let second_id = second["id"].as_str().unwrap_or_default();
+    let manifest2: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(format!("store/manifests/{second_id}.json")))?)?;
+    let names = |m: &Value| -> std::collections::BTreeSet<String> {
+        m["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["files"].as_array().cloned().unwrap_or_default())
+            .filter_map(|f| f["sha256"].as_str().map(str::to_string))
+            .collect()
+    };
+    let shared = names(&manifest).intersection(&names(&manifest2)).count();
+    assert!(shared >= 1, "no file shared between two backups");
+    assert!(
+        manifest2["uploaded_bytes"].as_u64() < manifest2["bytes"].as_u64(),
+        "the second backup uploaded everything: {manifest2}"
+    );
+
+    // Verify without restoring.
+    let (ok, report, stderr) = backup_cli(&["verify", "--from", &store, "--backup", first_id, "--json"], &[])?;
+    assert!(ok, "{report} {stderr}");
+    let report: Value = serde_json::from_str(&report)?;
+    assert_eq!((report["ok"].clone(), report["groups"].clone()), (json!(true), json!(5)), "{report}");
+
+    // Restore the first backup into a new cluster on other ports.
+    let restored_at = Instant::now();
+    let new = TestCluster::start(ClusterOptions {
+        nodes: 3,
+        shards: 4,
+        prepare: Some(restore_hook(format!("{store}"), Vec::new())),
+        ..Default::default()
+    })
+    .await;
+    let new = match new {
+        Ok(cluster) => cluster,
+        Err(error) => anyhow::bail!("restored cluster did not start: {error:#}"),
+    };
+    eprintln!("restored cluster serving after {:?}", restored_at.elapsed());
+    // The newest backup was restored (no --backup): the second one, which holds all of `before`.
+    assert_all_present(&new, &before).await?;
+    // A new cluster: its own id, and it takes writes.
+    let (_, old_health) = old.admin_get(1, "/cluster/health").await?;
+    let (_, new_health) = new.admin_get(1, "/cluster/health").await?;
+    assert_ne!(old_health["cluster_id"], new_health["cluster_id"], "{old_health} {new_health}");
+    new.assert_value(3, "bk/after-restore", json!("new")).await?;
+    // Every write appears once: the history of a sample of keys holds one assertion each.
+    for path in before.iter().step_by(25) {
+        let (status, body) = new.post(2, "/v1/query", &json!({"concept_path": path, "lens": "history"})).await?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"][0]["assertions"].as_array().map(Vec::len), Some(1), "{path}: {body}");
+    }
+    Ok(())
+}
+
+/// The path of one stored file of the backup in `store`.
+fn some_file(store: &Path) -> anyhow::Result<PathBuf> {
+    for fan in std::fs::read_dir(store.join("files"))? {
+        if let Some(file) = std::fs::read_dir(fan?.path())?.next() {
+            return Ok(file?.path());
+        }
+    }
+    anyhow::bail!("no file in {}", store.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_is_named_and_refused_and_a_failed_backup_does_not_exist() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(ClusterOptions { nodes: 1, shards: 2, ..Default::default() }).await?;
+    for i in 0..40 {
+        cluster.assert_value(1, &format!("bk/k{i}"), json!(i)).await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let store_dir = dir.path().join("store");
+    let store = store_dir.to_string_lossy().to_string();
+
+    // A backup whose files cannot be written fails, leaves no manifest, and the next succeeds.
+    for fan in 0..=255u8 {
+        let path = store_dir.join("files").join(format!("{fan:02x}"));
+        std::fs::create_dir_all(path.parent().expect("parent"))?;
+        std::fs::write(&path, b"in the way")?;
+    }
+    let failed = backup(&cluster, 1, &store).await?;
+    assert_eq!(failed["state"], json!("failed"), "{failed}");
+    assert_eq!(failed["error_code"], json!("backup_store_failed"), "{failed}");
+    assert!(!store_dir.join("manifests").exists() || std::fs::read_dir(store_dir.join("manifests"))?.next().is_none());
+    let (ok, listed, _) = backup_cli(&["list", "--from", &store, "--json"], &[])?;
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<Value>(&listed)?["backups"], json!([]));
+    std::fs::remove_dir_all(store_dir.join("files"))?;
+    let done = backup(&cluster, 1, &store).await?;
+    assert_eq!(done["state"], json!("succeeded"), "{done}");
+
+    // One flipped byte in any file: verify names the file (and exits 1); restore refuses.
+    let file = some_file(&store_dir)?;
+    let mut bytes = std::fs::read(&file)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&file, &bytes)?;
+    let name = file.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let (ok, out, stderr) = backup_cli(&["verify", "--from", &store], &[])?;
+    assert!(!ok, "verify passed a damaged backup: {out}");
+    assert!(out.contains("DAMAGED") && out.contains(&name), "{out} {stderr}");
+    let (ok, out, stderr) = backup_cli(&["verify", "--from", &store, "--json"], &[])?;
+    assert!(!ok);
+    let report: Value = serde_json::from_str(&out)?;
+    let damage = report["damage"].as_array().cloned().unwrap_or_default();
+    assert_eq!(damage.len(), 1, "{report} {stderr}");
+    assert!(damage[0]["file"].as_str().is_some_and(|f| f.ends_with(&name)), "{report}");
+    assert!(damage[0]["group"].as_str().is_some_and(|g| g.starts_with("shard ") || g == "meta"), "{report}");
+
+    let target = dir.path().join("restored");
+    let target_text = target.to_string_lossy().to_string();
+    let (ok, out, stderr) = backup_cli(
+        &["restore", "--from", &store, "--data-dir", &target_text, "--node-id", "1", "--raft-addr", "127.0.0.1:1"],
+        &[],
+    )?;
+    assert!(!ok, "restore took a damaged backup: {out}");
+    assert!(stderr.contains("damaged backup") && stderr.contains(&name), "{stderr}");
+    Ok(())
+}
+
+/// moto's S3 server from the virtualenv of `scripts/setup.sh` (or `MOTO_VENV`).
+struct Moto {
+    child: std::process::Child,
+    endpoint: String,
+    _port: stemedb_cluster_tests::PortLease,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_moto(bucket: &str) -> anyhow::Result<Moto> {
+    let venv = std::env::var_os("MOTO_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/stemedb-venv"));
+    let server = venv.join("bin/moto_server");
+    anyhow::ensure!(server.exists(), "{} is missing: run scripts/setup.sh", server.display());
+    let port = lease_port()?;
+    let child = Command::new(&server)
+        .args(["-H", "127.0.0.1", "-p", &port.port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let endpoint = format!("http://127.0.0.1:{}", port.port);
+    let moto = Moto { child, endpoint: endpoint.clone(), _port: port };
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = client.put(format!("{endpoint}/{bucket}")).send().await {
+            if response.status().is_success() {
+                return Ok(moto);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "moto did not start on {endpoint}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_to_s3_and_restore_from_it() -> anyhow::Result<()> {
+    let moto = start_moto("stemedb-backups").await?;
+    let s3_env: Vec<(String, String)> = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("STEMEDB_BACKUP_S3_ENDPOINT", moto.endpoint.as_str()),
+        ("STEMEDB_BACKUP_S3_REGION", "us-east-1"),
+        ("STEMEDB_BACKUP_S3_ALLOW_HTTP", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let old =
+        TestCluster::start(ClusterOptions { nodes: 3, shards: 4, env: s3_env.clone(), ..Default::default() }).await?;
+    let paths: Vec<String> = (0..60).map(|i| format!("bk/k{i}")).collect();
+    for (i, path) in paths.iter().enumerate() {
+        old.assert_value((i % 3) as u64 + 1, path, json!(i)).await?;
+    }
+    let store = "s3://stemedb-backups/prod/cluster-a";
+    let done = backup(&old, 3, store).await?;
+    assert_eq!(done["state"], json!("succeeded"), "{done}");
+    let (ok, report, stderr) = backup_cli(&["verify", "--from", store, "--json"], &s3_env)?;
+    assert!(ok, "{report} {stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&report)?["ok"], json!(true));
+    let new = TestCluster::start(ClusterOptions {
+        nodes: 3,
+        shards: 4,
+        env: s3_env.clone(),
+        prepare: Some(restore_hook(store.to_string(), s3_env.clone())),
+        ..Default::default()
+    })
+    .await?;
+    assert_all_present(&new, &paths).await?;
+    Ok(())
+}

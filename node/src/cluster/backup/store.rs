@@ -1,0 +1,208 @@
+//! The backup store: a directory or an S3 bucket (`s3://bucket/prefix`) behind one object-store
+//! API (the `object_store` crate), holding content-addressed files and manifests
+//! (`manifest::file_path`, `manifest::manifest_path`).
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use super::BackupError;
+use crate::config::BackupSection;
+
+/// What a destination string names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Directory(std::path::PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl Destination {
+    /// `s3://bucket[/prefix]`, or a directory path (absolute, relative, or `file://...`).
+    pub fn parse(text: &str) -> Result<Destination, BackupError> {
+        let invalid = |why: &str| BackupError::Destination(text.to_string(), why.to_string());
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(invalid("empty: give a directory or s3://bucket/prefix (or set backup.destination)"));
+        }
+        if let Some(rest) = text.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let valid_bucket = (3..=63).contains(&bucket.len())
+                && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            if !valid_bucket {
+                return Err(invalid("not an S3 bucket name (3-63 lowercase letters, digits, '-', '.')"));
+            }
+            return Ok(Destination::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
+        }
+        if text.contains("://") && !text.starts_with("file://") {
+            return Err(invalid("only directories and s3:// are supported"));
+        }
+        Ok(Destination::Directory(text.trim_start_matches("file://").into()))
+    }
+}
+
+/// An opened backup store.
+#[derive(Clone)]
+pub struct BackupStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Option<StorePath>,
+    /// The destination as given, for messages.
+    pub name: String,
+}
+
+impl std::fmt::Debug for BackupStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackupStore({})", self.name)
+    }
+}
+
+/// An object listed in the store.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// The path under the store's prefix.
+    pub path: String,
+    pub size: u64,
+    pub modified_us: u64,
+}
+
+impl BackupStore {
+    /// Opens `destination` (see [`Destination::parse`]); a directory is created if missing.
+    /// `create` false: the directory must exist (reading a backup).
+    pub fn open(destination: &str, settings: &BackupSection, create: bool) -> Result<BackupStore, BackupError> {
+        let invalid = |why: String| BackupError::Destination(destination.to_string(), why);
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = match Destination::parse(destination)? {
+            Destination::Directory(dir) => {
+                if create {
+                    std::fs::create_dir_all(&dir).map_err(|e| invalid(format!("cannot create the directory: {e}")))?;
+                } else if !dir.is_dir() {
+                    return Err(invalid("no such directory".into()));
+                }
+                let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| invalid(e.to_string()))?
+                    .with_automatic_cleanup(true);
+                (Arc::new(local), String::new())
+            }
+            Destination::S3 { bucket, prefix } => {
+                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                if !settings.s3_endpoint.is_empty() {
+                    builder = builder.with_endpoint(settings.s3_endpoint.clone());
+                }
+                if !settings.s3_region.is_empty() {
+                    builder = builder.with_region(settings.s3_region.clone());
+                }
+                if settings.s3_allow_http {
+                    builder = builder.with_allow_http(true);
+                }
+                (Arc::new(builder.build().map_err(|e| invalid(e.to_string()))?), prefix)
+            }
+        };
+        let prefix = (!prefix.is_empty()).then(|| StorePath::from(prefix.as_str()));
+        Ok(BackupStore { store, prefix, name: destination.to_string() })
+    }
+
+    fn path(&self, relative: &str) -> StorePath {
+        match &self.prefix {
+            Some(prefix) => StorePath::from(format!("{prefix}/{relative}")),
+            None => StorePath::from(relative),
+        }
+    }
+
+    fn failed(&self, what: &str, relative: &str, error: object_store::Error) -> BackupError {
+        BackupError::Store(format!("{what} {relative} in {}: {error}", self.name))
+    }
+
+    /// Whether an object exists.
+    pub async fn exists(&self, relative: &str) -> Result<bool, BackupError> {
+        match self.store.head(&self.path(relative)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(error) => Err(self.failed("checking", relative, error)),
+        }
+    }
+
+    /// Writes an object whole (replacing it).
+    pub async fn put(&self, relative: &str, bytes: Vec<u8>) -> Result<(), BackupError> {
+        self.store
+            .put(&self.path(relative), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.failed("writing", relative, e))
+    }
+
+    /// Reads an object whole; `Ok(None)` if it does not exist.
+    pub async fn get(&self, relative: &str) -> Result<Option<Vec<u8>>, BackupError> {
+        let result = match self.store.get(&self.path(relative)).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(error) => return Err(self.failed("reading", relative, error)),
+        };
+        result.bytes().await.map(|b| Some(b.to_vec())).map_err(|e| self.failed("reading", relative, e))
+    }
+
+    pub async fn delete(&self, relative: &str) -> Result<(), BackupError> {
+        match self.store.delete(&self.path(relative)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(self.failed("deleting", relative, error)),
+        }
+    }
+
+    /// Every object under `relative_dir`.
+    pub async fn list(&self, relative_dir: &str) -> Result<Vec<Listed>, BackupError> {
+        let base = self.path(relative_dir);
+        let strip = self.prefix.as_ref().map(|p| format!("{p}/")).unwrap_or_default();
+        let listed: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&base)).try_collect().await.map_err(|e| self.failed("listing", relative_dir, e))?;
+        Ok(listed
+            .into_iter()
+            .map(|meta| {
+                let full = meta.location.to_string();
+                Listed {
+                    path: full.strip_prefix(&strip).unwrap_or(&full).to_string(),
+                    size: meta.size,
+                    modified_us: meta.last_modified.timestamp_micros().max(0) as u64,
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_parse() {
+        assert_eq!(
+            Destination::parse("s3://backups/prod/stemedb/").expect("s3"),
+            Destination::S3 { bucket: "backups".into(), prefix: "prod/stemedb".into() }
+        );
+        assert_eq!(
+            Destination::parse("s3://backups").expect("s3"),
+            Destination::S3 { bucket: "backups".into(), prefix: String::new() }
+        );
+        assert_eq!(Destination::parse("/var/backups/x").expect("dir"), Destination::Directory("/var/backups/x".into()));
+        assert_eq!(Destination::parse("file:///tmp/b").expect("dir"), Destination::Directory("/tmp/b".into()));
+        for bad in ["", "s3://", "s3://UPPER/x", "gs://bucket/x", "http://host/x"] {
+            assert!(matches!(Destination::parse(bad), Err(BackupError::Destination(..))), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_directory_store_writes_reads_lists_and_deletes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("b").to_string_lossy().to_string();
+        assert!(BackupStore::open(&dest, &BackupSection::default(), false).is_err(), "missing directory");
+        let store = BackupStore::open(&dest, &BackupSection::default(), true).expect("opens");
+        assert!(!store.exists("files/ab/abc").await.expect("head"));
+        store.put("files/ab/abc", b"hello".to_vec()).await.expect("put");
+        assert!(store.exists("files/ab/abc").await.expect("head"));
+        assert_eq!(store.get("files/ab/abc").await.expect("get"), Some(b"hello".to_vec()));
+        assert_eq!(store.get("files/ab/nope").await.expect("get"), None);
+        let listed = store.list("files").await.expect("list");
+        assert_eq!(listed.iter().map(|l| (l.path.as_str(), l.size)).collect::<Vec<_>>(), vec![("files/ab/abc", 5)]);
+        store.delete("files/ab/abc").await.expect("delete");
+        store.delete("files/ab/abc").await.expect("deleting twice is fine");
+        assert!(store.list("files").await.expect("list").is_empty());
+    }
+}
