@@ -273,7 +273,7 @@ async fn create(
             .saturating_sub(progress["started_at_us"].as_u64().unwrap_or(0))) as f64
             / 1e6;
         format!(
-            "backup {id} done in {seconds:.1}s: {} groups into {} ({} files uploaded, {} reused by this node)\n",
+            "backup {id} done in {seconds:.1}s: {} groups into {} ({} files uploaded, {} already stored)\n",
             progress["groups_done"],
             progress["destination"].as_str().unwrap_or(""),
             progress["files_uploaded"],

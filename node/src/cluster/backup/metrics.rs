@@ -8,7 +8,7 @@ use prometheus::{Gauge, IntCounterVec, Opts};
 pub static LAST_SUCCESS: LazyLock<Gauge> = LazyLock::new(|| {
     Gauge::new(
         "stemedb_backup_last_success_timestamp_seconds",
-        "Unix time at which the last backup this node coordinated finished successfully (0: none since start)",
+        "Unix time at which the last backup this node coordinated finished successfully (0: none; kept across restarts)",
     )
     .expect("valid metric")
 });

@@ -36,7 +36,7 @@ use crate::error::ErrorCode;
 use crate::meta::META_SHARD;
 use crate::model::id::now_us;
 use crate::raft::ShardSet;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{ColumnFamily, Durability, Storage, StorageError, WriteBatch};
 use copy::Tally;
 use manifest::{FileRef, GroupBackup, Manifest};
 use store::BackupStore;
@@ -90,6 +90,25 @@ const GROUPS_AT_ONCE: usize = 4;
 const UNREFERENCED_GRACE_US: u64 = 3600 * 1_000_000;
 /// Largest backup message (a reply names a few thousand files).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Where a node records its last successful backup (`meta` family).
+const LAST_SUCCESS_KEY: &[u8] = b"backup_last_success";
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct LastSuccess {
+    id: String,
+    finished_at_us: u64,
+    duration_seconds: f64,
+    bytes: u64,
+}
+
+impl LastSuccess {
+    fn publish(&self) {
+        metrics::LAST_SUCCESS.set(self.finished_at_us as f64 / 1e6);
+        metrics::DURATION.set(self.duration_seconds);
+        metrics::LAST_BYTES.set(self.bytes as f64);
+    }
+}
 
 /// A backup this node coordinates or coordinated: `GET /v1/admin/backup/{id}`.
 #[derive(Debug, Clone, Serialize)]
@@ -163,8 +182,29 @@ pub struct Backups {
 }
 
 impl Backups {
+    /// Also sets the backup gauges from the last success this node recorded, so that the age of
+    /// the last backup survives restarts.
     pub fn new(shards: Arc<ShardSet>, storage: Arc<Storage>, settings: BackupSection, cluster_id: String) -> Backups {
+        let recorded = crate::storage::blocking(|| storage.get(ColumnFamily::Meta, LAST_SUCCESS_KEY));
+        match recorded.map(|bytes| bytes.and_then(|b| serde_json::from_slice::<LastSuccess>(&b).ok())) {
+            Ok(Some(last)) => last.publish(),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(error = %error, "reading the last backup's record failed"),
+        }
         Backups { shards, storage, settings, cluster_id, runs: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Records a successful backup (metrics, and the node's storage for the next start).
+    fn record_success(&self, last: LastSuccess) {
+        last.publish();
+        let mut batch = WriteBatch::new();
+        match serde_json::to_vec(&last) {
+            Ok(bytes) => batch.put(ColumnFamily::Meta, LAST_SUCCESS_KEY.to_vec(), bytes),
+            Err(_) => return,
+        }
+        if let Err(error) = crate::storage::blocking(|| self.storage.write(batch, Durability::Synced)) {
+            tracing::warn!(error = %error, "recording the last backup failed; its age restarts from 0 at the next start");
+        }
     }
 
     /// Starts a backup of the whole cluster into `destination` (else `backup.destination`);
@@ -208,9 +248,12 @@ impl Backups {
             let outcome = match result {
                 Ok(manifest) => {
                     metrics::BACKUPS.with_label_values(&["success"]).inc();
-                    metrics::LAST_SUCCESS.set(finished_at_us as f64 / 1e6);
-                    metrics::DURATION.set(duration);
-                    metrics::LAST_BYTES.set(manifest.bytes as f64);
+                    this.record_success(LastSuccess {
+                        id: id.clone(),
+                        finished_at_us,
+                        duration_seconds: duration,
+                        bytes: manifest.bytes,
+                    });
                     tracing::info!(backup = %id, duration_s = duration, bytes = manifest.bytes, uploaded = manifest.uploaded_bytes, "backup finished");
                     this.prune(&store, &id).await;
                     Ok(manifest::manifest_path(&id))
