@@ -8,6 +8,8 @@
 set -euo pipefail
 # shellcheck source=lib/libclang.sh
 . "$(dirname "$0")/lib/libclang.sh"
+# shellcheck source=lib/moto.sh
+. "$(dirname "$0")/lib/moto.sh"
 missing=()
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
@@ -42,11 +44,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The virtualenv with moto's server: created, or completed, unless its server already imports.
 MOTO_VENV="${MOTO_VENV:-$HOME/.cache/stemedb-venv}"
-if ! "$MOTO_VENV/bin/python" -c 'import moto.server, flask_cors' >/dev/null 2>&1; then
+if ! moto_ready "$MOTO_VENV"; then
   echo "installing moto[server] into $MOTO_VENV"
   /usr/bin/python3 -m venv "$MOTO_VENV"
   "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
-  "$MOTO_VENV/bin/python" -c 'import moto.server, flask_cors' || { echo "setup: moto's server does not import from $MOTO_VENV" >&2; exit 1; }
+  moto_ready "$MOTO_VENV" || { echo "setup: moto's server is not usable from $MOTO_VENV" >&2; exit 1; }
 fi
 find_libclang >/dev/null || { echo "setup: libclang (libclang.so*) still not found for RocksDB's bindings; set LIBCLANG_PATH" >&2; exit 1; }
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Tests scripts/lib/libclang.sh, the detection setup.sh relies on, against fake directory trees:
+# Tests scripts/lib/libclang.sh and scripts/lib/moto.sh, the detection setup.sh relies on, against
+# fake directory trees:
 # the machine CI runs on has libclang installed, so only a fake tree can show that a machine
 # with clang's C++ library alone (libclang-cpp.so.N) is told to install libclang-dev.
 set -euo pipefail
@@ -52,4 +53,26 @@ else
   echo "FAIL LD_LIBRARY_PATH: want found"; fails=$((fails + 1))
 fi
 
-[ "$fails" -eq 0 ] || { echo "$fails libclang detection case(s) failed" >&2; exit 1; }
+# moto's virtualenv (lib/moto.sh): ready only with a python that imports moto's server.
+. "$(dirname "$0")/lib/moto.sh"
+fake_venv() {
+  local name=$1 python_exit=$2 server=$3
+  mkdir -p "$tmp/venv-$name/bin"
+  printf '#!/bin/sh\nexit %s\n' "$python_exit" >"$tmp/venv-$name/bin/python"
+  chmod +x "$tmp/venv-$name/bin/python"
+  if [ "$server" = yes ]; then : >"$tmp/venv-$name/bin/moto_server"; chmod +x "$tmp/venv-$name/bin/moto_server"; fi
+}
+expect_venv() {
+  local want=$1 name=$2 got
+  if moto_ready "$tmp/venv-$name"; then got=ready; else got=missing; fi
+  if [ "$got" = "$want" ]; then echo "ok   moto venv $name: $got"; else echo "FAIL moto venv $name: want $want, got $got"; fails=$((fails + 1)); fi
+}
+fake_venv no-moto 1 yes
+fake_venv no-server 0 no
+fake_venv complete 0 yes
+expect_venv missing absent
+expect_venv missing no-moto
+expect_venv missing no-server
+expect_venv ready complete
+
+[ "$fails" -eq 0 ] || { echo "$fails set-up detection case(s) failed" >&2; exit 1; }

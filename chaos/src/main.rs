@@ -48,21 +48,61 @@ enum Command {
         /// Register keys, and keys of the unkeyed set.
         #[arg(long, default_value_t = 4)]
         keys: u32,
-        /// Write the JSON report here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// The stemedb binary (default: the one next to this executable).
-        #[arg(long)]
-        stemedb: Option<PathBuf>,
-        /// Keep data dirs and node logs here (default: a temporary directory, removed).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        io: RunIo,
         /// Plant a bug in the nodes to prove the checkers catch it: `stale-reads` (linearizable
         /// reads served from the local replica without a read barrier) or `no-anti-entropy`
         /// (damaged replicas never repaired: the `corrupt` scenario must fail).
         #[arg(long)]
         plant_bug: Option<String>,
     },
+    /// The disaster-recovery drill: writes, a backup at a random moment, every node's data
+    /// destroyed at a later one, a new cluster restored from the backup; checks what came back
+    /// and measures RPO and RTO.
+    DrDrill {
+        /// Seconds from the first write to the destruction.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        #[arg(long, default_value_t = 8)]
+        shards: u16,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Writing clients.
+        #[arg(long, default_value_t = 8)]
+        clients: u32,
+        #[command(flatten)]
+        io: RunIo,
+    },
+}
+
+/// Where a run's binary, data and report are.
+#[derive(clap::Args)]
+struct RunIo {
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// The stemedb binary (default: the one next to this executable).
+    #[arg(long)]
+    stemedb: Option<PathBuf>,
+    /// Keep data dirs, node logs (and a drill's backup store) here (default: a temporary
+    /// directory, removed).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+fn stemedb_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let stemedb = match given {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("stemedb"),
+    };
+    anyhow::ensure!(stemedb.exists(), "no stemedb binary at {} (build it, or pass --stemedb)", stemedb.display());
+    Ok(stemedb)
+}
+
+fn seed_or_clock(seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    })
 }
 
 #[tokio::main]
@@ -90,24 +130,14 @@ async fn main() -> anyhow::Result<()> {
             set_clients,
             unkeyed_clients,
             keys,
-            report,
-            stemedb,
-            data_dir,
+            io: RunIo { report, stemedb, data_dir },
             plant_bug,
         } => {
             let scenario = scenario::find(&scenario).with_context(|| {
                 let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
                 format!("no scenario {scenario:?}; scenarios: {}", names.join(", "))
             })?;
-            let stemedb = match stemedb {
-                Some(path) => path,
-                None => std::env::current_exe()?.with_file_name("stemedb"),
-            };
-            anyhow::ensure!(
-                stemedb.exists(),
-                "no stemedb binary at {} (build it, or pass --stemedb)",
-                stemedb.display()
-            );
+            let stemedb = stemedb_binary(stemedb)?;
             let mut env = Vec::new();
             match plant_bug.as_deref() {
                 None => {}
@@ -117,12 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 Some("no-anti-entropy") => env.push(("STEMEDB_ANTI_ENTROPY_ENABLED".into(), "false".into())),
                 Some(other) => anyhow::bail!("unknown bug {other:?}; known: stale-reads, no-anti-entropy"),
             }
-            let seed = seed.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
+            let seed = seed_or_clock(seed);
             anyhow::ensure!(keys > 0 && duration > 0, "--keys and --duration must be positive");
             let outcome = run(RunOptions {
                 scenario,
@@ -151,6 +176,46 @@ async fn main() -> anyhow::Result<()> {
                 "pass" => Ok(()),
                 "inconclusive" => std::process::exit(2),
                 _ => std::process::exit(1),
+            }
+        }
+        Command::DrDrill { duration, shards, seed, clients, io: RunIo { report, stemedb, data_dir } } => {
+            anyhow::ensure!(duration >= 5 && clients > 0, "--duration must be at least 5 and --clients positive");
+            let outcome = stemedb_chaos::dr_drill::dr_drill(stemedb_chaos::dr_drill::DrillOptions {
+                duration: Duration::from_secs(duration),
+                shards: shards.max(1),
+                seed: seed_or_clock(seed),
+                clients,
+                stemedb: stemedb_binary(stemedb)?,
+                data_root: data_dir,
+            })
+            .await?;
+            println!(
+                "dr-drill: {} writes acknowledged ({} before the backup, {} of them missing), {} missing after it, {} duplicates; RPO {:.2}s, RTO {:.2}s (restore and start {:.2}s); {} of {} shard digests match the manifest",
+                outcome.writes_acknowledged,
+                outcome.acknowledged_before_backup,
+                outcome.missing_before_backup,
+                outcome.missing_after_backup,
+                outcome.duplicates,
+                outcome.rpo_seconds,
+                outcome.rto_seconds,
+                outcome.restore_seconds,
+                outcome.digests_matching,
+                outcome.shards_checked
+            );
+            for anomaly in &outcome.anomalies {
+                println!("ANOMALY {anomaly}");
+            }
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_vec_pretty(&outcome)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("report: {}", path.display());
+            }
+            if outcome.anomalies.is_empty() {
+                println!("result: PASS");
+                Ok(())
+            } else {
+                println!("result: FAIL ({} anomalies)", outcome.anomalies.len());
+                std::process::exit(1)
             }
         }
     }
