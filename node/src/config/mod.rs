@@ -399,6 +399,9 @@ pub struct BackupSection {
     pub s3_allow_http: bool,
     /// Files uploaded at the same time by one node.
     pub max_concurrent_uploads: usize,
+    /// Bytes of replica records one node reads for backups per second, in MiB (0: no limit):
+    /// a backup reads whole replicas, and this keeps it from taking the cores writes need.
+    pub max_read_mb_per_second: u64,
 }
 
 impl Default for BackupSection {
@@ -411,6 +414,7 @@ impl Default for BackupSection {
             s3_region: String::new(),
             s3_allow_http: false,
             max_concurrent_uploads: 8,
+            max_read_mb_per_second: 16,
         }
     }
 }
@@ -878,6 +882,7 @@ impl Config {
             ("storage.index_max_memory_mb", storage.index_max_memory_mb, TIB),
             ("query.claims_cache_mb", query.claims_cache_mb, TIB),
             ("query.max_memory_per_query_mb", query.max_memory_per_query_mb, TIB),
+            ("backup.max_read_mb_per_second", self.backup.max_read_mb_per_second, TIB),
             ("limits.max_request_bytes", self.limits.max_request_bytes as u64, (MAX_SIZE_MB << 20, "1 TiB")),
             ("raft.heartbeat_interval_ms", raft.heartbeat_interval_ms, DAY_MS),
             ("raft.election_timeout_min_ms", raft.election_timeout_min_ms, DAY_MS),
@@ -967,6 +972,7 @@ pub(crate) fn config_at_the_bounds() -> Config {
     config.storage.index_max_memory_mb = MAX_SIZE_MB;
     config.query.claims_cache_mb = MAX_SIZE_MB;
     config.query.max_memory_per_query_mb = MAX_SIZE_MB;
+    config.backup.max_read_mb_per_second = MAX_SIZE_MB;
     // Heartbeat < minimum < maximum election timeout must still hold.
     config.raft.heartbeat_interval_ms = DAY_MS / 2 - 2;
     config.raft.election_timeout_min_ms = DAY_MS - 1;
@@ -1109,12 +1115,13 @@ mod tests {
     #[test]
     fn sizes_and_durations_past_their_bounds_are_refused_by_name() {
         type Set = fn(&mut Config);
-        let over: [(&str, u64, Set); 21] = [
+        let over: [(&str, u64, Set); 22] = [
             ("storage.max_cache_size_mb", MAX_SIZE_MB, |c| c.storage.max_cache_size_mb += 1),
             ("storage.write_buffer_mb", MAX_SIZE_MB, |c| c.storage.write_buffer_mb += 1),
             ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
             ("query.claims_cache_mb", MAX_SIZE_MB, |c| c.query.claims_cache_mb += 1),
             ("query.max_memory_per_query_mb", MAX_SIZE_MB, |c| c.query.max_memory_per_query_mb += 1),
+            ("backup.max_read_mb_per_second", MAX_SIZE_MB, |c| c.backup.max_read_mb_per_second += 1),
             ("raft.heartbeat_interval_ms", 86_400_000, |c| c.raft.heartbeat_interval_ms = 86_400_001),
             ("raft.election_timeout_min_ms", 86_400_000, |c| c.raft.election_timeout_min_ms += 2),
             ("raft.election_timeout_max_ms", 86_400_000, |c| c.raft.election_timeout_max_ms += 1),

@@ -31,6 +31,39 @@ pub struct Tally {
     pub bytes_reused: AtomicU64,
 }
 
+/// Paces the replica reads of one node's backups to `backup.max_read_mb_per_second`, over all
+/// the copies running at once: each file's bytes get a slot on one virtual clock, and a walk
+/// that is ahead of it sleeps (on its blocking thread) until its slot.
+#[derive(Debug)]
+pub struct ReadPacer {
+    bytes_per_second: f64,
+    next: parking_lot::Mutex<Option<std::time::Instant>>,
+}
+
+impl ReadPacer {
+    /// `mb_per_second` 0: no limit.
+    pub fn new(mb_per_second: u64) -> ReadPacer {
+        ReadPacer { bytes_per_second: (mb_per_second as f64) * 1048576.0, next: parking_lot::Mutex::new(None) }
+    }
+
+    /// Blocks until `bytes` more may be read.
+    fn take(&self, bytes: u64) {
+        if self.bytes_per_second <= 0.0 {
+            return;
+        }
+        let wait = {
+            let mut next = self.next.lock();
+            let now = std::time::Instant::now();
+            let start = next.map_or(now, |n| n.max(now));
+            *next = Some(start + std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_second));
+            start.saturating_duration_since(now)
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 /// What walking a replica found, besides its files.
 struct Walked {
     index: u64,
@@ -55,6 +88,7 @@ fn walk(
     storage: &Storage,
     shard: u16,
     compress: bool,
+    pacer: &ReadPacer,
     files: tokio::sync::mpsc::Sender<SealedFile>,
 ) -> Result<Walked, BackupError> {
     let group = group_of_shard(shard);
@@ -71,6 +105,7 @@ fn walk(
     let mut receiver_gone = false;
     for (family, cf) in [(STATE_MACHINE, ColumnFamily::StateMachine), (INDEX, ColumnFamily::Index)] {
         let mut send = |file: SealedFile| {
+            pacer.take(file.raw_bytes);
             if files.blocking_send(file).is_err() {
                 receiver_gone = true;
             }
@@ -150,10 +185,11 @@ pub async fn copy_group(
     shard: u16,
     compress: bool,
     uploads: usize,
+    pacer: Arc<ReadPacer>,
     tally: Arc<Tally>,
 ) -> Result<GroupBackup, BackupError> {
     let (sender, mut files) = tokio::sync::mpsc::channel::<SealedFile>(uploads.max(1));
-    let walking = tokio::task::spawn_blocking(move || walk(&storage, shard, compress, sender));
+    let walking = tokio::task::spawn_blocking(move || walk(&storage, shard, compress, &pacer, sender));
     let mut in_flight = FuturesUnordered::new();
     let mut stored: Vec<(usize, FileRef)> = Vec::new();
     let mut next = 0usize;

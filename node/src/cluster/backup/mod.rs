@@ -179,6 +179,8 @@ pub struct Backups {
     settings: BackupSection,
     cluster_id: String,
     runs: Mutex<BTreeMap<String, Run>>,
+    /// `backup.max_read_mb_per_second` over every copy this node makes.
+    pacer: Arc<copy::ReadPacer>,
 }
 
 impl Backups {
@@ -191,7 +193,8 @@ impl Backups {
             Ok(None) => {}
             Err(error) => tracing::warn!(error = %error, "reading the last backup's record failed"),
         }
-        Backups { shards, storage, settings, cluster_id, runs: Mutex::new(BTreeMap::new()) }
+        let pacer = Arc::new(copy::ReadPacer::new(settings.max_read_mb_per_second));
+        Backups { shards, storage, settings, cluster_id, runs: Mutex::new(BTreeMap::new()), pacer }
     }
 
     /// Records a successful backup (metrics, and the node's storage for the next start).
@@ -381,6 +384,7 @@ impl Backups {
             shard,
             self.settings.compression_enabled,
             self.settings.max_concurrent_uploads,
+            self.pacer.clone(),
             tally,
         )
         .await
