@@ -348,3 +348,27 @@ async fn backup_to_s3_and_restore_from_it() -> anyhow::Result<()> {
     assert_all_present(&new, &paths).await?;
     Ok(())
 }
+
+/// Transport messages name their cluster: a node refuses one from another cluster (a node of
+/// the cluster a backup was taken from, say), and serves its own cluster's and unnamed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_refuse_messages_from_another_cluster() -> anyhow::Result<()> {
+    use stemedb::error::ErrorCode;
+    use stemedb::raft::network::PeerChannels;
+    let cluster = TestCluster::start(ClusterOptions { nodes: 1, shards: 1, ..Default::default() }).await?;
+    let (_, health) = cluster.admin_get(1, "/cluster/health").await?;
+    let ours = health["cluster_id"].as_str().unwrap_or_default().to_string();
+    let addr = format!("127.0.0.1:{}", cluster.node(1).raft_port);
+    let heartbeat = || stemedb_proto::raft::Heartbeat { from: 99, ..Default::default() };
+    for (name, id) in [("ours", Some(ours.clone())), ("unnamed", None)] {
+        let mut client = PeerChannels::new(Default::default(), id).client(&addr)?;
+        let answer = client.node_heartbeat(heartbeat()).await;
+        assert!(answer.is_ok(), "{name}: {answer:?}");
+    }
+    let mut stranger = PeerChannels::new(Default::default(), Some("0123456789abcdef".into())).client(&addr)?;
+    let refused = stranger.node_heartbeat(heartbeat()).await.expect_err("another cluster");
+    assert_eq!(ErrorCode::of_status(&refused), Some(ErrorCode::WrongCluster), "{refused:?}");
+    let counted = cluster.metric(1, "stemedb_transport_wrong_cluster_total").await?;
+    assert_eq!(counted, Some(1.0));
+    Ok(())
+}

@@ -283,6 +283,8 @@ error_codes! {
     BackupFailed = "backup_failed", 500, Internal, retry;
     /// restore: the data dir is not empty, or the backup does not fit the new cluster
     RestoreRefused = "restore_refused", 409, FailedPrecondition, final;
+    /// transport: a message on 18182 from a node of another cluster
+    WrongCluster = "wrong_cluster", 403, PermissionDenied, final;
 }
 
 impl ErrorCode {

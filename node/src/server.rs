@@ -304,7 +304,16 @@ impl Node {
         let api_addr = addr_of(listeners.api.local_addr())?;
         let (admin_addr, raft_addr) = (addr_of(listeners.admin.local_addr())?, addr_of(listeners.raft.local_addr())?);
 
-        // 1. Storage and the data dir's identity.
+        // 1. Storage and the data dir's identity. A restore that did not finish left a data dir
+        //    that must not be started (some groups staged, no identity).
+        let restoring = config.node.data_dir.join(crate::cluster::backup::restore::RESTORING_MARKER);
+        if restoring.exists() {
+            return Err(NodeError::Serve(format!(
+                "{} holds an unfinished restore ({} exists): move it aside and run `stemedb backup restore` again into an empty data dir",
+                config.node.data_dir.display(),
+                restoring.display()
+            )));
+        }
         // Opening reads every table file (`storage.verify_on_start`): off the async workers.
         let storage = crate::storage::blocking(|| Storage::open(&config.node.data_dir, storage_options(&config)))?;
         self.storage = Some(storage.clone());
@@ -312,7 +321,10 @@ impl Node {
         let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;
 
         // 2. The Raft groups.
-        let peers = PeerChannels::new(config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?);
+        let peers = PeerChannels::new(
+            config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?,
+            Some(identity.cluster_id.clone()),
+        );
         let policy = crate::meta::policy::Policy::new(
             config.authority.max_chain_depth,
             crate::meta::quarantine::QuarantineRules::from_config(&config),
@@ -436,6 +448,7 @@ impl Node {
             RaftService::server(shards.clone(), write_timeout),
             crate::rpc::anti_entropy::AntiEntropyService::server(anti_entropy.clone()),
             crate::rpc::backup::BackupService::server(context.backups.clone()),
+            identity.cluster_id.clone(),
             listeners.raft,
         ));
 
@@ -654,6 +667,7 @@ impl GrpcServer {
             crate::rpc::anti_entropy::AntiEntropyService,
         >,
         backup: stemedb_proto::raft::backup_server::BackupServer<crate::rpc::backup::BackupService>,
+        cluster_id: String,
         listener: TcpListener,
     ) -> GrpcServer {
         let stop = CancellationToken::new();
@@ -670,6 +684,8 @@ impl GrpcServer {
             // h2's default (20 such streams) then answers GOAWAY "too_many_resets" and tears down
             // the connection every heal. The transport only serves cluster peers.
             .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
+            // Nodes of another cluster are refused before any service sees their request.
+            .layer(tonic::service::InterceptorLayer::new(crate::rpc::cluster_check(cluster_id)))
             .add_service(service)
             .add_service(anti_entropy)
             .add_service(backup)

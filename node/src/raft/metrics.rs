@@ -46,6 +46,14 @@ pub static READ_BARRIERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static SOLE_VOTER_READS: LazyLock<IntCounter> = LazyLock::new(|| READ_BARRIERS.with_label_values(&["sole_voter"]));
 pub static QUORUM_READS: LazyLock<IntCounter> = LazyLock::new(|| READ_BARRIERS.with_label_values(&["quorum"]));
 
+pub static WRONG_CLUSTER: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_transport_wrong_cluster_total",
+        "Messages on the transport (18182) refused because they came from a node of another cluster",
+    )
+    .expect("valid metric")
+});
+
 pub static LEADER_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_raft_leader_changes_total", "Times this node saw a shard's leader change, by shard"),
@@ -150,6 +158,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(PEER_RPC_ERRORS.clone()),
         Box::new(FORWARDED.clone()),
         Box::new(LEADER_CHANGES.clone()),
+        Box::new(WRONG_CLUSTER.clone()),
     ]
 }
 

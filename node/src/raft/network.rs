@@ -53,6 +53,9 @@ const UNBATCHED_RETRY: Duration = Duration::from_secs(30);
 /// The gRPC channels to peer nodes, by Raft address.
 #[derive(Default)]
 pub struct PeerChannels {
+    /// Sent with every request (see [`cluster_user_agent`]), so that a node of another
+    /// cluster refuses it; `None` sends none (tests).
+    cluster_id: Option<String>,
     channels: Mutex<HashMap<String, Channel>>,
     /// The AppendEntries batcher of each peer, by Raft address.
     batchers: Mutex<HashMap<String, PeerBatcher>>,
@@ -65,8 +68,13 @@ pub struct PeerChannels {
 pub struct InvalidPeerAddress(pub String);
 
 impl PeerChannels {
-    pub fn new(overrides: HashMap<String, String>) -> Arc<PeerChannels> {
-        Arc::new(PeerChannels { channels: Mutex::new(HashMap::new()), batchers: Mutex::new(HashMap::new()), overrides })
+    pub fn new(overrides: HashMap<String, String>, cluster_id: Option<String>) -> Arc<PeerChannels> {
+        Arc::new(PeerChannels {
+            cluster_id,
+            channels: Mutex::new(HashMap::new()),
+            batchers: Mutex::new(HashMap::new()),
+            overrides,
+        })
     }
 
     /// The AppendEntries batcher of the peer at `addr`, started on first use (on the current
@@ -95,12 +103,17 @@ impl PeerChannels {
             Some(channel) => channel.clone(),
             None => {
                 let dial = self.overrides.get(addr).map(String::as_str).unwrap_or(addr);
-                let endpoint = Endpoint::from_shared(format!("http://{dial}"))
+                let mut endpoint = Endpoint::from_shared(format!("http://{dial}"))
                     .map_err(|_| InvalidPeerAddress(addr.to_string()))?
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
+                if let Some(id) = &self.cluster_id {
+                    endpoint = endpoint
+                        .user_agent(cluster_user_agent(id))
+                        .map_err(|_| InvalidPeerAddress(addr.to_string()))?;
+                }
                 let channel = endpoint.connect_lazy();
                 channels.insert(addr.to_string(), channel.clone());
                 channel
@@ -108,6 +121,17 @@ impl PeerChannels {
         };
         Ok(channel)
     }
+}
+
+/// The `user-agent` of every request a node of cluster `cluster_id` sends on the transport:
+/// `stemedb/<version> cluster/<id>`.
+pub fn cluster_user_agent(cluster_id: &str) -> String {
+    format!("stemedb/{} cluster/{cluster_id}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The cluster a transport request's `user-agent` names, if any (tonic appends its own token).
+pub fn cluster_of_user_agent(user_agent: &str) -> Option<&str> {
+    user_agent.split_ascii_whitespace().find_map(|token| token.strip_prefix("cluster/"))
 }
 
 /// Network factory of one group.
@@ -548,7 +572,7 @@ mod tests {
                 .add_service(RaftTransportServer::new(peer))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        Harness { peers: PeerChannels::new(HashMap::new()), addr, batches, singles, arrived, gate }
+        Harness { peers: PeerChannels::new(HashMap::new(), None), addr, batches, singles, arrived, gate }
     }
 
     /// Sends one message at a time until both call slots are held at the peer.

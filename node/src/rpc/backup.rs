@@ -38,8 +38,11 @@ impl BackupRpc for BackupService {
             .map(|s| u16::try_from(*s))
             .collect::<Result<Vec<u16>, _>>()
             .map_err(|_| ErrorCode::MalformedMessage.to_status("shards: a shard number out of range"))?;
-        let reply =
-            self.backups.copy_for_peer(&r.backup_id, &r.destination, &shards).await.map_err(|e| e.to_status())?;
+        let reply = self
+            .backups
+            .copy_for_peer(&r.backup_id, &r.destination, &shards, r.compress)
+            .await
+            .map_err(|e| e.to_status())?;
         Ok(Response::new(reply))
     }
 }

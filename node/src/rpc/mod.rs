@@ -9,6 +9,30 @@
 pub mod anti_entropy;
 pub mod backup;
 
+/// Refuses (`wrong_cluster`) a request whose `user-agent` names another cluster than
+/// `cluster_id` (`raft::network::cluster_user_agent`): a node of an old cluster whose data was
+/// restored elsewhere, or of a cluster sharing addresses by mistake, never reaches a group
+/// here. A request that names no cluster (a node of a version before this check, a tool) is
+/// served.
+pub fn cluster_check(cluster_id: String) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let named = request
+            .metadata()
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::raft::network::cluster_of_user_agent);
+        match named {
+            Some(other) if other != cluster_id => {
+                crate::raft::metrics::WRONG_CLUSTER.inc();
+                tracing::debug!(from_cluster = other, "refused a transport request from another cluster");
+                Err(crate::error::ErrorCode::WrongCluster
+                    .to_status(format!("this node belongs to cluster {cluster_id}, not to cluster {other}")))
+            }
+            _ => Ok(request),
+        }
+    }
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -156,7 +156,8 @@ fn walk(
 async fn store_file(store: &BackupStore, file: SealedFile) -> Result<(FileRef, bool), BackupError> {
     let path = file_path(&file.sha256);
     let reference = FileRef { sha256: file.sha256.clone(), bytes: file.bytes.len() as u64, records: file.records };
-    if store.exists(&path).await? {
+    // A file cut short (a store that lost power mid-write) is written again, not reused.
+    if store.size(&path).await? == Some(reference.bytes) {
         return Ok((reference, false));
     }
     store.put(&path, file.bytes).await?;

@@ -18,6 +18,12 @@ pub fn manifest_path(id: &str) -> String {
     format!("manifests/{id}.json")
 }
 
+/// Written when a backup starts and removed when it ends: peers check they see the same store,
+/// and pruning leaves files alone while a backup is pending.
+pub fn pending_path(id: &str) -> String {
+    format!("pending/{id}")
+}
+
 /// A new backup id: its UTC start time (so ids sort by age) and a random suffix.
 pub fn new_id(now_us: u64) -> String {
     let at = chrono::DateTime::from_timestamp_micros(now_us as i64).unwrap_or_default();

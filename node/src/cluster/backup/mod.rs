@@ -85,9 +85,11 @@ impl BackupError {
 const RUNS_KEPT: usize = 32;
 /// Groups copied at the same time by one backup.
 const GROUPS_AT_ONCE: usize = 4;
-/// Files no kept backup uses are deleted only once they are this old: a backup running
-/// meanwhile (from another node) may have just uploaded them.
+/// Files no kept backup uses are deleted only once they are this old (and no backup is
+/// pending): a backup that started and finished meanwhile may have just uploaded them.
 const UNREFERENCED_GRACE_US: u64 = 3600 * 1_000_000;
+/// A pending marker older than this is of a coordinator that died: it no longer holds pruning.
+const PENDING_MAX_AGE_US: u64 = 24 * 3600 * 1_000_000;
 /// Largest backup message (a reply names a few thousand files).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -246,6 +248,10 @@ impl Backups {
         // A node task: shutdown waits (bounded) for it before closing the storage it reads.
         self.shards.tasks.spawn(async move {
             let result = this.run(&id, &store, started_at_us, tally).await;
+            // The marker protected this backup's files from pruning while it ran.
+            if let Err(error) = store.delete(&manifest::pending_path(&id)).await {
+                tracing::warn!(backup = %id, error = %error, "removing the backup's pending marker failed; pruning waits for it to age");
+            }
             let finished_at_us = now_us();
             let duration = (finished_at_us.saturating_sub(started_at_us)) as f64 / 1e6;
             let outcome = match result {
@@ -290,6 +296,10 @@ impl Backups {
         started_at_us: u64,
         tally: Arc<Tally>,
     ) -> Result<Manifest, BackupError> {
+        // Written first: peers check they see it (one store for every node), and pruning
+        // leaves files alone while a backup is pending.
+        let marker = serde_json::json!({"coordinator": self.shards.node_id, "started_at_us": started_at_us});
+        store.put(&manifest::pending_path(id), marker.to_string().into_bytes()).await?;
         let mut shards: Vec<u16> = (0..self.shards.shard_count()).collect();
         shards.push(META_SHARD);
         let copies: Vec<Result<GroupBackup, BackupError>> = stream::iter(shards)
@@ -315,6 +325,24 @@ impl Backups {
             uploaded_bytes: tally.bytes_uploaded.load(Ordering::Relaxed),
             compression: self.settings.compression_enabled,
         };
+        // Every file the manifest names is in the store, whole, before it is committed.
+        let files: Vec<FileRef> = manifest.groups.iter().flat_map(|g| g.files.iter().cloned()).collect();
+        let checks: Vec<Result<(), BackupError>> = stream::iter(files)
+            .map(|file| async move {
+                match store.size(&manifest::file_path(&file.sha256)).await? {
+                    Some(size) if size == file.bytes => Ok(()),
+                    found => Err(BackupError::Store(format!(
+                        "file {} is {} after the copy, expected {} bytes",
+                        manifest::file_path(&file.sha256),
+                        found.map_or("missing".to_string(), |s| format!("{s} bytes")),
+                        file.bytes
+                    ))),
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        checks.into_iter().collect::<Result<Vec<()>, _>>()?;
         let encoded = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Store(e.to_string()))?;
         // The commit point: written once every file it names is stored.
         store.put(&manifest::manifest_path(id), encoded).await?;
@@ -344,7 +372,7 @@ impl Backups {
         let mut failures = Vec::new();
         for (node, addr) in self.sources(shard)? {
             let copied = if node == self.shards.node_id {
-                self.copy_local(store, shard, tally.clone()).await
+                self.copy_local(store, shard, self.settings.compression_enabled, tally.clone()).await
             } else {
                 self.copy_remote(id, &store.name, &addr, shard, &tally).await
             };
@@ -367,6 +395,7 @@ impl Backups {
         &self,
         store: &BackupStore,
         shard: u16,
+        compress: bool,
         tally: Arc<Tally>,
     ) -> Result<GroupBackup, BackupError> {
         let failed = |message: String| BackupError::Failed { shard, message };
@@ -382,7 +411,7 @@ impl Backups {
             self.shards.node_id,
             store.clone(),
             shard,
-            self.settings.compression_enabled,
+            compress,
             self.settings.max_concurrent_uploads,
             self.pacer.clone(),
             tally,
@@ -396,13 +425,25 @@ impl Backups {
         backup_id: &str,
         destination: &str,
         shards: &[u16],
+        compress: bool,
     ) -> Result<CopyReplicasReply, BackupError> {
         let store = BackupStore::open(destination, &self.settings, true)?;
+        // A directory destination must be one directory every node sees (a shared mount): else
+        // this node's files would land where the manifest is not.
+        if !store.exists(&manifest::pending_path(backup_id)).await? {
+            return Err(BackupError::Destination(
+                destination.to_string(),
+                format!(
+                    "node {} does not see the coordinator's store (no pending marker of backup {backup_id}): a directory destination must be the same shared directory on every node; use S3 otherwise",
+                    self.shards.node_id
+                ),
+            ));
+        }
         tracing::info!(backup = %backup_id, ?shards, "copying replicas for a backup a peer coordinates");
         let tally = Arc::new(Tally::default());
         let mut replicas = Vec::with_capacity(shards.len());
         for shard in shards {
-            replicas.push(to_wire(&self.copy_local(&store, *shard, tally.clone()).await?));
+            replicas.push(to_wire(&self.copy_local(&store, *shard, compress, tally.clone()).await?));
         }
         let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         Ok(CopyReplicasReply {
@@ -491,6 +532,19 @@ pub async fn prune(
         } else {
             kept.push(id);
         }
+    }
+    // A backup running now (its pending marker less than a day old) may use files no manifest
+    // names yet, or reuse old ones: files wait. Older markers are of coordinators that died.
+    let mut running = false;
+    for marker in store.list("pending").await? {
+        if marker.modified_us.saturating_add(PENDING_MAX_AGE_US) < now_us {
+            store.delete(&marker.path).await?;
+        } else {
+            running = true;
+        }
+    }
+    if running {
+        return Ok((deleted, 0));
     }
     let mut used = BTreeSet::new();
     for id in &kept {

@@ -23,7 +23,7 @@ use serde::Serialize;
 use super::chunk::{FileDamage, STATE_MACHINE};
 use super::manifest::GroupBackup;
 use super::store::BackupStore;
-use super::verify::{check_digest, latest, read_group, read_manifest};
+use super::verify::{check_digest, latest, read_group, read_manifest, ReadFailure};
 use super::BackupError;
 use crate::cluster::identity::{
     cluster_id_of, identity_recorded, record_restored, restored_cluster_id, NodeIdentity, FORMAT_VERSION,
@@ -34,6 +34,9 @@ use crate::raft::types::group_of_shard;
 use crate::shard::digest::DigestWalk;
 use crate::shard::keys;
 use crate::storage::{Storage, StorageOptions};
+
+/// A file in a data dir whose restore has not finished; `stemedb serve` refuses such a dir.
+pub const RESTORING_MARKER: &str = "RESTORING";
 
 pub struct RestoreRequest {
     pub store: BackupStore,
@@ -77,6 +80,18 @@ pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupErr
             request.members.keys().collect::<Vec<_>>()
         )));
     }
+    let not_empty = std::fs::read_dir(&request.data_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if not_empty {
+        return Err(BackupError::Refused(format!(
+            "{} is not empty: restore into an empty data dir (move the old one aside)",
+            request.data_dir.display()
+        )));
+    }
+    // Until the identity is written the dir is half restored: `serve` refuses it.
+    let marker = request.data_dir.join(RESTORING_MARKER);
+    std::fs::create_dir_all(&request.data_dir)
+        .and_then(|()| std::fs::write(&marker, id.as_bytes()))
+        .map_err(|e| BackupError::Refused(format!("{}: {e}", request.data_dir.display())))?;
     let data_dir = request.data_dir.clone();
     let options = request.storage.clone();
     let storage = tokio::task::spawn_blocking(move || Storage::open(&data_dir, options))
@@ -109,6 +124,7 @@ pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupErr
     let closed = storage.close();
     let report = result?;
     closed?;
+    std::fs::remove_file(&marker).map_err(|e| BackupError::Refused(format!("{}: {e}", marker.display())))?;
     Ok(report)
 }
 
@@ -138,7 +154,8 @@ async fn stage_all(
     };
     let mut meta = MetaState::default();
     let bootstrap = MetaCommand::Bootstrap { nodes: request.members.clone(), placement: placement.clone() };
-    meta.apply(bootstrap, crate::model::id::now_us())
+    // The same on every node: each restores on its own, and the replicas must be identical.
+    meta.apply(bootstrap, manifest.started_at_us)
         .map_err(|e| BackupError::Refused(format!("the new cluster's metadata: {e}")))?;
     let meta_bytes = serde_json::to_vec(&meta).map_err(|e| BackupError::Refused(e.to_string()))?;
     let (mut groups, mut records, mut bytes) = (Vec::new(), 0u64, 0u64);
@@ -187,13 +204,17 @@ async fn stage_group(
         })
     })
     .await;
-    let checked = read.and_then(|()| check_digest(group, &walk));
+    let checked = read.and_then(|()| check_digest(group, &walk).map_err(ReadFailure::Damaged));
     match (write_error, checked) {
         (Some(error), _) => {
             staged.abandon();
             Err(BackupError::Refused(format!("{}: staging: {error}", group.label())))
         }
-        (None, Err(damage)) => {
+        (None, Err(ReadFailure::Store(error))) => {
+            staged.abandon();
+            Err(error)
+        }
+        (None, Err(ReadFailure::Damaged(damage))) => {
             staged.abandon();
             let file = damage.file.map(|f| format!(" file {f}:")).unwrap_or_default();
             Err(BackupError::Damaged(format!("{}:{file} {}", damage.group, damage.problem)))

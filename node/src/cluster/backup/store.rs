@@ -78,9 +78,11 @@ impl BackupStore {
                 } else if !dir.is_dir() {
                     return Err(invalid("no such directory".into()));
                 }
+                // Files and manifests reach the disk before they count.
                 let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| invalid(e.to_string()))?
-                    .with_automatic_cleanup(true);
+                    .with_automatic_cleanup(true)
+                    .with_fsync(true);
                 (Arc::new(local), String::new())
             }
             Destination::S3 { bucket, prefix } => {
@@ -102,9 +104,10 @@ impl BackupStore {
     }
 
     fn path(&self, relative: &str) -> StorePath {
+        let relative = StorePath::from(relative);
         match &self.prefix {
-            Some(prefix) => StorePath::from(format!("{prefix}/{relative}")),
-            None => StorePath::from(relative),
+            Some(prefix) => prefix.parts().chain(relative.parts()).collect(),
+            None => relative,
         }
     }
 
@@ -114,9 +117,14 @@ impl BackupStore {
 
     /// Whether an object exists.
     pub async fn exists(&self, relative: &str) -> Result<bool, BackupError> {
+        Ok(self.size(relative).await?.is_some())
+    }
+
+    /// The size of an object, if it exists.
+    pub async fn size(&self, relative: &str) -> Result<Option<u64>, BackupError> {
         match self.store.head(&self.path(relative)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(error) => Err(self.failed("checking", relative, error)),
         }
     }
@@ -150,18 +158,19 @@ impl BackupStore {
     /// Every object under `relative_dir`.
     pub async fn list(&self, relative_dir: &str) -> Result<Vec<Listed>, BackupError> {
         let base = self.path(relative_dir);
-        let strip = self.prefix.as_ref().map(|p| format!("{p}/")).unwrap_or_default();
         let listed: Vec<object_store::ObjectMeta> =
             self.store.list(Some(&base)).try_collect().await.map_err(|e| self.failed("listing", relative_dir, e))?;
         Ok(listed
             .into_iter()
             .map(|meta| {
-                let full = meta.location.to_string();
-                Listed {
-                    path: full.strip_prefix(&strip).unwrap_or(&full).to_string(),
-                    size: meta.size,
-                    modified_us: meta.last_modified.timestamp_micros().max(0) as u64,
-                }
+                let path = match &self.prefix {
+                    Some(prefix) => match meta.location.prefix_match(prefix) {
+                        Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
+                        None => meta.location.to_string(),
+                    },
+                    None => meta.location.to_string(),
+                };
+                Listed { path, size: meta.size, modified_us: meta.last_modified.timestamp_micros().max(0) as u64 }
             })
             .collect())
     }

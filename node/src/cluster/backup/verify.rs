@@ -115,13 +115,27 @@ pub struct VerifyReport {
     pub damage: Vec<Damage>,
 }
 
+/// Why a group could not be read back: damage in the backup, or a store that did not answer
+/// (which says nothing about the backup).
+#[derive(Debug)]
+pub enum ReadFailure {
+    Damaged(Damage),
+    Store(BackupError),
+}
+
+impl From<Damage> for ReadFailure {
+    fn from(damage: Damage) -> ReadFailure {
+        ReadFailure::Damaged(damage)
+    }
+}
+
 /// Reads every file of `group` (`FILES_AT_ONCE` at a time), checking each; feeds `visit` the
 /// records of each file in the manifest's order.
 pub async fn read_group(
     store: &BackupStore,
     group: &GroupBackup,
     mut visit: impl FnMut(u8, &[u8], &[u8]) -> Result<(), FileDamage>,
-) -> Result<(), Damage> {
+) -> Result<(), ReadFailure> {
     let prefix = keys::group_prefix(group_of_shard(group.shard));
     let damage = |file: &str, problem: String| Damage { group: group.label(), file: Some(file.to_string()), problem };
     let mut fetched = stream::iter(group.files.iter())
@@ -131,8 +145,8 @@ pub async fn read_group(
         let path = file_path(&file.sha256);
         let bytes = match bytes {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return Err(damage(&path, "missing".into())),
-            Err(error) => return Err(damage(&path, error.to_string())),
+            Ok(None) => return Err(damage(&path, "missing".into()).into()),
+            Err(error) => return Err(ReadFailure::Store(error)),
         };
         let records = read_file(&bytes, &file.sha256, |family, key, value| {
             if !key.starts_with(&prefix) {
@@ -143,14 +157,19 @@ pub async fn read_group(
         .map_err(|e| damage(&path, e.to_string()))?;
         if records != file.records {
             let problem = FileDamage::Records { expected: file.records, found: records }.to_string();
-            return Err(damage(&path, problem));
+            return Err(damage(&path, problem).into());
         }
+    }
+    let listed: u64 = group.files.iter().map(|f| f.records).sum();
+    if listed != group.records {
+        let problem = format!("its files hold {listed} records, the manifest says {}", group.records);
+        return Err(Damage { group: group.label(), file: None, problem }.into());
     }
     Ok(())
 }
 
 /// Checks one group: its files, then its digest against the manifest.
-async fn verify_group(store: &BackupStore, group: &GroupBackup) -> Result<(), Damage> {
+async fn verify_group(store: &BackupStore, group: &GroupBackup) -> Result<(), ReadFailure> {
     let mut walk = DigestWalk::new(group_of_shard(group.shard));
     read_group(store, group, |family, key, value| {
         if family == STATE_MACHINE {
@@ -159,7 +178,7 @@ async fn verify_group(store: &BackupStore, group: &GroupBackup) -> Result<(), Da
         Ok(())
     })
     .await?;
-    check_digest(group, &walk)
+    Ok(check_digest(group, &walk)?)
 }
 
 /// Whether the records walked hash to the manifest's digest (and to the digests they carry).
@@ -173,10 +192,13 @@ pub fn check_digest(group: &GroupBackup, walk: &DigestWalk) -> Result<(), Damage
     if root != group.digest_root {
         return Err(whole(format!("the records' digest is {root}, the manifest says {}", group.digest_root)));
     }
-    if walk.stored().is_some_and(|stored| stored != walk.recomputed(stored.count())) {
-        return Err(whole("the records do not match the digests they carry".into()));
+    match walk.stored() {
+        None => Err(whole("the records carry no complete digests".into())),
+        Some(stored) if stored != walk.recomputed(stored.count()) => {
+            Err(whole("the records do not match the digests they carry".into()))
+        }
+        Some(_) => Ok(()),
     }
-    Ok(())
 }
 
 /// Verifies backup `id` (the newest when `None`) without restoring it.
@@ -186,9 +208,17 @@ pub async fn verify(store: &BackupStore, id: Option<&str>) -> Result<VerifyRepor
         None => latest(store).await?,
     };
     let manifest = read_manifest(store, &id).await?;
-    let results: Vec<Result<(), Damage>> =
+    let results: Vec<Result<(), ReadFailure>> =
         stream::iter(manifest.groups.iter()).map(|g| verify_group(store, g)).buffered(4).collect().await;
-    let damage: Vec<Damage> = results.into_iter().filter_map(Result::err).collect();
+    let mut damage = Vec::new();
+    for result in results {
+        match result {
+            Ok(()) => {}
+            Err(ReadFailure::Damaged(found)) => damage.push(found),
+            // The store did not answer: nothing is known about the backup.
+            Err(ReadFailure::Store(error)) => return Err(error),
+        }
+    }
     Ok(VerifyReport {
         id,
         ok: damage.is_empty(),
