@@ -44,7 +44,7 @@ pub fn damaged_groups(lost: &[LostFile], shards: u16) -> BTreeMap<GroupId, Vec<S
 /// Drops this node's replica of `group` whole, keeping only its vote: the group opens empty
 /// and its leader re-seeds it. Runs on a blocking thread (RocksDB, file removal).
 pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Result<(), StorageError> {
-    clear_replica(storage, group, true)?;
+    clear_replica(storage, group, true, true)?;
     let shard = crate::shard::command::shard_of_group(group)
         .map(|s| if s == crate::meta::META_SHARD { "meta".to_string() } else { s.to_string() })
         .unwrap_or_else(|| group.to_string());
@@ -60,19 +60,35 @@ pub fn drop_replica(storage: &Storage, group: GroupId, files: &[String]) -> Resu
     Ok(())
 }
 
-/// Deletes everything of this node's replica of `group` but its vote (a voter must never vote
-/// twice in a term): Raft log and hard state, state machine, indexes, snapshot. The group never
-/// bootstraps itself again at a later start (a marker says so). With `forgot_acknowledged`
-/// (a damaged replica that was a voter), the node also holds its votes back at its next start
-/// until it has caught up. Its Raft must not run. Runs on a blocking thread.
-pub fn clear_replica(storage: &Storage, group: GroupId, forgot_acknowledged: bool) -> Result<(), StorageError> {
+/// Deletes everything of this node's replica of `group` but, with `keep_vote`, its vote (a
+/// voter must never vote twice in a term): Raft log and hard state, state machine, indexes,
+/// snapshot. The group never bootstraps itself again at a later start (a marker says so).
+/// With `forgot_acknowledged` (a damaged replica that was a voter), the node also holds its
+/// votes back at its next start until it has caught up. Its Raft must not run. Runs on a
+/// blocking thread.
+///
+/// A replica moved away is cleared without its vote: the group's committed membership no
+/// longer holds this node, so no vote of its counts in any election. A removed voter that did
+/// not learn its removal may have campaigned alone for terms above the group's; kept, that vote
+/// would make the group's leader step down the moment a later move adds the node back as a
+/// learner (openraft reverts a leader that sees a higher vote), failing that move.
+pub fn clear_replica(
+    storage: &Storage,
+    group: GroupId,
+    forgot_acknowledged: bool,
+    keep_vote: bool,
+) -> Result<(), StorageError> {
     let vote_key = keys::state_key(group, super::log_store::VOTE_TAG);
     // The vote is kept: a voter must never vote twice in a term. Of its two copies (one may
     // have been in the lost file, leaving an older version to read back), the newer.
-    let vote = newer_vote(
-        storage.get(ColumnFamily::RaftState, &vote_key)?,
-        storage.get(ColumnFamily::Meta, &keys::vote_copy_key(group))?,
-    );
+    let vote = if keep_vote {
+        newer_vote(
+            storage.get(ColumnFamily::RaftState, &vote_key)?,
+            storage.get(ColumnFamily::Meta, &keys::vote_copy_key(group))?,
+        )
+    } else {
+        None
+    };
     // The snapshot first (and durably): a crash after the batch must not find it again.
     let dir = storage.data_dir().join("snapshots");
     let snapshot = crate::shard::snapshot::snapshot_path(&dir, group);
@@ -97,9 +113,12 @@ pub fn clear_replica(storage: &Storage, group: GroupId, forgot_acknowledged: boo
     }
     batch.delete(ColumnFamily::Meta, keys::install_marker_key(group));
     batch.delete(ColumnFamily::Meta, keys::snapshot_key(group));
-    if let Some(vote) = vote {
-        batch.put(ColumnFamily::Meta, keys::vote_copy_key(group), vote.clone());
-        batch.put(ColumnFamily::RaftState, vote_key, vote);
+    match vote {
+        Some(vote) => {
+            batch.put(ColumnFamily::Meta, keys::vote_copy_key(group), vote.clone());
+            batch.put(ColumnFamily::RaftState, vote_key, vote);
+        }
+        None => batch.delete(ColumnFamily::Meta, keys::vote_copy_key(group)),
     }
     storage.write(batch, Durability::Synced)
 }

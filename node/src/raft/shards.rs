@@ -31,7 +31,7 @@ use crate::model::id::shard_for_path;
 use crate::shard::claims_cache::RenderedSlot;
 use crate::shard::reader::{ClaimsRead, ShardReader};
 use crate::shard::ConsensusError;
-use crate::storage::Storage;
+use crate::storage::{ColumnFamily, Storage};
 
 /// How long a forwarding node waits before sending a proposal again after a failure that did
 /// not name a new leader.
@@ -356,7 +356,9 @@ pub struct ShardStatus {
     pub shard: u16,
     pub group: u32,
     pub leader: Option<NodeId>,
-    /// See [`ShardGroup::leaderless_for`].
+    /// See [`ShardGroup::leaderless_for`]. Not part of the API's shard view (health reports
+    /// use it).
+    #[serde(skip)]
     pub leaderless_for: Option<Duration>,
     pub term: u64,
     pub voters: Vec<NodeId>,
@@ -434,6 +436,18 @@ impl ShardSet {
         tasks: crate::tasks::NodeTasks,
     ) -> Result<ShardSet, ConsensusError> {
         let placement = place_replicas(&members, shards, replication_factor);
+        // Groups are created from the bootstrap placement only while the cluster is being
+        // founded. Once this node has applied the bootstrap, an empty group here is a replica
+        // moved away (and deleted) or never placed: it waits for a leader to add it, and must
+        // never create a group of its own from the founding placement (it would campaign with a
+        // membership the cluster left long ago and disturb the real group).
+        let founded = crate::storage::blocking(|| {
+            storage.get(ColumnFamily::StateMachine, &crate::shard::keys::meta_state_key(group_of_shard(META_SHARD)))
+        })
+        .ok()
+        .flatten()
+        .and_then(|bytes| serde_json::from_slice::<MetaState>(&bytes).ok())
+        .is_some_and(|meta| meta.is_bootstrapped());
         let (election_timeout_min, election_timeout_max) = openraft_election_timeouts(
             settings.heartbeat_interval_ms,
             settings.election_timeout_min_ms,
@@ -479,7 +493,7 @@ impl ShardSet {
             // A dropped replica never bootstraps its group again: its leader re-seeds it.
             let reseeding =
                 damaged.contains_key(&group_of_shard(shard)) || reseed_marked(&storage, group_of_shard(shard))?;
-            let voters = (replicas.first() == Some(&node_id) && !reseeding)
+            let voters = (replicas.first() == Some(&node_id) && !reseeding && !founded)
                 .then(|| replicas.iter().filter_map(|id| members.get(id).map(|addr| (*id, addr.clone()))).collect());
             groups.push(Mutex::new(Arc::new(
                 ShardGroup::start(
@@ -1381,8 +1395,10 @@ impl ShardSet {
         old.raft.shutdown().await.map_err(|e| startup(&e))?;
         let storage = self.storage.clone();
         // As for a damaged replica: should the group still count this node a voter (a membership
-        // change the leader has not told it of), it must not vote before it has caught up.
-        crate::storage::blocking(|| super::damage::clear_replica(&storage, group, true)).map_err(|e| startup(&e))?;
+        // change the leader has not told it of), it must not vote before it has caught up. Its
+        // vote goes (see `damage::clear_replica`).
+        crate::storage::blocking(|| super::damage::clear_replica(&storage, group, true, false))
+            .map_err(|e| startup(&e))?;
         let buckets = self.settings.digest_buckets;
         let state_machine =
             crate::storage::blocking(|| ShardStateMachine::open(storage.clone(), shard, group, buckets))

@@ -94,7 +94,7 @@ fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool) {
         match result {
             Ok(()) => batch.into_iter().for_each(|callback| callback(Ok(()))),
             Err(error) => {
-                metrics::STORAGE_OPERATION_ERRORS.with_label_values(&["fsync"]).inc();
+                metrics::STORAGE_OPERATION_ERRORS.with_label_values(&["fsync", super::error_kind(&error)]).inc();
                 tracing::error!(error = %error, "raft log fsync failed");
                 let message = error.into_string();
                 batch.into_iter().for_each(|callback| callback(Err(io::Error::other(message.clone()))));

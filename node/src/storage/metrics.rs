@@ -6,11 +6,17 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
 
 pub static STORAGE_OPERATION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
-        Opts::new("stemedb_storage_operation_errors_total", "Storage operations that failed, by operation"),
-        &["operation"],
+        Opts::new(
+            "stemedb_storage_operation_errors_total",
+            "Storage operations that failed, by operation and kind (corruption: damaged data on disk; io: an I/O error such as a full disk; other)",
+        ),
+        &["operation", "kind"],
     )
     .expect("valid metric")
 });
+
+/// The `kind` label values of `stemedb_storage_operation_errors_total`.
+pub const ERROR_KINDS: [&str; 3] = ["corruption", "io", "other"];
 
 pub static LOST_FILES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
@@ -83,7 +89,9 @@ pub static GROUP_COMMIT_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
 /// Every storage collector, for registration. The known label values start at 0.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     for operation in ["get", "scan", "put", "sync", "flush", "fsync"] {
-        STORAGE_OPERATION_ERRORS.with_label_values(&[operation]);
+        for kind in ERROR_KINDS {
+            STORAGE_OPERATION_ERRORS.with_label_values(&[operation, kind]);
+        }
         STORAGE_OPERATIONS.with_label_values(&[operation]);
     }
     vec![

@@ -113,15 +113,26 @@ impl StorageError {
     }
 }
 
+/// The `kind` label of a failed storage operation that is not a damaged read
+/// (`metrics::ERROR_KINDS`).
+fn error_kind(error: &rocksdb::Error) -> &'static str {
+    match error.kind() {
+        rocksdb::ErrorKind::Corruption => "corruption",
+        rocksdb::ErrorKind::IOError => "io",
+        _ => "other",
+    }
+}
+
 fn engine_error(operation: &'static str, error: rocksdb::Error) -> StorageError {
-    metrics::STORAGE_OPERATION_ERRORS.with_label_values(&[operation]).inc();
     tracing::error!(operation, error = %error, "storage operation failed");
     // A read that fails on a damaged block or a file gone missing is damage; a write's I/O
     // error (a full disk, say) is not.
     let read = matches!(operation, "get" | "scan");
     if error.kind() == rocksdb::ErrorKind::Corruption || (read && error.kind() == rocksdb::ErrorKind::IOError) {
+        metrics::STORAGE_OPERATION_ERRORS.with_label_values(&[operation, "corruption"]).inc();
         return StorageError::EngineCorruption { operation, message: error.into_string() };
     }
+    metrics::STORAGE_OPERATION_ERRORS.with_label_values(&[operation, error_kind(&error)]).inc();
     StorageError::Engine { operation, message: error.into_string() }
 }
 
