@@ -246,6 +246,18 @@ async fn rotten_table_files_never_take_the_node_down() -> anyhow::Result<()> {
     let fresh = |body: &Value| {
         (0..SHARDS).all(|s| shard_entry(body, s)["check_index"].as_u64() > Some(checked_before[s as usize]))
     };
+    // A fresh check of every shard now: without writes (or a leader change) no leader proposes
+    // one by itself, and the wait below would see only the checks from before the kill.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let url = format!("{}/cluster/sync", cluster.node(1).admin());
+        let sent = cluster.client.post(url).json(&json!({"target_node": victim, "force": true})).send().await?;
+        if sent.status().is_success() {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "POST /cluster/sync answered {}", sent.status());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     wait_sync(&cluster, victim, Duration::from_secs(90), "every shard agreeing at a check after the re-seed", |b| {
         all_agree(b) && fresh(b)
     })
