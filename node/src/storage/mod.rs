@@ -421,22 +421,9 @@ impl PointInTime<'_> {
         cf: ColumnFamily,
         from: &[u8],
         to: &[u8],
-        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+        visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
-        let handle = self.storage.handle(cf)?;
-        metrics::OPS_SCAN.inc();
-        let iter = self.storage.db.iterator_cf_opt(
-            handle,
-            self.read_options(Some(to)),
-            IteratorMode::From(from, Direction::Forward),
-        );
-        for item in iter {
-            let (k, v) = item.map_err(|e| engine_error("scan", e))?;
-            if !visit(&k, &v) {
-                break;
-            }
-        }
-        Ok(())
+        self.storage.scan_with(cf, from, self.read_options(Some(to)), visit)
     }
 }
 
@@ -664,10 +651,22 @@ impl Storage {
         cf: ColumnFamily,
         from: &[u8],
         to: &[u8],
-        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+        visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
         let mut read_options = ReadOptions::default();
         read_options.set_iterate_upper_bound(to.to_vec());
+        self.scan_with(cf, from, read_options, visit)
+    }
+
+    /// The walk of [`Storage::for_each_in_range`] and [`PointInTime::for_each_in_range`]: from
+    /// `from` forward, bounded by `read_options` (upper bound, snapshot, caching).
+    fn scan_with(
+        &self,
+        cf: ColumnFamily,
+        from: &[u8],
+        read_options: ReadOptions,
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
         metrics::OPS_SCAN.inc();
         let iter =
             self.db.iterator_cf_opt(self.handle(cf)?, read_options, IteratorMode::From(from, Direction::Forward));
