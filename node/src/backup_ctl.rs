@@ -76,7 +76,29 @@ pub enum BackupCommand {
         /// This node's Raft address (for a single-node restore without --initial-cluster).
         #[arg(long)]
         raft_addr: Option<String>,
+        /// Restore the cluster as it was at this time: RFC 3339 (`2026-12-04T18:00:00Z`) or
+        /// Unix seconds. Uses the newest backup finished by then, and replays the archived log
+        /// up to it. Give every node of the new cluster the same value. Default: everything.
+        #[arg(long, value_parser = parse_as_of)]
+        as_of: Option<u64>,
+        /// Do not replay the archived log: restore exactly the backup.
+        #[arg(long)]
+        no_log: bool,
     },
+}
+
+/// `--as-of`: RFC 3339 or Unix seconds, as µs since the epoch.
+fn parse_as_of(text: &str) -> Result<u64, String> {
+    if let Ok(seconds) = text.parse::<f64>() {
+        if seconds.is_finite() && seconds >= 0.0 && seconds < 1e11 {
+            return Ok((seconds * 1e6) as u64);
+        }
+        return Err(format!("{text}: not a time (Unix seconds after 1970)"));
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .and_then(|at| u64::try_from(at.timestamp_micros()).ok())
+        .ok_or_else(|| format!("{text}: expected RFC 3339 (2026-12-04T18:00:00Z) or Unix seconds"))
 }
 
 /// What the command printed, and whether it failed.
@@ -150,12 +172,13 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<Report> {
                 return Ok(Report { output: format!("{}\n", serde_json::to_string(&report)?), failure });
             }
             let mut output = format!(
-                "backup {}: {} groups, {} files, {} records, {}, read in {:.1}s\n",
+                "backup {}: {} groups, {} files, {} records, {}, {} archived log segments after it, read in {:.1}s\n",
                 report.id,
                 report.groups,
                 report.files,
                 report.records,
                 text_bytes(report.bytes),
+                report.log_segments,
                 started.elapsed().as_secs_f64()
             );
             for d in &report.damage {
@@ -171,7 +194,7 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<Report> {
             }
             Ok(Report { output, failure })
         }
-        BackupCommand::Restore { from, backup, data_dir, node_id, initial_cluster, raft_addr } => {
+        BackupCommand::Restore { from, backup, data_dir, node_id, initial_cluster, raft_addr, as_of, no_log } => {
             let flags = FlagOverrides { data_dir, node_id, initial_cluster, raft_addr, ..FlagOverrides::default() };
             let config = config(args.config.as_deref(), &flags)?;
             let store = BackupStore::open(&source(from, &config)?, &config.backup, false)?;
@@ -183,6 +206,8 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<Report> {
                 members: config.initial_members()?,
                 replication_factor: config.cluster.replication_factor,
                 storage: crate::server::storage_options(&config),
+                replay_log: !no_log,
+                as_of_us: as_of,
             };
             let report = restore(request).await?;
             if json_out {
@@ -200,11 +225,31 @@ pub async fn run(args: BackupArgs) -> anyhow::Result<Report> {
                     report.records,
                     text_bytes(report.bytes),
                     report.elapsed_ms as f64 / 1000.0
-                ),
+                ) + &replayed_text(&report.replayed),
                 failure: None,
             })
         }
     }
+}
+
+fn replayed_text(replayed: &[crate::cluster::backup::restore::ReplayedGroup]) -> String {
+    if replayed.is_empty() {
+        return "no archived log after the backup was replayed\n".into();
+    }
+    let entries: u64 = replayed.iter().map(|g| g.entries).sum();
+    let newest = replayed.iter().filter_map(|g| g.last_proposed_at_us).max();
+    let mut text = format!("replayed {entries} archived log entries over {} groups", replayed.len());
+    if let Some(at) = newest.and_then(|us| chrono::DateTime::from_timestamp_micros(us as i64)) {
+        text.push_str(&format!("; the newest write restored was proposed at {}", at.to_rfc3339()));
+    }
+    text.push('\n');
+    for group in replayed.iter().filter(|g| g.stopped_at == "gap") {
+        text.push_str(&format!(
+            "WARNING shard {}: the archive has a gap after index {}; later entries were not replayed\n",
+            group.shard, group.to_index
+        ));
+    }
+    text
 }
 
 async fn create(

@@ -188,6 +188,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         snapshot_install_pause_ms: config.testing.snapshot_install_pause_ms,
         digest_buckets: config.anti_entropy.buckets,
         check_before_serving: config.anti_entropy.enabled,
+        archive_log: config.backup.archive_enabled,
     }
 }
 
@@ -441,6 +442,8 @@ impl Node {
         }
         self.watch_for_fatal_errors(&shards, &storage, recovering);
         anti_entropy.start();
+        crate::cluster::backup::archive::Archiver::start(shards.clone(), &config.backup, identity.cluster_id.clone())
+            .map_err(|e| NodeError::Serve(format!("raft log archival: {e}")))?;
 
         // 4. The transport, before waiting for leaders: elections need the peers' votes.
         self.grpc = Some(GrpcServer::start(

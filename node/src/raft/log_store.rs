@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -32,6 +33,10 @@ pub struct LogStore {
     storage: Arc<Storage>,
     group: GroupId,
     recent: Arc<Mutex<RecentEntries>>,
+    /// The last index a purge may delete: `u64::MAX` unless the log is archived
+    /// (`backup.archive_enabled`); then the last index this node knows to be archived, so an
+    /// entry is never purged before it is archived, whatever openraft asks.
+    purge_floor: Arc<AtomicU64>,
 }
 
 /// Stored bytes of log entries a group keeps in memory ([`RecentEntries`]): two full
@@ -127,7 +132,52 @@ pub(crate) fn write_error(e: impl std::error::Error + 'static) -> StorageIoError
 
 impl LogStore {
     pub fn new(storage: Arc<Storage>, group: GroupId) -> LogStore {
-        LogStore { storage, group, recent: Arc::new(Mutex::new(RecentEntries::default())) }
+        LogStore {
+            storage,
+            group,
+            recent: Arc::new(Mutex::new(RecentEntries::default())),
+            purge_floor: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+
+    /// Keeps every entry until [`LogStore::archived_through`] says it is archived.
+    pub fn keep_unarchived(self) -> LogStore {
+        self.purge_floor.store(0, Ordering::Release);
+        self
+    }
+
+    /// Entries through `index` are archived: purges may delete them. Never lowers the floor.
+    pub fn archived_through(&self, index: u64) {
+        self.purge_floor.fetch_max(index, Ordering::AcqRel);
+    }
+
+    /// The group's stored log entries from `from` through `through`, in their stored (binary)
+    /// form with their indexes, while their size stays under `max_bytes` (at least one entry
+    /// if any). A blocking read: for the archiver, on a blocking thread. The first entry
+    /// returned is after `from` when the log no longer holds `from` (purged or a snapshot).
+    pub fn stored_entries(
+        &self,
+        from: u64,
+        through: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, crate::storage::StorageError> {
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let (start, end) = (keys::log_key(self.group, from), keys::log_key(self.group, through.saturating_add(1)));
+        let prefix = keys::group_prefix(self.group).len();
+        self.storage.for_each_in_range(ColumnFamily::RaftLog, &start, &end, |key, value| {
+            if !entries.is_empty() && bytes + value.len() > max_bytes {
+                return false;
+            }
+            let Some(index) = key.get(prefix..).and_then(|i| <[u8; 8]>::try_from(i).ok()).map(u64::from_be_bytes)
+            else {
+                return true;
+            };
+            bytes += value.len();
+            entries.push((index, value.to_vec()));
+            true
+        })?;
+        Ok(entries)
     }
 
     fn read_state<T: serde::de::DeserializeOwned>(&self, tag: u8) -> Result<Option<T>, StorageIoError> {
@@ -157,6 +207,30 @@ impl LogStore {
             openraft::EntryPayload::Normal(command) => Some(command.proposed_at_us()),
             _ => None,
         })
+    }
+
+    /// What a purge through `log_id` may delete when entries after `floor` are not archived
+    /// yet: through `floor` only (openraft never reads what it asked to purge, so keeping more
+    /// is safe; a later purge takes the rest), or nothing if the log does not hold `floor`.
+    /// When the log does not hold `log_id` itself, a snapshot was installed past the log's end
+    /// (a truncation may have left a gap): everything goes, as without archival, since a log
+    /// with a hole must not survive a restart.
+    fn clamped_purge(&self, log_id: LogId, floor: u64) -> Result<Option<LogId>, StorageIoError> {
+        let (asked, kept) = (keys::log_key(self.group, log_id.index), keys::log_key(self.group, floor));
+        let (asked, kept) = blocking(|| {
+            Ok::<_, crate::storage::StorageError>((
+                self.storage.get(ColumnFamily::RaftLog, &asked)?.is_some(),
+                self.storage.get(ColumnFamily::RaftLog, &kept)?,
+            ))
+        })
+        .map_err(read_error)?;
+        if !asked {
+            return Ok(Some(log_id));
+        }
+        match kept {
+            Some(bytes) => Ok(Some(Self::decode(&bytes)?.log_id)),
+            None => Ok(None),
+        }
     }
 
     fn decode(bytes: &[u8]) -> Result<Entry, StorageIoError> {
@@ -321,6 +395,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
+        let floor = self.purge_floor.load(Ordering::Acquire);
+        let log_id = if log_id.index <= floor { Some(log_id) } else { self.clamped_purge(log_id, floor)? };
+        let Some(log_id) = log_id else { return Ok(()) };
         self.recent.lock().purge_through(log_id.index);
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, PURGED_TAG, &log_id)?;
@@ -441,5 +518,44 @@ mod tests {
         let read = recent.read(5, u64::MAX, None).expect("served from the tail");
         assert_eq!(read.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
         assert!(recent.read(0, 3, None).is_none(), "before the tail: storage");
+    }
+
+    fn stored_log(count: u64) -> (tempfile::TempDir, LogStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), crate::storage::StorageOptions::default()).expect("opens");
+        let mut batch = WriteBatch::new();
+        for index in 1..=count {
+            batch.put(ColumnFamily::RaftLog, keys::log_key(7, index), super::super::wire::encode_entry(&entry(index)));
+        }
+        storage.write(batch, Durability::Synced).expect("writes");
+        (dir, LogStore::new(storage, 7))
+    }
+
+    fn stored_indexes(log: &LogStore) -> Vec<u64> {
+        log.stored_entries(0, u64::MAX - 1, usize::MAX).expect("reads").into_iter().map(|(i, _)| i).collect()
+    }
+
+    /// With archival on, a purge never deletes an entry past what is archived; without it, a
+    /// purge deletes what openraft asks. A purge for a snapshot past the log's end still clears it.
+    #[tokio::test]
+    async fn purges_stop_at_the_archived_index() {
+        let (_dir, log) = stored_log(10);
+        let mut log = log.keep_unarchived();
+        log.purge(entry(8).log_id).await.expect("purges");
+        assert_eq!(stored_indexes(&log), (1..=10).collect::<Vec<_>>(), "nothing archived: nothing purged");
+        log.archived_through(5);
+        log.archived_through(3); // never lowers the floor
+        log.purge(entry(8).log_id).await.expect("purges");
+        assert_eq!(stored_indexes(&log), (6..=10).collect::<Vec<_>>());
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(5));
+        log.purge(entry(30).log_id).await.expect("a snapshot past the end");
+        assert!(stored_indexes(&log).is_empty());
+
+        let (_dir, mut free) = stored_log(10);
+        free.purge(entry(8).log_id).await.expect("purges");
+        assert_eq!(stored_indexes(&free), vec![9, 10]);
+        let bounded = free.stored_entries(9, 10, 1).expect("reads");
+        assert_eq!(bounded.len(), 1, "a byte bound still returns one entry");
     }
 }

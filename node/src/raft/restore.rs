@@ -9,14 +9,23 @@
 //! it at start, so the group is initialized without `Raft::initialize`, every restored replica
 //! of the group holds the same state at the same log id, and the first election (term 1)
 //! appends after it.
+//!
+//! A restore that replays the archived log stages the backup's copy in a scratch storage,
+//! opens it there ([`Replay`]: the state machine installs it), applies the archived entries with
+//! their original log ids (so every assertion gets the id it had), and stages what results at
+//! the last replayed index.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
+use std::sync::Arc;
 
 use openraft::{CommittedLeaderId, Membership, SnapshotMeta, StoredMembership};
 
-use super::state_machine::AppliedState;
-use super::types::{group_of_shard, LogId, NodeId};
+use openraft::storage::RaftStateMachine;
+
+use super::state_machine::{AppliedState, ShardStateMachine};
+use super::types::{group_of_shard, Entry, LogId, NodeId};
+use crate::meta::{MetaState, META_SHARD};
 use crate::shard::{keys, snapshot};
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
 
@@ -95,6 +104,45 @@ impl<'a> StagedGroup<'a> {
     pub fn abandon(self) {
         self.writer.abandon();
     }
+}
+
+/// A group staged in a scratch storage, opened to replay archived entries over it.
+pub struct Replay {
+    machine: ShardStateMachine,
+}
+
+impl Replay {
+    /// Opens `shard`'s group staged (and finished) in `storage`: the state machine installs it.
+    pub fn open(storage: Arc<Storage>, shard: u16, buckets: usize) -> io::Result<Replay> {
+        let machine = if shard == META_SHARD {
+            // Nothing listens: the replayed metadata only ends up in the staged records.
+            let (publish, _) = tokio::sync::watch::channel(Arc::new(MetaState::default()));
+            let defaults = crate::config::Config::default();
+            let policy = crate::meta::policy::Policy::new(
+                defaults.authority.max_chain_depth,
+                crate::meta::quarantine::QuarantineRules::from_config(&defaults),
+            );
+            ShardStateMachine::open_meta(storage, publish, policy, buckets)
+        } else {
+            ShardStateMachine::open(storage, shard, group_of_shard(shard), buckets)
+        };
+        Ok(Replay { machine: machine.map_err(io::Error::other)? })
+    }
+
+    /// Applies `entries` (in log order, with their original log ids).
+    pub async fn apply(&mut self, entries: Vec<Entry>) -> io::Result<()> {
+        self.machine.apply(entries).await.map(|_| ()).map_err(io::Error::other)
+    }
+}
+
+/// A stored log entry (`raft::wire`), and when it was proposed if it is a client command.
+pub fn decode_stored(bytes: &[u8]) -> io::Result<(Entry, Option<u64>)> {
+    let entry = super::wire::decode_entry(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let at = match &entry.payload {
+        openraft::EntryPayload::Normal(command) => Some(command.proposed_at_us()),
+        _ => None,
+    };
+    Ok((entry, at))
 }
 
 #[cfg(test)]

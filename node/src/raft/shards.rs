@@ -121,6 +121,9 @@ pub struct RaftSettings {
     /// `anti_entropy.enabled`: the replicas this node hosts start unchecked (they neither
     /// campaign nor serve until their start-up scrub ends, `raft::replica_health`).
     pub check_before_serving: bool,
+    /// `backup.archive_enabled`: no log entry is purged before the archiver says it is
+    /// archived (`LogStore::keep_unarchived`).
+    pub archive_log: bool,
 }
 
 /// openraft 0.9's election timer, as (`election_timeout_min`, `election_timeout_max`), for the
@@ -161,6 +164,7 @@ impl Default for RaftSettings {
             snapshot_install_pause_ms: 0,
             digest_buckets: crate::shard::digest::DEFAULT_BUCKETS,
             check_before_serving: false,
+            archive_log: false,
         }
     }
 }
@@ -214,11 +218,13 @@ impl ShardGroup {
         state_machine: ShardStateMachine,
         voters: Option<BTreeMap<NodeId, String>>,
         checked: bool,
+        archive_log: bool,
         tasks: &crate::tasks::NodeTasks,
     ) -> Result<ShardGroup, ConsensusError> {
         let group = group_of_shard(shard);
         let startup = |e: &dyn std::fmt::Display| ConsensusError::Startup(format!("group {group}: {e}"));
         let log_store = LogStore::new(storage.clone(), group);
+        let log_store = if archive_log { log_store.keep_unarchived() } else { log_store };
         let log = log_store.clone();
         let reader = ShardReader::new(storage.clone(), shard, group, state_machine.progress());
         let health = Arc::new(ReplicaHealth::new(checked));
@@ -288,6 +294,12 @@ impl ShardGroup {
 }
 
 impl ShardGroup {
+    /// The group's log, for the archiver (`cluster::backup::archive`): its stored entries and
+    /// the purge floor.
+    pub fn log(&self) -> &LogStore {
+        &self.log
+    }
+
     /// `None` while this node knows the group's leader; otherwise for how long it has not
     /// known one: since it lost sight of the last leader, or [`Duration::MAX`] when it has known
     /// none since it started. A hand-over or an election leaves a group leaderless for a few
@@ -505,6 +517,7 @@ impl ShardSet {
                     state_machine,
                     voters,
                     !settings.check_before_serving,
+                    settings.archive_log,
                     &tasks,
                 )
                 .await?,
@@ -528,6 +541,7 @@ impl ShardSet {
                 meta_machine,
                 meta_voters,
                 !settings.check_before_serving,
+                settings.archive_log,
                 &tasks,
             )
             .await?,
@@ -1413,6 +1427,7 @@ impl ShardSet {
             state_machine,
             None,
             true,
+            self.settings.archive_log,
             &self.tasks,
         )
         .await?;

@@ -3,7 +3,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Gauge, IntCounterVec, Opts};
+use prometheus::{Gauge, IntCounter, IntCounterVec, Opts};
 
 pub static LAST_SUCCESS: LazyLock<Gauge> = LazyLock::new(|| {
     Gauge::new(
@@ -45,6 +45,46 @@ pub static FILE_BYTES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static ARCHIVE_LAG_ENTRIES: LazyLock<Gauge> = LazyLock::new(|| {
+    Gauge::new(
+        "stemedb_backup_archive_lag_entries",
+        "Committed log entries of the groups this node leads that are not archived yet (backup.archive_enabled)",
+    )
+    .expect("valid metric")
+});
+
+pub static ARCHIVE_LAG_SECONDS: LazyLock<Gauge> = LazyLock::new(|| {
+    Gauge::new(
+        "stemedb_backup_archive_lag_seconds",
+        "Longest time since the log archive last held everything a group this node leads applied (0: caught up or archival off)",
+    )
+    .expect("valid metric")
+});
+
+pub static ARCHIVE_SEGMENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_backup_archive_segments_total",
+            "Log segments this node shipped to the archive, by result (uploaded, failed: an upload or listing failed)",
+        ),
+        &["result"],
+    )
+    .expect("valid metric")
+});
+
+pub static ARCHIVE_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new("stemedb_backup_archive_bytes_total", "Bytes of log segments this node shipped to the archive")
+        .expect("valid metric")
+});
+
+pub static ARCHIVE_GAPS: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_backup_archive_gaps_total",
+        "Times a leader found its log no longer held entries not archived yet (a restore stops replaying at such a gap)",
+    )
+    .expect("valid metric")
+});
+
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     // Both series exist from the start, so rates and alerts see zeros rather than nothing.
     for result in ["success", "failure"] {
@@ -53,11 +93,19 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     for outcome in ["uploaded", "reused"] {
         FILE_BYTES.with_label_values(&[outcome]);
     }
+    for result in ["uploaded", "failed"] {
+        ARCHIVE_SEGMENTS.with_label_values(&[result]);
+    }
     vec![
         Box::new(LAST_SUCCESS.clone()),
         Box::new(DURATION.clone()),
         Box::new(LAST_BYTES.clone()),
         Box::new(BACKUPS.clone()),
         Box::new(FILE_BYTES.clone()),
+        Box::new(ARCHIVE_LAG_ENTRIES.clone()),
+        Box::new(ARCHIVE_LAG_SECONDS.clone()),
+        Box::new(ARCHIVE_SEGMENTS.clone()),
+        Box::new(ARCHIVE_BYTES.clone()),
+        Box::new(ARCHIVE_GAPS.clone()),
     ]
 }

@@ -11,8 +11,11 @@
 //!   `Backup` service on 18182), then the manifest is written, then old backups are pruned
 //!   (`backup.retention_days`);
 //! - `verify`: re-reads every file of a backup and recomputes every shard's digest;
-//! - `restore`: builds one node's data dir of a new cluster from a backup.
+//! - `restore`: builds one node's data dir of a new cluster from a backup, and replays the
+//!   archived log after it (up to `--as-of`);
+//! - `archive`: continuous Raft log archival, segments shipped by each group's leader.
 
+pub mod archive;
 pub mod chunk;
 pub mod copy;
 pub mod manifest;
@@ -497,7 +500,8 @@ impl Backups {
     }
 
     /// Deletes the manifests older than `backup.retention_days` (never the newest backup,
-    /// `keep`), then the files no remaining backup uses. Failures are logged: the backup
+    /// `keep`), then the files no remaining backup uses and the archived log segments that end
+    /// before every remaining backup (never a group's newest). Failures are logged: the backup
     /// itself succeeded.
     async fn prune(&self, store: &BackupStore, keep: &str) {
         if self.settings.retention_days == 0 {
@@ -513,7 +517,7 @@ impl Backups {
     }
 }
 
-/// See [`Backups::prune`]: (manifests deleted, files deleted).
+/// See [`Backups::prune`]: (manifests deleted, files and archived log segments deleted).
 pub async fn prune(
     store: &BackupStore,
     retention_days: u64,
@@ -547,10 +551,29 @@ pub async fn prune(
         return Ok((deleted, 0));
     }
     let mut used = BTreeSet::new();
+    // Per (cluster, shard): the oldest applied index a kept backup starts from. Archived log
+    // segments wholly before it are never replayed again.
+    let mut oldest_start: BTreeMap<(String, u16), u64> = BTreeMap::new();
     for id in &kept {
         // A manifest that cannot be read keeps every file (the verify names it).
         let Ok(manifest) = verify::read_manifest(store, id).await else { return Ok((deleted, 0)) };
         used.extend(manifest.files().map(|(_, f)| f.sha256.clone()));
+        for group in &manifest.groups {
+            let start = oldest_start.entry((manifest.cluster_id.clone(), group.shard)).or_insert(u64::MAX);
+            *start = (*start).min(group.applied_index);
+        }
+    }
+    let mut segments = 0;
+    for ((cluster_id, shard), start) in &oldest_start {
+        let listed = archive::list_segments(store, cluster_id, *shard).await?;
+        // The newest segment stays: it tells a new leader where the archive ends.
+        let newest = listed.iter().map(|(_, last, _)| *last).max().unwrap_or(0);
+        for (_, last, path) in listed {
+            if last <= *start && last < newest {
+                store.delete(&path).await?;
+                segments += 1;
+            }
+        }
     }
     let mut files = 0;
     for object in store.list("files").await? {
@@ -560,7 +583,7 @@ pub async fn prune(
             files += 1;
         }
     }
-    Ok((deleted, files))
+    Ok((deleted, files + segments))
 }
 
 /// A copied replica as sent between nodes.

@@ -11,6 +11,13 @@
 //!    the policy, grants and breakers, are kept), and its digests are rebuilt at install;
 //! 4. the identity is written last, with a new cluster id (`identity::restored_cluster_id`).
 //!
+//! With the archived log (`archive`), a group's entries after the backup's copy are replayed
+//! (`raft::restore::Replay`, in a scratch storage inside the data dir) up to `--as-of`, the
+//! end of the archive, or a gap in it, whichever comes first; the group is then staged at the
+//! last replayed index. With `--as-of` the newest backup that finished by then is used. Every
+//! node of the new cluster must be restored with the same `--as-of` when the archive may
+//! still grow (the old cluster still running): replicas must start from the same entries.
+//!
 //! At start the node installs the staged groups, checks its replicas (the start-up scrub
 //! compares each replica with the digests it carries) and only then leads or serves.
 
@@ -20,7 +27,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::chunk::{FileDamage, STATE_MACHINE};
+use super::archive;
+use super::chunk::{FileDamage, INDEX, STATE_MACHINE};
 use super::manifest::GroupBackup;
 use super::store::BackupStore;
 use super::verify::{check_digest, latest, read_group, read_manifest, ReadFailure};
@@ -29,11 +37,11 @@ use crate::cluster::identity::{
     cluster_id_of, identity_recorded, record_restored, restored_cluster_id, NodeIdentity, FORMAT_VERSION,
 };
 use crate::meta::{place_replicas, MetaCommand, MetaState, NodeId, META_SHARD};
-use crate::raft::restore::StagedGroup;
+use crate::raft::restore::{decode_stored, Replay, StagedGroup};
 use crate::raft::types::group_of_shard;
 use crate::shard::digest::DigestWalk;
 use crate::shard::keys;
-use crate::storage::{Storage, StorageOptions};
+use crate::storage::{ColumnFamily, Storage, StorageOptions};
 
 /// A file in a data dir whose restore has not finished; `stemedb serve` refuses such a dir.
 pub const RESTORING_MARKER: &str = "RESTORING";
@@ -48,6 +56,24 @@ pub struct RestoreRequest {
     pub members: BTreeMap<NodeId, String>,
     pub replication_factor: u16,
     pub storage: StorageOptions,
+    /// Replay the archived log after the backup (`stemedb backup restore` unless `--no-log`).
+    pub replay_log: bool,
+    /// Replay only entries proposed at or before this time (µs since the epoch).
+    pub as_of_us: Option<u64>,
+}
+
+/// How far a group's archived log was replayed after the backup's copy.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayedGroup {
+    pub shard: u16,
+    /// The backup's applied index, and the last index replayed.
+    pub from_index: u64,
+    pub to_index: u64,
+    pub entries: u64,
+    /// When the last replayed client command was proposed (µs), if any was.
+    pub last_proposed_at_us: Option<u64>,
+    /// `as_of`, `end` (of the archive) or `gap` (the archive misses entries after `to_index`).
+    pub stopped_at: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,17 +88,26 @@ pub struct RestoreReport {
     pub records: u64,
     pub bytes: u64,
     pub elapsed_ms: u64,
+    /// Groups whose archived log was replayed (empty without archival).
+    pub replayed: Vec<ReplayedGroup>,
 }
 
 /// Builds `request.data_dir` from the backup. See the module doc.
 pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupError> {
     let started = std::time::Instant::now();
     let store = &request.store;
-    let id = match &request.backup_id {
-        Some(id) => id.clone(),
-        None => latest(store).await?,
+    let id = match (&request.backup_id, request.as_of_us) {
+        (Some(id), _) => id.clone(),
+        (None, None) => latest(store).await?,
+        (None, Some(as_of)) => latest_by(store, as_of).await?,
     };
     let manifest = read_manifest(store, &id).await?;
+    if let Some(as_of) = request.as_of_us.filter(|as_of| manifest.finished_at_us > *as_of) {
+        return Err(BackupError::Refused(format!(
+            "backup {id} finished after --as-of ({} > {as_of} µs): it may hold later writes; name an earlier backup",
+            manifest.finished_at_us
+        )));
+    }
     if !request.members.contains_key(&request.node_id) {
         return Err(BackupError::Refused(format!(
             "node {} is not in the initial cluster {:?}",
@@ -99,7 +134,7 @@ pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupErr
         .map_err(|e| BackupError::Refused(format!("opening the data dir: {e}")))??;
     let result = stage_all(&request, &storage, &manifest).await;
     let result = match result {
-        Ok((groups, records, bytes)) => {
+        Ok((groups, records, bytes, replayed)) => {
             let identity = NodeIdentity {
                 node_id: request.node_id,
                 cluster_id: restored_cluster_id(&id, &request.members),
@@ -117,6 +152,7 @@ pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupErr
                 records,
                 bytes,
                 elapsed_ms: started.elapsed().as_millis() as u64,
+                replayed,
             })
         }
         Err(error) => Err(error),
@@ -128,12 +164,24 @@ pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupErr
     Ok(report)
 }
 
-/// Stages every group this node hosts: (groups, records, bytes).
+/// The newest backup that finished at or before `as_of_us`.
+async fn latest_by(store: &BackupStore, as_of_us: u64) -> Result<String, BackupError> {
+    let mut newest: Option<(u64, String)> = None;
+    for listed in super::verify::list(store).await? {
+        let Ok(manifest) = read_manifest(store, &listed.id).await else { continue };
+        if manifest.finished_at_us <= as_of_us && newest.as_ref().is_none_or(|(at, _)| manifest.finished_at_us > *at) {
+            newest = Some((manifest.finished_at_us, listed.id));
+        }
+    }
+    newest.map(|(_, id)| id).ok_or_else(|| BackupError::NotFound(format!("finished by --as-of ({as_of_us} µs)")))
+}
+
+/// Stages every group this node hosts: (groups, records, bytes, replayed).
 async fn stage_all(
     request: &RestoreRequest,
     storage: &Arc<Storage>,
     manifest: &super::manifest::Manifest,
-) -> Result<(Vec<u16>, u64, u64), BackupError> {
+) -> Result<(Vec<u16>, u64, u64, Vec<ReplayedGroup>), BackupError> {
     if identity_recorded(storage)? {
         return Err(BackupError::Refused(format!(
             "{} already holds a node's data: restore into an empty data dir (move the old one aside)",
@@ -158,45 +206,210 @@ async fn stage_all(
     meta.apply(bootstrap, manifest.started_at_us)
         .map_err(|e| BackupError::Refused(format!("the new cluster's metadata: {e}")))?;
     let meta_bytes = serde_json::to_vec(&meta).map_err(|e| BackupError::Refused(e.to_string()))?;
-    let (mut groups, mut records, mut bytes) = (Vec::new(), 0u64, 0u64);
+    let (mut groups, mut records, mut bytes, mut replayed) = (Vec::new(), 0u64, 0u64, Vec::new());
+    let mut scratch: Option<Arc<Storage>> = None;
+    let scratch_dir = request.data_dir.join("replay-scratch");
+    let mut outcome = Ok(());
     for group in &manifest.groups {
         let voters = voters_of(group.shard);
         if !voters.contains_key(&request.node_id) {
             continue;
         }
-        stage_group(request, storage, group, &voters, &meta_bytes).await?;
+        let segments = match request.replay_log {
+            true => archive::list_segments(&request.store, &manifest.cluster_id, group.shard)
+                .await?
+                .into_iter()
+                .filter(|(_, last, _)| *last > group.applied_index)
+                .collect::<Vec<_>>(),
+            false => Vec::new(),
+        };
+        let staged = if segments.is_empty() {
+            stage_group(request, storage, group, &voters, Some(&meta_bytes)).await
+        } else {
+            if scratch.is_none() {
+                let (dir, options) = (scratch_dir.clone(), request.storage.clone());
+                let opened = tokio::task::spawn_blocking(move || Storage::open(&dir, options))
+                    .await
+                    .map_err(|e| BackupError::Refused(format!("opening the replay scratch: {e}")))??;
+                scratch = Some(opened);
+            }
+            let Some(scratch) = scratch.as_ref() else { continue };
+            match replay_group(request, storage, scratch, group, &segments, &voters, &meta_bytes).await {
+                Ok(done) => {
+                    replayed.push(done);
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            }
+        };
+        if let Err(error) = staged {
+            outcome = Err(error);
+            break;
+        }
         groups.push(group.shard);
         records += group.records;
         bytes += group.files.iter().map(|f| f.bytes).sum::<u64>();
     }
-    Ok((groups, records, bytes))
+    if let Some(scratch) = scratch {
+        let closed = scratch.close();
+        let removed = std::fs::remove_dir_all(&scratch_dir);
+        if outcome.is_ok() {
+            closed?;
+            removed.map_err(|e| BackupError::Refused(format!("{}: {e}", scratch_dir.display())))?;
+        }
+    }
+    outcome.map(|()| (groups, records, bytes, replayed))
 }
 
+/// What a restored replica holds for one record of the backed-up one: the meta group's
+/// cluster metadata is the new cluster's (`new_meta`), its digests are rebuilt at install
+/// (`None`: not staged); every other record is kept.
+fn restaged<'a>(group: &GroupBackup, family: u8, key: &[u8], value: &'a [u8], new_meta: &'a [u8]) -> Option<&'a [u8]> {
+    if !group.is_meta() || family != STATE_MACHINE {
+        return Some(value);
+    }
+    let group_id = group_of_shard(group.shard);
+    if key.starts_with(&keys::state_key(group_id, b'D')) {
+        None
+    } else if key == keys::meta_state_key(group_id).as_slice() {
+        Some(new_meta)
+    } else {
+        Some(value)
+    }
+}
+
+/// Entries replayed at once.
+const REPLAY_BATCH: usize = 512;
+
+/// Stages `group` after replaying its archived log (`segments`, by first index) over the
+/// backup's copy in `scratch`. See the module doc.
+async fn replay_group(
+    request: &RestoreRequest,
+    storage: &Storage,
+    scratch: &Arc<Storage>,
+    group: &GroupBackup,
+    segments: &[(u64, u64, String)],
+    voters: &BTreeMap<NodeId, String>,
+    meta_bytes: &[u8],
+) -> Result<ReplayedGroup, BackupError> {
+    let group_id = group_of_shard(group.shard);
+    let refused =
+        |what: &str, e: &dyn std::fmt::Display| BackupError::Refused(format!("{}: {what}: {e}", group.label()));
+    // 1. The backup's copy, staged and installed in the scratch storage, records as they were.
+    stage_group(request, scratch, group, voters, None).await?;
+    let (scratch_storage, shard, buckets) = (scratch.clone(), group.shard, group.digest_buckets as usize);
+    let mut replay = tokio::task::spawn_blocking(move || Replay::open(scratch_storage, shard, buckets))
+        .await
+        .map_err(|e| refused("opening for replay", &e))?
+        .map_err(|e| refused("opening for replay", &e))?;
+    // 2. The archived entries after it, in order, up to --as-of, the archive's end or a gap.
+    let mut next = group.applied_index + 1;
+    let mut last_proposed_at_us = None;
+    let mut stopped_at = "end";
+    let mut batch = Vec::new();
+    'segments: for (first, last, path) in segments {
+        if *first > next {
+            stopped_at = "gap";
+            break;
+        }
+        let bytes = request.store.get(path).await?.ok_or_else(|| BackupError::Damaged(format!("{path}: vanished")))?;
+        let segment = archive::decode_segment(&bytes, (group.shard, *first, *last))
+            .map_err(|problem| BackupError::Damaged(format!("{}: file {path}: {problem}", group.label())))?;
+        for (index, stored) in segment.entries {
+            if index < next {
+                continue;
+            }
+            if index > next {
+                stopped_at = "gap";
+                break 'segments;
+            }
+            let (entry, proposed_at) = decode_stored(&stored)
+                .map_err(|e| BackupError::Damaged(format!("{}: file {path}: entry {index}: {e}", group.label())))?;
+            if let (Some(at), Some(as_of)) = (proposed_at, request.as_of_us) {
+                if at > as_of {
+                    stopped_at = "as_of";
+                    break 'segments;
+                }
+            }
+            last_proposed_at_us = proposed_at.or(last_proposed_at_us);
+            batch.push(entry);
+            next += 1;
+            if batch.len() >= REPLAY_BATCH {
+                replay.apply(std::mem::take(&mut batch)).await.map_err(|e| refused("replaying", &e))?;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        replay.apply(batch).await.map_err(|e| refused("replaying", &e))?;
+    }
+    drop(replay);
+    let to_index = next - 1;
+    // 3. What the replay left, staged at its last index with the new membership.
+    let mut staged = StagedGroup::begin(storage, group.shard, to_index, voters).map_err(|e| refused("staging", &e))?;
+    let (scratch_storage, mut failure) = (scratch.clone(), None);
+    let copied = crate::storage::blocking(|| {
+        for (family, cf) in [(STATE_MACHINE, ColumnFamily::StateMachine), (INDEX, ColumnFamily::Index)] {
+            scratch_storage.for_each_in_range(
+                cf,
+                &keys::group_prefix(group_id),
+                &keys::group_end(group_id),
+                |key, value| {
+                    let written = restaged(group, family, key, value, meta_bytes)
+                        .map_or(Ok(()), |v| staged.record(family, key, v));
+                    match written {
+                        Ok(()) => true,
+                        Err(error) => {
+                            failure = Some(error);
+                            false
+                        }
+                    }
+                },
+            )?;
+        }
+        Ok::<_, crate::storage::StorageError>(())
+    });
+    if let Err(error) = copied {
+        staged.abandon();
+        return Err(error.into());
+    }
+    if let Some(error) = failure {
+        staged.abandon();
+        return Err(refused("staging", &error));
+    }
+    staged.finish().map_err(|e| refused("staging", &e))?;
+    tracing::info!(group = %group.label(), from = group.applied_index, to = to_index, stopped_at, "replica restored and its archived log replayed");
+    Ok(ReplayedGroup {
+        shard: group.shard,
+        from_index: group.applied_index,
+        to_index,
+        entries: to_index - group.applied_index,
+        last_proposed_at_us,
+        stopped_at,
+    })
+}
+
+/// Stages `group` from the backup's files into `storage` at the backup's applied index. With
+/// `new_meta`, the meta group's cluster metadata is replaced by it (and its digests dropped, to
+/// be rebuilt at install); without, the records are staged as they are (for a replay).
 async fn stage_group(
     request: &RestoreRequest,
     storage: &Storage,
     group: &GroupBackup,
     voters: &BTreeMap<NodeId, String>,
-    meta_bytes: &[u8],
+    new_meta: Option<&[u8]>,
 ) -> Result<(), BackupError> {
     let group_id = group_of_shard(group.shard);
     let mut staged = StagedGroup::begin(storage, group.shard, group.applied_index, voters)
         .map_err(|e| BackupError::Refused(format!("{}: staging: {e}", group.label())))?;
     let mut walk = DigestWalk::new(group_id);
-    let digests = keys::state_key(group_id, b'D');
-    let meta_key = keys::meta_state_key(group_id);
     let mut write_error = None;
     let read = read_group(&request.store, group, |family, key, value| {
         if family == STATE_MACHINE {
             walk.record(key, value);
         }
-        let written = if group.is_meta() && family == STATE_MACHINE && key.starts_with(&digests) {
-            // Rebuilt at install, over the new metadata.
-            Ok(())
-        } else if group.is_meta() && family == STATE_MACHINE && key == meta_key.as_slice() {
-            staged.record(family, key, meta_bytes)
-        } else {
-            staged.record(family, key, value)
+        let written = match new_meta {
+            Some(meta) => restaged(group, family, key, value, meta).map_or(Ok(()), |v| staged.record(family, key, v)),
+            None => staged.record(family, key, value),
         };
         written.map_err(|e| {
             write_error = Some(e);
