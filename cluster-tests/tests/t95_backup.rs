@@ -2,7 +2,8 @@
 //! restored into a new cluster that holds every write acknowledged before the backup began;
 //! shared files between backups; a flipped byte named by `verify` and refused by `restore`; a
 //! failed backup that leaves no manifest; and the same to a real S3 server (moto, started on
-//! loopback from the virtualenv `scripts/setup.sh` makes).
+//! loopback from the virtualenv `scripts/setup.sh` makes); and with continuous log archival, a
+//! restore that replays the archived log past the backup, to its end or to `--as-of`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,6 +49,15 @@ async fn backup(cluster: &TestCluster, via: u64, destination: &str) -> anyhow::R
 
 /// A prepare hook that restores `source` into each node's data dir.
 fn restore_hook(source: String, env: Vec<(String, String)>) -> stemedb_cluster_tests::PrepareNode {
+    restore_hook_with(source, env, Vec::new())
+}
+
+/// [`restore_hook`] with more `stemedb backup restore` arguments.
+fn restore_hook_with(
+    source: String,
+    env: Vec<(String, String)>,
+    extra: Vec<String>,
+) -> stemedb_cluster_tests::PrepareNode {
     Arc::new(move |id: u64, data_dir: &Path, initial_cluster: &str| {
         let data_dir = data_dir.to_string_lossy().to_string();
         let node_id = id.to_string();
@@ -63,6 +73,7 @@ fn restore_hook(source: String, env: Vec<(String, String)>) -> stemedb_cluster_t
             initial_cluster,
             "--json",
         ];
+        let args: Vec<&str> = args.into_iter().chain(extra.iter().map(String::as_str)).collect();
         let (ok, stdout, stderr) = backup_cli(&args, &env)?;
         anyhow::ensure!(ok, "restore of node {id} failed: {stdout} {stderr}");
         eprintln!("node {id}: {}", stdout.trim());
@@ -370,5 +381,128 @@ async fn nodes_refuse_messages_from_another_cluster() -> anyhow::Result<()> {
     assert_eq!(ErrorCode::of_status(&refused), Some(ErrorCode::WrongCluster), "{refused:?}");
     let counted = cluster.metric(1, "stemedb_transport_wrong_cluster_total").await?;
     assert_eq!(counted, Some(1.0));
+    Ok(())
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Sums a series over the running nodes of `cluster`.
+async fn metric_sum(cluster: &TestCluster, series: &str) -> anyhow::Result<f64> {
+    let mut sum = 0.0;
+    for id in cluster.running() {
+        sum += cluster.metric(id, series).await?.unwrap_or(0.0);
+    }
+    Ok(sum)
+}
+
+/// Waits until every leader has archived what it applied: no node reports entries to archive,
+/// twice, with more than an archive interval between the two polls (so a whole round ran).
+async fn wait_archived(cluster: &TestCluster, interval: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut caught_up_once = false;
+    loop {
+        let lag = metric_sum(cluster, "stemedb_backup_archive_lag_entries").await?;
+        if lag == 0.0 && caught_up_once {
+            return Ok(());
+        }
+        caught_up_once = lag == 0.0;
+        anyhow::ensure!(Instant::now() < deadline, "the archive still lags by {lag} entries");
+        tokio::time::sleep(interval * 3).await;
+    }
+}
+
+/// With archival on, a restore replays the archived log past the backup: to `--as-of` (every
+/// write acknowledged before it back, none sent after it), and, once the old cluster is gone,
+/// to the archive's end (every acknowledged write back, each once). Fails without archival
+/// (writes after the backup are missing) or without the as-of cut (later writes appear).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_log_restores_past_the_backup_and_as_of_a_time() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store").to_string_lossy().to_string();
+    std::fs::create_dir_all(&store)?;
+    let interval = Duration::from_millis(200);
+    let env = vec![
+        ("STEMEDB_BACKUP_DESTINATION".to_string(), store.clone()),
+        ("STEMEDB_BACKUP_ARCHIVE_ENABLED".to_string(), "true".to_string()),
+        ("STEMEDB_BACKUP_ARCHIVE_INTERVAL_MS".to_string(), interval.as_millis().to_string()),
+        // Snapshots and purges often, so the purge floor is exercised.
+        ("STEMEDB_RAFT_SNAPSHOT_LOGS_SINCE_LAST".to_string(), "40".to_string()),
+        ("STEMEDB_RAFT_LOGS_TO_KEEP_AFTER_SNAPSHOT".to_string(), "5".to_string()),
+    ];
+    let mut old = TestCluster::start(ClusterOptions { nodes: 3, shards: 4, env, ..Default::default() }).await?;
+    // (path, sent, acknowledged), times in µs since the epoch.
+    let mut writes: Vec<(String, u64, u64)> = Vec::new();
+    let ids: Vec<u64> = old.nodes.keys().copied().collect();
+    let write = |i: usize| {
+        let (client, api) = (old.client.clone(), old.node(ids[i % ids.len()]).api());
+        async move {
+            let path = format!("bk/k{i}");
+            let body = json!({"concept_path": path, "predicate": "v", "value": i, "agent_id": "writer", "request_id": format!("a{i}")});
+            let sent = unix_us();
+            let response = client.post(format!("{api}/v1/assert")).json(&body).send().await?;
+            anyhow::ensure!(response.status().as_u16() == 201, "write {i}: {}", response.status());
+            Ok::<_, anyhow::Error>((path, sent, unix_us()))
+        }
+    };
+    for i in 0..60 {
+        writes.push(write(i).await?);
+    }
+    let backed_up = backup(&old, 1, &store).await?;
+    assert_eq!(backed_up["state"], json!("succeeded"), "{backed_up}");
+    for i in 60..180 {
+        writes.push(write(i).await?);
+    }
+    let cut = unix_us();
+    for i in 180..260 {
+        writes.push(write(i).await?);
+    }
+    wait_archived(&old, interval).await?;
+    let segments = metric_sum(&old, "stemedb_backup_archive_segments_total{result=\"uploaded\"}").await?;
+    assert!(segments > 0.0, "no segment was archived");
+    let (ok, report, stderr) = backup_cli(&["verify", "--from", &store, "--json"], &[])?;
+    assert!(ok, "{report} {stderr}");
+    let report: Value = serde_json::from_str(&report)?;
+    assert!(report["log_segments"].as_u64() > Some(0), "verify read no segment: {report}");
+
+    // As of `cut`, while the old cluster still runs (the archive may grow meanwhile).
+    let as_of = format!("{}", cut as f64 / 1e6);
+    let past = TestCluster::start(ClusterOptions {
+        nodes: 3,
+        shards: 4,
+        prepare: Some(restore_hook_with(store.clone(), Vec::new(), vec!["--as-of".into(), as_of])),
+        ..Default::default()
+    })
+    .await?;
+    let before: Vec<String> = writes.iter().filter(|(_, _, acked)| *acked <= cut).map(|(p, _, _)| p.clone()).collect();
+    let after: Vec<&String> = writes.iter().filter(|(_, sent, _)| *sent > cut).map(|(p, _, _)| p).collect();
+    assert!(before.len() >= 180 && after.len() >= 80, "{} before, {} after", before.len(), after.len());
+    assert_all_present(&past, &before).await?;
+    for path in after.iter().step_by(7) {
+        let (status, value) = past.read_value(1, path, "linearizable").await?;
+        assert_eq!((status, value), (200, Value::Null), "{path} was written after --as-of");
+    }
+    drop(past);
+
+    // The old cluster is lost; the whole archive is replayed.
+    for id in ids.clone() {
+        old.kill(id);
+    }
+    let latest = TestCluster::start(ClusterOptions {
+        nodes: 3,
+        shards: 4,
+        prepare: Some(restore_hook(store.clone(), Vec::new())),
+        ..Default::default()
+    })
+    .await?;
+    let all: Vec<String> = writes.iter().map(|(p, _, _)| p.clone()).collect();
+    assert_all_present(&latest, &all).await?;
+    for path in all.iter().step_by(20) {
+        let (status, body) = latest.post(2, "/v1/query", &json!({"concept_path": path, "lens": "history"})).await?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"][0]["assertions"].as_array().map(Vec::len), Some(1), "{path}: {body}");
+    }
+    latest.assert_value(3, "bk/after-restore", json!("new")).await?;
     Ok(())
 }

@@ -303,10 +303,14 @@ async fn replay_group(
         .map_err(|e| refused("opening for replay", &e))?
         .map_err(|e| refused("opening for replay", &e))?;
     // 2. The archived entries after it, in order, up to --as-of, the archive's end or a gap.
+    // Entries without a time (a new leader's blank entry, a membership change) are applied
+    // only once a client command after them is: where the replay stops depends on the commands'
+    // times alone, not on how far the archive had grown when this node was restored.
     let mut next = group.applied_index + 1;
+    let mut to_index = group.applied_index;
     let mut last_proposed_at_us = None;
     let mut stopped_at = "end";
-    let mut batch = Vec::new();
+    let (mut batch, mut untimed) = (Vec::new(), Vec::new());
     'segments: for (first, last, path) in segments {
         if *first > next {
             stopped_at = "gap";
@@ -325,15 +329,19 @@ async fn replay_group(
             }
             let (entry, proposed_at) = decode_stored(&stored)
                 .map_err(|e| BackupError::Damaged(format!("{}: file {path}: entry {index}: {e}", group.label())))?;
-            if let (Some(at), Some(as_of)) = (proposed_at, request.as_of_us) {
-                if at > as_of {
-                    stopped_at = "as_of";
-                    break 'segments;
-                }
-            }
-            last_proposed_at_us = proposed_at.or(last_proposed_at_us);
-            batch.push(entry);
             next += 1;
+            let Some(at) = proposed_at else {
+                untimed.push(entry);
+                continue;
+            };
+            if request.as_of_us.is_some_and(|as_of| at > as_of) {
+                stopped_at = "as_of";
+                break 'segments;
+            }
+            last_proposed_at_us = Some(at);
+            to_index = index;
+            batch.append(&mut untimed);
+            batch.push(entry);
             if batch.len() >= REPLAY_BATCH {
                 replay.apply(std::mem::take(&mut batch)).await.map_err(|e| refused("replaying", &e))?;
             }
@@ -343,7 +351,6 @@ async fn replay_group(
         replay.apply(batch).await.map_err(|e| refused("replaying", &e))?;
     }
     drop(replay);
-    let to_index = next - 1;
     // 3. What the replay left, staged at its last index with the new membership.
     let mut staged = StagedGroup::begin(storage, group.shard, to_index, voters).map_err(|e| refused("staging", &e))?;
     let (scratch_storage, mut failure) = (scratch.clone(), None);
