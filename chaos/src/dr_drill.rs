@@ -1,18 +1,23 @@
 //! The disaster-recovery drill (`stemedb-chaos dr-drill`): a cluster takes keyed writes from
-//! several clients; at a random moment a backup is taken, online; at a later random moment
-//! every node is killed and its data dir destroyed; a **new** cluster is restored from the
-//! backup (`stemedb backup restore` on each new node) and started. The drill then checks:
+//! several clients, with continuous log archival on (unless `--no-archive`); at a random moment
+//! a backup is taken, online; at a later random moment every node is killed and its data dir
+//! destroyed; a **new** cluster is restored from the backup and the archived log (`stemedb
+//! backup restore` on each new node) and started. The drill then checks:
 //!
 //! - every write acknowledged before the backup began reads back from the restored cluster;
 //! - no write appears twice (each write is sent with its own `request_id`, retried with it);
-//! - each restored shard's anti-entropy root, once the new cluster has checked it, equals the
-//!   digest root the backup's manifest recorded;
+//! - without archival, each restored shard's anti-entropy root, once the new cluster has
+//!   checked it, equals the digest root the backup's manifest recorded; with archival (the
+//!   restored shards hold more than the backup), `stemedb backup verify` recomputes every
+//!   shard's digest from the backup and the archived segments, and every restored shard's
+//!   replicas agree;
 //! - the restored cluster has a new cluster id;
 //!
 //! and measures the **RPO** (the span of acknowledged writes lost: from the acknowledgement of
 //! the oldest acknowledged write missing after the restore to the destruction; every write
 //! acknowledged before it came back. Without log archival it is about the time since the
-//! backup) and the **RTO** (destruction to the restored cluster answering a linearizable read).
+//! backup; with it, about one archive interval) and the **RTO** (destruction to the restored
+//! cluster answering a linearizable read).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +41,8 @@ pub struct DrillOptions {
     pub stemedb: PathBuf,
     /// Data dirs, node logs and the backup store; default: a temporary directory.
     pub data_root: Option<PathBuf>,
+    /// Continuous log archival at this interval; `None`: off.
+    pub archive_interval: Option<Duration>,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,6 +52,9 @@ pub struct DrillReport {
     pub acknowledged_before_backup: usize,
     pub missing_before_backup: usize,
     pub missing_after_backup: usize,
+    /// Writes acknowledged after the backup began that came back (from the archived log).
+    pub restored_after_backup: usize,
+    pub archive: bool,
     pub present_unacknowledged: usize,
     pub duplicates: usize,
     pub backup_id: String,
@@ -146,11 +156,21 @@ pub async fn dr_drill(options: DrillOptions) -> anyhow::Result<DrillReport> {
     let root = options.data_root.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let store = root.join("backup-store");
     let store_text = store.to_string_lossy().to_string();
+    std::fs::create_dir_all(&store)?;
+    let env = match options.archive_interval {
+        Some(interval) => vec![
+            ("STEMEDB_BACKUP_DESTINATION".to_string(), store_text.clone()),
+            ("STEMEDB_BACKUP_ARCHIVE_ENABLED".to_string(), "true".to_string()),
+            ("STEMEDB_BACKUP_ARCHIVE_INTERVAL_MS".to_string(), interval.as_millis().to_string()),
+        ],
+        None => Vec::new(),
+    };
     let mut old = TestCluster::start(ClusterOptions {
         nodes: 3,
         shards: options.shards,
         binary: Some(options.stemedb.clone()),
         data_root: Some(root.join("old")),
+        env,
         ..Default::default()
     })
     .await
@@ -160,7 +180,11 @@ pub async fn dr_drill(options: DrillOptions) -> anyhow::Result<DrillReport> {
     let started = Instant::now();
     let backup_at = options.duration.mul_f64(rng.random_range(0.2..0.45));
     let destroy_at = options.duration.mul_f64(rng.random_range(0.6..0.9));
-    println!("dr-drill: seed {}, backup at {backup_at:.1?}, destruction at {destroy_at:.1?}", options.seed);
+    println!(
+        "dr-drill: seed {}, backup at {backup_at:.1?}, destruction at {destroy_at:.1?}, log archival {}",
+        options.seed,
+        options.archive_interval.map(|i| format!("every {i:?}")).unwrap_or_else(|| "off".into())
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -198,7 +222,25 @@ pub async fn dr_drill(options: DrillOptions) -> anyhow::Result<DrillReport> {
     }
     println!("dr-drill: every node killed and its data dir destroyed at {:.1?}", destroyed - started);
 
-    // The recovery: a new cluster restored from the backup.
+    // With archival, the backup and every archived segment after it are checked first: each
+    // file and segment against its checksum, each shard's records against the manifest's digest.
+    if options.archive_interval.is_some() {
+        let output = std::process::Command::new(&options.stemedb)
+            .env_remove("STEMEDB_BIN")
+            .args(["backup", "verify", "--from", &store_text, "--backup", &backup_id, "--json"])
+            .output()?;
+        let verified: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        if !output.status.success() || verified["ok"] != json!(true) || verified["log_segments"].as_u64() == Some(0) {
+            anomalies.push(format!(
+                "verify of the backup and its archived log: {} {}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+        println!("dr-drill: verify: {} archived segments after the backup", verified["log_segments"]);
+    }
+
+    // The recovery: a new cluster restored from the backup (and the archived log).
     let stemedb = options.stemedb.clone();
     let source = store_text.clone();
     let restore_log = root.join("restore.log");
@@ -252,6 +294,8 @@ pub async fn dr_drill(options: DrillOptions) -> anyhow::Result<DrillReport> {
     let missing_before: Vec<&str> =
         before.iter().filter(|w| !stored.contains_key(&w.key)).map(|w| w.key.as_str()).collect();
     let missing: Vec<&&Write> = acked.iter().filter(|w| !stored.contains_key(&w.key)).collect();
+    let restored_after_backup =
+        acked.iter().filter(|w| w.acked >= Some(backup_began) && stored.contains_key(&w.key)).count();
     // Every write acknowledged before the oldest missing one came back: the data lost is what
     // was acknowledged from then to the destruction.
     let oldest_missing = missing.iter().filter_map(|w| w.acked).min();
@@ -313,8 +357,15 @@ pub async fn dr_drill(options: DrillOptions) -> anyhow::Result<DrillReport> {
                 let n = shard["shard"].as_u64().unwrap_or(u64::MAX);
                 let roots: Vec<&str> =
                     shard["replicas"].as_array().into_iter().flatten().filter_map(|r| r["root"].as_str()).collect();
-                if !roots.is_empty() && roots.iter().all(|r| Some(*r) == expected.get(&n).map(String::as_str)) {
+                let agree = match options.archive_interval {
+                    // The replay added to the backup: the replicas must agree with each other.
+                    Some(_) => roots.len() > 1 && roots.iter().all(|r| Some(r) == roots.first()),
+                    None => !roots.is_empty() && roots.iter().all(|r| Some(*r) == expected.get(&n).map(String::as_str)),
+                };
+                if agree {
                     matching += 1;
+                } else if options.archive_interval.is_some() {
+                    anomalies.push(format!("shard {n}: restored replicas disagree: roots {roots:?}"));
                 } else {
                     anomalies
                         .push(format!("shard {n}: restored roots {roots:?}, the manifest says {:?}", expected.get(&n)));
@@ -334,6 +385,8 @@ pub async fn dr_drill(options: DrillOptions) -> anyhow::Result<DrillReport> {
         acknowledged_before_backup: before.len(),
         missing_before_backup: missing_before.len(),
         missing_after_backup: missing.len() - missing_before.len(),
+        restored_after_backup,
+        archive: options.archive_interval.is_some(),
         present_unacknowledged,
         duplicates: duplicates.len(),
         backup_id,

@@ -70,6 +70,12 @@ enum Command {
         /// Writing clients.
         #[arg(long, default_value_t = 8)]
         clients: u32,
+        /// Continuous log archival's interval (`backup.archive_interval_ms`) on the cluster.
+        #[arg(long, default_value_t = 1000)]
+        archive_interval_ms: u64,
+        /// Run without log archival: the restore brings back the backup alone.
+        #[arg(long)]
+        no_archive: bool,
         #[command(flatten)]
         io: RunIo,
     },
@@ -178,7 +184,15 @@ async fn main() -> anyhow::Result<()> {
                 _ => std::process::exit(1),
             }
         }
-        Command::DrDrill { duration, shards, seed, clients, io: RunIo { report, stemedb, data_dir } } => {
+        Command::DrDrill {
+            duration,
+            shards,
+            seed,
+            clients,
+            archive_interval_ms,
+            no_archive,
+            io: RunIo { report, stemedb, data_dir },
+        } => {
             anyhow::ensure!(duration >= 5 && clients > 0, "--duration must be at least 5 and --clients positive");
             let outcome = stemedb_chaos::dr_drill::dr_drill(stemedb_chaos::dr_drill::DrillOptions {
                 duration: Duration::from_secs(duration),
@@ -187,20 +201,23 @@ async fn main() -> anyhow::Result<()> {
                 clients,
                 stemedb: stemedb_binary(stemedb)?,
                 data_root: data_dir,
+                archive_interval: (!no_archive).then(|| Duration::from_millis(archive_interval_ms.max(100))),
             })
             .await?;
             println!(
-                "dr-drill: {} writes acknowledged ({} before the backup, {} of them missing), {} missing after it, {} duplicates; RPO {:.2}s, RTO {:.2}s (restore and start {:.2}s); {} of {} shard digests match the manifest",
+                "dr-drill: {} writes acknowledged ({} before the backup, {} of them missing), {} after it came back and {} did not, {} duplicates; RPO {:.2}s, RTO {:.2}s (restore and start {:.2}s); {} of {} shard digests match ({})",
                 outcome.writes_acknowledged,
                 outcome.acknowledged_before_backup,
                 outcome.missing_before_backup,
+                outcome.restored_after_backup,
                 outcome.missing_after_backup,
                 outcome.duplicates,
                 outcome.rpo_seconds,
                 outcome.rto_seconds,
                 outcome.restore_seconds,
                 outcome.digests_matching,
-                outcome.shards_checked
+                outcome.shards_checked,
+                if outcome.archive { "every replica agrees, and verify matched the backup's digests" } else { "the manifest" }
             );
             for anomaly in &outcome.anomalies {
                 println!("ANOMALY {anomaly}");
