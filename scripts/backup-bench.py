@@ -12,7 +12,7 @@ fsync on) on 127.0.0.1-3 of this machine holding ASSERTIONS assertions, then:
 
 Prints one JSON line per measurement and a table. Reports only: nothing here asserts a timing.
 
-Usage: scripts/backup-bench.py [--assertions N] [--seconds S] [--keep]
+Usage: scripts/backup-bench.py [--assertions N] [--seconds S] [--keep] [--during-to DIR]
 Binary: --bin, $STEMEDB_BIN, $CARGO_TARGET_DIR/release/stemedb, or ./target/release/stemedb.
 Needs moto's virtualenv (scripts/setup.sh). Python 3 standard library only.
 """
@@ -146,6 +146,8 @@ def main():
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--bin")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--during-to", help="where the back-to-back backups of step 2 go (default: the work dir, "
+                        "on the nodes' disk; a tmpfs such as /dev/shm separates the disk's share from the CPU's)")
     args = parser.parse_args()
     bin_path = binary(args.bin)
     venv = os.environ.get("MOTO_VENV", os.path.expanduser("~/.cache/stemedb-venv"))
@@ -177,8 +179,9 @@ def main():
         def backups():
             n = 0
             while not stop.is_set():
-                during.append(backup(bin_path, os.path.join(work, f"during-{n}"), env)["seconds"])
-                shutil.rmtree(os.path.join(work, f"during-{n}"), ignore_errors=True)
+                target = os.path.join(args.during_to or work, f"backup-bench-during-{n}")
+                during.append(backup(bin_path, target, env)["seconds"])
+                shutil.rmtree(target, ignore_errors=True)
                 n += 1
 
         t = threading.Thread(target=backups)

@@ -361,7 +361,8 @@ async fn backup_to_s3_and_restore_from_it() -> anyhow::Result<()> {
 }
 
 /// Transport messages name their cluster: a node refuses one from another cluster (a node of
-/// the cluster a backup was taken from, say), and serves its own cluster's and unnamed ones.
+/// the cluster a backup was taken from, say), and serves its own cluster's and unnamed ones. A
+/// node refuses to copy replicas into a directory the coordinator's marker is not in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_refuse_messages_from_another_cluster() -> anyhow::Result<()> {
     use stemedb::error::ErrorCode;
@@ -381,6 +382,20 @@ async fn nodes_refuse_messages_from_another_cluster() -> anyhow::Result<()> {
     assert_eq!(ErrorCode::of_status(&refused), Some(ErrorCode::WrongCluster), "{refused:?}");
     let counted = cluster.metric(1, "stemedb_transport_wrong_cluster_total").await?;
     assert_eq!(counted, Some(1.0));
+
+    // A peer asked to copy into a directory where it does not see the backup's pending marker
+    // (a directory that is not shared between the nodes) refuses, and copies nothing there.
+    let elsewhere = tempfile::tempdir()?;
+    let mut backups = stemedb_proto::raft::backup_client::BackupClient::connect(format!("http://{addr}")).await?;
+    let request = stemedb_proto::raft::CopyReplicasRequest {
+        backup_id: "20261204T000000Z-0001".into(),
+        destination: elsewhere.path().to_string_lossy().to_string(),
+        shards: vec![0],
+        compress: true,
+    };
+    let refused = backups.copy_replicas(request).await.expect_err("no pending marker there");
+    assert_eq!(ErrorCode::of_status(&refused), Some(ErrorCode::BackupDestinationInvalid), "{refused:?}");
+    assert!(std::fs::read_dir(elsewhere.path())?.next().is_none(), "the refused copy wrote into the directory");
     Ok(())
 }
 

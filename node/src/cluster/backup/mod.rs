@@ -219,7 +219,8 @@ impl Backups {
     /// it runs in the background. One at a time per node.
     pub fn start(self: &Arc<Self>, destination: Option<&str>) -> Result<BackupProgress, BackupError> {
         let destination = destination.map(str::to_string).unwrap_or_else(|| self.settings.destination.clone());
-        let store = BackupStore::open(&destination, &self.settings, true)?;
+        // A directory destination is created: a filesystem call, off the async workers.
+        let store = crate::storage::blocking(|| BackupStore::open(&destination, &self.settings, true))?;
         let started_at_us = now_us();
         let id = manifest::new_id(started_at_us);
         let tally = Arc::new(Tally::default());
@@ -430,7 +431,7 @@ impl Backups {
         shards: &[u16],
         compress: bool,
     ) -> Result<CopyReplicasReply, BackupError> {
-        let store = BackupStore::open(destination, &self.settings, true)?;
+        let store = crate::storage::blocking(|| BackupStore::open(destination, &self.settings, true))?;
         // A directory destination must be one directory every node sees (a shared mount): else
         // this node's files would land where the manifest is not.
         if !store.exists(&manifest::pending_path(backup_id)).await? {
