@@ -12,7 +12,7 @@ fsync on) on 127.0.0.1-3 of this machine holding ASSERTIONS assertions, then:
 
 Prints one JSON line per measurement and a table. Reports only: nothing here asserts a timing.
 
-Usage: scripts/backup-bench.py [--assertions N] [--seconds S] [--keep] [--during-to DIR]
+Usage: scripts/backup-bench.py [--assertions N] [--seconds S] [--keep] [--during-to DIR] [--archive-interval-ms MS]
 Binary: --bin, $STEMEDB_BIN, $CARGO_TARGET_DIR/release/stemedb, or ./target/release/stemedb.
 Needs moto's virtualenv (scripts/setup.sh). Python 3 standard library only.
 """
@@ -148,6 +148,9 @@ def main():
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--during-to", help="where the back-to-back backups of step 2 go (default: the work dir, "
                         "on the nodes' disk; a tmpfs such as /dev/shm separates the disk's share from the CPU's)")
+    parser.add_argument("--archive-interval-ms", type=int, help="run the nodes with continuous log archival "
+                        "(backup.archive_enabled) at this interval, into a directory of the run; compare with a run "
+                        "without for its cost to writes")
     args = parser.parse_args()
     bin_path = binary(args.bin)
     venv = os.environ.get("MOTO_VENV", os.path.expanduser("~/.cache/stemedb-venv"))
@@ -156,6 +159,11 @@ def main():
                AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", STEMEDB_BACKUP_S3_ENDPOINT=f"http://127.0.0.1:{MOTO_PORT}",
                STEMEDB_BACKUP_S3_REGION="us-east-1", STEMEDB_BACKUP_S3_ALLOW_HTTP="true")
     env.pop("STEMEDB_BIN", None)
+    if args.archive_interval_ms:
+        archive = os.path.join(work, "archive-store")
+        os.makedirs(archive)
+        env.update(STEMEDB_BACKUP_DESTINATION=archive, STEMEDB_BACKUP_ARCHIVE_ENABLED="true",
+                   STEMEDB_BACKUP_ARCHIVE_INTERVAL_MS=str(args.archive_interval_ms))
     moto = subprocess.Popen([os.path.join(venv, "bin", "moto_server"), "-H", "127.0.0.1", "-p", str(MOTO_PORT)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cluster = Cluster(bin_path, work, env)

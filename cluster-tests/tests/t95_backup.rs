@@ -519,5 +519,36 @@ async fn archived_log_restores_past_the_backup_and_as_of_a_time() -> anyhow::Res
         assert_eq!(body["results"][0]["assertions"].as_array().map(Vec::len), Some(1), "{path}: {body}");
     }
     latest.assert_value(3, "bk/after-restore", json!("new")).await?;
+
+    // One flipped byte in an archived segment: verify names it, a restore refuses it.
+    let mut segments = Vec::new();
+    let mut dirs = vec![dir.path().join("store/archive")];
+    while let Some(next) = dirs.pop() {
+        for entry in std::fs::read_dir(next)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "seg") && !path.to_string_lossy().contains("/65535/") {
+                segments.push(path);
+            }
+        }
+    }
+    segments.sort();
+    let victim = segments.last().ok_or_else(|| anyhow::anyhow!("no archived segment"))?.clone();
+    let mut bytes = std::fs::read(&victim)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&victim, bytes)?;
+    let name = victim.strip_prefix(dir.path().join("store"))?.to_string_lossy().to_string();
+    let (ok, report, _) = backup_cli(&["verify", "--from", &store], &[])?;
+    assert!(!ok, "verify passed a damaged segment: {report}");
+    assert!(report.contains(&name) && report.contains("DAMAGED"), "{name} not named: {report}");
+    let target = dir.path().join("refused");
+    let target = target.to_string_lossy().to_string();
+    let (ok, out, err) = backup_cli(
+        &["restore", "--from", &store, "--data-dir", &target, "--node-id", "1", "--raft-addr", "127.0.0.1:1"],
+        &[],
+    )?;
+    assert!(!ok && err.contains(&name), "restore did not refuse the damaged segment: {out} {err}");
     Ok(())
 }
