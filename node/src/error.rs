@@ -135,6 +135,8 @@ error_codes! {
     ValueTooLarge = "value_too_large", 413, InvalidArgument, final;
     /// source over 4096 bytes
     SourceTooLarge = "source_too_large", 413, InvalidArgument, final;
+    /// value or source nested deeper than limits.max_value_depth (arrays and objects)
+    ValueTooDeep = "value_too_deep", 400, InvalidArgument, final;
     /// more than limits.max_batch_items items (details.items, details.limit)
     BatchTooLarge = "batch_too_large", 413, InvalidArgument, final;
     /// a required field is absent (details.field)

@@ -68,6 +68,30 @@ async fn bad_writes_are_rejected_and_write_nothing() {
         413,
         "payload_too_large",
     );
+    // Nesting deeper than limits.max_value_depth (64): refused before anything is written,
+    // whatever the depth (20,000 levels fit in the default 64 KiB and once defeated clients;
+    // this node's value limit is 1 KiB, so 500 here).
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    for (depth, path) in [(65, "bad/deep65"), (500, "bad/deep500")] {
+        let body = format!(r#"{{"concept_path":"{path}","predicate":"p","value":{}}}"#, nested(depth));
+        let refused = node.post_raw("/v1/assert", &body).await;
+        expect_error(&refused, 400, "value_too_deep");
+        assert_eq!(refused.1["error"]["details"]["depth"], json!(depth), "{}", refused.1);
+    }
+    let deep_source =
+        format!(r#"{{"concept_path":"bad/deepsource","predicate":"p","value":1,"source":{{"a":{}}}}}"#, nested(80));
+    expect_error(&node.post_raw("/v1/assert", &deep_source).await, 400, "value_too_deep");
+    let batch = format!(
+        r#"{{"assertions":[{{"concept_path":"ok/batchok","predicate":"p","value":1}},{{"concept_path":"bad/batchdeep","predicate":"p","value":{}}}]}}"#,
+        nested(100)
+    );
+    // A batch refuses the item alone (each item has its own outcome).
+    let (status, answer) = node.post_raw("/v1/assert/batch", &batch).await;
+    assert_eq!((status, answer["accepted"].clone(), answer["rejected"].clone()), (200, json!(1), json!(1)), "{answer}");
+    assert_eq!(answer["results"][1]["status"], json!(400), "{answer}");
+    assert_eq!(answer["results"][1]["error"]["code"], json!("value_too_deep"), "{answer}");
+    let at_limit = format!(r#"{{"concept_path":"ok/deep64","predicate":"p","value":{}}}"#, nested(64));
+    assert_eq!(node.post_raw("/v1/assert", &at_limit).await.0, 201, "64 levels are within the limit");
     for path in ["", "/bad", "bad/", "bad//h", "bad/h i", "bad/é", &"x".repeat(129)] {
         expect_error(
             &node.post("/v1/assert", &json!({"concept_path": path, "predicate": "p", "value": 1})).await,
@@ -218,7 +242,7 @@ async fn bad_writes_are_rejected_and_write_nothing() {
 
     // Nothing from any rejected request was written; the two valid writes were.
     assert_eq!(concept_count(&node, "bad").await, 0);
-    assert_eq!(concept_count(&node, "ok").await, 2);
+    assert_eq!(concept_count(&node, "ok").await, 4);
     let (_, one) = node.post("/v1/query", &json!({"concept_path": "ok/one", "lens": "history"})).await;
     assert_eq!(one["results"][0]["assertions"].as_array().map(|a| a.len()), Some(1), "{one}");
 

@@ -399,7 +399,7 @@ async fn signatures_are_required_and_checked() {
     let body = json!({"concept_path": "signed/claims", "predicate": "p", "value": {"b": 2, "a": [1, "x"]}, "agent_id": agent, "confidence": 0.75, "request_id": "r-1"});
     let draft = serde_json::from_value::<stemedb::model::assertion::AssertRequest>(body.clone())
         .expect("parse")
-        .validate(65536, 4)
+        .validate(stemedb::model::assertion::ValueLimits { max_bytes: 65536, max_depth: 64 }, 4)
         .expect("valid");
     let signature = hex::encode(key.sign(&stemedb::model::signing::assertion_bytes(&draft)).to_bytes());
 

@@ -172,7 +172,7 @@ pub async fn assert(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let claimed_agent = request.agent_id.clone();
-    let mut draft = match request.validate(state.config.limits.max_value_bytes, state.shards.shard_count()) {
+    let mut draft = match request.validate(state.config.limits.value_limits(), state.shards.shard_count()) {
         Ok(draft) => draft,
         Err(error) => {
             count_invalid(&state, claimed_agent.as_deref());
@@ -226,7 +226,7 @@ pub async fn assert_batch(
         let validated = parse_json::<AssertRequest>(raw.get().as_bytes()).and_then(|item| {
             let claimed_agent = item.agent_id.clone();
             let mut draft = item
-                .validate(state.config.limits.max_value_bytes, state.shards.shard_count())
+                .validate(state.config.limits.value_limits(), state.shards.shard_count())
                 .inspect_err(|_| count_invalid(&state, claimed_agent.as_deref()))?;
             check_assertion_signature(&state, &mut draft)?;
             Ok((state.breakers.admit(&draft.agent_id, 1, true)?, draft))

@@ -327,6 +327,9 @@ impl RaftSection {
 pub struct LimitsSection {
     /// Largest encoded assertion value.
     pub max_value_bytes: usize,
+    /// Deepest nesting of arrays and objects in a value or `source` (1-1024): deeper JSON
+    /// defeats common clients' parsers when read back.
+    pub max_value_depth: usize,
     /// Largest request body.
     pub max_request_bytes: usize,
     /// Most items in one `/v1/assert/batch`.
@@ -529,10 +532,17 @@ impl Default for RaftSection {
     }
 }
 
+impl LimitsSection {
+    pub fn value_limits(&self) -> crate::model::assertion::ValueLimits {
+        crate::model::assertion::ValueLimits { max_bytes: self.max_value_bytes, max_depth: self.max_value_depth }
+    }
+}
+
 impl Default for LimitsSection {
     fn default() -> Self {
         LimitsSection {
             max_value_bytes: 64 * 1024,
+            max_value_depth: 64,
             max_request_bytes: 32 * 1024 * 1024,
             max_batch_items: 1000,
             max_queued_writes_per_shard: 4096,
@@ -804,6 +814,9 @@ impl Config {
                 "raft: need heartbeat_interval_ms + 1 < election_timeout_max_ms / 2 (heartbeat {} ms, maximum election timeout {} ms)",
                 self.raft.heartbeat_interval_ms, self.raft.election_timeout_max_ms
             ));
+        }
+        if !(1..=1024).contains(&self.limits.max_value_depth) {
+            return fail(format!("limits.max_value_depth is {}: expected 1-1024", self.limits.max_value_depth));
         }
         if self.limits.max_value_bytes == 0 || self.limits.max_value_bytes > self.limits.max_request_bytes {
             return fail("limits.max_value_bytes must be positive and at most limits.max_request_bytes".into());

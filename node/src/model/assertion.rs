@@ -154,14 +154,57 @@ pub struct QuarantineDecision {
     pub detail: String,
 }
 
+/// What a value may be: `limits.max_value_bytes` and `limits.max_value_depth`.
+#[derive(Debug, Clone, Copy)]
+pub struct ValueLimits {
+    pub max_bytes: usize,
+    pub max_depth: usize,
+}
+
+/// How deeply arrays and objects nest in `json` (valid JSON: the parser checked it): 0 for a
+/// scalar, 1 for `[1]` or `{}`. One pass, no recursion, whatever the depth; brackets inside
+/// strings do not count.
+pub fn json_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in json.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 impl AssertRequest {
     /// Applies every validation rule that needs no stored data.
-    pub fn validate(self, max_value_bytes: usize, shards: u16) -> Result<AssertionDraft, ModelError> {
+    pub fn validate(self, limits: ValueLimits, shards: u16) -> Result<AssertionDraft, ModelError> {
         validate_concept_path(&self.concept_path)?;
         validate_predicate(&self.predicate)?;
         let value_bytes = self.value.get().len();
-        if value_bytes > max_value_bytes {
-            return Err(ModelError::ValueTooLarge { bytes: value_bytes, limit: max_value_bytes });
+        if value_bytes > limits.max_bytes {
+            return Err(ModelError::ValueTooLarge { bytes: value_bytes, limit: limits.max_bytes });
+        }
+        let fields =
+            std::iter::once(("value", self.value.get())).chain(self.source.as_ref().map(|s| ("source", s.get())));
+        for (field, raw) in fields {
+            let depth = json_depth(raw);
+            if depth > limits.max_depth {
+                return Err(ModelError::ValueTooDeep { field: field.into(), depth, limit: limits.max_depth });
+            }
         }
         let agent_id = self.agent_id.unwrap_or_else(|| DEFAULT_AGENT_ID.to_string());
         validate_agent_id(&agent_id)?;
@@ -276,6 +319,52 @@ pub enum Status {
 mod tests {
     use super::*;
 
+    /// JSON nested `depth` levels with strings full of brackets and escapes in between.
+    fn nested(depth: usize, noise: &str) -> String {
+        let mut json = String::new();
+        for level in 0..depth {
+            json.push_str(if level % 2 == 0 { "[" } else { "{\"k\":" });
+            json.push_str(&format!("{},", serde_json::to_string(noise).expect("a string")).repeat(level % 2 ^ 1));
+        }
+        json.push('1');
+        for level in (0..depth).rev() {
+            json.push(if level % 2 == 0 { ']' } else { '}' });
+        }
+        json
+    }
+
+    proptest::proptest! {
+        /// The one-pass depth equals the depth the JSON was built with, whatever brackets,
+        /// quotes and backslashes its strings hold, and the JSON is valid.
+        #[test]
+        fn json_depth_counts_nesting_not_strings(depth in 0usize..200, noise in ".{0,12}") {
+            let json = nested(depth, &noise);
+            proptest::prop_assert!(serde_json::from_str::<Box<serde_json::value::RawValue>>(&json).is_ok() || depth > 120, "{}", json);
+            proptest::prop_assert_eq!(json_depth(&json), depth);
+        }
+    }
+
+    #[test]
+    fn json_depth_of_simple_values() {
+        for (json, depth) in
+            [("1", 0), ("\"[[[\"", 0), ("[]", 1), ("{}", 1), ("[[1],[2,[3]]]", 3), ("{\"a\\\"[\":[{}]}", 3)]
+        {
+            assert_eq!(json_depth(json), depth, "{json}");
+        }
+        let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+        assert_eq!(json_depth(&deep), 20_000);
+        let request = |value: &str| -> AssertRequest {
+            serde_json::from_str(&format!(r#"{{"concept_path":"a/b","predicate":"p","value":{value}}}"#))
+                .expect("parses")
+        };
+        let limits = ValueLimits { max_bytes: 1 << 20, max_depth: 3 };
+        assert!(request("[[[1]]]").validate(limits, 16).is_ok());
+        assert!(matches!(
+            request("[[[[1]]]]").validate(limits, 16),
+            Err(ModelError::ValueTooDeep { depth: 4, limit: 3, .. })
+        ));
+    }
+
     #[test]
     fn concept_paths() {
         for ok in ["a", "test/disk", "a.b_c:d-e/f", &"x".repeat(128)] {
@@ -302,24 +391,29 @@ mod tests {
 
     #[test]
     fn validation_rules() {
-        let ok =
-            request(r#"{"concept_path":"a/b","predicate":"p","value":{"x":[1,2]}}"#).validate(100, 16).expect("ok");
+        let ok = request(r#"{"concept_path":"a/b","predicate":"p","value":{"x":[1,2]}}"#)
+            .validate(ValueLimits { max_bytes: 100, max_depth: 64 }, 16)
+            .expect("ok");
         assert_eq!(ok.agent_id, DEFAULT_AGENT_ID);
         assert_eq!(ok.confidence, 1.0);
         assert!(matches!(
-            request(r#"{"concept_path":"a/b","predicate":"p","value":"0123456789"}"#).validate(5, 16),
+            request(r#"{"concept_path":"a/b","predicate":"p","value":"0123456789"}"#)
+                .validate(ValueLimits { max_bytes: 5, max_depth: 64 }, 16),
             Err(ModelError::ValueTooLarge { .. })
         ));
         assert!(matches!(
-            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"confidence":1.5}"#).validate(100, 16),
+            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"confidence":1.5}"#)
+                .validate(ValueLimits { max_bytes: 100, max_depth: 64 }, 16),
             Err(ModelError::InvalidConfidence { .. })
         ));
         assert!(matches!(
-            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"source":[1]}"#).validate(100, 16),
+            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"source":[1]}"#)
+                .validate(ValueLimits { max_bytes: 100, max_depth: 64 }, 16),
             Err(ModelError::InvalidSource)
         ));
         assert!(matches!(
-            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"supersedes":["nope"]}"#).validate(100, 16),
+            request(r#"{"concept_path":"a/b","predicate":"p","value":1,"supersedes":["nope"]}"#)
+                .validate(ValueLimits { max_bytes: 100, max_depth: 64 }, 16),
             Err(ModelError::InvalidId { .. })
         ));
         assert!(serde_json::from_str::<AssertRequest>(r#"{"concept_path":"a","predicate":"p","value":1,"valeu":2}"#)

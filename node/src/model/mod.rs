@@ -38,6 +38,8 @@ pub enum ModelError {
     SupersedesOtherConcept { id: String },
     #[error("source is {bytes} bytes, over the limit of {limit}")]
     SourceTooLarge { bytes: usize, limit: usize },
+    #[error("{field} is nested {depth} levels deep, over the limit of {limit} (limits.max_value_depth)")]
+    ValueTooDeep { field: String, depth: usize, limit: usize },
     #[error("source must be a JSON object")]
     InvalidSource,
     #[error("signature must be hex")]
@@ -78,6 +80,7 @@ impl ModelError {
             ModelError::InvalidId { .. } => ErrorCode::InvalidId,
             ModelError::SupersedesOtherConcept { .. } => ErrorCode::SupersedesOtherConcept,
             ModelError::SourceTooLarge { .. } => ErrorCode::SourceTooLarge,
+            ModelError::ValueTooDeep { .. } => ErrorCode::ValueTooDeep,
             ModelError::InvalidSource => ErrorCode::InvalidSource,
             ModelError::InvalidSignatureFormat => ErrorCode::InvalidSignatureFormat,
             ModelError::InvalidRequestId => ErrorCode::InvalidRequestId,

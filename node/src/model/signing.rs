@@ -193,7 +193,10 @@ mod tests {
     }
 
     fn draft(json: &str) -> AssertionDraft {
-        serde_json::from_str::<AssertRequest>(json).expect("parse").validate(65536, 16).expect("valid")
+        serde_json::from_str::<AssertRequest>(json)
+            .expect("parse")
+            .validate(crate::model::assertion::ValueLimits { max_bytes: 65536, max_depth: 64 }, 16)
+            .expect("valid")
     }
 
     const PUBLIC_KEY: &str = "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c";

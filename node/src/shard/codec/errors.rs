@@ -148,6 +148,9 @@ pub fn model_error_to_proto(error: &ModelError) -> pb::ModelError {
         ModelError::CommandTooLarge { items, limit } => {
             Kind::CommandTooLarge(m::CommandTooLarge { items: *items as u64, limit: *limit as u64 })
         }
+        ModelError::ValueTooDeep { field, depth, limit } => {
+            Kind::ValueTooDeep(m::ValueTooDeep { field: field.clone(), depth: *depth as u64, limit: *limit as u64 })
+        }
         ModelError::IdSpaceExhausted { index, limit } => {
             Kind::IdSpaceExhausted(m::IdSpaceExhausted { index: *index, limit: *limit })
         }
@@ -191,6 +194,11 @@ pub fn model_error_from_proto(error: pb::ModelError) -> Result<ModelError, Codec
             limit: narrow("command_too_large.limit", e.limit)?,
         },
         Kind::IdSpaceExhausted(e) => ModelError::IdSpaceExhausted { index: e.index, limit: e.limit },
+        Kind::ValueTooDeep(e) => ModelError::ValueTooDeep {
+            field: e.field,
+            depth: narrow("value_too_deep.depth", e.depth)?,
+            limit: narrow("value_too_deep.limit", e.limit)?,
+        },
     })
 }
 
@@ -324,6 +332,11 @@ pub(crate) mod tests {
             text().prop_map(|id| ModelError::NotQuarantined { id }),
             (count(), count()).prop_map(|(items, limit)| ModelError::CommandTooLarge { items, limit }),
             (any::<u64>(), any::<u64>()).prop_map(|(index, limit)| ModelError::IdSpaceExhausted { index, limit }),
+            (text(), count(), count()).prop_map(|(field, depth, limit)| ModelError::ValueTooDeep {
+                field,
+                depth,
+                limit
+            }),
         ]
     }
 
