@@ -494,6 +494,9 @@ async fn archived_log_restores_past_the_backup_and_as_of_a_time() -> anyhow::Res
     let after: Vec<&String> = writes.iter().filter(|(_, sent, _)| *sent > cut).map(|(p, _, _)| p).collect();
     assert!(before.len() >= 180 && after.len() >= 80, "{} before, {} after", before.len(), after.len());
     assert_all_present(&past, &before).await?;
+    // The three nodes replayed the same entries: the first one's plan, which the others read.
+    let plans = std::fs::read_dir(dir.path().join("store/restores"))?.count();
+    assert_eq!(plans, 1, "one restore plan for the new cluster");
     for path in after.iter().step_by(7) {
         let (status, value) = past.read_value(1, path, "linearizable").await?;
         assert_eq!((status, value), (200, Value::Null), "{path} was written after --as-of");

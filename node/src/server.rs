@@ -442,8 +442,13 @@ impl Node {
         }
         self.watch_for_fatal_errors(&shards, &storage, recovering);
         anti_entropy.start();
-        crate::cluster::backup::archive::Archiver::start(shards.clone(), &config.backup, identity.cluster_id.clone())
-            .map_err(|e| NodeError::Serve(format!("raft log archival: {e}")))?;
+        crate::cluster::backup::archive::Archiver::start(
+            shards.clone(),
+            &config.backup,
+            config.raft.logs_to_keep_after_snapshot,
+            identity.cluster_id.clone(),
+        )
+        .map_err(|e| NodeError::Serve(format!("raft log archival: {e}")))?;
 
         // 4. The transport, before waiting for leaders: elections need the peers' votes.
         self.grpc = Some(GrpcServer::start(

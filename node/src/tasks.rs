@@ -1,9 +1,7 @@
 //! The node's background tasks. Every task a node starts (write batchers, index repair, breaker
 //! proposals, the placement driver, hibernation, claims-cache sharing, leadership clocks, ...) is
 //! spawned through one [`NodeTasks`], so shutdown can tell them all to stop and wait until they
-//! have, with a bound, before it closes the storage they use. Bulk background work that must
-//! not take the cores requests need (a backup's replica copy) runs its blocking thread at the
-//! lowest CPU priority for as long as it holds a [`LowPriority`].
+//! have, with a bound, before it closes the storage they use.
 
 use std::future::Future;
 use std::time::Duration;
@@ -87,69 +85,9 @@ impl NodeTasks {
     }
 }
 
-/// The calling thread at the lowest CPU priority (nice 19) until dropped, then back at the
-/// priority it had: the scheduler gives it only the CPU time that requests leave. For work on a
-/// blocking-pool thread, which goes back to the pool afterwards. Where the priority cannot be
-/// changed, the work runs at the normal one.
-pub struct LowPriority {
-    previous: Option<libc::c_int>,
-}
-
-impl LowPriority {
-    pub fn enter() -> LowPriority {
-        // SAFETY: gettid has no preconditions; getpriority and setpriority read and change the
-        // nice value of this thread alone (Linux applies PRIO_PROCESS with a thread id to that
-        // thread). errno is cleared first since -1 is also a valid priority.
-        let previous = unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            *libc::__errno_location() = 0;
-            let current = libc::getpriority(libc::PRIO_PROCESS, tid);
-            if current == -1 && *libc::__errno_location() != 0 {
-                None
-            } else if libc::setpriority(libc::PRIO_PROCESS, tid, 19) == 0 {
-                Some(current)
-            } else {
-                None
-            }
-        };
-        LowPriority { previous }
-    }
-}
-
-impl Drop for LowPriority {
-    fn drop(&mut self) {
-        if let Some(previous) = self.previous {
-            // SAFETY: as in `enter`, on this thread only. Raising the priority back needs
-            // CAP_SYS_NICE unless the limit allows it; if it fails the thread stays low, which
-            // slows later blocking work but never breaks it.
-            unsafe {
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                if libc::setpriority(libc::PRIO_PROCESS, tid, previous) != 0 {
-                    tracing::debug!("restoring a blocking thread's priority failed");
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn nice() -> libc::c_int {
-        // SAFETY: reads this thread's nice value.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t) }
-    }
-
-    #[test]
-    fn low_priority_lasts_while_held() {
-        let before = nice();
-        {
-            let _low = LowPriority::enter();
-            assert_eq!(nice(), 19);
-        }
-        assert_eq!(nice(), before, "root (as in CI) may raise it back");
-    }
 
     #[tokio::test]
     async fn stop_and_wait_ends_loops_and_reports_stragglers() {

@@ -471,7 +471,14 @@ impl ShardSet {
             election_timeout_min,
             election_timeout_max,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_logs_since_last),
-            max_in_snapshot_log_to_keep: settings.logs_to_keep_after_snapshot,
+            // With log archival, openraft purges only when the archiver asks (what is archived,
+            // `cluster::backup::archive`): its own idea of the log then matches what is kept,
+            // and a follower that lags is sent entries, not a snapshot that would wipe them.
+            max_in_snapshot_log_to_keep: if settings.archive_log {
+                u64::MAX
+            } else {
+                settings.logs_to_keep_after_snapshot
+            },
             // AppendEntries are bounded by bytes in the log store (`limited_get_log_entries`);
             // this bounds the count of small entries.
             max_payload_entries: 256,

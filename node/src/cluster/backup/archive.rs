@@ -9,9 +9,14 @@
 //!   its body; `verify` checks every segment.
 //! - Only committed entries are shipped (through the leader's applied index), so two leaders
 //!   that ship the same range ship the same bytes, and segments that overlap agree.
-//! - No replica purges a log entry before it is archived (`LogStore::keep_unarchived`): a
-//!   leader knows what it shipped; a follower learns the archive's end by listing it every
-//!   [`FOLLOWER_RELIST`] (so a new leader finds its log still holds what was not shipped yet).
+//! - No replica purges a log entry before it is archived: openraft purges only when the
+//!   archiver asks (`raft.max_in_snapshot_log_to_keep` is unbounded with archival), through
+//!   what is archived and snapshotted less `raft.logs_to_keep_after_snapshot`, so openraft's
+//!   idea of the log is what is kept, and a lagging follower is sent entries rather than a
+//!   snapshot; and the log store refuses to purge past the archive anyway
+//!   (`LogStore::keep_unarchived`). A leader knows what it shipped; a follower learns the
+//!   archive's end by listing it every [`FOLLOWER_RELIST`] (so a new leader finds its log
+//!   still holds what was not shipped yet).
 //! - A leader whose log no longer holds the next entry (a snapshot was installed on it before
 //!   it led) ships from its first entry and counts a gap
 //!   (`stemedb_backup_archive_gaps_total`); a restore stops replaying at a gap.
@@ -36,6 +41,19 @@ pub const SEGMENT_MAX_BYTES: usize = 4 << 20;
 const SEGMENTS_PER_TICK: usize = 8;
 /// How often a follower lists the archive to learn how far its group's log may be purged.
 pub const FOLLOWER_RELIST: Duration = Duration::from_secs(10);
+/// Longest a listing or an upload may take: one that hangs must not stop every other group.
+const STORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `call` within [`STORE_TIMEOUT`], a store failure otherwise.
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, BackupError>>,
+) -> Result<T, BackupError> {
+    match tokio::time::timeout(STORE_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(BackupError::Store(format!("{what}: no answer within {}s", STORE_TIMEOUT.as_secs()))),
+    }
+}
 
 const MAGIC: &[u8; 6] = b"STMLOG";
 const VERSION: u8 = 1;
@@ -185,6 +203,8 @@ pub struct Archiver {
     cluster_id: String,
     interval: Duration,
     compress: bool,
+    /// `raft.logs_to_keep_after_snapshot`: entries kept behind the snapshot after a purge.
+    logs_to_keep: u64,
     /// One entry per group this node hosts (bounded by the shard count).
     groups: Mutex<HashMap<u16, GroupArchive>>,
 }
@@ -194,6 +214,7 @@ impl Archiver {
     pub fn start(
         shards: Arc<ShardSet>,
         settings: &BackupSection,
+        logs_to_keep: u64,
         cluster_id: String,
     ) -> Result<Option<Arc<Archiver>>, BackupError> {
         if !settings.archive_enabled {
@@ -206,6 +227,7 @@ impl Archiver {
             cluster_id,
             interval: Duration::from_millis(settings.archive_interval_ms),
             compress: settings.compression_enabled,
+            logs_to_keep,
             groups: Mutex::new(HashMap::new()),
         });
         let running = archiver.clone();
@@ -226,12 +248,14 @@ impl Archiver {
         let (mut lag_entries, mut lag_seconds) = (0u64, 0f64);
         for group in self.shards.all_groups() {
             let shard = group.shard;
-            let (leading, applied) = {
+            let (leading, applied, snapshot, purged) = {
                 let metrics = group.raft.metrics();
                 let metrics = metrics.borrow();
                 (
                     metrics.current_leader == Some(self.shards.node_id),
                     metrics.last_applied.map(|l| l.index).unwrap_or(0),
+                    metrics.snapshot.map(|l| l.index),
+                    metrics.purged.map(|l| l.index),
                 )
             };
             let mut state = self.groups.lock().get(&shard).cloned().unwrap_or_default();
@@ -242,7 +266,7 @@ impl Archiver {
             let relist = state.archived.is_none()
                 || (!leading && state.listed_at.is_none_or(|t| t.elapsed() >= FOLLOWER_RELIST));
             if relist {
-                match list_segments(&self.store, &self.cluster_id, shard).await {
+                match bounded("listing the archive", list_segments(&self.store, &self.cluster_id, shard)).await {
                     Ok(segments) => {
                         state.archived = Some(segments.iter().map(|(_, last, _)| *last).max().unwrap_or(0));
                         state.listed_at = Some(Instant::now());
@@ -268,6 +292,13 @@ impl Archiver {
             state.archived = Some(archived);
             group.log().archived_through(archived);
             self.groups.lock().insert(shard, state);
+            // What is archived and in the snapshot, less the entries kept behind it.
+            let upto = snapshot.map(|s| s.saturating_sub(self.logs_to_keep).min(archived)).unwrap_or(0);
+            if upto > purged.unwrap_or(0) {
+                if let Err(error) = group.raft.trigger().purge_log(upto).await {
+                    tracing::warn!(shard, error = %error, "asking for a log purge failed");
+                }
+            }
         }
         super::metrics::ARCHIVE_LAG_ENTRIES.set(lag_entries as f64);
         super::metrics::ARCHIVE_LAG_SECONDS.set(lag_seconds);
@@ -306,7 +337,8 @@ impl Archiver {
                 tracing::warn!(shard, missing_from = from, resumes_at = first, "the log no longer holds entries not archived yet (a snapshot was installed before this node led): the archive has a gap, a restore stops before it");
             }
             let size = bytes.len() as u64;
-            match self.store.put(&segment_path(&self.cluster_id, shard, first, last), bytes).await {
+            let path = segment_path(&self.cluster_id, shard, first, last);
+            match bounded("shipping a segment", self.store.put(&path, bytes)).await {
                 Ok(()) => {
                     super::metrics::ARCHIVE_SEGMENTS.with_label_values(&["uploaded"]).inc();
                     super::metrics::ARCHIVE_BYTES.inc_by(size);

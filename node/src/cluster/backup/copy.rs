@@ -91,8 +91,6 @@ fn walk(
     pacer: &ReadPacer,
     files: tokio::sync::mpsc::Sender<SealedFile>,
 ) -> Result<Walked, BackupError> {
-    // Reading, compressing and hashing a whole replica takes CPU: only what requests leave.
-    let _low = crate::tasks::LowPriority::enter();
     let group = group_of_shard(shard);
     let failed = |message: String| BackupError::Failed { shard, message };
     let view = storage.point_in_time();

@@ -73,7 +73,7 @@ pub struct ReplayedGroup {
     /// When the last replayed client command was proposed (µs), if any was.
     pub last_proposed_at_us: Option<u64>,
     /// `as_of`, `end` (of the archive) or `gap` (the archive misses entries after `to_index`).
-    pub stopped_at: &'static str,
+    pub stopped_at: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -206,6 +206,10 @@ async fn stage_all(
     meta.apply(bootstrap, manifest.started_at_us)
         .map_err(|e| BackupError::Refused(format!("the new cluster's metadata: {e}")))?;
     let meta_bytes = serde_json::to_vec(&meta).map_err(|e| BackupError::Refused(e.to_string()))?;
+    let plan = match request.replay_log {
+        true => Some(settle_plan(request, manifest).await?),
+        false => None,
+    };
     let (mut groups, mut records, mut bytes, mut replayed) = (Vec::new(), 0u64, 0u64, Vec::new());
     let mut scratch: Option<Arc<Storage>> = None;
     let scratch_dir = request.data_dir.join("replay-scratch");
@@ -215,17 +219,17 @@ async fn stage_all(
         if !voters.contains_key(&request.node_id) {
             continue;
         }
-        let segments = match request.replay_log {
-            true => archive::list_segments(&request.store, &manifest.cluster_id, group.shard)
+        let planned =
+            plan.as_ref().and_then(|p| p.groups.get(&group.shard)).filter(|p| p.to_index > group.applied_index);
+        let segments = match planned {
+            Some(_) => archive::list_segments(&request.store, &manifest.cluster_id, group.shard)
                 .await?
                 .into_iter()
                 .filter(|(_, last, _)| *last > group.applied_index)
                 .collect::<Vec<_>>(),
-            false => Vec::new(),
+            None => Vec::new(),
         };
-        let staged = if segments.is_empty() {
-            stage_group(request, storage, group, &voters, Some(&meta_bytes)).await
-        } else {
+        let staged = if let Some(planned) = planned.filter(|_| !segments.is_empty()) {
             if scratch.is_none() {
                 let (dir, options) = (scratch_dir.clone(), request.storage.clone());
                 let opened = tokio::task::spawn_blocking(move || Storage::open(&dir, options))
@@ -234,13 +238,15 @@ async fn stage_all(
                 scratch = Some(opened);
             }
             let Some(scratch) = scratch.as_ref() else { continue };
-            match replay_group(request, storage, scratch, group, &segments, &voters, &meta_bytes).await {
+            match replay_group(request, storage, scratch, group, &segments, planned, &voters, &meta_bytes).await {
                 Ok(done) => {
                     replayed.push(done);
                     Ok(())
                 }
                 Err(error) => Err(error),
             }
+        } else {
+            stage_group(request, storage, group, &voters, Some(&meta_bytes)).await
         };
         if let Err(error) = staged {
             outcome = Err(error);
@@ -278,6 +284,131 @@ fn restaged<'a>(group: &GroupBackup, family: u8, key: &[u8], value: &'a [u8], ne
     }
 }
 
+/// Where each group's replay ends, decided once for the new cluster and shared by its nodes
+/// through the store (`restores/<new cluster id>.json`, written only if absent): nodes restored
+/// at different moments, while the archive still grows, replay the same entries.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct ReplayPlan {
+    pub cluster_id: String,
+    pub backup_id: String,
+    pub as_of_us: Option<u64>,
+    pub groups: BTreeMap<u16, PlannedGroup>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct PlannedGroup {
+    pub to_index: u64,
+    pub last_proposed_at_us: Option<u64>,
+    /// `as_of`, `end` or `gap`.
+    pub stopped_at: String,
+}
+
+fn plan_path(cluster_id: &str) -> String {
+    format!("restores/{cluster_id}.json")
+}
+
+/// The plan of this restore: the one another node of the new cluster wrote, else a new one
+/// (written if no other node wrote one meanwhile; else theirs). A plan made with another
+/// backup or `--as-of` is refused.
+async fn settle_plan(
+    request: &RestoreRequest,
+    manifest: &super::manifest::Manifest,
+) -> Result<ReplayPlan, BackupError> {
+    let cluster_id = restored_cluster_id(&manifest.id, &request.members);
+    let path = plan_path(&cluster_id);
+    let read = |bytes: Vec<u8>| -> Result<ReplayPlan, BackupError> {
+        let plan: ReplayPlan = serde_json::from_slice(&bytes)
+            .map_err(|e| BackupError::Damaged(format!("{path}: unreadable restore plan: {e}")))?;
+        if plan.backup_id != manifest.id || plan.as_of_us != request.as_of_us {
+            return Err(BackupError::Refused(format!(
+                "another restore of the same new cluster ({cluster_id}) used backup {} and --as-of {:?}: restore every node with the same values, or delete {path} from the store to start over",
+                plan.backup_id, plan.as_of_us
+            )));
+        }
+        Ok(plan)
+    };
+    if let Some(bytes) = request.store.get(&path).await? {
+        return read(bytes);
+    }
+    let mut groups = BTreeMap::new();
+    for group in &manifest.groups {
+        groups.insert(group.shard, plan_group(request, &manifest.cluster_id, group).await?);
+    }
+    let plan = ReplayPlan {
+        cluster_id: cluster_id.clone(),
+        backup_id: manifest.id.clone(),
+        as_of_us: request.as_of_us,
+        groups,
+    };
+    let bytes = serde_json::to_vec_pretty(&plan).map_err(|e| BackupError::Refused(e.to_string()))?;
+    if request.store.put_if_absent(&path, bytes).await? {
+        return Ok(plan);
+    }
+    match request.store.get(&path).await? {
+        Some(bytes) => read(bytes),
+        None => Err(BackupError::Store(format!("{path}: the restore plan vanished"))),
+    }
+}
+
+/// Where `group`'s replay ends: the last client command proposed by `--as-of` (entries without
+/// a time count only before a later command), the archive's end, or a gap.
+async fn plan_group(
+    request: &RestoreRequest,
+    cluster_id: &str,
+    group: &GroupBackup,
+) -> Result<PlannedGroup, BackupError> {
+    let segments = archive::list_segments(&request.store, cluster_id, group.shard).await?;
+    let mut next = group.applied_index + 1;
+    let mut planned =
+        PlannedGroup { to_index: group.applied_index, last_proposed_at_us: None, stopped_at: "end".into() };
+    'segments: for (first, last, path) in segments.iter().filter(|(_, last, _)| *last > group.applied_index) {
+        if *first > next {
+            planned.stopped_at = "gap".into();
+            break;
+        }
+        for (index, _, proposed_at) in read_segment(&request.store, group, *first, *last, path).await? {
+            if index < next {
+                continue;
+            }
+            if index > next {
+                planned.stopped_at = "gap".into();
+                break 'segments;
+            }
+            next += 1;
+            let Some(at) = proposed_at else { continue };
+            if request.as_of_us.is_some_and(|as_of| at > as_of) {
+                planned.stopped_at = "as_of".into();
+                break 'segments;
+            }
+            planned.to_index = index;
+            planned.last_proposed_at_us = Some(at);
+        }
+    }
+    Ok(planned)
+}
+
+/// The entries of one archived segment of `group`, checked: (index, entry, proposed at).
+async fn read_segment(
+    store: &BackupStore,
+    group: &GroupBackup,
+    first: u64,
+    last: u64,
+    path: &str,
+) -> Result<Vec<(u64, crate::raft::types::Entry, Option<u64>)>, BackupError> {
+    let bytes = store.get(path).await?.ok_or_else(|| BackupError::Damaged(format!("{path}: vanished")))?;
+    let segment = archive::decode_segment(&bytes, (group.shard, first, last))
+        .map_err(|problem| BackupError::Damaged(format!("{}: file {path}: {problem}", group.label())))?;
+    segment
+        .entries
+        .into_iter()
+        .map(|(index, stored)| {
+            let (entry, at) = decode_stored(&stored)
+                .map_err(|e| BackupError::Damaged(format!("{}: file {path}: entry {index}: {e}", group.label())))?;
+            Ok((index, entry, at))
+        })
+        .collect()
+}
+
 /// Entries replayed at once.
 const REPLAY_BATCH: usize = 512;
 
@@ -289,6 +420,7 @@ async fn replay_group(
     scratch: &Arc<Storage>,
     group: &GroupBackup,
     segments: &[(u64, u64, String)],
+    planned: &PlannedGroup,
     voters: &BTreeMap<NodeId, String>,
     meta_bytes: &[u8],
 ) -> Result<ReplayedGroup, BackupError> {
@@ -302,55 +434,43 @@ async fn replay_group(
         .await
         .map_err(|e| refused("opening for replay", &e))?
         .map_err(|e| refused("opening for replay", &e))?;
-    // 2. The archived entries after it, in order, up to --as-of, the archive's end or a gap.
-    // Entries without a time (a new leader's blank entry, a membership change) are applied
-    // only once a client command after them is: where the replay stops depends on the commands'
-    // times alone, not on how far the archive had grown when this node was restored.
+    // 2. The archived entries after it, in order, exactly through the plan's index.
+    let to_index = planned.to_index;
     let mut next = group.applied_index + 1;
-    let mut to_index = group.applied_index;
-    let mut last_proposed_at_us = None;
-    let mut stopped_at = "end";
-    let (mut batch, mut untimed) = (Vec::new(), Vec::new());
-    'segments: for (first, last, path) in segments {
-        if *first > next {
-            stopped_at = "gap";
+    let mut batch = Vec::new();
+    for (first, last, path) in segments {
+        if next > to_index {
             break;
         }
-        let bytes = request.store.get(path).await?.ok_or_else(|| BackupError::Damaged(format!("{path}: vanished")))?;
-        let segment = archive::decode_segment(&bytes, (group.shard, *first, *last))
-            .map_err(|problem| BackupError::Damaged(format!("{}: file {path}: {problem}", group.label())))?;
-        for (index, stored) in segment.entries {
-            if index < next {
+        if *first > next {
+            break;
+        }
+        for (index, entry, _) in read_segment(&request.store, group, *first, *last, path).await? {
+            if index < next || index > to_index {
                 continue;
             }
             if index > next {
-                stopped_at = "gap";
-                break 'segments;
+                break;
             }
-            let (entry, proposed_at) = decode_stored(&stored)
-                .map_err(|e| BackupError::Damaged(format!("{}: file {path}: entry {index}: {e}", group.label())))?;
-            next += 1;
-            let Some(at) = proposed_at else {
-                untimed.push(entry);
-                continue;
-            };
-            if request.as_of_us.is_some_and(|as_of| at > as_of) {
-                stopped_at = "as_of";
-                break 'segments;
-            }
-            last_proposed_at_us = Some(at);
-            to_index = index;
-            batch.append(&mut untimed);
             batch.push(entry);
+            next += 1;
             if batch.len() >= REPLAY_BATCH {
                 replay.apply(std::mem::take(&mut batch)).await.map_err(|e| refused("replaying", &e))?;
             }
         }
     }
+    if next <= to_index {
+        return Err(BackupError::Damaged(format!(
+            "{}: the restore plan replays through index {to_index}, the archive now holds only through {} (segments pruned or lost since the plan was made)",
+            group.label(),
+            next - 1
+        )));
+    }
     if !batch.is_empty() {
         replay.apply(batch).await.map_err(|e| refused("replaying", &e))?;
     }
     drop(replay);
+    let (last_proposed_at_us, stopped_at) = (planned.last_proposed_at_us, planned.stopped_at.clone());
     // 3. What the replay left, staged at its last index with the new membership.
     let mut staged = StagedGroup::begin(storage, group.shard, to_index, voters).map_err(|e| refused("staging", &e))?;
     let (scratch_storage, mut failure) = (scratch.clone(), None);

@@ -138,6 +138,24 @@ impl BackupStore {
             .map_err(|e| self.failed("writing", relative, e))
     }
 
+    /// Writes an object only if none exists at `relative`: `true` if this call wrote it. Atomic
+    /// where the store supports it (a directory; S3 with conditional writes); elsewhere checked
+    /// first, then written.
+    pub async fn put_if_absent(&self, relative: &str, bytes: Vec<u8>) -> Result<bool, BackupError> {
+        let options: object_store::PutOptions = object_store::PutMode::Create.into();
+        match self.store.put_opts(&self.path(relative), PutPayload::from(bytes.clone()), options).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                if self.exists(relative).await? {
+                    return Ok(false);
+                }
+                self.put(relative, bytes).await.map(|()| true)
+            }
+            Err(error) => Err(self.failed("writing", relative, error)),
+        }
+    }
+
     /// Reads an object whole; `Ok(None)` if it does not exist.
     pub async fn get(&self, relative: &str) -> Result<Option<Vec<u8>>, BackupError> {
         let result = match self.store.get(&self.path(relative)).await {
