@@ -340,6 +340,12 @@ async fn settle_plan(
         as_of_us: request.as_of_us,
         groups,
     };
+    let nothing_to_replay =
+        manifest.groups.iter().all(|g| plan.groups.get(&g.shard).is_none_or(|p| p.to_index <= g.applied_index));
+    if nothing_to_replay {
+        // No archived entry after the backup: the restore writes nothing into the store.
+        return Ok(plan);
+    }
     let bytes = serde_json::to_vec_pretty(&plan).map_err(|e| BackupError::Refused(e.to_string()))?;
     if request.store.put_if_absent(&path, bytes).await? {
         return Ok(plan);
