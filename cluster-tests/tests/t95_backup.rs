@@ -553,5 +553,16 @@ async fn archived_log_restores_past_the_backup_and_as_of_a_time() -> anyhow::Res
         &[],
     )?;
     assert!(!ok && err.contains(&name), "restore did not refuse the damaged segment: {out} {err}");
+
+    // A segment missing in the middle of a shard's archived log: verify names the gap.
+    let first_shard: Vec<&PathBuf> = segments.iter().filter(|p| p.to_string_lossy().contains("/00000/")).collect();
+    assert!(
+        first_shard.len() >= 3,
+        "shard 0 has {} segments; the writes span many archive intervals",
+        first_shard.len()
+    );
+    std::fs::remove_file(first_shard[first_shard.len() - 2])?;
+    let (ok, report, _) = backup_cli(&["verify", "--from", &store], &[])?;
+    assert!(!ok && report.contains("misses entries"), "verify did not name the gap: {report}");
     Ok(())
 }

@@ -141,12 +141,17 @@ pub fn decode_segment(bytes: &[u8], expected: (u16, u64, u64)) -> Result<Segment
             expected.0, expected.1, expected.2
         ));
     }
+    // LZ4 expands at most about 255 times: a header claiming more is not believed (nor is a
+    // count of entries the body cannot hold), so a crafted segment cannot make us allocate.
+    if raw_len > body.len().saturating_mul(255).saturating_add(64) {
+        return Err(format!("claims {raw_len} bytes uncompressed from a {}-byte body", body.len()));
+    }
     let raw = if header[7] & FLAG_LZ4 != 0 {
         lz4_flex::block::decompress(body, raw_len).map_err(|e| format!("decompressing: {e}"))?
     } else {
         body.to_vec()
     };
-    let mut entries = Vec::with_capacity(count);
+    let mut entries = Vec::with_capacity(count.min(raw.len() / 12));
     let mut at = 0usize;
     while at < raw.len() {
         let index = raw.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
@@ -286,8 +291,25 @@ impl Archiver {
                     state.caught_up_at = Some(Instant::now());
                 }
                 lag_entries += applied.saturating_sub(archived);
-                let behind = state.caught_up_at.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-                lag_seconds = lag_seconds.max(behind);
+                // The age of the oldest entry not archived yet, from its proposal time when it
+                // is a client command (true after a leader change too), else since the archive
+                // last caught up here.
+                let oldest = match archived < applied {
+                    true => {
+                        let log = group.log().clone();
+                        tokio::task::spawn_blocking(move || log.proposed_at_us(archived + 1))
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .flatten()
+                    }
+                    false => None,
+                };
+                let behind = match oldest {
+                    Some(at) => crate::model::id::now_us().saturating_sub(at) as f64 / 1e6,
+                    None => state.caught_up_at.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+                };
+                lag_seconds = lag_seconds.max(if archived >= applied { 0.0 } else { behind });
             }
             state.archived = Some(archived);
             group.log().archived_through(archived);

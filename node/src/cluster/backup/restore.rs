@@ -115,7 +115,9 @@ pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupErr
             request.members.keys().collect::<Vec<_>>()
         )));
     }
-    let not_empty = std::fs::read_dir(&request.data_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let not_empty = crate::storage::blocking(|| {
+        std::fs::read_dir(&request.data_dir).map(|mut d| d.next().is_some()).unwrap_or(false)
+    });
     if not_empty {
         return Err(BackupError::Refused(format!(
             "{} is not empty: restore into an empty data dir (move the old one aside)",
@@ -124,9 +126,10 @@ pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupErr
     }
     // Until the identity is written the dir is half restored: `serve` refuses it.
     let marker = request.data_dir.join(RESTORING_MARKER);
-    std::fs::create_dir_all(&request.data_dir)
-        .and_then(|()| std::fs::write(&marker, id.as_bytes()))
-        .map_err(|e| BackupError::Refused(format!("{}: {e}", request.data_dir.display())))?;
+    crate::storage::blocking(|| {
+        std::fs::create_dir_all(&request.data_dir).and_then(|()| std::fs::write(&marker, id.as_bytes()))
+    })
+    .map_err(|e| BackupError::Refused(format!("{}: {e}", request.data_dir.display())))?;
     let data_dir = request.data_dir.clone();
     let options = request.storage.clone();
     let storage = tokio::task::spawn_blocking(move || Storage::open(&data_dir, options))
@@ -142,25 +145,28 @@ pub async fn restore(request: RestoreRequest) -> Result<RestoreReport, BackupErr
                 format_version: FORMAT_VERSION,
                 restored_for: (request.members.len() > 1).then(|| cluster_id_of(&request.members)),
             };
-            record_restored(&storage, &identity).map_err(BackupError::from).map(|()| RestoreReport {
-                backup_id: id.clone(),
-                backed_up_cluster_id: manifest.cluster_id.clone(),
-                cluster_id: identity.cluster_id.clone(),
-                node_id: request.node_id,
-                data_dir: request.data_dir.clone(),
-                groups,
-                records,
-                bytes,
-                elapsed_ms: started.elapsed().as_millis() as u64,
-                replayed,
+            crate::storage::blocking(|| record_restored(&storage, &identity)).map_err(BackupError::from).map(|()| {
+                RestoreReport {
+                    backup_id: id.clone(),
+                    backed_up_cluster_id: manifest.cluster_id.clone(),
+                    cluster_id: identity.cluster_id.clone(),
+                    node_id: request.node_id,
+                    data_dir: request.data_dir.clone(),
+                    groups,
+                    records,
+                    bytes,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                    replayed,
+                }
             })
         }
         Err(error) => Err(error),
     };
-    let closed = storage.close();
+    let closed = crate::storage::blocking(|| storage.close());
     let report = result?;
     closed?;
-    std::fs::remove_file(&marker).map_err(|e| BackupError::Refused(format!("{}: {e}", marker.display())))?;
+    crate::storage::blocking(|| std::fs::remove_file(&marker))
+        .map_err(|e| BackupError::Refused(format!("{}: {e}", marker.display())))?;
     Ok(report)
 }
 
@@ -257,8 +263,7 @@ async fn stage_all(
         bytes += group.files.iter().map(|f| f.bytes).sum::<u64>();
     }
     if let Some(scratch) = scratch {
-        let closed = scratch.close();
-        let removed = std::fs::remove_dir_all(&scratch_dir);
+        let (closed, removed) = crate::storage::blocking(|| (scratch.close(), std::fs::remove_dir_all(&scratch_dir)));
         if outcome.is_ok() {
             closed?;
             removed.map_err(|e| BackupError::Refused(format!("{}: {e}", scratch_dir.display())))?;
@@ -478,7 +483,9 @@ async fn replay_group(
     drop(replay);
     let (last_proposed_at_us, stopped_at) = (planned.last_proposed_at_us, planned.stopped_at.clone());
     // 3. What the replay left, staged at its last index with the new membership.
-    let mut staged = StagedGroup::begin(storage, group.shard, to_index, voters).map_err(|e| refused("staging", &e))?;
+    // Files created and synced: on a blocking thread, as every filesystem call here.
+    let mut staged = crate::storage::blocking(|| StagedGroup::begin(storage, group.shard, to_index, voters))
+        .map_err(|e| refused("staging", &e))?;
     let (scratch_storage, mut failure) = (scratch.clone(), None);
     let copied = crate::storage::blocking(|| {
         for (family, cf) in [(STATE_MACHINE, ColumnFamily::StateMachine), (INDEX, ColumnFamily::Index)] {
@@ -502,14 +509,14 @@ async fn replay_group(
         Ok::<_, crate::storage::StorageError>(())
     });
     if let Err(error) = copied {
-        staged.abandon();
+        crate::storage::blocking(|| staged.abandon());
         return Err(error.into());
     }
     if let Some(error) = failure {
-        staged.abandon();
+        crate::storage::blocking(|| staged.abandon());
         return Err(refused("staging", &error));
     }
-    staged.finish().map_err(|e| refused("staging", &e))?;
+    crate::storage::blocking(|| staged.finish()).map_err(|e| refused("staging", &e))?;
     tracing::info!(group = %group.label(), from = group.applied_index, to = to_index, stopped_at, "replica restored and its archived log replayed");
     Ok(ReplayedGroup {
         shard: group.shard,
@@ -532,7 +539,7 @@ async fn stage_group(
     new_meta: Option<&[u8]>,
 ) -> Result<(), BackupError> {
     let group_id = group_of_shard(group.shard);
-    let mut staged = StagedGroup::begin(storage, group.shard, group.applied_index, voters)
+    let mut staged = crate::storage::blocking(|| StagedGroup::begin(storage, group.shard, group.applied_index, voters))
         .map_err(|e| BackupError::Refused(format!("{}: staging: {e}", group.label())))?;
     let mut walk = DigestWalk::new(group_id);
     let mut write_error = None;
@@ -553,20 +560,21 @@ async fn stage_group(
     let checked = read.and_then(|()| check_digest(group, &walk).map_err(ReadFailure::Damaged));
     match (write_error, checked) {
         (Some(error), _) => {
-            staged.abandon();
+            crate::storage::blocking(|| staged.abandon());
             Err(BackupError::Refused(format!("{}: staging: {error}", group.label())))
         }
         (None, Err(ReadFailure::Store(error))) => {
-            staged.abandon();
+            crate::storage::blocking(|| staged.abandon());
             Err(error)
         }
         (None, Err(ReadFailure::Damaged(damage))) => {
-            staged.abandon();
+            crate::storage::blocking(|| staged.abandon());
             let file = damage.file.map(|f| format!(" file {f}:")).unwrap_or_default();
             Err(BackupError::Damaged(format!("{}:{file} {}", damage.group, damage.problem)))
         }
         (None, Ok(())) => {
-            staged.finish().map_err(|e| BackupError::Refused(format!("{}: staging: {e}", group.label())))?;
+            crate::storage::blocking(|| staged.finish())
+                .map_err(|e| BackupError::Refused(format!("{}: staging: {e}", group.label())))?;
             tracing::info!(group = %group.label(), index = group.applied_index, records = group.records, "replica restored");
             Ok(())
         }
