@@ -185,6 +185,9 @@ pub struct ShardGroup {
     pub(crate) last_proposal_us: AtomicU64,
     pub queries: AtomicU64,
     rate_sample: Mutex<RateSample>,
+    /// The term in which this node last led the group, and when it first saw itself leader in
+    /// it: a new leader does not know what its followers hold until they answer.
+    led_since: Mutex<Option<(u64, Instant)>>,
     /// Vote guard of a node that joined with an empty data dir: 0 = may vote; `u64::MAX` =
     /// waiting for a leader's first AppendEntries; otherwise the commit index that leader
     /// reported, which this replica must apply before it votes (see [`ShardSet::may_vote`]).
@@ -282,6 +285,7 @@ impl ShardGroup {
             health,
             elections: Mutex::new(()),
             leader_lost_ms,
+            led_since: Mutex::new(None),
             rate_sample: Mutex::new(RateSample {
                 at: Instant::now(),
                 writes: 0,
@@ -1073,12 +1077,27 @@ impl ShardSet {
         let mut replication = Vec::new();
         if let Some(progress) = &metrics.replication {
             let last = metrics.last_log_index.unwrap_or(0);
+            // Until a follower answers, a new leader does not know what it holds: its lag is
+            // at most the time this node has led (not the age of the log's first entries).
+            let leading_for = {
+                let mut since = group.led_since.lock();
+                match *since {
+                    Some((term, at)) if term == metrics.current_term => at.elapsed(),
+                    _ => {
+                        *since = Some((metrics.current_term, Instant::now()));
+                        Duration::ZERO
+                    }
+                }
+            };
             for (node, matched) in progress {
                 if *node == self.node_id {
                     continue;
                 }
                 let matched_index = matched.map(|l| l.index);
-                let lag_seconds = self.unmatched_age(&group, matched_index.unwrap_or(0), last);
+                let lag_seconds = match matched_index {
+                    Some(index) => self.unmatched_age(&group, index, last),
+                    None => self.unmatched_age(&group, 0, last).min(leading_for.as_secs_f64()),
+                };
                 replication.push(FollowerProgress { node: *node, matched_index, lag_seconds });
             }
         }
