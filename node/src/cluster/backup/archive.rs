@@ -173,6 +173,23 @@ pub fn decode_segment(bytes: &[u8], expected: (u16, u64, u64)) -> Result<Segment
     Ok(Segment { shard, first, last, entries })
 }
 
+/// A stored segment (see [`decode_segment`]) with each entry decoded: (index, entry, when it
+/// was proposed if it is a client command). The error says what is wrong.
+pub fn decode_entries(
+    bytes: &[u8],
+    expected: (u16, u64, u64),
+) -> Result<Vec<(u64, crate::raft::types::Entry, Option<u64>)>, String> {
+    decode_segment(bytes, expected)?
+        .entries
+        .into_iter()
+        .map(|(index, stored)| {
+            let (entry, at) =
+                crate::raft::restore::decode_stored(&stored).map_err(|e| format!("entry {index}: {e}"))?;
+            Ok((index, entry, at))
+        })
+        .collect()
+}
+
 /// The segments of `shard` in the archive of `cluster_id`: (first, last, path), by first index.
 pub async fn list_segments(
     store: &BackupStore,

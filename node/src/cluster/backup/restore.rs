@@ -14,9 +14,10 @@
 //! With the archived log (`archive`), a group's entries after the backup's copy are replayed
 //! (`raft::restore::Replay`, in a scratch storage inside the data dir) up to `--as-of`, the
 //! end of the archive, or a gap in it, whichever comes first; the group is then staged at the
-//! last replayed index. With `--as-of` the newest backup that finished by then is used. Every
-//! node of the new cluster must be restored with the same `--as-of` when the archive may
-//! still grow (the old cluster still running): replicas must start from the same entries.
+//! last replayed index. With `--as-of` the newest backup that finished by then is used. Where
+//! each group's replay ends is decided once per new cluster, by the first node restored, in a
+//! plan in the store ([`ReplayPlan`]), so every node replays the same entries even while the
+//! archive grows (the old cluster still running).
 //!
 //! At start the node installs the staged groups, checks its replicas (the start-up scrub
 //! compares each replica with the digests it carries) and only then leads or serves.
@@ -37,7 +38,7 @@ use crate::cluster::identity::{
     cluster_id_of, identity_recorded, record_restored, restored_cluster_id, NodeIdentity, FORMAT_VERSION,
 };
 use crate::meta::{place_replicas, MetaCommand, MetaState, NodeId, META_SHARD};
-use crate::raft::restore::{decode_stored, Replay, StagedGroup};
+use crate::raft::restore::{Replay, StagedGroup};
 use crate::raft::types::group_of_shard;
 use crate::shard::digest::DigestWalk;
 use crate::shard::keys;
@@ -236,15 +237,17 @@ async fn stage_all(
             None => Vec::new(),
         };
         let staged = if let Some(planned) = planned.filter(|_| !segments.is_empty()) {
-            if scratch.is_none() {
-                let (dir, options) = (scratch_dir.clone(), request.storage.clone());
-                let opened = tokio::task::spawn_blocking(move || Storage::open(&dir, options))
-                    .await
-                    .map_err(|e| BackupError::Refused(format!("opening the replay scratch: {e}")))??;
-                scratch = Some(opened);
-            }
-            let Some(scratch) = scratch.as_ref() else { continue };
-            match replay_group(request, storage, scratch, group, &segments, planned, &voters, &meta_bytes).await {
+            let scratch = match &scratch {
+                Some(opened) => opened.clone(),
+                None => {
+                    let (dir, options) = (scratch_dir.clone(), request.storage.clone());
+                    let opened = tokio::task::spawn_blocking(move || Storage::open(&dir, options))
+                        .await
+                        .map_err(|e| BackupError::Refused(format!("opening the replay scratch: {e}")))??;
+                    scratch.insert(opened).clone()
+                }
+            };
+            match replay_group(request, storage, &scratch, group, &segments, planned, &voters, &meta_bytes).await {
                 Ok(done) => {
                     replayed.push(done);
                     Ok(())
@@ -407,17 +410,8 @@ async fn read_segment(
     path: &str,
 ) -> Result<Vec<(u64, crate::raft::types::Entry, Option<u64>)>, BackupError> {
     let bytes = store.get(path).await?.ok_or_else(|| BackupError::Damaged(format!("{path}: vanished")))?;
-    let segment = archive::decode_segment(&bytes, (group.shard, first, last))
-        .map_err(|problem| BackupError::Damaged(format!("{}: file {path}: {problem}", group.label())))?;
-    segment
-        .entries
-        .into_iter()
-        .map(|(index, stored)| {
-            let (entry, at) = decode_stored(&stored)
-                .map_err(|e| BackupError::Damaged(format!("{}: file {path}: entry {index}: {e}", group.label())))?;
-            Ok((index, entry, at))
-        })
-        .collect()
+    archive::decode_entries(&bytes, (group.shard, first, last))
+        .map_err(|problem| BackupError::Damaged(format!("{}: file {path}: {problem}", group.label())))
 }
 
 /// Entries replayed at once.

@@ -242,12 +242,7 @@ pub async fn verify(store: &BackupStore, id: Option<&str>) -> Result<VerifyRepor
             next = next.max(last + 1);
             log_segments += 1;
             let bytes = store.get(&path).await?.unwrap_or_default();
-            let decoded = super::archive::decode_segment(&bytes, (group.shard, first, last)).and_then(|segment| {
-                segment.entries.iter().try_for_each(|(index, stored)| {
-                    crate::raft::restore::decode_stored(stored).map(|_| ()).map_err(|e| format!("entry {index}: {e}"))
-                })
-            });
-            if let Err(problem) = decoded {
+            if let Err(problem) = super::archive::decode_entries(&bytes, (group.shard, first, last)) {
                 damage.push(Damage { group: group.label(), file: Some(path), problem });
             }
         }
