@@ -631,7 +631,7 @@ class Cluster:
                     f.write(f"# /etc/stemedb/stemedb.env of test node {i + 1}\nSTEMEDB_SECURITY_ADMIN_TOKEN={TOKEN}\n")
         self.services.set_hosts(hosts)
 
-    def mount_tmpfs(self, ip, size="64m"):
+    def mount_tmpfs(self, ip, size="512m"):
         d = self.host(ip)["env"]["DATA_DIR"]
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -788,7 +788,7 @@ def scenario_disk_full(cluster, mounted):
         http("POST", f"http://{cluster.ips[1]}:{PORTS['api']}/v1/assert",
              {"concept_path": f"disk/during{i % 50}", "predicate": "p", "value": "x" * 2000, "agent_id": f"filler{i % 7}"})
     wait_seen_down(cluster, 1, cluster.ips[1])
-    return ("node 1's data dir is a 64 MiB tmpfs, filled by a 3-day-old core dump (core.4242) until "
+    return ("node 1's data dir is a 512 MiB tmpfs, filled by a 3-day-old core dump (core.4242) until "
             "node 1 stopped on ENOSPC")
 
 

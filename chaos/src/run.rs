@@ -652,17 +652,18 @@ fn failover_summary(failover: &Failover) -> String {
     out
 }
 
-/// Mounts a 256 MiB tmpfs at `dir` (root only); `None` when the environment does not allow it.
+/// Mounts a 1 GiB tmpfs at `dir` (root only; above the default free-space floor of 256 MiB);
+/// `None` when the environment does not allow it.
 fn mount_small_disk(dir: &std::path::Path) -> Option<PathBuf> {
     std::fs::create_dir_all(dir).ok()?;
     let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=1g", "tmpfs"])
         .arg(dir)
         .stderr(std::process::Stdio::null())
         .status()
         .ok()?;
     if status.success() {
-        println!("node 1's data dir is a 256 MiB filesystem at {}", dir.display());
+        println!("node 1's data dir is a 1 GiB filesystem at {}", dir.display());
         Some(dir.to_path_buf())
     } else {
         println!("cannot mount a small filesystem here (needs root): disk-full faults are skipped");

@@ -249,6 +249,8 @@ error_codes! {
     CommandTooLarge = "command_too_large", 422, InvalidArgument, final;
     /// this node's replica is installing a snapshot; retry or read through another node
     ReplicaCatchingUp = "replica_catching_up", 503, Unavailable, retry;
+    /// a node on the write's path is below its free-space floor (storage.min_free_bytes, min_free_percent); reads go on
+    InsufficientStorage = "insufficient_storage", 507, ResourceExhausted, retry;
     /// a shard's log index passed what assertion ids can number (2^36 entries)
     IdSpaceExhausted = "id_space_exhausted", 500, Internal, final;
     /// startup: the node cannot listen on a configured address

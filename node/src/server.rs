@@ -173,6 +173,10 @@ pub fn storage_options(config: &Config) -> StorageOptions {
             .storage
             .index_eviction_enabled
             .then_some((config.storage.index_max_memory_mb as usize) << 20),
+        disk_floor: crate::storage::disk::DiskFloor {
+            min_free_bytes: config.storage.min_free_bytes,
+            min_free_percent: config.storage.min_free_percent,
+        },
     }
 }
 

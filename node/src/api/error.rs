@@ -44,10 +44,14 @@ impl ApiError {
     }
 }
 
+/// `Retry-After` of a `507 insufficient_storage`: the floor is sampled every second, but space
+/// is freed by an operator, not by waiting.
+pub const INSUFFICIENT_STORAGE_RETRY_AFTER_SECS: u64 = 30;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
-        if matches!(self.code.http_status(), 429 | 503) {
+        if matches!(self.code.http_status(), 429 | 503 | 507) {
             let seconds = self.retry_after_secs.unwrap_or(1).max(1);
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
@@ -87,6 +91,14 @@ impl From<ConsensusError> for ApiError {
             }
             // The model error's own fields, as when the API refuses it before proposing.
             ConsensusError::Refused { error, .. } => return ApiError::from(error.clone()),
+            ConsensusError::InsufficientStorage { shard, node, free_bytes, floor_bytes } => {
+                let details =
+                    json!({"shard": shard, "node": node, "free_bytes": free_bytes, "floor_bytes": floor_bytes});
+                // Space comes back by an operator's hand: a client should not retry at once.
+                return ApiError::new(error.code(), error.to_string())
+                    .with_details(details)
+                    .with_retry_after(INSUFFICIENT_STORAGE_RETRY_AFTER_SECS);
+            }
         };
         ApiError::new(error.code(), error.to_string()).with_details(details)
     }

@@ -266,6 +266,12 @@ pub struct StorageSection {
     pub index_eviction_enabled: bool,
     /// Size of the index family's own block cache, with `index_eviction_enabled`.
     pub index_max_memory_mb: u64,
+    /// The free-space floor, with `min_free_percent` (the greater applies): below it on the
+    /// data dir's filesystem the node refuses writes with `507 insufficient_storage` and keeps
+    /// serving reads and admin; the space it keeps free is Raft's own reserve. 0 and 0: off.
+    pub min_free_bytes: u64,
+    /// The floor as a percent (0-50) of the filesystem's size.
+    pub min_free_percent: f64,
 }
 
 /// Anti-entropy (`cluster::anti_entropy`): check entries, the scrub, and automatic repair.
@@ -503,6 +509,9 @@ impl Default for ClusterSection {
     }
 }
 
+/// `storage.min_free_bytes` by default: 256 MiB.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 << 20;
+
 impl Default for StorageSection {
     fn default() -> Self {
         StorageSection {
@@ -513,6 +522,8 @@ impl Default for StorageSection {
             verify_on_start: true,
             index_eviction_enabled: false,
             index_max_memory_mb: 1024,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            min_free_percent: 1.0,
         }
     }
 }
@@ -779,6 +790,10 @@ impl Config {
         if self.cluster.shards == 0 || self.cluster.shards > 4096 {
             return fail("cluster.shards must be between 1 and 4096".into());
         }
+        let percent = self.storage.min_free_percent;
+        if !(0.0..=50.0).contains(&percent) {
+            return fail(format!("storage.min_free_percent is {percent}: expected 0 to 50 (0 with min_free_bytes 0: no floor)"));
+        }
         if self.storage.index_eviction_enabled && self.storage.index_max_memory_mb == 0 {
             return fail(
                 "storage.index_max_memory_mb is 0: with storage.index_eviction_enabled it must be at least 1".into(),
@@ -907,6 +922,7 @@ impl Config {
             ("storage.max_cache_size_mb", storage.max_cache_size_mb, TIB),
             ("storage.write_buffer_mb", storage.write_buffer_mb, TIB),
             ("storage.index_max_memory_mb", storage.index_max_memory_mb, TIB),
+            ("storage.min_free_bytes", storage.min_free_bytes, (MAX_SIZE_MB << 20, "1 TiB")),
             ("query.claims_cache_mb", query.claims_cache_mb, TIB),
             ("query.max_memory_per_query_mb", query.max_memory_per_query_mb, TIB),
             ("backup.max_read_mb_per_second", self.backup.max_read_mb_per_second, TIB),
@@ -998,6 +1014,7 @@ pub(crate) fn config_at_the_bounds() -> Config {
     config.storage.write_buffer_mb = MAX_SIZE_MB;
     config.storage.index_eviction_enabled = true;
     config.storage.index_max_memory_mb = MAX_SIZE_MB;
+    config.storage.min_free_bytes = MAX_SIZE_MB << 20;
     config.query.claims_cache_mb = MAX_SIZE_MB;
     config.query.max_memory_per_query_mb = MAX_SIZE_MB;
     config.backup.max_read_mb_per_second = MAX_SIZE_MB;
@@ -1144,10 +1161,11 @@ mod tests {
     #[test]
     fn sizes_and_durations_past_their_bounds_are_refused_by_name() {
         type Set = fn(&mut Config);
-        let over: [(&str, u64, Set); 23] = [
+        let over: [(&str, u64, Set); 24] = [
             ("storage.max_cache_size_mb", MAX_SIZE_MB, |c| c.storage.max_cache_size_mb += 1),
             ("storage.write_buffer_mb", MAX_SIZE_MB, |c| c.storage.write_buffer_mb += 1),
             ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
+            ("storage.min_free_bytes", MAX_SIZE_MB << 20, |c| c.storage.min_free_bytes += 1),
             ("query.claims_cache_mb", MAX_SIZE_MB, |c| c.query.claims_cache_mb += 1),
             ("query.max_memory_per_query_mb", MAX_SIZE_MB, |c| c.query.max_memory_per_query_mb += 1),
             ("backup.max_read_mb_per_second", MAX_SIZE_MB, |c| c.backup.max_read_mb_per_second += 1),

@@ -98,6 +98,9 @@ impl Coordinator for ShardSet {
     ) -> Result<ShardResponse, ConsensusError> {
         let group = self.group(shard)?;
         group.writes.fetch_add(1, Ordering::Relaxed);
+        if command.grows_data() {
+            self.check_disk_floor(shard)?;
+        }
         let deadline = Instant::now() + timeout;
         let response = if !self.hosts(&group) {
             let command = command.once();

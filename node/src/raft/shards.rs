@@ -881,6 +881,10 @@ impl ShardSet {
             raft_metrics::PROPOSALS.with_label_values(&["not_leader"]).inc();
             return Err(ConsensusError::NotLeader { shard, leader: Some(leader) });
         }
+        // The leader's own disk: a write forwarded from a node with space still needs room here.
+        if command.grows_data() {
+            self.check_disk_floor(shard)?;
+        }
         // DESIGN §2: the leader decides quarantine before proposing and records it in the entry.
         // Screening that reads the shard's claims from RocksDB runs on the storage read pool;
         // without the protected-claim rule it reads nothing and runs here (a hop to the pool
@@ -930,6 +934,17 @@ impl ShardSet {
                 Err(ConsensusError::ShuttingDown { shard })
             }
         }
+    }
+
+    /// Refuses a write that grows the data while this node's data dir is below its free-space
+    /// floor (`storage::disk`).
+    pub fn check_disk_floor(&self, shard: u16) -> Result<(), ConsensusError> {
+        self.storage.check_floor().map_err(|below| ConsensusError::InsufficientStorage {
+            shard,
+            node: self.node_id,
+            free_bytes: below.free_bytes,
+            floor_bytes: below.floor_bytes,
+        })
     }
 
     /// A linearizable read barrier: returns once this node's copy of `shard` reflects every write

@@ -95,6 +95,21 @@ impl ShardCommand {
         }
     }
 
+    /// Whether the command adds client data (claims, votes, an agent's own retraction): what a
+    /// node below its free-space floor refuses. Admin decisions, metadata, policy and checks
+    /// are small and keep working there.
+    pub fn grows_data(&self) -> bool {
+        match self {
+            ShardCommand::Assert { .. } | ShardCommand::Vote { .. } => true,
+            ShardCommand::Retract { admin, .. } => !admin,
+            ShardCommand::Once { command, .. } => command.grows_data(),
+            ShardCommand::Meta { .. }
+            | ShardCommand::Quarantine { .. }
+            | ShardCommand::Policy { .. }
+            | ShardCommand::Check { .. } => false,
+        }
+    }
+
     /// This command with an idempotency token, unless it has one already.
     pub fn once(self) -> ShardCommand {
         match self {

@@ -66,6 +66,14 @@ pub enum ConsensusError {
     #[error("{error}")]
     /// The state machine refused the whole command, the same way on every replica.
     Refused { shard: u16, error: crate::model::ModelError },
+    #[error(
+        "node {node} has {} free on its data dir, below its floor of {} (storage.min_free_bytes, \
+         storage.min_free_percent): it refuses writes to {} until space is freed; reads go on",
+        MiB(*free_bytes), MiB(*floor_bytes), GroupLabel(*shard)
+    )]
+    /// A node on the write's path (the one the client reached, or the shard's leader) is below
+    /// its free-space floor (`storage::disk`).
+    InsufficientStorage { shard: u16, node: NodeId, free_bytes: u64, floor_bytes: u64 },
 }
 
 /// A byte count in MiB, for messages.
@@ -95,6 +103,7 @@ impl ConsensusError {
             ConsensusError::Overloaded { .. } | ConsensusError::ReadsOverloaded { .. } => ErrorCode::Overloaded,
             ConsensusError::CatchingUp { .. } => ErrorCode::ReplicaCatchingUp,
             ConsensusError::Refused { error, .. } => error.code(),
+            ConsensusError::InsufficientStorage { .. } => ErrorCode::InsufficientStorage,
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 
 pub static STORAGE_OPERATION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
@@ -86,6 +86,37 @@ pub static GROUP_COMMIT_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// A gauge of the disk-space floor (`storage::disk`).
+macro_rules! disk_gauge {
+    ($name:ident, $metric:literal, $help:literal) => {
+        pub static $name: LazyLock<IntGauge> = LazyLock::new(|| IntGauge::new($metric, $help).expect("valid metric"));
+    };
+}
+disk_gauge!(
+    DISK_FREE_BYTES,
+    "stemedb_storage_disk_free_bytes",
+    "Bytes free for the node on the data dir's filesystem (statvfs f_bavail), sampled every second"
+);
+disk_gauge!(DISK_SIZE_BYTES, "stemedb_storage_disk_size_bytes", "Size of the data dir's filesystem in bytes");
+disk_gauge!(
+    DISK_FLOOR_BYTES,
+    "stemedb_storage_disk_floor_bytes",
+    "The free-space floor in bytes: the greater of storage.min_free_bytes and storage.min_free_percent of the size (0: off)"
+);
+disk_gauge!(
+    BELOW_DISK_FLOOR,
+    "stemedb_storage_below_disk_floor",
+    "1 while the data dir's free space is below the floor and writes are refused (507 insufficient_storage), else 0"
+);
+
+pub static WRITES_REFUSED_BELOW_FLOOR: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_storage_floor_refused_writes_total",
+        "Writes refused with 507 insufficient_storage because the data dir's free space was below the floor",
+    )
+    .expect("valid metric")
+});
+
 /// Every storage collector, for registration. The known label values start at 0.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     for operation in ["get", "scan", "put", "sync", "flush", "fsync"] {
@@ -102,5 +133,10 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(STORAGE_WRITTEN_BYTES.clone()),
         Box::new(LOG_FSYNC_DURATION.clone()),
         Box::new(GROUP_COMMIT_SIZE.clone()),
+        Box::new(DISK_FREE_BYTES.clone()),
+        Box::new(DISK_SIZE_BYTES.clone()),
+        Box::new(DISK_FLOOR_BYTES.clone()),
+        Box::new(BELOW_DISK_FLOOR.clone()),
+        Box::new(WRITES_REFUSED_BELOW_FLOOR.clone()),
     ]
 }

@@ -8,6 +8,7 @@
 //! it (Raft log store, state machine, node identity) speaks in column families, byte keys and
 //! [`WriteBatch`]es and never sees a RocksDB type.
 
+pub mod disk;
 mod group_commit;
 pub mod metrics;
 pub mod read_pool;
@@ -254,6 +255,8 @@ pub struct StorageOptions {
     pub index_cache_bytes: Option<usize>,
     /// Read every table file at open (`storage.verify_on_start`); see [`Storage::lost_files`].
     pub verify_on_start: bool,
+    /// The free-space floor below which writes are refused ([`Storage::check_floor`]).
+    pub disk_floor: disk::DiskFloor,
 }
 
 impl Default for StorageOptions {
@@ -264,6 +267,7 @@ impl Default for StorageOptions {
             fsync: true,
             index_cache_bytes: None,
             verify_on_start: true,
+            disk_floor: disk::DiskFloor::default(),
         }
     }
 }
@@ -387,6 +391,9 @@ pub struct Storage {
     lost_files: Vec<LostFile>,
     /// The largest count of bytes seen leaving the block caches ([`Storage::cache_traffic`]).
     cache_bytes_left: std::sync::atomic::AtomicU64,
+    /// The data dir's free space against the floor; sampled while `_disk_sampler` lives.
+    disk: Arc<disk::DiskSpace>,
+    _disk_sampler: std::sync::mpsc::Sender<()>,
 }
 
 /// See [`Storage::point_in_time`]. Reads verify block checksums and stay out of the block cache
@@ -579,6 +586,8 @@ impl Storage {
         }
         let db = Arc::new(db);
         let committer = GroupCommitter::start(db.clone(), options.fsync);
+        let disk = disk::DiskSpace::new(&path, options.disk_floor);
+        let disk_sampler = disk.start_sampling();
         tracing::info!(path = %path.display(), "storage opened");
         Ok(Arc::new(Storage {
             db,
@@ -591,6 +600,8 @@ impl Storage {
             manual_compaction: parking_lot::Mutex::new(ManualCompaction::default()),
             cache_bytes_left: std::sync::atomic::AtomicU64::new(0),
             lost_files,
+            disk,
+            _disk_sampler: disk_sampler,
         }))
     }
 
@@ -599,6 +610,23 @@ impl Storage {
     /// replicas that held any must be re-seeded.
     pub fn lost_files(&self) -> &[LostFile] {
         &self.lost_files
+    }
+
+    /// Refuses (and counts) a write that would grow the data while the data dir's free space is
+    /// below the floor (`storage::disk`). Raft's own writes never ask.
+    pub fn check_floor(&self) -> Result<(), disk::BelowFloor> {
+        match self.disk.below_floor() {
+            None => Ok(()),
+            Some(below) => {
+                metrics::WRITES_REFUSED_BELOW_FLOOR.inc();
+                Err(below)
+            }
+        }
+    }
+
+    /// The data dir's free space as last sampled, against the floor.
+    pub fn disk_space(&self) -> &disk::DiskSpace {
+        &self.disk
     }
 
     fn handle(&self, cf: ColumnFamily) -> Result<&rocksdb::ColumnFamily, StorageError> {

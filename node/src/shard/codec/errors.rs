@@ -55,6 +55,14 @@ pub fn consensus_error_to_proto(error: &ConsensusError) -> pb::ConsensusError {
         ConsensusError::Refused { shard, error } => {
             Kind::Refused(e::Refused { shard: u32::from(*shard), error: Some(model_error_to_proto(error)) })
         }
+        ConsensusError::InsufficientStorage { shard, node, free_bytes, floor_bytes } => {
+            Kind::InsufficientStorage(e::InsufficientStorage {
+                shard: u32::from(*shard),
+                node: *node,
+                free_bytes: *free_bytes,
+                floor_bytes: *floor_bytes,
+            })
+        }
     };
     pb::ConsensusError { kind: Some(kind) }
 }
@@ -102,6 +110,12 @@ pub fn consensus_error_from_proto(error: pb::ConsensusError) -> Result<Consensus
         Kind::Refused(e) => ConsensusError::Refused {
             shard: narrow("refused.shard", e.shard)?,
             error: model_error_from_proto(e.error.ok_or(CodecError::Missing("refused.error"))?)?,
+        },
+        Kind::InsufficientStorage(e) => ConsensusError::InsufficientStorage {
+            shard: narrow("insufficient_storage.shard", e.shard)?,
+            node: e.node,
+            free_bytes: e.free_bytes,
+            floor_bytes: e.floor_bytes,
         },
     })
 }
@@ -402,6 +416,9 @@ pub(crate) mod tests {
             (shard, count()).prop_map(|(shard, queued)| ConsensusError::ReadsOverloaded { shard, queued }),
             shard.prop_map(|shard| ConsensusError::CatchingUp { shard }),
             (shard, model_error()).prop_map(|(shard, error)| ConsensusError::Refused { shard, error }),
+            (shard, any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(shard, node, free_bytes, floor_bytes)| {
+                ConsensusError::InsufficientStorage { shard, node, free_bytes, floor_bytes }
+            }),
         ]
     }
 
