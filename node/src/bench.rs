@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// The system to load.
     #[arg(long, value_enum, default_value = "stemedb")]
     pub target: Target,
+    /// A bearer token for nodes with `security.tokens` (a `write` token; `admin` with
+    /// `--authority-grants`, which sets a root authority).
+    #[arg(long)]
+    pub token: Option<String>,
     /// Concurrent writer clients.
     #[arg(long, default_value_t = 64)]
     pub writers: usize,
@@ -221,6 +225,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 struct BenchConnection {
     /// `host:port`, connected to and sent as the Host header.
     authority: String,
+    /// The `Authorization` header line with its CRLF (`--token`), or empty.
+    auth: String,
     stream: Option<tokio::net::TcpStream>,
     /// The request being sent, rebuilt in place for each request.
     request: Vec<u8>,
@@ -284,8 +290,9 @@ fn parse_answer_head(buffer: &[u8]) -> Result<Option<AnswerHead>, &'static str> 
 }
 
 impl BenchConnection {
-    fn new(authority: String) -> BenchConnection {
-        BenchConnection { authority, stream: None, request: Vec::with_capacity(512), answer: Vec::with_capacity(8192) }
+    fn new(authority: String, token: Option<&str>) -> BenchConnection {
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        BenchConnection { authority, auth, stream: None, request: Vec::with_capacity(512), answer: Vec::with_capacity(8192) }
     }
 
     /// POSTs a JSON body and reads the whole answer; `Err` is the error kind to count. After a
@@ -326,8 +333,9 @@ impl BenchConnection {
         self.request.clear();
         write!(
             self.request,
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.authority,
+            self.auth,
             body.len()
         )
         .map_err(|_| "request")?;
@@ -375,7 +383,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         anyhow::ensure!(args.batch == 1, "--target etcd sends single puts: --batch must be 1");
         anyhow::ensure!(args.authority_grants == 0, "--authority-grants is for StemeDB only");
     }
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &args.token {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| anyhow::anyhow!("--token holds characters a header cannot carry"))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(args.writers + args.readers + 8)
         .timeout(Duration::from_secs(30))
         .build()?;
@@ -632,7 +647,7 @@ async fn write_loop(
     completed: Arc<AtomicU64>,
 ) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-    let mut connection = BenchConnection::new(authorities[worker % authorities.len()].clone());
+    let mut connection = BenchConnection::new(authorities[worker % authorities.len()].clone(), args.token.as_deref());
     let mut rng = rand::rngs::StdRng::from_os_rng();
     loop {
         let item = |rng: &mut rand::rngs::StdRng| json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "predicate": "value", "value": value, "agent_id": format!("bench-{worker}-{}", rng.random_range(0..32))});
@@ -661,7 +676,7 @@ async fn read_loop(
     completed: Arc<AtomicU64>,
 ) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-    let mut connection = BenchConnection::new(authorities[(worker + args.writers) % authorities.len()].clone());
+    let mut connection = BenchConnection::new(authorities[(worker + args.writers) % authorities.len()].clone(), args.token.as_deref());
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut body = Vec::with_capacity(256);
     loop {

@@ -14,7 +14,9 @@ pub struct ClusterArgs {
     /// The cluster admin address of any node.
     #[arg(long, global = true, default_value = "http://127.0.0.1:18181")]
     pub admin: String,
-    /// The admin token (`security.admin_token`), for the commands that change the cluster.
+    /// A bearer token: `security.admin_token` or an admin token of `security.tokens` for the
+    /// commands that change the cluster; with `security.tokens`, a `read` token at least for the
+    /// others.
     #[arg(long, global = true)]
     pub token: Option<String>,
     /// Print the node's JSON answer instead of a table.

@@ -77,6 +77,16 @@ error_codes! {
     InvalidState = "invalid_state", 400, InvalidArgument, final;
     /// /v1/admin/* endpoint without a valid bearer token (or, with no token configured, from ...
     AdminTokenRequired = "admin_token_required", 401, Unauthenticated, final;
+    /// this node has security.tokens and the request carries no bearer token
+    TokenRequired = "token_required", 401, Unauthenticated, final;
+    /// the bearer token is none of this node's tokens
+    InvalidToken = "invalid_token", 401, Unauthenticated, final;
+    /// the token's role does not cover the endpoint's class (details.role, details.needs)
+    RoleInsufficient = "role_insufficient", 403, PermissionDenied, final;
+    /// the token is bound to other agent ids than the one the request writes as
+    AgentNotAllowed = "agent_not_allowed", 403, PermissionDenied, final;
+    /// the caller is over its rate for the endpoint class (rate_limits.*); Retry-After says when
+    RateLimited = "rate_limited", 429, ResourceExhausted, retry;
     /// retraction by an agent other than the asserting one, without admin rights
     NotAssertionOwner = "not_assertion_owner", 403, PermissionDenied, final;
     /// security.require_signatures is on and the write has no signature ...

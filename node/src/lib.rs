@@ -22,4 +22,4 @@ pub mod storage;
 pub mod tasks;
 
 pub use config::Config;
-pub use server::{run, Listeners, NodeError};
+pub use server::{run, run_with_reloads, Listeners, NodeError};

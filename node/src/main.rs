@@ -41,6 +41,9 @@ enum Command {
     Backup(stemedb::backup_ctl::BackupArgs),
     /// Run a local cluster of N nodes on 127.0.0.1, 127.0.0.2, ... (default ports) until Ctrl-C.
     DevCluster(DevClusterArgs),
+    /// Make bearer tokens for the HTTP APIs (`[[security.tokens]]`).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Verify and repair the secondary indexes of a stopped node's data dir from its records.
     Rebuild {
         /// The node's data dir; the node must be stopped. Default: node.data_dir of the config.
@@ -50,6 +53,23 @@ enum Command {
         /// (default: /etc/stemedb/stemedb.toml when present; STEMEDB_* variables apply too).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token (once: it is stored nowhere) and the `[[security.tokens]]`
+    /// table, holding only its SHA-256, to add to every node's config (then SIGHUP them).
+    Create {
+        /// The holder's name, as logs, metrics and the audit log show it.
+        #[arg(long)]
+        name: String,
+        /// read, write or admin (each includes the ones before it).
+        #[arg(long, value_parser = ["read", "write", "admin"])]
+        role: String,
+        /// An agent id the token may write as; repeat for more. None: any agent.
+        #[arg(long = "agent")]
+        agents: Vec<String>,
     },
 }
 
@@ -175,7 +195,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.node.id,
         config.node.data_dir.display()
     );
-    stemedb::run(config, listeners, shutdown_signal()).await?;
+    // SIGHUP: read the config again; a valid one reaches the node, which takes what can change
+    // while it runs (tokens, rate limits). An invalid one is refused and the node keeps its own.
+    let (reloads, reloaded) = tokio::sync::mpsc::channel(4);
+    #[cfg(unix)]
+    if let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let config_file = args.config.clone();
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match Config::load(config_file.as_deref(), &flags) {
+                    Ok(config) => {
+                        tracing::info!("SIGHUP: config read again");
+                        if reloads.send(config).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => tracing::error!(error = %error, "SIGHUP: the config is invalid; keeping the running one"),
+                }
+            }
+        });
+    }
+    stemedb::run_with_reloads(config, listeners, shutdown_signal(), reloaded).await?;
     Ok(())
 }
 
@@ -280,6 +320,18 @@ fn main() -> ExitCode {
             }
             Command::DevCluster(args) => dev_cluster(args).await,
             Command::Rebuild { data_dir, config } => rebuild(data_dir, config).await,
+            Command::Token(TokenCommand::Create { name, role, agents }) => {
+                let role = match role.as_str() {
+                    "read" => stemedb::config::TokenRole::Read,
+                    "write" => stemedb::config::TokenRole::Write,
+                    _ => stemedb::config::TokenRole::Admin,
+                };
+                let (token, table) = stemedb::api::access::create_token(&name, role, &agents);
+                eprintln!("the token (shown once; give it to {name}, keep it out of configs and logs):");
+                print_out(&format!("{token}\n"))?;
+                eprintln!("\nadd to every node's config, then reload them (systemctl reload stemedb, or kill -HUP):\n\n{table}");
+                Ok(())
+            }
         }
     });
     match result {

@@ -205,6 +205,19 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    run_with_reloads(config, listeners, shutdown, reloads).await
+}
+
+/// [`run`], taking each config that arrives on `reloads` (the binary sends one on SIGHUP) for
+/// what can change while the node runs: `security.tokens`, `security.admin_token` and
+/// `[rate_limits]` ([`Node::reload`]).
+pub async fn run_with_reloads(
+    config: crate::config::ValidatedConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reloads: tokio::sync::mpsc::Receiver<crate::config::ValidatedConfig>,
+) -> Result<(), NodeError> {
     let config = config.into_inner();
     let mut node = Node::new(&config);
     let mut shutdown = std::pin::pin!(shutdown);
@@ -215,12 +228,16 @@ pub async fn run(
         _ = &mut shutdown => None,
     };
     match &started {
-        Some(Ok(())) => {
+        Some(Ok(())) => loop {
             tokio::select! {
-                _ = &mut shutdown => tracing::info!("shutdown requested"),
-                _ = node.fatal.cancelled() => {}
+                _ = &mut shutdown => {
+                    tracing::info!("shutdown requested");
+                    break;
+                }
+                _ = node.fatal.cancelled() => break,
+                Some(next) = reloads.recv() => node.reload(next.into_inner()),
             }
-        }
+        },
         Some(Err(error)) => tracing::error!(error = %error, "start-up failed; stopping what had started"),
         None => tracing::info!("shutdown requested during start-up"),
     }
@@ -261,6 +278,43 @@ const TASKS_BOUND: Duration = Duration::from_secs(5);
 const STORAGE_RELEASE_BOUND: Duration = Duration::from_secs(2);
 
 impl Node {
+    /// Takes what can change while running from a reloaded config (tokens, the admin token,
+    /// rate limits) and says which other sections changed: those wait for the next start.
+    pub fn reload(&self, config: Config) {
+        let Some(context) = &self.context else { return };
+        context.access.reload(&config);
+        let running = &context.config;
+        let mut later = Vec::new();
+        let sections: [(&str, bool); 14] = [
+            ("node", running.node == config.node),
+            ("server", running.server == config.server),
+            ("cluster", running.cluster == config.cluster),
+            ("storage", running.storage == config.storage),
+            ("raft", running.raft == config.raft),
+            ("anti_entropy", running.anti_entropy == config.anti_entropy),
+            ("limits", running.limits == config.limits),
+            ("query", running.query == config.query),
+            ("authority", running.authority == config.authority),
+            ("quarantine", running.quarantine == config.quarantine),
+            ("circuit_breaker", running.circuit_breaker == config.circuit_breaker),
+            ("logging", running.logging == config.logging),
+            ("backup", running.backup == config.backup),
+            (
+                "security (but tokens and admin_token)",
+                (running.security.require_signatures, running.security.allow_unauthenticated)
+                    == (config.security.require_signatures, config.security.allow_unauthenticated),
+            ),
+        ];
+        for (section, same) in sections {
+            if !same {
+                later.push(section);
+            }
+        }
+        if !later.is_empty() {
+            tracing::warn!(sections = ?later, "config reloaded: these sections changed and take effect at the next start");
+        }
+    }
+
     fn new(config: &Config) -> Node {
         let tasks = NodeTasks::new();
         Node {
@@ -375,6 +429,7 @@ impl Node {
                 start_up_scrub_delay: Duration::from_millis(config.testing.start_up_scrub_delay_ms),
             },
         );
+        let audit = crate::api::access::audit::AuditLog::open(storage.clone(), config.node.id)?;
         let context = Arc::new(NodeContext {
             cluster_id: identity.cluster_id.clone(),
             config: config.clone(),
@@ -392,6 +447,7 @@ impl Node {
                     .chain(crate::raft::metrics::collectors())
                     .chain(crate::cluster::anti_entropy::metrics::collectors())
                     .chain(crate::cluster::backup::metrics::collectors())
+                    .chain(crate::api::access::metrics::collectors())
                     .collect(),
             ),
             started_at,
@@ -410,6 +466,7 @@ impl Node {
                 identity.cluster_id.clone(),
             )),
             heap_profiler: start_heap_profiler(&config),
+            access: crate::api::access::Access::new(&config, audit),
         });
         self.context = Some(context.clone());
         register_node_gauges(&context);

@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
                 "this endpoint does not accept that HTTP method; see docs/api.md",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(state.access.clone(), crate::api::access::guard))
         .with_state(state)
 }
 
@@ -249,10 +250,11 @@ struct AddMemberRequest {
     raft_addr: String,
 }
 
-/// Membership changes need the admin token when one is configured. Without a token they are
-/// open, because members join from other hosts; set `security.admin_token` in production.
+/// Cluster changes need an admin token when a token is configured (`security.admin_token` or
+/// `security.tokens`; with tokens the access middleware has checked the role already). Without
+/// one they are open, because members join from other hosts; set one in production.
 fn require_token_if_set(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-    if state.config.security.admin_token.is_empty() {
+    if !state.access.admin_secured() {
         return Ok(());
     }
     state.require_admin(headers, None)

@@ -22,6 +22,33 @@ pub fn router() -> Router<AppState> {
         .route("/v1/admin/debug/heap-profile", get(heap_profile_status).post(take_heap_profile))
         .route("/v1/admin/debug/heap-profile/download", get(download_heap_profile))
         .route("/v1/admin/debug/heap-profile/sampling", post(set_heap_sampling))
+        .route("/v1/admin/audit", get(audit))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    limit: Option<usize>,
+    /// The `next_cursor` of the page before.
+    cursor: Option<String>,
+}
+
+/// `GET /v1/admin/audit[?limit=100&cursor=C]`: the admin actions this node received, newest
+/// first (`api::access::audit`).
+async fn audit(
+    State(state): State<AppState>,
+    _admin: super::AdminRights,
+    params: Result<axum::extract::Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let params = super::extract::query_params(params)?;
+    let limit = super::extract::list_limit(params.limit)?;
+    let access = state.access.clone();
+    let cursor = params.cursor.clone();
+    let listed = tokio::task::spawn_blocking(move || access.audit.list(limit, cursor.as_deref()))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::InternalError, e.to_string()))?;
+    let (entries, next_cursor) = listed.map_err(|message| ApiError::new(ErrorCode::InvalidCursor, message))?;
+    Ok(Json(json!({"node_id": state.shards.node_id, "entries": entries, "next_cursor": next_cursor})).into_response())
 }
 
 /// `GET /v1/admin/debug/heap-profile`: whether allocations are sampled, and the dumps on disk.

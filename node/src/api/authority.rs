@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::access::CallerOf;
 use super::error::ApiError;
 use super::extract::{list_limit, query_params, StrictJson};
 use super::{peer_of, AppState};
@@ -134,9 +135,11 @@ struct GrantRequest {
 /// `level` on a prefix covering `concept_prefix` (checked when the meta group applies it).
 async fn create_grant(
     State(state): State<AppState>,
+    CallerOf(caller): CallerOf,
     StrictJson(request): StrictJson<GrantRequest>,
 ) -> Result<Response, ApiError> {
     validate_agent_id(&request.grantor)?;
+    caller.may_write_as(&request.grantor)?;
     validate_agent_id(&request.grantee)?;
     validate_concept_prefix(&request.concept_prefix)?;
     let level = validate_level(request.level)?;
@@ -235,6 +238,7 @@ async fn revoke_grant(
     State(state): State<AppState>,
     headers: HeaderMap,
     connect_info: ConnectInfo<SocketAddr>,
+    CallerOf(caller): CallerOf,
     Path(id): Path<String>,
     params: Result<Query<RevokeParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -243,6 +247,7 @@ async fn revoke_grant(
     let by = match params.agent_id {
         Some(agent) => {
             validate_agent_id(&agent)?;
+            caller.may_write_as(&agent)?;
             crate::model::signing::verify(
                 "revocation",
                 &agent,

@@ -2,6 +2,7 @@
 //! listing, health, `/metrics` and the node admin endpoints. Handlers validate input, route to
 //! the owning shard and turn results into JSON; they hold no data of their own.
 
+pub mod access;
 pub mod admin;
 pub mod authority;
 pub mod backup;
@@ -54,23 +55,18 @@ pub struct NodeContext {
     pub backups: Arc<crate::cluster::backup::Backups>,
     /// Heap-profile sampling and dumps (`/v1/admin/debug/heap-profile`).
     pub heap_profiler: crate::metrics::heap_profile::HeapProfiler,
+    /// Tokens, rate limits and the audit log of both HTTP APIs.
+    pub access: Arc<access::Access>,
 }
 
 pub type AppState = Arc<NodeContext>;
 
 impl NodeContext {
-    /// Whether the request carries admin rights: the configured bearer token, or, when no token
-    /// is configured, a loopback peer.
+    /// Whether the request carries admin rights ([`access::Access::is_admin`]): an admin token
+    /// when tokens are configured; else `security.admin_token`, or a loopback peer when none is
+    /// set.
     pub fn is_admin(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> bool {
-        let token = &self.config.security.admin_token;
-        if token.is_empty() {
-            return peer.is_some_and(|p| p.ip().to_canonical().is_loopback());
-        }
-        headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()))
+        self.access.is_admin(headers, peer)
     }
 
     pub fn require_admin(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
@@ -96,10 +92,6 @@ impl axum::extract::FromRequestParts<AppState> for AdminRights {
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0);
         state.require_admin(&parts.headers, peer).map(|_| AdminRights)
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The peer address of a request (the server always runs with connect info).
@@ -160,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.access.clone(), access::guard))
         .layer(axum::middleware::from_fn_with_state(permits, admit))
         .with_state(state)
 }

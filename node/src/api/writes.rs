@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use super::access::CallerOf;
 use super::breakers::Admission;
 use super::error::ApiError;
 use super::extract::{parse_json, StrictJson};
@@ -168,6 +169,7 @@ async fn propose_drafts(
 /// `POST /v1/assert`
 pub async fn assert(
     State(state): State<AppState>,
+    CallerOf(caller): CallerOf,
     StrictJson(request): StrictJson<AssertRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -179,6 +181,7 @@ pub async fn assert(
             return Err(error.into());
         }
     };
+    caller.may_write_as(&draft.agent_id)?;
     check_assertion_signature(&state, &mut draft)?;
     let admission = state.breakers.admit(&draft.agent_id, 1, true)?;
     let agent = draft.agent_id.clone();
@@ -202,6 +205,7 @@ pub struct BatchRequest {
 /// are independent: an invalid item is reported and the others are written.
 pub async fn assert_batch(
     State(state): State<AppState>,
+    CallerOf(caller): CallerOf,
     StrictJson(request): StrictJson<BatchRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -228,6 +232,7 @@ pub async fn assert_batch(
             let mut draft = item
                 .validate(state.config.limits.value_limits(), state.shards.shard_count())
                 .inspect_err(|_| count_invalid(&state, claimed_agent.as_deref()))?;
+            caller.may_write_as(&draft.agent_id)?;
             check_assertion_signature(&state, &mut draft)?;
             Ok((state.breakers.admit(&draft.agent_id, 1, true)?, draft))
         });
@@ -310,6 +315,7 @@ fn event_json(outcome: &EventOutcome, at_field: &str) -> Value {
 /// `POST /v1/vote`
 pub async fn vote(
     State(state): State<AppState>,
+    CallerOf(caller): CallerOf,
     StrictJson(request): StrictJson<VoteRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -321,6 +327,7 @@ pub async fn vote(
     };
     let agent_id = request.agent_id.unwrap_or_else(|| DEFAULT_AGENT_ID.to_string());
     validate_agent_id(&agent_id)?;
+    caller.may_write_as(&agent_id)?;
     if assertion_id.shard() >= state.shards.shard_count() {
         count_invalid(&state, Some(&agent_id));
         return Err(ModelError::AssertionNotFound { id: assertion_id.to_string() }.into());
@@ -355,6 +362,7 @@ pub async fn retract(
     State(state): State<AppState>,
     headers: HeaderMap,
     connect_info: ConnectInfo<SocketAddr>,
+    CallerOf(caller): CallerOf,
     StrictJson(request): StrictJson<RetractRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
@@ -369,7 +377,10 @@ pub async fn retract(
     }
     // Admin rights only count when a token is configured: a loopback client is not an admin
     // retracting other agents' claims unless the operator said so.
-    let admin = !state.config.security.admin_token.is_empty() && state.is_admin(&headers, peer_of(connect_info));
+    let admin = state.access.admin_secured() && state.is_admin(&headers, peer_of(connect_info));
+    if !admin {
+        caller.may_write_as(&agent_id)?;
+    }
     let admission = if admin {
         // An admin retraction speaks for the operator, not for the agent: no agent signature.
         Admission::Admit

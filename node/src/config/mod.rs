@@ -89,6 +89,7 @@ pub struct Config {
     pub limits: LimitsSection,
     pub query: QuerySection,
     pub security: SecuritySection,
+    pub rate_limits: RateLimitsSection,
     pub authority: AuthoritySection,
     pub quarantine: QuarantineSection,
     pub circuit_breaker: CircuitBreakerSection,
@@ -371,10 +372,75 @@ pub struct QuerySection {
 #[serde(deny_unknown_fields, default)]
 pub struct SecuritySection {
     /// Token for `/v1/admin/*` and admin retractions (`Authorization: Bearer <token>`). When
-    /// empty, admin endpoints only answer requests from loopback addresses.
+    /// empty, admin endpoints only answer requests from loopback addresses. With `tokens`, it
+    /// is one more admin token (named `admin_token`), the one a joining node presents.
     pub admin_token: String,
     /// Require an Ed25519 signature on every write.
     pub require_signatures: bool,
+    /// Bearer tokens of the HTTP APIs (`[[security.tokens]]`: `name`, `sha256`, `role`,
+    /// `agents`). With any, every request but health checks and `/metrics` needs one with a
+    /// role that covers its endpoint class. Reloaded on SIGHUP.
+    pub tokens: Vec<TokenConfig>,
+    /// Let a node whose client API or cluster admin listens on a non-loopback address start
+    /// without `tokens` (anyone who reaches it may then write, and admin stays
+    /// `admin_token`-only).
+    pub allow_unauthenticated: bool,
+}
+
+/// One bearer token: its holder's name (in logs, metrics and the audit log; the token itself
+/// never is), the SHA-256 of the token in hex (`stemedb token create` makes both), its role,
+/// and the agent ids it may write as (empty: any).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub sha256: String,
+    pub role: TokenRole,
+    #[serde(default)]
+    pub agents: Vec<String>,
+}
+
+/// What a token may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRole {
+    /// Queries, listings, authority lookups, cluster status.
+    Read,
+    /// Claims, votes, retractions of one's own claims, grants.
+    Write,
+    /// `/v1/admin/*`, admin retractions, cluster changes on 18181.
+    Admin,
+}
+
+impl TokenRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Read => "read",
+            TokenRole::Write => "write",
+            TokenRole::Admin => "admin",
+        }
+    }
+}
+
+/// Request rates per endpoint class and caller (a token's name, else the client's address),
+/// answered `429 rate_limited` with `Retry-After` past them. 0: no limit. Reloaded on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsSection {
+    /// Reads (queries, listings, authority lookups, cluster status) per second per caller.
+    pub read_per_second: u32,
+    /// Writes (claims, batches, votes, retractions, grants) per second per caller.
+    pub write_per_second: u32,
+    /// Admin requests per second per caller.
+    pub admin_per_second: u32,
+    /// A caller may send this many seconds' worth of its rate at once (at least one request).
+    pub burst_seconds: u32,
+}
+
+impl Default for RateLimitsSection {
+    fn default() -> Self {
+        RateLimitsSection { read_per_second: 0, write_per_second: 0, admin_per_second: 0, burst_seconds: 1 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -465,6 +531,7 @@ impl Default for Config {
             limits: LimitsSection::default(),
             query: QuerySection::default(),
             security: SecuritySection::default(),
+            rate_limits: RateLimitsSection::default(),
             authority: AuthoritySection::default(),
             quarantine: QuarantineSection::default(),
             circuit_breaker: CircuitBreakerSection::default(),
@@ -577,7 +644,12 @@ impl Default for QuerySection {
 
 impl Default for SecuritySection {
     fn default() -> Self {
-        SecuritySection { admin_token: String::new(), require_signatures: false }
+        SecuritySection {
+            admin_token: String::new(),
+            require_signatures: false,
+            tokens: Vec::new(),
+            allow_unauthenticated: false,
+        }
     }
 }
 
@@ -587,7 +659,7 @@ impl Default for LoggingSection {
     }
 }
 
-const SECTIONS: [&str; 16] = [
+const SECTIONS: [&str; 17] = [
     "node",
     "server",
     "cluster",
@@ -597,6 +669,7 @@ const SECTIONS: [&str; 16] = [
     "limits",
     "query",
     "security",
+    "rate_limits",
     "authority",
     "quarantine",
     "circuit_breaker",
@@ -790,6 +863,7 @@ impl Config {
         if self.cluster.shards == 0 || self.cluster.shards > 4096 {
             return fail("cluster.shards must be between 1 and 4096".into());
         }
+        self.check_security()?;
         let percent = self.storage.min_free_percent;
         if !(0.0..=50.0).contains(&percent) {
             return fail(format!("storage.min_free_percent is {percent}: expected 0 to 50 (0 with min_free_bytes 0: no floor)"));
@@ -907,6 +981,59 @@ impl Config {
         }
         if self.backup.archive_enabled && self.backup.archive_interval_ms < 100 {
             return fail(format!("backup.archive_interval_ms is {}: at least 100", self.backup.archive_interval_ms));
+        }
+        Ok(())
+    }
+
+    /// Tokens well formed and unique, and no HTTP API open to the network without them (unless
+    /// `security.allow_unauthenticated`).
+    fn check_security(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError::Invalid(m));
+        let mut names = std::collections::BTreeSet::new();
+        let mut hashes = std::collections::BTreeSet::new();
+        for token in &self.security.tokens {
+            let name = token.name.trim();
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return fail(format!(
+                    "security.tokens: name {:?} must be 1-64 characters of letters, digits, '-', '_' and '.'",
+                    token.name
+                ));
+            }
+            if name == "admin_token" {
+                return fail("security.tokens: the name admin_token is kept for security.admin_token".into());
+            }
+            if !names.insert(name.to_string()) {
+                return fail(format!("security.tokens: the name {name:?} is used twice"));
+            }
+            let hash = token.sha256.to_ascii_lowercase();
+            if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+                return fail(format!(
+                    "security.tokens: {name}: sha256 must be the 64 hex digits of the token's SHA-256 \
+                     (stemedb token create prints it), never the token itself"
+                ));
+            }
+            if !hashes.insert(hash) {
+                return fail(format!("security.tokens: {name}: the same sha256 as another token"));
+            }
+            if token.agents.iter().any(|a| a.trim().is_empty()) {
+                return fail(format!("security.tokens: {name}: an empty agent id in agents"));
+            }
+        }
+        if self.security.tokens.is_empty() && !self.security.allow_unauthenticated {
+            for (key, addr) in [("server.api_addr", &self.server.api_addr), ("server.admin_addr", &self.server.admin_addr)] {
+                let loopback = addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback());
+                if !loopback {
+                    return fail(format!(
+                        "{key} is {addr}, not a loopback address, and security.tokens is empty: anyone who \
+                         reaches it could write and read everything. Add [[security.tokens]] (stemedb token \
+                         create), or set security.allow_unauthenticated = true to accept that"
+                    ));
+                }
+            }
+        }
+        let limits = &self.rate_limits;
+        if limits.burst_seconds == 0 || limits.burst_seconds > 3600 {
+            return fail(format!("rate_limits.burst_seconds is {}: expected 1-3600", limits.burst_seconds));
         }
         Ok(())
     }
@@ -1053,6 +1180,43 @@ mod tests {
             unsafe { std::env::set_var(format!("{prefix}{k}"), v) };
         }
         Env::prefixed(&prefix)
+    }
+
+    #[test]
+    fn tokens_and_rate_limits_from_env_and_their_checks() {
+        let hash = "ab".repeat(32);
+        let tokens = format!(r#"[{{name="ops-bot",sha256="{hash}",role="write",agents=["ops-bot"]}}]"#);
+        let env = env_with(&[("SECURITY_TOKENS", &tokens), ("RATE_LIMITS_WRITE_PER_SECOND", "50")]);
+        let config = Config::load_with_env(None, &FlagOverrides::default(), env).expect("load");
+        assert_eq!(config.security.tokens[0].role, TokenRole::Write);
+        assert_eq!(config.security.tokens[0].agents, vec!["ops-bot".to_string()]);
+        assert_eq!(config.rate_limits.write_per_second, 50);
+        let refused = |toml: &str, says: &str| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, toml).expect("write");
+            let error = Config::check_file(&path).expect_err(toml).to_string();
+            assert!(error.contains(says), "{toml}: {error}");
+        };
+        refused(&format!("[[security.tokens]]\nname = \"a\"\nsha256 = \"{hash}\"\nrole = \"root\"\n"), "role");
+        refused("[[security.tokens]]\nname = \"a\"\nsha256 = \"my-secret\"\nrole = \"read\"\n", "never the token itself");
+        refused(
+            &format!("[[security.tokens]]\nname = \"a\"\nsha256 = \"{hash}\"\nrole = \"read\"\n[[security.tokens]]\nname = \"a\"\nsha256 = \"{}\"\nrole = \"read\"\n", "cd".repeat(32)),
+            "used twice",
+        );
+        refused("[server]\napi_addr = \"0.0.0.0:18180\"\n", "not a loopback address");
+        refused("[server]\nadmin_addr = \"10.0.0.1:18181\"\n", "security.allow_unauthenticated");
+        refused("[rate_limits]\nburst_seconds = 0\n", "rate_limits.burst_seconds");
+        for fine in [
+            "[server]\napi_addr = \"0.0.0.0:18180\"\n[security]\nallow_unauthenticated = true\n".to_string(),
+            format!("[server]\napi_addr = \"0.0.0.0:18180\"\n[[security.tokens]]\nname = \"a\"\nsha256 = \"{hash}\"\nrole = \"admin\"\n"),
+            "[server]\napi_addr = \"127.0.0.2:18180\"\n".to_string(),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, &fine).expect("write");
+            Config::check_file(&path).unwrap_or_else(|e| panic!("{fine}: {e}"));
+        }
     }
 
     #[test]

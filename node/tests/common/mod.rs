@@ -29,6 +29,8 @@ pub fn test_config(data_dir: &Path) -> Config {
 /// A node running inside the test process.
 pub struct TestNode {
     pub url: String,
+    /// The cluster admin API (18181).
+    pub admin_url: String,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
@@ -51,13 +53,14 @@ impl TestNode {
         let config = config.validate().expect("a valid test config");
         let listeners = stemedb::Listeners::bind(&config).await.expect("bind");
         let url = format!("http://{}", listeners.api.local_addr().expect("addr"));
+        let admin_url = format!("http://{}", listeners.admin.local_addr().expect("addr"));
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(stemedb::run(config, listeners, async move {
             let _ = rx.await;
         }));
         let client = reqwest::Client::new();
         wait_healthy(&client, &url, Duration::from_secs(30)).await;
-        TestNode { url, client, dir, shutdown: Some(tx), handle: Some(handle) }
+        TestNode { url, admin_url, client, dir, shutdown: Some(tx), handle: Some(handle) }
     }
 
     pub async fn stop(mut self) {
@@ -227,8 +230,15 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn spawn(data_dir: &Path, node_id: u64, env: &[(&str, &str)]) -> NodeProcess {
+        Self::spawn_with_args(data_dir, node_id, &[], env)
+    }
+
+    /// [`NodeProcess::spawn`] with more `serve` arguments (`--config FILE`, say).
+    pub fn spawn_with_args(data_dir: &Path, node_id: u64, args: &[&str], env: &[(&str, &str)]) -> NodeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_stemedb"))
-            .args(["serve", "--data-dir"])
+            .arg("serve")
+            .args(args)
+            .arg("--data-dir")
             .arg(data_dir)
             .args(["--node-id", &node_id.to_string()])
             .args(["--api-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
@@ -249,6 +259,10 @@ impl NodeProcess {
     /// The end of the process's output so far.
     pub fn output(&self) -> String {
         self.output.text()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `Err` with the exit status once the process has exited.
