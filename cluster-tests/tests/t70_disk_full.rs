@@ -102,7 +102,8 @@ async fn below_the_disk_floor_writes_are_refused_reads_go_on_and_writes_resume()
         return Ok(());
     }
     let outcome = async {
-        let env = [("STEMEDB_STORAGE_MIN_FREE_BYTES", FLOOR.to_string()), ("STEMEDB_STORAGE_MIN_FREE_PERCENT", "0".into())];
+        let env =
+            [("STEMEDB_STORAGE_MIN_FREE_BYTES", FLOOR.to_string()), ("STEMEDB_STORAGE_MIN_FREE_PERCENT", "0".into())];
         let options = ClusterOptions {
             nodes: 3,
             shards: 2,
@@ -113,7 +114,8 @@ async fn below_the_disk_floor_writes_are_refused_reads_go_on_and_writes_resume()
         let cluster = TestCluster::start(options).await?;
         cluster.wait_all_leaders(Duration::from_secs(20)).await?;
         // Node 1 leads shard 0 (so a write through another node meets node 1 as the leader).
-        let path_on_0 = (0..).map(|i| format!("floor/led-by-1/{i}")).find(|p| cluster.shard_of(p) == 0).unwrap_or_default();
+        let path_on_0 =
+            (0..).map(|i| format!("floor/led-by-1/{i}")).find(|p| cluster.shard_of(p) == 0).unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(30);
         while cluster.leader_seen_by(1, 0).await != Some(1) {
             anyhow::ensure!(Instant::now() < deadline, "node 1 never took the leadership of shard 0");
@@ -184,7 +186,8 @@ async fn below_the_disk_floor_writes_are_refused_reads_go_on_and_writes_resume()
         assert_eq!((status, body["error"]["code"].clone()), (507, json!("insufficient_storage")), "{body}");
         assert_eq!(body["error"]["details"]["node"], json!(1), "the leader named itself: {body}");
         // Through node 2, a write to the shard node 2 or 3 leads: node 1 is only a follower.
-        let path_on_1 = (0..).map(|i| format!("floor/elsewhere/{i}")).find(|p| cluster.shard_of(p) == 1).unwrap_or_default();
+        let path_on_1 =
+            (0..).map(|i| format!("floor/elsewhere/{i}")).find(|p| cluster.shard_of(p) == 1).unwrap_or_default();
         if cluster.leader_seen_by(2, 1).await != Some(1) {
             cluster.assert_value(2, &path_on_1, json!("follower")).await?;
             acknowledged.push((path_on_1.clone(), json!("follower")));

@@ -292,7 +292,13 @@ fn parse_answer_head(buffer: &[u8]) -> Result<Option<AnswerHead>, &'static str> 
 impl BenchConnection {
     fn new(authority: String, token: Option<&str>) -> BenchConnection {
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        BenchConnection { authority, auth, stream: None, request: Vec::with_capacity(512), answer: Vec::with_capacity(8192) }
+        BenchConnection {
+            authority,
+            auth,
+            stream: None,
+            request: Vec::with_capacity(512),
+            answer: Vec::with_capacity(8192),
+        }
     }
 
     /// POSTs a JSON body and reads the whole answer; `Err` is the error kind to count. After a
@@ -676,7 +682,8 @@ async fn read_loop(
     completed: Arc<AtomicU64>,
 ) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-    let mut connection = BenchConnection::new(authorities[(worker + args.writers) % authorities.len()].clone(), args.token.as_deref());
+    let mut connection =
+        BenchConnection::new(authorities[(worker + args.writers) % authorities.len()].clone(), args.token.as_deref());
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut body = Vec::with_capacity(256);
     loop {

@@ -265,6 +265,8 @@ error_codes! {
     IdSpaceExhausted = "id_space_exhausted", 500, Internal, final;
     /// startup: the node cannot listen on a configured address
     ListenFailed = "listen_failed", 500, Internal, final;
+    /// startup or reload: a TLS certificate, key or CA file cannot be read or used
+    TlsInvalid = "tls_invalid", 500, Internal, final;
     /// a server of the node failed
     ServeFailed = "serve_failed", 500, Internal, final;
     /// startup: the node cannot join the cluster through --join

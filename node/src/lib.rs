@@ -20,6 +20,7 @@ pub mod server;
 pub mod shard;
 pub mod storage;
 pub mod tasks;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{run, run_with_reloads, Listeners, NodeError};

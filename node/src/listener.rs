@@ -1,5 +1,6 @@
 //! A TCP listener for the HTTP servers that stops accepting on request without resetting the
-//! connections the kernel has already accepted on its behalf.
+//! connections the kernel has already accepted on its behalf, and serves HTTPS when given a TLS
+//! acceptor (`crate::tls`).
 //!
 //! Dropping a listening socket resets every connection still in its accept queue: the client
 //! connected, may have sent its request, and gets "connection reset" instead of an answer or a
@@ -45,6 +46,14 @@ pub struct ClosableListener {
     close: CancellationToken,
     closed: CancellationToken,
     unread: Arc<Unread>,
+    /// HTTPS: each connection's handshake runs on its first read ([`crate::tls::LazyTls`]).
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A connection as the HTTP server sees it: plain, or TLS over it.
+pub enum HttpIo {
+    Plain(Connection),
+    Tls(Box<crate::tls::LazyTls<Connection>>),
 }
 
 enum State {
@@ -75,13 +84,24 @@ impl ClosableListener {
         let (close, closed) = (CancellationToken::new(), CancellationToken::new());
         let unread = Arc::new(Unread::default());
         let closer = ListenerCloser { close: close.clone(), closed: closed.clone(), unread: unread.clone() };
-        (ClosableListener { state: State::Open(listener), close, closed, unread }, closer)
+        (ClosableListener { state: State::Open(listener), close, closed, unread, tls: None }, closer)
     }
 
-    fn counted(&self, (stream, peer): (TcpStream, SocketAddr)) -> (Connection, SocketAddr) {
+    /// Serves HTTPS with `acceptor` instead of plain HTTP.
+    pub fn with_tls(mut self, acceptor: Option<tokio_rustls::TlsAcceptor>) -> ClosableListener {
+        self.tls = acceptor;
+        self
+    }
+
+    fn counted(&self, (stream, peer): (TcpStream, SocketAddr)) -> (HttpIo, SocketAddr) {
         let number = self.unread.next.fetch_add(1, Ordering::Relaxed);
         self.unread.accepted.lock().insert(number, Instant::now());
-        (Connection { stream, unread: Some((self.unread.clone(), number)) }, peer)
+        let connection = Connection { stream, unread: Some((self.unread.clone(), number)) };
+        let io = match &self.tls {
+            None => HttpIo::Plain(connection),
+            Some(acceptor) => HttpIo::Tls(Box::new(crate::tls::LazyTls::new(acceptor, connection))),
+        };
+        (io, peer)
     }
 
     /// The next connection the kernel already completed, once closing; `None` when there is
@@ -110,10 +130,10 @@ impl ClosableListener {
 }
 
 impl axum::serve::Listener for ClosableListener {
-    type Io = Connection;
+    type Io = HttpIo;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Connection, SocketAddr) {
+    async fn accept(&mut self) -> (HttpIo, SocketAddr) {
         loop {
             if self.close.is_cancelled() {
                 if let Some(connection) = self.next_queued() {
@@ -219,6 +239,56 @@ impl AsyncWrite for Connection {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for HttpIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HttpIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HttpIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HttpIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HttpIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            HttpIo::Plain(io) => io.is_write_vectored(),
+            HttpIo::Tls(_) => false,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HttpIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HttpIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

@@ -44,6 +44,10 @@ enum Command {
     /// Make bearer tokens for the HTTP APIs (`[[security.tokens]]`).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Make a development cluster CA and node certificates (TLS of 18180/18181, mutual TLS of
+    /// 18182). Production clusters should use their own PKI.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Verify and repair the secondary indexes of a stopped node's data dir from its records.
     Rebuild {
         /// The node's data dir; the node must be stopped. Default: node.data_dir of the config.
@@ -70,6 +74,37 @@ enum TokenCommand {
         /// An agent id the token may write as; repeat for more. None: any agent.
         #[arg(long = "agent")]
         agents: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a new CA: DIR/ca.pem and DIR/ca-key.pem (0600). Existing files are never overwritten.
+    CreateCa {
+        #[arg(long, default_value = "./stemedb-ca")]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "StemeDB cluster CA")]
+        name: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Write a node certificate signed by the CA: OUT/NAME.pem and OUT/NAME-key.pem, valid for
+    /// the DNS name stemedb-node (which nodes check on each other) and every --host.
+    CreateNode {
+        /// The CA's directory (ca.pem, ca-key.pem).
+        #[arg(long, default_value = "./stemedb-ca")]
+        ca: PathBuf,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// File name and common name, e.g. node1.
+        #[arg(long)]
+        name: String,
+        /// A host name or IP address clients use to reach the node; repeat for more.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -190,8 +225,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let api_addr = listeners.api.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let raft_addr = listeners.raft.local_addr()?;
+    let scheme = if config.server.tls_cert_file.is_empty() { "http" } else { "https" };
+    let mtls = if config.cluster.tls_ca_file.is_empty() { "" } else { " (mutual TLS)" };
     eprintln!(
-        "stemedb node {} starting: client API http://{api_addr}, cluster admin http://{admin_addr}, raft {raft_addr} (data dir {})",
+        "stemedb node {} starting: client API {scheme}://{api_addr}, cluster admin {scheme}://{admin_addr}, raft {raft_addr}{mtls} (data dir {})",
         config.node.id,
         config.node.data_dir.display()
     );
@@ -210,7 +247,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                             return;
                         }
                     }
-                    Err(error) => tracing::error!(error = %error, "SIGHUP: the config is invalid; keeping the running one"),
+                    Err(error) => {
+                        tracing::error!(error = %error, "SIGHUP: the config is invalid; keeping the running one")
+                    }
                 }
             }
         });
@@ -320,6 +359,14 @@ fn main() -> ExitCode {
             }
             Command::DevCluster(args) => dev_cluster(args).await,
             Command::Rebuild { data_dir, config } => rebuild(data_dir, config).await,
+            Command::Certs(CertsCommand::CreateCa { dir, name, days }) => {
+                let written = stemedb::tls::create_ca(&dir, &name, days)?;
+                print_out(&format!("{}\n{}\n", written.cert.display(), written.key.display()))
+            }
+            Command::Certs(CertsCommand::CreateNode { ca, out, name, hosts, days }) => {
+                let written = stemedb::tls::create_node(&ca, &out, &name, &hosts, days, false)?;
+                print_out(&format!("{}\n{}\n", written.cert.display(), written.key.display()))
+            }
             Command::Token(TokenCommand::Create { name, role, agents }) => {
                 let role = match role.as_str() {
                     "read" => stemedb::config::TokenRole::Read,

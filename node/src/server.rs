@@ -42,6 +42,8 @@ pub enum NodeError {
     Join { addr: String, message: String },
     #[error("stopped after a fatal raft error: {0}")]
     Fatal(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl NodeError {
@@ -54,6 +56,7 @@ impl NodeError {
             NodeError::Serve(_) => ErrorCode::ServeFailed,
             NodeError::Join { .. } => ErrorCode::JoinFailed,
             NodeError::Fatal(_) => ErrorCode::RaftFatal,
+            NodeError::Tls(e) => e.code(),
         }
     }
 }
@@ -270,6 +273,10 @@ struct Node {
     grpc: Option<GrpcServer>,
     admin: Option<HttpServer>,
     api: Option<HttpServer>,
+    /// HTTPS of 18180 and 18181 (`server.tls_*`), reloaded on SIGHUP.
+    http_tls: Option<Arc<crate::tls::HttpTls>>,
+    /// Mutual TLS of 18182 (`cluster.tls_*`), reloaded on SIGHUP.
+    cluster_tls: Option<Arc<crate::tls::ClusterTls>>,
 }
 
 /// How long background tasks get to end once told to stop.
@@ -283,6 +290,19 @@ impl Node {
     pub fn reload(&self, config: Config) {
         let Some(context) = &self.context else { return };
         context.access.reload(&config);
+        // Certificates: the same files read again (rotated in place); other paths wait.
+        if let Some(tls) = &self.http_tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("HTTP certificate reloaded"),
+                Err(error) => tracing::error!(%error, "HTTP certificate not reloaded; serving the previous one"),
+            }
+        }
+        if let Some(tls) = &self.cluster_tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("cluster TLS certificates reloaded"),
+                Err(error) => tracing::error!(%error, "cluster TLS not reloaded; keeping the previous certificates"),
+            }
+        }
         let running = &context.config;
         let mut later = Vec::new();
         let sections: [(&str, bool); 14] = [
@@ -330,6 +350,8 @@ impl Node {
             grpc: None,
             admin: None,
             api: None,
+            http_tls: None,
+            cluster_tls: None,
         }
     }
 
@@ -337,6 +359,17 @@ impl Node {
     async fn start(&mut self, config: Config, listeners: Listeners) -> Result<(), NodeError> {
         let started_at = Instant::now();
         let mut config = config;
+        if !config.server.tls_cert_file.is_empty() {
+            let (cert, key) = (&config.server.tls_cert_file, &config.server.tls_key_file);
+            self.http_tls = Some(crate::tls::HttpTls::load(cert.as_ref(), key.as_ref())?);
+        }
+        if !config.cluster.tls_ca_file.is_empty() {
+            self.cluster_tls = Some(crate::tls::ClusterTls::load(crate::tls::ClusterTlsFiles {
+                ca: config.cluster.tls_ca_file.clone().into(),
+                cert: config.cluster.tls_cert_file.clone().into(),
+                key: config.cluster.tls_key_file.clone().into(),
+            })?);
+        }
         let joining = !config.cluster.join.is_empty();
         // Founding nodes derive the cluster id from the initial cluster; a joining node learns
         // it (and the shard count) from the member it joins through.
@@ -380,9 +413,10 @@ impl Node {
         let identity = ensure_identity(&storage, config.node.id, config.cluster.shards, cluster_id.as_deref())?;
 
         // 2. The Raft groups.
-        let peers = PeerChannels::new(
+        let peers = PeerChannels::with_tls(
             config.dial_overrides().map_err(|e| NodeError::Serve(e.to_string()))?,
             Some(identity.cluster_id.clone()),
+            self.cluster_tls.clone(),
         );
         let policy = crate::meta::policy::Policy::new(
             config.authority.max_chain_depth,
@@ -519,10 +553,13 @@ impl Node {
             crate::rpc::backup::BackupService::server(context.backups.clone()),
             identity.cluster_id.clone(),
             listeners.raft,
+            self.cluster_tls.clone(),
         ));
 
         // 5. The cluster admin.
-        self.admin = Some(HttpServer::start(&self.tasks, listeners.admin, crate::admin::router(context.clone())));
+        let https = self.http_tls.as_ref().map(|tls| tls.acceptor());
+        self.admin =
+            Some(HttpServer::start(&self.tasks, listeners.admin, crate::admin::router(context.clone()), https.clone()));
 
         // 6. Joining the cluster, or waiting for the groups' leaders.
         if joining {
@@ -547,7 +584,7 @@ impl Node {
             .api
             .listen(API_BACKLOG)
             .map_err(|e| NodeError::Listen { addr: api_addr.to_string(), message: e.to_string() })?;
-        self.api = Some(HttpServer::start(&self.tasks, api_listener, api::router(context)));
+        self.api = Some(HttpServer::start(&self.tasks, api_listener, api::router(context), https));
         tracing::info!(
             node_id = config.node.id,
             cluster_id = %identity.cluster_id,
@@ -687,9 +724,15 @@ struct HttpServer {
 }
 
 impl HttpServer {
-    fn start(tasks: &NodeTasks, listener: TcpListener, app: axum::Router) -> HttpServer {
+    fn start(
+        tasks: &NodeTasks,
+        listener: TcpListener,
+        app: axum::Router,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> HttpServer {
         use axum::serve::ListenerExt;
         let (listener, closer) = ClosableListener::new(listener);
+        let listener = listener.with_tls(tls);
         let drain = CancellationToken::new();
         // `tap_io` only so that handlers see the peer address (admin rights of loopback peers).
         let serve = axum::serve(listener.tap_io(|_| {}), app.into_make_service_with_connect_info::<SocketAddr>())
@@ -722,6 +765,122 @@ impl HttpServer {
     }
 }
 
+/// Concurrent TLS handshakes of the transport at most; more connections wait for a slot.
+const TRANSPORT_HANDSHAKES: usize = 64;
+
+/// A transport connection: plain, or mutual TLS over it.
+enum TransportIo {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tonic::transport::server::Connected for TransportIo {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            TransportIo::Plain(stream) => stream.connect_info(),
+            TransportIo::Tls(stream) => stream.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for TransportIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TransportIo::Plain(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            TransportIo::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for TransportIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            TransportIo::Plain(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            TransportIo::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TransportIo::Plain(io) => std::pin::Pin::new(io).poll_flush(cx),
+            TransportIo::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TransportIo::Plain(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+            TransportIo::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The transport's accepted connections: TCP_NODELAY on each (Raft messages are small and
+/// latency-bound: Nagle's algorithm and delayed ACKs added ~40 ms to replication round trips),
+/// and with cluster TLS, only those whose handshake proved a certificate of the cluster CA (at
+/// most [`TRANSPORT_HANDSHAKES`] at once, each within `tls::HANDSHAKE_TIMEOUT`; a failed one
+/// is logged and dropped, never handed to the server).
+fn transport_incoming(
+    listener: TcpListener,
+    tls: Option<Arc<crate::tls::ClusterTls>>,
+) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<TransportIo, std::io::Error>> + Send>> {
+    use futures::StreamExt;
+    let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(|conn| async move {
+        match conn {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Some(stream)
+            }
+            Err(error) => {
+                tracing::debug!(%error, "transport accept failed");
+                None
+            }
+        }
+    });
+    match tls {
+        None => Box::pin(accepted.map(|stream| Ok(TransportIo::Plain(stream)))),
+        Some(tls) => Box::pin(
+            accepted
+                .map(move |stream| {
+                    let acceptor = tls.acceptor();
+                    async move {
+                        let peer = stream.peer_addr().ok();
+                        match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => Some(Ok(TransportIo::Tls(Box::new(tls)))),
+                            Ok(Err(error)) => {
+                                crate::raft::metrics::TLS_REFUSED.inc();
+                                tracing::warn!(peer = ?peer, %error, "transport TLS handshake refused");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::warn!(peer = ?peer, "transport TLS handshake timed out");
+                                None
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(TRANSPORT_HANDSHAKES)
+                .filter_map(|io| async move { io }),
+        ),
+    }
+}
+
 /// The gRPC server on the Raft port.
 struct GrpcServer {
     stop: CancellationToken,
@@ -738,15 +897,10 @@ impl GrpcServer {
         backup: stemedb_proto::raft::backup_server::BackupServer<crate::rpc::backup::BackupService>,
         cluster_id: String,
         listener: TcpListener,
+        tls: Option<Arc<crate::tls::ClusterTls>>,
     ) -> GrpcServer {
         let stop = CancellationToken::new();
-        // Raft messages are small and latency-bound: without TCP_NODELAY on accepted sockets,
-        // Nagle's algorithm and delayed ACKs added ~40 ms to replication round trips.
-        let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
-            conn.inspect(|stream| {
-                let _ = stream.set_nodelay(true);
-            })
-        });
+        let incoming = transport_incoming(listener, tls);
         let serve = tonic::transport::Server::builder()
             // Peers cancel requests whose deadline passed; after a partition heals, hundreds of
             // queued forwards and heartbeats are reset at once before this server accepts them.

@@ -58,13 +58,20 @@ async fn each_role_is_allowed_and_refused_on_each_endpoint_class() {
         ("read", "GET", format!("{api}/v1/concepts?prefix=roles"), None),
         ("read", "GET", format!("{admin}/cluster/members"), None),
         ("write", "POST", format!("{api}/v1/assert"), Some(claim("roles/x", "anyone"))),
-        ("write", "POST", format!("{api}/v1/authority/grants"), Some(json!({"grantor": "g", "grantee": "h", "concept_prefix": "roles", "level": 10}))),
+        (
+            "write",
+            "POST",
+            format!("{api}/v1/authority/grants"),
+            Some(json!({"grantor": "g", "grantee": "h", "concept_prefix": "roles", "level": 10})),
+        ),
         ("admin", "GET", format!("{api}/v1/admin/storage/stats"), None),
         ("admin", "POST", format!("{api}/v1/admin/circuit-breaker/reset"), Some(json!({"agent_id": "nobody"}))),
         ("admin", "POST", format!("{admin}/admin/shards/rebalance"), Some(json!({"shard_id": 99}))),
     ];
     let rank = |class: &str| ["read", "write", "admin"].iter().position(|c| *c == class).expect("class");
-    for (secret, held) in [("r-secret", "read"), ("w-secret", "write"), ("a-secret", "admin"), ("legacy-admin", "admin")] {
+    for (secret, held) in
+        [("r-secret", "read"), ("w-secret", "write"), ("a-secret", "admin"), ("legacy-admin", "admin")]
+    {
         for (class, method, url, body) in &endpoints {
             let (status, answer) = call(&node, method, url, body.clone(), Some(secret)).await;
             if rank(held) >= rank(class) {
@@ -87,12 +94,20 @@ async fn each_role_is_allowed_and_refused_on_each_endpoint_class() {
         assert_eq!((status, answer["error"]["code"].clone()), (401, json!("invalid_token")), "{method} {url}");
     }
     // Health checks and metrics stay open to load balancers and Prometheus.
-    for url in [format!("{api}/health"), format!("{api}/v1/health"), format!("{api}/metrics"), format!("{admin}/cluster/health")] {
+    for url in [
+        format!("{api}/health"),
+        format!("{api}/v1/health"),
+        format!("{api}/metrics"),
+        format!("{admin}/cluster/health"),
+    ] {
         let status = node.client.get(&url).send().await.expect("send").status().as_u16();
         assert_eq!(status, 200, "{url}");
     }
     let metrics = node.client.get(format!("{api}/metrics")).send().await.expect("send").text().await.expect("text");
-    assert!(common::series_value(&metrics, "stemedb_http_auth_refused_total{reason=\"role_insufficient\"}").unwrap_or(0.0) > 0.0);
+    assert!(
+        common::series_value(&metrics, "stemedb_http_auth_refused_total{reason=\"role_insufficient\"}").unwrap_or(0.0)
+            > 0.0
+    );
     node.stop().await;
 }
 
@@ -100,31 +115,60 @@ async fn each_role_is_allowed_and_refused_on_each_endpoint_class() {
 async fn a_bound_token_writes_only_as_its_agents() {
     let node = TestNode::start_with(with_tokens).await;
     let api = node.url.clone();
-    let (status, mine) = call(&node, "POST", &format!("{api}/v1/assert"), Some(claim("bound/a", "ops-bot")), Some("b-secret")).await;
+    let (status, mine) =
+        call(&node, "POST", &format!("{api}/v1/assert"), Some(claim("bound/a", "ops-bot")), Some("b-secret")).await;
     assert_eq!(status, 201, "{mine}");
-    let (status, answer) = call(&node, "POST", &format!("{api}/v1/assert"), Some(claim("bound/b", "cto")), Some("b-secret")).await;
+    let (status, answer) =
+        call(&node, "POST", &format!("{api}/v1/assert"), Some(claim("bound/b", "cto")), Some("b-secret")).await;
     assert_eq!((status, answer["error"]["code"].clone()), (403, json!("agent_not_allowed")), "{answer}");
     assert_eq!(answer["error"]["details"]["allowed"], json!(["ops-bot"]));
     // A batch: items are independent, the other agent's item alone is refused.
     let batch = json!({"assertions": [claim("bound/c", "ops-bot"), claim("bound/d", "cto")]});
     let (status, answer) = call(&node, "POST", &format!("{api}/v1/assert/batch"), Some(batch), Some("b-secret")).await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!((answer["results"][0]["status"].clone(), answer["results"][1]["status"].clone()), (json!(201), json!(403)));
+    assert_eq!(
+        (answer["results"][0]["status"].clone(), answer["results"][1]["status"].clone()),
+        (json!(201), json!(403))
+    );
     assert_eq!(answer["results"][1]["error"]["code"], json!("agent_not_allowed"));
     let id = mine["id"].clone();
-    let (status, answer) = call(&node, "POST", &format!("{api}/v1/vote"), Some(json!({"assertion_id": id, "agent_id": "cto", "value": 1})), Some("b-secret")).await;
+    let (status, answer) = call(
+        &node,
+        "POST",
+        &format!("{api}/v1/vote"),
+        Some(json!({"assertion_id": id, "agent_id": "cto", "value": 1})),
+        Some("b-secret"),
+    )
+    .await;
     assert_eq!(status, 403, "{answer}");
-    let (status, _) = call(&node, "POST", &format!("{api}/v1/retract"), Some(json!({"assertion_id": id, "agent_id": "cto"})), Some("b-secret")).await;
+    let (status, _) = call(
+        &node,
+        "POST",
+        &format!("{api}/v1/retract"),
+        Some(json!({"assertion_id": id, "agent_id": "cto"})),
+        Some("b-secret"),
+    )
+    .await;
     assert_eq!(status, 403);
     let grant = json!({"grantor": "cto", "grantee": "ops-bot", "concept_prefix": "bound", "level": 10});
     let (status, _) = call(&node, "POST", &format!("{api}/v1/authority/grants"), Some(grant), Some("b-secret")).await;
     assert_eq!(status, 403);
     // Nothing refused was written; the unbound writer may write as anyone.
-    let (_, read) = call(&node, "POST", &format!("{api}/v1/query"), Some(json!({"concept_path": "bound/b"})), Some("r-secret")).await;
+    let (_, read) =
+        call(&node, "POST", &format!("{api}/v1/query"), Some(json!({"concept_path": "bound/b"})), Some("r-secret"))
+            .await;
     assert_eq!(read["results"].as_array().map_or(0, Vec::len), 0, "{read}");
-    let (status, _) = call(&node, "POST", &format!("{api}/v1/assert"), Some(claim("bound/b", "cto")), Some("w-secret")).await;
+    let (status, _) =
+        call(&node, "POST", &format!("{api}/v1/assert"), Some(claim("bound/b", "cto")), Some("w-secret")).await;
     assert_eq!(status, 201);
-    let (status, _) = call(&node, "POST", &format!("{api}/v1/vote"), Some(json!({"assertion_id": id, "agent_id": "ops-bot", "value": 1})), Some("b-secret")).await;
+    let (status, _) = call(
+        &node,
+        "POST",
+        &format!("{api}/v1/vote"),
+        Some(json!({"assertion_id": id, "agent_id": "ops-bot", "value": 1})),
+        Some("b-secret"),
+    )
+    .await;
     assert_eq!(status, 200);
     node.stop().await;
 }
@@ -139,7 +183,14 @@ async fn rate_limits_answer_429_per_caller_and_recover() {
     let url = format!("{}/v1/assert", node.url);
     let mut limited = None;
     for i in 0..50 {
-        let response = node.client.post(&url).bearer_auth("w-secret").json(&claim(&format!("rate/{i}"), "w")).send().await.expect("send");
+        let response = node
+            .client
+            .post(&url)
+            .bearer_auth("w-secret")
+            .json(&claim(&format!("rate/{i}"), "w"))
+            .send()
+            .await
+            .expect("send");
         if response.status().as_u16() == 429 {
             let retry_after: u64 = response.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
             let body: Value = response.json().await.expect("json");
@@ -156,13 +207,21 @@ async fn rate_limits_answer_429_per_caller_and_recover() {
     let (status, _) = call(&node, "POST", &url, Some(claim("rate/other", "x")), Some("a-secret")).await;
     assert_eq!(status, 201);
     for _ in 0..20 {
-        let (status, _) = call(&node, "POST", &format!("{}/v1/query", node.url), Some(json!({"concept_path": "rate/1"})), Some("w-secret")).await;
+        let (status, _) = call(
+            &node,
+            "POST",
+            &format!("{}/v1/query", node.url),
+            Some(json!({"concept_path": "rate/1"})),
+            Some("w-secret"),
+        )
+        .await;
         assert_eq!(status, 200);
     }
     tokio::time::sleep(Duration::from_secs(retry_after)).await;
     let (status, answer) = call(&node, "POST", &url, Some(claim("rate/after", "w")), Some("w-secret")).await;
     assert_eq!(status, 201, "recovered after Retry-After: {answer}");
-    let metrics = node.client.get(format!("{}/metrics", node.url)).send().await.expect("send").text().await.expect("text");
+    let metrics =
+        node.client.get(format!("{}/metrics", node.url)).send().await.expect("send").text().await.expect("text");
     assert!(common::series_value(&metrics, "stemedb_http_rate_limited_total{class=\"write\"}").unwrap_or(0.0) >= 1.0);
     node.stop().await;
 }
@@ -172,21 +231,44 @@ async fn admin_actions_are_audited_with_who_did_them() {
     let node = TestNode::start_with(with_tokens).await;
     let (api, admin) = (node.url.clone(), node.admin_url.clone());
     let trip = json!({"agent_id": "noisy", "reason": "audit test"});
-    let (status, _) = call(&node, "POST", &format!("{api}/v1/admin/circuit-breaker/trip"), Some(trip.clone()), Some("a-secret")).await;
+    let (status, _) =
+        call(&node, "POST", &format!("{api}/v1/admin/circuit-breaker/trip"), Some(trip.clone()), Some("a-secret"))
+            .await;
     assert_eq!(status, 200);
-    let (status, _) = call(&node, "POST", &format!("{api}/v1/admin/circuit-breaker/trip"), Some(trip), Some("w-secret")).await;
+    let (status, _) =
+        call(&node, "POST", &format!("{api}/v1/admin/circuit-breaker/trip"), Some(trip), Some("w-secret")).await;
     assert_eq!(status, 403);
     let grant = json!({"grantor": "cto", "grantee": "ops-bot", "concept_prefix": "audit", "level": 10});
     call(&node, "POST", &format!("{api}/v1/authority/grants"), Some(grant), Some("w-secret")).await;
-    let (status, _) = call(&node, "POST", &format!("{admin}/cluster/members"), Some(json!({"id": 0, "raft_addr": "x"})), Some("a-secret")).await;
+    let (status, _) = call(
+        &node,
+        "POST",
+        &format!("{admin}/cluster/members"),
+        Some(json!({"id": 0, "raft_addr": "x"})),
+        Some("a-secret"),
+    )
+    .await;
     assert_eq!(status, 422);
     // Reads are not actions.
     call(&node, "GET", &format!("{api}/v1/admin/storage/stats"), None, Some("a-secret")).await;
 
     let (status, page) = call(&node, "GET", &format!("{api}/v1/admin/audit?limit=2"), None, Some("a-secret")).await;
     assert_eq!(status, 200, "{page}");
-    let (_, rest) = call(&node, "GET", &format!("{api}/v1/admin/audit?cursor={}", page["next_cursor"].as_str().expect("more")), None, Some("a-secret")).await;
-    let entries: Vec<Value> = page["entries"].as_array().into_iter().flatten().chain(rest["entries"].as_array().into_iter().flatten()).cloned().collect();
+    let (_, rest) = call(
+        &node,
+        "GET",
+        &format!("{api}/v1/admin/audit?cursor={}", page["next_cursor"].as_str().expect("more")),
+        None,
+        Some("a-secret"),
+    )
+    .await;
+    let entries: Vec<Value> = page["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(rest["entries"].as_array().into_iter().flatten())
+        .cloned()
+        .collect();
     let seen: Vec<(String, String, u64, String)> = entries
         .iter()
         .map(|e| {
@@ -200,7 +282,12 @@ async fn admin_actions_are_audited_with_who_did_them() {
         .collect();
     let expected = vec![
         ("ops".to_string(), "/cluster/members".to_string(), 422, "refused".to_string()),
-        ("writer".into(), "/v1/authority/grants".into(), entries[1]["status"].as_u64().unwrap_or(0), entries[1]["outcome"].as_str().unwrap_or("").into()),
+        (
+            "writer".into(),
+            "/v1/authority/grants".into(),
+            entries[1]["status"].as_u64().unwrap_or(0),
+            entries[1]["outcome"].as_str().unwrap_or("").into(),
+        ),
         ("writer".into(), "/v1/admin/circuit-breaker/trip".into(), 403, "refused".into()),
         ("ops".into(), "/v1/admin/circuit-breaker/trip".into(), 200, "done".into()),
     ];
@@ -211,7 +298,8 @@ async fn admin_actions_are_audited_with_who_did_them() {
     // Listing it needs admin rights.
     let (status, _) = call(&node, "GET", &format!("{api}/v1/admin/audit"), None, Some("w-secret")).await;
     assert_eq!(status, 403);
-    let (status, answer) = call(&node, "GET", &format!("{api}/v1/admin/audit?cursor=nope"), None, Some("a-secret")).await;
+    let (status, answer) =
+        call(&node, "GET", &format!("{api}/v1/admin/audit?cursor=nope"), None, Some("a-secret")).await;
     assert_eq!((status, answer["error"]["code"].clone()), (400, json!("invalid_cursor")));
     node.stop().await;
 }
@@ -265,13 +353,21 @@ async fn sighup_reloads_tokens_and_rate_limits() {
     let status_with = |secret: &'static str| {
         let (client, url) = (client.clone(), url.clone());
         async move {
-            client.get(format!("{url}/v1/admin/storage/stats")).bearer_auth(secret).send().await.expect("send").status().as_u16()
+            client
+                .get(format!("{url}/v1/admin/storage/stats"))
+                .bearer_auth(secret)
+                .send()
+                .await
+                .expect("send")
+                .status()
+                .as_u16()
         }
     };
     assert_eq!(status_with("old-secret").await, 200);
     assert_eq!(status_with("new-secret").await, 401);
 
-    std::fs::write(&file, format!("{}[rate_limits]\nadmin_per_second = 1\n", table("new", "new-secret"))).expect("write");
+    std::fs::write(&file, format!("{}[rate_limits]\nadmin_per_second = 1\n", table("new", "new-secret")))
+        .expect("write");
     // SAFETY: kill(2) with a child's pid has no memory-safety preconditions.
     unsafe { libc::kill(process.pid() as i32, libc::SIGHUP) };
     let deadline = Instant::now() + Duration::from_secs(10);

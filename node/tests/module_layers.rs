@@ -16,6 +16,7 @@ const LAYERS: &[&str] = &[
     "model",       // pure logic: assertions, ids, lenses, authority, signatures
     "config",      // the config tree and its validation (names model types)
     "tasks",       // the tracker of background tasks
+    "tls",         // certificates and TLS configs of the ports (rustls), the dev CA
     "metrics",     // the registry; each layer's collectors live beside its code
     "storage",     // the only module that names rocksdb
     "meta",        // the meta group's replicated state (no openraft)

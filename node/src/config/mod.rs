@@ -217,6 +217,11 @@ pub struct ServerSection {
     /// Requests the client API serves at once; more are answered `503 overloaded` with
     /// `Retry-After` at once rather than queued without bound.
     pub max_concurrent_requests: usize,
+    /// PEM certificate chain of the HTTP ports (client API and cluster admin): with
+    /// `tls_key_file`, they speak HTTPS only. Reloaded on SIGHUP.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,6 +248,13 @@ pub struct ClusterSection {
     /// A node unreachable this long has its replicas re-created on live nodes (when enough
     /// live nodes remain) and is decommissioned. 0: never.
     pub dead_node_timeout_seconds: u64,
+    /// Mutual TLS on the transport (18182): the cluster CA's PEM certificate. With
+    /// `tls_cert_file` and `tls_key_file` (this node's certificate from that CA, carrying the
+    /// DNS name `stemedb-node`), only nodes with a certificate from the CA get through.
+    /// Reloaded on SIGHUP.
+    pub tls_ca_file: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -557,6 +569,8 @@ impl Default for ServerSection {
             raft_addr: "127.0.0.1:18182".into(),
             shutdown_grace_seconds: 10,
             max_concurrent_requests: 4096,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -572,6 +586,9 @@ impl Default for ClusterSection {
             auto_rebalance: true,
             rebalance_move_timeout_seconds: 120,
             dead_node_timeout_seconds: 300,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -866,7 +883,9 @@ impl Config {
         self.check_security()?;
         let percent = self.storage.min_free_percent;
         if !(0.0..=50.0).contains(&percent) {
-            return fail(format!("storage.min_free_percent is {percent}: expected 0 to 50 (0 with min_free_bytes 0: no floor)"));
+            return fail(format!(
+                "storage.min_free_percent is {percent}: expected 0 to 50 (0 with min_free_bytes 0: no floor)"
+            ));
         }
         if self.storage.index_eviction_enabled && self.storage.index_max_memory_mb == 0 {
             return fail(
@@ -993,7 +1012,10 @@ impl Config {
         let mut hashes = std::collections::BTreeSet::new();
         for token in &self.security.tokens {
             let name = token.name.trim();
-            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            if name.is_empty()
+                || name.len() > 64
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 return fail(format!(
                     "security.tokens: name {:?} must be 1-64 characters of letters, digits, '-', '_' and '.'",
                     token.name
@@ -1020,7 +1042,9 @@ impl Config {
             }
         }
         if self.security.tokens.is_empty() && !self.security.allow_unauthenticated {
-            for (key, addr) in [("server.api_addr", &self.server.api_addr), ("server.admin_addr", &self.server.admin_addr)] {
+            for (key, addr) in
+                [("server.api_addr", &self.server.api_addr), ("server.admin_addr", &self.server.admin_addr)]
+            {
                 let loopback = addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback());
                 if !loopback {
                     return fail(format!(
@@ -1030,6 +1054,21 @@ impl Config {
                     ));
                 }
             }
+        }
+        let server = &self.server;
+        if server.tls_cert_file.is_empty() != server.tls_key_file.is_empty() {
+            return fail("server.tls_cert_file and server.tls_key_file go together: set both or neither".into());
+        }
+        let cluster = &self.cluster;
+        let set = [&cluster.tls_ca_file, &cluster.tls_cert_file, &cluster.tls_key_file]
+            .iter()
+            .filter(|f| !f.is_empty())
+            .count();
+        if set != 0 && set != 3 {
+            return fail(
+                "cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file go together: set all three or none"
+                    .into(),
+            );
         }
         let limits = &self.rate_limits;
         if limits.burst_seconds == 0 || limits.burst_seconds > 3600 {
@@ -1199,7 +1238,10 @@ mod tests {
             assert!(error.contains(says), "{toml}: {error}");
         };
         refused(&format!("[[security.tokens]]\nname = \"a\"\nsha256 = \"{hash}\"\nrole = \"root\"\n"), "role");
-        refused("[[security.tokens]]\nname = \"a\"\nsha256 = \"my-secret\"\nrole = \"read\"\n", "never the token itself");
+        refused(
+            "[[security.tokens]]\nname = \"a\"\nsha256 = \"my-secret\"\nrole = \"read\"\n",
+            "never the token itself",
+        );
         refused(
             &format!("[[security.tokens]]\nname = \"a\"\nsha256 = \"{hash}\"\nrole = \"read\"\n[[security.tokens]]\nname = \"a\"\nsha256 = \"{}\"\nrole = \"read\"\n", "cd".repeat(32)),
             "used twice",

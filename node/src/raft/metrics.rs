@@ -54,6 +54,14 @@ pub static WRONG_CLUSTER: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static TLS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_transport_tls_refused_total",
+        "Connections to the transport (18182) refused at the TLS handshake: no certificate, one of another CA, expired, or no TLS at all (cluster.tls_*)",
+    )
+    .expect("valid metric")
+});
+
 pub static LEADER_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_raft_leader_changes_total", "Times this node saw a shard's leader change, by shard"),
@@ -159,6 +167,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(FORWARDED.clone()),
         Box::new(LEADER_CHANGES.clone()),
         Box::new(WRONG_CLUSTER.clone()),
+        Box::new(TLS_REFUSED.clone()),
     ]
 }
 

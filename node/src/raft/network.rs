@@ -61,6 +61,35 @@ pub struct PeerChannels {
     batchers: Mutex<HashMap<String, PeerBatcher>>,
     /// Addresses dialled through another (fault-injection proxies in tests).
     overrides: HashMap<String, String>,
+    /// Mutual TLS with the cluster CA (`cluster.tls_*`); `None`: plain HTTP/2.
+    tls: Option<Arc<crate::tls::ClusterTls>>,
+}
+
+/// Dials a peer (the host and port of the channel's URI) with mutual TLS.
+#[derive(Clone)]
+struct TlsConnector {
+    tls: Arc<crate::tls::ClusterTls>,
+}
+
+impl tower::Service<tonic::codegen::http::Uri> for TlsConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let authority = uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a peer URI without host:port"))?;
+            Ok(hyper_util::rt::TokioIo::new(tls.connect(&authority).await?))
+        })
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -69,11 +98,21 @@ pub struct InvalidPeerAddress(pub String);
 
 impl PeerChannels {
     pub fn new(overrides: HashMap<String, String>, cluster_id: Option<String>) -> Arc<PeerChannels> {
+        Self::with_tls(overrides, cluster_id, None)
+    }
+
+    /// Channels that dial every peer with mutual TLS when `tls` is given.
+    pub fn with_tls(
+        overrides: HashMap<String, String>,
+        cluster_id: Option<String>,
+        tls: Option<Arc<crate::tls::ClusterTls>>,
+    ) -> Arc<PeerChannels> {
         Arc::new(PeerChannels {
             cluster_id,
             channels: Mutex::new(HashMap::new()),
             batchers: Mutex::new(HashMap::new()),
             overrides,
+            tls,
         })
     }
 
@@ -114,7 +153,10 @@ impl PeerChannels {
                         .user_agent(cluster_user_agent(id))
                         .map_err(|_| InvalidPeerAddress(addr.to_string()))?;
                 }
-                let channel = endpoint.connect_lazy();
+                let channel = match &self.tls {
+                    None => endpoint.connect_lazy(),
+                    Some(tls) => endpoint.connect_with_connector_lazy(TlsConnector { tls: tls.clone() }),
+                };
                 channels.insert(addr.to_string(), channel.clone());
                 channel
             }

@@ -56,10 +56,7 @@ pub struct Usage {
 pub fn usage(path: &Path) -> std::io::Result<Usage> {
     let stat = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
     let unit = stat.f_frsize.max(1);
-    Ok(Usage {
-        available_bytes: stat.f_bavail.saturating_mul(unit),
-        size_bytes: stat.f_blocks.saturating_mul(unit),
-    })
+    Ok(Usage { available_bytes: stat.f_bavail.saturating_mul(unit), size_bytes: stat.f_blocks.saturating_mul(unit) })
 }
 
 /// The data dir's free space as last sampled, and whether it is below the floor.

@@ -215,7 +215,7 @@ impl OutputTail {
 fn client_api_url(line: &str) -> Option<String> {
     let (_, rest) = line.split_once(" starting: client API ")?;
     let url = rest.split(',').next()?.trim();
-    url.starts_with("http://").then(|| url.to_string())
+    (url.starts_with("http://") || url.starts_with("https://")).then(|| url.to_string())
 }
 
 /// A `stemedb serve` process, started but not necessarily listening (or still running).

@@ -187,7 +187,8 @@ impl AuditLog {
         let upper = match before {
             None => PREFIX_END.to_vec(),
             Some(cursor) => {
-                let bytes = hex::decode(cursor).map_err(|_| format!("cursor {cursor:?} is not one this endpoint gave"))?;
+                let bytes =
+                    hex::decode(cursor).map_err(|_| format!("cursor {cursor:?} is not one this endpoint gave"))?;
                 if bytes.len() != 12 {
                     return Err(format!("cursor {cursor:?} is not one this endpoint gave"));
                 }
@@ -195,11 +196,17 @@ impl AuditLog {
             }
         };
         let rows: Vec<(Vec<u8>, Vec<u8>)> = match &self.store {
-            Store::Memory(map) => {
-                map.lock().range(PREFIX.to_vec()..upper).rev().take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
+            Store::Memory(map) => map
+                .lock()
+                .range(PREFIX.to_vec()..upper)
+                .rev()
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            Store::Disk(storage) => {
+                crate::storage::blocking(|| storage.scan_reverse(ColumnFamily::Meta, PREFIX, &upper, limit))
+                    .map_err(|e| e.to_string())?
             }
-            Store::Disk(storage) => crate::storage::blocking(|| storage.scan_reverse(ColumnFamily::Meta, PREFIX, &upper, limit))
-                .map_err(|e| e.to_string())?,
         };
         let next = (rows.len() == limit).then(|| rows.last().map(|(k, _)| cursor_of(k))).flatten();
         let entries = rows
@@ -227,7 +234,8 @@ mod tests {
     async fn entries_list_newest_first_in_pages_with_secrets_redacted() {
         let log = AuditLog::in_memory(1);
         for i in 0..5 {
-            let body = format!(r#"{{"agent_id": "a{i}", "s3_secret_access_key": "hidden", "nested": {{"token": "t"}}}}"#);
+            let body =
+                format!(r#"{{"agent_id": "a{i}", "s3_secret_access_key": "hidden", "nested": {{"token": "t"}}}}"#);
             log.record(&caller(), &Method::POST, "/v1/admin/circuit-breaker/trip", 200, Some(body.as_bytes())).await;
         }
         let (first, next) = log.list(3, None).expect("list");
@@ -237,7 +245,10 @@ mod tests {
         assert_eq!(first[0]["request"]["nested"]["token"], json!("[redacted]"));
         assert_eq!(first[0]["caller"], json!("ops"));
         let (rest, end) = log.list(3, next.as_deref()).expect("second page");
-        assert_eq!(rest.iter().map(|e| e["request"]["agent_id"].clone()).collect::<Vec<_>>(), vec![json!("a1"), json!("a0")]);
+        assert_eq!(
+            rest.iter().map(|e| e["request"]["agent_id"].clone()).collect::<Vec<_>>(),
+            vec![json!("a1"), json!("a0")]
+        );
         assert_eq!(end, None);
         assert!(log.list(3, Some("zz")).is_err(), "a cursor it did not give");
     }
@@ -265,6 +276,9 @@ mod tests {
         let log = AuditLog::open(storage, 2).expect("reopen");
         let (entries, _) = log.list(10, None).expect("list");
         assert_eq!(entries.len(), 1);
-        assert_eq!((entries[0]["node"].clone(), entries[0]["path"].clone()), (json!(2), json!("/v1/admin/storage/compact")));
+        assert_eq!(
+            (entries[0]["node"].clone(), entries[0]["path"].clone()),
+            (json!(2), json!("/v1/admin/storage/compact"))
+        );
     }
 }

@@ -134,9 +134,10 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CallerOf {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let caller = parts.extensions.get::<Caller>().cloned().unwrap_or_else(|| {
-            Caller::anonymous(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0))
-        });
+        let caller =
+            parts.extensions.get::<Caller>().cloned().unwrap_or_else(|| {
+                Caller::anonymous(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0))
+            });
         Ok(CallerOf(caller))
     }
 }
@@ -195,7 +196,8 @@ pub struct Access {
 
 impl Access {
     pub fn new(config: &Config, audit: audit::AuditLog) -> Arc<Access> {
-        let access = Arc::new(Access { settings: parking_lot::RwLock::new(Arc::new(Settings::from_config(config))), audit });
+        let access =
+            Arc::new(Access { settings: parking_lot::RwLock::new(Arc::new(Settings::from_config(config))), audit });
         limits::start_cleanup(&access);
         access
     }
@@ -233,12 +235,22 @@ impl Access {
 
     /// Names the caller of a request, or refuses it: with tokens configured, a missing or
     /// unknown token on a non-open endpoint is 401 and a role below the class's is 403.
-    pub fn authenticate(&self, headers: &HeaderMap, peer: Option<SocketAddr>, class: Class) -> Result<Caller, ApiError> {
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+        class: Class,
+    ) -> Result<Caller, ApiError> {
         let settings = self.settings();
         let presented = bearer(headers).map(sha256);
         let known = presented.and_then(|hash| {
             if let Some(token) = settings.tokens.get(&hash) {
-                return Some(Caller { name: token.name.clone(), role: Some(token.role), agents: token.agents.clone(), peer });
+                return Some(Caller {
+                    name: token.name.clone(),
+                    role: Some(token.role),
+                    agents: token.agents.clone(),
+                    peer,
+                });
             }
             (settings.admin_token == Some(hash)).then(|| Caller {
                 name: "admin_token".into(),
@@ -265,7 +277,10 @@ impl Access {
             }
             (Some(_), None) => {
                 metrics::REFUSED.with_label_values(&["invalid_token"]).inc();
-                return Err(ApiError::new(ErrorCode::InvalidToken, "the bearer token is not one of this node's tokens"));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidToken,
+                    "the bearer token is not one of this node's tokens",
+                ));
             }
         };
         match caller.role {
@@ -294,7 +309,8 @@ impl Access {
         let presented = bearer(headers).map(sha256);
         if !settings.tokens.is_empty() {
             return presented.is_some_and(|hash| {
-                settings.tokens.get(&hash).is_some_and(|t| t.role == TokenRole::Admin) || settings.admin_token == Some(hash)
+                settings.tokens.get(&hash).is_some_and(|t| t.role == TokenRole::Admin)
+                    || settings.admin_token == Some(hash)
             });
         }
         match settings.admin_token {

@@ -1,0 +1,124 @@
+//! Issue 20 §1: HTTPS on the client API and the cluster admin (`server.tls_*`), plain HTTP
+//! refused there, and a certificate rotated in place taken on SIGHUP without a restart.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::NodeProcess;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GETs `path` over TLS trusting `ca`; returns the status line and the server's certificate.
+async fn https_get(addr: &str, ca: &Path, path: &str) -> std::io::Result<(String, Vec<u8>)> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca)?;
+    for cert in rustls_pemfile_certs(&pem) {
+        roots.add(cert).map_err(std::io::Error::other)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?.to_owned();
+    let mut tls = connector.connect(name, stream).await?;
+    let served = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await?;
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.or_else(|e| if answer.is_empty() { Err(e) } else { Ok(0) })?;
+    Ok((answer.lines().next().unwrap_or_default().to_string(), served))
+}
+
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem).filter_map(Result::ok).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_both_apis_refuses_plain_http_and_takes_a_rotated_certificate_on_sighup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_dir = dir.path().join("ca");
+    stemedb::tls::create_ca(&ca_dir, "test CA", 30).expect("ca");
+    let first = stemedb::tls::create_node(&ca_dir, &dir.path().join("live"), "web", &["127.0.0.1".into()], 30, false)
+        .expect("cert");
+    let file = dir.path().join("stemedb.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            first.cert.display().to_string(),
+            first.key.display().to_string()
+        ),
+    )
+    .expect("config");
+    let config_arg = file.to_string_lossy().to_string();
+    let mut process = NodeProcess::spawn_with_args(&dir.path().join("data"), 1, &["--config", &config_arg], &[]);
+    let url = process.wait_listening(Duration::from_secs(60)).await;
+    assert!(url.starts_with("https://"), "{url}");
+    let addr = url.trim_start_matches("https://").to_string();
+    let ca = ca_dir.join("ca.pem");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let served_first = loop {
+        match https_get(&addr, &ca, "/health").await {
+            Ok((status, cert)) if status.contains("200") => break cert,
+            other => {
+                assert!(Instant::now() < deadline, "never healthy over HTTPS: {other:?}\n{}", process.output());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // Plain HTTP on the HTTPS port gets no HTTP answer.
+    let mut plain = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    plain.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+    assert!(!String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"), "plain HTTP was served");
+
+    // Rotate in place: new files at the same paths, then SIGHUP.
+    let second = stemedb::tls::create_node(&ca_dir, &dir.path().join("next"), "web", &["127.0.0.1".into()], 30, false)
+        .expect("cert");
+    std::fs::copy(&second.cert, &first.cert).expect("copy cert");
+    std::fs::copy(&second.key, &first.key).expect("copy key");
+    // SAFETY: kill(2) with a child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(process.pid() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, served) = https_get(&addr, &ca, "/health").await.expect("https after the reload");
+        assert!(status.contains("200"), "{status}");
+        if served != served_first {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rotated certificate was never served\n{}", process.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A broken file on reload keeps the served certificate.
+    std::fs::write(&first.key, "not a key").expect("write");
+    unsafe { libc::kill(process.pid() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process.output().contains("HTTP certificate not reloaded") {
+        assert!(Instant::now() < deadline, "no word of the refused reload\n{}", process.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = https_get(&addr, &ca, "/health").await.expect("https still");
+    assert!(status.contains("200"), "{status}");
+}
+
+#[tokio::test]
+async fn a_node_with_a_missing_certificate_refuses_to_start_and_names_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("stemedb.toml");
+    std::fs::write(
+        &file,
+        "[server]\ntls_cert_file = \"/nonexistent/web.pem\"\ntls_key_file = \"/nonexistent/web-key.pem\"\n",
+    )
+    .expect("config");
+    let config_arg = file.to_string_lossy().to_string();
+    let mut process = NodeProcess::spawn_with_args(&dir.path().join("data"), 1, &["--config", &config_arg], &[]);
+    let (status, output) = process.wait_exit(Duration::from_secs(60)).await.expect("it exits");
+    assert!(!status.success());
+    assert!(output.contains("/nonexistent/web.pem"), "{output}");
+}
