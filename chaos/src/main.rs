@@ -55,6 +55,10 @@ enum Command {
         /// (damaged replicas never repaired: the `corrupt` scenario must fail).
         #[arg(long)]
         plant_bug: Option<String>,
+        /// Run the nodes' transport (18182) with mutual TLS: a CA and a node certificate are
+        /// made for the run (`cluster.tls_*`).
+        #[arg(long)]
+        mutual_tls: bool,
     },
     /// The disaster-recovery drill: writes, a backup at a random moment, every node's data
     /// destroyed at a later one, a new cluster restored from the backup; checks what came back
@@ -138,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
             keys,
             io: RunIo { report, stemedb, data_dir },
             plant_bug,
+            mutual_tls,
         } => {
             let scenario = scenario::find(&scenario).with_context(|| {
                 let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
@@ -152,6 +157,21 @@ async fn main() -> anyhow::Result<()> {
                 // the run.
                 Some("no-anti-entropy") => env.push(("STEMEDB_ANTI_ENTROPY_ENABLED".into(), "false".into())),
                 Some(other) => anyhow::bail!("unknown bug {other:?}; known: stale-reads, no-anti-entropy"),
+            }
+            // Kept until the run ends: the nodes read the files at start and on restarts.
+            let pki = tempfile::tempdir()?;
+            if mutual_tls {
+                stemedb::tls::create_ca(&pki.path().join("ca"), "chaos CA", 30)?;
+                let node = stemedb::tls::create_node(&pki.path().join("ca"), pki.path(), "node", &[], 30, false)?;
+                let ca = pki.path().join("ca").join("ca.pem");
+                for (key, path) in [
+                    ("STEMEDB_CLUSTER_TLS_CA_FILE", &ca),
+                    ("STEMEDB_CLUSTER_TLS_CERT_FILE", &node.cert),
+                    ("STEMEDB_CLUSTER_TLS_KEY_FILE", &node.key),
+                ] {
+                    env.push((key.to_string(), path.to_string_lossy().to_string()));
+                }
+                println!("transport: mutual TLS with a CA made for this run");
             }
             let seed = seed_or_clock(seed);
             anyhow::ensure!(keys > 0 && duration > 0, "--keys and --duration must be positive");

@@ -45,6 +45,26 @@ fn smoke_scenario_passes() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Issue 20: the same smoke run with the transport on mutual TLS (faults cut and restore links
+/// and kill nodes, so connections are made again and again through handshakes).
+#[test]
+fn smoke_scenario_passes_with_mutual_tls() {
+    let dir = tempfile_dir("smoke-tls");
+    let report_path = dir.join("report.json");
+    let status = chaos()
+        .args(["--scenario", "smoke", "--duration", "30", "--seed", "43", "--shards", "4", "--mutual-tls"])
+        .arg("--report")
+        .arg(&report_path)
+        .status()
+        .expect("run stemedb-chaos");
+    let report = report(&report_path);
+    assert!(status.success(), "anomalies: {}", report["anomalies"]);
+    assert!(report["faults"].as_array().is_some_and(|f| !f.is_empty()), "no fault was injected");
+    assert!(report["register_ops"]["writes_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
+    assert!(report["register_ops"]["reads_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn planted_stale_read_bug_is_caught() {
     let dir = tempfile_dir("planted");
