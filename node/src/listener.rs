@@ -50,10 +50,29 @@ pub struct ClosableListener {
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-/// A connection as the HTTP server sees it: plain, or TLS over it.
+/// A connection as the HTTP server sees it: plain, or TLS over it. A TLS connection counts as
+/// unread until its first read of decrypted data returns (the handshake's reads do not count:
+/// the request is still on its way then).
 pub enum HttpIo {
     Plain(Connection),
-    Tls(Box<crate::tls::LazyTls<Connection>>),
+    Tls(Box<crate::tls::LazyTls<Connection>>, Unmarked),
+}
+
+/// A connection's place among the unread, until it is read from.
+pub struct Unmarked(Option<(Arc<Unread>, u64)>);
+
+impl Unmarked {
+    fn mark(&mut self) {
+        if let Some((unread, number)) = self.0.take() {
+            unread.accepted.lock().remove(&number);
+        }
+    }
+}
+
+impl Drop for Unmarked {
+    fn drop(&mut self) {
+        self.mark();
+    }
 }
 
 enum State {
@@ -96,10 +115,13 @@ impl ClosableListener {
     fn counted(&self, (stream, peer): (TcpStream, SocketAddr)) -> (HttpIo, SocketAddr) {
         let number = self.unread.next.fetch_add(1, Ordering::Relaxed);
         self.unread.accepted.lock().insert(number, Instant::now());
-        let connection = Connection { stream, unread: Some((self.unread.clone(), number)) };
+        let place = Some((self.unread.clone(), number));
         let io = match &self.tls {
-            None => HttpIo::Plain(connection),
-            Some(acceptor) => HttpIo::Tls(Box::new(crate::tls::LazyTls::new(acceptor, connection))),
+            None => HttpIo::Plain(Connection { stream, unread: place }),
+            Some(acceptor) => {
+                let connection = Connection { stream, unread: None };
+                HttpIo::Tls(Box::new(crate::tls::LazyTls::new(acceptor, connection)), Unmarked(place))
+            }
         };
         (io, peer)
     }
@@ -246,7 +268,13 @@ impl AsyncRead for HttpIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             HttpIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+            HttpIo::Tls(io, unmarked) => {
+                let polled = Pin::new(io.as_mut()).poll_read(cx, buf);
+                if polled.is_ready() {
+                    unmarked.mark();
+                }
+                polled
+            }
         }
     }
 }
@@ -255,7 +283,7 @@ impl AsyncWrite for HttpIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             HttpIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+            HttpIo::Tls(io, _) => Pin::new(io.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -266,28 +294,28 @@ impl AsyncWrite for HttpIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             HttpIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+            HttpIo::Tls(io, _) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             HttpIo::Plain(io) => io.is_write_vectored(),
-            HttpIo::Tls(_) => false,
+            HttpIo::Tls(..) => false,
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             HttpIo::Plain(io) => Pin::new(io).poll_flush(cx),
-            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+            HttpIo::Tls(io, _) => Pin::new(io.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             HttpIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            HttpIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+            HttpIo::Tls(io, _) => Pin::new(io.as_mut()).poll_shutdown(cx),
         }
     }
 }

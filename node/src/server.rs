@@ -289,20 +289,38 @@ impl Node {
     /// rate limits) and says which other sections changed: those wait for the next start.
     pub fn reload(&self, config: Config) {
         let Some(context) = &self.context else { return };
-        context.access.reload(&config);
-        // Certificates: the same files read again (rotated in place); other paths wait.
-        if let Some(tls) = &self.http_tls {
-            match tls.reload() {
-                Ok(()) => tracing::info!("HTTP certificate reloaded"),
-                Err(error) => tracing::error!(%error, "HTTP certificate not reloaded; serving the previous one"),
-            }
+        // The addresses bound at start are the ones served: a reload that would leave them open
+        // without tokens is refused (the file's own addresses take effect only at a restart).
+        let running = &context.config;
+        let exposed = [&running.server.api_addr, &running.server.admin_addr]
+            .iter()
+            .any(|addr| !addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback()));
+        if exposed && config.security.tokens.is_empty() && !running.security.allow_unauthenticated {
+            tracing::error!(
+                "config reload refused: it has no security.tokens, and this node listens on a non-loopback address; \
+                 keeping the running tokens and limits"
+            );
+        } else {
+            context.access.reload(&config);
         }
-        if let Some(tls) = &self.cluster_tls {
-            match tls.reload() {
-                Ok(()) => tracing::info!("cluster TLS certificates reloaded"),
-                Err(error) => tracing::error!(%error, "cluster TLS not reloaded; keeping the previous certificates"),
+        // Certificates: the same files read again (rotated in place); other paths wait. Small
+        // file reads, off the async workers all the same.
+        crate::storage::blocking(|| {
+            if let Some(tls) = &self.http_tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("HTTP certificate reloaded"),
+                    Err(error) => tracing::error!(%error, "HTTP certificate not reloaded; serving the previous one"),
+                }
             }
-        }
+            if let Some(tls) = &self.cluster_tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("cluster TLS certificates reloaded"),
+                    Err(error) => {
+                        tracing::error!(%error, "cluster TLS not reloaded; keeping the previous certificates")
+                    }
+                }
+            }
+        });
         let running = &context.config;
         let mut later = Vec::new();
         let sections: [(&str, bool); 14] = [
@@ -766,7 +784,7 @@ impl HttpServer {
 }
 
 /// Concurrent TLS handshakes of the transport at most; more connections wait for a slot.
-const TRANSPORT_HANDSHAKES: usize = 64;
+const TRANSPORT_HANDSHAKES: usize = 256;
 
 /// A transport connection: plain, or mutual TLS over it.
 enum TransportIo {
@@ -869,6 +887,7 @@ fn transport_incoming(
                                 None
                             }
                             Err(_) => {
+                                crate::raft::metrics::TLS_REFUSED.inc();
                                 tracing::warn!(peer = ?peer, "transport TLS handshake timed out");
                                 None
                             }

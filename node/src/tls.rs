@@ -30,8 +30,9 @@ use crate::error::ErrorCode;
 /// The DNS name every node certificate carries and every node checks on its peers.
 pub const CLUSTER_SERVER_NAME: &str = "stemedb-node";
 
-/// How long a TLS handshake may take before the connection is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take before the connection is dropped (peers on one network
+/// finish in milliseconds; a silent client holds a handshake slot no longer than this).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -249,8 +249,20 @@ async fn admin_actions_are_audited_with_who_did_them() {
     )
     .await;
     assert_eq!(status, 422);
-    // Reads are not actions.
+    // Reads are not actions; attempts without a valid token are logged, not stored (they could
+    // otherwise push the real entries out).
     call(&node, "GET", &format!("{api}/v1/admin/storage/stats"), None, Some("a-secret")).await;
+    for secret in [None, Some("guessed")] {
+        let (status, _) = call(
+            &node,
+            "POST",
+            &format!("{api}/v1/admin/circuit-breaker/trip"),
+            Some(json!({"agent_id": "x"})),
+            secret,
+        )
+        .await;
+        assert_eq!(status, 401);
+    }
 
     let (status, page) = call(&node, "GET", &format!("{api}/v1/admin/audit?limit=2"), None, Some("a-secret")).await;
     assert_eq!(status, 200, "{page}");

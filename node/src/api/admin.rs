@@ -47,7 +47,7 @@ async fn audit(
     let listed = tokio::task::spawn_blocking(move || access.audit.list(limit, cursor.as_deref()))
         .await
         .map_err(|e| ApiError::new(ErrorCode::InternalError, e.to_string()))?;
-    let (entries, next_cursor) = listed.map_err(|message| ApiError::new(ErrorCode::InvalidCursor, message))?;
+    let (entries, next_cursor) = listed.map_err(|error| ApiError::new(error.code(), error.to_string()))?;
     Ok(Json(json!({"node_id": state.shards.node_id, "entries": entries, "next_cursor": next_cursor})).into_response())
 }
 

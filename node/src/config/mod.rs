@@ -394,8 +394,9 @@ pub struct SecuritySection {
     /// role that covers its endpoint class. Reloaded on SIGHUP.
     pub tokens: Vec<TokenConfig>,
     /// Let a node whose client API or cluster admin listens on a non-loopback address start
-    /// without `tokens` (anyone who reaches it may then write, and admin stays
-    /// `admin_token`-only).
+    /// without `tokens`: anyone who reaches it may then read and write, `/v1/admin/*` needs
+    /// `admin_token` (no one when it is empty but loopback clients), and the cluster admin's
+    /// changes on 18181 are open to anyone unless `admin_token` is set.
     pub allow_unauthenticated: bool,
 }
 

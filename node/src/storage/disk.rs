@@ -22,7 +22,7 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct DiskFloor {
     pub min_free_bytes: u64,
-    /// Percent (0 to 100) of the filesystem's size.
+    /// Percent (0 to 50, as the config allows) of the filesystem's size.
     pub min_free_percent: f64,
 }
 

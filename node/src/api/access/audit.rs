@@ -24,6 +24,31 @@ use crate::storage::{ColumnFamily, Durability, Storage, StorageError, WriteBatch
 /// Entries a node keeps; older ones are deleted as new ones come.
 pub const KEEP: usize = 10_000;
 
+/// The status recorded for an action whose client went away before the answer (nginx's 499):
+/// the action may still have happened.
+pub const CANCELLED: u16 = 499;
+
+/// The most of a request body an entry keeps; a larger body is noted by its size only.
+pub const KEPT_BODY_BYTES: usize = 4 << 10;
+
+/// Why a listing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cursor {0:?} is not one this endpoint gave")]
+    BadCursor(String),
+    #[error("reading the audit log: {0}")]
+    Storage(String),
+}
+
+impl AuditError {
+    pub fn code(&self) -> crate::error::ErrorCode {
+        match self {
+            AuditError::BadCursor(_) => crate::error::ErrorCode::InvalidCursor,
+            AuditError::Storage(_) => crate::error::ErrorCode::StorageError,
+        }
+    }
+}
+
 const PREFIX: &[u8] = b"audit/";
 /// The first key past every audit key.
 const PREFIX_END: &[u8] = b"audit0";
@@ -74,10 +99,16 @@ fn redact(value: &mut Value) {
 }
 
 impl AuditLog {
-    /// The log of a node, on its storage: reads the keys it already holds.
+    /// The log of a node, on its storage: reads the keys it already holds (at most [`KEEP`]
+    /// entries of at most [`KEPT_BODY_BYTES`] of body each).
     pub fn open(storage: Arc<Storage>, node: u64) -> Result<AuditLog, StorageError> {
-        let held = crate::storage::blocking(|| storage.scan(ColumnFamily::Meta, PREFIX, PREFIX_END, usize::MAX))?;
-        let keys = held.into_iter().map(|(k, _)| k).collect();
+        let mut keys = VecDeque::new();
+        crate::storage::blocking(|| {
+            storage.for_each_in_range(ColumnFamily::Meta, PREFIX, PREFIX_END, |k, _| {
+                keys.push_back(k.to_vec());
+                true
+            })
+        })?;
         Ok(AuditLog {
             store: Store::Disk(storage),
             node,
@@ -104,10 +135,12 @@ impl AuditLog {
         let at_us = crate::model::id::now_us();
         let outcome = match status {
             200..=299 => "done",
+            CANCELLED => "cancelled",
             400..=499 => "refused",
             _ => "failed",
         };
         let request = body.filter(|b| !b.is_empty()).map(|bytes| match serde_json::from_slice::<Value>(bytes) {
+            Ok(_) if bytes.len() > KEPT_BODY_BYTES => json!({"body_bytes": bytes.len()}),
             Ok(mut value) => {
                 redact(&mut value);
                 value
@@ -183,14 +216,13 @@ impl AuditLog {
 
     /// Up to `limit` entries, newest first, older than `before` (a cursor this returned), and
     /// the cursor of the next page when there may be more.
-    pub fn list(&self, limit: usize, before: Option<&str>) -> Result<(Vec<Value>, Option<String>), String> {
+    pub fn list(&self, limit: usize, before: Option<&str>) -> Result<(Vec<Value>, Option<String>), AuditError> {
         let upper = match before {
             None => PREFIX_END.to_vec(),
             Some(cursor) => {
-                let bytes =
-                    hex::decode(cursor).map_err(|_| format!("cursor {cursor:?} is not one this endpoint gave"))?;
+                let bytes = hex::decode(cursor).map_err(|_| AuditError::BadCursor(cursor.to_string()))?;
                 if bytes.len() != 12 {
-                    return Err(format!("cursor {cursor:?} is not one this endpoint gave"));
+                    return Err(AuditError::BadCursor(cursor.to_string()));
                 }
                 [PREFIX, bytes.as_slice()].concat()
             }
@@ -205,7 +237,7 @@ impl AuditLog {
                 .collect(),
             Store::Disk(storage) => {
                 crate::storage::blocking(|| storage.scan_reverse(ColumnFamily::Meta, PREFIX, &upper, limit))
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| AuditError::Storage(e.to_string()))?
             }
         };
         let next = (rows.len() == limit).then(|| rows.last().map(|(k, _)| cursor_of(k))).flatten();

@@ -335,21 +335,50 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The largest request body an audit entry keeps.
+/// The largest request body an admin request may carry (the audit entry keeps at most
+/// `audit::KEPT_BODY_BYTES` of it).
 const AUDITED_BODY_BYTES: usize = 64 << 10;
+
+/// Records the action when the handler's future is dropped before it answered (the client
+/// went away mid-request: the action may still have happened), as `cancelled`.
+struct RecordIfDropped {
+    access: Arc<Access>,
+    entry: Option<(Caller, Method, String, axum::body::Bytes)>,
+}
+
+impl Drop for RecordIfDropped {
+    fn drop(&mut self) {
+        if let Some((caller, method, path, body)) = self.entry.take() {
+            let access = self.access.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    access.audit.record(&caller, &method, &path, audit::CANCELLED, Some(&body)).await;
+                });
+            }
+        }
+    }
+}
 
 /// The middleware of both HTTP routers (see the module doc).
 pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0);
-    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    // The audit names the query too (a revocation's `agent_id` is there).
+    let target = request.uri().path_and_query().map_or_else(|| path.clone(), |p| p.as_str().to_string());
     let class = classify(&method, &path);
     let audit = audited(class, &method, &path);
     let caller = match access.authenticate(request.headers(), peer, class) {
         Ok(caller) => caller,
         Err(error) => {
-            if audit {
-                let caller = access.identify(request.headers(), peer);
-                access.audit.record(&caller, &method, &path, error.status().as_u16(), None).await;
+            let caller = access.identify(request.headers(), peer);
+            // A holder of a valid token refused for its role is recorded (within its rate);
+            // attempts without a valid token are only logged and counted, so that nobody
+            // without a token can push the real entries out of the log.
+            if audit && caller.role.is_some() && access.admit(class, &caller).is_ok() {
+                access.audit.record(&caller, &method, &target, error.status().as_u16(), None).await;
+            } else if audit {
+                tracing::warn!(peer = ?peer, method = %method, path, status = error.status().as_u16(), "admin request refused without a valid token");
             }
             return error.into_response();
         }
@@ -378,8 +407,21 @@ pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Ne
     };
     let mut request = Request::from_parts(parts, axum::body::Body::from(bytes.clone()));
     request.extensions_mut().insert(caller.clone());
+    let mut pending = RecordIfDropped {
+        access: access.clone(),
+        entry: Some((caller.clone(), method.clone(), target.clone(), bytes.clone())),
+    };
     let response = next.run(request).await;
-    access.audit.record(&caller, &method, &path, response.status().as_u16(), Some(&bytes)).await;
+    pending.entry = None;
+    let status = response.status().as_u16();
+    // Refusals by the handler of a caller without a token (no tokens configured, no admin
+    // token given) are logged, not stored, for the same reason as above.
+    if caller.role.is_some() || (200..300).contains(&status) {
+        let body = (200..300).contains(&status).then_some(&bytes[..]);
+        access.audit.record(&caller, &method, &target, status, body).await;
+    } else {
+        tracing::warn!(peer = ?peer, method = %method, path, status, "admin request refused without a valid token");
+    }
     response
 }
 
