@@ -32,7 +32,7 @@ start_cluster() { # $1: plain|mtls
       env_tls=(STEMEDB_CLUSTER_TLS_CA_FILE="$WORK/ca/ca.pem" STEMEDB_CLUSTER_TLS_CERT_FILE="$WORK/node.pem"
                STEMEDB_CLUSTER_TLS_KEY_FILE="$WORK/node-key.pem")
     fi
-    env "${env_tls[@]}" STEMEDB_LOGGING_LEVEL=warn STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=1000000 \
+    env -u STEMEDB_BIN "${env_tls[@]}" STEMEDB_LOGGING_LEVEL=warn STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=1000000 \
       "$BIN" serve --node-id "$i" --data-dir "$WORK/data/node$i" --initial-cluster "$CLUSTER" \
       --api-addr "127.0.0.$i:18180" --admin-addr "127.0.0.$i:18181" --raft-addr "127.0.0.$i:18182" \
       >"$WORK/node$i-$1.log" 2>&1 &
