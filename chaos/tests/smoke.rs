@@ -25,12 +25,15 @@ fn report(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&bytes).expect("report is JSON")
 }
 
-#[test]
-fn smoke_scenario_passes() {
-    let dir = tempfile_dir("smoke");
+/// Runs the `smoke` scenario with `args` into a fresh directory named `name`; asserts that it
+/// passed with faults injected and with enough register writes and reads, and returns its
+/// report for further checks.
+fn passing_smoke_run(name: &str, args: &[&str]) -> serde_json::Value {
+    let dir = tempfile_dir(name);
     let report_path = dir.join("report.json");
     let status = chaos()
-        .args(["--scenario", "smoke", "--duration", "40", "--seed", "42", "--shards", "4"])
+        .args(["--scenario", "smoke", "--shards", "4"])
+        .args(args)
         .arg("--report")
         .arg(&report_path)
         .status()
@@ -40,29 +43,22 @@ fn smoke_scenario_passes() {
     assert!(report["faults"].as_array().is_some_and(|f| !f.is_empty()), "no fault was injected");
     assert!(report["register_ops"]["writes_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
     assert!(report["register_ops"]["reads_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
+    let _ = std::fs::remove_dir_all(dir);
+    report
+}
+
+#[test]
+fn smoke_scenario_passes() {
+    let report = passing_smoke_run("smoke", &["--duration", "40", "--seed", "42"]);
     assert!(report["unkeyed"]["acknowledged"].as_u64().unwrap_or(0) > 50, "{}", report["unkeyed"]);
     assert_eq!(report["unkeyed"]["duplicates"].as_u64(), Some(0), "{}", report["unkeyed"]);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Issue 20: the same smoke run with the transport on mutual TLS (faults cut and restore links
 /// and kill nodes, so connections are made again and again through handshakes).
 #[test]
 fn smoke_scenario_passes_with_mutual_tls() {
-    let dir = tempfile_dir("smoke-tls");
-    let report_path = dir.join("report.json");
-    let status = chaos()
-        .args(["--scenario", "smoke", "--duration", "30", "--seed", "43", "--shards", "4", "--mutual-tls"])
-        .arg("--report")
-        .arg(&report_path)
-        .status()
-        .expect("run stemedb-chaos");
-    let report = report(&report_path);
-    assert!(status.success(), "anomalies: {}", report["anomalies"]);
-    assert!(report["faults"].as_array().is_some_and(|f| !f.is_empty()), "no fault was injected");
-    assert!(report["register_ops"]["writes_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
-    assert!(report["register_ops"]["reads_ok"].as_u64().unwrap_or(0) > 50, "{}", report["register_ops"]);
-    let _ = std::fs::remove_dir_all(dir);
+    passing_smoke_run("smoke-tls", &["--duration", "30", "--seed", "43", "--mutual-tls"]);
 }
 
 #[test]

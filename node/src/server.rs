@@ -292,9 +292,7 @@ impl Node {
         // The addresses bound at start are the ones served: a reload that would leave them open
         // without tokens is refused (the file's own addresses take effect only at a restart).
         let running = &context.config;
-        let exposed = [&running.server.api_addr, &running.server.admin_addr]
-            .iter()
-            .any(|addr| !addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback()));
+        let exposed = running.exposed_http_addr().is_some();
         if exposed && config.security.tokens.is_empty() && !running.security.allow_unauthenticated {
             tracing::error!(
                 "config reload refused: it has no security.tokens, and this node listens on a non-loopback address; \
@@ -321,7 +319,6 @@ impl Node {
                 }
             }
         });
-        let running = &context.config;
         let mut later = Vec::new();
         let sections: [(&str, bool); 14] = [
             ("node", running.node == config.node),

@@ -11,6 +11,7 @@
 //! - `stemedb certs create-ca|create-node` ([`create_ca`], [`create_node`]): a development CA
 //!   and node certificates (rcgen).
 
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -74,14 +75,29 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, format!("no usable PEM private key: {e}")))
 }
 
-/// A certificate chain and its key, checked to belong together.
-fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+/// A certificate chain and its key, read once and checked to belong together.
+fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let chain = read_certs(cert)?;
     let key_der = read_key(key)?;
+    certified(chain.clone(), key_der.clone_key(), cert, key)?;
+    Ok((chain, key_der))
+}
+
+/// The signing form of a chain and its key, checked to belong together.
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key_der: PrivateKeyDer<'static>,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let signing = provider().key_provider.load_private_key(key_der).map_err(|e| file_error(key, e))?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|e| TlsError::Settings(format!("{} and {}: {e}", cert.display(), key.display())))?;
     Ok(Arc::new(certified))
+}
+
+fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    certified(read_certs(cert)?, read_key(key)?, cert, key)
 }
 
 /// Serves the current certificate of the HTTP ports.
@@ -152,8 +168,7 @@ fn cluster_configs(files: &ClusterTlsFiles) -> Result<ClusterConfigs, TlsError> 
         roots.add(ca).map_err(|e| file_error(&files.ca, e))?;
     }
     let roots = Arc::new(roots);
-    let chain = read_certs(&files.cert)?;
-    certified_key(&files.cert, &files.key)?;
+    let (chain, key) = read_pair(&files.cert, &files.key)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
         .build()
         .map_err(|e| TlsError::Settings(e.to_string()))?;
@@ -161,14 +176,14 @@ fn cluster_configs(files: &ClusterTlsFiles) -> Result<ClusterConfigs, TlsError> 
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Settings(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain.clone(), read_key(&files.key)?)
+        .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| file_error(&files.cert, e))?;
     server.alpn_protocols = vec![b"h2".to_vec()];
     let mut client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Settings(e.to_string()))?
         .with_root_certificates(roots)
-        .with_client_auth_cert(chain, read_key(&files.key)?)
+        .with_client_auth_cert(chain, key)
         .map_err(|e| file_error(&files.cert, e))?;
     client.alpn_protocols = vec![b"h2".to_vec()];
     Ok(ClusterConfigs { server: Arc::new(server), client: Arc::new(client) })
@@ -243,8 +258,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LazyTls<S> {
         }
     }
 }
-
-use std::future::Future;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for LazyTls<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

@@ -1005,6 +1005,15 @@ impl Config {
         Ok(())
     }
 
+    /// The first HTTP API address (`server.api_addr`, `server.admin_addr`) that is not a
+    /// loopback address, with its key: where a node without tokens would be open to a network.
+    pub fn exposed_http_addr(&self) -> Option<(&'static str, &str)> {
+        [("server.api_addr", &self.server.api_addr), ("server.admin_addr", &self.server.admin_addr)]
+            .into_iter()
+            .find(|(_, addr)| !addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback()))
+            .map(|(key, addr)| (key, addr.as_str()))
+    }
+
     /// Tokens well formed and unique, and no HTTP API open to the network without them (unless
     /// `security.allow_unauthenticated`).
     fn check_security(&self) -> Result<(), ConfigError> {
@@ -1043,17 +1052,12 @@ impl Config {
             }
         }
         if self.security.tokens.is_empty() && !self.security.allow_unauthenticated {
-            for (key, addr) in
-                [("server.api_addr", &self.server.api_addr), ("server.admin_addr", &self.server.admin_addr)]
-            {
-                let loopback = addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback());
-                if !loopback {
-                    return fail(format!(
-                        "{key} is {addr}, not a loopback address, and security.tokens is empty: anyone who \
-                         reaches it could write and read everything. Add [[security.tokens]] (stemedb token \
-                         create), or set security.allow_unauthenticated = true to accept that"
-                    ));
-                }
+            if let Some((key, addr)) = self.exposed_http_addr() {
+                return fail(format!(
+                    "{key} is {addr}, not a loopback address, and security.tokens is empty: anyone who \
+                     reaches it could write and read everything. Add [[security.tokens]] (stemedb token \
+                     create), or set security.allow_unauthenticated = true to accept that"
+                ));
             }
         }
         let server = &self.server;
