@@ -6,7 +6,8 @@ processes on loopback (the cluster set-up of scripts/run-runbooks.py: 127.0.0.1-
 free 127.0.N.1-3), renders the shipped config (deploy/nginx/stemedb.conf,
 deploy/haproxy/haproxy.cfg) with only the node addresses, the listen address and the pid, log
 and temp paths substituted, checks it (`nginx -t`, `haproxy -c`) and runs the balancer in the
-foreground as a child. Then LOAD_THREADS clients write (POST /v1/assert, a unique request_id
+foreground as a child. First the web dashboard must answer at /dashboard/ through the balancer
+(its page, /dashboard/session, and the node's APIs under it). Then LOAD_THREADS clients write (POST /v1/assert, a unique request_id
 each) and read (POST /v1/query of the path just written) through the balancer for LOAD_SECONDS;
 node 3 is killed with SIGKILL KILL_AT seconds in and restarted (same data dir and config)
 RESTART_AT seconds in. Afterwards every acknowledged write (201) is read back through the
@@ -98,10 +99,37 @@ def free_port(ip):
 
 def substitute_nodes(text, ips):
     for i, ip in enumerate(ips[:3]):
-        text, n = re.subn(rf"\b10\.0\.0\.{i + 1}:18180\b", f"{ip}:{PORTS['api']}", text)
-        if n != 1:
-            raise RuntimeError(f"expected one address 10.0.0.{i + 1}:18180 in the shipped config, found {n}")
+        for port in (PORTS["api"], PORTS["dashboard"]):
+            text, n = re.subn(rf"\b10\.0\.0\.{i + 1}:{port}\b", f"{ip}:{port}", text)
+            if n != 1:
+                raise RuntimeError(f"expected one address 10.0.0.{i + 1}:{port} in the shipped config, found {n}")
     return text
+
+
+def check_dashboard(balancer):
+    """The dashboard through the balancer at /dashboard/: its page, the node it reached, and that
+    node's cluster admin and client API under it; /dashboard redirects there."""
+    c = http.client.HTTPConnection(balancer.ip, balancer.port, timeout=10)
+    try:
+        c.request("GET", "/dashboard")
+        r = c.getresponse()
+        r.read()
+        if r.status != 301 or not r.getheader("Location", "").endswith("/dashboard/"):
+            raise RuntimeError(f"GET /dashboard through {balancer.kind}: {r.status} to {r.getheader('Location')}")
+        c.request("GET", "/dashboard/")
+        r = c.getresponse()
+        page = r.read().decode(errors="replace")
+        if r.status != 200 or "<title>StemeDB</title>" not in page:
+            raise RuntimeError(f"GET /dashboard/ through {balancer.kind}: {r.status} {page[:200]}")
+    finally:
+        c.close()
+    status, session = request("GET", balancer.ip, balancer.port, "/dashboard/session", timeout=10)
+    status_health, health = request("GET", balancer.ip, balancer.port, "/dashboard/cluster-api/cluster/health", timeout=10)
+    status_query, _ = request("POST", balancer.ip, balancer.port, "/dashboard/api/v1/query", {"concept_path": "lb/probe"}, timeout=10)
+    if status != 200 or status_health != 200 or health.get("status") != "healthy" or status_query != 200:
+        raise RuntimeError(f"the dashboard's APIs through {balancer.kind}: session {status} {session}, "
+                           f"health {status_health} {health}, query {status_query}")
+    return session["node_id"]
 
 
 def render_shipped(rel, d, ips, listen_re, listen):
@@ -333,6 +361,13 @@ def run_one(kind, binary, ips, root, seconds):
         balancer = Balancer(kind, os.path.join(state, kind), ips)
         balancer.start()
         print(f"lb-test: {kind} on {balancer.ip}:{balancer.port} in front of {', '.join(ips[:3])}", flush=True)
+        def dashboard_answers():
+            try:
+                return True, check_dashboard(balancer)
+            except (RuntimeError, http.client.HTTPException) as e:
+                return False, str(e)
+        dashboard_node = rb.wait_until(f"the dashboard through {kind}", dashboard_answers, 30, 0.5)
+        print(f"lb-test: {kind}: the dashboard at /dashboard/ answers (node {dashboard_node})", flush=True)
 
         victim = ips[2]
         load = Load(kind, balancer.ip, balancer.port)

@@ -53,7 +53,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELF = os.path.abspath(__file__)
-PORTS = {"api": 18180, "admin": 18181, "raft": 18182}
+PORTS = {"api": 18180, "admin": 18181, "raft": 18182, "dashboard": 18188}
 TOKEN = "runbook-test-token"
 SHARDS = 8
 DEFAULT_TIMEOUT = 180

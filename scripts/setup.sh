@@ -3,13 +3,16 @@
 # libclang for RocksDB's bindings, and jeprof (libjemalloc-dev) to read the node's heap profiles;
 # the real peers the tests start: nginx and HAProxy (deploy/ configs); and Prometheus with
 # node_exporter and python3-yaml for dashboards/ (scripts/check-dashboards.sh); moto's S3 server
-# (PyPI, in a virtualenv) for the backup tests.
+# (PyPI, in a virtualenv) for the backup tests; Debian's chromium and Playwright (PyPI, same
+# virtualenv) for the dashboard's browser test.
 # protoc is vendored by the build, so it is not needed here.
 set -euo pipefail
 # shellcheck source=lib/libclang.sh
 . "$(dirname "$0")/lib/libclang.sh"
 # shellcheck source=lib/moto.sh
 . "$(dirname "$0")/lib/moto.sh"
+# shellcheck source=lib/playwright.sh
+. "$(dirname "$0")/lib/playwright.sh"
 missing=()
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
@@ -35,6 +38,8 @@ installed python3-yaml || missing+=(python3-yaml)
 # moto's S3 server (PyPI), which the backup tests start on loopback as a real S3 endpoint, lives
 # in a virtualenv of Debian's python3 (pip may not install into the system's Python).
 installed python3-venv || missing+=(python3-venv)
+# The browser scripts/dashboard-test.py drives headless (through Playwright, below).
+installed chromium || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   SUDO=""
@@ -49,6 +54,12 @@ if ! moto_ready "$MOTO_VENV"; then
   /usr/bin/python3 -m venv "$MOTO_VENV"
   "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
   moto_ready "$MOTO_VENV" || { echo "setup: moto's server is not usable from $MOTO_VENV" >&2; exit 1; }
+fi
+# Playwright for Python in the same virtualenv: it drives the system chromium (no browser download).
+if ! playwright_ready "$MOTO_VENV"; then
+  echo "installing playwright into $MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'playwright>=1.40,<2'
+  playwright_ready "$MOTO_VENV" || { echo "setup: playwright is not usable from $MOTO_VENV" >&2; exit 1; }
 fi
 find_libclang >/dev/null || { echo "setup: libclang (libclang.so*) still not found for RocksDB's bindings; set LIBCLANG_PATH" >&2; exit 1; }
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tests scripts/lib/libclang.sh and scripts/lib/moto.sh, the detection setup.sh relies on, against
+# Tests scripts/lib/libclang.sh, scripts/lib/moto.sh and scripts/lib/playwright.sh, the detection setup.sh relies on, against
 # fake directory trees:
 # the machine CI runs on has libclang installed, so only a fake tree can show that a machine
 # with clang's C++ library alone (libclang-cpp.so.N) is told to install libclang-dev.
@@ -62,17 +62,27 @@ fake_venv() {
   chmod +x "$tmp/venv-$name/bin/python"
   if [ "$server" = yes ]; then : >"$tmp/venv-$name/bin/moto_server"; chmod +x "$tmp/venv-$name/bin/moto_server"; fi
 }
+# expect_venv CHECK WANT NAME: whether CHECK (moto_ready, playwright_ready) finds the fake venv
+# NAME ready.
 expect_venv() {
-  local want=$1 name=$2 got
-  if moto_ready "$tmp/venv-$name"; then got=ready; else got=missing; fi
-  if [ "$got" = "$want" ]; then echo "ok   moto venv $name: $got"; else echo "FAIL moto venv $name: want $want, got $got"; fails=$((fails + 1)); fi
+  local check=$1 want=$2 name=$3 got
+  if "$check" "$tmp/venv-$name"; then got=ready; else got=missing; fi
+  if [ "$got" = "$want" ]; then echo "ok   $check $name: $got"; else echo "FAIL $check $name: want $want, got $got"; fails=$((fails + 1)); fi
 }
 fake_venv no-moto 1 yes
 fake_venv no-server 0 no
 fake_venv complete 0 yes
-expect_venv missing absent
-expect_venv missing no-moto
-expect_venv missing no-server
-expect_venv ready complete
+expect_venv moto_ready missing absent
+expect_venv moto_ready missing no-moto
+expect_venv moto_ready missing no-server
+expect_venv moto_ready ready complete
+
+# Playwright in the virtualenv (lib/playwright.sh): ready only with a python that imports it.
+. "$(dirname "$0")/lib/playwright.sh"
+fake_venv pw-broken 1 no
+fake_venv pw-complete 0 no
+expect_venv playwright_ready missing absent
+expect_venv playwright_ready missing pw-broken
+expect_venv playwright_ready ready pw-complete
 
 [ "$fails" -eq 0 ] || { echo "$fails set-up detection case(s) failed" >&2; exit 1; }

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod coordinator;
 pub mod ctl;
+pub mod dashboard;
 pub mod error;
 pub mod listener;
 pub mod meta;

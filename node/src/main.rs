@@ -138,6 +138,9 @@ struct ServeArgs {
     /// Inter-node gRPC address (server.raft_addr).
     #[arg(long)]
     raft_addr: Option<String>,
+    /// Web dashboard address: HOST:PORT, auto or off (server.dashboard_addr).
+    #[arg(long)]
+    dashboard_addr: Option<String>,
     /// Form a new cluster: ID=HOST:PORT,... of every founding node's Raft address
     /// (cluster.initial_cluster).
     #[arg(long)]
@@ -216,6 +219,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         api_addr: args.api_addr,
         admin_addr: args.admin_addr,
         raft_addr: args.raft_addr,
+        dashboard_addr: args.dashboard_addr,
         initial_cluster: args.initial_cluster,
         join: args.join,
     };
@@ -227,8 +231,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let raft_addr = listeners.raft.local_addr()?;
     let scheme = if config.server.tls_cert_file.is_empty() { "http" } else { "https" };
     let mtls = if config.cluster.tls_ca_file.is_empty() { "" } else { " (mutual TLS)" };
+    let dashboard = match listeners.dashboard.as_ref().map(|listener| listener.local_addr()) {
+        Some(addr) => format!(", dashboard {scheme}://{}/", addr?),
+        None => String::new(),
+    };
     eprintln!(
-        "stemedb node {} starting: client API {scheme}://{api_addr}, cluster admin {scheme}://{admin_addr}, raft {raft_addr}{mtls} (data dir {})",
+        "stemedb node {} starting: client API {scheme}://{api_addr}, cluster admin {scheme}://{admin_addr}{dashboard}, raft {raft_addr}{mtls} (data dir {})",
         config.node.id,
         config.node.data_dir.display()
     );

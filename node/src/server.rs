@@ -72,6 +72,9 @@ pub struct Listeners {
     pub api: TcpSocket,
     pub admin: TcpListener,
     pub raft: TcpListener,
+    /// The web dashboard's (`server.dashboard_addr`); `None` when off, or when `auto` found its
+    /// port taken.
+    pub dashboard: Option<TcpListener>,
 }
 
 /// How many connections the kernel queues for the client API before the node accepts them.
@@ -94,12 +97,26 @@ async fn bind_only(addr: &str) -> Result<TcpSocket, NodeError> {
     Ok(socket)
 }
 
+/// The dashboard's listener: see [`Listeners::dashboard`].
+async fn bind_dashboard(config: &Config) -> Result<Option<TcpListener>, NodeError> {
+    let Some((addr, optional)) = config.dashboard_bind() else { return Ok(None) };
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(error) if optional => {
+            tracing::warn!(addr = %addr, error = %error, "no dashboard: its default port is taken (set server.dashboard_addr)");
+            Ok(None)
+        }
+        Err(error) => Err(NodeError::Listen { addr: addr.to_string(), message: error.to_string() }),
+    }
+}
+
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Listeners, NodeError> {
         Ok(Listeners {
             api: bind_only(&config.server.api_addr).await?,
             admin: bind(&config.server.admin_addr).await?,
             raft: bind(&config.server.raft_addr).await?,
+            dashboard: bind_dashboard(config).await?,
         })
     }
 }
@@ -273,6 +290,7 @@ struct Node {
     grpc: Option<GrpcServer>,
     admin: Option<HttpServer>,
     api: Option<HttpServer>,
+    dashboard: Option<HttpServer>,
     /// HTTPS of 18180 and 18181 (`server.tls_*`), reloaded on SIGHUP.
     http_tls: Option<Arc<crate::tls::HttpTls>>,
     /// Mutual TLS of 18182 (`cluster.tls_*`), reloaded on SIGHUP.
@@ -365,6 +383,7 @@ impl Node {
             grpc: None,
             admin: None,
             api: None,
+            dashboard: None,
             http_tls: None,
             cluster_tls: None,
         }
@@ -599,12 +618,17 @@ impl Node {
             .api
             .listen(API_BACKLOG)
             .map_err(|e| NodeError::Listen { addr: api_addr.to_string(), message: e.to_string() })?;
-        self.api = Some(HttpServer::start(&self.tasks, api_listener, api::router(context), https));
+        self.api = Some(HttpServer::start(&self.tasks, api_listener, api::router(context.clone()), https.clone()));
+        let dashboard_addr = listeners.dashboard.as_ref().and_then(|listener| listener.local_addr().ok());
+        if let Some(listener) = listeners.dashboard {
+            self.dashboard = Some(HttpServer::start(&self.tasks, listener, crate::dashboard::router(context), https));
+        }
         tracing::info!(
             node_id = config.node.id,
             cluster_id = %identity.cluster_id,
             api = %api_addr,
             admin = %admin_addr,
+            dashboard = ?dashboard_addr,
             raft = %raft_addr,
             data_dir = %config.node.data_dir.display(),
             shards = config.cluster.shards,
@@ -662,7 +686,7 @@ impl Node {
         if let Some(shards) = &self.shards {
             shards.begin_leaving();
         }
-        let (api, admin) = (self.api.take(), self.admin.take());
+        let (api, admin, dashboard) = (self.api.take(), self.admin.take(), self.dashboard.take());
         let stop_accepting = |server: &Option<HttpServer>| {
             let closer = server.as_ref().map(|s| s.closer.clone());
             async move {
@@ -671,7 +695,7 @@ impl Node {
                 }
             }
         };
-        futures::future::join(stop_accepting(&api), stop_accepting(&admin)).await;
+        futures::future::join3(stop_accepting(&api), stop_accepting(&admin), stop_accepting(&dashboard)).await;
         tracing::info!("no longer accepting connections");
         if let Some(shards) = &self.shards {
             let (moved, kept) = shards.hand_over_leaderships(self.handover_bound).await;
@@ -685,7 +709,8 @@ impl Node {
                 server.drain(grace, name).await;
             }
         };
-        futures::future::join(drain(api, "client api"), drain(admin, "cluster admin")).await;
+        futures::future::join3(drain(api, "client api"), drain(admin, "cluster admin"), drain(dashboard, "dashboard"))
+            .await;
         if let Some(grpc) = self.grpc.take() {
             grpc.stop(grace).await;
         }

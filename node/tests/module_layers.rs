@@ -27,6 +27,7 @@ const LAYERS: &[&str] = &[
     "rpc",         // gRPC server
     "api",         // client API and node admin
     "admin",       // cluster admin
+    "dashboard",   // the web dashboard on 18188: embedded assets over the api and admin routers
     "bench",       // `stemedb bench`: a client of the HTTP API, uses no other module
     "ctl",         // `stemedb cluster`: a client of the cluster admin API, uses no other module
     "listener",    // the node's closable listeners

@@ -203,6 +203,13 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
 }
 
+/// `server.dashboard_addr`: port [`DASHBOARD_PORT`] on the client API's IP, if free.
+pub const DASHBOARD_AUTO: &str = "auto";
+/// `server.dashboard_addr`: no dashboard.
+pub const DASHBOARD_OFF: &str = "off";
+/// The dashboard's default port.
+pub const DASHBOARD_PORT: u16 = 18188;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
@@ -212,6 +219,10 @@ pub struct ServerSection {
     pub admin_addr: String,
     /// Inter-node gRPC (Raft, forwarding, anti-entropy).
     pub raft_addr: String,
+    /// The web dashboard (`HOST:PORT`); `auto` (the default): port 18188 on `api_addr`'s IP,
+    /// skipped with a warning when that port is taken (several test nodes on one address);
+    /// `off`: none.
+    pub dashboard_addr: String,
     /// Seconds to wait for in-flight requests at shutdown.
     pub shutdown_grace_seconds: u64,
     /// Requests the client API serves at once; more are answered `503 overloaded` with
@@ -568,6 +579,7 @@ impl Default for ServerSection {
             api_addr: "127.0.0.1:18180".into(),
             admin_addr: "127.0.0.1:18181".into(),
             raft_addr: "127.0.0.1:18182".into(),
+            dashboard_addr: DASHBOARD_AUTO.into(),
             shutdown_grace_seconds: 10,
             max_concurrent_requests: 4096,
             tls_cert_file: String::new(),
@@ -769,6 +781,8 @@ pub struct FlagOverrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raft_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub dashboard_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub initial_cluster: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
@@ -791,6 +805,9 @@ impl FlagOverrides {
         }
         if let Some(v) = &self.raft_addr {
             figment = figment.merge(Serialized::default("server.raft_addr", v));
+        }
+        if let Some(v) = &self.dashboard_addr {
+            figment = figment.merge(Serialized::default("server.dashboard_addr", v));
         }
         if let Some(v) = &self.initial_cluster {
             figment = figment.merge(Serialized::default("cluster.initial_cluster", v));
@@ -868,6 +885,12 @@ impl Config {
             if addr.parse::<SocketAddr>().is_err() {
                 return fail(format!("{name} = {addr:?} is not HOST:PORT with an IP address"));
             }
+        }
+        let dashboard = &self.server.dashboard_addr;
+        if ![DASHBOARD_AUTO, DASHBOARD_OFF].contains(&dashboard.as_str()) && dashboard.parse::<SocketAddr>().is_err() {
+            return fail(format!(
+                "server.dashboard_addr = {dashboard:?} is not HOST:PORT with an IP address, \"{DASHBOARD_AUTO}\" or \"{DASHBOARD_OFF}\""
+            ));
         }
         if !valid_digest_bucket_count(self.anti_entropy.buckets) {
             return fail(format!(
@@ -1005,13 +1028,32 @@ impl Config {
         Ok(())
     }
 
-    /// The first HTTP API address (`server.api_addr`, `server.admin_addr`) that is not a
-    /// loopback address, with its key: where a node without tokens would be open to a network.
+    /// The first HTTP API address (`server.api_addr`, `server.admin_addr`,
+    /// `server.dashboard_addr`, which serves both APIs) that is not a loopback address, with its
+    /// key: where a node without tokens would be open to a network.
     pub fn exposed_http_addr(&self) -> Option<(&'static str, &str)> {
-        [("server.api_addr", &self.server.api_addr), ("server.admin_addr", &self.server.admin_addr)]
+        let dashboard = match self.server.dashboard_addr.as_str() {
+            DASHBOARD_OFF => None,
+            DASHBOARD_AUTO => Some(("server.dashboard_addr", self.server.api_addr.as_str())),
+            addr => Some(("server.dashboard_addr", addr)),
+        };
+        [("server.api_addr", self.server.api_addr.as_str()), ("server.admin_addr", self.server.admin_addr.as_str())]
             .into_iter()
+            .chain(dashboard)
             .find(|(_, addr)| !addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback()))
-            .map(|(key, addr)| (key, addr.as_str()))
+    }
+
+    /// Where the dashboard listens: `None` when `off`; for `auto`, port [`DASHBOARD_PORT`] on
+    /// `server.api_addr`'s IP, and `true` (skip it if the port is taken).
+    pub fn dashboard_bind(&self) -> Option<(SocketAddr, bool)> {
+        match self.server.dashboard_addr.as_str() {
+            DASHBOARD_OFF => None,
+            DASHBOARD_AUTO => {
+                let api: SocketAddr = self.server.api_addr.parse().ok()?;
+                Some((SocketAddr::new(api.ip(), DASHBOARD_PORT), true))
+            }
+            addr => addr.parse().ok().map(|addr| (addr, false)),
+        }
     }
 
     /// Tokens well formed and unique, and no HTTP API open to the network without them (unless
@@ -1227,6 +1269,22 @@ mod tests {
     }
 
     #[test]
+    fn the_dashboard_address_auto_off_or_explicit() {
+        let mut config = Config::default();
+        assert_eq!(config.server.dashboard_addr, DASHBOARD_AUTO);
+        assert_eq!(config.dashboard_bind(), Some(("127.0.0.1:18188".parse().expect("addr"), true)));
+        config.server.api_addr = "127.0.0.2:18180".into();
+        assert_eq!(config.dashboard_bind(), Some(("127.0.0.2:18188".parse().expect("addr"), true)));
+        config.server.dashboard_addr = "127.0.0.3:9000".into();
+        assert_eq!(config.dashboard_bind(), Some(("127.0.0.3:9000".parse().expect("addr"), false)));
+        assert_eq!(config.exposed_http_addr(), None);
+        config.server.dashboard_addr = "10.0.0.1:18188".into();
+        assert_eq!(config.exposed_http_addr(), Some(("server.dashboard_addr", "10.0.0.1:18188")));
+        config.server.dashboard_addr = DASHBOARD_OFF.into();
+        assert_eq!((config.dashboard_bind(), config.exposed_http_addr()), (None, None));
+    }
+
+    #[test]
     fn tokens_and_rate_limits_from_env_and_their_checks() {
         let hash = "ab".repeat(32);
         let tokens = format!(r#"[{{name="ops-bot",sha256="{hash}",role="write",agents=["ops-bot"]}}]"#);
@@ -1253,6 +1311,8 @@ mod tests {
         );
         refused("[server]\napi_addr = \"0.0.0.0:18180\"\n", "not a loopback address");
         refused("[server]\nadmin_addr = \"10.0.0.1:18181\"\n", "security.allow_unauthenticated");
+        refused("[server]\ndashboard_addr = \"0.0.0.0:18188\"\n", "server.dashboard_addr");
+        refused("[server]\ndashboard_addr = \"localhost\"\n", "\"auto\" or \"off\"");
         refused("[rate_limits]\nburst_seconds = 0\n", "rate_limits.burst_seconds");
         for fine in [
             "[server]\napi_addr = \"0.0.0.0:18180\"\n[security]\nallow_unauthenticated = true\n".to_string(),

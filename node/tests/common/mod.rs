@@ -20,6 +20,8 @@ pub fn test_config(data_dir: &Path) -> Config {
     config.server.api_addr = "127.0.0.1:0".into();
     config.server.admin_addr = "127.0.0.1:0".into();
     config.server.raft_addr = "127.0.0.1:0".into();
+    // Tests that want the dashboard give it an address (port 0).
+    config.server.dashboard_addr = "off".into();
     config.cluster.shards = 4;
     config.storage.max_cache_size_mb = 16;
     config.storage.write_buffer_mb = 4;
@@ -31,6 +33,8 @@ pub struct TestNode {
     pub url: String,
     /// The cluster admin API (18181).
     pub admin_url: String,
+    /// The web dashboard (18188), when the test's config enables it.
+    pub dashboard_url: Option<String>,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
@@ -54,13 +58,14 @@ impl TestNode {
         let listeners = stemedb::Listeners::bind(&config).await.expect("bind");
         let url = format!("http://{}", listeners.api.local_addr().expect("addr"));
         let admin_url = format!("http://{}", listeners.admin.local_addr().expect("addr"));
+        let dashboard_url = listeners.dashboard.as_ref().map(|l| format!("http://{}", l.local_addr().expect("addr")));
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(stemedb::run(config, listeners, async move {
             let _ = rx.await;
         }));
         let client = reqwest::Client::new();
         wait_healthy(&client, &url, Duration::from_secs(30)).await;
-        TestNode { url, admin_url, client, dir, shutdown: Some(tx), handle: Some(handle) }
+        TestNode { url, admin_url, dashboard_url, client, dir, shutdown: Some(tx), handle: Some(handle) }
     }
 
     pub async fn stop(mut self) {
