@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The cost of mutual TLS between nodes (issue 20): a 3-node cluster on 127.0.0.1-3 (ports
-# 18180-18182, replication factor 3, fsync on) loaded by `stemedb bench` with 64 writers and
-# 256-byte values, alternately without and with cluster.tls_* (a CA and node certificate made
-# for the run), ROUNDS times each; prints writes/s and p50/p99/p999 of every run.
+# The cost of TLS (issue 20): a 3-node cluster on 127.0.0.1-3 (ports 18180-18182, replication
+# factor 3, fsync on) loaded by `stemedb bench` with 64 writers and 256-byte values, in turn
+# without TLS (plain), with mutual TLS between the nodes (mtls: cluster.tls_*), and with HTTPS on
+# the client API (https: server.tls_*, the load over https:// with --ca), ROUNDS times each, with
+# a CA and certificates made for the run; prints writes/s and p50/p99/p999 of every run.
 #
 #   scripts/bench-tls.sh [ROUNDS (2)] [SECONDS (15)]
 #
@@ -22,15 +23,19 @@ stop_nodes() {
 trap 'stop_nodes; rm -rf "$WORK"' EXIT
 "$BIN" certs create-ca --dir "$WORK/ca" >/dev/null
 "$BIN" certs create-node --ca "$WORK/ca" --out "$WORK" --name node >/dev/null
+"$BIN" certs create-node --ca "$WORK/ca" --out "$WORK" --name web --host 127.0.0.1 --host 127.0.0.2 --host 127.0.0.3 >/dev/null
 CLUSTER="1=127.0.0.1:18182,2=127.0.0.2:18182,3=127.0.0.3:18182"
+scheme() { if [ "$1" = https ]; then echo https; else echo http; fi; }
 
-start_cluster() { # $1: plain|mtls
+start_cluster() { # $1: plain|mtls|https
   rm -rf "$WORK/data"
   for i in 1 2 3; do
     env_tls=()
     if [ "$1" = mtls ]; then
       env_tls=(STEMEDB_CLUSTER_TLS_CA_FILE="$WORK/ca/ca.pem" STEMEDB_CLUSTER_TLS_CERT_FILE="$WORK/node.pem"
                STEMEDB_CLUSTER_TLS_KEY_FILE="$WORK/node-key.pem")
+    elif [ "$1" = https ]; then
+      env_tls=(STEMEDB_SERVER_TLS_CERT_FILE="$WORK/web.pem" STEMEDB_SERVER_TLS_KEY_FILE="$WORK/web-key.pem")
     fi
     env -u STEMEDB_BIN "${env_tls[@]}" STEMEDB_LOGGING_LEVEL=warn STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=1000000 \
       "$BIN" serve --node-id "$i" --data-dir "$WORK/data/node$i" --initial-cluster "$CLUSTER" \
@@ -39,7 +44,7 @@ start_cluster() { # $1: plain|mtls
     PIDS+=($!)
   done
   for _ in $(seq 1 120); do
-    if curl -sf http://127.0.0.1:18181/cluster/health 2>/dev/null | grep -q '"healthy"'; then return 0; fi
+    if curl -sf --cacert "$WORK/ca/ca.pem" "$(scheme "$1")://127.0.0.1:18181/cluster/health" 2>/dev/null | grep -q '"healthy"'; then return 0; fi
     sleep 0.5
   done
   echo "cluster ($1) never became healthy" >&2
@@ -49,9 +54,10 @@ start_cluster() { # $1: plain|mtls
 
 printf '%-6s %-5s %10s %9s %9s %9s\n' round tls 'writes/s' 'p50 ms' 'p99 ms' 'p999 ms'
 for round in $(seq 1 "$ROUNDS"); do
-  for mode in plain mtls; do
+  for mode in plain mtls https; do
     start_cluster "$mode"
-    out=$("$BIN" bench --url http://127.0.0.1:18180,http://127.0.0.2:18180,http://127.0.0.3:18180 \
+    s=$(scheme "$mode")
+    out=$("$BIN" bench --url "$s://127.0.0.1:18180,$s://127.0.0.2:18180,$s://127.0.0.3:18180" --ca "$WORK/ca/ca.pem" \
       --writers 64 --duration "$SECONDS_PER_RUN" --value-size 256 --json)
     echo "$out" | python3 -c '
 import json, sys

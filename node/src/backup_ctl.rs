@@ -3,7 +3,7 @@
 //! (`cluster::backup`), without a running node. Output is readable text or, with `--json`,
 //! JSON; a failure exits non-zero.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -40,6 +40,9 @@ pub enum BackupCommand {
         /// The admin token (`security.admin_token`).
         #[arg(long)]
         token: Option<String>,
+        /// A PEM CA certificate to trust for an https:// --node (besides the system's roots).
+        #[arg(long)]
+        ca: Option<PathBuf>,
         /// Start it and print its id without waiting.
         #[arg(long)]
         no_wait: bool,
@@ -131,7 +134,9 @@ fn text_bytes(bytes: u64) -> String {
 pub async fn run(args: BackupArgs) -> anyhow::Result<Report> {
     let json_out = args.json;
     match args.command {
-        BackupCommand::Create { to, node, token, no_wait } => create(to, &node, token, no_wait, json_out).await,
+        BackupCommand::Create { to, node, token, ca, no_wait } => {
+            create(to, &node, token, ca.as_deref(), no_wait, json_out).await
+        }
         BackupCommand::List { from } => {
             let config = config(args.config.as_deref(), &FlagOverrides::default())?;
             let store = BackupStore::open(&source(from, &config)?, &config.backup, false)?;
@@ -256,10 +261,11 @@ async fn create(
     to: Option<String>,
     node: &str,
     token: Option<String>,
+    ca: Option<&Path>,
     no_wait: bool,
     json_out: bool,
 ) -> anyhow::Result<Report> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let client = crate::tls::http_client(ca, Duration::from_secs(30))?.build()?;
     let node = node.trim_end_matches('/');
     let with_token = |request: reqwest::RequestBuilder| match &token {
         Some(token) => request.bearer_auth(token),

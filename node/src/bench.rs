@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// `--authority-grants`, which sets a root authority).
     #[arg(long)]
     pub token: Option<String>,
+    /// The PEM CA certificate that signed the nodes' server.tls_cert_file: needed for https://
+    /// URLs (the load connections trust only it).
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
     /// Concurrent writer clients.
     #[arg(long, default_value_t = 64)]
     pub writers: usize,
@@ -222,12 +226,24 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// and hyper's connection-level client 29 µs; this one 18 µs, like wrk (17-20 µs). Only the
 /// framing the node's answers use is supported (`Content-Length` bodies); anything else counts
 /// as an error.
+/// A load connection's byte stream: plain TCP, or TLS over it for an https:// URL.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Where load connections go: `host:port`, and for an https:// URL the TLS client side.
+#[derive(Clone)]
+struct Endpoint {
+    authority: String,
+    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+}
+
 struct BenchConnection {
     /// `host:port`, connected to and sent as the Host header.
     authority: String,
+    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
     /// The `Authorization` header line with its CRLF (`--token`), or empty.
     auth: String,
-    stream: Option<tokio::net::TcpStream>,
+    stream: Option<Box<dyn Io>>,
     /// The request being sent, rebuilt in place for each request.
     request: Vec<u8>,
     /// Bytes read from the connection and not yet consumed.
@@ -239,12 +255,23 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Largest answer body it accepts (more is counted as `bad_answer`, not buffered).
 const MAX_BODY_BYTES: usize = 256 << 20;
 
-/// The `host:port` of a `--url`, checked once before any worker starts.
-fn url_authority(base_url: &str) -> anyhow::Result<String> {
+/// The endpoint of a `--url`, checked once before any worker starts: https:// needs `tls` (the
+/// client config of `--ca`).
+fn url_endpoint(base_url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> anyhow::Result<Endpoint> {
     let uri: axum::http::Uri = base_url.parse().map_err(|e| anyhow::anyhow!("--url {base_url:?}: {e}"))?;
-    anyhow::ensure!(uri.scheme_str() == Some("http"), "--url {base_url:?}: only http:// is supported");
     let host = uri.host().ok_or_else(|| anyhow::anyhow!("--url {base_url:?} has no host"))?;
-    Ok(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+    let (tls, default_port) = match uri.scheme_str() {
+        Some("http") => (None, 80),
+        Some("https") => {
+            let config = tls.ok_or_else(|| anyhow::anyhow!("--url {base_url:?}: https:// needs --ca"))?;
+            let bare = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let name = rustls::pki_types::ServerName::try_from(bare)
+                .map_err(|e| anyhow::anyhow!("--url {base_url:?}: {e}"))?;
+            (Some((tokio_rustls::TlsConnector::from(config.clone()), name)), 443)
+        }
+        _ => anyhow::bail!("--url {base_url:?}: only http:// and https:// are supported"),
+    };
+    Ok(Endpoint { authority: format!("{host}:{}", uri.port_u16().unwrap_or(default_port)), tls })
 }
 
 /// What the head of an answer says about its framing.
@@ -290,10 +317,11 @@ fn parse_answer_head(buffer: &[u8]) -> Result<Option<AnswerHead>, &'static str> 
 }
 
 impl BenchConnection {
-    fn new(authority: String, token: Option<&str>) -> BenchConnection {
+    fn new(endpoint: Endpoint, token: Option<&str>) -> BenchConnection {
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         BenchConnection {
-            authority,
+            authority: endpoint.authority,
+            tls: endpoint.tls,
             auth,
             stream: None,
             request: Vec::with_capacity(512),
@@ -332,7 +360,10 @@ impl BenchConnection {
         if self.stream.is_none() {
             let stream = tokio::net::TcpStream::connect(&self.authority).await.map_err(|_| "connect")?;
             let _ = stream.set_nodelay(true);
-            self.stream = Some(stream);
+            self.stream = Some(match &self.tls {
+                None => Box::new(stream),
+                Some((connector, name)) => Box::new(connector.connect(name.clone(), stream).await.map_err(|_| "tls")?),
+            });
             self.answer.clear();
         }
         let Some(stream) = self.stream.as_mut() else { return Err("connect") };
@@ -384,7 +415,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.duration
         );
     }
-    let authorities = Arc::new(args.url.iter().map(|url| url_authority(url)).collect::<anyhow::Result<Vec<_>>>()?);
+    let tls = args.ca.as_deref().map(crate::tls::client_config).transpose()?;
+    let authorities =
+        Arc::new(args.url.iter().map(|url| url_endpoint(url, tls.as_ref())).collect::<anyhow::Result<Vec<_>>>()?);
     if args.target == Target::Etcd {
         anyhow::ensure!(args.batch == 1, "--target etcd sends single puts: --batch must be 1");
         anyhow::ensure!(args.authority_grants == 0, "--authority-grants is for StemeDB only");
@@ -395,10 +428,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("--token holds characters a header cannot carry"))?;
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    let client = reqwest::Client::builder()
+    let client = crate::tls::http_client(args.ca.as_deref(), Duration::from_secs(30))?
         .default_headers(headers)
         .pool_max_idle_per_host(args.writers + args.readers + 8)
-        .timeout(Duration::from_secs(30))
         .build()?;
     let value = "x".repeat(args.value_size);
     let chains = if args.authority_grants > 0 { setup_authority(&client, &args).await? } else { 0 };
@@ -645,7 +677,7 @@ async fn setup_authority(client: &reqwest::Client, args: &BenchArgs) -> anyhow::
 
 async fn write_loop(
     worker: usize,
-    authorities: Arc<Vec<String>>,
+    authorities: Arc<Vec<Endpoint>>,
     args: BenchArgs,
     value: String,
     deadline: Instant,
@@ -675,7 +707,7 @@ async fn write_loop(
 
 async fn read_loop(
     worker: usize,
-    authorities: Arc<Vec<String>>,
+    authorities: Arc<Vec<Endpoint>>,
     args: BenchArgs,
     deadline: Instant,
     mut pacer: Option<Pacer>,

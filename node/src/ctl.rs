@@ -2,7 +2,8 @@
 //! subcommand is one request to one node (`--admin`, any node will do: every node serves the
 //! cluster's view as it knows it), printed as a readable table or, with `--json`, as the node's
 //! JSON answer unchanged. A refusal prints the node's error code and message and exits non-zero.
-//! Like `bench`, it uses no other module of the node: only the HTTP API.
+//! Like `bench`, it uses no other module of the node but `tls` (the CA it trusts for HTTPS): only
+//! the HTTP API.
 
 use std::time::Duration;
 
@@ -11,9 +12,13 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args, Debug)]
 pub struct ClusterArgs {
-    /// The cluster admin address of any node.
+    /// The cluster admin address of any node (https://... where the nodes have server.tls_*).
     #[arg(long, global = true, default_value = "http://127.0.0.1:18181")]
     pub admin: String,
+    /// A PEM CA certificate to trust for https:// (besides the system's roots): the CA that
+    /// signed the nodes' server.tls_cert_file.
+    #[arg(long, global = true)]
+    pub ca: Option<std::path::PathBuf>,
     /// A bearer token: `security.admin_token` or an admin token of `security.tokens` for the
     /// commands that change the cluster; with `security.tokens`, a `read` token at least for the
     /// others.
@@ -92,7 +97,7 @@ pub struct Report {
 }
 
 pub async fn run(args: ClusterArgs) -> anyhow::Result<Report> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
+    let client = crate::tls::http_client(args.ca.as_deref(), Duration::from_secs(120))?.build()?;
     let base = args.admin.trim_end_matches('/').to_string();
     let base = if base.contains("://") { base } else { format!("http://{base}") };
     let (method, path, body) = match &args.command {

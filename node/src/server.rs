@@ -408,7 +408,7 @@ impl Node {
         // Founding nodes derive the cluster id from the initial cluster; a joining node learns
         // it (and the shard count) from the member it joins through.
         let (members, cluster_id) = if joining {
-            let (cluster_id, shards) = join_target_info(&config.cluster.join).await?;
+            let (cluster_id, shards) = join_target_info(&config).await?;
             config.cluster.shards = shards;
             (std::collections::BTreeMap::new(), Some(cluster_id))
         } else {
@@ -597,13 +597,13 @@ impl Node {
 
         // 6. Joining the cluster, or waiting for the groups' leaders.
         if joining {
-            let (join, node_id, raft_addr) =
-                (config.cluster.join.clone(), config.node.id, config.server.raft_addr.clone());
+            let (node_id, raft_addr) = (config.node.id, config.server.raft_addr.clone());
+            let (base, client) = join_client(&config, Duration::from_secs(300))?;
             let token = config.security.admin_token.clone();
             let stop = self.cluster_work.clone();
             self.tasks.spawn(async move {
                 tokio::select! {
-                    _ = request_membership(&join, node_id, &raft_addr, &token) => {}
+                    _ = request_membership(&base, client, node_id, &raft_addr, &token) => {}
                     _ = stop.cancelled() => {}
                 }
             });
@@ -976,15 +976,28 @@ impl GrpcServer {
     }
 }
 
-/// Asks the member at `admin_addr` for the cluster id and shard count.
-async fn join_target_info(admin_addr: &str) -> Result<(String, u16), NodeError> {
+/// The base URL of the member's cluster admin a joining node asks (`cluster.join`), and a client
+/// for it: HTTPS when this node's own HTTP ports are (`server.tls_*`; a cluster's nodes share that
+/// setting), trusting `server.tls_ca_file` besides the system's roots.
+fn join_client(config: &Config, timeout: Duration) -> Result<(String, reqwest::Client), NodeError> {
+    let addr = &config.cluster.join;
+    let scheme = if config.server.tls_cert_file.is_empty() { "http" } else { "https" };
+    let ca = (!config.server.tls_ca_file.is_empty()).then(|| std::path::Path::new(&config.server.tls_ca_file));
+    let client = crate::tls::http_client(ca, timeout)?
+        .build()
+        .map_err(|e| NodeError::Join { addr: addr.clone(), message: e.to_string() })?;
+    Ok((format!("{scheme}://{addr}"), client))
+}
+
+/// Asks the member at `cluster.join` for the cluster id and shard count.
+async fn join_target_info(config: &Config) -> Result<(String, u16), NodeError> {
+    let admin_addr = config.cluster.join.as_str();
     let failed = |message: String| NodeError::Join { addr: admin_addr.to_string(), message };
-    let client =
-        reqwest::Client::builder().timeout(Duration::from_secs(5)).build().map_err(|e| failed(e.to_string()))?;
+    let (base, client) = join_client(config, Duration::from_secs(5))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = async {
-            let response = client.get(format!("http://{admin_addr}/cluster/health")).send().await?;
+            let response = client.get(format!("{base}/cluster/health")).send().await?;
             response.json::<serde_json::Value>().await
         };
         match attempt.await {
@@ -1007,17 +1020,16 @@ async fn join_target_info(admin_addr: &str) -> Result<(String, u16), NodeError> 
 
 /// Asks the cluster to add this node (recorded as JOINING; it receives its share of replicas),
 /// retrying until the request is accepted.
-async fn request_membership(admin_addr: &str, node_id: u64, raft_addr: &str, admin_token: &str) {
-    let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(300)).build() else { return };
+async fn request_membership(base: &str, client: reqwest::Client, node_id: u64, raft_addr: &str, admin_token: &str) {
     loop {
         let body = serde_json::json!({"id": node_id, "raft_addr": raft_addr});
-        let mut request = client.post(format!("http://{admin_addr}/cluster/members")).json(&body);
+        let mut request = client.post(format!("{base}/cluster/members")).json(&body);
         if !admin_token.is_empty() {
             request = request.bearer_auth(admin_token);
         }
         match request.send().await {
             Ok(response) if response.status().is_success() => {
-                tracing::info!(via = admin_addr, "joined the cluster");
+                tracing::info!(via = base, "joined the cluster");
                 return;
             }
             Ok(response) => {
@@ -1415,6 +1427,23 @@ mod tests {
         let config = Config::check_file(&path).expect("valid");
         assert_eq!(storage_options(&config).index_cache_bytes, Some(1 << 30));
         assert_eq!(storage_options(&Config::default()).index_cache_bytes, None, "off by default");
+    }
+
+    #[test]
+    fn a_joining_node_asks_over_https_when_its_cluster_speaks_it_trusting_its_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.cluster.join = "10.0.0.1:18181".into();
+        let (base, _) = join_client(&config, Duration::from_secs(1)).expect("client");
+        assert_eq!(base, "http://10.0.0.1:18181");
+        crate::tls::create_ca(&dir.path().join("ca"), "test CA", 1).expect("ca");
+        config.server.tls_cert_file = "web.pem".into();
+        config.server.tls_ca_file = dir.path().join("ca/ca.pem").display().to_string();
+        let (base, _) = join_client(&config, Duration::from_secs(1)).expect("client");
+        assert_eq!(base, "https://10.0.0.1:18181");
+        config.server.tls_ca_file = dir.path().join("missing.pem").display().to_string();
+        let error = join_client(&config, Duration::from_secs(1)).err().expect("a missing CA file is an error");
+        assert!(error.to_string().contains("missing.pem"), "{error}");
     }
 
     #[test]

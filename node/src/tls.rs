@@ -9,7 +9,9 @@
 //!   the handshake. Node certificates carry the DNS name [`CLUSTER_SERVER_NAME`], which clients
 //!   check (nodes are reached by addresses that change, the CA is what is trusted);
 //! - `stemedb certs create-ca|create-node` ([`create_ca`], [`create_node`]): a development CA
-//!   and node certificates (rcgen).
+//!   and node certificates (rcgen);
+//! - the clients of those HTTP APIs ([`http_client`], [`client_config`]): a joining node and the
+//!   operator commands, trusting the system's roots and a given CA file.
 
 use std::future::Future;
 use std::io;
@@ -69,6 +71,35 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         return Err(file_error(path, "holds no PEM certificate"));
     }
     Ok(certs)
+}
+
+/// An HTTP client (reqwest) that speaks HTTPS trusting the system's roots, and also the
+/// certificates of the PEM file `ca` when given: for the node's own requests to other nodes'
+/// HTTP APIs (joining) and the operator commands (`stemedb cluster`, `backup create`, `bench`).
+pub fn http_client(ca: Option<&Path>, timeout: Duration) -> Result<reqwest::ClientBuilder, TlsError> {
+    let mut builder = reqwest::Client::builder().timeout(timeout);
+    if let Some(ca) = ca {
+        for cert in read_certs(ca)? {
+            let cert = reqwest::Certificate::from_der(&cert).map_err(|e| file_error(ca, e))?;
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
+/// A rustls client config that trusts only the certificates of the PEM file `ca`: for clients
+/// that speak HTTP themselves over TLS (`stemedb bench`'s load connections).
+pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots.add(cert).map_err(|e| file_error(ca, e))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Settings(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {

@@ -410,6 +410,43 @@ async fn sighup_reloads_tokens_and_rate_limits() {
     assert_eq!(still, 200, "still the reloaded token");
 }
 
+#[tokio::test]
+async fn a_reload_without_tokens_is_refused_on_a_node_open_to_the_network() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("stemedb.toml");
+    let table = format!(
+        "[[security.tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\n",
+        hex::encode(sha2::Sha256::digest(b"ops-secret"))
+    );
+    std::fs::write(&file, &table).expect("write");
+    let config_arg = file.to_str().expect("utf-8").to_string();
+    // The dashboard (which serves both APIs) on every address: the node is open to the network.
+    let args = ["--config", &config_arg, "--dashboard-addr", "0.0.0.0:0"];
+    let mut process = NodeProcess::spawn_with_args(&dir.path().join("data"), 1, &args, &[]);
+    let url = process.wait_listening(Duration::from_secs(60)).await;
+    let client = reqwest::Client::new();
+    common::wait_healthy(&client, &url, Duration::from_secs(60)).await;
+    let status_with = |secret: Option<&'static str>| {
+        let mut request = client.get(format!("{url}/v1/admin/storage/stats"));
+        if let Some(secret) = secret {
+            request = request.bearer_auth(secret);
+        }
+        async move { request.send().await.expect("send").status().as_u16() }
+    };
+    assert_eq!((status_with(Some("ops-secret")).await, status_with(None).await), (200, 401));
+    // The same file without its tokens: refused (the config check names the open address), the
+    // running tokens kept.
+    std::fs::write(&file, "[logging]\nlevel = \"warn\"\n").expect("write");
+    // SAFETY: kill(2) with a child's pid has no memory-safety preconditions.
+    unsafe { libc::kill(process.pid() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process.output().contains("keeping the running one error=config error: server.dashboard_addr is 0.0.0.0:0") {
+        assert!(Instant::now() < deadline, "no word of the refused reload; output:\n{}", process.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((status_with(Some("ops-secret")).await, status_with(None).await), (200, 401), "still guarded");
+}
+
 async fn futures_statuses<F, Fut>(status_with: &F) -> Vec<u16>
 where
     F: Fn(&'static str) -> Fut,

@@ -28,8 +28,8 @@ const LAYERS: &[&str] = &[
     "api",         // client API and node admin
     "admin",       // cluster admin
     "dashboard",   // the web dashboard on 18188: embedded assets over the api and admin routers
-    "bench",       // `stemedb bench`: a client of the HTTP API, uses no other module
-    "ctl",         // `stemedb cluster`: a client of the cluster admin API, uses no other module
+    "bench",       // `stemedb bench`: a client of the HTTP API, uses no other module but tls
+    "ctl",         // `stemedb cluster`: a client of the cluster admin API, uses no other module but tls
     "listener",    // the node's closable listeners
     "server",      // lifecycle: start-up and the shutdown order
     "backup_ctl",  // `stemedb backup`: the admin API for create; list, verify and restore offline

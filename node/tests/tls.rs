@@ -1,5 +1,7 @@
-//! Issue 20 §1: HTTPS on the client API and the cluster admin (`server.tls_*`), plain HTTP
-//! refused there, and a certificate rotated in place taken on SIGHUP without a restart.
+//! Issue 20 §1: HTTPS on the client API, the cluster admin and the dashboard (`server.tls_*`),
+//! plain HTTP refused there, a certificate rotated in place taken on SIGHUP without a restart,
+//! and the node's own clients (`stemedb cluster`, `bench`, `backup create`) over HTTPS with
+//! `--ca`.
 
 mod common;
 
@@ -7,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::NodeProcess;
+use common::{start_line_url, NodeProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GETs `path` over TLS trusting `ca`; returns the status line and the server's certificate.
@@ -121,4 +123,80 @@ async fn a_node_with_a_missing_certificate_refuses_to_start_and_names_the_file()
     let (status, output) = process.wait_exit(Duration::from_secs(60)).await.expect("it exits");
     assert!(!status.success());
     assert!(output.contains("/nonexistent/web.pem"), "{output}");
+}
+
+/// Runs the `stemedb` binary with `args`; (success, stdout and stderr).
+async fn stemedb(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let output =
+            std::process::Command::new(env!("CARGO_BIN_EXE_stemedb")).args(&args).output().expect("run stemedb");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), text)
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_operator_commands_speak_https_with_a_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_dir = dir.path().join("ca");
+    stemedb::tls::create_ca(&ca_dir, "test CA", 30).expect("ca");
+    let web = stemedb::tls::create_node(&ca_dir, &dir.path().join("web"), "web", &["127.0.0.1".into()], 30, false)
+        .expect("cert");
+    let file = dir.path().join("stemedb.toml");
+    let (cert, key) = (web.cert.display().to_string(), web.key.display().to_string());
+    std::fs::write(&file, format!("[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n")).expect("config");
+    let config_arg = file.to_string_lossy().to_string();
+    let mut process = NodeProcess::spawn_with_args(&dir.path().join("data"), 1, &["--config", &config_arg], &[]);
+    let api = process.wait_listening(Duration::from_secs(60)).await;
+    let ca = ca_dir.join("ca.pem");
+    let ca_arg = ca.display().to_string();
+    let output = process.output();
+    let admin = start_line_url(&output, "cluster admin").expect("the admin URL");
+    let dashboard = start_line_url(&output, "dashboard").expect("the dashboard URL");
+    assert!(admin.starts_with("https://") && dashboard.starts_with("https://"), "{output}");
+    // The cluster status through `stemedb cluster` over HTTPS, once the node is up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, text) =
+            stemedb(["cluster", "--admin", &admin, "--ca", &ca_arg, "status"].map(String::from).to_vec()).await;
+        if ok && text.contains("healthy") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stemedb cluster status over HTTPS: {text}\n{}", process.output());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Without the CA, the node's certificate is not trusted.
+    let (ok, text) = stemedb(["cluster", "--admin", &admin, "status"].map(String::from).to_vec()).await;
+    assert!(!ok, "a certificate of an unknown CA was trusted: {text}");
+    // The dashboard over HTTPS.
+    let (status, _) = https_get(dashboard.trim_start_matches("https://"), &ca, "/session").await.expect("https");
+    assert!(status.contains("200"), "{status}");
+    // `stemedb bench` over HTTPS: its load connections and its set-up client.
+    let (ok, text) = stemedb(
+        ["bench", "--url", &api, "--ca", &ca_arg, "--writers", "2", "--duration", "1", "--json"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert!(ok, "{text}");
+    let start = text.find('{').expect("a JSON report");
+    let report: serde_json::Value =
+        serde_json::Deserializer::from_str(&text[start..]).into_iter().next().expect("JSON").expect("JSON");
+    let writes =
+        report["results"].as_array().and_then(|r| r.iter().find(|s| s["name"] == "write")).expect("writes").clone();
+    assert!(
+        writes["ops"].as_u64().unwrap_or(0) > 0 && writes["errors"].as_object().is_none_or(|e| e.is_empty()),
+        "{writes}"
+    );
+    let (ok, text) =
+        stemedb(["bench", "--url", &api, "--writers", "1", "--duration", "1"].map(String::from).to_vec()).await;
+    assert!(!ok && text.contains("--ca"), "https:// without --ca: {text}");
+    // `stemedb backup create` over HTTPS.
+    let backups = dir.path().join("backups").display().to_string();
+    let (ok, text) =
+        stemedb(["backup", "create", "--node", &api, "--ca", &ca_arg, "--to", &backups].map(String::from).to_vec())
+            .await;
+    assert!(ok, "{text}");
 }

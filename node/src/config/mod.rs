@@ -233,6 +233,9 @@ pub struct ServerSection {
     pub tls_cert_file: String,
     /// PEM private key of `tls_cert_file`.
     pub tls_key_file: String,
+    /// PEM CA certificate(s) this node trusts, besides the system's roots, for the other nodes'
+    /// HTTPS (a joining node's requests to `cluster.join`).
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -584,6 +587,7 @@ impl Default for ServerSection {
             max_concurrent_requests: 4096,
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            tls_ca_file: String::new(),
         }
     }
 }

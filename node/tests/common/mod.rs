@@ -217,6 +217,16 @@ impl OutputTail {
 
 /// The client API URL in the line `stemedb serve` prints once its listeners are bound
 /// (`stemedb node 1 starting: client API http://127.0.0.1:PORT, cluster admin ...`).
+/// The URL a start line gives for `what` (`cluster admin`, `dashboard`).
+pub fn start_line_url(output: &str, what: &str) -> Option<String> {
+    output.lines().find_map(|line| {
+        let (_, rest) = line.split_once(" starting: ")?;
+        let (_, after) = rest.split_once(&format!("{what} "))?;
+        let url = after.split([',', ' ']).next()?.trim_end_matches('/');
+        (url.starts_with("http://") || url.starts_with("https://")).then(|| url.to_string())
+    })
+}
+
 fn client_api_url(line: &str) -> Option<String> {
     let (_, rest) = line.split_once(" starting: client API ")?;
     let url = rest.split(',').next()?.trim();
@@ -240,13 +250,18 @@ impl NodeProcess {
 
     /// [`NodeProcess::spawn`] with more `serve` arguments (`--config FILE`, say).
     pub fn spawn_with_args(data_dir: &Path, node_id: u64, args: &[&str], env: &[(&str, &str)]) -> NodeProcess {
+        // Every listener on an ephemeral loopback port, unless `args` names its address.
+        let addresses = ["--api-addr", "--raft-addr", "--admin-addr", "--dashboard-addr"]
+            .into_iter()
+            .filter(|flag| !args.contains(flag))
+            .flat_map(|flag| [flag, "127.0.0.1:0"]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_stemedb"))
             .arg("serve")
             .args(args)
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--node-id", &node_id.to_string()])
-            .args(["--api-addr", "127.0.0.1:0", "--raft-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(addresses)
             .env("STEMEDB_CLUSTER_SHARDS", "4")
             .env("STEMEDB_STORAGE_MAX_CACHE_SIZE_MB", "16")
             .env("STEMEDB_LOGGING_LEVEL", "warn")
