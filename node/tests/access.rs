@@ -411,6 +411,48 @@ async fn sighup_reloads_tokens_and_rate_limits() {
 }
 
 #[tokio::test]
+async fn an_admin_action_whose_client_went_away_is_audited_as_cancelled() {
+    let node = TestNode::start_with(with_tokens).await;
+    // Adding a node that never answers waits for it to come UP (up to 120 s); this client gives up
+    // after half a second, while the request is still running.
+    // (A node just started may answer 503 until its cluster metadata is bootstrapped.)
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(500)).build().expect("client");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent = impatient
+            .post(format!("{}/cluster/members", node.admin_url))
+            .bearer_auth("a-secret")
+            .json(&json!({"id": 7, "raft_addr": "127.0.0.1:1"}))
+            .send()
+            .await;
+        match sent {
+            Err(error) if error.is_timeout() => break,
+            Ok(answer) if answer.status() == 503 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => panic!("the request should still be running: {other:?}"),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        let (status, page) = call(&node, "GET", &format!("{}/v1/admin/audit", node.url), None, Some("a-secret")).await;
+        assert_eq!(status, 200, "{page}");
+        let found = page["entries"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["path"] == "/cluster/members" && e["outcome"] == "cancelled"))
+            .cloned();
+        if let Some(entry) = found {
+            break entry;
+        }
+        assert!(Instant::now() < deadline, "no audit entry of the abandoned request: {page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((entry["outcome"].as_str(), entry["status"].as_u64()), (Some("cancelled"), Some(499)), "{entry}");
+    assert_eq!(entry["caller"], json!("ops"), "{entry}");
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn a_reload_without_tokens_is_refused_on_a_node_open_to_the_network() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("stemedb.toml");
