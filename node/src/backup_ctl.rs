@@ -257,6 +257,17 @@ fn replayed_text(replayed: &[crate::cluster::backup::restore::ReplayedGroup]) ->
     text
 }
 
+/// A node's refusal as `STATUS code: message` (its error body `{"error": {"code", "message"}}`).
+fn refusal(status: reqwest::StatusCode, answer: &Value) -> String {
+    let error = &answer["error"];
+    format!(
+        "{} {}: {}",
+        status.as_u16(),
+        error["code"].as_str().unwrap_or("?"),
+        error["message"].as_str().unwrap_or("")
+    )
+}
+
 async fn create(
     to: Option<String>,
     node: &str,
@@ -282,26 +293,47 @@ async fn create(
     let status = response.status();
     let started: Value = response.json().await.with_context(|| format!("reading {node}'s answer"))?;
     if status.as_u16() != 202 {
-        let failure = format!(
-            "{} {}: {}",
-            status.as_u16(),
-            started["code"].as_str().unwrap_or("?"),
-            started["message"].as_str().unwrap_or("")
-        );
-        return Ok(Report { output: String::new(), failure: Some(failure) });
+        return Ok(Report { output: String::new(), failure: Some(refusal(status, &started)) });
     }
     let id = started["id"].as_str().context("the node's answer has no backup id")?.to_string();
     if no_wait {
         let output = if json_out { format!("{started}\n") } else { format!("backup {id} started\n") };
         return Ok(Report { output, failure: None });
     }
-    // Bounded: a backup that neither finishes nor fails within a day is reported as such.
+    // Bounded: a backup that neither finishes nor fails within a day is reported as such. A poll
+    // that fails for a while (the node busy, rate limited or restarting, the network) is tried
+    // again for up to POLL_PATIENCE; the backup goes on on the node meanwhile.
+    const POLL_PATIENCE: Duration = Duration::from_secs(60);
     let deadline = Instant::now() + Duration::from_secs(86_400);
+    let mut failing_since: Option<Instant> = None;
     let progress = loop {
-        let response = with_token(client.get(format!("{node}/v1/admin/backup/{id}"))).send().await?;
-        let progress: Value = response.json().await?;
-        if progress["state"] != "running" {
-            break progress;
+        let poll = async {
+            let response = with_token(client.get(format!("{node}/v1/admin/backup/{id}"))).send().await?;
+            let status = response.status();
+            Ok::<_, reqwest::Error>((status, response.json::<Value>().await.unwrap_or(Value::Null)))
+        };
+        let retry = match poll.await {
+            Ok((status, progress)) if status.is_success() => {
+                if progress["state"] != "running" {
+                    break progress;
+                }
+                failing_since = None;
+                None
+            }
+            Ok((status, answer)) if status.as_u16() == 404 => bail!(
+                "{node} no longer knows backup {id} ({}); if the node restarted, the backup was abandoned: \
+                 see `stemedb backup list`",
+                refusal(status, &answer)
+            ),
+            Ok((status, answer)) if matches!(status.as_u16(), 429 | 502 | 503 | 504) => Some(refusal(status, &answer)),
+            Ok((status, answer)) => bail!("asking {node} for backup {id}'s progress: {}", refusal(status, &answer)),
+            Err(error) => Some(format!("{error}")),
+        };
+        if let Some(why) = retry {
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > POLL_PATIENCE {
+                bail!("cannot ask {node} for backup {id}'s progress for {}s: {why}", POLL_PATIENCE.as_secs());
+            }
         }
         if Instant::now() > deadline {
             bail!("backup {id} still running after a day");

@@ -217,15 +217,6 @@ fn new_histogram() -> Histogram<u64> {
 /// How long one measured request may take before it counts as a `timeout` error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One load worker's keep-alive HTTP/1.1 connection.
-///
-/// The measured loops speak HTTP/1.1 over a plain `TcpStream`, one request at a time, with the
-/// request bytes written by hand and the answer's head parsed by `httparse`. On a shared
-/// machine every CPU cycle the load generator takes is one the node does not get, and the
-/// latency it reports includes its own queueing: reqwest cost 48 µs of client CPU per request
-/// and hyper's connection-level client 29 µs; this one 18 µs, like wrk (17-20 µs). Only the
-/// framing the node's answers use is supported (`Content-Length` bodies); anything else counts
-/// as an error.
 /// A load connection's byte stream: plain TCP, or TLS over it for an https:// URL.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
@@ -237,6 +228,15 @@ struct Endpoint {
     tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
 }
 
+/// One load worker's keep-alive HTTP/1.1 connection.
+///
+/// The measured loops speak HTTP/1.1 over a plain `TcpStream` (or TLS over it for https://), one request at a time, with the
+/// request bytes written by hand and the answer's head parsed by `httparse`. On a shared
+/// machine every CPU cycle the load generator takes is one the node does not get, and the
+/// latency it reports includes its own queueing: reqwest cost 48 µs of client CPU per request
+/// and hyper's connection-level client 29 µs; this one 18 µs, like wrk (17-20 µs). Only the
+/// framing the node's answers use is supported (`Content-Length` bodies); anything else counts
+/// as an error.
 struct BenchConnection {
     /// `host:port`, connected to and sent as the Host header.
     authority: String,
@@ -378,6 +378,8 @@ impl BenchConnection {
         .map_err(|_| "request")?;
         self.request.extend_from_slice(body);
         stream.write_all(&self.request).await.map_err(|_| "transport")?;
+        // TLS may hold the request's last bytes until flushed.
+        stream.flush().await.map_err(|_| "transport")?;
         let head = loop {
             if let Some(head) = parse_answer_head(&self.answer)? {
                 break head;

@@ -618,10 +618,17 @@ impl Node {
             .api
             .listen(API_BACKLOG)
             .map_err(|e| NodeError::Listen { addr: api_addr.to_string(), message: e.to_string() })?;
-        self.api = Some(HttpServer::start(&self.tasks, api_listener, api::router(context.clone()), https.clone()));
+        let permits = api::request_permits(&context);
+        self.api = Some(HttpServer::start(
+            &self.tasks,
+            api_listener,
+            api::router(context.clone(), permits.clone()),
+            https.clone(),
+        ));
         let dashboard_addr = listeners.dashboard.as_ref().and_then(|listener| listener.local_addr().ok());
         if let Some(listener) = listeners.dashboard {
-            self.dashboard = Some(HttpServer::start(&self.tasks, listener, crate::dashboard::router(context), https));
+            let app = crate::dashboard::router(context, permits);
+            self.dashboard = Some(HttpServer::start(&self.tasks, listener, app, https));
         }
         tracing::info!(
             node_id = config.node.id,

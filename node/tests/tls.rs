@@ -199,4 +199,10 @@ async fn the_dashboard_and_the_operator_commands_speak_https_with_a_ca() {
         stemedb(["backup", "create", "--node", &api, "--ca", &ca_arg, "--to", &backups].map(String::from).to_vec())
             .await;
     assert!(ok, "{text}");
+    // A refusal names the node's status and error code.
+    let (ok, text) = stemedb(
+        ["backup", "create", "--node", &api, "--ca", &ca_arg, "--to", "ftp://elsewhere"].map(String::from).to_vec(),
+    )
+    .await;
+    assert!(!ok && text.contains("backup_destination_invalid"), "{text}");
 }

@@ -127,10 +127,15 @@ async fn admit(
     }
 }
 
-/// The client API router.
-pub fn router(state: AppState) -> Router {
+/// The permits of `server.max_concurrent_requests`: one set per node, shared by every router
+/// that serves the client API (18180 and the dashboard's `/api`).
+pub fn request_permits(state: &AppState) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(state.config.server.max_concurrent_requests))
+}
+
+/// The client API router, admitting requests under `permits` ([`request_permits`]).
+pub fn router(state: AppState, permits: Arc<tokio::sync::Semaphore>) -> Router {
     let body_limit = state.config.limits.max_request_bytes;
-    let permits = Arc::new(tokio::sync::Semaphore::new(state.config.server.max_concurrent_requests));
     Router::new()
         .route("/v1/assert", post(writes::assert))
         .route("/v1/assert/batch", post(writes::assert_batch))

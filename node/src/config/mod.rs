@@ -203,7 +203,8 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
 }
 
-/// `server.dashboard_addr`: port [`DASHBOARD_PORT`] on the client API's IP, if free.
+/// `server.dashboard_addr`: port [`DASHBOARD_PORT`] on the IP of the more private of the client
+/// API and the cluster admin, if free.
 pub const DASHBOARD_AUTO: &str = "auto";
 /// `server.dashboard_addr`: no dashboard.
 pub const DASHBOARD_OFF: &str = "off";
@@ -219,9 +220,9 @@ pub struct ServerSection {
     pub admin_addr: String,
     /// Inter-node gRPC (Raft, forwarding, anti-entropy).
     pub raft_addr: String,
-    /// The web dashboard (`HOST:PORT`); `auto` (the default): port 18188 on `api_addr`'s IP,
-    /// skipped with a warning when that port is taken (several test nodes on one address);
-    /// `off`: none.
+    /// The web dashboard (`HOST:PORT`); `auto` (the default): port 18188 on the IP of the more
+    /// private of `api_addr` and `admin_addr`, skipped with a warning when that port is taken
+    /// (several test nodes on one address); `off`: none.
     pub dashboard_addr: String,
     /// Seconds to wait for in-flight requests at shutdown.
     pub shutdown_grace_seconds: u64,
@@ -1038,7 +1039,7 @@ impl Config {
     pub fn exposed_http_addr(&self) -> Option<(&'static str, &str)> {
         let dashboard = match self.server.dashboard_addr.as_str() {
             DASHBOARD_OFF => None,
-            DASHBOARD_AUTO => Some(("server.dashboard_addr", self.server.api_addr.as_str())),
+            DASHBOARD_AUTO => Some(("server.dashboard_addr", self.dashboard_auto_host())),
             addr => Some(("server.dashboard_addr", addr)),
         };
         [("server.api_addr", self.server.api_addr.as_str()), ("server.admin_addr", self.server.admin_addr.as_str())]
@@ -1047,14 +1048,28 @@ impl Config {
             .find(|(_, addr)| !addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback()))
     }
 
-    /// Where the dashboard listens: `None` when `off`; for `auto`, port [`DASHBOARD_PORT`] on
-    /// `server.api_addr`'s IP, and `true` (skip it if the port is taken).
+    /// The address whose IP `auto` gives the dashboard, which serves both HTTP APIs: the more
+    /// private of `server.api_addr` and `server.admin_addr` (a loopback one if either is), so
+    /// the dashboard never opens the cluster admin, or the client API, wider than it is.
+    fn dashboard_auto_host(&self) -> &str {
+        let loopback = |addr: &str| addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback());
+        let (api, admin) = (self.server.api_addr.as_str(), self.server.admin_addr.as_str());
+        if loopback(admin) || !loopback(api) {
+            admin
+        } else {
+            api
+        }
+    }
+
+    /// Where the dashboard listens: `None` when `off`; for `auto`, port [`DASHBOARD_PORT`] on the
+    /// IP of the more private of `server.api_addr` and `server.admin_addr`, and `true` (skip it if
+    /// the port is taken).
     pub fn dashboard_bind(&self) -> Option<(SocketAddr, bool)> {
         match self.server.dashboard_addr.as_str() {
             DASHBOARD_OFF => None,
             DASHBOARD_AUTO => {
-                let api: SocketAddr = self.server.api_addr.parse().ok()?;
-                Some((SocketAddr::new(api.ip(), DASHBOARD_PORT), true))
+                let host: SocketAddr = self.dashboard_auto_host().parse().ok()?;
+                Some((SocketAddr::new(host.ip(), DASHBOARD_PORT), true))
             }
             addr => addr.parse().ok().map(|addr| (addr, false)),
         }
@@ -1277,8 +1292,18 @@ mod tests {
         let mut config = Config::default();
         assert_eq!(config.server.dashboard_addr, DASHBOARD_AUTO);
         assert_eq!(config.dashboard_bind(), Some(("127.0.0.1:18188".parse().expect("addr"), true)));
-        config.server.api_addr = "127.0.0.2:18180".into();
+        config.server.admin_addr = "127.0.0.2:18181".into();
         assert_eq!(config.dashboard_bind(), Some(("127.0.0.2:18188".parse().expect("addr"), true)));
+        // The client API open to the network, the cluster admin not: the dashboard stays private.
+        config.server.api_addr = "0.0.0.0:18180".into();
+        assert_eq!(config.dashboard_bind(), Some(("127.0.0.2:18188".parse().expect("addr"), true)));
+        config.server.api_addr = "127.0.0.2:18180".into();
+        config.server.admin_addr = "10.0.0.1:18181".into();
+        assert_eq!(config.dashboard_bind(), Some(("127.0.0.2:18188".parse().expect("addr"), true)));
+        config.server.api_addr = "10.0.0.1:18180".into();
+        assert_eq!(config.dashboard_bind(), Some(("10.0.0.1:18188".parse().expect("addr"), true)));
+        config.server.admin_addr = "127.0.0.2:18181".into();
+        config.server.api_addr = "127.0.0.2:18180".into();
         config.server.dashboard_addr = "127.0.0.3:9000".into();
         assert_eq!(config.dashboard_bind(), Some(("127.0.0.3:9000".parse().expect("addr"), false)));
         assert_eq!(config.exposed_http_addr(), None);

@@ -215,8 +215,6 @@ impl OutputTail {
     }
 }
 
-/// The client API URL in the line `stemedb serve` prints once its listeners are bound
-/// (`stemedb node 1 starting: client API http://127.0.0.1:PORT, cluster admin ...`).
 /// The URL a start line gives for `what` (`cluster admin`, `dashboard`).
 pub fn start_line_url(output: &str, what: &str) -> Option<String> {
     output.lines().find_map(|line| {
@@ -227,6 +225,8 @@ pub fn start_line_url(output: &str, what: &str) -> Option<String> {
     })
 }
 
+/// The client API URL in the line `stemedb serve` prints once its listeners are bound
+/// (`stemedb node 1 starting: client API http://127.0.0.1:PORT, cluster admin ...`).
 fn client_api_url(line: &str) -> Option<String> {
     let (_, rest) = line.split_once(" starting: client API ")?;
     let url = rest.split(',').next()?.trim();
@@ -253,7 +253,7 @@ impl NodeProcess {
         // Every listener on an ephemeral loopback port, unless `args` names its address.
         let addresses = ["--api-addr", "--raft-addr", "--admin-addr", "--dashboard-addr"]
             .into_iter()
-            .filter(|flag| !args.contains(flag))
+            .filter(|flag| !args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))))
             .flat_map(|flag| [flag, "127.0.0.1:0"]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_stemedb"))
             .arg("serve")

@@ -164,8 +164,11 @@ async function sampleMetrics() {
   const response = await fetch("api/metrics", { headers: token() ? { Authorization: "Bearer " + token() } : {} });
   if (!response.ok) return;
   const m = parseMetrics(await response.text());
+  const now = Date.now() / 1000;
+  const last = state.samples[state.samples.length - 1];
+  if (last && now - last.at > (2 * REFRESH_MS) / 1000 + 1) state.samples = []; // a gap: start over
   state.samples.push({
-    at: Date.now() / 1000,
+    at: now,
     writes: sum(m.stemedb_write_duration_seconds_count),
     queries: sum(m.stemedb_query_total),
     wp50: quantile(m.stemedb_write_latency_seconds, "0.5"),
@@ -176,34 +179,39 @@ async function sampleMetrics() {
   if (state.samples.length > HISTORY + 1) state.samples.shift();
 }
 
+// Points are {at, value}: the rate of a counter between two samples, or a gauge's value.
 function rates(key) {
   const out = [];
   for (let i = 1; i < state.samples.length; i++) {
     const [a, b] = [state.samples[i - 1], state.samples[i]];
     const seconds = b.at - a.at;
-    out.push(seconds > 0 && b[key] >= a[key] ? (b[key] - a[key]) / seconds : null);
+    out.push({ at: b.at, value: seconds > 0 && b[key] >= a[key] ? (b[key] - a[key]) / seconds : null });
   }
   return out;
 }
 
 function values(key) {
-  return state.samples.slice(1).map((s) => s[key]);
+  return state.samples.slice(1).map((s) => ({ at: s.at, value: s[key] }));
 }
+
+const WINDOW_SECONDS = (HISTORY * REFRESH_MS) / 1000;
 
 const COLORS = ["#1f6feb", "#d1242f", "#1a7f37", "#8250df"];
 
 // A line chart of `lines` ([{name, points}]) on a canvas, scaled to the largest point.
 function chart(title, unit, lines) {
   const canvas = el("canvas", { width: 600, height: 140 });
+  const known = (p) => p.value !== null && p.value !== undefined && Number.isFinite(p.value);
   const latest = lines.map((line, i) => {
-    const last = [...line.points].reverse().find((p) => p !== null && p !== undefined);
-    return el("span", {}, el("i", { class: "swatch-" + i }), `${line.name}: ${last === undefined ? "—" : fmtNum(last, 1)} ${unit}`);
+    const last = [...line.points].reverse().find(known);
+    return el("span", {}, el("i", { class: "swatch-" + i }), `${line.name}: ${last === undefined ? "—" : fmtNum(last.value, 1)} ${unit}`);
   });
   const box = el("div", { class: "chart" }, el("h3", {}, title), canvas, el("div", { class: "legend" }, latest));
   latest.forEach((span, i) => (span.firstChild.style.background = COLORS[i % COLORS.length]));
   const ctx = canvas.getContext("2d");
-  const all = lines.flatMap((l) => l.points).filter((p) => p !== null && p !== undefined);
+  const all = lines.flatMap((l) => l.points).filter(known).map((p) => p.value);
   const max = Math.max(1e-9, ...all) * 1.1;
+  const end = Date.now() / 1000;
   // The scale is in the heading (text on a canvas depends on the browser's fonts).
   box.firstChild.append(el("span", { class: "muted" }, ` · top line ${all.length ? fmtNum(max, max < 10 ? 2 : 0) : "—"} ${unit}`));
   ctx.strokeStyle = "#e6eaf0";
@@ -219,10 +227,13 @@ function chart(title, unit, lines) {
     ctx.lineWidth = 2;
     ctx.beginPath();
     let started = false;
-    line.points.forEach((p, j) => {
-      if (p === null || p === undefined) return;
-      const x = (j / Math.max(1, HISTORY - 1)) * 600;
-      const y = 130 - (p / max) * 120;
+    line.points.forEach((p) => {
+      if (!known(p)) {
+        started = false; // a gap breaks the line
+        return;
+      }
+      const x = Math.max(0, 600 - ((end - p.at) / WINDOW_SECONDS) * 600);
+      const y = 130 - (p.value / max) * 120;
       if (started) ctx.lineTo(x, y);
       else ctx.moveTo(x, y);
       started = true;
@@ -404,24 +415,21 @@ async function quarantinePage(page) {
       el("button", { class: "danger", "data-action": "reject", "data-id": c.id, onclick: decide(c, "reject") }, "Reject"),
     ),
   ]);
+  // The page this list is of; a second click before the next page shows does nothing.
+  const at = q.page;
+  const turn = (to, cursor) => {
+    if (q.page !== at || to < 0) return;
+    if (cursor) q.cursors[to] = cursor;
+    q.page = to;
+    for (const button of pager.querySelectorAll("button")) button.disabled = true;
+    render();
+  };
   const pager = el(
     "div",
     { class: "pager" },
-    el("button", { id: "q-prev", disabled: q.page === 0, onclick: () => { q.page -= 1; render(); } }, "Previous"),
-    `page ${q.page + 1}`,
-    el(
-      "button",
-      {
-        id: "q-next",
-        disabled: !list.next_cursor,
-        onclick: () => {
-          q.cursors[q.page + 1] = list.next_cursor;
-          q.page += 1;
-          render();
-        },
-      },
-      "Next",
-    ),
+    el("button", { id: "q-prev", disabled: at === 0, onclick: () => turn(at - 1) }, "Previous"),
+    `page ${at + 1}`,
+    el("button", { id: "q-next", disabled: !list.next_cursor, onclick: () => turn(at + 1, list.next_cursor) }, "Next"),
   );
   const took = performance.now() - started;
   page.append(
@@ -591,16 +599,30 @@ const LIVE = new Set(["overview", "shards", "shard", "slow-queries", "anti-entro
 function route() {
   const hash = location.hash.replace(/^#/, "") || "overview";
   const [name, arg] = hash.split("/");
-  return { name: PAGES[name] || name === "shard" ? name : "overview", arg };
+  return { name: Object.hasOwn(PAGES, name) || name === "shard" ? name : "overview", arg };
+}
+
+async function loadSession() {
+  try {
+    state.session = await api("session");
+    document.getElementById("node").textContent = `node ${state.session.node_id} · v${state.session.version}`;
+  } catch (error) {
+    state.session = null;
+    return error;
+  }
+  return null;
 }
 
 async function render() {
   const generation = ++state.generation;
   const { name, arg } = route();
+  // Until the node said whether it needs a token, ask again on every render.
+  const sessionFailure = state.session ? null : await loadSession();
   for (const link of document.querySelectorAll("nav a")) {
     link.classList.toggle("active", link.dataset.page === name || (name === "shard" && link.dataset.page === "shards"));
   }
   const page = el("div", { id: "page-" + name });
+  let failure = sessionFailure;
   try {
     if (state.session && state.session.tokens_required && !token()) {
       page.append(section("Sign in", el("p", {}, "This node requires a token: enter one above (an admin token for the admin pages).")));
@@ -609,14 +631,20 @@ async function render() {
     } else {
       await PAGES[name](page);
     }
-    document.getElementById("updated").textContent = "Updated " + new Date().toLocaleTimeString() + ".";
   } catch (error) {
-    showFailure(error);
+    failure = error;
     if (error instanceof ApiFailure && (error.status === 401 || error.status === 403)) {
       page.append(section("Not allowed", el("p", {}, "The token above cannot read this page: enter an admin token.")));
     }
   }
-  if (generation !== state.generation) return; // a newer render took over
+  if (generation !== state.generation) return; // a newer render took over: nothing of this one shows
+  if (failure) {
+    showFailure(failure);
+  } else {
+    document.getElementById("updated").textContent = "Updated " + new Date().toLocaleTimeString() + ".";
+    const shown = document.getElementById("banner");
+    if (!shown.hidden && !shown.classList.contains("info")) banner(""); // an error that passed
+  }
   const main = document.getElementById("page");
   main.replaceChildren(page);
   clearTimeout(state.timer);
@@ -643,12 +671,6 @@ async function start() {
     banner("");
     render();
   });
-  try {
-    state.session = await api("session");
-    document.getElementById("node").textContent = `node ${state.session.node_id} · v${state.session.version}`;
-  } catch (error) {
-    showFailure(error);
-  }
   render();
 }
 
