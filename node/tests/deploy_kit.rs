@@ -127,12 +127,15 @@ fn the_systemd_unit_keeps_what_the_runbooks_rely_on() {
 fn the_backup_timer_runs_a_backup_through_the_local_node() {
     let service = std::fs::read_to_string(deploy().join("systemd/stemedb-backup.service")).expect("backup service");
     let timer = std::fs::read_to_string(deploy().join("systemd/stemedb-backup.timer")).expect("backup timer");
-    assert!(service.contains("/usr/bin/stemedb backup create --node http://127.0.0.1:18180"), "{service}");
+    assert!(
+        service.contains(r#"/usr/bin/stemedb backup create --node "$${BACKUP_NODE:-http://127.0.0.1:18180}""#),
+        "{service}"
+    );
     assert!(service.lines().any(|l| l == "Type=oneshot"), "{service}");
     assert!(timer.lines().any(|l| l.starts_with("OnCalendar=")) && timer.lines().any(|l| l == "Persistent=true"));
     // The command line the unit runs parses (clap refuses unknown flags).
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_stemedb"))
-        .args(["backup", "create", "--node", "http://127.0.0.1:1", "--token", "t", "--help"])
+        .args(["backup", "create", "--node", "http://127.0.0.1:1", "--ca", "ca.pem", "--token", "t", "--help"])
         .output()
         .expect("stemedb backup create --help");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
