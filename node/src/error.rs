@@ -85,6 +85,9 @@ error_codes! {
     RoleInsufficient = "role_insufficient", 403, PermissionDenied, final;
     /// the token is bound to other agent ids than the one the request writes as
     AgentNotAllowed = "agent_not_allowed", 403, PermissionDenied, final;
+    /// a browser sent a change (not GET/HEAD/OPTIONS) from another origin: its Origin header
+    /// does not name the host it was sent to (details.origin, details.host)
+    CrossOriginRefused = "cross_origin_refused", 403, PermissionDenied, final;
     /// the caller is over its rate for the endpoint class (rate_limits.*); Retry-After says when
     RateLimited = "rate_limited", 429, ResourceExhausted, retry;
     /// retraction by an agent other than the asserting one, without admin rights

@@ -115,3 +115,33 @@ async fn a_dashboard_address_in_use_fails_the_start_but_auto_steps_aside() {
     let listeners = stemedb::Listeners::bind(&config).await.expect("auto never fails the start");
     assert!(listeners.dashboard.is_none(), "auto serves no dashboard when its port is taken");
 }
+
+#[tokio::test]
+async fn a_change_from_another_sites_page_is_refused_the_dashboards_own_goes_through() {
+    // A loopback node without tokens: the kind another site's page could reach through a browser.
+    let node = TestNode::start_with(|c| c.server.dashboard_addr = "127.0.0.1:0".into()).await;
+    let base = node.dashboard_url.clone().expect("the dashboard is on");
+    let trip = |origin: &str| {
+        node.client
+            .post(format!("{base}/api/v1/admin/circuit-breaker/trip"))
+            .header("origin", origin)
+            .json(&serde_json::json!({"agent_id": "victim", "reason": "csrf test"}))
+            .send()
+    };
+    let answer = trip("https://evil.example").await.expect("send");
+    assert_eq!(answer.status().as_u16(), 403);
+    let body: Value = answer.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "cross_origin_refused", "{body}");
+    let (_, _, list) = get(&node, "/api/v1/admin/circuit-breaker?state=all", None).await;
+    assert_eq!(json(&list)["breakers"].as_array().map(Vec::len), Some(0), "nothing was tripped: {list}");
+    // The same change from the dashboard's own page, and from a client that sends no Origin.
+    assert_eq!(trip(&base).await.expect("send").status().as_u16(), 200);
+    let (status, _) = common::post_json(
+        &node.client,
+        &format!("{}/v1/admin/circuit-breaker/reset", node.url),
+        &serde_json::json!({"agent_id": "victim"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    node.stop().await;
+}

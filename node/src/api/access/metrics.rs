@@ -39,7 +39,7 @@ pub static AUDIT_ENTRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Every collector of this module; the known label values start at 0.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
-    for reason in ["token_required", "invalid_token", "role_insufficient", "agent_not_allowed"] {
+    for reason in ["token_required", "invalid_token", "role_insufficient", "agent_not_allowed", "cross_origin"] {
         REFUSED.with_label_values(&[reason]);
     }
     for class in ["read", "write", "admin"] {

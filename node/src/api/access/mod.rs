@@ -360,8 +360,39 @@ impl Drop for RecordIfDropped {
 }
 
 /// The middleware of both HTTP routers (see the module doc).
+/// Refuses a change a browser sends from another origin: a web page the operator visits could
+/// otherwise POST to a node on loopback without tokens (a form or a "simple" request needs no
+/// preflight), and with tokens it could not attach one anyway. Browsers name the page's origin
+/// in `Origin`; other clients send none, and the dashboard's own requests name its host.
+fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    let origin = headers.get(axum::http::header::ORIGIN)?;
+    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let origin_text = origin.to_str().unwrap_or("");
+    let origin_host = origin_text.split_once("://").map(|(_, rest)| rest.trim_end_matches('/')).unwrap_or("");
+    if !origin_host.is_empty() && !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+        return None;
+    }
+    metrics::REFUSED.with_label_values(&["cross_origin"]).inc();
+    Some(
+        ApiError::new(
+            ErrorCode::CrossOriginRefused,
+            format!(
+                "a change sent from the web page {origin_text:?} to {host:?}: only same-origin pages may change things"
+            ),
+        )
+        .with_details(json!({"origin": origin_text, "host": host})),
+    )
+}
+
 pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0);
+    if let Some(refusal) = cross_origin(request.method(), request.headers()) {
+        tracing::warn!(peer = ?peer, method = %request.method(), path = request.uri().path(), "cross-origin change refused");
+        return refusal.into_response();
+    }
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     // The audit names the query too (a revocation's `agent_id` is there).
@@ -442,6 +473,35 @@ pub fn create_token(name: &str, role: TokenRole, agents: &[String]) -> (String, 
 mod tests {
     use super::*;
     use crate::config::TokenConfig;
+
+    #[test]
+    fn changes_from_other_origins_are_refused_same_origin_and_non_browser_ones_pass() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, value.parse().expect("header"));
+            }
+            map
+        };
+        let post = Method::POST;
+        // No Origin: curl, the CLI, other nodes.
+        assert!(cross_origin(&post, &headers(&[("host", "127.0.0.1:18180")])).is_none());
+        // The dashboard's own requests (same origin), in any letter case, with or without a port.
+        let same = headers(&[("host", "127.0.0.1:18188"), ("origin", "http://127.0.0.1:18188")]);
+        assert!(cross_origin(&post, &same).is_none());
+        let named = headers(&[("host", "DB.example.com"), ("origin", "https://db.example.com")]);
+        assert!(cross_origin(&Method::DELETE, &named).is_none());
+        // Another site's page, a sandboxed one ("null"), a port that differs: refused.
+        for origin in ["https://evil.example", "null", "http://127.0.0.1:8080", "http://127.0.0.1:18188.evil"] {
+            let refused = cross_origin(&post, &headers(&[("host", "127.0.0.1:18188"), ("origin", origin)]));
+            let error = refused.expect(origin);
+            assert_eq!(error.code, ErrorCode::CrossOriginRefused, "{origin}");
+            assert_eq!(error.details["origin"], origin);
+        }
+        // Reads are not changes (and a browser cannot read another origin's answers).
+        let foreign = headers(&[("host", "127.0.0.1:18180"), ("origin", "https://evil.example")]);
+        assert!(cross_origin(&Method::GET, &foreign).is_none());
+    }
 
     fn config_with(tokens: &[(&str, &str, TokenRole, &[&str])]) -> Config {
         let mut config = Config::default();
