@@ -49,9 +49,8 @@ PANEL_DEADLINE_MS = 2000  # the runbooks: "the quarantine panel should load in u
 PAGES = ["overview", "shards", "shard/0", "quarantine", "breakers", "slow-queries", "anti-entropy", "backups"]
 
 
-def api(ip, method, path, body=None, admin=True, port=None):
-    port = port or rb.PORTS["api"]
-    return rb.http(method, f"http://{ip}:{port}{path}", body, token=rb.TOKEN if admin else None, timeout=10)
+def api(ip, method, path, body=None, admin=True):
+    return rb.http(method, f"http://{ip}:{rb.PORTS['api']}{path}", body, token=rb.TOKEN if admin else None, timeout=10)
 
 
 def write_as(ip, agent, path, value):
@@ -67,6 +66,12 @@ def status_of(ip, claim_id):
     if status != 200:
         raise RuntimeError(f"GET /v1/assertions/{claim_id}: {status} {body}")
     return body["status"]
+
+
+def awaiting(ip, count):
+    """(whether `count` claims await a decision, how many do): a rb.wait_until check."""
+    listed = len(quarantined(ip))
+    return listed == count, listed
 
 
 def quarantined(ip, **params):
@@ -124,7 +129,7 @@ def run(binary, ips, root, artifacts):
         assert status == 200, (status, body)
         claims = [write_as(ips[i % 3], "suspect-bot", path, i)["id"]
                   for i, path in enumerate(["dash/a/one", "dash/a/two", "dash/b/three"])]
-        rb.wait_until("three quarantined claims", lambda: (len(quarantined(ip)) == 3, quarantined(ip)), 20)
+        rb.wait_until("three quarantined claims", lambda: awaiting(ip, 3), 20)
 
         with sync_playwright() as playwright:
             browser = Browser(playwright, artifacts)
@@ -177,7 +182,7 @@ def run(binary, ips, root, artifacts):
                          for i in range(60)]
                 status, body = api(ip, "POST", "/v1/assert/batch", {"assertions": items}, admin=False)
                 assert status in (200, 201, 207), (status, body)
-                rb.wait_until("61 quarantined claims", lambda: (len(quarantined(ip)) == 61, len(quarantined(ip))), 20)
+                rb.wait_until("61 quarantined claims", lambda: awaiting(ip, 61), 20)
                 page.click("#q-refresh")
                 page.wait_for_selector('#quarantine-list[data-count="50"]', timeout=5000)
                 page.click("#q-next")

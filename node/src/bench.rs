@@ -230,17 +230,16 @@ struct Endpoint {
 
 /// One load worker's keep-alive HTTP/1.1 connection.
 ///
-/// The measured loops speak HTTP/1.1 over a plain `TcpStream` (or TLS over it for https://), one request at a time, with the
-/// request bytes written by hand and the answer's head parsed by `httparse`. On a shared
-/// machine every CPU cycle the load generator takes is one the node does not get, and the
-/// latency it reports includes its own queueing: reqwest cost 48 µs of client CPU per request
+/// The measured loops speak HTTP/1.1 over a plain `TcpStream` (or TLS over it for https://), one
+/// request at a time, with the request bytes written by hand and the answer's head parsed by
+/// `httparse`. On a shared machine every CPU cycle the load generator takes is one the node does
+/// not get, and the latency it reports includes its own queueing: reqwest cost 48 µs of client CPU per request
 /// and hyper's connection-level client 29 µs; this one 18 µs, like wrk (17-20 µs). Only the
 /// framing the node's answers use is supported (`Content-Length` bodies); anything else counts
 /// as an error.
 struct BenchConnection {
-    /// `host:port`, connected to and sent as the Host header.
-    authority: String,
-    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    /// Where it connects; its `authority` is sent as the Host header.
+    endpoint: Endpoint,
     /// The `Authorization` header line with its CRLF (`--token`), or empty.
     auth: String,
     stream: Option<Box<dyn Io>>,
@@ -320,8 +319,7 @@ impl BenchConnection {
     fn new(endpoint: Endpoint, token: Option<&str>) -> BenchConnection {
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         BenchConnection {
-            authority: endpoint.authority,
-            tls: endpoint.tls,
+            endpoint,
             auth,
             stream: None,
             request: Vec::with_capacity(512),
@@ -358,9 +356,9 @@ impl BenchConnection {
         use std::io::Write;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         if self.stream.is_none() {
-            let stream = tokio::net::TcpStream::connect(&self.authority).await.map_err(|_| "connect")?;
+            let stream = tokio::net::TcpStream::connect(&self.endpoint.authority).await.map_err(|_| "connect")?;
             let _ = stream.set_nodelay(true);
-            self.stream = Some(match &self.tls {
+            self.stream = Some(match &self.endpoint.tls {
                 None => Box::new(stream),
                 Some((connector, name)) => Box::new(connector.connect(name.clone(), stream).await.map_err(|_| "tls")?),
             });
@@ -371,7 +369,7 @@ impl BenchConnection {
         write!(
             self.request,
             "POST {path} HTTP/1.1\r\nHost: {}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.authority,
+            self.endpoint.authority,
             self.auth,
             body.len()
         )

@@ -94,8 +94,8 @@ pub struct ListenerCloser {
 /// stream or an error).
 pub struct Connection {
     stream: TcpStream,
-    /// Its number among the unread, until the first read returns.
-    unread: Option<(Arc<Unread>, u64)>,
+    /// Its place among the unread, until the first read returns.
+    unread: Unmarked,
 }
 
 impl ClosableListener {
@@ -115,12 +115,12 @@ impl ClosableListener {
     fn counted(&self, (stream, peer): (TcpStream, SocketAddr)) -> (HttpIo, SocketAddr) {
         let number = self.unread.next.fetch_add(1, Ordering::Relaxed);
         self.unread.accepted.lock().insert(number, Instant::now());
-        let place = Some((self.unread.clone(), number));
+        let place = Unmarked(Some((self.unread.clone(), number)));
         let io = match &self.tls {
             None => HttpIo::Plain(Connection { stream, unread: place }),
             Some(acceptor) => {
-                let connection = Connection { stream, unread: None };
-                HttpIo::Tls(Box::new(crate::tls::LazyTls::new(acceptor, connection)), Unmarked(place))
+                let connection = Connection { stream, unread: Unmarked(None) };
+                HttpIo::Tls(Box::new(crate::tls::LazyTls::new(acceptor, connection)), place)
             }
         };
         (io, peer)
@@ -213,26 +213,12 @@ impl ListenerCloser {
     }
 }
 
-impl Connection {
-    fn mark_read(&mut self) {
-        if let Some((unread, number)) = self.unread.take() {
-            unread.accepted.lock().remove(&number);
-        }
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.mark_read();
-    }
-}
-
 impl AsyncRead for Connection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         if polled.is_ready() {
-            this.mark_read();
+            this.unread.mark();
         }
         polled
     }

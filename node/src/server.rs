@@ -100,13 +100,13 @@ async fn bind_only(addr: &str) -> Result<TcpSocket, NodeError> {
 /// The dashboard's listener: see [`Listeners::dashboard`].
 async fn bind_dashboard(config: &Config) -> Result<Option<TcpListener>, NodeError> {
     let Some((addr, optional)) = config.dashboard_bind() else { return Ok(None) };
-    match TcpListener::bind(addr).await {
+    match bind(&addr.to_string()).await {
         Ok(listener) => Ok(Some(listener)),
         Err(error) if optional => {
-            tracing::warn!(addr = %addr, error = %error, "no dashboard: its default port is taken (set server.dashboard_addr)");
+            tracing::warn!(%error, "no dashboard: its default port is taken (set server.dashboard_addr)");
             Ok(None)
         }
-        Err(error) => Err(NodeError::Listen { addr: addr.to_string(), message: error.to_string() }),
+        Err(error) => Err(error),
     }
 }
 

@@ -90,16 +90,22 @@ pub fn http_client(ca: Option<&Path>, timeout: Duration) -> Result<reqwest::Clie
 /// A rustls client config that trusts only the certificates of the PEM file `ca`: for clients
 /// that speak HTTP themselves over TLS (`stemedb bench`'s load connections).
 pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in read_certs(ca)? {
-        roots.add(cert).map_err(|e| file_error(ca, e))?;
-    }
+    let roots = root_store(ca)?;
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Settings(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// The certificates of the PEM file `ca` as trust roots.
+fn root_store(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots.add(cert).map_err(|e| file_error(ca, e))?;
+    }
+    Ok(roots)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -194,11 +200,7 @@ pub struct ClusterTls {
 }
 
 fn cluster_configs(files: &ClusterTlsFiles) -> Result<ClusterConfigs, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in read_certs(&files.ca)? {
-        roots.add(ca).map_err(|e| file_error(&files.ca, e))?;
-    }
-    let roots = Arc::new(roots);
+    let roots = Arc::new(root_store(&files.ca)?);
     let (chain, key) = read_pair(&files.cert, &files.key)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
         .build()
@@ -469,10 +471,7 @@ mod tests {
             .unwrap_or(false),
             None => {
                 // No client certificate: a client that trusts the CA but shows nothing.
-                let mut roots = rustls::RootCertStore::empty();
-                for ca in read_certs(&server.files.ca).expect("ca") {
-                    roots.add(ca).expect("add");
-                }
+                let roots = root_store(&server.files.ca).expect("ca");
                 let config = rustls::ClientConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()
                     .expect("versions")

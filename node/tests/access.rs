@@ -393,12 +393,7 @@ async fn sighup_reloads_tokens_and_rate_limits() {
 
     // An invalid config is refused and the running one kept.
     std::fs::write(&file, "[[security.tokens]]\nname = \"broken\"\n").expect("write");
-    unsafe { libc::kill(process.pid() as i32, libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process.output().contains("keeping the running one") {
-        assert!(Instant::now() < deadline, "no word of the refused reload; output:\n{}", process.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    process.reload_until("keeping the running one").await;
     // Past the 1/s limit's wait (the refused reload changed nothing), the token still works.
     let deadline = Instant::now() + Duration::from_secs(10);
     let still = loop {
@@ -479,13 +474,7 @@ async fn a_reload_without_tokens_is_refused_on_a_node_open_to_the_network() {
     // The same file without its tokens: refused (the config check names the open address), the
     // running tokens kept.
     std::fs::write(&file, "[logging]\nlevel = \"warn\"\n").expect("write");
-    // SAFETY: kill(2) with a child's pid has no memory-safety preconditions.
-    unsafe { libc::kill(process.pid() as i32, libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process.output().contains("keeping the running one error=config error: server.dashboard_addr is 0.0.0.0:0") {
-        assert!(Instant::now() < deadline, "no word of the refused reload; output:\n{}", process.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    process.reload_until("keeping the running one error=config error: server.dashboard_addr is 0.0.0.0:0").await;
     assert_eq!((status_with(Some("ops-secret")).await, status_with(None).await), (200, 401), "still guarded");
 }
 

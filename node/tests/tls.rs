@@ -40,27 +40,27 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'st
     rustls::pki_types::CertificateDer::pem_slice_iter(pem).filter_map(Result::ok).collect()
 }
 
+/// A node whose HTTP ports speak HTTPS with a certificate for 127.0.0.1 from a test CA in `dir`:
+/// the process, its client API URL, the CA's directory and the certificate's files.
+async fn https_node(dir: &Path) -> (NodeProcess, String, std::path::PathBuf, stemedb::tls::Written) {
+    let ca_dir = dir.join("ca");
+    stemedb::tls::create_ca(&ca_dir, "test CA", 30).expect("ca");
+    let web =
+        stemedb::tls::create_node(&ca_dir, &dir.join("live"), "web", &["127.0.0.1".into()], 30, false).expect("cert");
+    let file = dir.join("stemedb.toml");
+    let (cert, key) = (web.cert.display().to_string(), web.key.display().to_string());
+    std::fs::write(&file, format!("[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n")).expect("config");
+    let config_arg = file.to_string_lossy().to_string();
+    let mut process = NodeProcess::spawn_with_args(&dir.join("data"), 1, &["--config", &config_arg], &[]);
+    let url = process.wait_listening(Duration::from_secs(60)).await;
+    assert!(url.starts_with("https://"), "{url}");
+    (process, url, ca_dir, web)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_serves_both_apis_refuses_plain_http_and_takes_a_rotated_certificate_on_sighup() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca_dir = dir.path().join("ca");
-    stemedb::tls::create_ca(&ca_dir, "test CA", 30).expect("ca");
-    let first = stemedb::tls::create_node(&ca_dir, &dir.path().join("live"), "web", &["127.0.0.1".into()], 30, false)
-        .expect("cert");
-    let file = dir.path().join("stemedb.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
-            first.cert.display().to_string(),
-            first.key.display().to_string()
-        ),
-    )
-    .expect("config");
-    let config_arg = file.to_string_lossy().to_string();
-    let mut process = NodeProcess::spawn_with_args(&dir.path().join("data"), 1, &["--config", &config_arg], &[]);
-    let url = process.wait_listening(Duration::from_secs(60)).await;
-    assert!(url.starts_with("https://"), "{url}");
+    let (process, url, ca_dir, first) = https_node(dir.path()).await;
     let addr = url.trim_start_matches("https://").to_string();
     let ca = ca_dir.join("ca.pem");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -99,12 +99,7 @@ async fn https_serves_both_apis_refuses_plain_http_and_takes_a_rotated_certifica
     }
     // A broken file on reload keeps the served certificate.
     std::fs::write(&first.key, "not a key").expect("write");
-    unsafe { libc::kill(process.pid() as i32, libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process.output().contains("HTTP certificate not reloaded") {
-        assert!(Instant::now() < deadline, "no word of the refused reload\n{}", process.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    process.reload_until("HTTP certificate not reloaded").await;
     let (status, _) = https_get(&addr, &ca, "/health").await.expect("https still");
     assert!(status.contains("200"), "{status}");
 }
@@ -140,16 +135,7 @@ async fn stemedb(args: Vec<String>) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_and_the_operator_commands_speak_https_with_a_ca() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca_dir = dir.path().join("ca");
-    stemedb::tls::create_ca(&ca_dir, "test CA", 30).expect("ca");
-    let web = stemedb::tls::create_node(&ca_dir, &dir.path().join("web"), "web", &["127.0.0.1".into()], 30, false)
-        .expect("cert");
-    let file = dir.path().join("stemedb.toml");
-    let (cert, key) = (web.cert.display().to_string(), web.key.display().to_string());
-    std::fs::write(&file, format!("[server]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n")).expect("config");
-    let config_arg = file.to_string_lossy().to_string();
-    let mut process = NodeProcess::spawn_with_args(&dir.path().join("data"), 1, &["--config", &config_arg], &[]);
-    let api = process.wait_listening(Duration::from_secs(60)).await;
+    let (process, api, ca_dir, _) = https_node(dir.path()).await;
     let ca = ca_dir.join("ca.pem");
     let ca_arg = ca.display().to_string();
     let output = process.output();

@@ -203,6 +203,11 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
 }
 
+/// Whether `addr` is `IP:PORT` with a loopback IP (IPv4-mapped ones included).
+fn is_loopback(addr: &str) -> bool {
+    addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback())
+}
+
 /// `server.dashboard_addr`: port [`DASHBOARD_PORT`] on the IP of the more private of the client
 /// API and the cluster admin, if free.
 pub const DASHBOARD_AUTO: &str = "auto";
@@ -1045,16 +1050,15 @@ impl Config {
         [("server.api_addr", self.server.api_addr.as_str()), ("server.admin_addr", self.server.admin_addr.as_str())]
             .into_iter()
             .chain(dashboard)
-            .find(|(_, addr)| !addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback()))
+            .find(|(_, addr)| !is_loopback(addr))
     }
 
     /// The address whose IP `auto` gives the dashboard, which serves both HTTP APIs: the more
     /// private of `server.api_addr` and `server.admin_addr` (a loopback one if either is), so
     /// the dashboard never opens the cluster admin, or the client API, wider than it is.
     fn dashboard_auto_host(&self) -> &str {
-        let loopback = |addr: &str| addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().to_canonical().is_loopback());
         let (api, admin) = (self.server.api_addr.as_str(), self.server.admin_addr.as_str());
-        if loopback(admin) || !loopback(api) {
+        if is_loopback(admin) || !is_loopback(api) {
             admin
         } else {
             api

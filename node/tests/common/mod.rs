@@ -285,6 +285,17 @@ impl NodeProcess {
         self.child.id()
     }
 
+    /// Sends SIGHUP (reload the config) and waits until the output holds `says`, up to 10 s.
+    pub async fn reload_until(&self, says: &str) {
+        // SAFETY: kill(2) with a child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.output().contains(says) {
+            assert!(Instant::now() < deadline, "no {says:?} after SIGHUP; output:\n{}", self.output());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `Err` with the exit status once the process has exited.
     fn running(&mut self) -> Result<(), String> {
         match self.child.try_wait() {

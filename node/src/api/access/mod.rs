@@ -359,7 +359,6 @@ impl Drop for RecordIfDropped {
     }
 }
 
-/// The middleware of both HTTP routers (see the module doc).
 /// Refuses a change a browser sends from another origin: a web page the operator visits could
 /// otherwise POST to a node on loopback without tokens (a form or a "simple" request needs no
 /// preflight), and with tokens it could not attach one anyway. Browsers name the page's origin
@@ -387,6 +386,7 @@ fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
     )
 }
 
+/// The middleware of both HTTP routers (see the module doc).
 pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0);
     if let Some(refusal) = cross_origin(request.method(), request.headers()) {
