@@ -13,6 +13,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib/moto.sh"
 # shellcheck source=lib/playwright.sh
 . "$(dirname "$0")/lib/playwright.sh"
+# shellcheck source=lib/schemathesis.sh
+. "$(dirname "$0")/lib/schemathesis.sh"
 missing=()
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
@@ -60,6 +62,12 @@ if ! playwright_ready "$MOTO_VENV"; then
   echo "installing playwright into $MOTO_VENV"
   "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'playwright>=1.40,<2'
   playwright_ready "$MOTO_VENV" || { echo "setup: playwright is not usable from $MOTO_VENV" >&2; exit 1; }
+fi
+# schemathesis in the same virtualenv: the contract tests of the served OpenAPI documents.
+if ! schemathesis_ready "$MOTO_VENV"; then
+  echo "installing schemathesis into $MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check 'schemathesis>=4.3,<5'
+  schemathesis_ready "$MOTO_VENV" || { echo "setup: schemathesis is not usable from $MOTO_VENV" >&2; exit 1; }
 fi
 find_libclang >/dev/null || { echo "setup: libclang (libclang.so*) still not found for RocksDB's bindings; set LIBCLANG_PATH" >&2; exit 1; }
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tests scripts/lib/libclang.sh, scripts/lib/moto.sh and scripts/lib/playwright.sh, the detection setup.sh relies on, against
+# Tests scripts/lib/libclang.sh, moto.sh, playwright.sh and schemathesis.sh, the detection setup.sh relies on, against
 # fake directory trees:
 # the machine CI runs on has libclang installed, so only a fake tree can show that a machine
 # with clang's C++ library alone (libclang-cpp.so.N) is told to install libclang-dev.
@@ -84,5 +84,18 @@ fake_venv pw-complete 0 no
 expect_venv playwright_ready missing absent
 expect_venv playwright_ready missing pw-broken
 expect_venv playwright_ready ready pw-complete
+
+# schemathesis in the virtualenv (lib/schemathesis.sh): ready only with a python that imports it
+# and its command installed.
+. "$(dirname "$0")/lib/schemathesis.sh"
+fake_venv st-broken 1 no
+: >"$tmp/venv-st-broken/bin/schemathesis"; chmod +x "$tmp/venv-st-broken/bin/schemathesis"
+fake_venv st-no-command 0 no
+fake_venv st-complete 0 no
+: >"$tmp/venv-st-complete/bin/schemathesis"; chmod +x "$tmp/venv-st-complete/bin/schemathesis"
+expect_venv schemathesis_ready missing absent
+expect_venv schemathesis_ready missing st-broken
+expect_venv schemathesis_ready missing st-no-command
+expect_venv schemathesis_ready ready st-complete
 
 [ "$fails" -eq 0 ] || { echo "$fails set-up detection case(s) failed" >&2; exit 1; }

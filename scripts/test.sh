@@ -4,8 +4,9 @@
 # (including real-process durability tests), the short smoke versions of the chaos run and
 # the benchmarks, the runbooks' commands against a live cluster (scripts/run-runbooks.py), and
 # the load-balancer configs through a node kill (scripts/lb-test.py), and every dashboard
-# panel and alert rule evaluated by a real Prometheus (scripts/prometheus-live-test.py), and the
-# web dashboard in a real browser (scripts/dashboard-test.py).
+# panel and alert rule evaluated by a real Prometheus (scripts/prometheus-live-test.py), the
+# served OpenAPI documents fuzzed by schemathesis (scripts/contract-test.py), and the web
+# dashboard in a real browser (scripts/dashboard-test.py).
 # Long chaos runs and full benchmarks are separate commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,5 +26,7 @@ STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/run-runbooks.py
 STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/lb-test.py
 # Every dashboard panel and alert rule expression through a real Prometheus scraping a live 3-node cluster under load.
 STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" python3 scripts/prometheus-live-test.py
+# The served OpenAPI documents (18180, 18181) fuzzed by schemathesis against a live node (short run; --long is separate).
+STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" "${MOTO_VENV:-$HOME/.cache/stemedb-venv}/bin/python" scripts/contract-test.py
 # The web dashboard (18188) in headless Chromium against a live 3-node cluster; screenshots in target/dashboard-artifacts.
 STEMEDB_BIN="$CARGO_TARGET_DIR/release/stemedb" "${MOTO_VENV:-$HOME/.cache/stemedb-venv}/bin/python" scripts/dashboard-test.py

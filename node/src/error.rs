@@ -10,11 +10,11 @@
 
 /// Declares the table: `Variant = "code", http status, gRPC code, retry|final;`.
 macro_rules! error_codes {
-    ($($(#[$doc:meta])* $variant:ident = $name:literal, $http:literal, $grpc:ident, $retry:ident;)*) => {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal, $http:literal, $grpc:ident, $retry:ident;)*) => {
         /// A stable error code; see the module documentation.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum ErrorCode {
-            $($(#[$doc])* $variant,)*
+            $($(#[doc = $doc])* $variant,)*
         }
 
         impl ErrorCode {
@@ -24,6 +24,11 @@ macro_rules! error_codes {
             /// The stable string clients match on.
             pub const fn as_str(self) -> &'static str {
                 match self { $(ErrorCode::$variant => $name,)* }
+            }
+
+            /// What the code means (its line in the table), as the OpenAPI documents say it.
+            pub const fn description(self) -> &'static str {
+                match self { $(ErrorCode::$variant => concat!($($doc),*),)* }
             }
 
             /// The HTTP status of every response with this code.

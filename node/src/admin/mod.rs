@@ -9,31 +9,48 @@ mod sync;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::collections::BTreeMap;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::api::openapi::{self, errors, ADMIN, BODY, PROPOSE};
 use crate::api::{ApiError, AppState};
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
-use crate::meta::{MetaCommand, MetaState, MoveCause, NodeStatus, META_SHARD};
-use crate::raft::shards::ShardStatus;
+use crate::meta::{MetaCommand, MetaState, MoveCause, NodeRecord, NodeStatus, Rebalance, RebalanceStatus, META_SHARD};
+use crate::raft::shards::{ShardRates, ShardStatus};
 use crate::raft::types::GroupAdmin;
 
+/// Every route of the cluster admin API with its documentation (through `routes!` only, or it
+/// is missing from `/openapi.json`).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(members, add_member))
+        .routes(routes!(remove_member))
+        .routes(routes!(shards))
+        .routes(routes!(shard))
+        .routes(routes!(shard_digest))
+        .routes(routes!(meta))
+        .routes(routes!(sync::sync_status))
+        .routes(routes!(sync::sync))
+        .routes(routes!(rebalance))
+        .routes(routes!(transfer_leader))
+}
+
+/// The cluster admin API's OpenAPI document, as `GET /openapi.json` on 18181 serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    openapi::finish(routes().into_openapi(), openapi::Api::Cluster)
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/cluster/health", get(health))
-        .route("/cluster/members", get(members).post(add_member))
-        .route("/cluster/members/{id}", axum::routing::delete(remove_member))
-        .route("/cluster/shards", get(shards))
-        .route("/cluster/shards/{id}", get(shard))
-        .route("/cluster/shards/{id}/digest", get(shard_digest))
-        .route("/cluster/meta", get(meta))
-        .route("/cluster/sync_status", get(sync::sync_status))
-        .route("/cluster/sync", axum::routing::post(sync::sync))
-        .route("/admin/shards/rebalance", axum::routing::post(rebalance))
-        .route("/admin/shards/{id}/transfer-leader", axum::routing::post(transfer_leader))
+    let (router, document) = routes().split_for_parts();
+    let document = openapi::finish(document, openapi::Api::Cluster);
+    router
+        .route("/openapi.json", openapi::serve(openapi::to_json(&document)))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such cluster admin endpoint; see docs/api.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -129,6 +146,29 @@ fn member_status(state: &AppState, id: u64, member: &MemberView) -> &'static str
     }
 }
 
+/// The cluster's health as this node sees it.
+#[derive(Serialize, ToSchema)]
+struct ClusterHealth {
+    /// `healthy`, `degraded` (a member is down) or `unavailable` (a shard has no leader).
+    status: String,
+    node_id: u64,
+    cluster_id: String,
+    nodes_total: usize,
+    nodes_up: usize,
+    shards_total: u16,
+    /// Shards (and the meta group) this node hosts.
+    shards_hosted: usize,
+    shards_with_leader: usize,
+    shards_without_leader: Vec<u16>,
+    /// Leaderless for less than one maximum election timeout: in a hand-over or an election.
+    shards_electing: Vec<u16>,
+}
+
+/// The cluster's health: 200 unless a hosted shard has had no leader for longer than an
+/// election, then 503 (the same body).
+#[utoipa::path(get, path = "/cluster/health", tag = "cluster",
+    responses((status = 200, description = "healthy or degraded", body = ClusterHealth),
+        (status = 503, description = "a shard has no leader", body = ClusterHealth)))]
 async fn health(State(state): State<AppState>) -> Response {
     let statuses = statuses(&state);
     let members = member_views(&state, &statuses);
@@ -147,60 +187,118 @@ async fn health(State(state): State<AppState>) -> Response {
     } else {
         "healthy"
     };
-    let body = json!({
-        "status": status,
-        "node_id": state.shards.node_id,
-        "cluster_id": state.cluster_id,
-        "nodes_total": members.len(),
-        "nodes_up": up,
-        "shards_total": state.shards.shard_count(),
-        "shards_hosted": statuses.len(),
-        "shards_with_leader": statuses.len() - without_leader.len(),
-        "shards_without_leader": without_leader,
-        "shards_electing": electing,
-    });
+    let body = ClusterHealth {
+        status: status.to_string(),
+        node_id: state.shards.node_id,
+        cluster_id: state.cluster_id.clone(),
+        nodes_total: members.len(),
+        nodes_up: up,
+        shards_total: state.shards.shard_count(),
+        shards_hosted: statuses.len(),
+        shards_with_leader: statuses.len() - without_leader.len(),
+        shards_without_leader: without_leader,
+        shards_electing: electing,
+    };
     let code = if status == "unavailable" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (code, Json(body)).into_response()
 }
 
-async fn members(State(state): State<AppState>) -> Json<Value> {
+/// The members as this node sees them.
+#[derive(Serialize, ToSchema)]
+struct MemberList {
+    node_id: u64,
+    members: Vec<Member>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Member {
+    id: u64,
+    raft_addr: String,
+    /// `UP`, `DOWN`, `JOINING` or `LEAVING`.
+    status: String,
+    /// The largest lag, in seconds, of its replicas of the shards this node leads.
+    replication_lag: Option<f64>,
+    shards_led: usize,
+    shards_hosted: usize,
+    /// Whether it is the node answering.
+    #[serde(rename = "self")]
+    is_self: bool,
+}
+
+/// The members with their status, lag and shards.
+#[utoipa::path(get, path = "/cluster/members", tag = "cluster",
+    responses((status = 200, description = "the members", body = MemberList)))]
+async fn members(State(state): State<AppState>) -> Json<MemberList> {
     let statuses = statuses(&state);
-    let members: Vec<Value> = member_views(&state, &statuses)
+    let members = member_views(&state, &statuses)
         .iter()
-        .map(|(id, m)| {
-            json!({
-                "id": id,
-                "raft_addr": m.addr,
-                "status": member_status(&state, *id, m),
-                "replication_lag": if *id == state.shards.node_id { Some(0.0) } else { m.max_lag },
-                "shards_led": m.shards_led,
-                "shards_hosted": m.shards_hosted,
-                "self": *id == state.shards.node_id,
-            })
+        .map(|(id, m)| Member {
+            id: *id,
+            raft_addr: m.addr.clone(),
+            status: member_status(&state, *id, m).to_string(),
+            replication_lag: if *id == state.shards.node_id { Some(0.0) } else { m.max_lag },
+            shards_led: m.shards_led,
+            shards_hosted: m.shards_hosted,
+            is_self: *id == state.shards.node_id,
         })
         .collect();
-    Json(json!({"node_id": state.shards.node_id, "members": members}))
+    Json(MemberList { node_id: state.shards.node_id, members })
 }
 
-fn shard_json(state: &AppState, status: &ShardStatus) -> Value {
-    let mut value = serde_json::to_value(status).unwrap_or(Value::Null);
+/// One shard as this node sees it, with its request rates and its last replica move.
+#[derive(Serialize, ToSchema)]
+struct ShardView {
+    #[serde(flatten)]
+    status: ShardStatus,
+    #[serde(flatten)]
+    rates: ShardRates,
+    /// The last move's status, or `NONE`.
+    #[schema(value_type = String)]
+    rebalance_status: RebalanceStatusOrNone,
+    rebalance: Option<Rebalance>,
+    /// Its replicas as the cluster metadata places them.
+    placement: Option<Vec<u64>>,
+    /// Whether this node has a replica.
+    hosted: bool,
+}
+
+/// `PENDING`, `IN_PROGRESS`, `COMPLETE`, `FAILED`, or `NONE` when the shard never moved.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum RebalanceStatusOrNone {
+    Status(RebalanceStatus),
+    None(&'static str),
+}
+
+fn shard_view(state: &AppState, status: ShardStatus) -> ShardView {
     let rates = state.shards.rates(status.shard);
-    value["query_rate"] = json!(rates.query_rate);
-    value["write_rate"] = json!(rates.write_rate);
-    value["queries_total"] = json!(rates.queries_total);
-    value["writes_total"] = json!(rates.writes_total);
     let meta = state.shards.meta();
-    let rebalance = meta.rebalances.get(&status.shard);
-    value["rebalance_status"] = rebalance.map_or(json!("NONE"), |r| json!(r.status));
-    value["rebalance"] = json!(rebalance);
-    value["placement"] = json!(meta.placement.get(&status.shard));
-    value["hosted"] = json!(state.shards.group(status.shard).is_ok_and(|g| state.shards.hosts(&g)));
-    value
+    let rebalance = meta.rebalances.get(&status.shard).cloned();
+    let hosted = state.shards.group(status.shard).is_ok_and(|g| state.shards.hosts(&g));
+    ShardView {
+        rebalance_status: rebalance
+            .as_ref()
+            .map_or(RebalanceStatusOrNone::None("NONE"), |r| RebalanceStatusOrNone::Status(r.status)),
+        rebalance,
+        placement: meta.placement.get(&status.shard).cloned(),
+        hosted,
+        rates,
+        status,
+    }
 }
 
-async fn shards(State(state): State<AppState>) -> Json<Value> {
-    let shards: Vec<Value> = statuses(&state).iter().map(|s| shard_json(&state, s)).collect();
-    Json(json!({"node_id": state.shards.node_id, "shards": shards}))
+#[derive(Serialize, ToSchema)]
+struct ShardList {
+    node_id: u64,
+    shards: Vec<ShardView>,
+}
+
+/// The shards this node hosts a replica of.
+#[utoipa::path(get, path = "/cluster/shards", tag = "cluster",
+    responses((status = 200, description = "the shards", body = ShardList)))]
+async fn shards(State(state): State<AppState>) -> Json<ShardList> {
+    let shards = statuses(&state).into_iter().map(|s| shard_view(&state, s)).collect();
+    Json(ShardList { node_id: state.shards.node_id, shards })
 }
 
 fn parse_shard(state: &AppState, id: &str) -> Result<u16, ApiError> {
@@ -209,16 +307,43 @@ fn parse_shard(state: &AppState, id: &str) -> Result<u16, ApiError> {
     })
 }
 
-async fn shard(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+errors!(ShardErrors: &[ErrorCode::UnknownShard]);
+
+/// One shard as this node sees it.
+#[utoipa::path(get, path = "/cluster/shards/{id}", tag = "cluster",
+    params(("id" = String, Path, description = "the shard number")),
+    responses((status = 200, description = "the shard", body = ShardView), ShardErrors))]
+async fn shard(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ShardView>, ApiError> {
     let shard = parse_shard(&state, &id)?;
     let status = state.shards.status(shard)?;
-    Ok(Json(shard_json(&state, &status)))
+    Ok(Json(shard_view(&state, status)))
 }
 
-/// `GET /cluster/shards/{id}/digest`: a digest of this node's replica of the shard and the
-/// applied index it was taken at. Replicas at the same applied index must agree (the chaos
-/// harness compares them after every run). 404 `not_hosted` when this node has no replica.
-async fn shard_digest(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// A digest of one replica.
+#[derive(Serialize, ToSchema)]
+struct ShardDigest {
+    shard: u16,
+    node_id: u64,
+    applied_index: u64,
+    /// Hex.
+    digest: String,
+    keys: u64,
+}
+
+errors!(DigestErrors: crate::api::openapi::STORAGE, &[
+    ErrorCode::UnknownShard,
+    ErrorCode::NotHosted,
+    ErrorCode::ShardBusy,
+    ErrorCode::InternalError,
+]);
+
+/// A digest of this node's replica of the shard and the applied index it was taken at.
+/// Replicas at the same applied index must agree (the chaos harness compares them after every
+/// run). 404 `not_hosted` when this node has no replica.
+#[utoipa::path(get, path = "/cluster/shards/{id}/digest", tag = "cluster",
+    params(("id" = String, Path, description = "the shard number")),
+    responses((status = 200, description = "the digest", body = ShardDigest), DigestErrors))]
+async fn shard_digest(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<ShardDigest>, ApiError> {
     let shard = parse_shard(&state, &id)?;
     let group = state.shards.group(shard)?;
     if !state.shards.hosts(&group) {
@@ -235,20 +360,51 @@ async fn shard_digest(State(state): State<AppState>, Path(id): Path<String>) -> 
         .ok_or_else(|| {
             ApiError::new(ErrorCode::ShardBusy, format!("shard {shard} kept changing during the scan; retry"))
         })?;
-    Ok(Json(
-        json!({"shard": shard, "node_id": state.shards.node_id, "applied_index": digest.applied_index, "digest": digest.digest, "keys": digest.keys}),
-    ))
+    Ok(Json(ShardDigest {
+        shard,
+        node_id: state.shards.node_id,
+        applied_index: digest.applied_index,
+        digest: digest.digest,
+        keys: digest.keys,
+    }))
 }
 
 /// Time allowed for one shard's membership change (adding a voter waits for it to catch up).
 const MEMBERSHIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AddMemberRequest {
+    /// The new node's id (from 1).
     id: u64,
+    /// Its `IP:PORT` on 18182.
     raft_addr: String,
 }
+
+/// A member's place after an add or a removal.
+#[derive(Serialize, ToSchema)]
+struct MemberChange {
+    id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raft_addr: Option<String>,
+    /// `UP` or `JOINING` after an add; `REMOVED` or `LEAVING` after a removal.
+    status: String,
+    /// The shards placed on it.
+    shards: Vec<u16>,
+}
+
+/// What a cluster change through the meta group can answer.
+const CHANGE: &[ErrorCode] = &[
+    ErrorCode::ClusterNotReady,
+    ErrorCode::UnknownMember,
+    ErrorCode::MemberConflict,
+    ErrorCode::UnknownShard,
+    ErrorCode::RebalanceInProgress,
+    ErrorCode::NoRebalance,
+    ErrorCode::MemberHostsReplicas,
+    ErrorCode::InvalidRebalance,
+    ErrorCode::LastMember,
+];
 
 /// Cluster changes need an admin token when a token is configured (`security.admin_token` or
 /// `security.tokens`; with tokens the access middleware has checked the role already). Without
@@ -282,10 +438,15 @@ async fn wait_for_meta(state: &AppState, timeout: std::time::Duration, done: imp
     tokio::time::timeout(timeout, wait).await.unwrap_or(false)
 }
 
-/// `POST /cluster/members {"id", "raft_addr"}`: adds a node. It is recorded as JOINING, becomes a
-/// voter of the meta group, receives its share of replicas (each added as a learner, caught up,
-/// then promoted), and is UP once the placement is balanced. Answers 200 when UP, 202 while
-/// still JOINING after the wait (watch `GET /cluster/members`). Idempotent.
+errors!(AddMemberErrors: ADMIN, BODY, PROPOSE, CHANGE, &[ErrorCode::InvalidNodeId, ErrorCode::InvalidRaftAddr]);
+
+/// Adds a node. It is recorded as JOINING, becomes a voter of the meta group, receives its
+/// share of replicas (each added as a learner, caught up, then promoted), and is UP once the
+/// placement is balanced. Answers 200 when UP, 202 while still JOINING after the wait (watch
+/// `GET /cluster/members`). Idempotent.
+#[utoipa::path(post, path = "/cluster/members", tag = "cluster", request_body = AddMemberRequest,
+    responses((status = 200, description = "UP", body = MemberChange),
+        (status = 202, description = "still JOINING", body = MemberChange), AddMemberErrors))]
 async fn add_member(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -310,14 +471,25 @@ async fn add_member(
     .await;
     let shards = state.shards.meta().shards_of(id);
     let status = if up { StatusCode::OK } else { StatusCode::ACCEPTED };
-    let body = json!({"id": id, "raft_addr": request.raft_addr, "status": if up { "UP" } else { "JOINING" }, "shards": shards});
+    let body = MemberChange {
+        id,
+        raft_addr: Some(request.raft_addr),
+        status: if up { "UP" } else { "JOINING" }.to_string(),
+        shards,
+    };
     Ok((status, Json(body)).into_response())
 }
 
-/// `DELETE /cluster/members/{id}`: decommissions a node. It is marked LEAVING, its replicas move
-/// to other nodes (a replacement is added before each is removed, so shards keep their
-/// replication factor where enough nodes remain), then it leaves the meta group and the member
-/// list. Answers 200 once removed, 202 while still LEAVING after the wait.
+errors!(RemoveMemberErrors: ADMIN, PROPOSE, CHANGE, &[ErrorCode::UnknownMember, ErrorCode::LastMember]);
+
+/// Decommissions a node. It is marked LEAVING, its replicas move to other nodes (a replacement
+/// is added before each is removed, so shards keep their replication factor where enough nodes
+/// remain), then it leaves the meta group and the member list. Answers 200 once removed, 202
+/// while still LEAVING after the wait.
+#[utoipa::path(delete, path = "/cluster/members/{id}", tag = "cluster",
+    params(("id" = String, Path, description = "the node id")),
+    responses((status = 200, description = "REMOVED", body = MemberChange),
+        (status = 202, description = "still LEAVING", body = MemberChange), RemoveMemberErrors))]
 async fn remove_member(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -340,12 +512,17 @@ async fn remove_member(
     }
     let status = if removed { StatusCode::OK } else { StatusCode::ACCEPTED };
     let remaining = state.shards.meta().shards_of(id);
-    Ok((status, Json(json!({"id": id, "status": if removed { "REMOVED" } else { "LEAVING" }, "shards": remaining})))
-        .into_response())
+    let body = MemberChange {
+        id,
+        raft_addr: None,
+        status: if removed { "REMOVED" } else { "LEAVING" }.to_string(),
+        shards: remaining,
+    };
+    Ok((status, Json(body)).into_response())
 }
 
 /// A shard or node id given as a number or a string of digits (the runbooks quote them).
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(untagged)]
 enum IdField {
     Number(u64),
@@ -361,7 +538,7 @@ impl IdField {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RebalanceRequest {
     shard_id: IdField,
@@ -373,10 +550,30 @@ struct RebalanceRequest {
     reason: Option<String>,
 }
 
-/// `POST /admin/shards/rebalance {"shard_id", "target_node", "reason"}`: moves one replica of a
-/// shard to `target_node`. Answers 202 at once; the meta leader runs the move (add learner,
-/// catch up, promote, remove) and `GET /cluster/shards/{id}` reports `rebalance_status`
-/// (PENDING, IN_PROGRESS, COMPLETE or FAILED). The balancer never undoes an operator's move.
+/// A replica move that was accepted.
+#[derive(Serialize, ToSchema)]
+struct MoveStarted {
+    shard_id: u16,
+    target_node: u64,
+    from_node: Option<u64>,
+    reason: String,
+    /// Always `PENDING`: follow it in `GET /cluster/shards/{id}`.
+    rebalance_status: RebalanceStatus,
+}
+
+errors!(RebalanceErrors: ADMIN, BODY, PROPOSE, CHANGE, &[
+    ErrorCode::UnknownShard,
+    ErrorCode::UnknownMember,
+    ErrorCode::InvalidRebalance,
+    ErrorCode::NoRebalance,
+]);
+
+/// Moves one replica of a shard to `target_node`. Answers 202 at once; the meta leader runs the
+/// move (add learner, catch up, promote, remove) and `GET /cluster/shards/{id}` reports
+/// `rebalance_status` (PENDING, IN_PROGRESS, COMPLETE or FAILED). The balancer never undoes an
+/// operator's move.
+#[utoipa::path(post, path = "/admin/shards/rebalance", tag = "cluster", request_body = RebalanceRequest,
+    responses((status = 202, description = "accepted", body = MoveStarted), RebalanceErrors))]
 async fn rebalance(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -420,44 +617,79 @@ async fn rebalance(
         pending: true,
     };
     change_meta(&state, command).await?;
-    let body = json!({
-        "shard_id": shard,
-        "target_node": target,
-        "from_node": from,
-        "reason": reason,
-        "rebalance_status": "PENDING",
-    });
+    let body = MoveStarted {
+        shard_id: shard,
+        target_node: target,
+        from_node: from,
+        reason,
+        rebalance_status: RebalanceStatus::Pending,
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-/// `GET /cluster/meta`: the cluster metadata as this node has applied it, and the meta group.
-async fn meta(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let meta = state.shards.meta();
-    let group = state.shards.status(META_SHARD)?;
-    Ok(Json(json!({
-        "node_id": state.shards.node_id,
-        "meta_group": group,
-        "nodes": meta.nodes,
-        "placement": meta.placement,
-        "rebalances": meta.rebalances,
-        "load": meta.load(),
-    })))
+/// The cluster metadata.
+#[derive(Serialize, ToSchema)]
+struct ClusterMeta {
+    node_id: u64,
+    meta_group: ShardStatus,
+    /// By node id (JSON object keys are strings of digits).
+    #[schema(value_type = BTreeMap<String, NodeRecord>)]
+    nodes: BTreeMap<u64, NodeRecord>,
+    /// Each shard's replicas, by shard number.
+    #[schema(value_type = BTreeMap<String, Vec<u64>>)]
+    placement: BTreeMap<u16, Vec<u64>>,
+    /// Each shard's last move, by shard number.
+    #[schema(value_type = BTreeMap<String, Rebalance>)]
+    rebalances: BTreeMap<u16, Rebalance>,
+    /// Replicas per node, by node id.
+    #[schema(value_type = BTreeMap<String, usize>)]
+    load: BTreeMap<u64, usize>,
 }
 
-#[derive(Debug, serde::Deserialize)]
+errors!(MetaErrors: &[ErrorCode::UnknownShard]);
+
+/// The cluster metadata as this node has applied it, and the meta group.
+#[utoipa::path(get, path = "/cluster/meta", tag = "cluster",
+    responses((status = 200, description = "the metadata", body = ClusterMeta), MetaErrors))]
+async fn meta(State(state): State<AppState>) -> Result<Json<ClusterMeta>, ApiError> {
+    let meta = state.shards.meta();
+    let group = state.shards.status(META_SHARD)?;
+    Ok(Json(ClusterMeta {
+        node_id: state.shards.node_id,
+        meta_group: group,
+        nodes: meta.nodes.clone(),
+        placement: meta.placement.clone(),
+        rebalances: meta.rebalances.clone(),
+        load: meta.load(),
+    }))
+}
+
+#[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TransferLeaderRequest {
     target_node: u64,
 }
 
-/// `POST /admin/shards/{id}/transfer-leader {"target_node": N}`: moves the shard's leadership.
-/// Takes about one election timeout (the voters' leader lease must run out first).
+#[derive(Serialize, ToSchema)]
+struct LeaderTransferred {
+    shard: u16,
+    leader: u64,
+    previous_leader: Option<u64>,
+}
+
+errors!(TransferErrors: ADMIN, BODY, PROPOSE, CHANGE, &[ErrorCode::UnknownShard]);
+
+/// Moves the shard's leadership. Takes about one election timeout (the voters' leader lease
+/// must run out first).
+#[utoipa::path(post, path = "/admin/shards/{id}/transfer-leader", tag = "cluster",
+    params(("id" = String, Path, description = "the shard number")), request_body = TransferLeaderRequest,
+    responses((status = 200, description = "transferred", body = LeaderTransferred), TransferErrors))]
 async fn transfer_leader(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
     Path(id): Path<String>,
     crate::api::extract::StrictJson(request): crate::api::extract::StrictJson<TransferLeaderRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LeaderTransferred>, ApiError> {
     require_token_if_set(&state, &headers)?;
     let shard = parse_shard(&state, &id)?;
     let previous = state.shards.status(shard)?.leader;
@@ -468,5 +700,5 @@ async fn transfer_leader(
         change_meta(&state, MetaCommand::SetPreferredLeader { shard, node: request.target_node, pinned: true }).await?;
     }
     state.shards.admin_group(shard, GroupAdmin::TransferLeader { target: request.target_node }, timeout).await?;
-    Ok(Json(json!({"shard": shard, "leader": request.target_node, "previous_leader": previous})))
+    Ok(Json(LeaderTransferred { shard, leader: request.target_node, previous_leader: previous }))
 }

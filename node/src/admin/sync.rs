@@ -3,16 +3,81 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use crate::api::openapi::{errors, ADMIN, BODY};
 use crate::api::{ApiError, AppState};
+use crate::cluster::anti_entropy::{CheckSummary, RepairSummary, ScrubSummary};
 use crate::error::ErrorCode;
 use crate::meta::META_SHARD;
 
-/// `GET /cluster/sync_status`: per shard this node hosts, the last check it ran as leader, every
-/// replica's last check root (asked live), whether they agree, what the scrub and the repairs
-/// of this node's replica did.
-pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Anti-entropy as this node sees it.
+#[derive(Serialize, ToSchema)]
+pub struct SyncStatus {
+    node_id: u64,
+    enabled: bool,
+    interval_seconds: u64,
+    scrub_interval_seconds: u64,
+    scrub_bytes_per_second: u64,
+    buckets: usize,
+    summary: SyncSummary,
+    shards: Vec<ShardSyncView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SyncSummary {
+    shards: usize,
+    agreeing: usize,
+    suspect: usize,
+    unchecked: usize,
+    mismatched_buckets: usize,
+    repairs: u64,
+}
+
+/// A shard number, or `meta` for the meta group.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ShardName {
+    Data(u16),
+    Meta(String),
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ShardSyncView {
+    shard: ShardName,
+    leader: Option<u64>,
+    applied_index: Option<u64>,
+    /// `agree`, `differ`, `pending` (not every replica checked the newest index yet) or
+    /// `unchecked`.
+    agreement: String,
+    check_index: Option<u64>,
+    replicas: Vec<ReplicaCheck>,
+    last_check: Option<CheckSummary>,
+    mismatched_buckets: usize,
+    repairs: u64,
+    repaired_keys: u64,
+    last_repair: Option<RepairSummary>,
+    scrub: ScrubSummary,
+    suspect: bool,
+    /// Checked since this node started (until then its replica neither leads nor serves).
+    checked: bool,
+}
+
+/// One replica's last check root, asked live (all `null` when it did not answer).
+#[derive(Serialize, ToSchema)]
+pub struct ReplicaCheck {
+    node: u64,
+    check_index: Option<u64>,
+    root: Option<String>,
+    suspect: Option<bool>,
+}
+
+/// Per shard this node hosts, the last check it ran as leader, every replica's last check root
+/// (asked live), whether they agree, what the scrub and the repairs of this node's replica did.
+#[utoipa::path(get, path = "/cluster/sync_status", tag = "anti-entropy",
+    responses((status = 200, description = "the status", body = SyncStatus)))]
+pub async fn sync_status(State(state): State<AppState>) -> Result<Json<SyncStatus>, ApiError> {
     let anti_entropy = &state.anti_entropy;
     let status = anti_entropy.status();
     let mut shards = Vec::with_capacity(status.len());
@@ -42,13 +107,16 @@ pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, A
         }
         repairs += sync.repairs;
         mismatched += sync.mismatched_buckets;
-        let replicas: Vec<Value> = roots
+        let replicas: Vec<ReplicaCheck> = roots
             .iter()
             .map(|(node, r)| match r {
-                Some((index, root, suspect)) => {
-                    json!({"node": node, "check_index": index, "root": root, "suspect": suspect})
-                }
-                None => json!({"node": node, "check_index": null, "root": null, "suspect": null}),
+                Some((index, root, suspect)) => ReplicaCheck {
+                    node: *node,
+                    check_index: Some(*index),
+                    root: Some(root.clone()),
+                    suspect: Some(*suspect),
+                },
+                None => ReplicaCheck { node: *node, check_index: None, root: None, suspect: None },
             })
             .collect();
         let group = state.shards.group(shard).ok();
@@ -57,52 +125,52 @@ pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, A
         if !checked {
             unchecked += 1;
         }
-        shards.push(json!({
-            "shard": if shard == META_SHARD { json!("meta") } else { json!(shard) },
-            "leader": group.as_ref().and_then(|g| g.raft.metrics().borrow().current_leader),
-            "applied_index": group.as_ref().map(|g| g.reader.applied_index()),
-            "agreement": agreement,
-            "check_index": newest,
-            "replicas": replicas,
-            "last_check": sync.last_check,
-            "mismatched_buckets": sync.mismatched_buckets,
-            "repairs": sync.repairs,
-            "repaired_keys": sync.repaired_keys,
-            "last_repair": sync.last_repair,
-            "scrub": sync.scrub,
-            "suspect": sync.suspect,
-            "checked": checked,
-        }));
+        shards.push(ShardSyncView {
+            shard: if shard == META_SHARD { ShardName::Meta("meta".into()) } else { ShardName::Data(shard) },
+            leader: group.as_ref().and_then(|g| g.raft.metrics().borrow().current_leader),
+            applied_index: group.as_ref().map(|g| g.reader.applied_index()),
+            agreement: agreement.to_string(),
+            check_index: newest,
+            replicas,
+            last_check: sync.last_check,
+            mismatched_buckets: sync.mismatched_buckets,
+            repairs: sync.repairs,
+            repaired_keys: sync.repaired_keys,
+            last_repair: sync.last_repair,
+            scrub: sync.scrub,
+            suspect: sync.suspect,
+            checked,
+        });
     }
     let settings = anti_entropy.settings();
-    Ok(Json(json!({
-        "node_id": state.shards.node_id,
-        "enabled": settings.enabled,
-        "interval_seconds": settings.interval.as_secs(),
-        "scrub_interval_seconds": settings.scrub_interval.as_secs(),
-        "scrub_bytes_per_second": settings.scrub_bytes_per_second,
-        "buckets": settings.buckets,
-        "summary": {
-            "shards": shards.len(),
-            "agreeing": agreeing,
-            "suspect": suspect,
-            "unchecked": unchecked,
-            "mismatched_buckets": mismatched,
-            "repairs": repairs,
+    Ok(Json(SyncStatus {
+        node_id: state.shards.node_id,
+        enabled: settings.enabled,
+        interval_seconds: settings.interval.as_secs(),
+        scrub_interval_seconds: settings.scrub_interval.as_secs(),
+        scrub_bytes_per_second: settings.scrub_bytes_per_second,
+        buckets: settings.buckets,
+        summary: SyncSummary {
+            shards: shards.len(),
+            agreeing,
+            suspect,
+            unchecked,
+            mismatched_buckets: mismatched,
+            repairs,
         },
-        "shards": shards,
-    })))
+        shards,
+    }))
 }
 
 /// `target_node`: a node id, as a number or a string of digits (the runbooks write it quoted).
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(untagged)]
 enum NodeRef {
     Id(u64),
     Text(String),
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyncRequest {
     target_node: NodeRef,
@@ -112,15 +180,39 @@ pub struct SyncRequest {
     force: bool,
 }
 
-/// `POST /cluster/sync {"target_node", "shard_id"?, "force"?}`: the target node scrubs its
-/// replicas (of `shard_id`, or all) now and compares its last checks with its peers, repairing
-/// what differs; with `force`, each shard's leader also proposes a fresh check now. Answers at
-/// once with the shards asked; `GET /cluster/sync_status` shows the progress.
+/// The shards a sync was started on.
+#[derive(Serialize, ToSchema)]
+pub struct SyncStarted {
+    target_node: u64,
+    force: bool,
+    /// `started`, or `partly_started` when some shards could not be asked.
+    status: String,
+    shards: Vec<u16>,
+    failed: Vec<SyncFailure>,
+    /// Where to follow it.
+    progress: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SyncFailure {
+    shard: u16,
+    code: ErrorCode,
+    error: String,
+}
+
+errors!(SyncErrors: ADMIN, BODY, &[ErrorCode::InvalidNodeId, ErrorCode::UnknownShard, ErrorCode::UnknownMember]);
+
+/// The target node scrubs its replicas (of `shard_id`, or all) now and compares its last checks
+/// with its peers, repairing what differs; with `force`, each shard's leader also proposes a
+/// fresh check now. Answers at once with the shards asked; `GET /cluster/sync_status` shows the
+/// progress.
+#[utoipa::path(post, path = "/cluster/sync", tag = "anti-entropy", request_body = SyncRequest,
+    responses((status = 200, description = "started", body = SyncStarted), SyncErrors))]
 pub async fn sync(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
     crate::api::extract::StrictJson(request): crate::api::extract::StrictJson<SyncRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SyncStarted>, ApiError> {
     super::require_token_if_set(&state, &headers)?;
     let target = match &request.target_node {
         NodeRef::Id(id) => *id,
@@ -155,9 +247,7 @@ pub async fn sync(
         };
         match asked {
             Ok(_) => started.push(shard),
-            Err(error) => {
-                failed.push(json!({"shard": shard, "code": error.code().as_str(), "error": error.to_string()}))
-            }
+            Err(error) => failed.push(SyncFailure { shard, code: error.code(), error: error.to_string() }),
         }
         if request.force {
             // The leader's fresh check compares every replica at the current index.
@@ -169,12 +259,12 @@ pub async fn sync(
             }
         }
     }
-    Ok(Json(json!({
-        "target_node": target,
-        "force": request.force,
-        "status": if failed.is_empty() { "started" } else { "partly_started" },
-        "shards": started,
-        "failed": failed,
-        "progress": "GET /cluster/sync_status",
-    })))
+    Ok(Json(SyncStarted {
+        target_node: target,
+        force: request.force,
+        status: if failed.is_empty() { "started" } else { "partly_started" }.to_string(),
+        shards: started,
+        failed,
+        progress: "GET /cluster/sync_status".to_string(),
+    }))
 }

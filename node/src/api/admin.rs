@@ -3,38 +3,58 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Deserialize;
+use axum::Json;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::access::audit::AuditEntry;
 use super::error::ApiError;
 use super::extract::parse_json;
+use super::openapi::{errors, ADMIN, OPTIONAL_BODY, QUERY, STORAGE};
+use super::slow_queries::SlowQuery;
 use super::AppState;
 use crate::error::ErrorCode;
+use crate::metrics::heap_profile::{HeapProfileStatus, ProfileFile};
+use crate::storage::{IndexFamilyStats, StorageStats};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/storage/stats", get(storage_stats))
-        .route("/v1/admin/storage/compact", post(compact))
-        .route("/v1/admin/compact", post(compact))
-        .route("/v1/admin/slow-queries", get(slow_queries))
-        .route("/v1/admin/debug/heap-profile", get(heap_profile_status).post(take_heap_profile))
-        .route("/v1/admin/debug/heap-profile/download", get(download_heap_profile))
-        .route("/v1/admin/debug/heap-profile/sampling", post(set_heap_sampling))
-        .route("/v1/admin/audit", get(audit))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(storage_stats))
+        .routes(routes!(compact))
+        .routes(routes!(compact_alias))
+        .routes(routes!(slow_queries))
+        .routes(routes!(heap_profile_status, take_heap_profile))
+        .routes(routes!(download_heap_profile))
+        .routes(routes!(set_heap_sampling))
+        .routes(routes!(audit))
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
+    /// 1 to 1000 (default 100).
     limit: Option<usize>,
     /// The `next_cursor` of the page before.
     cursor: Option<String>,
 }
 
-/// `GET /v1/admin/audit[?limit=100&cursor=C]`: the admin actions this node received, newest
-/// first (`api::access::audit`).
+/// A page of the audit log.
+#[derive(Serialize, ToSchema)]
+struct AuditPage {
+    node_id: u64,
+    entries: Vec<AuditEntry>,
+    next_cursor: Option<String>,
+}
+
+errors!(AuditErrors: ADMIN, QUERY, STORAGE, &[ErrorCode::InvalidLimit, ErrorCode::InvalidCursor, ErrorCode::InternalError]);
+
+/// The admin actions this node received, newest first.
+#[utoipa::path(get, path = "/v1/admin/audit", tag = "node admin", params(AuditParams),
+    responses((status = 200, description = "one page", body = AuditPage), AuditErrors))]
 async fn audit(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -48,17 +68,42 @@ async fn audit(
         .await
         .map_err(|e| ApiError::new(ErrorCode::InternalError, e.to_string()))?;
     let (entries, next_cursor) = listed.map_err(|error| ApiError::new(error.code(), error.to_string()))?;
-    Ok(Json(json!({"node_id": state.shards.node_id, "entries": entries, "next_cursor": next_cursor})).into_response())
+    Ok(Json(AuditPage { node_id: state.shards.node_id, entries, next_cursor }).into_response())
 }
 
-/// `GET /v1/admin/debug/heap-profile`: whether allocations are sampled, and the dumps on disk.
+errors!(HeapStatusErrors: ADMIN);
+
+/// Whether allocations are sampled, and the dumps on disk.
+#[utoipa::path(get, path = "/v1/admin/debug/heap-profile", tag = "node admin",
+    responses((status = 200, description = "the profiler", body = HeapProfileStatus), HeapStatusErrors))]
 async fn heap_profile_status(State(state): State<AppState>, _admin: super::AdminRights) -> Response {
     Json(state.heap_profiler.status()).into_response()
 }
 
-/// `POST /v1/admin/debug/heap-profile`: writes a heap profile of the live sampled allocations
-/// now. When sampling was off it is switched on first, so this dump is nearly empty and the
-/// next one, taken after the workload ran, shows where memory goes.
+/// A heap profile just written.
+#[derive(Serialize, ToSchema)]
+struct HeapProfileTaken {
+    profile: ProfileFile,
+    /// Where to download it.
+    download: String,
+    sampling_was_on: bool,
+    sampling_since: Option<String>,
+    sample_interval_bytes: Option<u64>,
+    binary: Option<String>,
+    note: String,
+}
+
+/// What heap profiling can answer besides admin rights.
+const HEAP: &[ErrorCode] =
+    &[ErrorCode::HeapProfilingUnavailable, ErrorCode::NoHeapProfile, ErrorCode::HeapProfileFailed];
+
+errors!(TakeHeapErrors: ADMIN, HEAP);
+
+/// Writes a heap profile of the live sampled allocations now. When sampling was off it is
+/// switched on first, so this dump is nearly empty and the next one, taken after the workload
+/// ran, shows where memory goes.
+#[utoipa::path(post, path = "/v1/admin/debug/heap-profile", tag = "node admin",
+    responses((status = 200, description = "written", body = HeapProfileTaken), TakeHeapErrors))]
 async fn take_heap_profile(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
     use crate::metrics::heap_profile::HeapProfiler;
     let was_sampling = HeapProfiler::sampling();
@@ -75,15 +120,15 @@ async fn take_heap_profile(State(state): State<AppState>, _admin: super::AdminRi
     } else {
         "sampling was off and is on from now: this profile is nearly empty; take another once the workload has run"
     };
-    Ok(Json(json!({
-        "profile": file,
-        "download": format!("/v1/admin/debug/heap-profile/download?name={}", file.name),
-        "sampling_was_on": was_sampling,
-        "sampling_since": state.heap_profiler.sampling_since(),
-        "sample_interval_bytes": HeapProfiler::sample_interval_bytes(),
-        "binary": HeapProfiler::binary(),
-        "note": note,
-    }))
+    Ok(Json(HeapProfileTaken {
+        download: format!("/v1/admin/debug/heap-profile/download?name={}", file.name),
+        profile: file,
+        sampling_was_on: was_sampling,
+        sampling_since: state.heap_profiler.sampling_since(),
+        sample_interval_bytes: HeapProfiler::sample_interval_bytes(),
+        binary: HeapProfiler::binary(),
+        note: note.to_string(),
+    })
     .into_response())
 }
 
@@ -97,14 +142,21 @@ async fn off_workers<T: Send + 'static>(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DownloadParams {
+    /// A dump's name (default: the newest).
     name: Option<String>,
 }
 
-/// `GET /v1/admin/debug/heap-profile/download[?name=heap-….prof]`: the newest dump, or the
-/// named one, in jemalloc's heap-profile format (`jeprof --text $(which stemedb) FILE`).
+errors!(DownloadErrors: ADMIN, QUERY, HEAP, &[ErrorCode::HeapProfileNotFound, ErrorCode::InvalidHeapProfileName]);
+
+/// The newest dump, or the named one, in jemalloc's heap-profile format
+/// (`jeprof --text $(which stemedb) FILE`).
+#[utoipa::path(get, path = "/v1/admin/debug/heap-profile/download", tag = "node admin", params(DownloadParams),
+    responses((status = 200, description = "the dump", content_type = "application/octet-stream", body = Vec<u8>,
+        headers(("Content-Disposition" = String, description = "attachment; filename=..."))), DownloadErrors))]
 async fn download_heap_profile(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -120,14 +172,17 @@ async fn download_heap_profile(
     Ok((headers, bytes).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SamplingRequest {
     enabled: bool,
 }
 
-/// `POST /v1/admin/debug/heap-profile/sampling` `{"enabled": bool}`: switches allocation
-/// sampling on or off without a restart.
+errors!(SamplingErrors: ADMIN, OPTIONAL_BODY, HEAP);
+
+/// Switches allocation sampling on or off without a restart.
+#[utoipa::path(post, path = "/v1/admin/debug/heap-profile/sampling", tag = "node admin", request_body = SamplingRequest,
+    responses((status = 200, description = "the profiler now", body = HeapProfileStatus), SamplingErrors))]
 async fn set_heap_sampling(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -138,15 +193,32 @@ async fn set_heap_sampling(
     Ok(Json(state.heap_profiler.status()).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct SlowQueriesParams {
+    /// 1 to 1000 (default 100).
     limit: Option<usize>,
+    /// Only this agent's queries.
     agent_id: Option<String>,
 }
 
-/// `GET /v1/admin/slow-queries[?limit=N&agent_id=A]`: the slow-query log, newest first
-/// (`limit` default 100, at most 1000).
+/// The slow-query log.
+#[derive(Serialize, ToSchema)]
+struct SlowQueryPage {
+    /// `query.slow_query_ms`.
+    slow_query_ms: u64,
+    /// `query.slow_query_log_size`.
+    capacity: usize,
+    /// Newest first.
+    queries: Vec<SlowQuery>,
+}
+
+errors!(SlowQueryErrors: ADMIN, QUERY, &[ErrorCode::InvalidLimit]);
+
+/// The slow-query log, newest first.
+#[utoipa::path(get, path = "/v1/admin/slow-queries", tag = "node admin", params(SlowQueriesParams),
+    responses((status = 200, description = "the log", body = SlowQueryPage), SlowQueryErrors))]
 async fn slow_queries(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -155,37 +227,80 @@ async fn slow_queries(
     let params = super::extract::query_params(params)?;
     let limit = super::extract::list_limit(params.limit)?;
     let queries = state.slow_queries.list(limit, params.agent_id.as_deref());
-    Ok(Json(json!({
-        "slow_query_ms": state.config.query.slow_query_ms,
-        "capacity": state.config.query.slow_query_log_size,
-        "queries": queries,
-    }))
+    Ok(Json(SlowQueryPage {
+        slow_query_ms: state.config.query.slow_query_ms,
+        capacity: state.config.query.slow_query_log_size,
+        queries,
+    })
     .into_response())
 }
 
-/// `GET /v1/admin/storage/stats`: engine statistics as the runbooks read them.
+/// The engine's statistics with the indexes' size.
+#[derive(Serialize, ToSchema)]
+struct StorageStatsResponse {
+    #[serde(flatten)]
+    stats: StorageStats,
+    /// The index family's memory and the authority graph's.
+    index_memory_bytes: u64,
+    index: IndexFamilyStats,
+}
+
+errors!(StatsErrors: ADMIN);
+
+/// Engine statistics as the runbooks read them.
+#[utoipa::path(get, path = "/v1/admin/storage/stats", tag = "node admin",
+    responses((status = 200, description = "the statistics", body = StorageStatsResponse), StatsErrors))]
 async fn storage_stats(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
-    let stats = state.storage.stats();
-    let mut body = serde_json::to_value(&stats).map_err(|e| ApiError::new(ErrorCode::EncodingFailed, e.to_string()))?;
-    body["index_memory_bytes"] = json!(super::indexes::index_memory_bytes(&state));
-    body["index"] = serde_json::to_value(state.storage.index_stats()).unwrap_or_default();
+    let body = StorageStatsResponse {
+        stats: state.storage.stats(),
+        index_memory_bytes: super::indexes::index_memory_bytes(&state),
+        index: state.storage.index_stats(),
+    };
     Ok(Json(body).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CompactRequest {
+    /// Accepted for the runbooks' commands; every manual compaction is full.
     #[serde(default)]
     force: bool,
+    /// Also rewrite the bottommost level.
     #[serde(default)]
     aggressive: bool,
 }
 
-/// `POST /v1/admin/storage/compact` and `POST /v1/admin/compact`: full manual compaction, run
-/// in the background; the answer returns at once. One at a time: `409 compaction_in_progress`
-/// while one runs. Progress: `stemedb_compaction_progress_ratio`, and `manual_compaction` of
-/// `GET /v1/admin/storage/stats`.
-async fn compact(State(state): State<AppState>, _admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
+#[derive(Serialize, ToSchema)]
+struct CompactStarted {
+    /// Always `started`.
+    status: String,
+}
+
+errors!(CompactErrors: ADMIN, OPTIONAL_BODY, &[ErrorCode::CompactionInProgress]);
+
+/// Full manual compaction, run in the background; the answer returns at once. One at a time:
+/// `409 compaction_in_progress` while one runs. Progress: `stemedb_compaction_progress_ratio`,
+/// and `manual_compaction` of `GET /v1/admin/storage/stats`.
+#[utoipa::path(post, path = "/v1/admin/storage/compact", tag = "node admin",
+    request_body(content = Option<CompactRequest>, description = "optional"),
+    responses((status = 202, description = "started", body = CompactStarted), CompactErrors))]
+async fn compact(State(state): State<AppState>, admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
+    compact_now(state, admin, body).await
+}
+
+/// The same as `POST /v1/admin/storage/compact` (the runbooks' older path).
+#[utoipa::path(post, path = "/v1/admin/compact", tag = "node admin",
+    request_body(content = Option<CompactRequest>, description = "optional"),
+    responses((status = 202, description = "started", body = CompactStarted), CompactErrors))]
+async fn compact_alias(
+    State(state): State<AppState>,
+    admin: super::AdminRights,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    compact_now(state, admin, body).await
+}
+
+async fn compact_now(state: AppState, _admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
     let request: CompactRequest =
         if body.iter().all(|b| b.is_ascii_whitespace()) { CompactRequest::default() } else { parse_json(&body)? };
     let storage = state.storage.clone();
@@ -202,5 +317,5 @@ async fn compact(State(state): State<AppState>, _admin: super::AdminRights, body
             Err(error) => tracing::error!(error = %error, "manual compaction failed"),
         }
     });
-    Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"status": "started"}))).into_response())
+    Ok((axum::http::StatusCode::ACCEPTED, Json(CompactStarted { status: "started".into() })).into_response())
 }

@@ -8,14 +8,17 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::access::CallerOf;
 use super::error::ApiError;
 use super::extract::{list_limit, query_params, StrictJson};
+use super::openapi::{errors, ADMIN, BODY, META, PROPOSE, QUERY, SIGNATURE};
 use super::{peer_of, AppState};
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
@@ -24,14 +27,14 @@ use crate::model::assertion::{validate_agent_id, validate_concept_path, validate
 use crate::model::authority::{Grant, MAX_LEVEL};
 use crate::model::id::format_time_us;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/authority/roots", post(set_root))
-        .route("/v1/admin/authority/roots/{agent_id}", delete(remove_root))
-        .route("/v1/authority/roots", get(list_roots))
-        .route("/v1/authority/grants", post(create_grant).get(list_grants))
-        .route("/v1/authority/grants/{id}", get(get_grant).delete(revoke_grant))
-        .route("/v1/authority/agents/{agent_id}", get(agent_authority))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(set_root))
+        .routes(routes!(remove_root))
+        .routes(routes!(list_roots))
+        .routes(routes!(create_grant, list_grants))
+        .routes(routes!(get_grant, revoke_grant))
+        .routes(routes!(agent_authority))
 }
 
 fn policy_timeout(state: &AppState) -> Duration {
@@ -45,28 +48,57 @@ fn validate_level(level: i64) -> Result<u8, ApiError> {
     })
 }
 
-pub fn grant_json(grant: &Grant) -> Value {
-    json!({
-        "id": grant.id,
-        "grantor": grant.grantor,
-        "grantee": grant.grantee,
-        "concept_prefix": grant.concept_prefix,
-        "level": grant.level,
-        "granted_at": format_time_us(grant.granted_at_us),
-        "revoked_at": grant.revoked_at_us.map(format_time_us),
-        "active": grant.revoked_at_us.is_none(),
-    })
+/// A grant as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct GrantView {
+    id: u64,
+    grantor: String,
+    grantee: String,
+    /// The paths it covers (`""`: every path).
+    concept_prefix: String,
+    /// 0 to 100.
+    level: u8,
+    granted_at: String,
+    revoked_at: Option<String>,
+    active: bool,
 }
 
-#[derive(Debug, Deserialize)]
+impl GrantView {
+    pub fn of(grant: &Grant) -> GrantView {
+        GrantView {
+            id: grant.id,
+            grantor: grant.grantor.clone(),
+            grantee: grant.grantee.clone(),
+            concept_prefix: grant.concept_prefix.clone(),
+            level: grant.level,
+            granted_at: format_time_us(grant.granted_at_us),
+            revoked_at: grant.revoked_at_us.map(format_time_us),
+            active: grant.revoked_at_us.is_none(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RootRequest {
     agent_id: String,
+    /// 0 to 100.
     level: i64,
 }
 
-/// `POST /v1/admin/authority/roots` `{"agent_id", "level"}`: makes an agent a root authority
-/// (or changes its level).
+#[derive(Serialize, ToSchema)]
+struct RootSet {
+    agent_id: String,
+    level: Option<u8>,
+    /// False when the agent already was a root at this level.
+    changed: bool,
+}
+
+errors!(SetRootErrors: ADMIN, BODY, PROPOSE, META, &[ErrorCode::InvalidAgentId, ErrorCode::InvalidLevel]);
+
+/// Makes an agent a root authority (or changes its level).
+#[utoipa::path(post, path = "/v1/admin/authority/roots", tag = "authority", request_body = RootRequest,
+    responses((status = 200, description = "the root now", body = RootSet), SetRootErrors))]
 async fn set_root(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -77,14 +109,25 @@ async fn set_root(
     let command = PolicyCommand::SetRoot { agent_id: request.agent_id, level: Some(level) };
     match state.shards.propose_policy(command, policy_timeout(&state)).await?? {
         PolicyOutcome::Root { agent_id, level, changed } => {
-            Ok(Json(json!({"agent_id": agent_id, "level": level, "changed": changed})).into_response())
+            Ok(Json(RootSet { agent_id, level, changed }).into_response())
         }
         other => Err(unexpected(other)),
     }
 }
 
-/// `DELETE /v1/admin/authority/roots/{agent_id}`: the agent is no longer a root (chains from
-/// it stop counting; `as_of` reads before now still see it).
+#[derive(Serialize, ToSchema)]
+struct RootRemoved {
+    agent_id: String,
+    removed: bool,
+}
+
+errors!(RemoveRootErrors: ADMIN, PROPOSE, META, &[ErrorCode::InvalidAgentId, ErrorCode::RootNotFound]);
+
+/// The agent is no longer a root (chains from it stop counting; `as_of` reads before now still
+/// see it).
+#[utoipa::path(delete, path = "/v1/admin/authority/roots/{agent_id}", tag = "authority",
+    params(("agent_id" = String, Path, description = "the root's agent id")),
+    responses((status = 200, description = "removed", body = RootRemoved), RemoveRootErrors))]
 async fn remove_root(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -97,42 +140,69 @@ async fn remove_root(
     let command = PolicyCommand::SetRoot { agent_id, level: None };
     match state.shards.propose_policy(command, policy_timeout(&state)).await?? {
         PolicyOutcome::Root { agent_id, changed, .. } => {
-            Ok(Json(json!({"agent_id": agent_id, "removed": changed})).into_response())
+            Ok(Json(RootRemoved { agent_id, removed: changed }).into_response())
         }
         other => Err(unexpected(other)),
     }
 }
 
-/// `GET /v1/authority/roots`: the current root authorities.
+#[derive(Serialize, ToSchema)]
+struct RootList {
+    roots: Vec<RootEntry>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct RootEntry {
+    agent_id: String,
+    level: u8,
+    since: String,
+}
+
+/// The current root authorities.
+#[utoipa::path(get, path = "/v1/authority/roots", tag = "authority",
+    responses((status = 200, description = "the roots", body = RootList)))]
 async fn list_roots(State(state): State<AppState>) -> Response {
-    let roots: Vec<Value> = state.shards.policy().read(|s| {
+    let roots: Vec<RootEntry> = state.shards.policy().read(|s| {
         s.authorities
             .roots()
             .iter()
             .filter_map(|(agent, spans)| {
                 let span = spans.iter().find(|s| s.until_us.is_none())?;
-                Some(json!({"agent_id": agent, "level": span.level, "since": format_time_us(span.since_us)}))
+                Some(RootEntry { agent_id: agent.clone(), level: span.level, since: format_time_us(span.since_us) })
             })
             .collect()
     });
-    Json(json!({"roots": roots})).into_response()
+    Json(RootList { roots }).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct GrantRequest {
     grantor: String,
     grantee: String,
+    /// The paths it covers (default `""`: every path).
     #[serde(default)]
     concept_prefix: String,
+    /// 0 to 100, at most what the grantor holds there.
     level: i64,
     /// The grantor's hex Ed25519 signature over the canonical grant bytes (docs/signatures.md).
     #[serde(default)]
     signature: Option<String>,
 }
 
-/// `POST /v1/authority/grants`: 201 with the grant, or 403 unless the grantor holds at least
-/// `level` on a prefix covering `concept_prefix` (checked when the meta group applies it).
+errors!(GrantErrors: BODY, PROPOSE, META, SIGNATURE, &[
+    ErrorCode::InvalidAgentId,
+    ErrorCode::AgentNotAllowed,
+    ErrorCode::InvalidConceptPath,
+    ErrorCode::InvalidLevel,
+    ErrorCode::InsufficientAuthority,
+    ErrorCode::SelfGrant,
+]);
+
+/// Grants authority on a prefix: refused unless the grantor holds at least `level` on a prefix
+/// covering `concept_prefix` (checked when the meta group applies it).
+#[utoipa::path(post, path = "/v1/authority/grants", tag = "authority", request_body = GrantRequest,
+    responses((status = 201, description = "granted", body = GrantView), GrantErrors))]
 async fn create_grant(
     State(state): State<AppState>,
     CallerOf(caller): CallerOf,
@@ -158,13 +228,14 @@ async fn create_grant(
         max_chain_depth: state.config.authority.max_chain_depth,
     };
     match state.shards.propose_policy(command, policy_timeout(&state)).await?? {
-        PolicyOutcome::Grant(grant) => Ok((StatusCode::CREATED, Json(grant_json(&grant))).into_response()),
+        PolicyOutcome::Grant(grant) => Ok((StatusCode::CREATED, Json(GrantView::of(&grant))).into_response()),
         other => Err(unexpected(other)),
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListGrantsParams {
     grantor: Option<String>,
     grantee: Option<String>,
@@ -172,12 +243,24 @@ struct ListGrantsParams {
     concept_path: Option<String>,
     #[serde(default)]
     include_revoked: bool,
+    /// 1 to 1000 (default 100).
     limit: Option<usize>,
     /// The last grant id of the previous page.
     after: Option<u64>,
 }
 
-/// `GET /v1/authority/grants[?grantor&grantee&concept_path&include_revoked&limit&after]`.
+#[derive(Serialize, ToSchema)]
+struct GrantPage {
+    grants: Vec<GrantView>,
+    /// `after` of the next page.
+    next_after: Option<u64>,
+}
+
+errors!(ListGrantErrors: QUERY, &[ErrorCode::InvalidLimit, ErrorCode::InvalidConceptPath]);
+
+/// Grants, in id order.
+#[utoipa::path(get, path = "/v1/authority/grants", tag = "authority", params(ListGrantsParams),
+    responses((status = 200, description = "one page", body = GrantPage), ListGrantErrors))]
 async fn list_grants(
     State(state): State<AppState>,
     params: Result<Query<ListGrantsParams>, axum::extract::rejection::QueryRejection>,
@@ -202,29 +285,35 @@ async fn list_grants(
                     .as_ref()
                     .is_none_or(|p| crate::model::authority::prefix_covers(&g.concept_prefix, p))
             });
-        let page: Vec<Value> = matching.by_ref().take(limit).map(grant_json).collect();
+        let page: Vec<GrantView> = matching.by_ref().take(limit).map(GrantView::of).collect();
         (page, matching.next().is_some())
     });
-    let next = if more { grants.last().map(|g| g["id"].clone()) } else { None };
-    Ok(Json(json!({"grants": grants, "next_after": next})).into_response())
+    let next_after = if more { grants.last().map(|g| g.id) } else { None };
+    Ok(Json(GrantPage { grants, next_after }).into_response())
 }
 
 fn parse_grant_id(text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::new(ErrorCode::InvalidGrantId, format!("grant id {text:?} is not a number")))
 }
 
-/// `GET /v1/authority/grants/{id}`
+errors!(GetGrantErrors: &[ErrorCode::InvalidGrantId, ErrorCode::GrantNotFound]);
+
+/// One grant.
+#[utoipa::path(get, path = "/v1/authority/grants/{id}", tag = "authority",
+    params(("id" = String, Path, description = "the grant's number")),
+    responses((status = 200, description = "the grant", body = GrantView), GetGrantErrors))]
 async fn get_grant(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_grant_id(&id)?;
     let grant = state.shards.policy().read(|s| s.authorities.grant(id).cloned());
     match grant {
-        Some(grant) => Ok(Json(grant_json(&grant)).into_response()),
+        Some(grant) => Ok(Json(GrantView::of(&grant)).into_response()),
         None => Err(ApiError::new(ErrorCode::GrantNotFound, format!("grant {id} not found"))),
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct RevokeParams {
     /// The grantor revoking its own grant; without it the admin token is required.
     agent_id: Option<String>,
@@ -232,8 +321,19 @@ struct RevokeParams {
     signature: Option<String>,
 }
 
-/// `DELETE /v1/authority/grants/{id}[?agent_id=GRANTOR]`: revokes a grant (its grantor, or an
-/// admin). Chains through it stop counting from now on.
+errors!(RevokeErrors: QUERY, ADMIN, PROPOSE, META, SIGNATURE, &[
+    ErrorCode::InvalidGrantId,
+    ErrorCode::InvalidAgentId,
+    ErrorCode::AgentNotAllowed,
+    ErrorCode::GrantNotFound,
+    ErrorCode::GrantAlreadyRevoked,
+    ErrorCode::NotGrantor,
+]);
+
+/// Revokes a grant (its grantor, or an admin). Chains through it stop counting from now on.
+#[utoipa::path(delete, path = "/v1/authority/grants/{id}", tag = "authority",
+    params(("id" = String, Path, description = "the grant's number"), RevokeParams),
+    responses((status = 200, description = "the revoked grant", body = GrantView), RevokeErrors))]
 async fn revoke_grant(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -263,20 +363,49 @@ async fn revoke_grant(
         }
     };
     match state.shards.propose_policy(PolicyCommand::Revoke { grant_id: id, by }, policy_timeout(&state)).await?? {
-        PolicyOutcome::Grant(grant) => Ok(Json(grant_json(&grant)).into_response()),
+        PolicyOutcome::Grant(grant) => Ok(Json(GrantView::of(&grant)).into_response()),
         other => Err(unexpected(other)),
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AgentAuthorityParams {
+    /// Required: the path to evaluate.
     concept_path: Option<String>,
+    /// Unix milliseconds or RFC 3339 (default: now).
     as_of: Option<String>,
 }
 
-/// `GET /v1/authority/agents/{agent_id}?concept_path=P[&as_of=T]`: the agent's authority for
-/// the path and the chain of grants that gives it (`authority: null` when it has none).
+/// An agent's authority for a path.
+#[derive(Serialize, ToSchema)]
+struct AgentAuthority {
+    agent_id: String,
+    concept_path: String,
+    /// `null`: none.
+    authority: Option<u8>,
+    /// The root authority at the head of the chain.
+    root: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    root_level: Option<u8>,
+    /// The grants from the root to the agent.
+    chain: Vec<GrantView>,
+    max_chain_depth: usize,
+}
+
+errors!(AgentAuthorityErrors: QUERY, &[
+    ErrorCode::InvalidAgentId,
+    ErrorCode::MissingConceptPath,
+    ErrorCode::InvalidConceptPath,
+    ErrorCode::InvalidTime,
+]);
+
+/// The agent's authority for the path and the chain of grants that gives it (`authority: null`
+/// when it has none).
+#[utoipa::path(get, path = "/v1/authority/agents/{agent_id}", tag = "authority",
+    params(("agent_id" = String, Path, description = "the agent"), AgentAuthorityParams),
+    responses((status = 200, description = "its authority", body = AgentAuthority), AgentAuthorityErrors))]
 async fn agent_authority(
     State(state): State<AppState>,
     Path(agent_id): Path<String>,
@@ -292,24 +421,19 @@ async fn agent_authority(
     let as_of_us = super::reads::parse_time_param("as_of", params.as_of.as_deref())?.unwrap_or(u64::MAX);
     let policy = state.shards.policy();
     let found = policy.authority(&agent_id, &path, as_of_us);
-    let body = policy.read(|s| match &found {
-        None => json!({
-            "agent_id": agent_id,
-            "concept_path": path,
-            "authority": null,
-            "root": null,
-            "chain": [],
-            "max_chain_depth": policy.max_chain_depth(),
-        }),
-        Some(found) => json!({
-            "agent_id": agent_id,
-            "concept_path": path,
-            "authority": found.level,
-            "root": found.root,
-            "root_level": s.authorities.root_level(&found.root, as_of_us),
-            "chain": found.chain.iter().filter_map(|id| s.authorities.grant(*id)).map(grant_json).collect::<Vec<_>>(),
-            "max_chain_depth": policy.max_chain_depth(),
-        }),
+    let body = policy.read(|s| AgentAuthority {
+        agent_id: agent_id.clone(),
+        concept_path: path.clone(),
+        authority: found.as_ref().map(|f| f.level),
+        root: found.as_ref().map(|f| f.root.clone()),
+        root_level: found.as_ref().and_then(|f| s.authorities.root_level(&f.root, as_of_us)),
+        chain: found
+            .iter()
+            .flat_map(|f| f.chain.iter())
+            .filter_map(|id| s.authorities.grant(*id))
+            .map(GrantView::of)
+            .collect(),
+        max_chain_depth: policy.max_chain_depth(),
     });
     Ok(Json(body).into_response())
 }

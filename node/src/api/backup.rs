@@ -5,18 +5,22 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Deserialize;
+use axum::Json;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::extract::parse_json;
+use super::openapi::{errors, ADMIN, OPTIONAL_BODY};
 use super::AppState;
-use crate::cluster::backup::BackupError;
+use crate::cluster::backup::{BackupError, BackupProgress};
+use crate::error::ErrorCode;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/admin/backup", post(start).get(list)).route("/v1/admin/backup/{id}", get(progress))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(start, list)).routes(routes!(progress))
 }
 
 impl From<BackupError> for ApiError {
@@ -34,14 +38,23 @@ impl From<BackupError> for ApiError {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StartRequest {
     /// A directory or `s3://bucket/prefix`; default `backup.destination`.
     destination: Option<String>,
 }
 
-/// `POST /v1/admin/backup`: `202` with the backup's progress (its `id`).
+errors!(StartErrors: ADMIN, OPTIONAL_BODY, &[
+    ErrorCode::BackupDestinationInvalid,
+    ErrorCode::BackupInProgress,
+    ErrorCode::BackupStoreFailed,
+]);
+
+/// Starts a backup of the whole cluster, coordinated by this node, in the background.
+#[utoipa::path(post, path = "/v1/admin/backup", tag = "backup",
+    request_body(content = Option<StartRequest>, description = "optional"),
+    responses((status = 202, description = "started: follow it by its `id`", body = BackupProgress), StartErrors))]
 async fn start(State(state): State<AppState>, _admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
     let request: StartRequest =
         if body.iter().all(|b| b.is_ascii_whitespace()) { StartRequest::default() } else { parse_json(&body)? };
@@ -49,7 +62,12 @@ async fn start(State(state): State<AppState>, _admin: super::AdminRights, body: 
     Ok((axum::http::StatusCode::ACCEPTED, Json(progress)).into_response())
 }
 
-/// `GET /v1/admin/backup/{id}`.
+errors!(ProgressErrors: ADMIN, &[ErrorCode::BackupNotFound]);
+
+/// One backup's progress.
+#[utoipa::path(get, path = "/v1/admin/backup/{id}", tag = "backup",
+    params(("id" = String, Path, description = "the backup's id")),
+    responses((status = 200, description = "its progress", body = BackupProgress), ProgressErrors))]
 async fn progress(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -58,7 +76,17 @@ async fn progress(
     Ok(Json(state.backups.progress(&id)?).into_response())
 }
 
-/// `GET /v1/admin/backup`: the runs this node coordinated since it started, newest first.
+#[derive(Serialize, ToSchema)]
+struct BackupList {
+    /// Newest first.
+    backups: Vec<BackupProgress>,
+}
+
+errors!(ListErrors: ADMIN);
+
+/// The backups this node coordinated since it started.
+#[utoipa::path(get, path = "/v1/admin/backup", tag = "backup", operation_id = "list_backups",
+    responses((status = 200, description = "the runs", body = BackupList), ListErrors))]
 async fn list(State(state): State<AppState>, _admin: super::AdminRights) -> Response {
-    Json(json!({"backups": state.backups.runs()})).into_response()
+    Json(BackupList { backups: state.backups.runs() }).into_response()
 }

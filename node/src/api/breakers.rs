@@ -12,14 +12,17 @@ use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use parking_lot::Mutex;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::extract::StrictJson;
+use super::openapi::{errors, ADMIN, BODY, META, PROPOSE, QUERY};
 use super::AppState;
 use crate::config::CircuitBreakerSection;
 use crate::coordinator::Coordinator;
@@ -63,18 +66,36 @@ pub struct BreakerMonitor {
     timeout: Duration,
 }
 
-pub fn breaker_json(record: &BreakerRecord, now: u64) -> Value {
-    json!({
-        "agent_id": record.agent_id,
-        "state": record.state_at(now),
-        "cause": record.cause,
-        "reason": record.reason,
-        "opened_at": format_time_us(record.opened_at_us),
-        "open_until": record.open_until_us.map(format_time_us),
-        "trips": record.trips,
-        "closed_at": record.closed_at_us.map(format_time_us),
-        "closed_reason": record.closed_reason,
-    })
+/// One agent's breaker as the admin API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct BreakerView {
+    agent_id: String,
+    state: BreakerState,
+    cause: BreakerCause,
+    reason: String,
+    opened_at: String,
+    /// `null`: open until reset.
+    open_until: Option<String>,
+    /// Consecutive automatic trips: each doubles the open period.
+    trips: u32,
+    closed_at: Option<String>,
+    closed_reason: Option<String>,
+}
+
+impl BreakerView {
+    pub fn of(record: &BreakerRecord, now: u64) -> BreakerView {
+        BreakerView {
+            agent_id: record.agent_id.clone(),
+            state: record.state_at(now),
+            cause: record.cause,
+            reason: record.reason.clone(),
+            opened_at: format_time_us(record.opened_at_us),
+            open_until: record.open_until_us.map(format_time_us),
+            trips: record.trips,
+            closed_at: record.closed_at_us.map(format_time_us),
+            closed_reason: record.closed_reason.clone(),
+        }
+    }
 }
 
 impl BreakerMonitor {
@@ -252,17 +273,15 @@ fn refusal(record: &BreakerRecord, now: u64) -> ApiError {
     .with_details(json!({"agent_id": agent, "cause": record.cause, "state": record.state_at(now), "open_until": record.open_until_us.map(format_time_us)}))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/circuit-breaker", get(list))
-        .route("/v1/admin/circuit-breaker/trip", post(trip))
-        .route("/v1/admin/circuit-breaker/reset", post(reset))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list)).routes(routes!(trip)).routes(routes!(reset))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TripRequest {
     agent_id: String,
+    /// Why (at most 1024 characters).
     #[serde(default)]
     reason: Option<String>,
     /// Open for this long, then half-open; without it the breaker stays open until reset.
@@ -270,7 +289,12 @@ struct TripRequest {
     duration_seconds: Option<u64>,
 }
 
-/// `POST /v1/admin/circuit-breaker/trip` `{"agent_id", "reason"?, "duration_seconds"?}`.
+errors!(ChangeErrors: ADMIN, BODY, PROPOSE, META, &[ErrorCode::InvalidAgentId, ErrorCode::ReasonTooLong]);
+errors!(ResetErrors: ADMIN, BODY, PROPOSE, META, &[ErrorCode::InvalidAgentId, ErrorCode::ReasonTooLong, ErrorCode::BreakerNotOpen]);
+
+/// Opens an agent's breaker by hand (refusals are `403 circuit_breaker_tripped`).
+#[utoipa::path(post, path = "/v1/admin/circuit-breaker/trip", tag = "circuit breakers", request_body = TripRequest,
+    responses((status = 200, description = "the breaker now", body = BreakerView), ChangeErrors))]
 async fn trip(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -291,15 +315,18 @@ async fn trip(
     breaker_change(&state, command).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResetRequest {
     agent_id: String,
+    /// Why (at most 1024 characters).
     #[serde(default)]
     reason: Option<String>,
 }
 
-/// `POST /v1/admin/circuit-breaker/reset` `{"agent_id", "reason"?}`: closes the breaker.
+/// Closes an agent's breaker.
+#[utoipa::path(post, path = "/v1/admin/circuit-breaker/reset", tag = "circuit breakers", request_body = ResetRequest,
+    responses((status = 200, description = "the breaker now", body = BreakerView), ResetErrors))]
 async fn reset(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -316,20 +343,34 @@ async fn reset(
 async fn breaker_change(state: &AppState, command: PolicyCommand) -> Result<Response, ApiError> {
     let timeout = Duration::from_millis(state.config.raft.write_timeout_ms);
     match state.shards.propose_policy(command, timeout).await?? {
-        PolicyOutcome::Breaker(record) => Ok(Json(breaker_json(&record, now_us())).into_response()),
+        PolicyOutcome::Breaker(record) => Ok(Json(BreakerView::of(&record, now_us())).into_response()),
         other => Err(ApiError::new(ErrorCode::UnexpectedResponse, format!("the meta group answered {other:?}"))),
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
-    /// `open`, `half_open`, `closed`; default: every breaker that is not closed.
+    /// `open`, `half_open`, `closed` or `all`; default: every breaker that is not closed.
     state: Option<String>,
+    /// Only this agent's breaker.
     agent_id: Option<String>,
 }
 
-/// `GET /v1/admin/circuit-breaker[?state=open|half_open|closed|all&agent_id=]`.
+/// The breakers and the mode they work in.
+#[derive(Serialize, ToSchema)]
+struct BreakerList {
+    breakers: Vec<BreakerView>,
+    /// `circuit_breaker.mode`: `reject` or `quarantine`.
+    mode: String,
+}
+
+errors!(ListErrors: ADMIN, QUERY, &[ErrorCode::InvalidState]);
+
+/// The circuit breakers, from the replicated policy.
+#[utoipa::path(get, path = "/v1/admin/circuit-breaker", tag = "circuit breakers", operation_id = "list_breakers",
+    params(ListParams), responses((status = 200, description = "the breakers", body = BreakerList), ListErrors))]
 async fn list(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -353,13 +394,13 @@ async fn list(
         }
     };
     let now = now_us();
-    let breakers: Vec<Value> = state.shards.policy().read(|s| {
+    let breakers: Vec<BreakerView> = state.shards.policy().read(|s| {
         s.breakers
             .values()
             .filter(|r| params.agent_id.as_ref().is_none_or(|a| *a == r.agent_id))
             .filter(|r| wanted.as_ref().is_none_or(|w| w.contains(&r.state_at(now))))
-            .map(|r| breaker_json(r, now))
+            .map(|r| BreakerView::of(r, now))
             .collect()
     });
-    Ok(Json(json!({"breakers": breakers, "mode": state.config.circuit_breaker.mode})).into_response())
+    Ok(Json(BreakerList { breakers, mode: state.config.circuit_breaker.mode.clone() }).into_response())
 }

@@ -40,8 +40,25 @@ impl ApiError {
     }
 
     pub fn body(&self) -> Value {
-        json!({"error": {"code": self.code, "message": self.message, "details": self.details}})
+        json!({"error": self.detail()})
     }
+
+    /// The error as a batch item reports it (the body's `error` object).
+    pub fn detail(&self) -> ErrorDetail {
+        ErrorDetail { code: self.code, message: self.message.clone(), details: self.details.clone() }
+    }
+}
+
+/// The `error` object of an error answer.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// The stable code (docs/api.md).
+    pub code: ErrorCode,
+    /// For people; never match on it.
+    pub message: String,
+    /// The code's fields (docs/api.md), `{}` when it has none.
+    #[schema(value_type = Object)]
+    pub details: Value,
 }
 
 /// `Retry-After` of a `507 insufficient_storage`: the floor is sampled every second, but space

@@ -34,10 +34,16 @@ where
 
 /// Parses JSON with the error classes of DESIGN §3.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::new(ErrorCode::MalformedJson, "request body is empty; expected a JSON object"));
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => Err(ApiError::new(ErrorCode::MalformedJson, "request body is empty; expected a JSON object")),
+        // serde reads a struct from an array too (`[]` would be every default): refuse any
+        // other JSON than an object, after telling malformed text from a wrong type.
+        Some(b'{') => serde_json::from_slice(bytes).map_err(json_error),
+        Some(_) => match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Err(error) => Err(json_error(error)),
+            Ok(_) => Err(ApiError::new(ErrorCode::InvalidField, "the request body must be a JSON object")),
+        },
     }
-    serde_json::from_slice(bytes).map_err(json_error)
 }
 
 pub fn json_error(error: serde_json::Error) -> ApiError {
@@ -93,4 +99,31 @@ pub fn id_cursor(cursor: Option<&str>) -> Result<Option<crate::model::id::Assert
                 .map_err(|_| ApiError::new(ErrorCode::InvalidCursor, "cursor is not one this server returned"))
         })
         .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_json;
+    use crate::error::ErrorCode;
+
+    #[derive(Debug, Default, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Optional {
+        #[serde(default)]
+        force: bool,
+    }
+
+    #[test]
+    fn a_body_must_be_an_object_even_when_every_field_is_optional() {
+        // serde reads a struct from a sequence: `[]` would silently be every default.
+        for body in ["[]", " [true]", "1", "\"x\"", "null"] {
+            let refused = parse_json::<Optional>(body.as_bytes()).expect_err(body);
+            assert_eq!(refused.code, ErrorCode::InvalidField, "{body}");
+        }
+        for body in ["[", "{", "]"] {
+            assert_eq!(parse_json::<Optional>(body.as_bytes()).expect_err(body).code, ErrorCode::MalformedJson);
+        }
+        assert!(parse_json::<Optional>(b" {\"force\": true}").expect("an object").force);
+        assert!(!parse_json::<Optional>(b"{}").expect("an object").force);
+    }
 }

@@ -7,23 +7,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use parking_lot::Mutex;
 use serde::Serialize;
-use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::ApiError;
+use super::openapi::{errors, ADMIN};
 use super::AppState;
 use crate::error::ErrorCode;
 use crate::model::id::{format_time_us, now_us};
 use crate::shard::index_repair::{repair_group, RepairReport};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/admin/indexes/rebuild", post(rebuild)).route("/v1/admin/indexes/status", get(status))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(rebuild)).routes(routes!(status))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RebuildState {
     Ready,
@@ -49,8 +51,36 @@ struct RebuildStatus {
     report: Option<RepairReport>,
 }
 
+/// A rebuild's state and progress.
+#[derive(Serialize, ToSchema)]
+pub struct RebuildView {
+    status: RebuildState,
+    /// When the last rebuild finished (`null` while one runs).
+    last_rebuild: Option<String>,
+    started_at: Option<String>,
+    error: Option<String>,
+    progress: RebuildProgress,
+    report: Option<RepairReport>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RebuildProgress {
+    shards_total: usize,
+    shards_done: usize,
+    assertions_scanned: u64,
+}
+
+/// The rebuild status with the size of the indexes.
+#[derive(Serialize, ToSchema)]
+pub struct IndexStatus {
+    #[serde(flatten)]
+    rebuild: RebuildView,
+    index_memory_bytes: u64,
+    index_entries_estimate: u64,
+}
+
 impl IndexRebuilds {
-    fn json(&self) -> serde_json::Value {
+    fn view(&self) -> RebuildView {
         let status = self.inner.lock().clone();
         let state = if status.running {
             RebuildState::Rebuilding
@@ -59,25 +89,29 @@ impl IndexRebuilds {
         } else {
             RebuildState::Ready
         };
-        json!({
-            "status": state,
-            "last_rebuild": if status.running { None } else { status.finished_at_us.map(format_time_us) },
-            "started_at": status.started_at_us.map(format_time_us),
-            "error": status.failed,
-            "progress": {
-                "shards_total": status.shards_total,
-                "shards_done": status.shards_done,
-                "assertions_scanned": self.scanned.load(Ordering::Relaxed),
+        RebuildView {
+            status: state,
+            last_rebuild: if status.running { None } else { status.finished_at_us.map(format_time_us) },
+            started_at: status.started_at_us.map(format_time_us),
+            error: status.failed,
+            progress: RebuildProgress {
+                shards_total: status.shards_total,
+                shards_done: status.shards_done,
+                assertions_scanned: self.scanned.load(Ordering::Relaxed),
             },
-            "report": status.report,
-        })
+            report: status.report,
+        }
     }
 }
 
-/// `POST /v1/admin/indexes/rebuild`: 202 with the status; 409 while one is running.
+errors!(RebuildErrors: ADMIN, &[ErrorCode::RebuildInProgress]);
+
+/// Verifies and repairs the indexes of every shard this node hosts, in the background.
+#[utoipa::path(post, path = "/v1/admin/indexes/rebuild", tag = "node admin",
+    responses((status = 202, description = "started", body = RebuildView), RebuildErrors))]
 async fn rebuild(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
     start_rebuild(&state, "admin request")?;
-    Ok((StatusCode::ACCEPTED, Json(state.indexes.json())).into_response())
+    Ok((StatusCode::ACCEPTED, Json(state.indexes.view())).into_response())
 }
 
 /// Starts a verification and repair of every shard this node hosts, in the background; 409
@@ -158,11 +192,17 @@ pub fn start_rebuild(state: &AppState, trigger: &'static str) -> Result<(), ApiE
     Ok(())
 }
 
-/// `GET /v1/admin/indexes/status`: `{"status": "ready"|"rebuilding"|"failed", "last_rebuild", …}`.
+errors!(StatusErrors: ADMIN);
+
+/// The index rebuild's state and progress, and the indexes' size.
+#[utoipa::path(get, path = "/v1/admin/indexes/status", tag = "node admin",
+    responses((status = 200, description = "the status", body = IndexStatus), StatusErrors))]
 async fn status(State(state): State<AppState>, _admin: super::AdminRights) -> Result<Response, ApiError> {
-    let mut body = state.indexes.json();
-    body["index_memory_bytes"] = json!(index_memory_bytes(&state));
-    body["index_entries_estimate"] = json!(state.storage.index_stats().estimated_keys);
+    let body = IndexStatus {
+        rebuild: state.indexes.view(),
+        index_memory_bytes: index_memory_bytes(&state),
+        index_entries_estimate: state.storage.index_stats().estimated_keys,
+    };
     Ok(Json(body).into_response())
 }
 

@@ -10,6 +10,7 @@ pub mod breakers;
 pub mod error;
 pub mod extract;
 pub mod indexes;
+pub mod openapi;
 pub mod quarantine;
 pub mod reads;
 pub mod slow_queries;
@@ -22,9 +23,11 @@ use std::time::Instant;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Config;
 use crate::error::ErrorCode;
@@ -99,6 +102,11 @@ pub fn peer_of(connect_info: ConnectInfo<SocketAddr>) -> Option<SocketAddr> {
     Some(connect_info.0)
 }
 
+/// The paths [`admit`] lets through even when every permit is taken.
+pub(crate) fn always_admitted(path: &str) -> bool {
+    matches!(path, "/health" | "/v1/health" | "/metrics")
+}
+
 /// Admits a request while fewer than `server.max_concurrent_requests` run, else answers
 /// `503 overloaded` at once. Health checks and `/metrics` always pass, so a load balancer and
 /// Prometheus still see an overloaded node.
@@ -107,7 +115,7 @@ async fn admit(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if matches!(request.uri().path(), "/health" | "/v1/health" | "/metrics") {
+    if always_admitted(request.uri().path()) {
         return next.run(request).await;
     }
     match permits.try_acquire_owned() {
@@ -133,27 +141,42 @@ pub fn request_permits(state: &AppState) -> Arc<tokio::sync::Semaphore> {
     Arc::new(tokio::sync::Semaphore::new(state.config.server.max_concurrent_requests))
 }
 
-/// The client API router, admitting requests under `permits` ([`request_permits`]).
-pub fn router(state: AppState, permits: Arc<tokio::sync::Semaphore>) -> Router {
-    let body_limit = state.config.limits.max_request_bytes;
-    Router::new()
-        .route("/v1/assert", post(writes::assert))
-        .route("/v1/assert/batch", post(writes::assert_batch))
-        .route("/v1/vote", post(writes::vote))
-        .route("/v1/retract", post(writes::retract))
-        .route("/v1/query", post(reads::query))
-        .route("/v1/assertions", get(reads::list_assertions))
-        .route("/v1/assertions/{id}", get(reads::get_assertion))
-        .route("/v1/concepts", get(reads::concepts))
-        .route("/v1/health", get(health))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+/// Every route of the client API with its documentation. A route must be added here (or in a
+/// module's `router()`) through `routes!`, never with a plain `.route()`, or it is missing from
+/// `/openapi.json`.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(writes::assert))
+        .routes(routes!(writes::assert_batch))
+        .routes(routes!(writes::vote))
+        .routes(routes!(writes::retract))
+        .routes(routes!(reads::query))
+        .routes(routes!(reads::list_assertions))
+        .routes(routes!(reads::get_assertion))
+        .routes(routes!(reads::concepts))
+        .routes(routes!(health))
+        .routes(routes!(health_alias))
+        .routes(routes!(metrics))
         .merge(admin::router())
         .merge(backup::router())
         .merge(authority::router())
         .merge(breakers::router())
         .merge(quarantine::router())
         .merge(indexes::router())
+}
+
+/// The client API's OpenAPI document, as `GET /openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    openapi::finish(routes().into_openapi(), openapi::Api::Client)
+}
+
+/// The client API router, admitting requests under `permits` ([`request_permits`]).
+pub fn router(state: AppState, permits: Arc<tokio::sync::Semaphore>) -> Router {
+    let body_limit = state.config.limits.max_request_bytes;
+    let (router, document) = routes().split_for_parts();
+    let document = openapi::finish(document, openapi::Api::Client);
+    router
+        .route("/openapi.json", openapi::serve(openapi::to_json(&document)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -170,7 +193,36 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that HTTP method; see docs/api.md")
 }
 
+/// A node's health, as load balancers read it.
+#[derive(Serialize, ToSchema)]
+pub struct NodeHealth {
+    /// `ok`, `degraded` (a hosted shard has no leader) or `removed` (out of the cluster).
+    status: String,
+    node_id: u64,
+    version: String,
+    shards: u16,
+    shards_hosted: usize,
+    shards_with_leader: usize,
+    uptime_seconds: u64,
+}
+
+/// The node's health: 200 when every shard it hosts has a leader, else 503 (the same body).
+#[utoipa::path(get, path = "/v1/health", tag = "health",
+    responses((status = 200, description = "healthy", body = NodeHealth),
+        (status = 503, description = "degraded or removed", body = NodeHealth)))]
 async fn health(State(state): State<AppState>) -> Response {
+    node_health(state)
+}
+
+/// The same as `GET /v1/health`, where load balancers look by default.
+#[utoipa::path(get, path = "/health", tag = "health", operation_id = "health_alias",
+    responses((status = 200, description = "healthy", body = NodeHealth),
+        (status = 503, description = "degraded or removed", body = NodeHealth)))]
+async fn health_alias(State(state): State<AppState>) -> Response {
+    node_health(state)
+}
+
+fn node_health(state: AppState) -> Response {
     // Only the shards this node hosts: with replication_factor below the node count, the others
     // have no local leader by design and must not make a load balancer drop the node.
     let groups = state.shards.groups();
@@ -182,19 +234,29 @@ async fn health(State(state): State<AppState>) -> Response {
     // A node told it was removed from the cluster serves nothing of its own.
     let removed = state.shards.removed_by().is_some();
     let healthy = led == hosted.len() && !removed;
-    let body = json!({
-        "status": if removed { "removed" } else if healthy { "ok" } else { "degraded" },
-        "node_id": state.shards.node_id,
-        "version": env!("CARGO_PKG_VERSION"),
-        "shards": state.shards.shard_count(),
-        "shards_hosted": hosted.len(),
-        "shards_with_leader": led,
-        "uptime_seconds": state.started_at.elapsed().as_secs(),
-    });
+    let body = NodeHealth {
+        status: if removed {
+            "removed"
+        } else if healthy {
+            "ok"
+        } else {
+            "degraded"
+        }
+        .to_string(),
+        node_id: state.shards.node_id,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        shards: state.shards.shard_count(),
+        shards_hosted: hosted.len(),
+        shards_with_leader: led,
+        uptime_seconds: state.started_at.elapsed().as_secs(),
+    };
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 
+/// The node's metrics in the Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()

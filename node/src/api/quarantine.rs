@@ -7,14 +7,16 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::extract::{id_cursor, list_limit, parse_json, query_params};
-use super::reads::{list_everywhere, listed_json};
+use super::openapi::{errors, ADMIN, OPTIONAL_BODY, PAGING, PROPOSE, QUERY, READ};
+use super::reads::{list_everywhere, ListedAssertion};
 use super::AppState;
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
@@ -24,21 +26,37 @@ use crate::model::ModelError;
 use crate::shard::command::{ShardCommand, ShardResponse};
 use crate::shard::reader::Listing;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/admin/quarantine", get(list)).route("/v1/admin/quarantine/{id}/{decision}", post(decide))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list)).routes(routes!(decide))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// Only this agent's claims.
     agent_id: Option<String>,
+    /// Only claims under this concept path prefix.
     concept_prefix: Option<String>,
+    /// 1 to 1000 (default 100).
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
-/// `GET /v1/admin/quarantine[?agent_id&concept_prefix&limit&cursor]`: undecided quarantined
-/// claims, oldest first, from every shard (linearizable: every node lists the same).
+/// A page of undecided quarantined claims.
+#[derive(Serialize, ToSchema)]
+struct QuarantinePage {
+    quarantined: Vec<ListedAssertion>,
+    next_cursor: Option<String>,
+}
+
+errors!(ListErrors: ADMIN, QUERY, PAGING, READ, &[ErrorCode::InvalidAgentId, ErrorCode::InvalidConceptPath]);
+
+/// Undecided quarantined claims, oldest first, from every shard (linearizable: every node
+/// lists the same).
+#[utoipa::path(get, path = "/v1/admin/quarantine", tag = "quarantine", operation_id = "list_quarantine",
+    params(ListParams), responses((status = 200, description = "one page", body = QuarantinePage), ListErrors))]
 async fn list(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -56,13 +74,14 @@ async fn list(
     let listing = Listing::Quarantined { agent_id: params.agent_id, concept_prefix: params.concept_prefix };
     let (found, more) = list_everywhere(&state, listing, after, limit, true).await?;
     let next_cursor = if more { found.last().map(|f| f.record.id.to_string()) } else { None };
-    let claims: Vec<Value> = found.iter().map(listed_json).collect();
-    Ok(Json(json!({"quarantined": claims, "next_cursor": next_cursor})).into_response())
+    let quarantined = found.iter().map(ListedAssertion::of).collect();
+    Ok(Json(QuarantinePage { quarantined, next_cursor }).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DecisionRequest {
+    /// Why (at most 1024 characters).
     #[serde(default)]
     reason: Option<String>,
     /// Who decided (recorded with the decision); default `admin`.
@@ -70,7 +89,31 @@ struct DecisionRequest {
     by: Option<String>,
 }
 
-/// `POST /v1/admin/quarantine/{id}/release` and `…/reject`, optional body `{"reason", "by"}`.
+/// The recorded decision.
+#[derive(Serialize, ToSchema)]
+struct DecisionResponse {
+    assertion_id: AssertionId,
+    /// `released` or `rejected`.
+    decision: String,
+    decided_at: String,
+    log_index: u64,
+}
+
+errors!(DecideErrors: ADMIN, OPTIONAL_BODY, PROPOSE, &[
+    ErrorCode::NotFound,
+    ErrorCode::InvalidId,
+    ErrorCode::ReasonTooLong,
+    ErrorCode::InvalidAgentId,
+    ErrorCode::AssertionNotFound,
+    ErrorCode::NotQuarantined,
+]);
+
+/// Releases a quarantined claim into the lenses, or rejects it (retracted); the body is optional.
+#[utoipa::path(post, path = "/v1/admin/quarantine/{id}/{decision}", tag = "quarantine",
+    params(("id" = String, Path, description = "the assertion id"),
+        ("decision" = String, Path, description = "`release` or `reject`", example = "release")),
+    request_body(content = Option<DecisionRequest>, description = "optional"),
+    responses((status = 200, description = "decided", body = DecisionResponse), DecideErrors))]
 async fn decide(
     State(state): State<AppState>,
     _admin: super::AdminRights,
@@ -98,12 +141,12 @@ async fn decide(
         ShardCommand::Quarantine { proposed_at_us: now_us(), assertion_id, release, by, reason: request.reason };
     let timeout = Duration::from_millis(state.config.raft.write_timeout_ms);
     match state.shards.propose(assertion_id.shard(), command, timeout).await? {
-        ShardResponse::Quarantine(Ok(outcome)) => Ok(Json(json!({
-            "assertion_id": outcome.assertion_id,
-            "decision": if release { "released" } else { "rejected" },
-            "decided_at": format_time_us(outcome.at_us),
-            "log_index": outcome.log_index,
-        }))
+        ShardResponse::Quarantine(Ok(outcome)) => Ok(Json(DecisionResponse {
+            assertion_id: outcome.assertion_id,
+            decision: if release { "released" } else { "rejected" }.to_string(),
+            decided_at: format_time_us(outcome.at_us),
+            log_index: outcome.log_index,
+        })
         .into_response()),
         ShardResponse::Quarantine(Err(error)) => Err(error.into()),
         _ => Err(ApiError::new(ErrorCode::UnexpectedResponse, "the state machine answered a different command")),

@@ -12,10 +12,12 @@ use base64::Engine;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use super::extract::StrictJson;
+use super::openapi::{errors, BODY, QUERY, READ};
 use super::AppState;
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
@@ -27,7 +29,7 @@ use crate::shard::claims_cache::RenderedSlot;
 use crate::shard::reader::{ClaimGroup, ConceptEntry, ShardRead, ShardReadAnswer};
 use crate::shard::ConsensusError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Consistency {
     Linearizable,
@@ -48,23 +50,33 @@ fn parse_consistency(text: Option<&str>) -> Result<Consistency, ApiError> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A query: exactly one of `concept_path` and `concept_prefix`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueryRequest {
+    /// One concept.
     #[serde(default)]
     concept_path: Option<String>,
+    /// Every concept under this prefix, over every shard.
     #[serde(default)]
     concept_prefix: Option<String>,
+    /// Only this predicate.
     #[serde(default)]
     predicate: Option<String>,
+    /// `recency` (default), `authority`, `consensus`, `confidence`, `all` or `history`.
     #[serde(default)]
     lens: Option<String>,
+    /// Read as of this time: unix milliseconds, or an RFC 3339 string.
     #[serde(default)]
+    #[schema(value_type = Option<TimeInput>)]
     as_of: Option<Value>,
+    /// Groups per page: 1 to `query.max_limit` (default `query.default_limit`).
     #[serde(default)]
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
     #[serde(default)]
     cursor: Option<String>,
+    /// `linearizable` (default) or `stale`.
     #[serde(default)]
     consistency: Option<String>,
     /// Who is asking (recorded in the slow-query log); default `anonymous`.
@@ -98,7 +110,8 @@ fn page_limit(state: &AppState, limit: Option<usize>) -> Result<usize, ApiError>
 
 /// One claim as a query shows it. Fields are in alphabetical order, as every other JSON
 /// object this API writes (serde_json maps are sorted), so typed and map-built bodies agree.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = QueryClaim)]
 struct ClaimView<'a> {
     agent_id: &'a str,
     asserted_at: String,
@@ -110,18 +123,21 @@ struct ClaimView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     retracted_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     source: Option<&'a RawValue>,
     status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     superseded_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     superseded_by: Option<AssertionId>,
+    #[schema(value_type = serde_json::Value)]
     value: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     votes: Option<VotesView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = VoteCounts)]
 struct VotesView {
     down: u32,
     score: f64,
@@ -148,7 +164,8 @@ fn claim_view<'a>(claim: &Claim<'a>, lens: Lens) -> ClaimView<'a> {
 }
 
 /// What a lens shows for one (concept_path, predicate): a winner, or a list of claims.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = QueryGroup)]
 struct GroupView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     alternatives: Option<usize>,
@@ -202,14 +219,19 @@ fn group_result<'a>(state: &AppState, group: &'a ClaimGroup, lens: Lens, as_of_u
 
 /// The body of a query answer, serialized straight from the claims it borrows: no
 /// intermediate JSON tree (this is the hottest path of the API).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = QueryResponse)]
 struct QueryBody<'a> {
+    /// Stale reads: the replica's applied log index.
     #[serde(skip_serializing_if = "Option::is_none")]
     applied_index: Option<u64>,
+    /// The request's `as_of`, as given.
+    #[schema(value_type = Option<TimeInput>)]
     as_of: &'a Option<Value>,
     consistency: Consistency,
     lens: Lens,
     next_cursor: Option<String>,
+    #[schema(value_type = Vec<GroupView>)]
     results: Results<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     shard: Option<u16>,
@@ -287,7 +309,32 @@ fn check_query_memory(memory_bytes: usize, limit: Option<u64>, shard: Option<u16
     }
 }
 
-/// `POST /v1/query`
+/// A time a client gives: unix milliseconds (a number or a string of digits), or RFC 3339.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum TimeInput {
+    UnixMillis(u64),
+    Text(String),
+}
+
+errors!(QueryErrors: BODY, READ, &[
+    ErrorCode::InvalidAgentId,
+    ErrorCode::UnknownLens,
+    ErrorCode::InvalidTime,
+    ErrorCode::InvalidConsistency,
+    ErrorCode::InvalidLimit,
+    ErrorCode::InvalidPredicate,
+    ErrorCode::InvalidCursor,
+    ErrorCode::InvalidConceptPath,
+    ErrorCode::InvalidQuery,
+    ErrorCode::QueryTimeout,
+    ErrorCode::QueryMemoryExceeded,
+]);
+
+/// Reads claims through a lens.
+#[utoipa::path(post, path = "/v1/query", tag = "reads", request_body = QueryRequest,
+    responses((status = 200, description = "one page of (concept_path, predicate) groups", body = QueryBody), QueryErrors))]
 pub async fn query(
     State(state): State<AppState>,
     StrictJson(request): StrictJson<QueryRequest>,
@@ -577,14 +624,77 @@ async fn query_prefix(
 /// Claims reads a prefix query has in flight at once.
 const PREFIX_READS_IN_FLIGHT: usize = 16;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AssertionParams {
+    /// `linearizable` (default) or `stale`.
     #[serde(default)]
     consistency: Option<String>,
 }
 
-/// `GET /v1/assertions/{id}`: the assertion with its status, supersession, retraction and votes.
+/// One assertion with everything known about it now.
+#[derive(Serialize, ToSchema)]
+pub struct AssertionDetail {
+    id: AssertionId,
+    concept_path: String,
+    predicate: String,
+    #[schema(value_type = serde_json::Value)]
+    value: Box<RawValue>,
+    agent_id: String,
+    confidence: f64,
+    #[schema(value_type = Option<Object>)]
+    source: Option<Box<RawValue>>,
+    signature: Option<String>,
+    request_id: Option<String>,
+    supersedes: Vec<AssertionId>,
+    asserted_at: String,
+    shard: u16,
+    log_index: u64,
+    status: Status,
+    /// The claims that replace this one (and are not retracted).
+    superseded_by: Vec<SupersededBy>,
+    retraction: Option<RetractionView>,
+    quarantine: Option<crate::model::assertion::QuarantineDecision>,
+    released_at: Option<String>,
+    votes: VoteSummary,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SupersededBy {
+    id: AssertionId,
+    at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RetractionView {
+    at: String,
+    /// The retracting agent, or the operator.
+    by: String,
+    reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct VoteSummary {
+    up: u32,
+    down: u32,
+    score: f64,
+    history: Vec<VoteEntry>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct VoteEntry {
+    agent_id: String,
+    value: i8,
+    at: String,
+}
+
+errors!(AssertionErrors: QUERY, READ, &[ErrorCode::InvalidId, ErrorCode::AssertionNotFound, ErrorCode::InvalidConsistency]);
+
+/// One assertion with its status, supersession, retraction and votes.
+#[utoipa::path(get, path = "/v1/assertions/{id}", tag = "reads",
+    params(("id" = String, Path, description = "the assertion id"), AssertionParams),
+    responses((status = 200, description = "the assertion", body = AssertionDetail), AssertionErrors))]
 pub async fn get_assertion(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -607,49 +717,88 @@ pub async fn get_assertion(
     let (facts, retraction) = found.ok_or_else(not_found)?;
     let Some(now) = facts.at(u64::MAX, &|_| 1.0) else { return Err(not_found()) };
     let record = &facts.record;
-    let body = json!({
-        "id": record.id,
-        "concept_path": record.draft.concept_path,
-        "predicate": record.draft.predicate,
-        "value": record.draft.value,
-        "agent_id": record.draft.agent_id,
-        "confidence": record.draft.confidence,
-        "source": record.draft.source,
-        "signature": record.draft.signature,
-        "request_id": record.draft.request_id,
-        "supersedes": record.draft.supersedes,
-        "asserted_at": format_time_us(record.asserted_at_us),
-        "shard": id.shard(),
-        "log_index": record.log_index,
-        "status": now.status,
-        "superseded_by": facts.supersessions.iter().filter(|s| s.by_retracted_at_us.is_none()).map(|s| json!({"id": s.by, "at": format_time_us(s.at_us)})).collect::<Vec<_>>(),
-        "retraction": retraction.map(|r| json!({"at": format_time_us(r.at_us), "by": r.by, "reason": r.reason})),
-        "quarantine": record.draft.quarantine,
-        "released_at": facts.released_at_us.map(format_time_us),
-        "votes": {
-            "up": now.votes_up,
-            "down": now.votes_down,
-            "score": now.score,
-            "history": facts.votes.iter().map(|v| json!({"agent_id": v.agent_id, "value": v.value, "at": format_time_us(v.at_us)})).collect::<Vec<_>>(),
+    let body = AssertionDetail {
+        id: record.id,
+        concept_path: record.draft.concept_path.clone(),
+        predicate: record.draft.predicate.clone(),
+        value: record.draft.value.clone(),
+        agent_id: record.draft.agent_id.clone(),
+        confidence: record.draft.confidence,
+        source: record.draft.source.clone(),
+        signature: record.draft.signature.clone(),
+        request_id: record.draft.request_id.clone(),
+        supersedes: record.draft.supersedes.clone(),
+        asserted_at: format_time_us(record.asserted_at_us),
+        shard: id.shard(),
+        log_index: record.log_index,
+        status: now.status,
+        superseded_by: facts
+            .supersessions
+            .iter()
+            .filter(|s| s.by_retracted_at_us.is_none())
+            .map(|s| SupersededBy { id: s.by, at: format_time_us(s.at_us) })
+            .collect(),
+        retraction: retraction.map(|r| RetractionView { at: format_time_us(r.at_us), by: r.by, reason: r.reason }),
+        quarantine: record.draft.quarantine.clone(),
+        released_at: facts.released_at_us.map(format_time_us),
+        votes: VoteSummary {
+            up: now.votes_up,
+            down: now.votes_down,
+            score: now.score,
+            history: facts
+                .votes
+                .iter()
+                .map(|v| VoteEntry { agent_id: v.agent_id.clone(), value: v.value, at: format_time_us(v.at_us) })
+                .collect(),
         },
-    });
+    };
     Ok(Json(body).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ConceptParams {
+    /// A concept path prefix (default: every concept).
     #[serde(default)]
     prefix: Option<String>,
+    /// 1 to `query.max_limit`.
     #[serde(default)]
     limit: Option<usize>,
     #[serde(default)]
     cursor: Option<String>,
+    /// `linearizable` (default) or `stale`.
     #[serde(default)]
     consistency: Option<String>,
 }
 
-/// `GET /v1/concepts?prefix=`: (concept_path, predicate) pairs with their assertion counts.
+/// A page of concepts.
+#[derive(Serialize, ToSchema)]
+pub struct ConceptPage {
+    prefix: String,
+    concepts: Vec<ConceptCount>,
+    next_cursor: Option<String>,
+}
+
+/// One (concept_path, predicate) and how many assertions it has.
+#[derive(Serialize, ToSchema)]
+pub struct ConceptCount {
+    concept_path: String,
+    predicate: String,
+    assertions: u64,
+    shard: u16,
+}
+
+errors!(ConceptErrors: QUERY, READ, &[
+    ErrorCode::InvalidConceptPath,
+    ErrorCode::InvalidLimit,
+    ErrorCode::InvalidConsistency,
+    ErrorCode::InvalidCursor,
+]);
+
+/// (concept_path, predicate) pairs under a prefix with their assertion counts.
+#[utoipa::path(get, path = "/v1/concepts", tag = "reads", params(ConceptParams),
+    responses((status = 200, description = "one page", body = ConceptPage), ConceptErrors))]
 pub async fn concepts(
     State(state): State<AppState>,
     params: Result<Query<ConceptParams>, axum::extract::rejection::QueryRejection>,
@@ -668,31 +817,53 @@ pub async fn concepts(
     } else {
         None
     };
-    let concepts: Vec<Value> = entries
-        .iter()
-        .map(|(shard, e)| json!({"concept_path": e.concept_path, "predicate": e.predicate, "assertions": e.assertions, "shard": shard}))
+    let concepts = entries
+        .into_iter()
+        .map(|(shard, e)| ConceptCount {
+            concept_path: e.concept_path,
+            predicate: e.predicate,
+            assertions: e.assertions,
+            shard,
+        })
         .collect();
-    Ok(Json(json!({"prefix": prefix, "concepts": concepts, "next_cursor": next_cursor})).into_response())
+    Ok(Json(ConceptPage { prefix, concepts, next_cursor }).into_response())
 }
 
 /// One assertion in a listing (by agent, by time, quarantine): the record, its status now, and
 /// why it was quarantined, if it was.
-pub fn listed_json(facts: &crate::model::lens::ClaimFacts) -> Value {
-    let record = &facts.record;
-    let status = facts.at(u64::MAX, &|_| 1.0).map(|c| c.status);
-    json!({
-        "id": record.id,
-        "concept_path": record.draft.concept_path,
-        "predicate": record.draft.predicate,
-        "value": record.draft.value,
-        "agent_id": record.draft.agent_id,
-        "confidence": record.draft.confidence,
-        "asserted_at": format_time_us(record.asserted_at_us),
-        "status": status,
-        "quarantine": record.draft.quarantine,
-        "released_at": facts.released_at_us.map(format_time_us),
-        "retracted_at": facts.retracted_at_us.map(format_time_us),
-    })
+#[derive(Serialize, ToSchema)]
+pub struct ListedAssertion {
+    id: AssertionId,
+    concept_path: String,
+    predicate: String,
+    #[schema(value_type = serde_json::Value)]
+    value: Box<RawValue>,
+    agent_id: String,
+    confidence: f64,
+    asserted_at: String,
+    status: Option<Status>,
+    quarantine: Option<crate::model::assertion::QuarantineDecision>,
+    released_at: Option<String>,
+    retracted_at: Option<String>,
+}
+
+impl ListedAssertion {
+    pub fn of(facts: &crate::model::lens::ClaimFacts) -> ListedAssertion {
+        let record = &facts.record;
+        ListedAssertion {
+            id: record.id,
+            concept_path: record.draft.concept_path.clone(),
+            predicate: record.draft.predicate.clone(),
+            value: record.draft.value.clone(),
+            agent_id: record.draft.agent_id.clone(),
+            confidence: record.draft.confidence,
+            asserted_at: format_time_us(record.asserted_at_us),
+            status: facts.at(u64::MAX, &|_| 1.0).map(|c| c.status),
+            quarantine: record.draft.quarantine.clone(),
+            released_at: facts.released_at_us.map(format_time_us),
+            retracted_at: facts.retracted_at_us.map(format_time_us),
+        }
+    }
 }
 
 /// Runs `listing` on every shard and merges the pages in id (time) order: up to `limit`
@@ -726,20 +897,44 @@ pub fn parse_time_param(name: &str, text: Option<&str>) -> Result<Option<u64>, A
     parse_as_of(&value).map(Some).map_err(|e| ModelError::InvalidTime { message: format!("{name}: {e}") }.into())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Assertions of this agent.
     agent_id: Option<String>,
+    /// From this time (RFC 3339 or unix ms), inclusive.
     since: Option<String>,
+    /// Until this time, exclusive.
     until: Option<String>,
+    /// 1 to `query.max_limit`.
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// `linearizable` (default) or `stale`.
     consistency: Option<String>,
 }
 
-/// `GET /v1/assertions?agent_id=&since=&until=&limit=&cursor=`: assertions of one agent (the
-/// by-agent index) or within a time range (the by-time order of ids), oldest first, every
-/// status included.
+/// A page of listed assertions.
+#[derive(Serialize, ToSchema)]
+pub struct AssertionPage {
+    assertions: Vec<ListedAssertion>,
+    next_cursor: Option<String>,
+}
+
+errors!(ListErrors: QUERY, READ, &[
+    ErrorCode::InvalidTime,
+    ErrorCode::MissingFilter,
+    ErrorCode::InvalidAgentId,
+    ErrorCode::InvalidLimit,
+    ErrorCode::InvalidCursor,
+    ErrorCode::InvalidConsistency,
+]);
+
+/// Assertions of one agent (the by-agent index) or within a time range (the by-time order of
+/// ids), oldest first, every status included.
+#[utoipa::path(get, path = "/v1/assertions", tag = "reads", params(ListParams),
+    responses((status = 200, description = "one page", body = AssertionPage), ListErrors))]
 pub async fn list_assertions(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
@@ -768,6 +963,6 @@ pub async fn list_assertions(
     let linearizable = parse_consistency(params.consistency.as_deref())? == Consistency::Linearizable;
     let (found, more) = list_everywhere(&state, listing, after, limit, linearizable).await?;
     let next_cursor = if more { found.last().map(|f| f.record.id.to_string()) } else { None };
-    let assertions: Vec<Value> = found.iter().map(listed_json).collect();
-    Ok(Json(json!({"assertions": assertions, "next_cursor": next_cursor})).into_response())
+    let assertions = found.iter().map(ListedAssertion::of).collect();
+    Ok(Json(AssertionPage { assertions, next_cursor }).into_response())
 }

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 /// One slow query.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SlowQuery {
     /// Who asked (the query's `agent_id`, or `anonymous`).
     pub agent_id: String,

@@ -9,24 +9,27 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 use super::access::CallerOf;
 use super::breakers::Admission;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorDetail};
 use super::extract::{parse_json, StrictJson};
+use super::openapi::{errors, BODY, BREAKER, GROWS, PROPOSE, SIGNATURE};
 use super::{peer_of, AppState};
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::assertion::{
-    validate_agent_id, AssertRequest, AssertionDraft, RetractRequest, VoteRequest, DEFAULT_AGENT_ID, MAX_REASON_CHARS,
+    validate_agent_id, AssertRequest, AssertionDraft, QuarantineDecision, RetractRequest, Status, VoteRequest,
+    DEFAULT_AGENT_ID, MAX_REASON_CHARS,
 };
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::signing::{assertion_bytes, retract_bytes, verify, vote_bytes};
 use crate::model::ModelError;
-use crate::shard::command::{AssertOutcome, EventOutcome, ShardCommand, ShardResponse};
+use crate::shard::command::{AssertOutcome, ShardCommand, ShardResponse};
 
 /// Counts an invalid request against the agent it claims to come from (when that is a valid
 /// agent id at all), for the invalid-request rate of its circuit breaker. With
@@ -89,19 +92,34 @@ fn write_timeout(state: &AppState) -> Duration {
     Duration::from_millis(state.config.raft.write_timeout_ms)
 }
 
-pub fn outcome_json(outcome: &AssertOutcome) -> Value {
-    let mut body = json!({
-        "id": outcome.id,
-        "shard": outcome.shard,
-        "log_index": outcome.log_index,
-        "asserted_at": format_time_us(outcome.asserted_at_us),
-        "duplicate": outcome.duplicate,
-        "status": if outcome.quarantine.is_some() { "quarantined" } else { "active" },
-    });
-    if let Some(decision) = &outcome.quarantine {
-        body["quarantine"] = json!(decision);
+/// A written assertion (`201` of `POST /v1/assert`).
+#[derive(Serialize, ToSchema)]
+pub struct AssertResponse {
+    pub id: AssertionId,
+    pub shard: u16,
+    pub log_index: u64,
+    /// RFC 3339, UTC, milliseconds.
+    pub asserted_at: String,
+    /// True when this answers a retry with the same `request_id`: nothing new was written.
+    pub duplicate: bool,
+    /// `active`, or `quarantined` when the shard leader kept it out of the lenses.
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineDecision>,
+}
+
+impl AssertResponse {
+    pub fn of(outcome: &AssertOutcome) -> AssertResponse {
+        AssertResponse {
+            id: outcome.id,
+            shard: outcome.shard,
+            log_index: outcome.log_index,
+            asserted_at: format_time_us(outcome.asserted_at_us),
+            duplicate: outcome.duplicate,
+            status: if outcome.quarantine.is_some() { Status::Quarantined } else { Status::Active },
+            quarantine: outcome.quarantine.clone(),
+        }
     }
-    body
 }
 
 fn unexpected_response() -> ApiError {
@@ -166,7 +184,33 @@ async fn propose_drafts(
     }
 }
 
-/// `POST /v1/assert`
+errors!(AssertErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, ASSERT_ITEM);
+
+/// What one assertion (alone or in a batch) can be refused for, besides the shards' answers.
+const ASSERT_ITEM: &[ErrorCode] = &[
+    ErrorCode::InvalidConceptPath,
+    ErrorCode::InvalidPredicate,
+    ErrorCode::ValueTooLarge,
+    ErrorCode::ValueTooDeep,
+    ErrorCode::InvalidAgentId,
+    ErrorCode::InvalidConfidence,
+    ErrorCode::TooManySupersedes,
+    ErrorCode::InvalidId,
+    ErrorCode::SupersedesOtherConcept,
+    ErrorCode::SourceTooLarge,
+    ErrorCode::InvalidSource,
+    ErrorCode::InvalidSignatureFormat,
+    ErrorCode::InvalidRequestId,
+    ErrorCode::AgentNotAllowed,
+    ErrorCode::ValueNotCanonical,
+    ErrorCode::AssertionNotFound,
+    ErrorCode::Overloaded,
+    ErrorCode::ShuttingDown,
+];
+
+/// Writes one assertion.
+#[utoipa::path(post, path = "/v1/assert", tag = "writes", request_body = AssertRequest,
+    responses((status = 201, description = "written (or a retry's first outcome)", body = AssertResponse), AssertErrors))]
 pub async fn assert(
     State(state): State<AppState>,
     CallerOf(caller): CallerOf,
@@ -190,19 +234,75 @@ pub async fn assert(
     state.metrics.observe_write(started.elapsed());
     settle(&state, &agent, admission, result.is_ok());
     match result {
-        Ok(outcome) => Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response()),
+        Ok(outcome) => Ok((StatusCode::CREATED, Json(AssertResponse::of(&outcome))).into_response()),
         Err(error) => Err(error.into()),
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
+    /// 1 to `limits.max_batch_items` assertions, each an `AssertRequest` object. Each is
+    /// checked on its own: an invalid item is reported in its result, not refused with the batch.
+    #[schema(value_type = Vec<serde_json::Value>, min_items = 1)]
     assertions: Vec<Box<RawValue>>,
 }
 
-/// `POST /v1/assert/batch`: up to `limits.max_batch_items` assertions, one result each. Items
-/// are independent: an invalid item is reported and the others are written.
+/// The answer to a batch: one result per item, in order.
+#[derive(Serialize, ToSchema)]
+pub struct BatchResponse {
+    pub accepted: usize,
+    pub rejected: usize,
+    pub results: Vec<BatchItem>,
+}
+
+/// One item's result: written (`status` 201) or refused (the error's HTTP status and error).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchItem {
+    Written(BatchWritten),
+    Refused(BatchRefused),
+}
+
+impl BatchItem {
+    fn status(&self) -> u16 {
+        match self {
+            BatchItem::Written(_) => 201,
+            BatchItem::Refused(refused) => refused.status,
+        }
+    }
+}
+
+/// A written item of a batch: the fields of a single write's answer, with its position.
+#[derive(Serialize, ToSchema)]
+pub struct BatchWritten {
+    pub index: usize,
+    /// Always 201.
+    pub status: u16,
+    pub id: AssertionId,
+    pub shard: u16,
+    pub log_index: u64,
+    pub asserted_at: String,
+    pub duplicate: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineDecision>,
+}
+
+/// A refused item of a batch.
+#[derive(Serialize, ToSchema)]
+pub struct BatchRefused {
+    pub index: usize,
+    /// The HTTP status the error would have alone.
+    pub status: u16,
+    pub error: ErrorDetail,
+}
+
+errors!(BatchErrors: BODY, BREAKER, &[ErrorCode::EmptyBatch, ErrorCode::BatchTooLarge]);
+
+/// Writes up to `limits.max_batch_items` assertions, one result each. Items are independent:
+/// an invalid item is reported and the others are written.
+#[utoipa::path(post, path = "/v1/assert/batch", tag = "writes", request_body = BatchRequest,
+    responses((status = 200, description = "every item's result", body = BatchResponse), BatchErrors))]
 pub async fn assert_batch(
     State(state): State<AppState>,
     CallerOf(caller): CallerOf,
@@ -221,7 +321,7 @@ pub async fn assert_batch(
         .with_details(json!({"items": request.assertions.len(), "limit": limit})));
     }
     let total = request.assertions.len();
-    let mut results: Vec<Option<Value>> = vec![None; total];
+    let mut results: Vec<Option<BatchItem>> = (0..total).map(|_| None).collect();
     // Per item: its agent and how its breaker admitted it (settled once the item is written).
     let mut admissions: Vec<Option<(String, Admission)>> = vec![None; total];
     // shard -> (item positions, drafts)
@@ -264,12 +364,16 @@ pub async fn assert_batch(
             Ok(shard_results) => {
                 for (position, result) in positions.into_iter().zip(shard_results) {
                     results[position] = Some(match result {
-                        Ok(outcome) => {
-                            let mut value = outcome_json(&outcome);
-                            value["index"] = json!(position);
-                            value["status"] = json!(201);
-                            value
-                        }
+                        Ok(outcome) => BatchItem::Written(BatchWritten {
+                            index: position,
+                            status: 201,
+                            id: outcome.id,
+                            shard: outcome.shard,
+                            log_index: outcome.log_index,
+                            asserted_at: format_time_us(outcome.asserted_at_us),
+                            duplicate: outcome.duplicate,
+                            quarantine: outcome.quarantine,
+                        }),
                         Err(error) => item_error(position, &ApiError::from(error)),
                     });
                 }
@@ -284,7 +388,7 @@ pub async fn assert_batch(
     for (position, admitted) in admissions.into_iter().enumerate() {
         if let Some((agent, admission)) = admitted {
             // Refused input counts against the agent; an unavailable shard does not.
-            match results[position].as_ref().and_then(|r| r["status"].as_u64()) {
+            match results[position].as_ref().map(BatchItem::status) {
                 Some(201) => settle(&state, &agent, admission, true),
                 Some(status) if (400..500).contains(&status) => settle(&state, &agent, admission, false),
                 _ if admission == Admission::Probe => state.breakers.probe_result(&agent, false),
@@ -292,27 +396,61 @@ pub async fn assert_batch(
             }
         }
     }
-    let results: Vec<Value> = results.into_iter().map(|r| r.unwrap_or(Value::Null)).collect();
-    let accepted = results.iter().filter(|r| r["status"] == json!(201)).count();
+    // Every position got a result above; one without would be a bug, reported as refused.
+    let results: Vec<BatchItem> = results
+        .into_iter()
+        .enumerate()
+        .map(|(position, r)| r.unwrap_or_else(|| item_error(position, &unexpected_response())))
+        .collect();
+    let accepted = results.iter().filter(|r| r.status() == 201).count();
     state.metrics.observe_write(started.elapsed());
-    Ok(Json(json!({"accepted": accepted, "rejected": total - accepted, "results": results})).into_response())
+    Ok(Json(BatchResponse { accepted, rejected: total - accepted, results }).into_response())
 }
 
-fn item_error(position: usize, error: &ApiError) -> Value {
-    json!({"index": position, "status": error.code.http_status(), "error": error.body()["error"].clone()})
+fn item_error(position: usize, error: &ApiError) -> BatchItem {
+    BatchItem::Refused(BatchRefused { index: position, status: error.code.http_status(), error: error.detail() })
 }
 
 fn parse_assertion_id(text: &str) -> Result<AssertionId, ApiError> {
     AssertionId::parse(text).map_err(|e| ModelError::InvalidId { id: e.0.chars().take(64).collect() }.into())
 }
 
-fn event_json(outcome: &EventOutcome, at_field: &str) -> Value {
-    let mut value = json!({"assertion_id": outcome.assertion_id, "log_index": outcome.log_index});
-    value[at_field] = json!(format_time_us(outcome.at_us));
-    value
+/// A recorded vote.
+#[derive(Serialize, ToSchema)]
+pub struct VoteResponse {
+    pub assertion_id: AssertionId,
+    pub log_index: u64,
+    /// RFC 3339, UTC, milliseconds.
+    pub voted_at: String,
+    pub agent_id: String,
+    /// 1 or -1.
+    pub value: i8,
 }
 
-/// `POST /v1/vote`
+/// A recorded retraction.
+#[derive(Serialize, ToSchema)]
+pub struct RetractResponse {
+    pub assertion_id: AssertionId,
+    pub log_index: u64,
+    /// RFC 3339, UTC, milliseconds.
+    pub retracted_at: String,
+}
+
+errors!(VoteErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, EVENT);
+
+/// What a vote or a retraction can be refused for, besides the shards' answers.
+const EVENT: &[ErrorCode] = &[
+    ErrorCode::InvalidId,
+    ErrorCode::InvalidVote,
+    ErrorCode::InvalidAgentId,
+    ErrorCode::AgentNotAllowed,
+    ErrorCode::AssertionNotFound,
+    ErrorCode::AlreadyRetracted,
+];
+
+/// Votes a claim up or down (one vote per agent and claim; a new vote replaces the agent's last).
+#[utoipa::path(post, path = "/v1/vote", tag = "writes", request_body = VoteRequest,
+    responses((status = 200, description = "recorded", body = VoteResponse), VoteErrors))]
 pub async fn vote(
     State(state): State<AppState>,
     CallerOf(caller): CallerOf,
@@ -346,18 +484,24 @@ pub async fn vote(
     state.metrics.observe_write(started.elapsed());
     settle(&state, &agent_id, admission, matches!(response, ShardResponse::Voted(Ok(_))));
     match response {
-        ShardResponse::Voted(Ok(outcome)) => {
-            let mut body = event_json(&outcome, "voted_at");
-            body["agent_id"] = json!(agent_id);
-            body["value"] = json!(value);
-            Ok(Json(body).into_response())
-        }
+        ShardResponse::Voted(Ok(outcome)) => Ok(Json(VoteResponse {
+            assertion_id: outcome.assertion_id,
+            log_index: outcome.log_index,
+            voted_at: format_time_us(outcome.at_us),
+            agent_id,
+            value,
+        })
+        .into_response()),
         ShardResponse::Voted(Err(error)) => Err(error.into()),
         _ => Err(unexpected_response()),
     }
 }
 
-/// `POST /v1/retract`: by the asserting agent, or by anyone holding the admin token.
+errors!(RetractErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, EVENT, &[ErrorCode::ReasonTooLong, ErrorCode::NotAssertionOwner]);
+
+/// Retracts a claim: by the asserting agent, or by anyone holding the admin token.
+#[utoipa::path(post, path = "/v1/retract", tag = "writes", request_body = RetractRequest,
+    responses((status = 200, description = "retracted", body = RetractResponse), RetractErrors))]
 pub async fn retract(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -407,7 +551,12 @@ pub async fn retract(
     state.metrics.observe_write(started.elapsed());
     settle(&state, &agent_id, admission, matches!(response, ShardResponse::Retracted(Ok(_))));
     match response {
-        ShardResponse::Retracted(Ok(outcome)) => Ok(Json(event_json(&outcome, "retracted_at")).into_response()),
+        ShardResponse::Retracted(Ok(outcome)) => Ok(Json(RetractResponse {
+            assertion_id: outcome.assertion_id,
+            log_index: outcome.log_index,
+            retracted_at: format_time_us(outcome.at_us),
+        })
+        .into_response()),
         ShardResponse::Retracted(Err(error)) => Err(error.into()),
         _ => Err(unexpected_response()),
     }

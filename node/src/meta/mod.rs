@@ -36,7 +36,7 @@ pub const META_SHARD: u16 = u16::MAX;
 
 /// A node's place in the cluster's lifecycle. Liveness (UP/DOWN as the admin API reports it)
 /// comes from heartbeats; this is what the cluster decided about the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum NodeStatus {
     /// Added; becomes a member of the meta group and receives replicas until balanced.
@@ -47,7 +47,7 @@ pub enum NodeStatus {
     Leaving,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeRecord {
     pub raft_addr: String,
     pub status: NodeStatus,
@@ -55,7 +55,7 @@ pub struct NodeRecord {
     pub since_us: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RebalanceStatus {
     /// Requested, not started yet.
@@ -66,7 +66,7 @@ pub enum RebalanceStatus {
 }
 
 /// Why a replica moves. Moves an operator asked for are never undone by the balancer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MoveCause {
     /// `POST /admin/shards/rebalance`, with the operator's reason.
@@ -82,7 +82,7 @@ pub enum MoveCause {
 }
 
 /// One replica move of a shard: add `to` (learner, catch up, voter), then remove `from`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rebalance {
     pub from: Option<NodeId>,
     pub to: Option<NodeId>,

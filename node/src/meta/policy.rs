@@ -31,7 +31,7 @@ pub const CONSECUTIVE_TRIP_WINDOW_US: u64 = 10 * 60 * 1_000_000;
 const AUTHORITY_CACHE_ENTRIES: usize = 100_000;
 
 /// Why a breaker opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerCause {
     /// `POST /v1/admin/circuit-breaker/trip`: stays open until reset.
@@ -42,7 +42,7 @@ pub enum BreakerCause {
     InvalidRate,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     Closed,

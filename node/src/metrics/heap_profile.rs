@@ -57,7 +57,7 @@ impl HeapProfileError {
 }
 
 /// One dump on disk.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct ProfileFile {
     pub name: String,
     pub path: String,
@@ -67,7 +67,7 @@ pub struct ProfileFile {
 }
 
 /// What `GET /v1/admin/debug/heap-profile` reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HeapProfileStatus {
     /// Whether the allocator has a profiler at all.
     pub available: bool,

@@ -85,22 +85,33 @@ fn truncate(text: &str) -> String {
 }
 
 /// `POST /v1/assert` body and one item of `POST /v1/assert/batch`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AssertRequest {
+    /// Slash-separated segments of `[a-z0-9_-]` (docs/api.md), e.g. `projects/apollo`.
     pub concept_path: String,
+    /// What is claimed about the concept, e.g. `status`.
     pub predicate: String,
+    /// Any JSON value, at most `limits.max_value_bytes` and `limits.max_value_depth`.
+    #[schema(value_type = serde_json::Value)]
     pub value: Box<RawValue>,
+    /// Who claims it (default `anonymous`); an Ed25519 public key in hex for signed claims.
     #[serde(default)]
     pub agent_id: Option<String>,
+    /// 0 to 1 (default 1).
     #[serde(default)]
     pub confidence: Option<f64>,
+    /// Ids of earlier claims on the same concept that this one replaces.
     #[serde(default)]
     pub supersedes: Option<Vec<String>>,
+    /// A JSON object saying where the claim comes from.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub source: Option<Box<RawValue>>,
+    /// Hex Ed25519 signature over the canonical assertion bytes (docs/signatures.md).
     #[serde(default)]
     pub signature: Option<String>,
+    /// An idempotency token: a retry with the same one is answered with the first outcome.
     #[serde(default)]
     pub request_id: Option<String>,
 }
@@ -147,7 +158,7 @@ impl AssertionDraft {
 }
 
 /// Why the shard leader quarantined a claim.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuarantineDecision {
     /// `circuit_breaker_open`, `authority_required` or `contradicts_protected_claim`.
     pub reason: String,
@@ -277,12 +288,13 @@ pub struct StoredAssertion {
 }
 
 /// A vote on an assertion.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VoteRequest {
     pub assertion_id: String,
     #[serde(default)]
     pub agent_id: Option<String>,
+    /// 1 (up) or -1 (down).
     pub value: i64,
     /// Hex Ed25519 signature over the canonical vote bytes (docs/signatures.md).
     #[serde(default)]
@@ -290,7 +302,7 @@ pub struct VoteRequest {
 }
 
 /// A retraction of an assertion.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetractRequest {
     pub assertion_id: String,
@@ -306,7 +318,7 @@ pub struct RetractRequest {
 pub const MAX_REASON_CHARS: usize = 1024;
 
 /// Derived status of an assertion at some time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Active,

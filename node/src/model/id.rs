@@ -105,6 +105,22 @@ impl Serialize for AssertionId {
     }
 }
 
+/// In an API document: 26 Crockford base-32 characters (lowercase, `O`, `I` and `L` are read
+/// as `0`, `1` and `1` on input).
+impl utoipa::PartialSchema for AssertionId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(ID_LEN))
+            .max_length(Some(ID_LEN))
+            .description(Some("an assertion id: 26 Crockford base-32 characters"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for AssertionId {}
+
 impl<'de> Deserialize<'de> for AssertionId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;

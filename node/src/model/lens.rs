@@ -13,7 +13,7 @@ use super::assertion::{Status, StoredAssertion};
 use super::id::AssertionId;
 use super::ModelError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Lens {
     Recency,

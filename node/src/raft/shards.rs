@@ -349,7 +349,7 @@ struct RateSample {
 }
 
 /// Request rates of one shard on this node, per second over the last sampling interval.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
 pub struct ShardRates {
     pub write_rate: f64,
     pub query_rate: f64,
@@ -358,7 +358,7 @@ pub struct ShardRates {
 }
 
 /// One follower's replication state as the shard leader sees it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct FollowerProgress {
     pub node: NodeId,
     pub matched_index: Option<u64>,
@@ -367,7 +367,7 @@ pub struct FollowerProgress {
 }
 
 /// What this node knows about one shard.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ShardStatus {
     pub shard: u16,
     pub group: u32,

@@ -26,7 +26,7 @@ use crate::storage::{ColumnFamily, Durability, Storage, StorageError, WriteBatch
 const CHUNK: usize = 1000;
 
 /// What a repair found and fixed in one shard (or, summed, in several).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct RepairReport {
     pub assertions: u64,
     pub claim_entries: u64,

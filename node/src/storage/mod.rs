@@ -324,7 +324,7 @@ pub enum Durability {
 }
 
 /// Engine statistics for `/v1/admin/storage/stats`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct StorageStats {
     pub total_bytes: u64,
     pub sst_file_count: u64,
@@ -350,7 +350,7 @@ pub struct CompactionDurations {
     pub quantiles: [(f64, f64); 3],
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct IndexFamilyStats {
     pub estimated_keys: u64,
     pub sst_bytes: u64,
@@ -366,7 +366,7 @@ pub struct CacheTraffic {
     pub evicted_bytes: u64,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ColumnFamilyStats {
     pub name: &'static str,
     pub estimated_keys: u64,
@@ -449,7 +449,7 @@ impl Drop for EndManualCompaction<'_> {
 }
 
 /// What the node knows of its manual compactions: the one running, or the last one.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct ManualCompaction {
     pub running: bool,
     /// Share of the run done, 0 to 1: the bytes (tables and memtables, measured at the start)

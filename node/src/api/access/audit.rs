@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use axum::http::Method;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{metrics, Caller};
@@ -98,6 +99,34 @@ fn redact(value: &mut Value) {
     }
 }
 
+/// One admin action as the log keeps it (`GET /v1/admin/audit`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    /// RFC 3339, UTC, milliseconds.
+    pub at: Option<String>,
+    pub at_us: u64,
+    /// The node that received it.
+    pub node: u64,
+    /// The token's name, `admin-token`, or `anonymous`.
+    pub caller: String,
+    /// `read`, `write` or `admin`: the token's role.
+    pub role: Option<String>,
+    pub peer: Option<String>,
+    pub method: String,
+    /// The path with its query.
+    pub path: String,
+    /// The answer's HTTP status (499: the client went away mid-request).
+    pub status: u16,
+    /// `done`, `refused`, `failed` or `cancelled` (`unreadable` for a damaged entry).
+    pub outcome: String,
+    /// The request's body with secrets redacted, or its size when not kept.
+    #[schema(value_type = Option<serde_json::Value>)]
+    pub request: Option<Value>,
+    /// This entry's position, for `cursor` of the next page (only in listings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
 impl AuditLog {
     /// The log of a node, on its storage: reads the keys it already holds (at most [`KEEP`]
     /// entries of at most [`KEPT_BODY_BYTES`] of body each).
@@ -147,19 +176,21 @@ impl AuditLog {
             }
             Err(_) => json!({"unparsed_bytes": bytes.len()}),
         });
-        let entry = json!({
-            "at": chrono::DateTime::<chrono::Utc>::from_timestamp_micros(at_us as i64).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-            "at_us": at_us,
-            "node": self.node,
-            "caller": caller.name,
-            "role": caller.role.map(crate::config::TokenRole::as_str),
-            "peer": caller.peer.map(|p: SocketAddr| p.ip().to_canonical().to_string()),
-            "method": method.as_str(),
-            "path": path,
-            "status": status,
-            "outcome": outcome,
-            "request": request,
-        });
+        let entry = AuditEntry {
+            at: chrono::DateTime::<chrono::Utc>::from_timestamp_micros(at_us as i64)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            at_us,
+            node: self.node,
+            caller: caller.name.clone(),
+            role: caller.role.map(|r| r.as_str().to_string()),
+            peer: caller.peer.map(|p: SocketAddr| p.ip().to_canonical().to_string()),
+            method: method.as_str().to_string(),
+            path: path.to_string(),
+            status,
+            outcome: outcome.to_string(),
+            request,
+            cursor: None,
+        };
         tracing::info!(
             audit = true,
             caller = %caller.name,
@@ -216,7 +247,7 @@ impl AuditLog {
 
     /// Up to `limit` entries, newest first, older than `before` (a cursor this returned), and
     /// the cursor of the next page when there may be more.
-    pub fn list(&self, limit: usize, before: Option<&str>) -> Result<(Vec<Value>, Option<String>), AuditError> {
+    pub fn list(&self, limit: usize, before: Option<&str>) -> Result<(Vec<AuditEntry>, Option<String>), AuditError> {
         let upper = match before {
             None => PREFIX_END.to_vec(),
             Some(cursor) => {
@@ -244,8 +275,9 @@ impl AuditLog {
         let entries = rows
             .into_iter()
             .map(|(k, v)| {
-                let mut entry = serde_json::from_slice::<Value>(&v).unwrap_or_else(|_| json!({"unreadable": true}));
-                entry["cursor"] = json!(cursor_of(&k));
+                let mut entry = serde_json::from_slice::<AuditEntry>(&v)
+                    .unwrap_or_else(|_| AuditEntry { outcome: "unreadable".into(), ..AuditEntry::default() });
+                entry.cursor = Some(cursor_of(&k));
                 entry
             })
             .collect();
@@ -256,6 +288,10 @@ impl AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn values((entries, next): (Vec<AuditEntry>, Option<String>)) -> (Vec<Value>, Option<String>) {
+        (entries.into_iter().map(|e| serde_json::to_value(e).expect("an entry")).collect(), next)
+    }
     use crate::config::TokenRole;
 
     fn caller() -> Caller {
@@ -270,13 +306,13 @@ mod tests {
                 format!(r#"{{"agent_id": "a{i}", "s3_secret_access_key": "hidden", "nested": {{"token": "t"}}}}"#);
             log.record(&caller(), &Method::POST, "/v1/admin/circuit-breaker/trip", 200, Some(body.as_bytes())).await;
         }
-        let (first, next) = log.list(3, None).expect("list");
+        let (first, next) = log.list(3, None).map(values).expect("list");
         assert_eq!(first.len(), 3);
         assert_eq!(first[0]["request"]["agent_id"], json!("a4"), "newest first");
         assert_eq!(first[0]["request"]["s3_secret_access_key"], json!("[redacted]"));
         assert_eq!(first[0]["request"]["nested"]["token"], json!("[redacted]"));
         assert_eq!(first[0]["caller"], json!("ops"));
-        let (rest, end) = log.list(3, next.as_deref()).expect("second page");
+        let (rest, end) = log.list(3, next.as_deref()).map(values).expect("second page");
         assert_eq!(
             rest.iter().map(|e| e["request"]["agent_id"].clone()).collect::<Vec<_>>(),
             vec![json!("a1"), json!("a0")]
@@ -292,7 +328,7 @@ mod tests {
         for status in [200, 403, 500, 200, 201] {
             log.record(&caller(), &Method::DELETE, "/cluster/members/4", status, None).await;
         }
-        let (entries, _) = log.list(10, None).expect("list");
+        let (entries, _) = log.list(10, None).map(values).expect("list");
         let statuses: Vec<_> = entries.iter().map(|e| e["status"].clone()).collect();
         assert_eq!(statuses, vec![json!(201), json!(200), json!(500)]);
         assert_eq!(entries[2]["outcome"], json!("failed"));
@@ -306,7 +342,7 @@ mod tests {
         log.record(&caller(), &Method::POST, "/v1/admin/storage/compact", 202, None).await;
         drop(log);
         let log = AuditLog::open(storage, 2).expect("reopen");
-        let (entries, _) = log.list(10, None).expect("list");
+        let (entries, _) = log.list(10, None).map(values).expect("list");
         assert_eq!(entries.len(), 1);
         assert_eq!(
             (entries[0]["node"].clone(), entries[0]["path"].clone()),

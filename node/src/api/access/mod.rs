@@ -386,6 +386,25 @@ fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
     )
 }
 
+/// Every code [`guard`] can answer a request with, for the OpenAPI documents: keep it beside the
+/// function it describes.
+pub fn guard_codes(method: &Method, path: &str) -> Vec<ErrorCode> {
+    let mut codes = Vec::new();
+    if !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        codes.push(ErrorCode::CrossOriginRefused);
+    }
+    let class = classify(method, path);
+    if class != Class::Open {
+        // Tokens when `security.tokens` is set; a rate when `[security.rate_limits]` sets one.
+        codes.extend([ErrorCode::TokenRequired, ErrorCode::InvalidToken, ErrorCode::RoleInsufficient]);
+        codes.push(ErrorCode::RateLimited);
+    }
+    if audited(class, method, path) {
+        codes.push(ErrorCode::PayloadTooLarge);
+    }
+    codes
+}
+
 /// The middleware of both HTTP routers (see the module doc).
 pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0);

@@ -110,7 +110,7 @@ impl AntiEntropyError {
 }
 
 /// One replica's root as the leader's last check saw it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ReplicaRoot {
     pub node: NodeId,
     /// Its root at the check index (hex), if it reported one.
@@ -120,7 +120,7 @@ pub struct ReplicaRoot {
 }
 
 /// The last check this node ran as the shard's leader.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CheckSummary {
     pub index: u64,
     pub at_us: u64,
@@ -131,7 +131,7 @@ pub struct CheckSummary {
 }
 
 /// The last repair of this node's replica.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RepairSummary {
     pub at_us: u64,
     /// `buckets` or `reseed`.
@@ -147,7 +147,7 @@ pub struct RepairSummary {
 }
 
 /// The scrubs of this node's replica.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct ScrubSummary {
     pub running: bool,
     /// Bytes the running scrub has read.

@@ -116,7 +116,7 @@ impl LastSuccess {
 }
 
 /// A backup this node coordinates or coordinated: `GET /v1/admin/backup/{id}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct BackupProgress {
     pub id: String,
     pub destination: String,
