@@ -67,7 +67,26 @@ fn check_document(doc: &Value, title: &str) -> BTreeSet<String> {
         }
     }
     assert!(!ids.is_empty());
+    let mut refs = Vec::new();
+    collect_refs(doc, &mut refs);
+    for reference in refs {
+        let name = reference.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{title}: {reference}"));
+        assert!(doc["components"]["schemas"][name].is_object(), "{title}: {reference} does not resolve");
+    }
     ids
+}
+
+fn collect_refs(value: &Value, refs: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::String(reference)) = map.get("$ref") {
+                refs.push(reference.clone());
+            }
+            map.values().for_each(|v| collect_refs(v, refs));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_refs(v, refs)),
+        _ => {}
+    }
 }
 
 /// The request a route check sends: path parameters filled in, a JSON object body for changes.

@@ -217,6 +217,7 @@ struct Member {
     /// `UP`, `DOWN`, `JOINING` or `LEAVING`.
     status: String,
     /// The largest lag, in seconds, of its replicas of the shards this node leads.
+    #[schema(required = true)]
     replication_lag: Option<f64>,
     shards_led: usize,
     shards_hosted: usize,
@@ -255,8 +256,10 @@ struct ShardView {
     /// The last move's status, or `NONE`.
     #[schema(value_type = String)]
     rebalance_status: RebalanceStatusOrNone,
+    #[schema(required = true)]
     rebalance: Option<Rebalance>,
     /// Its replicas as the cluster metadata places them.
+    #[schema(required = true)]
     placement: Option<Vec<u64>>,
     /// Whether this node has a replica.
     hosted: bool,
@@ -386,6 +389,7 @@ struct AddMemberRequest {
 struct MemberChange {
     id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     raft_addr: Option<String>,
     /// `UP` or `JOINING` after an add; `REMOVED` or `LEAVING` after a removal.
     status: String,
@@ -555,6 +559,7 @@ struct RebalanceRequest {
 struct MoveStarted {
     shard_id: u16,
     target_node: u64,
+    #[schema(required = true)]
     from_node: Option<u64>,
     reason: String,
     /// Always `PENDING`: follow it in `GET /cluster/shards/{id}`.
@@ -674,6 +679,7 @@ struct TransferLeaderRequest {
 struct LeaderTransferred {
     shard: u16,
     leader: u64,
+    #[schema(required = true)]
     previous_leader: Option<u64>,
 }
 

@@ -46,17 +46,22 @@ pub enum ShardName {
 #[derive(Serialize, ToSchema)]
 pub struct ShardSyncView {
     shard: ShardName,
+    #[schema(required = true)]
     leader: Option<u64>,
+    #[schema(required = true)]
     applied_index: Option<u64>,
     /// `agree`, `differ`, `pending` (not every replica checked the newest index yet) or
     /// `unchecked`.
     agreement: String,
+    #[schema(required = true)]
     check_index: Option<u64>,
     replicas: Vec<ReplicaCheck>,
+    #[schema(required = true)]
     last_check: Option<CheckSummary>,
     mismatched_buckets: usize,
     repairs: u64,
     repaired_keys: u64,
+    #[schema(required = true)]
     last_repair: Option<RepairSummary>,
     scrub: ScrubSummary,
     suspect: bool,
@@ -68,8 +73,11 @@ pub struct ShardSyncView {
 #[derive(Serialize, ToSchema)]
 pub struct ReplicaCheck {
     node: u64,
+    #[schema(required = true)]
     check_index: Option<u64>,
+    #[schema(required = true)]
     root: Option<String>,
+    #[schema(required = true)]
     suspect: Option<bool>,
 }
 

@@ -47,6 +47,7 @@ struct AuditParams {
 struct AuditPage {
     node_id: u64,
     entries: Vec<AuditEntry>,
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 
@@ -87,8 +88,11 @@ struct HeapProfileTaken {
     /// Where to download it.
     download: String,
     sampling_was_on: bool,
+    #[schema(required = true)]
     sampling_since: Option<String>,
+    #[schema(required = true)]
     sample_interval_bytes: Option<u64>,
+    #[schema(required = true)]
     binary: Option<String>,
     note: String,
 }
@@ -155,7 +159,7 @@ errors!(DownloadErrors: ADMIN, QUERY, HEAP, &[ErrorCode::HeapProfileNotFound, Er
 /// The newest dump, or the named one, in jemalloc's heap-profile format
 /// (`jeprof --text $(which stemedb) FILE`).
 #[utoipa::path(get, path = "/v1/admin/debug/heap-profile/download", tag = "node admin", params(DownloadParams),
-    responses((status = 200, description = "the dump", content_type = "application/octet-stream", body = Vec<u8>,
+    responses((status = 200, description = "the dump", content_type = "application/octet-stream", body = String,
         headers(("Content-Disposition" = String, description = "attachment; filename=..."))), DownloadErrors))]
 async fn download_heap_profile(
     State(state): State<AppState>,

@@ -18,7 +18,7 @@ use utoipa_axum::routes;
 use super::access::CallerOf;
 use super::error::ApiError;
 use super::extract::{list_limit, query_params, StrictJson};
-use super::openapi::{errors, ADMIN, BODY, META, PROPOSE, QUERY, SIGNATURE};
+use super::openapi::{errors, ADMIN, BODY, POLICY, PROPOSE, QUERY, SIGNATURE};
 use super::{peer_of, AppState};
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
@@ -59,6 +59,7 @@ pub struct GrantView {
     /// 0 to 100.
     level: u8,
     granted_at: String,
+    #[schema(required = true)]
     revoked_at: Option<String>,
     active: bool,
 }
@@ -89,12 +90,13 @@ struct RootRequest {
 #[derive(Serialize, ToSchema)]
 struct RootSet {
     agent_id: String,
+    #[schema(required = true)]
     level: Option<u8>,
     /// False when the agent already was a root at this level.
     changed: bool,
 }
 
-errors!(SetRootErrors: ADMIN, BODY, PROPOSE, META, &[ErrorCode::InvalidAgentId, ErrorCode::InvalidLevel]);
+errors!(SetRootErrors: ADMIN, BODY, PROPOSE, POLICY, &[ErrorCode::InvalidAgentId, ErrorCode::InvalidLevel]);
 
 /// Makes an agent a root authority (or changes its level).
 #[utoipa::path(post, path = "/v1/admin/authority/roots", tag = "authority", request_body = RootRequest,
@@ -121,7 +123,7 @@ struct RootRemoved {
     removed: bool,
 }
 
-errors!(RemoveRootErrors: ADMIN, PROPOSE, META, &[ErrorCode::InvalidAgentId, ErrorCode::RootNotFound]);
+errors!(RemoveRootErrors: ADMIN, PROPOSE, POLICY, &[ErrorCode::InvalidAgentId, ErrorCode::RootNotFound]);
 
 /// The agent is no longer a root (chains from it stop counting; `as_of` reads before now still
 /// see it).
@@ -190,7 +192,7 @@ struct GrantRequest {
     signature: Option<String>,
 }
 
-errors!(GrantErrors: BODY, PROPOSE, META, SIGNATURE, &[
+errors!(GrantErrors: BODY, PROPOSE, POLICY, SIGNATURE, &[
     ErrorCode::InvalidAgentId,
     ErrorCode::AgentNotAllowed,
     ErrorCode::InvalidConceptPath,
@@ -253,6 +255,7 @@ struct ListGrantsParams {
 struct GrantPage {
     grants: Vec<GrantView>,
     /// `after` of the next page.
+    #[schema(required = true)]
     next_after: Option<u64>,
 }
 
@@ -321,7 +324,7 @@ struct RevokeParams {
     signature: Option<String>,
 }
 
-errors!(RevokeErrors: QUERY, ADMIN, PROPOSE, META, SIGNATURE, &[
+errors!(RevokeErrors: QUERY, ADMIN, PROPOSE, POLICY, SIGNATURE, &[
     ErrorCode::InvalidGrantId,
     ErrorCode::InvalidAgentId,
     ErrorCode::AgentNotAllowed,
@@ -372,7 +375,8 @@ async fn revoke_grant(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct AgentAuthorityParams {
-    /// Required: the path to evaluate.
+    /// The path to evaluate.
+    #[param(required = true)]
     concept_path: Option<String>,
     /// Unix milliseconds or RFC 3339 (default: now).
     as_of: Option<String>,
@@ -384,10 +388,13 @@ struct AgentAuthority {
     agent_id: String,
     concept_path: String,
     /// `null`: none.
+    #[schema(required = true)]
     authority: Option<u8>,
     /// The root authority at the head of the chain.
+    #[schema(required = true)]
     root: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     root_level: Option<u8>,
     /// The grants from the root to the agent.
     chain: Vec<GrantView>,

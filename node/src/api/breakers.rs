@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::extract::StrictJson;
-use super::openapi::{errors, ADMIN, BODY, META, PROPOSE, QUERY};
+use super::openapi::{errors, ADMIN, BODY, POLICY, PROPOSE, QUERY};
 use super::AppState;
 use crate::config::CircuitBreakerSection;
 use crate::coordinator::Coordinator;
@@ -75,10 +75,13 @@ pub struct BreakerView {
     reason: String,
     opened_at: String,
     /// `null`: open until reset.
+    #[schema(required = true)]
     open_until: Option<String>,
     /// Consecutive automatic trips: each doubles the open period.
     trips: u32,
+    #[schema(required = true)]
     closed_at: Option<String>,
+    #[schema(required = true)]
     closed_reason: Option<String>,
 }
 
@@ -289,8 +292,8 @@ struct TripRequest {
     duration_seconds: Option<u64>,
 }
 
-errors!(ChangeErrors: ADMIN, BODY, PROPOSE, META, &[ErrorCode::InvalidAgentId, ErrorCode::ReasonTooLong]);
-errors!(ResetErrors: ADMIN, BODY, PROPOSE, META, &[ErrorCode::InvalidAgentId, ErrorCode::ReasonTooLong, ErrorCode::BreakerNotOpen]);
+errors!(ChangeErrors: ADMIN, BODY, PROPOSE, POLICY, &[ErrorCode::InvalidAgentId, ErrorCode::ReasonTooLong]);
+errors!(ResetErrors: ADMIN, BODY, PROPOSE, POLICY, &[ErrorCode::InvalidAgentId, ErrorCode::ReasonTooLong, ErrorCode::BreakerNotOpen]);
 
 /// Opens an agent's breaker by hand (refusals are `403 circuit_breaker_tripped`).
 #[utoipa::path(post, path = "/v1/admin/circuit-breaker/trip", tag = "circuit breakers", request_body = TripRequest,

@@ -56,10 +56,14 @@ struct RebuildStatus {
 pub struct RebuildView {
     status: RebuildState,
     /// When the last rebuild finished (`null` while one runs).
+    #[schema(required = true)]
     last_rebuild: Option<String>,
+    #[schema(required = true)]
     started_at: Option<String>,
+    #[schema(required = true)]
     error: Option<String>,
     progress: RebuildProgress,
+    #[schema(required = true)]
     report: Option<RepairReport>,
 }
 

@@ -58,8 +58,6 @@ pub const PROPOSE: &[ErrorCode] = &[
     ErrorCode::InternalError,
     ErrorCode::MembershipChangeFailed,
     ErrorCode::UnknownShard,
-    ErrorCode::CommandTooLarge,
-    ErrorCode::IdSpaceExhausted,
     ErrorCode::UnexpectedResponse,
 ];
 /// A proposal that grows the data (assert, vote, retract), refused below the disk floor.
@@ -78,8 +76,8 @@ pub const READ: &[ErrorCode] = &[
     ErrorCode::UnknownShard,
     ErrorCode::UnexpectedResponse,
 ];
-/// A change of the replicated policy or cluster metadata on the meta group.
-pub const META: &[ErrorCode] = &[ErrorCode::ClusterNotReady, ErrorCode::PolicyOutsideMetaGroup];
+/// A change of the replicated policy (authority, breakers) on the meta group.
+pub const POLICY: &[ErrorCode] = &[ErrorCode::PolicyOutsideMetaGroup];
 /// An agent's signature check (`signing::verify`).
 pub const SIGNATURE: &[ErrorCode] = &[
     ErrorCode::SignatureRequired,
@@ -271,4 +269,49 @@ pub fn serve(json: axum::body::Bytes) -> axum::routing::MethodRouter<super::AppS
         let json = json.clone();
         async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], json) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code the layers in front of a handler can answer is in the finished document of
+    /// every operation (none lost to a non-error answer at the same status), and every error
+    /// answer's codes have its status.
+    #[test]
+    fn every_operation_documents_the_codes_of_the_layers_in_front_of_it() {
+        for (api, doc) in [(Api::Client, crate::api::openapi()), (Api::Cluster, crate::admin::openapi())] {
+            assert!(!doc.paths.paths.is_empty());
+            for (path, item) in &doc.paths.paths {
+                let operations = [
+                    (Method::GET, &item.get),
+                    (Method::POST, &item.post),
+                    (Method::PUT, &item.put),
+                    (Method::DELETE, &item.delete),
+                    (Method::PATCH, &item.patch),
+                ];
+                for (method, operation) in operations {
+                    let Some(operation) = operation else { continue };
+                    let documented = documented_codes(&operation.responses.responses);
+                    let mut expected = super::super::access::guard_codes(&method, path);
+                    if api == Api::Client && !super::super::always_admitted(path) {
+                        expected.push(ErrorCode::Overloaded);
+                    }
+                    for code in expected {
+                        assert!(documented.contains(code.as_str()), "{method} {path}: {code} is not documented");
+                    }
+                    for (status, response) in &operation.responses.responses {
+                        let RefOr::T(response) = response else { continue };
+                        let Some(listed) = response.extensions.as_ref().and_then(|e| e.get(CODES_EXTENSION)) else {
+                            continue;
+                        };
+                        for name in listed.as_array().into_iter().flatten().filter_map(|v| v.as_str()) {
+                            let code = ErrorCode::from_name(name).expect("a code of the table");
+                            assert_eq!(code.http_status().to_string(), *status, "{method} {path}: {name}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -48,6 +48,7 @@ struct ListParams {
 #[derive(Serialize, ToSchema)]
 struct QuarantinePage {
     quarantined: Vec<ListedAssertion>,
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 
@@ -89,6 +90,15 @@ struct DecisionRequest {
     by: Option<String>,
 }
 
+/// A decision on a quarantined claim.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum Decision {
+    Release,
+    Reject,
+}
+
 /// The recorded decision.
 #[derive(Serialize, ToSchema)]
 struct DecisionResponse {
@@ -111,7 +121,7 @@ errors!(DecideErrors: ADMIN, OPTIONAL_BODY, PROPOSE, &[
 /// Releases a quarantined claim into the lenses, or rejects it (retracted); the body is optional.
 #[utoipa::path(post, path = "/v1/admin/quarantine/{id}/{decision}", tag = "quarantine",
     params(("id" = String, Path, description = "the assertion id"),
-        ("decision" = String, Path, description = "`release` or `reject`", example = "release")),
+        ("decision" = inline(Decision), Path, description = "`release` or `reject`")),
     request_body(content = Option<DecisionRequest>, description = "optional"),
     responses((status = 200, description = "decided", body = DecisionResponse), DecideErrors))]
 async fn decide(

@@ -108,8 +108,7 @@ fn page_limit(state: &AppState, limit: Option<usize>) -> Result<usize, ApiError>
     }
 }
 
-/// One claim as a query shows it. Fields are in alphabetical order, as every other JSON
-/// object this API writes (serde_json maps are sorted), so typed and map-built bodies agree.
+/// One claim as a query shows it (fields in alphabetical order, as the claims cache renders them).
 #[derive(Serialize, ToSchema)]
 #[schema(as = QueryClaim)]
 struct ClaimView<'a> {
@@ -121,18 +120,22 @@ struct ClaimView<'a> {
     confidence: f64,
     id: AssertionId,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     retracted_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(nullable = false, value_type = Option<Object>)]
     source: Option<&'a RawValue>,
     status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     superseded_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     superseded_by: Option<AssertionId>,
     #[schema(value_type = serde_json::Value)]
     value: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     votes: Option<VotesView>,
 }
 
@@ -168,14 +171,18 @@ fn claim_view<'a>(claim: &Claim<'a>, lens: Lens) -> ClaimView<'a> {
 #[schema(as = QueryGroup)]
 struct GroupView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     alternatives: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     assertions: Option<Vec<ClaimView<'a>>>,
     concept_path: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     conflict: Option<bool>,
     predicate: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     winner: Option<ClaimView<'a>>,
 }
 
@@ -217,25 +224,30 @@ fn group_result<'a>(state: &AppState, group: &'a ClaimGroup, lens: Lens, as_of_u
     Some(view)
 }
 
-/// The body of a query answer, serialized straight from the claims it borrows: no
-/// intermediate JSON tree (this is the hottest path of the API).
+// Serialized straight from the claims it borrows: no intermediate JSON tree (this is the
+// hottest path of the API).
+/// One page of a query's answer.
 #[derive(Serialize, ToSchema)]
 #[schema(as = QueryResponse)]
 struct QueryBody<'a> {
     /// Stale reads: the replica's applied log index.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     applied_index: Option<u64>,
     /// The request's `as_of`, as given.
-    #[schema(value_type = Option<TimeInput>)]
+    #[schema(required = true, value_type = Option<TimeInput>)]
     as_of: &'a Option<Value>,
     consistency: Consistency,
     lens: Lens,
+    #[schema(required = true)]
     next_cursor: Option<String>,
     #[schema(value_type = Vec<GroupView>)]
     results: Results<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     shard: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     staleness_ms: Option<u64>,
 }
 
@@ -643,9 +655,11 @@ pub struct AssertionDetail {
     value: Box<RawValue>,
     agent_id: String,
     confidence: f64,
-    #[schema(value_type = Option<Object>)]
+    #[schema(required = true, value_type = Option<Object>)]
     source: Option<Box<RawValue>>,
+    #[schema(required = true)]
     signature: Option<String>,
+    #[schema(required = true)]
     request_id: Option<String>,
     supersedes: Vec<AssertionId>,
     asserted_at: String,
@@ -654,8 +668,11 @@ pub struct AssertionDetail {
     status: Status,
     /// The claims that replace this one (and are not retracted).
     superseded_by: Vec<SupersededBy>,
+    #[schema(required = true)]
     retraction: Option<RetractionView>,
+    #[schema(required = true)]
     quarantine: Option<crate::model::assertion::QuarantineDecision>,
+    #[schema(required = true)]
     released_at: Option<String>,
     votes: VoteSummary,
 }
@@ -671,6 +688,7 @@ pub struct RetractionView {
     at: String,
     /// The retracting agent, or the operator.
     by: String,
+    #[schema(required = true)]
     reason: Option<String>,
 }
 
@@ -777,6 +795,7 @@ pub struct ConceptParams {
 pub struct ConceptPage {
     prefix: String,
     concepts: Vec<ConceptCount>,
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 
@@ -841,9 +860,13 @@ pub struct ListedAssertion {
     agent_id: String,
     confidence: f64,
     asserted_at: String,
+    #[schema(required = true)]
     status: Option<Status>,
+    #[schema(required = true)]
     quarantine: Option<crate::model::assertion::QuarantineDecision>,
+    #[schema(required = true)]
     released_at: Option<String>,
+    #[schema(required = true)]
     retracted_at: Option<String>,
 }
 
@@ -919,6 +942,7 @@ pub struct ListParams {
 #[derive(Serialize, ToSchema)]
 pub struct AssertionPage {
     assertions: Vec<ListedAssertion>,
+    #[schema(required = true)]
     next_cursor: Option<String>,
 }
 

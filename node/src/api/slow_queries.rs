@@ -17,6 +17,7 @@ pub struct SlowQuery {
     pub agent_id: String,
     /// The concept_path, or the concept_prefix followed by `/*`.
     pub subject: String,
+    #[schema(required = true)]
     pub predicate: Option<String>,
     pub lens: String,
     pub consistency: String,
@@ -30,6 +31,7 @@ pub struct SlowQuery {
     pub at: String,
     /// The error code a refused query answered (`query_timeout`, `query_memory_exceeded`);
     /// `null` for a query that answered.
+    #[schema(required = true)]
     pub error: Option<&'static str>,
 }
 

@@ -105,6 +105,7 @@ pub struct AssertResponse {
     /// `active`, or `quarantined` when the shard leader kept it out of the lenses.
     pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub quarantine: Option<QuarantineDecision>,
 }
 
@@ -184,7 +185,10 @@ async fn propose_drafts(
     }
 }
 
-errors!(AssertErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, ASSERT_ITEM);
+errors!(AssertErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, ASSERT_ITEM, &[
+    ErrorCode::CommandTooLarge,
+    ErrorCode::IdSpaceExhausted,
+]);
 
 /// What one assertion (alone or in a batch) can be refused for, besides the shards' answers.
 const ASSERT_ITEM: &[ErrorCode] = &[
@@ -285,6 +289,7 @@ pub struct BatchWritten {
     pub asserted_at: String,
     pub duplicate: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub quarantine: Option<QuarantineDecision>,
 }
 
@@ -297,7 +302,7 @@ pub struct BatchRefused {
     pub error: ErrorDetail,
 }
 
-errors!(BatchErrors: BODY, BREAKER, &[ErrorCode::EmptyBatch, ErrorCode::BatchTooLarge]);
+errors!(BatchErrors: BODY, &[ErrorCode::EmptyBatch, ErrorCode::BatchTooLarge]);
 
 /// Writes up to `limits.max_batch_items` assertions, one result each. Items are independent:
 /// an invalid item is reported and the others are written.
@@ -436,17 +441,11 @@ pub struct RetractResponse {
     pub retracted_at: String,
 }
 
-errors!(VoteErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, EVENT);
+errors!(VoteErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, EVENT, &[ErrorCode::InvalidVote]);
 
 /// What a vote or a retraction can be refused for, besides the shards' answers.
-const EVENT: &[ErrorCode] = &[
-    ErrorCode::InvalidId,
-    ErrorCode::InvalidVote,
-    ErrorCode::InvalidAgentId,
-    ErrorCode::AgentNotAllowed,
-    ErrorCode::AssertionNotFound,
-    ErrorCode::AlreadyRetracted,
-];
+const EVENT: &[ErrorCode] =
+    &[ErrorCode::InvalidId, ErrorCode::InvalidAgentId, ErrorCode::AgentNotAllowed, ErrorCode::AssertionNotFound];
 
 /// Votes a claim up or down (one vote per agent and claim; a new vote replaces the agent's last).
 #[utoipa::path(post, path = "/v1/vote", tag = "writes", request_body = VoteRequest,
@@ -497,7 +496,11 @@ pub async fn vote(
     }
 }
 
-errors!(RetractErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, EVENT, &[ErrorCode::ReasonTooLong, ErrorCode::NotAssertionOwner]);
+errors!(RetractErrors: BODY, PROPOSE, GROWS, SIGNATURE, BREAKER, EVENT, &[
+    ErrorCode::ReasonTooLong,
+    ErrorCode::NotAssertionOwner,
+    ErrorCode::AlreadyRetracted,
+]);
 
 /// Retracts a claim: by the asserting agent, or by anyone holding the admin token.
 #[utoipa::path(post, path = "/v1/retract", tag = "writes", request_body = RetractRequest,

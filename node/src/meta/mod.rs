@@ -84,12 +84,15 @@ pub enum MoveCause {
 /// One replica move of a shard: add `to` (learner, catch up, voter), then remove `from`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rebalance {
+    #[schema(required = true)]
     pub from: Option<NodeId>,
+    #[schema(required = true)]
     pub to: Option<NodeId>,
     pub cause: MoveCause,
     pub reason: String,
     pub status: RebalanceStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error: Option<String>,
     pub requested_at_us: u64,
     pub updated_at_us: u64,

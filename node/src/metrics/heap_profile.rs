@@ -74,12 +74,15 @@ pub struct HeapProfileStatus {
     /// Whether allocations are being sampled now.
     pub sampling: bool,
     /// When sampling was last switched on by this node (RFC 3339), if it was.
+    #[schema(required = true)]
     pub sampling_since: Option<String>,
     /// Average bytes allocated between two samples.
+    #[schema(required = true)]
     pub sample_interval_bytes: Option<u64>,
     /// Dumps on disk, newest first.
     pub profiles: Vec<ProfileFile>,
     /// The running binary, which `jeprof` needs to name the functions in a profile.
+    #[schema(required = true)]
     pub binary: Option<String>,
 }
 

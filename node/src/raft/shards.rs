@@ -361,8 +361,9 @@ pub struct ShardRates {
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct FollowerProgress {
     pub node: NodeId,
+    #[schema(required = true)]
     pub matched_index: Option<u64>,
-    /// Age of the oldest entry this follower has not matched (0 when caught up), DESIGN §4.
+    /// Age of the oldest entry this follower has not matched (0 when caught up), in seconds.
     pub lag_seconds: f64,
 }
 
@@ -371,15 +372,18 @@ pub struct FollowerProgress {
 pub struct ShardStatus {
     pub shard: u16,
     pub group: u32,
+    #[schema(required = true)]
     pub leader: Option<NodeId>,
     /// See [`ShardGroup::leaderless_for`]. Not part of the API's shard view (health reports
     /// use it).
     #[serde(skip)]
+    #[schema(required = true)]
     pub leaderless_for: Option<Duration>,
     pub term: u64,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub applied_index: u64,
+    #[schema(required = true)]
     pub last_log_index: Option<u64>,
     /// Only on the shard leader: every follower's progress.
     pub replication: Vec<FollowerProgress>,

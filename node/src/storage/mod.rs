@@ -334,7 +334,8 @@ pub struct StorageStats {
     pub cache_memory_bytes: u64,
     /// The `index` family's own block cache (`storage.index_eviction_enabled`), else 0.
     pub index_cache_memory_bytes: u64,
-    /// See [`Storage::write_amplification`].
+    /// Bytes RocksDB wrote to disk (its write-ahead log, flushes and compactions) per byte of
+    /// keys and values written to it, since the node started; 0 before the first write.
     pub write_amplification: f64,
     pub manual_compaction: ManualCompaction,
     pub estimated_keys: u64,
@@ -457,9 +458,12 @@ pub struct ManualCompaction {
     pub progress: f64,
     /// Runs started since the node started.
     pub runs: u64,
+    #[schema(required = true)]
     pub last_started_at_us: Option<u64>,
+    #[schema(required = true)]
     pub last_finished_at_us: Option<u64>,
     /// The last run's error, if it failed.
+    #[schema(required = true)]
     pub last_error: Option<String>,
 }
 

@@ -103,14 +103,17 @@ fn redact(value: &mut Value) {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// RFC 3339, UTC, milliseconds.
+    #[schema(required = true)]
     pub at: Option<String>,
     pub at_us: u64,
     /// The node that received it.
     pub node: u64,
-    /// The token's name, `admin-token`, or `anonymous`.
+    /// The token's name, `admin_token`, or `anonymous`.
     pub caller: String,
     /// `read`, `write` or `admin`: the token's role.
+    #[schema(required = true)]
     pub role: Option<String>,
+    #[schema(required = true)]
     pub peer: Option<String>,
     pub method: String,
     /// The path with its query.
@@ -120,10 +123,11 @@ pub struct AuditEntry {
     /// `done`, `refused`, `failed` or `cancelled` (`unreadable` for a damaged entry).
     pub outcome: String,
     /// The request's body with secrets redacted, or its size when not kept.
-    #[schema(value_type = Option<serde_json::Value>)]
+    #[schema(required = true, value_type = Option<serde_json::Value>)]
     pub request: Option<Value>,
     /// This entry's position, for `cursor` of the next page (only in listings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub cursor: Option<String>,
 }
 

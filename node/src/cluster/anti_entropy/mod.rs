@@ -114,6 +114,7 @@ impl AntiEntropyError {
 pub struct ReplicaRoot {
     pub node: NodeId,
     /// Its root at the check index (hex), if it reported one.
+    #[schema(required = true)]
     pub root: Option<String>,
     pub agrees: bool,
     pub suspect: bool,
@@ -141,8 +142,10 @@ pub struct RepairSummary {
     pub buckets: usize,
     pub written: u64,
     pub deleted: u64,
+    #[schema(required = true)]
     pub source: Option<NodeId>,
     pub duration_ms: f64,
+    #[schema(required = true)]
     pub error: Option<String>,
 }
 
@@ -153,10 +156,13 @@ pub struct ScrubSummary {
     /// Bytes the running scrub has read.
     pub bytes_read: u64,
     pub passes: u64,
+    #[schema(required = true)]
     pub last_finished_at_us: Option<u64>,
+    #[schema(required = true)]
     pub last_applied_index: Option<u64>,
     pub last_records: u64,
     pub last_mismatched_buckets: usize,
+    #[schema(required = true)]
     pub last_unreadable: Option<String>,
 }
 

@@ -123,6 +123,7 @@ pub struct BackupProgress {
     /// `running`, `succeeded` or `failed`.
     pub state: &'static str,
     pub started_at_us: u64,
+    #[schema(required = true)]
     pub finished_at_us: Option<u64>,
     /// Data shards plus the meta group.
     pub groups_total: u64,
@@ -134,9 +135,12 @@ pub struct BackupProgress {
     pub bytes_uploaded: u64,
     pub files_reused: u64,
     pub bytes_reused: u64,
+    #[schema(required = true)]
     pub error: Option<String>,
+    #[schema(required = true)]
     pub error_code: Option<&'static str>,
     /// Set once the manifest is written.
+    #[schema(required = true)]
     pub manifest: Option<String>,
 }
 
