@@ -592,8 +592,9 @@ impl Node {
 
         // 5. The cluster admin.
         let https = self.http_tls.as_ref().map(|tls| tls.acceptor());
-        self.admin =
-            Some(HttpServer::start(&self.tasks, listeners.admin, crate::admin::router(context.clone()), https.clone()));
+        let admin_permits = api::request_permits(&context);
+        let admin_router = crate::admin::router(context.clone(), admin_permits.clone());
+        self.admin = Some(HttpServer::start(&self.tasks, listeners.admin, admin_router, https.clone()));
 
         // 6. Joining the cluster, or waiting for the groups' leaders.
         if joining {
@@ -627,7 +628,7 @@ impl Node {
         ));
         let dashboard_addr = listeners.dashboard.as_ref().and_then(|listener| listener.local_addr().ok());
         if let Some(listener) = listeners.dashboard {
-            let app = crate::dashboard::router(context, permits);
+            let app = crate::dashboard::router(context, permits, admin_permits);
             self.dashboard = Some(HttpServer::start(&self.tasks, listener, app, https));
         }
         tracing::info!(

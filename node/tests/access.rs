@@ -489,3 +489,43 @@ where
     }
     out
 }
+
+/// `server.max_concurrent_requests` bounds each HTTP port on its own: with the only permit of
+/// a port held by a request whose body never ends, the next request there is `503 overloaded`
+/// with `Retry-After` at once, its health check still answers, and the other port still serves.
+#[tokio::test]
+async fn each_port_sheds_requests_beyond_its_concurrency_limit_but_not_health_checks() {
+    use tokio::io::AsyncWriteExt;
+    let node = TestNode::start_with(|c| c.server.max_concurrent_requests = 1).await;
+    let ports = [(&node.url, "/v1/assert", "/v1/health"), (&node.admin_url, "/cluster/sync", "/cluster/health")];
+    for (i, (base, slow_path, health)) in ports.iter().enumerate() {
+        let other = ports[1 - i].0;
+        let addr = base.trim_start_matches("http://");
+        let mut held = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!("POST {slow_path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 100\r\n\r\n{{");
+        held.write_all(head.as_bytes()).await.expect("send the start of a request");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let shed = loop {
+            let response = node.client.get(format!("{base}/openapi.json")).send().await.expect("send");
+            if response.status().as_u16() == 503 {
+                break response;
+            }
+            assert!(Instant::now() < deadline, "{base}: never shed a request beyond the limit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(shed.headers()["retry-after"], "1");
+        let body: Value = shed.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "overloaded", "{base}");
+        let health = node.client.get(format!("{base}{health}")).send().await.expect("send");
+        assert_eq!(health.status().as_u16(), 200, "{base}: health checks pass the limit");
+        let elsewhere = node.client.get(format!("{other}/openapi.json")).send().await.expect("send");
+        assert_eq!(elsewhere.status().as_u16(), 200, "{other} has its own permits");
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.client.get(format!("{base}/openapi.json")).send().await.expect("send").status().as_u16() != 200 {
+            assert!(Instant::now() < deadline, "{base}: the permit came back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    node.stop().await;
+}

@@ -46,7 +46,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     openapi::finish(routes().into_openapi(), openapi::Api::Cluster)
 }
 
-pub fn router(state: AppState) -> Router {
+/// The cluster admin router, admitting requests under `permits` (`api::request_permits`: its
+/// own set, so a flood of slow admin requests cannot take the client API's, nor the reverse).
+pub fn router(state: AppState, permits: std::sync::Arc<tokio::sync::Semaphore>) -> Router {
     let (router, document) = routes().split_for_parts();
     let document = openapi::finish(document, openapi::Api::Cluster);
     router
@@ -59,6 +61,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(axum::middleware::from_fn_with_state(state.access.clone(), crate::api::access::guard))
+        .layer(axum::middleware::from_fn_with_state(permits, crate::api::admit))
         .with_state(state)
 }
 
@@ -707,4 +710,12 @@ async fn transfer_leader(
     }
     state.shards.admin_group(shard, GroupAdmin::TransferLeader { target: request.target_node }, timeout).await?;
     Ok(Json(LeaderTransferred { shard, leader: request.target_node, previous_leader: previous }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_operation_documents_the_codes_of_the_layers_in_front_of_it() {
+        crate::api::openapi::check_layer_codes(&super::openapi());
+    }
 }

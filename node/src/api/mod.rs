@@ -104,13 +104,14 @@ pub fn peer_of(connect_info: ConnectInfo<SocketAddr>) -> Option<SocketAddr> {
 
 /// The paths [`admit`] lets through even when every permit is taken.
 pub(crate) fn always_admitted(path: &str) -> bool {
-    matches!(path, "/health" | "/v1/health" | "/metrics")
+    matches!(path, "/health" | "/v1/health" | "/metrics" | "/cluster/health")
 }
 
-/// Admits a request while fewer than `server.max_concurrent_requests` run, else answers
-/// `503 overloaded` at once. Health checks and `/metrics` always pass, so a load balancer and
-/// Prometheus still see an overloaded node.
-async fn admit(
+/// Admits a request while fewer than `server.max_concurrent_requests` run on its port, else
+/// answers `503 overloaded` at once. Health checks and `/metrics` always pass, so a load
+/// balancer and Prometheus still see an overloaded node. Both HTTP ports (18180, 18181) have
+/// their own set of permits.
+pub(crate) async fn admit(
     State(permits): State<Arc<tokio::sync::Semaphore>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -135,8 +136,8 @@ async fn admit(
     }
 }
 
-/// The permits of `server.max_concurrent_requests`: one set per node, shared by every router
-/// that serves the client API (18180 and the dashboard's `/api`).
+/// A set of `server.max_concurrent_requests` permits: one for the client API (18180 and the
+/// dashboard's `/api`), one for the cluster admin (18181 and the dashboard's `/cluster-api`).
 pub fn request_permits(state: &AppState) -> Arc<tokio::sync::Semaphore> {
     Arc::new(tokio::sync::Semaphore::new(state.config.server.max_concurrent_requests))
 }

@@ -6,8 +6,8 @@
 //!   added with a plain `.route()` is missing from the document, and a test compares the two);
 //! - each operation names the error codes its handler can answer ([`errors!`] sets), and
 //!   [`finish`] adds the ones every request of its class can meet, from the functions that decide
-//!   them: the access guard ([`super::access::guard_codes`]) and the admission limit
-//!   ([`super::always_admitted`]);
+//!   them: the access guard ([`super::access::guard_codes`]) and the admission limit of each
+//!   port ([`super::always_admitted`]);
 //! - an error answer's schema pins `error.code` to exactly the codes documented for that status
 //!   on that operation, each with its line of the one code table ([`ErrorCode::description`]),
 //!   so a contract test (schemathesis, `scripts/contract-test.sh`) catches an undocumented code.
@@ -167,7 +167,7 @@ fn error_response(status: u16, codes: &[ErrorCode]) -> Response {
 /// Which HTTP API a document describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
-    /// 18180: the client API and node admin, behind the admission limit.
+    /// 18180: the client API and node admin.
     Client,
     /// 18181: the cluster admin.
     Cluster,
@@ -204,7 +204,7 @@ pub fn finish(mut doc: OpenApi, api: Api) -> OpenApi {
         for (method, operation) in operations {
             let Some(operation) = operation.as_mut() else { continue };
             let mut extra = super::access::guard_codes(&method, path);
-            if api == Api::Client && !super::always_admitted(path) {
+            if !super::always_admitted(path) {
                 extra.push(ErrorCode::Overloaded);
             }
             merge_codes(&mut operation.responses.responses, &extra);
@@ -271,47 +271,48 @@ pub fn serve(json: axum::body::Bytes) -> axum::routing::MethodRouter<super::AppS
     })
 }
 
+/// Checks that every operation of `doc` keeps every code of the layers in front of it (none
+/// lost to a non-error answer at the same status) and that every error answer's codes have its
+/// status (a test helper for both documents: `admin` runs it on the cluster admin's).
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every code the layers in front of a handler can answer is in the finished document of
-    /// every operation (none lost to a non-error answer at the same status), and every error
-    /// answer's codes have its status.
-    #[test]
-    fn every_operation_documents_the_codes_of_the_layers_in_front_of_it() {
-        for (api, doc) in [(Api::Client, crate::api::openapi()), (Api::Cluster, crate::admin::openapi())] {
-            assert!(!doc.paths.paths.is_empty());
-            for (path, item) in &doc.paths.paths {
-                let operations = [
-                    (Method::GET, &item.get),
-                    (Method::POST, &item.post),
-                    (Method::PUT, &item.put),
-                    (Method::DELETE, &item.delete),
-                    (Method::PATCH, &item.patch),
-                ];
-                for (method, operation) in operations {
-                    let Some(operation) = operation else { continue };
-                    let documented = documented_codes(&operation.responses.responses);
-                    let mut expected = super::super::access::guard_codes(&method, path);
-                    if api == Api::Client && !super::super::always_admitted(path) {
-                        expected.push(ErrorCode::Overloaded);
-                    }
-                    for code in expected {
-                        assert!(documented.contains(code.as_str()), "{method} {path}: {code} is not documented");
-                    }
-                    for (status, response) in &operation.responses.responses {
-                        let RefOr::T(response) = response else { continue };
-                        let Some(listed) = response.extensions.as_ref().and_then(|e| e.get(CODES_EXTENSION)) else {
-                            continue;
-                        };
-                        for name in listed.as_array().into_iter().flatten().filter_map(|v| v.as_str()) {
-                            let code = ErrorCode::from_name(name).expect("a code of the table");
-                            assert_eq!(code.http_status().to_string(), *status, "{method} {path}: {name}");
-                        }
-                    }
+pub(crate) fn check_layer_codes(doc: &OpenApi) {
+    assert!(!doc.paths.paths.is_empty());
+    for (path, item) in &doc.paths.paths {
+        let operations = [
+            (Method::GET, &item.get),
+            (Method::POST, &item.post),
+            (Method::PUT, &item.put),
+            (Method::DELETE, &item.delete),
+            (Method::PATCH, &item.patch),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            let documented = documented_codes(&operation.responses.responses);
+            let mut expected = super::access::guard_codes(&method, path);
+            if !super::always_admitted(path) {
+                expected.push(ErrorCode::Overloaded);
+            }
+            for code in expected {
+                assert!(documented.contains(code.as_str()), "{method} {path}: {code} is not documented");
+            }
+            for (status, response) in &operation.responses.responses {
+                let RefOr::T(response) = response else { continue };
+                let Some(listed) = response.extensions.as_ref().and_then(|e| e.get(CODES_EXTENSION)) else {
+                    continue;
+                };
+                for name in listed.as_array().into_iter().flatten().filter_map(|v| v.as_str()) {
+                    let code = ErrorCode::from_name(name).expect("a code of the table");
+                    assert_eq!(code.http_status().to_string(), *status, "{method} {path}: {name}");
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_operation_documents_the_codes_of_the_layers_in_front_of_it() {
+        super::check_layer_codes(&crate::api::openapi());
     }
 }

@@ -231,8 +231,8 @@ pub struct ServerSection {
     pub dashboard_addr: String,
     /// Seconds to wait for in-flight requests at shutdown.
     pub shutdown_grace_seconds: u64,
-    /// Requests the client API serves at once; more are answered `503 overloaded` with
-    /// `Retry-After` at once rather than queued without bound.
+    /// Requests each HTTP port (client API, cluster admin) serves at once; more are answered
+    /// `503 overloaded` with `Retry-After` at once rather than queued without bound.
     pub max_concurrent_requests: usize,
     /// PEM certificate chain of the HTTP ports (client API and cluster admin): with
     /// `tls_key_file`, they speak HTTPS only. Reloaded on SIGHUP.

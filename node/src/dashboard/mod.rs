@@ -23,16 +23,20 @@ const STYLE: &str = include_str!("assets/app.css");
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// The dashboard's router over `state`; its `/api` shares the client API's `permits`
-/// (`server.max_concurrent_requests` counts both).
-pub fn router(state: AppState, permits: std::sync::Arc<tokio::sync::Semaphore>) -> Router {
+/// The dashboard's router over `state`; its `/api` shares the client API's `permits` and its
+/// `/cluster-api` the cluster admin's (`server.max_concurrent_requests` counts both on each).
+pub fn router(
+    state: AppState,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    admin_permits: std::sync::Arc<tokio::sync::Semaphore>,
+) -> Router {
     Router::new()
         .route("/", get(|| async { asset(INDEX, "text/html; charset=utf-8") }))
         .route("/app.js", get(|| async { asset(SCRIPT, "text/javascript; charset=utf-8") }))
         .route("/app.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
         .route("/session", get(session).with_state(state.clone()))
         .nest("/api", crate::api::router(state.clone(), permits))
-        .nest("/cluster-api", crate::admin::router(state))
+        .nest("/cluster-api", crate::admin::router(state, admin_permits))
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::NotFound,
