@@ -12,7 +12,7 @@ use utoipa_axum::routes;
 
 use super::access::audit::AuditEntry;
 use super::error::ApiError;
-use super::extract::parse_json;
+use super::extract::{optional_json, parse_json};
 use super::openapi::{errors, ADMIN, OPTIONAL_BODY, QUERY, STORAGE};
 use super::slow_queries::SlowQuery;
 use super::AppState;
@@ -288,8 +288,8 @@ errors!(CompactErrors: ADMIN, OPTIONAL_BODY, &[ErrorCode::CompactionInProgress])
 #[utoipa::path(post, path = "/v1/admin/storage/compact", tag = "node admin",
     request_body(content = Option<CompactRequest>, description = "optional"),
     responses((status = 202, description = "started", body = CompactStarted), CompactErrors))]
-async fn compact(State(state): State<AppState>, admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
-    compact_now(state, admin, body).await
+async fn compact(State(state): State<AppState>, _admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
+    compact_now(state, body)
 }
 
 /// The same as `POST /v1/admin/storage/compact` (the runbooks' older path).
@@ -298,15 +298,15 @@ async fn compact(State(state): State<AppState>, admin: super::AdminRights, body:
     responses((status = 202, description = "started", body = CompactStarted), CompactErrors))]
 async fn compact_alias(
     State(state): State<AppState>,
-    admin: super::AdminRights,
+    _admin: super::AdminRights,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    compact_now(state, admin, body).await
+    compact_now(state, body)
 }
 
-async fn compact_now(state: AppState, _admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
-    let request: CompactRequest =
-        if body.iter().all(|b| b.is_ascii_whitespace()) { CompactRequest::default() } else { parse_json(&body)? };
+/// Starts a manual compaction in the background (admin rights checked by the caller).
+fn compact_now(state: AppState, body: Bytes) -> Result<Response, ApiError> {
+    let request: CompactRequest = optional_json(&body)?;
     let storage = state.storage.clone();
     if let Err(running) = storage.begin_manual_compaction() {
         return Err(ApiError::new(ErrorCode::CompactionInProgress, "a manual compaction is already running")

@@ -13,7 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ApiError;
-use super::extract::parse_json;
+use super::extract::optional_json;
 use super::openapi::{errors, ADMIN, OPTIONAL_BODY};
 use super::AppState;
 use crate::cluster::backup::{BackupError, BackupProgress};
@@ -56,8 +56,7 @@ errors!(StartErrors: ADMIN, OPTIONAL_BODY, &[
     request_body(content = Option<StartRequest>, description = "optional"),
     responses((status = 202, description = "started: follow it by its `id`", body = BackupProgress), StartErrors))]
 async fn start(State(state): State<AppState>, _admin: super::AdminRights, body: Bytes) -> Result<Response, ApiError> {
-    let request: StartRequest =
-        if body.iter().all(|b| b.is_ascii_whitespace()) { StartRequest::default() } else { parse_json(&body)? };
+    let request: StartRequest = optional_json(&body)?;
     let progress = state.backups.start(request.destination.as_deref())?;
     Ok((axum::http::StatusCode::ACCEPTED, Json(progress)).into_response())
 }

@@ -46,6 +46,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     }
 }
 
+/// An optional JSON body: empty (or only whitespace) means the request type's defaults.
+pub fn optional_json<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    parse_json(bytes)
+}
+
 pub fn json_error(error: serde_json::Error) -> ApiError {
     use serde_json::error::Category;
     let message = error.to_string();

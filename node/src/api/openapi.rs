@@ -12,11 +12,12 @@
 //!   on that operation, each with its line of the one code table ([`ErrorCode::description`]),
 //!   so a contract test (schemathesis, `scripts/contract-test.sh`) catches an undocumented code.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use axum::http::Method;
 use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
@@ -117,17 +118,49 @@ pub(crate) use errors;
 
 /// One response per status the codes have, each pinning `error.code` to that status's codes.
 pub fn error_responses(codes: &[ErrorCode]) -> BTreeMap<String, RefOr<Response>> {
-    let mut by_status: BTreeMap<u16, BTreeSet<&'static str>> = BTreeMap::new();
+    let mut by_status: BTreeMap<u16, Vec<ErrorCode>> = BTreeMap::new();
     for code in codes {
-        by_status.entry(code.http_status()).or_default().insert(code.as_str());
+        let listed = by_status.entry(code.http_status()).or_default();
+        if !listed.contains(code) {
+            listed.push(*code);
+        }
     }
     by_status
         .into_iter()
-        .map(|(status, names)| {
-            let codes: Vec<ErrorCode> = names.iter().filter_map(|n| ErrorCode::from_name(n)).collect();
+        .map(|(status, mut codes)| {
+            codes.sort_by_key(|c| c.as_str());
             (status.to_string(), RefOr::T(error_response(status, &codes)))
         })
         .collect()
+}
+
+/// The codes an error answer lists; `None` for other answers (a success, or a health check's
+/// 503 with its own body).
+fn listed_codes(response: &RefOr<Response>) -> Option<Vec<ErrorCode>> {
+    let RefOr::T(response) = response else { return None };
+    let listed = response.extensions.as_ref()?.get(CODES_EXTENSION)?;
+    Some(listed.as_array()?.iter().filter_map(|v| v.as_str().and_then(ErrorCode::from_name)).collect())
+}
+
+/// The codes the layers in front of every handler can answer a request with: the access guard
+/// and the port's admission limit.
+fn layer_codes(method: &Method, path: &str) -> Vec<ErrorCode> {
+    let mut codes = super::access::guard_codes(method, path);
+    if !super::always_admitted(path) {
+        codes.push(ErrorCode::Overloaded);
+    }
+    codes
+}
+
+/// A path's operations by method.
+fn operations_mut(item: &mut PathItem) -> [(Method, &mut Option<Operation>); 5] {
+    [
+        (Method::GET, &mut item.get),
+        (Method::POST, &mut item.post),
+        (Method::PUT, &mut item.put),
+        (Method::DELETE, &mut item.delete),
+        (Method::PATCH, &mut item.patch),
+    ]
 }
 
 fn error_response(status: u16, codes: &[ErrorCode]) -> Response {
@@ -194,20 +227,9 @@ pub fn finish(mut doc: OpenApi, api: Api) -> OpenApi {
     // A token is needed only when `security.tokens` or an admin token is configured.
     doc.security = Some(vec![SecurityRequirement::default(), SecurityRequirement::new("bearer", Vec::<String>::new())]);
     for (path, item) in doc.paths.paths.iter_mut() {
-        let operations = [
-            (Method::GET, &mut item.get),
-            (Method::POST, &mut item.post),
-            (Method::PUT, &mut item.put),
-            (Method::DELETE, &mut item.delete),
-            (Method::PATCH, &mut item.patch),
-        ];
-        for (method, operation) in operations {
+        for (method, operation) in operations_mut(item) {
             let Some(operation) = operation.as_mut() else { continue };
-            let mut extra = super::access::guard_codes(&method, path);
-            if !super::always_admitted(path) {
-                extra.push(ErrorCode::Overloaded);
-            }
-            merge_codes(&mut operation.responses.responses, &extra);
+            merge_codes(&mut operation.responses.responses, &layer_codes(&method, path));
         }
     }
     doc
@@ -217,30 +239,16 @@ pub fn finish(mut doc: OpenApi, api: Api) -> OpenApi {
 /// union of its codes.
 fn merge_codes(responses: &mut BTreeMap<String, RefOr<Response>>, extra: &[ErrorCode]) {
     let mut codes: Vec<ErrorCode> = extra.to_vec();
-    responses.retain(|_, response| {
-        let RefOr::T(response) = response else { return true };
-        let Some(listed) = response.extensions.as_ref().and_then(|e| e.get(CODES_EXTENSION)) else { return true };
-        let names = listed.as_array().into_iter().flatten().filter_map(|v| v.as_str());
-        codes.extend(names.filter_map(ErrorCode::from_name));
-        false
+    responses.retain(|_, response| match listed_codes(response) {
+        Some(listed) => {
+            codes.extend(listed);
+            false
+        }
+        None => true,
     });
     for (status, response) in error_responses(&codes) {
         responses.entry(status).or_insert(response);
     }
-}
-
-/// The error codes an operation documents, by status (for tests and the contract check).
-pub fn documented_codes(responses: &BTreeMap<String, RefOr<Response>>) -> BTreeSet<&'static str> {
-    responses
-        .values()
-        .filter_map(|r| match r {
-            RefOr::T(r) => r.extensions.as_ref().and_then(|e| e.get(CODES_EXTENSION)),
-            RefOr::Ref(_) => None,
-        })
-        .flat_map(|listed| listed.as_array().cloned().unwrap_or_default())
-        .filter_map(|v| v.as_str().and_then(ErrorCode::from_name))
-        .map(ErrorCode::as_str)
-        .collect()
 }
 
 /// `ErrorCode` in a schema: the string enum of the table.
@@ -277,33 +285,19 @@ pub fn serve(json: axum::body::Bytes) -> axum::routing::MethodRouter<super::AppS
 #[cfg(test)]
 pub(crate) fn check_layer_codes(doc: &OpenApi) {
     assert!(!doc.paths.paths.is_empty());
-    for (path, item) in &doc.paths.paths {
-        let operations = [
-            (Method::GET, &item.get),
-            (Method::POST, &item.post),
-            (Method::PUT, &item.put),
-            (Method::DELETE, &item.delete),
-            (Method::PATCH, &item.patch),
-        ];
-        for (method, operation) in operations {
+    let mut doc = doc.clone();
+    for (path, item) in doc.paths.paths.iter_mut() {
+        for (method, operation) in operations_mut(item) {
             let Some(operation) = operation else { continue };
-            let documented = documented_codes(&operation.responses.responses);
-            let mut expected = super::access::guard_codes(&method, path);
-            if !super::always_admitted(path) {
-                expected.push(ErrorCode::Overloaded);
-            }
-            for code in expected {
-                assert!(documented.contains(code.as_str()), "{method} {path}: {code} is not documented");
-            }
+            let mut documented = Vec::new();
             for (status, response) in &operation.responses.responses {
-                let RefOr::T(response) = response else { continue };
-                let Some(listed) = response.extensions.as_ref().and_then(|e| e.get(CODES_EXTENSION)) else {
-                    continue;
-                };
-                for name in listed.as_array().into_iter().flatten().filter_map(|v| v.as_str()) {
-                    let code = ErrorCode::from_name(name).expect("a code of the table");
-                    assert_eq!(code.http_status().to_string(), *status, "{method} {path}: {name}");
+                for code in listed_codes(response).unwrap_or_default() {
+                    assert_eq!(code.http_status().to_string(), *status, "{method} {path}: {code}");
+                    documented.push(code);
                 }
+            }
+            for code in layer_codes(&method, path) {
+                assert!(documented.contains(&code), "{method} {path}: {code} is not documented");
             }
         }
     }

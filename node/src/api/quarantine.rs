@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ApiError;
-use super::extract::{id_cursor, list_limit, parse_json, query_params};
+use super::extract::{id_cursor, list_limit, optional_json, query_params};
 use super::openapi::{errors, ADMIN, OPTIONAL_BODY, PAGING, PROPOSE, QUERY, READ};
 use super::reads::{list_everywhere, ListedAssertion};
 use super::AppState;
@@ -135,8 +135,7 @@ async fn decide(
         "reject" => false,
         _ => return Err(ApiError::new(ErrorCode::NotFound, "quarantine decisions are /release and /reject")),
     };
-    let request: DecisionRequest =
-        if body.iter().all(|b| b.is_ascii_whitespace()) { DecisionRequest::default() } else { parse_json(&body)? };
+    let request: DecisionRequest = optional_json(&body)?;
     let assertion_id = AssertionId::parse(&id)
         .map_err(|e| ApiError::from(ModelError::InvalidId { id: e.0.chars().take(64).collect() }))?;
     if request.reason.as_ref().is_some_and(|r| r.chars().count() > MAX_REASON_CHARS) {

@@ -92,9 +92,10 @@ fn write_timeout(state: &AppState) -> Duration {
     Duration::from_millis(state.config.raft.write_timeout_ms)
 }
 
-/// A written assertion (`201` of `POST /v1/assert`).
+/// Where a written assertion went: the fields of a single write's answer and of a batch's
+/// written item.
 #[derive(Serialize, ToSchema)]
-pub struct AssertResponse {
+pub struct Written {
     pub id: AssertionId,
     pub shard: u16,
     pub log_index: u64,
@@ -102,24 +103,37 @@ pub struct AssertResponse {
     pub asserted_at: String,
     /// True when this answers a retry with the same `request_id`: nothing new was written.
     pub duplicate: bool,
-    /// `active`, or `quarantined` when the shard leader kept it out of the lenses.
-    pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub quarantine: Option<QuarantineDecision>,
 }
 
-impl AssertResponse {
-    pub fn of(outcome: &AssertOutcome) -> AssertResponse {
-        AssertResponse {
+impl Written {
+    fn of(outcome: AssertOutcome) -> Written {
+        Written {
             id: outcome.id,
             shard: outcome.shard,
             log_index: outcome.log_index,
             asserted_at: format_time_us(outcome.asserted_at_us),
             duplicate: outcome.duplicate,
-            status: if outcome.quarantine.is_some() { Status::Quarantined } else { Status::Active },
-            quarantine: outcome.quarantine.clone(),
+            quarantine: outcome.quarantine,
         }
+    }
+}
+
+/// A written assertion (`201` of `POST /v1/assert`).
+#[derive(Serialize, ToSchema)]
+pub struct AssertResponse {
+    #[serde(flatten)]
+    pub written: Written,
+    /// `active`, or `quarantined` when the shard leader kept it out of the lenses.
+    pub status: Status,
+}
+
+impl AssertResponse {
+    pub fn of(outcome: AssertOutcome) -> AssertResponse {
+        let status = if outcome.quarantine.is_some() { Status::Quarantined } else { Status::Active };
+        AssertResponse { written: Written::of(outcome), status }
     }
 }
 
@@ -238,7 +252,7 @@ pub async fn assert(
     state.metrics.observe_write(started.elapsed());
     settle(&state, &agent, admission, result.is_ok());
     match result {
-        Ok(outcome) => Ok((StatusCode::CREATED, Json(AssertResponse::of(&outcome))).into_response()),
+        Ok(outcome) => Ok((StatusCode::CREATED, Json(AssertResponse::of(outcome))).into_response()),
         Err(error) => Err(error.into()),
     }
 }
@@ -283,14 +297,8 @@ pub struct BatchWritten {
     pub index: usize,
     /// Always 201.
     pub status: u16,
-    pub id: AssertionId,
-    pub shard: u16,
-    pub log_index: u64,
-    pub asserted_at: String,
-    pub duplicate: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub quarantine: Option<QuarantineDecision>,
+    #[serde(flatten)]
+    pub written: Written,
 }
 
 /// A refused item of a batch.
@@ -372,12 +380,7 @@ pub async fn assert_batch(
                         Ok(outcome) => BatchItem::Written(BatchWritten {
                             index: position,
                             status: 201,
-                            id: outcome.id,
-                            shard: outcome.shard,
-                            log_index: outcome.log_index,
-                            asserted_at: format_time_us(outcome.asserted_at_us),
-                            duplicate: outcome.duplicate,
-                            quarantine: outcome.quarantine,
+                            written: Written::of(outcome),
                         }),
                         Err(error) => item_error(position, &ApiError::from(error)),
                     });

@@ -359,12 +359,18 @@ impl Drop for RecordIfDropped {
     }
 }
 
+/// Whether a request may change something: every method but GET, HEAD and OPTIONS (the ones a
+/// browser sends cross-origin without asking).
+fn changes(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
 /// Refuses a change a browser sends from another origin: a web page the operator visits could
 /// otherwise POST to a node on loopback without tokens (a form or a "simple" request needs no
 /// preflight), and with tokens it could not attach one anyway. Browsers name the page's origin
 /// in `Origin`; other clients send none, and the dashboard's own requests name its host.
 fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
-    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+    if !changes(method) {
         return None;
     }
     let origin = headers.get(axum::http::header::ORIGIN)?;
@@ -390,7 +396,7 @@ fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
 /// function it describes.
 pub fn guard_codes(method: &Method, path: &str) -> Vec<ErrorCode> {
     let mut codes = Vec::new();
-    if !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+    if changes(method) {
         codes.push(ErrorCode::CrossOriginRefused);
     }
     let class = classify(method, path);
