@@ -2,17 +2,19 @@
 """Backup benchmark (issue 17, docs/performance.md "Backups"): a 3-node cluster (16 shards,
 fsync on) on 127.0.0.1-3 of this machine holding ASSERTIONS assertions, then:
 
-  1. write latency without a backup: `stemedb bench`, 16 writers of single assertions, SECONDS s;
-  2. the same while backups to fresh directories run back to back (each a full backup);
-  3. one full backup to a directory, one to moto's S3 server on loopback, and an incremental
-     one (the store already holds the first: only changed files are uploaded);
-  4. `stemedb backup verify` of the directory backup;
-  5. the RTO of a restore: the three nodes killed, three data dirs restored from the directory
+  1. once no node has appended to its Raft log for 2 s (backups read at the idle pace), one full
+     backup to a directory, one to moto's S3 server on loopback, and an incremental one after
+     1,000 more assertions (the store already holds the first: only changed files are uploaded);
+  2. `stemedb backup verify` of the directory backup;
+  3. write latency without a backup: `stemedb bench`, 16 writers of single assertions, SECONDS s,
+     and the same while backups to fresh directories run back to back (each a full backup, at
+     the busy pace); ROUNDS rounds of both, alternating which goes first, reported as medians;
+  4. the RTO of a restore: the three nodes killed, three data dirs restored from the directory
      backup (in parallel, as on three machines) and started, until a linearizable read answers.
 
 Prints one JSON line per measurement and a table. Reports only: nothing here asserts a timing.
 
-Usage: scripts/backup-bench.py [--assertions N] [--seconds S] [--keep] [--during-to DIR] [--archive-interval-ms MS]
+Usage: scripts/backup-bench.py [--assertions N] [--seconds S] [--rounds R] [--keep] [--during-to DIR|s3] [--archive-interval-ms MS]
 Binary: --bin, $STEMEDB_BIN, $CARGO_TARGET_DIR/release/stemedb, or ./target/release/stemedb.
 Needs moto's virtualenv (scripts/setup.sh). Python 3 standard library only.
 """
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,8 +95,40 @@ class Cluster:
         return status == 200
 
     def healthy(self):
+        """The cluster reports healthy and every node's client API answers (the load goes to all three)."""
         status, body = http("GET", f"http://{IPS[0]}:{ADMIN}/cluster/health", timeout=2)
-        return status == 200 and body and body.get("status") == "healthy"
+        if not (status == 200 and body and body.get("status") == "healthy"):
+            return False
+        return all(http("GET", f"http://{ip}:{API}/health", timeout=2)[0] == 200 for ip in IPS)
+
+
+def log_appends():
+    """Each node's count of group-committed Raft log appends (the fsync counter)."""
+    counts = []
+    for ip in IPS:
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{API}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+        counts.append(next((line.split()[-1] for line in text.splitlines()
+                            if line.startswith('stemedb_storage_operations_total{operation="fsync"}')), None))
+    return counts
+
+
+def quiet(seconds=2.0, timeout=60):
+    """Waits until no node appended to its Raft log for SECONDS (the writes and the anti-entropy
+    checks after them are over), so that a measured backup runs at the idle read pace."""
+    deadline = time.time() + timeout
+    last, since = log_appends(), time.time()
+    while time.time() < deadline:
+        time.sleep(0.2)
+        now = log_appends()
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= seconds:
+            return
+    print("the cluster did not go quiet; the backups below may have run at the busy pace", file=sys.stderr)
 
 
 def load(assertions):
@@ -144,10 +179,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--assertions", type=int, default=100_000)
     parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of writes alone and during backups (medians)")
     parser.add_argument("--bin")
     parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--during-to", help="where the back-to-back backups of step 2 go (default: the work dir, "
-                        "on the nodes' disk; a tmpfs such as /dev/shm separates the disk's share from the CPU's)")
+    parser.add_argument("--during-to", help="where the back-to-back backups of step 3 go: a directory (default: the "
+                        "work dir, on the nodes' disk; a tmpfs such as /dev/shm separates the disk's share from the "
+                        "CPU's), or 's3' for moto's S3 server on loopback")
     parser.add_argument("--archive-interval-ms", type=int, help="run the nodes with continuous log archival "
                         "(backup.archive_enabled) at this interval, into a directory of the run; compare with a run "
                         "without for its cost to writes")
@@ -177,35 +214,14 @@ def main():
         results["load"] = {"assertions": args.assertions, "seconds": round(time.time() - started, 1)}
         print(json.dumps({"load": results["load"]}), flush=True)
 
-        results["writes_alone"] = bench(bin_path, args.seconds)
-        print(json.dumps({"writes_alone": results["writes_alone"]}), flush=True)
-
-        # Writes while full backups (each to a fresh directory) run back to back.
-        stop = threading.Event()
-        during = []
-
-        def backups():
-            n = 0
-            while not stop.is_set():
-                target = os.path.join(args.during_to or work, f"backup-bench-during-{n}")
-                during.append(backup(bin_path, target, env)["seconds"])
-                shutil.rmtree(target, ignore_errors=True)
-                n += 1
-
-        t = threading.Thread(target=backups)
-        t.start()
-        results["writes_during_backups"] = bench(bin_path, args.seconds)
-        stop.set()
-        t.join()
-        results["writes_during_backups"]["backups_run"] = len(during)
-        print(json.dumps({"writes_during_backups": results["writes_during_backups"]}), flush=True)
-
+        quiet()
         results["backup_dir"] = backup(bin_path, os.path.join(work, "store"), env)
         print(json.dumps({"backup_dir": results["backup_dir"]}), flush=True)
         results["backup_s3"] = backup(bin_path, "s3://bench/cluster", env)
         print(json.dumps({"backup_s3": results["backup_s3"]}), flush=True)
         # 1,000 new assertions, then a backup into the same store: only changed files go up.
         load(1000)
+        quiet()
         results["backup_dir_incremental"] = backup(bin_path, os.path.join(work, "store"), env)
         print(json.dumps({"backup_dir_incremental": results["backup_dir_incremental"]}), flush=True)
 
@@ -216,6 +232,54 @@ def main():
         results["verify"] = {"seconds": round(time.time() - started, 2), "ok": verified["ok"], "files": verified["files"],
                              "bytes": verified["bytes"], "records": verified["records"]}
         print(json.dumps({"verify": results["verify"]}), flush=True)
+
+        # Writes alone and while full backups (each to a fresh directory) run back to back,
+        # alternating which goes first in each round: every run adds claims to the same keys, so a
+        # fixed order would give the later run a larger store.
+        runs = {"alone": [], "during": []}
+
+        def during_backups():
+            stop = threading.Event()
+            done = []
+
+            def backups():
+                n = 0
+                while not stop.is_set():
+                    if args.during_to == "s3":
+                        target = f"s3://bench/during-{n}"
+                    else:
+                        target = os.path.join(args.during_to or work, f"backup-bench-during-{n}")
+                    done.append(backup(bin_path, target, env)["seconds"])
+                    if args.during_to != "s3":
+                        shutil.rmtree(target, ignore_errors=True)
+                    n += 1
+
+            t = threading.Thread(target=backups)
+            t.start()
+            run = bench(bin_path, args.seconds)
+            stop.set()
+            t.join()
+            run["backups_run"] = len(done)
+            run["backup_seconds"] = [round(x, 2) for x in done]
+            return run
+
+        for r in range(args.rounds):
+            for kind in (["alone", "during"] if r % 2 == 0 else ["during", "alone"]):
+                run = bench(bin_path, args.seconds) if kind == "alone" else during_backups()
+                run["round"] = r + 1
+                runs[kind].append(run)
+                print(json.dumps({f"writes_{kind}" if kind == "alone" else "writes_during_backups": run}), flush=True)
+
+        def median_run(kind):
+            keys = ("ops_per_sec", "p50_ms", "p99_ms", "p999_ms")
+            merged = {k: statistics.median(run[k] for run in runs[kind]) for k in keys}
+            if kind == "during":
+                merged["backups_run"] = sum(run["backups_run"] for run in runs[kind])
+                merged["backup_seconds"] = [x for run in runs[kind] for x in run["backup_seconds"]]
+            return merged
+
+        results["writes_alone"] = median_run("alone")
+        results["writes_during_backups"] = median_run("during")
 
         # RTO: the cluster destroyed, three data dirs restored in parallel, started, serving.
         cluster.kill()
@@ -254,7 +318,11 @@ def main():
     print(f"{'write p50 ms alone, during':<40} {alone['p50_ms']:>6.1f} {during['p50_ms']:>7.1f}")
     print(f"{'write p99 ms alone, during':<40} {alone['p99_ms']:>6.1f} {during['p99_ms']:>7.1f}")
     print(f"{'write p999 ms alone, during':<40} {alone['p999_ms']:>6.1f} {during['p999_ms']:>7.1f}")
-    print(f"{'backups during the second run':<40} {during['backups_run']:>14}")
+    print(f"{'backups during the runs':<40} {during['backups_run']:>14}")
+    under_writes = during["backup_seconds"]
+    print(f"{'backup under writes (s), median':<40} {statistics.median(under_writes) if under_writes else float('nan'):>14.2f}")
+    print(f"(writes: medians of {args.rounds} rounds of {args.seconds} s each; p99 during/alone: "
+          f"{during['p99_ms'] / alone['p99_ms'] - 1:+.0%})")
 
 
 if __name__ == "__main__":

@@ -510,6 +510,10 @@ pub struct BackupSection {
     /// Bytes of replica records one node reads for backups per second, in MiB (0: no limit):
     /// a backup reads whole replicas, and this keeps it from taking the cores writes need.
     pub max_read_mb_per_second: u64,
+    /// The same pace while the node is taking writes (its Raft log appended within the last
+    /// second), in MiB per second (0: `max_read_mb_per_second` also then): a backup that overlaps
+    /// writes yields to them and takes longer. Never faster than `max_read_mb_per_second`.
+    pub busy_read_mb_per_second: u64,
     /// Continuous Raft log archival to `destination` (`cluster::backup::archive`): each group's
     /// leader ships its committed entries there, and no replica purges a log entry before it is
     /// archived. It gives `stemedb backup restore --as-of` and an RPO of seconds.
@@ -529,6 +533,7 @@ impl Default for BackupSection {
             s3_allow_http: false,
             max_concurrent_uploads: 8,
             max_read_mb_per_second: 16,
+            busy_read_mb_per_second: 2,
             archive_enabled: false,
             archive_interval_ms: 2000,
         }
@@ -1162,6 +1167,7 @@ impl Config {
             ("query.claims_cache_mb", query.claims_cache_mb, TIB),
             ("query.max_memory_per_query_mb", query.max_memory_per_query_mb, TIB),
             ("backup.max_read_mb_per_second", self.backup.max_read_mb_per_second, TIB),
+            ("backup.busy_read_mb_per_second", self.backup.busy_read_mb_per_second, TIB),
             ("backup.archive_interval_ms", self.backup.archive_interval_ms, DAY_MS),
             ("limits.max_request_bytes", self.limits.max_request_bytes as u64, (MAX_SIZE_MB << 20, "1 TiB")),
             ("raft.heartbeat_interval_ms", raft.heartbeat_interval_ms, DAY_MS),
@@ -1254,6 +1260,7 @@ pub(crate) fn config_at_the_bounds() -> Config {
     config.query.claims_cache_mb = MAX_SIZE_MB;
     config.query.max_memory_per_query_mb = MAX_SIZE_MB;
     config.backup.max_read_mb_per_second = MAX_SIZE_MB;
+    config.backup.busy_read_mb_per_second = MAX_SIZE_MB;
     config.backup.archive_interval_ms = DAY_MS;
     // Heartbeat < minimum < maximum election timeout must still hold.
     config.raft.heartbeat_interval_ms = DAY_MS / 2 - 2;
@@ -1465,7 +1472,7 @@ mod tests {
     #[test]
     fn sizes_and_durations_past_their_bounds_are_refused_by_name() {
         type Set = fn(&mut Config);
-        let over: [(&str, u64, Set); 24] = [
+        let over: [(&str, u64, Set); 25] = [
             ("storage.max_cache_size_mb", MAX_SIZE_MB, |c| c.storage.max_cache_size_mb += 1),
             ("storage.write_buffer_mb", MAX_SIZE_MB, |c| c.storage.write_buffer_mb += 1),
             ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
@@ -1473,6 +1480,7 @@ mod tests {
             ("query.claims_cache_mb", MAX_SIZE_MB, |c| c.query.claims_cache_mb += 1),
             ("query.max_memory_per_query_mb", MAX_SIZE_MB, |c| c.query.max_memory_per_query_mb += 1),
             ("backup.max_read_mb_per_second", MAX_SIZE_MB, |c| c.backup.max_read_mb_per_second += 1),
+            ("backup.busy_read_mb_per_second", MAX_SIZE_MB, |c| c.backup.busy_read_mb_per_second += 1),
             ("backup.archive_interval_ms", 86_400_000, |c| c.backup.archive_interval_ms += 1),
             ("raft.heartbeat_interval_ms", 86_400_000, |c| c.raft.heartbeat_interval_ms = 86_400_001),
             ("raft.election_timeout_min_ms", 86_400_000, |c| c.raft.election_timeout_min_ms += 2),

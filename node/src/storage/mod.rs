@@ -386,6 +386,10 @@ pub struct Storage {
     path: PathBuf,
     options: StorageOptions,
     committer: GroupCommitter,
+    /// When storage opened, and microseconds after that of the last Raft log append plus one
+    /// (0: none yet) ([`Storage::last_log_append`]).
+    opened: Instant,
+    last_log_append_us: std::sync::atomic::AtomicU64,
     /// The manual compaction (`POST /v1/admin/storage/compact`): one at a time, with progress.
     manual_compaction: parking_lot::Mutex<ManualCompaction>,
     /// Table files found damaged at open and set aside.
@@ -601,6 +605,8 @@ impl Storage {
             path,
             options,
             committer,
+            opened: Instant::now(),
+            last_log_append_us: std::sync::atomic::AtomicU64::new(0),
             manual_compaction: parking_lot::Mutex::new(ManualCompaction::default()),
             cache_bytes_left: std::sync::atomic::AtomicU64::new(0),
             lost_files,
@@ -806,8 +812,19 @@ impl Storage {
     /// from every shard that arrive while a sync is in progress share the next sync.
     pub fn write_group_commit(&self, batch: WriteBatch, on_durable: DurableCallback) -> Result<(), StorageError> {
         self.write(batch, Durability::Buffered)?;
+        let since_open = self.opened.elapsed().as_micros().min(u128::from(u64::MAX - 1)) as u64;
+        self.last_log_append_us.store(since_open + 1, std::sync::atomic::Ordering::Relaxed);
         self.committer.enqueue(on_durable);
         Ok(())
+    }
+
+    /// When this node last appended to a Raft log (a group-committed write), if it has since its
+    /// storage opened: a node that did so recently is taking writes (backups read slower then).
+    pub fn last_log_append(&self) -> Option<Instant> {
+        match self.last_log_append_us.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            us => Some(self.opened + std::time::Duration::from_micros(us - 1)),
+        }
     }
 
     /// Makes every write so far durable.
@@ -1079,6 +1096,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
+            assert_eq!(storage.last_log_append(), None);
+            let before = Instant::now();
             let (tx, rx) = std::sync::mpsc::channel();
             for i in 0u8..50 {
                 let mut batch = WriteBatch::new();
@@ -1089,6 +1108,13 @@ mod tests {
             for _ in 0..50 {
                 assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).expect("callback"));
             }
+            // The appends are what backups' pace watches; a plain write is not one.
+            let last = storage.last_log_append().expect("appended");
+            assert!(last + std::time::Duration::from_millis(1) >= before && last <= Instant::now());
+            let mut batch = WriteBatch::new();
+            batch.put(ColumnFamily::Meta, b"k".to_vec(), b"v".to_vec());
+            storage.write(batch, Durability::Synced).expect("write");
+            assert_eq!(storage.last_log_append(), Some(last));
             storage.close().expect("close");
         }
         let storage = Storage::open(dir.path(), StorageOptions::default()).expect("reopen");

@@ -31,36 +31,81 @@ pub struct Tally {
     pub bytes_reused: AtomicU64,
 }
 
-/// Paces the replica reads of one node's backups to `backup.max_read_mb_per_second`, over all
-/// the copies running at once: each file's bytes get a slot on one virtual clock, and a walk
-/// that is ahead of it sleeps (on its blocking thread) until its slot.
-#[derive(Debug)]
+/// Paces the replica reads of one node's backups over all the copies running at once: each
+/// file's bytes get a slot on one virtual clock, and a walk that is ahead of it sleeps (on its
+/// blocking thread) until its slot.
+///
+/// The pace adapts to the node's own load: `backup.max_read_mb_per_second` while the node is
+/// idle, `backup.busy_read_mb_per_second` while it is taking writes (its Raft log took an
+/// append within the last [`BUSY_WINDOW`]). A backup of an idle cluster runs at full pace; one
+/// that overlaps writes yields the cores and the disk to them and takes longer.
 pub struct ReadPacer {
-    bytes_per_second: f64,
+    idle_bytes_per_second: f64,
+    busy_bytes_per_second: f64,
+    /// When the node last took a write (its last Raft log append).
+    last_write: Box<dyn Fn() -> Option<std::time::Instant> + Send + Sync>,
+    /// The slot of the next bytes read.
     next: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
+/// Writes seen within this long make the node busy.
+pub const BUSY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl std::fmt::Debug for ReadPacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadPacer")
+            .field("idle_bytes_per_second", &self.idle_bytes_per_second)
+            .field("busy_bytes_per_second", &self.busy_bytes_per_second)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ReadPacer {
-    /// `mb_per_second` 0: no limit.
-    pub fn new(mb_per_second: u64) -> ReadPacer {
-        ReadPacer { bytes_per_second: (mb_per_second as f64) * 1048576.0, next: parking_lot::Mutex::new(None) }
+    /// `idle_mb_per_second` 0: no limit when idle; `busy_mb_per_second` 0: the idle pace also
+    /// when busy, and never faster than it. `last_write` is read at every file; it must be cheap.
+    pub fn new(
+        idle_mb_per_second: u64,
+        busy_mb_per_second: u64,
+        last_write: impl Fn() -> Option<std::time::Instant> + Send + Sync + 'static,
+    ) -> ReadPacer {
+        let rate = |mb: u64| (mb as f64) * 1048576.0;
+        let busy = match (idle_mb_per_second, busy_mb_per_second) {
+            (idle, 0) => idle,
+            (0, busy) => busy,
+            (idle, busy) => idle.min(busy),
+        };
+        ReadPacer {
+            idle_bytes_per_second: rate(idle_mb_per_second),
+            busy_bytes_per_second: rate(busy),
+            last_write: Box::new(last_write),
+            next: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Whether the node took a write within [`BUSY_WINDOW`] before `now`.
+    fn busy(&self, now: std::time::Instant) -> bool {
+        (self.last_write)().is_some_and(|at| now.saturating_duration_since(at) < BUSY_WINDOW)
     }
 
     /// Blocks until `bytes` more may be read.
     fn take(&self, bytes: u64) {
-        if self.bytes_per_second <= 0.0 {
-            return;
-        }
-        let wait = {
-            let mut next = self.next.lock();
-            let now = std::time::Instant::now();
-            let start = next.map_or(now, |n| n.max(now));
-            *next = Some(start + std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_second));
-            start.saturating_duration_since(now)
-        };
+        let wait = self.reserve(bytes, std::time::Instant::now());
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
+    }
+
+    /// Gives `bytes` their slot as of `now`: how long to wait for it.
+    fn reserve(&self, bytes: u64, now: std::time::Instant) -> std::time::Duration {
+        let rate = if self.busy(now) { self.busy_bytes_per_second } else { self.idle_bytes_per_second };
+        let mut next = self.next.lock();
+        if rate <= 0.0 {
+            *next = None;
+            return std::time::Duration::ZERO;
+        }
+        let start = next.map_or(now, |n| n.max(now));
+        *next = Some(start + std::time::Duration::from_secs_f64(bytes as f64 / rate));
+        start.saturating_duration_since(now)
     }
 }
 
@@ -152,16 +197,34 @@ fn walk(
     })
 }
 
-/// Uploads one file unless the store holds it already; `true` if it uploaded.
+/// Uploads one file unless the store holds it already; `true` if it uploaded. The upload is
+/// not durable until [`BackupStore::sync`].
 async fn store_file(store: &BackupStore, file: SealedFile) -> Result<(FileRef, bool), BackupError> {
     let path = file_path(&file.sha256);
     let reference = FileRef { sha256: file.sha256.clone(), bytes: file.bytes.len() as u64, records: file.records };
-    // A file cut short (a store that lost power mid-write) is written again, not reused.
-    if store.size(&path).await? == Some(reference.bytes) {
+    if reusable(store, &path, &reference).await? {
         return Ok((reference, false));
     }
-    store.put(&path, file.bytes).await?;
+    store.put_unsynced(&path, file.bytes).await?;
     Ok((reference, true))
+}
+
+/// Whether the store's copy of a file can stand for it. A file cut short (a store that lost
+/// power mid-write) is written again. In a directory, where reading it back costs no transfer,
+/// its bytes must also still hash to its name: an earlier backup's file that a crash left
+/// unsynced, or that the disk damaged since, is written again rather than named by a manifest.
+async fn reusable(store: &BackupStore, path: &str, reference: &FileRef) -> Result<bool, BackupError> {
+    if store.size(path).await? != Some(reference.bytes) {
+        return Ok(false);
+    }
+    if !store.is_directory() {
+        return Ok(true);
+    }
+    let Some(bytes) = store.get(path).await? else { return Ok(false) };
+    let expected = reference.sha256.clone();
+    tokio::task::spawn_blocking(move || super::chunk::sha256_hex(&bytes) == expected)
+        .await
+        .map_err(|e| BackupError::Store(format!("checking {path}: {e}")))
 }
 
 /// Counts a stored file in the backup's tally and the metrics.
@@ -195,6 +258,7 @@ pub async fn copy_group(
     let mut stored: Vec<(usize, FileRef)> = Vec::new();
     let mut next = 0usize;
     let mut failure = None;
+    let mut uploaded_any = false;
     loop {
         tokio::select! {
             file = files.recv(), if in_flight.len() < uploads.max(1) && failure.is_none() => {
@@ -205,7 +269,10 @@ pub async fn copy_group(
                 in_flight.push(async move { (position, store_file(&store, file).await) });
             }
             Some((position, result)) = in_flight.next(), if !in_flight.is_empty() => match result {
-                Ok((reference, uploaded)) => stored.push((position, counted(&tally, reference, uploaded))),
+                Ok((reference, uploaded)) => {
+                uploaded_any |= uploaded;
+                stored.push((position, counted(&tally, reference, uploaded)));
+            }
                 Err(error) => {
                     failure = Some(error);
                     // Closing the receiver stops the walk at its next file.
@@ -217,7 +284,10 @@ pub async fn copy_group(
     }
     while let Some((position, result)) = in_flight.next().await {
         match result {
-            Ok((reference, uploaded)) => stored.push((position, counted(&tally, reference, uploaded))),
+            Ok((reference, uploaded)) => {
+                uploaded_any |= uploaded;
+                stored.push((position, counted(&tally, reference, uploaded)));
+            }
             Err(error) => failure = failure.or(Some(error)),
         }
     }
@@ -226,6 +296,10 @@ pub async fn copy_group(
         return Err(error);
     }
     let walked = walked??;
+    // The files must be durable before a manifest names them.
+    if uploaded_any {
+        store.sync().await?;
+    }
     stored.sort_by_key(|(position, _)| *position);
     tally.groups_done.fetch_add(1, Ordering::Relaxed);
     tracing::info!(group = %label(shard), index = walked.index, files = stored.len(), records = walked.records, "replica copied into the backup");
@@ -241,4 +315,98 @@ pub async fn copy_group(
         raw_bytes: walked.raw_bytes,
         files: stored.into_iter().map(|(_, reference)| reference).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A pacer whose node last took a write at the time in the returned cell (None: never).
+    fn pacer(idle: u64, busy: u64) -> (ReadPacer, Arc<parking_lot::Mutex<Option<Instant>>>) {
+        let last_write = Arc::new(parking_lot::Mutex::new(None));
+        let seen = last_write.clone();
+        (ReadPacer::new(idle, busy, move || *seen.lock()), last_write)
+    }
+
+    #[test]
+    fn an_idle_node_reads_at_the_full_pace_and_a_busy_one_at_the_busy_pace() {
+        let (pacer, last_write) = pacer(16, 2);
+        let t0 = Instant::now();
+        // Idle: 16 MiB take a second of slots, so the next MiB waits a second.
+        assert_eq!(pacer.reserve(16 * MIB, t0), Duration::ZERO);
+        assert_eq!(pacer.reserve(MIB, t0), Duration::from_secs(1));
+        // The node takes a write: a MiB now takes half a second of slots.
+        let t1 = t0 + Duration::from_millis(1062) + Duration::from_micros(500);
+        *last_write.lock() = Some(t1);
+        assert_eq!(pacer.reserve(MIB, t1), Duration::ZERO);
+        assert_eq!(pacer.reserve(MIB, t1), Duration::from_millis(500));
+        // Still busy within the window of that write, with no new one.
+        let t2 = t1 + BUSY_WINDOW - Duration::from_millis(1);
+        assert_eq!(pacer.reserve(MIB, t2), Duration::from_millis(1));
+        assert_eq!(pacer.reserve(MIB, t2), Duration::from_millis(501));
+        // No write for a whole window: the full pace again.
+        let t3 = t1 + BUSY_WINDOW + Duration::from_secs(5);
+        assert_eq!(pacer.reserve(16 * MIB, t3), Duration::ZERO);
+        assert_eq!(pacer.reserve(MIB, t3), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn writes_long_before_the_backup_leave_the_full_pace() {
+        let (pacer, last_write) = pacer(16, 2);
+        let now = Instant::now() + Duration::from_secs(60);
+        *last_write.lock() = Some(now - BUSY_WINDOW - Duration::from_millis(1));
+        assert_eq!(pacer.reserve(16 * MIB, now), Duration::ZERO);
+        assert_eq!(pacer.reserve(MIB, now), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_busy_pace_is_never_faster_than_the_idle_one_and_zero_means_no_limit() {
+        let busy_reserve = |idle, busy| {
+            let (pacer, last_write) = pacer(idle, busy);
+            let now = Instant::now();
+            *last_write.lock() = Some(now);
+            pacer.reserve(4 * MIB, now);
+            pacer.reserve(MIB, now)
+        };
+        // A busy pace above the idle one is capped at it; 0 is the idle pace.
+        assert_eq!(busy_reserve(4, 8), Duration::from_secs(1));
+        assert_eq!(busy_reserve(4, 0), Duration::from_secs(1));
+        // No idle limit: the busy pace alone applies when busy; no limit at all when both are 0.
+        assert_eq!(busy_reserve(0, 2), Duration::from_secs(2));
+        assert_eq!(busy_reserve(0, 0), Duration::ZERO);
+        let (pacer, _) = pacer(0, 2);
+        let now = Instant::now();
+        assert_eq!(pacer.reserve(64 * MIB, now), Duration::ZERO);
+        assert_eq!(pacer.reserve(MIB, now), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_directory_file_is_reused_only_while_its_bytes_hash_to_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BackupStore::open(&dir.path().display().to_string(), &Default::default(), true).expect("open");
+        let mut builder = FileBuilder::new(true);
+        builder.push(STATE_MACHINE, b"key", b"value");
+        let file = builder.seal().expect("a file");
+        let on_disk = dir.path().join(file_path(&file.sha256));
+        let (reference, uploaded) = store_file(&store, file.clone()).await.expect("store");
+        assert!(uploaded);
+        store.sync().await.expect("sync");
+        assert_eq!(std::fs::read(&on_disk).expect("read"), file.bytes);
+        // Stored and intact: reused.
+        assert!(!store_file(&store, file.clone()).await.expect("store").1);
+        // The same size with one byte changed (a crash before the sync, or the disk): written again.
+        let mut damaged = file.bytes.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x01;
+        std::fs::write(&on_disk, &damaged).expect("damage");
+        assert!(store_file(&store, file.clone()).await.expect("store").1);
+        assert_eq!(std::fs::read(&on_disk).expect("read"), file.bytes);
+        // Cut short: written again.
+        std::fs::write(&on_disk, &file.bytes[..3]).expect("truncate");
+        assert!(store_file(&store, file.clone()).await.expect("store").1);
+        assert_eq!(reference.bytes, file.bytes.len() as u64);
+    }
 }

@@ -188,7 +188,8 @@ pub struct Backups {
     settings: BackupSection,
     cluster_id: String,
     runs: Mutex<BTreeMap<String, Run>>,
-    /// `backup.max_read_mb_per_second` over every copy this node makes.
+    /// `backup.max_read_mb_per_second` (`busy_read_mb_per_second` while the node takes writes)
+    /// over every copy this node makes.
     pacer: Arc<copy::ReadPacer>,
 }
 
@@ -202,7 +203,12 @@ impl Backups {
             Ok(None) => {}
             Err(error) => tracing::warn!(error = %error, "reading the last backup's record failed"),
         }
-        let pacer = Arc::new(copy::ReadPacer::new(settings.max_read_mb_per_second));
+        let appends = storage.clone();
+        let pacer = Arc::new(copy::ReadPacer::new(
+            settings.max_read_mb_per_second,
+            settings.busy_read_mb_per_second,
+            move || appends.last_log_append(),
+        ));
         Backups { shards, storage, settings, cluster_id, runs: Mutex::new(BTreeMap::new()), pacer }
     }
 
@@ -225,6 +231,13 @@ impl Backups {
         let destination = destination.map(str::to_string).unwrap_or_else(|| self.settings.destination.clone());
         // A directory destination is created: a filesystem call, off the async workers.
         let store = crate::storage::blocking(|| BackupStore::open(&destination, &self.settings, true))?;
+        if crate::storage::blocking(|| shares_a_filesystem(&destination, self.storage.data_dir())) {
+            tracing::warn!(
+                destination = %destination,
+                "the backup destination is on the data dir's filesystem: the backup does not survive \
+                 that disk, and its writes share the disk's flushes with the raft log; use another disk or s3"
+            );
+        }
         let started_at_us = now_us();
         let id = manifest::new_id(started_at_us);
         let tally = Arc::new(Tally::default());
@@ -629,4 +642,31 @@ pub fn from_wire(replica: CopiedReplica) -> Result<GroupBackup, String> {
             .map(|f| FileRef { sha256: f.sha256, bytes: f.bytes, records: f.records })
             .collect(),
     })
+}
+
+/// Whether `destination` is a directory on the same filesystem as `data_dir`.
+fn shares_a_filesystem(destination: &str, data_dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(store::Destination::Directory(dir)) = store::Destination::parse(destination) else { return false };
+    match (std::fs::metadata(dir), std::fs::metadata(data_dir)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destination_on_the_data_dirs_filesystem_is_noticed() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let beside = data.path().join("backups");
+        std::fs::create_dir(&beside).expect("mkdir");
+        assert!(shares_a_filesystem(&beside.display().to_string(), data.path()));
+        // procfs is never the data dir's filesystem; S3 and missing directories are not either.
+        assert!(!shares_a_filesystem("/proc", data.path()));
+        assert!(!shares_a_filesystem("s3://bucket/prefix", data.path()));
+        assert!(!shares_a_filesystem(&data.path().join("missing").display().to_string(), data.path()));
+    }
 }

@@ -47,6 +47,9 @@ impl Destination {
 pub struct BackupStore {
     store: Arc<dyn ObjectStore>,
     prefix: Option<StorePath>,
+    /// A directory store's second handle on the same directory that does not fsync each file
+    /// ([`BackupStore::put_unsynced`]), and the directory ([`BackupStore::sync`]).
+    unsynced: Option<(Arc<dyn ObjectStore>, std::path::PathBuf)>,
     /// The destination as given, for messages.
     pub name: String,
 }
@@ -71,6 +74,7 @@ impl BackupStore {
     /// `create` false: the directory must exist (reading a backup).
     pub fn open(destination: &str, settings: &BackupSection, create: bool) -> Result<BackupStore, BackupError> {
         let invalid = |why: String| BackupError::Destination(destination.to_string(), why);
+        let mut unsynced: Option<(Arc<dyn ObjectStore>, std::path::PathBuf)> = None;
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match Destination::parse(destination)? {
             Destination::Directory(dir) => {
                 if create {
@@ -79,11 +83,13 @@ impl BackupStore {
                     return Err(invalid("no such directory".into()));
                 }
                 // Files and manifests reach the disk before they count.
-                let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| invalid(e.to_string()))?
-                    .with_automatic_cleanup(true)
-                    .with_fsync(true);
-                (Arc::new(local), String::new())
+                let local = |fsync: bool| {
+                    object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                        .map(|store| store.with_automatic_cleanup(true).with_fsync(fsync))
+                        .map_err(|e| invalid(e.to_string()))
+                };
+                unsynced = Some((Arc::new(local(false)?), dir.clone()));
+                (Arc::new(local(true)?), String::new())
             }
             Destination::S3 { bucket, prefix } => {
                 let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
@@ -100,7 +106,7 @@ impl BackupStore {
             }
         };
         let prefix = (!prefix.is_empty()).then(|| StorePath::from(prefix.as_str()));
-        Ok(BackupStore { store, prefix, name: destination.to_string() })
+        Ok(BackupStore { store, prefix, unsynced, name: destination.to_string() })
     }
 
     fn path(&self, relative: &str) -> StorePath {
@@ -127,6 +133,41 @@ impl BackupStore {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(error) => Err(self.failed("checking", relative, error)),
         }
+    }
+
+    /// Whether this store is a directory (reading back a file costs no transfer).
+    pub fn is_directory(&self) -> bool {
+        self.unsynced.is_some()
+    }
+
+    /// Writes an object whole (replacing it) that need not be durable until [`BackupStore::sync`]
+    /// returns: in a directory, without an fsync of its own. A backup's files go this way and
+    /// are synced once per copied replica, before the manifest can name them: an fsync per file
+    /// on the disk that holds the Raft log delays the log's own syncs (`docs/performance.md`).
+    /// S3 writes are durable when they return.
+    pub async fn put_unsynced(&self, relative: &str, bytes: Vec<u8>) -> Result<(), BackupError> {
+        let Some((store, _)) = &self.unsynced else { return self.put(relative, bytes).await };
+        store
+            .put(&self.path(relative), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.failed("writing", relative, e))
+    }
+
+    /// Makes every [`BackupStore::put_unsynced`] before it durable: one `syncfs` of the
+    /// directory's filesystem (its data and the renames that named the files), on a blocking
+    /// thread. Nothing to do for S3.
+    pub async fn sync(&self) -> Result<(), BackupError> {
+        let Some((_, dir)) = &self.unsynced else { return Ok(()) };
+        let dir = dir.clone();
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&dir)?;
+            rustix::fs::syncfs(&file).map_err(std::io::Error::from)
+        })
+        .await
+        .map_err(|e| BackupError::Store(format!("syncing {name}: {e}")))?
+        .map_err(|e| BackupError::Store(format!("syncing {name}: {e}")))
     }
 
     /// Writes an object whole (replacing it).
