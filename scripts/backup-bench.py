@@ -111,8 +111,11 @@ def log_appends():
                 text = response.read().decode()
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return None
-        counts.append(next((line.split()[-1] for line in text.splitlines()
-                            if line.startswith('stemedb_storage_operations_total{operation="fsync"}')), None))
+        count = next((line.split()[-1] for line in text.splitlines()
+                      if line.startswith('stemedb_storage_operations_total{operation="fsync"}')), None)
+        if count is None:
+            return None
+        counts.append(count)
     return counts
 
 
@@ -124,7 +127,7 @@ def quiet(seconds=2.0, timeout=60):
     while time.time() < deadline:
         time.sleep(0.2)
         now = log_appends()
-        if now != last:
+        if now is None or now != last:
             last, since = now, time.time()
         elif time.time() - since >= seconds:
             return
@@ -240,16 +243,19 @@ def main():
 
         def during_backups():
             stop = threading.Event()
-            done = []
+            done, failed = [], []
 
             def backups():
                 n = 0
-                while not stop.is_set():
+                while not stop.is_set() and not failed:
                     if args.during_to == "s3":
                         target = f"s3://bench/during-{n}"
                     else:
                         target = os.path.join(args.during_to or work, f"backup-bench-during-{n}")
-                    done.append(backup(bin_path, target, env)["seconds"])
+                    try:
+                        done.append(backup(bin_path, target, env)["seconds"])
+                    except SystemExit as error:
+                        failed.append(str(error))
                     if args.during_to != "s3":
                         shutil.rmtree(target, ignore_errors=True)
                     n += 1
@@ -259,6 +265,8 @@ def main():
             run = bench(bin_path, args.seconds)
             stop.set()
             t.join()
+            if failed:
+                sys.exit(f"a backup during the writes failed: {failed[0]}")
             run["backups_run"] = len(done)
             run["backup_seconds"] = [round(x, 2) for x in done]
             return run
@@ -320,6 +328,7 @@ def main():
     print(f"{'write p999 ms alone, during':<40} {alone['p999_ms']:>6.1f} {during['p999_ms']:>7.1f}")
     print(f"{'backups during the runs':<40} {during['backups_run']:>14}")
     under_writes = during["backup_seconds"]
+    # The first backup of a run starts before its writes and the last ends after them.
     print(f"{'backup under writes (s), median':<40} {statistics.median(under_writes) if under_writes else float('nan'):>14.2f}")
     print(f"(writes: medians of {args.rounds} rounds of {args.seconds} s each; p99 during/alone: "
           f"{during['p99_ms'] / alone['p99_ms'] - 1:+.0%})")

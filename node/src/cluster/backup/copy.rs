@@ -3,7 +3,9 @@
 //! moment; applies go on), cut into files (`chunk`), each uploaded unless the store already
 //! holds it. The records' digests are recomputed on the way and must equal the digests the
 //! replica kept (both are written in the same batch as every applied entry): a replica whose
-//! data does not match them is damaged and is not copied.
+//! data does not match them is damaged and is not copied. The copy's files are made durable
+//! together when it ends (`BackupStore::sync`), and reads are paced by [`ReadPacer`], slower
+//! while the node takes writes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -202,29 +204,41 @@ fn walk(
 async fn store_file(store: &BackupStore, file: SealedFile) -> Result<(FileRef, bool), BackupError> {
     let path = file_path(&file.sha256);
     let reference = FileRef { sha256: file.sha256.clone(), bytes: file.bytes.len() as u64, records: file.records };
-    if reusable(store, &path, &reference).await? {
+    if reusable(store, &path, &file.bytes).await? {
         return Ok((reference, false));
     }
     store.put_unsynced(&path, file.bytes).await?;
     Ok((reference, true))
 }
 
-/// Whether the store's copy of a file can stand for it. A file cut short (a store that lost
-/// power mid-write) is written again. In a directory, where reading it back costs no transfer,
-/// its bytes must also still hash to its name: an earlier backup's file that a crash left
-/// unsynced, or that the disk damaged since, is written again rather than named by a manifest.
-async fn reusable(store: &BackupStore, path: &str, reference: &FileRef) -> Result<bool, BackupError> {
-    if store.size(path).await? != Some(reference.bytes) {
+/// Whether the store's copy of a file can stand for `bytes`. A file cut short (a store that lost
+/// power mid-write) is written again. In a directory its bytes must also still be these: a file
+/// whose unsynced bytes a crash lost, or that the disk damaged since, or that cannot be read, is
+/// written again rather than named by a manifest. (S3 is checked by size only: reading back
+/// would cost a transfer, and its writes are durable when they return.)
+async fn reusable(store: &BackupStore, path: &str, bytes: &[u8]) -> Result<bool, BackupError> {
+    if store.size(path).await? != Some(bytes.len() as u64) {
         return Ok(false);
     }
     if !store.is_directory() {
         return Ok(true);
     }
-    let Some(bytes) = store.get(path).await? else { return Ok(false) };
-    let expected = reference.sha256.clone();
-    tokio::task::spawn_blocking(move || super::chunk::sha256_hex(&bytes) == expected)
-        .await
-        .map_err(|e| BackupError::Store(format!("checking {path}: {e}")))
+    match store.get(path).await {
+        Ok(Some(stored)) => Ok(stored == bytes),
+        Ok(None) => Ok(false),
+        Err(error) => {
+            tracing::warn!(path = %path, error = %error, "a stored backup file could not be read back; writing it again");
+            Ok(false)
+        }
+    }
+}
+
+/// Counts a stored file, and remembers it if this copy wrote it.
+fn kept(tally: &Tally, uploaded: &mut Vec<String>, reference: FileRef, wrote: bool) -> FileRef {
+    if wrote {
+        uploaded.push(file_path(&reference.sha256));
+    }
+    counted(tally, reference, wrote)
 }
 
 /// Counts a stored file in the backup's tally and the metrics.
@@ -258,7 +272,8 @@ pub async fn copy_group(
     let mut stored: Vec<(usize, FileRef)> = Vec::new();
     let mut next = 0usize;
     let mut failure = None;
-    let mut uploaded_any = false;
+    // The files this copy wrote, removed again if they cannot be made durable.
+    let mut uploaded: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             file = files.recv(), if in_flight.len() < uploads.max(1) && failure.is_none() => {
@@ -269,10 +284,7 @@ pub async fn copy_group(
                 in_flight.push(async move { (position, store_file(&store, file).await) });
             }
             Some((position, result)) = in_flight.next(), if !in_flight.is_empty() => match result {
-                Ok((reference, uploaded)) => {
-                uploaded_any |= uploaded;
-                stored.push((position, counted(&tally, reference, uploaded)));
-            }
+                Ok((reference, wrote)) => stored.push((position, kept(&tally, &mut uploaded, reference, wrote))),
                 Err(error) => {
                     failure = Some(error);
                     // Closing the receiver stops the walk at its next file.
@@ -284,10 +296,7 @@ pub async fn copy_group(
     }
     while let Some((position, result)) = in_flight.next().await {
         match result {
-            Ok((reference, uploaded)) => {
-                uploaded_any |= uploaded;
-                stored.push((position, counted(&tally, reference, uploaded)));
-            }
+            Ok((reference, wrote)) => stored.push((position, kept(&tally, &mut uploaded, reference, wrote))),
             Err(error) => failure = failure.or(Some(error)),
         }
     }
@@ -296,9 +305,18 @@ pub async fn copy_group(
         return Err(error);
     }
     let walked = walked??;
-    // The files must be durable before a manifest names them.
-    if uploaded_any {
-        store.sync().await?;
+    // The files must be durable before a manifest names them: also those this copy reused,
+    // which an earlier attempt may have written and not synced (their bytes are intact in the
+    // page cache). A sync with nothing to write costs little.
+    if let Err(error) = store.sync().await {
+        // Pages that failed to reach the disk may stay readable: remove what this copy wrote,
+        // so that no later backup reuses it.
+        for path in &uploaded {
+            if let Err(e) = store.delete(path).await {
+                tracing::warn!(path = %path, error = %e, "removing a backup file that could not be synced failed");
+            }
+        }
+        return Err(error);
     }
     stored.sort_by_key(|(position, _)| *position);
     tally.groups_done.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,8 @@
 //! The backup store: a directory or an S3 bucket (`s3://bucket/prefix`) behind one object-store
 //! API (the `object_store` crate), holding content-addressed files and manifests
-//! (`manifest::file_path`, `manifest::manifest_path`).
+//! (`manifest::file_path`, `manifest::manifest_path`). In a directory, manifests, markers and
+//! archive segments are fsynced one by one; a backup's files are written unsynced and made
+//! durable together by [`BackupStore::sync`].
 
 use std::sync::Arc;
 
@@ -135,7 +137,7 @@ impl BackupStore {
         }
     }
 
-    /// Whether this store is a directory (reading back a file costs no transfer).
+    /// Whether this store is a directory (its files can be read back to check them).
     pub fn is_directory(&self) -> bool {
         self.unsynced.is_some()
     }
