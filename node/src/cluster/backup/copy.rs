@@ -220,7 +220,7 @@ async fn reusable(store: &BackupStore, path: &str, bytes: &[u8]) -> Result<bool,
     if store.size(path).await? != Some(bytes.len() as u64) {
         return Ok(false);
     }
-    if !store.is_directory() {
+    if store.directory().is_none() {
         return Ok(true);
     }
     match store.get(path).await {
@@ -402,7 +402,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_directory_file_is_reused_only_while_its_bytes_hash_to_its_name() {
+    async fn a_directory_file_is_reused_only_while_its_bytes_read_back_the_same() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = BackupStore::open(&dir.path().display().to_string(), &Default::default(), true).expect("open");
         let mut builder = FileBuilder::new(true);

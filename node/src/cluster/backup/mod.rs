@@ -231,7 +231,7 @@ impl Backups {
         let destination = destination.map(str::to_string).unwrap_or_else(|| self.settings.destination.clone());
         // A directory destination is created: a filesystem call, off the async workers.
         let store = crate::storage::blocking(|| BackupStore::open(&destination, &self.settings, true))?;
-        if crate::storage::blocking(|| shares_a_filesystem(&destination, self.storage.data_dir())) {
+        if crate::storage::blocking(|| shares_a_filesystem(store.directory(), self.storage.data_dir())) {
             tracing::warn!(
                 destination = %destination,
                 "the backup destination is on the data dir's filesystem: the backup does not survive \
@@ -644,10 +644,10 @@ pub fn from_wire(replica: CopiedReplica) -> Result<GroupBackup, String> {
     })
 }
 
-/// Whether `destination` is a directory on the same filesystem as `data_dir`.
-fn shares_a_filesystem(destination: &str, data_dir: &std::path::Path) -> bool {
+/// Whether a directory store's `dir` is on the same filesystem as `data_dir`.
+fn shares_a_filesystem(dir: Option<&std::path::Path>, data_dir: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(store::Destination::Directory(dir)) = store::Destination::parse(destination) else { return false };
+    let Some(dir) = dir else { return false };
     match (std::fs::metadata(dir), std::fs::metadata(data_dir)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev(),
         _ => false,
@@ -663,10 +663,11 @@ mod tests {
         let data = tempfile::tempdir().expect("tempdir");
         let beside = data.path().join("backups");
         std::fs::create_dir(&beside).expect("mkdir");
-        assert!(shares_a_filesystem(&beside.display().to_string(), data.path()));
-        // procfs is never the data dir's filesystem; S3 and missing directories are not either.
-        assert!(!shares_a_filesystem("/proc", data.path()));
-        assert!(!shares_a_filesystem("s3://bucket/prefix", data.path()));
-        assert!(!shares_a_filesystem(&data.path().join("missing").display().to_string(), data.path()));
+        assert!(shares_a_filesystem(Some(&beside), data.path()));
+        // procfs is never the data dir's filesystem; S3 (no directory) and missing directories
+        // are not either.
+        assert!(!shares_a_filesystem(Some(std::path::Path::new("/proc")), data.path()));
+        assert!(!shares_a_filesystem(None, data.path()));
+        assert!(!shares_a_filesystem(Some(&data.path().join("missing")), data.path()));
     }
 }

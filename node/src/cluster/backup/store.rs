@@ -137,9 +137,9 @@ impl BackupStore {
         }
     }
 
-    /// Whether this store is a directory (its files can be read back to check them).
-    pub fn is_directory(&self) -> bool {
-        self.unsynced.is_some()
+    /// The directory of a directory store (its files can be read back to check them).
+    pub fn directory(&self) -> Option<&std::path::Path> {
+        self.unsynced.as_ref().map(|(_, dir)| dir.as_path())
     }
 
     /// Writes an object whole (replacing it) that need not be durable until [`BackupStore::sync`]
@@ -160,16 +160,15 @@ impl BackupStore {
     /// directory's filesystem (its data and the renames that named the files), on a blocking
     /// thread. Nothing to do for S3.
     pub async fn sync(&self) -> Result<(), BackupError> {
-        let Some((_, dir)) = &self.unsynced else { return Ok(()) };
-        let dir = dir.clone();
-        let name = self.name.clone();
-        tokio::task::spawn_blocking(move || {
+        let Some(dir) = self.directory().map(std::path::Path::to_path_buf) else { return Ok(()) };
+        let synced = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&dir)?;
             rustix::fs::syncfs(&file).map_err(std::io::Error::from)
         })
         .await
-        .map_err(|e| BackupError::Store(format!("syncing {name}: {e}")))?
-        .map_err(|e| BackupError::Store(format!("syncing {name}: {e}")))
+        .map_err(std::io::Error::other)
+        .and_then(|result| result);
+        synced.map_err(|e| BackupError::Store(format!("syncing {}: {e}", self.name)))
     }
 
     /// Writes an object whole (replacing it).
