@@ -2,8 +2,9 @@
 # Side by side: a 3-node StemeDB and a 3-member etcd (Debian's etcd-server) on 127.0.0.1-3 of
 # this machine, both with fsync on, loaded by the same client (`stemedb bench`, --target etcd
 # for etcd: gRPC Put and Range) with the same workload shape, alternating the two systems in
-# each round. Prints every run and, per workload, the medians and their ratio. Reports only:
-# nothing here asserts a timing.
+# each round. Prints every run and, per workload, the medians and their ratio, and the CPU time
+# the servers used per operation (the three nodes, members, or nginx and its workers; from
+# /proc). Reports only: nothing here asserts a timing.
 #
 #   scripts/bench-vs-etcd.sh [--rounds N] [--seconds S] [--out DIR] [--server-bin PATH] [--shards N]
 #
@@ -68,6 +69,9 @@ WORK=$(mktemp -d /tmp/bench-vs-etcd.XXXXXX)
 OUT="${OUT:-$WORK/results}"
 mkdir -p "$OUT"
 PIDS=()
+STEMEDB_PIDS=()
+ETCD_PIDS=()
+FLOOR_PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do
@@ -88,6 +92,7 @@ for i in 1 2 3; do
     --api-addr "$ip:18180" --admin-addr "$ip:18181" --raft-addr "$ip:18182" \
     --initial-cluster "$CLUSTER" >"$OUT/stemedb-n$i.log" 2>&1 &
   PIDS+=($!)
+  STEMEDB_PIDS+=($!)
 done
 # --- etcd: member i on 127.0.0.i, ports 2379 (client), 2380 (peer) ---
 ETCD_CLUSTER="n1=http://127.0.0.1:2380,n2=http://127.0.0.2:2380,n3=http://127.0.0.3:2380"
@@ -99,6 +104,7 @@ for i in 1 2 3; do
     --initial-cluster "$ETCD_CLUSTER" --initial-cluster-token bench-vs-etcd \
     --initial-cluster-state new >"$OUT/etcd-n$i.log" 2>&1 &
   PIDS+=($!)
+  ETCD_PIDS+=($!)
 done
 
 # --- the floor: nginx answering every request at once, on 127.0.0.1-3:18190 ---
@@ -121,6 +127,7 @@ http {
 NGINX
 nginx -c "$WORK/floor/nginx.conf" -g 'daemon off;' >"$OUT/floor.log" 2>&1 &
 PIDS+=($!)
+FLOOR_PIDS=($!)
 
 STEMEDB_URLS="http://127.0.0.1:18180,http://127.0.0.2:18180,http://127.0.0.3:18180"
 FLOOR_URLS="http://127.0.0.1:18190,http://127.0.0.2:18190,http://127.0.0.3:18190"
@@ -139,21 +146,43 @@ done
 [ "$ready" = 1 ] || { echo "the clusters (or the floor's nginx) did not come up in 60 s; logs in $OUT" >&2; exit 1; }
 echo "both clusters healthy (StemeDB with $SHARDS shards) and the floor up; results in $OUT"
 
-bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json
-  local system=$1 workload=$2 round=$3 urls target writers readers
+# CPU time (clock ticks, user + system) of processes and their children's threads: the
+# servers' own work per operation, which on shared cores is what bounds throughput.
+cpu_ticks() { # pid... -> ticks of those processes and of their child processes (nginx workers)
+  local total=0 pid child
+  for pid in "$@"; do
+    for child in "$pid" $(pgrep -P "$pid" 2>/dev/null || true); do
+      [ -r "/proc/$child/stat" ] || continue
+      # Fields 14 and 15 (utime, stime), counted after the command name's closing parenthesis.
+      total=$((total + $(sed 's/.*) //' "/proc/$child/stat" | awk '{print $12 + $13}')))
+    done
+  done
+  echo "$total"
+}
+machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
+
+bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json and .cpu
+  local system=$1 workload=$2 round=$3 urls target writers readers pids before after busy_before busy_after
   case "$system" in
-    stemedb) urls=$STEMEDB_URLS; target=stemedb ;;
-    floor) urls=$FLOOR_URLS; target=stemedb ;;
-    *) urls=$ETCD_URLS; target=etcd ;;
+    stemedb) urls=$STEMEDB_URLS; target=stemedb; pids=("${STEMEDB_PIDS[@]}") ;;
+    floor) urls=$FLOOR_URLS; target=stemedb; pids=("${FLOOR_PIDS[@]}") ;;
+    *) urls=$ETCD_URLS; target=etcd; pids=("${ETCD_PIDS[@]}") ;;
   esac
   case "$workload" in
     write64) writers=64; readers=0 ;;
     write1) writers=1; readers=0 ;;
     read64) writers=0; readers=64 ;;
   esac
+  before=$(cpu_ticks "${pids[@]}")
+  busy_before=$(machine_busy_ticks)
   "$BIN" bench --target "$target" --url "$urls" --writers "$writers" --readers "$readers" \
     --duration "$SECONDS_PER_RUN" --value-size 256 --keys 10000 --prefix vs-etcd --json \
     >"$OUT/$system-$workload-$round.json" 2>"$OUT/$system-$workload-$round.err"
+  after=$(cpu_ticks "${pids[@]}")
+  busy_after=$(machine_busy_ticks)
+  # server ticks, machine busy ticks, machine total ticks, ticks per second
+  echo "$((after - before)) $busy_before $busy_after $(getconf CLK_TCK)" \
+    | awk '{print $1, $4 - $2, $5 - $3, $6}' >"$OUT/$system-$workload-$round.cpu"
 }
 
 # The read workload reads keys that exist: one preload per system.
@@ -176,7 +205,11 @@ python3 - "$OUT" "$ROUNDS" <<'PY'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
 names = {"write64": "single writes, 64 clients", "write1": "single writes, 1 client", "read64": "linearizable reads, 64 clients"}
-print(f"\n{'workload':<32} {'system':<8} {'round':>5} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8}  errors")
+def cpu(system, workload, r, ops):
+    # server CPU microseconds per operation, and the machine's busy share during the run
+    server, busy, total, hz = (float(x) for x in open(f"{out}/{system}-{workload}-{r}.cpu").read().split())
+    return (1e6 * server / hz / ops if ops else float("nan")), (100 * busy / total if total else float("nan"))
+print(f"\n{'workload':<32} {'system':<8} {'round':>5} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'cpu us/op':>9} {'busy':>5}  errors")
 summary = []
 for workload, name in names.items():
     med = {}
@@ -184,10 +217,11 @@ for workload, name in names.items():
         runs = []
         for r in range(1, rounds + 1):
             report = json.load(open(f"{out}/{system}-{workload}-{r}.json"))
-            side = report["results"][0]
+            side = dict(report["results"][0])
+            side["cpu_us_per_op"], side["busy_percent"] = cpu(system, workload, r, side["ops"])
             runs.append(side)
-            print(f"{name:<32} {system:<8} {r:>5} {side['ops_per_sec']:>9.0f} {side['p50_ms']:>8.2f} {side['p99_ms']:>8.2f} {side['p999_ms']:>8.2f}  {side['errors']}")
-        med[system] = {k: statistics.median(s[k] for s in runs) for k in ("ops_per_sec", "p50_ms", "p99_ms", "p999_ms")}
+            print(f"{name:<32} {system:<8} {r:>5} {side['ops_per_sec']:>9.0f} {side['p50_ms']:>8.2f} {side['p99_ms']:>8.2f} {side['p999_ms']:>8.2f} {side['cpu_us_per_op']:>9.0f} {side['busy_percent']:>4.0f}%  {side['errors']}")
+        med[system] = {k: statistics.median(s[k] for s in runs) for k in ("ops_per_sec", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_op")}
     summary.append((name, med))
 print(f"\nmedians over {rounds} round(s)")
 print(f"{'workload':<32} {'StemeDB ops/s':>13} {'p50':>7} {'p99':>7} {'etcd ops/s':>11} {'p50':>7} {'p99':>7} {'ratio':>6} {'floor ops/s':>12} {'p50':>7} {'p99':>7}")
@@ -195,4 +229,9 @@ for name, med in summary:
     s, e, f = med["stemedb"], med["etcd"], med["floor"]
     ratio = s["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("nan")
     print(f"{name:<32} {s['ops_per_sec']:>13.0f} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} {e['ops_per_sec']:>11.0f} {e['p50_ms']:>7.2f} {e['p99_ms']:>7.2f} {ratio:>5.2f}x {f['ops_per_sec']:>12.0f} {f['p50_ms']:>7.2f} {f['p99_ms']:>7.2f}")
+print("\nserver CPU per operation (microseconds of user + system time of the three nodes, members or nginx; medians)")
+print(f"{'workload':<32} {'StemeDB':>9} {'etcd':>9} {'floor':>9} {'StemeDB/etcd':>13}")
+for name, med in summary:
+    s, e, f = med["stemedb"], med["etcd"], med["floor"]
+    print(f"{name:<32} {s['cpu_us_per_op']:>9.0f} {e['cpu_us_per_op']:>9.0f} {f['cpu_us_per_op']:>9.0f} {s['cpu_us_per_op'] / e['cpu_us_per_op']:>12.2f}x")
 PY
