@@ -46,7 +46,7 @@ case "$ROUNDS$SECONDS_PER_RUN$SHARDS" in *[!0-9]*) echo "--rounds, --seconds and
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
-for pkg in etcd-server etcd-client nginx python3 curl; do installed "$pkg" || missing+=("$pkg"); done
+for pkg in etcd-server etcd-client nginx python3 curl procps; do installed "$pkg" || missing+=("$pkg"); done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   SUDO=""
@@ -149,17 +149,20 @@ echo "both clusters healthy (StemeDB with $SHARDS shards) and the floor up; resu
 # CPU time (clock ticks, user + system) of processes and their children's threads: the
 # servers' own work per operation, which on shared cores is what bounds throughput.
 cpu_ticks() { # pid... -> ticks of those processes and of their child processes (nginx workers)
-  local total=0 pid child
+  local total=0 pid child ticks
   for pid in "$@"; do
-    for child in "$pid" $(pgrep -P "$pid" 2>/dev/null || true); do
-      [ -r "/proc/$child/stat" ] || continue
+    for child in "$pid" $(pgrep -P "$pid" || true); do
       # Fields 14 and 15 (utime, stime), counted after the command name's closing parenthesis.
-      total=$((total + $(sed 's/.*) //' "/proc/$child/stat" | awk '{print $12 + $13}')))
+      # A process that has just exited reads as nothing and counts 0.
+      ticks=$(sed 's/.*) //' "/proc/$child/stat" 2>/dev/null | awk '{print $12 + $13}' || true)
+      total=$((total + ${ticks:-0}))
     done
   done
   echo "$total"
 }
-machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
+# busy (user, nice, system, irq, softirq) and total ticks (those, idle, iowait and steal), as
+# `stemedb bench` counts the total for its steal figure
+machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 
 bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json and .cpu
   local system=$1 workload=$2 round=$3 urls target writers readers pids before after busy_before busy_after
@@ -233,5 +236,6 @@ print("\nserver CPU per operation (microseconds of user + system time of the thr
 print(f"{'workload':<32} {'StemeDB':>9} {'etcd':>9} {'floor':>9} {'StemeDB/etcd':>13}")
 for name, med in summary:
     s, e, f = med["stemedb"], med["etcd"], med["floor"]
-    print(f"{name:<32} {s['cpu_us_per_op']:>9.0f} {e['cpu_us_per_op']:>9.0f} {f['cpu_us_per_op']:>9.0f} {s['cpu_us_per_op'] / e['cpu_us_per_op']:>12.2f}x")
+    cpu_ratio = s["cpu_us_per_op"] / e["cpu_us_per_op"] if e["cpu_us_per_op"] else float("nan")
+    print(f"{name:<32} {s['cpu_us_per_op']:>9.0f} {e['cpu_us_per_op']:>9.0f} {f['cpu_us_per_op']:>9.0f} {cpu_ratio:>12.2f}x")
 PY

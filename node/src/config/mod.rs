@@ -926,6 +926,11 @@ impl Config {
                 "storage.min_free_percent is {percent}: expected 0 to 50 (0 with min_free_bytes 0: no floor)"
             ));
         }
+        if self.storage.write_buffer_mb == 0 {
+            return fail(
+                "storage.write_buffer_mb is 0: it must be at least 1 (each column family's memtable; the write-ahead log is kept under 4 × this)".into(),
+            );
+        }
         if self.storage.index_eviction_enabled && self.storage.index_max_memory_mb == 0 {
             return fail(
                 "storage.index_max_memory_mb is 0: with storage.index_eviction_enabled it must be at least 1".into(),
@@ -1429,6 +1434,7 @@ mod tests {
         for bad in [
             "[storage]\nindex_eviction_enabled = true\nindex_max_memory_mb = 0\n",
             "[query]\nmax_memory_per_query_mb = 1048577\n",
+            "[storage]\nwrite_buffer_mb = 0\n",
         ] {
             std::fs::write(&path, bad).expect("write");
             let error = Config::check_file(&path).expect_err(bad);
