@@ -68,13 +68,14 @@ unset STEMEDB_BIN   # nodes refuse unknown STEMEDB_* variables
 WORK=$(mktemp -d /tmp/bench-vs-etcd.XXXXXX)
 OUT="${OUT:-$WORK/results}"
 mkdir -p "$OUT"
-PIDS=()
+# The servers started, by system (each system's CPU is counted from its own; cleanup stops all).
 STEMEDB_PIDS=()
 ETCD_PIDS=()
 FLOOR_PIDS=()
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
+  local pids=("${STEMEDB_PIDS[@]}" "${ETCD_PIDS[@]}" "${FLOOR_PIDS[@]}") pid
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -KILL "$pid" 2>/dev/null || true
   done
@@ -91,7 +92,6 @@ for i in 1 2 3; do
   STEMEDB_CLUSTER_SHARDS="$SHARDS" STEMEDB_CIRCUIT_BREAKER_MAX_WRITES_PER_SEC=10000000 "$SERVER_BIN" serve --node-id "$i" --data-dir "$WORK/stemedb/n$i" \
     --api-addr "$ip:18180" --admin-addr "$ip:18181" --raft-addr "$ip:18182" \
     --initial-cluster "$CLUSTER" >"$OUT/stemedb-n$i.log" 2>&1 &
-  PIDS+=($!)
   STEMEDB_PIDS+=($!)
 done
 # --- etcd: member i on 127.0.0.i, ports 2379 (client), 2380 (peer) ---
@@ -103,7 +103,6 @@ for i in 1 2 3; do
     --listen-client-urls "http://$ip:2379" --advertise-client-urls "http://$ip:2379" \
     --initial-cluster "$ETCD_CLUSTER" --initial-cluster-token bench-vs-etcd \
     --initial-cluster-state new >"$OUT/etcd-n$i.log" 2>&1 &
-  PIDS+=($!)
   ETCD_PIDS+=($!)
 done
 
@@ -126,7 +125,6 @@ http {
 }
 NGINX
 nginx -c "$WORK/floor/nginx.conf" -g 'daemon off;' >"$OUT/floor.log" 2>&1 &
-PIDS+=($!)
 FLOOR_PIDS=($!)
 
 STEMEDB_URLS="http://127.0.0.1:18180,http://127.0.0.2:18180,http://127.0.0.3:18180"
