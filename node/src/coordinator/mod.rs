@@ -192,10 +192,10 @@ impl Coordinator for ShardSet {
         }
         // On the storage read pool: a fixed set of threads, never an async worker.
         let reader = group.reader.clone();
-        let answer = crate::storage::read_pool::read_pool()
+        let answer = crate::storage::pool::read_pool()
             .run(move || reader.execute(&read))
             .await
-            .map_err(|_| ConsensusError::ReadsOverloaded { shard, queued: crate::storage::read_pool::READ_QUEUE })??;
+            .map_err(|_| ConsensusError::ReadsOverloaded { shard, queued: crate::storage::pool::READ_QUEUE })??;
         let staleness_ms = if group.raft.metrics().borrow().current_leader == Some(self.node_id) {
             0
         } else {

@@ -20,7 +20,7 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOEr
 use super::types::{Entry, GroupId, LogId, NodeId, StorageIoError, TypeConfig};
 use crate::shard::keys;
 use crate::storage::blocking;
-use crate::storage::read_pool::read_pool;
+use crate::storage::pool::read_pool;
 use crate::storage::{ColumnFamily, Durability, Storage, WriteBatch};
 
 pub(crate) const VOTE_TAG: u8 = b'v';

@@ -895,14 +895,14 @@ impl ShardSet {
         // per proposal cost a tenth of the write throughput).
         let command = if self.policy.quarantine_rules().reads_claims(&self.policy) {
             let (policy, reader) = (self.policy.clone(), group.reader.clone());
-            crate::storage::read_pool::read_pool()
+            crate::storage::pool::read_pool()
                 .run(move || {
                     let mut command = command;
                     screen(&policy, &reader, &mut command);
                     command
                 })
                 .await
-                .map_err(|_| ConsensusError::ReadsOverloaded { shard, queued: crate::storage::read_pool::READ_QUEUE })?
+                .map_err(|_| ConsensusError::ReadsOverloaded { shard, queued: crate::storage::pool::READ_QUEUE })?
         } else {
             let mut command = command;
             screen(&self.policy, &group.reader, &mut command);

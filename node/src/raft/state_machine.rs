@@ -61,7 +61,8 @@ pub struct ShardStateMachine {
     progress: Arc<AppliedProgress>,
     /// Applies committed commands to the shard's ranges; owns the shard clock and, for the
     /// meta group, the cluster metadata.
-    applier: Applier,
+    /// `None` only while a run is on the apply pool, or after one panicked there.
+    applier: Option<Applier>,
     /// `<data_dir>/snapshots`: the group's last snapshot and any being received.
     snapshot_dir: PathBuf,
     /// The file openraft is writing a snapshot from the leader into.
@@ -80,6 +81,10 @@ fn sm_read_error(e: impl std::error::Error + 'static) -> StorageIoError {
 
 fn sm_write_error(e: impl std::error::Error + 'static) -> StorageIoError {
     StorageIOError::new(ErrorSubject::StateMachine, ErrorVerb::Write, openraft::AnyError::new(&e)).into()
+}
+
+fn lost_applier() -> StorageIoError {
+    sm_write_error(std::io::Error::other("the shard's applier was lost to a panic in an earlier apply"))
 }
 
 /// An apply failure as openraft's error for applying the entry at its position, one of
@@ -118,7 +123,7 @@ impl ShardStateMachine {
             group,
             state,
             progress,
-            applier,
+            applier: Some(applier),
             snapshot_dir,
             receiving: None,
             install_pause: std::time::Duration::ZERO,
@@ -145,8 +150,12 @@ impl ShardStateMachine {
         buckets: usize,
     ) -> Result<ShardStateMachine, StorageIoError> {
         let mut machine = ShardStateMachine::open(storage, META_SHARD, group_of_shard(META_SHARD), buckets)?;
-        machine.applier.attach_meta(publish, policy).map_err(sm_read_error)?;
+        machine.applier_mut()?.attach_meta(publish, policy).map_err(sm_read_error)?;
         Ok(machine)
+    }
+
+    fn applier_mut(&mut self) -> Result<&mut Applier, StorageIoError> {
+        self.applier.as_mut().ok_or_else(lost_applier)
     }
 
     pub fn progress(&self) -> Arc<AppliedProgress> {
@@ -154,12 +163,17 @@ impl ShardStateMachine {
     }
 
     /// Applies `entries`, stopping right after the index an anti-entropy repair asked for
-    /// (`AppliedProgress::gate`) until it is done.
-    fn apply_entries(&mut self, mut entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
+    /// (`AppliedProgress::gate`) until it is done. Each run goes to the apply pool
+    /// (`storage::pool::apply_pool`), never onto an async worker; a pause, rare, waits off the
+    /// worker in place.
+    async fn apply_entries(&mut self, mut entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
         let mut responses = Vec::with_capacity(entries.len());
         loop {
             let applied = self.state.last_applied.map_or(0, |l| l.index);
-            self.progress.gate.wait_if_paused_at(applied, MAX_REPAIR_PAUSE);
+            if self.progress.gate.paused_at(applied) {
+                let progress = self.progress.clone();
+                crate::storage::blocking(|| progress.gate.wait_if_paused_at(applied, MAX_REPAIR_PAUSE));
+            }
             let cut = match self.progress.gate.target() {
                 Some(target) if target > applied => entries.iter().position(|e| e.log_id.index > target),
                 _ => None,
@@ -167,10 +181,10 @@ impl ShardStateMachine {
             match cut {
                 Some(cut) if cut > 0 => {
                     let rest = entries.split_off(cut);
-                    responses.extend(self.apply_run(std::mem::replace(&mut entries, rest))?);
+                    responses.extend(self.apply_run(std::mem::replace(&mut entries, rest)).await?);
                 }
                 _ => {
-                    responses.extend(self.apply_run(entries)?);
+                    responses.extend(self.apply_run(entries).await?);
                     return Ok(responses);
                 }
             }
@@ -178,40 +192,21 @@ impl ShardStateMachine {
     }
 
     /// Applies `entries` in one write batch with the new applied state (see
-    /// [`ShardStateMachine::apply`]), then announces them applied.
-    fn apply_run(&mut self, entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
-        let mut next = self.state.clone();
-        let mut log_ids = Vec::with_capacity(entries.len());
-        let mut run: Vec<Applicable> = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let at = Position { index: entry.log_id.index, term: entry.log_id.leader_id.term };
-            next.last_applied = Some(entry.log_id);
-            log_ids.push(entry.log_id);
-            let command = match entry.payload {
-                EntryPayload::Blank => None,
-                EntryPayload::Membership(membership) => {
-                    next.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    None
-                }
-                EntryPayload::Normal(command) => Some(command),
-            };
-            run.push((at, command));
-        }
-        let last_applied = next.last_applied;
-        let progress = self.progress.clone();
-        // Announced by the applier under the index lock, right after the write.
-        let responses = self
-            .applier
-            .apply(
-                run,
-                keys::applied_key(self.group),
-                |clock_us| {
-                    next.clock_us = clock_us;
-                    serde_json::to_vec(&next)
-                },
-                || progress.announce_applied(last_applied),
-            )
-            .map_err(|error| apply_error(error, self.group, &log_ids))?;
+    /// [`ShardStateMachine::apply`]), then announces them applied. The applier moves to an
+    /// apply-pool thread for the run and back; a run that panicked there leaves none, and every
+    /// later apply fails the group.
+    async fn apply_run(&mut self, entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
+        let mut applier = self.applier.take().ok_or_else(lost_applier)?;
+        let state = self.state.clone();
+        let (group, progress) = (self.group, self.progress.clone());
+        let (applier, outcome) = crate::storage::pool::apply_pool()
+            .run_or_block(move || {
+                let outcome = apply_run(&mut applier, state, group, &progress, entries);
+                (applier, outcome)
+            })
+            .await;
+        self.applier = Some(applier);
+        let (next, responses) = outcome?;
         self.state = next;
         Ok(responses)
     }
@@ -330,7 +325,7 @@ impl ShardStateMachine {
             digests.buckets = Some(buckets);
             digests.last_check = None;
         }
-        self.applier.installed(clock_us).map_err(sm_read_error)?;
+        self.applier_mut()?.installed(clock_us).map_err(sm_read_error)?;
         self.state = state;
         self.progress.announce_applied(meta.last_log_id);
         Ok(())
@@ -471,6 +466,48 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
     }
 }
 
+/// Applies `entries` to the shard after `state` in one write batch with the new applied state,
+/// announces them applied, and returns that state with the entries' responses.
+fn apply_run(
+    applier: &mut Applier,
+    state: AppliedState,
+    group: GroupId,
+    progress: &Arc<AppliedProgress>,
+    entries: Vec<Entry>,
+) -> Result<(AppliedState, Vec<ShardResponse>), StorageIoError> {
+    let mut next = state;
+    let mut log_ids = Vec::with_capacity(entries.len());
+    let mut run: Vec<Applicable> = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let at = Position { index: entry.log_id.index, term: entry.log_id.leader_id.term };
+        next.last_applied = Some(entry.log_id);
+        log_ids.push(entry.log_id);
+        let command = match entry.payload {
+            EntryPayload::Blank => None,
+            EntryPayload::Membership(membership) => {
+                next.membership = StoredMembership::new(Some(entry.log_id), membership);
+                None
+            }
+            EntryPayload::Normal(command) => Some(command),
+        };
+        run.push((at, command));
+    }
+    let last_applied = next.last_applied;
+    // Announced by the applier under the index lock, right after the write.
+    let responses = applier
+        .apply(
+            run,
+            keys::applied_key(group),
+            |clock_us| {
+                next.clock_us = clock_us;
+                serde_json::to_vec(&next)
+            },
+            || progress.announce_applied(last_applied),
+        )
+        .map_err(|error| apply_error(error, group, &log_ids))?;
+    Ok((next, responses))
+}
+
 impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     type SnapshotBuilder = ShardSnapshotBuilder;
 
@@ -487,8 +524,8 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
     {
         let started = Instant::now();
         let entries: Vec<Entry> = entries.into_iter().collect();
-        // RocksDB reads and the batch write: off the async workers.
-        let responses = crate::storage::blocking(|| self.apply_entries(entries))?;
+        // RocksDB reads and the batch write: on the apply pool, off the async workers.
+        let responses = self.apply_entries(entries).await?;
         raft_metrics::APPLY_DURATION.observe(started.elapsed().as_secs_f64());
         Ok(responses)
     }

@@ -86,6 +86,12 @@ impl ApplyGate {
         self.released.notify_all();
     }
 
+    /// Whether applies are to stop with everything up to `applied` applied (then
+    /// [`ApplyGate::wait_if_paused_at`] waits).
+    pub fn paused_at(&self, applied: u64) -> bool {
+        *self.target.lock() == Some(applied)
+    }
+
     pub fn target(&self) -> Option<u64> {
         *self.target.lock()
     }

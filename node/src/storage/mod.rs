@@ -4,14 +4,15 @@
 //! (write batches, synchronous writes, and the group-commit flusher that turns many buffered Raft
 //! log appends into one fsync), reads and range scans, the check of every table file at open
 //! (damaged files are set aside by a RocksDB repair and reported as [`LostFile`]s), and the
-//! storage metrics. Everything above
+//! storage metrics, and the fixed thread pools that run reads and applies off the async workers
+//! (`pool`). Everything above
 //! it (Raft log store, state machine, node identity) speaks in column families, byte keys and
 //! [`WriteBatch`]es and never sees a RocksDB type.
 
 pub mod disk;
 mod group_commit;
 pub mod metrics;
-pub mod read_pool;
+pub mod pool;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
