@@ -146,9 +146,14 @@ impl Overlay {
         }
     }
 
+    /// Whether a change to `key` in `cf` moves the digests.
+    fn digested(&self, cf: ColumnFamily, key: &[u8]) -> bool {
+        cf == ColumnFamily::StateMachine && self.buckets != 0 && digest::digested(key)
+    }
+
     /// Keeps the digests of a digested record changing from what it holds now to `new`.
     fn track(&mut self, cf: ColumnFamily, key: &[u8], new: Option<&[u8]>) {
-        if cf != ColumnFamily::StateMachine || self.buckets == 0 || !digest::digested(key) {
+        if !self.digested(cf, key) {
             return;
         }
         let old = match self.get(cf, key) {
@@ -158,9 +163,14 @@ impl Overlay {
                 return;
             }
         };
+        self.track_change(key, old.as_deref(), new);
+    }
+
+    /// Keeps the digests of a digested record changing from `old` to `new`.
+    fn track_change(&mut self, key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
         let mut change = 0u64;
         if let Some(old) = old {
-            change ^= digest::record_hash(key, &old);
+            change ^= digest::record_hash(key, old);
         }
         if let Some(new) = new {
             change ^= digest::record_hash(key, new);
@@ -183,6 +193,18 @@ impl Overlay {
     /// A put that later reads in the same `apply` call must see.
     fn put_visible(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
         self.track(cf, &key, Some(&value));
+        self.deleted.remove(&(cf, key.clone()));
+        self.pending.insert((cf, key.clone()), value.clone());
+        self.batch.put(cf, key, value);
+    }
+
+    /// [`Overlay::put_visible`] of a key that holds nothing: one this call has just read as
+    /// absent, or an assertion's, whose id is new with its entry's log index. Its digest change
+    /// needs no read of an old value (two reads of four, per assertion).
+    fn put_absent(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
+        if self.digested(cf, &key) {
+            self.track_change(&key, None, Some(&value));
+        }
         self.deleted.remove(&(cf, key.clone()));
         self.pending.insert((cf, key.clone()), value.clone());
         self.batch.put(cf, key, value);
@@ -636,11 +658,12 @@ impl Applier {
                 quarantine: draft.quarantine.clone(),
             };
             if let Some(request_id) = &draft.request_id {
+                // Read as absent at the top of this item.
                 let key = keys::request_key(self.group, &draft.agent_id, request_id);
-                overlay.put_visible(ColumnFamily::StateMachine, key, codec::encode_outcome(&outcome));
+                overlay.put_absent(ColumnFamily::StateMachine, key, codec::encode_outcome(&outcome));
             }
             let record = StoredAssertion { id, asserted_at_us, log_index, draft, quarantined };
-            overlay.put_visible(
+            overlay.put_absent(
                 ColumnFamily::StateMachine,
                 keys::assertion_key(self.group, id),
                 codec::encode_assertion(&record),
@@ -1120,10 +1143,34 @@ mod digest_tests {
             applier.apply(entries, keys::applied_key(GROUP), |clock| serde_json::to_vec(&clock), || {}).expect("apply")
         };
         let draft = |n: u32| AssertionDraft::for_test("digest/set", "member", "writer", &n.to_string());
-        let asserted =
-            apply(&mut applier, vec![ShardCommand::Assert { proposed_at_us: 1, items: (0..20).map(draft).collect() }]);
+        // Every other draft carries a request id, stored with its outcome; the last two repeat
+        // ones earlier in the same entry.
+        let tokened = |n: u32| {
+            let mut draft = draft(n);
+            if n % 2 == 0 {
+                draft.request_id = Some(format!("request-{}", n % 16));
+            }
+            draft
+        };
+        let asserted = apply(
+            &mut applier,
+            vec![ShardCommand::Assert { proposed_at_us: 1, items: (0..18).map(tokened).collect() }],
+        );
         let ShardResponse::Asserted(results) = &asserted[0] else { panic!("not an assert response") };
-        let ids: Vec<AssertionId> = results.iter().map(|r| r.as_ref().expect("asserted").id).collect();
+        let first: Vec<&AssertOutcome> = results.iter().map(|r| r.as_ref().expect("asserted")).collect();
+        assert_eq!(first.iter().filter(|o| o.duplicate).count(), 1, "request-0 again, as item 16");
+        let ids: Vec<AssertionId> = first.iter().filter(|o| !o.duplicate).map(|o| o.id).collect();
+        // A later entry repeats a stored request id and asserts anew.
+        let fresh = {
+            let mut draft = draft(40);
+            draft.request_id = Some("request-new".into());
+            draft
+        };
+        let again =
+            apply(&mut applier, vec![ShardCommand::Assert { proposed_at_us: 2, items: vec![tokened(2), fresh] }]);
+        let ShardResponse::Asserted(again) = &again[0] else { panic!("not an assert response") };
+        let duplicates: Vec<bool> = again.iter().map(|r| r.as_ref().expect("asserted").duplicate).collect();
+        assert_eq!(duplicates, [true, false]);
         let before_check = progress.digest.lock().buckets.clone().expect("kept");
         // A batch: a write, a check, another write. The check sees the first write only.
         let vote = |n: usize, value: i8| ShardCommand::Vote {
