@@ -321,6 +321,34 @@ impl WriteBatch {
     }
 }
 
+/// The operations of a batch in key order within each family, writes to the same key in the
+/// order given (a stable sort), when the batch has no range delete; otherwise as given, since a
+/// range delete covers the writes before it and not those after.
+///
+/// A memtable (a skip list) remembers where its last insert went, and an insert just after it
+/// searches only the levels below the gap; one far from it searches from the top. An apply's
+/// batch interleaves unrelated keys (a record, its agent and concept entries, a request record):
+/// sorted, a batch of 1,000 assertions walks each family's memtable forwards once. Measured on
+/// one node, 4 clients of 1,000-item batches: 77,004 and 79,761 assertions/s against 75,285
+/// and 74,089 (docs/performance.md, "Issue 15, applies on a fixed pool").
+fn key_ordered(mut operations: Vec<BatchOperation>) -> Vec<BatchOperation> {
+    if operations.len() > 2 && !operations.iter().any(|op| matches!(op, BatchOperation::DeleteRange(..))) {
+        operations.sort_by(|a, b| a.position().cmp(&b.position()));
+    }
+    operations
+}
+
+impl BatchOperation {
+    /// Family and key of a put or a point delete (a range delete: its start).
+    fn position(&self) -> (u8, &[u8]) {
+        match self {
+            BatchOperation::Put(cf, key, _)
+            | BatchOperation::Delete(cf, key)
+            | BatchOperation::DeleteRange(cf, key, _) => (*cf as u8, key),
+        }
+    }
+}
+
 /// Whether a write must be on disk when the call returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -797,7 +825,7 @@ impl Storage {
 
     fn to_rocks_batch(&self, batch: WriteBatch) -> Result<rocksdb::WriteBatch, StorageError> {
         let mut rocks_batch = rocksdb::WriteBatch::default();
-        for operation in batch.operations {
+        for operation in key_ordered(batch.operations) {
             match operation {
                 BatchOperation::Put(cf, k, v) => rocks_batch.put_cf(self.handle(cf)?, k, v),
                 BatchOperation::Delete(cf, k) => rocks_batch.delete_cf(self.handle(cf)?, k),
@@ -1060,6 +1088,50 @@ fn column_family_options(cf: ColumnFamily, cache: &Cache, options: &StorageOptio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Batches are written in key order, yet what they leave is what their order says: the
+    /// last of several writes to one key wins, a delete after a put removes it, a put after a
+    /// delete restores it, and a range delete covers only the writes before it.
+    #[test]
+    fn key_ordered_batches_keep_the_meaning_of_their_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), StorageOptions::default()).expect("open");
+        let (sm, index) = (ColumnFamily::StateMachine, ColumnFamily::Index);
+        let build = || {
+            let mut batch = WriteBatch::new();
+            batch.put(index, b"z".to_vec(), b"1".to_vec());
+            batch.put(sm, b"m".to_vec(), b"first".to_vec());
+            batch.put(index, b"a".to_vec(), b"2".to_vec());
+            batch.put(sm, b"m".to_vec(), b"second".to_vec());
+            batch.put(sm, b"b".to_vec(), b"gone".to_vec());
+            batch.delete(sm, b"b".to_vec());
+            batch.delete(sm, b"c".to_vec());
+            batch.put(sm, b"c".to_vec(), b"back".to_vec());
+            batch.put(sm, b"a".to_vec(), b"kept".to_vec());
+            batch
+        };
+        let ordered: Vec<(u8, Vec<u8>)> =
+            key_ordered(build().operations).iter().map(|op| (op.position().0, op.position().1.to_vec())).collect();
+        let mut sorted = ordered.clone();
+        sorted.sort();
+        assert_eq!(ordered, sorted, "written in (family, key) order");
+        storage.write(build(), Durability::Buffered).expect("write");
+        let get = |cf, key: &[u8]| storage.get(cf, key).expect("get");
+        assert_eq!(get(sm, b"m").as_deref(), Some(&b"second"[..]));
+        assert_eq!(get(sm, b"b"), None);
+        assert_eq!(get(sm, b"c").as_deref(), Some(&b"back"[..]));
+        assert_eq!(get(sm, b"a").as_deref(), Some(&b"kept"[..]));
+        assert_eq!(get(index, b"a").as_deref(), Some(&b"2"[..]));
+        assert_eq!(get(index, b"z").as_deref(), Some(&b"1"[..]));
+        // With a range delete, the order stays: the put before it is covered, the one after not.
+        let mut batch = WriteBatch::new();
+        batch.put(sm, b"r2".to_vec(), b"covered".to_vec());
+        batch.delete_range(sm, b"r".to_vec(), b"s".to_vec());
+        batch.put(sm, b"r1".to_vec(), b"after".to_vec());
+        storage.write(batch, Durability::Buffered).expect("write");
+        assert_eq!(get(sm, b"r2"), None);
+        assert_eq!(get(sm, b"r1").as_deref(), Some(&b"after"[..]));
+    }
 
     #[test]
     fn write_scan_and_last_in_range() {
