@@ -1452,6 +1452,14 @@ impl ShardSet {
         let old = slot.lock().clone();
         // Its Raft stops first: nothing may read or write the replica while it is deleted.
         old.raft.shutdown().await.map_err(|e| startup(&e))?;
+        // openraft's shutdown does not wait for the state machine: an apply it handed to the
+        // apply pool may still be queued there. Marked retired under the lock every apply
+        // writes under, the replica takes no write from one after this (`Fault::Retired`).
+        let progress = old.reader.progress().clone();
+        crate::storage::blocking(|| {
+            let _applying = progress.index_lock.lock();
+            progress.retired.store(true, std::sync::atomic::Ordering::Release);
+        });
         let storage = self.storage.clone();
         // As for a damaged replica: should the group still count this node a voter (a membership
         // change the leader has not told it of), it must not vote before it has caught up. Its

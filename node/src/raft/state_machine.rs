@@ -61,7 +61,8 @@ pub struct ShardStateMachine {
     progress: Arc<AppliedProgress>,
     /// Applies committed commands to the shard's ranges; owns the shard clock and, for the
     /// meta group, the cluster metadata.
-    /// `None` only while a run is on the apply pool, or after one panicked there.
+    /// `None` only while a run is on the apply pool, or if a run never came back from it (its
+    /// job panicked, which panics this task too, or the apply future was dropped mid-run).
     applier: Option<Applier>,
     /// `<data_dir>/snapshots`: the group's last snapshot and any being received.
     snapshot_dir: PathBuf,
@@ -84,7 +85,7 @@ fn sm_write_error(e: impl std::error::Error + 'static) -> StorageIoError {
 }
 
 fn lost_applier() -> StorageIoError {
-    sm_write_error(std::io::Error::other("the shard's applier was lost to a panic in an earlier apply"))
+    sm_write_error(std::io::Error::other("the shard's applier did not come back from an earlier apply"))
 }
 
 /// An apply failure as openraft's error for applying the entry at its position, one of
@@ -193,15 +194,17 @@ impl ShardStateMachine {
 
     /// Applies `entries` in one write batch with the new applied state (see
     /// [`ShardStateMachine::apply`]), then announces them applied. The applier moves to an
-    /// apply-pool thread for the run and back; a run that panicked there leaves none, and every
-    /// later apply fails the group.
+    /// apply-pool thread for the run and back. Not cancel-safe: dropped mid-run, the run still
+    /// writes and announces on the pool while this machine keeps its old state and no applier,
+    /// so every later apply fails the group (openraft drives applies to completion). A job that
+    /// panics on the pool panics this task, as a panic inline would.
     async fn apply_run(&mut self, entries: Vec<Entry>) -> Result<Vec<ShardResponse>, StorageIoError> {
         let mut applier = self.applier.take().ok_or_else(lost_applier)?;
         let state = self.state.clone();
         let (group, progress) = (self.group, self.progress.clone());
         let (applier, outcome) = crate::storage::pool::apply_pool()
             .run_or_block(move || {
-                let outcome = apply_run(&mut applier, state, group, &progress, entries);
+                let outcome = apply_one_run(&mut applier, state, group, &progress, entries);
                 (applier, outcome)
             })
             .await;
@@ -468,7 +471,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
 
 /// Applies `entries` to the shard after `state` in one write batch with the new applied state,
 /// announces them applied, and returns that state with the entries' responses.
-fn apply_run(
+fn apply_one_run(
     applier: &mut Applier,
     state: AppliedState,
     group: GroupId,

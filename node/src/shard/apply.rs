@@ -64,6 +64,8 @@ pub enum Fault {
     Encode(serde_json::Error),
     #[error("writing the applied batch failed: {0}")]
     Write(StorageError),
+    #[error("the replica was retired; nothing more is applied to it")]
+    Retired,
 }
 
 impl ApplyError {
@@ -112,6 +114,7 @@ impl From<Fault> for LoadError {
             Fault::Read(error) | Fault::Write(error) => LoadError::Read(error),
             Fault::Damaged(error) | Fault::Encode(error) => LoadError::Damaged(error),
             Fault::DamagedRecord(error) => LoadError::DamagedRecord(error),
+            Fault::Retired => LoadError::Read(StorageError::Closed),
         }
     }
 }
@@ -375,6 +378,9 @@ impl Applier {
         // anti-entropy repair never interleaves with it and always sees the applied index of
         // what is stored.
         let _index_guard = progress.index_lock.lock();
+        if progress.retired.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Fault::Retired.at(last));
+        }
         if progress.reload_meta.swap(false, std::sync::atomic::Ordering::AcqRel) {
             // An anti-entropy repair rewrote the meta group's records: take them up.
             self.reload_meta().map_err(|error| Fault::from_load(error).at(last))?;
@@ -1027,6 +1033,21 @@ mod tests {
         assert_eq!(stored_assertions(&storage), 0);
     }
 
+    /// An apply that reaches a retired replica (queued on the apply pool while the replica was
+    /// deleted) fails and writes nothing.
+    #[test]
+    fn a_retired_replica_applies_nothing() {
+        let (_dir, storage, mut applier) = applier();
+        applier.progress.retired.store(true, std::sync::atomic::Ordering::Release);
+        let command = ShardCommand::Assert { proposed_at_us: 1, items: vec![draft(1)] };
+        let error = applier
+            .apply(vec![(at(7), Some(command))], keys::applied_key(GROUP), |_| Ok(b"applied".to_vec()), || {})
+            .expect_err("retired");
+        assert!(matches!(error.fault, Fault::Retired), "{error}");
+        assert_eq!(stored_assertions(&storage), 0);
+        assert_eq!(storage.get(ColumnFamily::StateMachine, &keys::applied_key(GROUP)).expect("read"), None);
+    }
+
     /// The replica's count of claims awaiting a quarantine decision follows every way in and
     /// out (quarantined assert, release, reject, retraction) and is recounted from storage by a
     /// new applier.
@@ -1143,8 +1164,8 @@ mod digest_tests {
             applier.apply(entries, keys::applied_key(GROUP), |clock| serde_json::to_vec(&clock), || {}).expect("apply")
         };
         let draft = |n: u32| AssertionDraft::for_test("digest/set", "member", "writer", &n.to_string());
-        // Every other draft carries a request id, stored with its outcome; the last two repeat
-        // ones earlier in the same entry.
+        // Every other draft carries a request id, stored with its outcome; item 16 repeats
+        // item 0's (request-0) in the same entry.
         let tokened = |n: u32| {
             let mut draft = draft(n);
             if n % 2 == 0 {

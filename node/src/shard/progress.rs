@@ -42,6 +42,10 @@ pub struct AppliedProgress {
     /// Set by an anti-entropy repair of the meta group: the applier reloads the metadata and
     /// policy from storage before its next batch.
     pub reload_meta: std::sync::atomic::AtomicBool,
+    /// Set under `index_lock` once the replica is being deleted (`ShardSet::retire_replica`):
+    /// an apply its state machine handed to the apply pool before Raft stopped, still queued
+    /// there, then writes nothing (the applier checks it under the same lock).
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 /// A replica's digests (`shard::digest`), kept by the applier in step with its writes.

@@ -5,12 +5,14 @@
 //! disk can take milliseconds, which must not stall an async worker. `block_in_place` on every
 //! read made the runtime hand each worker's queue to a new thread per call: under 64 concurrent
 //! queries the node ran 300+ threads and query p99 doubled. The same hand-over on every apply
-//! cost a single node 20 µs of CPU per write at 16 shards (132 against 111 µs, 3.5 against 1.9
-//! context switches per write). Each pool keeps its thread count fixed (one per core, at least
-//! two) and its queue bounded: a full read queue is refused at once ([`ReadPoolFull`], answered
-//! `503 overloaded` and counted in `stemedb_requests_shed_total{limit="read_pool"}`), never an
-//! unbounded backlog. The apply queue holds at most one apply per Raft group (a state machine
-//! applies one run at a time), so it never fills; if it did, the apply would run in place.
+//! cost a single node about 20 µs of CPU per write at 16 shards (131-137 µs against 112-113 on
+//! this pool; 3.4-3.5 context switches per write against 2.7-2.8). Each pool keeps its thread
+//! count fixed (one per core, at least two) and its queue bounded: a full read queue is refused
+//! at once ([`ReadPoolFull`], answered `503 overloaded` and counted in
+//! `stemedb_requests_shed_total{limit="read_pool"}`), never an unbounded backlog. The apply
+//! pool's callers keep at most one job each in flight, fewer than its queue holds; if it were
+//! full, the apply would run in place. A job that panics fails its caller, not the pool: the
+//! thread logs it and takes the next job.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -20,15 +22,16 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Reads waiting for a pool thread at most.
 pub const READ_QUEUE: usize = 4096;
 
-/// Applies waiting for a pool thread at most: more than a node's Raft groups (4,096 shards and
-/// the meta group at most), each of which has at most one apply in flight.
+/// Applies waiting for a pool thread at most. Each caller (a Raft group's state machine) has at
+/// most one in flight, and a node hosts at most 4,096 shards and the meta group
+/// (`cluster.shards`), so the queue never fills.
 const APPLY_QUEUE: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 #[error("the storage read queue is full ({READ_QUEUE} reads waiting)")]
 pub struct ReadPoolFull;
 
-pub struct ReadPool {
+pub struct Pool {
     jobs: SyncSender<Job>,
 }
 
@@ -36,42 +39,45 @@ fn pool_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2)
 }
 
-static READS: LazyLock<ReadPool> = LazyLock::new(|| ReadPool::start("stemedb-read", pool_threads(), READ_QUEUE));
+static READS: LazyLock<Pool> = LazyLock::new(|| Pool::start("stemedb-read", pool_threads(), READ_QUEUE));
 
-static APPLIES: LazyLock<ReadPool> = LazyLock::new(|| ReadPool::start("stemedb-apply", pool_threads(), APPLY_QUEUE));
+static APPLIES: LazyLock<Pool> = LazyLock::new(|| Pool::start("stemedb-apply", pool_threads(), APPLY_QUEUE));
 
 /// The node's read pool.
-pub fn read_pool() -> &'static ReadPool {
+pub fn read_pool() -> &'static Pool {
     &READS
 }
 
 /// The node's apply pool: Raft state machines apply committed entries on it
-/// ([`ReadPool::run_or_block`]).
-pub fn apply_pool() -> &'static ReadPool {
+/// ([`Pool::run_or_block`]).
+pub fn apply_pool() -> &'static Pool {
     &APPLIES
 }
 
-impl ReadPool {
-    fn start(name: &str, threads: usize, queue: usize) -> ReadPool {
+impl Pool {
+    fn start(name: &str, threads: usize, queue: usize) -> Pool {
         let (jobs, receiver) = sync_channel::<Job>(queue);
         let receiver: Arc<Mutex<Receiver<Job>>> = Arc::new(Mutex::new(receiver));
         for index in 0..threads {
             let receiver = receiver.clone();
+            let pool = name.to_string();
             let spawned = std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || loop {
                 let job = match receiver.lock() {
                     Ok(receiver) => receiver.recv(),
                     Err(_) => return,
                 };
-                match job {
-                    Ok(job) => job(),
-                    Err(_) => return,
+                let Ok(job) = job else { return };
+                // The panic drops the job's reply, which fails its caller (the panic message
+                // went to the panic hook); the thread stays for the next job.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    tracing::error!(pool = %pool, "a storage pool job panicked; its caller fails, the thread goes on");
                 }
             });
             if let Err(error) = spawned {
                 tracing::error!(error = %error, pool = name, "cannot start a storage pool thread");
             }
         }
-        ReadPool { jobs }
+        Pool { jobs }
     }
 
     /// Runs `read` on a pool thread and returns its result.
@@ -114,7 +120,15 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::ReadPool;
+    use super::Pool;
+
+    /// A panicking job fails its caller; the pool's only thread stays and runs the next job.
+    #[tokio::test]
+    async fn a_panicking_job_leaves_the_thread_for_the_next() {
+        let pool = Pool::start("stemedb-test", 1, 4);
+        assert!(pool.run(|| -> u8 { panic!("injected job panic") }).await.is_err());
+        assert_eq!(pool.run(|| 7).await.expect("the thread took the next job"), 7);
+    }
 
     #[tokio::test]
     async fn applies_run_on_their_own_pool() {
@@ -126,7 +140,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_run_on_the_pool_and_a_full_queue_is_refused() {
-        let pool = Arc::new(ReadPool::start("stemedb-read", 1, 1));
+        let pool = Arc::new(Pool::start("stemedb-read", 1, 1));
         assert_eq!(pool.run(|| 21 * 2).await.expect("ran"), 42);
         let name = pool.run(|| std::thread::current().name().map(String::from)).await.expect("ran");
         assert_eq!(name.as_deref(), Some("stemedb-read-0"));
