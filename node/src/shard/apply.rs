@@ -196,9 +196,7 @@ impl Overlay {
     /// A put that later reads in the same `apply` call must see.
     fn put_visible(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
         self.track(cf, &key, Some(&value));
-        self.deleted.remove(&(cf, key.clone()));
-        self.pending.insert((cf, key.clone()), value.clone());
-        self.batch.put(cf, key, value);
+        self.stage(cf, key, value);
     }
 
     /// [`Overlay::put_visible`] of a key that holds nothing: one this call has just read as
@@ -208,6 +206,11 @@ impl Overlay {
         if self.digested(cf, &key) {
             self.track_change(&key, None, Some(&value));
         }
+        self.stage(cf, key, value);
+    }
+
+    /// Puts `value` into the batch, visible to this call's later reads.
+    fn stage(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
         self.deleted.remove(&(cf, key.clone()));
         self.pending.insert((cf, key.clone()), value.clone());
         self.batch.put(cf, key, value);
