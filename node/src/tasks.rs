@@ -1,7 +1,9 @@
 //! The node's background tasks. Every task a node starts (write batchers, index repair, breaker
 //! proposals, the placement driver, hibernation, claims-cache sharing, leadership clocks, ...) is
 //! spawned through one [`NodeTasks`], so shutdown can tell them all to stop and wait until they
-//! have, with a bound, before it closes the storage they use.
+//! have, with a bound, before it closes the storage they use. [`yield_while_arriving`] is how a
+//! task that coalesces work (write batches, read barriers) lets the work already queued on its
+//! worker join in before it closes a batch.
 
 use std::future::Future;
 use std::time::Duration;
@@ -85,9 +87,96 @@ impl NodeTasks {
     }
 }
 
+/// The most turns [`yield_while_arriving`] gives the rest of a worker's ready tasks.
+pub const MAX_GATHER_TURNS: usize = 8;
+
+/// Gives the other ready tasks of this worker a turn, and again while each turn makes
+/// `arrived()` grow, up to [`MAX_GATHER_TURNS`] turns or until it reaches `limit`.
+///
+/// A coalescing task (a shard's write batcher, the leader of a read barrier) is woken by the
+/// first request's send into its worker's next-task slot, so it runs before the request
+/// handlers queued behind it, which are about to send to it too, and closes a batch of one.
+/// Each turn puts it behind them instead. The wait adapts to the load: on an idle node nothing
+/// else is ready, the first turn brings nothing and it returns at once; under load, requests
+/// keep arriving while there are any. On one node with 16 shards and 64 writers, an apply
+/// carried 2.9 writes instead of 2.0 and a write cost a quarter less CPU (docs/performance.md).
+pub async fn yield_while_arriving(limit: usize, mut arrived: impl FnMut() -> usize) {
+    let mut seen = arrived();
+    for _ in 0..MAX_GATHER_TURNS {
+        if seen >= limit {
+            return;
+        }
+        tokio::task::yield_now().await;
+        let now = arrived();
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The case the turns exist for: on a multi-threaded runtime the first send wakes the
+    /// gatherer into the worker's next-task slot, ahead of the senders already queued. One
+    /// worker makes the order deterministic. Without the turns the batch holds one request.
+    #[test]
+    fn a_gatherer_woken_by_the_first_send_collects_the_sends_already_queued() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().expect("runtime");
+        let batch = runtime.block_on(async {
+            tokio::spawn(async {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+                let gatherer = tokio::spawn(async move {
+                    let mut batch = vec![rx.recv().await.expect("first")];
+                    yield_while_arriving(100, || {
+                        while let Ok(item) = rx.try_recv() {
+                            batch.push(item);
+                        }
+                        batch.len()
+                    })
+                    .await;
+                    batch
+                });
+                // Let the gatherer wait on the channel before the senders exist.
+                tokio::task::yield_now().await;
+                for item in 0..5 {
+                    let tx = tx.clone();
+                    tokio::spawn(async move { tx.send(item) });
+                }
+                gatherer.await.expect("gatherer")
+            })
+            .await
+            .expect("driver")
+        });
+        assert_eq!(batch.len(), 5, "gathered {batch:?}");
+    }
+
+    #[tokio::test]
+    async fn gathering_takes_one_turn_when_nothing_arrives_and_none_at_the_limit() {
+        let mut calls = 0;
+        yield_while_arriving(10, || {
+            calls += 1;
+            1
+        })
+        .await;
+        assert_eq!(calls, 2, "the count before and after one turn");
+        let mut calls = 0;
+        yield_while_arriving(10, || {
+            calls += 1;
+            10
+        })
+        .await;
+        assert_eq!(calls, 1, "a full batch takes no turn");
+        let mut count = 0;
+        yield_while_arriving(usize::MAX, || {
+            count += 1;
+            count
+        })
+        .await;
+        assert_eq!(count, MAX_GATHER_TURNS + 1, "arrivals that never stop are cut after the most turns");
+    }
 
     #[tokio::test]
     async fn stop_and_wait_ends_loops_and_reports_stragglers() {

@@ -3,7 +3,9 @@
 //! to [`MAX_BATCH_ITEMS`]); each caller gets its own item's result. One Raft entry, one log
 //! append and one apply then serve many clients, which is where a write's cost is. At most
 //! [`MAX_IN_FLIGHT`] proposals per shard run at once; requests arriving meanwhile wait and form
-//! the next batch. (Read barriers are shared the same way in `raft::read_barrier`.)
+//! the next batch. Before it closes a batch, the batcher lets the other ready tasks of its
+//! worker run for as long as they bring more requests (`tasks::yield_while_arriving`). (Read
+//! barriers are shared the same way in `raft::read_barrier`.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use crate::model::ModelError;
 use crate::raft::ShardSet;
 use crate::shard::command::{AssertOutcome, ShardCommand, ShardResponse};
 use crate::shard::ConsensusError;
+use crate::tasks::yield_while_arriving;
 
 pub const MAX_BATCH_ITEMS: usize = 256;
 pub const MAX_IN_FLIGHT: usize = 1;
@@ -73,12 +76,7 @@ async fn run_batcher(shards: std::sync::Weak<ShardSet>, shard: u16, mut requests
         let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         let Some(first) = requests.recv().await else { return };
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_ITEMS {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
-            }
-        }
+        gather(&mut requests, &mut batch).await;
         let Some(shards) = shards.upgrade() else { return };
         let tasks = shards.tasks.clone();
         tasks.spawn(async move {
@@ -110,4 +108,20 @@ async fn run_batcher(shards: std::sync::Weak<ShardSet>, shard: u16, mut requests
             drop(permit);
         });
     }
+}
+
+/// Fills `batch` with the requests waiting in `requests`, up to [`MAX_BATCH_ITEMS`], and keeps
+/// doing so while letting the worker's other ready tasks run, as long as they bring more
+/// ([`yield_while_arriving`]).
+async fn gather(requests: &mut mpsc::Receiver<PendingWrite>, batch: &mut Vec<PendingWrite>) {
+    yield_while_arriving(MAX_BATCH_ITEMS, || {
+        while batch.len() < MAX_BATCH_ITEMS {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        batch.len()
+    })
+    .await;
 }

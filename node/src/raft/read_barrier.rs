@@ -1,8 +1,11 @@
 //! Linearizable read barriers shared among concurrent readers of a shard: a barrier started
 //! after a caller arrived is valid for it, so callers that arrive while a barrier is in flight
-//! share the next one instead of each asking Raft.
+//! share the next one instead of each asking Raft. A leader lets the other ready tasks of its
+//! worker run first, for as long as they bring more readers (`tasks::yield_while_arriving`).
 
 use tokio::sync::oneshot;
+
+use crate::tasks::yield_while_arriving;
 
 /// Shares linearizable read barriers among concurrent readers of a shard; `E` is the barrier's
 /// error, handed to every caller it served.
@@ -92,6 +95,8 @@ impl<E: Clone> ReadBarrierGroup<E> {
         };
         loop {
             if turn.leading {
+                // Readers already queued on this worker join this barrier, not the next.
+                yield_while_arriving(usize::MAX, || self.state.lock().waiters.len()).await;
                 let generation = {
                     let mut state = self.state.lock();
                     state.started += 1;
