@@ -1,7 +1,8 @@
 //! Raft transport, client side: one lazily connected gRPC channel per peer address, shared by
 //! every group (each message names its group), with tonic reconnecting on failure. The
 //! AppendEntries of all groups to one peer go through that peer's [`PeerBatcher`], which sends
-//! whatever has queued up while its earlier batches were in flight as one call, so groups
+//! whatever has queued up while its earlier batches were in flight as one call (letting the
+//! other ready tasks of its worker add theirs first, `tasks::yield_while_arriving`), so groups
 //! share the per-call cost (HTTP/2 frames, syscalls, wake-ups) the way they share an fsync. A
 //! slow or dead peer costs its own requests their timeout and nothing else: every RPC has a
 //! deadline and no lock is held across a call.
@@ -28,6 +29,7 @@ use super::replica_health::ReplicaHealth;
 use super::types::{GroupId, NodeId, TypeConfig};
 use super::wire::replication as wire;
 use super::wire::WireError;
+use crate::tasks::yield_while_arriving;
 
 /// Largest gRPC message either side accepts (log batches and snapshot chunks stay far below).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -322,15 +324,24 @@ async fn run_batches(client: RaftTransportClient<Channel>, mut waiting: mpsc::Re
         let Some(first) = waiting.recv().await else { return };
         let mut bytes = first.bytes;
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
-            match waiting.try_recv() {
-                Ok(pending) => {
-                    bytes += pending.bytes;
-                    batch.push(pending);
+        // Other groups' replication tasks queued on this worker add theirs before the call.
+        yield_while_arriving(MAX_BATCH_MESSAGES, || {
+            while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+                match waiting.try_recv() {
+                    Ok(pending) => {
+                        bytes += pending.bytes;
+                        batch.push(pending);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
-        }
+            if bytes >= MAX_BATCH_BYTES {
+                MAX_BATCH_MESSAGES
+            } else {
+                batch.len()
+            }
+        })
+        .await;
         // A caller past its deadline has stopped waiting: its message is not sent.
         batch.retain(|pending| !pending.reply.is_closed());
         if batch.is_empty() {
