@@ -324,7 +324,7 @@ async fn run_batches(client: RaftTransportClient<Channel>, mut waiting: mpsc::Re
         let Some(first) = waiting.recv().await else { return };
         let mut bytes = first.bytes;
         let mut batch = vec![first];
-        // Other groups' replication tasks queued on this worker add theirs before the call.
+        // Other groups' replication tasks that are ready to run add theirs before the call.
         yield_while_arriving(MAX_BATCH_MESSAGES, || {
             while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
                 match waiting.try_recv() {

@@ -95,7 +95,8 @@ impl<E: Clone> ReadBarrierGroup<E> {
         };
         loop {
             if turn.leading {
-                // Readers already queued on this worker join this barrier, not the next.
+                // Readers ready to arrive (queued on this worker, or from the network meanwhile)
+                // join this barrier, not the next.
                 yield_while_arriving(usize::MAX, || self.state.lock().waiters.len()).await;
                 let generation = {
                     let mut state = self.state.lock();
