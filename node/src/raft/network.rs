@@ -335,6 +335,7 @@ async fn run_batches(client: RaftTransportClient<Channel>, mut waiting: mpsc::Re
                     Err(_) => break,
                 }
             }
+            // A batch full by bytes is as full as one at the message bound: no more turns.
             if bytes >= MAX_BATCH_BYTES {
                 MAX_BATCH_MESSAGES
             } else {
