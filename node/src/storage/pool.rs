@@ -14,8 +14,10 @@
 //! full, the apply would run in place. A job that panics fails its caller, not the pool: the
 //! thread logs it and takes the next job.
 
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, LazyLock};
+
+use parking_lot::{Condvar, Mutex};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -32,7 +34,41 @@ const APPLY_QUEUE: usize = 8192;
 pub struct ReadPoolFull;
 
 pub struct Pool {
-    jobs: SyncSender<Job>,
+    jobs: Arc<Jobs>,
+}
+
+/// A pool's bounded queue. Idle threads wait on `ready`, and each job wakes one of them. (Threads
+/// taking turns at one channel receiver behind a mutex woke the next waiter at every job, for
+/// nothing: two context switches per job more.)
+struct Jobs {
+    queue: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+impl Jobs {
+    /// Queues `job`, or gives it back when `capacity` jobs are waiting.
+    fn try_push(&self, job: Job) -> Result<(), Job> {
+        let mut queue = self.queue.lock();
+        if queue.len() >= self.capacity {
+            return Err(job);
+        }
+        queue.push_back(job);
+        drop(queue);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job, waiting for one.
+    fn take(&self) -> Job {
+        let mut queue = self.queue.lock();
+        loop {
+            if let Some(job) = queue.pop_front() {
+                return job;
+            }
+            self.ready.wait(&mut queue);
+        }
+    }
 }
 
 fn pool_threads() -> usize {
@@ -56,17 +92,12 @@ pub fn apply_pool() -> &'static Pool {
 
 impl Pool {
     fn start(name: &str, threads: usize, queue: usize) -> Pool {
-        let (jobs, receiver) = sync_channel::<Job>(queue);
-        let receiver: Arc<Mutex<Receiver<Job>>> = Arc::new(Mutex::new(receiver));
+        let jobs = Arc::new(Jobs { queue: Mutex::new(VecDeque::new()), ready: Condvar::new(), capacity: queue });
         for index in 0..threads {
-            let receiver = receiver.clone();
+            let jobs = jobs.clone();
             let pool = name.to_string();
             let spawned = std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || loop {
-                let job = match receiver.lock() {
-                    Ok(receiver) => receiver.recv(),
-                    Err(_) => return,
-                };
-                let Ok(job) = job else { return };
+                let job = jobs.take();
                 // The panic drops the job's reply, which fails its caller (the panic message
                 // went to the panic hook); the thread stays for the next job.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
@@ -86,11 +117,9 @@ impl Pool {
         let job: Job = Box::new(move || {
             let _ = reply.send(read());
         });
-        self.jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) | TrySendError::Disconnected(_) => {
-                crate::metrics::REQUESTS_SHED.with_label_values(&["read_pool"]).inc();
-                ReadPoolFull
-            }
+        self.jobs.try_push(job).map_err(|_| {
+            crate::metrics::REQUESTS_SHED.with_label_values(&["read_pool"]).inc();
+            ReadPoolFull
         })?;
         // A panicking read drops `reply`: reported like a full pool rather than hanging.
         answer.await.map_err(|_| ReadPoolFull)
@@ -104,7 +133,7 @@ impl Pool {
         let job: Job = Box::new(move || {
             let _ = reply.send(read());
         });
-        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = self.jobs.try_send(job) {
+        if let Err(job) = self.jobs.try_push(job) {
             super::blocking(job);
         }
         match answer.await {
@@ -128,6 +157,21 @@ mod tests {
         let pool = Pool::start("stemedb-test", 1, 4);
         assert!(pool.run(|| -> u8 { panic!("injected job panic") }).await.is_err());
         assert_eq!(pool.run(|| 7).await.expect("the thread took the next job"), 7);
+    }
+
+    /// Each queued job wakes an idle thread: the first job waits for the second, which only
+    /// another thread can run. A lost wake-up leaves the first waiting until its timeout.
+    #[tokio::test]
+    async fn two_jobs_run_at_once_on_two_threads() {
+        let pool = Arc::new(Pool::start("stemedb-test-pair", 2, 4));
+        let (signal, wait) = std::sync::mpsc::channel::<()>();
+        let first = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(move || wait.recv_timeout(Duration::from_secs(10)).is_ok()).await }
+        });
+        let second = pool.run(move || signal.send(()).is_ok()).await.expect("ran");
+        assert!(second);
+        assert!(first.await.expect("joined").expect("ran"), "the second job ran while the first waited");
     }
 
     #[tokio::test]
