@@ -582,7 +582,7 @@ impl Node {
         // 4. The transport, before waiting for leaders: elections need the peers' votes.
         self.grpc = Some(GrpcServer::start(
             &self.tasks,
-            RaftService::server(shards.clone(), write_timeout),
+            RaftService::server(shards.clone(), context.write_batchers.clone(), write_timeout),
             crate::rpc::anti_entropy::AntiEntropyService::server(anti_entropy.clone()),
             crate::rpc::backup::BackupService::server(context.backups.clone()),
             identity.cluster_id.clone(),

@@ -373,8 +373,9 @@ pub struct LimitsSection {
     pub max_request_bytes: usize,
     /// Most items in one `/v1/assert/batch`.
     pub max_batch_items: usize,
-    /// Single-assertion writes that may wait per shard for the next coalesced entry; more are
-    /// answered `503 overloaded` with `Retry-After`.
+    /// Single-assertion writes that may wait per shard for the next coalesced entry (on the
+    /// shard's leader, batches other nodes forwarded count one each); more are answered `503
+    /// overloaded` with `Retry-After`.
     pub max_queued_writes_per_shard: usize,
 }
 

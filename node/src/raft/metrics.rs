@@ -112,6 +112,17 @@ pub static APPEND_BATCH_MESSAGES: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static ENTRY_PARTS: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new(
+            "stemedb_raft_entry_parts",
+            "Proposals in one entry a shard leader's write batcher proposed with batches other nodes forwarded (its own batch counts as one)",
+        )
+        .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]),
+    )
+    .expect("valid metric")
+});
+
 pub static DAMAGED_REPLICAS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new(
@@ -159,6 +170,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(SNAPSHOTS.clone()),
         Box::new(APPLY_DURATION.clone()),
         Box::new(APPEND_BATCH_MESSAGES.clone()),
+        Box::new(ENTRY_PARTS.clone()),
         Box::new(PROPOSALS.clone()),
         Box::new(READ_BARRIERS.clone()),
         Box::new(PROPOSE_DURATION.clone()),

@@ -44,6 +44,7 @@ fn screen(policy: &Policy, reader: &ShardReader, command: &mut ShardCommand) {
             policy.quarantine_rules().screen(policy, reader, items, *proposed_at_us)
         }
         ShardCommand::Once { command, .. } => screen(policy, reader, command),
+        ShardCommand::Parts { parts } => parts.iter_mut().for_each(|part| screen(policy, reader, part)),
         _ => {}
     }
 }

@@ -44,6 +44,7 @@ use stemedb_proto::raft::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::coordinator::batch::WriteBatchers;
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::id::MAX_ITEMS_PER_ENTRY;
@@ -54,17 +55,24 @@ use crate::raft::wire::heartbeat::heartbeat_from_proto;
 use crate::raft::wire::replication as wire;
 use crate::raft::wire::{admin, requests};
 use crate::raft::ShardSet;
+use crate::shard::command::ShardCommand;
 use crate::shard::ConsensusError;
 
 /// The gRPC service over this node's shard set.
 pub struct RaftService {
     shards: Arc<ShardSet>,
+    /// Forwarded batches of assertions join the leader's own batch here.
+    batchers: WriteBatchers,
     write_timeout: Duration,
 }
 
 impl RaftService {
-    pub fn server(shards: Arc<ShardSet>, write_timeout: Duration) -> RaftTransportServer<RaftService> {
-        RaftTransportServer::new(RaftService { shards, write_timeout })
+    pub fn server(
+        shards: Arc<ShardSet>,
+        batchers: WriteBatchers,
+        write_timeout: Duration,
+    ) -> RaftTransportServer<RaftService> {
+        RaftTransportServer::new(RaftService { shards, batchers, write_timeout })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -179,8 +187,27 @@ impl RaftTransport for RaftService {
                 error: ModelError::CommandTooLarge { items, limit: MAX_ITEMS_PER_ENTRY },
             })
         } else {
-            // Forwarded writes are proposed here or refused: never forwarded a second time.
-            self.shards.propose_local(shard, command, timeout).await
+            // Forwarded writes are proposed here or refused: never forwarded a second time. A
+            // batch of assertions joins the leader's own batch in one entry when this node leads.
+            match command {
+                ShardCommand::Once { token, command } if self.shards.leads(shard) => match *command {
+                    ShardCommand::Assert { proposed_at_us, items } => {
+                        match self.batchers.forwarded(shard, token, proposed_at_us, items, timeout).await {
+                            Ok(result) => result,
+                            Err(items) => {
+                                let command = ShardCommand::Assert { proposed_at_us, items };
+                                let once = ShardCommand::Once { token, command: Box::new(command) };
+                                self.shards.propose_local(shard, once, timeout).await
+                            }
+                        }
+                    }
+                    command => {
+                        let once = ShardCommand::Once { token, command: Box::new(command) };
+                        self.shards.propose_local(shard, once, timeout).await
+                    }
+                },
+                command => self.shards.propose_local(shard, command, timeout).await,
+            }
         };
         Ok(Response::new(requests::propose_reply_to_proto(&result)))
     }

@@ -402,7 +402,7 @@ impl Applier {
                     self.record_check(&overlay, at, proposed_at_us);
                     ShardResponse::Empty
                 }
-                Some(command) => self.apply_command(&mut overlay, at.index, command).map_err(|f| f.at(at))?,
+                Some(command) => self.apply_command(&mut overlay, at.index, command, 0).map_err(|f| f.at(at))?,
             };
             responses.push(response);
             // Forget expired proposal tokens every 256 entries, whatever the entry: the same
@@ -604,16 +604,20 @@ impl Applier {
         Ok(result)
     }
 
+    /// Applies the items of an assertion command at positions from `first` of the entry at
+    /// `log_index` (a part of a [`ShardCommand::Parts`] starts after the parts before it).
     fn apply_assert(
         &mut self,
         overlay: &mut Overlay,
         log_index: u64,
+        first: usize,
         proposed_at_us: u64,
         items: Vec<AssertionDraft>,
     ) -> Result<Vec<Result<AssertOutcome, ModelError>>, Fault> {
         let mut results = Vec::with_capacity(items.len());
         let mut indexed = 0u64;
-        for (position, draft) in items.into_iter().enumerate() {
+        for (offset, draft) in items.into_iter().enumerate() {
+            let position = first + offset;
             if let Some(request_id) = &draft.request_id {
                 let key = keys::request_key(self.group, &draft.agent_id, request_id);
                 if let Some(bytes) = overlay.get(ColumnFamily::StateMachine, &key)? {
@@ -684,19 +688,42 @@ impl Applier {
         Ok(results)
     }
 
-    /// Applies one command of the entry at `index`.
+    /// Applies one command of the entry at `index`; its assertions, if any, are numbered from
+    /// position `first` of the entry.
     fn apply_command(
         &mut self,
         overlay: &mut Overlay,
         index: u64,
         command: ShardCommand,
+        first: usize,
     ) -> Result<ShardResponse, Fault> {
         Ok(match command {
             ShardCommand::Assert { proposed_at_us, items } => {
-                if let Some(refusal) = refuse_numbering(index, items.len()) {
+                if let Some(refusal) = refuse_numbering(index, first + items.len()) {
                     return Ok(ShardResponse::Refused(refusal));
                 }
-                ShardResponse::Asserted(self.apply_assert(overlay, index, proposed_at_us, items)?)
+                ShardResponse::Asserted(self.apply_assert(overlay, index, first, proposed_at_us, items)?)
+            }
+            ShardCommand::Parts { parts } => {
+                let items = parts.iter().map(ShardCommand::item_count).sum::<usize>();
+                if let Some(refusal) = refuse_numbering(index, first + items) {
+                    return Ok(ShardResponse::Refused(refusal));
+                }
+                let mut responses = Vec::with_capacity(parts.len());
+                let mut next = first;
+                for part in parts {
+                    let count = part.item_count();
+                    // Never built by this code (parts are assertion commands and never nest):
+                    // refused, not applied, rather than numbered on a peer's word.
+                    let response = if part.is_assertion_part() {
+                        self.apply_command(overlay, index, part, next)?
+                    } else {
+                        ShardResponse::TokenExpired
+                    };
+                    responses.push(response);
+                    next += count;
+                }
+                ShardResponse::Parts(responses)
             }
             ShardCommand::Vote { proposed_at_us, assertion_id, agent_id, value } => {
                 ShardResponse::Voted(self.apply_vote(overlay, index, proposed_at_us, assertion_id, &agent_id, value)?)
@@ -729,7 +756,7 @@ impl Applier {
                     reason,
                 )?)
             }
-            ShardCommand::Once { token, command } => self.apply_once(overlay, index, token, *command)?,
+            ShardCommand::Once { token, command } => self.apply_once(overlay, index, token, *command, first)?,
             // Recorded by `apply`, which knows the entry's term; inside a token it records nothing.
             ShardCommand::Check { .. } => ShardResponse::Empty,
         })
@@ -744,6 +771,7 @@ impl Applier {
         index: u64,
         token: ProposalToken,
         command: ShardCommand,
+        first: usize,
     ) -> Result<ShardResponse, Fault> {
         let key = keys::token_key(self.group, token.issued_at_us, token.nonce);
         if let Some(bytes) = overlay.get(ColumnFamily::StateMachine, &key)? {
@@ -753,11 +781,11 @@ impl Applier {
         if token.issued_at_us.saturating_add(TOKEN_TTL_US) < self.clock_us {
             return Ok(ShardResponse::TokenExpired);
         }
-        if matches!(command, ShardCommand::Once { .. }) {
+        if matches!(command, ShardCommand::Once { .. } | ShardCommand::Parts { .. }) {
             // Never built by this code; refused rather than recursing on a peer's word.
             return Ok(ShardResponse::TokenExpired);
         }
-        let response = self.apply_command(overlay, index, command)?;
+        let response = self.apply_command(overlay, index, command, first)?;
         overlay.put_visible(ColumnFamily::StateMachine, key, codec::encode_response(&response));
         Ok(response)
     }
@@ -954,11 +982,61 @@ mod tests {
         }
     }
 
+    fn assert_once_items(token: ProposalToken, items: Vec<AssertionDraft>) -> ShardCommand {
+        ShardCommand::Once {
+            token,
+            command: Box::new(ShardCommand::Assert { proposed_at_us: token.issued_at_us, items }),
+        }
+    }
+
     fn outcomes(response: &ShardResponse) -> Vec<AssertOutcome> {
         match response {
             ShardResponse::Asserted(results) => results.iter().map(|r| r.clone().expect("applied")).collect(),
             other => panic!("unexpected response {other:?}"),
         }
+    }
+
+    /// A leader's entry of several proposals (its own batch and forwarded ones in their tokens):
+    /// every item gets its own position, so its own id; each part answers on its own; a copy of
+    /// a forwarded part in a later entry answers the first copy's result and writes nothing; and
+    /// a part that is not an assertion command is refused without touching the others.
+    #[test]
+    fn parts_number_their_items_apart_and_keep_their_tokens() {
+        let (_dir, storage, mut applier) = applier();
+        let token = ProposalToken::new();
+        let own = ShardCommand::Assert { proposed_at_us: token.issued_at_us, items: vec![draft(1), draft(2)] };
+        let forwarded = ShardCommand::Once {
+            token,
+            command: Box::new(ShardCommand::Assert {
+                proposed_at_us: token.issued_at_us,
+                items: vec![draft(3), draft(4)],
+            }),
+        };
+        let responses = run(&mut applier, 1, vec![ShardCommand::Parts { parts: vec![own, forwarded] }]);
+        let ShardResponse::Parts(parts) = &responses[0] else { panic!("unexpected response {responses:?}") };
+        assert_eq!(parts.len(), 2);
+        let ids: Vec<AssertionId> = parts.iter().flat_map(outcomes).map(|o| o.id).collect();
+        assert_eq!(ids.len(), 4);
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), 4, "each item of the entry has its own id: {ids:?}");
+        assert_eq!(stored_assertions(&storage), 4);
+        // The forwarded part sent again (its node did not hear the answer) changes nothing.
+        let again = run(&mut applier, 2, vec![assert_once_items(token, vec![draft(3), draft(4)])]);
+        assert_eq!(outcomes(&again[0]), outcomes(&parts[1]));
+        assert_eq!(stored_assertions(&storage), 4);
+        // A part no leader builds (a vote) is refused; the assertion beside it is applied.
+        let vote = ShardCommand::Vote {
+            proposed_at_us: token.issued_at_us,
+            assertion_id: ids[0],
+            agent_id: "agent".into(),
+            value: 1,
+        };
+        let own = ShardCommand::Assert { proposed_at_us: token.issued_at_us, items: vec![draft(5)] };
+        let mixed = run(&mut applier, 3, vec![ShardCommand::Parts { parts: vec![vote, own] }]);
+        let ShardResponse::Parts(mixed) = &mixed[0] else { panic!("unexpected response {mixed:?}") };
+        assert!(matches!(mixed[0], ShardResponse::TokenExpired), "{:?}", mixed[0]);
+        assert_eq!(outcomes(&mixed[1]).len(), 1);
+        assert_eq!(stored_assertions(&storage), 5);
     }
 
     /// A forwarded proposal retried after an ambiguous failure lands twice in the log, in the

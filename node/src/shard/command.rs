@@ -55,6 +55,12 @@ pub enum ShardCommand {
     /// so replicas compare their state at the same log position (`shard::digest`). Changes no
     /// data.
     Check { proposed_at_us: u64 },
+    /// Proposals that reached the shard leader while its previous entry was in flight, in one
+    /// entry (`coordinator::batch`): its own batch of assertions and the batches other nodes
+    /// forwarded, each in its token. Each part is an `Assert`, alone or in a `Once`; its items
+    /// are numbered after the previous parts' (an assertion id packs the position), and it gets
+    /// its own response ([`ShardResponse::Parts`]).
+    Parts { parts: Vec<ShardCommand> },
 }
 
 /// The idempotency token of a forwarded proposal: when the forwarding node issued it (its
@@ -92,6 +98,7 @@ impl ShardCommand {
             | ShardCommand::Policy { proposed_at_us, .. }
             | ShardCommand::Check { proposed_at_us } => *proposed_at_us,
             ShardCommand::Once { command, .. } => command.proposed_at_us(),
+            ShardCommand::Parts { parts } => parts.iter().map(ShardCommand::proposed_at_us).max().unwrap_or(0),
         }
     }
 
@@ -103,6 +110,7 @@ impl ShardCommand {
             ShardCommand::Assert { .. } | ShardCommand::Vote { .. } => true,
             ShardCommand::Retract { admin, .. } => !admin,
             ShardCommand::Once { command, .. } => command.grows_data(),
+            ShardCommand::Parts { parts } => parts.iter().any(ShardCommand::grows_data),
             ShardCommand::Meta { .. }
             | ShardCommand::Quarantine { .. }
             | ShardCommand::Policy { .. }
@@ -118,11 +126,22 @@ impl ShardCommand {
         }
     }
 
+    /// Whether this command may be a part of a [`ShardCommand::Parts`]: an `Assert`, alone or in
+    /// a token.
+    pub fn is_assertion_part(&self) -> bool {
+        match self {
+            ShardCommand::Assert { .. } => true,
+            ShardCommand::Once { command, .. } => matches!(**command, ShardCommand::Assert { .. }),
+            _ => false,
+        }
+    }
+
     /// The number of items an entry of this command numbers (assertion ids pack the position).
     pub fn item_count(&self) -> usize {
         match self {
             ShardCommand::Assert { items, .. } => items.len(),
             ShardCommand::Once { command, .. } => command.item_count(),
+            ShardCommand::Parts { parts } => parts.iter().map(ShardCommand::item_count).sum(),
             _ => 1,
         }
     }
@@ -169,4 +188,6 @@ pub enum ShardResponse {
     /// Blank and membership entries.
     #[default]
     Empty,
+    /// The answers to the parts of a [`ShardCommand::Parts`], in order.
+    Parts(Vec<ShardResponse>),
 }

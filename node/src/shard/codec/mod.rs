@@ -191,6 +191,9 @@ pub fn command_to_proto(command: &ShardCommand) -> pb::Command {
             command: Some(Box::new(command_to_proto(command))),
         })),
         ShardCommand::Check { proposed_at_us } => Kind::Check(pb::CheckCommand { proposed_at_us: *proposed_at_us }),
+        ShardCommand::Parts { parts } => {
+            Kind::Parts(pb::PartsCommand { parts: parts.iter().map(command_to_proto).collect() })
+        }
     };
     pb::Command { kind: Some(kind) }
 }
@@ -236,12 +239,22 @@ pub fn command_from_proto(command: pb::Command) -> Result<ShardCommand, CodecErr
             if matches!(inner, ShardCommand::Once { .. }) {
                 return Err(invalid("once.command", "a token inside a token"));
             }
+            if matches!(inner, ShardCommand::Parts { .. }) {
+                return Err(invalid("once.command", "parts inside a token"));
+            }
             ShardCommand::Once {
                 token: ProposalToken { issued_at_us: c.issued_at_us, nonce: c.nonce },
                 command: Box::new(inner),
             }
         }
         Kind::Check(c) => ShardCommand::Check { proposed_at_us: c.proposed_at_us },
+        Kind::Parts(c) => {
+            let parts = c.parts.into_iter().map(command_from_proto).collect::<Result<Vec<_>, _>>()?;
+            if let Some(part) = parts.iter().find(|part| !part.is_assertion_part()) {
+                return Err(invalid("parts.parts", format!("a part that is not an assertion command: {part:?}")));
+            }
+            ShardCommand::Parts { parts }
+        }
     })
 }
 
@@ -631,12 +644,27 @@ pub(crate) mod tests {
             (at, policy()).prop_map(|(proposed_at_us, command)| ShardCommand::Policy { proposed_at_us, command }),
             at.prop_map(|proposed_at_us| ShardCommand::Check { proposed_at_us }),
         ];
-        (plain, proptest::option::of((any::<u64>(), any::<u64>()))).prop_map(|(command, token)| match token {
-            Some((issued_at_us, nonce)) => {
-                ShardCommand::Once { token: ProposalToken { issued_at_us, nonce }, command: Box::new(command) }
-            }
+        let single = (plain, token()).prop_map(|(command, token)| in_token(command, token));
+        // A leader's entry of several proposals: assertion commands, each alone or in a token.
+        let part =
+            ((at, proptest::collection::vec(draft(), 0..3)), token()).prop_map(|((proposed_at_us, items), token)| {
+                in_token(ShardCommand::Assert { proposed_at_us, items }, token)
+            });
+        let parts = proptest::collection::vec(part, 0..4).prop_map(|parts| ShardCommand::Parts { parts });
+        prop_oneof![6 => single, 1 => parts]
+    }
+
+    fn token() -> impl Strategy<Value = Option<ProposalToken>> {
+        proptest::option::of(
+            (any::<u64>(), any::<u64>()).prop_map(|(issued_at_us, nonce)| ProposalToken { issued_at_us, nonce }),
+        )
+    }
+
+    fn in_token(command: ShardCommand, token: Option<ProposalToken>) -> ShardCommand {
+        match token {
+            Some(token) => ShardCommand::Once { token, command: Box::new(command) },
             None => command,
-        })
+        }
     }
 
     /// `value` survives its stored form, and its JSON form (what an earlier version stored)
@@ -669,6 +697,24 @@ pub(crate) mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Parts hold assertion commands only, and never sit in a token: anything else from a
+        /// peer is refused at decoding.
+        #[test]
+        fn parts_of_other_shapes_do_not_decode(proposed_at_us in any::<u64>(), nonce in any::<u64>()) {
+            let token = ProposalToken { issued_at_us: proposed_at_us, nonce };
+            let check = ShardCommand::Check { proposed_at_us };
+            let nested = ShardCommand::Parts { parts: vec![ShardCommand::Parts { parts: Vec::new() }] };
+            let in_token = ShardCommand::Once { token, command: Box::new(ShardCommand::Parts { parts: Vec::new() }) };
+            let check_in_token = ShardCommand::Parts {
+                parts: vec![ShardCommand::Once { token, command: Box::new(check.clone()) }],
+            };
+            for command in [ShardCommand::Parts { parts: vec![check] }, nested, in_token, check_in_token] {
+                let bytes = prost::Message::encode_to_vec(&command_to_proto(&command));
+                let decoded = command_from_proto(prost::Message::decode(bytes.as_slice()).expect("decode"));
+                prop_assert!(decoded.is_err(), "{command:?} decoded as {decoded:?}");
+            }
+        }
 
         #[test]
         fn every_command_round_trips(command in command()) {

@@ -46,6 +46,9 @@ pub fn response_to_proto(response: &ShardResponse) -> pb::ShardResponse {
         ShardResponse::TokenExpired => Kind::TokenExpired(pb::Blank {}),
         ShardResponse::Refused(error) => Kind::Refused(model_error_to_proto(error)),
         ShardResponse::Empty => Kind::Empty(pb::Blank {}),
+        ShardResponse::Parts(parts) => {
+            Kind::Parts(pb::PartsResult { parts: parts.iter().map(response_to_proto).collect() })
+        }
     };
     pb::ShardResponse { kind: Some(kind) }
 }
@@ -76,6 +79,9 @@ pub fn response_from_proto(response: pb::ShardResponse) -> Result<ShardResponse,
         Kind::TokenExpired(_) => ShardResponse::TokenExpired,
         Kind::Refused(error) => ShardResponse::Refused(model_error_from_proto(error)?),
         Kind::Empty(_) => ShardResponse::Empty,
+        Kind::Parts(result) => {
+            ShardResponse::Parts(result.parts.into_iter().map(response_from_proto).collect::<Result<_, _>>()?)
+        }
     })
 }
 
@@ -297,7 +303,16 @@ pub(crate) mod tests {
     }
 
     /// Every variant of `ShardResponse`, any field values.
+    /// Every kind of response, the answers to a leader's entry of several parts included.
     pub(crate) fn response() -> impl Strategy<Value = ShardResponse> {
+        let single = single_response();
+        prop_oneof![
+            4 => single,
+            1 => proptest::collection::vec(single_response(), 0..4).prop_map(ShardResponse::Parts),
+        ]
+    }
+
+    fn single_response() -> impl Strategy<Value = ShardResponse> {
         prop_oneof![
             proptest::collection::vec(
                 prop_oneof![
