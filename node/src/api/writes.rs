@@ -24,7 +24,7 @@ use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::model::assertion::{
     validate_agent_id, AssertRequest, AssertionDraft, QuarantineDecision, RetractRequest, Status, VoteRequest,
-    DEFAULT_AGENT_ID, MAX_REASON_CHARS,
+    DEFAULT_AGENT_ID, MAX_ENTRY_BYTES, MAX_REASON_CHARS,
 };
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::signing::{assertion_bytes, retract_bytes, verify, vote_bytes};
@@ -141,24 +141,6 @@ fn unexpected_response() -> ApiError {
     ApiError::new(ErrorCode::UnexpectedResponse, "the state machine answered a different command")
 }
 
-/// The most a batch puts into one Raft entry (estimated encoded bytes). A Raft entry is
-/// replicated whole, inside the leader's heartbeat-sized AppendEntries timeout: a 1000-item
-/// batch of 4 KB values (4 MB and more) could not reach a follower that had fallen behind.
-pub const MAX_ENTRY_BYTES: usize = 1 << 20;
-
-/// What one draft adds to an entry, roughly: its value, source and names, plus overhead.
-fn draft_bytes(draft: &AssertionDraft) -> usize {
-    draft.value.get().len()
-        + draft.source.as_ref().map_or(0, |s| s.get().len())
-        + draft.concept_path.len()
-        + draft.predicate.len()
-        + draft.agent_id.len()
-        + draft.signature.as_ref().map_or(0, String::len)
-        + draft.request_id.as_ref().map_or(0, String::len)
-        + draft.supersedes.len() * 28
-        + 160
-}
-
 /// Splits drafts (with their positions in the request) into runs of at most `limit` estimated
 /// bytes, in order; a draft larger than `limit` is a run of its own.
 fn chunk_by_bytes(
@@ -169,7 +151,7 @@ fn chunk_by_bytes(
     let mut chunks: Vec<(Vec<usize>, Vec<AssertionDraft>)> = Vec::new();
     let mut bytes = 0;
     for (position, draft) in positions.into_iter().zip(drafts) {
-        let size = draft_bytes(&draft);
+        let size = draft.estimated_bytes();
         match chunks.last_mut() {
             Some(chunk) if bytes + size <= limit => {
                 bytes += size;
@@ -570,7 +552,7 @@ pub async fn retract(
 
 #[cfg(test)]
 mod tests {
-    use super::{chunk_by_bytes, draft_bytes};
+    use super::chunk_by_bytes;
     use crate::model::assertion::AssertionDraft;
 
     fn draft(value_bytes: usize) -> AssertionDraft {
@@ -587,7 +569,7 @@ mod tests {
         assert_eq!(positions, (0..500).collect::<Vec<_>>(), "every item once, in order");
         for (positions, drafts) in &chunks {
             assert_eq!(positions.len(), drafts.len());
-            assert!(drafts.iter().map(draft_bytes).sum::<usize>() <= limit);
+            assert!(drafts.iter().map(AssertionDraft::estimated_bytes).sum::<usize>() <= limit);
         }
         let huge = chunk_by_bytes(vec![0, 1], vec![draft(2 << 20), draft(1)], limit);
         assert_eq!(huge.len(), 2, "an item over the limit travels alone");

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::Coordinator;
-use crate::model::assertion::AssertionDraft;
+use crate::model::assertion::{AssertionDraft, MAX_ENTRY_BYTES};
 use crate::model::id::now_us;
 use crate::model::ModelError;
 use crate::raft::ShardSet;
@@ -35,8 +35,9 @@ pub const MAX_BATCH_ITEMS: usize = 256;
 pub const FORWARDS_IN_FLIGHT: usize = 4;
 /// Items in one entry at most, the forwarded batches included: a forwarded batch joins the
 /// batcher only when it has at most [`MAX_BATCH_ITEMS`] items, so an entry has room for its own
-/// batch and at least seven forwarded ones.
+/// batch and at least seven forwarded ones. An entry is also cut at about [`MAX_ENTRY_BYTES`].
 pub const MAX_ENTRY_ITEMS: usize = 8 * MAX_BATCH_ITEMS;
+const _: () = assert!(MAX_ENTRY_ITEMS <= crate::model::id::MAX_ITEMS_PER_ENTRY);
 
 type ItemResult = Result<Result<AssertOutcome, ModelError>, ConsensusError>;
 type PartResult = Result<ShardResponse, ConsensusError>;
@@ -62,10 +63,19 @@ enum Queued {
 }
 
 impl Queued {
+    /// The items it adds to an entry (an empty forwarded batch counts one: it is a part).
     fn items(&self) -> usize {
         match self {
             Queued::Write(_) => 1,
-            Queued::Forwarded(part) => part.items.len(),
+            Queued::Forwarded(part) => part.items.len().max(1),
+        }
+    }
+
+    /// The bytes it adds to an entry, estimated.
+    fn bytes(&self) -> usize {
+        match self {
+            Queued::Write(write) => write.draft.estimated_bytes(),
+            Queued::Forwarded(part) => part.items.iter().map(AssertionDraft::estimated_bytes).sum(),
         }
     }
 
@@ -127,7 +137,10 @@ impl WriteBatchers {
         if let Err(error) = self.queue(shard, Queued::Forwarded(part)) {
             return Ok(Err(error));
         }
-        Ok(answer.await.unwrap_or(Err(ConsensusError::ShuttingDown { shard })))
+        // Dropped unanswered (the node is stopping): it may have been proposed, so the forwarding
+        // node must not take it for a refusal.
+        let timeout_ms = timeout.as_millis() as u64;
+        Ok(answer.await.unwrap_or(Err(ConsensusError::Timeout { shard, timeout_ms })))
     }
 
     fn queue(&self, shard: u16, queued: Queued) -> Result<(), ConsensusError> {
@@ -192,6 +205,12 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
         return;
     }
     crate::raft::metrics::ENTRY_PARTS.observe((forwarded.len() + usize::from(!writes.is_empty())) as f64);
+    if !writes.is_empty() {
+        // The shard's write rate counts proposals (`Coordinator::propose` does, on the other path).
+        if let Ok(group) = shards.group(shard) {
+            group.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let (drafts, replies): (Vec<_>, Vec<_>) = writes.into_iter().map(|p| ((p.draft, p.deadline), p.reply)).unzip();
     let own = drafts.len();
     let mut parts = Vec::with_capacity(forwarded.len() + 1);
@@ -221,6 +240,13 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
             for reply in part_replies {
                 let _ = reply.send(Ok(response.clone()));
             }
+        }
+        // The whole entry refused (as every replica refuses it): nothing was applied.
+        Ok(ShardResponse::Refused(error)) => {
+            for reply in part_replies {
+                let _ = reply.send(Ok(ShardResponse::Refused(error.clone())));
+            }
+            answer_writes(shard, replies, Ok(ShardResponse::Refused(error)));
         }
         Ok(_) => {
             let error = ConsensusError::Internal { shard, message: "unexpected state machine answer".into() };
@@ -286,19 +312,25 @@ fn answer_writes(shard: u16, replies: Vec<oneshot::Sender<ItemResult>>, answer: 
 }
 
 /// Fills `batch` with the requests waiting in `requests`, up to [`MAX_BATCH_ITEMS`] writes of
-/// this node and [`MAX_ENTRY_ITEMS`] items in all, and keeps doing so while letting the
-/// worker's other ready tasks run, as long as they bring more ([`yield_while_arriving`]).
-/// Returns a request taken that did not fit.
+/// this node, [`MAX_ENTRY_ITEMS`] items and about [`MAX_ENTRY_BYTES`] in all, and keeps doing so
+/// while letting the worker's other ready tasks run, as long as they bring more
+/// ([`yield_while_arriving`]). Returns a request taken that did not fit.
 async fn gather(requests: &mut mpsc::Receiver<Queued>, batch: &mut Vec<Queued>) -> Option<Queued> {
     let mut items: usize = batch.iter().map(Queued::items).sum();
+    let mut bytes: usize = batch.iter().map(Queued::bytes).sum();
     let mut writes = batch.iter().filter(|q| matches!(q, Queued::Write(_))).count();
     let mut carried = None;
     yield_while_arriving(usize::MAX, || {
         while carried.is_none() && writes < MAX_BATCH_ITEMS {
             match requests.try_recv() {
-                Ok(request) if items + request.items() > MAX_ENTRY_ITEMS => carried = Some(request),
+                Ok(request)
+                    if items + request.items() > MAX_ENTRY_ITEMS || bytes + request.bytes() > MAX_ENTRY_BYTES =>
+                {
+                    carried = Some(request)
+                }
                 Ok(request) => {
                     items += request.items();
+                    bytes += request.bytes();
                     writes += usize::from(matches!(request, Queued::Write(_)));
                     batch.push(request);
                 }
@@ -314,4 +346,68 @@ async fn gather(requests: &mut mpsc::Receiver<Queued>, batch: &mut Vec<Queued>) 
     })
     .await;
     carried
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(items: usize, value_bytes: usize) -> (Queued, oneshot::Receiver<PartResult>) {
+        let value = format!("\"{}\"", "x".repeat(value_bytes));
+        let items = (0..items).map(|_| AssertionDraft::for_test("a/b", "p", "agent", &value)).collect();
+        let (reply, answer) = oneshot::channel();
+        let token = ProposalToken::new();
+        let part = ForwardedPart { token, proposed_at_us: 1, items, deadline: Instant::now(), reply };
+        (Queued::Forwarded(part), answer)
+    }
+
+    async fn gathered(queued: Vec<Queued>) -> (Vec<Queued>, Option<Queued>, usize) {
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut queued = queued.into_iter();
+        let first = queued.next().expect("one at least");
+        for q in queued {
+            assert!(tx.try_send(q).is_ok());
+        }
+        let mut batch = vec![first];
+        let carried = gather(&mut rx, &mut batch).await;
+        let left = std::iter::from_fn(|| rx.try_recv().ok()).count();
+        (batch, carried, left)
+    }
+
+    /// An entry takes forwarded batches up to its item bound, and the one that does not fit
+    /// starts the next entry instead of being lost or split.
+    #[tokio::test]
+    async fn an_entry_stops_at_its_item_bound_and_carries_the_next() {
+        let (queued, _answers): (Vec<_>, Vec<_>) = (0..10).map(|_| part(MAX_BATCH_ITEMS, 1)).unzip();
+        let (batch, carried, left) = gathered(queued).await;
+        assert_eq!(batch.len(), MAX_ENTRY_ITEMS / MAX_BATCH_ITEMS);
+        assert!(carried.is_some(), "the ninth batch waits for the next entry");
+        assert_eq!(left, 1);
+    }
+
+    /// And at about MAX_ENTRY_BYTES: two batches of 400 KB go together, the third waits.
+    #[tokio::test]
+    async fn an_entry_stops_at_its_byte_bound() {
+        let (queued, _answers): (Vec<_>, Vec<_>) = (0..3).map(|_| part(1, 400 * 1024)).unzip();
+        let (batch, carried, left) = gathered(queued).await;
+        assert_eq!(batch.len(), 2);
+        assert!(batch.iter().map(Queued::bytes).sum::<usize>() <= MAX_ENTRY_BYTES);
+        assert!(carried.is_some());
+        assert_eq!(left, 0);
+    }
+
+    /// An empty forwarded batch still counts as a part, so parts per entry stay bounded.
+    #[tokio::test]
+    async fn empty_forwarded_batches_count_against_the_bound() {
+        let (queued, _answers): (Vec<_>, Vec<_>) = (0..MAX_ENTRY_ITEMS + 5).map(|_| part(0, 1)).unzip();
+        let (tx, mut rx) = mpsc::channel(MAX_ENTRY_ITEMS + 8);
+        let mut queued = queued.into_iter();
+        let mut batch = vec![queued.next().expect("one")];
+        for q in queued {
+            assert!(tx.try_send(q).is_ok());
+        }
+        let carried = gather(&mut rx, &mut batch).await;
+        assert_eq!(batch.len(), MAX_ENTRY_ITEMS);
+        assert!(carried.is_some());
+    }
 }

@@ -138,7 +138,25 @@ pub struct AssertionDraft {
     pub quarantine: Option<QuarantineDecision>,
 }
 
+/// The most a proposal puts into one Raft entry (estimated encoded bytes). A Raft entry is
+/// replicated whole, inside the leader's heartbeat-sized AppendEntries timeout: a 1000-item
+/// batch of 4 KB values (4 MB and more) could not reach a follower that had fallen behind.
+pub const MAX_ENTRY_BYTES: usize = 1 << 20;
+
 impl AssertionDraft {
+    /// What this draft adds to an entry, roughly: its value, source and names, plus overhead.
+    pub fn estimated_bytes(&self) -> usize {
+        self.value.get().len()
+            + self.source.as_ref().map_or(0, |s| s.get().len())
+            + self.concept_path.len()
+            + self.predicate.len()
+            + self.agent_id.len()
+            + self.signature.as_ref().map_or(0, String::len)
+            + self.request_id.as_ref().map_or(0, String::len)
+            + self.supersedes.len() * 28
+            + 160
+    }
+
     /// A draft for tests: `value` is the raw JSON of the value.
     #[cfg(test)]
     pub fn for_test(concept_path: &str, predicate: &str, agent_id: &str, value: &str) -> AssertionDraft {

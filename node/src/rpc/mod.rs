@@ -206,6 +206,11 @@ impl RaftTransport for RaftService {
                         self.shards.propose_local(shard, once, timeout).await
                     }
                 },
+                // Only a leader builds an entry of parts, from proposals that reached it.
+                ShardCommand::Parts { .. } => {
+                    return Err(ErrorCode::MalformedMessage
+                        .to_status("an entry of several parts is built by the shard's leader, never forwarded"));
+                }
                 command => self.shards.propose_local(shard, command, timeout).await,
             }
         };
