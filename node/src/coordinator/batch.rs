@@ -117,21 +117,21 @@ impl WriteBatchers {
         answer.await.map_err(|_| ConsensusError::ShuttingDown { shard })?
     }
 
-    /// Proposes a batch another node forwarded in `token` as part of this node's next entry for
-    /// `shard`, which this node leads; its answer is the part's (`ShardResponse::Asserted`, or
-    /// the first copy's answer for a token seen before). `None` gives the batch back when it has
-    /// more than [`MAX_BATCH_ITEMS`] items: it fills an entry alone.
+    /// Proposes a command another node forwarded to this node, the leader of `shard`, as part of
+    /// its next entry, when it is a batch of at most [`MAX_BATCH_ITEMS`] assertions in a token;
+    /// its answer is the part's (`ShardResponse::Asserted`, or the first copy's answer for a
+    /// token seen before). Any other command is given back, to be proposed alone.
     pub async fn forwarded(
         &self,
         shard: u16,
-        token: ProposalToken,
-        proposed_at_us: u64,
-        items: Vec<AssertionDraft>,
+        command: ShardCommand,
         timeout: Duration,
-    ) -> Result<PartResult, Vec<AssertionDraft>> {
-        if items.len() > MAX_BATCH_ITEMS {
-            return Err(items);
-        }
+    ) -> Result<PartResult, ShardCommand> {
+        let ShardCommand::Once { token, command } = command else { return Err(command) };
+        let (proposed_at_us, items) = match *command {
+            ShardCommand::Assert { proposed_at_us, items } if items.len() <= MAX_BATCH_ITEMS => (proposed_at_us, items),
+            command => return Err(ShardCommand::Once { token, command: Box::new(command) }),
+        };
         let (reply, answer) = oneshot::channel();
         let part = ForwardedPart { token, proposed_at_us, items, deadline: Instant::now() + timeout, reply };
         if let Err(error) = self.queue(shard, Queued::Forwarded(part)) {
@@ -237,8 +237,8 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
             }
         }
         Ok(response) if own == 0 && part_replies.len() == 1 => {
-            for reply in part_replies {
-                let _ = reply.send(Ok(response.clone()));
+            if let Some(reply) = part_replies.pop() {
+                let _ = reply.send(Ok(response));
             }
         }
         // The whole entry refused (as every replica refuses it): nothing was applied.

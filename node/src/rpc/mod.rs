@@ -190,27 +190,15 @@ impl RaftTransport for RaftService {
             // Forwarded writes are proposed here or refused: never forwarded a second time. A
             // batch of assertions joins the leader's own batch in one entry when this node leads.
             match command {
-                ShardCommand::Once { token, command } if self.shards.leads(shard) => match *command {
-                    ShardCommand::Assert { proposed_at_us, items } => {
-                        match self.batchers.forwarded(shard, token, proposed_at_us, items, timeout).await {
-                            Ok(result) => result,
-                            Err(items) => {
-                                let command = ShardCommand::Assert { proposed_at_us, items };
-                                let once = ShardCommand::Once { token, command: Box::new(command) };
-                                self.shards.propose_local(shard, once, timeout).await
-                            }
-                        }
-                    }
-                    command => {
-                        let once = ShardCommand::Once { token, command: Box::new(command) };
-                        self.shards.propose_local(shard, once, timeout).await
-                    }
-                },
                 // Only a leader builds an entry of parts, from proposals that reached it.
                 ShardCommand::Parts { .. } => {
                     return Err(ErrorCode::MalformedMessage
                         .to_status("an entry of several parts is built by the shard's leader, never forwarded"));
                 }
+                command if self.shards.leads(shard) => match self.batchers.forwarded(shard, command, timeout).await {
+                    Ok(result) => result,
+                    Err(command) => self.shards.propose_local(shard, command, timeout).await,
+                },
                 command => self.shards.propose_local(shard, command, timeout).await,
             }
         };
