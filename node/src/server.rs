@@ -452,6 +452,7 @@ impl Node {
             Some(identity.cluster_id.clone()),
             self.cluster_tls.clone(),
         );
+        peers.set_frames(config.cluster.frame_transport);
         let policy = crate::meta::policy::Policy::new(
             config.authority.max_chain_depth,
             crate::meta::quarantine::QuarantineRules::from_config(&config),
@@ -582,7 +583,7 @@ impl Node {
         // 4. The transport, before waiting for leaders: elections need the peers' votes.
         self.grpc = Some(GrpcServer::start(
             &self.tasks,
-            RaftService::server(shards.clone(), context.write_batchers.clone(), write_timeout),
+            RaftService::new(shards.clone(), context.write_batchers.clone(), write_timeout),
             crate::rpc::anti_entropy::AntiEntropyService::server(anti_entropy.clone()),
             crate::rpc::backup::BackupService::server(context.backups.clone()),
             identity.cluster_id.clone(),
@@ -813,22 +814,77 @@ impl HttpServer {
     }
 }
 
-/// Concurrent TLS handshakes of the transport at most; more connections wait for a slot.
+/// Concurrent TLS handshakes (and first reads) of the transport at most; more connections wait
+/// for a slot.
 const TRANSPORT_HANDSHAKES: usize = 256;
 
-/// A transport connection: plain, or mutual TLS over it.
-enum TransportIo {
+/// A transport connection's stream: plain, or mutual TLS over it.
+enum TransportStream {
     Plain(tokio::net::TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// A transport connection handed to the gRPC server: its stream, and the first bytes read from
+/// it to tell it from a frame connection, which it reads again before the rest.
+struct TransportIo {
+    stream: TransportStream,
+    first: Vec<u8>,
+    replayed: usize,
 }
 
 impl tonic::transport::server::Connected for TransportIo {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            TransportIo::Plain(stream) => stream.connect_info(),
-            TransportIo::Tls(stream) => stream.get_ref().0.connect_info(),
+        match &self.stream {
+            TransportStream::Plain(stream) => stream.connect_info(),
+            TransportStream::Tls(stream) => stream.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for TransportStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TransportStream::Plain(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            TransportStream::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for TransportStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            TransportStream::Plain(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            TransportStream::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TransportStream::Plain(io) => std::pin::Pin::new(io).poll_flush(cx),
+            TransportStream::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            TransportStream::Plain(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+            TransportStream::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -839,10 +895,15 @@ impl tokio::io::AsyncRead for TransportIo {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            TransportIo::Plain(io) => std::pin::Pin::new(io).poll_read(cx, buf),
-            TransportIo::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        if this.replayed < this.first.len() {
+            let rest = &this.first[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            return std::task::Poll::Ready(Ok(()));
         }
+        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -852,41 +913,60 @@ impl tokio::io::AsyncWrite for TransportIo {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            TransportIo::Plain(io) => std::pin::Pin::new(io).poll_write(cx, buf),
-            TransportIo::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_write(cx, buf),
-        }
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            TransportIo::Plain(io) => std::pin::Pin::new(io).poll_flush(cx),
-            TransportIo::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_flush(cx),
-        }
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            TransportIo::Plain(io) => std::pin::Pin::new(io).poll_shutdown(cx),
-            TransportIo::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_shutdown(cx),
-        }
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
+}
+
+/// Reads a connection's first bytes, as far as they match the frame preface (an HTTP/2
+/// client's first byte already differs, so gRPC connections wait for nothing).
+async fn first_bytes(stream: &mut TransportStream) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let preface = crate::raft::frames::PREFACE;
+    let mut first = Vec::with_capacity(preface.len());
+    let mut buf = [0u8; 8];
+    while first.len() < preface.len() && preface.starts_with(&first) {
+        let n = stream.read(&mut buf[..preface.len() - first.len()]).await?;
+        if n == 0 {
+            break;
+        }
+        first.extend_from_slice(&buf[..n]);
+    }
+    Ok(first)
+}
+
+/// Where the transport sends the connections that start with the frame preface.
+#[derive(Clone)]
+struct FrameServing {
+    service: Arc<RaftService>,
+    cluster_id: String,
+    stop: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
 }
 
 /// The transport's accepted connections: TCP_NODELAY on each (Raft messages are small and
 /// latency-bound: Nagle's algorithm and delayed ACKs added ~40 ms to replication round trips),
 /// and with cluster TLS, only those whose handshake proved a certificate of the cluster CA (at
 /// most [`TRANSPORT_HANDSHAKES`] at once, each within `tls::HANDSHAKE_TIMEOUT`; a failed one
-/// is logged and dropped, never handed to the server).
+/// is logged and dropped, never handed to the server). A connection whose first bytes are the
+/// frame preface is served by `rpc::frames` (a task of its own); the others go to gRPC.
 fn transport_incoming(
     listener: TcpListener,
     tls: Option<Arc<crate::tls::ClusterTls>>,
+    frames: FrameServing,
 ) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<TransportIo, std::io::Error>> + Send>> {
     use futures::StreamExt;
     let accepted = tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(|conn| async move {
@@ -901,45 +981,70 @@ fn transport_incoming(
             }
         }
     });
-    match tls {
-        None => Box::pin(accepted.map(|stream| Ok(TransportIo::Plain(stream)))),
-        Some(tls) => Box::pin(
-            accepted
-                .map(move |stream| {
-                    let acceptor = tls.acceptor();
-                    async move {
-                        let peer = stream.peer_addr().ok();
-                        match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => Some(Ok(TransportIo::Tls(Box::new(tls)))),
-                            Ok(Err(error)) => {
-                                crate::raft::metrics::TLS_REFUSED.inc();
-                                tracing::warn!(peer = ?peer, %error, "transport TLS handshake refused");
-                                None
-                            }
-                            Err(_) => {
-                                crate::raft::metrics::TLS_REFUSED.inc();
-                                tracing::warn!(peer = ?peer, "transport TLS handshake timed out");
-                                None
+    Box::pin(
+        accepted
+            .map(move |stream| {
+                let (tls, frames) = (tls.clone(), frames.clone());
+                async move {
+                    let peer = stream.peer_addr().ok();
+                    let mut stream = match tls {
+                        None => TransportStream::Plain(stream),
+                        Some(tls) => {
+                            match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
+                                .await
+                            {
+                                Ok(Ok(tls)) => TransportStream::Tls(Box::new(tls)),
+                                Ok(Err(error)) => {
+                                    crate::raft::metrics::TLS_REFUSED.inc();
+                                    tracing::warn!(peer = ?peer, %error, "transport TLS handshake refused");
+                                    return None;
+                                }
+                                Err(_) => {
+                                    crate::raft::metrics::TLS_REFUSED.inc();
+                                    tracing::warn!(peer = ?peer, "transport TLS handshake timed out");
+                                    return None;
+                                }
                             }
                         }
+                    };
+                    let first = match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, first_bytes(&mut stream))
+                        .await
+                    {
+                        Ok(Ok(first)) => first,
+                        Ok(Err(error)) => {
+                            tracing::debug!(peer = ?peer, %error, "transport connection failed before its first bytes");
+                            return None;
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = ?peer, "transport connection sent nothing; closed");
+                            return None;
+                        }
+                    };
+                    if first == crate::raft::frames::PREFACE {
+                        let FrameServing { service, cluster_id, stop, tracker } = frames;
+                        tracker.spawn(crate::rpc::frames::serve(Box::new(stream), service, cluster_id, stop));
+                        return None;
                     }
-                })
-                .buffer_unordered(TRANSPORT_HANDSHAKES)
-                .filter_map(|io| async move { io }),
-        ),
-    }
+                    Some(Ok(TransportIo { stream, first, replayed: 0 }))
+                }
+            })
+            .buffer_unordered(TRANSPORT_HANDSHAKES)
+            .filter_map(|io| async move { io }),
+    )
 }
 
 /// The gRPC server on the Raft port.
 struct GrpcServer {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The frame connections being served (`rpc::frames`); they stop with `stop` too.
+    frames: tokio_util::task::TaskTracker,
 }
 
 impl GrpcServer {
     fn start(
         tasks: &NodeTasks,
-        service: stemedb_proto::raft::raft_transport_server::RaftTransportServer<RaftService>,
+        service: Arc<RaftService>,
         anti_entropy: stemedb_proto::raft::anti_entropy_server::AntiEntropyServer<
             crate::rpc::anti_entropy::AntiEntropyService,
         >,
@@ -949,7 +1054,14 @@ impl GrpcServer {
         tls: Option<Arc<crate::tls::ClusterTls>>,
     ) -> GrpcServer {
         let stop = CancellationToken::new();
-        let incoming = transport_incoming(listener, tls);
+        let frames = tokio_util::task::TaskTracker::new();
+        let serving = FrameServing {
+            service: service.clone(),
+            cluster_id: cluster_id.clone(),
+            stop: stop.clone(),
+            tracker: frames.clone(),
+        };
+        let incoming = transport_incoming(listener, tls, serving);
         let serve = tonic::transport::Server::builder()
             // Peers cancel requests whose deadline passed; after a partition heals, hundreds of
             // queued forwards and heartbeats are reset at once before this server accepts them.
@@ -958,18 +1070,26 @@ impl GrpcServer {
             .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
             // Nodes of another cluster are refused before any service sees their request.
             .layer(tonic::service::InterceptorLayer::new(crate::rpc::cluster_check(cluster_id)))
-            .add_service(service)
+            .add_service(RaftService::server(service))
             .add_service(anti_entropy)
             .add_service(backup)
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
-        GrpcServer { stop, task: tasks.spawn(serve) }
+        GrpcServer { stop, task: tasks.spawn(serve), frames }
     }
 
     /// Stops accepting, lets the requests in flight finish (up to `grace`), then abandons them.
     async fn stop(self, grace: Duration) {
         self.stop.cancel();
+        let started = std::time::Instant::now();
+        self.frames.close();
+        if tokio::time::timeout(grace, self.frames.wait()).await.is_err() {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "frame requests still running after the grace period were abandoned"
+            );
+        }
         let mut task = self.task;
-        match tokio::time::timeout(grace, &mut task).await {
+        match tokio::time::timeout(grace.saturating_sub(started.elapsed()), &mut task).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => tracing::warn!(error = %error, "grpc server failed"),
             Ok(Err(error)) => tracing::warn!(error = %error, "grpc server task failed"),

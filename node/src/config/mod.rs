@@ -257,6 +257,9 @@ pub struct ClusterSection {
     /// Dial some peer Raft addresses through others: `ADDR=VIA,...`. For fault injection: test
     /// harnesses put a proxy on each link to drop, delay or partition it.
     pub peer_dial_overrides: String,
+    /// Send the transport's hot requests (batched AppendEntries, forwarded writes, read
+    /// indexes) as frames on one connection per peer (`raft::frames`); false: all gRPC.
+    pub frame_transport: bool,
     /// Joins a running cluster through this cluster-admin address (`HOST:18181` of any member)
     /// instead of forming one. Exclusive with `initial_cluster`.
     pub join: String,
@@ -611,6 +614,7 @@ impl Default for ClusterSection {
             replication_factor: 3,
             initial_cluster: String::new(),
             peer_dial_overrides: String::new(),
+            frame_transport: true,
             join: String::new(),
             auto_rebalance: true,
             rebalance_move_timeout_seconds: 120,

@@ -1,11 +1,13 @@
 //! The requests one node sends another about a shard over the transport (`ShardSet::ask_leader`
 //! and `ask_replicas`): each kind ([`Forward`]) knows its protobuf message, the rpc that carries
-//! it and how to read the answer, so the sending, the deadline, the metrics and the mapping of
+//! it (and whether the frame transport carries it, `raft::frames`) and how to read the answer,
+//! so the sending, the deadline, the metrics and the mapping of
 //! transport failures to [`ConsensusError`]s are written once for all of them.
 
 use std::future::Future;
 
 use stemedb_proto::raft as pb;
+use stemedb_proto::raft::frame::Body;
 use stemedb_proto::raft::raft_transport_client::RaftTransportClient;
 use tonic::transport::Channel;
 
@@ -37,6 +39,30 @@ pub trait Forward {
 
     /// What the peer's handler returned, or why its answer does not decode.
     fn answer(reply: Self::Reply) -> Result<Result<Self::Output, ConsensusError>, WireError>;
+
+    /// Whether the frame transport (`raft::frames`) carries this kind, when the peer speaks it.
+    const FRAMED: bool = false;
+
+    /// The message as a frame's body; a kind the frames do not carry gives it back.
+    fn to_frame(message: Self::Message) -> Result<Body, Self::Message> {
+        Err(message)
+    }
+
+    /// The reply a frame's body holds, if it is this kind's.
+    fn from_frame(_body: Body) -> Option<Self::Reply> {
+        None
+    }
+}
+
+/// Sends `message` with the gRPC call of its kind, within `timeout`.
+pub async fn grpc_call<F: Forward>(
+    client: Client,
+    message: F::Message,
+    timeout: std::time::Duration,
+) -> Result<F::Reply, tonic::Status> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    F::call(client, request).await.map(tonic::Response::into_inner)
 }
 
 /// A write forwarded to the shard's leader (the Propose rpc).
@@ -59,6 +85,19 @@ impl Forward for ShardCommand {
 
     fn answer(reply: pb::ProposeReply) -> Result<Result<ShardResponse, ConsensusError>, WireError> {
         requests::propose_reply_from_proto(reply)
+    }
+
+    const FRAMED: bool = true;
+
+    fn to_frame(message: pb::ProposeRequest) -> Result<Body, pb::ProposeRequest> {
+        Ok(Body::Propose(message))
+    }
+
+    fn from_frame(body: Body) -> Option<pb::ProposeReply> {
+        match body {
+            Body::ProposeReply(reply) => Some(reply),
+            _ => None,
+        }
     }
 }
 
@@ -107,6 +146,19 @@ impl Forward for ReadIndex {
 
     fn answer(reply: pb::ReadIndexReply) -> Result<Result<u64, ConsensusError>, WireError> {
         requests::read_index_reply_from_proto(reply)
+    }
+
+    const FRAMED: bool = true;
+
+    fn to_frame(message: pb::ReadIndexRequest) -> Result<Body, pb::ReadIndexRequest> {
+        Ok(Body::ReadIndex(message))
+    }
+
+    fn from_frame(body: Body) -> Option<pb::ReadIndexReply> {
+        match body {
+            Body::ReadIndexReply(reply) => Some(reply),
+            _ => None,
+        }
     }
 }
 

@@ -54,6 +54,25 @@ pub static WRONG_CLUSTER: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+pub static FRAME_DIALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_transport_frame_dials_total",
+            "Frame connections this node dialled to peers (raft::frames), by result: ok, failed (unreachable), refused (another cluster), unsupported (a peer without frames, sent gRPC instead)",
+        ),
+        &["result"],
+    )
+    .expect("valid metric")
+});
+
+pub static FRAME_CONNECTIONS: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    prometheus::IntGauge::new(
+        "stemedb_transport_frame_connections",
+        "Frame connections from peers this node is serving on the transport (18182)",
+    )
+    .expect("valid metric")
+});
+
 pub static TLS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
     IntCounter::new(
         "stemedb_transport_tls_refused_total",
@@ -180,6 +199,8 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(LEADER_CHANGES.clone()),
         Box::new(WRONG_CLUSTER.clone()),
         Box::new(TLS_REFUSED.clone()),
+        Box::new(FRAME_DIALS.clone()),
+        Box::new(FRAME_CONNECTIONS.clone()),
     ]
 }
 

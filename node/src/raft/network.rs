@@ -19,11 +19,13 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use parking_lot::Mutex;
+use stemedb_proto::raft::frame::Body;
 use stemedb_proto::raft::raft_transport_client::RaftTransportClient;
 use stemedb_proto::raft::{AppendBatch, AppendBatchItem, AppendReply, AppendRequest};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
+use super::frames::{status_of_parts, FramePeer};
 use super::metrics as raft_metrics;
 use super::replica_health::ReplicaHealth;
 use super::types::{GroupId, NodeId, TypeConfig};
@@ -65,6 +67,10 @@ pub struct PeerChannels {
     overrides: HashMap<String, String>,
     /// Mutual TLS with the cluster CA (`cluster.tls_*`); `None`: plain HTTP/2.
     tls: Option<Arc<crate::tls::ClusterTls>>,
+    /// The frame connection of each peer, by Raft address (`raft::frames`).
+    frames: Mutex<HashMap<String, Arc<FramePeer>>>,
+    /// Whether the hot requests go as frames (`cluster.frame_transport`); otherwise all gRPC.
+    frames_enabled: std::sync::atomic::AtomicBool,
 }
 
 /// Dials a peer (the host and port of the channel's URI) with mutual TLS.
@@ -115,7 +121,28 @@ impl PeerChannels {
             batchers: Mutex::new(HashMap::new()),
             overrides,
             tls,
+            frames: Mutex::new(HashMap::new()),
+            frames_enabled: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Whether the hot requests go as frames (on by default); set before the first request.
+    pub fn set_frames(&self, enabled: bool) {
+        self.frames_enabled.store(enabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The frame connection of the peer at `addr` (`HOST:PORT`), made on first use; `None` when
+    /// frames are off (`cluster.frame_transport`).
+    pub fn frames(&self, addr: &str) -> Option<Arc<FramePeer>> {
+        if !self.frames_enabled.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let mut frames = self.frames.lock();
+        let peer = frames.entry(addr.to_string()).or_insert_with(|| {
+            let dial = self.overrides.get(addr).map(String::as_str).unwrap_or(addr);
+            Arc::new(FramePeer::new(dial.to_string(), self.cluster_id.clone(), self.tls.clone()))
+        });
+        Some(peer.clone())
     }
 
     /// The AppendEntries batcher of the peer at `addr`, started on first use (on the current
@@ -125,8 +152,9 @@ impl PeerChannels {
             return Ok(batcher.clone());
         }
         let client = self.client(addr)?;
+        let frames = self.frames(addr);
         let mut batchers = self.batchers.lock();
-        Ok(batchers.entry(addr.to_string()).or_insert_with(|| PeerBatcher::start(client)).clone())
+        Ok(batchers.entry(addr.to_string()).or_insert_with(|| PeerBatcher::start(client, frames)).clone())
     }
 
     /// The channel to `addr` (`HOST:PORT`), created on first use; it connects lazily and
@@ -290,9 +318,9 @@ pub struct PeerBatcher {
 }
 
 impl PeerBatcher {
-    fn start(client: RaftTransportClient<Channel>) -> PeerBatcher {
+    fn start(client: RaftTransportClient<Channel>, frames: Option<Arc<FramePeer>>) -> PeerBatcher {
         let (queue, waiting) = mpsc::channel(BATCH_QUEUE);
-        tokio::spawn(run_batches(client, waiting));
+        tokio::spawn(run_batches(client, frames, waiting));
         PeerBatcher { queue }
     }
 
@@ -316,7 +344,11 @@ impl PeerBatcher {
 }
 
 /// The batcher of one peer: takes what is waiting whenever a slot for a call is free.
-async fn run_batches(client: RaftTransportClient<Channel>, mut waiting: mpsc::Receiver<Pending>) {
+async fn run_batches(
+    client: RaftTransportClient<Channel>,
+    frames: Option<Arc<FramePeer>>,
+    mut waiting: mpsc::Receiver<Pending>,
+) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     let unbatched_until: Arc<Mutex<Option<Instant>>> = Arc::default();
     loop {
@@ -349,20 +381,46 @@ async fn run_batches(client: RaftTransportClient<Channel>, mut waiting: mpsc::Re
             continue;
         }
         raft_metrics::APPEND_BATCH_MESSAGES.observe(batch.len() as f64);
-        let (client, unbatched_until) = (client.clone(), unbatched_until.clone());
+        let (client, frames, unbatched_until) = (client.clone(), frames.clone(), unbatched_until.clone());
         tokio::spawn(async move {
-            send_batch(client, batch, &unbatched_until).await;
+            send_batch(client, frames.as_deref(), batch, &unbatched_until).await;
             drop(slot);
         });
     }
 }
 
-/// Sends one batch and hands each caller its answer.
+/// Sends one batch and hands each caller its answer: as a frame when the peer speaks them (a
+/// lone message too), otherwise over gRPC.
 async fn send_batch(
     mut client: RaftTransportClient<Channel>,
+    frames: Option<&FramePeer>,
     batch: Vec<Pending>,
     unbatched_until: &Mutex<Option<Instant>>,
 ) {
+    if let Some(peer) = frames {
+        let deadline = batch.iter().map(|pending| pending.deadline).max().unwrap_or_else(Instant::now);
+        match peer.connect(deadline).await {
+            Ok(Some(conn)) => {
+                let (messages, waiters): (Vec<AppendRequest>, Vec<_>) =
+                    batch.into_iter().map(|pending| (pending.message, pending.reply)).unzip();
+                let answer = match conn.call(Body::AppendBatch(AppendBatch { messages }), deadline).await {
+                    Ok(Body::AppendBatchReply(reply)) => Ok(reply.replies),
+                    Ok(_) => Err(tonic::Status::internal("the peer answered a batch with another kind of frame")),
+                    Err(status) => Err(status),
+                };
+                answer_batch(answer, waiters);
+                return;
+            }
+            // The peer does not speak frames: gRPC below.
+            Ok(None) => {}
+            Err(status) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Err(status.clone()));
+                }
+                return;
+            }
+        }
+    }
     let unbatched = unbatched_until.lock().is_some_and(|until| Instant::now() < until);
     if batch.len() == 1 || unbatched {
         futures::future::join_all(batch.into_iter().map(|pending| {
@@ -380,32 +438,43 @@ async fn send_batch(
     let deadline = batch.iter().map(|pending| pending.deadline).max().unwrap_or_else(Instant::now);
     let (messages, waiters): (Vec<AppendRequest>, Vec<_>) =
         batch.into_iter().map(|pending| (pending.message, pending.reply)).unzip();
-    let count = messages.len();
     let mut request = tonic::Request::new(AppendBatch { messages });
     request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    match client.append_entries_batch(request).await {
-        Ok(response) => {
-            let replies = response.into_inner().replies;
-            if replies.len() != count {
-                let status = tonic::Status::internal(format!(
-                    "the peer answered a batch of {count} messages with {} replies",
-                    replies.len()
-                ));
-                for waiter in waiters {
-                    let _ = waiter.send(Err(status.clone()));
-                }
-                return;
-            }
+    let answer = client.append_entries_batch(request).await.map(|response| response.into_inner().replies);
+    if let Err(status) = &answer {
+        if status.code() == tonic::Code::Unimplemented {
+            // An older peer: its groups' replication retries, unbatched for a while.
+            *unbatched_until.lock() = Some(Instant::now() + UNBATCHED_RETRY);
+            tracing::info!("a peer does not accept batched append entries; sending them one by one");
+        }
+    }
+    answer_batch(answer, waiters);
+}
+
+/// Hands each message of a batch its answer: its own reply, or the status the whole batch
+/// failed with (a batch answered with another number of replies fails whole).
+fn answer_batch(
+    answer: Result<Vec<AppendBatchItem>, tonic::Status>,
+    waiters: Vec<oneshot::Sender<Result<AppendReply, tonic::Status>>>,
+) {
+    let count = waiters.len();
+    let answer = answer.and_then(|replies| {
+        if replies.len() == count {
+            Ok(replies)
+        } else {
+            Err(tonic::Status::internal(format!(
+                "the peer answered a batch of {count} messages with {} replies",
+                replies.len()
+            )))
+        }
+    });
+    match answer {
+        Ok(replies) => {
             for (reply, waiter) in replies.into_iter().zip(waiters) {
                 let _ = waiter.send(reply_result(reply));
             }
         }
         Err(status) => {
-            if status.code() == tonic::Code::Unimplemented {
-                // An older peer: its groups' replication retries, unbatched for a while.
-                *unbatched_until.lock() = Some(Instant::now() + UNBATCHED_RETRY);
-                tracing::info!("a peer does not accept batched append entries; sending them one by one");
-            }
             for waiter in waiters {
                 let _ = waiter.send(Err(status.clone()));
             }
@@ -434,12 +503,7 @@ fn reply_result(reply: AppendBatchItem) -> Result<AppendReply, tonic::Status> {
     if reply.status_code == 0 {
         return reply.reply.ok_or_else(|| tonic::Status::internal("a batch reply without its answer"));
     }
-    let mut status = tonic::Status::new(tonic::Code::from(reply.status_code), reply.status_message);
-    let code = Some(reply.error_code.as_str()).filter(|code| !code.is_empty());
-    if let Some(value) = code.and_then(|code| tonic::metadata::MetadataValue::try_from(code).ok()) {
-        status.metadata_mut().insert(crate::error::GRPC_CODE_KEY, value);
-    }
-    Err(status)
+    Err(status_of_parts(reply.status_code, reply.status_message, &reply.error_code))
 }
 
 pub(crate) fn status_to_rpc_error<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, BasicNode, E> {

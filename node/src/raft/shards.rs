@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
-use super::forward::{Campaign, Forward, ReadIndex};
+use super::forward::{grpc_call, Campaign, Forward, ReadIndex};
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
@@ -815,10 +815,25 @@ impl ShardSet {
         };
         let addr = self.addr_of(group, leader).ok_or_else(|| unreachable("no address known for this node".into()))?;
         let client = self.peers.client(&addr).map_err(|e| unreachable(e.to_string()))?;
-        let mut message = tonic::Request::new(request.message(group_of_shard(shard)));
         let remaining = deadline.saturating_duration_since(Instant::now());
-        message.set_timeout(remaining);
-        let response = F::call(client, message).await.map_err(|status| {
+        // The kinds the frames carry go as a frame when the peer speaks them.
+        let framed = match self.peers.frames(&addr).filter(|_| F::FRAMED) {
+            Some(peer) => peer.connect(deadline).await,
+            None => Ok(None),
+        };
+        let message = request.message(group_of_shard(shard));
+        let response = match framed {
+            Ok(Some(conn)) => match F::to_frame(message) {
+                Ok(body) => conn.call(body, deadline).await.and_then(|body| {
+                    F::from_frame(body)
+                        .ok_or_else(|| tonic::Status::internal("the peer answered with another kind of frame"))
+                }),
+                Err(message) => grpc_call::<F>(client, message, remaining).await,
+            },
+            Ok(None) => grpc_call::<F>(client, message, remaining).await,
+            Err(status) => Err(status),
+        };
+        let response = response.map_err(|status| {
             // A status with an error code was answered by the peer's handler before it did
             // anything: a definite refusal. Anything else came from the transport and may
             // have followed delivery.
@@ -840,7 +855,7 @@ impl ShardSet {
             let error: openraft::error::RPCError<NodeId, BasicNode, ConsensusError> = status_to_rpc_error(status);
             unreachable(error.to_string())
         })?;
-        let answer = F::answer(response.into_inner()).map_err(|e| unreachable(e.to_string()))?;
+        let answer = F::answer(response).map_err(|e| unreachable(e.to_string()))?;
         raft_metrics::FORWARDED.with_label_values(&[kind, if answer.is_ok() { "ok" } else { "error" }]).inc();
         answer
     }

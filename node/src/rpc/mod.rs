@@ -4,10 +4,12 @@
 //! It decodes the typed protobuf message (`raft::wire`), hands it to the group's Raft or to the
 //! shard set, and encodes the answer; it owns no state. A message that does not decode is
 //! refused with `malformed_message` before anything is done. Beside it, on the same port, the
-//! anti-entropy service (`anti_entropy`) and the backup service (`backup`).
+//! anti-entropy service (`anti_entropy`), the backup service (`backup`), and the frame
+//! connections that carry the hot requests of this service without gRPC (`frames`).
 
 pub mod anti_entropy;
 pub mod backup;
+pub mod frames;
 
 /// Refuses (`wrong_cluster`) a request whose `user-agent` names another cluster than
 /// `cluster_id` (`raft::network::cluster_user_agent`): a node of an old cluster whose data was
@@ -67,12 +69,13 @@ pub struct RaftService {
 }
 
 impl RaftService {
-    pub fn server(
-        shards: Arc<ShardSet>,
-        batchers: WriteBatchers,
-        write_timeout: Duration,
-    ) -> RaftTransportServer<RaftService> {
-        RaftTransportServer::new(RaftService { shards, batchers, write_timeout })
+    pub fn new(shards: Arc<ShardSet>, batchers: WriteBatchers, write_timeout: Duration) -> Arc<RaftService> {
+        Arc::new(RaftService { shards, batchers, write_timeout })
+    }
+
+    /// The gRPC server over `service` (which the frame connections share, `frames`).
+    pub fn server(service: Arc<RaftService>) -> RaftTransportServer<RaftService> {
+        RaftTransportServer::from_arc(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -115,25 +118,9 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 impl RaftService {
-    /// One AppendRequest, batched or not.
-    async fn append_one(&self, message: AppendRequest) -> Result<AppendReply, Status> {
-        let group_id = message.group_id;
-        let raft = self.raft(group_id)?;
-        let request = wire::append_from_proto(message).map_err(|e| e.to_status())?;
-        self.shards.note_leader_commit(self.shard(group_id)?, request.leader_commit.map(|l| l.index));
-        let result = raft.append_entries(request).await;
-        Ok(wire::append_reply_to_proto(&result))
-    }
-}
-
-#[tonic::async_trait]
-impl RaftTransport for RaftService {
-    async fn append_entries(&self, request: Request<AppendRequest>) -> Result<Response<AppendReply>, Status> {
-        self.append_one(request.into_inner()).await.map(Response::new)
-    }
-
-    async fn append_entries_batch(&self, request: Request<AppendBatch>) -> Result<Response<AppendBatchReply>, Status> {
-        let messages = request.into_inner().messages;
+    /// The AppendEntries of many groups (a gRPC batch or a frame), each answered by its own.
+    pub async fn append_batch(&self, batch: AppendBatch) -> Result<AppendBatchReply, Status> {
+        let messages = batch.messages;
         if messages.len() > MAX_BATCH_MESSAGES {
             return Err(ErrorCode::BatchTooLarge.to_status(format!(
                 "a batch of {} messages; at most {}",
@@ -148,35 +135,18 @@ impl RaftTransport for RaftService {
             batch_reply(group_id, self.append_one(message).await)
         }))
         .await;
-        Ok(Response::new(AppendBatchReply { replies }))
+        Ok(AppendBatchReply { replies })
     }
 
-    async fn vote(&self, request: Request<VoteRequest>) -> Result<Response<VoteReply>, Status> {
-        let message = request.into_inner();
-        let raft = self.raft(message.group_id)?;
-        if !self.shards.may_vote(self.shard(message.group_id)?) {
-            return Err(ErrorCode::ReplicaCatchingUp
-                .to_status("this node lost its data and is catching up; it does not vote until it has"));
-        }
-        let result = raft.vote(wire::vote_request_from_proto(message).map_err(|e| e.to_status())?).await;
-        Ok(Response::new(wire::vote_reply_to_proto(&result)))
-    }
-
-    async fn install_snapshot(
+    /// A forwarded write, within the sender's deadline when it sent one. The sender's deadline
+    /// bounds the proposal here too: an answer nobody waits for any more is work for nothing,
+    /// and the sender has already sent the token elsewhere.
+    pub async fn propose_message(
         &self,
-        request: Request<InstallSnapshotRequest>,
-    ) -> Result<Response<InstallSnapshotReply>, Status> {
-        let message = request.into_inner();
-        let raft = self.raft(message.group_id)?;
-        let result = raft.install_snapshot(wire::snapshot_from_proto(message).map_err(|e| e.to_status())?).await;
-        Ok(Response::new(wire::snapshot_reply_to_proto(&result)))
-    }
-
-    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeReply>, Status> {
-        // The sender's deadline bounds the proposal here too: an answer nobody waits for any
-        // more is work for nothing, and the sender has already sent the token elsewhere.
-        let timeout = request_timeout(&request).unwrap_or(self.write_timeout).min(self.write_timeout);
-        let message = request.into_inner();
+        message: ProposeRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ProposeReply, Status> {
+        let timeout = timeout.unwrap_or(self.write_timeout).min(self.write_timeout);
         let shard = self.shard(message.group_id)?;
         let command = requests::propose_from_proto(message).map_err(|e| e.to_status())?;
         // Checked before proposing: an entry whose items cannot be numbered is refused whole.
@@ -202,7 +172,61 @@ impl RaftTransport for RaftService {
                 command => self.shards.propose_local(shard, command, timeout).await,
             }
         };
-        Ok(Response::new(requests::propose_reply_to_proto(&result)))
+        Ok(requests::propose_reply_to_proto(&result))
+    }
+
+    /// A read barrier asked of this node as the shard's leader.
+    pub async fn read_index_message(&self, message: ReadIndexRequest) -> Result<ReadIndexReply, Status> {
+        let shard = self.shard(message.group_id)?;
+        let result = self.shards.local_read_index(shard).await;
+        Ok(requests::read_index_reply_to_proto(&result))
+    }
+
+    /// One AppendRequest, batched or not.
+    async fn append_one(&self, message: AppendRequest) -> Result<AppendReply, Status> {
+        let group_id = message.group_id;
+        let raft = self.raft(group_id)?;
+        let request = wire::append_from_proto(message).map_err(|e| e.to_status())?;
+        self.shards.note_leader_commit(self.shard(group_id)?, request.leader_commit.map(|l| l.index));
+        let result = raft.append_entries(request).await;
+        Ok(wire::append_reply_to_proto(&result))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn append_entries(&self, request: Request<AppendRequest>) -> Result<Response<AppendReply>, Status> {
+        self.append_one(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn append_entries_batch(&self, request: Request<AppendBatch>) -> Result<Response<AppendBatchReply>, Status> {
+        self.append_batch(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn vote(&self, request: Request<VoteRequest>) -> Result<Response<VoteReply>, Status> {
+        let message = request.into_inner();
+        let raft = self.raft(message.group_id)?;
+        if !self.shards.may_vote(self.shard(message.group_id)?) {
+            return Err(ErrorCode::ReplicaCatchingUp
+                .to_status("this node lost its data and is catching up; it does not vote until it has"));
+        }
+        let result = raft.vote(wire::vote_request_from_proto(message).map_err(|e| e.to_status())?).await;
+        Ok(Response::new(wire::vote_reply_to_proto(&result)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<InstallSnapshotRequest>,
+    ) -> Result<Response<InstallSnapshotReply>, Status> {
+        let message = request.into_inner();
+        let raft = self.raft(message.group_id)?;
+        let result = raft.install_snapshot(wire::snapshot_from_proto(message).map_err(|e| e.to_status())?).await;
+        Ok(Response::new(wire::snapshot_reply_to_proto(&result)))
+    }
+
+    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeReply>, Status> {
+        let timeout = request_timeout(&request);
+        self.propose_message(request.into_inner(), timeout).await.map(Response::new)
     }
 
     async fn admin_group(&self, request: Request<AdminGroupRequest>) -> Result<Response<DoneReply>, Status> {
@@ -234,9 +258,7 @@ impl RaftTransport for RaftService {
     }
 
     async fn read_index(&self, request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
-        let shard = self.shard(request.into_inner().group_id)?;
-        let result = self.shards.local_read_index(shard).await;
-        Ok(Response::new(requests::read_index_reply_to_proto(&result)))
+        self.read_index_message(request.into_inner()).await.map(Response::new)
     }
 }
 
