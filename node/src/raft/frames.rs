@@ -232,16 +232,17 @@ impl FramePeer {
         };
         let (read, write) = tokio::io::split(io);
         let (mut reader, mut writer) = (FramedRead::new(read, codec()), FramedWrite::new(write, codec()));
+        // Once connected, anything but a hello or a refusal (the connection closed, bytes that
+        // are not a frame, silence) is taken for a node without frames: an older node's HTTP/2
+        // server answers the preface with its settings and closes the connection.
         let answer = tokio::time::timeout(HELLO_TIMEOUT, async {
             writer.get_mut().write_all(PREFACE).await?;
             writer.send(hello(&self.cluster_id)).await?;
             Ok::<_, io::Error>(reader.next().await)
         })
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no hello from the peer"))??;
+        .await;
         let frame = match answer {
-            Some(Ok(bytes)) => Frame::decode(bytes.freeze()).ok(),
-            // The connection closed, or what came was not a frame: an older node's HTTP/2.
+            Ok(Ok(Some(Ok(bytes)))) => Frame::decode(bytes.freeze()).ok(),
             _ => None,
         };
         match frame.and_then(|frame| frame.body) {

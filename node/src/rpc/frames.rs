@@ -5,11 +5,12 @@
 //! socket is not read, so the sender's writes wait), and each answer is written as soon as it
 //! is ready, all those ready together in one write.
 //!
-//! Requests are handled by the same [`RaftService`] methods as their gRPC calls. A request the
+//! Requests are handled by the same [`RaftService`] methods as their gRPC calls ([`Handler`]). A request the
 //! frames do not carry, or a frame that does not decode, is answered `malformed_message`; a
 //! peer of another cluster is answered `wrong_cluster` at its hello and the connection closed.
 //! On shutdown the connection stops reading, finishes what it has in flight, and closes.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,9 +44,28 @@ impl Drop for Open {
     }
 }
 
+/// What answers a connection's requests: the [`RaftService`] (tests bring their own).
+pub trait Handler: Send + Sync + 'static {
+    /// The request's id and its answer: its reply, or the status it failed with.
+    fn handle(self: Arc<Self>, frame: Frame) -> impl Future<Output = (u64, Body)> + Send;
+}
+
+impl Handler for RaftService {
+    async fn handle(self: Arc<Self>, frame: Frame) -> (u64, Body) {
+        let timeout = (frame.timeout_us > 0).then(|| Duration::from_micros(frame.timeout_us));
+        let answer = match frame.body {
+            Some(Body::AppendBatch(batch)) => self.append_batch(batch).await.map(Body::AppendBatchReply),
+            Some(Body::Propose(message)) => self.propose_message(message, timeout).await.map(Body::ProposeReply),
+            Some(Body::ReadIndex(message)) => self.read_index_message(message).await.map(Body::ReadIndexReply),
+            _ => Err(ErrorCode::MalformedMessage.to_status("not a request the frame transport carries")),
+        };
+        (frame.id, answer.unwrap_or_else(|status| Body::Status(status_frame(&status))))
+    }
+}
+
 /// Serves the frame connection `io`, whose preface was read, until the peer closes it or
 /// `stop` fires and what was in flight has been answered.
-pub async fn serve(io: Box<dyn Io>, service: Arc<RaftService>, cluster_id: String, stop: CancellationToken) {
+pub async fn serve<H: Handler>(io: Box<dyn Io>, handler: Arc<H>, cluster_id: String, stop: CancellationToken) {
     let _open = Open::new();
     let (read, write) = tokio::io::split(io);
     let (mut reader, mut writer) = (FramedRead::new(read, codec()), FramedWrite::new(write, codec()));
@@ -94,7 +114,7 @@ pub async fn serve(io: Box<dyn Io>, service: Arc<RaftService>, cluster_id: Strin
             }
             next = reader.next(), if reading && running.len() < MAX_IN_FLIGHT => match next {
                 Some(Ok(bytes)) => match Frame::decode(bytes.freeze()) {
-                    Ok(frame) => running.push(handle(service.clone(), frame)),
+                    Ok(frame) => running.push(handler.clone().handle(frame)),
                     Err(_) => {
                         let status = ErrorCode::MalformedMessage.to_status("a frame that does not decode");
                         let _ = writer.send(encode(0, 0, Body::Status(status_frame(&status)))).await;
@@ -112,14 +132,210 @@ pub async fn serve(io: Box<dyn Io>, service: Arc<RaftService>, cluster_id: Strin
     }
 }
 
-/// One request's answer: its reply, or the status it failed with.
-async fn handle(service: Arc<RaftService>, frame: Frame) -> (u64, Body) {
-    let timeout = (frame.timeout_us > 0).then(|| Duration::from_micros(frame.timeout_us));
-    let answer = match frame.body {
-        Some(Body::AppendBatch(batch)) => service.append_batch(batch).await.map(Body::AppendBatchReply),
-        Some(Body::Propose(message)) => service.propose_message(message, timeout).await.map(Body::ProposeReply),
-        Some(Body::ReadIndex(message)) => service.read_index_message(message).await.map(Body::ReadIndexReply),
-        _ => Err(ErrorCode::MalformedMessage.to_status("not a request the frame transport carries")),
-    };
-    (frame.id, answer.unwrap_or_else(|status| Body::Status(status_frame(&status))))
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use stemedb_proto::raft::{read_index_reply, ReadIndexReply, ReadIndexRequest};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::raft::frames::{FramePeer, PREFACE};
+
+    /// Answers a read index request for group `g` with index `g`, after `g` ms when `slow`
+    /// (so the answers come back in another order than the requests), and group 0 with a
+    /// refusal; anything else it never answers.
+    struct Echo {
+        slow: bool,
+    }
+
+    impl Handler for Echo {
+        async fn handle(self: Arc<Self>, frame: Frame) -> (u64, Body) {
+            let body = match frame.body {
+                Some(Body::ReadIndex(ReadIndexRequest { group_id: 0 })) => {
+                    Body::Status(status_frame(&ErrorCode::UnknownShard.to_status("no such group here")))
+                }
+                Some(Body::ReadIndex(ReadIndexRequest { group_id })) => {
+                    if self.slow {
+                        tokio::time::sleep(Duration::from_millis(u64::from(50 - group_id.min(50)))).await;
+                    }
+                    Body::ReadIndexReply(ReadIndexReply {
+                        result: Some(read_index_reply::Result::Index(u64::from(group_id))),
+                    })
+                }
+                _ => std::future::pending().await,
+            };
+            (frame.id, body)
+        }
+    }
+
+    /// A listener serving frame connections of cluster `cluster` with `handler`, counting the
+    /// connections it accepted; its connections stop with `stop`.
+    async fn frame_server<H: Handler>(
+        handler: Arc<H>,
+        cluster: &str,
+        stop: CancellationToken,
+    ) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (count, cluster) = (accepted.clone(), cluster.to_string());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut preface = [0u8; 8];
+                stream.read_exact(&mut preface).await.expect("preface");
+                assert_eq!(&preface, PREFACE);
+                tokio::spawn(serve(Box::new(stream), handler.clone(), cluster.clone(), stop.child_token()));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Like [`frame_server`], keeping each connection's task so a test can end them.
+    async fn frame_server_tasks<H: Handler>(
+        handler: Arc<H>,
+        cluster: &str,
+    ) -> (String, Arc<AtomicUsize>, Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (count, tasks, cluster) = (accepted.clone(), served.clone(), cluster.to_string());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut preface = [0u8; 8];
+                stream.read_exact(&mut preface).await.expect("preface");
+                let task =
+                    tokio::spawn(serve(Box::new(stream), handler.clone(), cluster.clone(), CancellationToken::new()));
+                tasks.lock().push(task);
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        (addr, accepted, served)
+    }
+
+    fn index_of(body: Body) -> Option<u64> {
+        match body {
+            Body::ReadIndexReply(ReadIndexReply { result: Some(read_index_reply::Result::Index(index)) }) => {
+                Some(index)
+            }
+            _ => None,
+        }
+    }
+
+    fn read_index(group_id: u32) -> Body {
+        Body::ReadIndex(ReadIndexRequest { group_id })
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn many_calls_share_one_connection_and_each_gets_its_own_answer() {
+        let (addr, accepted) = frame_server(Arc::new(Echo { slow: true }), "c1", CancellationToken::new()).await;
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
+        let calls = (1..=40u32).map(|group| {
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let conn = peer.connect(soon()).await.expect("connect").expect("the server speaks frames");
+                (group, conn.call(read_index(group), soon()).await)
+            })
+        });
+        for call in futures::future::join_all(calls).await {
+            let (group, answer) = call.expect("task");
+            match answer {
+                Ok(body) => assert_eq!(index_of(body), Some(u64::from(group))),
+                Err(status) => panic!("group {group}: {status}"),
+            }
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, dialled once");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_keeps_its_error_code() {
+        let (addr, _) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
+        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let conn = peer.connect(soon()).await.expect("connect").expect("frames");
+        let status = conn.call(read_index(0), soon()).await.expect_err("refused");
+        assert_eq!(ErrorCode::of_status(&status), Some(ErrorCode::UnknownShard));
+    }
+
+    #[tokio::test]
+    async fn a_node_of_another_cluster_is_refused_at_its_hello() {
+        let (addr, _) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
+        let peer = FramePeer::new(addr, Some("c2".into()), None);
+        let status = peer.connect(soon()).await.err().expect("refused");
+        assert_eq!(ErrorCode::of_status(&status), Some(ErrorCode::WrongCluster));
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_times_out_and_the_connection_stays() {
+        let (addr, accepted) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
+        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let conn = peer.connect(soon()).await.expect("connect").expect("frames");
+        // Echo never answers an append batch.
+        let never = Body::AppendBatch(Default::default());
+        let status = conn.call(never, Instant::now() + Duration::from_millis(50)).await.expect_err("no answer");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        let conn = peer.connect(soon()).await.expect("connect").expect("frames");
+        assert_eq!(index_of(conn.call(read_index(7), soon()).await.expect("answered")), Some(7));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "heard from recently: the connection was kept");
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_fails_its_callers_and_the_next_call_dials_again() {
+        let (addr, accepted, served) = frame_server_tasks(Arc::new(Echo { slow: false }), "c1").await;
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
+        let conn = peer.connect(soon()).await.expect("connect").expect("frames");
+        // Echo never answers an append batch: the call waits until the connection is lost.
+        let waiting = tokio::spawn(async move { conn.call(Body::AppendBatch(Default::default()), soon()).await });
+        while accepted.load(Ordering::SeqCst) == 0 || served.lock().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // The peer's process dies: its connections close.
+        for task in served.lock().drain(..) {
+            task.abort();
+        }
+        let status = waiting.await.expect("task").expect_err("lost");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(ErrorCode::of_status(&status), None, "a transport failure names no error code");
+        let conn = peer.connect(soon()).await.expect("dialled again").expect("frames");
+        assert_eq!(index_of(conn.call(read_index(3), soon()).await.expect("answered")), Some(3));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_frames_is_sent_grpc_for_a_while() {
+        // What an older node's HTTP/2 server does with the preface: its settings, then close.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(&[0, 0, 0x12, 4, 0, 0, 0, 0, 0]).await;
+                let mut buf = [0u8; 64];
+                let _ = stream.read(&mut buf).await;
+            }
+        });
+        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        assert!(peer.connect(soon()).await.expect("no failure").is_none(), "gRPC, not frames");
+        assert!(peer.connect(soon()).await.expect("no failure").is_none());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not dialled again within the retry period");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_fails_unavailable() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        drop(listener);
+        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let status = peer.connect(soon()).await.err().expect("unreachable");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
 }
