@@ -948,13 +948,20 @@ async fn first_bytes(stream: &mut TransportStream) -> std::io::Result<Vec<u8>> {
     Ok(first)
 }
 
+/// Frame connections served at once at most (normally one from each peer); one more is
+/// closed at once, and its node tries again.
+const MAX_FRAME_CONNECTIONS: usize = 1024;
+
 /// Where the transport sends the connections that start with the frame preface.
 #[derive(Clone)]
 struct FrameServing {
     service: Arc<RaftService>,
     cluster_id: String,
     stop: CancellationToken,
+    /// Ends the connections still open after the shutdown's grace period.
+    abort: CancellationToken,
     tracker: tokio_util::task::TaskTracker,
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// The transport's accepted connections: TCP_NODELAY on each (Raft messages are small and
@@ -1021,8 +1028,15 @@ fn transport_incoming(
                         }
                     };
                     if first == crate::raft::frames::PREFACE {
-                        let FrameServing { service, cluster_id, stop, tracker } = frames;
-                        tracker.spawn(crate::rpc::frames::serve(Box::new(stream), service, cluster_id, stop));
+                        let FrameServing { service, cluster_id, stop, abort, tracker, permits } = frames;
+                        let Ok(permit) = permits.try_acquire_owned() else {
+                            tracing::warn!(peer = ?peer, limit = MAX_FRAME_CONNECTIONS, "too many frame connections; closed one");
+                            return None;
+                        };
+                        tracker.spawn(async move {
+                            crate::rpc::frames::serve(Box::new(stream), service, cluster_id, stop, abort).await;
+                            drop(permit);
+                        });
                         return None;
                     }
                     Some(Ok(TransportIo { stream, first, replayed: 0 }))
@@ -1037,8 +1051,10 @@ fn transport_incoming(
 struct GrpcServer {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    /// The frame connections being served (`rpc::frames`); they stop with `stop` too.
+    /// The frame connections being served (`rpc::frames`); they stop with `stop` too, and end
+    /// with `abort_frames` after the grace period.
     frames: tokio_util::task::TaskTracker,
+    abort_frames: CancellationToken,
 }
 
 impl GrpcServer {
@@ -1055,11 +1071,14 @@ impl GrpcServer {
     ) -> GrpcServer {
         let stop = CancellationToken::new();
         let frames = tokio_util::task::TaskTracker::new();
+        let abort_frames = CancellationToken::new();
         let serving = FrameServing {
             service: service.clone(),
             cluster_id: cluster_id.clone(),
             stop: stop.clone(),
+            abort: abort_frames.clone(),
             tracker: frames.clone(),
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_FRAME_CONNECTIONS)),
         };
         let incoming = transport_incoming(listener, tls, serving);
         let serve = tonic::transport::Server::builder()
@@ -1074,7 +1093,7 @@ impl GrpcServer {
             .add_service(anti_entropy)
             .add_service(backup)
             .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
-        GrpcServer { stop, task: tasks.spawn(serve), frames }
+        GrpcServer { stop, task: tasks.spawn(serve), frames, abort_frames }
     }
 
     /// Stops accepting, lets the requests in flight finish (up to `grace`), then abandons them.
@@ -1087,6 +1106,8 @@ impl GrpcServer {
                 grace_seconds = grace.as_secs(),
                 "frame requests still running after the grace period were abandoned"
             );
+            self.abort_frames.cancel();
+            self.frames.wait().await;
         }
         let mut task = self.task;
         match tokio::time::timeout(grace.saturating_sub(started.elapsed()), &mut task).await {

@@ -248,6 +248,14 @@ impl ClusterTls {
     pub async fn connect(&self, addr: &str) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let _ = stream.set_nodelay(true);
+        self.handshake(stream).await
+    }
+
+    /// Proves this node to the peer at the other end of `stream` (and it to this node).
+    pub async fn handshake(
+        &self,
+        stream: tokio::net::TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let name =
             ServerName::try_from(CLUSTER_SERVER_NAME).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector().connect(name, stream))

@@ -19,10 +19,12 @@
 //! callers map them as before (a status without one came from the transport and may have
 //! followed delivery).
 //!
-//! Liveness: a connection is closed when its socket fails, and when a request times out and
-//! nothing at all was received on it for [`SILENT_FOR`] (a peer behind a partition that drops
-//! packets; HTTP/2 keep-alive did this for gRPC). The next call dials again, at most one dial
-//! per peer at a time and none for [`REDIAL_AFTER`] after a failed one.
+//! Liveness: a connection is closed, its socket with it, when the socket fails, and when
+//! nothing at all was received on it for [`SILENT_FOR`]: the dialling side pings a connection
+//! it heard nothing on for [`PING_AFTER`], and a healthy peer answers at once (HTTP/2
+//! keep-alive did this for gRPC; a peer behind a partition that drops packets is found this
+//! way). The next call dials again, at most one dial per peer at a time and none for
+//! [`REDIAL_AFTER`] after a failed one (the callers meanwhile get the failure's status).
 
 use std::collections::HashMap;
 use std::io;
@@ -30,11 +32,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use prost::bytes::Bytes;
 use prost::Message;
 use stemedb_proto::raft::frame::Body;
-use stemedb_proto::raft::{Frame, FrameHello, FrameStatus};
+use stemedb_proto::raft::{Frame, FrameHello, FramePing, FrameStatus};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
@@ -63,8 +65,15 @@ const REDIAL_AFTER: Duration = Duration::from_millis(100);
 /// How long a peer that does not speak frames is sent gRPC before frames are tried again.
 const UNSUPPORTED_RETRY: Duration = Duration::from_secs(30);
 
-/// A request that times out on a connection nothing was received on for this long closes it.
+/// A connection nothing was received on for this long is pinged.
+const PING_AFTER: Duration = Duration::from_secs(1);
+
+/// A connection nothing was received on for this long (its pings unanswered) is closed.
 const SILENT_FOR: Duration = Duration::from_secs(5);
+
+/// The largest hello either side reads (a hello is a few dozen bytes; the limit keeps a
+/// stranger from making a node buffer a large frame before it has named its cluster).
+pub const MAX_HELLO_BYTES: usize = 64 << 10;
 
 /// The codec of both sides: a 4-byte big-endian length, then that many bytes.
 pub fn codec() -> LengthDelimitedCodec {
@@ -126,7 +135,8 @@ pub struct FramePeer {
     live: parking_lot::Mutex<Option<Arc<FrameConn>>>,
     /// One dial at a time; callers that find one under way wait for it.
     dialling: tokio::sync::Mutex<()>,
-    failed_at: parking_lot::Mutex<Option<Instant>>,
+    /// The last dial's failure, and when: repeated to callers for [`REDIAL_AFTER`].
+    failed: parking_lot::Mutex<Option<(Instant, tonic::Status)>>,
     unsupported_until: parking_lot::Mutex<Option<Instant>>,
     /// Cancelled when this peer is dropped: its connections close.
     dropped: CancellationToken,
@@ -153,7 +163,7 @@ impl FramePeer {
             tls,
             live: parking_lot::Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
-            failed_at: parking_lot::Mutex::new(None),
+            failed: parking_lot::Mutex::new(None),
             unsupported_until: parking_lot::Mutex::new(None),
             dropped: CancellationToken::new(),
         }
@@ -185,17 +195,24 @@ impl FramePeer {
         if self.unsupported() {
             return Ok(None);
         }
-        if self.failed_at.lock().is_some_and(|at| at.elapsed() < REDIAL_AFTER) {
-            return Err(tonic::Status::unavailable(format!("{}: the last dial failed just now", self.dial)));
+        if let Some((at, status)) = self.failed.lock().as_ref() {
+            if at.elapsed() < REDIAL_AFTER {
+                return Err(status.clone());
+            }
         }
         let dialled = match tokio::time::timeout_at(deadline.into(), self.dial()).await {
             Ok(dialled) => dialled,
-            Err(_) => return Err(expired()),
+            Err(_) => Err(DialError::Io(io::Error::new(io::ErrorKind::TimedOut, "the dial outlasted the request"))),
+        };
+        let failed = |result: &str, status: tonic::Status| {
+            raft_metrics::FRAME_DIALS.with_label_values(&[result]).inc();
+            *self.failed.lock() = Some((Instant::now(), status.clone()));
+            Err(status)
         };
         match dialled {
             Ok(Dialled::Ready(conn)) => {
                 raft_metrics::FRAME_DIALS.with_label_values(&["ok"]).inc();
-                *self.failed_at.lock() = None;
+                *self.failed.lock() = None;
                 *self.live.lock() = Some(conn.clone());
                 Ok(Some(conn))
             }
@@ -205,53 +222,58 @@ impl FramePeer {
                 *self.unsupported_until.lock() = Some(Instant::now() + UNSUPPORTED_RETRY);
                 Ok(None)
             }
-            Err(DialError::Refused(status)) => {
-                raft_metrics::FRAME_DIALS.with_label_values(&["refused"]).inc();
-                *self.failed_at.lock() = Some(Instant::now());
-                Err(status)
-            }
+            Err(DialError::Refused(status)) => failed("refused", status),
             Err(DialError::Io(error)) => {
-                raft_metrics::FRAME_DIALS.with_label_values(&["failed"]).inc();
-                *self.failed_at.lock() = Some(Instant::now());
-                Err(tonic::Status::unavailable(format!("{}: {error}", self.dial)))
+                failed("failed", tonic::Status::unavailable(format!("dialling {}: {error}", self.dial)))
             }
         }
     }
 
     /// Connects, sends the preface and the hello, and reads the peer's hello.
     async fn dial(&self) -> Result<Dialled, DialError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.dial))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let _ = stream.set_nodelay(true);
         let io: Box<dyn Io> = match &self.tls {
-            None => {
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.dial))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-                let _ = stream.set_nodelay(true);
-                Box::new(stream)
-            }
-            Some(tls) => Box::new(tls.connect(&self.dial).await?),
+            None => Box::new(stream),
+            Some(tls) => Box::new(tls.handshake(stream).await?),
         };
         let (read, write) = tokio::io::split(io);
-        let (mut reader, mut writer) = (FramedRead::new(read, codec()), FramedWrite::new(write, codec()));
-        // Once connected, anything but a hello or a refusal (the connection closed, bytes that
-        // are not a frame, silence) is taken for a node without frames: an older node's HTTP/2
-        // server answers the preface with its settings and closes the connection.
+        let mut reader = FramedRead::new(read, codec());
+        reader.decoder_mut().set_max_frame_length(MAX_HELLO_BYTES);
+        let mut writer = FramedWrite::new(write, codec());
         let answer = tokio::time::timeout(HELLO_TIMEOUT, async {
             writer.get_mut().write_all(PREFACE).await?;
             writer.send(hello(&self.cluster_id)).await?;
             Ok::<_, io::Error>(reader.next().await)
         })
         .await;
-        let frame = match answer {
-            Ok(Ok(Some(Ok(bytes)))) => Frame::decode(bytes.freeze()).ok(),
-            _ => None,
+        // Bytes that are not a hello mean a node without frames: an older node's HTTP/2 server
+        // answers the preface with its settings frame and closes the connection. Nothing at all
+        // (a reset, the connection closed, silence) is a failed dial, tried again later.
+        let answered = !reader.read_buffer().is_empty();
+        let body = match answer {
+            Ok(Ok(Some(Ok(bytes)))) => match Frame::decode(bytes.freeze()) {
+                Ok(frame) => frame.body,
+                Err(_) => return Ok(Dialled::Unsupported),
+            },
+            Ok(Ok(Some(Err(_)))) if answered => return Ok(Dialled::Unsupported),
+            Err(_) if answered => return Ok(Dialled::Unsupported),
+            Ok(Ok(Some(Err(error)))) | Ok(Err(error)) => return Err(DialError::Io(error)),
+            Ok(Ok(None)) => {
+                return Err(DialError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before its hello")))
+            }
+            Err(_) => return Err(DialError::Io(io::Error::new(io::ErrorKind::TimedOut, "no hello from the peer"))),
         };
-        match frame.and_then(|frame| frame.body) {
+        match body {
             Some(Body::Hello(_)) => {}
             Some(Body::Status(status)) => return Err(DialError::Refused(status_of_frame(status))),
             _ => return Ok(Dialled::Unsupported),
         }
+        reader.decoder_mut().set_max_frame_length(MAX_MESSAGE_BYTES);
         let conn = Arc::new(FrameConn {
-            writer: tokio::sync::Mutex::new(writer),
+            writer: tokio::sync::Mutex::new(Some(writer)),
             pending: parking_lot::Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             opened: Instant::now(),
@@ -277,7 +299,8 @@ impl From<io::Error> for DialError {
 
 /// One open frame connection.
 pub struct FrameConn {
-    writer: tokio::sync::Mutex<Writer>,
+    /// `None` once the connection is closed (the socket is then closed too).
+    writer: tokio::sync::Mutex<Option<Writer>>,
     /// The callers waiting for a reply, by request id.
     pending: parking_lot::Mutex<HashMap<u64, oneshot::Sender<Body>>>,
     next_id: AtomicU64,
@@ -334,46 +357,74 @@ impl FrameConn {
         let _waiting = Waiting { conn: self, id };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let frame = encode(id, (remaining.as_micros() as u64).max(1), body);
+        if frame.len() > MAX_MESSAGE_BYTES {
+            // Refused before anything was sent: this call fails alone.
+            return Err(tonic::Status::resource_exhausted(format!(
+                "a frame of {} bytes; at most {MAX_MESSAGE_BYTES}",
+                frame.len()
+            )));
+        }
         let sent = async {
             // A send cut short by the deadline leaves the rest of its bytes in the writer's
             // buffer, which the next send flushes first: frames are never interleaved.
             let mut writer = self.writer.lock().await;
-            writer.send(frame).await
+            match writer.as_mut() {
+                Some(writer) => writer.send(frame).await.map_err(Some),
+                None => Err(None),
+            }
         };
         match tokio::time::timeout_at(deadline.into(), sent).await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+            Ok(Err(Some(error))) => {
                 self.close("write failed");
                 return Err(tonic::Status::unavailable(format!("sending to the peer: {error}")));
             }
+            Ok(Err(None)) => return Err(lost()),
             Err(_) => return Err(expired()),
         }
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(Body::Status(status))) => Err(status_of_frame(status)),
             Ok(Ok(body)) => Ok(body),
             Ok(Err(_)) => Err(lost()),
-            Err(_) => {
-                if self.silent_for() >= SILENT_FOR {
-                    self.close("nothing received from the peer while a request timed out");
-                }
-                Err(expired())
-            }
+            Err(_) => Err(expired()),
         }
     }
 }
 
 /// The connection's reader: hands each reply to its caller until the socket fails or the
-/// connection is closed.
+/// connection is closed. Once a second it checks what it heard: after [`PING_AFTER`] of
+/// silence it pings the peer, after [`SILENT_FOR`] it closes the connection (a healthy peer
+/// answers a ping at once; HTTP/2 keep-alive did this for gRPC). Then it closes the socket.
 async fn read_replies(conn: Arc<FrameConn>, mut reader: Reader) {
+    let mut checks = tokio::time::interval(PING_AFTER);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             _ = conn.closed.cancelled() => break,
+            _ = checks.tick() => {
+                let silent = conn.silent_for();
+                if silent >= SILENT_FOR {
+                    conn.close("nothing received from the peer, pings included");
+                    break;
+                }
+                if silent >= PING_AFTER {
+                    // Written now, or by the next send if the socket is full (never waited for
+                    // here: a writer stuck on a full socket is what the silence will catch).
+                    if let Ok(mut writer) = conn.writer.try_lock() {
+                        if let Some(writer) = writer.as_mut() {
+                            let _ = writer.send(encode(0, 0, Body::Ping(FramePing {}))).now_or_never();
+                        }
+                    }
+                }
+                continue;
+            }
             next = reader.next() => next,
         };
         let bytes = match next {
             Some(Ok(bytes)) => bytes,
             Some(Err(error)) => {
-                conn.close(&format!("read failed: {error}"));
+                tracing::debug!(%error, "frame connection read failed");
+                conn.close("read failed");
                 break;
             }
             None => {
@@ -392,6 +443,9 @@ async fn read_replies(conn: Arc<FrameConn>, mut reader: Reader) {
         }
     }
     conn.close("reader stopped");
+    // Closes the socket (the read half goes with this task). A caller still writing holds the
+    // lock until its deadline at most.
+    conn.writer.lock().await.take();
 }
 
 #[cfg(test)]

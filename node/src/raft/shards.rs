@@ -815,12 +815,12 @@ impl ShardSet {
         };
         let addr = self.addr_of(group, leader).ok_or_else(|| unreachable("no address known for this node".into()))?;
         let client = self.peers.client(&addr).map_err(|e| unreachable(e.to_string()))?;
-        let remaining = deadline.saturating_duration_since(Instant::now());
         // The kinds the frames carry go as a frame when the peer speaks them.
         let framed = match self.peers.frames(&addr).filter(|_| F::FRAMED) {
             Some(peer) => peer.connect(deadline).await,
             None => Ok(None),
         };
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let message = request.message(group_of_shard(shard));
         let response = match framed {
             Ok(Some(conn)) => match F::to_frame(message) {

@@ -2,13 +2,17 @@
 //! (`raft::frames` has the format and the dialling side). The server hands a connection here
 //! when its first bytes are `raft::frames::PREFACE`. After the hellos, every request of the
 //! connection runs in this connection's task, at most `MAX_IN_FLIGHT` at once (past that the
-//! socket is not read, so the sender's writes wait), and each answer is written as soon as it
-//! is ready, all those ready together in one write.
+//! socket is not read, so the sender's writes wait), each within its sender's deadline, and
+//! each answer is written as soon as it is ready, all those ready together in one write.
 //!
-//! Requests are handled by the same [`RaftService`] methods as their gRPC calls ([`Handler`]). A request the
-//! frames do not carry, or a frame that does not decode, is answered `malformed_message`; a
-//! peer of another cluster is answered `wrong_cluster` at its hello and the connection closed.
-//! On shutdown the connection stops reading, finishes what it has in flight, and closes.
+//! Requests are handled by the same [`RaftService`] methods as their gRPC calls ([`Handler`]);
+//! pings are answered at once. A peer of another cluster is answered `wrong_cluster` at its
+//! hello, and anything but a hello first `malformed_message`; either way the connection
+//! closes. A frame that does not decode, answers that cannot be written within
+//! [`WRITE_TIMEOUT`], or nothing read for [`IDLE_TIMEOUT`] close the connection too (its
+//! sender's calls fail as on a lost connection). On shutdown the connection stops reading,
+//! answers what it has in flight, closes its side and waits briefly for the peer to close
+//! its own; the server abandons what is left after its grace period.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,14 +23,16 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use prost::bytes::Bytes;
 use prost::Message;
 use stemedb_proto::raft::frame::Body;
-use stemedb_proto::raft::Frame;
+use stemedb_proto::raft::{Frame, FramePing};
+use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::RaftService;
 use crate::error::ErrorCode;
-use crate::raft::frames::{codec, encode, hello, status_frame, Io, HELLO_TIMEOUT, MAX_IN_FLIGHT};
+use crate::raft::frames::{codec, encode, hello, status_frame, Io, HELLO_TIMEOUT, MAX_HELLO_BYTES, MAX_IN_FLIGHT};
 use crate::raft::metrics as raft_metrics;
+use crate::raft::network::MAX_MESSAGE_BYTES;
 
 /// Counts the connection in `stemedb_transport_frame_connections` while it lives.
 struct Open;
@@ -63,18 +69,48 @@ impl Handler for RaftService {
     }
 }
 
-/// Serves the frame connection `io`, whose preface was read, until the peer closes it or
-/// `stop` fires and what was in flight has been answered.
-pub async fn serve<H: Handler>(io: Box<dyn Io>, handler: Arc<H>, cluster_id: String, stop: CancellationToken) {
+/// How long writing the answers may take before the connection is given up (a peer that
+/// stopped reading, or one behind a partition).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection nothing was read from for this long is closed (the dialling side pings one
+/// it heard nothing on for a second).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// After its last answer on shutdown, how long the connection waits for the peer to close
+/// its side (closing first, with requests unread, would reset the connection and could
+/// discard the answers just written).
+const CLOSING: Duration = Duration::from_secs(1);
+
+/// Serves the frame connection `io`, whose preface was read, until the peer closes it, it
+/// fails, or `stop` fires and what was in flight has been answered; at once when `abort`
+/// fires.
+pub async fn serve<H: Handler>(
+    io: Box<dyn Io>,
+    handler: Arc<H>,
+    cluster_id: String,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) {
     let _open = Open::new();
+    tokio::select! {
+        _ = abort.cancelled() => {}
+        _ = serve_until_closed(io, handler, cluster_id, stop) => {}
+    }
+}
+
+async fn serve_until_closed<H: Handler>(io: Box<dyn Io>, handler: Arc<H>, cluster_id: String, stop: CancellationToken) {
     let (read, write) = tokio::io::split(io);
-    let (mut reader, mut writer) = (FramedRead::new(read, codec()), FramedWrite::new(write, codec()));
+    let mut reader = FramedRead::new(read, codec());
+    reader.decoder_mut().set_max_frame_length(MAX_HELLO_BYTES);
+    let mut writer = FramedWrite::new(write, codec());
     let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
         Ok(Some(Ok(bytes))) => Frame::decode(bytes.freeze()).ok().and_then(|frame| frame.body),
         _ => return,
     };
     let refusal =
         match first {
+            // A hello that names no cluster is served, as a gRPC request that names none is.
             Some(Body::Hello(peer)) if peer.cluster_id.is_empty() || peer.cluster_id == cluster_id => None,
             Some(Body::Hello(peer)) => {
                 raft_metrics::WRONG_CLUSTER.inc();
@@ -87,14 +123,19 @@ pub async fn serve<H: Handler>(io: Box<dyn Io>, handler: Arc<H>, cluster_id: Str
             _ => Some(ErrorCode::MalformedMessage.to_status("a frame connection starts with a hello")),
         };
     if let Some(status) = refusal {
-        let _ = writer.send(encode(0, 0, Body::Status(status_frame(&status)))).await;
+        let refused = writer.send(encode(0, 0, Body::Status(status_frame(&status))));
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, refused).await;
         return;
     }
-    if writer.send(hello(&cluster_id)).await.is_err() {
-        return;
+    match tokio::time::timeout(WRITE_TIMEOUT, writer.send(hello(&cluster_id))).await {
+        Ok(Ok(())) => {}
+        _ => return,
     }
+    reader.decoder_mut().set_max_frame_length(MAX_MESSAGE_BYTES);
     let mut running = FuturesUnordered::new();
     let mut reading = true;
+    let idle = tokio::time::sleep(IDLE_TIMEOUT);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             Some((id, body)) = running.next(), if !running.is_empty() => {
@@ -103,31 +144,60 @@ pub async fn serve<H: Handler>(io: Box<dyn Io>, handler: Arc<H>, cluster_id: Str
                 while let Some(Some((id, body))) = running.next().now_or_never() {
                     ready.push(encode(id, 0, body));
                 }
-                for frame in ready {
-                    if writer.feed(frame).await.is_err() {
-                        return;
+                let written = async {
+                    for frame in ready {
+                        writer.feed(frame).await?;
                     }
-                }
-                if SinkExt::<Bytes>::flush(&mut writer).await.is_err() {
-                    return;
+                    SinkExt::<Bytes>::flush(&mut writer).await
+                };
+                match tokio::time::timeout(WRITE_TIMEOUT, written).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
                 }
             }
-            next = reader.next(), if reading && running.len() < MAX_IN_FLIGHT => match next {
-                Some(Ok(bytes)) => match Frame::decode(bytes.freeze()) {
-                    Ok(frame) => running.push(handler.clone().handle(frame)),
-                    Err(_) => {
-                        let status = ErrorCode::MalformedMessage.to_status("a frame that does not decode");
-                        let _ = writer.send(encode(0, 0, Body::Status(status_frame(&status)))).await;
-                        return;
-                    }
-                },
-                // The peer closed the connection (or it failed): answers have nowhere to go.
-                _ => return,
-            },
+            next = reader.next(), if reading && running.len() < MAX_IN_FLIGHT => {
+                idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                match next {
+                    Some(Ok(bytes)) => match Frame::decode(bytes.freeze()) {
+                        Ok(Frame { id, body: Some(Body::Ping(_)), .. }) => {
+                            running.push(async move { (id, Body::Pong(FramePing {})) }.boxed());
+                        }
+                        Ok(frame) => running.push(within_deadline(handler.clone(), frame).boxed()),
+                        // The connection closes: its callers see it lost.
+                        Err(_) => return,
+                    },
+                    // The peer closed the connection (or it failed): answers have nowhere to go.
+                    _ => return,
+                }
+            }
+            _ = &mut idle, if reading => return,
             _ = stop.cancelled(), if reading => reading = false,
         }
         if !reading && running.is_empty() {
-            return;
+            break;
+        }
+    }
+    // Shutdown: the answers are written; close this side and let the peer close its own.
+    let _ = tokio::time::timeout(CLOSING, async {
+        let _ = writer.get_mut().shutdown().await;
+        while let Some(Ok(_)) = reader.next().await {}
+    })
+    .await;
+}
+
+/// A request's answer, or `deadline_exceeded` once its sender's deadline has passed (with a
+/// little margin, so that a handler that keeps its own deadline answers first).
+async fn within_deadline<H: Handler>(handler: Arc<H>, frame: Frame) -> (u64, Body) {
+    let id = frame.id;
+    if frame.timeout_us == 0 {
+        return handler.handle(frame).await;
+    }
+    let allowed = Duration::from_micros(frame.timeout_us) + Duration::from_millis(50);
+    match tokio::time::timeout(allowed, handler.handle(frame)).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            let status = tonic::Status::deadline_exceeded("the request's deadline passed before it was answered");
+            (id, Body::Status(status_frame(&status)))
         }
     }
 }
@@ -143,6 +213,7 @@ mod tests {
 
     use super::*;
     use crate::raft::frames::{FramePeer, PREFACE};
+    use futures::SinkExt;
 
     /// Answers a read index request for group `g` with index `g`, after `g` ms when `slow`
     /// (so the answers come back in another order than the requests), and group 0 with a
@@ -188,7 +259,13 @@ mod tests {
                 let mut preface = [0u8; 8];
                 stream.read_exact(&mut preface).await.expect("preface");
                 assert_eq!(&preface, PREFACE);
-                tokio::spawn(serve(Box::new(stream), handler.clone(), cluster.clone(), stop.child_token()));
+                tokio::spawn(serve(
+                    Box::new(stream),
+                    handler.clone(),
+                    cluster.clone(),
+                    stop.child_token(),
+                    CancellationToken::new(),
+                ));
             }
         });
         (addr, accepted)
@@ -208,8 +285,8 @@ mod tests {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let mut preface = [0u8; 8];
                 stream.read_exact(&mut preface).await.expect("preface");
-                let task =
-                    tokio::spawn(serve(Box::new(stream), handler.clone(), cluster.clone(), CancellationToken::new()));
+                let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+                let task = tokio::spawn(serve(Box::new(stream), handler.clone(), cluster.clone(), stop, abort));
                 tasks.lock().push(task);
                 count.fetch_add(1, Ordering::SeqCst);
             }
@@ -321,6 +398,7 @@ mod tests {
                 let _ = stream.write_all(&[0, 0, 0x12, 4, 0, 0, 0, 0, 0]).await;
                 let mut buf = [0u8; 64];
                 let _ = stream.read(&mut buf).await;
+                // Not the HTTP/2 preface: the connection is closed.
             }
         });
         let peer = FramePeer::new(addr, Some("c1".into()), None);
@@ -337,5 +415,68 @@ mod tests {
         let peer = FramePeer::new(addr, Some("c1".into()), None);
         let status = peer.connect(soon()).await.err().expect("unreachable");
         assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_without_a_word_is_a_failed_dial_not_an_older_node() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let first = peer.connect(soon()).await.err().expect("a failed dial");
+        assert_eq!(first.code(), tonic::Code::Unavailable);
+        // Within the redial pause the same failure comes back without a dial.
+        let again = peer.connect(soon()).await.err().expect("the same failure");
+        assert_eq!(again.message(), first.message());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// A peer that stops answering anything (a partition that drops packets) loses its
+    /// connection after the silence allowed, pings unanswered, and its callers learn it.
+    #[tokio::test]
+    async fn a_silent_peer_is_found_by_its_unanswered_pings() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    // Answers the hello, then reads everything and answers nothing.
+                    let mut preface = [0u8; 8];
+                    stream.read_exact(&mut preface).await.expect("preface");
+                    let mut framed = tokio_util::codec::Framed::new(stream, codec());
+                    let _ = framed.next().await;
+                    framed.send(hello("c1")).await.expect("hello");
+                    while let Some(Ok(_)) = framed.next().await {}
+                });
+            }
+        });
+        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let conn = peer.connect(soon()).await.expect("connect").expect("frames");
+        // Far beyond the silence allowed: an answer past it would be `deadline_exceeded`.
+        let status = conn
+            .call(read_index(1), Instant::now() + Duration::from_secs(20))
+            .await
+            .expect_err("the connection is closed");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    }
+
+    /// A request still running past its sender's deadline is answered `deadline_exceeded`,
+    /// so it does not hold a slot for ever.
+    #[tokio::test]
+    async fn the_receiver_ends_a_request_past_its_deadline() {
+        let frame = Frame { id: 9, timeout_us: 10_000, body: Some(Body::AppendBatch(Default::default())) };
+        let (id, body) = within_deadline(Arc::new(Echo { slow: false }), frame).await;
+        assert_eq!(id, 9);
+        match body {
+            Body::Status(status) => assert_eq!(status.code, tonic::Code::DeadlineExceeded as i32),
+            other => panic!("{other:?}"),
+        }
     }
 }
