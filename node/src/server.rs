@@ -948,6 +948,10 @@ async fn first_bytes(stream: &mut TransportStream) -> std::io::Result<Vec<u8>> {
     Ok(first)
 }
 
+/// How long a transport connection may take to send its first bytes (a gRPC client sends its
+/// preface at once; a silent connection must not hold an accept slot for long).
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Frame connections served at once at most (normally one from each peer); one more is
 /// closed at once, and its node tries again.
 const MAX_FRAME_CONNECTIONS: usize = 1024;
@@ -1014,7 +1018,7 @@ fn transport_incoming(
                             }
                         }
                     };
-                    let first = match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, first_bytes(&mut stream))
+                    let first = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, first_bytes(&mut stream))
                         .await
                     {
                         Ok(Ok(first)) => first,
@@ -1029,6 +1033,9 @@ fn transport_incoming(
                     };
                     if first == crate::raft::frames::PREFACE {
                         let FrameServing { service, cluster_id, stop, abort, tracker, permits } = frames;
+                        if stop.is_cancelled() {
+                            return None;
+                        }
                         let Ok(permit) = permits.try_acquire_owned() else {
                             tracing::warn!(peer = ?peer, limit = MAX_FRAME_CONNECTIONS, "too many frame connections; closed one");
                             return None;
@@ -1106,9 +1113,10 @@ impl GrpcServer {
                 grace_seconds = grace.as_secs(),
                 "frame requests still running after the grace period were abandoned"
             );
-            self.abort_frames.cancel();
-            self.frames.wait().await;
         }
+        // Ends what is left, and any connection accepted as the server was stopping.
+        self.abort_frames.cancel();
+        self.frames.wait().await;
         let mut task = self.task;
         match tokio::time::timeout(grace.saturating_sub(started.elapsed()), &mut task).await {
             Ok(Ok(Ok(()))) => {}

@@ -13,8 +13,10 @@
 //! A connection starts with [`PREFACE`] instead of HTTP/2's, so the receiver tells the two
 //! apart on the same port; then each side sends a length-delimited [`Frame`] (4 bytes of
 //! length, big-endian, then the protobuf message), the first of them a hello naming the
-//! sender's cluster. A peer that answers the preface with anything but a hello (a node of a
-//! version before frames) is sent gRPC for [`UNSUPPORTED_RETRY`]. Failures read as gRPC's do:
+//! sender's cluster. A peer that answers the preface with bytes that are not a hello (a node of
+//! a version before frames: its HTTP/2 settings) is sent gRPC for [`UNSUPPORTED_RETRY`]; one
+//! that answers with a refusal, resets, closes or stays silent is a failed dial. Failures read
+//! as gRPC's do:
 //! every call returns a [`tonic::Status`], with the StemeDB error code of a refusal, so the
 //! callers map them as before (a status without one came from the transport and may have
 //! followed delivery).
@@ -32,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, SinkExt, StreamExt};
 use prost::bytes::Bytes;
 use prost::Message;
@@ -133,8 +136,8 @@ pub struct FramePeer {
     cluster_id: String,
     tls: Option<Arc<crate::tls::ClusterTls>>,
     live: parking_lot::Mutex<Option<Arc<FrameConn>>>,
-    /// One dial at a time; callers that find one under way wait for it.
-    dialling: tokio::sync::Mutex<()>,
+    /// The dial under way, if any: callers that find one wait for it.
+    dialling: parking_lot::Mutex<Option<Shared<BoxFuture<'static, DialOutcome>>>>,
     /// The last dial's failure, and when: repeated to callers for [`REDIAL_AFTER`].
     failed: parking_lot::Mutex<Option<(Instant, tonic::Status)>>,
     unsupported_until: parking_lot::Mutex<Option<Instant>>,
@@ -147,6 +150,10 @@ impl Drop for FramePeer {
         self.dropped.cancel();
     }
 }
+
+/// What a dial gives its callers: the connection, `None` for a peer without frames, or why
+/// it failed.
+type DialOutcome = Result<Option<Arc<FrameConn>>, tonic::Status>;
 
 /// How a dial ended, when the socket connected.
 enum Dialled {
@@ -162,7 +169,7 @@ impl FramePeer {
             cluster_id: cluster_id.unwrap_or_default(),
             tls,
             live: parking_lot::Mutex::new(None),
-            dialling: tokio::sync::Mutex::new(()),
+            dialling: parking_lot::Mutex::new(None),
             failed: parking_lot::Mutex::new(None),
             unsupported_until: parking_lot::Mutex::new(None),
             dropped: CancellationToken::new(),
@@ -178,42 +185,69 @@ impl FramePeer {
     }
 
     /// The open connection, dialled if need be; `None` when the peer does not speak frames
-    /// (send gRPC). Fails `unavailable` when the peer cannot be reached.
-    pub async fn connect(&self, deadline: Instant) -> Result<Option<Arc<FrameConn>>, tonic::Status> {
-        if let Some(conn) = self.open() {
-            return Ok(Some(conn));
-        }
-        if self.unsupported() {
-            return Ok(None);
-        }
-        let expired = || tonic::Status::deadline_exceeded("no connection to the peer within the request's deadline");
-        let _dialling = tokio::time::timeout_at(deadline.into(), self.dialling.lock()).await.map_err(|_| expired())?;
-        // Another caller may have dialled meanwhile.
-        if let Some(conn) = self.open() {
-            return Ok(Some(conn));
-        }
-        if self.unsupported() {
-            return Ok(None);
-        }
-        if let Some((at, status)) = self.failed.lock().as_ref() {
-            if at.elapsed() < REDIAL_AFTER {
-                return Err(status.clone());
+    /// (send gRPC). Fails `unavailable` when the peer cannot be reached. The dial runs in a
+    /// task of its own, bounded by its own timeouts, not the caller's deadline (a heartbeat's
+    /// is 150 ms): a caller stops waiting at its deadline, and the dial goes on for the next.
+    pub async fn connect(self: &Arc<Self>, deadline: Instant) -> Result<Option<Arc<FrameConn>>, tonic::Status> {
+        let dial = {
+            let mut dialling = self.dialling.lock();
+            if let Some(known) = self.known() {
+                return known;
             }
-        }
-        let dialled = match tokio::time::timeout_at(deadline.into(), self.dial()).await {
-            Ok(dialled) => dialled,
-            Err(_) => Err(DialError::Io(io::Error::new(io::ErrorKind::TimedOut, "the dial outlasted the request"))),
+            match dialling.as_ref() {
+                Some(dial) => dial.clone(),
+                None => {
+                    let peer = self.clone();
+                    let task = tokio::spawn(async move {
+                        let outcome = peer.dial_and_record().await;
+                        *peer.dialling.lock() = None;
+                        outcome
+                    });
+                    let dial = async move {
+                        task.await.unwrap_or_else(|_| Err(tonic::Status::unavailable("the dial task failed")))
+                    }
+                    .boxed()
+                    .shared();
+                    *dialling = Some(dial.clone());
+                    dial
+                }
+            }
         };
+        match tokio::time::timeout_at(deadline.into(), dial).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(tonic::Status::deadline_exceeded("no connection to the peer within the request's deadline")),
+        }
+    }
+
+    /// What is known without dialling: the open connection, a peer without frames, or the
+    /// failure of a dial within [`REDIAL_AFTER`].
+    fn known(&self) -> Option<Result<Option<Arc<FrameConn>>, tonic::Status>> {
+        if let Some(conn) = self.open() {
+            return Some(Ok(Some(conn)));
+        }
+        if self.unsupported() {
+            return Some(Ok(None));
+        }
+        match self.failed.lock().as_ref() {
+            Some((at, status)) if at.elapsed() < REDIAL_AFTER => Some(Err(status.clone())),
+            _ => None,
+        }
+    }
+
+    /// Dials and records the outcome for the callers to come.
+    async fn dial_and_record(&self) -> Result<Option<Arc<FrameConn>>, tonic::Status> {
         let failed = |result: &str, status: tonic::Status| {
             raft_metrics::FRAME_DIALS.with_label_values(&[result]).inc();
             *self.failed.lock() = Some((Instant::now(), status.clone()));
             Err(status)
         };
-        match dialled {
+        match self.dial().await {
             Ok(Dialled::Ready(conn)) => {
                 raft_metrics::FRAME_DIALS.with_label_values(&["ok"]).inc();
                 *self.failed.lock() = None;
-                *self.live.lock() = Some(conn.clone());
+                if let Some(old) = self.live.lock().replace(conn.clone()) {
+                    old.close("replaced");
+                }
                 Ok(Some(conn))
             }
             Ok(Dialled::Unsupported) => {
@@ -355,6 +389,11 @@ impl FrameConn {
             pending.insert(id, reply);
         }
         let _waiting = Waiting { conn: self, id };
+        // Closing cancels before it clears the waiting callers: one that registered after the
+        // clear sees the cancellation here.
+        if self.closed.is_cancelled() {
+            return Err(lost());
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let frame = encode(id, (remaining.as_micros() as u64).max(1), body);
         if frame.len() > MAX_MESSAGE_BYTES {
@@ -369,8 +408,9 @@ impl FrameConn {
             // buffer, which the next send flushes first: frames are never interleaved.
             let mut writer = self.writer.lock().await;
             match writer.as_mut() {
-                Some(writer) => writer.send(frame).await.map_err(Some),
-                None => Err(None),
+                // Nothing more is sent on a closed connection, even before its socket closes.
+                Some(writer) if !self.closed.is_cancelled() => writer.send(frame).await.map_err(Some),
+                _ => Err(None),
             }
         };
         match tokio::time::timeout_at(deadline.into(), sent).await {
@@ -392,11 +432,11 @@ impl FrameConn {
 }
 
 /// The connection's reader: hands each reply to its caller until the socket fails or the
-/// connection is closed. Once a second it checks what it heard: after [`PING_AFTER`] of
+/// connection is closed. Twice a second it checks what it heard: after [`PING_AFTER`] of
 /// silence it pings the peer, after [`SILENT_FOR`] it closes the connection (a healthy peer
 /// answers a ping at once; HTTP/2 keep-alive did this for gRPC). Then it closes the socket.
 async fn read_replies(conn: Arc<FrameConn>, mut reader: Reader) {
-    let mut checks = tokio::time::interval(PING_AFTER);
+    let mut checks = tokio::time::interval(PING_AFTER / 2);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {

@@ -383,7 +383,7 @@ async fn run_batches(
         raft_metrics::APPEND_BATCH_MESSAGES.observe(batch.len() as f64);
         let (client, frames, unbatched_until) = (client.clone(), frames.clone(), unbatched_until.clone());
         tokio::spawn(async move {
-            send_batch(client, frames.as_deref(), batch, &unbatched_until).await;
+            send_batch(client, frames.as_ref(), batch, &unbatched_until).await;
             drop(slot);
         });
     }
@@ -393,7 +393,7 @@ async fn run_batches(
 /// lone message too), otherwise over gRPC.
 async fn send_batch(
     mut client: RaftTransportClient<Channel>,
-    frames: Option<&FramePeer>,
+    frames: Option<&Arc<FramePeer>>,
     batch: Vec<Pending>,
     unbatched_until: &Mutex<Option<Instant>>,
 ) {

@@ -842,6 +842,11 @@ impl ShardSet {
                     raft_metrics::FORWARDED.with_label_values(&[kind, "error"]).inc();
                     return ConsensusError::NotLeader { shard, leader: None };
                 }
+                // A frame connection's receiver with too many requests running.
+                Some(ErrorCode::Overloaded) => {
+                    raft_metrics::FORWARDED.with_label_values(&[kind, "error"]).inc();
+                    return ConsensusError::Overloaded { shard, queued: crate::raft::frames::MAX_IN_FLIGHT };
+                }
                 Some(code) => {
                     raft_metrics::FORWARDED.with_label_values(&[kind, "error"]).inc();
                     return ConsensusError::Internal { shard, message: format!("node {leader} refused: {code}") };

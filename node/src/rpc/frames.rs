@@ -1,9 +1,10 @@
 //! The frame transport, receiving side: serves one frame connection from a peer
 //! (`raft::frames` has the format and the dialling side). The server hands a connection here
 //! when its first bytes are `raft::frames::PREFACE`. After the hellos, every request of the
-//! connection runs in this connection's task, at most `MAX_IN_FLIGHT` at once (past that the
-//! socket is not read, so the sender's writes wait), each within its sender's deadline, and
-//! each answer is written as soon as it is ready, all those ready together in one write.
+//! connection runs in this connection's task, at most `MAX_IN_FLIGHT` at once (one more is
+//! refused `overloaded` at once, and the socket is read on, so pings are always answered),
+//! each within its sender's deadline, and each answer is written as soon as it is ready, all
+//! those ready together in one write.
 //!
 //! Requests are handled by the same [`RaftService`] methods as their gRPC calls ([`Handler`]);
 //! pings are answered at once. A peer of another cluster is answered `wrong_cluster` at its
@@ -155,12 +156,19 @@ async fn serve_until_closed<H: Handler>(io: Box<dyn Io>, handler: Arc<H>, cluste
                     _ => return,
                 }
             }
-            next = reader.next(), if reading && running.len() < MAX_IN_FLIGHT => {
+            next = reader.next(), if reading => {
                 idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
                 match next {
                     Some(Ok(bytes)) => match Frame::decode(bytes.freeze()) {
                         Ok(Frame { id, body: Some(Body::Ping(_)), .. }) => {
                             running.push(async move { (id, Body::Pong(FramePing {})) }.boxed());
+                        }
+                        // Refused at once, before anything is done (so the connection stays
+                        // readable and its pings answered).
+                        Ok(Frame { id, .. }) if running.len() >= MAX_IN_FLIGHT => {
+                            let status = ErrorCode::Overloaded
+                                .to_status(format!("{MAX_IN_FLIGHT} requests already running on this connection"));
+                            running.push(async move { (id, Body::Status(status_frame(&status))) }.boxed());
                         }
                         Ok(frame) => running.push(within_deadline(handler.clone(), frame).boxed()),
                         // The connection closes: its callers see it lost.
@@ -271,6 +279,25 @@ mod tests {
         (addr, accepted)
     }
 
+    /// A listener that runs `on_accept` on each connection in a task of its own, counting them.
+    async fn counting_server<F, Fut>(on_accept: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(on_accept(stream));
+            }
+        });
+        (addr, accepted)
+    }
+
     /// Like [`frame_server`], keeping each connection's task so a test can end them.
     async fn frame_server_tasks<H: Handler>(
         handler: Arc<H>,
@@ -335,7 +362,7 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_keeps_its_error_code() {
         let (addr, _) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
-        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let conn = peer.connect(soon()).await.expect("connect").expect("frames");
         let status = conn.call(read_index(0), soon()).await.expect_err("refused");
         assert_eq!(ErrorCode::of_status(&status), Some(ErrorCode::UnknownShard));
@@ -344,7 +371,7 @@ mod tests {
     #[tokio::test]
     async fn a_node_of_another_cluster_is_refused_at_its_hello() {
         let (addr, _) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
-        let peer = FramePeer::new(addr, Some("c2".into()), None);
+        let peer = Arc::new(FramePeer::new(addr, Some("c2".into()), None));
         let status = peer.connect(soon()).await.err().expect("refused");
         assert_eq!(ErrorCode::of_status(&status), Some(ErrorCode::WrongCluster));
     }
@@ -352,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_past_its_deadline_times_out_and_the_connection_stays() {
         let (addr, accepted) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
-        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let conn = peer.connect(soon()).await.expect("connect").expect("frames");
         // Echo never answers an append batch.
         let never = Body::AppendBatch(Default::default());
@@ -388,20 +415,13 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_frames_is_sent_grpc_for_a_while() {
         // What an older node's HTTP/2 server does with the preface: its settings, then close.
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let _ = stream.write_all(&[0, 0, 0x12, 4, 0, 0, 0, 0, 0]).await;
-                let mut buf = [0u8; 64];
-                let _ = stream.read(&mut buf).await;
-                // Not the HTTP/2 preface: the connection is closed.
-            }
-        });
-        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let (addr, accepted) = counting_server(|mut stream| async move {
+            let _ = stream.write_all(&[0, 0, 0x12, 4, 0, 0, 0, 0, 0]).await;
+            let mut buf = [0u8; 64];
+            let _ = stream.read(&mut buf).await;
+        })
+        .await;
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         assert!(peer.connect(soon()).await.expect("no failure").is_none(), "gRPC, not frames");
         assert!(peer.connect(soon()).await.expect("no failure").is_none());
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "not dialled again within the retry period");
@@ -412,24 +432,15 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         drop(listener);
-        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let status = peer.connect(soon()).await.err().expect("unreachable");
         assert_eq!(status.code(), tonic::Code::Unavailable);
     }
 
     #[tokio::test]
     async fn a_peer_that_closes_without_a_word_is_a_failed_dial_not_an_older_node() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                drop(stream);
-            }
-        });
-        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let (addr, accepted) = counting_server(|stream| async move { drop(stream) }).await;
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let first = peer.connect(soon()).await.err().expect("a failed dial");
         assert_eq!(first.code(), tonic::Code::Unavailable);
         // Within the redial pause the same failure comes back without a dial.
@@ -442,22 +453,17 @@ mod tests {
     /// connection after the silence allowed, pings unanswered, and its callers learn it.
     #[tokio::test]
     async fn a_silent_peer_is_found_by_its_unanswered_pings() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    // Answers the hello, then reads everything and answers nothing.
-                    let mut preface = [0u8; 8];
-                    stream.read_exact(&mut preface).await.expect("preface");
-                    let mut framed = tokio_util::codec::Framed::new(stream, codec());
-                    let _ = framed.next().await;
-                    framed.send(hello("c1")).await.expect("hello");
-                    while let Some(Ok(_)) = framed.next().await {}
-                });
-            }
-        });
-        let peer = FramePeer::new(addr, Some("c1".into()), None);
+        let (addr, _) = counting_server(|mut stream| async move {
+            // Answers the hello, then reads everything and answers nothing.
+            let mut preface = [0u8; 8];
+            stream.read_exact(&mut preface).await.expect("preface");
+            let mut framed = tokio_util::codec::Framed::new(stream, codec());
+            let _ = framed.next().await;
+            framed.send(hello("c1")).await.expect("hello");
+            while let Some(Ok(_)) = framed.next().await {}
+        })
+        .await;
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let conn = peer.connect(soon()).await.expect("connect").expect("frames");
         // Far beyond the silence allowed: an answer past it would be `deadline_exceeded`.
         let status = conn
@@ -478,5 +484,27 @@ mod tests {
             Body::Status(status) => assert_eq!(status.code, tonic::Code::DeadlineExceeded as i32),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A caller whose deadline is too short for a dial (a heartbeat's) stops waiting; the dial
+    /// goes on, and the next caller finds the connection open.
+    #[tokio::test]
+    async fn a_dial_outlives_a_caller_with_a_short_deadline() {
+        // A peer slow to answer the hello (200 ms).
+        let (addr, accepted) = counting_server(|mut stream| async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut preface = [0u8; 8];
+            stream.read_exact(&mut preface).await.expect("preface");
+            let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+            serve(Box::new(stream), Arc::new(Echo { slow: false }), "c1".into(), stop, abort).await;
+        })
+        .await;
+        let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
+        let short = Instant::now() + Duration::from_millis(20);
+        let status = peer.connect(short).await.err().expect("no time to dial");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        let conn = peer.connect(soon()).await.expect("connect").expect("frames");
+        assert_eq!(index_of(conn.call(read_index(5), soon()).await.expect("answered")), Some(5));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the first dial was not abandoned");
     }
 }
