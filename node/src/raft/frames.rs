@@ -53,7 +53,7 @@ use crate::error::{ErrorCode, GRPC_CODE_KEY};
 pub const PREFACE: &[u8; 8] = b"STMFRM01";
 
 /// Requests one connection carries at once, each way; a caller past it is answered
-/// `unavailable` at once (the sender's own queues are bounded well below it).
+/// `overloaded` at once, without sending (the sender's own queues are bounded well below it).
 pub const MAX_IN_FLIGHT: usize = 4096;
 
 /// How long a dial's TCP connect may take.
@@ -382,9 +382,10 @@ impl FrameConn {
         {
             let mut pending = self.pending.lock();
             if pending.len() >= MAX_IN_FLIGHT {
-                return Err(tonic::Status::unavailable(format!(
-                    "{MAX_IN_FLIGHT} requests already in flight to this peer"
-                )));
+                // Not sent: a definite refusal, with its code (as the receiver's own).
+                return Err(
+                    ErrorCode::Overloaded.to_status(format!("{MAX_IN_FLIGHT} requests already in flight to this peer"))
+                );
             }
             pending.insert(id, reply);
         }
