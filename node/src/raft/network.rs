@@ -21,11 +21,11 @@ use openraft::BasicNode;
 use parking_lot::Mutex;
 use stemedb_proto::raft::frame::Body;
 use stemedb_proto::raft::raft_transport_client::RaftTransportClient;
-use stemedb_proto::raft::{AppendBatch, AppendBatchItem, AppendReply, AppendRequest};
+use stemedb_proto::raft::{AppendBatch, AppendBatchItem, AppendReply, AppendRequest, FrameStatus};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
-use super::frames::{status_of_parts, FramePeer};
+use super::frames::{status_frame, status_of_parts, FramePeer};
 use super::metrics as raft_metrics;
 use super::replica_health::ReplicaHealth;
 use super::types::{GroupId, NodeId, TypeConfig};
@@ -397,8 +397,8 @@ async fn send_batch(
     batch: Vec<Pending>,
     unbatched_until: &Mutex<Option<Instant>>,
 ) {
+    let deadline = batch.iter().map(|pending| pending.deadline).max().unwrap_or_else(Instant::now);
     if let Some(peer) = frames {
-        let deadline = batch.iter().map(|pending| pending.deadline).max().unwrap_or_else(Instant::now);
         match peer.connect(deadline).await {
             Ok(Some(conn)) => {
                 let (messages, waiters): (Vec<AppendRequest>, Vec<_>) =
@@ -435,7 +435,6 @@ async fn send_batch(
         .await;
         return;
     }
-    let deadline = batch.iter().map(|pending| pending.deadline).max().unwrap_or_else(Instant::now);
     let (messages, waiters): (Vec<AppendRequest>, Vec<_>) =
         batch.into_iter().map(|pending| (pending.message, pending.reply)).unzip();
     let mut request = tonic::Request::new(AppendBatch { messages });
@@ -487,13 +486,10 @@ fn answer_batch(
 pub fn batch_reply(group_id: u32, result: Result<AppendReply, tonic::Status>) -> AppendBatchItem {
     match result {
         Ok(reply) => AppendBatchItem { group_id, reply: Some(reply), ..AppendBatchItem::default() },
-        Err(status) => AppendBatchItem {
-            group_id,
-            reply: None,
-            status_code: status.code() as i32,
-            status_message: status.message().to_string(),
-            error_code: crate::error::ErrorCode::of_status(&status).map(|c| c.as_str().to_string()).unwrap_or_default(),
-        },
+        Err(status) => {
+            let FrameStatus { code, message, error_code } = status_frame(&status);
+            AppendBatchItem { group_id, reply: None, status_code: code, status_message: message, error_code }
+        }
     }
 }
 

@@ -250,37 +250,28 @@ mod tests {
         }
     }
 
+    /// The tasks of a test server's connections, which a test can end.
+    type Served = Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>;
+
     /// A listener serving frame connections of cluster `cluster` with `handler`, counting the
-    /// connections it accepted; its connections stop with `stop`.
-    async fn frame_server<H: Handler>(
-        handler: Arc<H>,
-        cluster: &str,
-        stop: CancellationToken,
-    ) -> (String, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (count, cluster) = (accepted.clone(), cluster.to_string());
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
+    /// connections it accepted.
+    async fn frame_server<H: Handler>(handler: Arc<H>, cluster: &str) -> (String, Arc<AtomicUsize>, Served) {
+        let cluster = cluster.to_string();
+        counting_server(move |mut stream| {
+            let (handler, cluster) = (handler.clone(), cluster.clone());
+            async move {
                 let mut preface = [0u8; 8];
                 stream.read_exact(&mut preface).await.expect("preface");
                 assert_eq!(&preface, PREFACE);
-                tokio::spawn(serve(
-                    Box::new(stream),
-                    handler.clone(),
-                    cluster.clone(),
-                    stop.child_token(),
-                    CancellationToken::new(),
-                ));
+                let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+                serve(Box::new(stream), handler, cluster, stop, abort).await;
             }
-        });
-        (addr, accepted)
+        })
+        .await
     }
 
     /// A listener that runs `on_accept` on each connection in a task of its own, counting them.
-    async fn counting_server<F, Fut>(on_accept: F) -> (String, Arc<AtomicUsize>)
+    async fn counting_server<F, Fut>(on_accept: F) -> (String, Arc<AtomicUsize>, Served)
     where
         F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -288,34 +279,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let served = Served::default();
+        let (count, tasks) = (accepted.clone(), served.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(on_accept(stream));
-            }
-        });
-        (addr, accepted)
-    }
-
-    /// Like [`frame_server`], keeping each connection's task so a test can end them.
-    async fn frame_server_tasks<H: Handler>(
-        handler: Arc<H>,
-        cluster: &str,
-    ) -> (String, Arc<AtomicUsize>, Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let served = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let (count, tasks, cluster) = (accepted.clone(), served.clone(), cluster.to_string());
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut preface = [0u8; 8];
-                stream.read_exact(&mut preface).await.expect("preface");
-                let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
-                let task = tokio::spawn(serve(Box::new(stream), handler.clone(), cluster.clone(), stop, abort));
-                tasks.lock().push(task);
-                count.fetch_add(1, Ordering::SeqCst);
+                tasks.lock().push(tokio::spawn(on_accept(stream)));
             }
         });
         (addr, accepted, served)
@@ -340,7 +309,7 @@ mod tests {
 
     #[tokio::test]
     async fn many_calls_share_one_connection_and_each_gets_its_own_answer() {
-        let (addr, accepted) = frame_server(Arc::new(Echo { slow: true }), "c1", CancellationToken::new()).await;
+        let (addr, accepted, _) = frame_server(Arc::new(Echo { slow: true }), "c1").await;
         let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let calls = (1..=40u32).map(|group| {
             let peer = peer.clone();
@@ -361,7 +330,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refusal_keeps_its_error_code() {
-        let (addr, _) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
+        let (addr, _, _) = frame_server(Arc::new(Echo { slow: false }), "c1").await;
         let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let conn = peer.connect(soon()).await.expect("connect").expect("frames");
         let status = conn.call(read_index(0), soon()).await.expect_err("refused");
@@ -370,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_of_another_cluster_is_refused_at_its_hello() {
-        let (addr, _) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
+        let (addr, _, _) = frame_server(Arc::new(Echo { slow: false }), "c1").await;
         let peer = Arc::new(FramePeer::new(addr, Some("c2".into()), None));
         let status = peer.connect(soon()).await.err().expect("refused");
         assert_eq!(ErrorCode::of_status(&status), Some(ErrorCode::WrongCluster));
@@ -378,7 +347,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_past_its_deadline_times_out_and_the_connection_stays() {
-        let (addr, accepted) = frame_server(Arc::new(Echo { slow: false }), "c1", CancellationToken::new()).await;
+        let (addr, accepted, _) = frame_server(Arc::new(Echo { slow: false }), "c1").await;
         let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let conn = peer.connect(soon()).await.expect("connect").expect("frames");
         // Echo never answers an append batch.
@@ -392,7 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_connection_fails_its_callers_and_the_next_call_dials_again() {
-        let (addr, accepted, served) = frame_server_tasks(Arc::new(Echo { slow: false }), "c1").await;
+        let (addr, accepted, served) = frame_server(Arc::new(Echo { slow: false }), "c1").await;
         let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let conn = peer.connect(soon()).await.expect("connect").expect("frames");
         // Echo never answers an append batch: the call waits until the connection is lost.
@@ -415,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_frames_is_sent_grpc_for_a_while() {
         // What an older node's HTTP/2 server does with the preface: its settings, then close.
-        let (addr, accepted) = counting_server(|mut stream| async move {
+        let (addr, accepted, _) = counting_server(|mut stream| async move {
             let _ = stream.write_all(&[0, 0, 0x12, 4, 0, 0, 0, 0, 0]).await;
             let mut buf = [0u8; 64];
             let _ = stream.read(&mut buf).await;
@@ -439,7 +408,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_that_closes_without_a_word_is_a_failed_dial_not_an_older_node() {
-        let (addr, accepted) = counting_server(|stream| async move { drop(stream) }).await;
+        let (addr, accepted, _) = counting_server(|stream| async move { drop(stream) }).await;
         let peer = Arc::new(FramePeer::new(addr, Some("c1".into()), None));
         let first = peer.connect(soon()).await.err().expect("a failed dial");
         assert_eq!(first.code(), tonic::Code::Unavailable);
@@ -453,7 +422,7 @@ mod tests {
     /// connection after the silence allowed, pings unanswered, and its callers learn it.
     #[tokio::test]
     async fn a_silent_peer_is_found_by_its_unanswered_pings() {
-        let (addr, _) = counting_server(|mut stream| async move {
+        let (addr, _, _) = counting_server(|mut stream| async move {
             // Answers the hello, then reads everything and answers nothing.
             let mut preface = [0u8; 8];
             stream.read_exact(&mut preface).await.expect("preface");
@@ -491,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn a_dial_outlives_a_caller_with_a_short_deadline() {
         // A peer slow to answer the hello (200 ms).
-        let (addr, accepted) = counting_server(|mut stream| async move {
+        let (addr, accepted, _) = counting_server(|mut stream| async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let mut preface = [0u8; 8];
             stream.read_exact(&mut preface).await.expect("preface");
