@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 pub static STORAGE_OPERATION_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
@@ -86,6 +86,49 @@ pub static GROUP_COMMIT_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// The storage pools' queues (`storage::pool`), by pool (`read`, `apply`).
+pub static POOL_QUEUED_JOBS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    IntGaugeVec::new(
+        Opts::new("stemedb_storage_pool_queued_jobs", "Jobs waiting for a thread of a storage pool, by pool"),
+        &["pool"],
+    )
+    .expect("valid metric")
+});
+
+pub static POOL_QUEUE_CAPACITY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    IntGaugeVec::new(
+        Opts::new(
+            "stemedb_storage_pool_queue_capacity",
+            "Jobs a storage pool's queue holds; past it reads are refused 503 overloaded and applies run in place",
+        ),
+        &["pool"],
+    )
+    .expect("valid metric")
+});
+
+pub static POOL_WAIT: LazyLock<HistogramVec> = LazyLock::new(|| {
+    HistogramVec::new(
+        HistogramOpts::new(
+            "stemedb_storage_pool_wait_seconds",
+            "Time a storage pool job waited in the queue before a thread took it, by pool",
+        )
+        .buckets(vec![0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5]),
+        &["pool"],
+    )
+    .expect("valid metric")
+});
+
+pub static POOL_RAN_IN_PLACE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_storage_pool_ran_in_place_total",
+            "Storage pool jobs run on a blocking thread of their own because the pool's queue was full, by pool",
+        ),
+        &["pool"],
+    )
+    .expect("valid metric")
+});
+
 /// A gauge of the disk-space floor (`storage::disk`).
 macro_rules! disk_gauge {
     ($name:ident, $metric:literal, $help:literal) => {
@@ -125,7 +168,17 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         }
         STORAGE_OPERATIONS.with_label_values(&[operation]);
     }
+    for (pool, capacity) in [("read", super::pool::READ_QUEUE), ("apply", super::pool::APPLY_QUEUE)] {
+        POOL_QUEUE_CAPACITY.with_label_values(&[pool]).set(capacity as i64);
+        POOL_QUEUED_JOBS.with_label_values(&[pool]);
+        POOL_WAIT.with_label_values(&[pool]);
+        POOL_RAN_IN_PLACE.with_label_values(&[pool]);
+    }
     vec![
+        Box::new(POOL_QUEUED_JOBS.clone()),
+        Box::new(POOL_QUEUE_CAPACITY.clone()),
+        Box::new(POOL_WAIT.clone()),
+        Box::new(POOL_RAN_IN_PLACE.clone()),
         Box::new(STORAGE_OPERATION_ERRORS.clone()),
         Box::new(STORAGE_OPERATIONS.clone()),
         Box::new(LOST_FILES.clone()),

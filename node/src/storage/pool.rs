@@ -13,11 +13,21 @@
 //! pool's callers keep at most one job each in flight, fewer than its queue holds; if it were
 //! full, the apply would run in place. A job that panics fails its caller, not the pool: the
 //! thread logs it and takes the next job.
+//!
+//! Each pool reports the jobs waiting for a thread (`stemedb_storage_pool_queued_jobs`), its
+//! queue's size (`stemedb_storage_pool_queue_capacity`), how long jobs waited before a thread took
+//! them (`stemedb_storage_pool_wait_seconds`) and the jobs run in place because the queue was
+//! full (`stemedb_storage_pool_ran_in_place_total`), each labelled `pool="read"` or
+//! `pool="apply"`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, LazyLock};
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
+use prometheus::{Histogram, IntCounter, IntGauge};
+
+use super::metrics;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -27,7 +37,7 @@ pub const READ_QUEUE: usize = 4096;
 /// Applies waiting for a pool thread at most. Each caller (a Raft group's state machine) has at
 /// most one in flight, and a node hosts at most 4,096 shards and the meta group
 /// (`cluster.shards`), so the queue never fills.
-const APPLY_QUEUE: usize = 8192;
+pub const APPLY_QUEUE: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 #[error("the storage read queue is full ({READ_QUEUE} reads waiting)")]
@@ -41,9 +51,13 @@ pub struct Pool {
 /// taking turns at one channel receiver behind a mutex woke the next waiter at every job, for
 /// nothing: two context switches per job more.)
 struct Jobs {
-    queue: Mutex<VecDeque<Job>>,
+    /// Each job with the moment it was queued.
+    queue: Mutex<VecDeque<(Instant, Job)>>,
     ready: Condvar,
     capacity: usize,
+    queued: IntGauge,
+    wait: Histogram,
+    ran_in_place: IntCounter,
 }
 
 impl Jobs {
@@ -53,7 +67,8 @@ impl Jobs {
         if queue.len() >= self.capacity {
             return Err(job);
         }
-        queue.push_back(job);
+        queue.push_back((Instant::now(), job));
+        self.queued.inc();
         drop(queue);
         self.ready.notify_one();
         Ok(())
@@ -63,7 +78,10 @@ impl Jobs {
     fn take(&self) -> Job {
         let mut queue = self.queue.lock();
         loop {
-            if let Some(job) = queue.pop_front() {
+            if let Some((queued_at, job)) = queue.pop_front() {
+                self.queued.dec();
+                drop(queue);
+                self.wait.observe(queued_at.elapsed().as_secs_f64());
                 return job;
             }
             self.ready.wait(&mut queue);
@@ -75,9 +93,9 @@ fn pool_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2)
 }
 
-static READS: LazyLock<Pool> = LazyLock::new(|| Pool::start("stemedb-read", pool_threads(), READ_QUEUE));
+static READS: LazyLock<Pool> = LazyLock::new(|| Pool::start("stemedb-read", "read", pool_threads(), READ_QUEUE));
 
-static APPLIES: LazyLock<Pool> = LazyLock::new(|| Pool::start("stemedb-apply", pool_threads(), APPLY_QUEUE));
+static APPLIES: LazyLock<Pool> = LazyLock::new(|| Pool::start("stemedb-apply", "apply", pool_threads(), APPLY_QUEUE));
 
 /// The node's read pool.
 pub fn read_pool() -> &'static Pool {
@@ -91,8 +109,16 @@ pub fn apply_pool() -> &'static Pool {
 }
 
 impl Pool {
-    fn start(name: &str, threads: usize, queue: usize) -> Pool {
-        let jobs = Arc::new(Jobs { queue: Mutex::new(VecDeque::new()), ready: Condvar::new(), capacity: queue });
+    /// `name` names the threads; `label` is the metrics' `pool` label.
+    fn start(name: &str, label: &str, threads: usize, queue: usize) -> Pool {
+        let jobs = Arc::new(Jobs {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            capacity: queue,
+            queued: metrics::POOL_QUEUED_JOBS.with_label_values(&[label]),
+            wait: metrics::POOL_WAIT.with_label_values(&[label]),
+            ran_in_place: metrics::POOL_RAN_IN_PLACE.with_label_values(&[label]),
+        });
         for index in 0..threads {
             let jobs = jobs.clone();
             let pool = name.to_string();
@@ -134,6 +160,7 @@ impl Pool {
             let _ = reply.send(read());
         });
         if let Err(job) = self.jobs.try_push(job) {
+            self.jobs.ran_in_place.inc();
             super::blocking(job);
         }
         match answer.await {
@@ -151,10 +178,31 @@ mod tests {
 
     use super::Pool;
 
+    /// Occupies one thread of `pool` with a job that holds it until `release` is sent (or 10 s
+    /// pass); returns once the job is running. The handle answers whether it was released.
+    async fn occupy(pool: &Arc<Pool>) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<bool>) {
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                pool.run_or_block(move || {
+                    let _ = started_tx.send(());
+                    wait.recv_timeout(Duration::from_secs(10)).is_ok()
+                })
+                .await
+            }
+        });
+        while started.recv_timeout(Duration::from_millis(10)).is_err() {
+            tokio::task::yield_now().await;
+        }
+        (release, busy)
+    }
+
     /// A panicking job fails its caller; the pool's only thread stays and runs the next job.
     #[tokio::test]
     async fn a_panicking_job_leaves_the_thread_for_the_next() {
-        let pool = Pool::start("stemedb-test", 1, 4);
+        let pool = Pool::start("stemedb-test", "test", 1, 4);
         assert!(pool.run(|| -> u8 { panic!("injected job panic") }).await.is_err());
         assert_eq!(pool.run(|| 7).await.expect("the thread took the next job"), 7);
     }
@@ -163,7 +211,7 @@ mod tests {
     /// another thread can run. A lost wake-up leaves the first waiting until its timeout.
     #[tokio::test]
     async fn two_jobs_run_at_once_on_two_threads() {
-        let pool = Arc::new(Pool::start("stemedb-test-pair", 2, 4));
+        let pool = Arc::new(Pool::start("stemedb-test-pair", "test", 2, 4));
         let (signal, wait) = std::sync::mpsc::channel::<()>();
         let first = tokio::spawn({
             let pool = pool.clone();
@@ -172,6 +220,38 @@ mod tests {
         let second = pool.run(move || signal.send(()).is_ok()).await.expect("ran");
         assert!(second);
         assert!(first.await.expect("joined").expect("ran"), "the second job ran while the first waited");
+    }
+
+    /// The queue's metrics follow its jobs: a job waiting for the busy thread is counted queued
+    /// until a thread takes it, each taken job's wait is observed, and a job that finds the queue
+    /// full is counted as run in place (and runs at once, while the thread is still busy).
+    #[tokio::test]
+    async fn the_queue_reports_waiting_jobs_their_wait_and_overflow() {
+        let label = "test-metrics";
+        let queued = super::metrics::POOL_QUEUED_JOBS.with_label_values(&[label]);
+        let waits = super::metrics::POOL_WAIT.with_label_values(&[label]);
+        let in_place = super::metrics::POOL_RAN_IN_PLACE.with_label_values(&[label]);
+        let pool = Arc::new(Pool::start("stemedb-test-metrics", label, 1, 1));
+        let (release, busy) = occupy(&pool).await;
+        assert_eq!(queued.get(), 0, "the running job is not waiting");
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run_or_block(|| 7).await }
+        });
+        for _ in 0..1000 {
+            if queued.get() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(queued.get(), 1, "the second job waits for the only thread");
+        assert_eq!(pool.run_or_block(|| 9).await, 9, "a job beyond the queue runs at once");
+        assert_eq!(in_place.get(), 1);
+        release.send(()).expect("release");
+        assert!(busy.await.expect("joined"));
+        assert_eq!(waiting.await.expect("joined"), 7);
+        assert_eq!(queued.get(), 0);
+        assert_eq!(waits.get_sample_count(), 2, "both queued jobs had their wait observed");
     }
 
     #[tokio::test]
@@ -184,26 +264,12 @@ mod tests {
 
     #[tokio::test]
     async fn reads_run_on_the_pool_and_a_full_queue_is_refused() {
-        let pool = Arc::new(Pool::start("stemedb-read", 1, 1));
+        let pool = Arc::new(Pool::start("stemedb-read", "test-read", 1, 1));
         assert_eq!(pool.run(|| 21 * 2).await.expect("ran"), 42);
         let name = pool.run(|| std::thread::current().name().map(String::from)).await.expect("ran");
         assert_eq!(name.as_deref(), Some("stemedb-read-0"));
         // Occupy the only thread, then the only queue slot: the next read is refused at once.
-        let (started_tx, started) = std::sync::mpsc::channel::<()>();
-        let (release, wait) = std::sync::mpsc::channel::<()>();
-        let first = tokio::spawn({
-            let pool = pool.clone();
-            async move {
-                pool.run(move || {
-                    let _ = started_tx.send(());
-                    wait.recv().is_ok()
-                })
-                .await
-            }
-        });
-        while started.recv_timeout(Duration::from_millis(10)).is_err() {
-            tokio::task::yield_now().await;
-        }
+        let (release, first) = occupy(&pool).await;
         let queued = tokio::spawn({
             let pool = pool.clone();
             async move { pool.run(|| 7).await }
@@ -220,7 +286,7 @@ mod tests {
         }
         assert!(refused, "a read beyond the queue is refused, not queued");
         release.send(()).expect("release");
-        assert!(first.await.expect("joined").expect("first read ran"));
+        assert!(first.await.expect("joined"), "the first read was released");
         let _ = queued.await.expect("joined");
     }
 }
