@@ -70,6 +70,17 @@ impl<E: Clone> ReadBarrierGroup<E> {
         self.state.lock().started
     }
 
+    /// [`ReadBarrierGroup::run`] within this caller's `deadline`: the time spent waiting for a
+    /// barrier another caller leads counts too. `None` when the deadline passed first (the
+    /// caller's place is given up as when it is cancelled).
+    pub async fn run_until<F, Fut>(&self, deadline: tokio::time::Instant, barrier: F) -> Option<Result<u64, E>>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        tokio::time::timeout_at(deadline, self.run(barrier)).await.ok()
+    }
+
     /// Runs `barrier` for this caller, or waits for one that started after it arrived. Returns
     /// the number of the barrier that served it.
     ///
@@ -241,6 +252,43 @@ mod tests {
                 tokio::time::timeout(Duration::from_secs(2), group.run(|| async { Ok::<(), String>(()) })).await;
             assert!(matches!(after, Ok(Ok(_))), "round {round}: a reader after the cancellations was stranded");
         }
+    }
+
+    /// A reader waiting behind a barrier that does not finish gives up at its own deadline,
+    /// not when the barrier's leader does; the leader's barrier still serves later readers once
+    /// it finishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_reader_gives_up_at_its_own_deadline() {
+        let group = Arc::new(ReadBarrierGroup::<String>::default());
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let finished = Arc::new(tokio::sync::Mutex::new(Some(finished)));
+        let leader = {
+            let group = group.clone();
+            tokio::spawn(async move {
+                group
+                    .run(|| {
+                        let finished = finished.clone();
+                        async move {
+                            if let Some(finished) = finished.lock().await.take() {
+                                let _ = finished.await;
+                            }
+                            Ok::<(), String>(())
+                        }
+                    })
+                    .await
+            })
+        };
+        while group.started_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let started = tokio::time::Instant::now();
+        let waited = group.run_until(started + Duration::from_millis(50), || async { Ok::<(), String>(()) }).await;
+        assert!(waited.is_none(), "the waiting reader was served by a barrier that never finished: {waited:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "the reader waited {:?}", started.elapsed());
+        finish.send(()).expect("the leader is still running its barrier");
+        assert!(matches!(leader.await, Ok(Ok(1))), "the leader is served by its own barrier");
+        let later = tokio::time::timeout(Duration::from_secs(5), group.run(|| async { Ok::<(), String>(()) })).await;
+        assert!(matches!(later, Ok(Ok(2))), "a later reader runs the next barrier: {later:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
