@@ -1096,6 +1096,8 @@ impl GrpcServer {
             .http2_max_pending_accept_reset_streams(Some(PEER_MAX_PENDING_RESETS))
             // Nodes of another cluster are refused before any service sees their request.
             .layer(tonic::service::InterceptorLayer::new(crate::rpc::cluster_check(cluster_id)))
+            // Past this many running requests, one more is refused `overloaded` at once.
+            .layer(crate::rpc::limit::RunningLimit::new(crate::rpc::limit::MAX_RUNNING))
             .add_service(RaftService::server(service))
             .add_service(anti_entropy)
             .add_service(backup)

@@ -228,7 +228,7 @@ impl Metrics {
         // Every known label value exists from the start at 0: a dashboard shows 0, not "no
         // data", and `increase()` sees the first event after a start.
         QUERY_TIMEOUTS.with_label_values(&[&node_label]);
-        for limit in ["concurrency", "write_queue", "read_pool"] {
+        for limit in ["concurrency", "write_queue", "read_pool", "transport"] {
             REQUESTS_SHED.with_label_values(&[limit]);
         }
         let query_total = QUERY_TOTAL.with_label_values(&[&node_label]);

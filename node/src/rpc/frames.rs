@@ -166,6 +166,7 @@ async fn serve_until_closed<H: Handler>(io: Box<dyn Io>, handler: Arc<H>, cluste
                         // Refused at once, before anything is done (so the connection stays
                         // readable and its pings answered).
                         Ok(Frame { id, .. }) if running.len() >= MAX_IN_FLIGHT => {
+                            crate::metrics::REQUESTS_SHED.with_label_values(&["transport"]).inc();
                             let status = ErrorCode::Overloaded
                                 .to_status(format!("{MAX_IN_FLIGHT} requests already running on this connection"));
                             running.push(async move { (id, Body::Status(status_frame(&status))) }.boxed());

@@ -5,11 +5,13 @@
 //! shard set, and encodes the answer; it owns no state. A message that does not decode is
 //! refused with `malformed_message` before anything is done. Beside it, on the same port, the
 //! anti-entropy service (`anti_entropy`), the backup service (`backup`), and the frame
-//! connections that carry the hot requests of this service without gRPC (`frames`).
+//! connections that carry the hot requests of this service without gRPC (`frames`). At most
+//! `limit::MAX_RUNNING` gRPC requests run at once; one more is refused `overloaded` (`limit`).
 
 pub mod anti_entropy;
 pub mod backup;
 pub mod frames;
+pub mod limit;
 
 /// Refuses (`wrong_cluster`) a request whose `user-agent` names another cluster than
 /// `cluster_id` (`raft::network::cluster_user_agent`): a node of an old cluster whose data was
