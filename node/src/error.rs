@@ -83,8 +83,8 @@ error_codes! {
     /// `all`
     InvalidState = "invalid_state", 400, InvalidArgument, final;
     /// `/v1/admin/*` endpoint without a valid bearer token (or, with no token configured, from a
-    /// non-loopback client); on the cluster admin port, a `POST` or `DELETE` without it when a
-    /// token is configured
+    /// non-loopback client, or from a loopback client whose `Host` names another host); on the
+    /// cluster admin port, a `POST` or `DELETE` without it when a token is configured
     AdminTokenRequired = "admin_token_required", 401, Unauthenticated, final;
     /// the node has `security.tokens` and the request has no `Authorization: Bearer <token>`
     /// (health checks and `/metrics` need none)
@@ -98,9 +98,10 @@ error_codes! {
     /// retractions, grants) as another; `details`: `token`, `agent_id`, `allowed`
     AgentNotAllowed = "agent_not_allowed", 403, PermissionDenied, final;
     /// a change (any method but `GET`, `HEAD`, `OPTIONS`) whose `Origin` header (a browser's page)
-    /// does not name the host it was sent to: another site's page cannot make a browser change a
-    /// node (a node on loopback without tokens would otherwise obey it); `details`: `origin`,
-    /// `host`. Clients other than browsers send no `Origin`
+    /// does not name the host it was sent to, or that comes from a loopback peer and names a host
+    /// that is not loopback (a page reached through DNS rebinding): another site's page cannot
+    /// make a browser change a node (a node on loopback without tokens would otherwise obey it);
+    /// `details`: `origin`, `host`. Clients other than browsers send no `Origin`
     CrossOriginRefused = "cross_origin_refused", 403, PermissionDenied, final;
     /// the caller (its token, else its address) is over its rate for the endpoint class
     /// (`rate_limits.read_per_second`, `write_per_second`, `admin_per_second`); `Retry-After` and

@@ -326,6 +326,27 @@ async fn without_tokens_a_loopback_node_works_as_before() {
     assert_eq!(status, 200, "admin from loopback without a token");
     let (status, page) = node.get("/v1/admin/audit").await;
     assert_eq!(status, 200, "{page}");
+    // A page that reached the node through DNS rebinding names its own host: no admin rights,
+    // and its changes (a browser sends Origin) are refused; the same page as localhost is served.
+    let stats = format!("{}/v1/admin/storage/stats", node.url);
+    let rebound = node.client.get(&stats).header("host", "evil.example:18180").send().await.expect("send");
+    assert_eq!(rebound.status().as_u16(), 401);
+    let body: Value = rebound.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "admin_token_required", "{body}");
+    let localhost = node.client.get(&stats).header("host", "localhost:18180").send().await.expect("send");
+    assert_eq!(localhost.status().as_u16(), 200);
+    let change = node
+        .client
+        .post(format!("{}/v1/assert", node.url))
+        .header("host", "evil.example:18180")
+        .header("origin", "http://evil.example:18180")
+        .json(&claim("open/b", "anyone"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(change.status().as_u16(), 403);
+    let body: Value = change.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "cross_origin_refused", "{body}");
     node.stop().await;
 }
 

@@ -75,6 +75,18 @@ impl NodeContext {
     pub fn require_admin(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
         if self.is_admin(headers, peer) {
             Ok(())
+        } else if !self.access.admin_secured()
+            && peer.is_some_and(|p| p.ip().to_canonical().is_loopback())
+            && !access::loopback_host(headers)
+        {
+            let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+            Err(ApiError::new(
+                ErrorCode::AdminTokenRequired,
+                format!(
+                    "loopback clients have admin rights only when they name a loopback host; this request named \
+                     {host:?} (open the node as localhost or 127.0.0.1, or set security.admin_token)"
+                ),
+            ))
         } else {
             Err(ApiError::new(
                 ErrorCode::AdminTokenRequired,

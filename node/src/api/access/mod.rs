@@ -7,7 +7,8 @@
 //!
 //! With no `security.tokens` configured a node works as before tokens existed: reads and writes
 //! are open, and the admin endpoints take `security.admin_token` (or, without one, a loopback
-//! peer). Tokens and rate limits are reloaded with the config on SIGHUP ([`Access::reload`]).
+//! peer that names a loopback host: [`loopback_host`]). Tokens and rate limits are reloaded with
+//! the config on SIGHUP ([`Access::reload`]).
 
 pub mod audit;
 pub mod limits;
@@ -303,7 +304,8 @@ impl Access {
     }
 
     /// Whether the request carries admin rights on an admin endpoint: an admin token when tokens
-    /// are configured; else `security.admin_token`, or a loopback peer when there is none.
+    /// are configured; else `security.admin_token`, or, when there is none, a loopback peer
+    /// whose request names a loopback host ([`loopback_host`]).
     pub fn is_admin(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> bool {
         let settings = self.settings();
         let presented = bearer(headers).map(sha256);
@@ -314,7 +316,7 @@ impl Access {
             });
         }
         match settings.admin_token {
-            None => peer.is_some_and(|p| p.ip().to_canonical().is_loopback()),
+            None => peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) && loopback_host(headers),
             Some(admin) => presented.is_some_and(|hash| constant_time_eq(&hash, &admin)),
         }
     }
@@ -359,6 +361,32 @@ impl Drop for RecordIfDropped {
     }
 }
 
+/// Whether a request's `Host` names this machine's loopback: `localhost` (or a name under
+/// `.localhost`, which browsers resolve to loopback themselves), a loopback address (`127.0.0.0/8`,
+/// `[::1]`), with or without a port. A request without `Host` (HTTP/1.0, or HTTP/2 where the
+/// authority is not a header) comes from a client that is not a browser and counts as loopback.
+///
+/// Loopback rights must not reach a web page through DNS rebinding: a page of `evil.example`
+/// whose name is made to resolve to 127.0.0.1 sends its requests from a loopback peer, as its own
+/// origin (so [`cross_origin`] lets them through), but with `Host: evil.example`.
+pub fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(axum::http::header::HOST) else { return true };
+    let Ok(host) = host.to_str() else { return false };
+    let name = match host.strip_prefix('[') {
+        // "[::1]:18181" or "[::1]"
+        Some(bracketed) => bracketed.split_once(']').map_or("", |(address, _)| address),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    let name = name.trim_end_matches('.');
+    if name.eq_ignore_ascii_case("localhost") || name.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 /// Whether a request may change something: every method but GET, HEAD and OPTIONS (the ones a
 /// browser sends cross-origin without asking).
 fn changes(method: &Method) -> bool {
@@ -369,7 +397,11 @@ fn changes(method: &Method) -> bool {
 /// otherwise POST to a node on loopback without tokens (a form or a "simple" request needs no
 /// preflight), and with tokens it could not attach one anyway. Browsers name the page's origin
 /// in `Origin`; other clients send none, and the dashboard's own requests name its host.
-fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
+///
+/// A page that reached a loopback node through DNS rebinding (its own name made to resolve to
+/// 127.0.0.1) is same-origin by these headers, so a browser's change from a loopback peer must
+/// also name a loopback host ([`loopback_host`]).
+fn cross_origin(method: &Method, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
     if !changes(method) {
         return None;
     }
@@ -377,16 +409,24 @@ fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
     let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
     let origin_text = origin.to_str().unwrap_or("");
     let origin_host = origin_text.split_once("://").map(|(_, rest)| rest.trim_end_matches('/')).unwrap_or("");
-    if !origin_host.is_empty() && !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+    let rebound = peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) && !loopback_host(headers);
+    if !origin_host.is_empty() && !host.is_empty() && origin_host.eq_ignore_ascii_case(host) && !rebound {
         return None;
     }
     metrics::REFUSED.with_label_values(&["cross_origin"]).inc();
     Some(
         ApiError::new(
             ErrorCode::CrossOriginRefused,
-            format!(
-                "a change sent from the web page {origin_text:?} to {host:?}: only same-origin pages may change things"
-            ),
+            if rebound {
+                format!(
+                    "a change sent from the web page {origin_text:?} through this machine's loopback names the host \
+                     {host:?}: a browser's changes from this machine must name localhost or a loopback address"
+                )
+            } else {
+                format!(
+                    "a change sent from the web page {origin_text:?} to {host:?}: only same-origin pages may change things"
+                )
+            },
         )
         .with_details(json!({"origin": origin_text, "host": host})),
     )
@@ -414,7 +454,7 @@ pub fn guard_codes(method: &Method, path: &str) -> Vec<ErrorCode> {
 /// The middleware of both HTTP routers (see the module doc).
 pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0);
-    if let Some(refusal) = cross_origin(request.method(), request.headers()) {
+    if let Some(refusal) = cross_origin(request.method(), request.headers(), peer) {
         tracing::warn!(peer = ?peer, method = %request.method(), path = request.uri().path(), "cross-origin change refused");
         return refusal.into_response();
     }
@@ -509,23 +549,35 @@ mod tests {
             map
         };
         let post = Method::POST;
+        let local: Option<SocketAddr> = Some("127.0.0.1:40000".parse().expect("addr"));
+        let remote: Option<SocketAddr> = Some("10.1.2.3:40000".parse().expect("addr"));
         // No Origin: curl, the CLI, other nodes.
-        assert!(cross_origin(&post, &headers(&[("host", "127.0.0.1:18180")])).is_none());
+        assert!(cross_origin(&post, &headers(&[("host", "127.0.0.1:18180")]), local).is_none());
         // The dashboard's own requests (same origin), in any letter case, with or without a port.
         let same = headers(&[("host", "127.0.0.1:18188"), ("origin", "http://127.0.0.1:18188")]);
-        assert!(cross_origin(&post, &same).is_none());
+        assert!(cross_origin(&post, &same, local).is_none());
         let named = headers(&[("host", "DB.example.com"), ("origin", "https://db.example.com")]);
-        assert!(cross_origin(&Method::DELETE, &named).is_none());
+        assert!(cross_origin(&Method::DELETE, &named, remote).is_none());
         // Another site's page, a sandboxed one ("null"), a port that differs: refused.
         for origin in ["https://evil.example", "null", "http://127.0.0.1:8080", "http://127.0.0.1:18188.evil"] {
-            let refused = cross_origin(&post, &headers(&[("host", "127.0.0.1:18188"), ("origin", origin)]));
+            let refused = cross_origin(&post, &headers(&[("host", "127.0.0.1:18188"), ("origin", origin)]), local);
             let error = refused.expect(origin);
             assert_eq!(error.code, ErrorCode::CrossOriginRefused, "{origin}");
             assert_eq!(error.details["origin"], origin);
         }
         // Reads are not changes (and a browser cannot read another origin's answers).
         let foreign = headers(&[("host", "127.0.0.1:18180"), ("origin", "https://evil.example")]);
-        assert!(cross_origin(&Method::GET, &foreign).is_none());
+        assert!(cross_origin(&Method::GET, &foreign, local).is_none());
+        // DNS rebinding: a page of evil.example resolved to 127.0.0.1 is same-origin by its
+        // headers, but names no loopback host from a loopback peer. From another machine the
+        // same headers are an ordinary named host.
+        let rebound = headers(&[("host", "evil.example:18181"), ("origin", "http://evil.example:18181")]);
+        let refused = cross_origin(&post, &rebound, local).expect("a rebound page's change is refused");
+        assert_eq!(refused.code, ErrorCode::CrossOriginRefused);
+        assert!(cross_origin(&post, &rebound, remote).is_none());
+        // A dashboard opened as localhost, or as a loopback address, changes things as before.
+        let localhost = headers(&[("host", "localhost:18181"), ("origin", "http://localhost:18181")]);
+        assert!(cross_origin(&post, &localhost, local).is_none());
     }
 
     fn config_with(tokens: &[(&str, &str, TokenRole, &[&str])]) -> Config {
@@ -628,6 +680,30 @@ mod tests {
         }
         assert!(access.is_admin(&headers(None), Some(loopback)));
         assert!(!access.is_admin(&headers(None), Some(remote)));
+        // Loopback rights go only to requests that name a loopback host: not to a page whose
+        // name was rebound to 127.0.0.1.
+        for (host, admin) in [
+            ("127.0.0.1:18181", true),
+            ("127.0.0.3:18181", true),
+            ("localhost:18181", true),
+            ("LOCALHOST", true),
+            ("dashboard.localhost:18181", true),
+            ("[::1]:18181", true),
+            ("[::ffff:127.0.0.1]:18181", true),
+            ("localhost.:18181", true),
+            ("evil.example:18181", false),
+            ("evil.example", false),
+            ("127.0.0.1.evil.example:18181", false),
+            ("localhost.evil.example", false),
+            ("10.1.2.3:18181", false),
+            ("[::2]:18181", false),
+            ("", false),
+        ] {
+            let mut with_host = headers(None);
+            with_host.insert(axum::http::header::HOST, host.parse().expect("header"));
+            assert_eq!(access.is_admin(&with_host, Some(loopback)), admin, "Host: {host}");
+            assert!(!access.is_admin(&with_host, Some(remote)), "Host: {host} from a remote peer");
+        }
         let mut config = Config::default();
         config.security.admin_token = "secret".into();
         let access = self::access(&config);
