@@ -98,11 +98,16 @@ error_codes! {
     /// retractions, grants) as another; `details`: `token`, `agent_id`, `allowed`
     AgentNotAllowed = "agent_not_allowed", 403, PermissionDenied, final;
     /// a change (any method but `GET`, `HEAD`, `OPTIONS`) whose `Origin` header (a browser's page)
-    /// does not name the host it was sent to, or that comes from a loopback peer and names a host
-    /// that is not loopback (a page reached through DNS rebinding): another site's page cannot
-    /// make a browser change a node (a node on loopback without tokens would otherwise obey it);
-    /// `details`: `origin`, `host`. Clients other than browsers send no `Origin`
+    /// does not name the host it was sent to: another site's page cannot make a browser change a
+    /// node (a node on loopback without tokens would otherwise obey it); `details`: `origin`,
+    /// `host`. Clients other than browsers send no `Origin`
     CrossOriginRefused = "cross_origin_refused", 403, PermissionDenied, final;
+    /// on a node without `security.tokens` (and without `security.allow_unauthenticated`), a
+    /// request from a loopback client whose `Host` is not a loopback host (`localhost`,
+    /// `*.localhost`, `127.0.0.0/8`, `[::1]`): a web page whose name an attacker made resolve to
+    /// 127.0.0.1 (DNS rebinding). Open the node as `localhost` or by address, or set tokens;
+    /// `details`: `host`
+    LoopbackHostRequired = "loopback_host_required", 403, PermissionDenied, final;
     /// the caller (its token, else its address) is over its rate for the endpoint class
     /// (`rate_limits.read_per_second`, `write_per_second`, `admin_per_second`); `Retry-After` and
     /// `details.retry_after_seconds` say when to try again

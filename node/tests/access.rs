@@ -326,27 +326,33 @@ async fn without_tokens_a_loopback_node_works_as_before() {
     assert_eq!(status, 200, "admin from loopback without a token");
     let (status, page) = node.get("/v1/admin/audit").await;
     assert_eq!(status, 200, "{page}");
-    // A page that reached the node through DNS rebinding names its own host: no admin rights,
-    // and its changes (a browser sends Origin) are refused; the same page as localhost is served.
-    let stats = format!("{}/v1/admin/storage/stats", node.url);
-    let rebound = node.client.get(&stats).header("host", "evil.example:18180").send().await.expect("send");
-    assert_eq!(rebound.status().as_u16(), 401);
-    let body: Value = rebound.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "admin_token_required", "{body}");
-    let localhost = node.client.get(&stats).header("host", "localhost:18180").send().await.expect("send");
-    assert_eq!(localhost.status().as_u16(), 200);
-    let change = node
-        .client
-        .post(format!("{}/v1/assert", node.url))
-        .header("host", "evil.example:18180")
-        .header("origin", "http://evil.example:18180")
-        .json(&claim("open/b", "anyone"))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(change.status().as_u16(), 403);
-    let body: Value = change.json().await.expect("json");
-    assert_eq!(body["error"]["code"], "cross_origin_refused", "{body}");
+    // A page that reached the node through DNS rebinding names its own host: it reads nothing,
+    // changes nothing and has no admin rights; the same requests naming localhost are served,
+    // and health checks stay open.
+    let rebound = |method: &str, path: &str, host: &str| {
+        node.client.request(method.parse().expect("method"), format!("{}{path}", node.url)).header("host", host)
+    };
+    for (method, path) in [("GET", "/v1/admin/storage/stats"), ("GET", "/v1/concepts"), ("POST", "/v1/assert")] {
+        let response = rebound(method, path, "evil.example:18180")
+            .header("origin", "http://evil.example:18180")
+            .json(&claim("open/b", "anyone"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status().as_u16(), 403, "{method} {path}");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "loopback_host_required", "{method} {path}: {body}");
+        assert_eq!(body["error"]["details"]["host"], "evil.example:18180");
+    }
+    let (status, _) = node.get("/v1/concepts").await;
+    assert_eq!(status, 200, "a read naming a loopback address");
+    let stats = rebound("GET", "/v1/admin/storage/stats", "localhost:18180").send().await.expect("send");
+    assert_eq!(stats.status().as_u16(), 200, "the same admin read naming localhost");
+    let health = rebound("GET", "/health", "evil.example:18180").send().await.expect("send");
+    assert_eq!(health.status().as_u16(), 200, "health checks stay open");
+    let refusals = node.client.get(format!("{}/metrics", node.url)).send().await.expect("send");
+    let text = refusals.text().await.expect("text");
+    assert!(text.contains("stemedb_http_auth_refused_total{reason=\"loopback_host\"} 3"), "three refusals counted");
     node.stop().await;
 }
 

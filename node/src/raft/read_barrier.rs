@@ -255,8 +255,8 @@ mod tests {
     }
 
     /// A reader waiting behind a barrier that does not finish gives up at its own deadline,
-    /// not when the barrier's leader does; the leader's barrier still serves later readers once
-    /// it finishes.
+    /// not when the barrier's leader does; the leader is still served by its barrier once it
+    /// finishes, and a later reader runs the next one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_reader_gives_up_at_its_own_deadline() {
         let group = Arc::new(ReadBarrierGroup::<String>::default());

@@ -983,11 +983,12 @@ impl ShardSet {
         }
         raft_metrics::QUORUM_READS.inc();
         // The reader's time counts from its arrival: waiting for a barrier another reader
-        // leads, and this reader's own turn at leading, share the one timeout.
+        // leads, and this reader's own turn at leading, share the one timeout. A barrier itself
+        // gets the whole timeout from its start, because it serves every reader waiting behind
+        // it, not only the one leading it (whose time may be nearly spent).
         let deadline = Instant::now() + timeout;
         // Concurrent readers share one barrier that started after they arrived.
-        let shared =
-            group.read_barriers.run_until(deadline.into(), || self.read_barrier_once(shard, deadline, timeout));
+        let shared = group.read_barriers.run_until(deadline.into(), || self.read_barrier_once(shard, timeout));
         match shared.await {
             Some(result) => result.map(|_| ()),
             None => Err(ConsensusError::Timeout { shard, timeout_ms: timeout.as_millis() as u64 }),
@@ -1037,10 +1038,10 @@ impl ShardSet {
         may_read_alone(&metrics, self.node_id)
     }
 
-    /// One barrier for the readers waiting on `shard`, by `deadline` (that of the reader
-    /// leading it, whose `timeout` errors name).
-    async fn read_barrier_once(&self, shard: u16, deadline: Instant, timeout: Duration) -> Result<(), ConsensusError> {
+    /// One barrier for the readers waiting on `shard`, within `timeout` of its start.
+    async fn read_barrier_once(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
+        let deadline = Instant::now() + timeout;
         let read_index = loop {
             let leader = self.wait_for_leader(&group, deadline).await?;
             let attempt_deadline = deadline.min(Instant::now() + self.forward_attempt_timeout);

@@ -4,8 +4,13 @@
 //! message in memory. A request past the bound is answered at once with `overloaded`
 //! (`Unavailable`, retryable, the code in the status's metadata), before its service sees it,
 //! and counted in `stemedb_requests_shed_total{limit="transport"}`. A request holds its place
-//! until its response is ready: the whole call for a unary request, until the first message
-//! for a streaming one.
+//! until its handler returns (every transport RPC is unary).
+//!
+//! The bound covers the requests that clients' load drives: forwarded writes, read indexes,
+//! shard reads, anti-entropy and backup copies. Raft's own messages (votes, AppendEntries,
+//! snapshots, node heartbeats, campaigns and membership changes of a group) are not counted:
+//! they are bounded by the groups and peers, and refusing them under load would start elections
+//! and make the overload worse.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,6 +71,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<Req>) -> Self::Future {
+        if consensus(request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let call = self.inner.call(request);
@@ -83,6 +91,23 @@ where
             }
         }
     }
+}
+
+/// Whether `path` is one of Raft's own RPCs, which the bound does not count.
+fn consensus(path: &str) -> bool {
+    const RAFT: &str = "/stemedb.raft.v1.RaftTransport/";
+    path.strip_prefix(RAFT).is_some_and(|method| {
+        matches!(
+            method,
+            "AppendEntries"
+                | "AppendEntriesBatch"
+                | "Vote"
+                | "InstallSnapshot"
+                | "AdminGroup"
+                | "Campaign"
+                | "NodeHeartbeat"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -141,8 +166,14 @@ mod tests {
         .expect("answered");
         assert_eq!(done.body(), "served");
         let next = tokio::spawn(call!());
-        release.add_permits(2);
+        // Raft's own messages are not counted: one goes through while both places are taken.
+        let vote = http::Request::builder().uri("/stemedb.raft.v1.RaftTransport/Vote").body(()).expect("request");
+        let vote = tokio::spawn(service.ready().await.expect("ready").call(vote));
+        release.add_permits(3);
         let next = tokio::time::timeout(Duration::from_secs(5), next).await.expect("served").expect("joined");
         assert_eq!(next.expect("answered").body(), "served", "the freed place served the next request");
+        let vote = tokio::time::timeout(Duration::from_secs(5), vote).await.expect("served").expect("joined");
+        assert_eq!(vote.expect("answered").body(), "served", "a vote is never refused");
+        assert_eq!(shed.get(), shed_before + 1, "nothing else was refused");
     }
 }

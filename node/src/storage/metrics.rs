@@ -112,7 +112,9 @@ pub static POOL_WAIT: LazyLock<HistogramVec> = LazyLock::new(|| {
             "stemedb_storage_pool_wait_seconds",
             "Time a storage pool job waited in the queue before a thread took it, by pool",
         )
-        .buckets(vec![0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5]),
+        .buckets(vec![
+            0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
         &["pool"],
     )
     .expect("valid metric")

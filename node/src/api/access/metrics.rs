@@ -8,7 +8,7 @@ pub static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new(
             "stemedb_http_auth_refused_total",
-            "HTTP requests refused by access control, by reason (token_required, invalid_token, role_insufficient, agent_not_allowed)",
+            "HTTP requests refused by access control, by reason (token_required, invalid_token, role_insufficient, agent_not_allowed, cross_origin, loopback_host)",
         ),
         &["reason"],
     )
@@ -39,7 +39,9 @@ pub static AUDIT_ENTRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Every collector of this module; the known label values start at 0.
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
-    for reason in ["token_required", "invalid_token", "role_insufficient", "agent_not_allowed", "cross_origin"] {
+    for reason in
+        ["token_required", "invalid_token", "role_insufficient", "agent_not_allowed", "cross_origin", "loopback_host"]
+    {
         REFUSED.with_label_values(&[reason]);
     }
     for class in ["read", "write", "admin"] {

@@ -157,6 +157,9 @@ struct Settings {
     /// SHA-256 of `security.admin_token` (empty: none).
     admin_token: Option<[u8; 32]>,
     limits: limits::RateLimits,
+    /// `security.allow_unauthenticated`: the operator opened the node to the network without
+    /// tokens, so loopback is not what protects it.
+    open_to_network: bool,
 }
 
 impl Settings {
@@ -172,7 +175,12 @@ impl Settings {
             })
             .collect();
         let admin_token = (!config.security.admin_token.is_empty()).then(|| sha256(&config.security.admin_token));
-        Settings { tokens, admin_token, limits: limits::RateLimits::new(&config.rate_limits) }
+        Settings {
+            tokens,
+            admin_token,
+            limits: limits::RateLimits::new(&config.rate_limits),
+            open_to_network: config.security.allow_unauthenticated,
+        }
     }
 }
 
@@ -303,6 +311,36 @@ impl Access {
         }
     }
 
+    /// Refuses a request that reached a node protected only by its loopback address under
+    /// another host's name: a web page whose name an attacker made resolve to 127.0.0.1 (DNS
+    /// rebinding) is same-origin by its own headers, so neither `Origin` nor CORS stops it from
+    /// reading, and without tokens nothing else would. Applies to a node without `security.tokens`
+    /// and without `security.allow_unauthenticated`, to requests from a loopback peer whose
+    /// `Host` is not loopback ([`loopback_host`]); health checks and `/metrics` stay open.
+    fn rebound(&self, class: Class, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
+        let settings = self.settings();
+        if class == Class::Open
+            || !settings.tokens.is_empty()
+            || settings.open_to_network
+            || !peer.is_some_and(|p| p.ip().to_canonical().is_loopback())
+            || loopback_host(headers)
+        {
+            return None;
+        }
+        let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        metrics::REFUSED.with_label_values(&["loopback_host"]).inc();
+        Some(
+            ApiError::new(
+                ErrorCode::LoopbackHostRequired,
+                format!(
+                    "this node has no tokens and serves loopback clients that name a loopback host; this request \
+                     named {host:?} (open the node as localhost or 127.0.0.1, or set security.tokens)"
+                ),
+            )
+            .with_details(json!({"host": host})),
+        )
+    }
+
     /// Whether the request carries admin rights on an admin endpoint: an admin token when tokens
     /// are configured; else `security.admin_token`, or, when there is none, a loopback peer
     /// whose request names a loopback host ([`loopback_host`]).
@@ -363,8 +401,9 @@ impl Drop for RecordIfDropped {
 
 /// Whether a request's `Host` names this machine's loopback: `localhost` (or a name under
 /// `.localhost`, which browsers resolve to loopback themselves), a loopback address (`127.0.0.0/8`,
-/// `[::1]`), with or without a port. A request without `Host` (HTTP/1.0, or HTTP/2 where the
-/// authority is not a header) comes from a client that is not a browser and counts as loopback.
+/// `[::1]`), with or without a port. A request without `Host` counts as loopback: HTTP/1.0, or
+/// HTTP/2, where the authority is not a header and which browsers speak only over TLS (a rebound
+/// name fails the certificate check there).
 ///
 /// Loopback rights must not reach a web page through DNS rebinding: a page of `evil.example`
 /// whose name is made to resolve to 127.0.0.1 sends its requests from a loopback peer, as its own
@@ -374,7 +413,13 @@ pub fn loopback_host(headers: &HeaderMap) -> bool {
     let Ok(host) = host.to_str() else { return false };
     let name = match host.strip_prefix('[') {
         // "[::1]:18181" or "[::1]"
-        Some(bracketed) => bracketed.split_once(']').map_or("", |(address, _)| address),
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((address, "")) => address,
+            Some((address, port)) if port.strip_prefix(':').is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())) => {
+                address
+            }
+            _ => return false,
+        },
         None => match host.rsplit_once(':') {
             Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
             _ => host,
@@ -397,11 +442,7 @@ fn changes(method: &Method) -> bool {
 /// otherwise POST to a node on loopback without tokens (a form or a "simple" request needs no
 /// preflight), and with tokens it could not attach one anyway. Browsers name the page's origin
 /// in `Origin`; other clients send none, and the dashboard's own requests name its host.
-///
-/// A page that reached a loopback node through DNS rebinding (its own name made to resolve to
-/// 127.0.0.1) is same-origin by these headers, so a browser's change from a loopback peer must
-/// also name a loopback host ([`loopback_host`]).
-fn cross_origin(method: &Method, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
+fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
     if !changes(method) {
         return None;
     }
@@ -409,24 +450,16 @@ fn cross_origin(method: &Method, headers: &HeaderMap, peer: Option<SocketAddr>) 
     let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
     let origin_text = origin.to_str().unwrap_or("");
     let origin_host = origin_text.split_once("://").map(|(_, rest)| rest.trim_end_matches('/')).unwrap_or("");
-    let rebound = peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) && !loopback_host(headers);
-    if !origin_host.is_empty() && !host.is_empty() && origin_host.eq_ignore_ascii_case(host) && !rebound {
+    if !origin_host.is_empty() && !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
         return None;
     }
     metrics::REFUSED.with_label_values(&["cross_origin"]).inc();
     Some(
         ApiError::new(
             ErrorCode::CrossOriginRefused,
-            if rebound {
-                format!(
-                    "a change sent from the web page {origin_text:?} through this machine's loopback names the host \
-                     {host:?}: a browser's changes from this machine must name localhost or a loopback address"
-                )
-            } else {
-                format!(
-                    "a change sent from the web page {origin_text:?} to {host:?}: only same-origin pages may change things"
-                )
-            },
+            format!(
+                "a change sent from the web page {origin_text:?} to {host:?}: only same-origin pages may change things"
+            ),
         )
         .with_details(json!({"origin": origin_text, "host": host})),
     )
@@ -441,8 +474,10 @@ pub fn guard_codes(method: &Method, path: &str) -> Vec<ErrorCode> {
     }
     let class = classify(method, path);
     if class != Class::Open {
-        // Tokens when `security.tokens` is set; a rate when `[security.rate_limits]` sets one.
+        // Tokens when `security.tokens` is set; a rate when `[security.rate_limits]` sets one;
+        // without tokens, a loopback host.
         codes.extend([ErrorCode::TokenRequired, ErrorCode::InvalidToken, ErrorCode::RoleInsufficient]);
+        codes.push(ErrorCode::LoopbackHostRequired);
         codes.push(ErrorCode::RateLimited);
     }
     if audited(class, method, path) {
@@ -454,12 +489,16 @@ pub fn guard_codes(method: &Method, path: &str) -> Vec<ErrorCode> {
 /// The middleware of both HTTP routers (see the module doc).
 pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|info| info.0);
-    if let Some(refusal) = cross_origin(request.method(), request.headers(), peer) {
+    if let Some(refusal) = cross_origin(request.method(), request.headers()) {
         tracing::warn!(peer = ?peer, method = %request.method(), path = request.uri().path(), "cross-origin change refused");
         return refusal.into_response();
     }
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    if let Some(refusal) = access.rebound(classify(&method, &path), request.headers(), peer) {
+        tracing::warn!(peer = ?peer, method = %method, path = %path, "request naming a host that is not loopback refused");
+        return refusal.into_response();
+    }
     // The audit names the query too (a revocation's `agent_id` is there).
     let target = request.uri().path_and_query().map_or_else(|| path.clone(), |p| p.as_str().to_string());
     let class = classify(&method, &path);
@@ -549,35 +588,23 @@ mod tests {
             map
         };
         let post = Method::POST;
-        let local: Option<SocketAddr> = Some("127.0.0.1:40000".parse().expect("addr"));
-        let remote: Option<SocketAddr> = Some("10.1.2.3:40000".parse().expect("addr"));
         // No Origin: curl, the CLI, other nodes.
-        assert!(cross_origin(&post, &headers(&[("host", "127.0.0.1:18180")]), local).is_none());
+        assert!(cross_origin(&post, &headers(&[("host", "127.0.0.1:18180")])).is_none());
         // The dashboard's own requests (same origin), in any letter case, with or without a port.
         let same = headers(&[("host", "127.0.0.1:18188"), ("origin", "http://127.0.0.1:18188")]);
-        assert!(cross_origin(&post, &same, local).is_none());
+        assert!(cross_origin(&post, &same).is_none());
         let named = headers(&[("host", "DB.example.com"), ("origin", "https://db.example.com")]);
-        assert!(cross_origin(&Method::DELETE, &named, remote).is_none());
+        assert!(cross_origin(&Method::DELETE, &named).is_none());
         // Another site's page, a sandboxed one ("null"), a port that differs: refused.
         for origin in ["https://evil.example", "null", "http://127.0.0.1:8080", "http://127.0.0.1:18188.evil"] {
-            let refused = cross_origin(&post, &headers(&[("host", "127.0.0.1:18188"), ("origin", origin)]), local);
+            let refused = cross_origin(&post, &headers(&[("host", "127.0.0.1:18188"), ("origin", origin)]));
             let error = refused.expect(origin);
             assert_eq!(error.code, ErrorCode::CrossOriginRefused, "{origin}");
             assert_eq!(error.details["origin"], origin);
         }
         // Reads are not changes (and a browser cannot read another origin's answers).
         let foreign = headers(&[("host", "127.0.0.1:18180"), ("origin", "https://evil.example")]);
-        assert!(cross_origin(&Method::GET, &foreign, local).is_none());
-        // DNS rebinding: a page of evil.example resolved to 127.0.0.1 is same-origin by its
-        // headers, but names no loopback host from a loopback peer. From another machine the
-        // same headers are an ordinary named host.
-        let rebound = headers(&[("host", "evil.example:18181"), ("origin", "http://evil.example:18181")]);
-        let refused = cross_origin(&post, &rebound, local).expect("a rebound page's change is refused");
-        assert_eq!(refused.code, ErrorCode::CrossOriginRefused);
-        assert!(cross_origin(&post, &rebound, remote).is_none());
-        // A dashboard opened as localhost, or as a loopback address, changes things as before.
-        let localhost = headers(&[("host", "localhost:18181"), ("origin", "http://localhost:18181")]);
-        assert!(cross_origin(&post, &localhost, local).is_none());
+        assert!(cross_origin(&Method::GET, &foreign).is_none());
     }
 
     fn config_with(tokens: &[(&str, &str, TokenRole, &[&str])]) -> Config {
@@ -670,6 +697,35 @@ mod tests {
         assert!(!access.is_admin(&headers(None), Some(loopback)), "with tokens, loopback is no credential");
     }
 
+    /// The rebinding refusal applies only where loopback is the node's protection: no tokens and
+    /// not opened to the network, a loopback peer naming another host, an endpoint that is not
+    /// open.
+    #[test]
+    fn requests_naming_another_host_from_loopback_are_refused_only_without_tokens() {
+        let loopback: Option<SocketAddr> = Some("127.0.0.1:5000".parse().expect("addr"));
+        let remote: Option<SocketAddr> = Some("10.1.2.3:5000".parse().expect("addr"));
+        let named = |host: &str| {
+            let mut headers = headers(None);
+            headers.insert(axum::http::header::HOST, host.parse().expect("header"));
+            headers
+        };
+        let evil = named("evil.example:18180");
+        let open = access(&Config::default());
+        let refused = open.rebound(Class::Read, &evil, loopback).expect("refused");
+        assert_eq!(refused.code, ErrorCode::LoopbackHostRequired);
+        assert_eq!(refused.details["host"], "evil.example:18180");
+        assert!(open.rebound(Class::Admin, &evil, loopback).is_some());
+        assert!(open.rebound(Class::Open, &evil, loopback).is_none(), "health checks stay open");
+        assert!(open.rebound(Class::Read, &evil, remote).is_none(), "a remote peer is not loopback");
+        assert!(open.rebound(Class::Write, &named("127.0.0.1:18180"), loopback).is_none());
+        assert!(open.rebound(Class::Write, &headers(None), loopback).is_none(), "no Host: not a browser");
+        let mut config = Config::default();
+        config.security.allow_unauthenticated = true;
+        assert!(access(&config).rebound(Class::Read, &evil, loopback).is_none(), "opened to the network");
+        let tokens = access(&config_with(&[("r", "r-token", TokenRole::Read, &[])]));
+        assert!(tokens.rebound(Class::Read, &evil, loopback).is_none(), "tokens protect the node");
+    }
+
     #[test]
     fn without_tokens_the_node_works_as_before() {
         let access = access(&Config::default());
@@ -697,6 +753,8 @@ mod tests {
             ("localhost.evil.example", false),
             ("10.1.2.3:18181", false),
             ("[::2]:18181", false),
+            ("[::1]evil.example", false),
+            ("[::1]:18181x", false),
             ("", false),
         ] {
             let mut with_host = headers(None);
