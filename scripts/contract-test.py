@@ -54,6 +54,12 @@ CHECKS = ",".join([
     "response_schema_conformance",
     "negative_data_rejection",
 ])
+# Not checked: `positive_data_acceptance` (every schema-valid request accepted). The documents'
+# schemas are looser than the server's validation: tried on 2026-12-06 with 30 examples per
+# operation, 28 operations had schema-valid requests refused 400, for agent ids (14), assertion
+# ids (6), concept paths (6), fields (5), limits (4), times (2), grant ids (2) and one each of a
+# state, a node id and a heap-profile name. Turning it on needs those formats (patterns, lengths,
+# ranges) in the schemas first.
 # (method, path) left out, and why.
 EXCLUDED = {
     "api": [("POST", "/v1/admin/backup", "a fuzzed destination is any directory on this machine")],
