@@ -75,11 +75,8 @@ impl NodeContext {
     pub fn require_admin(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
         if self.is_admin(headers, peer) {
             Ok(())
-        } else if !self.access.admin_secured()
-            && peer.is_some_and(|p| p.ip().to_canonical().is_loopback())
-            && !access::loopback_host(headers)
-        {
-            let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        } else if !self.access.admin_secured() && access::loopback_peer(peer) && !access::loopback_host(headers) {
+            let host = access::host_header(headers);
             Err(ApiError::new(
                 ErrorCode::AdminTokenRequired,
                 format!(

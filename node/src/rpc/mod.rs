@@ -6,7 +6,8 @@
 //! refused with `malformed_message` before anything is done. Beside it, on the same port, the
 //! anti-entropy service (`anti_entropy`), the backup service (`backup`), and the frame
 //! connections that carry the hot requests of this service without gRPC (`frames`). At most
-//! `limit::MAX_RUNNING` gRPC requests run at once; one more is refused `overloaded` (`limit`).
+//! `limit::MAX_RUNNING` gRPC requests other than Raft's own messages run at once; one more is
+//! refused `overloaded` (`limit`).
 
 pub mod anti_entropy;
 pub mod backup;

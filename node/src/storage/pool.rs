@@ -68,7 +68,7 @@ impl Jobs {
             return Err(job);
         }
         queue.push_back((Instant::now(), job));
-        self.queued.inc();
+        self.queued.set(queue.len() as i64);
         drop(queue);
         self.ready.notify_one();
         Ok(())
@@ -79,7 +79,7 @@ impl Jobs {
         let mut queue = self.queue.lock();
         loop {
             if let Some((queued_at, job)) = queue.pop_front() {
-                self.queued.dec();
+                self.queued.set(queue.len() as i64);
                 drop(queue);
                 self.wait.observe(queued_at.elapsed().as_secs_f64());
                 return job;

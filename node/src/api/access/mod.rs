@@ -322,12 +322,12 @@ impl Access {
         if class == Class::Open
             || !settings.tokens.is_empty()
             || settings.open_to_network
-            || !peer.is_some_and(|p| p.ip().to_canonical().is_loopback())
+            || !loopback_peer(peer)
             || loopback_host(headers)
         {
             return None;
         }
-        let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let host = host_header(headers);
         metrics::REFUSED.with_label_values(&["loopback_host"]).inc();
         Some(
             ApiError::new(
@@ -354,7 +354,7 @@ impl Access {
             });
         }
         match settings.admin_token {
-            None => peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) && loopback_host(headers),
+            None => loopback_peer(peer) && loopback_host(headers),
             Some(admin) => presented.is_some_and(|hash| constant_time_eq(&hash, &admin)),
         }
     }
@@ -411,6 +411,7 @@ impl Drop for RecordIfDropped {
 pub fn loopback_host(headers: &HeaderMap) -> bool {
     let Some(host) = headers.get(axum::http::header::HOST) else { return true };
     let Ok(host) = host.to_str() else { return false };
+    // Every request of a node without tokens comes here: no allocation.
     let name = match host.strip_prefix('[') {
         // "[::1]:18181" or "[::1]"
         Some(bracketed) => match bracketed.split_once(']') {
@@ -426,10 +427,26 @@ pub fn loopback_host(headers: &HeaderMap) -> bool {
         },
     };
     let name = name.trim_end_matches('.');
-    if name.eq_ignore_ascii_case("localhost") || name.to_ascii_lowercase().ends_with(".localhost") {
-        return true;
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return ip.to_canonical().is_loopback();
     }
-    name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback())
+    const SUFFIX: &str = ".localhost";
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .len()
+            .checked_sub(SUFFIX.len())
+            .and_then(|at| name.get(at..))
+            .is_some_and(|end| end.eq_ignore_ascii_case(SUFFIX))
+}
+
+/// Whether the request's peer is on this machine's loopback.
+pub fn loopback_peer(peer: Option<SocketAddr>) -> bool {
+    peer.is_some_and(|p| p.ip().to_canonical().is_loopback())
+}
+
+/// The request's `Host` header, or "" when it has none (or one that is not text).
+pub fn host_header(headers: &HeaderMap) -> &str {
+    headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("")
 }
 
 /// Whether a request may change something: every method but GET, HEAD and OPTIONS (the ones a
@@ -447,7 +464,7 @@ fn cross_origin(method: &Method, headers: &HeaderMap) -> Option<ApiError> {
         return None;
     }
     let origin = headers.get(axum::http::header::ORIGIN)?;
-    let host = headers.get(axum::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let host = host_header(headers);
     let origin_text = origin.to_str().unwrap_or("");
     let origin_host = origin_text.split_once("://").map(|(_, rest)| rest.trim_end_matches('/')).unwrap_or("");
     if !origin_host.is_empty() && !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
@@ -495,13 +512,13 @@ pub async fn guard(State(access): State<Arc<Access>>, request: Request, next: Ne
     }
     let method = request.method().clone();
     let path = request.uri().path().to_string();
-    if let Some(refusal) = access.rebound(classify(&method, &path), request.headers(), peer) {
+    let class = classify(&method, &path);
+    if let Some(refusal) = access.rebound(class, request.headers(), peer) {
         tracing::warn!(peer = ?peer, method = %method, path = %path, "request naming a host that is not loopback refused");
         return refusal.into_response();
     }
     // The audit names the query too (a revocation's `agent_id` is there).
     let target = request.uri().path_and_query().map_or_else(|| path.clone(), |p| p.as_str().to_string());
-    let class = classify(&method, &path);
     let audit = audited(class, &method, &path);
     let caller = match access.authenticate(request.headers(), peer, class) {
         Ok(caller) => caller,
