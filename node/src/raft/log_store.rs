@@ -37,6 +37,48 @@ pub struct LogStore {
     /// (`backup.archive_enabled`); then the last index this node knows to be archived, so an
     /// entry is never purged before it is archived, whatever openraft asks.
     purge_floor: Arc<AtomicU64>,
+    /// openraft's committed log id, and how far it has been written ([`SavedCommitted`]).
+    committed: Arc<Mutex<SavedCommitted>>,
+}
+
+/// The longest a group's newest committed log id waits for the group's next append before
+/// `save_committed` writes it on its own.
+const COMMITTED_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The committed log id is only a hint for a restart: openraft re-applies the log up to it
+/// before the group starts, and learns the rest from the leader. A stale one is safe (openraft
+/// takes the applied index when it is higher). So it is not written on every advance, which cost
+/// a RocksDB write per entry and node, in the Raft task, beside the append's: the newest one
+/// rides in the group's next append batch, and is written on its own only when the last write
+/// is [`COMMITTED_SAVE_INTERVAL`] old (a group that has stopped appending).
+#[derive(Default)]
+struct SavedCommitted {
+    latest: Option<LogId>,
+    saved: Option<LogId>,
+    saved_at: Option<std::time::Instant>,
+}
+
+impl SavedCommitted {
+    /// The id to write with a batch being built now, if the stored one is older.
+    fn take_unsaved(&mut self) -> Option<LogId> {
+        if self.latest == self.saved {
+            return None;
+        }
+        self.saved = self.latest;
+        self.saved_at = Some(std::time::Instant::now());
+        self.latest
+    }
+
+    /// Records an advance; `Some` (the id to write now) when the last write is old enough.
+    fn advance(&mut self, committed: Option<LogId>) -> Option<Option<LogId>> {
+        self.latest = committed;
+        let due = self.saved_at.is_none_or(|at| at.elapsed() >= COMMITTED_SAVE_INTERVAL);
+        (due && self.latest != self.saved).then(|| {
+            self.saved = self.latest;
+            self.saved_at = Some(std::time::Instant::now());
+            self.latest
+        })
+    }
 }
 
 /// Stored bytes of log entries a group keeps in memory ([`RecentEntries`]): two full
@@ -137,6 +179,7 @@ impl LogStore {
             group,
             recent: Arc::new(Mutex::new(RecentEntries::default())),
             purge_floor: Arc::new(AtomicU64::new(u64::MAX)),
+            committed: Arc::new(Mutex::new(SavedCommitted::default())),
         }
     }
 
@@ -187,6 +230,43 @@ impl LogStore {
             return Ok(None);
         };
         serde_json::from_slice(&bytes).map(Some).map_err(read_error)
+    }
+
+    /// Writes the newest committed log id if it is not stored yet (at shutdown, after the
+    /// group's Raft task stopped).
+    pub fn save_latest_committed(&self) -> Result<(), StorageIoError> {
+        let Some(committed) = self.committed.lock().take_unsaved() else {
+            return Ok(());
+        };
+        let mut batch = WriteBatch::new();
+        self.state_put(&mut batch, COMMITTED_TAG, &Some(committed))?;
+        blocking(|| self.storage.write(batch, Durability::Synced)).map_err(write_error)
+    }
+
+    /// The batch that appends `entries` (with the newest committed log id when it is not
+    /// stored yet), after putting them in the tail.
+    fn append_batch(&self, entries: impl IntoIterator<Item = Entry>) -> Result<WriteBatch, StorageIoError> {
+        let mut batch = WriteBatch::new();
+        let mut appended = Vec::new();
+        for entry in entries {
+            let bytes = super::wire::encode_entry(&entry);
+            let size = bytes.len();
+            batch.put(ColumnFamily::RaftLog, keys::log_key(self.group, entry.log_id.index), bytes);
+            appended.push((entry, size));
+        }
+        if let Some(committed) = self.committed.lock().take_unsaved() {
+            self.state_put(&mut batch, COMMITTED_TAG, &Some(committed))?;
+        }
+        // Before the write, under the lock a reader takes: a reader never finds an entry in
+        // storage that the tail lacks while the tail holds later ones. openraft reads nothing
+        // past what this call returned, and a failed write fails the group.
+        {
+            let mut recent = self.recent.lock();
+            for (entry, size) in appended {
+                recent.push(entry, size);
+            }
+        }
+        Ok(batch)
     }
 
     fn state_put<T: serde::Serialize>(&self, batch: &mut WriteBatch, tag: u8, value: &T) -> Result<(), StorageIoError> {
@@ -348,13 +428,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageIoError> {
+        // Usually written by the next append ([`SavedCommitted`]).
+        let Some(committed) = self.committed.lock().advance(committed) else {
+            return Ok(());
+        };
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, COMMITTED_TAG, &committed)?;
-        // Buffered (a memtable insert, on every commit advance): inline, like `append`.
+        // Buffered (a memtable insert): inline, like `append`.
         self.storage.write(batch, Durability::Buffered).map_err(write_error)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageIoError> {
+        if let Some(latest) = self.committed.lock().latest {
+            return Ok(Some(latest));
+        }
         Ok(self.read_state::<Option<LogId>>(COMMITTED_TAG)?.flatten())
     }
 
@@ -363,23 +450,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = WriteBatch::new();
-        let mut appended = Vec::new();
-        for entry in entries {
-            let bytes = super::wire::encode_entry(&entry);
-            let size = bytes.len();
-            batch.put(ColumnFamily::RaftLog, keys::log_key(self.group, entry.log_id.index), bytes);
-            appended.push((entry, size));
-        }
-        // Before the write, under the lock a reader takes: a reader never finds an entry in
-        // storage that the tail lacks while the tail holds later ones. openraft reads nothing
-        // past what this call returned, and a failed write fails the group.
-        {
-            let mut recent = self.recent.lock();
-            for (entry, size) in appended {
-                recent.push(entry, size);
-            }
-        }
+        let batch = self.append_batch(entries)?;
         // A buffered write into the memtable (microseconds); the fsync that makes it durable
         // runs on the group-commit thread, never here.
         self.storage
@@ -557,5 +628,43 @@ mod tests {
         assert_eq!(stored_indexes(&free), vec![9, 10]);
         let bounded = free.stored_entries(9, 10, 1).expect("reads");
         assert_eq!(bounded.len(), 1, "a byte bound still returns one entry");
+    }
+
+    fn stored_committed(log: &LogStore) -> Option<u64> {
+        let fresh = LogStore::new(log.storage.clone(), log.group);
+        fresh.read_state::<Option<LogId>>(COMMITTED_TAG).expect("reads").flatten().map(|l| l.index)
+    }
+
+    /// A commit advance is written at once only when the last write is old; otherwise it
+    /// rides in the next append's batch. The store answers the newest one either way, and a
+    /// restart (a fresh store) finds the one written.
+    #[tokio::test]
+    async fn committed_ids_ride_in_the_next_append() {
+        let (_dir, mut log) = stored_log(0);
+        log.save_committed(Some(entry(3).log_id)).await.expect("saves");
+        assert_eq!(stored_committed(&log), Some(3), "the first advance is written at once");
+        log.save_committed(Some(entry(4).log_id)).await.expect("saves");
+        log.save_committed(Some(entry(5).log_id)).await.expect("saves");
+        assert_eq!(stored_committed(&log), Some(3), "advances within the interval wait for an append");
+        assert_eq!(log.read_committed().await.expect("reads").map(|l| l.index), Some(5));
+
+        let batch = log.append_batch([entry(6)]).expect("builds");
+        log.storage.write(batch, Durability::Synced).expect("writes");
+        assert_eq!(stored_committed(&log), Some(5), "the append carried the newest committed id");
+        let batch = log.append_batch([entry(7)]).expect("builds");
+        assert_eq!(batch.len(), 1, "nothing new to carry: the entry alone");
+
+        // A group that stopped appending: once the last write is old, an advance is written.
+        log.save_committed(Some(entry(6).log_id)).await.expect("saves");
+        assert_eq!(stored_committed(&log), Some(5));
+        log.committed.lock().saved_at = Some(std::time::Instant::now() - COMMITTED_SAVE_INTERVAL);
+        log.save_committed(Some(entry(7).log_id)).await.expect("saves");
+        assert_eq!(stored_committed(&log), Some(7));
+
+        // At shutdown the newest one is written whatever its age.
+        log.save_committed(Some(entry(8).log_id)).await.expect("saves");
+        assert_eq!(stored_committed(&log), Some(7));
+        log.save_latest_committed().expect("saves");
+        assert_eq!(stored_committed(&log), Some(8));
     }
 }

@@ -1541,11 +1541,15 @@ impl ShardSet {
         Some(self.removed_by.load(Ordering::Acquire)).filter(|id| *id != 0)
     }
 
-    /// Stops every group's Raft task.
+    /// Stops every group's Raft task, then writes each group's newest committed log id (a
+    /// restart then re-applies everything committed before it serves).
     pub async fn shutdown(&self) {
         for group in self.all_groups() {
             if let Err(error) = group.raft.shutdown().await {
                 tracing::warn!(shard = group.shard, error = %error, "raft shutdown failed");
+            }
+            if let Err(error) = group.log.save_latest_committed() {
+                tracing::warn!(shard = group.shard, error = %error, "saving the committed log id failed");
             }
         }
     }
