@@ -54,12 +54,16 @@ CHECKS = ",".join([
     "response_schema_conformance",
     "negative_data_rejection",
 ])
-# Not checked: `positive_data_acceptance` (every schema-valid request accepted). The documents'
-# schemas are looser than the server's validation: tried on 2026-12-06 with 30 examples per
-# operation, 28 operations had schema-valid requests refused 400, for agent ids (14), assertion
-# ids (6), concept paths (6), fields (5), limits (4), times (2), grant ids (2) and one each of a
-# state, a node id and a heap-profile name. Turning it on needs those formats (patterns, lengths,
-# ranges) in the schemas first.
+# Not checked: `positive_data_acceptance` (every schema-valid request accepted). The schemas now
+# state the formats validation checks (agent ids, concept paths and prefixes, predicates,
+# assertion ids, limits, levels, confidence, consistency, breaker states), and the checks above
+# hold the server to them: anything outside a pattern must be refused. Tried again on 2026-12-06
+# with those: 21 operations still had a schema-valid request refused, for what a schema cannot say
+# or this check reads differently: opaque cursors and heap-profile names (only what the server
+# handed out is valid), empty or non-date times, cross-field rules ("exactly one of concept_path
+# and concept_prefix", no grant to oneself, a superseded claim on the same concept), integers sent
+# as `0.0` (JSON Schema counts them as integers; serde does not) or past 64 bits, a `null` body
+# where the body is optional, a vote of 0, grant ids and node ids typed as strings.
 # (method, path) left out, and why.
 EXCLUDED = {
     "api": [("POST", "/v1/admin/backup", "a fuzzed destination is any directory on this machine")],

@@ -37,6 +37,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 struct AuditParams {
     /// 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `next_cursor` of the page before.
     cursor: Option<String>,
@@ -202,8 +203,10 @@ async fn set_heap_sampling(
 #[into_params(parameter_in = Query)]
 struct SlowQueriesParams {
     /// 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// Only this agent's queries.
+    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: Option<String>,
 }
 
@@ -218,7 +221,7 @@ struct SlowQueryPage {
     queries: Vec<SlowQuery>,
 }
 
-errors!(SlowQueryErrors: ADMIN, QUERY, &[ErrorCode::InvalidLimit]);
+errors!(SlowQueryErrors: ADMIN, QUERY, &[ErrorCode::InvalidLimit, ErrorCode::InvalidAgentId]);
 
 /// The slow-query log, newest first.
 #[utoipa::path(get, path = "/v1/admin/slow-queries", tag = "node admin", params(SlowQueriesParams),
@@ -230,6 +233,9 @@ async fn slow_queries(
 ) -> Result<Response, ApiError> {
     let params = super::extract::query_params(params)?;
     let limit = super::extract::list_limit(params.limit)?;
+    if let Some(agent_id) = &params.agent_id {
+        crate::model::assertion::validate_agent_id(agent_id)?;
+    }
     let queries = state.slow_queries.list(limit, params.agent_id.as_deref());
     Ok(Json(SlowQueryPage {
         slow_query_ms: state.config.query.slow_query_ms,

@@ -82,8 +82,10 @@ impl GrantView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RootRequest {
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: String,
     /// 0 to 100.
+    #[schema(minimum = 0, maximum = 100)]
     level: i64,
 }
 
@@ -128,7 +130,7 @@ errors!(RemoveRootErrors: ADMIN, PROPOSE, POLICY, &[ErrorCode::InvalidAgentId, E
 /// The agent is no longer a root (chains from it stop counting; `as_of` reads before now still
 /// see it).
 #[utoipa::path(delete, path = "/v1/admin/authority/roots/{agent_id}", tag = "authority",
-    params(("agent_id" = String, Path, description = "the root's agent id")),
+    params(("agent_id" = String, Path, description = "the root's agent id", min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")),
     responses((status = 200, description = "removed", body = RootRemoved), RemoveRootErrors))]
 async fn remove_root(
     State(state): State<AppState>,
@@ -180,12 +182,16 @@ async fn list_roots(State(state): State<AppState>) -> Response {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct GrantRequest {
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     grantor: String,
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     grantee: String,
     /// The paths it covers (default `""`: every path).
     #[serde(default)]
+    #[schema(max_length = 1024, pattern = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$")]
     concept_prefix: String,
     /// 0 to 100, at most what the grantor holds there.
+    #[schema(minimum = 0, maximum = 100)]
     level: i64,
     /// The grantor's hex Ed25519 signature over the canonical grant bytes (docs/signatures.md).
     #[serde(default)]
@@ -239,13 +245,17 @@ async fn create_grant(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct ListGrantsParams {
+    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     grantor: Option<String>,
+    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     grantee: Option<String>,
     /// Grants whose prefix covers this path.
+    #[param(max_length = 1024, pattern = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$")]
     concept_path: Option<String>,
     #[serde(default)]
     include_revoked: bool,
     /// 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The last grant id of the previous page.
     after: Option<u64>,
@@ -259,7 +269,7 @@ struct GrantPage {
     next_after: Option<u64>,
 }
 
-errors!(ListGrantErrors: QUERY, &[ErrorCode::InvalidLimit, ErrorCode::InvalidConceptPath]);
+errors!(ListGrantErrors: QUERY, &[ErrorCode::InvalidLimit, ErrorCode::InvalidConceptPath, ErrorCode::InvalidAgentId]);
 
 /// Grants, in id order.
 #[utoipa::path(get, path = "/v1/authority/grants", tag = "authority", params(ListGrantsParams),
@@ -272,6 +282,9 @@ async fn list_grants(
     let limit = list_limit(params.limit)?;
     if let Some(path) = &params.concept_path {
         validate_concept_path(path)?;
+    }
+    for agent_id in [&params.grantor, &params.grantee].into_iter().flatten() {
+        validate_agent_id(agent_id)?;
     }
     let (grants, more) = state.shards.policy().read(|s| {
         let mut matching = s
@@ -319,6 +332,7 @@ async fn get_grant(State(state): State<AppState>, Path(id): Path<String>) -> Res
 #[into_params(parameter_in = Query)]
 struct RevokeParams {
     /// The grantor revoking its own grant; without it the admin token is required.
+    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: Option<String>,
     /// With `agent_id`: its hex Ed25519 signature over the canonical revocation bytes.
     signature: Option<String>,
@@ -376,7 +390,7 @@ async fn revoke_grant(
 #[into_params(parameter_in = Query)]
 struct AgentAuthorityParams {
     /// The path to evaluate.
-    #[param(required = true)]
+    #[param(required = true, max_length = 1024, pattern = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$")]
     concept_path: Option<String>,
     /// Unix milliseconds or RFC 3339 (default: now).
     as_of: Option<String>,
@@ -411,7 +425,7 @@ errors!(AgentAuthorityErrors: QUERY, &[
 /// The agent's authority for the path and the chain of grants that gives it (`authority: null`
 /// when it has none).
 #[utoipa::path(get, path = "/v1/authority/agents/{agent_id}", tag = "authority",
-    params(("agent_id" = String, Path, description = "the agent"), AgentAuthorityParams),
+    params(("agent_id" = String, Path, description = "the agent", min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"), AgentAuthorityParams),
     responses((status = 200, description = "its authority", body = AgentAuthority), AgentAuthorityErrors))]
 async fn agent_authority(
     State(state): State<AppState>,

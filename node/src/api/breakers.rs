@@ -283,6 +283,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TripRequest {
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: String,
     /// Why (at most 1024 characters).
     #[serde(default)]
@@ -321,6 +322,7 @@ async fn trip(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResetRequest {
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: String,
     /// Why (at most 1024 characters).
     #[serde(default)]
@@ -356,8 +358,10 @@ async fn breaker_change(state: &AppState, command: PolicyCommand) -> Result<Resp
 #[into_params(parameter_in = Query)]
 struct ListParams {
     /// `open`, `half_open`, `closed` or `all`; default: every breaker that is not closed.
+    #[param(pattern = r"^(open|half_open|closed|all)$")]
     state: Option<String>,
     /// Only this agent's breaker.
+    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: Option<String>,
 }
 
@@ -369,7 +373,7 @@ struct BreakerList {
     mode: String,
 }
 
-errors!(ListErrors: ADMIN, QUERY, &[ErrorCode::InvalidState]);
+errors!(ListErrors: ADMIN, QUERY, &[ErrorCode::InvalidState, ErrorCode::InvalidAgentId]);
 
 /// The circuit breakers, from the replicated policy.
 #[utoipa::path(get, path = "/v1/admin/circuit-breaker", tag = "circuit breakers", operation_id = "list_breakers",
@@ -396,6 +400,9 @@ async fn list(
             ))
         }
     };
+    if let Some(agent_id) = &params.agent_id {
+        validate_agent_id(agent_id)?;
+    }
     let now = now_us();
     let breakers: Vec<BreakerView> = state.shards.policy().read(|s| {
         s.breakers

@@ -35,10 +35,13 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 struct ListParams {
     /// Only this agent's claims.
+    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: Option<String>,
     /// Only claims under this concept path prefix.
+    #[param(max_length = 1024, pattern = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$")]
     concept_prefix: Option<String>,
     /// 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -120,7 +123,7 @@ errors!(DecideErrors: ADMIN, OPTIONAL_BODY, PROPOSE, &[
 
 /// Releases a quarantined claim into the lenses, or rejects it (retracted); the body is optional.
 #[utoipa::path(post, path = "/v1/admin/quarantine/{id}/{decision}", tag = "quarantine",
-    params(("id" = String, Path, description = "the assertion id"),
+    params(("id" = String, Path, description = "the assertion id", pattern = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$"),
         ("decision" = inline(Decision), Path, description = "`release` or `reject`")),
     request_body(content = Option<DecisionRequest>, description = "optional"),
     responses((status = 200, description = "decided", body = DecisionResponse), DecideErrors))]

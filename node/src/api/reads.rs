@@ -56,12 +56,15 @@ fn parse_consistency(text: Option<&str>) -> Result<Consistency, ApiError> {
 pub struct QueryRequest {
     /// One concept.
     #[serde(default)]
+    #[schema(max_length = 1024, pattern = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$")]
     concept_path: Option<String>,
     /// Every concept under this prefix, over every shard.
     #[serde(default)]
+    #[schema(max_length = 1024, pattern = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$")]
     concept_prefix: Option<String>,
     /// Only this predicate.
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,256}$")]
     predicate: Option<String>,
     /// `recency` (default), `authority`, `consensus`, `confidence`, `all` or `history`.
     #[serde(default)]
@@ -72,15 +75,18 @@ pub struct QueryRequest {
     as_of: Option<Value>,
     /// Groups per page: 1 to `query.max_limit` (default `query.default_limit`).
     #[serde(default)]
+    #[schema(minimum = 1)]
     limit: Option<usize>,
     /// The `next_cursor` of the previous page.
     #[serde(default)]
     cursor: Option<String>,
     /// `linearizable` (default) or `stale`.
     #[serde(default)]
+    #[schema(pattern = r"^(linearizable|stale)$")]
     consistency: Option<String>,
     /// Who is asking (recorded in the slow-query log); default `anonymous`.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: Option<String>,
 }
 
@@ -642,6 +648,7 @@ const PREFIX_READS_IN_FLIGHT: usize = 16;
 pub struct AssertionParams {
     /// `linearizable` (default) or `stale`.
     #[serde(default)]
+    #[param(pattern = r"^(linearizable|stale)$")]
     consistency: Option<String>,
 }
 
@@ -711,7 +718,7 @@ errors!(AssertionErrors: QUERY, READ, &[ErrorCode::InvalidId, ErrorCode::Asserti
 
 /// One assertion with its status, supersession, retraction and votes.
 #[utoipa::path(get, path = "/v1/assertions/{id}", tag = "reads",
-    params(("id" = String, Path, description = "the assertion id"), AssertionParams),
+    params(("id" = String, Path, description = "the assertion id", pattern = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$"), AssertionParams),
     responses((status = 200, description = "the assertion", body = AssertionDetail), AssertionErrors))]
 pub async fn get_assertion(
     State(state): State<AppState>,
@@ -779,14 +786,17 @@ pub async fn get_assertion(
 pub struct ConceptParams {
     /// A concept path prefix (default: every concept).
     #[serde(default)]
+    #[param(max_length = 1024, pattern = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$")]
     prefix: Option<String>,
     /// 1 to `query.max_limit`.
     #[serde(default)]
+    #[param(minimum = 1)]
     limit: Option<usize>,
     #[serde(default)]
     cursor: Option<String>,
     /// `linearizable` (default) or `stale`.
     #[serde(default)]
+    #[param(pattern = r"^(linearizable|stale)$")]
     consistency: Option<String>,
 }
 
@@ -925,16 +935,19 @@ pub fn parse_time_param(name: &str, text: Option<&str>) -> Result<Option<u64>, A
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Assertions of this agent.
+    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     agent_id: Option<String>,
     /// From this time (RFC 3339 or unix ms), inclusive.
     since: Option<String>,
     /// Until this time, exclusive.
     until: Option<String>,
     /// 1 to `query.max_limit`.
+    #[param(minimum = 1)]
     limit: Option<usize>,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
     /// `linearizable` (default) or `stale`.
+    #[param(pattern = r"^(linearizable|stale)$")]
     consistency: Option<String>,
 }
 

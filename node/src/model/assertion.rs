@@ -88,21 +88,27 @@ fn truncate(text: &str) -> String {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AssertRequest {
-    /// Slash-separated segments of `[a-z0-9_-]` (docs/api.md), e.g. `projects/apollo`.
+    /// Slash-separated segments of 1-128 `[A-Za-z0-9._:-]`, at most 1024 bytes (docs/api.md),
+    /// e.g. `projects/apollo`.
+    #[schema(max_length = 1024, pattern = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$")]
     pub concept_path: String,
     /// What is claimed about the concept, e.g. `status`.
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,256}$")]
     pub predicate: String,
     /// Any JSON value, at most `limits.max_value_bytes` and `limits.max_value_depth`.
     #[schema(value_type = serde_json::Value)]
     pub value: Box<RawValue>,
     /// Who claims it (default `anonymous`); an Ed25519 public key in hex for signed claims.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub agent_id: Option<String>,
     /// 0 to 1 (default 1).
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub confidence: Option<f64>,
     /// Ids of earlier claims on the same concept that this one replaces.
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub supersedes: Option<Vec<String>>,
     /// A JSON object saying where the claim comes from.
     #[serde(default)]
@@ -110,9 +116,11 @@ pub struct AssertRequest {
     pub source: Option<Box<RawValue>>,
     /// Hex Ed25519 signature over the canonical assertion bytes (docs/signatures.md).
     #[serde(default)]
+    #[schema(pattern = r"^[0-9A-Fa-f]{1,256}$")]
     pub signature: Option<String>,
     /// An idempotency token: a retry with the same one is answered with the first outcome.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub request_id: Option<String>,
 }
 
@@ -309,8 +317,10 @@ pub struct StoredAssertion {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VoteRequest {
+    #[schema(pattern = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$")]
     pub assertion_id: String,
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub agent_id: Option<String>,
     /// 1 (up) or -1 (down).
     pub value: i64,
@@ -323,8 +333,10 @@ pub struct VoteRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetractRequest {
+    #[schema(pattern = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$")]
     pub assertion_id: String,
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub agent_id: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
