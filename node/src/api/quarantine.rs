@@ -90,6 +90,7 @@ struct DecisionRequest {
     reason: Option<String>,
     /// Who decided (recorded with the decision); default `admin`.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     by: Option<String>,
 }
 

@@ -49,19 +49,22 @@ const COMMITTED_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_s
 /// before the group starts, and learns the rest from the leader. A stale one is safe (openraft
 /// takes the applied index when it is higher). So it is not written on every advance, which cost
 /// a RocksDB write per entry and node, in the Raft task, beside the append's: the newest one
-/// rides in the group's next append batch, and is written on its own only when the last write
-/// is [`COMMITTED_SAVE_INTERVAL`] old (a group that has stopped appending).
+/// rides in the group's next append batch, and an advance is written on its own only when the
+/// last write is [`COMMITTED_SAVE_INTERVAL`] old (a group that has stopped appending; its last
+/// advance then waits for the next one, the next append or the shutdown).
 #[derive(Default)]
 struct SavedCommitted {
     latest: Option<LogId>,
     saved: Option<LogId>,
     saved_at: Option<std::time::Instant>,
+    /// The replica is being deleted (`ShardSet::retire_replica`): nothing more is written.
+    retired: bool,
 }
 
 impl SavedCommitted {
     /// The id to write with a batch being built now, if the stored one is older.
     fn take_unsaved(&mut self) -> Option<LogId> {
-        if self.latest == self.saved {
+        if self.retired || self.latest == self.saved {
             return None;
         }
         self.saved = self.latest;
@@ -73,7 +76,7 @@ impl SavedCommitted {
     fn advance(&mut self, committed: Option<LogId>) -> Option<Option<LogId>> {
         self.latest = committed;
         let due = self.saved_at.is_none_or(|at| at.elapsed() >= COMMITTED_SAVE_INTERVAL);
-        (due && self.latest != self.saved).then(|| {
+        (due && !self.retired && self.latest != self.saved).then(|| {
             self.saved = self.latest;
             self.saved_at = Some(std::time::Instant::now());
             self.latest
@@ -232,8 +235,15 @@ impl LogStore {
         serde_json::from_slice(&bytes).map(Some).map_err(read_error)
     }
 
+    /// Stops writing the committed log id, for good: the group's Raft task has stopped and its
+    /// replica is about to be deleted. A write after the deletion (the node's shutdown, say)
+    /// would leave a committed id over an empty log, which openraft refuses to start from.
+    pub fn retire(&self) {
+        self.committed.lock().retired = true;
+    }
+
     /// Writes the newest committed log id if it is not stored yet (at shutdown, after the
-    /// group's Raft task stopped).
+    /// group's Raft task stopped), unless the store was retired.
     pub fn save_latest_committed(&self) -> Result<(), StorageIoError> {
         let Some(committed) = self.committed.lock().take_unsaved() else {
             return Ok(());
@@ -630,9 +640,10 @@ mod tests {
         assert_eq!(bounded.len(), 1, "a byte bound still returns one entry");
     }
 
+    /// What a restart finds: `read_committed` of a fresh store over the same storage.
     fn stored_committed(log: &LogStore) -> Option<u64> {
-        let fresh = LogStore::new(log.storage.clone(), log.group);
-        fresh.read_state::<Option<LogId>>(COMMITTED_TAG).expect("reads").flatten().map(|l| l.index)
+        let mut fresh = LogStore::new(log.storage.clone(), log.group);
+        futures::executor::block_on(fresh.read_committed()).expect("reads").map(|l| l.index)
     }
 
     /// A commit advance is written at once only when the last write is old; otherwise it
@@ -665,6 +676,16 @@ mod tests {
         log.save_committed(Some(entry(8).log_id)).await.expect("saves");
         assert_eq!(stored_committed(&log), Some(7));
         log.save_latest_committed().expect("saves");
+        assert_eq!(stored_committed(&log), Some(8));
+
+        // A retired store (its replica being deleted) writes nothing more, even at shutdown.
+        log.save_committed(Some(entry(9).log_id)).await.expect("saves");
+        log.retire();
+        log.committed.lock().saved_at = Some(std::time::Instant::now() - COMMITTED_SAVE_INTERVAL);
+        log.save_committed(Some(entry(10).log_id)).await.expect("saves");
+        log.save_latest_committed().expect("saves");
+        let batch = log.append_batch([entry(8)]).expect("builds");
+        assert_eq!(batch.len(), 1, "no committed id rides along");
         assert_eq!(stored_committed(&log), Some(8));
     }
 }

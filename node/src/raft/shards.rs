@@ -1483,6 +1483,9 @@ impl ShardSet {
         let old = slot.lock().clone();
         // Its Raft stops first: nothing may read or write the replica while it is deleted.
         old.raft.shutdown().await.map_err(|e| startup(&e))?;
+        // Its log store writes no committed id after this (the node's shutdown would otherwise
+        // write one over the deleted log, should this be cut short before `fresh` replaces it).
+        old.log.retire();
         // openraft's shutdown does not wait for the state machine: an apply it handed to the
         // apply pool may still be queued there. Marked retired under the lock every apply
         // writes under, the replica takes no write from one after this (`Fault::Retired`).
