@@ -18,6 +18,7 @@ use super::slow_queries::SlowQuery;
 use super::AppState;
 use crate::error::ErrorCode;
 use crate::metrics::heap_profile::{HeapProfileStatus, ProfileFile};
+use crate::model::assertion::{validate_agent_id, AgentIdText};
 use crate::storage::{IndexFamilyStats, StorageStats};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -206,7 +207,7 @@ struct SlowQueriesParams {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// Only this agent's queries.
-    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[param(value_type = Option<AgentIdText>, inline)]
     agent_id: Option<String>,
 }
 
@@ -234,7 +235,7 @@ async fn slow_queries(
     let params = super::extract::query_params(params)?;
     let limit = super::extract::list_limit(params.limit)?;
     if let Some(agent_id) = &params.agent_id {
-        crate::model::assertion::validate_agent_id(agent_id)?;
+        validate_agent_id(agent_id)?;
     }
     let queries = state.slow_queries.list(limit, params.agent_id.as_deref());
     Ok(Json(SlowQueryPage {

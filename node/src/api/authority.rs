@@ -23,7 +23,9 @@ use super::{peer_of, AppState};
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::meta::policy::{PolicyCommand, PolicyOutcome};
-use crate::model::assertion::{validate_agent_id, validate_concept_path, validate_concept_prefix};
+use crate::model::assertion::{
+    validate_agent_id, validate_concept_path, validate_concept_prefix, AgentIdText, ConceptPathText, ConceptPrefixText,
+};
 use crate::model::authority::{Grant, MAX_LEVEL};
 use crate::model::id::format_time_us;
 
@@ -82,7 +84,7 @@ impl GrantView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RootRequest {
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = AgentIdText, inline)]
     agent_id: String,
     /// 0 to 100.
     #[schema(minimum = 0, maximum = 100)]
@@ -130,7 +132,7 @@ errors!(RemoveRootErrors: ADMIN, PROPOSE, POLICY, &[ErrorCode::InvalidAgentId, E
 /// The agent is no longer a root (chains from it stop counting; `as_of` reads before now still
 /// see it).
 #[utoipa::path(delete, path = "/v1/admin/authority/roots/{agent_id}", tag = "authority",
-    params(("agent_id" = String, Path, description = "the root's agent id", min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")),
+    params(("agent_id" = inline(AgentIdText), Path, description = "the root's agent id")),
     responses((status = 200, description = "removed", body = RootRemoved), RemoveRootErrors))]
 async fn remove_root(
     State(state): State<AppState>,
@@ -182,13 +184,13 @@ async fn list_roots(State(state): State<AppState>) -> Response {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct GrantRequest {
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = AgentIdText, inline)]
     grantor: String,
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = AgentIdText, inline)]
     grantee: String,
     /// The paths it covers (default `""`: every path).
     #[serde(default)]
-    #[schema(max_length = 1024, pattern = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$")]
+    #[schema(value_type = ConceptPrefixText, inline)]
     concept_prefix: String,
     /// 0 to 100, at most what the grantor holds there.
     #[schema(minimum = 0, maximum = 100)]
@@ -245,12 +247,12 @@ async fn create_grant(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct ListGrantsParams {
-    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[param(value_type = Option<AgentIdText>, inline)]
     grantor: Option<String>,
-    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[param(value_type = Option<AgentIdText>, inline)]
     grantee: Option<String>,
     /// Grants whose prefix covers this path.
-    #[param(max_length = 1024, pattern = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$")]
+    #[param(value_type = Option<ConceptPathText>, inline)]
     concept_path: Option<String>,
     #[serde(default)]
     include_revoked: bool,
@@ -332,7 +334,7 @@ async fn get_grant(State(state): State<AppState>, Path(id): Path<String>) -> Res
 #[into_params(parameter_in = Query)]
 struct RevokeParams {
     /// The grantor revoking its own grant; without it the admin token is required.
-    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[param(value_type = Option<AgentIdText>, inline)]
     agent_id: Option<String>,
     /// With `agent_id`: its hex Ed25519 signature over the canonical revocation bytes.
     signature: Option<String>,
@@ -390,7 +392,7 @@ async fn revoke_grant(
 #[into_params(parameter_in = Query)]
 struct AgentAuthorityParams {
     /// The path to evaluate.
-    #[param(required = true, max_length = 1024, pattern = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$")]
+    #[param(required = true, value_type = Option<ConceptPathText>, inline)]
     concept_path: Option<String>,
     /// Unix milliseconds or RFC 3339 (default: now).
     as_of: Option<String>,
@@ -425,7 +427,7 @@ errors!(AgentAuthorityErrors: QUERY, &[
 /// The agent's authority for the path and the chain of grants that gives it (`authority: null`
 /// when it has none).
 #[utoipa::path(get, path = "/v1/authority/agents/{agent_id}", tag = "authority",
-    params(("agent_id" = String, Path, description = "the agent", min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"), AgentAuthorityParams),
+    params(("agent_id" = inline(AgentIdText), Path, description = "the agent"), AgentAuthorityParams),
     responses((status = 200, description = "its authority", body = AgentAuthority), AgentAuthorityErrors))]
 async fn agent_authority(
     State(state): State<AppState>,

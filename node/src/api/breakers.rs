@@ -28,7 +28,7 @@ use crate::config::CircuitBreakerSection;
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
 use crate::meta::policy::{BreakerCause, BreakerRecord, BreakerState, PolicyCommand, PolicyOutcome};
-use crate::model::assertion::validate_agent_id;
+use crate::model::assertion::{validate_agent_id, AgentIdText};
 use crate::model::id::{format_time_us, now_us};
 use crate::raft::ShardSet;
 
@@ -283,7 +283,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TripRequest {
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = AgentIdText, inline)]
     agent_id: String,
     /// Why (at most 1024 characters).
     #[serde(default)]
@@ -322,7 +322,7 @@ async fn trip(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResetRequest {
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = AgentIdText, inline)]
     agent_id: String,
     /// Why (at most 1024 characters).
     #[serde(default)]
@@ -361,7 +361,7 @@ struct ListParams {
     #[param(pattern = r"^(open|half_open|closed|all)$")]
     state: Option<String>,
     /// Only this agent's breaker.
-    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[param(value_type = Option<AgentIdText>, inline)]
     agent_id: Option<String>,
 }
 

@@ -20,7 +20,9 @@ use super::reads::{list_everywhere, ListedAssertion};
 use super::AppState;
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
-use crate::model::assertion::{validate_agent_id, validate_concept_prefix, MAX_REASON_CHARS};
+use crate::model::assertion::{
+    validate_agent_id, validate_concept_prefix, AgentIdText, ConceptPrefixText, MAX_REASON_CHARS,
+};
 use crate::model::id::{format_time_us, now_us, AssertionId};
 use crate::model::ModelError;
 use crate::shard::command::{ShardCommand, ShardResponse};
@@ -35,10 +37,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 struct ListParams {
     /// Only this agent's claims.
-    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[param(value_type = Option<AgentIdText>, inline)]
     agent_id: Option<String>,
     /// Only claims under this concept path prefix.
-    #[param(max_length = 1024, pattern = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$")]
+    #[param(value_type = Option<ConceptPrefixText>, inline)]
     concept_prefix: Option<String>,
     /// 1 to 1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -90,7 +92,7 @@ struct DecisionRequest {
     reason: Option<String>,
     /// Who decided (recorded with the decision); default `admin`.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = Option<AgentIdText>, inline)]
     by: Option<String>,
 }
 
@@ -124,7 +126,7 @@ errors!(DecideErrors: ADMIN, OPTIONAL_BODY, PROPOSE, &[
 
 /// Releases a quarantined claim into the lenses, or rejects it (retracted); the body is optional.
 #[utoipa::path(post, path = "/v1/admin/quarantine/{id}/{decision}", tag = "quarantine",
-    params(("id" = String, Path, description = "the assertion id", pattern = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$"),
+    params(("id" = inline(AssertionId), Path, description = "the assertion id"),
         ("decision" = inline(Decision), Path, description = "`release` or `reject`")),
     request_body(content = Option<DecisionRequest>, description = "optional"),
     responses((status = 200, description = "decided", body = DecisionResponse), DecideErrors))]

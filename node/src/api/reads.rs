@@ -21,7 +21,10 @@ use super::openapi::{errors, BODY, QUERY, READ};
 use super::AppState;
 use crate::coordinator::Coordinator;
 use crate::error::ErrorCode;
-use crate::model::assertion::{validate_concept_path, validate_concept_prefix, validate_predicate, Status};
+use crate::model::assertion::{
+    validate_concept_path, validate_concept_prefix, validate_predicate, AgentIdText, ConceptPathText,
+    ConceptPrefixText, PredicateText, Status,
+};
 use crate::model::id::{format_time_us, parse_as_of, AssertionId};
 use crate::model::lens::{resolve, Claim, Lens, Resolution};
 use crate::model::ModelError;
@@ -56,15 +59,15 @@ fn parse_consistency(text: Option<&str>) -> Result<Consistency, ApiError> {
 pub struct QueryRequest {
     /// One concept.
     #[serde(default)]
-    #[schema(max_length = 1024, pattern = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$")]
+    #[schema(value_type = Option<ConceptPathText>, inline)]
     concept_path: Option<String>,
     /// Every concept under this prefix, over every shard.
     #[serde(default)]
-    #[schema(max_length = 1024, pattern = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$")]
+    #[schema(value_type = Option<ConceptPrefixText>, inline)]
     concept_prefix: Option<String>,
     /// Only this predicate.
     #[serde(default)]
-    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,256}$")]
+    #[schema(value_type = Option<PredicateText>, inline)]
     predicate: Option<String>,
     /// `recency` (default), `authority`, `consensus`, `confidence`, `all` or `history`.
     #[serde(default)]
@@ -86,7 +89,7 @@ pub struct QueryRequest {
     consistency: Option<String>,
     /// Who is asking (recorded in the slow-query log); default `anonymous`.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = Option<AgentIdText>, inline)]
     agent_id: Option<String>,
 }
 
@@ -718,7 +721,7 @@ errors!(AssertionErrors: QUERY, READ, &[ErrorCode::InvalidId, ErrorCode::Asserti
 
 /// One assertion with its status, supersession, retraction and votes.
 #[utoipa::path(get, path = "/v1/assertions/{id}", tag = "reads",
-    params(("id" = String, Path, description = "the assertion id", pattern = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$"), AssertionParams),
+    params(("id" = inline(AssertionId), Path, description = "the assertion id"), AssertionParams),
     responses((status = 200, description = "the assertion", body = AssertionDetail), AssertionErrors))]
 pub async fn get_assertion(
     State(state): State<AppState>,
@@ -786,7 +789,7 @@ pub async fn get_assertion(
 pub struct ConceptParams {
     /// A concept path prefix (default: every concept).
     #[serde(default)]
-    #[param(max_length = 1024, pattern = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$")]
+    #[param(value_type = Option<ConceptPrefixText>, inline)]
     prefix: Option<String>,
     /// 1 to `query.max_limit`.
     #[serde(default)]
@@ -935,7 +938,7 @@ pub fn parse_time_param(name: &str, text: Option<&str>) -> Result<Option<u64>, A
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Assertions of this agent.
-    #[param(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[param(value_type = Option<AgentIdText>, inline)]
     agent_id: Option<String>,
     /// From this time (RFC 3339 or unix ms), inclusive.
     since: Option<String>,

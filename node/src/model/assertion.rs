@@ -16,6 +16,73 @@ pub const MAX_SOURCE_BYTES: usize = 4096;
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
 pub const DEFAULT_AGENT_ID: &str = "anonymous";
 
+/// The formats below as JSON Schema patterns, for the API documents (`*Text` below). Each says
+/// what its validator checks; `tests::patterns_agree_with_the_validators` holds them together.
+pub const AGENT_ID_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*$";
+pub const CONCEPT_PATH_PATTERN: &str = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$";
+pub const CONCEPT_PREFIX_PATTERN: &str = r"^([A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*)?$";
+pub const PREDICATE_PATTERN: &str = r"^[A-Za-z0-9._:-]{1,256}$";
+
+/// A string schema: lengths in characters, a pattern and a description.
+fn text_schema(
+    min: Option<usize>,
+    max: usize,
+    pattern: &str,
+    description: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(min)
+        .max_length(Some(max))
+        .pattern(Some(pattern))
+        .description(Some(description))
+        .into()
+}
+
+/// Declares a type that only names a text format in the API documents
+/// (`#[schema(value_type = .., inline)]`); it is never built.
+macro_rules! text_format {
+    ($(#[$doc:meta])* $name:ident, $min:expr, $max:expr, $pattern:expr, $description:expr) => {
+        $(#[$doc])*
+        pub enum $name {}
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                text_schema($min, $max, $pattern, $description)
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+    };
+}
+
+text_format!(
+    /// An agent id ([`validate_agent_id`]).
+    AgentIdText, Some(1), MAX_AGENT_ID_CHARS, AGENT_ID_PATTERN,
+    "an agent id: 1-128 characters, no control characters"
+);
+text_format!(
+    /// A client's request id (checked in [`AssertRequest::validate`]): as an agent id.
+    RequestIdText, Some(1), MAX_REQUEST_ID_CHARS, AGENT_ID_PATTERN,
+    "1-128 characters, no control characters"
+);
+text_format!(
+    /// A concept path ([`validate_concept_path`]).
+    ConceptPathText, None, MAX_CONCEPT_PATH_BYTES, CONCEPT_PATH_PATTERN,
+    "`/`-separated segments of 1-128 `[A-Za-z0-9._:-]`, at most 1024 bytes"
+);
+text_format!(
+    /// A concept prefix ([`validate_concept_prefix`]): a concept path, or empty for every path.
+    ConceptPrefixText, None, MAX_CONCEPT_PATH_BYTES, CONCEPT_PREFIX_PATTERN,
+    "a concept path, or empty for every path"
+);
+text_format!(
+    /// A predicate ([`validate_predicate`]).
+    PredicateText, None, MAX_PREDICATE_CHARS, PREDICATE_PATTERN,
+    "1-256 characters of `[A-Za-z0-9._:-]`"
+);
+
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
 }
@@ -90,17 +157,17 @@ fn truncate(text: &str) -> String {
 pub struct AssertRequest {
     /// Slash-separated segments of 1-128 `[A-Za-z0-9._:-]`, at most 1024 bytes (docs/api.md),
     /// e.g. `projects/apollo`.
-    #[schema(max_length = 1024, pattern = r"^[A-Za-z0-9._:-]{1,128}(/[A-Za-z0-9._:-]{1,128})*$")]
+    #[schema(value_type = ConceptPathText, inline)]
     pub concept_path: String,
     /// What is claimed about the concept, e.g. `status`.
-    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,256}$")]
+    #[schema(value_type = PredicateText, inline)]
     pub predicate: String,
     /// Any JSON value, at most `limits.max_value_bytes` and `limits.max_value_depth`.
     #[schema(value_type = serde_json::Value)]
     pub value: Box<RawValue>,
     /// Who claims it (default `anonymous`); an Ed25519 public key in hex for signed claims.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = Option<AgentIdText>, inline)]
     pub agent_id: Option<String>,
     /// 0 to 1 (default 1).
     #[serde(default)]
@@ -120,7 +187,7 @@ pub struct AssertRequest {
     pub signature: Option<String>,
     /// An idempotency token: a retry with the same one is answered with the first outcome.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = Option<RequestIdText>, inline)]
     pub request_id: Option<String>,
 }
 
@@ -317,10 +384,10 @@ pub struct StoredAssertion {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VoteRequest {
-    #[schema(pattern = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$")]
+    #[schema(value_type = AssertionId)]
     pub assertion_id: String,
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = Option<AgentIdText>, inline)]
     pub agent_id: Option<String>,
     /// 1 (up) or -1 (down).
     pub value: i64,
@@ -333,10 +400,10 @@ pub struct VoteRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetractRequest {
-    #[schema(pattern = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$")]
+    #[schema(value_type = AssertionId)]
     pub assertion_id: String,
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(value_type = Option<AgentIdText>, inline)]
     pub agent_id: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
@@ -460,5 +527,65 @@ mod tests {
         ));
         assert!(serde_json::from_str::<AssertRequest>(r#"{"concept_path":"a","predicate":"p","value":1,"valeu":2}"#)
             .is_err());
+    }
+
+    /// Text from a small alphabet that reaches every rule: name characters, `/`, other ASCII
+    /// punctuation, C0 and C1 controls, and letters beyond ASCII.
+    fn probe_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let chars = prop_oneof![
+            8 => prop::sample::select(vec!['a', 'Z', '0', '.', '_', ':', '-']),
+            3 => Just('/'),
+            1 => prop::sample::select(vec![' ', '#', '?', '\n', '\u{1f}', '\u{7f}', '\u{85}', '\u{9f}', '\u{a0}', 'é', '名']),
+        ];
+        prop_oneof![
+            4 => proptest::collection::vec(chars.clone(), 0..12),
+            1 => proptest::collection::vec(chars, 100..300),
+        ]
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    /// What the API documents' schema of a format accepts: its pattern and its lengths in
+    /// characters (JSON Schema's code points).
+    fn schema_accepts(schema: utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>, text: &str) -> bool {
+        let utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(object)) = schema else {
+            panic!("a text format is an inline string schema");
+        };
+        let chars = text.chars().count();
+        let pattern = object.pattern.as_deref().expect("a pattern");
+        regex::Regex::new(pattern).expect("the pattern compiles").is_match(text)
+            && object.min_length.is_none_or(|min| chars >= min)
+            && object.max_length.is_none_or(|max| chars <= max)
+    }
+
+    proptest::proptest! {
+        /// Each format's schema in the API documents accepts exactly what its validator does, so
+        /// a client that follows the documents is not refused and the contract tests' rejection
+        /// check holds.
+        #[test]
+        fn patterns_agree_with_the_validators(text in probe_text()) {
+            use utoipa::PartialSchema;
+            proptest::prop_assert_eq!(schema_accepts(AgentIdText::schema(), &text), validate_agent_id(&text).is_ok());
+            proptest::prop_assert_eq!(schema_accepts(ConceptPathText::schema(), &text), validate_concept_path(&text).is_ok());
+            proptest::prop_assert_eq!(schema_accepts(ConceptPrefixText::schema(), &text), validate_concept_prefix(&text).is_ok());
+            proptest::prop_assert_eq!(schema_accepts(PredicateText::schema(), &text), validate_predicate(&text).is_ok());
+            let request = AssertRequest {
+                request_id: Some(text.clone()),
+                ..serde_json::from_str(r#"{"concept_path": "a", "predicate": "p", "value": 1}"#).expect("a request")
+            };
+            let limits = ValueLimits { max_bytes: 1 << 16, max_depth: 32 };
+            proptest::prop_assert_eq!(schema_accepts(RequestIdText::schema(), &text), request.validate(limits, 16).is_ok());
+        }
+
+        /// An assertion id's schema accepts exactly what `AssertionId::parse` does.
+        #[test]
+        fn the_id_pattern_agrees_with_the_parser(text in "[0-9A-Za-z]{25,27}") {
+            use utoipa::PartialSchema;
+            let utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(object)) = AssertionId::schema() else {
+                panic!("an inline string schema");
+            };
+            let pattern = regex::Regex::new(object.pattern.as_deref().expect("a pattern")).expect("compiles");
+            proptest::prop_assert_eq!(pattern.is_match(&text), AssertionId::parse(&text).is_ok());
+        }
     }
 }

@@ -105,6 +105,11 @@ impl Serialize for AssertionId {
     }
 }
 
+/// [`AssertionId::parse`]'s input as a JSON Schema pattern: 26 Crockford base-32 characters in
+/// either case, `O`, `I` and `L` read as `0`, `1` and `1`, the first at most 7 (26 digits carry
+/// 130 bits).
+pub const ID_PATTERN: &str = r"^[0-7OoIiLl][0-9A-TV-Za-tv-z]{25}$";
+
 /// In an API document: 26 Crockford base-32 characters (lowercase, `O`, `I` and `L` are read
 /// as `0`, `1` and `1` on input).
 impl utoipa::PartialSchema for AssertionId {
@@ -114,6 +119,7 @@ impl utoipa::PartialSchema for AssertionId {
             .schema_type(Type::String)
             .min_length(Some(ID_LEN))
             .max_length(Some(ID_LEN))
+            .pattern(Some(ID_PATTERN))
             .description(Some("an assertion id: 26 Crockford base-32 characters"))
             .into()
     }
