@@ -73,14 +73,14 @@ impl SavedCommitted {
     }
 
     /// Records an advance; `Some` (the id to write now) when the last write is old enough.
-    fn advance(&mut self, committed: Option<LogId>) -> Option<Option<LogId>> {
+    fn advance(&mut self, committed: Option<LogId>) -> Option<LogId> {
         self.latest = committed;
         let due = self.saved_at.is_none_or(|at| at.elapsed() >= COMMITTED_SAVE_INTERVAL);
-        (due && !self.retired && self.latest != self.saved).then(|| {
-            self.saved = self.latest;
-            self.saved_at = Some(std::time::Instant::now());
-            self.latest
-        })
+        if due {
+            self.take_unsaved()
+        } else {
+            None
+        }
     }
 }
 
@@ -443,7 +443,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         };
         let mut batch = WriteBatch::new();
-        self.state_put(&mut batch, COMMITTED_TAG, &committed)?;
+        self.state_put(&mut batch, COMMITTED_TAG, &Some(committed))?;
         // Buffered (a memtable insert): inline, like `append`.
         self.storage.write(batch, Durability::Buffered).map_err(write_error)
     }
@@ -641,9 +641,9 @@ mod tests {
     }
 
     /// What a restart finds: `read_committed` of a fresh store over the same storage.
-    fn stored_committed(log: &LogStore) -> Option<u64> {
+    async fn stored_committed(log: &LogStore) -> Option<u64> {
         let mut fresh = LogStore::new(log.storage.clone(), log.group);
-        futures::executor::block_on(fresh.read_committed()).expect("reads").map(|l| l.index)
+        fresh.read_committed().await.expect("reads").map(|l| l.index)
     }
 
     /// A commit advance is written at once only when the last write is old; otherwise it
@@ -653,30 +653,30 @@ mod tests {
     async fn committed_ids_ride_in_the_next_append() {
         let (_dir, mut log) = stored_log(0);
         log.save_committed(Some(entry(3).log_id)).await.expect("saves");
-        assert_eq!(stored_committed(&log), Some(3), "the first advance is written at once");
+        assert_eq!(stored_committed(&log).await, Some(3), "the first advance is written at once");
         log.save_committed(Some(entry(4).log_id)).await.expect("saves");
         log.save_committed(Some(entry(5).log_id)).await.expect("saves");
-        assert_eq!(stored_committed(&log), Some(3), "advances within the interval wait for an append");
+        assert_eq!(stored_committed(&log).await, Some(3), "advances within the interval wait for an append");
         assert_eq!(log.read_committed().await.expect("reads").map(|l| l.index), Some(5));
 
         let batch = log.append_batch([entry(6)]).expect("builds");
         log.storage.write(batch, Durability::Synced).expect("writes");
-        assert_eq!(stored_committed(&log), Some(5), "the append carried the newest committed id");
+        assert_eq!(stored_committed(&log).await, Some(5), "the append carried the newest committed id");
         let batch = log.append_batch([entry(7)]).expect("builds");
         assert_eq!(batch.len(), 1, "nothing new to carry: the entry alone");
 
         // A group that stopped appending: once the last write is old, an advance is written.
         log.save_committed(Some(entry(6).log_id)).await.expect("saves");
-        assert_eq!(stored_committed(&log), Some(5));
+        assert_eq!(stored_committed(&log).await, Some(5));
         log.committed.lock().saved_at = Some(std::time::Instant::now() - COMMITTED_SAVE_INTERVAL);
         log.save_committed(Some(entry(7).log_id)).await.expect("saves");
-        assert_eq!(stored_committed(&log), Some(7));
+        assert_eq!(stored_committed(&log).await, Some(7));
 
         // At shutdown the newest one is written whatever its age.
         log.save_committed(Some(entry(8).log_id)).await.expect("saves");
-        assert_eq!(stored_committed(&log), Some(7));
+        assert_eq!(stored_committed(&log).await, Some(7));
         log.save_latest_committed().expect("saves");
-        assert_eq!(stored_committed(&log), Some(8));
+        assert_eq!(stored_committed(&log).await, Some(8));
 
         // A retired store (its replica being deleted) writes nothing more, even at shutdown.
         log.save_committed(Some(entry(9).log_id)).await.expect("saves");
@@ -686,6 +686,6 @@ mod tests {
         log.save_latest_committed().expect("saves");
         let batch = log.append_batch([entry(8)]).expect("builds");
         assert_eq!(batch.len(), 1, "no committed id rides along");
-        assert_eq!(stored_committed(&log), Some(8));
+        assert_eq!(stored_committed(&log).await, Some(8));
     }
 }
