@@ -1,8 +1,9 @@
 //! Group commit: one fsync for every Raft log append that arrived while the previous fsync ran.
 //!
-//! Appends are written to RocksDB with a buffered WAL write (readable at once), then their
-//! completion callbacks queue here. A dedicated thread takes everything queued, syncs the WAL
-//! once, and fires the callbacks; Raft acknowledges a write only after its callback ran, so every
+//! Appends are written to RocksDB with a buffered WAL write (readable at once; the WAL record
+//! waits in RocksDB's buffer, `manual_wal_flush`), then their completion callbacks queue here. A
+//! dedicated thread takes everything queued, writes the WAL buffer out and syncs it once
+//! (`FlushWAL`), and fires the callbacks; Raft acknowledges a write only after its callback ran, so every
 //! acknowledged write is on disk while concurrent shards share the cost of one sync.
 
 use std::io;
