@@ -78,6 +78,9 @@ pub fn clear_replica(
     forgot_acknowledged: bool,
     keep_vote: bool,
 ) -> Result<(), StorageError> {
+    // The group's Raft has stopped, but an append it queued just before may not be written
+    // yet: it must land before the deletion below, not after it.
+    storage.settle_appends();
     let vote_key = keys::state_key(group, super::log_store::VOTE_TAG);
     // The vote is kept: a voter must never vote twice in a term. Of its two copies (one may
     // have been in the lost file, leaving an older version to read back), the newer.

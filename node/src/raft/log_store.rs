@@ -1,8 +1,9 @@
 //! The Raft log store of one group: entries, vote, committed and purged log ids in the node's
-//! RocksDB. Appends are group-committed: readable at once, acknowledged to openraft only after
-//! the fsync that covers them (see `storage::group_commit`). The tail of the log is also kept in
-//! memory ([`RecentEntries`]): replication and apply read just-appended entries from it, on the
-//! calling task, without a storage read or a decode. Entries are stored in their binary form
+//! RocksDB. Appends are group-committed: queued for the group committer, which writes and
+//! syncs them with the other groups' appends and only then acknowledges them to openraft (see
+//! `storage::group_commit`). The tail of the log is also kept in memory ([`RecentEntries`]): it
+//! serves just-appended entries (those not written yet too), and replication and apply read them
+//! from it, on the calling task, without a storage read or a decode. Entries are stored in their binary form
 //! (`wire::encode_entry`: a version byte and protobuf); entries an earlier version stored as
 //! JSON still read.
 
@@ -287,16 +288,27 @@ impl LogStore {
 
     /// When the client command at `index` was proposed, if that entry is a client command.
     pub fn proposed_at_us(&self, index: u64) -> Result<Option<u64>, StorageIoError> {
+        let proposed_at = |entry: &Entry| match &entry.payload {
+            openraft::EntryPayload::Normal(command) => Some(command.proposed_at_us()),
+            _ => None,
+        };
+        // The tail first: it holds the newest entries, including those the group committer has
+        // not written yet.
+        {
+            let recent = self.recent.lock();
+            if let Some(first) = recent.first_index().filter(|&first| first <= index) {
+                let offset = usize::try_from(index - first).unwrap_or(usize::MAX);
+                if let Some((entry, _)) = recent.entries.get(offset) {
+                    return Ok(proposed_at(entry));
+                }
+            }
+        }
         let Some(bytes) =
             self.storage.get(ColumnFamily::RaftLog, &keys::log_key(self.group, index)).map_err(read_error)?
         else {
             return Ok(None);
         };
-        let entry = Self::decode(&bytes)?;
-        Ok(match entry.payload {
-            openraft::EntryPayload::Normal(command) => Some(command.proposed_at_us()),
-            _ => None,
-        })
+        Ok(proposed_at(&Self::decode(&bytes)?))
     }
 
     /// What a purge through `log_id` may delete when entries after `floor` are not archived
@@ -356,7 +368,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .run_or_block(move || storage.scan(ColumnFamily::RaftLog, &from, &end, usize::MAX))
             .await
             .map_err(read_error)?;
-        rows.iter().map(|(_, v)| Self::decode(v)).collect()
+        let mut entries = rows.iter().map(|(_, v)| Self::decode(v)).collect::<Result<Vec<_>, _>>()?;
+        // Appended entries the group committer has not written yet are only in the tail.
+        let next = entries.last().map_or(start, |e| e.log_id.index.saturating_add(1));
+        if next < end_index {
+            if let Some(unwritten) = self.recent.lock().read(next, end_index, None) {
+                entries.extend(unwritten);
+            }
+        }
+        Ok(entries)
     }
 
     /// What replication sends in one AppendEntries: entries from `start`, at least one, while
@@ -369,7 +389,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let (from, to) = (keys::log_key(self.group, start), keys::log_key(self.group, end));
         let storage = self.storage.clone();
         // A far-behind follower's entries come from disk.
-        read_pool().run_or_block(move || read_limited(&storage, &from, &to)).await
+        let entries = read_pool().run_or_block(move || read_limited(&storage, &from, &to)).await?;
+        if entries.is_empty() {
+            // Appended entries the group committer has not written yet are only in the tail.
+            if let Some(unwritten) = self.recent.lock().read(start, end, Some(MAX_APPEND_BYTES)) {
+                return Ok(unwritten);
+            }
+        }
+        Ok(entries)
     }
 }
 
@@ -461,8 +488,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let batch = self.append_batch(entries)?;
-        // A buffered write into the memtable (microseconds); the fsync that makes it durable
-        // runs on the group-commit thread, never here.
+        // Queued for the group committer, which writes it with the other groups' appends and
+        // syncs, never here. Until then the tail serves the entries: openraft 0.9 awaits this
+        // append's callback before anything reads past the log it had, and before it truncates,
+        // purges or appends again to this group, so no other write to the group's log can
+        // overtake the queued batch.
         self.storage
             .write_group_commit(batch, Box::new(move |result| callback.log_io_completed(result)))
             .map_err(write_error)
@@ -610,6 +640,27 @@ mod tests {
         }
         storage.write(batch, Durability::Synced).expect("writes");
         (dir, LogStore::new(storage, 7))
+    }
+
+    /// Entries appended but not written yet by the group committer are only in the tail; a read
+    /// that starts before the tail gets them after what storage holds.
+    #[tokio::test]
+    async fn reads_from_storage_end_with_the_unwritten_tail() {
+        let (_dir, log) = stored_log(5);
+        {
+            let mut recent = log.recent.lock();
+            for index in 3..=8 {
+                recent.push(entry(index), 100);
+            }
+        }
+        let mut reader = log.clone();
+        let indexes = |entries: Vec<Entry>| entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+        let all = reader.try_get_log_entries(1..9).await.expect("reads");
+        assert_eq!(indexes(all), (1..=8).collect::<Vec<_>>());
+        let some = reader.try_get_log_entries(2..7).await.expect("reads");
+        assert_eq!(indexes(some), (2..=6).collect::<Vec<_>>());
+        let limited = reader.limited_get_log_entries(1, 9).await.expect("reads");
+        assert_eq!(indexes(limited), (1..=5).collect::<Vec<_>>(), "storage's part first; the next call takes the rest");
     }
 
     fn stored_indexes(log: &LogStore) -> Vec<u64> {

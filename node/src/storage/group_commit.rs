@@ -1,10 +1,14 @@
-//! Group commit: one fsync for every Raft log append that arrived while the previous fsync ran.
+//! Group commit: one RocksDB write and one fsync for every Raft log append that arrived while
+//! the previous ones were being written and synced.
 //!
-//! Appends are written to RocksDB with a buffered WAL write (readable at once; the WAL record
-//! waits in RocksDB's buffer, `manual_wal_flush`), then their completion callbacks queue here. A
-//! dedicated thread takes everything queued, writes the WAL buffer out and syncs it once
-//! (`FlushWAL`), and fires the callbacks; Raft acknowledges a write only after its callback ran, so every
-//! acknowledged write is on disk while concurrent shards share the cost of one sync.
+//! An append's batch queues here with its completion callback; the caller returns at once. A
+//! dedicated thread takes everything queued, writes all the batches as one RocksDB write
+//! (buffered; the WAL record waits in RocksDB's buffer, `manual_wal_flush`), writes the WAL
+//! buffer out and syncs it once (`FlushWAL`), and fires the callbacks. So an async worker never
+//! waits in RocksDB's write path for an append, and the shards' appends share one write-group
+//! entry, one WAL record and one memtable pass. Raft acknowledges a write only after its
+//! callback ran, so every acknowledged write is on disk. A batch is readable only once its
+//! callback runs: the Raft log store serves the entries meanwhile from its in-memory tail.
 
 use std::io;
 use std::sync::Arc;
@@ -13,13 +17,14 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex};
 use rocksdb::DB;
 
-use super::metrics;
+use super::{metrics, WriteBatch};
 
 /// Called once the writes before it are durable (or failed to become so).
 pub type DurableCallback = Box<dyn FnOnce(Result<(), io::Error>) + Send>;
 
 struct Queue {
-    pending: Vec<DurableCallback>,
+    /// Batches to write, each with the callback to fire once it is durable, in arrival order.
+    pending: Vec<(WriteBatch, DurableCallback)>,
     stopped: bool,
 }
 
@@ -48,14 +53,14 @@ impl GroupCommitter {
         GroupCommitter { shared, thread: Mutex::new(thread) }
     }
 
-    pub(super) fn enqueue(&self, callback: DurableCallback) {
+    pub(super) fn enqueue(&self, batch: WriteBatch, callback: DurableCallback) {
         let mut queue = self.shared.queue.lock();
         if queue.stopped {
             drop(queue);
             callback(Err(io::Error::other("storage is shutting down")));
             return;
         }
-        queue.pending.push(callback);
+        queue.pending.push((batch, callback));
         drop(queue);
         self.shared.wake.notify_one();
     }
@@ -77,7 +82,7 @@ impl Drop for GroupCommitter {
 
 fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool) {
     loop {
-        let batch = {
+        let taken = {
             let mut queue = shared.queue.lock();
             while queue.pending.is_empty() && !queue.stopped {
                 shared.wake.wait(&mut queue);
@@ -87,19 +92,68 @@ fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool) {
             }
             std::mem::take(&mut queue.pending)
         };
-        let started = Instant::now();
-        metrics::OPS_FSYNC.inc();
-        let result = db.flush_wal(fsync);
-        metrics::LOG_FSYNC_DURATION.observe(started.elapsed().as_secs_f64());
-        metrics::GROUP_COMMIT_SIZE.observe(batch.len() as f64);
-        match result {
-            Ok(()) => batch.into_iter().for_each(|callback| callback(Ok(()))),
-            Err(error) => {
-                metrics::STORAGE_OPERATION_ERRORS.with_label_values(&["fsync", super::error_kind(&error)]).inc();
-                tracing::error!(error = %error, "raft log fsync failed");
-                let message = error.into_string();
-                batch.into_iter().for_each(|callback| callback(Err(io::Error::other(message.clone()))));
-            }
+        let mut batch = WriteBatch::new();
+        let mut callbacks = Vec::with_capacity(taken.len());
+        for (appended, callback) in taken {
+            batch.absorb(appended);
+            callbacks.push(callback);
         }
+        metrics::GROUP_COMMIT_SIZE.observe(callbacks.len() as f64);
+        let result = match super::write_batch(&db, batch, false) {
+            Ok(()) => {
+                let started = Instant::now();
+                metrics::OPS_FSYNC.inc();
+                let synced = db.flush_wal(fsync);
+                metrics::LOG_FSYNC_DURATION.observe(started.elapsed().as_secs_f64());
+                synced.map_err(|error| {
+                    metrics::STORAGE_OPERATION_ERRORS.with_label_values(&["fsync", super::error_kind(&error)]).inc();
+                    tracing::error!(error = %error, "raft log fsync failed");
+                    error.into_string()
+                })
+            }
+            // Counted and logged by `write_batch`.
+            Err(error) => Err(error.to_string()),
+        };
+        match result {
+            Ok(()) => callbacks.into_iter().for_each(|callback| callback(Ok(()))),
+            Err(message) => callbacks.into_iter().for_each(|callback| callback(Err(io::Error::other(message.clone())))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_batches_are_written_in_order_before_their_callbacks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = super::super::Storage::open(dir.path(), super::super::StorageOptions::default()).expect("open");
+        let cf = super::super::ColumnFamily::RaftLog;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0u8..10 {
+            let mut batch = WriteBatch::new();
+            batch.put(cf, vec![b'k'], vec![i]);
+            batch.put(cf, vec![b'n', i], vec![i]);
+            let tx = tx.clone();
+            let reader = storage.clone();
+            storage
+                .write_group_commit(
+                    batch,
+                    Box::new(move |result| {
+                        // Readable once the callback runs.
+                        let own = reader.get(cf, &[b'n', i]).expect("get");
+                        tx.send((result.is_ok(), own)).expect("send");
+                    }),
+                )
+                .expect("queue");
+        }
+        for i in 0u8..10 {
+            let (ok, own) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("callback");
+            assert!(ok);
+            assert_eq!(own, Some(vec![i]), "batch {i}'s keys are readable when its callback runs");
+        }
+        // The last batch queued wrote the shared key last.
+        assert_eq!(storage.get(cf, b"k").expect("get"), Some(vec![9]));
     }
 }

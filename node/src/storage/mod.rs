@@ -1,8 +1,8 @@
 //! Storage: the one RocksDB instance of a node, under `<data_dir>/db`.
 //!
 //! This is the only module that imports `rocksdb`. It owns the column families, the write path
-//! (write batches, synchronous writes, and the group-commit flusher that turns many buffered Raft
-//! log appends into one fsync), reads and range scans, the check of every table file at open
+//! (write batches, synchronous writes, and the group committer that turns many queued Raft log
+//! appends into one write and one fsync), reads and range scans, the check of every table file at open
 //! (damaged files are set aside by a RocksDB repair and reported as [`LostFile`]s), and the
 //! storage metrics, and the fixed thread pools that run reads and applies off the async workers
 //! (`pool`). Everything above
@@ -319,6 +319,16 @@ impl WriteBatch {
     pub fn len(&self) -> usize {
         self.operations.len()
     }
+
+    /// Adds `later`'s operations after this batch's, as if written after it.
+    fn absorb(&mut self, later: WriteBatch) {
+        self.payload_bytes += later.payload_bytes;
+        if self.operations.is_empty() {
+            self.operations = later.operations;
+        } else {
+            self.operations.extend(later.operations);
+        }
+    }
 }
 
 /// The operations of a batch in key order within each family, writes to the same key in the
@@ -335,6 +345,31 @@ impl WriteBatch {
 /// once. Measured on one node, 4 clients of 1,000-item batches: 77,004 and 79,761
 /// assertions/s against 75,285 and 74,089, a gain within the spread of later runs
 /// (docs/performance.md, "Issue 15, applies on a fixed pool, and fewer reads per write").
+/// Writes `batch` to `db` atomically, synced when `sync`; counted in the storage metrics.
+fn write_batch(db: &DB, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let bytes = batch.payload_bytes;
+    let handle = |cf: ColumnFamily| db.cf_handle(cf.name()).ok_or(StorageError::Closed);
+    let mut rocks_batch = rocksdb::WriteBatch::default();
+    for operation in key_ordered(batch.operations) {
+        match operation {
+            BatchOperation::Put(cf, k, v) => rocks_batch.put_cf(handle(cf)?, k, v),
+            BatchOperation::Delete(cf, k) => rocks_batch.delete_cf(handle(cf)?, k),
+            BatchOperation::DeleteRange(cf, from, to) => rocks_batch.delete_range_cf(handle(cf)?, from, to),
+        }
+    }
+    let mut write_options = WriteOptions::default();
+    write_options.set_sync(sync);
+    metrics::OPS_PUT.inc();
+    let result = db.write_opt(rocks_batch, &write_options).map_err(|e| engine_error("put", e));
+    metrics::STORAGE_PUT_DURATION.observe(started.elapsed().as_secs_f64());
+    metrics::STORAGE_WRITTEN_BYTES.inc_by(bytes as u64);
+    result
+}
+
 fn key_ordered(mut operations: Vec<BatchOperation>) -> Vec<BatchOperation> {
     if operations.len() > 2 && !operations.iter().any(|op| matches!(op, BatchOperation::DeleteRange(..))) {
         operations.sort_by(|a, b| a.position().cmp(&b.position()));
@@ -837,43 +872,42 @@ impl Storage {
         Ok(self.scan_reverse(cf, from, to, 1)?.pop())
     }
 
-    fn to_rocks_batch(&self, batch: WriteBatch) -> Result<rocksdb::WriteBatch, StorageError> {
-        let mut rocks_batch = rocksdb::WriteBatch::default();
-        for operation in key_ordered(batch.operations) {
-            match operation {
-                BatchOperation::Put(cf, k, v) => rocks_batch.put_cf(self.handle(cf)?, k, v),
-                BatchOperation::Delete(cf, k) => rocks_batch.delete_cf(self.handle(cf)?, k),
-                BatchOperation::DeleteRange(cf, from, to) => rocks_batch.delete_range_cf(self.handle(cf)?, from, to),
-            }
-        }
-        Ok(rocks_batch)
-    }
-
     /// Writes a batch atomically.
     pub fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), StorageError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let bytes = batch.payload_bytes;
-        let rocks_batch = self.to_rocks_batch(batch)?;
-        let mut write_options = WriteOptions::default();
-        write_options.set_sync(durability == Durability::Synced && self.options.fsync);
-        metrics::OPS_PUT.inc();
-        let result = self.db.write_opt(rocks_batch, &write_options).map_err(|e| engine_error("put", e));
-        metrics::STORAGE_PUT_DURATION.observe(started.elapsed().as_secs_f64());
-        metrics::STORAGE_WRITTEN_BYTES.inc_by(bytes as u64);
-        result
+        write_batch(&self.db, batch, durability == Durability::Synced && self.options.fsync)
     }
 
-    /// Writes a batch (readable on return) and calls `on_durable` once it has been fsync'd. Writes
-    /// from every shard that arrive while a sync is in progress share the next sync.
+    /// Hands a batch to the group committer, which writes it together with every other batch
+    /// queued meanwhile, in one RocksDB write, syncs, and then calls `on_durable`. Writes from
+    /// every shard that arrive while a sync is in progress share the next write and sync.
+    ///
+    /// The batch is **not readable when this returns**, only once `on_durable` runs: the caller
+    /// keeps what it wrote readable meanwhile (the Raft log store's tail of recent entries) and
+    /// must not write keys of the batch by another path before then. In return no async worker
+    /// ever waits in RocksDB's write path (its memtable inserts, or its queue behind another
+    /// thread's write) for an append.
     pub fn write_group_commit(&self, batch: WriteBatch, on_durable: DurableCallback) -> Result<(), StorageError> {
-        self.write(batch, Durability::Buffered)?;
         let since_open = self.opened.elapsed().as_micros().min(u128::from(u64::MAX - 1)) as u64;
         self.last_log_append_us.store(since_open + 1, std::sync::atomic::Ordering::Relaxed);
-        self.committer.enqueue(on_durable);
+        self.committer.enqueue(batch, on_durable);
         Ok(())
+    }
+
+    /// Waits until every batch handed to [`Self::write_group_commit`] before this call is
+    /// written (and synced), whatever its outcome. A caller that deletes a stopped group's log
+    /// calls it first, so that an append its Raft queued just before it stopped cannot land
+    /// after the deletion. Blocks: call it on a blocking thread.
+    pub fn settle_appends(&self) {
+        let (done, settled) = std::sync::mpsc::sync_channel(1);
+        self.committer.enqueue(
+            WriteBatch::new(),
+            Box::new(move |_| {
+                let _ = done.send(());
+            }),
+        );
+        // The committer calls every callback, even when it stops or a write fails; an error
+        // here means it is gone, and then nothing queued is left to write.
+        let _ = settled.recv();
     }
 
     /// When this node last appended to a Raft log (a group-committed write), if it has since its
