@@ -36,21 +36,28 @@ struct Shared {
 pub(super) struct GroupCommitter {
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set when the thread could not be started: each append is then written and synced by
+    /// its caller.
+    inline: Option<(Arc<DB>, bool)>,
 }
 
 impl GroupCommitter {
     pub(super) fn start(db: Arc<DB>, fsync: bool) -> GroupCommitter {
         let shared =
             Arc::new(Shared { queue: Mutex::new(Queue { pending: Vec::new(), stopped: false }), wake: Condvar::new() });
-        let worker_shared = shared.clone();
+        let (worker_shared, worker_db) = (shared.clone(), db.clone());
         let thread = std::thread::Builder::new()
             .name("stemedb-group-commit".into())
-            .spawn(move || run(worker_shared, db, fsync))
+            .spawn(move || run(worker_shared, worker_db, fsync))
             .ok();
-        if thread.is_none() {
-            tracing::error!("could not start the group commit thread; appends will sync inline");
-        }
-        GroupCommitter { shared, thread: Mutex::new(thread) }
+        let inline = match thread {
+            Some(_) => None,
+            None => {
+                tracing::error!("could not start the group commit thread; appends will sync inline");
+                Some((db, fsync))
+            }
+        };
+        GroupCommitter { shared, thread: Mutex::new(thread), inline }
     }
 
     pub(super) fn enqueue(&self, batch: WriteBatch, callback: DurableCallback) {
@@ -58,6 +65,11 @@ impl GroupCommitter {
         if queue.stopped {
             drop(queue);
             callback(Err(io::Error::other("storage is shutting down")));
+            return;
+        }
+        if let Some((db, fsync)) = &self.inline {
+            drop(queue);
+            commit(db, *fsync, vec![(batch, callback)]);
             return;
         }
         queue.pending.push((batch, callback));
@@ -92,32 +104,38 @@ fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool) {
             }
             std::mem::take(&mut queue.pending)
         };
-        let mut batch = WriteBatch::new();
-        let mut callbacks = Vec::with_capacity(taken.len());
-        for (appended, callback) in taken {
-            batch.absorb(appended);
-            callbacks.push(callback);
+        commit(&db, fsync, taken);
+    }
+}
+
+/// Writes the batches `taken` as one RocksDB write, in their order, syncs, and calls their
+/// callbacks with the outcome.
+fn commit(db: &DB, fsync: bool, taken: Vec<(WriteBatch, DurableCallback)>) {
+    let mut batch = WriteBatch::new();
+    let mut callbacks = Vec::with_capacity(taken.len());
+    for (appended, callback) in taken {
+        batch.absorb(appended);
+        callbacks.push(callback);
+    }
+    metrics::GROUP_COMMIT_SIZE.observe(callbacks.len() as f64);
+    let result = match super::write_batch(db, batch, false) {
+        Ok(()) => {
+            let started = Instant::now();
+            metrics::OPS_FSYNC.inc();
+            let synced = db.flush_wal(fsync);
+            metrics::LOG_FSYNC_DURATION.observe(started.elapsed().as_secs_f64());
+            synced.map_err(|error| {
+                metrics::STORAGE_OPERATION_ERRORS.with_label_values(&["fsync", super::error_kind(&error)]).inc();
+                tracing::error!(error = %error, "raft log fsync failed");
+                error.into_string()
+            })
         }
-        metrics::GROUP_COMMIT_SIZE.observe(callbacks.len() as f64);
-        let result = match super::write_batch(&db, batch, false) {
-            Ok(()) => {
-                let started = Instant::now();
-                metrics::OPS_FSYNC.inc();
-                let synced = db.flush_wal(fsync);
-                metrics::LOG_FSYNC_DURATION.observe(started.elapsed().as_secs_f64());
-                synced.map_err(|error| {
-                    metrics::STORAGE_OPERATION_ERRORS.with_label_values(&["fsync", super::error_kind(&error)]).inc();
-                    tracing::error!(error = %error, "raft log fsync failed");
-                    error.into_string()
-                })
-            }
-            // Counted and logged by `write_batch`.
-            Err(error) => Err(error.to_string()),
-        };
-        match result {
-            Ok(()) => callbacks.into_iter().for_each(|callback| callback(Ok(()))),
-            Err(message) => callbacks.into_iter().for_each(|callback| callback(Err(io::Error::other(message.clone())))),
-        }
+        // Counted and logged by `write_batch`.
+        Err(error) => Err(error.to_string()),
+    };
+    match result {
+        Ok(()) => callbacks.into_iter().for_each(|callback| callback(Ok(()))),
+        Err(message) => callbacks.into_iter().for_each(|callback| callback(Err(io::Error::other(message.clone())))),
     }
 }
 
