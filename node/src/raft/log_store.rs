@@ -389,14 +389,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let (from, to) = (keys::log_key(self.group, start), keys::log_key(self.group, end));
         let storage = self.storage.clone();
         // A far-behind follower's entries come from disk.
-        let entries = read_pool().run_or_block(move || read_limited(&storage, &from, &to)).await?;
-        if entries.is_empty() {
-            // Appended entries the group committer has not written yet are only in the tail.
-            if let Some(unwritten) = self.recent.lock().read(start, end, Some(MAX_APPEND_BYTES)) {
-                return Ok(unwritten);
-            }
-        }
-        Ok(entries)
+        // (Entries not written yet are at the log's end, in the tail; openraft 0.9 reads none.)
+        read_pool().run_or_block(move || read_limited(&storage, &from, &to)).await
     }
 }
 
@@ -471,7 +465,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, COMMITTED_TAG, &Some(committed))?;
-        // Buffered (a memtable insert): inline, like `append`.
+        // Buffered (a memtable insert, at most once a second per group): inline.
         self.storage.write(batch, Durability::Buffered).map_err(write_error)
     }
 

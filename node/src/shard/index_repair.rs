@@ -208,6 +208,9 @@ pub fn repair_group(
         report.counts_fixed += 1;
         report.concept_entries += 1;
     }
+    // Reported to an operator as done: durable first (buffered writes wait in RocksDB's WAL
+    // buffer until a sync, and an idle node may not sync for a long time).
+    storage.sync()?;
     Ok(report)
 }
 

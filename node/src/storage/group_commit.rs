@@ -81,7 +81,11 @@ impl GroupCommitter {
         self.shared.queue.lock().stopped = true;
         self.shared.wake.notify_all();
         if let Some(thread) = self.thread.lock().take() {
-            let _ = thread.join();
+            // Dropped from a callback, on the committer's own thread: it ends by itself once the
+            // callbacks return (joining itself would panic).
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -113,11 +117,13 @@ fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool) {
 fn commit(db: &DB, fsync: bool, taken: Vec<(WriteBatch, DurableCallback)>) {
     let mut batch = WriteBatch::new();
     let mut callbacks = Vec::with_capacity(taken.len());
+    // `Storage::settle_appends` queues empty markers; they are not appends.
+    let appends = taken.iter().filter(|(appended, _)| !appended.is_empty()).count();
     for (appended, callback) in taken {
         batch.absorb(appended);
         callbacks.push(callback);
     }
-    metrics::GROUP_COMMIT_SIZE.observe(callbacks.len() as f64);
+    metrics::GROUP_COMMIT_SIZE.observe(appends as f64);
     let result = match super::write_batch(db, batch, false) {
         Ok(()) => {
             let started = Instant::now();
@@ -161,6 +167,9 @@ mod tests {
                     Box::new(move |result| {
                         // Readable once the callback runs.
                         let own = reader.get(cf, &[b'n', i]).expect("get");
+                        // Released before the test can go on, so the storage is never dropped
+                        // (and its committer joined) on the committer's own thread.
+                        drop(reader);
                         tx.send((result.is_ok(), own)).expect("send");
                     }),
                 )

@@ -71,7 +71,7 @@ pub static LOG_FSYNC_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     Histogram::with_opts(
         HistogramOpts::new(
             "stemedb_raft_log_fsync_duration_seconds",
-            "Duration of one group-commit fsync of the Raft log",
+            "Duration of one group-commit sync of the Raft log (writing out the WAL buffer, then fsync)",
         )
         .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
     )
@@ -80,8 +80,11 @@ pub static LOG_FSYNC_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
 
 pub static GROUP_COMMIT_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
     Histogram::with_opts(
-        HistogramOpts::new("stemedb_raft_log_group_commit_appends", "Raft log appends made durable by one fsync")
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        HistogramOpts::new(
+            "stemedb_raft_log_group_commit_appends",
+            "Raft log appends written and made durable by one group-commit round",
+        )
+        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
     )
     .expect("valid metric")
 });

@@ -331,20 +331,6 @@ impl WriteBatch {
     }
 }
 
-/// The operations of a batch in key order within each family, writes to the same key in the
-/// order given (a stable sort), when the batch has no range delete; otherwise as given, since a
-/// range delete covers the writes before it and not those after.
-///
-/// A memtable (a skip list) written by one writer at a time remembers where its last insert
-/// went, and an insert just after it searches only the levels below the gap; one far from it
-/// searches from the top. (When RocksDB inserts a group of concurrent writers' batches in
-/// parallel, each insert searches from the top, sorted or not; `memtable_insert_hint_per_batch`
-/// would keep a position per batch, but RocksDB then fails a batch that writes one key twice.)
-/// An apply's batch interleaves unrelated keys (a record, its agent and concept entries, a
-/// request record): sorted, a batch of 1,000 assertions walks each family's memtable forwards
-/// once. Measured on one node, 4 clients of 1,000-item batches: 77,004 and 79,761
-/// assertions/s against 75,285 and 74,089, a gain within the spread of later runs
-/// (docs/performance.md, "Issue 15, applies on a fixed pool, and fewer reads per write").
 /// Writes `batch` to `db` atomically, synced when `sync`; counted in the storage metrics.
 fn write_batch(db: &DB, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
     if batch.is_empty() {
@@ -370,6 +356,20 @@ fn write_batch(db: &DB, batch: WriteBatch, sync: bool) -> Result<(), StorageErro
     result
 }
 
+/// The operations of a batch in key order within each family, writes to the same key in the
+/// order given (a stable sort), when the batch has no range delete; otherwise as given, since a
+/// range delete covers the writes before it and not those after.
+///
+/// A memtable (a skip list) written by one writer at a time remembers where its last insert
+/// went, and an insert just after it searches only the levels below the gap; one far from it
+/// searches from the top. (When RocksDB inserts a group of concurrent writers' batches in
+/// parallel, each insert searches from the top, sorted or not; `memtable_insert_hint_per_batch`
+/// would keep a position per batch, but RocksDB then fails a batch that writes one key twice.)
+/// An apply's batch interleaves unrelated keys (a record, its agent and concept entries, a
+/// request record): sorted, a batch of 1,000 assertions walks each family's memtable forwards
+/// once. Measured on one node, 4 clients of 1,000-item batches: 77,004 and 79,761
+/// assertions/s against 75,285 and 74,089, a gain within the spread of later runs
+/// (docs/performance.md, "Issue 15, applies on a fixed pool, and fewer reads per write").
 fn key_ordered(mut operations: Vec<BatchOperation>) -> Vec<BatchOperation> {
     if operations.len() > 2 && !operations.iter().any(|op| matches!(op, BatchOperation::DeleteRange(..))) {
         operations.sort_by(|a, b| a.position().cmp(&b.position()));
