@@ -143,6 +143,14 @@ impl RecentEntries {
         }
     }
 
+    /// The entry at `index`, when the tail holds it. The tail's entries are consecutive
+    /// ([`RecentEntries::push`] restarts it at a gap), so the offset from the first is exact;
+    /// the index is checked all the same.
+    fn get(&self, index: u64) -> Option<&Entry> {
+        let offset = usize::try_from(index.checked_sub(self.first_index()?)?).ok()?;
+        self.entries.get(offset).map(|(entry, _)| entry).filter(|entry| entry.log_id.index == index)
+    }
+
     /// The entries in `[start, end)` when this holds all of them that the log holds (from
     /// `start` on), else `None`. With `max_bytes`, stops before the entry that would pass it,
     /// after at least one.
@@ -296,11 +304,8 @@ impl LogStore {
         // not written yet.
         {
             let recent = self.recent.lock();
-            if let Some(first) = recent.first_index().filter(|&first| first <= index) {
-                let offset = usize::try_from(index - first).unwrap_or(usize::MAX);
-                if let Some((entry, _)) = recent.entries.get(offset) {
-                    return Ok(proposed_at(entry));
-                }
+            if let Some(entry) = recent.get(index) {
+                return Ok(proposed_at(entry));
             }
         }
         let Some(bytes) =
@@ -588,6 +593,10 @@ mod tests {
                 prop_assert!(recent.entries.len() <= 1 || recent.bytes <= RECENT_LOG_BYTES);
                 prop_assert_eq!(recent.bytes, recent.entries.iter().map(|(_, s)| s).sum::<usize>());
                 for &(start, len) in &probes {
+                    if let Some(found) = recent.get(start) {
+                        prop_assert_eq!(found.log_id.index, start);
+                        prop_assert!(log.contains_key(&start), "the tail holds only what the log holds");
+                    }
                     let end = start + len;
                     let stored: Vec<u64> = log.range(start..end.max(start)).map(|(i, _)| *i).collect();
                     if let Some(read) = recent.read(start, end, None) {
@@ -623,6 +632,8 @@ mod tests {
         let read = recent.read(5, u64::MAX, None).expect("served from the tail");
         assert_eq!(read.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
         assert!(recent.read(0, 3, None).is_none(), "before the tail: storage");
+        assert_eq!(recent.get(7).map(|e| e.log_id.index), Some(7));
+        assert!(recent.get(0).is_none() && recent.get(11).is_none(), "outside the tail: none");
     }
 
     fn stored_log(count: u64) -> (tempfile::TempDir, LogStore) {
