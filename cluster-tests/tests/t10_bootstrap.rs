@@ -24,15 +24,19 @@ async fn write_anywhere_read_everywhere(cluster: &TestCluster) -> anyhow::Result
 async fn three_nodes_form_a_cluster() -> anyhow::Result<()> {
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 4, ..Default::default() }).await?;
     write_anywhere_read_everywhere(&cluster).await?;
-    // Groups with three voters confirm leadership through a quorum for every linearizable read:
-    // the single-voter shortcut must never apply.
-    let mut quorum_rounds = 0.0;
+    // Groups with three voters confirm leadership through their followers for every
+    // linearizable read (a read lease or a quorum round): the single-voter shortcut must never
+    // apply.
+    let mut confirmed = 0.0;
     for id in 1..=3u64 {
         let alone = cluster.metric(id, "stemedb_read_barriers_total{path=\"sole_voter\"}").await?;
         assert_eq!(alone.unwrap_or(0.0), 0.0, "node {id}");
-        quorum_rounds += cluster.metric(id, "stemedb_read_barriers_total{path=\"quorum\"}").await?.unwrap_or(0.0);
+        for path in ["quorum", "lease"] {
+            let series = format!("stemedb_read_barriers_total{{path=\"{path}\"}}");
+            confirmed += cluster.metric(id, &series).await?.unwrap_or(0.0);
+        }
     }
-    assert!(quorum_rounds >= 9.0, "9 linearizable reads, {quorum_rounds} barriers");
+    assert!(confirmed >= 9.0, "9 linearizable reads, {confirmed} confirmed");
 
     let (status, members) = cluster.admin_get(2, "/cluster/members").await?;
     assert_eq!(status, 200);

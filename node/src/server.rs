@@ -208,6 +208,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
         logs_to_keep_after_snapshot: config.raft.logs_to_keep_after_snapshot,
         unsafe_skip_read_barrier: config.testing.unsafe_skip_read_barrier,
+        lease_reads: config.raft.lease_reads,
         claims_cache_bytes: (config.query.claims_cache_mb as usize) << 20,
         snapshot_install_pause_ms: config.testing.snapshot_install_pause_ms,
         digest_buckets: config.anti_entropy.buckets,

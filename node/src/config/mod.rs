@@ -354,6 +354,10 @@ pub struct RaftSection {
     pub logs_to_keep_after_snapshot: u64,
     /// How long a write waits for its shard to commit and apply it before answering 504.
     pub write_timeout_ms: u64,
+    /// Let a shard's leader answer linearizable reads from its read lease (every voter accepted
+    /// its AppendEntries recently, so no other node can be elected) instead of a heartbeat round
+    /// to a quorum per read barrier. Off: every barrier takes the round.
+    pub lease_reads: bool,
 }
 
 impl RaftSection {
@@ -656,6 +660,7 @@ impl Default for RaftSection {
             snapshot_logs_since_last: 20_000,
             logs_to_keep_after_snapshot: 1_000,
             write_timeout_ms: 5_000,
+            lease_reads: true,
         }
     }
 }

@@ -195,6 +195,13 @@ impl LogStore {
         }
     }
 
+    /// The index of the newest entry appended in this process (written yet or not), when the
+    /// in-memory tail holds it: every append goes through the tail, so this is the log's last
+    /// index. `None` before the first append since start, or when a purge emptied the tail.
+    pub fn last_appended_index(&self) -> Option<u64> {
+        self.recent.lock().last_index()
+    }
+
     /// Keeps every entry until [`LogStore::archived_through`] says it is archived.
     pub fn keep_unarchived(self) -> LogStore {
         self.purge_floor.store(0, Ordering::Release);

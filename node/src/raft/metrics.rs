@@ -1,4 +1,4 @@
-//! Raft metrics: proposals, applies, read barriers, snapshots, elections, peer RPCs and forwarding.
+//! Raft metrics: proposals, applies, read barriers and read-index confirmations, snapshots, elections, peer RPCs and forwarding.
 //! The counters of applying itself are in `shard::metrics`.
 
 use std::sync::LazyLock;
@@ -32,8 +32,10 @@ pub static PROPOSE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
-/// Linearizable read barriers by how they confirmed leadership: `sole_voter` (the node leads
-/// the group alone, no round needed) or `quorum` (a read index confirmed through openraft).
+/// Linearizable reads by how they confirmed leadership: `sole_voter` (the node leads the group
+/// alone, no round needed), `lease` (the node leads it and holds its read lease, `raft::lease`)
+/// or `quorum` (a read index from the leader, which confirms it by its lease or a heartbeat
+/// round, see `READ_INDEX_CONFIRMATIONS`).
 pub static READ_BARRIERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_read_barriers_total", "Linearizable read barriers, by how leadership was confirmed"),
@@ -45,6 +47,25 @@ pub static READ_BARRIERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// The two `READ_BARRIERS` series, resolved once: a read must not look up labels.
 pub static SOLE_VOTER_READS: LazyLock<IntCounter> = LazyLock::new(|| READ_BARRIERS.with_label_values(&["sole_voter"]));
 pub static QUORUM_READS: LazyLock<IntCounter> = LazyLock::new(|| READ_BARRIERS.with_label_values(&["quorum"]));
+pub static LEASE_READS: LazyLock<IntCounter> = LazyLock::new(|| READ_BARRIERS.with_label_values(&["lease"]));
+
+/// Read indexes this node answered as a group's leader, for its own readers' barriers and for
+/// other nodes' `ReadIndex` requests, by what confirmed its leadership: `lease` (its read lease
+/// held, no round) or `heartbeats` (a heartbeat round to a quorum).
+pub static READ_INDEX_CONFIRMATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_read_index_confirmations_total",
+            "Read indexes answered as leader, by what confirmed the leadership (lease or heartbeats)",
+        ),
+        &["by"],
+    )
+    .expect("valid metric")
+});
+pub static READ_INDEX_CONFIRMATIONS_LEASE: LazyLock<IntCounter> =
+    LazyLock::new(|| READ_INDEX_CONFIRMATIONS.with_label_values(&["lease"]));
+pub static READ_INDEX_CONFIRMATIONS_HEARTBEATS: LazyLock<IntCounter> =
+    LazyLock::new(|| READ_INDEX_CONFIRMATIONS.with_label_values(&["heartbeats"]));
 
 pub static WRONG_CLUSTER: LazyLock<IntCounter> = LazyLock::new(|| {
     IntCounter::new(
@@ -170,8 +191,11 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     for cause in ["leader_changed", "not_leader", "ambiguous"] {
         FORWARD_RETRIES.with_label_values(&[cause]);
     }
-    for barrier in ["quorum", "sole_voter"] {
+    for barrier in ["quorum", "sole_voter", "lease"] {
         READ_BARRIERS.with_label_values(&[barrier]);
+    }
+    for by in ["lease", "heartbeats"] {
+        READ_INDEX_CONFIRMATIONS.with_label_values(&[by]);
     }
     for event in ["built", "build_failed", "installed", "install_failed", "held"] {
         SNAPSHOTS.with_label_values(&[event]);
@@ -192,6 +216,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(ENTRY_PARTS.clone()),
         Box::new(PROPOSALS.clone()),
         Box::new(READ_BARRIERS.clone()),
+        Box::new(READ_INDEX_CONFIRMATIONS.clone()),
         Box::new(PROPOSE_DURATION.clone()),
         Box::new(PEER_RPC_DURATION.clone()),
         Box::new(PEER_RPC_ERRORS.clone()),

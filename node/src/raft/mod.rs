@@ -3,7 +3,8 @@
 //! `shard` and `meta`), the transport (`network`, its messages' protobuf form in `wire`, the
 //! frame connections that carry its hot requests in `frames`, and the requests one node sends
 //! another about a shard in `forward`), the set of local groups (`shards`: routing,
-//! membership, local proposals, read barriers shared via `read_barrier`), hibernation, takeover and leader hand-over, dropping at start the replicas whose table files
+//! membership, local proposals, read barriers shared via `read_barrier`, leaders' read leases
+//! in `lease`), hibernation, takeover and leader hand-over, dropping at start the replicas whose table files
 //! were damaged (`damage`), and what anti-entropy established about each replica since start
 //! (`replica_health`: checked, suspect). It does not know about HTTP, and never calls
 //! `coordinator`.
@@ -13,6 +14,7 @@ pub mod forward;
 pub mod frames;
 pub mod handoff;
 pub mod hibernation;
+pub mod lease;
 pub mod log_store;
 pub mod metrics;
 pub mod network;

@@ -5,7 +5,8 @@
 //! other ready tasks of its worker add theirs first, `tasks::yield_while_arriving`), so groups
 //! share the per-call cost (HTTP/2 frames, syscalls, wake-ups) the way they share an fsync. A
 //! slow or dead peer costs its own requests their timeout and nothing else: every RPC has a
-//! deadline and no lock is held across a call.
+//! deadline and no lock is held across a call. Every AppendEntries a follower accepts renews
+//! its part of the group's read lease (`raft::lease`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use super::frames::{status_frame, status_of_parts, FramePeer};
+use super::lease::LeaseClock;
 use super::metrics as raft_metrics;
 use super::replica_health::ReplicaHealth;
 use super::types::{GroupId, NodeId, TypeConfig};
@@ -213,11 +215,18 @@ pub struct GrpcNetwork {
     group: GroupId,
     /// The local replica's health: an unchecked or suspect replica sends no snapshot.
     health: Arc<ReplicaHealth>,
+    /// The group's read lease: every accepted AppendEntries renews its follower's part.
+    lease: Arc<LeaseClock>,
 }
 
 impl GrpcNetwork {
-    pub fn new(peers: Arc<PeerChannels>, group: GroupId, health: Arc<ReplicaHealth>) -> GrpcNetwork {
-        GrpcNetwork { peers, group, health }
+    pub fn new(
+        peers: Arc<PeerChannels>,
+        group: GroupId,
+        health: Arc<ReplicaHealth>,
+        lease: Arc<LeaseClock>,
+    ) -> GrpcNetwork {
+        GrpcNetwork { peers, group, health, lease }
     }
 }
 
@@ -227,6 +236,7 @@ pub struct GrpcConnection {
     group: GroupId,
     target: NodeId,
     health: Arc<ReplicaHealth>,
+    lease: Arc<LeaseClock>,
 }
 
 /// Why a snapshot was not sent: this replica is unchecked since start or being repaired.
@@ -246,6 +256,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             group: self.group,
             target,
             health: self.health.clone(),
+            lease: self.lease.clone(),
         }
     }
 }
@@ -519,13 +530,24 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
     ) -> Result<AppendEntriesResponse<NodeId>, RaftRpcError> {
         let message = wire::append_to_proto(self.group, &rpc);
         let timeout = option.hard_ttl();
+        // Before the send: the follower receives it later, and its lease runs from then.
+        let sent = Instant::now();
         let call = async {
             match &self.batcher {
                 Ok(batcher) => batcher.append(message, timeout).await,
                 Err(error) => Err(tonic::Status::unavailable(error.to_string())),
             }
         };
-        self.finish(Rpc::AppendEntries, call, wire::append_reply_from_proto).await
+        let reply = self.finish(Rpc::AppendEntries, call, wire::append_reply_from_proto).await;
+        // A success or a log conflict: either way the follower took this leader's vote, and
+        // refuses other candidates for a lease.
+        if let Ok(
+            AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict,
+        ) = &reply
+        {
+            self.lease.acked(&rpc.vote, self.target, sent);
+        }
+        reply
     }
 
     async fn install_snapshot(

@@ -17,6 +17,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
 use super::forward::{grpc_call, Campaign, Forward, ReadIndex};
+use super::lease::LeaseClock;
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
@@ -113,6 +114,9 @@ pub struct RaftSettings {
     pub logs_to_keep_after_snapshot: u64,
     /// A planted bug (`testing.unsafe_skip_read_barrier`): linearizable reads skip the barrier.
     pub unsafe_skip_read_barrier: bool,
+    /// `raft.lease_reads`: a leader whose read lease holds (`raft::lease`) answers read
+    /// indexes without a heartbeat round.
+    pub lease_reads: bool,
     /// Memory budget of the claims caches of all shards together (`query.claims_cache_mb`).
     pub claims_cache_bytes: usize,
     /// `testing.snapshot_install_pause_ms`.
@@ -161,6 +165,7 @@ impl Default for RaftSettings {
             snapshot_logs_since_last: 20_000,
             logs_to_keep_after_snapshot: 1_000,
             unsafe_skip_read_barrier: false,
+            lease_reads: true,
             claims_cache_bytes: 64 << 20,
             snapshot_install_pause_ms: 0,
             digest_buckets: crate::shard::digest::DEFAULT_BUCKETS,
@@ -199,6 +204,8 @@ pub struct ShardGroup {
     pub(crate) campaigned_term: AtomicU64,
     /// Checked since start, suspect (`raft::replica_health`); shared with the transport.
     pub health: Arc<ReplicaHealth>,
+    /// This node's read lease while it leads the group (`raft::lease`); the transport renews it.
+    pub(crate) lease: Arc<LeaseClock>,
     /// Held while the election timer is set from its inputs ([`ShardGroup::update_elections`]),
     /// so a stale setting never lands last.
     elections: Mutex<()>,
@@ -232,7 +239,8 @@ impl ShardGroup {
         let log = log_store.clone();
         let reader = ShardReader::new(storage.clone(), shard, group, state_machine.progress());
         let health = Arc::new(ReplicaHealth::new(checked));
-        let network = GrpcNetwork::new(peers, group, health.clone());
+        let lease = Arc::new(LeaseClock::default());
+        let network = GrpcNetwork::new(peers, group, health.clone(), lease.clone());
         let raft = Raft::new(node_id, config, network, log_store, state_machine).await.map_err(|e| startup(&e))?;
         // An unchecked replica does not campaign (its data may be damaged).
         raft.runtime_config().elect(checked);
@@ -284,6 +292,7 @@ impl ShardGroup {
             last_append_ms: AtomicU64::new(super::takeover::monotonic_ms()),
             campaigned_term: AtomicU64::new(0),
             health,
+            lease,
             elections: Mutex::new(()),
             leader_lost_ms,
             led_since: Mutex::new(None),
@@ -409,6 +418,10 @@ pub struct ShardSet {
     founding: Option<(BTreeMap<NodeId, String>, BTreeMap<u16, Vec<NodeId>>)>,
     pub replication_factor: u16,
     pub(crate) unsafe_skip_read_barrier: bool,
+    /// How long a leader's read lease lasts after the oldest of its followers' newest accepted
+    /// AppendEntries was sent (half of `leader_lease`, see `raft::lease`); `None` when
+    /// `raft.lease_reads` is off.
+    read_lease: Option<Duration>,
     /// `query.claims_cache_mb` in bytes, shared by the shards this node hosts.
     claims_cache_bytes: usize,
     shards: u16,
@@ -574,6 +587,7 @@ impl ShardSet {
             founding: (!members.is_empty()).then_some((members, placement)),
             replication_factor,
             unsafe_skip_read_barrier: settings.unsafe_skip_read_barrier,
+            read_lease: settings.lease_reads.then(|| Duration::from_millis(election_timeout_max) / 2),
             claims_cache_bytes: settings.claims_cache_bytes,
             shards,
             groups,
@@ -699,6 +713,14 @@ impl ShardSet {
                 u64::MAX => Some(reported),
                 target => Some(target.max(reported)),
             });
+        }
+    }
+
+    /// A candidate of `term` asks this node's vote in `shard`: this node's read lease of any term
+    /// up to it ends before openraft sees the request (`raft::lease`).
+    pub fn fence_read_lease(&self, shard: u16, term: u64) {
+        if let Ok(group) = self.group(shard) {
+            group.lease.fence(term);
         }
     }
 
@@ -981,6 +1003,11 @@ impl ShardSet {
             raft_metrics::SOLE_VOTER_READS.inc();
             return Ok(());
         }
+        // A leader holding its read lease needs no round, so no barrier to share either.
+        if let Some(read_index) = self.lease_read_index(&group, timeout).await? {
+            raft_metrics::LEASE_READS.inc();
+            return self.wait_applied(&group, read_index, Instant::now() + timeout, timeout).await;
+        }
         raft_metrics::QUORUM_READS.inc();
         // The reader's time counts from its arrival: waiting for a barrier another reader
         // leads, and this reader's own turn at leading, share the one timeout. A barrier itself
@@ -1078,10 +1105,23 @@ impl ShardSet {
                 None => {}
             }
         };
+        self.wait_applied(&group, read_index, deadline, timeout).await
+    }
+
+    /// Waits until this replica of `group` applied `read_index`, until `deadline` (a read of
+    /// `timeout`).
+    async fn wait_applied(
+        &self,
+        group: &ShardGroup,
+        read_index: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), ConsensusError> {
         // Usually applied already: skip openraft's Wait, which clones the metrics to check.
         if group.reader.applied_index() >= read_index {
             return Ok(());
         }
+        let shard = group.shard;
         let remaining = deadline.saturating_duration_since(Instant::now());
         group
             .raft
@@ -1097,13 +1137,55 @@ impl ShardSet {
             })
     }
 
-    /// The read index of `shard` on this node, which must lead it: confirms leadership with a
-    /// quorum and returns the log index a linearizable read must wait for.
+    /// The read index of `group` from this node's read lease, when it leads the group and the
+    /// lease holds (`raft::lease`): the last index of its log, which is at or past every
+    /// committed entry. `None` when a heartbeat round must confirm the leadership instead.
+    /// Holds the hand-over gate while it checks, as a heartbeat round does.
+    async fn lease_read_index(&self, group: &ShardGroup, timeout: Duration) -> Result<Option<u64>, ConsensusError> {
+        let Some(duration) = self.read_lease else { return Ok(None) };
+        let is_leader = |metrics: &openraft::RaftMetrics<NodeId, BasicNode>| {
+            metrics.current_leader == Some(self.node_id) && metrics.vote.leader_id.node_id == self.node_id
+        };
+        if !is_leader(&group.raft.metrics().borrow()) {
+            return Ok(None);
+        }
+        let _gate = self.admit(group, Instant::now() + timeout.min(self.leader_lease * 2)).await?;
+        // Read after the reader arrived, so at or past what was committed when it did.
+        let Some(read_index) = group.log.last_appended_index() else { return Ok(None) };
+        let holds = {
+            let metrics = group.raft.metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            is_leader(&metrics)
+                && membership.get_joint_config().len() == 1
+                && group.lease.holds(
+                    &metrics.vote,
+                    self.node_id,
+                    &membership.voter_ids().collect(),
+                    Instant::now(),
+                    duration,
+                )
+        };
+        if !holds {
+            return Ok(None);
+        }
+        self.wake(group);
+        raft_metrics::READ_INDEX_CONFIRMATIONS_LEASE.inc();
+        Ok(Some(read_index))
+    }
+
+    /// The read index of `shard` on this node, which must lead it: confirms leadership with its
+    /// read lease or else a heartbeat round to a quorum, and returns the log index a
+    /// linearizable read must wait for.
     pub async fn local_read_index(&self, shard: u16) -> Result<u64, ConsensusError> {
         let group = self.group(shard)?;
         // Waits while this node hands the group over (then openraft answers `not_leader`).
+        if let Some(read_index) = self.lease_read_index(&group, self.leader_lease * 2).await? {
+            return Ok(read_index);
+        }
         let _gate = self.admit(&group, Instant::now() + self.leader_lease * 2).await?;
         self.wake(&group);
+        raft_metrics::READ_INDEX_CONFIRMATIONS_HEARTBEATS.inc();
         match group.raft.get_read_log_id().await {
             Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => match forward.leader_id {

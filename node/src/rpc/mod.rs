@@ -213,7 +213,11 @@ impl RaftTransport for RaftService {
             return Err(ErrorCode::ReplicaCatchingUp
                 .to_status("this node lost its data and is catching up; it does not vote until it has"));
         }
-        let result = raft.vote(wire::vote_request_from_proto(message).map_err(|e| e.to_status())?).await;
+        let shard = self.shard(message.group_id)?;
+        let request = wire::vote_request_from_proto(message).map_err(|e| e.to_status())?;
+        // Before openraft may grant it: a read lease never outlives this node's vote for another.
+        self.shards.fence_read_lease(shard, request.vote.leader_id.term);
+        let result = raft.vote(request).await;
         Ok(Response::new(wire::vote_reply_to_proto(&result)))
     }
 
