@@ -575,6 +575,24 @@ impl TestCluster {
         Some((body["hosted"].as_bool().unwrap_or(true), body["leader"].as_u64()))
     }
 
+    /// Hands the leadership of `shard` to `target` (`POST /admin/shards/{id}/transfer-leader`
+    /// through the target's admin port), up to three attempts: a follower's election timer may
+    /// win the race. Then waits until every running node agrees that `target` leads.
+    pub async fn transfer_leader(&self, shard: u16, target: u64) -> anyhow::Result<()> {
+        let url = format!("{}/admin/shards/{shard}/transfer-leader", self.node(target).admin());
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let response = self.client.post(&url).json(&json!({"target_node": target})).send().await?;
+            if response.status().as_u16() == 200 {
+                let leader = self.wait_for_leader(shard, Duration::from_secs(10)).await?;
+                anyhow::ensure!(leader == target, "shard {shard} moved to node {leader}, not {target}");
+                return Ok(());
+            }
+            answers.push(response.status().as_u16());
+        }
+        bail!("transfer of shard {shard} to node {target} never succeeded: {answers:?}")
+    }
+
     /// Waits until the running nodes that host `shard` agree on a leader that is itself running.
     pub async fn wait_for_leader(&self, shard: u16, timeout: Duration) -> anyhow::Result<u64> {
         let deadline = Instant::now() + timeout;

@@ -60,18 +60,7 @@ async fn leadership_can_be_transferred() -> anyhow::Result<()> {
     let cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 2, ..Default::default() }).await?;
     let leader = cluster.wait_for_leader(0, Duration::from_secs(10)).await?;
     let target = *cluster.nodes.keys().find(|id| **id != leader).expect("other node");
-    // A follower's election timer may win the race; a second attempt settles it.
-    let mut moved = false;
-    for _ in 0..3 {
-        let url = format!("{}/admin/shards/0/transfer-leader", cluster.node(target).admin());
-        let response = cluster.client.post(url).json(&json!({"target_node": target})).send().await?;
-        if response.status().as_u16() == 200 {
-            moved = true;
-            break;
-        }
-    }
-    assert!(moved, "transfer to node {target} never succeeded");
-    assert_eq!(cluster.wait_for_leader(0, Duration::from_secs(10)).await?, target);
+    cluster.transfer_leader(0, target).await?;
     let path = (0..100).map(|i| format!("transfer/k{i}")).find(|p| cluster.shard_of(p) == 0).expect("a key on shard 0");
     cluster.assert_value(leader, &path, json!("after transfer")).await?;
     let response = cluster

@@ -51,17 +51,7 @@ async fn a_leader_reads_from_its_lease_until_it_hands_over() -> anyhow::Result<(
 
     // Hand the shard over: the old leader's lease ends with its leadership, so a write the new
     // leader acknowledged is what the old one reads next.
-    let mut moved = false;
-    for _ in 0..3 {
-        let url = format!("{}/admin/shards/0/transfer-leader", cluster.node(follower).admin());
-        let response = cluster.client.post(url).json(&json!({"target_node": follower})).send().await?;
-        if response.status().as_u16() == 200 {
-            moved = true;
-            break;
-        }
-    }
-    assert!(moved, "transfer to node {follower} never succeeded");
-    assert_eq!(cluster.wait_for_leader(0, Duration::from_secs(10)).await?, follower);
+    cluster.transfer_leader(0, follower).await?;
     cluster.assert_value(follower, path, json!("v2")).await?;
     let (status, value) = cluster.read_value(leader, path, "linearizable").await?;
     assert_eq!((status, value), (200, json!("v2")), "the old leader read after the hand-over");
