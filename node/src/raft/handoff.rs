@@ -138,15 +138,24 @@ impl ShardSet {
         let Ok(_closed) = tokio::time::timeout(DRAIN_IN_FLIGHT, state.gate.write()).await else {
             return Err(failed("requests in flight did not finish; leadership kept".into()));
         };
-        let (last_log_index, fast) = {
+        let (last_log_index, fast, term) = {
             let metrics = group.raft.metrics();
             let metrics = metrics.borrow();
             if metrics.current_leader != Some(self.node_id) {
                 return Err(ConsensusError::NotLeader { shard, leader: metrics.current_leader });
             }
             let membership = metrics.membership_config.membership();
-            (metrics.last_log_index, membership.get_joint_config().len() == 1 && voters.len() <= 3)
+            (
+                metrics.last_log_index,
+                membership.get_joint_config().len() == 1 && voters.len() <= 3,
+                metrics.current_term,
+            )
         };
+        // No read lease of this term from here on (`raft::lease`): a follower asked to campaign
+        // stops refusing other candidates, and one whose Campaign answer is lost below may have
+        // started anyway. If this node keeps the leadership, its reads take heartbeat rounds
+        // until it is elected again.
+        group.lease.fence(term);
         let mut last = failed("no other voter to hand leadership to".into());
         for target in targets.into_iter().filter(|t| voters.contains(t) && *t != self.node_id) {
             if let Err(error) = self.wait_caught_up(group, target, last_log_index).await {

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use super::frames::{status_frame, status_of_parts, FramePeer};
-use super::lease::LeaseClock;
+use super::lease::{self, LeaseClock};
 use super::metrics as raft_metrics;
 use super::replica_health::ReplicaHealth;
 use super::types::{GroupId, NodeId, TypeConfig};
@@ -531,21 +531,26 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         let message = wire::append_to_proto(self.group, &rpc);
         let timeout = option.hard_ttl();
         // Before the send: the follower receives it later, and its lease runs from then.
-        let sent = Instant::now();
+        let sent = lease::now();
+        let mut promise = Duration::ZERO;
         let call = async {
             match &self.batcher {
                 Ok(batcher) => batcher.append(message, timeout).await,
                 Err(error) => Err(tonic::Status::unavailable(error.to_string())),
             }
         };
-        let reply = self.finish(Rpc::AppendEntries, call, wire::append_reply_from_proto).await;
+        let decode = |reply: AppendReply| {
+            promise = Duration::from_millis(reply.lease_ms);
+            wire::append_reply_from_proto(reply)
+        };
+        let reply = self.finish(Rpc::AppendEntries, call, decode).await;
         // A success or a log conflict: either way the follower took this leader's vote, and
         // refuses other candidates for a lease.
         if let Ok(
             AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict,
         ) = &reply
         {
-            self.lease.acked(&rpc.vote, self.target, sent);
+            self.lease.acked(&rpc.vote, self.target, sent, promise);
         }
         reply
     }
@@ -677,7 +682,7 @@ mod tests {
     fn expected(group: u32) -> AppendReply {
         use stemedb_proto::raft::append_reply::Result as R;
         let matching = stemedb_proto::raft::LogId { term: 1, node_id: 2, index: u64::from(group) * 7 };
-        AppendReply { result: Some(R::PartialSuccess(PartialSuccess { matching: Some(matching) })) }
+        AppendReply { result: Some(R::PartialSuccess(PartialSuccess { matching: Some(matching) })), lease_ms: 0 }
     }
 
     struct Harness {

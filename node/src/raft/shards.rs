@@ -17,7 +17,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
 use super::forward::{grpc_call, Campaign, Forward, ReadIndex};
-use super::lease::LeaseClock;
+use super::lease::{self, LeaseClock};
 use super::log_store::LogStore;
 use super::metrics as raft_metrics;
 use super::network::{status_to_rpc_error, GrpcNetwork, PeerChannels};
@@ -418,10 +418,9 @@ pub struct ShardSet {
     founding: Option<(BTreeMap<NodeId, String>, BTreeMap<u16, Vec<NodeId>>)>,
     pub replication_factor: u16,
     pub(crate) unsafe_skip_read_barrier: bool,
-    /// How long a leader's read lease lasts after the oldest of its followers' newest accepted
-    /// AppendEntries was sent (half of `leader_lease`, see `raft::lease`); `None` when
-    /// `raft.lease_reads` is off.
-    read_lease: Option<Duration>,
+    /// `raft.lease_reads`: a leader answers read indexes from its read lease while it holds
+    /// (`raft::lease`).
+    lease_reads: bool,
     /// `query.claims_cache_mb` in bytes, shared by the shards this node hosts.
     claims_cache_bytes: usize,
     shards: u16,
@@ -587,7 +586,7 @@ impl ShardSet {
             founding: (!members.is_empty()).then_some((members, placement)),
             replication_factor,
             unsafe_skip_read_barrier: settings.unsafe_skip_read_barrier,
-            read_lease: settings.lease_reads.then(|| Duration::from_millis(election_timeout_max) / 2),
+            lease_reads: settings.lease_reads,
             claims_cache_bytes: settings.claims_cache_bytes,
             shards,
             groups,
@@ -714,6 +713,12 @@ impl ShardSet {
                 target => Some(target.max(reported)),
             });
         }
+    }
+
+    /// How long after accepting a leader's AppendEntries this node refuses other candidates
+    /// (openraft's lease, ms): sent back with every answer for the leader's read lease.
+    pub fn promised_lease_ms(&self) -> u64 {
+        u64::try_from(self.leader_lease.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// A candidate of `term` asks this node's vote in `shard`: this node's read lease of any term
@@ -995,25 +1000,31 @@ impl ShardSet {
     }
 
     /// A linearizable read barrier: returns once this node's copy of `shard` reflects every write
-    /// acknowledged before the call. The leader confirms its leadership with a quorum (read
-    /// index); a follower asks the leader for that index and waits until it has applied it.
+    /// acknowledged before the call. The leader confirms its leadership with its read lease or
+    /// a quorum (read index); a follower asks the leader for that index and waits until it has
+    /// applied it.
     pub async fn read_barrier(&self, shard: u16, timeout: Duration) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         if self.leads_alone(&group) {
             raft_metrics::SOLE_VOTER_READS.inc();
             return Ok(());
         }
+        // The reader's time counts from its arrival: the gate, waiting for a barrier another
+        // reader leads, and this reader's own turn at leading share the one timeout. A barrier
+        // itself gets the whole timeout from its start, because it serves every reader waiting
+        // behind it, not only the one leading it (whose time may be nearly spent).
+        let deadline = Instant::now() + timeout;
         // A leader holding its read lease needs no round, so no barrier to share either.
-        if let Some(read_index) = self.lease_read_index(&group, timeout).await? {
-            raft_metrics::LEASE_READS.inc();
-            return self.wait_applied(&group, read_index, Instant::now() + timeout, timeout).await;
+        if self.lease_reads && self.is_leader(&group) {
+            let gate = self.admit(&group, deadline.min(Instant::now() + self.leader_lease * 2)).await?;
+            let read_index = self.lease_read_index(&group);
+            drop(gate);
+            if let Some(read_index) = read_index {
+                raft_metrics::LEASE_READS.inc();
+                return self.wait_applied(&group, read_index, deadline, timeout).await;
+            }
         }
         raft_metrics::QUORUM_READS.inc();
-        // The reader's time counts from its arrival: waiting for a barrier another reader
-        // leads, and this reader's own turn at leading, share the one timeout. A barrier itself
-        // gets the whole timeout from its start, because it serves every reader waiting behind
-        // it, not only the one leading it (whose time may be nearly spent).
-        let deadline = Instant::now() + timeout;
         // Concurrent readers share one barrier that started after they arrived.
         let shared = group.read_barriers.run_until(deadline.into(), || self.read_barrier_once(shard, timeout));
         match shared.await {
@@ -1137,41 +1148,37 @@ impl ShardSet {
             })
     }
 
-    /// The read index of `group` from this node's read lease, when it leads the group and the
-    /// lease holds (`raft::lease`): the last index of its log, which is at or past every
-    /// committed entry. `None` when a heartbeat round must confirm the leadership instead.
-    /// Holds the hand-over gate while it checks, as a heartbeat round does.
-    async fn lease_read_index(&self, group: &ShardGroup, timeout: Duration) -> Result<Option<u64>, ConsensusError> {
-        let Some(duration) = self.read_lease else { return Ok(None) };
-        let is_leader = |metrics: &openraft::RaftMetrics<NodeId, BasicNode>| {
-            metrics.current_leader == Some(self.node_id) && metrics.vote.leader_id.node_id == self.node_id
-        };
-        if !is_leader(&group.raft.metrics().borrow()) {
-            return Ok(None);
+    /// Whether openraft's metrics say this node leads `group` under its own vote.
+    fn is_leader(&self, group: &ShardGroup) -> bool {
+        let metrics = group.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.current_leader == Some(self.node_id) && metrics.vote.leader_id.node_id == self.node_id
+    }
+
+    /// The read index of `group` from this node's read lease, when `raft.lease_reads` is on, it
+    /// leads the group and the lease holds (`raft::lease`): the last index of its log, which is
+    /// at or past every committed entry. `None` when a heartbeat round must confirm the
+    /// leadership instead. The caller holds the hand-over gate, as for a heartbeat round.
+    fn lease_read_index(&self, group: &ShardGroup) -> Option<u64> {
+        if !self.lease_reads {
+            return None;
         }
-        let _gate = self.admit(group, Instant::now() + timeout.min(self.leader_lease * 2)).await?;
         // Read after the reader arrived, so at or past what was committed when it did.
-        let Some(read_index) = group.log.last_appended_index() else { return Ok(None) };
+        let read_index = group.log.last_appended_index()?;
         let holds = {
             let metrics = group.raft.metrics();
             let metrics = metrics.borrow();
             let membership = metrics.membership_config.membership();
-            is_leader(&metrics)
+            metrics.current_leader == Some(self.node_id)
                 && membership.get_joint_config().len() == 1
-                && group.lease.holds(
-                    &metrics.vote,
-                    self.node_id,
-                    &membership.voter_ids().collect(),
-                    Instant::now(),
-                    duration,
-                )
+                && group.lease.holds(&metrics.vote, self.node_id, &membership.voter_ids().collect(), lease::now())
         };
         if !holds {
-            return Ok(None);
+            return None;
         }
         self.wake(group);
         raft_metrics::READ_INDEX_CONFIRMATIONS_LEASE.inc();
-        Ok(Some(read_index))
+        Some(read_index)
     }
 
     /// The read index of `shard` on this node, which must lead it: confirms leadership with its
@@ -1180,14 +1187,16 @@ impl ShardSet {
     pub async fn local_read_index(&self, shard: u16) -> Result<u64, ConsensusError> {
         let group = self.group(shard)?;
         // Waits while this node hands the group over (then openraft answers `not_leader`).
-        if let Some(read_index) = self.lease_read_index(&group, self.leader_lease * 2).await? {
+        let _gate = self.admit(&group, Instant::now() + self.leader_lease * 2).await?;
+        if let Some(read_index) = self.lease_read_index(&group) {
             return Ok(read_index);
         }
-        let _gate = self.admit(&group, Instant::now() + self.leader_lease * 2).await?;
         self.wake(&group);
-        raft_metrics::READ_INDEX_CONFIRMATIONS_HEARTBEATS.inc();
         match group.raft.get_read_log_id().await {
-            Ok((read_log_id, _applied)) => Ok(read_log_id.map(|l| l.index).unwrap_or(0)),
+            Ok((read_log_id, _applied)) => {
+                raft_metrics::READ_INDEX_CONFIRMATIONS_HEARTBEATS.inc();
+                Ok(read_log_id.map(|l| l.index).unwrap_or(0))
+            }
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => match forward.leader_id {
                 Some(leader) if leader != self.node_id => {
                     Err(ConsensusError::NotLeader { shard, leader: Some(leader) })

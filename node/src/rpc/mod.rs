@@ -192,7 +192,10 @@ impl RaftService {
         let request = wire::append_from_proto(message).map_err(|e| e.to_status())?;
         self.shards.note_leader_commit(self.shard(group_id)?, request.leader_commit.map(|l| l.index));
         let result = raft.append_entries(request).await;
-        Ok(wire::append_reply_to_proto(&result))
+        let mut reply = wire::append_reply_to_proto(&result);
+        // What this node promises the leader's read lease (`raft::lease`).
+        reply.lease_ms = self.shards.promised_lease_ms();
+        Ok(reply)
     }
 }
 

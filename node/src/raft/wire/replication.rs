@@ -49,7 +49,7 @@ pub fn append_reply_to_proto(result: &Result<AppendEntriesResponse<NodeId>, Raft
         Err(RaftError::Fatal(fatal)) => R::Failure(fatal_to_proto(fatal)),
         Err(RaftError::APIError(never)) => match *never {},
     };
-    pb::AppendReply { result: Some(result) }
+    pb::AppendReply { result: Some(result), lease_ms: 0 }
 }
 
 pub fn append_reply_from_proto(
