@@ -151,17 +151,18 @@ impl ShardSet {
                 metrics.current_term,
             )
         };
-        // No read lease of this term from here on (`raft::lease`): a follower asked to campaign
-        // stops refusing other candidates, and one whose Campaign answer is lost below may have
-        // started anyway. If this node keeps the leadership, its reads take heartbeat rounds
-        // until it is elected again.
-        group.lease.fence(term);
         let mut last = failed("no other voter to hand leadership to".into());
         for target in targets.into_iter().filter(|t| voters.contains(t) && *t != self.node_id) {
             if let Err(error) = self.wait_caught_up(group, target, last_log_index).await {
                 last = error;
                 continue;
             }
+            // No read lease of this term from here on (`raft::lease`): a follower asked to
+            // campaign stops refusing other candidates, and one whose Campaign answer is lost may
+            // have started anyway. The gate is closed, so no lease check runs in between. If
+            // this node keeps the leadership, its reads take heartbeat rounds until it is
+            // elected again.
+            group.lease.fence(term);
             let moved = if fast {
                 self.campaign_for(group, target).await
             } else {
