@@ -1,12 +1,16 @@
 //! Read leases (`raft::lease`): a shard's leader answers linearizable reads without a heartbeat
 //! round while every voter has recently accepted its AppendEntries; the lease ends with the
-//! leadership (a hand-over), and `raft.lease_reads = false` turns it off. That an isolated
+//! leadership (a hand-over), a Campaign request delivered late starts no election, and
+//! `raft.lease_reads = false` turns it off. That an isolated
 //! leader stops serving linearizable reads is `t40_partition`'s.
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use stemedb::raft::types::group_of_shard;
 use stemedb_cluster_tests::{ClusterOptions, TestCluster};
+use stemedb_proto::raft::raft_transport_client::RaftTransportClient;
+use stemedb_proto::raft::{done_reply, CampaignRequest};
 
 const LEASE: &str = "stemedb_read_index_confirmations_total{by=\"lease\"}";
 const HEARTBEATS: &str = "stemedb_read_index_confirmations_total{by=\"heartbeats\"}";
@@ -55,6 +59,17 @@ async fn a_leader_reads_from_its_lease_until_it_hands_over() -> anyhow::Result<(
     cluster.assert_value(follower, path, json!("v2")).await?;
     let (status, value) = cluster.read_value(leader, path, "linearizable").await?;
     assert_eq!((status, value), (200, json!("v2")), "the old leader read after the hand-over");
+    // A Campaign request that arrives after the leadership moved on (naming the old leader and
+    // its first term) starts no election: a campaigning follower would stop refusing other
+    // candidates while the leader's lease runs.
+    for id in cluster.nodes.keys().copied().filter(|id| *id != follower) {
+        let url = format!("http://127.0.0.1:{}", cluster.node(id).raft_port);
+        let mut client = RaftTransportClient::connect(url).await?;
+        let request = CampaignRequest { group_id: group_of_shard(0), term: 1, leader };
+        let reply = client.campaign(request).await?.into_inner();
+        assert!(matches!(reply.result, Some(done_reply::Result::Error(_))), "node {id} campaigned: {reply:?}");
+    }
+    assert_eq!(cluster.wait_for_leader(0, Duration::from_secs(10)).await?, follower);
     // And the new leader serves from its own lease once its followers answered it.
     let before = cluster.metric(follower, LEASE).await?.unwrap_or(0.0);
     assert_eq!(read_until_counted(&cluster, follower, path, follower, LEASE, before).await?, json!("v2"));

@@ -11,7 +11,7 @@ use stemedb_proto::raft::frame::Body;
 use stemedb_proto::raft::raft_transport_client::RaftTransportClient;
 use tonic::transport::Channel;
 
-use super::types::{GroupAdmin, GroupId, ShardCommand, ShardResponse};
+use super::types::{GroupAdmin, GroupId, NodeId, ShardCommand, ShardResponse};
 use super::wire::{admin, requests, WireError};
 use crate::shard::reader::{ShardRead, ShardReadResult};
 use crate::shard::ConsensusError;
@@ -162,8 +162,12 @@ impl Forward for ReadIndex {
     }
 }
 
-/// Asks the receiving node to campaign for leadership of the group now (the Campaign rpc).
-pub struct Campaign;
+/// Asks the receiving node to campaign for leadership of the group now (the Campaign rpc), on
+/// behalf of `leader`, which leads the group in `term`.
+pub struct Campaign {
+    pub term: u64,
+    pub leader: NodeId,
+}
 
 impl Forward for Campaign {
     const KIND: &'static str = "campaign";
@@ -172,7 +176,7 @@ impl Forward for Campaign {
     type Reply = pb::DoneReply;
 
     fn message(&self, group_id: GroupId) -> pb::CampaignRequest {
-        pb::CampaignRequest { group_id }
+        pb::CampaignRequest { group_id, term: self.term, leader: self.leader }
     }
 
     fn call(

@@ -16,7 +16,9 @@
 //! 2. close the group's *gate*: new proposals and read-index requests wait, those in flight
 //!    finish, so the log stops growing;
 //! 3. wait until the target has matched the whole log (else this node would refuse it its vote);
-//! 4. ask the target to campaign (`Campaign` RPC); it wins with this node's vote;
+//! 4. ask the target to campaign (`Campaign` RPC, naming this node and its term: a target that
+//!    no longer follows them, because the request came late, refuses); it wins with this
+//!    node's vote;
 //! 5. open the gate once this node sees the target lead: what waited is refused with
 //!    `not_leader` naming the new leader, and the node that sent it follows the hint at once.
 //!
@@ -296,7 +298,8 @@ impl ShardSet {
     async fn campaign_for(&self, group: &ShardGroup, target: NodeId) -> Result<(), ConsensusError> {
         let shard = group.shard;
         let deadline = Instant::now() + self.leader_lease * 2;
-        self.ask_leader(group, target, &Campaign, deadline).await?;
+        let campaign = Campaign { term: group.raft.metrics().borrow().current_term, leader: self.node_id };
+        self.ask_leader(group, target, &campaign, deadline).await?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let someone_else = |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
             m.current_leader.is_some_and(|leader| leader != self.node_id)

@@ -1501,7 +1501,12 @@ impl ShardSet {
     }
 
     /// Asks this node's replica of `shard` to campaign for leadership now.
-    pub async fn campaign_local(&self, shard: u16) -> Result<(), ConsensusError> {
+    ///
+    /// With `asked_by` (the asking leader's term and id), only while this replica still follows
+    /// that leader in that term: a request delivered after the leadership moved on would start
+    /// an election nobody asked for, and a campaigning follower stops refusing other candidates
+    /// (`raft::lease`).
+    pub async fn campaign_local(&self, shard: u16, asked_by: Option<(u64, NodeId)>) -> Result<(), ConsensusError> {
         let group = self.group(shard)?;
         // A node shutting down hands its leaderships away; it must not take one back.
         if self.is_leaving() {
@@ -1510,6 +1515,19 @@ impl ShardSet {
         // An unchecked replica does not lead (`raft::replica_health`).
         if !group.health.checked() {
             return Err(ConsensusError::CatchingUp { shard });
+        }
+        if let Some((term, leader)) = asked_by {
+            let vote = group.raft.metrics().borrow().vote;
+            if !(vote.committed && vote.leader_id.term == term && vote.leader_id.node_id == leader) {
+                return Err(ConsensusError::MembershipChange {
+                    shard,
+                    message: format!(
+                        "asked to campaign by node {leader} in term {term}, but this replica's vote is for node {} in \
+                         term {}; not campaigning",
+                        vote.leader_id.node_id, vote.leader_id.term
+                    ),
+                });
+            }
         }
         if group.elections_paused.swap(false, Ordering::AcqRel) {
             group.update_elections();
@@ -1543,7 +1561,8 @@ impl ShardSet {
         let outcome = async {
             tokio::time::sleep(self.leader_lease + Duration::from_millis(100)).await;
             let deadline = Instant::now() + self.leader_lease * 2;
-            self.ask_leader(group, target, &Campaign, deadline).await?;
+            let campaign = Campaign { term: group.raft.metrics().borrow().current_term, leader: self.node_id };
+            self.ask_leader(group, target, &campaign, deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let _ = group
                 .raft

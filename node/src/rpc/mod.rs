@@ -248,8 +248,10 @@ impl RaftTransport for RaftService {
     }
 
     async fn campaign(&self, request: Request<CampaignRequest>) -> Result<Response<DoneReply>, Status> {
-        let shard = self.shard(request.into_inner().group_id)?;
-        let result = self.shards.campaign_local(shard).await;
+        let message = request.into_inner();
+        let shard = self.shard(message.group_id)?;
+        let asked_by = (message.term != 0).then_some((message.term, message.leader));
+        let result = self.shards.campaign_local(shard, asked_by).await;
         Ok(Response::new(requests::done_reply_to_proto(&result)))
     }
 
