@@ -1171,7 +1171,7 @@ impl ShardSet {
             let membership = metrics.membership_config.membership();
             metrics.current_leader == Some(self.node_id)
                 && membership.get_joint_config().len() == 1
-                && group.lease.holds(&metrics.vote, self.node_id, &membership.voter_ids().collect(), lease::now())
+                && group.lease.holds(&metrics.vote, self.node_id, membership.voter_ids(), lease::now())
         };
         if !holds {
             return None;
