@@ -209,6 +209,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         logs_to_keep_after_snapshot: config.raft.logs_to_keep_after_snapshot,
         unsafe_skip_read_barrier: config.testing.unsafe_skip_read_barrier,
         lease_reads: config.raft.lease_reads,
+        early_replication: config.raft.early_replication,
         claims_cache_bytes: (config.query.claims_cache_mb as usize) << 20,
         snapshot_install_pause_ms: config.testing.snapshot_install_pause_ms,
         digest_buckets: config.anti_entropy.buckets,

@@ -358,6 +358,10 @@ pub struct RaftSection {
     /// its AppendEntries recently, so no other node can be elected) instead of a heartbeat round
     /// to a quorum per read barrier. Off: every barrier takes the round.
     pub lease_reads: bool,
+    /// Let a shard's leader send its new entries to its caught-up followers as it appends them,
+    /// so that their fsyncs overlap its own (`raft::early`). Off: the followers receive them
+    /// after the leader's fsync, from openraft's replication.
+    pub early_replication: bool,
 }
 
 impl RaftSection {
@@ -661,6 +665,7 @@ impl Default for RaftSection {
             logs_to_keep_after_snapshot: 1_000,
             write_timeout_ms: 5_000,
             lease_reads: true,
+            early_replication: true,
         }
     }
 }

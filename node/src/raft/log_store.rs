@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote};
 
+use super::early::EarlyReplication;
 use super::types::{Entry, GroupId, LogId, NodeId, StorageIoError, TypeConfig};
 use crate::shard::keys;
 use crate::storage::blocking;
@@ -40,6 +41,8 @@ pub struct LogStore {
     purge_floor: Arc<AtomicU64>,
     /// openraft's committed log id, and how far it has been written ([`SavedCommitted`]).
     committed: Arc<Mutex<SavedCommitted>>,
+    /// Where a leader's appends also go at once (`raft::early`), when the group has one.
+    early: Option<Arc<EarlyReplication>>,
 }
 
 /// The longest a group's newest committed log id waits for the group's next append before
@@ -192,7 +195,15 @@ impl LogStore {
             recent: Arc::new(Mutex::new(RecentEntries::default())),
             purge_floor: Arc::new(AtomicU64::new(u64::MAX)),
             committed: Arc::new(Mutex::new(SavedCommitted::default())),
+            early: None,
         }
+    }
+
+    /// This store hands every append to `early` as well, which sends a leader's new entries to
+    /// its caught-up followers while they are being written here.
+    pub fn with_early_replication(mut self, early: Arc<EarlyReplication>) -> LogStore {
+        self.early = Some(early);
+        self
     }
 
     /// The index of the newest entry appended in this process (written yet or not), when the
@@ -274,11 +285,12 @@ impl LogStore {
     fn append_batch(&self, entries: impl IntoIterator<Item = Entry>) -> Result<WriteBatch, StorageIoError> {
         let mut batch = WriteBatch::new();
         let mut appended = Vec::new();
+        let mut sizes = Vec::new();
         for entry in entries {
             let bytes = super::wire::encode_entry(&entry);
-            let size = bytes.len();
+            sizes.push(bytes.len());
             batch.put(ColumnFamily::RaftLog, keys::log_key(self.group, entry.log_id.index), bytes);
-            appended.push((entry, size));
+            appended.push(entry);
         }
         if let Some(committed) = self.committed.lock().take_unsaved() {
             self.state_put(&mut batch, COMMITTED_TAG, &Some(committed))?;
@@ -286,11 +298,13 @@ impl LogStore {
         // Before the write, under the lock a reader takes: a reader never finds an entry in
         // storage that the tail lacks while the tail holds later ones. openraft reads nothing
         // past what this call returned, and a failed write fails the group.
-        {
-            let mut recent = self.recent.lock();
-            for (entry, size) in appended {
-                recent.push(entry, size);
-            }
+        let mut recent = self.recent.lock();
+        if let Some(early) = &self.early {
+            let prev = recent.entries.back().map(|(entry, _)| entry.log_id);
+            early.appended(prev, &appended, sizes.iter().sum());
+        }
+        for (entry, size) in appended.into_iter().zip(sizes) {
+            recent.push(entry, size);
         }
         Ok(batch)
     }

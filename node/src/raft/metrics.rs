@@ -197,6 +197,9 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     for by in ["lease", "heartbeats"] {
         READ_INDEX_CONFIRMATIONS.with_label_values(&[by]);
     }
+    for outcome in ["accepted", "refused", "failed"] {
+        EARLY_APPENDS.with_label_values(&[outcome]);
+    }
     for event in ["built", "build_failed", "installed", "install_failed", "held"] {
         SNAPSHOTS.with_label_values(&[event]);
     }
@@ -217,6 +220,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(PROPOSALS.clone()),
         Box::new(READ_BARRIERS.clone()),
         Box::new(READ_INDEX_CONFIRMATIONS.clone()),
+        Box::new(EARLY_APPENDS.clone()),
         Box::new(PROPOSE_DURATION.clone()),
         Box::new(PEER_RPC_DURATION.clone()),
         Box::new(PEER_RPC_ERRORS.clone()),
@@ -228,6 +232,20 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(FRAME_CONNECTIONS.clone()),
     ]
 }
+
+/// AppendEntries a shard leader sent its followers early (`raft::early`: as it appended the
+/// entries, before its own fsync), by the follower's answer: `accepted`, `refused` (a newer vote
+/// or a log that did not match; openraft's own message follows), `failed` (no answer in time).
+pub static EARLY_APPENDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_raft_early_appends_total",
+            "AppendEntries a shard leader sent its caught-up followers as it appended, by outcome",
+        ),
+        &["outcome"],
+    )
+    .expect("valid metric")
+});
 
 pub static PEER_RPC_DURATION: LazyLock<prometheus::HistogramVec> = LazyLock::new(|| {
     prometheus::HistogramVec::new(

@@ -26,6 +26,7 @@ use stemedb_proto::raft::{AppendBatch, AppendBatchItem, AppendReply, AppendReque
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
+use super::early::EarlyReplication;
 use super::frames::{status_frame, status_of_parts, FramePeer};
 use super::lease::{self, LeaseClock};
 use super::metrics as raft_metrics;
@@ -217,6 +218,8 @@ pub struct GrpcNetwork {
     health: Arc<ReplicaHealth>,
     /// The group's read lease: every accepted AppendEntries renews its follower's part.
     lease: Arc<LeaseClock>,
+    /// The group's early replication: learns from each AppendEntries where its follower stands.
+    early: Arc<EarlyReplication>,
 }
 
 impl GrpcNetwork {
@@ -225,8 +228,9 @@ impl GrpcNetwork {
         group: GroupId,
         health: Arc<ReplicaHealth>,
         lease: Arc<LeaseClock>,
+        early: Arc<EarlyReplication>,
     ) -> GrpcNetwork {
-        GrpcNetwork { peers, group, health, lease }
+        GrpcNetwork { peers, group, health, lease, early }
     }
 }
 
@@ -237,6 +241,7 @@ pub struct GrpcConnection {
     target: NodeId,
     health: Arc<ReplicaHealth>,
     lease: Arc<LeaseClock>,
+    early: Arc<EarlyReplication>,
 }
 
 /// Why a snapshot was not sent: this replica is unchecked since start or being repaired.
@@ -257,6 +262,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
             target,
             health: self.health.clone(),
             lease: self.lease.clone(),
+            early: self.early.clone(),
         }
     }
 }
@@ -335,8 +341,15 @@ impl PeerBatcher {
         PeerBatcher { queue }
     }
 
+    /// A batcher whose peer never answers (unit tests that need one and send nothing).
+    #[cfg(test)]
+    pub(crate) fn detached() -> PeerBatcher {
+        let (queue, _) = mpsc::channel(1);
+        PeerBatcher { queue }
+    }
+
     /// Sends `message` in the next batch and returns the peer's answer.
-    async fn append(&self, message: AppendRequest, timeout: Duration) -> Result<AppendReply, tonic::Status> {
+    pub(crate) async fn append(&self, message: AppendRequest, timeout: Duration) -> Result<AppendReply, tonic::Status> {
         let deadline = Instant::now() + timeout;
         let (reply, answer) = oneshot::channel();
         let bytes = prost::Message::encoded_len(&message);
@@ -533,6 +546,9 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         // Before the send: the follower receives it later, and its lease runs from then.
         let sent = lease::now();
         let mut promise = Duration::ZERO;
+        if let Ok(batcher) = &self.batcher {
+            self.early.sending(self.target, batcher, &rpc.vote, rpc.leader_commit, !rpc.entries.is_empty(), timeout);
+        }
         let call = async {
             match &self.batcher {
                 Ok(batcher) => batcher.append(message, timeout).await,
@@ -551,6 +567,16 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         ) = &reply
         {
             self.lease.acked(&rpc.vote, self.target, sent, promise);
+        }
+        if self.batcher.is_ok() {
+            let accepted = match &reply {
+                Ok(AppendEntriesResponse::Success) => {
+                    Some(rpc.entries.last().map(|entry| entry.log_id).or(rpc.prev_log_id))
+                }
+                Ok(AppendEntriesResponse::PartialSuccess(matching)) => Some(*matching),
+                _ => None,
+            };
+            self.early.answered(self.target, !rpc.entries.is_empty(), accepted);
         }
         reply
     }

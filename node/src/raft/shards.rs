@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
 
+use super::early::EarlyReplication;
 use super::forward::{grpc_call, Campaign, Forward, ReadIndex};
 use super::lease::{self, LeaseClock};
 use super::log_store::LogStore;
@@ -117,6 +118,9 @@ pub struct RaftSettings {
     /// `raft.lease_reads`: a leader whose read lease holds (`raft::lease`) answers read
     /// indexes without a heartbeat round.
     pub lease_reads: bool,
+    /// `raft.early_replication`: a leader's appends go to its caught-up followers at once
+    /// (`raft::early`).
+    pub early_replication: bool,
     /// Memory budget of the claims caches of all shards together (`query.claims_cache_mb`).
     pub claims_cache_bytes: usize,
     /// `testing.snapshot_install_pause_ms`.
@@ -166,6 +170,7 @@ impl Default for RaftSettings {
             logs_to_keep_after_snapshot: 1_000,
             unsafe_skip_read_barrier: false,
             lease_reads: true,
+            early_replication: true,
             claims_cache_bytes: 64 << 20,
             snapshot_install_pause_ms: 0,
             digest_buckets: crate::shard::digest::DEFAULT_BUCKETS,
@@ -229,18 +234,19 @@ impl ShardGroup {
         state_machine: ShardStateMachine,
         voters: Option<BTreeMap<NodeId, String>>,
         checked: bool,
-        archive_log: bool,
+        settings: &RaftSettings,
         tasks: &crate::tasks::NodeTasks,
     ) -> Result<ShardGroup, ConsensusError> {
         let group = group_of_shard(shard);
         let startup = |e: &dyn std::fmt::Display| ConsensusError::Startup(format!("group {group}: {e}"));
-        let log_store = LogStore::new(storage.clone(), group);
-        let log_store = if archive_log { log_store.keep_unarchived() } else { log_store };
+        let early = Arc::new(EarlyReplication::new(group, settings.early_replication));
+        let log_store = LogStore::new(storage.clone(), group).with_early_replication(early.clone());
+        let log_store = if settings.archive_log { log_store.keep_unarchived() } else { log_store };
         let log = log_store.clone();
         let reader = ShardReader::new(storage.clone(), shard, group, state_machine.progress());
         let health = Arc::new(ReplicaHealth::new(checked));
         let lease = Arc::new(LeaseClock::default());
-        let network = GrpcNetwork::new(peers, group, health.clone(), lease.clone());
+        let network = GrpcNetwork::new(peers, group, health.clone(), lease.clone(), early);
         let raft = Raft::new(node_id, config, network, log_store, state_machine).await.map_err(|e| startup(&e))?;
         // An unchecked replica does not campaign (its data may be damaged).
         raft.runtime_config().elect(checked);
@@ -545,7 +551,7 @@ impl ShardSet {
                     state_machine,
                     voters,
                     !settings.check_before_serving,
-                    settings.archive_log,
+                    settings,
                     &tasks,
                 )
                 .await?,
@@ -569,7 +575,7 @@ impl ShardSet {
                 meta_machine,
                 meta_voters,
                 !settings.check_before_serving,
-                settings.archive_log,
+                settings,
                 &tasks,
             )
             .await?,
@@ -1624,7 +1630,7 @@ impl ShardSet {
             state_machine,
             None,
             true,
-            self.settings.archive_log,
+            &self.settings,
             &self.tasks,
         )
         .await?;
