@@ -1,7 +1,8 @@
 //! Early replication (`raft::early`): a shard's leader sends each small append to its caught-up
 //! followers as it appends it, before its own fsync. The followers accept those messages in
 //! normal operation, a stopped follower gets none (and costs the writes nothing), it catches up
-//! when it resumes, and `raft.early_replication = false` turns it off.
+//! when it resumes, a leader that restarts after losing an entry its followers took early
+//! never reuses its log id, and `raft.early_replication = false` turns it off.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,8 @@ use stemedb_cluster_tests::{ClusterOptions, TestCluster};
 
 const ACCEPTED: &str = "stemedb_raft_early_appends_total{outcome=\"accepted\"}";
 const REFUSED: &str = "stemedb_raft_early_appends_total{outcome=\"refused\"}";
+/// Writes the crash test tries before one goes early.
+const ATTEMPTS: i32 = 20;
 const FAILED: &str = "stemedb_raft_early_appends_total{outcome=\"failed\"}";
 
 async fn count(cluster: &TestCluster, node: u64, series: &str) -> anyhow::Result<f64> {
@@ -25,7 +28,10 @@ async fn wait_count(cluster: &TestCluster, node: u64, series: &str, at_least: f6
         if value >= at_least {
             return Ok(value);
         }
-        assert!(Instant::now() < deadline, "node {node}: {series} stayed at {value}, below {at_least}");
+        if Instant::now() > deadline {
+            let (refused, failed) = (count(cluster, node, REFUSED).await?, count(cluster, node, FAILED).await?);
+            panic!("node {node}: {series} stayed at {value}, below {at_least} ({refused} refused, {failed} failed)");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -94,5 +100,103 @@ async fn without_early_replication_nothing_is_sent_early() -> anyhow::Result<()>
             assert_eq!(count(&cluster, id, series).await?, 0.0, "node {id}: {series}");
         }
     }
+    Ok(())
+}
+
+/// Waits until `node` leads shard 0, moving the leadership there if another node won it.
+async fn make_leader(cluster: &TestCluster, node: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let leader = cluster.wait_for_leader(0, Duration::from_secs(30)).await?;
+        if leader == node || cluster.transfer_leader(0, node).await.is_ok() {
+            return Ok(());
+        }
+        assert!(Instant::now() < deadline, "node {node} never became shard 0's leader");
+    }
+}
+
+/// A leader whose followers took an entry early that it had not written yet, killed and
+/// restarted at once, must not lead that term again: it would give its next entry the same log
+/// id, and the followers would take the entry they hold for it. It starts as a follower
+/// (`LogStore::with_node`) and leads only in a later term, so every replica applies the same
+/// writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_never_reuses_the_ids_of_entries_it_lost() -> anyhow::Result<()> {
+    // Long election timeouts: the followers do not campaign while the killed leader restarts, so
+    // a restarted leader that resumed its term would go on leading it.
+    let env = [("STEMEDB_RAFT_ELECTION_TIMEOUT_MIN_MS", "8000"), ("STEMEDB_RAFT_ELECTION_TIMEOUT_MAX_MS", "10000")];
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 1, env, ..Default::default() }).await?;
+    let leader = cluster.wait_for_leader(0, Duration::from_secs(30)).await?;
+    cluster.assert_value(leader, "lost/before", json!(0)).await?;
+
+    // The leader now holds each write of its log for 1.5 s before writing and syncing it.
+    cluster.set_env("STEMEDB_TESTING_LOG_SYNC_DELAY_MS", Some("1500"));
+    cluster.restart(leader).await?;
+    cluster.set_env("STEMEDB_TESTING_LOG_SYNC_DELAY_MS", None);
+    make_leader(&cluster, leader).await?;
+    cluster.assert_value(leader, "lost/settled", json!(1)).await?;
+
+    // A write a follower takes early and the leader holds unwritten, then the leader dies. (A
+    // write goes early only to a follower that has no other entries in flight and answered
+    // lately; writes one after another, as in the first test, until one does.)
+    let mut taken = None;
+    for attempt in 0..ATTEMPTS {
+        let before = count(&cluster, leader, ACCEPTED).await?;
+        let url = format!("{}/v1/assert", cluster.node(leader).api());
+        let body =
+            json!({"concept_path": format!("lost/x{attempt}"), "predicate": "p", "value": "x", "agent_id": "test"});
+        let write = tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let _ = client.post(url).json(&body).timeout(Duration::from_secs(10)).send().await;
+        });
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut early = false;
+        while Instant::now() < deadline && !early {
+            early = count(&cluster, leader, ACCEPTED).await? > before;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if early {
+            taken = Some(write);
+            break;
+        }
+        // Not early: let it finish before the next.
+        write.await?;
+    }
+    let Some(pending) = taken else {
+        let (refused, failed) = (count(&cluster, leader, REFUSED).await?, count(&cluster, leader, FAILED).await?);
+        panic!("no write went early ({refused} refused, {failed} failed)");
+    };
+    cluster.restart(leader).await?;
+    pending.abort();
+
+    // The next write, through the restarted node, is applied by every replica, and the write
+    // that was lost with the leader's memory is on all of them or on none.
+    cluster.assert_value(leader, "lost/y", json!("y")).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in 1..=3u64 {
+        loop {
+            let (status, value) = cluster.read_value(id, "lost/y", "stale").await?;
+            if status == 200 && value == json!("y") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {id} never applied the write after the restart: {status} {value}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut seen = Vec::new();
+    for id in 1..=3u64 {
+        for attempt in 0..ATTEMPTS {
+            let (status, value) = cluster.read_value(id, &format!("lost/x{attempt}"), "stale").await?;
+            seen.push((id, attempt, status, value));
+        }
+    }
+    let differs = |a: &(u64, i32, u16, serde_json::Value), b: &(u64, i32, u16, serde_json::Value)| {
+        a.1 == b.1 && (a.2, &a.3) != (b.2, &b.3)
+    };
+    assert!(
+        !seen.iter().any(|a| seen.iter().any(|b| differs(a, b))),
+        "the replicas disagree about the writes around the crash: {seen:?}"
+    );
     Ok(())
 }

@@ -188,6 +188,7 @@ pub fn storage_options(config: &Config) -> StorageOptions {
         block_cache_bytes: (config.storage.max_cache_size_mb as usize) << 20,
         write_buffer_bytes: (config.storage.write_buffer_mb as usize) << 20,
         fsync: config.storage.fsync,
+        log_sync_delay: std::time::Duration::from_millis(config.testing.log_sync_delay_ms),
         verify_on_start: config.storage.verify_on_start,
         index_cache_bytes: config
             .storage
@@ -426,6 +427,12 @@ impl Node {
             tracing::error!(
                 delay_ms = config.testing.start_up_scrub_delay_ms,
                 "testing.start_up_scrub_delay_ms is on: replicas stay unchecked (neither leading nor serving) that long after start"
+            );
+        }
+        if config.testing.log_sync_delay_ms > 0 {
+            tracing::error!(
+                delay_ms = config.testing.log_sync_delay_ms,
+                "testing.log_sync_delay_ms is on: every raft log write and fsync waits that long"
             );
         }
         let addr_of = |addr: std::io::Result<SocketAddr>| addr.map_err(|e| NodeError::Serve(e.to_string()));

@@ -192,6 +192,9 @@ pub struct TestingSection {
     /// Delay the start-up scrub of every replica this long, so a test can watch a replica that
     /// is not checked yet (it must neither lead nor serve). 0: no delay.
     pub start_up_scrub_delay_ms: u64,
+    /// Hold every group-commit round of the Raft log this long before its write and fsync, so a
+    /// test can kill a leader whose entries its followers have and it has not. 0: no delay.
+    pub log_sync_delay_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1197,6 +1200,7 @@ impl Config {
             ("query.slow_query_ms", query.slow_query_ms, DAY_MS),
             ("testing.snapshot_install_pause_ms", self.testing.snapshot_install_pause_ms, DAY_MS),
             ("testing.start_up_scrub_delay_ms", self.testing.start_up_scrub_delay_ms, DAY_MS),
+            ("testing.log_sync_delay_ms", self.testing.log_sync_delay_ms, DAY_MS),
             ("server.shutdown_grace_seconds", self.server.shutdown_grace_seconds, DAY_SECONDS),
             ("cluster.rebalance_move_timeout_seconds", self.cluster.rebalance_move_timeout_seconds, DAY_SECONDS),
             ("cluster.dead_node_timeout_seconds", self.cluster.dead_node_timeout_seconds, DAY_SECONDS),
@@ -1290,6 +1294,7 @@ pub(crate) fn config_at_the_bounds() -> Config {
     config.query.slow_query_ms = DAY_MS;
     config.testing.snapshot_install_pause_ms = DAY_MS;
     config.testing.start_up_scrub_delay_ms = DAY_MS;
+    config.testing.log_sync_delay_ms = DAY_MS;
     config.server.shutdown_grace_seconds = MAX_DURATION_SECONDS;
     config.cluster.rebalance_move_timeout_seconds = MAX_DURATION_SECONDS;
     config.cluster.dead_node_timeout_seconds = MAX_DURATION_SECONDS;
@@ -1493,7 +1498,7 @@ mod tests {
     #[test]
     fn sizes_and_durations_past_their_bounds_are_refused_by_name() {
         type Set = fn(&mut Config);
-        let over: [(&str, u64, Set); 25] = [
+        let over: [(&str, u64, Set); 26] = [
             ("storage.max_cache_size_mb", MAX_SIZE_MB, |c| c.storage.max_cache_size_mb += 1),
             ("storage.write_buffer_mb", MAX_SIZE_MB, |c| c.storage.write_buffer_mb += 1),
             ("storage.index_max_memory_mb", MAX_SIZE_MB, |c| c.storage.index_max_memory_mb += 1),
@@ -1510,6 +1515,7 @@ mod tests {
             ("query.slow_query_ms", 86_400_000, |c| c.query.slow_query_ms += 1),
             ("testing.snapshot_install_pause_ms", 86_400_000, |c| c.testing.snapshot_install_pause_ms += 1),
             ("testing.start_up_scrub_delay_ms", 86_400_000, |c| c.testing.start_up_scrub_delay_ms += 1),
+            ("testing.log_sync_delay_ms", 86_400_000, |c| c.testing.log_sync_delay_ms += 1),
             ("server.shutdown_grace_seconds", 86_400, |c| c.server.shutdown_grace_seconds += 1),
             ("cluster.rebalance_move_timeout_seconds", 86_400, |c| c.cluster.rebalance_move_timeout_seconds += 1),
             ("cluster.dead_node_timeout_seconds", 86_400, |c| c.cluster.dead_node_timeout_seconds += 1),

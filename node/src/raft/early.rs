@@ -107,6 +107,10 @@ impl EarlyReplication {
             answered: Instant::now(),
             timeout,
         });
+        if entry.vote != *vote {
+            // A new leadership: nothing heard under the old one says where it stands now.
+            entry.matched = None;
+        }
         entry.batcher = batcher.clone();
         entry.vote = *vote;
         entry.leader_commit = leader_commit;
@@ -160,6 +164,10 @@ impl EarlyReplication {
             return Vec::new();
         }
         let leader = first.log_id.leader_id;
+        // All of them made by one leader: a follower can append entries of several terms at once.
+        if entries.iter().any(|entry| entry.log_id.leader_id != leader) {
+            return Vec::new();
+        }
         let ready: Vec<(PeerBatcher, Vote<NodeId>, Option<LogId>, Duration)> = {
             let targets = self.targets.lock();
             targets
@@ -295,6 +303,9 @@ mod tests {
         let early = caught_up();
         // Entries of another leader (this node is a follower appending what it was sent).
         assert!(early.early_sends(Some(log_id(3, 1, 10)), &[entry(3, 2, 11)], 100, now).is_empty());
+        // Entries of two leaders at once (a follower appending what it was sent).
+        let mixed = [entry(3, 1, 11), entry(4, 2, 12)];
+        assert!(early.early_sends(Some(log_id(3, 1, 10)), &mixed, 100, now).is_empty());
         // Entries of a later term of this node: openraft has not sent under that vote yet.
         assert!(early.early_sends(Some(log_id(3, 1, 10)), &[entry(4, 1, 11)], 100, now).is_empty());
         // A vote not committed (a candidate's) never carries entries.

@@ -43,6 +43,9 @@ pub struct LogStore {
     committed: Arc<Mutex<SavedCommitted>>,
     /// Where a leader's appends also go at once (`raft::early`), when the group has one.
     early: Option<Arc<EarlyReplication>>,
+    /// This node, when known: a vote it stored as its own committed leadership is read back
+    /// uncommitted ([`LogStore::with_node`]).
+    node: Option<NodeId>,
 }
 
 /// The longest a group's newest committed log id waits for the group's next append before
@@ -196,7 +199,26 @@ impl LogStore {
             purge_floor: Arc::new(AtomicU64::new(u64::MAX)),
             committed: Arc::new(Mutex::new(SavedCommitted::default())),
             early: None,
+            node: None,
         }
+    }
+
+    /// This store belongs to node `node`, which must never resume leading a term after a
+    /// restart: `read_vote` (read by openraft only at start) turns the node's own committed vote
+    /// into an uncommitted one for the same term, so the node starts as a follower and must win
+    /// a later term to lead again.
+    ///
+    /// Why: with early replication (`raft::early`) a leader's followers may hold entries of its
+    /// term that it had not yet written when it crashed. Resuming the same term, it would give
+    /// new entries the same log ids (openraft assigns them after its own last entry), and a
+    /// follower would take its different entry for the leader's (same id), answer that it
+    /// matches, and apply it. A new term gives every new entry a new id, and the new leader's
+    /// first entry overwrites what the lost ones left on the followers (none was committed: the
+    /// leader counts a follower only through openraft's own messages, sent after its own write).
+    /// The uncommitted vote still refuses every other candidate of that term.
+    pub fn with_node(mut self, node: NodeId) -> LogStore {
+        self.node = Some(node);
+        self
     }
 
     /// This store hands every append to `early` as well, which sends a leader's new entries to
@@ -298,11 +320,13 @@ impl LogStore {
         // Before the write, under the lock a reader takes: a reader never finds an entry in
         // storage that the tail lacks while the tail holds later ones. openraft reads nothing
         // past what this call returned, and a failed write fails the group.
-        let mut recent = self.recent.lock();
         if let Some(early) = &self.early {
-            let prev = recent.entries.back().map(|(entry, _)| entry.log_id);
+            // Only this call appends to the group (openraft awaits it), so the tail's last entry
+            // stays the one before these until they are pushed below.
+            let prev = self.recent.lock().entries.back().map(|(entry, _)| entry.log_id);
             early.appended(prev, &appended, sizes.iter().sum());
         }
+        let mut recent = self.recent.lock();
         for (entry, size) in appended.into_iter().zip(sizes) {
             recent.push(entry, size);
         }
@@ -481,7 +505,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageIoError> {
-        self.read_state(VOTE_TAG)
+        let vote: Option<Vote<NodeId>> = self.read_state(VOTE_TAG)?;
+        Ok(vote.map(|vote| match self.node {
+            Some(node) if vote.is_committed() && vote.leader_id().voted_for() == Some(node) => {
+                let term = vote.leader_id().get_term();
+                tracing::info!(
+                    group = self.group,
+                    term,
+                    "this node led the group when it stopped; it campaigns for a later term"
+                );
+                Vote::new(term, node)
+            }
+            _ => vote,
+        }))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageIoError> {
@@ -687,6 +723,23 @@ mod tests {
         assert_eq!(indexes(some), (2..=6).collect::<Vec<_>>());
         let limited = reader.limited_get_log_entries(1, 9).await.expect("reads");
         assert_eq!(indexes(limited), (1..=5).collect::<Vec<_>>(), "storage's part first; the next call takes the rest");
+    }
+
+    /// A node never resumes leading a term after a restart: its own committed vote reads back
+    /// uncommitted (same term, so it still refuses that term's other candidates); any other vote
+    /// reads back as stored.
+    #[tokio::test]
+    async fn a_restarted_leader_reads_its_vote_back_uncommitted() {
+        let (_dir, log) = stored_log(0);
+        let mut plain = log.clone();
+        let mut node_1 = log.clone().with_node(1);
+        plain.save_vote(&Vote::new_committed(3, 1)).await.expect("saves");
+        assert_eq!(node_1.read_vote().await.expect("reads"), Some(Vote::new(3, 1)));
+        assert_eq!(plain.read_vote().await.expect("reads"), Some(Vote::new_committed(3, 1)), "no node given");
+        let mut node_2 = log.clone().with_node(2);
+        assert_eq!(node_2.read_vote().await.expect("reads"), Some(Vote::new_committed(3, 1)), "another's leadership");
+        plain.save_vote(&Vote::new(4, 1)).await.expect("saves");
+        assert_eq!(node_1.read_vote().await.expect("reads"), Some(Vote::new(4, 1)), "a vote for itself, not won");
     }
 
     fn stored_indexes(log: &LogStore) -> Vec<u64> {

@@ -285,6 +285,22 @@ impl Rpc {
     }
 }
 
+/// The answer to one of openraft's AppendEntries, for early replication; reported when dropped,
+/// so a call openraft abandons counts as a failure rather than staying in flight for good.
+struct EarlyOutcome<'a> {
+    early: &'a EarlyReplication,
+    target: NodeId,
+    with_entries: bool,
+    /// `Some(matched)` once the follower accepted.
+    accepted: Option<Option<super::types::LogId>>,
+}
+
+impl Drop for EarlyOutcome<'_> {
+    fn drop(&mut self) {
+        self.early.answered(self.target, self.with_entries, self.accepted.take());
+    }
+}
+
 type RaftRpcError<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl GrpcConnection {
@@ -546,9 +562,13 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         // Before the send: the follower receives it later, and its lease runs from then.
         let sent = lease::now();
         let mut promise = Duration::ZERO;
-        if let Ok(batcher) = &self.batcher {
-            self.early.sending(self.target, batcher, &rpc.vote, rpc.leader_commit, !rpc.entries.is_empty(), timeout);
-        }
+        let with_entries = !rpc.entries.is_empty();
+        // Tells early replication the outcome, also when openraft drops this call (its own
+        // timeout, a shutdown): then as a failure.
+        let mut outcome = self.batcher.as_ref().ok().map(|batcher| {
+            self.early.sending(self.target, batcher, &rpc.vote, rpc.leader_commit, with_entries, timeout);
+            EarlyOutcome { early: &self.early, target: self.target, with_entries, accepted: None }
+        });
         let call = async {
             match &self.batcher {
                 Ok(batcher) => batcher.append(message, timeout).await,
@@ -568,16 +588,16 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         {
             self.lease.acked(&rpc.vote, self.target, sent, promise);
         }
-        if self.batcher.is_ok() {
-            let accepted = match &reply {
+        if let Some(outcome) = &mut outcome {
+            outcome.accepted = match &reply {
                 Ok(AppendEntriesResponse::Success) => {
                     Some(rpc.entries.last().map(|entry| entry.log_id).or(rpc.prev_log_id))
                 }
                 Ok(AppendEntriesResponse::PartialSuccess(matching)) => Some(*matching),
                 _ => None,
             };
-            self.early.answered(self.target, !rpc.entries.is_empty(), accepted);
         }
+        drop(outcome);
         reply
     }
 

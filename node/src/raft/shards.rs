@@ -240,7 +240,7 @@ impl ShardGroup {
         let group = group_of_shard(shard);
         let startup = |e: &dyn std::fmt::Display| ConsensusError::Startup(format!("group {group}: {e}"));
         let early = Arc::new(EarlyReplication::new(group, settings.early_replication));
-        let log_store = LogStore::new(storage.clone(), group).with_early_replication(early.clone());
+        let log_store = LogStore::new(storage.clone(), group).with_node(node_id).with_early_replication(early.clone());
         let log_store = if settings.archive_log { log_store.keep_unarchived() } else { log_store };
         let log = log_store.clone();
         let reader = ShardReader::new(storage.clone(), shard, group, state_machine.progress());

@@ -12,7 +12,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use rocksdb::DB;
@@ -42,13 +42,14 @@ pub(super) struct GroupCommitter {
 }
 
 impl GroupCommitter {
-    pub(super) fn start(db: Arc<DB>, fsync: bool) -> GroupCommitter {
+    /// `delay` holds each round before its write (`testing.log_sync_delay_ms`; zero otherwise).
+    pub(super) fn start(db: Arc<DB>, fsync: bool, delay: Duration) -> GroupCommitter {
         let shared =
             Arc::new(Shared { queue: Mutex::new(Queue { pending: Vec::new(), stopped: false }), wake: Condvar::new() });
         let (worker_shared, worker_db) = (shared.clone(), db.clone());
         let thread = std::thread::Builder::new()
             .name("stemedb-group-commit".into())
-            .spawn(move || run(worker_shared, worker_db, fsync))
+            .spawn(move || run(worker_shared, worker_db, fsync, delay))
             .ok();
         let inline = match thread {
             Some(_) => None,
@@ -96,7 +97,7 @@ impl Drop for GroupCommitter {
     }
 }
 
-fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool) {
+fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool, delay: Duration) {
     loop {
         let taken = {
             let mut queue = shared.queue.lock();
@@ -108,6 +109,10 @@ fn run(shared: Arc<Shared>, db: Arc<DB>, fsync: bool) {
             }
             std::mem::take(&mut queue.pending)
         };
+        if !delay.is_zero() {
+            // A planted delay (tests only), on this thread of its own.
+            std::thread::sleep(delay);
+        }
         commit(&db, fsync, taken);
     }
 }

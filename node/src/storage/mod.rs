@@ -256,6 +256,9 @@ pub struct StorageOptions {
     /// Whether the Raft log is fsync'd before a write is acknowledged. Only tests and benchmarks
     /// that measure the rest of the stack should turn this off.
     pub fsync: bool,
+    /// `testing.log_sync_delay_ms`: each group-commit round waits this long before its write
+    /// and sync (tests only; zero otherwise).
+    pub log_sync_delay: std::time::Duration,
     /// A block cache of its own for the `index` family (`storage.index_eviction_enabled`,
     /// `storage.index_max_memory_mb`): its blocks are evicted past this size and no longer
     /// compete with the claims data for the shared cache. `None`: it shares the block cache.
@@ -272,6 +275,7 @@ impl Default for StorageOptions {
             block_cache_bytes: 256 << 20,
             write_buffer_bytes: 64 << 20,
             fsync: true,
+            log_sync_delay: std::time::Duration::ZERO,
             index_cache_bytes: None,
             verify_on_start: true,
             disk_floor: disk::DiskFloor::default(),
@@ -686,7 +690,7 @@ impl Storage {
             );
         }
         let db = Arc::new(db);
-        let committer = GroupCommitter::start(db.clone(), options.fsync);
+        let committer = GroupCommitter::start(db.clone(), options.fsync, options.log_sync_delay);
         let disk = disk::DiskSpace::new(&path, options.disk_floor);
         let disk_sampler = disk.start_sampling();
         tracing::info!(path = %path.display(), "storage opened");
