@@ -17,8 +17,9 @@
 #
 # Workloads (docs/performance.md): 64 clients of single writes (256-byte values, 10,000 keys),
 # 1 client of single writes, and 64 clients of linearizable reads of those keys. Clients are
-# spread over the three nodes / members. Both clusters run for the whole benchmark; the one not
-# being measured is idle.
+# spread over the three nodes / members: each of the 64 clients keeps to one, and the one client
+# sends its requests to the three in turn (`--spread request`, as etcd's Go client balances).
+# Both clusters run for the whole benchmark; the one not being measured is idle.
 #
 # The machine's floor runs in the same rounds: Debian's nginx on 127.0.0.1-3 answering every
 # request `200 {}` at once (no storage, no replication), loaded by the same client with the same
@@ -143,6 +144,9 @@ for _ in $(seq 1 120); do
 done
 [ "$ready" = 1 ] || { echo "the clusters (or the floor's nginx) did not come up in 60 s; logs in $OUT" >&2; exit 1; }
 echo "both clusters healthy (StemeDB with $SHARDS shards) and the floor up; results in $OUT"
+# Which etcd member leads (a follower forwards its writes to it), for the record.
+etcdctl --endpoints="$ETCD_URLS" endpoint status 2>/dev/null \
+  | awk -F', ' '$5 == "true" {print "etcd leader: " $1}' | tee "$OUT/etcd-leader.txt" || true
 
 # CPU time (clock ticks, user + system) of processes and their children's threads: the
 # servers' own work per operation, which on shared cores is what bounds throughput.
@@ -163,20 +167,25 @@ cpu_ticks() { # pid... -> ticks of those processes and of their child processes 
 machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 
 bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json and .cpu
-  local system=$1 workload=$2 round=$3 urls target writers readers pids before after busy_before busy_after
+  local system=$1 workload=$2 round=$3 urls target writers readers spread pids before after busy_before busy_after
   case "$system" in
     stemedb) urls=$STEMEDB_URLS; target=stemedb; pids=("${STEMEDB_PIDS[@]}") ;;
     floor) urls=$FLOOR_URLS; target=stemedb; pids=("${FLOOR_PIDS[@]}") ;;
     *) urls=$ETCD_URLS; target=etcd; pids=("${ETCD_PIDS[@]}") ;;
   esac
+  # 64 clients keep to one node each (21-22 per node, on either system). The one client sends
+  # its requests to the three nodes in turn, as etcd's Go client does (its balancer picks an
+  # endpoint per request): kept to one node, its etcd figure would depend on whether that member
+  # won the election (etcd forwards a follower's writes to its leader; StemeDB forwards those of
+  # shards led elsewhere, 2 in 3 from any node).
   case "$workload" in
-    write64) writers=64; readers=0 ;;
-    write1) writers=1; readers=0 ;;
-    read64) writers=0; readers=64 ;;
+    write64) writers=64; readers=0; spread=connection ;;
+    write1) writers=1; readers=0; spread=request ;;
+    read64) writers=0; readers=64; spread=connection ;;
   esac
   before=$(cpu_ticks "${pids[@]}")
   busy_before=$(machine_busy_ticks)
-  "$BIN" bench --target "$target" --url "$urls" --writers "$writers" --readers "$readers" \
+  "$BIN" bench --target "$target" --url "$urls" --writers "$writers" --readers "$readers" --spread "$spread" \
     --duration "$SECONDS_PER_RUN" --value-size 256 --keys 10000 --prefix vs-etcd --json \
     >"$OUT/$system-$workload-$round.json" 2>"$OUT/$system-$workload-$round.err"
   after=$(cpu_ticks "${pids[@]}")

@@ -99,6 +99,32 @@ pub struct BenchArgs {
     /// request as soon as its previous answer arrives (closed loop).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// How each client spreads its requests over the `--url` endpoints: `connection` keeps a
+    /// client to one endpoint (client i to endpoint i mod n); `request` sends a client's requests
+    /// to every endpoint in turn, from endpoint i mod n, as etcd's Go client (a round-robin pick
+    /// per request) and a load balancer that balances requests do. Both spread many clients
+    /// evenly; they differ for few clients (one client of `connection` meets one node only).
+    #[arg(long, value_enum, default_value = "connection")]
+    pub spread: Spread,
+}
+
+/// How a client spreads its requests over the endpoints (`--spread`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Spread {
+    /// Every request of a client to the same endpoint.
+    Connection,
+    /// A client's requests to every endpoint in turn.
+    Request,
+}
+
+/// The endpoints (indexes into `--url`) that `client` sends to, in the order of its requests:
+/// its k-th request goes to the (k mod len)-th.
+fn client_endpoints(spread: Spread, client: usize, endpoints: usize) -> Vec<usize> {
+    let n = endpoints.max(1);
+    match spread {
+        Spread::Connection => vec![client % n],
+        Spread::Request => (0..n).map(|turn| (client + turn) % n).collect(),
+    }
 }
 
 #[derive(Default)]
@@ -500,7 +526,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         sides.push(read_side.report("read", seconds));
     }
     let report = json!({
-        "target": format!("{:?}", args.target).to_lowercase(), "url": args.url, "writers": args.writers, "readers": args.readers, "duration_s": seconds,
+        "target": format!("{:?}", args.target).to_lowercase(), "url": args.url, "spread": format!("{:?}", args.spread).to_lowercase(), "writers": args.writers, "readers": args.readers, "duration_s": seconds,
         "batch": args.batch, "value_size": args.value_size, "keys": args.keys, "lens": args.lens,
         "consistency": args.consistency, "authority_grants": args.authority_grants,
         "authority_depth": args.authority_depth, "rate": args.rate,
@@ -685,9 +711,9 @@ async fn write_loop(
     completed: Arc<AtomicU64>,
 ) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-    let mut connection = BenchConnection::new(authorities[worker % authorities.len()].clone(), args.token.as_deref());
+    let mut connections = client_connections(&authorities, &args, worker);
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    loop {
+    for turn in 0.. {
         let item = |rng: &mut rand::rngs::StdRng| json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "predicate": "value", "value": value, "agent_id": format!("bench-{worker}-{}", rng.random_range(0..32))});
         let (path, body) = if args.batch > 1 {
             let items: Vec<_> = (0..args.batch).map(|_| item(&mut rng)).collect();
@@ -697,12 +723,21 @@ async fn write_loop(
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
         let Some(started) = next_start(&mut pacer, deadline).await else { break };
-        let kind = connection.post(path, &body).await.err();
+        let connection = turn % connections.len();
+        let kind = connections[connection].post(path, &body).await.err();
         record(&mut side, started, kind, args.batch as u64);
         completed.fetch_add(1, Ordering::Relaxed);
     }
     count_unsent(&mut side, pacer, deadline);
     side
+}
+
+/// One connection per endpoint that `client` sends to, in the order of its turns.
+fn client_connections(authorities: &[Endpoint], args: &BenchArgs, client: usize) -> Vec<BenchConnection> {
+    client_endpoints(args.spread, client, authorities.len())
+        .into_iter()
+        .map(|endpoint| BenchConnection::new(authorities[endpoint].clone(), args.token.as_deref()))
+        .collect()
 }
 
 async fn read_loop(
@@ -714,16 +749,16 @@ async fn read_loop(
     completed: Arc<AtomicU64>,
 ) -> Side {
     let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-    let mut connection =
-        BenchConnection::new(authorities[(worker + args.writers) % authorities.len()].clone(), args.token.as_deref());
+    let mut connections = client_connections(&authorities, &args, worker + args.writers);
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut body = Vec::with_capacity(256);
-    loop {
+    for turn in 0.. {
         body.clear();
         let query = json!({"concept_path": concept(&args, rng.random_range(0..args.keys.max(1))), "lens": args.lens, "consistency": args.consistency});
         let _ = serde_json::to_writer(&mut body, &query);
         let Some(started) = next_start(&mut pacer, deadline).await else { break };
-        let kind = connection.post("/v1/query", &body).await.err();
+        let connection = turn % connections.len();
+        let kind = connections[connection].post("/v1/query", &body).await.err();
         record(&mut side, started, kind, 1);
         completed.fetch_add(1, Ordering::Relaxed);
     }
@@ -750,17 +785,24 @@ mod etcd {
         super::concept(args, key).into_bytes()
     }
 
-    fn channel(args: &BenchArgs, client: usize) -> Result<KvClient<Channel>, String> {
-        let url = args.url[client % args.url.len()].clone();
-        let endpoint = Channel::from_shared(url).map_err(|e| format!("bad_url: {e}"))?;
+    fn channel(url: &str) -> Result<KvClient<Channel>, String> {
+        let endpoint = Channel::from_shared(url.to_string()).map_err(|e| format!("bad_url: {e}"))?;
         let channel = endpoint.timeout(Duration::from_secs(30)).connect_lazy();
         Ok(KvClient::new(channel))
     }
 
-    /// A client's empty results and its channel, or the results that record why there is none.
-    fn start(args: &BenchArgs, client: usize) -> Result<(Side, KvClient<Channel>), Side> {
+    /// One channel per endpoint that `client` sends to (`--spread`), in the order of its turns.
+    fn channels(args: &BenchArgs, client: usize) -> Result<Vec<KvClient<Channel>>, String> {
+        super::client_endpoints(args.spread, client, args.url.len())
+            .into_iter()
+            .map(|endpoint| channel(&args.url[endpoint]))
+            .collect()
+    }
+
+    /// A client's empty results and its channels, or the results that record why there are none.
+    fn start(args: &BenchArgs, client: usize) -> Result<(Side, Vec<KvClient<Channel>>), Side> {
         let mut side = Side { histogram: Some(new_histogram()), ..Default::default() };
-        match channel(args, client) {
+        match channels(args, client) {
             Ok(kv) => Ok((side, kv)),
             Err(error) => {
                 side.errors.insert(error, 1);
@@ -781,7 +823,7 @@ mod etcd {
         for client in 0..16 {
             let (args, value, next) = (args.clone(), value.to_vec(), next.clone());
             tasks.push(tokio::spawn(async move {
-                let mut kv = channel(&args, client).map_err(anyhow::Error::msg)?;
+                let mut kv = channel(&args.url[client % args.url.len()]).map_err(anyhow::Error::msg)?;
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     if n >= args.keys {
@@ -811,14 +853,15 @@ mod etcd {
             Err(side) => return side,
         };
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        loop {
+        for turn in 0.. {
             let request = PutRequest {
                 key: key(&args, rng.random_range(0..args.keys.max(1))),
                 value: value.clone(),
                 ..Default::default()
             };
             let Some(started) = next_start(&mut pacer, deadline).await else { break };
-            let error = kv.put(request).await.err().map(|status| kind(&status));
+            let channel = turn % kv.len();
+            let error = kv[channel].put(request).await.err().map(|status| kind(&status));
             record(&mut side, started, error, 1);
             completed.fetch_add(1, Ordering::Relaxed);
         }
@@ -839,14 +882,15 @@ mod etcd {
         };
         let serializable = args.consistency == "stale";
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        loop {
+        for turn in 0.. {
             let request = RangeRequest {
                 key: key(&args, rng.random_range(0..args.keys.max(1))),
                 serializable,
                 ..Default::default()
             };
             let Some(started) = next_start(&mut pacer, deadline).await else { break };
-            let error = kv.range(request).await.err().map(|status| kind(&status));
+            let channel = turn % kv.len();
+            let error = kv[channel].range(request).await.err().map(|status| kind(&status));
             record(&mut side, started, error, 1);
             completed.fetch_add(1, Ordering::Relaxed);
         }
@@ -872,8 +916,26 @@ fn record(side: &mut Side, started: Instant, error: Option<String>, items: u64) 
 
 #[cfg(test)]
 mod tests {
-    use super::{host_steal_percent, parse_answer_head, parse_cpu_ticks, Pacer};
+    use super::{client_endpoints, host_steal_percent, parse_answer_head, parse_cpu_ticks, Pacer, Spread};
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn clients_spread_by_connection_or_by_request() {
+        assert_eq!(client_endpoints(Spread::Connection, 0, 3), vec![0]);
+        assert_eq!(client_endpoints(Spread::Connection, 4, 3), vec![1], "client i keeps to endpoint i mod n");
+        assert_eq!(client_endpoints(Spread::Request, 0, 3), vec![0, 1, 2], "one client meets every endpoint");
+        assert_eq!(client_endpoints(Spread::Request, 4, 3), vec![1, 2, 0], "each client starts at its own");
+        assert_eq!(client_endpoints(Spread::Request, 7, 1), vec![0]);
+        assert_eq!(client_endpoints(Spread::Request, 2, 0), vec![0], "no endpoints is refused before, never a panic");
+        // Many clients load every endpoint alike either way.
+        for spread in [Spread::Connection, Spread::Request] {
+            let mut first = [0; 3];
+            for client in 0..64 {
+                first[client_endpoints(spread, client, 3)[0]] += 1;
+            }
+            assert_eq!(first, [22, 21, 21]);
+        }
+    }
 
     #[test]
     fn steal_time_is_read_from_proc_stat() {
