@@ -11,9 +11,9 @@ use stemedb_cluster_tests::{ClusterOptions, TestCluster};
 
 const ACCEPTED: &str = "stemedb_raft_early_appends_total{outcome=\"accepted\"}";
 const REFUSED: &str = "stemedb_raft_early_appends_total{outcome=\"refused\"}";
-const FAILED: &str = "stemedb_raft_early_appends_total{outcome=\"failed\"}";
 /// Writes the crash test tries before one goes early.
 const ATTEMPTS: i32 = 20;
+const FAILED: &str = "stemedb_raft_early_appends_total{outcome=\"failed\"}";
 
 async fn count(cluster: &TestCluster, node: u64, series: &str) -> anyhow::Result<f64> {
     Ok(cluster.metric(node, series).await?.unwrap_or(0.0))
@@ -112,8 +112,6 @@ async fn make_leader(cluster: &TestCluster, node: u64) -> anyhow::Result<()> {
             return Ok(());
         }
         assert!(Instant::now() < deadline, "node {node} never became shard 0's leader");
-        // Refused (the node not caught up yet, a hand-over in progress): ask again shortly.
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
