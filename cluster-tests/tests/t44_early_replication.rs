@@ -19,6 +19,11 @@ async fn count(cluster: &TestCluster, node: u64, series: &str) -> anyhow::Result
     Ok(cluster.metric(node, series).await?.unwrap_or(0.0))
 }
 
+/// The early appends `node` has seen refused and failed, for failure messages.
+async fn refusals(cluster: &TestCluster, node: u64) -> anyhow::Result<(f64, f64)> {
+    Ok((count(cluster, node, REFUSED).await?, count(cluster, node, FAILED).await?))
+}
+
 /// Waits until `series` on `node` is at least `at_least` (the early sends are counted when their
 /// answer arrives, after the write that caused them may have been acknowledged).
 async fn wait_count(cluster: &TestCluster, node: u64, series: &str, at_least: f64) -> anyhow::Result<f64> {
@@ -29,7 +34,7 @@ async fn wait_count(cluster: &TestCluster, node: u64, series: &str, at_least: f6
             return Ok(value);
         }
         if Instant::now() > deadline {
-            let (refused, failed) = (count(cluster, node, REFUSED).await?, count(cluster, node, FAILED).await?);
+            let (refused, failed) = refusals(cluster, node).await?;
             panic!("node {node}: {series} stayed at {value}, below {at_least} ({refused} refused, {failed} failed)");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -153,9 +158,7 @@ async fn a_restarted_leader_never_reuses_the_ids_of_entries_it_lost() -> anyhow:
         // openraft 0.9 awaits each of the leader's appends in its core, heartbeats included, so
         // a slow leader may lose the group to a follower's election: take it back first (a write
         // through a follower is forwarded, and nothing goes early from there).
-        if cluster.wait_for_leader(0, Duration::from_secs(30)).await? != leader {
-            make_leader(&cluster, leader).await?;
-        }
+        make_leader(&cluster, leader).await?;
         let before = count(&cluster, leader, ACCEPTED).await?;
         let url = format!("{}/v1/assert", cluster.node(leader).api());
         let body =
@@ -178,11 +181,11 @@ async fn a_restarted_leader_never_reuses_the_ids_of_entries_it_lost() -> anyhow:
         }
         // Not early: let it finish before the next.
         let (status, took) = write.await?;
-        let (refused, failed) = (count(&cluster, leader, REFUSED).await?, count(&cluster, leader, FAILED).await?);
+        let (refused, failed) = refusals(&cluster, leader).await?;
         eprintln!("attempt {attempt}: not early; the write answered {status:?} in {took:?} ({refused} refused, {failed} failed)");
     }
     let Some(pending) = taken else {
-        let (refused, failed) = (count(&cluster, leader, REFUSED).await?, count(&cluster, leader, FAILED).await?);
+        let (refused, failed) = refusals(&cluster, leader).await?;
         panic!("no write went early ({refused} refused, {failed} failed)");
     };
     cluster.restart(leader).await?;
