@@ -16,7 +16,10 @@
 # the client stays this build's `stemedb bench`.
 #
 # Workloads (docs/performance.md): 64 clients of single writes (256-byte values, 10,000 keys),
-# 1 client of single writes, and 64 clients of linearizable reads of those keys. Clients are
+# 1 client of single writes, and 64 clients of linearizable reads of those keys; then the same
+# reads of 10,000 other keys written once at the start. A StemeDB write adds a claim to its key
+# (an etcd put replaces the value), so by the reads of round 3 the first keys hold about 17
+# claims each; the second set keeps one, and shows reads of fresh data beside them. Clients are
 # spread over the three nodes / members: each of the 64 clients keeps to one, and the one client
 # sends its requests to the three in turn (`--spread request`, as etcd's Go client balances).
 # Both clusters run for the whole benchmark; the one not being measured is idle.
@@ -168,6 +171,7 @@ machine_busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 
 
 bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json and .cpu
   local system=$1 workload=$2 round=$3 urls target writers readers spread pids before after busy_before busy_after
+  local prefix=vs-etcd
   case "$system" in
     stemedb) urls=$STEMEDB_URLS; target=stemedb; pids=("${STEMEDB_PIDS[@]}") ;;
     floor) urls=$FLOOR_URLS; target=stemedb; pids=("${FLOOR_PIDS[@]}") ;;
@@ -182,11 +186,12 @@ bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json and .
     write64) writers=64; readers=0; spread=connection ;;
     write1) writers=1; readers=0; spread=request ;;
     read64) writers=0; readers=64; spread=connection ;;
+    read64fresh) writers=0; readers=64; spread=connection; prefix=vs-etcd-fresh ;;
   esac
   before=$(cpu_ticks "${pids[@]}")
   busy_before=$(machine_busy_ticks)
   "$BIN" bench --target "$target" --url "$urls" --writers "$writers" --readers "$readers" --spread "$spread" \
-    --duration "$SECONDS_PER_RUN" --value-size 256 --keys 10000 --prefix vs-etcd --json \
+    --duration "$SECONDS_PER_RUN" --value-size 256 --keys 10000 --prefix "$prefix" --json \
     >"$OUT/$system-$workload-$round.json" 2>"$OUT/$system-$workload-$round.err"
   after=$(cpu_ticks "${pids[@]}")
   busy_after=$(machine_busy_ticks)
@@ -195,15 +200,17 @@ bench() { # system workload round -> $OUT/<system>-<workload>-<round>.json and .
     | awk '{print $1, $4 - $2, $5 - $3, $6}' >"$OUT/$system-$workload-$round.cpu"
 }
 
-# The read workload reads keys that exist: one preload per system.
-"$BIN" bench --target stemedb --url "$STEMEDB_URLS" --writers 1 --readers 0 --duration 1 \
-  --value-size 256 --keys 10000 --prefix vs-etcd --preload --json >/dev/null
-"$BIN" bench --target etcd --url "$ETCD_URLS" --writers 1 --readers 0 --duration 1 \
-  --value-size 256 --keys 10000 --prefix vs-etcd --preload --json >/dev/null
+# The read workloads read keys that exist: one preload of each key set per system.
+for prefix in vs-etcd vs-etcd-fresh; do
+  "$BIN" bench --target stemedb --url "$STEMEDB_URLS" --writers 1 --readers 0 --duration 1 \
+    --value-size 256 --keys 10000 --prefix "$prefix" --preload --json >/dev/null
+  "$BIN" bench --target etcd --url "$ETCD_URLS" --writers 1 --readers 0 --duration 1 \
+    --value-size 256 --keys 10000 --prefix "$prefix" --preload --json >/dev/null
+done
 
 for round in $(seq 1 "$ROUNDS"); do
   if [ $((round % 2)) = 1 ]; then order="stemedb etcd floor"; else order="floor etcd stemedb"; fi
-  for workload in write64 write1 read64; do
+  for workload in write64 write1 read64 read64fresh; do
     for system in $order; do
       echo "round $round: $workload on $system"
       bench "$system" "$workload" "$round"
@@ -214,7 +221,8 @@ done
 python3 - "$OUT" "$ROUNDS" <<'PY'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
-names = {"write64": "single writes, 64 clients", "write1": "single writes, 1 client", "read64": "linearizable reads, 64 clients"}
+names = {"write64": "single writes, 64 clients", "write1": "single writes, 1 client", "read64": "linearizable reads, 64 clients",
+         "read64fresh": "  same, keys written once"}
 def cpu(system, workload, r, ops):
     # server CPU microseconds per operation, and the machine's busy share during the run
     server, busy, total, hz = (float(x) for x in open(f"{out}/{system}-{workload}-{r}.cpu").read().split())

@@ -1388,6 +1388,12 @@ fn register_node_gauges(context: &Arc<NodeContext>) {
     });
     node_gauge(
         context,
+        "stemedb_claims_cache_rendered_only_entries",
+        "Of the claims caches' entries, those that hold only rendered answers (their claims evicted for memory)",
+        |c| c.shards.claims_cache_rendered_only() as f64,
+    );
+    node_gauge(
+        context,
         "stemedb_index_memory_bytes",
         "Memory held by indexes: the RocksDB index family's memtables and table readers, and the authority graph",
         |c| crate::api::indexes::index_memory_bytes(c) as f64,

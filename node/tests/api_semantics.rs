@@ -162,6 +162,7 @@ async fn metrics_expose_runbook_names() {
         "stemedb_read_barriers_total",
         "stemedb_claims_cache_bytes",
         "stemedb_claims_cache_entries",
+        "stemedb_claims_cache_rendered_only_entries",
     ] {
         assert!(text.contains(name), "missing {name}");
     }
@@ -286,6 +287,67 @@ async fn the_claims_cache_stays_within_its_memory_budget() {
             (gauge(&text, "stemedb_claims_cache_bytes"), gauge(&text, "stemedb_claims_cache_entries"));
         assert!(bytes > 0.0 && bytes <= (1 << 20) as f64, "round {round}: {bytes} bytes cached");
         assert!(entries > 0.0 && entries < 300.0, "round {round}: {entries} reads cached");
+    }
+    node.stop().await;
+}
+
+/// Under memory pressure the claims cache keeps the rendered answers of concepts whose claims
+/// it evicts: queries of the present are then answered from them, byte for byte the same as
+/// from the claims; other lenses still read the claims; a write drops a kept answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_kept_without_their_claims_are_the_same_and_a_write_drops_them() {
+    let node = TestNode::start_with(|config| config.query.claims_cache_mb = 1).await;
+    let keys = 300;
+    // Five claims of about 400 bytes per concept: its claims take a few KB, its answer under
+    // the recency lens a few hundred bytes. The 1 MiB budget holds some of the claims only.
+    let items: Vec<Value> = (0..keys)
+        .flat_map(|i| {
+            (0..5).map(move |j| {
+                json!({"concept_path": format!("kept/k{i}"), "predicate": "p", "value": format!("{i:04}-{j}-{}", "v".repeat(400))})
+            })
+        })
+        .collect();
+    for chunk in items.chunks(500) {
+        let (status, body) = node.post("/v1/assert/batch", &json!({"assertions": chunk})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let query = |i: usize, lens: &'static str| {
+        let node = &node;
+        async move {
+            let (status, answer) =
+                node.post("/v1/query", &json!({"concept_path": format!("kept/k{i}"), "lens": lens})).await;
+            assert_eq!(status, 200, "{answer}");
+            answer["results"].clone()
+        }
+    };
+    let mut first = Vec::new();
+    for i in 0..keys {
+        first.push(query(i, "recency").await);
+    }
+    for round in 0..2 {
+        for (i, expected) in first.iter().enumerate() {
+            assert_eq!(&query(i, "recency").await, expected, "round {round}, key {i}");
+        }
+    }
+    let text = metrics_text(&node.client, &node.url).await;
+    let gauge = |name: &str| series_value(&text, name).unwrap_or_else(|| panic!("no {name} in the metrics"));
+    let rendered_only = gauge("stemedb_claims_cache_rendered_only_entries");
+    assert!(rendered_only > 0.0, "no answer was kept without its claims");
+    assert!(gauge("stemedb_claims_cache_bytes") <= (1 << 20) as f64);
+    // Another lens reads the claims again: all five.
+    for i in 0..keys {
+        let all = query(i, "all").await;
+        assert_eq!(all[0]["assertions"].as_array().map(Vec::len), Some(5), "key {i}: {all}");
+    }
+    // A sixth claim on every key: every answer shows it.
+    let newer: Vec<Value> = (0..keys)
+        .map(|i| json!({"concept_path": format!("kept/k{i}"), "predicate": "p", "value": format!("{i:04}-newest")}))
+        .collect();
+    let (status, body) = node.post("/v1/assert/batch", &json!({"assertions": newer})).await;
+    assert_eq!(status, 200, "{body}");
+    for i in 0..keys {
+        let answer = query(i, "recency").await;
+        assert_eq!(answer[0]["winner"]["value"], json!(format!("{i:04}-newest")), "key {i}: {answer}");
     }
     node.stop().await;
 }

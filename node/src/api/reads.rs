@@ -28,7 +28,7 @@ use crate::model::assertion::{
 use crate::model::id::{format_time_us, parse_as_of, AssertionId};
 use crate::model::lens::{resolve, Claim, Lens, Resolution};
 use crate::model::ModelError;
-use crate::shard::claims_cache::RenderedSlot;
+use crate::shard::claims_cache::{RenderKey, RenderedSlot};
 use crate::shard::reader::{ClaimGroup, ConceptEntry, ShardRead, ShardReadAnswer};
 use crate::shard::ConsensusError;
 
@@ -466,11 +466,41 @@ async fn query_path(
 ) -> Result<QueryAnswer, ApiError> {
     let shard = state.shards.shard_for_path(path);
     let memory_limit = query_memory_limit(state);
-    let read =
-        ShardRead::Claims { concept_path: path.to_string(), predicate: predicate.map(str::to_string), memory_limit };
+    // A query for the present from the first page can use a rendering kept by the claims cache
+    // of this node's replica, which answers without its claims when it has one (see
+    // claims_cache): its cost is then the same whatever the number of claims.
+    let policy_version = state.shards.policy().version();
+    let render = (as_of_us == u64::MAX && after.is_none()).then_some(RenderKey {
+        lens: echo.lens,
+        policy_version,
+        max_groups: limit,
+    });
+    let read = ShardRead::Claims {
+        concept_path: path.to_string(),
+        predicate: predicate.map(str::to_string),
+        memory_limit,
+        render,
+    };
     let linearizable = echo.consistency == Consistency::Linearizable;
     let result = state.shards.read(shard, read, linearizable, timeout).await?;
-    let ShardReadAnswer::Claims(read) = result.answer else { return Err(unexpected_answer()) };
+    let read = match result.answer {
+        ShardReadAnswer::Claims(read) => read,
+        ShardReadAnswer::Rendered(slot) if render.is_some() => {
+            let claims_bytes = slot.claims_bytes;
+            return QueryBody {
+                applied_index: (!linearizable).then_some(result.applied_index),
+                as_of: echo.as_of,
+                consistency: echo.consistency,
+                lens: echo.lens,
+                next_cursor: None,
+                results: Results::Rendered(slot),
+                shard: Some(shard),
+                staleness_ms: (!linearizable).then_some(result.staleness_ms),
+            }
+            .encode(claims_bytes, memory_limit, Some(shard));
+        }
+        _ => return Err(unexpected_answer()),
+    };
     let groups = &read.groups;
     let remaining: Vec<&ClaimGroup> = groups
         .iter()
@@ -485,7 +515,6 @@ async fn query_path(
     // An answer for the present covering every group is the same for every query of the key
     // until its claims or the policy change: render it once (see claims_cache).
     let whole = as_of_us == u64::MAX && page.len() == groups.len();
-    let policy_version = state.shards.policy().version();
     let kept = if whole { read.rendered.get(echo.lens, policy_version) } else { None };
     let results = match kept {
         Some(slot) => Results::Rendered(slot),
@@ -495,7 +524,14 @@ async fn query_path(
             if whole {
                 let count = views.len();
                 let json = serde_json::value::to_raw_value(&views).map_err(encoding_failed)?;
-                let slot = RenderedSlot { lens: echo.lens, policy_version, count, json: Arc::from(json) };
+                let slot = RenderedSlot {
+                    lens: echo.lens,
+                    policy_version,
+                    count,
+                    groups: groups.len(),
+                    claims_bytes: read.memory_bytes(),
+                    json: Arc::from(json),
+                };
                 state.shards.keep_rendering(shard, &read, slot.clone());
                 Results::Rendered(slot)
             } else {
@@ -601,7 +637,8 @@ async fn query_prefix(
                 committed.fetch_add(share, Ordering::Relaxed);
                 share
             });
-            let read = ShardRead::Claims { concept_path, predicate: Some(predicate), memory_limit: share };
+            let read =
+                ShardRead::Claims { concept_path, predicate: Some(predicate), memory_limit: share, render: None };
             let read = state.shards.read(shard, read, linearizable, timeout);
             async move { (share, read.await) }
         })

@@ -1075,6 +1075,11 @@ impl ShardSet {
         self.groups().iter().map(|g| g.reader.claims_cache().usage()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
+    /// Of the claims caches' entries, how many hold only rendered answers (their claims evicted).
+    pub fn claims_cache_rendered_only(&self) -> usize {
+        self.groups().iter().map(|g| g.reader.claims_cache().entry_kinds().1).sum()
+    }
+
     /// Whether a linearizable read of `group` may skip the barrier: see [`may_read_alone`].
     fn leads_alone(&self, group: &ShardGroup) -> bool {
         let metrics = group.raft.metrics();

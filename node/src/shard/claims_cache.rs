@@ -12,6 +12,11 @@
 //! rather than once per query. They live and die with the entry, and carry the policy version
 //! they were rendered under.
 //!
+//! Under memory pressure an entry first loses its claims and keeps its renderings (the
+//! "rendered-only" entries, [`ClaimsCache::rendered`]): a rendering is small whatever the number
+//! of claims behind it, so a concept with many claims stays cheap to read for the lenses
+//! already asked of it. Such an entry is evicted for good the next time it is the oldest.
+//!
 //! [`ShardReader::claims`]: super::reader::ShardReader::claims
 
 use std::collections::{HashMap, VecDeque};
@@ -42,6 +47,9 @@ struct Entry {
     read: Arc<ClaimsRead>,
     /// What the claims themselves were charged (renderings are counted by `read.rendered`).
     claims_bytes: usize,
+    /// The claims were evicted and `read` holds only the renderings: [`ClaimsCache::get`]
+    /// skips the entry, [`ClaimsCache::rendered`] still answers from it.
+    rendered_only: bool,
     /// Insertion number: names the entry in the eviction order.
     seq: u64,
 }
@@ -63,13 +71,37 @@ struct RenderedSlots {
     bytes: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct RenderedSlot {
     pub lens: Lens,
     pub policy_version: u64,
     /// How many results the JSON array holds.
     pub count: usize,
+    /// How many groups (predicates) the read rendered had: the rendering answers a query whose
+    /// page holds that many.
+    pub groups: usize,
+    /// The estimated memory of the claims it was rendered from: a query under a smaller
+    /// `query.max_memory_per_query_mb` is refused as if it had read them.
+    pub claims_bytes: usize,
     pub json: Arc<RawValue>,
+}
+
+/// Which rendering a query can use: its lens, the policy version it reads under, and the most
+/// groups its page holds (its `limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderKey {
+    pub lens: Lens,
+    pub policy_version: u64,
+    pub max_groups: usize,
+}
+
+impl RenderKey {
+    fn fits(&self, slot: &RenderedSlot, memory_limit: usize) -> bool {
+        slot.lens == self.lens
+            && slot.policy_version == self.policy_version
+            && slot.groups <= self.max_groups
+            && slot.claims_bytes <= memory_limit
+    }
 }
 
 impl RenderedSlot {
@@ -100,6 +132,22 @@ impl RenderedResults {
 
     fn bytes(&self) -> usize {
         self.slots.lock().bytes
+    }
+
+    /// Copies of the renderings held.
+    fn copies(&self) -> Vec<RenderedSlot> {
+        self.slots.lock().slots.clone()
+    }
+
+    /// Renderings held, keeping those already here when a lens is in both.
+    fn adopt(&self, slots: Vec<RenderedSlot>) {
+        let mut held = self.slots.lock();
+        for slot in slots {
+            if !held.slots.iter().any(|s| s.lens == slot.lens) {
+                held.slots.push(slot);
+            }
+        }
+        held.bytes = held.slots.iter().map(RenderedSlot::bytes).sum();
     }
 }
 
@@ -140,14 +188,23 @@ pub struct ClaimsCache {
     generation: AtomicU64,
 }
 
+/// An entry's name in an eviction order: path, predicate filter and insertion number. Names of
+/// entries since invalidated, replaced or stripped no longer match an entry's number and are
+/// skipped.
+type Name = (String, Option<String>, u64);
+
 struct Inner {
     entries: Entries,
-    /// Entries in insertion order, by path, predicate filter and insertion number: the oldest
-    /// is evicted first. Names of entries since invalidated or replaced no longer match an
-    /// entry's number and are skipped.
-    order: VecDeque<(String, Option<String>, u64)>,
+    /// Entries with their claims, in insertion order: the oldest is stripped (or evicted, if it
+    /// has no renderings) first.
+    order: VecDeque<Name>,
+    /// Rendered-only entries, in the order they lost their claims: the oldest is evicted first,
+    /// once they hold more than half the budget or no entry with claims is left.
+    rendered_order: VecDeque<Name>,
     /// Estimated bytes held: every entry's claims and renderings, plus its keys.
     bytes: usize,
+    /// Of `bytes`, what the rendered-only entries hold.
+    rendered_bytes: usize,
     budget: usize,
     /// Entries held.
     live: usize,
@@ -160,7 +217,9 @@ impl Default for ClaimsCache {
             inner: Mutex::new(Inner {
                 entries: Entries::default(),
                 order: VecDeque::new(),
+                rendered_order: VecDeque::new(),
                 bytes: 0,
+                rendered_bytes: 0,
                 budget: DEFAULT_BUDGET_BYTES,
                 live: 0,
                 next_seq: 0,
@@ -202,6 +261,9 @@ impl Inner {
         entry.read.rendered.cached.store(false, Ordering::Release);
         let charged = entry.claims_bytes + entry.read.rendered.bytes() + key_bytes(path, entry.predicate.as_deref());
         self.bytes = self.bytes.saturating_sub(charged);
+        if entry.rendered_only {
+            self.rendered_bytes = self.rendered_bytes.saturating_sub(charged);
+        }
         self.live = self.live.saturating_sub(1);
     }
 
@@ -213,29 +275,74 @@ impl Inner {
         }
     }
 
-    /// Evicts the oldest entries until the estimate fits the budget.
+    /// Strips or evicts the oldest entries until the estimate fits the budget. Entries with
+    /// claims go first: a rendering answers many queries for little memory. But renderings may
+    /// not take more than half the budget, so that the claims of a new read stay cached long
+    /// enough to be rendered.
     fn evict_to_budget(&mut self) {
         while self.bytes > self.budget {
-            let Some((path, predicate, seq)) = self.order.pop_front() else {
+            let name = if self.rendered_bytes > self.budget / 2 {
+                self.rendered_order.pop_front().or_else(|| self.order.pop_front())
+            } else {
+                self.order.pop_front().or_else(|| self.rendered_order.pop_front())
+            };
+            let Some((path, predicate, seq)) = name else {
                 // Nothing left to evict: the estimate drifted; start over from empty.
                 self.clear();
                 return;
             };
-            self.remove(&path, predicate.as_deref(), Some(seq));
+            if !self.strip(&path, predicate.as_deref(), seq) {
+                self.remove(&path, predicate.as_deref(), Some(seq));
+            }
         }
         self.compact_order();
     }
 
-    /// Invalidations and replacements leave stale names behind: drop them once they outnumber
-    /// the live entries, so the order stays within a constant factor of the entries held.
+    /// Drops the claims of the entry named and keeps its renderings, as a younger entry;
+    /// `false` (nothing done) when it is already rendered-only, has no renderings, or is gone.
+    fn strip(&mut self, path: &str, predicate: Option<&str>, seq: u64) -> bool {
+        let Some(filters) = self.entries.get_mut(path) else { return false };
+        let Some(entry) = filters.iter_mut().find(|e| e.seq == seq && e.predicate.as_deref() == predicate) else {
+            return false;
+        };
+        if entry.rendered_only {
+            return false;
+        }
+        let slots = entry.read.rendered.copies();
+        if slots.is_empty() {
+            return false;
+        }
+        // Under the cache lock: renderings put into the old read from now on are not charged.
+        entry.read.rendered.cached.store(false, Ordering::Release);
+        let before = entry.claims_bytes + entry.read.rendered.bytes();
+        let kept = ClaimsRead::default();
+        kept.rendered.adopt(slots);
+        kept.rendered.cached.store(true, Ordering::Release);
+        let after = kept.rendered.bytes();
+        entry.read = Arc::new(kept);
+        entry.claims_bytes = 0;
+        entry.rendered_only = true;
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        self.rendered_order.push_back((path.to_string(), predicate.map(str::to_string), entry.seq));
+        self.bytes = self.bytes.saturating_sub(before) + after;
+        self.rendered_bytes += after + key_bytes(path, predicate);
+        true
+    }
+
+    /// Invalidations, replacements and strips leave stale names behind: drop them once they
+    /// outnumber the live entries, so the orders stay within a constant factor of the entries
+    /// held.
     fn compact_order(&mut self) {
-        if self.order.len() <= 2 * self.live + 64 {
+        if self.order.len() + self.rendered_order.len() <= 2 * self.live + 64 {
             return;
         }
         let entries = &self.entries;
-        self.order.retain(|(path, predicate, seq)| {
+        let current = |(path, predicate, seq): &Name| {
             entries.get(path).is_some_and(|f| f.iter().any(|e| e.seq == *seq && e.predicate == *predicate))
-        });
+        };
+        self.order.retain(current);
+        self.rendered_order.retain(current);
     }
 
     fn clear(&mut self) {
@@ -245,7 +352,9 @@ impl Inner {
             }
         }
         self.order.clear();
+        self.rendered_order.clear();
         self.bytes = 0;
+        self.rendered_bytes = 0;
         self.live = 0;
     }
 }
@@ -276,9 +385,32 @@ impl ClaimsCache {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// The cached claims of `path` (under `predicate`), if held.
     pub fn get(&self, path: &str, predicate: Option<&str>) -> Option<Arc<ClaimsRead>> {
         let inner = self.inner.lock();
-        inner.entries.get(path)?.iter().find(|e| e.predicate.as_deref() == predicate).map(|e| e.read.clone())
+        let entry = inner.entries.get(path)?.iter().find(|e| e.predicate.as_deref() == predicate)?;
+        (!entry.rendered_only).then(|| entry.read.clone())
+    }
+
+    /// A rendering of the claims of `path` (under `predicate`) that a query with `key` can
+    /// answer with, from an entry with or without its claims; `memory_limit` as the query's.
+    pub fn rendered(
+        &self,
+        path: &str,
+        predicate: Option<&str>,
+        key: &RenderKey,
+        memory_limit: usize,
+    ) -> Option<RenderedSlot> {
+        let inner = self.inner.lock();
+        let entry = inner.entries.get(path)?.iter().find(|e| e.predicate.as_deref() == predicate)?;
+        entry.read.rendered.get(key.lens, key.policy_version).filter(|slot| key.fits(slot, memory_limit))
+    }
+
+    /// Entries held with their claims, and entries holding only renderings.
+    pub fn entry_kinds(&self) -> (usize, usize) {
+        let inner = self.inner.lock();
+        let rendered_only = inner.entries.values().flatten().filter(|e| e.rendered_only).count();
+        (inner.live - rendered_only, rendered_only)
     }
 
     /// Caches what a reader read from storage, unless an apply invalidated anything since the
@@ -296,7 +428,23 @@ impl ClaimsCache {
         if charge > inner.budget / 8 {
             return; // one entry may not crowd out most of the others
         }
+        // A rendered-only entry of the path is as current as this read (an apply that touched
+        // the path would have dropped it): its renderings carry over.
+        let carried = inner.entries.get(path).and_then(|filters| {
+            filters
+                .iter()
+                .find(|e| e.predicate.as_deref() == predicate && e.rendered_only)
+                .map(|e| e.read.rendered.copies())
+        });
         inner.remove(path, predicate, None);
+        let charge = match carried {
+            Some(slots) => {
+                let before = read.rendered.bytes();
+                read.rendered.adopt(slots);
+                charge + read.rendered.bytes() - before
+            }
+            None => charge,
+        };
         read.rendered.cached.store(true, Ordering::Release);
         inner.bytes += charge;
         inner.live += 1;
@@ -306,6 +454,7 @@ impl ClaimsCache {
             predicate: predicate.map(str::to_string),
             read: read.clone(),
             claims_bytes,
+            rendered_only: false,
             seq,
         });
         inner.order.push_back((path.to_string(), predicate.map(str::to_string), seq));
@@ -358,6 +507,8 @@ mod tests {
             lens,
             policy_version,
             count: 1,
+            groups: 1,
+            claims_bytes: 0,
             json: Arc::from(RawValue::from_string(text.to_string()).expect("json")),
         };
         rendered.put(slot(Lens::Authority, 3, "[1]"));
@@ -423,7 +574,8 @@ mod tests {
         let (before, _) = cache.usage();
         let json: Arc<RawValue> =
             Arc::from(RawValue::from_string(format!("[\"{}\"]", "x".repeat(1000))).expect("json"));
-        let slot = RenderedSlot { lens: Lens::Authority, policy_version: 1, count: 1, json };
+        let slot =
+            RenderedSlot { lens: Lens::Authority, policy_version: 1, count: 1, groups: 1, claims_bytes: 0, json };
         cache.render(&read, slot.clone());
         let (after, _) = cache.usage();
         assert_eq!(after - before, slot.bytes(), "the rendering is charged");
@@ -475,5 +627,111 @@ mod tests {
         let inner = cache.inner.lock();
         assert_eq!(inner.live, 8);
         assert!(inner.order.len() <= 2 * inner.live + 65, "{} names for {} entries", inner.order.len(), inner.live);
+    }
+
+    fn rendering(lens: Lens, text: &str, claims_bytes: usize) -> RenderedSlot {
+        RenderedSlot {
+            lens,
+            policy_version: 1,
+            count: 1,
+            groups: 1,
+            claims_bytes,
+            json: Arc::from(RawValue::from_string(format!("[\"{text}\"]")).expect("json")),
+        }
+    }
+
+    fn key(lens: Lens) -> RenderKey {
+        RenderKey { lens, policy_version: 1, max_groups: 10 }
+    }
+
+    /// A read whose claims take `filler` bytes more than an empty group's.
+    fn big_group(path: &str, filler: usize) -> ClaimsRead {
+        let read = group(path);
+        let bytes = claims_bytes(&read.groups) + filler;
+        ClaimsRead::measured(read.groups, bytes)
+    }
+
+    #[test]
+    fn under_pressure_a_read_loses_its_claims_before_its_renderings() {
+        let cache = ClaimsCache::default();
+        let big = 10_000;
+        // Room for eight such reads (one read may take at most an eighth of the budget).
+        cache.set_budget(8 * (big + charge_of("k0")));
+        let a = Arc::new(big_group("a", big));
+        cache.insert_if_current(cache.generation(), "a", None, &a);
+        cache.render(&a, rendering(Lens::Recency, "a wins", 5_000));
+        assert!(cache.rendered("a", None, &key(Lens::Recency), usize::MAX).is_some(), "a full entry answers too");
+        for i in 0..8 {
+            let path = format!("k{i}");
+            cache.insert_if_current(cache.generation(), &path, None, &Arc::new(big_group(&path, big)));
+            assert!(cache.usage().0 <= cache.budget(), "within the budget");
+        }
+        assert!(cache.get("a", None).is_none(), "the claims were evicted");
+        let kept = cache.rendered("a", None, &key(Lens::Recency), usize::MAX).expect("the rendering stays");
+        assert_eq!(kept.json.get(), "[\"a wins\"]");
+        assert_eq!(cache.entry_kinds(), (7, 1), "seven reads with claims (k0 went whole), one rendered-only");
+        assert!(cache.get("k0", None).is_none() && cache.get("k7", None).is_some());
+        // Only what the query could have answered with the claims themselves.
+        assert!(cache.rendered("a", None, &key(Lens::Authority), usize::MAX).is_none(), "another lens");
+        assert!(cache.rendered("a", Some("p"), &key(Lens::Recency), usize::MAX).is_none(), "another filter");
+        let stale = RenderKey { policy_version: 2, ..key(Lens::Recency) };
+        assert!(cache.rendered("a", None, &stale, usize::MAX).is_none(), "another policy version");
+        let narrow = RenderKey { max_groups: 0, ..key(Lens::Recency) };
+        assert!(cache.rendered("a", None, &narrow, usize::MAX).is_none(), "a page too small for all the groups");
+        assert!(cache.rendered("a", None, &key(Lens::Recency), 4_999).is_none(), "the claims pass the memory limit");
+        // A fresh read of "a" takes the renderings over, a write drops them.
+        let again = Arc::new(big_group("a", big));
+        cache.insert_if_current(cache.generation(), "a", None, &again);
+        assert!(again.rendered.get(Lens::Recency, 1).is_some(), "carried over to the new read");
+        assert!(cache.get("a", None).is_some());
+        assert!(cache.usage().0 <= cache.budget());
+        cache.invalidate(["a"]);
+        assert!(cache.rendered("a", None, &key(Lens::Recency), usize::MAX).is_none(), "an apply drops it");
+    }
+
+    #[test]
+    fn renderings_take_at_most_half_the_budget_and_the_oldest_go_first() {
+        let cache = ClaimsCache::default();
+        let big = 10_000;
+        cache.set_budget(8 * (big + charge_of("k000")));
+        for i in 0..600 {
+            let path = format!("k{i:03}");
+            let read = Arc::new(big_group(&path, big));
+            cache.insert_if_current(cache.generation(), &path, None, &read);
+            cache.render(&read, rendering(Lens::Recency, &path, 0));
+            let (bytes, live) = cache.usage();
+            assert!(bytes <= cache.budget(), "{bytes} bytes held over a budget of {}", cache.budget());
+            let (full, rendered_only) = cache.entry_kinds();
+            assert_eq!(full + rendered_only, live);
+            assert!(full >= 1, "the newest read keeps its claims");
+            let inner = cache.inner.lock();
+            // Half the budget, plus at most the entry stripped last (a few hundred bytes here).
+            let most = inner.budget / 2 + 1_000;
+            assert!(inner.rendered_bytes <= most, "renderings hold {} of {}", inner.rendered_bytes, inner.budget);
+        }
+        let (full, rendered_only) = cache.entry_kinds();
+        assert!(rendered_only > 50, "{full} full, {rendered_only} rendered-only");
+        assert!(cache.rendered("k000", None, &key(Lens::Recency), usize::MAX).is_none(), "the oldest went");
+        assert!(cache.rendered("k598", None, &key(Lens::Recency), usize::MAX).is_some(), "recent ones stay");
+        let inner = cache.inner.lock();
+        let names = inner.order.len() + inner.rendered_order.len();
+        assert!(names <= 2 * inner.live + 65, "{names} names for {} entries", inner.live);
+        drop(inner);
+        cache.clear();
+        let inner = cache.inner.lock();
+        assert_eq!((inner.bytes, inner.rendered_bytes, inner.live), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_read_without_renderings_is_evicted_whole() {
+        let cache = ClaimsCache::default();
+        let one = charge_of("k0");
+        cache.set_budget(8 * one);
+        for i in 0..9 {
+            let path = format!("k{i}");
+            cache.insert_if_current(cache.generation(), &path, None, &Arc::new(group(&path)));
+        }
+        assert_eq!(cache.entry_kinds(), (8, 0));
+        assert!(cache.rendered("k0", None, &key(Lens::Recency), usize::MAX).is_none());
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::claims_cache::RenderedResults;
+use super::claims_cache::{RenderKey, RenderedResults, RenderedSlot};
 use super::command::GroupId;
 use super::keys;
 use super::progress::{AppliedProgress, RetractionRecord};
@@ -43,7 +43,7 @@ impl ClaimsRead {
     }
 
     /// Claims whose [`Self::memory_bytes`] the reader already added up while reading them.
-    fn measured(groups: Vec<ClaimGroup>, memory_bytes: usize) -> ClaimsRead {
+    pub(crate) fn measured(groups: Vec<ClaimGroup>, memory_bytes: usize) -> ClaimsRead {
         ClaimsRead { groups, memory: memory_bytes.into(), ..ClaimsRead::default() }
     }
 
@@ -81,6 +81,40 @@ pub struct ConceptEntry {
 
 fn corrupt(message: &str) -> StorageError {
     StorageError::corrupt(ColumnFamily::StateMachine, message)
+}
+
+/// Adds one event row of a claim (`rest`: its key after the claim's events prefix) to its
+/// facts; a supersession is returned instead, as (by, at), for its superseder's retraction to be
+/// looked up.
+fn record_event(facts: &mut ClaimFacts, rest: &[u8], value: &[u8]) -> Result<Option<(AssertionId, u64)>, StorageError> {
+    match rest.first() {
+        Some(b'R') => {
+            let retraction = super::codec::decode_event(value).map_err(|e| corrupt(&format!("retraction: {e}")))?;
+            facts.retracted_at_us = Some(retraction.at_us);
+        }
+        Some(b'L') => {
+            let release = super::codec::decode_event(value).map_err(|e| corrupt(&format!("release: {e}")))?;
+            facts.released_at_us = Some(release.at_us);
+        }
+        Some(b'S') => {
+            let by = AssertionId::from_bytes(&rest[1..]).ok_or_else(|| corrupt("supersession key"))?;
+            let at_us = value.try_into().map(u64::from_be_bytes).map_err(|_| corrupt("supersession time"))?;
+            return Ok(Some((by, at_us)));
+        }
+        Some(b'V') => {
+            let body = &rest[1..];
+            if body.len() < 9 {
+                return Err(corrupt("vote key"));
+            }
+            let (agent, at) = body.split_at(body.len() - 9);
+            let agent_id = std::str::from_utf8(agent).map_err(|_| corrupt("vote agent"))?.to_string();
+            let at_us = u64::from_be_bytes(at[1..].try_into().map_err(|_| corrupt("vote time"))?);
+            let value = *value.first().ok_or_else(|| corrupt("vote value"))? as i8;
+            facts.votes.push(VoteFact { agent_id, value, at_us });
+        }
+        _ => return Err(corrupt("unknown event")),
+    }
+    Ok(None)
 }
 
 /// Whether `path` is `prefix` or below it, segment-wise (`a/b` is under `a`, `ab` is not).
@@ -188,64 +222,56 @@ impl ShardReader {
             return Ok(None);
         };
         let record = Self::decode_assertion(&bytes)?;
-        self.facts_of(record).map(Some)
+        Ok(self.facts_of_records(vec![record])?.pop())
     }
 
-    fn facts_of(&self, record: StoredAssertion) -> Result<ClaimFacts, StorageError> {
-        let prefix = keys::events_prefix(self.group, record.id);
-        let mut facts = ClaimFacts {
-            record,
-            retracted_at_us: None,
-            released_at_us: None,
-            supersessions: Vec::new(),
-            votes: Vec::new(),
-        };
-        let rows = self.storage.scan(ColumnFamily::StateMachine, &prefix, &keys::prefix_end(&prefix), usize::MAX)?;
-        for (key, value) in rows {
-            let rest = &key[prefix.len()..];
-            match rest.first() {
-                Some(b'R') => {
-                    let retraction =
-                        super::codec::decode_event(&value).map_err(|e| corrupt(&format!("retraction: {e}")))?;
-                    facts.retracted_at_us = Some(retraction.at_us);
+    /// The records with everything recorded about each: their events through one iterator,
+    /// then the retractions of the assertions that superseded them in one multi-get.
+    fn facts_of_records(&self, records: Vec<StoredAssertion>) -> Result<Vec<ClaimFacts>, StorageError> {
+        let mut all: Vec<ClaimFacts> = records
+            .into_iter()
+            .map(|record| ClaimFacts {
+                record,
+                retracted_at_us: None,
+                released_at_us: None,
+                supersessions: Vec::new(),
+                votes: Vec::new(),
+            })
+            .collect();
+        let prefixes: Vec<Vec<u8>> = all.iter().map(|f| keys::events_prefix(self.group, f.record.id)).collect();
+        // (claim, superseded by, at): completed once the superseders' retractions are known.
+        let mut superseded: Vec<(usize, AssertionId, u64)> = Vec::new();
+        let mut failure = None;
+        self.storage.for_each_with_prefixes(ColumnFamily::StateMachine, &prefixes, |i, key, value| {
+            let rest = key.get(prefixes[i].len()..).unwrap_or_default();
+            match record_event(&mut all[i], rest, value) {
+                Ok(Some((by, at_us))) => superseded.push((i, by, at_us)),
+                Ok(None) => {}
+                Err(error) => {
+                    failure = Some(error);
+                    return false;
                 }
-                Some(b'L') => {
-                    let release = super::codec::decode_event(&value).map_err(|e| corrupt(&format!("release: {e}")))?;
-                    facts.released_at_us = Some(release.at_us);
-                }
-                Some(b'S') => {
-                    let by = AssertionId::from_bytes(&rest[1..]).ok_or_else(|| corrupt("supersession key"))?;
-                    let at_us = value
-                        .as_slice()
-                        .try_into()
-                        .map(u64::from_be_bytes)
-                        .map_err(|_| corrupt("supersession time"))?;
-                    let by_retracted_at_us = match self
-                        .storage
-                        .get(ColumnFamily::StateMachine, &keys::retraction_key(self.group, by))?
-                    {
-                        Some(bytes) => Some(
-                            super::codec::decode_event(&bytes).map_err(|e| corrupt(&format!("retraction: {e}")))?.at_us,
-                        ),
-                        None => None,
-                    };
-                    facts.supersessions.push(SupersessionFact { by, at_us, by_retracted_at_us });
-                }
-                Some(b'V') => {
-                    let body = &rest[1..];
-                    if body.len() < 9 {
-                        return Err(corrupt("vote key"));
-                    }
-                    let (agent, at) = body.split_at(body.len() - 9);
-                    let agent_id = std::str::from_utf8(agent).map_err(|_| corrupt("vote agent"))?.to_string();
-                    let at_us = u64::from_be_bytes(at[1..].try_into().map_err(|_| corrupt("vote time"))?);
-                    let value = *value.first().ok_or_else(|| corrupt("vote value"))? as i8;
-                    facts.votes.push(VoteFact { agent_id, value, at_us });
-                }
-                _ => return Err(corrupt("unknown event")),
+            }
+            true
+        })?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        if !superseded.is_empty() {
+            let keys: Vec<Vec<u8>> =
+                superseded.iter().map(|(_, by, _)| keys::retraction_key(self.group, *by)).collect();
+            let found = self.storage.multi_get(ColumnFamily::StateMachine, &keys)?;
+            for ((i, by, at_us), retraction) in superseded.into_iter().zip(found) {
+                let by_retracted_at_us = match retraction {
+                    Some(bytes) => Some(
+                        super::codec::decode_event(&bytes).map_err(|e| corrupt(&format!("retraction: {e}")))?.at_us,
+                    ),
+                    None => None,
+                };
+                all[i].supersessions.push(SupersessionFact { by, at_us, by_retracted_at_us });
             }
         }
-        Ok(facts)
+        Ok(all)
     }
 
     /// The retraction of an assertion, if any.
@@ -382,11 +408,9 @@ impl ShardReader {
     /// multi-get, then each one's events.
     fn facts_of_ids(&self, ids: &[AssertionId]) -> Result<Vec<ClaimFacts>, StorageError> {
         let keys: Vec<Vec<u8>> = ids.iter().map(|id| keys::assertion_key(self.group, *id)).collect();
-        let mut out = Vec::with_capacity(ids.len());
-        for bytes in self.storage.multi_get(ColumnFamily::StateMachine, &keys)?.into_iter().flatten() {
-            out.push(self.facts_of(Self::decode_assertion(&bytes)?)?);
-        }
-        Ok(out)
+        let records = self.storage.multi_get(ColumnFamily::StateMachine, &keys)?;
+        let records = records.into_iter().flatten().map(|bytes| Self::decode_assertion(&bytes));
+        self.facts_of_records(records.collect::<Result<_, _>>()?)
     }
 
     /// (concept_path, predicate) pairs under `prefix`, in key order, strictly after `after`,
@@ -522,6 +546,11 @@ pub enum ShardRead {
         /// `query_memory_exceeded`. Absent from older nodes' requests: no limit.
         #[serde(default)]
         memory_limit: Option<u64>,
+        /// Set by the node the client asked, for its own replicas only (never on the wire):
+        /// the query could use a rendering kept by the claims cache, and a replica holding one
+        /// answers [`ShardReadAnswer::Rendered`] instead of the claims.
+        #[serde(skip)]
+        render: Option<RenderKey>,
     },
     Assertion {
         id: AssertionId,
@@ -553,6 +582,10 @@ pub enum ShardReadAnswer {
     Assertion(Option<(ClaimFacts, Option<RetractionRecord>)>),
     Concepts(Vec<ConceptEntry>),
     Listed(Vec<ClaimFacts>),
+    /// A rendering the claims cache kept, for a claims read that named a [`RenderKey`].
+    /// Serialized for tests and logs only: no node decodes it from JSON.
+    #[serde(skip_deserializing)]
+    Rendered(RenderedSlot),
 }
 
 impl ShardReader {
@@ -582,7 +615,14 @@ impl ShardReader {
     /// [`Self::execute`]; `Ok(None)` when a claims read passed its memory limit.
     fn execute_on_storage(&self, read: &ShardRead) -> Result<Option<ShardReadAnswer>, StorageError> {
         Ok(Some(match read {
-            ShardRead::Claims { concept_path, predicate, memory_limit } => {
+            ShardRead::Claims { concept_path, predicate, memory_limit, render } => {
+                if let Some(key) = render {
+                    let limit = memory_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+                    let cache = &self.progress.claims_cache;
+                    if let Some(slot) = cache.rendered(concept_path, predicate.as_deref(), key, limit) {
+                        return Ok(Some(ShardReadAnswer::Rendered(slot)));
+                    }
+                }
                 match self.claims(concept_path, predicate.as_deref(), *memory_limit)? {
                     Some(read) => ShardReadAnswer::Claims(read),
                     None => return Ok(None),
@@ -611,7 +651,12 @@ mod tests {
         let old = r#"{"Claims":{"concept_path":"a/b","predicate":null}}"#;
         let read: ShardRead = serde_json::from_str(old).expect("an older node's request still parses");
         assert!(matches!(read, ShardRead::Claims { memory_limit: None, .. }), "{read:?}");
-        let new = ShardRead::Claims { concept_path: "a/b".into(), predicate: None, memory_limit: Some(1 << 20) };
+        let new = ShardRead::Claims {
+            concept_path: "a/b".into(),
+            predicate: None,
+            memory_limit: Some(1 << 20),
+            render: None,
+        };
         let round_trip: ShardRead = serde_json::from_slice(&serde_json::to_vec(&new).expect("encode")).expect("decode");
         assert!(matches!(round_trip, ShardRead::Claims { memory_limit: Some(1048576), .. }), "{round_trip:?}");
     }

@@ -841,6 +841,35 @@ impl Storage {
         PointInTime { storage: self, snapshot: self.db.snapshot() }
     }
 
+    /// Calls `visit(i, key, value)` on every key/value whose key starts with `prefixes[i]`, for
+    /// each prefix in turn, until it returns `false`. One iterator seeks to each prefix: many
+    /// small ranges cost one iterator's set-up (a view of every memtable and level), not one
+    /// each.
+    pub fn for_each_with_prefixes(
+        &self,
+        cf: ColumnFamily,
+        prefixes: &[Vec<u8>],
+        mut visit: impl FnMut(usize, &[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        metrics::OPS_SCAN.inc_by(prefixes.len() as u64);
+        let mut iter = self.db.raw_iterator_cf_opt(self.handle(cf)?, ReadOptions::default());
+        for (i, prefix) in prefixes.iter().enumerate() {
+            iter.seek(prefix);
+            while iter.valid() {
+                let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                if !visit(i, key, value) {
+                    return iter.status().map_err(|e| engine_error("scan", e));
+                }
+                iter.next();
+            }
+            iter.status().map_err(|e| engine_error("scan", e))?;
+        }
+        Ok(())
+    }
+
     /// Up to `limit` key/values of `[from, to)`, greatest key first.
     pub fn scan_reverse(
         &self,

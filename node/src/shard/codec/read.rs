@@ -9,7 +9,8 @@ use std::sync::Arc;
 use stemedb_proto::raft as pb;
 
 use super::{id_bytes, id_from, narrow, record_from_proto, record_to_proto, CodecError};
-use crate::model::lens::{ClaimFacts, SupersessionFact, VoteFact};
+use crate::model::lens::{ClaimFacts, Lens, SupersessionFact, VoteFact};
+use crate::shard::claims_cache::RenderedSlot;
 use crate::shard::progress::RetractionRecord;
 use crate::shard::reader::{
     ClaimGroup, ClaimsRead, ConceptEntry, Listing, ShardRead, ShardReadAnswer, ShardReadResult,
@@ -18,7 +19,8 @@ use crate::shard::reader::{
 pub fn read_to_proto(read: &ShardRead) -> pb::ShardReadQuery {
     use pb::shard_read_query::{self as q, Kind};
     let kind = match read {
-        ShardRead::Claims { concept_path, predicate, memory_limit } => Kind::Claims(q::Claims {
+        // `render` names a rendering of this node's claims cache: it never leaves the node.
+        ShardRead::Claims { concept_path, predicate, memory_limit, render: _ } => Kind::Claims(q::Claims {
             concept_path: concept_path.clone(),
             predicate: predicate.clone(),
             memory_limit: *memory_limit,
@@ -44,9 +46,12 @@ pub fn read_to_proto(read: &ShardRead) -> pb::ShardReadQuery {
 pub fn read_from_proto(read: pb::ShardReadQuery) -> Result<ShardRead, CodecError> {
     use pb::shard_read_query::Kind;
     Ok(match read.kind.ok_or(CodecError::Missing("shard read"))? {
-        Kind::Claims(r) => {
-            ShardRead::Claims { concept_path: r.concept_path, predicate: r.predicate, memory_limit: r.memory_limit }
-        }
+        Kind::Claims(r) => ShardRead::Claims {
+            concept_path: r.concept_path,
+            predicate: r.predicate,
+            memory_limit: r.memory_limit,
+            render: None,
+        },
         Kind::Assertion(r) => ShardRead::Assertion { id: id_from("read.assertion.id", &r.id)? },
         Kind::Concepts(r) => ShardRead::Concepts {
             prefix: r.prefix,
@@ -102,6 +107,14 @@ pub fn read_result_to_proto(result: &ShardReadResult) -> pb::ShardReadResult {
         ShardReadAnswer::Listed(claims) => {
             Kind::Listed(pb::ClaimFactsList { claims: claims.iter().map(facts_to_proto).collect() })
         }
+        ShardReadAnswer::Rendered(slot) => Kind::Rendered(pb::RenderedAnswer {
+            lens: Lens::NAMES[slot.lens as usize].to_string(),
+            policy_version: slot.policy_version,
+            count: slot.count as u64,
+            groups: slot.groups as u64,
+            claims_bytes: slot.claims_bytes as u64,
+            json: slot.json.get().to_string(),
+        }),
     };
     pb::ShardReadResult {
         answer: Some(pb::ShardReadAnswer { kind: Some(kind) }),
@@ -130,6 +143,20 @@ pub fn read_result_from_proto(result: pb::ShardReadResult) -> Result<ShardReadRe
         Kind::Listed(list) => {
             ShardReadAnswer::Listed(list.claims.into_iter().map(facts_from_proto).collect::<Result<_, _>>()?)
         }
+        Kind::Rendered(r) => ShardReadAnswer::Rendered(RenderedSlot {
+            lens: r
+                .lens
+                .parse()
+                .map_err(|_| CodecError::Invalid { field: "read result.rendered.lens", reason: r.lens })?,
+            policy_version: r.policy_version,
+            count: narrow("read result.rendered.count", r.count)?,
+            groups: narrow("read result.rendered.groups", r.groups)?,
+            claims_bytes: narrow("read result.rendered.claims_bytes", r.claims_bytes)?,
+            json: Arc::from(
+                serde_json::value::RawValue::from_string(r.json)
+                    .map_err(|e| CodecError::Invalid { field: "read result.rendered.json", reason: e.to_string() })?,
+            ),
+        }),
     };
     Ok(ShardReadResult { answer, applied_index: result.applied_index, staleness_ms: result.staleness_ms })
 }
@@ -247,7 +274,12 @@ pub(crate) mod tests {
     pub(crate) fn shard_read() -> impl Strategy<Value = ShardRead> {
         prop_oneof![
             (text(), proptest::option::of(text()), any::<Option<u64>>()).prop_map(
-                |(concept_path, predicate, memory_limit)| ShardRead::Claims { concept_path, predicate, memory_limit }
+                |(concept_path, predicate, memory_limit)| ShardRead::Claims {
+                    concept_path,
+                    predicate,
+                    memory_limit,
+                    render: None
+                }
             ),
             id().prop_map(|id| ShardRead::Assertion { id }),
             (text(), proptest::option::of((text(), text())), limit())
@@ -311,6 +343,19 @@ pub(crate) mod tests {
             proptest::option::of((facts(), proptest::option::of(retraction()))).prop_map(ShardReadAnswer::Assertion),
             proptest::collection::vec(concept, 0..4).prop_map(ShardReadAnswer::Concepts),
             proptest::collection::vec(facts(), 0..3).prop_map(ShardReadAnswer::Listed),
+            (0..Lens::NAMES.len(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), text()).prop_map(
+                |(lens, policy_version, count, groups, claims_bytes, text)| {
+                    let json = serde_json::value::to_raw_value(&vec![text]).expect("a JSON array");
+                    ShardReadAnswer::Rendered(RenderedSlot {
+                        lens: Lens::NAMES[lens].parse().expect("a lens"),
+                        policy_version,
+                        count: count as usize,
+                        groups: groups as usize,
+                        claims_bytes: claims_bytes as usize,
+                        json: Arc::from(json),
+                    })
+                }
+            ),
         ];
         (answer, any::<u64>(), any::<u64>()).prop_map(|(answer, applied_index, staleness_ms)| ShardReadResult {
             answer,
@@ -335,6 +380,17 @@ pub(crate) mod tests {
             let decoded = read_result_from_proto(prost::Message::decode(bytes.as_slice()).expect("decode"))
                 .expect("a result");
             prop_assert!(same(&result, &decoded), "{:?} came back as {:?}", result, decoded);
+        }
+
+        /// A claims read's render key names a rendering of this node's cache: it stays here.
+        #[test]
+        fn a_render_key_never_goes_on_the_wire(read in shard_read()) {
+            let ShardRead::Claims { concept_path, predicate, memory_limit, .. } = read else { return Ok(()) };
+            let render = Some(crate::shard::claims_cache::RenderKey { lens: Lens::Recency, policy_version: 1, max_groups: 5 });
+            let read = ShardRead::Claims { concept_path, predicate, memory_limit, render };
+            let bytes = prost::Message::encode_to_vec(&read_to_proto(&read));
+            let decoded = read_from_proto(prost::Message::decode(bytes.as_slice()).expect("decode")).expect("a read");
+            prop_assert!(matches!(decoded, ShardRead::Claims { render: None, .. }), "{:?}", decoded);
         }
 
         /// Arbitrary bytes never panic the decoders.
