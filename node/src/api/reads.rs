@@ -29,7 +29,7 @@ use crate::model::id::{format_time_us, parse_as_of, AssertionId};
 use crate::model::lens::{resolve, Claim, Lens, Resolution};
 use crate::model::ModelError;
 use crate::shard::claims_cache::{RenderKey, RenderedSlot};
-use crate::shard::reader::{ClaimGroup, ConceptEntry, ShardRead, ShardReadAnswer};
+use crate::shard::reader::{ClaimGroup, ClaimsRead, ConceptEntry, ShardRead, ShardReadAnswer};
 use crate::shard::ConsensusError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -483,61 +483,20 @@ async fn query_path(
     };
     let linearizable = echo.consistency == Consistency::Linearizable;
     let result = state.shards.read(shard, read, linearizable, timeout).await?;
-    let read = match result.answer {
-        ShardReadAnswer::Claims(read) => read,
+    // The claims the answer's views borrow, when the replica sent claims.
+    let claims;
+    let (results, next_cursor, claims_bytes) = match result.answer {
         ShardReadAnswer::Rendered(slot) if render.is_some() => {
             let claims_bytes = slot.claims_bytes;
-            return QueryBody {
-                applied_index: (!linearizable).then_some(result.applied_index),
-                as_of: echo.as_of,
-                consistency: echo.consistency,
-                lens: echo.lens,
-                next_cursor: None,
-                results: Results::Rendered(slot),
-                shard: Some(shard),
-                staleness_ms: (!linearizable).then_some(result.staleness_ms),
-            }
-            .encode(claims_bytes, memory_limit, Some(shard));
+            (Results::Rendered(slot), None, claims_bytes)
+        }
+        ShardReadAnswer::Claims(read) => {
+            claims = read;
+            let page = Page { lens: echo.lens, as_of_us, limit, after: &after, policy_version };
+            let (results, next_cursor) = claims_page(state, shard, &claims, &page)?;
+            (results, next_cursor, claims.memory_bytes())
         }
         _ => return Err(unexpected_answer()),
-    };
-    let groups = &read.groups;
-    let remaining: Vec<&ClaimGroup> = groups
-        .iter()
-        .filter(|g| match &after {
-            Some((p, q)) => (g.concept_path.as_str(), g.predicate.as_str()) > (p.as_str(), q.as_str()),
-            None => true,
-        })
-        .collect();
-    let page = &remaining[..remaining.len().min(limit)];
-    let next_cursor =
-        if remaining.len() > limit { page.last().map(|g| encode_cursor(&g.concept_path, &g.predicate)) } else { None };
-    // An answer for the present covering every group is the same for every query of the key
-    // until its claims or the policy change: render it once (see claims_cache).
-    let whole = as_of_us == u64::MAX && page.len() == groups.len();
-    let kept = if whole { read.rendered.get(echo.lens, policy_version) } else { None };
-    let results = match kept {
-        Some(slot) => Results::Rendered(slot),
-        None => {
-            let views: Vec<GroupView<'_>> =
-                page.iter().filter_map(|g| group_result(state, g, echo.lens, as_of_us)).collect();
-            if whole {
-                let count = views.len();
-                let json = serde_json::value::to_raw_value(&views).map_err(encoding_failed)?;
-                let slot = RenderedSlot {
-                    lens: echo.lens,
-                    policy_version,
-                    count,
-                    groups: groups.len(),
-                    claims_bytes: read.memory_bytes(),
-                    json: Arc::from(json),
-                };
-                state.shards.keep_rendering(shard, &read, slot.clone());
-                Results::Rendered(slot)
-            } else {
-                Results::Views(views)
-            }
-        }
     };
     QueryBody {
         applied_index: (!linearizable).then_some(result.applied_index),
@@ -549,7 +508,59 @@ async fn query_path(
         shard: Some(shard),
         staleness_ms: (!linearizable).then_some(result.staleness_ms),
     }
-    .encode(read.memory_bytes(), memory_limit, Some(shard))
+    .encode(claims_bytes, memory_limit, Some(shard))
+}
+
+/// Which page of a concept_path's claims a query wants, and under what.
+struct Page<'a> {
+    lens: Lens,
+    as_of_us: u64,
+    limit: usize,
+    after: &'a Option<(String, String)>,
+    policy_version: u64,
+}
+
+/// A page of results from the claims of one concept_path, and the cursor to the next.
+fn claims_page<'a>(
+    state: &AppState,
+    shard: u16,
+    read: &'a ClaimsRead,
+    page: &Page<'_>,
+) -> Result<(Results<'a>, Option<String>), ApiError> {
+    let Page { lens, as_of_us, limit, after, policy_version } = *page;
+    let groups = &read.groups;
+    let remaining: Vec<&ClaimGroup> = groups
+        .iter()
+        .filter(|g| match after {
+            Some((p, q)) => (g.concept_path.as_str(), g.predicate.as_str()) > (p.as_str(), q.as_str()),
+            None => true,
+        })
+        .collect();
+    let shown = &remaining[..remaining.len().min(limit)];
+    let next_cursor =
+        if remaining.len() > limit { shown.last().map(|g| encode_cursor(&g.concept_path, &g.predicate)) } else { None };
+    // An answer for the present covering every group is the same for every query of the key
+    // until its claims or the policy change: render it once (see claims_cache).
+    let whole = as_of_us == u64::MAX && shown.len() == groups.len();
+    if let Some(slot) = if whole { read.rendered.get(lens, policy_version) } else { None } {
+        return Ok((Results::Rendered(slot), next_cursor));
+    }
+    let views: Vec<GroupView<'a>> = shown.iter().filter_map(|g| group_result(state, g, lens, as_of_us)).collect();
+    if !whole {
+        return Ok((Results::Views(views), next_cursor));
+    }
+    let count = views.len();
+    let json = serde_json::value::to_raw_value(&views).map_err(encoding_failed)?;
+    let slot = RenderedSlot {
+        lens,
+        policy_version,
+        count,
+        groups: groups.len(),
+        claims_bytes: read.memory_bytes(),
+        json: Arc::from(json),
+    };
+    state.shards.keep_rendering(shard, read, slot.clone());
+    Ok((Results::Rendered(slot), next_cursor))
 }
 
 /// (concept_path, predicate) pairs under `prefix` on every shard, merged in key order, at most

@@ -95,15 +95,6 @@ pub struct RenderKey {
     pub max_groups: usize,
 }
 
-impl RenderKey {
-    fn fits(&self, slot: &RenderedSlot, memory_limit: usize) -> bool {
-        slot.lens == self.lens
-            && slot.policy_version == self.policy_version
-            && slot.groups <= self.max_groups
-            && slot.claims_bytes <= memory_limit
-    }
-}
-
 impl RenderedSlot {
     fn bytes(&self) -> usize {
         std::mem::size_of::<RenderedSlot>() + self.json.get().len()
@@ -208,6 +199,8 @@ struct Inner {
     budget: usize,
     /// Entries held.
     live: usize,
+    /// Of `live`, the rendered-only entries.
+    rendered_live: usize,
     next_seq: u64,
 }
 
@@ -222,6 +215,7 @@ impl Default for ClaimsCache {
                 rendered_bytes: 0,
                 budget: DEFAULT_BUDGET_BYTES,
                 live: 0,
+                rendered_live: 0,
                 next_seq: 0,
             }),
             generation: AtomicU64::new(0),
@@ -263,6 +257,7 @@ impl Inner {
         self.bytes = self.bytes.saturating_sub(charged);
         if entry.rendered_only {
             self.rendered_bytes = self.rendered_bytes.saturating_sub(charged);
+            self.rendered_live = self.rendered_live.saturating_sub(1);
         }
         self.live = self.live.saturating_sub(1);
     }
@@ -327,6 +322,7 @@ impl Inner {
         self.rendered_order.push_back((path.to_string(), predicate.map(str::to_string), entry.seq));
         self.bytes = self.bytes.saturating_sub(before) + after;
         self.rendered_bytes += after + key_bytes(path, predicate);
+        self.rendered_live += 1;
         true
     }
 
@@ -356,6 +352,7 @@ impl Inner {
         self.bytes = 0;
         self.rendered_bytes = 0;
         self.live = 0;
+        self.rendered_live = 0;
     }
 }
 
@@ -403,14 +400,14 @@ impl ClaimsCache {
     ) -> Option<RenderedSlot> {
         let inner = self.inner.lock();
         let entry = inner.entries.get(path)?.iter().find(|e| e.predicate.as_deref() == predicate)?;
-        entry.read.rendered.get(key.lens, key.policy_version).filter(|slot| key.fits(slot, memory_limit))
+        let slot = entry.read.rendered.get(key.lens, key.policy_version)?;
+        (slot.groups <= key.max_groups && slot.claims_bytes <= memory_limit).then_some(slot)
     }
 
     /// Entries held with their claims, and entries holding only renderings.
     pub fn entry_kinds(&self) -> (usize, usize) {
         let inner = self.inner.lock();
-        let rendered_only = inner.entries.values().flatten().filter(|e| e.rendered_only).count();
-        (inner.live - rendered_only, rendered_only)
+        (inner.live - inner.rendered_live, inner.rendered_live)
     }
 
     /// Caches what a reader read from storage, unless an apply invalidated anything since the
@@ -705,6 +702,8 @@ mod tests {
             assert_eq!(full + rendered_only, live);
             assert!(full >= 1, "the newest read keeps its claims");
             let inner = cache.inner.lock();
+            let counted = inner.entries.values().flatten().filter(|e| e.rendered_only).count();
+            assert_eq!(rendered_only, counted, "the count of rendered-only entries is kept exact");
             // Half the budget, plus at most the entry stripped last (a few hundred bytes here).
             let most = inner.budget / 2 + 1_000;
             assert!(inner.rendered_bytes <= most, "renderings hold {} of {}", inner.rendered_bytes, inner.budget);

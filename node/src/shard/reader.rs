@@ -79,6 +79,11 @@ pub struct ConceptEntry {
     pub assertions: u64,
 }
 
+/// A claims read's memory limit in bytes (`None`: no limit).
+fn limit_bytes(memory_limit: Option<u64>) -> usize {
+    memory_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX))
+}
+
 fn corrupt(message: &str) -> StorageError {
     StorageError::corrupt(ColumnFamily::StateMachine, message)
 }
@@ -299,7 +304,7 @@ impl ShardReader {
         predicate: Option<&str>,
         memory_limit: Option<u64>,
     ) -> Result<Option<Arc<ClaimsRead>>, StorageError> {
-        let limit = memory_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        let limit = limit_bytes(memory_limit);
         let cache = &self.progress.claims_cache;
         if let Some(hit) = cache.get(concept_path, predicate) {
             return Ok((hit.memory_bytes() <= limit).then_some(hit));
@@ -617,7 +622,7 @@ impl ShardReader {
         Ok(Some(match read {
             ShardRead::Claims { concept_path, predicate, memory_limit, render } => {
                 if let Some(key) = render {
-                    let limit = memory_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+                    let limit = limit_bytes(*memory_limit);
                     let cache = &self.progress.claims_cache;
                     if let Some(slot) = cache.rendered(concept_path, predicate.as_deref(), key, limit) {
                         return Ok(Some(ShardReadAnswer::Rendered(slot)));
