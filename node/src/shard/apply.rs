@@ -280,8 +280,12 @@ pub struct Applier {
     progress: Arc<AppliedProgress>,
     /// The meta group's applier also holds the cluster metadata.
     meta: Option<MetaSlot>,
-    /// Concept paths the current `apply` call changed (for the claims cache).
+    /// Concept paths whose existing claims the current `apply` call changed (for the claims
+    /// cache, which drops their reads).
     touched: Vec<String>,
+    /// The assertions the current `apply` call added that change no other claim (for the
+    /// claims cache, which adds them to its reads).
+    added: Vec<StoredAssertion>,
     /// The policy as the current `apply` call changed it, published after its write.
     pending_policy: Option<PolicyStore>,
     /// Claims the current `apply` call put into quarantine, less those it took out.
@@ -307,6 +311,7 @@ impl Applier {
             progress,
             meta: None,
             touched: Vec::new(),
+            added: Vec::new(),
             pending_policy: None,
             quarantine_delta: 0,
             pending_check: None,
@@ -363,8 +368,8 @@ impl Applier {
 
     /// Applies `entries` in one write batch, together with `applied`'s record (the caller's
     /// account of how far it has applied, built from the clock after the run) under
-    /// `applied_key`. After the write, publishes changed policy and metadata and drops the
-    /// claims-cache entries of the touched concepts. Returns one response per entry. The
+    /// `applied_key`. After the write, publishes changed policy and metadata and brings the
+    /// claims cache up to date (`ClaimsCache::apply_changes`). Returns one response per entry. The
     /// caller announces the new applied index afterwards.
     pub fn apply(
         &mut self,
@@ -390,6 +395,7 @@ impl Applier {
         }
         self.pending_policy = None;
         self.touched.clear();
+        self.added.clear();
         self.quarantine_delta = 0;
         self.pending_check = None;
         let mut overlay = Overlay::new(self.storage.clone());
@@ -455,7 +461,7 @@ impl Applier {
         let now = (pending.load(std::sync::atomic::Ordering::Acquire) as i64).saturating_add(delta).max(0);
         pending.store(now as u64, std::sync::atomic::Ordering::Release);
         // After the write, so a reader that misses the cache from now on reads the new state.
-        progress.claims_cache.invalidate(self.touched.iter().map(String::as_str));
+        progress.claims_cache.apply_changes(self.touched.iter().map(String::as_str), std::mem::take(&mut self.added));
         self.touched.clear();
         if let Some(slot) = &self.meta {
             if **slot.publish.borrow() != slot.state {
@@ -649,8 +655,13 @@ impl Applier {
                     );
                 }
             }
+            // Supersessions change the claims superseded (on the same path): its reads are
+            // dropped. Otherwise the claim joins them (below).
+            let changes_others = !quarantined && !draft.supersedes.is_empty();
+            if changes_others {
+                self.touched.push(draft.concept_path.clone());
+            }
             overlay.put(ColumnFamily::Index, keys::agent_key(self.group, &draft.agent_id, id), Vec::new());
-            self.touched.push(draft.concept_path.clone());
             let concept_key = keys::concept_key(self.group, &draft.concept_path, &draft.predicate);
             let count = match overlay.get(ColumnFamily::Index, &concept_key)? {
                 Some(bytes) => bytes.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
@@ -681,6 +692,9 @@ impl Applier {
                 keys::assertion_key(self.group, id),
                 codec::encode_assertion(&record),
             );
+            if !changes_others {
+                self.added.push(record);
+            }
             indexed += 1;
             results.push(Ok(outcome));
         }
@@ -994,6 +1008,145 @@ mod tests {
             ShardResponse::Asserted(results) => results.iter().map(|r| r.clone().expect("applied")).collect(),
             other => panic!("unexpected response {other:?}"),
         }
+    }
+
+    /// What the claims-cache test does next.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Items (path, predicate, quarantined, supersede one of the path's claims) in one entry.
+        Assert(Vec<(usize, usize, bool, Option<usize>)>),
+        Vote(usize, bool),
+        Retract(usize),
+        /// Read (path, predicate filter): caches it.
+        Read(usize, Option<usize>),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        let item = (0..3usize, 0..3usize, proptest::bool::weighted(0.15), proptest::option::weighted(0.15, 0..64usize));
+        prop_oneof![
+            4 => proptest::collection::vec(item, 1..4).prop_map(Step::Assert),
+            1 => (0..64usize, any::<bool>()).prop_map(|(i, up)| Step::Vote(i, up)),
+            1 => (0..64usize).prop_map(Step::Retract),
+            4 => (0..3usize, proptest::option::of(0..3usize)).prop_map(|(p, f)| Step::Read(p, f)),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Applies bring the claims cache up to date or drop what they change: after every step
+        /// each cached read equals the claims as storage holds them, new claims included in
+        /// their place, whether they came from an apply that only added claims (kept and
+        /// updated) or one that changed others (dropped).
+        #[test]
+        fn cached_claims_equal_the_stored_ones_after_every_apply(steps in proptest::collection::vec(step(), 1..40)) {
+            let reads = steps.iter().any(|s| matches!(s, Step::Read(..)));
+            let (_dir, storage, mut applier) = applier();
+            let reader = super::super::reader::ShardReader::new(storage, SHARD, GROUP, applier.progress.clone());
+            let paths = ["c/0", "c/1", "c/2"];
+            let predicates = ["p", "pq", "q"];
+            let mut ids: Vec<(usize, AssertionId)> = Vec::new();
+            let mut index = 1;
+            let mut compared = 0;
+            for step in steps {
+                let command = match step {
+                    Step::Read(path, filter) => {
+                        reader.claims(paths[path], filter.map(|f| predicates[f]), None).expect("read");
+                        None
+                    }
+                    Step::Assert(items) => {
+                        let drafts = items.iter().map(|&(path, predicate, quarantined, supersede)| {
+                            let mut draft = AssertionDraft::for_test(paths[path], predicates[predicate], "writer", "1");
+                            let same_path: Vec<AssertionId> = ids.iter().filter(|(p, _)| *p == path).map(|(_, id)| *id).collect();
+                            if let Some(pick) = supersede.filter(|_| !same_path.is_empty()) {
+                                draft.supersedes = vec![same_path[pick % same_path.len()]];
+                            }
+                            if quarantined {
+                                draft.quarantine = Some(crate::model::assertion::QuarantineDecision { reason: "circuit_breaker_open".into(), detail: "test".into() });
+                            }
+                            (path, draft)
+                        }).collect::<Vec<_>>();
+                        let (owners, items): (Vec<usize>, Vec<AssertionDraft>) = drafts.into_iter().unzip();
+                        let response = run(&mut applier, index, vec![ShardCommand::Assert { proposed_at_us: 0, items }]);
+                        let ShardResponse::Asserted(results) = &response[0] else { panic!("{response:?}") };
+                        for (owner, result) in owners.into_iter().zip(results) {
+                            if let Ok(outcome) = result {
+                                ids.push((owner, outcome.id));
+                            }
+                        }
+                        index += 1;
+                        None
+                    }
+                    Step::Vote(pick, up) if !ids.is_empty() => Some(ShardCommand::Vote {
+                        proposed_at_us: 0,
+                        assertion_id: ids[pick % ids.len()].1,
+                        agent_id: "voter".into(),
+                        value: if up { 1 } else { -1 },
+                    }),
+                    Step::Retract(pick) if !ids.is_empty() => Some(ShardCommand::Retract {
+                        proposed_at_us: 0,
+                        assertion_id: ids[pick % ids.len()].1,
+                        agent_id: "admin".into(),
+                        admin: true,
+                        reason: None,
+                    }),
+                    Step::Vote(..) | Step::Retract(_) => None,
+                };
+                if let Some(command) = command {
+                    run(&mut applier, index, vec![command]);
+                    index += 1;
+                }
+                let cache = &applier.progress.claims_cache;
+                for path in paths {
+                    for filter in std::iter::once(None).chain(predicates.iter().map(|p| Some(*p))) {
+                        let Some(cached) = cache.get(path, filter) else { continue };
+                        let stored = reader.claims_uncached(path, filter);
+                        proptest::prop_assert_eq!(
+                            serde_json::to_string(&cached.groups).expect("json"),
+                            serde_json::to_string(&stored).expect("json"),
+                            "{} {:?}", path, filter
+                        );
+                        proptest::prop_assert_eq!(cached.memory_bytes(), crate::shard::claims_cache::claims_bytes(&stored));
+                        compared += 1;
+                    }
+                }
+            }
+            proptest::prop_assert!(compared > 0 || !reads, "a read is cached at once: something was compared");
+        }
+    }
+
+    /// A write adds its claim to the cached reads of its concept instead of dropping them: the
+    /// next read is served from the cache (no storage read), with the new claim.
+    #[test]
+    fn a_new_claim_joins_the_cached_reads_of_its_concept() {
+        let (_dir, storage, mut applier) = applier();
+        let reader = super::super::reader::ShardReader::new(storage, SHARD, GROUP, applier.progress.clone());
+        run(&mut applier, 1, vec![ShardCommand::Assert { proposed_at_us: 0, items: vec![draft(1), draft(2)] }]);
+        let before = reader.claims("test/set", None, None).expect("read").expect("claims");
+        let filtered = reader.claims("test/set", Some("member"), None).expect("read").expect("claims");
+        let other = reader.claims("test/set", Some("owner"), None).expect("read").expect("claims");
+        let generation = applier.progress.claims_cache.generation();
+        let added =
+            outcomes(&run(&mut applier, 2, vec![ShardCommand::Assert { proposed_at_us: 0, items: vec![draft(3)] }])[0]);
+        assert!(applier.progress.claims_cache.generation() > generation, "readers of the old state may not insert");
+        let progress = applier.progress.clone();
+        let cache = &progress.claims_cache;
+        let after = cache.get("test/set", None).expect("still cached");
+        assert!(!Arc::ptr_eq(&before, &after), "a new read, not the old one changed");
+        assert_eq!(before.groups[0].claims.len(), 2, "a read already handed out stays as it was");
+        let claims = &after.groups[0].claims;
+        assert_eq!(claims.len(), 3);
+        assert_eq!(claims[2].record.id, added[0].id);
+        assert!(Arc::ptr_eq(&claims[0], &before.groups[0].claims[0]), "the other claims are shared, not copied");
+        assert_eq!(cache.get("test/set", Some("member")).expect("cached").groups[0].claims.len(), 3);
+        assert!(!Arc::ptr_eq(&filtered, &cache.get("test/set", Some("member")).expect("cached")));
+        let untouched = cache.get("test/set", Some("owner")).expect("another predicate's read stays");
+        assert!(Arc::ptr_eq(&other, &untouched), "and is the same read, renderings and all");
+        // A supersession changes the claim superseded: the path's reads are dropped.
+        let mut superseding = draft(4);
+        superseding.supersedes = vec![added[0].id];
+        run(&mut applier, 3, vec![ShardCommand::Assert { proposed_at_us: 0, items: vec![superseding] }]);
+        assert!(cache.get("test/set", None).is_none() && cache.get("test/set", Some("owner")).is_none());
     }
 
     /// A leader's entry of several proposals (its own batch and forwarded ones in their tokens):

@@ -1,11 +1,16 @@
 //! A per-shard cache of the claims about a concept_path, as [`ShardReader::claims`] reads them
 //! from storage (index scan, records, events). Queries of hot keys then skip the storage reads.
 //!
-//! Correctness rests on one rule: an entry never survives an apply that touched its path. The
-//! state machine writes its batch, then invalidates the paths it touched and bumps the
-//! generation, under the cache lock. A reader notes the generation before reading storage and
-//! inserts only if it is unchanged, under the same lock: a read that started before a write
-//! can never be inserted after that write's invalidation.
+//! Correctness rests on one rule: an entry never survives an apply that changed its path
+//! unless the apply brings it up to date. The state machine writes its batch, then, under the
+//! cache lock, drops the entries of the paths whose existing claims it changed (votes,
+//! retractions, supersessions, quarantine decisions), adds each new claim that changes no
+//! other to the entries of its path ([`ClaimsCache::apply_changes`]), and bumps the generation.
+//! A reader notes the generation before reading storage and inserts only if it is unchanged,
+//! under the same lock: a read that started before the previous apply's write can never be
+//! inserted after it. What a reader inserts between an apply's write and its update has all
+//! the earlier applies and all or none of this one's new claims, so adding them (those it
+//! lacks, by id) brings it up to date too.
 //!
 //! Each entry also keeps the query answers rendered from it ([`RenderedResults`]), so a hot
 //! key's answer under a lens is computed once per change of its claims or of the policy
@@ -28,7 +33,15 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use super::reader::{ClaimGroup, ClaimsRead};
+use crate::model::assertion::StoredAssertion;
 use crate::model::lens::{ClaimFacts, Lens, SupersessionFact, VoteFact};
+
+thread_local! {
+    /// `stemedb_claims_cache_lookups_total` by result: miss, hit, rendered (resolved once per
+    /// thread: lookups are on every query).
+    static LOOKUPS: [prometheus::IntCounter; 3] = ["miss", "hit", "rendered"]
+        .map(|result| super::metrics::CLAIMS_CACHE_LOOKUPS.with_label_values(&[result]));
+}
 
 /// Groups with more claims than this are not cached (one read of them is already large).
 const MAX_CLAIMS_PER_ENTRY: usize = 256;
@@ -142,11 +155,42 @@ impl RenderedResults {
     }
 }
 
+/// `groups` (in the index's order: by predicate, then by id) with `facts` added in its place,
+/// and the estimated memory that adds; `None` when they hold it already.
+fn with_claim(groups: &[ClaimGroup], facts: &Arc<ClaimFacts>) -> Option<(Vec<ClaimGroup>, usize)> {
+    let draft = &facts.record.draft;
+    // Claim keys hold the predicate followed by a 0 byte: groups sort as those bytes do.
+    let key = |predicate: &str| predicate.as_bytes().iter().chain(&[0u8]).copied().collect::<Vec<u8>>();
+    let wanted = key(&draft.predicate);
+    // Ok: the group and the claim's place in it; Err: where its new group goes.
+    let place = match groups.binary_search_by(|g| key(&g.predicate).cmp(&wanted)) {
+        Ok(at) => Ok((at, groups[at].claims.binary_search_by_key(&facts.record.id, |c| c.record.id).err()?)),
+        Err(at) => Err(at),
+    };
+    let mut groups = groups.to_vec();
+    let mut bytes = claim_bytes(facts);
+    match place {
+        Ok((at, place)) => groups[at].claims.insert(place, facts.clone()),
+        Err(at) => {
+            bytes += group_bytes(&draft.concept_path, &draft.predicate);
+            groups.insert(
+                at,
+                ClaimGroup {
+                    concept_path: draft.concept_path.clone(),
+                    predicate: draft.predicate.clone(),
+                    claims: vec![facts.clone()],
+                },
+            )
+        }
+    }
+    Some((groups, bytes))
+}
+
 /// An estimate of the heap memory a read of claims holds: the structures and their strings.
 pub(crate) fn claims_bytes(groups: &[ClaimGroup]) -> usize {
     groups
         .iter()
-        .map(|g| group_bytes(&g.concept_path, &g.predicate) + g.claims.iter().map(claim_bytes).sum::<usize>())
+        .map(|g| group_bytes(&g.concept_path, &g.predicate) + g.claims.iter().map(|c| claim_bytes(c)).sum::<usize>())
         .sum()
 }
 
@@ -260,6 +304,60 @@ impl Inner {
             self.rendered_live = self.rendered_live.saturating_sub(1);
         }
         self.live = self.live.saturating_sub(1);
+    }
+
+    /// Adds a new claim (one that changes no other) to the cached reads of its path: those of
+    /// all predicates and those of its own. A read holding it already (read from storage after
+    /// the write) stays as it is; a rendered-only read is dropped, and so is a read the claim
+    /// would take past [`MAX_CLAIMS_PER_ENTRY`] or an eighth of the budget.
+    fn add_claim(&mut self, facts: Arc<ClaimFacts>) {
+        let path = facts.record.draft.concept_path.as_str();
+        let predicate = facts.record.draft.predicate.as_str();
+        let Some(slot) = self.entries.get_mut(path) else { return };
+        let filters = std::mem::take(slot);
+        let mut kept = Vec::with_capacity(filters.len());
+        for entry in filters {
+            if entry.predicate.as_deref().is_some_and(|p| p != predicate) {
+                kept.push(entry);
+                continue;
+            }
+            let added = if entry.rendered_only { None } else { with_claim(&entry.read.groups, &facts) };
+            let Some((groups, more_bytes)) = added else {
+                if entry.rendered_only {
+                    self.release(path, &entry);
+                } else {
+                    kept.push(entry); // it holds the claim already
+                }
+                continue;
+            };
+            self.release(path, &entry);
+            let count: usize = groups.iter().map(|g| g.claims.len()).sum();
+            let claims_bytes = entry.claims_bytes + more_bytes;
+            let charge = claims_bytes + key_bytes(path, entry.predicate.as_deref());
+            if count > MAX_CLAIMS_PER_ENTRY || charge > self.budget / 8 {
+                continue;
+            }
+            let read = ClaimsRead::measured(groups, claims_bytes);
+            read.rendered.cached.store(true, Ordering::Release);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.order.push_back((path.to_string(), entry.predicate.clone(), seq));
+            self.bytes += charge;
+            self.live += 1;
+            super::metrics::CLAIMS_CACHE_ADDED.inc();
+            kept.push(Entry {
+                predicate: entry.predicate,
+                read: Arc::new(read),
+                claims_bytes,
+                rendered_only: false,
+                seq,
+            });
+        }
+        if kept.is_empty() {
+            self.entries.remove(path);
+        } else if let Some(slot) = self.entries.get_mut(path) {
+            *slot = kept;
+        }
     }
 
     fn remove_path(&mut self, path: &str) {
@@ -384,9 +482,13 @@ impl ClaimsCache {
 
     /// The cached claims of `path` (under `predicate`), if held.
     pub fn get(&self, path: &str, predicate: Option<&str>) -> Option<Arc<ClaimsRead>> {
-        let inner = self.inner.lock();
-        let entry = inner.entries.get(path)?.iter().find(|e| e.predicate.as_deref() == predicate)?;
-        (!entry.rendered_only).then(|| entry.read.clone())
+        let found = {
+            let inner = self.inner.lock();
+            let entry = inner.entries.get(path).and_then(|f| f.iter().find(|e| e.predicate.as_deref() == predicate));
+            entry.filter(|e| !e.rendered_only).map(|e| e.read.clone())
+        };
+        LOOKUPS.with(|lookups| lookups[usize::from(found.is_some())].inc());
+        found
     }
 
     /// A rendering of the claims of `path` (under `predicate`) that a query with `key` can
@@ -401,7 +503,11 @@ impl ClaimsCache {
         let inner = self.inner.lock();
         let entry = inner.entries.get(path)?.iter().find(|e| e.predicate.as_deref() == predicate)?;
         let slot = entry.read.rendered.get(key.lens, key.policy_version)?;
-        (slot.groups <= key.max_groups && slot.claims_bytes <= memory_limit).then_some(slot)
+        let usable = slot.groups <= key.max_groups && slot.claims_bytes <= memory_limit;
+        if usable {
+            LOOKUPS.with(|lookups| lookups[2].inc());
+        }
+        usable.then_some(slot)
     }
 
     /// Entries held with their claims, and entries holding only renderings.
@@ -470,10 +576,39 @@ impl ClaimsCache {
 
     /// Called by the state machine after writing an apply's batch: drops the touched paths.
     pub fn invalidate<'a>(&self, paths: impl IntoIterator<Item = &'a str>) {
+        self.apply_changes(paths, Vec::new());
+    }
+
+    /// Called by the state machine after writing an apply's batch. The reads of the paths in
+    /// `touched` are dropped (a claim of theirs changed: a vote, a retraction, a supersession,
+    /// a quarantine decision). The assertions in `added` changed nothing but their own claim:
+    /// each joins the cached reads of its path in place, at its place in id order, so the next
+    /// read of a concept being written does not load every claim from storage again. A read
+    /// that gains a claim loses its renderings (they no longer describe it); a read of another
+    /// predicate of the path keeps everything.
+    pub fn apply_changes<'a>(&self, touched: impl IntoIterator<Item = &'a str>, added: Vec<StoredAssertion>) {
+        let mut touched: Vec<&str> = touched.into_iter().collect();
+        touched.sort_unstable();
+        touched.dedup();
         let mut inner = self.inner.lock();
-        for path in paths {
+        for path in &touched {
             inner.remove_path(path);
         }
+        for record in added {
+            let path = record.draft.concept_path.as_str();
+            if touched.binary_search(&path).is_ok() || !inner.entries.contains_key(path) {
+                continue;
+            }
+            inner.add_claim(Arc::new(ClaimFacts {
+                record,
+                retracted_at_us: None,
+                released_at_us: None,
+                supersessions: Vec::new(),
+                votes: Vec::new(),
+            }));
+        }
+        inner.evict_to_budget();
+        // Readers that read storage before the write must not insert what they read.
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -488,6 +623,7 @@ impl ClaimsCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::id::AssertionId;
 
     fn group(path: &str) -> ClaimsRead {
         ClaimsRead::new(vec![super::super::reader::ClaimGroup {
@@ -719,6 +855,68 @@ mod tests {
         cache.clear();
         let inner = cache.inner.lock();
         assert_eq!((inner.bytes, inner.rendered_bytes, inner.live), (0, 0, 0));
+    }
+
+    fn record(path: &str, predicate: &str, n: u64) -> StoredAssertion {
+        let draft = crate::model::assertion::AssertionDraft::for_test(path, predicate, "w", "1");
+        StoredAssertion { id: AssertionId::new(n, 0, n, 0), asserted_at_us: n, log_index: n, draft, quarantined: false }
+    }
+
+    fn facts(record: StoredAssertion) -> Arc<ClaimFacts> {
+        Arc::new(ClaimFacts {
+            record,
+            retracted_at_us: None,
+            released_at_us: None,
+            supersessions: vec![],
+            votes: vec![],
+        })
+    }
+
+    #[test]
+    fn a_new_claim_drops_rendered_only_and_oversized_reads_and_keeps_the_counts() {
+        let cache = ClaimsCache::default();
+        let big = 10_000;
+        cache.set_budget(8 * (big + charge_of("k0")));
+        let a = Arc::new(big_group("a", big));
+        cache.insert_if_current(cache.generation(), "a", None, &a);
+        cache.render(&a, rendering(Lens::Recency, "a wins", 0));
+        for i in 0..7 {
+            let path = format!("k{i}");
+            cache.insert_if_current(cache.generation(), &path, None, &Arc::new(big_group(&path, big)));
+        }
+        assert_eq!(cache.entry_kinds(), (7, 1), "a holds only its rendering");
+        cache.insert_if_current(cache.generation(), "s", None, &Arc::new(group("s")));
+        cache.apply_changes([], vec![record("a", "p", 1), record("s", "p", 2), record("s", "o", 3)]);
+        assert!(cache.rendered("a", None, &key(Lens::Recency), usize::MAX).is_none(), "a stale rendering is dropped");
+        assert_eq!(cache.entry_kinds().1, 0, "no rendered-only entry left");
+        assert!(cache.usage().0 <= cache.budget());
+        let s = cache.get("s", None).expect("updated in place");
+        let groups: Vec<(&str, usize)> = s.groups.iter().map(|g| (g.predicate.as_str(), g.claims.len())).collect();
+        assert_eq!(groups, vec![("o", 1), ("p", 1)], "a new predicate's group in predicate order");
+        // A read the claim would take past the most claims an entry may hold is dropped.
+        let full = ClaimsRead::new(vec![ClaimGroup {
+            concept_path: "m".into(),
+            predicate: "p".into(),
+            claims: (0..MAX_CLAIMS_PER_ENTRY as u64).map(|n| facts(record("m", "p", 10 + n))).collect(),
+        }]);
+        cache.set_budget(1 << 30);
+        cache.insert_if_current(cache.generation(), "m", None, &Arc::new(full));
+        assert!(cache.get("m", None).is_some());
+        // Its own claim again (a reader inserted it after the write): kept as it is.
+        cache.apply_changes([], vec![record("m", "p", 10)]);
+        assert!(cache.get("m", None).is_some(), "a read holding the claim already stays");
+        cache.apply_changes([], vec![record("m", "p", 5)]);
+        assert!(cache.get("m", None).is_none(), "past MAX_CLAIMS_PER_ENTRY");
+        let inner = cache.inner.lock();
+        let counted: usize = inner
+            .entries
+            .values()
+            .flatten()
+            .map(|e| e.claims_bytes + e.read.rendered.bytes() + key_bytes("", e.predicate.as_deref()))
+            .sum();
+        let paths: usize = inner.entries.iter().map(|(path, f)| path.len() * f.len()).sum();
+        assert_eq!(inner.bytes, counted + paths, "the estimate is every entry's charge");
+        assert_eq!(inner.live, inner.entries.values().flatten().count());
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! Metrics of applying shard commands (the counters `shard::apply` raises).
+//! Metrics of applying shard commands (the counters `shard::apply` raises) and of the claims
+//! cache (`shard::claims_cache`).
 
 use std::sync::LazyLock;
 
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec, Opts};
 
 pub static ASSERTIONS_INDEXED: LazyLock<IntCounter> = LazyLock::new(|| {
     IntCounter::new("assertions_indexed_total", "Assertions applied and indexed by this node's state machines")
@@ -25,6 +26,34 @@ pub static DEDUPLICATED_PROPOSALS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// Claims reads by where the cache found them: `hit` (the claims), `rendered` (an answer kept
+/// for the query's lens and policy version) or `miss` (read from storage).
+pub static CLAIMS_CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "stemedb_claims_cache_lookups_total",
+            "Claims reads of this node's replicas by result: hit (cached claims), rendered (a kept answer), miss (read from storage)",
+        ),
+        &["result"],
+    )
+    .expect("valid metric")
+});
+
+/// New claims that applies added to cached reads in place (instead of dropping the reads).
+pub static CLAIMS_CACHE_ADDED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "stemedb_claims_cache_claims_added_total",
+        "New claims this node's applies added to cached claims reads in place",
+    )
+    .expect("valid metric")
+});
+
 pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
-    vec![Box::new(ASSERTIONS_INDEXED.clone()), Box::new(QUARANTINED.clone()), Box::new(DEDUPLICATED_PROPOSALS.clone())]
+    vec![
+        Box::new(ASSERTIONS_INDEXED.clone()),
+        Box::new(QUARANTINED.clone()),
+        Box::new(DEDUPLICATED_PROPOSALS.clone()),
+        Box::new(CLAIMS_CACHE_LOOKUPS.clone()),
+        Box::new(CLAIMS_CACHE_ADDED.clone()),
+    ]
 }

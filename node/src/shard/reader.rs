@@ -55,12 +55,13 @@ impl ClaimsRead {
     }
 }
 
-/// The claims about one (concept_path, predicate).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// The claims about one (concept_path, predicate), in id order (the index's). Each claim is
+/// shared: the claims cache adds a new claim to a cached read without copying the others.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClaimGroup {
     pub concept_path: String,
     pub predicate: String,
-    pub claims: Vec<ClaimFacts>,
+    pub claims: Vec<Arc<ClaimFacts>>,
 }
 
 /// What [`ShardReader::digest`] reports.
@@ -377,7 +378,7 @@ impl ShardReader {
             for chunk in ids.chunks(FACTS_CHUNK) {
                 for facts in self.facts_of_ids(chunk)? {
                     charged += claim_bytes(&facts) - fixed;
-                    group.claims.push(facts);
+                    group.claims.push(Arc::new(facts));
                 }
                 if charged > limit {
                     return Ok(None);
@@ -387,6 +388,13 @@ impl ShardReader {
         // What the claims cache and the queries charge for these claims, added up as read.
         debug_assert_eq!(charged, super::claims_cache::claims_bytes(&groups));
         Ok(Some((groups, charged)))
+    }
+
+    /// The claims as storage holds them, past the claims cache (tests compare the two).
+    #[cfg(test)]
+    pub(crate) fn claims_uncached(&self, concept_path: &str, predicate: Option<&str>) -> Vec<ClaimGroup> {
+        let read = self.claims_from_storage(concept_path, predicate, usize::MAX).expect("read claims");
+        read.map(|(groups, _)| groups).unwrap_or_default()
     }
 
     /// The newest `limit` claims about (concept_path, predicate), newest first, with their facts.

@@ -165,7 +165,7 @@ fn group_to_proto(group: &ClaimGroup) -> pb::ClaimGroup {
     pb::ClaimGroup {
         concept_path: group.concept_path.clone(),
         predicate: group.predicate.clone(),
-        claims: group.claims.iter().map(facts_to_proto).collect(),
+        claims: group.claims.iter().map(|facts| facts_to_proto(facts)).collect(),
     }
 }
 
@@ -173,7 +173,11 @@ fn group_from_proto(group: pb::ClaimGroup) -> Result<ClaimGroup, CodecError> {
     Ok(ClaimGroup {
         concept_path: group.concept_path,
         predicate: group.predicate,
-        claims: group.claims.into_iter().map(facts_from_proto).collect::<Result<_, _>>()?,
+        claims: group
+            .claims
+            .into_iter()
+            .map(|facts| facts_from_proto(facts).map(Arc::new))
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -330,8 +334,10 @@ pub(crate) mod tests {
 
     /// Every kind of answer, any field values.
     pub(crate) fn read_result() -> impl Strategy<Value = ShardReadResult> {
-        let group = (text(), text(), proptest::collection::vec(facts(), 0..3))
-            .prop_map(|(concept_path, predicate, claims)| ClaimGroup { concept_path, predicate, claims });
+        let group =
+            (text(), text(), proptest::collection::vec(facts(), 0..3)).prop_map(|(concept_path, predicate, claims)| {
+                ClaimGroup { concept_path, predicate, claims: claims.into_iter().map(Arc::new).collect() }
+            });
         let concept = (text(), text(), any::<u64>()).prop_map(|(concept_path, predicate, assertions)| ConceptEntry {
             concept_path,
             predicate,
