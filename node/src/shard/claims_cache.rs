@@ -10,7 +10,8 @@
 //! under the same lock: a read that started before the previous apply's write can never be
 //! inserted after it. What a reader inserts between an apply's write and its update has all
 //! the earlier applies and all or none of this one's new claims, so adding them (those it
-//! lacks, by id) brings it up to date too.
+//! lacks, by id) brings its claims up to date too; its renderings, possibly carried over from
+//! a rendered-only entry made before the write, are dropped with the old read.
 //!
 //! Each entry also keeps the query answers rendered from it ([`RenderedResults`]), so a hot
 //! key's answer under a lens is computed once per change of its claims or of the policy
@@ -156,23 +157,25 @@ impl RenderedResults {
 }
 
 /// `groups` (in the index's order: by predicate, then by id) with `facts` added in its place,
-/// and the estimated memory that adds; `None` when they hold it already.
-fn with_claim(groups: &[ClaimGroup], facts: &Arc<ClaimFacts>) -> Option<(Vec<ClaimGroup>, usize)> {
+/// and the estimated memory that adds (none when they hold it already).
+fn with_claim(groups: &[ClaimGroup], facts: &Arc<ClaimFacts>) -> (Vec<ClaimGroup>, usize) {
     let draft = &facts.record.draft;
     // Claim keys hold the predicate followed by a 0 byte: groups sort as those bytes do.
     let key = |predicate: &str| predicate.as_bytes().iter().chain(&[0u8]).copied().collect::<Vec<u8>>();
     let wanted = key(&draft.predicate);
-    // Ok: the group and the claim's place in it; Err: where its new group goes.
-    let place = match groups.binary_search_by(|g| key(&g.predicate).cmp(&wanted)) {
-        Ok(at) => Ok((at, groups[at].claims.binary_search_by_key(&facts.record.id, |c| c.record.id).err()?)),
-        Err(at) => Err(at),
-    };
     let mut groups = groups.to_vec();
-    let mut bytes = claim_bytes(facts);
-    match place {
-        Ok((at, place)) => groups[at].claims.insert(place, facts.clone()),
+    match groups.binary_search_by(|g| key(&g.predicate).cmp(&wanted)) {
+        Ok(at) => {
+            let claims = &mut groups[at].claims;
+            match claims.binary_search_by_key(&facts.record.id, |c| c.record.id) {
+                Ok(_) => (groups, 0),
+                Err(place) => {
+                    claims.insert(place, facts.clone());
+                    (groups, claim_bytes(facts))
+                }
+            }
+        }
         Err(at) => {
-            bytes += group_bytes(&draft.concept_path, &draft.predicate);
             groups.insert(
                 at,
                 ClaimGroup {
@@ -180,10 +183,10 @@ fn with_claim(groups: &[ClaimGroup], facts: &Arc<ClaimFacts>) -> Option<(Vec<Cla
                     predicate: draft.predicate.clone(),
                     claims: vec![facts.clone()],
                 },
-            )
+            );
+            (groups, claim_bytes(facts) + group_bytes(&draft.concept_path, &draft.predicate))
         }
     }
-    Some((groups, bytes))
 }
 
 /// An estimate of the heap memory a read of claims holds: the structures and their strings.
@@ -307,9 +310,10 @@ impl Inner {
     }
 
     /// Adds a new claim (one that changes no other) to the cached reads of its path: those of
-    /// all predicates and those of its own. A read holding it already (read from storage after
-    /// the write) stays as it is; a rendered-only read is dropped, and so is a read the claim
-    /// would take past [`MAX_CLAIMS_PER_ENTRY`] or an eighth of the budget.
+    /// all predicates and those of its own. Each becomes a new read without renderings (one
+    /// already holding the claim, read from storage after the write, too); a rendered-only read
+    /// is dropped, and so is a read the claim would take past [`MAX_CLAIMS_PER_ENTRY`] or an
+    /// eighth of the budget.
     fn add_claim(&mut self, facts: Arc<ClaimFacts>) {
         let path = facts.record.draft.concept_path.as_str();
         let predicate = facts.record.draft.predicate.as_str();
@@ -321,16 +325,14 @@ impl Inner {
                 kept.push(entry);
                 continue;
             }
-            let added = if entry.rendered_only { None } else { with_claim(&entry.read.groups, &facts) };
-            let Some((groups, more_bytes)) = added else {
-                if entry.rendered_only {
-                    self.release(path, &entry);
-                } else {
-                    kept.push(entry); // it holds the claim already
-                }
-                continue;
-            };
             self.release(path, &entry);
+            if entry.rendered_only {
+                continue; // its renderings no longer describe the claims
+            }
+            // A new read even when this one holds the claim already (a reader read storage
+            // after the write and inserted before this update): renderings it carried over from
+            // a rendered-only entry were made without the claim.
+            let (groups, more_bytes) = with_claim(&entry.read.groups, &facts);
             let count: usize = groups.iter().map(|g| g.claims.len()).sum();
             let claims_bytes = entry.claims_bytes + more_bytes;
             let charge = claims_bytes + key_bytes(path, entry.predicate.as_deref());
@@ -344,7 +346,7 @@ impl Inner {
             self.order.push_back((path.to_string(), entry.predicate.clone(), seq));
             self.bytes += charge;
             self.live += 1;
-            super::metrics::CLAIMS_CACHE_ADDED.inc();
+            super::metrics::CLAIMS_CACHE_READS_UPDATED.inc();
             kept.push(Entry {
                 predicate: entry.predicate,
                 read: Arc::new(read),
@@ -902,9 +904,14 @@ mod tests {
         cache.set_budget(1 << 30);
         cache.insert_if_current(cache.generation(), "m", None, &Arc::new(full));
         assert!(cache.get("m", None).is_some());
-        // Its own claim again (a reader inserted it after the write): kept as it is.
+        // Its own claim again (a reader read storage after the write and inserted before the
+        // update, with renderings carried over from a rendered-only entry made without it).
+        let m = cache.get("m", None).expect("cached");
+        cache.render(&m, rendering(Lens::Recency, "without the claim", 0));
         cache.apply_changes([], vec![record("m", "p", 10)]);
-        assert!(cache.get("m", None).is_some(), "a read holding the claim already stays");
+        let again = cache.get("m", None).expect("a read holding the claim already stays cached");
+        assert_eq!(again.groups[0].claims.len(), MAX_CLAIMS_PER_ENTRY, "not added twice");
+        assert!(cache.rendered("m", None, &key(Lens::Recency), usize::MAX).is_none(), "but loses its renderings");
         cache.apply_changes([], vec![record("m", "p", 5)]);
         assert!(cache.get("m", None).is_none(), "past MAX_CLAIMS_PER_ENTRY");
         let inner = cache.inner.lock();

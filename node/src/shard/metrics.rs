@@ -27,23 +27,30 @@ pub static DEDUPLICATED_PROPOSALS: LazyLock<IntCounter> = LazyLock::new(|| {
 });
 
 /// Claims reads by where the cache found them: `hit` (the claims), `rendered` (an answer kept
-/// for the query's lens and policy version) or `miss` (read from storage).
+/// for the query's lens and policy version) or `miss` (read from storage). Every result is
+/// exported from the start, at 0.
 pub static CLAIMS_CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    IntCounterVec::new(
+    let lookups = IntCounterVec::new(
         Opts::new(
             "stemedb_claims_cache_lookups_total",
             "Claims reads of this node's replicas by result: hit (cached claims), rendered (a kept answer), miss (read from storage)",
         ),
         &["result"],
     )
-    .expect("valid metric")
+    .expect("valid metric");
+    for result in ["hit", "rendered", "miss"] {
+        lookups.with_label_values(&[result]);
+    }
+    lookups
 });
 
-/// New claims that applies added to cached reads in place (instead of dropping the reads).
-pub static CLAIMS_CACHE_ADDED: LazyLock<IntCounter> = LazyLock::new(|| {
+/// Cached claims reads that applies brought up to date in place with a new claim (instead of
+/// dropping them): one per read, so a claim added to the read of all of its concept's
+/// predicates and to that of its own counts twice.
+pub static CLAIMS_CACHE_READS_UPDATED: LazyLock<IntCounter> = LazyLock::new(|| {
     IntCounter::new(
-        "stemedb_claims_cache_claims_added_total",
-        "New claims this node's applies added to cached claims reads in place",
+        "stemedb_claims_cache_reads_updated_total",
+        "Cached claims reads this node's applies updated in place with a new claim (one per read updated)",
     )
     .expect("valid metric")
 });
@@ -54,6 +61,6 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(QUARANTINED.clone()),
         Box::new(DEDUPLICATED_PROPOSALS.clone()),
         Box::new(CLAIMS_CACHE_LOOKUPS.clone()),
-        Box::new(CLAIMS_CACHE_ADDED.clone()),
+        Box::new(CLAIMS_CACHE_READS_UPDATED.clone()),
     ]
 }
