@@ -91,6 +91,11 @@ pub struct Claim<'a> {
 }
 
 impl ClaimFacts {
+    /// A claim with nothing recorded about it yet: no retraction, release, supersession or vote.
+    pub fn new(record: StoredAssertion) -> ClaimFacts {
+        ClaimFacts { record, retracted_at_us: None, released_at_us: None, supersessions: Vec::new(), votes: Vec::new() }
+    }
+
     /// The claim as it stood at `as_of_us` (inclusive), or `None` if it did not exist yet.
     pub fn at(&self, as_of_us: u64, vote_weight: &dyn Fn(&str) -> f64) -> Option<Claim<'_>> {
         if self.record.asserted_at_us > as_of_us {

@@ -161,10 +161,11 @@ impl RenderedResults {
 fn with_claim(groups: &[ClaimGroup], facts: &Arc<ClaimFacts>) -> (Vec<ClaimGroup>, usize) {
     let draft = &facts.record.draft;
     // Claim keys hold the predicate followed by a 0 byte: groups sort as those bytes do.
-    let key = |predicate: &str| predicate.as_bytes().iter().chain(&[0u8]).copied().collect::<Vec<u8>>();
-    let wanted = key(&draft.predicate);
+    fn key(predicate: &str) -> impl Iterator<Item = u8> + '_ {
+        predicate.bytes().chain(std::iter::once(0u8))
+    }
     let mut groups = groups.to_vec();
-    match groups.binary_search_by(|g| key(&g.predicate).cmp(&wanted)) {
+    match groups.binary_search_by(|g| key(&g.predicate).cmp(key(&draft.predicate))) {
         Ok(at) => {
             let claims = &mut groups[at].claims;
             match claims.binary_search_by_key(&facts.record.id, |c| c.record.id) {
@@ -576,7 +577,8 @@ impl ClaimsCache {
         }
     }
 
-    /// Called by the state machine after writing an apply's batch: drops the touched paths.
+    /// Drops the reads of `paths`, as an apply that changed their claims does.
+    #[cfg(test)]
     pub fn invalidate<'a>(&self, paths: impl IntoIterator<Item = &'a str>) {
         self.apply_changes(paths, Vec::new());
     }
@@ -592,6 +594,8 @@ impl ClaimsCache {
         let mut touched: Vec<&str> = touched.into_iter().collect();
         touched.sort_unstable();
         touched.dedup();
+        // The records of paths not cached (most of a large batch) are freed after the lock.
+        let mut unused = Vec::new();
         let mut inner = self.inner.lock();
         for path in &touched {
             inner.remove_path(path);
@@ -599,19 +603,16 @@ impl ClaimsCache {
         for record in added {
             let path = record.draft.concept_path.as_str();
             if touched.binary_search(&path).is_ok() || !inner.entries.contains_key(path) {
+                unused.push(record);
                 continue;
             }
-            inner.add_claim(Arc::new(ClaimFacts {
-                record,
-                retracted_at_us: None,
-                released_at_us: None,
-                supersessions: Vec::new(),
-                votes: Vec::new(),
-            }));
+            inner.add_claim(Arc::new(ClaimFacts::new(record)));
         }
         inner.evict_to_budget();
         // Readers that read storage before the write must not insert what they read.
         self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(inner);
+        drop(unused);
     }
 
     /// Drops everything (snapshot installed, indexes repaired).
@@ -864,16 +865,6 @@ mod tests {
         StoredAssertion { id: AssertionId::new(n, 0, n, 0), asserted_at_us: n, log_index: n, draft, quarantined: false }
     }
 
-    fn facts(record: StoredAssertion) -> Arc<ClaimFacts> {
-        Arc::new(ClaimFacts {
-            record,
-            retracted_at_us: None,
-            released_at_us: None,
-            supersessions: vec![],
-            votes: vec![],
-        })
-    }
-
     #[test]
     fn a_new_claim_drops_rendered_only_and_oversized_reads_and_keeps_the_counts() {
         let cache = ClaimsCache::default();
@@ -899,7 +890,9 @@ mod tests {
         let full = ClaimsRead::new(vec![ClaimGroup {
             concept_path: "m".into(),
             predicate: "p".into(),
-            claims: (0..MAX_CLAIMS_PER_ENTRY as u64).map(|n| facts(record("m", "p", 10 + n))).collect(),
+            claims: (0..MAX_CLAIMS_PER_ENTRY as u64)
+                .map(|n| Arc::new(ClaimFacts::new(record("m", "p", 10 + n))))
+                .collect(),
         }]);
         cache.set_budget(1 << 30);
         cache.insert_if_current(cache.generation(), "m", None, &Arc::new(full));

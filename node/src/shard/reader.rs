@@ -234,16 +234,7 @@ impl ShardReader {
     /// The records with everything recorded about each: their events through one iterator,
     /// then the retractions of the assertions that superseded them in one multi-get.
     fn facts_of_records(&self, records: Vec<StoredAssertion>) -> Result<Vec<ClaimFacts>, StorageError> {
-        let mut all: Vec<ClaimFacts> = records
-            .into_iter()
-            .map(|record| ClaimFacts {
-                record,
-                retracted_at_us: None,
-                released_at_us: None,
-                supersessions: Vec::new(),
-                votes: Vec::new(),
-            })
-            .collect();
+        let mut all: Vec<ClaimFacts> = records.into_iter().map(ClaimFacts::new).collect();
         let prefixes: Vec<Vec<u8>> = all.iter().map(|f| keys::events_prefix(self.group, f.record.id)).collect();
         // (claim, superseded by, at): completed once the superseders' retractions are known.
         let mut superseded: Vec<(usize, AssertionId, u64)> = Vec::new();
