@@ -391,11 +391,14 @@ fn adopt_snapshot_file(
 /// Write batches of a snapshot install are cut at about this many bytes.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 
-/// Ends the install in `AppliedProgress::installs` however the install ends.
+/// Ends the install in `AppliedProgress::installs` however the install ends, after dropping
+/// the claims cache: an install that fails after emptying the ranges leaves them unlike every
+/// read cached before it, and reads must not be answered from those.
 struct InstallingFlag<'a>(&'a AppliedProgress);
 
 impl Drop for InstallingFlag<'_> {
     fn drop(&mut self) {
+        self.0.claims_cache.clear();
         self.0.installs.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -734,6 +737,37 @@ mod tests {
         assert!(transfer(damaged, &mut follower).await.is_err());
         assert_eq!(shard_rows(&follower_storage), before, "nothing changed");
         drop(snapshot);
+    }
+
+    /// An install that fails after emptying the ranges (here: a record of another group, found
+    /// while writing) leaves no read cached from before it.
+    #[tokio::test]
+    async fn an_install_that_fails_midway_drops_the_cached_reads() {
+        let (_a, _leader_storage, mut leader) = leader_with(5).await;
+        let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        let meta = snapshot.meta.clone();
+        drop(snapshot);
+        // The leader's snapshot with one record of another group after the first.
+        let path = snapshot::snapshot_path(&leader.snapshot_dir, 3);
+        let (mut reader, meta_bytes) = snapshot::SnapshotReader::open(&path).expect("open");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut writer = snapshot::SnapshotWriter::create(dir.path(), 3, &meta_bytes).expect("create");
+        let mut records = 0;
+        while let Some((tag, key, value)) = reader.next_record().expect("record") {
+            writer.record(tag, &key, &value).expect("write");
+            records += 1;
+            if records == 1 {
+                writer.record(0, &keys::assertion_key(4, AssertionId::new(1, 2, 1, 0)), b"x").expect("write");
+            }
+        }
+        let foreign = writer.finish().expect("finish");
+        let (_b, follower_storage, mut follower) = leader_with(3).await;
+        let reader = crate::shard::reader::ShardReader::new(follower_storage, 2, 3, follower.progress());
+        reader.claims("test/set", None, None).expect("read");
+        let cache = &follower.progress().claims_cache;
+        assert!(cache.get("test/set", None).is_some(), "the read is cached");
+        assert!(follower.install_file(&foreign, &meta).is_err(), "a record of another group fails the install");
+        assert!(cache.get("test/set", None).is_none(), "the reads cached before the install are gone");
     }
 
     /// A node killed between the first and the last batch of an install finishes it from the
