@@ -134,12 +134,26 @@ FLOOR_PIDS=($!)
 STEMEDB_URLS="http://127.0.0.1:18180,http://127.0.0.2:18180,http://127.0.0.3:18180"
 FLOOR_URLS="http://127.0.0.1:18190,http://127.0.0.2:18190,http://127.0.0.3:18190"
 ETCD_URLS="http://127.0.0.1:2379,http://127.0.0.2:2379,http://127.0.0.3:2379"
+# A server that exits while starting (a port still held by an earlier run, a bad flag) fails
+# the wait at once, naming its log, instead of the wait running out.
+exited() {
+  local pid
+  for pid in "${STEMEDB_PIDS[@]}" "${ETCD_PIDS[@]}" "${FLOOR_PIDS[@]}"; do
+    kill -0 "$pid" 2>/dev/null || { echo "$pid"; return 0; }
+  done
+  return 1
+}
 ready=0
 for _ in $(seq 1 120); do
+  if dead=$(exited); then
+    echo "a server exited while starting (pid $dead); the last lines of the logs in $OUT:" >&2
+    tail -n 5 "$OUT"/*.log >&2
+    exit 1
+  fi
   if curl -sf -o /dev/null http://127.0.0.1:18181/cluster/health \
     && curl -sf -o /dev/null http://127.0.0.2:18181/cluster/health \
     && curl -sf -o /dev/null http://127.0.0.3:18181/cluster/health \
-    && etcdctl --endpoints="$ETCD_URLS" endpoint health >/dev/null 2>&1 \
+    && etcdctl --endpoints="$ETCD_URLS" --command-timeout=2s endpoint health >/dev/null 2>&1 \
     && curl -sf -o /dev/null http://127.0.0.3:18190/; then
     ready=1; break
   fi

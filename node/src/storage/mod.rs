@@ -27,7 +27,7 @@ use crate::error::ErrorCode;
 pub use group_commit::DurableCallback;
 use group_commit::GroupCommitter;
 
-/// The write-ahead log's size budget: four memtables' worth (256 MiB at the default 64 MiB
+/// The write-ahead log's size budget: four memtables' worth (64 MiB at the default 16 MiB
 /// write buffer).
 fn wal_budget(write_buffer_bytes: usize) -> u64 {
     (write_buffer_bytes as u64).saturating_mul(4)
@@ -273,7 +273,7 @@ impl Default for StorageOptions {
     fn default() -> Self {
         StorageOptions {
             block_cache_bytes: 256 << 20,
-            write_buffer_bytes: 64 << 20,
+            write_buffer_bytes: 16 << 20,
             fsync: true,
             log_sync_delay: std::time::Duration::ZERO,
             index_cache_bytes: None,
