@@ -358,10 +358,10 @@ impl Applier {
     }
 
     /// Takes up the state a snapshot install just wrote: its clock, and (meta group) the
-    /// metadata and policy it holds, which are published. Drops the claims cache.
+    /// metadata and policy it holds, which are published. (The install itself drops the claims
+    /// cache when it ends, however it ends.)
     pub fn installed(&mut self, clock_us: u64) -> Result<(), LoadError> {
         self.clock_us = clock_us;
-        self.progress.claims_cache.clear();
         self.count_quarantine();
         self.reload_meta()
     }
