@@ -156,38 +156,46 @@ impl RenderedResults {
     }
 }
 
-/// `groups` (in the index's order: by predicate, then by id) with `facts` added in its place,
-/// and the estimated memory that adds (none when they hold it already).
-fn with_claim(groups: &[ClaimGroup], facts: &Arc<ClaimFacts>) -> (Vec<ClaimGroup>, usize) {
-    let draft = &facts.record.draft;
+/// `groups` (in the index's order: by predicate, then by id) with `claims` added in their
+/// places, and the estimated memory that adds (none for a claim they hold already); `None` as
+/// soon as they would hold more than `max` claims. One copy of `groups` for all of `claims`.
+fn with_claims(groups: &[ClaimGroup], claims: &[&Arc<ClaimFacts>], max: usize) -> Option<(Vec<ClaimGroup>, usize)> {
     // Claim keys hold the predicate followed by a 0 byte: groups sort as those bytes do.
     fn key(predicate: &str) -> impl Iterator<Item = u8> + '_ {
         predicate.bytes().chain(std::iter::once(0u8))
     }
     let mut groups = groups.to_vec();
-    match groups.binary_search_by(|g| key(&g.predicate).cmp(key(&draft.predicate))) {
-        Ok(at) => {
-            let claims = &mut groups[at].claims;
-            match claims.binary_search_by_key(&facts.record.id, |c| c.record.id) {
-                Ok(_) => (groups, 0),
-                Err(place) => {
-                    claims.insert(place, facts.clone());
-                    (groups, claim_bytes(facts))
+    let mut count: usize = groups.iter().map(|g| g.claims.len()).sum();
+    let mut more_bytes = 0;
+    for facts in claims {
+        let draft = &facts.record.draft;
+        match groups.binary_search_by(|g| key(&g.predicate).cmp(key(&draft.predicate))) {
+            Ok(at) => {
+                let held = &mut groups[at].claims;
+                match held.binary_search_by_key(&facts.record.id, |c| c.record.id) {
+                    Ok(_) => continue,
+                    Err(place) => held.insert(place, Arc::clone(facts)),
                 }
+                more_bytes += claim_bytes(facts);
+            }
+            Err(at) => {
+                groups.insert(
+                    at,
+                    ClaimGroup {
+                        concept_path: draft.concept_path.clone(),
+                        predicate: draft.predicate.clone(),
+                        claims: vec![Arc::clone(facts)],
+                    },
+                );
+                more_bytes += claim_bytes(facts) + group_bytes(&draft.concept_path, &draft.predicate);
             }
         }
-        Err(at) => {
-            groups.insert(
-                at,
-                ClaimGroup {
-                    concept_path: draft.concept_path.clone(),
-                    predicate: draft.predicate.clone(),
-                    claims: vec![facts.clone()],
-                },
-            );
-            (groups, claim_bytes(facts) + group_bytes(&draft.concept_path, &draft.predicate))
+        count += 1;
+        if count > max {
+            return None;
         }
     }
+    Some((groups, more_bytes))
 }
 
 /// An estimate of the heap memory a read of claims holds: the structures and their strings.
@@ -310,19 +318,22 @@ impl Inner {
         self.live = self.live.saturating_sub(1);
     }
 
-    /// Adds a new claim (one that changes no other) to the cached reads of its path: those of
-    /// all predicates and those of its own. Each becomes a new read without renderings (one
-    /// already holding the claim, read from storage after the write, too); a rendered-only read
-    /// is dropped, and so is a read the claim would take past [`MAX_CLAIMS_PER_ENTRY`] or an
-    /// eighth of the budget.
-    fn add_claim(&mut self, facts: Arc<ClaimFacts>) {
-        let path = facts.record.draft.concept_path.as_str();
-        let predicate = facts.record.draft.predicate.as_str();
+    /// Adds new claims of `path` (ones that change no other) to its cached reads: each claim to
+    /// the reads of all predicates and those of its own. Each read that gains a claim becomes a
+    /// new read without renderings (one already holding the claims, read from storage after
+    /// the write, too); a rendered-only read is dropped, and so is a read the claims would take
+    /// past [`MAX_CLAIMS_PER_ENTRY`] or an eighth of the budget. The claims of one apply are
+    /// added together: each read is copied once, however many of them it gains.
+    fn add_claims(&mut self, path: &str, claims: &[Arc<ClaimFacts>]) {
         let Some(slot) = self.entries.get_mut(path) else { return };
         let filters = std::mem::take(slot);
         let mut kept = Vec::with_capacity(filters.len());
         for entry in filters {
-            if entry.predicate.as_deref().is_some_and(|p| p != predicate) {
+            let gained: Vec<&Arc<ClaimFacts>> = claims
+                .iter()
+                .filter(|facts| entry.predicate.as_deref().is_none_or(|p| p == facts.record.draft.predicate))
+                .collect();
+            if gained.is_empty() {
                 kept.push(entry);
                 continue;
             }
@@ -330,14 +341,15 @@ impl Inner {
             if entry.rendered_only {
                 continue; // its renderings no longer describe the claims
             }
-            // A new read even when this one holds the claim already (a reader read storage
+            // A new read even when this one holds the claims already (a reader read storage
             // after the write and inserted before this update): renderings it carried over from
-            // a rendered-only entry were made without the claim.
-            let (groups, more_bytes) = with_claim(&entry.read.groups, &facts);
-            let count: usize = groups.iter().map(|g| g.claims.len()).sum();
+            // a rendered-only entry were made without them.
+            let Some((groups, more_bytes)) = with_claims(&entry.read.groups, &gained, MAX_CLAIMS_PER_ENTRY) else {
+                continue;
+            };
             let claims_bytes = entry.claims_bytes + more_bytes;
             let charge = claims_bytes + key_bytes(path, entry.predicate.as_deref());
-            if count > MAX_CLAIMS_PER_ENTRY || charge > self.budget / 8 {
+            if charge > self.budget / 8 {
                 continue;
             }
             let read = ClaimsRead::measured(groups, claims_bytes);
@@ -600,13 +612,27 @@ impl ClaimsCache {
         for path in &touched {
             inner.remove_path(path);
         }
+        // The new claims of cached paths, by path, paths in the order first applied.
+        let mut paths: HashMap<String, usize, foldhash::fast::RandomState> = HashMap::default();
+        let mut by_path: Vec<(String, Vec<Arc<ClaimFacts>>)> = Vec::new();
         for record in added {
             let path = record.draft.concept_path.as_str();
             if touched.binary_search(&path).is_ok() || !inner.entries.contains_key(path) {
                 unused.push(record);
                 continue;
             }
-            inner.add_claim(Arc::new(ClaimFacts::new(record)));
+            let at = match paths.get(path) {
+                Some(&at) => at,
+                None => {
+                    paths.insert(path.to_string(), by_path.len());
+                    by_path.push((path.to_string(), Vec::new()));
+                    by_path.len() - 1
+                }
+            };
+            by_path[at].1.push(Arc::new(ClaimFacts::new(record)));
+        }
+        for (path, claims) in &by_path {
+            inner.add_claims(path, claims);
         }
         inner.evict_to_budget();
         // Readers that read storage before the write must not insert what they read.
@@ -917,6 +943,60 @@ mod tests {
         let paths: usize = inner.entries.iter().map(|(path, f)| path.len() * f.len()).sum();
         assert_eq!(inner.bytes, counted + paths, "the estimate is every entry's charge");
         assert_eq!(inner.live, inner.entries.values().flatten().count());
+    }
+
+    /// The claims of one apply join each read in one copy, and leave the cache as adding them
+    /// one apply at a time would: every read of the path in id order, per predicate, the same
+    /// charge; past the most claims an entry may hold, the read is dropped.
+    #[test]
+    fn the_claims_of_one_apply_join_a_read_together_as_one_at_a_time_would() {
+        let ids = [(5, "p"), (2, "p"), (3, "o"), (9, "p"), (2, "p")];
+        let fill = |cache: &ClaimsCache| {
+            cache.insert_if_current(cache.generation(), "s", None, &Arc::new(group("s")));
+            cache.insert_if_current(cache.generation(), "s", Some("p"), &Arc::new(group("s")));
+            cache.insert_if_current(cache.generation(), "s", Some("q"), &Arc::new(group("s")));
+        };
+        let together = ClaimsCache::default();
+        fill(&together);
+        together.apply_changes([], ids.iter().map(|&(n, p)| record("s", p, n)).collect());
+        let one_at_a_time = ClaimsCache::default();
+        fill(&one_at_a_time);
+        for &(n, p) in &ids {
+            one_at_a_time.apply_changes([], vec![record("s", p, n)]);
+        }
+        let shape = |cache: &ClaimsCache, predicate: Option<&str>| -> Vec<(String, Vec<u64>)> {
+            let read = cache.get("s", predicate).expect("cached");
+            read.groups
+                .iter()
+                .map(|g| (g.predicate.clone(), g.claims.iter().map(|c| c.record.log_index).collect()))
+                .collect()
+        };
+        let all = vec![("o".to_string(), vec![3]), ("p".to_string(), vec![2, 5, 9])];
+        assert_eq!(shape(&together, None), all, "by predicate, then id; the repeated claim once");
+        assert_eq!(shape(&one_at_a_time, None), all);
+        for predicate in [Some("p"), Some("q")] {
+            assert_eq!(shape(&together, predicate), shape(&one_at_a_time, predicate), "{predicate:?}");
+        }
+        assert_eq!(together.usage(), one_at_a_time.usage(), "the same charge");
+        assert_eq!(together.inner.lock().live, 3);
+        // Two claims past a read one short of the most it may hold: dropped, as the second of
+        // two applies would drop it.
+        let full = |n: usize| {
+            ClaimsRead::new(vec![ClaimGroup {
+                concept_path: "m".into(),
+                predicate: "p".into(),
+                claims: (0..n as u64).map(|i| Arc::new(ClaimFacts::new(record("m", "p", 10 + i)))).collect(),
+            }])
+        };
+        let cache = ClaimsCache::default();
+        cache.set_budget(1 << 30);
+        cache.insert_if_current(cache.generation(), "m", None, &Arc::new(full(MAX_CLAIMS_PER_ENTRY - 1)));
+        cache.apply_changes([], vec![record("m", "p", 1), record("m", "p", 2)]);
+        assert!(cache.get("m", None).is_none(), "past MAX_CLAIMS_PER_ENTRY");
+        cache.insert_if_current(cache.generation(), "m", None, &Arc::new(full(MAX_CLAIMS_PER_ENTRY - 1)));
+        cache.apply_changes([], vec![record("m", "p", 1), record("m", "p", 10)]);
+        let m = cache.get("m", None).expect("one new claim and one held already fit");
+        assert_eq!(m.groups[0].claims.len(), MAX_CLAIMS_PER_ENTRY);
     }
 
     #[test]

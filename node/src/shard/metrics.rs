@@ -50,7 +50,7 @@ pub static CLAIMS_CACHE_LOOKUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static CLAIMS_CACHE_READS_UPDATED: LazyLock<IntCounter> = LazyLock::new(|| {
     IntCounter::new(
         "stemedb_claims_cache_reads_updated_total",
-        "Cached claims reads this node's applies updated in place with a new claim (one per read updated)",
+        "Cached claims reads this node's applies updated in place with new claims (one per read and apply)",
     )
     .expect("valid metric")
 });
