@@ -119,11 +119,18 @@ impl From<Fault> for LoadError {
     }
 }
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+const FAMILIES: usize = ColumnFamily::ALL.len();
+
 /// Reads through the pending write batch of the current `apply` call, then storage.
 struct Overlay {
     storage: Arc<Storage>,
-    pending: HashMap<(ColumnFamily, Vec<u8>), Vec<u8>>,
-    deleted: HashSet<(ColumnFamily, Vec<u8>)>,
+    /// This call's puts that its later reads must see, per family (indexed by
+    /// `ColumnFamily as usize`, so a lookup needs no key of its own).
+    pending: [FastMap<Vec<u8>, Vec<u8>>; FAMILIES],
+    /// This call's deletes, per family.
+    deleted: [FastSet<Vec<u8>>; FAMILIES],
     /// Vote keys written by this call, in key order, for [`Overlay::votes_with_prefix`].
     pending_votes: BTreeMap<Vec<u8>, Vec<u8>>,
     batch: WriteBatch,
@@ -139,8 +146,8 @@ impl Overlay {
     fn new(storage: Arc<Storage>) -> Overlay {
         Overlay {
             storage,
-            pending: HashMap::new(),
-            deleted: HashSet::new(),
+            pending: std::array::from_fn(|_| FastMap::default()),
+            deleted: std::array::from_fn(|_| FastSet::default()),
             pending_votes: BTreeMap::new(),
             batch: WriteBatch::new(),
             digest_delta: HashMap::new(),
@@ -184,10 +191,10 @@ impl Overlay {
     }
 
     fn get(&self, cf: ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>, Fault> {
-        if let Some(v) = self.pending.get(&(cf, key.to_vec())) {
+        if let Some(v) = self.pending[cf as usize].get(key) {
             return Ok(Some(v.clone()));
         }
-        if self.deleted.contains(&(cf, key.to_vec())) {
+        if self.deleted[cf as usize].contains(key) {
             return Ok(None);
         }
         self.storage.get(cf, key).map_err(Fault::Read)
@@ -211,8 +218,8 @@ impl Overlay {
 
     /// Puts `value` into the batch, visible to this call's later reads.
     fn stage(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
-        self.deleted.remove(&(cf, key.clone()));
-        self.pending.insert((cf, key.clone()), value.clone());
+        self.deleted[cf as usize].remove(&key);
+        self.pending[cf as usize].insert(key.clone(), value.clone());
         self.batch.put(cf, key, value);
     }
 
@@ -243,7 +250,7 @@ impl Overlay {
         for (key, value) in self.pending_votes.range(prefix.to_vec()..end) {
             rows.insert(key.clone(), value.clone());
         }
-        rows.retain(|key, _| !self.deleted.contains(&(ColumnFamily::StateMachine, key.clone())));
+        rows.retain(|key, _| !self.deleted[ColumnFamily::StateMachine as usize].contains(key));
         Ok(rows.into_iter().collect())
     }
 
@@ -252,8 +259,8 @@ impl Overlay {
         if cf == ColumnFamily::StateMachine {
             self.pending_votes.remove(&key);
         }
-        self.pending.remove(&(cf, key.clone()));
-        self.deleted.insert((cf, key.clone()));
+        self.pending[cf as usize].remove(&key);
+        self.deleted[cf as usize].insert(key.clone());
         self.batch.delete(cf, key);
     }
 }
