@@ -1164,10 +1164,11 @@ fn column_family_options(cf: ColumnFamily, cache: &Cache, options: &StorageOptio
     match cf {
         // Log entries are written once, read by followers soon after, and purged in ranges.
         ColumnFamily::RaftLog => cf_options.set_compression_type(DBCompressionType::None),
-        _ => {
+        ColumnFamily::StateMachine | ColumnFamily::Index => {
             cf_options.set_compression_type(DBCompressionType::Lz4);
             cf_options.set_level_zero_file_num_compaction_trigger(LEVEL0_COMPACTION_TRIGGER);
         }
+        ColumnFamily::RaftState | ColumnFamily::Meta => cf_options.set_compression_type(DBCompressionType::Lz4),
     }
     cf_options
 }
@@ -1455,7 +1456,7 @@ mod tests {
     }
 
     /// The data families compact level 0 at [`LEVEL0_COMPACTION_TRIGGER`] files, as the options
-    /// file RocksDB writes for the opened database records; the Raft log keeps RocksDB's 4.
+    /// file RocksDB writes for the opened database records; the others keep RocksDB's 4.
     #[test]
     fn the_data_families_compact_level_zero_at_eight_files() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1478,7 +1479,9 @@ mod tests {
         for cf in [ColumnFamily::StateMachine, ColumnFamily::Index] {
             assert_eq!(trigger_of(cf), Some(LEVEL0_COMPACTION_TRIGGER), "{}", cf.name());
         }
-        assert_eq!(trigger_of(ColumnFamily::RaftLog), Some(4));
+        for cf in [ColumnFamily::RaftLog, ColumnFamily::RaftState, ColumnFamily::Meta] {
+            assert_eq!(trigger_of(cf), Some(4), "{}", cf.name());
+        }
         drop(storage);
     }
 
