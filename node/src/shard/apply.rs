@@ -121,28 +121,14 @@ impl From<Fault> for LoadError {
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
-const FAMILIES: usize = 5;
-const _: () = assert!(ColumnFamily::ALL.len() == FAMILIES);
-
-/// The index of `cf`'s map in [`Overlay`] (a new family fails to compile here).
-fn family(cf: ColumnFamily) -> usize {
-    match cf {
-        ColumnFamily::RaftLog => 0,
-        ColumnFamily::RaftState => 1,
-        ColumnFamily::StateMachine => 2,
-        ColumnFamily::Index => 3,
-        ColumnFamily::Meta => 4,
-    }
-}
-
 /// Reads through the pending write batch of the current `apply` call, then storage.
 struct Overlay {
     storage: Arc<Storage>,
-    /// This call's puts that its later reads must see, per family (indexed by [`family`], so a
-    /// lookup needs no key of its own).
-    pending: [FastMap<Vec<u8>, Vec<u8>>; FAMILIES],
+    /// This call's puts that its later reads must see, per family (indexed by
+    /// [`ColumnFamily::ordinal`], so a lookup needs no key of its own).
+    pending: [FastMap<Vec<u8>, Vec<u8>>; ColumnFamily::COUNT],
     /// This call's deletes, per family.
-    deleted: [FastSet<Vec<u8>>; FAMILIES],
+    deleted: [FastSet<Vec<u8>>; ColumnFamily::COUNT],
     /// Vote keys written by this call, in key order, for [`Overlay::votes_with_prefix`].
     pending_votes: BTreeMap<Vec<u8>, Vec<u8>>,
     batch: WriteBatch,
@@ -203,10 +189,10 @@ impl Overlay {
     }
 
     fn get(&self, cf: ColumnFamily, key: &[u8]) -> Result<Option<Vec<u8>>, Fault> {
-        if let Some(v) = self.pending[family(cf)].get(key) {
+        if let Some(v) = self.pending[cf.ordinal()].get(key) {
             return Ok(Some(v.clone()));
         }
-        if self.deleted[family(cf)].contains(key) {
+        if self.deleted[cf.ordinal()].contains(key) {
             return Ok(None);
         }
         self.storage.get(cf, key).map_err(Fault::Read)
@@ -230,8 +216,8 @@ impl Overlay {
 
     /// Puts `value` into the batch, visible to this call's later reads.
     fn stage(&mut self, cf: ColumnFamily, key: Vec<u8>, value: Vec<u8>) {
-        self.deleted[family(cf)].remove(&key);
-        self.pending[family(cf)].insert(key.clone(), value.clone());
+        self.deleted[cf.ordinal()].remove(&key);
+        self.pending[cf.ordinal()].insert(key.clone(), value.clone());
         self.batch.put(cf, key, value);
     }
 
@@ -262,7 +248,7 @@ impl Overlay {
         for (key, value) in self.pending_votes.range(prefix.to_vec()..end) {
             rows.insert(key.clone(), value.clone());
         }
-        rows.retain(|key, _| !self.deleted[family(ColumnFamily::StateMachine)].contains(key));
+        rows.retain(|key, _| !self.deleted[ColumnFamily::StateMachine.ordinal()].contains(key));
         Ok(rows.into_iter().collect())
     }
 
@@ -271,8 +257,8 @@ impl Overlay {
         if cf == ColumnFamily::StateMachine {
             self.pending_votes.remove(&key);
         }
-        self.pending[family(cf)].remove(&key);
-        self.deleted[family(cf)].insert(key.clone());
+        self.pending[cf.ordinal()].remove(&key);
+        self.deleted[cf.ordinal()].insert(key.clone());
         self.batch.delete(cf, key);
     }
 }

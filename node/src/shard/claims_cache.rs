@@ -612,27 +612,20 @@ impl ClaimsCache {
         for path in &touched {
             inner.remove_path(path);
         }
-        // The new claims of cached paths, by path, paths in the order first applied.
-        let mut paths: HashMap<String, usize, foldhash::fast::RandomState> = HashMap::default();
-        let mut by_path: Vec<(String, Vec<Arc<ClaimFacts>>)> = Vec::new();
+        // The new claims of cached paths, grouped by path (a stable sort keeps each path's in
+        // the order applied).
+        let mut cached = Vec::new();
         for record in added {
             let path = record.draft.concept_path.as_str();
             if touched.binary_search(&path).is_ok() || !inner.entries.contains_key(path) {
                 unused.push(record);
                 continue;
             }
-            let at = match paths.get(path) {
-                Some(&at) => at,
-                None => {
-                    paths.insert(path.to_string(), by_path.len());
-                    by_path.push((path.to_string(), Vec::new()));
-                    by_path.len() - 1
-                }
-            };
-            by_path[at].1.push(Arc::new(ClaimFacts::new(record)));
+            cached.push(Arc::new(ClaimFacts::new(record)));
         }
-        for (path, claims) in &by_path {
-            inner.add_claims(path, claims);
+        cached.sort_by(|a, b| a.record.draft.concept_path.cmp(&b.record.draft.concept_path));
+        for claims in cached.chunk_by(|a, b| a.record.draft.concept_path == b.record.draft.concept_path) {
+            inner.add_claims(&claims[0].record.draft.concept_path, claims);
         }
         inner.evict_to_budget();
         // Readers that read storage before the write must not insert what they read.

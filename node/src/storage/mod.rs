@@ -72,6 +72,21 @@ impl ColumnFamily {
         ColumnFamily::Meta,
     ];
 
+    /// How many families there are: [`ColumnFamily::ordinal`] is below it.
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// The family's place in [`ColumnFamily::ALL`], for tables indexed by family (a new family
+    /// fails to compile here until it has one).
+    pub fn ordinal(self) -> usize {
+        match self {
+            ColumnFamily::RaftLog => 0,
+            ColumnFamily::RaftState => 1,
+            ColumnFamily::StateMachine => 2,
+            ColumnFamily::Index => 3,
+            ColumnFamily::Meta => 4,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ColumnFamily::RaftLog => "raft_log",
@@ -1453,6 +1468,16 @@ mod tests {
         }
         std::fs::write(&path, bytes).expect("write table");
         name
+    }
+
+    /// Tables indexed by family (an apply's staged writes) find each family at its place in
+    /// `ALL`, every place taken once.
+    #[test]
+    fn each_family_is_at_its_ordinal_in_all() {
+        for (at, cf) in ColumnFamily::ALL.iter().enumerate() {
+            assert_eq!(cf.ordinal(), at, "{}", cf.name());
+        }
+        assert_eq!(ColumnFamily::COUNT, ColumnFamily::ALL.len());
     }
 
     /// The data families compact level 0 at [`LEVEL0_COMPACTION_TRIGGER`] files, as the options
