@@ -63,8 +63,11 @@ pub static STORAGE_PUT_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
 });
 
 pub static STORAGE_WRITTEN_BYTES: LazyLock<IntCounter> = LazyLock::new(|| {
-    IntCounter::new("stemedb_storage_written_bytes_total", "Key and value bytes written to storage")
-        .expect("valid metric")
+    IntCounter::new(
+        "stemedb_storage_written_bytes_total",
+        "Key and value bytes written to storage (deletes: their keys; range deletes: both bounds)",
+    )
+    .expect("valid metric")
 });
 
 pub static LOG_FSYNC_DURATION: LazyLock<Histogram> = LazyLock::new(|| {

@@ -302,6 +302,7 @@ impl Default for StorageOptions {
 #[derive(Default)]
 pub struct WriteBatch {
     operations: Vec<BatchOperation>,
+    /// Key and value bytes of every operation (a range delete: both bounds).
     payload_bytes: usize,
 }
 
@@ -323,12 +324,16 @@ impl WriteBatch {
     }
 
     pub fn delete(&mut self, cf: ColumnFamily, key: impl Into<Vec<u8>>) {
-        self.operations.push(BatchOperation::Delete(cf, key.into()));
+        let key = key.into();
+        self.payload_bytes += key.len();
+        self.operations.push(BatchOperation::Delete(cf, key));
     }
 
     /// Deletes every key in `[from, to)`.
     pub fn delete_range(&mut self, cf: ColumnFamily, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
-        self.operations.push(BatchOperation::DeleteRange(cf, from.into(), to.into()));
+        let (from, to) = (from.into(), to.into());
+        self.payload_bytes += from.len() + to.len();
+        self.operations.push(BatchOperation::DeleteRange(cf, from, to));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1247,6 +1252,24 @@ mod tests {
         storage.write(batch, Durability::Buffered).expect("write");
         assert_eq!(get(sm, b"r2"), None);
         assert_eq!(get(sm, b"r1").as_deref(), Some(&b"after"[..]));
+    }
+
+    /// A batch's byte count (its RocksDB buffer's size up front, and
+    /// `stemedb_storage_written_bytes_total`) has every key and value: deletes' keys and range
+    /// deletes' bounds too, and what an absorbed batch had.
+    #[test]
+    fn a_batch_counts_the_bytes_of_every_operation() {
+        let sm = ColumnFamily::StateMachine;
+        let mut batch = WriteBatch::new();
+        batch.put(sm, b"k".to_vec(), b"vv".to_vec());
+        batch.delete(sm, b"abc".to_vec());
+        batch.delete_range(sm, b"de".to_vec(), b"fgh".to_vec());
+        assert_eq!(batch.payload_bytes, 1 + 2 + 3 + 2 + 3);
+        let mut later = WriteBatch::new();
+        later.delete(sm, b"xy".to_vec());
+        batch.absorb(later);
+        assert_eq!(batch.payload_bytes, 13);
+        assert_eq!(batch.len(), 4);
     }
 
     #[test]
