@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use super::progress::IndexLock;
 use serde::Serialize;
 
 use super::command::GroupId;
@@ -83,7 +83,7 @@ fn count_in_prefix(storage: &Storage, prefix: &[u8]) -> Result<u64, StorageError
 pub fn repair_group(
     storage: &Storage,
     group: GroupId,
-    lock: Option<&Mutex<()>>,
+    lock: Option<&IndexLock>,
     scanned: &AtomicU64,
 ) -> Result<RepairReport, StorageError> {
     let mut report = RepairReport::default();

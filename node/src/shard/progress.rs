@@ -25,7 +25,7 @@ pub struct AppliedProgress {
     /// Wall-clock time (µs) of the last apply, for staleness reports.
     pub applied_at_us: AtomicU64,
     /// Held by `apply` and by each chunk of an online index repair, so they never interleave.
-    pub index_lock: parking_lot::Mutex<()>,
+    pub index_lock: IndexLock,
     /// Claims read by queries, dropped per path by the applies that touch it.
     pub claims_cache: super::claims_cache::ClaimsCache,
     /// Snapshot installs begun and finished (odd while one runs: the shard's ranges are partly
@@ -46,6 +46,33 @@ pub struct AppliedProgress {
     /// an apply its state machine handed to the apply pool before Raft stopped, still queued
     /// there, then writes nothing (the applier checks it under the same lock).
     pub retired: std::sync::atomic::AtomicBool,
+}
+
+/// The lock that a shard's applier holds while it applies, and that everything else holds
+/// while it reads a consistent state of the replica or writes its records or indexes (index
+/// repair, anti-entropy scrub and repair, snapshot install, retirement). It counts the times
+/// anything but the applier took it, so the applier knows when what it remembers of the
+/// index family may be stale (the concept counts, `shard::apply`), without each writer having
+/// to say so.
+#[derive(Debug, Default)]
+pub struct IndexLock {
+    /// How many times a holder other than the applier has taken the lock.
+    others: parking_lot::Mutex<u64>,
+}
+
+impl IndexLock {
+    /// Takes the lock for anything but the shard's applier.
+    pub fn lock(&self) -> parking_lot::MutexGuard<'_, u64> {
+        let mut guard = self.others.lock();
+        *guard = guard.wrapping_add(1);
+        guard
+    }
+
+    /// Takes the lock for the shard's applier; the guard holds how many times others have
+    /// taken it so far.
+    pub fn lock_for_apply(&self) -> parking_lot::MutexGuard<'_, u64> {
+        self.others.lock()
+    }
 }
 
 /// A replica's digests (`shard::digest`), kept by the applier in step with its writes.

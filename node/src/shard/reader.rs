@@ -179,7 +179,7 @@ impl ShardReader {
     }
 
     /// The lock an online index repair of this shard takes per chunk (see `shard::index_repair`).
-    pub fn index_lock(&self) -> &parking_lot::Mutex<()> {
+    pub fn index_lock(&self) -> &super::progress::IndexLock {
         &self.progress.index_lock
     }
 
