@@ -151,8 +151,12 @@ pub fn start_rebuild(state: &AppState, trigger: &'static str) -> Result<(), ApiE
                 failure = Some("interrupted by shutdown; run it again".to_string());
                 break;
             }
-            let repaired =
-                repair_group(&context.storage, reader.group_id(), Some(reader.index_lock()), &context.indexes.scanned);
+            let repaired = repair_group(
+                &context.storage,
+                reader.group_id(),
+                Some(reader.progress().as_ref()),
+                &context.indexes.scanned,
+            );
             // Whatever it wrote, a failed run included (it commits chunk by chunk): cached reads
             // may predate it, and applies now update them in place rather than drop them.
             reader.clear_cache();

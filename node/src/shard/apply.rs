@@ -314,30 +314,48 @@ pub struct Applier {
 /// Concept counts (`keys::concept_key` to its value) as this replica's index family holds them.
 /// Only the applier writes them while it holds the index lock; anything else that takes the
 /// lock may write the index family (`IndexLock`), so the cache is emptied when another holder
-/// took it since the applier's last apply. At most [`COUNT_CACHE_ENTRIES`]; emptied when full.
+/// took it since the applier's last apply. At most [`COUNT_CACHE_BYTES`] as charged (key
+/// bytes plus [`COUNT_ENTRY_OVERHEAD`] each); emptied when an insert would pass it.
 #[derive(Default)]
 struct CountCache {
     counts: FastMap<Vec<u8>, u64>,
+    /// What the counts held are charged.
+    bytes: usize,
     /// The index lock's count of other holders when the cache was last known to be current.
     others_seen: u64,
 }
 
-/// Concept counts an applier remembers: about 0.5 MiB per shard at most, with 60-byte paths.
-const COUNT_CACHE_ENTRIES: usize = 4096;
+/// The charge bound of an applier's concept counts: about 2,000 counts with 60-byte paths, and
+/// at most about 0.55 MiB per group with the table itself (the smallest keys, 4,600 of them).
+const COUNT_CACHE_BYTES: usize = 256 * 1024;
+
+/// What a count costs besides its key's bytes: the value, the key's vector and the table slot.
+const COUNT_ENTRY_OVERHEAD: usize = 48;
 
 impl CountCache {
     /// Empties the cache if someone else held the index lock since `others` was last seen.
     fn check(&mut self, others: u64) {
         if others != self.others_seen {
-            self.counts.clear();
+            self.clear();
             self.others_seen = others;
         }
     }
 
+    fn clear(&mut self) {
+        self.counts.clear();
+        self.bytes = 0;
+    }
+
     fn insert(&mut self, key: Vec<u8>, count: u64) {
-        if self.counts.len() >= COUNT_CACHE_ENTRIES && !self.counts.contains_key(&key) {
-            self.counts.clear();
+        if let Some(held) = self.counts.get_mut(&key) {
+            *held = count;
+            return;
         }
+        let charge = key.len() + COUNT_ENTRY_OVERHEAD;
+        if self.bytes + charge > COUNT_CACHE_BYTES {
+            self.clear();
+        }
+        self.bytes += charge;
         self.counts.insert(key, count);
     }
 }
@@ -1353,17 +1371,30 @@ mod tests {
         run(&mut applier, 2, vec![assert(&[4]), ShardCommand::Assert { proposed_at_us: 1, items: vec![elsewhere] }]);
         run(&mut applier, 4, vec![assert(&[5])]);
         assert_eq!((count(&key), count(&other)), (Some(5), Some(1)));
-        assert_eq!(applier.counts.counts.get(&key), Some(&5), "remembered, not read");
-        // A failed apply writes nothing, and its counts are not remembered.
+        assert_eq!(applier.counts.counts.get(&key), Some(&5), "remembered");
+        // Remembered, not read: a count written behind the applier's back without the lock
+        // (which nothing does) is not seen, and two claims in one apply add two.
+        let mut batch = WriteBatch::new();
+        batch.put(ColumnFamily::Index, key.clone(), 1000u64.to_be_bytes().to_vec());
+        storage.write(batch, Durability::Buffered).expect("write");
+        run(&mut applier, 5, vec![assert(&[6, 7])]);
+        assert_eq!(count(&key), Some(7));
+        // A failed apply writes nothing, and none of its counts is remembered.
+        let elsewhere = AssertionDraft::for_test("test/other", "member", "writer", "8");
         let failed = applier.apply(
-            vec![(at(5), Some(assert(&[6, 7])))],
+            vec![
+                (at(6), Some(assert(&[8, 9]))),
+                (at(7), Some(ShardCommand::Assert { proposed_at_us: 1, items: vec![elsewhere] })),
+            ],
             keys::applied_key(GROUP),
             |_| Err(serde::ser::Error::custom("injected")),
             || {},
         );
         assert!(failed.is_err());
-        run(&mut applier, 5, vec![assert(&[8])]);
-        assert_eq!(count(&key), Some(6));
+        run(&mut applier, 6, vec![assert(&[10])]);
+        let elsewhere = AssertionDraft::for_test("test/other", "member", "writer", "9");
+        run(&mut applier, 7, vec![ShardCommand::Assert { proposed_at_us: 1, items: vec![elsewhere] }]);
+        assert_eq!((count(&key), count(&other)), (Some(8), Some(2)));
         // Another holder of the index lock (an index repair) writes a count.
         {
             let _repair = applier.progress.index_lock.lock();
@@ -1371,25 +1402,34 @@ mod tests {
             batch.put(ColumnFamily::Index, key.clone(), 100u64.to_be_bytes().to_vec());
             storage.write(batch, Durability::Buffered).expect("write");
         }
-        run(&mut applier, 6, vec![assert(&[9])]);
-        assert_eq!((count(&key), count(&other)), (Some(101), Some(1)));
+        run(&mut applier, 8, vec![assert(&[11])]);
+        assert_eq!((count(&key), count(&other)), (Some(101), Some(2)));
+        // A holder that only reads (a scrub) leaves what the applier remembers.
+        drop(applier.progress.index_lock.lock_to_read());
+        assert_eq!(applier.counts.counts.get(&key), Some(&101));
+        run(&mut applier, 9, vec![assert(&[12])]);
+        assert_eq!(applier.counts.counts.get(&key), Some(&102));
     }
 
     /// The cache of concept counts never holds more than its bound.
     #[test]
     fn the_count_cache_is_bounded() {
         let mut cache = CountCache::default();
-        for i in 0..(COUNT_CACHE_ENTRIES as u64 * 2 + 3) {
+        let (charge, mut most) = (8 + COUNT_ENTRY_OVERHEAD, 0);
+        for i in 0..(COUNT_CACHE_BYTES as u64 / 8) {
             cache.insert(i.to_be_bytes().to_vec(), i);
-            assert!(cache.counts.len() <= COUNT_CACHE_ENTRIES);
+            assert!(cache.bytes <= COUNT_CACHE_BYTES);
+            assert_eq!(cache.bytes, cache.counts.len() * charge);
+            most = most.max(cache.counts.len());
         }
+        assert_eq!(most, COUNT_CACHE_BYTES / charge, "it fills up to its bound");
         // A key it holds is replaced in place, even when full.
         let held = cache.counts.keys().next().cloned().expect("a key");
         let before = cache.counts.len();
         cache.insert(held.clone(), 7);
         assert_eq!((cache.counts.len(), cache.counts.get(&held)), (before, Some(&7)));
         cache.check(1);
-        assert!(cache.counts.is_empty());
+        assert!(cache.counts.is_empty() && cache.bytes == 0);
     }
 
     /// An apply that reaches a retired replica (queued on the apply pool while the replica was

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::progress::IndexLock;
+use super::progress::AppliedProgress;
 use serde::Serialize;
 
 use super::command::GroupId;
@@ -78,23 +78,32 @@ fn count_in_prefix(storage: &Storage, prefix: &[u8]) -> Result<u64, StorageError
     Ok(count)
 }
 
-/// Verifies and repairs the indexes of `group`. `lock`: the shard's index lock (online);
-/// `scanned` counts records as they are checked (progress).
+/// Verifies and repairs the indexes of `group`. `replica`: the live replica's progress, whose
+/// index lock each chunk holds (online); a replica retired meanwhile (deleted, perhaps created
+/// again under a new lock) stops the repair before its next chunk with
+/// [`StorageError::Closed`]. `scanned` counts records as they are checked (progress).
 pub fn repair_group(
     storage: &Storage,
     group: GroupId,
-    lock: Option<&IndexLock>,
+    replica: Option<&AppliedProgress>,
     scanned: &AtomicU64,
 ) -> Result<RepairReport, StorageError> {
     let mut report = RepairReport::default();
-    let hold = || lock.map(|l| l.lock());
+    let hold = || {
+        let Some(progress) = replica else { return Ok(None) };
+        let guard = progress.index_lock.lock();
+        if progress.retired.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        Ok(Some(guard))
+    };
     // Phase 1: every record has its entries.
     let records = keys::assertions_prefix(group);
     let records_end = keys::prefix_end(&records);
     let mut from = records.clone();
     let mut concepts_without_count: BTreeSet<(String, String)> = BTreeSet::new();
     loop {
-        let _guard = hold();
+        let _guard = hold()?;
         let rows = storage.scan(ColumnFamily::StateMachine, &from, &records_end, CHUNK)?;
         let Some((last, _)) = rows.last() else { break };
         from = last.clone();
@@ -133,7 +142,7 @@ pub fn repair_group(
     let index_end = keys::group_end(group);
     let mut from = index_start;
     loop {
-        let _guard = hold();
+        let _guard = hold()?;
         let rows = storage.scan(ColumnFamily::Index, &from, &index_end, CHUNK)?;
         let Some((last, _)) = rows.last() else { break };
         from = last.clone();
@@ -196,7 +205,7 @@ pub fn repair_group(
     }
     // Phase 3: concepts that had claims but no count at all.
     for (path, predicate) in concepts_without_count {
-        let _guard = hold();
+        let _guard = hold()?;
         let key = keys::concept_key(group, &path, &predicate);
         if storage.get(ColumnFamily::Index, &key)?.is_some() {
             continue;
@@ -244,6 +253,40 @@ fn parse_agent(body: &[u8]) -> Option<(&str, AssertionId)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An online repair of a replica that was retired (and may exist again under a new lock)
+    /// stops before its first chunk and writes nothing; the same repair of a live replica adds
+    /// the record's missing entries.
+    #[test]
+    fn a_retired_replica_is_not_repaired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path(), crate::storage::StorageOptions::default()).expect("open");
+        let group = 5;
+        let id = AssertionId::new(1_700_000_000_000_000, 4, 1, 0);
+        let draft = crate::model::assertion::AssertionDraft::for_test("a/b", "p", "writer", "1");
+        let record =
+            StoredAssertion { id, asserted_at_us: 1_700_000_000_000_000, log_index: 1, draft, quarantined: false };
+        let mut batch = WriteBatch::new();
+        batch.put(
+            ColumnFamily::StateMachine,
+            keys::assertion_key(group, id),
+            super::super::codec::encode_assertion(&record),
+        );
+        storage.write(batch, Durability::Buffered).expect("write");
+        let index_entries = || {
+            let (from, to) = (keys::group_prefix(group), keys::group_end(group));
+            storage.scan(ColumnFamily::Index, &from, &to, usize::MAX).expect("scan").len()
+        };
+        let progress = AppliedProgress::default();
+        progress.retired.store(true, Ordering::Release);
+        let stopped = repair_group(&storage, group, Some(&progress), &AtomicU64::new(0));
+        assert!(matches!(stopped, Err(StorageError::Closed)), "{stopped:?}");
+        assert_eq!(index_entries(), 0);
+        let live = AppliedProgress::default();
+        let report = repair_group(&storage, group, Some(&live), &AtomicU64::new(0)).expect("repair");
+        assert_eq!((report.missing_added, report.counts_fixed), (2, 1));
+        assert_eq!(index_entries(), 3);
+    }
 
     #[test]
     fn key_parsers_round_trip() {

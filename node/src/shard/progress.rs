@@ -51,9 +51,9 @@ pub struct AppliedProgress {
 /// The lock that a shard's applier holds while it applies, and that everything else holds
 /// while it reads a consistent state of the replica or writes its records or indexes (index
 /// repair, anti-entropy scrub and repair, snapshot install, retirement). It counts the times
-/// anything but the applier took it, so the applier knows when what it remembers of the
-/// index family may be stale (the concept counts, `shard::apply`), without each writer having
-/// to say so.
+/// anything but the applier took it with [`IndexLock::lock`], so the applier knows when what it
+/// remembers of the index family may be stale (the concept counts, `shard::apply`), without
+/// each writer having to say so. Holders that only read take [`IndexLock::lock_to_read`].
 #[derive(Debug, Default)]
 pub struct IndexLock {
     /// How many times a holder other than the applier has taken the lock.
@@ -66,6 +66,13 @@ impl IndexLock {
         let mut guard = self.others.lock();
         *guard = guard.wrapping_add(1);
         guard
+    }
+
+    /// Takes the lock for a holder that writes nothing to the replica while it holds it (an
+    /// anti-entropy scrub or bucket read, which take a consistent view of the records): not
+    /// counted, so the applier keeps what it remembers.
+    pub fn lock_to_read(&self) -> parking_lot::MutexGuard<'_, u64> {
+        self.others.lock()
     }
 
     /// Takes the lock for the shard's applier; the guard holds how many times others have

@@ -178,11 +178,6 @@ impl ShardReader {
         Ok(None)
     }
 
-    /// The lock an online index repair of this shard takes per chunk (see `shard::index_repair`).
-    pub fn index_lock(&self) -> &super::progress::IndexLock {
-        &self.progress.index_lock
-    }
-
     /// Drops this shard's cached claims (after its indexes were repaired).
     pub fn clear_cache(&self) {
         self.progress.claims_cache.clear();

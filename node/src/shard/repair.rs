@@ -52,7 +52,7 @@ pub fn scrub(
         recomputed: Option<Buckets>,
         next_pause: u64,
     }
-    let mut guard = Some(progress.index_lock.lock());
+    let mut guard = Some(progress.index_lock.lock_to_read());
     let started = Instant::now();
     let walked = storage.for_each_in_snapshot(
         ColumnFamily::StateMachine,
@@ -152,7 +152,7 @@ pub fn read_buckets(
     count: usize,
     buckets: &BTreeSet<usize>,
 ) -> Result<BucketCopy, StorageError> {
-    let mut guard = Some(progress.index_lock.lock());
+    let mut guard = Some(progress.index_lock.lock_to_read());
     let (mut copy, kept_count) = storage.for_each_in_snapshot(
         ColumnFamily::StateMachine,
         &keys::group_prefix(group),

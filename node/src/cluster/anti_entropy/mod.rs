@@ -1108,8 +1108,7 @@ impl AntiEntropy {
     async fn verify_indexes(&self, shard: u16, progress: &Arc<AppliedProgress>, storage: &Arc<Storage>, group: u32) {
         let (p, st) = (progress.clone(), storage.clone());
         let verified = tokio::task::spawn_blocking(move || {
-            let repaired =
-                crate::shard::index_repair::repair_group(&st, group, Some(&p.index_lock), &AtomicU64::new(0));
+            let repaired = crate::shard::index_repair::repair_group(&st, group, Some(p.as_ref()), &AtomicU64::new(0));
             // Reads cached since the records were replaced may lack the claims the indexes
             // gained, and applies update cached reads in place rather than drop them.
             p.claims_cache.clear();
