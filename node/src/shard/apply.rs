@@ -736,19 +736,18 @@ impl Applier {
             }
             overlay.put(ColumnFamily::Index, keys::agent_key(self.group, &draft.agent_id, id), Vec::new());
             let concept_key = keys::concept_key(self.group, &draft.concept_path, &draft.predicate);
-            // This call's own write first, then the stored count as the cache remembers it.
-            let stored = |overlay: &Overlay| -> Result<Option<Vec<u8>>, Fault> {
-                if overlay.touches(ColumnFamily::Index, &concept_key) {
-                    return overlay.get(ColumnFamily::Index, &concept_key);
-                }
-                match self.counts.counts.get(&concept_key) {
-                    Some(count) => Ok(Some(count.to_be_bytes().to_vec())),
-                    None => overlay.get(ColumnFamily::Index, &concept_key),
-                }
+            // The stored count as the cache remembers it, unless this call wrote it already.
+            let remembered = if overlay.touches(ColumnFamily::Index, &concept_key) {
+                None
+            } else {
+                self.counts.counts.get(&concept_key).copied()
             };
-            let count = match stored(overlay)? {
-                Some(bytes) => bytes.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
-                None => 0,
+            let count = match remembered {
+                Some(count) => count,
+                None => match overlay.get(ColumnFamily::Index, &concept_key)? {
+                    Some(bytes) => bytes.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
+                    None => 0,
+                },
             };
             self.written_counts.push((concept_key.clone(), count + 1));
             overlay.put_visible(ColumnFamily::Index, concept_key, (count + 1).to_be_bytes().to_vec());
