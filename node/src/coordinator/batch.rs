@@ -211,14 +211,18 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
             group.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    let (drafts, replies): (Vec<_>, Vec<_>) = writes.into_iter().map(|p| ((p.draft, p.deadline), p.reply)).unzip();
-    let own = drafts.len();
+    let own = writes.len();
+    let mut items = Vec::with_capacity(own);
+    let mut deadlines = Vec::with_capacity(own);
+    let mut replies = Vec::with_capacity(own);
+    for write in writes {
+        items.push(write.draft);
+        deadlines.push(write.deadline);
+        replies.push(write.reply);
+    }
     let mut parts = Vec::with_capacity(forwarded.len() + 1);
     if own > 0 {
-        parts.push(ShardCommand::Assert {
-            proposed_at_us: now_us(),
-            items: drafts.iter().map(|(d, _)| d.clone()).collect(),
-        });
+        parts.push(ShardCommand::Assert { proposed_at_us: now_us(), items });
     }
     let mut part_replies = Vec::with_capacity(forwarded.len());
     for part in forwarded {
@@ -226,8 +230,8 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
         parts.push(ShardCommand::Once { token: part.token, command: Box::new(assert) });
         part_replies.push(part.reply);
     }
-    let command = if parts.len() == 1 { parts.remove(0) } else { ShardCommand::Parts { parts } };
-    match shards.propose_local(shard, command, timeout).await {
+    let command = Arc::new(if parts.len() == 1 { parts.remove(0) } else { ShardCommand::Parts { parts } });
+    match shards.propose_local(shard, Arc::clone(&command), timeout).await {
         Ok(ShardResponse::Parts(mut responses)) if responses.len() == part_replies.len() + usize::from(own > 0) => {
             if own > 0 {
                 answer_writes(shard, replies, Ok(responses.remove(0)));
@@ -261,8 +265,9 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
             }
             if matches!(error, ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. }) && own > 0 {
                 // Refused before anything was appended: this node's writes go the usual way.
-                let writes = drafts
+                let writes = own_items(Arc::unwrap_or_clone(command))
                     .into_iter()
+                    .zip(deadlines)
                     .zip(replies)
                     .map(|((draft, deadline), reply)| PendingWrite { draft, deadline, reply })
                     .collect();
@@ -271,6 +276,16 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
                 answer_writes(shard, replies, Err(error));
             }
         }
+    }
+}
+
+/// This node's own drafts in an entry `propose` built with some: its first part, or the whole
+/// entry when it has no other.
+fn own_items(command: ShardCommand) -> Vec<AssertionDraft> {
+    match command {
+        ShardCommand::Assert { items, .. } => items,
+        ShardCommand::Parts { parts } => parts.into_iter().next().map(own_items).unwrap_or_default(),
+        _ => Vec::new(),
     }
 }
 

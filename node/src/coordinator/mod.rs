@@ -11,6 +11,7 @@
 pub mod batch;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::meta::policy::{PolicyCommand, PolicyError, PolicyOutcome};
@@ -131,7 +132,8 @@ impl Coordinator for ShardSet {
         timeout: Duration,
     ) -> Result<Result<(), MetaError>, ConsensusError> {
         let proposed_at_us = crate::model::id::now_us();
-        meta_answer(self.propose_local(META_SHARD, ShardCommand::Meta { proposed_at_us, command }, timeout).await?)
+        let command = Arc::new(ShardCommand::Meta { proposed_at_us, command });
+        meta_answer(self.propose_local(META_SHARD, command, timeout).await?)
     }
 
     async fn propose_policy(
@@ -219,7 +221,8 @@ async fn propose_hosted(
     timeout: Duration,
 ) -> Result<ShardResponse, ConsensusError> {
     let shard = group.shard;
-    let mut command = Some(command);
+    // Shared with the proposal, so a retry needs no copy of the command.
+    let mut command = Some(Arc::new(command));
     // Whether some forwarded copy may have reached a leader: then the outcome is unknown
     // unless a later copy is confirmed.
     let mut maybe_delivered = false;
@@ -243,7 +246,7 @@ async fn propose_hosted(
         };
         if leader == shards.node_id {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            match shards.propose_local(shard, current.clone(), remaining).await {
+            match shards.propose_local(shard, Arc::clone(&current), remaining).await {
                 // Leadership moved between the check and the proposal: nothing appended.
                 Err(ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. })
                     if Instant::now() < deadline =>
@@ -256,9 +259,13 @@ async fn propose_hosted(
                 other => return other,
             }
         }
-        let current = current.once();
+        let current = match *current {
+            ShardCommand::Once { .. } => current,
+            // Not proposed here, or refused before openraft took it: this is the only holder.
+            _ => Arc::new(Arc::unwrap_or_clone(current).once()),
+        };
         let attempt_deadline = deadline.min(Instant::now() + shards.forward_attempt_timeout);
-        let attempt = shards.ask_leader(group, leader, &current, attempt_deadline);
+        let attempt = shards.ask_leader(group, leader, &*current, attempt_deadline);
         let outcome = tokio::select! {
             outcome = attempt => Some(outcome),
             // The leader this attempt went to was replaced: the new one gets the same token.

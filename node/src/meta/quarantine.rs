@@ -57,6 +57,18 @@ impl QuarantineRules {
         self.protect_authority_level != 0 && policy.has_authorities()
     }
 
+    /// Whether [`QuarantineRules::screen`] would leave every draft's decision as it is (it
+    /// decides each draft the same way; it records nothing).
+    pub fn would_keep(
+        &self,
+        policy: &Policy,
+        reader: &dyn RecentClaims,
+        drafts: &[AssertionDraft],
+        now_us: u64,
+    ) -> bool {
+        drafts.iter().all(|draft| self.decide(policy, reader, draft, now_us) == draft.quarantine)
+    }
+
     /// Decides, for each draft, whether it is quarantined, and records why in the draft.
     pub fn screen(&self, policy: &Policy, reader: &dyn RecentClaims, drafts: &mut [AssertionDraft], now_us: u64) {
         for draft in drafts.iter_mut() {

@@ -28,6 +28,7 @@ use super::state_machine::ShardStateMachine;
 use super::types::{group_of_shard, GroupAdmin, NodeId, Raft, ShardCommand, ShardResponse};
 use crate::error::ErrorCode;
 use crate::meta::policy::Policy;
+use crate::meta::quarantine::RecentClaims;
 use crate::meta::{MetaState, META_SHARD};
 use crate::model::id::shard_for_path;
 use crate::shard::claims_cache::RenderedSlot;
@@ -39,14 +40,35 @@ use crate::storage::{ColumnFamily, Storage};
 /// not name a new leader.
 pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
-/// Records the quarantine decisions of an assertion command (forwarded ones included).
-fn screen(policy: &Policy, reader: &ShardReader, command: &mut ShardCommand) {
+/// Records the quarantine decisions of an assertion command (forwarded ones included). The
+/// command is shared (its proposer keeps it to retry), so it is copied only when a decision
+/// differs from the one it carries: most carry none and get none, and a retried command
+/// carries those of its first screening.
+fn screen(policy: &Policy, reader: &dyn RecentClaims, command: &mut Arc<ShardCommand>) {
+    if !keeps_decisions(policy, reader, command) {
+        screen_in_place(policy, reader, Arc::make_mut(command));
+    }
+}
+
+/// Whether screening would leave every draft of `command` as it is.
+fn keeps_decisions(policy: &Policy, reader: &dyn RecentClaims, command: &ShardCommand) -> bool {
+    match command {
+        ShardCommand::Assert { proposed_at_us, items } => {
+            policy.quarantine_rules().would_keep(policy, reader, items, *proposed_at_us)
+        }
+        ShardCommand::Once { command, .. } => keeps_decisions(policy, reader, command),
+        ShardCommand::Parts { parts } => parts.iter().all(|part| keeps_decisions(policy, reader, part)),
+        _ => true,
+    }
+}
+
+fn screen_in_place(policy: &Policy, reader: &dyn RecentClaims, command: &mut ShardCommand) {
     match command {
         ShardCommand::Assert { proposed_at_us, items } => {
             policy.quarantine_rules().screen(policy, reader, items, *proposed_at_us)
         }
-        ShardCommand::Once { command, .. } => screen(policy, reader, command),
-        ShardCommand::Parts { parts } => parts.iter_mut().for_each(|part| screen(policy, reader, part)),
+        ShardCommand::Once { command, .. } => screen_in_place(policy, reader, command),
+        ShardCommand::Parts { parts } => parts.iter_mut().for_each(|part| screen_in_place(policy, reader, part)),
         _ => {}
     }
 }
@@ -916,11 +938,13 @@ impl ShardSet {
     }
 
     /// Proposes `command` on this node, which must lead the shard (used for forwarded writes:
-    /// they are never forwarded a second time).
+    /// they are never forwarded a second time). The command is shared, not copied: a caller
+    /// that keeps it may propose it again after `not_leader` or `no_quorum`, which mean nothing
+    /// was appended.
     pub async fn propose_local(
         &self,
         shard: u16,
-        command: ShardCommand,
+        command: Arc<ShardCommand>,
         timeout: Duration,
     ) -> Result<ShardResponse, ConsensusError> {
         let group = self.group(shard)?;
@@ -1685,6 +1709,75 @@ struct ResumeHeartbeats<'a>(&'a Raft);
 impl Drop for ResumeHeartbeats<'_> {
     fn drop(&mut self) {
         self.0.runtime_config().heartbeat(true);
+    }
+}
+
+#[cfg(test)]
+mod screening_tests {
+    use std::sync::Arc;
+
+    use super::screen;
+    use crate::meta::policy::Policy;
+    use crate::meta::quarantine::{QuarantineRules, RecentClaims};
+    use crate::model::assertion::AssertionDraft;
+    use crate::model::lens::ClaimFacts;
+    use crate::shard::command::{ProposalToken, ShardCommand};
+    use crate::storage::StorageError;
+
+    struct NoClaims;
+
+    impl RecentClaims for NoClaims {
+        fn recent_claims(&self, _: &str, _: &str, _: usize) -> Result<Vec<ClaimFacts>, StorageError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn policy() -> Policy {
+        let rules = QuarantineRules {
+            require_authority_prefixes: vec!["guarded".into()],
+            protect_authority_level: 0,
+            breaker_quarantines: false,
+        };
+        Policy::new(8, rules)
+    }
+
+    fn command(paths: &[&str]) -> ShardCommand {
+        let items = paths.iter().map(|path| AssertionDraft::for_test(path, "status", "writer", "1")).collect();
+        let assert = ShardCommand::Assert { proposed_at_us: 1, items };
+        let token = ProposalToken { issued_at_us: 1, nonce: 7 };
+        ShardCommand::Parts { parts: vec![ShardCommand::Once { token, command: Box::new(assert) }] }
+    }
+
+    fn decisions(command: &ShardCommand) -> Vec<Option<String>> {
+        let ShardCommand::Parts { parts } = command else { panic!("parts") };
+        let ShardCommand::Once { command, .. } = &parts[0] else { panic!("once") };
+        let ShardCommand::Assert { items, .. } = &**command else { panic!("assert") };
+        items.iter().map(|d| d.quarantine.as_ref().map(|q| q.reason.clone())).collect()
+    }
+
+    /// A shared command that screening leaves as it is stays shared (no copy); one that gets a
+    /// decision is copied, and the proposer's copy keeps what it had.
+    #[test]
+    fn a_command_is_copied_only_when_a_decision_changes() {
+        let policy = policy();
+        let kept = Arc::new(command(&["open/a", "open/b"]));
+        let mut screened = Arc::clone(&kept);
+        screen(&policy, &NoClaims, &mut screened);
+        assert!(Arc::ptr_eq(&kept, &screened), "nothing to decide: the same command");
+        assert_eq!(decisions(&screened), vec![None, None]);
+
+        let kept = Arc::new(command(&["open/a", "guarded/b"]));
+        let mut screened = Arc::clone(&kept);
+        screen(&policy, &NoClaims, &mut screened);
+        assert!(!Arc::ptr_eq(&kept, &screened), "a decision: a copy");
+        assert_eq!(decisions(&screened), vec![None, Some("authority_required".into())]);
+        assert_eq!(decisions(&kept), vec![None, None], "the proposer's copy is untouched");
+
+        // Screened again (a retry of the decided copy): nothing changes, nothing is copied.
+        let again = Arc::clone(&screened);
+        let mut rescreened = Arc::clone(&again);
+        screen(&policy, &NoClaims, &mut rescreened);
+        assert!(Arc::ptr_eq(&again, &rescreened));
     }
 }
 

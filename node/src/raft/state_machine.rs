@@ -494,7 +494,9 @@ fn apply_one_run(
                 next.membership = StoredMembership::new(Some(entry.log_id), membership);
                 None
             }
-            EntryPayload::Normal(command) => Some(command),
+            // The log's tail usually still shares it: then the apply, which moves its drafts
+            // into stored records, takes its own copy (the only deep copy of an entry).
+            EntryPayload::Normal(command) => Some(Arc::unwrap_or_clone(command)),
         };
         run.push((at, command));
     }
@@ -636,7 +638,7 @@ mod tests {
     fn entry(index: u64, command: ShardCommand) -> Entry {
         Entry {
             log_id: openraft::LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(command),
+            payload: EntryPayload::Normal(Arc::new(command)),
         }
     }
 

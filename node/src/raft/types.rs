@@ -1,6 +1,8 @@
 //! The Raft type configuration shared by every shard group (over the commands of
 //! `shard::command`), and the membership changes a group's leader runs.
 
+use std::sync::Arc;
+
 /// Node ids are u64; a node's Raft address is in its [`openraft::BasicNode`].
 pub use crate::model::NodeId;
 pub use crate::shard::command::{
@@ -11,7 +13,10 @@ pub use crate::shard::command::{
 openraft::declare_raft_types!(
     /// Type configuration of every StemeDB Raft group.
     pub TypeConfig:
-        D = ShardCommand,
+        // Shared: the proposer's copy kept for a retry, the log's tail, the replication
+        // streams and the apply all hold the one command (an entry of 1,000 assertions is
+        // thousands of strings), and only the apply takes it apart.
+        D = Arc<ShardCommand>,
         R = ShardResponse,
         NodeId = NodeId,
         Node = openraft::BasicNode,

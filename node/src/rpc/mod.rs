@@ -170,9 +170,9 @@ impl RaftService {
                 }
                 command if self.shards.leads(shard) => match self.batchers.forwarded(shard, command, timeout).await {
                     Ok(result) => result,
-                    Err(command) => self.shards.propose_local(shard, command, timeout).await,
+                    Err(command) => self.shards.propose_local(shard, Arc::new(command), timeout).await,
                 },
-                command => self.shards.propose_local(shard, command, timeout).await,
+                command => self.shards.propose_local(shard, Arc::new(command), timeout).await,
             }
         };
         Ok(requests::propose_reply_to_proto(&result))

@@ -450,7 +450,8 @@ impl AntiEntropy {
     pub async fn check(self: &Arc<Self>, shard: u16) -> Result<CheckSummary, AntiEntropyError> {
         let started = Instant::now();
         let timeout = REPORT_WAIT;
-        self.shards.propose_local(shard, ShardCommand::Check { proposed_at_us: now_us() }, timeout).await?;
+        let check = Arc::new(ShardCommand::Check { proposed_at_us: now_us() });
+        self.shards.propose_local(shard, check, timeout).await?;
         let (progress, _, group) = self.progress(shard)?;
         let Some(record) = progress.digest.lock().last_check.clone() else {
             return Err(AntiEntropyError::RepairFailed { shard, message: "no check recorded".into() });

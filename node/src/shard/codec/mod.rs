@@ -3,13 +3,15 @@
 //! `proto/log.proto` (the Raft log stores and the transport sends commands in this form;
 //! `raft::wire` frames whole entries), the state machine's records (assertions, retractions
 //! and releases, write outcomes, token responses) behind a version byte ([`RECORD_V1`];
-//! records an earlier version wrote as JSON start with `{` or `"` and still read),
-//! and, one module per message family of `proto/request.proto`, the errors of the request path
+//! records an earlier version wrote as JSON start with `{` or `"` and still read), and, one
+//! module per message family of `proto/request.proto`, the errors of the request path
 //! (`errors`), the state machine's answers (`response`) and reads of a shard with their
-//! results (`read`). Assertion values and sources stay the client's JSON text. Decoding checks
+//! results (`read`). Assertion commands and stored assertions are written straight from the
+//! Rust values (`direct`), in the bytes prost would write for their messages. Assertion values and sources stay the client's JSON text. Decoding checks
 //! every range a Rust type has and protobuf does not (a `u8` level, a `u16` shard, a 16-byte
 //! id, a `usize` count) and names the field that is out of it or missing; it never panics.
 
+pub mod direct;
 pub mod errors;
 pub mod read;
 pub mod response;
@@ -72,7 +74,7 @@ where
 
 /// The stored form of an assertion.
 pub fn encode_assertion(record: &StoredAssertion) -> Vec<u8> {
-    frame(&record_to_proto(record))
+    direct::encode_stored(record)
 }
 
 /// A stored assertion, in either form.
