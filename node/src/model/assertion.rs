@@ -380,6 +380,43 @@ pub struct StoredAssertion {
     pub quarantined: bool,
 }
 
+impl StoredAssertion {
+    /// This record with its draft borrowed.
+    pub fn as_new(&self) -> NewAssertion<'_> {
+        NewAssertion {
+            id: self.id,
+            asserted_at_us: self.asserted_at_us,
+            log_index: self.log_index,
+            draft: &self.draft,
+            quarantined: self.quarantined,
+        }
+    }
+}
+
+/// An assertion an apply just stored, its draft borrowed from the log entry that carries it:
+/// most of a large batch's claims are on concepts no cache holds, and only those that are get
+/// a copy ([`NewAssertion::to_stored`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NewAssertion<'a> {
+    pub id: AssertionId,
+    pub asserted_at_us: u64,
+    pub log_index: u64,
+    pub draft: &'a AssertionDraft,
+    pub quarantined: bool,
+}
+
+impl NewAssertion<'_> {
+    pub fn to_stored(&self) -> StoredAssertion {
+        StoredAssertion {
+            id: self.id,
+            asserted_at_us: self.asserted_at_us,
+            log_index: self.log_index,
+            draft: self.draft.clone(),
+            quarantined: self.quarantined,
+        }
+    }
+}
+
 /// A vote on an assertion.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

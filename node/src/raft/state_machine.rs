@@ -494,9 +494,8 @@ fn apply_one_run(
                 next.membership = StoredMembership::new(Some(entry.log_id), membership);
                 None
             }
-            // The log's tail usually still shares it: then the apply, which moves its drafts
-            // into stored records, takes its own copy (the only deep copy of an entry).
-            EntryPayload::Normal(command) => Some(Arc::unwrap_or_clone(command)),
+            // Shared with the log's tail: the apply reads it in place.
+            EntryPayload::Normal(command) => Some(command),
         };
         run.push((at, command));
     }

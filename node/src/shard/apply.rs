@@ -20,7 +20,7 @@ use super::metrics;
 use super::progress::{AppliedProgress, CheckRecord, RetractionRecord};
 use crate::meta::policy::{Policy, PolicyCommand, PolicyError, PolicyOutcome, PolicyRecord, PolicyStore};
 use crate::meta::{MetaCommand, MetaError, MetaState};
-use crate::model::assertion::{AssertionDraft, StoredAssertion};
+use crate::model::assertion::{AssertionDraft, NewAssertion, StoredAssertion};
 use crate::model::id::AssertionId;
 use crate::model::ModelError;
 use crate::storage::{ColumnFamily, Durability, Storage, StorageError, WriteBatch};
@@ -279,7 +279,7 @@ struct MetaSlot {
 
 /// One entry of a run to apply: its position, and its command (`None` for entries that carry
 /// none, such as a new leader's blank entry or a membership change).
-pub type Applicable = (Position, Option<ShardCommand>);
+pub type Applicable = (Position, Option<Arc<ShardCommand>>);
 
 /// Applies a shard's committed commands (see the module doc).
 pub struct Applier {
@@ -294,9 +294,6 @@ pub struct Applier {
     /// Concept paths whose existing claims the current `apply` call changed (for the claims
     /// cache, which drops their reads).
     touched: Vec<String>,
-    /// The assertions the current `apply` call added that change no other claim (for the
-    /// claims cache, which adds them to its reads).
-    added: Vec<StoredAssertion>,
     /// The policy as the current `apply` call changed it, published after its write.
     pending_policy: Option<PolicyStore>,
     /// Claims the current `apply` call put into quarantine, less those it took out.
@@ -377,7 +374,6 @@ impl Applier {
             progress,
             meta: None,
             touched: Vec::new(),
-            added: Vec::new(),
             pending_policy: None,
             quarantine_delta: 0,
             pending_check: None,
@@ -465,20 +461,25 @@ impl Applier {
         }
         self.pending_policy = None;
         self.touched.clear();
-        self.added.clear();
         self.quarantine_delta = 0;
         self.pending_check = None;
         let mut overlay = Overlay::new(self.storage.clone());
         overlay.buckets = progress.digest.lock().buckets.as_ref().map_or(0, Buckets::count);
         let mut responses = Vec::with_capacity(entries.len());
-        for (at, command) in entries {
-            let response = match command {
+        // The assertions this call adds that change no other claim (for the claims cache, which
+        // adds them to its reads), their drafts borrowed from the entries.
+        let mut added = Vec::new();
+        for (at, command) in &entries {
+            let at = *at;
+            let response = match command.as_deref() {
                 None => ShardResponse::Empty,
                 Some(ShardCommand::Check { proposed_at_us }) => {
-                    self.record_check(&overlay, at, proposed_at_us);
+                    self.record_check(&overlay, at, *proposed_at_us);
                     ShardResponse::Empty
                 }
-                Some(command) => self.apply_command(&mut overlay, at.index, command, 0).map_err(|f| f.at(at))?,
+                Some(command) => {
+                    self.apply_command(&mut overlay, &mut added, at.index, command, 0).map_err(|f| f.at(at))?
+                }
             };
             responses.push(response);
             // Forget expired proposal tokens every 256 entries, whatever the entry: the same
@@ -534,7 +535,7 @@ impl Applier {
         let now = (pending.load(std::sync::atomic::Ordering::Acquire) as i64).saturating_add(delta).max(0);
         pending.store(now as u64, std::sync::atomic::Ordering::Release);
         // After the write, so a reader that misses the cache from now on reads the new state.
-        progress.claims_cache.apply_changes(self.touched.iter().map(String::as_str), std::mem::take(&mut self.added));
+        progress.claims_cache.apply_changes(self.touched.iter().map(String::as_str), &added);
         self.touched.clear();
         if let Some(slot) = &self.meta {
             if **slot.publish.borrow() != slot.state {
@@ -685,17 +686,19 @@ impl Applier {
 
     /// Applies the items of an assertion command at positions from `first` of the entry at
     /// `log_index` (a part of a [`ShardCommand::Parts`] starts after the parts before it).
-    fn apply_assert(
+    #[allow(clippy::too_many_arguments)]
+    fn apply_assert<'a>(
         &mut self,
         overlay: &mut Overlay,
+        added: &mut Vec<NewAssertion<'a>>,
         log_index: u64,
         first: usize,
         proposed_at_us: u64,
-        items: Vec<AssertionDraft>,
+        items: &'a [AssertionDraft],
     ) -> Result<Vec<Result<AssertOutcome, ModelError>>, Fault> {
         let mut results = Vec::with_capacity(items.len());
         let mut indexed = 0u64;
-        for (offset, draft) in items.into_iter().enumerate() {
+        for (offset, draft) in items.iter().enumerate() {
             let position = first + offset;
             if let Some(request_id) = &draft.request_id {
                 let key = keys::request_key(self.group, &draft.agent_id, request_id);
@@ -706,7 +709,7 @@ impl Applier {
                     continue;
                 }
             }
-            if let Some(error) = self.check_supersedes(overlay, &draft)? {
+            if let Some(error) = self.check_supersedes(overlay, draft)? {
                 results.push(Err(error));
                 continue;
             }
@@ -769,14 +772,13 @@ impl Applier {
                 let key = keys::request_key(self.group, &draft.agent_id, request_id);
                 overlay.put_absent(ColumnFamily::StateMachine, key, codec::encode_outcome(&outcome));
             }
-            let record = StoredAssertion { id, asserted_at_us, log_index, draft, quarantined };
             overlay.put_absent(
                 ColumnFamily::StateMachine,
                 keys::assertion_key(self.group, id),
-                codec::encode_assertion(&record),
+                codec::direct::encode_record(id, asserted_at_us, log_index, draft, quarantined),
             );
             if !changes_others {
-                self.added.push(record);
+                added.push(NewAssertion { id, asserted_at_us, log_index, draft, quarantined });
             }
             indexed += 1;
             results.push(Ok(outcome));
@@ -787,11 +789,12 @@ impl Applier {
 
     /// Applies one command of the entry at `index`; its assertions, if any, are numbered from
     /// position `first` of the entry.
-    fn apply_command(
+    fn apply_command<'a>(
         &mut self,
         overlay: &mut Overlay,
+        added: &mut Vec<NewAssertion<'a>>,
         index: u64,
-        command: ShardCommand,
+        command: &'a ShardCommand,
         first: usize,
     ) -> Result<ShardResponse, Fault> {
         Ok(match command {
@@ -799,7 +802,7 @@ impl Applier {
                 if let Some(refusal) = refuse_numbering(index, first + items.len()) {
                     return Ok(ShardResponse::Refused(refusal));
                 }
-                ShardResponse::Asserted(self.apply_assert(overlay, index, first, proposed_at_us, items)?)
+                ShardResponse::Asserted(self.apply_assert(overlay, added, index, first, *proposed_at_us, items)?)
             }
             ShardCommand::Parts { parts } => {
                 let items = parts.iter().map(ShardCommand::item_count).sum::<usize>();
@@ -813,7 +816,7 @@ impl Applier {
                     // Never built by this code (parts are assertion commands and never nest):
                     // refused, not applied, rather than numbered on a peer's word.
                     let response = if part.is_assertion_part() {
-                        self.apply_command(overlay, index, part, next)?
+                        self.apply_command(overlay, added, index, part, next)?
                     } else {
                         ShardResponse::TokenExpired
                     };
@@ -822,38 +825,38 @@ impl Applier {
                 }
                 ShardResponse::Parts(responses)
             }
-            ShardCommand::Vote { proposed_at_us, assertion_id, agent_id, value } => {
-                ShardResponse::Voted(self.apply_vote(overlay, index, proposed_at_us, assertion_id, &agent_id, value)?)
-            }
+            ShardCommand::Vote { proposed_at_us, assertion_id, agent_id, value } => ShardResponse::Voted(
+                self.apply_vote(overlay, index, *proposed_at_us, *assertion_id, agent_id, *value)?,
+            ),
             ShardCommand::Meta { proposed_at_us, command } => {
-                ShardResponse::Meta(self.apply_meta(overlay, proposed_at_us, command)?)
+                ShardResponse::Meta(self.apply_meta(overlay, *proposed_at_us, command.clone())?)
             }
             ShardCommand::Quarantine { proposed_at_us, assertion_id, release, by, reason } => {
                 ShardResponse::Quarantine(self.apply_quarantine_decision(
                     overlay,
                     index,
-                    proposed_at_us,
-                    assertion_id,
-                    release,
-                    by,
-                    reason,
+                    *proposed_at_us,
+                    *assertion_id,
+                    *release,
+                    by.clone(),
+                    reason.clone(),
                 )?)
             }
             ShardCommand::Policy { proposed_at_us, command } => {
-                ShardResponse::Policy(self.apply_policy(overlay, proposed_at_us, command)?)
+                ShardResponse::Policy(self.apply_policy(overlay, *proposed_at_us, command.clone())?)
             }
             ShardCommand::Retract { proposed_at_us, assertion_id, agent_id, admin, reason } => {
                 ShardResponse::Retracted(self.apply_retract(
                     overlay,
                     index,
-                    proposed_at_us,
-                    assertion_id,
-                    agent_id,
-                    admin,
-                    reason,
+                    *proposed_at_us,
+                    *assertion_id,
+                    agent_id.clone(),
+                    *admin,
+                    reason.clone(),
                 )?)
             }
-            ShardCommand::Once { token, command } => self.apply_once(overlay, index, token, *command, first)?,
+            ShardCommand::Once { token, command } => self.apply_once(overlay, added, index, *token, command, first)?,
             // Recorded by `apply`, which knows the entry's term; inside a token it records nothing.
             ShardCommand::Check { .. } => ShardResponse::Empty,
         })
@@ -862,12 +865,13 @@ impl Applier {
     /// Applies a forwarded proposal once per token: a later copy answers what the first one
     /// produced and changes nothing. Tokens are remembered for [`TOKEN_TTL_US`] of the shard's
     /// clock; a copy older than that is refused rather than risk a second application.
-    fn apply_once(
+    fn apply_once<'a>(
         &mut self,
         overlay: &mut Overlay,
+        added: &mut Vec<NewAssertion<'a>>,
         index: u64,
         token: ProposalToken,
-        command: ShardCommand,
+        command: &'a ShardCommand,
         first: usize,
     ) -> Result<ShardResponse, Fault> {
         let key = keys::token_key(self.group, token.issued_at_us, token.nonce);
@@ -882,7 +886,7 @@ impl Applier {
             // Never built by this code; refused rather than recursing on a peer's word.
             return Ok(ShardResponse::TokenExpired);
         }
-        let response = self.apply_command(overlay, index, command, first)?;
+        let response = self.apply_command(overlay, added, index, command, first)?;
         overlay.put_visible(ColumnFamily::StateMachine, key, codec::encode_response(&response));
         Ok(response)
     }
@@ -1061,7 +1065,8 @@ mod tests {
     /// Applies `commands` at consecutive positions from `first`, with an applied record that
     /// holds the clock.
     fn run(applier: &mut Applier, first: u64, commands: Vec<ShardCommand>) -> Vec<ShardResponse> {
-        let entries = commands.into_iter().enumerate().map(|(i, c)| (at(first + i as u64), Some(c))).collect();
+        let entries =
+            commands.into_iter().enumerate().map(|(i, c)| (at(first + i as u64), Some(Arc::new(c)))).collect();
         applier
             .apply(entries, keys::applied_key(GROUP), |clock_us| serde_json::to_vec(&clock_us), || {})
             .expect("apply")
@@ -1341,7 +1346,7 @@ mod tests {
     fn a_failed_applied_record_fails_the_run_and_writes_nothing() {
         let (_dir, storage, mut applier) = applier();
         let command = ShardCommand::Assert { proposed_at_us: 1, items: vec![draft(1)] };
-        let entries = vec![(at(7), Some(command)), (at(8), None)];
+        let entries = vec![(at(7), Some(Arc::new(command))), (at(8), None)];
         let error = applier
             .apply(entries, keys::applied_key(GROUP), |_| Err(serde::ser::Error::custom("injected")), || {})
             .expect_err("the record fails");
@@ -1382,8 +1387,8 @@ mod tests {
         let elsewhere = AssertionDraft::for_test("test/other", "member", "writer", "8");
         let failed = applier.apply(
             vec![
-                (at(6), Some(assert(&[8, 9]))),
-                (at(7), Some(ShardCommand::Assert { proposed_at_us: 1, items: vec![elsewhere] })),
+                (at(6), Some(Arc::new(assert(&[8, 9])))),
+                (at(7), Some(Arc::new(ShardCommand::Assert { proposed_at_us: 1, items: vec![elsewhere] }))),
             ],
             keys::applied_key(GROUP),
             |_| Err(serde::ser::Error::custom("injected")),
@@ -1439,7 +1444,7 @@ mod tests {
         applier.progress.retired.store(true, std::sync::atomic::Ordering::Release);
         let command = ShardCommand::Assert { proposed_at_us: 1, items: vec![draft(1)] };
         let error = applier
-            .apply(vec![(at(7), Some(command))], keys::applied_key(GROUP), |_| Ok(b"applied".to_vec()), || {})
+            .apply(vec![(at(7), Some(Arc::new(command)))], keys::applied_key(GROUP), |_| Ok(b"applied".to_vec()), || {})
             .expect_err("retired");
         assert!(matches!(error.fault, Fault::Retired), "{error}");
         assert_eq!(stored_assertions(&storage), 0);
@@ -1556,7 +1561,7 @@ mod digest_tests {
                 .into_iter()
                 .map(|c| {
                     index.set(index.get() + 1);
-                    (Position { index: index.get(), term: 2 }, Some(c))
+                    (Position { index: index.get(), term: 2 }, Some(Arc::new(c)))
                 })
                 .collect();
             applier.apply(entries, keys::applied_key(GROUP), |clock| serde_json::to_vec(&clock), || {}).expect("apply")

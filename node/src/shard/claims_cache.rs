@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use super::reader::{ClaimGroup, ClaimsRead};
-use crate::model::assertion::StoredAssertion;
+use crate::model::assertion::NewAssertion;
 use crate::model::lens::{ClaimFacts, Lens, SupersessionFact, VoteFact};
 
 thread_local! {
@@ -592,7 +592,7 @@ impl ClaimsCache {
     /// Drops the reads of `paths`, as an apply that changed their claims does.
     #[cfg(test)]
     pub fn invalidate<'a>(&self, paths: impl IntoIterator<Item = &'a str>) {
-        self.apply_changes(paths, Vec::new());
+        self.apply_changes(paths, &[]);
     }
 
     /// Called by the state machine after writing an apply's batch. The reads of the paths in
@@ -602,26 +602,23 @@ impl ClaimsCache {
     /// read of a concept being written does not load every claim from storage again. A read
     /// that gains a claim loses its renderings (they no longer describe it); a read of another
     /// predicate of the path keeps everything.
-    pub fn apply_changes<'a>(&self, touched: impl IntoIterator<Item = &'a str>, added: Vec<StoredAssertion>) {
+    pub fn apply_changes<'a>(&self, touched: impl IntoIterator<Item = &'a str>, added: &[NewAssertion<'_>]) {
         let mut touched: Vec<&str> = touched.into_iter().collect();
         touched.sort_unstable();
         touched.dedup();
-        // The records of paths not cached (most of a large batch) are freed after the lock.
-        let mut unused = Vec::new();
         let mut inner = self.inner.lock();
         for path in &touched {
             inner.remove_path(path);
         }
         // The new claims of cached paths, grouped by path (a stable sort keeps each path's in
-        // the order applied).
+        // the order applied). Only these are copied out of the entry.
         let mut cached = Vec::new();
-        for record in added {
-            let path = record.draft.concept_path.as_str();
+        for new in added {
+            let path = new.draft.concept_path.as_str();
             if touched.binary_search(&path).is_ok() || !inner.entries.contains_key(path) {
-                unused.push(record);
                 continue;
             }
-            cached.push(Arc::new(ClaimFacts::new(record)));
+            cached.push(Arc::new(ClaimFacts::new(new.to_stored())));
         }
         cached.sort_by(|a, b| a.record.draft.concept_path.cmp(&b.record.draft.concept_path));
         for claims in cached.chunk_by(|a, b| a.record.draft.concept_path == b.record.draft.concept_path) {
@@ -630,8 +627,6 @@ impl ClaimsCache {
         inner.evict_to_budget();
         // Readers that read storage before the write must not insert what they read.
         self.generation.fetch_add(1, Ordering::AcqRel);
-        drop(inner);
-        drop(unused);
     }
 
     /// Drops everything (snapshot installed, indexes repaired).
@@ -645,6 +640,7 @@ impl ClaimsCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::assertion::StoredAssertion;
     use crate::model::id::AssertionId;
 
     fn group(path: &str) -> ClaimsRead {
@@ -879,6 +875,11 @@ mod tests {
         assert_eq!((inner.bytes, inner.rendered_bytes, inner.live), (0, 0, 0));
     }
 
+    /// An apply's new claims, and nothing touched.
+    fn add(cache: &ClaimsCache, records: Vec<StoredAssertion>) {
+        cache.apply_changes([], &records.iter().map(StoredAssertion::as_new).collect::<Vec<_>>());
+    }
+
     fn record(path: &str, predicate: &str, n: u64) -> StoredAssertion {
         let draft = crate::model::assertion::AssertionDraft::for_test(path, predicate, "w", "1");
         StoredAssertion { id: AssertionId::new(n, 0, n, 0), asserted_at_us: n, log_index: n, draft, quarantined: false }
@@ -898,7 +899,7 @@ mod tests {
         }
         assert_eq!(cache.entry_kinds(), (7, 1), "a holds only its rendering");
         cache.insert_if_current(cache.generation(), "s", None, &Arc::new(group("s")));
-        cache.apply_changes([], vec![record("a", "p", 1), record("s", "p", 2), record("s", "o", 3)]);
+        add(&cache, vec![record("a", "p", 1), record("s", "p", 2), record("s", "o", 3)]);
         assert!(cache.rendered("a", None, &key(Lens::Recency), usize::MAX).is_none(), "a stale rendering is dropped");
         assert_eq!(cache.entry_kinds().1, 0, "no rendered-only entry left");
         assert!(cache.usage().0 <= cache.budget());
@@ -920,11 +921,11 @@ mod tests {
         // update, with renderings carried over from a rendered-only entry made without it).
         let m = cache.get("m", None).expect("cached");
         cache.render(&m, rendering(Lens::Recency, "without the claim", 0));
-        cache.apply_changes([], vec![record("m", "p", 10)]);
+        add(&cache, vec![record("m", "p", 10)]);
         let again = cache.get("m", None).expect("a read holding the claim already stays cached");
         assert_eq!(again.groups[0].claims.len(), MAX_CLAIMS_PER_ENTRY, "not added twice");
         assert!(cache.rendered("m", None, &key(Lens::Recency), usize::MAX).is_none(), "but loses its renderings");
-        cache.apply_changes([], vec![record("m", "p", 5)]);
+        add(&cache, vec![record("m", "p", 5)]);
         assert!(cache.get("m", None).is_none(), "past MAX_CLAIMS_PER_ENTRY");
         let inner = cache.inner.lock();
         let counted: usize = inner
@@ -951,11 +952,11 @@ mod tests {
         };
         let together = ClaimsCache::default();
         fill(&together);
-        together.apply_changes([], ids.iter().map(|&(n, p)| record("s", p, n)).collect());
+        add(&together, ids.iter().map(|&(n, p)| record("s", p, n)).collect());
         let one_at_a_time = ClaimsCache::default();
         fill(&one_at_a_time);
         for &(n, p) in &ids {
-            one_at_a_time.apply_changes([], vec![record("s", p, n)]);
+            add(&one_at_a_time, vec![record("s", p, n)]);
         }
         let shape = |cache: &ClaimsCache, predicate: Option<&str>| -> Vec<(String, Vec<u64>)> {
             let read = cache.get("s", predicate).expect("cached");
@@ -984,10 +985,10 @@ mod tests {
         let cache = ClaimsCache::default();
         cache.set_budget(1 << 30);
         cache.insert_if_current(cache.generation(), "m", None, &Arc::new(full(MAX_CLAIMS_PER_ENTRY - 1)));
-        cache.apply_changes([], vec![record("m", "p", 1), record("m", "p", 2)]);
+        add(&cache, vec![record("m", "p", 1), record("m", "p", 2)]);
         assert!(cache.get("m", None).is_none(), "past MAX_CLAIMS_PER_ENTRY");
         cache.insert_if_current(cache.generation(), "m", None, &Arc::new(full(MAX_CLAIMS_PER_ENTRY - 1)));
-        cache.apply_changes([], vec![record("m", "p", 1), record("m", "p", 10)]);
+        add(&cache, vec![record("m", "p", 1), record("m", "p", 10)]);
         let m = cache.get("m", None).expect("one new claim and one held already fit");
         assert_eq!(m.groups[0].claims.len(), MAX_CLAIMS_PER_ENTRY);
     }
