@@ -4,6 +4,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
@@ -21,19 +22,31 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+        let Body(bytes) = Body::from_request(request, state).await?;
+        parse_json(&bytes).map(StrictJson)
+    }
+}
+
+/// A request's body, within `limits.max_request_bytes`, for a handler that parses it itself
+/// ([`parse_json`]) into a type that borrows from it.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(request, state).await.map(Body).map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(ErrorCode::PayloadTooLarge, "request body exceeds limits.max_request_bytes")
             } else {
                 ApiError::new(ErrorCode::UnreadableBody, rejection.body_text())
             }
-        })?;
-        parse_json(&bytes).map(StrictJson)
+        })
     }
 }
 
 /// Parses JSON with the error classes of DESIGN §3.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         None => Err(ApiError::new(ErrorCode::MalformedJson, "request body is empty; expected a JSON object")),
         // serde reads a struct from an array too (`[]` would be every default): refuse any

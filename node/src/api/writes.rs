@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 use super::access::CallerOf;
 use super::breakers::Admission;
 use super::error::{ApiError, ErrorDetail};
-use super::extract::{parse_json, StrictJson};
+use super::extract::{parse_json, Body, StrictJson};
 use super::openapi::{errors, BODY, BREAKER, GROWS, PROPOSE, SIGNATURE};
 use super::{peer_of, AppState};
 use crate::coordinator::Coordinator;
@@ -241,11 +241,13 @@ pub async fn assert(
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct BatchRequest {
+pub struct BatchRequest<'a> {
     /// 1 to `limits.max_batch_items` assertions, each an `AssertRequest` object. Each is
     /// checked on its own: an invalid item is reported in its result, not refused with the batch.
+    /// (Borrowed from the body until each is parsed.)
+    #[serde(borrow)]
     #[schema(value_type = Vec<serde_json::Value>, min_items = 1)]
-    assertions: Vec<Box<RawValue>>,
+    assertions: Vec<&'a RawValue>,
 }
 
 /// The answer to a batch: one result per item, in order.
@@ -301,9 +303,10 @@ errors!(BatchErrors: BODY, &[ErrorCode::EmptyBatch, ErrorCode::BatchTooLarge]);
 pub async fn assert_batch(
     State(state): State<AppState>,
     CallerOf(caller): CallerOf,
-    StrictJson(request): StrictJson<BatchRequest>,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let request: BatchRequest = parse_json(&body)?;
     let limit = state.config.limits.max_batch_items;
     if request.assertions.is_empty() {
         return Err(ApiError::new(ErrorCode::EmptyBatch, "assertions must hold at least one item"));

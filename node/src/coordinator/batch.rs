@@ -220,17 +220,15 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
         deadlines.push(write.deadline);
         replies.push(write.reply);
     }
-    let mut parts = Vec::with_capacity(forwarded.len() + 1);
-    if own > 0 {
-        parts.push(ShardCommand::Assert { proposed_at_us: now_us(), items });
-    }
     let mut part_replies = Vec::with_capacity(forwarded.len());
-    for part in forwarded {
-        let assert = ShardCommand::Assert { proposed_at_us: part.proposed_at_us, items: part.items };
-        parts.push(ShardCommand::Once { token: part.token, command: Box::new(assert) });
-        part_replies.push(part.reply);
-    }
-    let command = Arc::new(if parts.len() == 1 { parts.remove(0) } else { ShardCommand::Parts { parts } });
+    let forwarded: Vec<_> = forwarded
+        .into_iter()
+        .map(|part| {
+            part_replies.push(part.reply);
+            (part.token, part.proposed_at_us, part.items)
+        })
+        .collect();
+    let command = Arc::new(entry_of(items, forwarded));
     match shards.propose_local(shard, Arc::clone(&command), timeout).await {
         Ok(ShardResponse::Parts(mut responses)) if responses.len() == part_replies.len() + usize::from(own > 0) => {
             if own > 0 {
@@ -265,7 +263,15 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
             }
             if matches!(error, ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. }) && own > 0 {
                 // Refused before anything was appended: this node's writes go the usual way.
-                let writes = own_items(Arc::unwrap_or_clone(command))
+                // (Usually the only holder of the entry by now; openraft may still hold a refused
+                // one for a moment, and then this copies it.)
+                let items = own_items(Arc::unwrap_or_clone(command));
+                if items.len() != replies.len() {
+                    let message = format!("{} drafts taken back for {} writes", items.len(), replies.len());
+                    answer_writes(shard, replies, Err(ConsensusError::Internal { shard, message }));
+                    return;
+                }
+                let writes = items
                     .into_iter()
                     .zip(deadlines)
                     .zip(replies)
@@ -279,8 +285,26 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
     }
 }
 
-/// This node's own drafts in an entry `propose` built with some: its first part, or the whole
-/// entry when it has no other.
+/// The entry of a gathered batch: this node's own writes first (when it has any), then each
+/// forwarded batch in its token; a single part is the entry itself.
+fn entry_of(own: Vec<AssertionDraft>, forwarded: Vec<(ProposalToken, u64, Vec<AssertionDraft>)>) -> ShardCommand {
+    let mut parts = Vec::with_capacity(forwarded.len() + 1);
+    if !own.is_empty() {
+        parts.push(ShardCommand::Assert { proposed_at_us: now_us(), items: own });
+    }
+    for (token, proposed_at_us, items) in forwarded {
+        let assert = ShardCommand::Assert { proposed_at_us, items };
+        parts.push(ShardCommand::Once { token, command: Box::new(assert) });
+    }
+    if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        ShardCommand::Parts { parts }
+    }
+}
+
+/// This node's own drafts in an entry [`entry_of`] built with some: its first part, or the
+/// whole entry when it has no other.
 fn own_items(command: ShardCommand) -> Vec<AssertionDraft> {
     match command {
         ShardCommand::Assert { items, .. } => items,
@@ -409,6 +433,29 @@ mod tests {
         assert!(batch.iter().map(Queued::bytes).sum::<usize>() <= MAX_ENTRY_BYTES);
         assert!(carried.is_some());
         assert_eq!(left, 0);
+    }
+
+    /// The leader's own writes come back out of the entry built with them, whatever else it
+    /// holds, so a refused entry's writes can be proposed again without a copy kept aside.
+    #[test]
+    fn own_writes_come_back_out_of_their_entry() {
+        let drafts = |n: usize, agent: &str| -> Vec<AssertionDraft> {
+            (0..n).map(|i| AssertionDraft::for_test("a/b", "p", agent, &i.to_string())).collect()
+        };
+        let values = |items: &[AssertionDraft]| -> Vec<(String, String)> {
+            items.iter().map(|d| (d.agent_id.clone(), d.value.get().to_string())).collect()
+        };
+        for forwarded in [0, 1, 3] {
+            let parts = (0..forwarded).map(|_| (ProposalToken::new(), 1, drafts(2, "forwarded"))).collect();
+            let own = drafts(3, "own");
+            let entry = entry_of(own.clone(), parts);
+            assert_eq!(entry.item_count(), 3 + 2 * forwarded);
+            assert_eq!(values(&own_items(entry)), values(&own), "{forwarded} forwarded parts");
+        }
+        // Only forwarded parts: none of them is this node's.
+        let entry = entry_of(Vec::new(), vec![(ProposalToken::new(), 1, drafts(2, "forwarded"))]);
+        assert!(matches!(entry, ShardCommand::Once { .. }));
+        assert!(own_items(entry).is_empty());
     }
 
     /// An empty forwarded batch still counts as a part, so parts per entry stay bounded.

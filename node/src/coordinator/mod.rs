@@ -261,7 +261,8 @@ async fn propose_hosted(
         }
         let current = match *current {
             ShardCommand::Once { .. } => current,
-            // Not proposed here, or refused before openraft took it: this is the only holder.
+            // Not proposed here, or refused: usually the only holder by now (openraft may still
+            // hold a refused entry for a moment, and then this copies it).
             _ => Arc::new(Arc::unwrap_or_clone(current).once()),
         };
         let attempt_deadline = deadline.min(Instant::now() + shards.forward_attempt_timeout);

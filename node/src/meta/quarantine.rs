@@ -51,32 +51,15 @@ impl QuarantineRules {
     }
 
     /// Whether screening may read claims (the protected-claim rule is on and some agent has
-    /// authority). When not, [`QuarantineRules::screen`] does no I/O: memory lookups only, cheap
+    /// authority). When not, [`QuarantineRules::decide`] does no I/O: memory lookups only, cheap
     /// enough to run on an async worker.
     pub fn reads_claims(&self, policy: &Policy) -> bool {
         self.protect_authority_level != 0 && policy.has_authorities()
     }
 
-    /// Whether [`QuarantineRules::screen`] would leave every draft's decision as it is (it
-    /// decides each draft the same way; it records nothing).
-    pub fn would_keep(
-        &self,
-        policy: &Policy,
-        reader: &dyn RecentClaims,
-        drafts: &[AssertionDraft],
-        now_us: u64,
-    ) -> bool {
-        drafts.iter().all(|draft| self.decide(policy, reader, draft, now_us) == draft.quarantine)
-    }
-
-    /// Decides, for each draft, whether it is quarantined, and records why in the draft.
-    pub fn screen(&self, policy: &Policy, reader: &dyn RecentClaims, drafts: &mut [AssertionDraft], now_us: u64) {
-        for draft in drafts.iter_mut() {
-            draft.quarantine = self.decide(policy, reader, draft, now_us);
-        }
-    }
-
-    fn decide(
+    /// Whether `draft`, proposed at `now_us`, is quarantined, and why (the shard leader records
+    /// it in the draft before proposing).
+    pub fn decide(
         &self,
         policy: &Policy,
         reader: &dyn RecentClaims,

@@ -30,6 +30,7 @@ use crate::error::ErrorCode;
 use crate::meta::policy::Policy;
 use crate::meta::quarantine::RecentClaims;
 use crate::meta::{MetaState, META_SHARD};
+use crate::model::assertion::QuarantineDecision;
 use crate::model::id::shard_for_path;
 use crate::shard::claims_cache::RenderedSlot;
 use crate::shard::reader::{ClaimsRead, ShardReader};
@@ -43,32 +44,62 @@ pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Records the quarantine decisions of an assertion command (forwarded ones included). The
 /// command is shared (its proposer keeps it to retry), so it is copied only when a decision
 /// differs from the one it carries: most carry none and get none, and a retried command
-/// carries those of its first screening.
+/// carries those of its first screening. Each draft is decided once.
 fn screen(policy: &Policy, reader: &dyn RecentClaims, command: &mut Arc<ShardCommand>) {
-    if !keeps_decisions(policy, reader, command) {
-        screen_in_place(policy, reader, Arc::make_mut(command));
+    let mut changes = Vec::new();
+    changed_decisions(policy, reader, command, &mut 0, &mut changes);
+    if !changes.is_empty() {
+        record_decisions(Arc::make_mut(command), &mut 0, &mut changes.into_iter().peekable());
     }
 }
 
-/// Whether screening would leave every draft of `command` as it is.
-fn keeps_decisions(policy: &Policy, reader: &dyn RecentClaims, command: &ShardCommand) -> bool {
+/// A draft's position among the drafts of a command (parts and tokens walked in order), and
+/// its new decision.
+type Change = (usize, Option<QuarantineDecision>);
+
+/// The decisions that differ from those the drafts of `command` carry, from draft `next` on.
+fn changed_decisions(
+    policy: &Policy,
+    reader: &dyn RecentClaims,
+    command: &ShardCommand,
+    next: &mut usize,
+    changes: &mut Vec<Change>,
+) {
     match command {
         ShardCommand::Assert { proposed_at_us, items } => {
-            policy.quarantine_rules().would_keep(policy, reader, items, *proposed_at_us)
+            for draft in items {
+                let decision = policy.quarantine_rules().decide(policy, reader, draft, *proposed_at_us);
+                if decision != draft.quarantine {
+                    changes.push((*next, decision));
+                }
+                *next += 1;
+            }
         }
-        ShardCommand::Once { command, .. } => keeps_decisions(policy, reader, command),
-        ShardCommand::Parts { parts } => parts.iter().all(|part| keeps_decisions(policy, reader, part)),
-        _ => true,
+        ShardCommand::Once { command, .. } => changed_decisions(policy, reader, command, next, changes),
+        ShardCommand::Parts { parts } => {
+            parts.iter().for_each(|part| changed_decisions(policy, reader, part, next, changes))
+        }
+        _ => {}
     }
 }
 
-fn screen_in_place(policy: &Policy, reader: &dyn RecentClaims, command: &mut ShardCommand) {
+/// Writes `changes` into the drafts at their positions (the same walk).
+fn record_decisions(
+    command: &mut ShardCommand,
+    next: &mut usize,
+    changes: &mut std::iter::Peekable<std::vec::IntoIter<Change>>,
+) {
     match command {
-        ShardCommand::Assert { proposed_at_us, items } => {
-            policy.quarantine_rules().screen(policy, reader, items, *proposed_at_us)
+        ShardCommand::Assert { items, .. } => {
+            for draft in items {
+                if let Some((_, decision)) = changes.next_if(|(at, _)| at == next) {
+                    draft.quarantine = decision;
+                }
+                *next += 1;
+            }
         }
-        ShardCommand::Once { command, .. } => screen_in_place(policy, reader, command),
-        ShardCommand::Parts { parts } => parts.iter_mut().for_each(|part| screen_in_place(policy, reader, part)),
+        ShardCommand::Once { command, .. } => record_decisions(command, next, changes),
+        ShardCommand::Parts { parts } => parts.iter_mut().for_each(|part| record_decisions(part, next, changes)),
         _ => {}
     }
 }
@@ -1741,43 +1772,72 @@ mod screening_tests {
         Policy::new(8, rules)
     }
 
-    fn command(paths: &[&str]) -> ShardCommand {
-        let items = paths.iter().map(|path| AssertionDraft::for_test(path, "status", "writer", "1")).collect();
-        let assert = ShardCommand::Assert { proposed_at_us: 1, items };
-        let token = ProposalToken { issued_at_us: 1, nonce: 7 };
-        ShardCommand::Parts { parts: vec![ShardCommand::Once { token, command: Box::new(assert) }] }
+    /// An entry of parts, each an assertion command in a token.
+    fn command(parts: &[&[&str]]) -> ShardCommand {
+        let parts = parts
+            .iter()
+            .map(|paths| {
+                let items = paths.iter().map(|path| AssertionDraft::for_test(path, "status", "writer", "1")).collect();
+                let assert = ShardCommand::Assert { proposed_at_us: 1, items };
+                ShardCommand::Once { token: ProposalToken::new(), command: Box::new(assert) }
+            })
+            .collect();
+        ShardCommand::Parts { parts }
+    }
+
+    fn drafts_mut(command: &mut ShardCommand) -> Vec<&mut AssertionDraft> {
+        let ShardCommand::Parts { parts } = command else { panic!("parts") };
+        parts
+            .iter_mut()
+            .flat_map(|part| {
+                let ShardCommand::Once { command, .. } = part else { panic!("once") };
+                let ShardCommand::Assert { items, .. } = &mut **command else { panic!("assert") };
+                items.iter_mut()
+            })
+            .collect()
     }
 
     fn decisions(command: &ShardCommand) -> Vec<Option<String>> {
-        let ShardCommand::Parts { parts } = command else { panic!("parts") };
-        let ShardCommand::Once { command, .. } = &parts[0] else { panic!("once") };
-        let ShardCommand::Assert { items, .. } = &**command else { panic!("assert") };
-        items.iter().map(|d| d.quarantine.as_ref().map(|q| q.reason.clone())).collect()
+        drafts_mut(&mut command.clone()).iter().map(|d| d.quarantine.as_ref().map(|q| q.reason.clone())).collect()
     }
 
     /// A shared command that screening leaves as it is stays shared (no copy); one that gets a
-    /// decision is copied, and the proposer's copy keeps what it had.
+    /// decision is copied, each decision lands on its own draft across the parts, and the
+    /// proposer's copy keeps what it had.
     #[test]
     fn a_command_is_copied_only_when_a_decision_changes() {
         let policy = policy();
-        let kept = Arc::new(command(&["open/a", "open/b"]));
+        let kept = Arc::new(command(&[&["open/a", "open/b"], &["open/c"]]));
         let mut screened = Arc::clone(&kept);
         screen(&policy, &NoClaims, &mut screened);
         assert!(Arc::ptr_eq(&kept, &screened), "nothing to decide: the same command");
-        assert_eq!(decisions(&screened), vec![None, None]);
+        assert_eq!(decisions(&screened), vec![None, None, None]);
 
-        let kept = Arc::new(command(&["open/a", "guarded/b"]));
+        let kept = Arc::new(command(&[&["open/a", "guarded/b"], &["open/c", "guarded/d"]]));
         let mut screened = Arc::clone(&kept);
         screen(&policy, &NoClaims, &mut screened);
         assert!(!Arc::ptr_eq(&kept, &screened), "a decision: a copy");
-        assert_eq!(decisions(&screened), vec![None, Some("authority_required".into())]);
-        assert_eq!(decisions(&kept), vec![None, None], "the proposer's copy is untouched");
+        let required = Some("authority_required".to_string());
+        assert_eq!(decisions(&screened), vec![None, required.clone(), None, required.clone()]);
+        assert_eq!(decisions(&kept), vec![None, None, None, None], "the proposer's copy is untouched");
 
         // Screened again (a retry of the decided copy): nothing changes, nothing is copied.
         let again = Arc::clone(&screened);
         let mut rescreened = Arc::clone(&again);
         screen(&policy, &NoClaims, &mut rescreened);
         assert!(Arc::ptr_eq(&again, &rescreened));
+
+        // A decision the rules no longer make is taken away.
+        let mut stale = command(&[&["open/a"], &["guarded/b", "open/c"]]);
+        for draft in drafts_mut(&mut stale) {
+            draft.quarantine = Some(crate::model::assertion::QuarantineDecision {
+                reason: "authority_required".into(),
+                detail: "an earlier screening".into(),
+            });
+        }
+        let mut stale = Arc::new(stale);
+        screen(&policy, &NoClaims, &mut stale);
+        assert_eq!(decisions(&stale), vec![None, required, None]);
     }
 }
 

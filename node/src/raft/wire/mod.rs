@@ -146,11 +146,12 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
         return bytes;
     };
     let log_id = log_id_to_proto(&entry.log_id);
-    let len = prost::encoding::message::encoded_len(1, &log_id) + direct::command_field_len(3, command);
+    let command = direct::Measured::new(command);
+    let len = prost::encoding::message::encoded_len(1, &log_id) + command.field_len(3);
     let mut bytes = Vec::with_capacity(1 + len);
     bytes.push(ENTRY_V1);
     prost::encoding::message::encode(1, &log_id, &mut bytes);
-    direct::encode_command_field(3, command, &mut bytes);
+    command.write_field(3, &mut bytes);
     bytes
 }
 

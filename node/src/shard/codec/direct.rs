@@ -4,8 +4,10 @@
 //! messages first. Building them copies every string of every draft into a fresh `String`, only
 //! to copy it again into the output and free it: an entry of 1,000 assertions is thousands of
 //! allocations, paid for the log on every replica and for every record the apply stores.
-//! Commands other than assertions (small, and rare on the write path) are still built as
-//! messages. Decoding stays prost's (`command_from_proto`, `decode_assertion`).
+//! A command is measured once ([`Measured`]: the length of each nested message, in the order
+//! they are written) and then written. Commands other than assertions (small, and rare on the
+//! write path) are still built as messages, once. Decoding stays prost's (`command_from_proto`,
+//! `decode_assertion`).
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
@@ -17,64 +19,144 @@ use crate::shard::command::ShardCommand;
 /// `AssertionDraft.supersedes` items and `StoredAssertion.id`: 16 bytes each.
 const ID_BYTES: usize = 16;
 
-/// The length of the protobuf `Command` of `command`.
-pub fn command_len(command: &ShardCommand) -> usize {
-    match command {
-        ShardCommand::Assert { proposed_at_us, items } => message_field_len(1, assert_len(*proposed_at_us, items)),
-        ShardCommand::Once { token, command } => {
-            let body =
-                u64_len(1, token.issued_at_us) + u64_len(2, token.nonce) + message_field_len(3, command_len(command));
-            message_field_len(7, body)
-        }
-        ShardCommand::Parts { parts } => {
-            let body: usize = parts.iter().map(|part| message_field_len(1, command_len(part))).sum();
-            message_field_len(9, body)
-        }
-        other => command_to_proto(other).encoded_len(),
+/// A command measured for writing: the length of every message nested in it, in the order
+/// they are written (each measured once), and the bytes of the commands that are not assertion
+/// commands (built as prost messages once).
+pub struct Measured<'a> {
+    command: &'a ShardCommand,
+    lens: Vec<usize>,
+    others: Vec<Vec<u8>>,
+}
+
+impl<'a> Measured<'a> {
+    pub fn new(command: &'a ShardCommand) -> Measured<'a> {
+        let mut measured = Measured { command, lens: Vec::with_capacity(4 + command.item_count()), others: Vec::new() };
+        measure(command, &mut measured.lens, &mut measured.others);
+        measured
+    }
+
+    /// The length of the protobuf `Command`.
+    pub fn encoded_len(&self) -> usize {
+        self.lens[0]
+    }
+
+    /// Its length as the message field `tag` of another message.
+    pub fn field_len(&self, tag: u32) -> usize {
+        message_field_len(tag, self.encoded_len())
+    }
+
+    /// Appends the `Command` (without a length prefix).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        write_command(self.command, &mut Cursor { lens: &self.lens, at: 0 }, &mut self.others.iter(), out);
+    }
+
+    /// Appends it as the message field `tag`: its key, its length and the `Command`.
+    pub fn write_field(&self, tag: u32, out: &mut Vec<u8>) {
+        put_message_head(tag, self.encoded_len(), out);
+        self.write(out);
     }
 }
 
-/// Appends the protobuf `Command` of `command` (without a length prefix) to `out`.
-pub fn encode_command(command: &ShardCommand, out: &mut Vec<u8>) {
+/// Pushes the length of the `Command` of `command`, then those of its nested messages, in the
+/// order [`write_command`] writes them; returns the first.
+fn measure(command: &ShardCommand, lens: &mut Vec<usize>, others: &mut Vec<Vec<u8>>) -> usize {
+    let slot = lens.len();
+    lens.push(0);
+    let body = match command {
+        ShardCommand::Assert { proposed_at_us, items } => {
+            let assert_slot = lens.len();
+            lens.push(0);
+            let mut assert = u64_len(1, *proposed_at_us);
+            for draft in items {
+                let len = draft_len(draft);
+                lens.push(len);
+                assert += message_field_len(2, len);
+            }
+            lens[assert_slot] = assert;
+            message_field_len(1, assert)
+        }
+        ShardCommand::Once { token, command } => {
+            let once_slot = lens.len();
+            lens.push(0);
+            let inner = measure(command, lens, others);
+            let once = u64_len(1, token.issued_at_us) + u64_len(2, token.nonce) + message_field_len(3, inner);
+            lens[once_slot] = once;
+            message_field_len(7, once)
+        }
+        ShardCommand::Parts { parts } => {
+            let parts_slot = lens.len();
+            lens.push(0);
+            let body = parts.iter().map(|part| message_field_len(1, measure(part, lens, others))).sum();
+            lens[parts_slot] = body;
+            message_field_len(9, body)
+        }
+        other => {
+            let bytes = command_to_proto(other).encode_to_vec();
+            let len = bytes.len();
+            others.push(bytes);
+            len
+        }
+    };
+    lens[slot] = body;
+    body
+}
+
+/// The lengths [`measure`] pushed, read back in the same order.
+struct Cursor<'a> {
+    lens: &'a [usize],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn next(&mut self) -> usize {
+        let len = self.lens.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        len
+    }
+
+    fn peek(&self) -> usize {
+        self.lens.get(self.at).copied().unwrap_or(0)
+    }
+}
+
+/// Appends the `Command` of `command` (without a length prefix), taking its lengths from
+/// `lens` and the bytes of other commands from `others`.
+fn write_command<'b>(
+    command: &ShardCommand,
+    lens: &mut Cursor<'_>,
+    others: &mut impl Iterator<Item = &'b Vec<u8>>,
+    out: &mut Vec<u8>,
+) {
+    lens.next(); // this Command's own length, written by the caller
     match command {
         ShardCommand::Assert { proposed_at_us, items } => {
-            put_message_head(1, assert_len(*proposed_at_us, items), out);
+            put_message_head(1, lens.next(), out);
             put_u64(1, *proposed_at_us, out);
             for draft in items {
-                put_message_head(2, draft_len(draft), out);
+                put_message_head(2, lens.next(), out);
                 encode_draft(draft, out);
             }
         }
         ShardCommand::Once { token, command } => {
-            let inner = command_len(command);
-            let body = u64_len(1, token.issued_at_us) + u64_len(2, token.nonce) + message_field_len(3, inner);
-            put_message_head(7, body, out);
+            put_message_head(7, lens.next(), out);
             put_u64(1, token.issued_at_us, out);
             put_u64(2, token.nonce, out);
-            put_message_head(3, inner, out);
-            encode_command(command, out);
+            put_message_head(3, lens.peek(), out);
+            write_command(command, lens, others, out);
         }
         ShardCommand::Parts { parts } => {
-            let lens: Vec<usize> = parts.iter().map(command_len).collect();
-            put_message_head(9, lens.iter().map(|len| message_field_len(1, *len)).sum(), out);
-            for (part, len) in parts.iter().zip(lens) {
-                put_message_head(1, len, out);
-                encode_command(part, out);
+            put_message_head(9, lens.next(), out);
+            for part in parts {
+                put_message_head(1, lens.peek(), out);
+                write_command(part, lens, others, out);
             }
         }
-        other => command_to_proto(other).encode_raw(out),
+        _ => {
+            if let Some(bytes) = others.next() {
+                out.extend_from_slice(bytes);
+            }
+        }
     }
-}
-
-/// The length of `command` as the message field `tag`.
-pub fn command_field_len(tag: u32, command: &ShardCommand) -> usize {
-    message_field_len(tag, command_len(command))
-}
-
-/// Appends `command` as the message field `tag`: its key, its length, and its `Command`.
-pub fn encode_command_field(tag: u32, command: &ShardCommand, out: &mut Vec<u8>) {
-    put_message_head(tag, command_len(command), out);
-    encode_command(command, out);
 }
 
 /// The stored form of an assertion: [`RECORD_V1`], then the protobuf `StoredAssertion`. The
@@ -109,10 +191,6 @@ pub fn encode_record(
 /// [`encode_record`] of a record.
 pub fn encode_stored(record: &StoredAssertion) -> Vec<u8> {
     encode_record(record.id, record.asserted_at_us, record.log_index, &record.draft, record.quarantined)
-}
-
-fn assert_len(proposed_at_us: u64, items: &[AssertionDraft]) -> usize {
-    u64_len(1, proposed_at_us) + items.iter().map(|draft| message_field_len(2, draft_len(draft))).sum::<usize>()
 }
 
 fn draft_len(draft: &AssertionDraft) -> usize {
@@ -225,19 +303,23 @@ pub(crate) mod tests {
 
     fn direct_bytes(command: &ShardCommand) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_command(command, &mut out);
+        Measured::new(command).write(&mut out);
         out
     }
 
     /// Commands with assertions at every depth the log holds: alone, in a token, and as parts
     /// of an entry (themselves alone or in tokens).
     pub(crate) fn assertion_command() -> impl Strategy<Value = ShardCommand> {
+        /// Zero (not written at all), short and long varints.
+        fn number() -> impl Strategy<Value = u64> {
+            prop_oneof![Just(0u64), 1..300u64, any::<u64>()]
+        }
         fn assert() -> impl Strategy<Value = ShardCommand> {
-            (any::<u64>(), proptest::collection::vec(draft(), 0..5))
+            (number(), proptest::collection::vec(draft(), 0..5))
                 .prop_map(|(proposed_at_us, items)| ShardCommand::Assert { proposed_at_us, items })
         }
         fn once() -> impl Strategy<Value = ShardCommand> {
-            (any::<u64>(), any::<u64>(), assert()).prop_map(|(issued_at_us, nonce, command)| ShardCommand::Once {
+            (number(), number(), assert()).prop_map(|(issued_at_us, nonce, command)| ShardCommand::Once {
                 token: ProposalToken { issued_at_us, nonce },
                 command: Box::new(command),
             })
@@ -252,7 +334,7 @@ pub(crate) mod tests {
         fn assertion_commands_encode_as_prost_does(command in assertion_command()) {
             let direct = direct_bytes(&command);
             prop_assert_eq!(&direct, &prost_bytes(&command));
-            prop_assert_eq!(direct.len(), command_len(&command));
+            prop_assert_eq!(direct.len(), Measured::new(&command).encoded_len());
         }
 
         /// Other commands go through their message; some hold maps, which prost writes in a
@@ -260,7 +342,7 @@ pub(crate) mod tests {
         #[test]
         fn every_command_reads_back_from_its_bytes(command in command()) {
             let direct = direct_bytes(&command);
-            prop_assert_eq!(direct.len(), command_len(&command));
+            prop_assert_eq!(direct.len(), Measured::new(&command).encoded_len());
             let decoded = command_from_proto(prost::Message::decode(direct.as_slice()).expect("decode"))
                 .expect("a command");
             prop_assert!(same(&command, &decoded), "{:?} came back as {:?}", command, decoded);
@@ -299,5 +381,23 @@ pub(crate) mod tests {
         }
         let empty = ShardCommand::Parts { parts: Vec::new() };
         assert_eq!(direct_bytes(&empty), prost_bytes(&empty));
+    }
+
+    /// Lengths of three varint bytes and more, at every level: a 20,000-byte value, a command of
+    /// 300 such drafts, in a token, as a part.
+    #[test]
+    fn long_messages_encode_as_prost_does() {
+        let value = format!("\"{}\"", "v".repeat(20_000));
+        let items: Vec<AssertionDraft> =
+            (0..300).map(|i| AssertionDraft::for_test(&format!("long/{i}"), "p", "writer", &value)).collect();
+        let assert = ShardCommand::Assert { proposed_at_us: 7, items };
+        let once = ShardCommand::Once { token: ProposalToken::new(), command: Box::new(assert.clone()) };
+        let parts = ShardCommand::Parts { parts: vec![assert.clone(), once.clone()] };
+        for command in [assert, once, parts] {
+            let direct = direct_bytes(&command);
+            assert!(direct.len() > 6_000_000);
+            assert_eq!(direct, prost_bytes(&command));
+            assert_eq!(direct.len(), Measured::new(&command).encoded_len());
+        }
     }
 }
