@@ -220,14 +220,8 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
         deadlines.push(write.deadline);
         replies.push(write.reply);
     }
-    let mut part_replies = Vec::with_capacity(forwarded.len());
-    let forwarded: Vec<_> = forwarded
-        .into_iter()
-        .map(|part| {
-            part_replies.push(part.reply);
-            (part.token, part.proposed_at_us, part.items)
-        })
-        .collect();
+    let (mut part_replies, forwarded): (Vec<_>, Vec<_>) =
+        forwarded.into_iter().map(|part| (part.reply, (part.token, part.proposed_at_us, part.items))).unzip();
     let command = Arc::new(entry_of(items, forwarded));
     match shards.propose_local(shard, Arc::clone(&command), timeout).await {
         Ok(ShardResponse::Parts(mut responses)) if responses.len() == part_replies.len() + usize::from(own > 0) => {

@@ -393,9 +393,10 @@ impl StoredAssertion {
     }
 }
 
-/// An assertion an apply just stored, its draft borrowed from the log entry that carries it:
-/// most of a large batch's claims are on concepts no cache holds, and only those that are get
-/// a copy ([`NewAssertion::to_stored`]).
+/// A stored assertion with its draft borrowed: what an apply stores, from the log entry that
+/// carries the draft, encoded from it (`codec::direct::encode_record`). Most of a large
+/// batch's claims are on concepts no cache holds; only those that are get a copy
+/// ([`NewAssertion::to_stored`]).
 #[derive(Debug, Clone, Copy)]
 pub struct NewAssertion<'a> {
     pub id: AssertionId,

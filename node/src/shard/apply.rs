@@ -772,13 +772,14 @@ impl Applier {
                 let key = keys::request_key(self.group, &draft.agent_id, request_id);
                 overlay.put_absent(ColumnFamily::StateMachine, key, codec::encode_outcome(&outcome));
             }
+            let record = NewAssertion { id, asserted_at_us, log_index, draft, quarantined };
             overlay.put_absent(
                 ColumnFamily::StateMachine,
                 keys::assertion_key(self.group, id),
-                codec::direct::encode_record(id, asserted_at_us, log_index, draft, quarantined),
+                codec::direct::encode_record(&record),
             );
             if !changes_others {
-                added.push(NewAssertion { id, asserted_at_us, log_index, draft, quarantined });
+                added.push(record);
             }
             indexed += 1;
             results.push(Ok(outcome));

@@ -13,7 +13,7 @@ use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, Wi
 use prost::Message;
 
 use super::{command_to_proto, RECORD_V1};
-use crate::model::assertion::{AssertionDraft, StoredAssertion};
+use crate::model::assertion::{AssertionDraft, NewAssertion};
 use crate::shard::command::ShardCommand;
 
 /// `AssertionDraft.supersedes` items and `StoredAssertion.id`: 16 bytes each.
@@ -159,15 +159,10 @@ fn write_command<'b>(
     }
 }
 
-/// The stored form of an assertion: [`RECORD_V1`], then the protobuf `StoredAssertion`. The
-/// same bytes as `encode_assertion`, taking the record's parts by reference.
-pub fn encode_record(
-    id: crate::model::id::AssertionId,
-    asserted_at_us: u64,
-    log_index: u64,
-    draft: &AssertionDraft,
-    quarantined: bool,
-) -> Vec<u8> {
+/// The stored form of an assertion: [`RECORD_V1`], then the protobuf `StoredAssertion`
+/// (`codec::encode_assertion`), from the record with its draft borrowed.
+pub fn encode_record(record: &NewAssertion<'_>) -> Vec<u8> {
+    let NewAssertion { id, asserted_at_us, log_index, draft, quarantined } = *record;
     let draft_bytes = draft_len(draft);
     let len = bytes_len(1, ID_BYTES)
         + u64_len(2, asserted_at_us)
@@ -186,11 +181,6 @@ pub fn encode_record(
         encode_varint(1, &mut out);
     }
     out
-}
-
-/// [`encode_record`] of a record.
-pub fn encode_stored(record: &StoredAssertion) -> Vec<u8> {
-    encode_record(record.id, record.asserted_at_us, record.log_index, &record.draft, record.quarantined)
 }
 
 fn draft_len(draft: &AssertionDraft) -> usize {
@@ -294,6 +284,7 @@ pub(crate) mod tests {
     use super::super::tests::{command, draft, record, same};
     use super::super::{command_from_proto, frame, record_to_proto};
     use super::*;
+    use crate::model::assertion::StoredAssertion;
     use crate::model::id::AssertionId;
     use crate::shard::command::ProposalToken;
 
@@ -350,7 +341,7 @@ pub(crate) mod tests {
 
         #[test]
         fn records_encode_as_prost_does(record in record()) {
-            prop_assert_eq!(encode_stored(&record), frame(&record_to_proto(&record)));
+            prop_assert_eq!(encode_record(&record.as_new()), frame(&record_to_proto(&record)));
         }
     }
 
@@ -377,7 +368,7 @@ pub(crate) mod tests {
             let id = AssertionId::from_bytes(&[0; 16]).expect("16 bytes");
             let record =
                 StoredAssertion { id, asserted_at_us: 0, log_index: 0, draft: draft.clone(), quarantined: false };
-            assert_eq!(encode_stored(&record), frame(&record_to_proto(&record)));
+            assert_eq!(encode_record(&record.as_new()), frame(&record_to_proto(&record)));
         }
         let empty = ShardCommand::Parts { parts: Vec::new() };
         assert_eq!(direct_bytes(&empty), prost_bytes(&empty));

@@ -74,7 +74,7 @@ where
 
 /// The stored form of an assertion.
 pub fn encode_assertion(record: &StoredAssertion) -> Vec<u8> {
-    direct::encode_stored(record)
+    direct::encode_record(&record.as_new())
 }
 
 /// A stored assertion, in either form.
