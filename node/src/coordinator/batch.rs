@@ -252,8 +252,15 @@ async fn propose(shards: &ShardSet, shard: u16, batch: Vec<Queued>) {
             }
         }
         Err(error) => {
+            // The forwarded parts carry tokens, so their nodes may send them again whatever
+            // became of this entry: an outcome unknown here (an entry appended, then lost with
+            // the leadership, which a later leader may still commit) is for them a refusal.
+            let refusal = match &error {
+                ConsensusError::OutcomeUnknown { .. } => ConsensusError::NotLeader { shard, leader: None },
+                other => other.clone(),
+            };
             for reply in part_replies {
-                let _ = reply.send(Err(error.clone()));
+                let _ = reply.send(Err(refusal.clone()));
             }
             if matches!(error, ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. }) && own > 0 {
                 // Refused before anything was appended: this node's writes go the usual way.

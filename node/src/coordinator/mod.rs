@@ -247,7 +247,8 @@ async fn propose_hosted(
         if leader == shards.node_id {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match shards.propose_local(shard, Arc::clone(&current), remaining).await {
-                // Leadership moved between the check and the proposal: nothing appended.
+                // Leadership moved between the check and the proposal: nothing appended, or the
+                // command applies once (`ShardSet::propose_local`).
                 Err(ConsensusError::NotLeader { .. } | ConsensusError::NoQuorum { .. })
                     if Instant::now() < deadline =>
                 {

@@ -46,6 +46,8 @@ pub struct LogStore {
     /// This node, when known: a vote it stored as its own committed leadership is read back
     /// uncommitted ([`LogStore::with_node`]).
     node: Option<NodeId>,
+    /// How many truncations of conflicting entries this log has begun ([`LogStore::truncations`]).
+    truncations: Arc<AtomicU64>,
 }
 
 /// The longest a group's newest committed log id waits for the group's next append before
@@ -200,6 +202,7 @@ impl LogStore {
             committed: Arc::new(Mutex::new(SavedCommitted::default())),
             early: None,
             node: None,
+            truncations: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -226,6 +229,16 @@ impl LogStore {
     pub fn with_early_replication(mut self, early: Arc<EarlyReplication>) -> LogStore {
         self.early = Some(early);
         self
+    }
+
+    /// How many truncations of conflicting entries (openraft's `DeleteConflictLog`) this log has
+    /// begun since start. Counted before the entries go, and openraft answers the proposals
+    /// whose entries a truncation removed with `ForwardToLeader` only after it: a proposal that
+    /// got `ForwardToLeader` while this count stayed the same was refused before it was
+    /// appended, and one that got it after the count moved may have been appended, reached a
+    /// follower, and be committed by a later leader (`ShardSet::propose_local`).
+    pub fn truncations(&self) -> u64 {
+        self.truncations.load(Ordering::Acquire)
     }
 
     /// The index of the newest entry appended in this process (written yet or not), when the
@@ -555,6 +568,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
+        self.truncations.fetch_add(1, Ordering::AcqRel);
         self.recent.lock().truncate_from(log_id.index);
         let mut batch = WriteBatch::new();
         batch.delete_range(ColumnFamily::RaftLog, keys::log_key(self.group, log_id.index), keys::group_end(self.group));
@@ -740,6 +754,23 @@ mod tests {
         assert_eq!(node_2.read_vote().await.expect("reads"), Some(Vote::new_committed(3, 1)), "another's leadership");
         plain.save_vote(&Vote::new(4, 1)).await.expect("saves");
         assert_eq!(node_1.read_vote().await.expect("reads"), Some(Vote::new(4, 1)), "a vote for itself, not won");
+    }
+
+    /// Every truncation is counted, by every clone of the store (the proposer reads the count
+    /// through its own clone), before the entries go; appends and purges are not truncations.
+    #[tokio::test]
+    async fn truncations_are_counted_before_the_entries_go() {
+        let (_dir, log) = stored_log(10);
+        let proposer = log.clone();
+        let mut raft = log;
+        assert_eq!(proposer.truncations(), 0);
+        raft.purge(entry(2).log_id).await.expect("purges");
+        assert_eq!(proposer.truncations(), 0, "a purge");
+        raft.truncate(entry(8).log_id).await.expect("truncates");
+        assert_eq!(proposer.truncations(), 1);
+        assert_eq!(stored_indexes(&proposer), (3..=7).collect::<Vec<_>>());
+        raft.truncate(entry(20).log_id).await.expect("truncates nothing stored");
+        assert_eq!(proposer.truncations(), 2, "counted whether or not entries were there");
     }
 
     fn stored_indexes(log: &LogStore) -> Vec<u64> {

@@ -41,6 +41,44 @@ use crate::storage::{ColumnFamily, Storage};
 /// not name a new leader.
 pub(crate) const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// The answer to a proposal openraft refused with `ForwardToLeader` (`leader`: the leader it
+/// named), and the outcome it counts as.
+///
+/// openraft answers `ForwardToLeader` both to a proposal it refused (this node no longer led:
+/// nothing appended) and to one whose appended entry a new leader's log overwrote here. In the
+/// second case the entry may live on in another replica's log (with five voters, a leader can
+/// be elected without it while one follower keeps it), and a later leader may commit it: a copy
+/// proposed again without a token could then apply twice. The log counts its truncations before
+/// openraft answers the proposals they removed ([`LogStore::truncations`]), so `truncated` is
+/// false only when the entry was never appended. A command that applies once may be proposed
+/// again either way; any other, after a truncation, has an unknown outcome.
+fn refused(
+    shard: u16,
+    node: NodeId,
+    leader: Option<NodeId>,
+    applies_once: bool,
+    truncated: bool,
+) -> (&'static str, ConsensusError) {
+    if truncated && !applies_once {
+        return ("outcome_unknown", ConsensusError::OutcomeUnknown { shard, timeout_ms: 0 });
+    }
+    match leader {
+        Some(leader) if leader != node => ("not_leader", ConsensusError::NotLeader { shard, leader: Some(leader) }),
+        _ => ("not_leader", ConsensusError::NoQuorum { shard }),
+    }
+}
+
+/// The answer to a proposal whose group's Raft task stopped (a shutdown, or a storage failure)
+/// before answering it: possibly after it appended the entry, which a follower may then commit
+/// under a new leader, so only a command that applies once may be proposed again.
+fn stopped(shard: u16, applies_once: bool) -> ConsensusError {
+    if applies_once {
+        ConsensusError::ShuttingDown { shard }
+    } else {
+        ConsensusError::OutcomeUnknown { shard, timeout_ms: 0 }
+    }
+}
+
 /// Records the quarantine decisions of an assertion command (forwarded ones included). The
 /// command is shared (its proposer keeps it to retry), so it is copied only when a decision
 /// differs from the one it carries: most carry none and get none, and a retried command
@@ -971,7 +1009,8 @@ impl ShardSet {
     /// Proposes `command` on this node, which must lead the shard (used for forwarded writes:
     /// they are never forwarded a second time). The command is shared, not copied: a caller
     /// that keeps it may propose it again after `not_leader` or `no_quorum`, which mean nothing
-    /// was appended.
+    /// was appended, or that the command applies once ([`ShardCommand::applies_once`]). A
+    /// command without tokens that may have been appended is answered `outcome_unknown`.
     pub async fn propose_local(
         &self,
         shard: u16,
@@ -1018,6 +1057,10 @@ impl ShardSet {
             command
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
+        // A copy proposed again (by the caller, or by a node that forwarded it) must not apply
+        // twice: see the `ForwardToLeader` and `Fatal` arms.
+        let applies_once = command.applies_once();
+        let truncations = group.log.truncations();
         match tokio::time::timeout(remaining, group.raft.client_write(command)).await {
             Err(_) => {
                 raft_metrics::PROPOSALS.with_label_values(&["timeout"]).inc();
@@ -1028,23 +1071,18 @@ impl ShardSet {
                 raft_metrics::PROPOSE_DURATION.observe(started.elapsed().as_secs_f64());
                 Ok(response.data)
             }
-            // Leadership moved between the check and the proposal: the entry was not appended,
-            // so the client may retry safely.
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                raft_metrics::PROPOSALS.with_label_values(&["not_leader"]).inc();
-                match forward.leader_id {
-                    Some(leader) if leader != self.node_id => {
-                        Err(ConsensusError::NotLeader { shard, leader: Some(leader) })
-                    }
-                    _ => Err(ConsensusError::NoQuorum { shard }),
-                }
+                let truncated = group.log.truncations() != truncations;
+                let (outcome, error) = refused(shard, self.node_id, forward.leader_id, applies_once, truncated);
+                raft_metrics::PROPOSALS.with_label_values(&[outcome]).inc();
+                Err(error)
             }
             Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
                 Err(ConsensusError::MembershipChange { shard, message: e.to_string() })
             }
             Ok(Err(RaftError::Fatal(_))) => {
                 raft_metrics::PROPOSALS.with_label_values(&["fatal"]).inc();
-                Err(ConsensusError::ShuttingDown { shard })
+                Err(stopped(shard, applies_once))
             }
         }
     }
@@ -1229,8 +1267,6 @@ impl ShardSet {
         if !self.lease_reads {
             return None;
         }
-        // Read after the reader arrived, so at or past what was committed when it did.
-        let read_index = group.log.last_appended_index()?;
         let holds = {
             let metrics = group.raft.metrics();
             let metrics = metrics.borrow();
@@ -1242,6 +1278,12 @@ impl ShardSet {
         if !holds {
             return None;
         }
+        // Read once the lease is known to hold, so at or past everything committed when it was
+        // checked (a leader's log holds every committed entry, and none is ever truncated). Read
+        // before the check, a tail from before this node's election could be older than
+        // entries committed since, were the task delayed between the two for longer than a
+        // lease.
+        let read_index = group.log.last_appended_index()?;
         self.wake(group);
         raft_metrics::READ_INDEX_CONFIRMATIONS_LEASE.inc();
         Some(read_index)
@@ -1914,7 +1956,29 @@ mod sole_voter_tests {
 mod tests {
     use proptest::prelude::*;
 
-    use super::openraft_election_timeouts;
+    use super::{openraft_election_timeouts, refused, stopped};
+    use crate::shard::ConsensusError;
+
+    /// A refused proposal may be proposed again (`not_leader`, `no_quorum`) unless its entry
+    /// may have been appended (a truncation since it was proposed) and a second copy could
+    /// apply too (no tokens): then its outcome is unknown.
+    #[test]
+    fn a_proposal_is_proposed_again_only_when_a_second_copy_cannot_apply_twice() {
+        let retried = |applies_once, truncated| refused(3, 1, Some(2), applies_once, truncated);
+        let named = |answer: (&str, ConsensusError)| {
+            answer.0 == "not_leader" && matches!(answer.1, ConsensusError::NotLeader { shard: 3, leader: Some(2) })
+        };
+        assert!(named(retried(false, false)), "never appended");
+        assert!(named(retried(true, false)));
+        assert!(named(retried(true, true)), "tokens make a second copy a no-op");
+        let (outcome, error) = retried(false, true);
+        assert_eq!(outcome, "outcome_unknown", "appended, then lost with the leadership");
+        assert!(matches!(error, ConsensusError::OutcomeUnknown { shard: 3, timeout_ms: 0 }));
+        assert!(matches!(refused(3, 1, None, false, false), ("not_leader", ConsensusError::NoQuorum { shard: 3 })));
+        assert!(matches!(refused(3, 1, Some(1), true, true).1, ConsensusError::NoQuorum { shard: 3 }), "named itself");
+        assert!(matches!(stopped(3, true), ConsensusError::ShuttingDown { shard: 3 }));
+        assert!(matches!(stopped(3, false), ConsensusError::OutcomeUnknown { shard: 3, timeout_ms: 0 }));
+    }
 
     /// When a follower that last heard its leader at 0 campaigns: openraft's lease plus its
     /// random timeout, from the lowest to the highest it can draw.

@@ -126,6 +126,17 @@ impl ShardCommand {
         }
     }
 
+    /// Whether every copy of this command applies once, however many are proposed: a `Once`,
+    /// or an entry of parts that are all `Once`. Only such a command may be proposed again
+    /// after a copy of it may have been appended.
+    pub fn applies_once(&self) -> bool {
+        match self {
+            ShardCommand::Once { .. } => true,
+            ShardCommand::Parts { parts } => parts.iter().all(ShardCommand::applies_once),
+            _ => false,
+        }
+    }
+
     /// Whether this command may be a part of a [`ShardCommand::Parts`]: an `Assert`, alone or in
     /// a token.
     pub fn is_assertion_part(&self) -> bool {
@@ -190,4 +201,22 @@ pub enum ShardResponse {
     Empty,
     /// The answers to the parts of a [`ShardCommand::Parts`], in order.
     Parts(Vec<ShardResponse>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only tokens make a second copy a no-op: a `Once`, or parts that are all `Once`.
+    #[test]
+    fn a_command_applies_once_only_with_every_part_in_a_token() {
+        let assert = || ShardCommand::Assert { proposed_at_us: 1, items: Vec::new() };
+        assert!(!assert().applies_once());
+        assert!(assert().once().applies_once());
+        assert!(!ShardCommand::Check { proposed_at_us: 1 }.applies_once());
+        let tokened = ShardCommand::Parts { parts: vec![assert().once(), assert().once()] };
+        assert!(tokened.applies_once());
+        let own_first = ShardCommand::Parts { parts: vec![assert(), assert().once()] };
+        assert!(!own_first.applies_once(), "the leader's own writes carry no token");
+    }
 }
