@@ -59,6 +59,12 @@ enum Command {
         /// made for the run (`cluster.tls_*`).
         #[arg(long)]
         mutual_tls: bool,
+        /// Replicas per shard (`cluster.replication_factor`; default: the node's, 3). With 5,
+        /// a leader can be elected without an entry that one follower still holds, which a
+        /// later leader may commit: the case where a lost leader's own writes must not be
+        /// proposed again.
+        #[arg(long)]
+        replication_factor: Option<u16>,
     },
     /// The disaster-recovery drill: writes, a backup at a random moment, every node's data
     /// destroyed at a later one, a new cluster restored from the backup; checks what came back
@@ -143,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             io: RunIo { report, stemedb, data_dir },
             plant_bug,
             mutual_tls,
+            replication_factor,
         } => {
             let scenario = scenario::find(&scenario).with_context(|| {
                 let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
@@ -172,6 +179,11 @@ async fn main() -> anyhow::Result<()> {
                     env.push((key.to_string(), path.to_string_lossy().to_string()));
                 }
                 println!("transport: mutual TLS with a CA made for this run");
+            }
+            if let Some(replicas) = replication_factor {
+                anyhow::ensure!(replicas > 0, "--replication-factor must be positive");
+                env.push(("STEMEDB_CLUSTER_REPLICATION_FACTOR".into(), replicas.to_string()));
+                println!("replication factor: {replicas}");
             }
             let seed = seed_or_clock(seed);
             anyhow::ensure!(keys > 0 && duration > 0, "--keys and --duration must be positive");
