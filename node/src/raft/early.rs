@@ -120,9 +120,15 @@ impl EarlyReplication {
         }
     }
 
-    /// `target` answered one of openraft's AppendEntries, sent `with_entries` or not (or the call
-    /// failed): `Some(matched)` when it accepted, with the last entry it holds since.
-    pub(crate) fn answered(&self, target: NodeId, with_entries: bool, accepted: Option<Option<LogId>>) {
+    /// `target` answered one of openraft's AppendEntries sent under `vote`, `with_entries` or not
+    /// (or the call failed): `Some(matched)` when it accepted, with the last entry it holds since.
+    pub(crate) fn answered(
+        &self,
+        target: NodeId,
+        vote: &Vote<NodeId>,
+        with_entries: bool,
+        accepted: Option<Option<LogId>>,
+    ) {
         if !self.enabled {
             return;
         }
@@ -131,13 +137,18 @@ impl EarlyReplication {
             if with_entries {
                 entry.in_flight = entry.in_flight.saturating_sub(1);
             }
+            entry.answered = Instant::now();
+            // An answer to a message of an earlier leadership says nothing about where the
+            // follower stands under this one (its log may have changed since).
+            if entry.vote != *vote {
+                return;
+            }
             // A late answer to an earlier message must not move it back; a refusal or a failure
             // says nothing sure about where it stands.
             entry.matched = match accepted {
                 Some(matched) => entry.matched.max(matched),
                 None => None,
             };
-            entry.answered = Instant::now();
         }
     }
 
@@ -227,7 +238,7 @@ mod tests {
         let early = EarlyReplication::new(5, true);
         let vote = Vote::new_committed(3, 1);
         early.sending(2, &batcher(), &vote, Some(log_id(3, 1, 9)), true, Duration::from_secs(1));
-        early.answered(2, true, Some(Some(log_id(3, 1, 10))));
+        early.answered(2, &vote, true, Some(Some(log_id(3, 1, 10))));
         early
     }
 
@@ -253,7 +264,7 @@ mod tests {
         // Behind: it holds index 9 only.
         let early = EarlyReplication::new(5, true);
         early.sending(2, &batcher(), &Vote::new_committed(3, 1), None, true, Duration::from_secs(1));
-        early.answered(2, true, Some(Some(log_id(3, 1, 9))));
+        early.answered(2, &Vote::new_committed(3, 1), true, Some(Some(log_id(3, 1, 9))));
         assert!(early.early_sends(Some(log_id(3, 1, 10)), &next, 100, now).is_empty());
         // One of openraft's messages still in flight.
         let early = caught_up();
@@ -262,7 +273,7 @@ mod tests {
         // Refused, or the call failed.
         let early = caught_up();
         early.sending(2, &batcher(), &Vote::new_committed(3, 1), None, true, Duration::from_secs(1));
-        early.answered(2, true, None);
+        early.answered(2, &Vote::new_committed(3, 1), true, None);
         assert!(early.early_sends(Some(log_id(3, 1, 10)), &next, 100, now).is_empty());
         // Too large, no known predecessor, or nothing to send.
         let early = caught_up();
@@ -276,7 +287,7 @@ mod tests {
         // Turned off.
         let early = EarlyReplication::new(5, false);
         early.sending(2, &batcher(), &Vote::new_committed(3, 1), None, true, Duration::from_secs(1));
-        early.answered(2, true, Some(Some(log_id(3, 1, 10))));
+        early.answered(2, &Vote::new_committed(3, 1), true, Some(Some(log_id(3, 1, 10))));
         assert!(early.early_sends(Some(log_id(3, 1, 10)), &next, 100, now).is_empty());
     }
 
@@ -289,11 +300,11 @@ mod tests {
         early.sending(2, &batcher(), &Vote::new_committed(3, 1), Some(log_id(3, 1, 10)), false, Duration::from_secs(1));
         assert_eq!(early.early_sends(Some(log_id(3, 1, 10)), &next, 100, now).len(), 1);
         // Its answer, naming an older entry, arrives after a newer one: the newer stands.
-        early.answered(2, false, Some(Some(log_id(3, 1, 8))));
+        early.answered(2, &Vote::new_committed(3, 1), false, Some(Some(log_id(3, 1, 8))));
         assert_eq!(early.early_sends(Some(log_id(3, 1, 10)), &next, 100, now).len(), 1);
         // A refusal or a failure of any message forgets it.
         early.sending(2, &batcher(), &Vote::new_committed(3, 1), None, false, Duration::from_secs(1));
-        early.answered(2, false, None);
+        early.answered(2, &Vote::new_committed(3, 1), false, None);
         assert!(early.early_sends(Some(log_id(3, 1, 10)), &next, 100, now).is_empty());
     }
 
@@ -311,8 +322,21 @@ mod tests {
         // A vote not committed (a candidate's) never carries entries.
         let early = EarlyReplication::new(5, true);
         early.sending(2, &batcher(), &Vote::new(3, 1), None, true, Duration::from_secs(1));
-        early.answered(2, true, Some(Some(log_id(3, 1, 10))));
+        early.answered(2, &Vote::new(3, 1), true, Some(Some(log_id(3, 1, 10))));
         assert!(early.early_sends(Some(log_id(3, 1, 10)), &[entry(3, 1, 11)], 100, now).is_empty());
+    }
+
+    /// An answer to a message of the previous leadership arrives after openraft's first message
+    /// of the new one: it does not say where the follower stands now.
+    #[tokio::test]
+    async fn a_late_answer_of_an_earlier_leadership_matches_nothing() {
+        let early = caught_up();
+        early.sending(2, &batcher(), &Vote::new_committed(4, 1), Some(log_id(3, 1, 10)), true, Duration::from_secs(1));
+        early.answered(2, &Vote::new_committed(3, 1), true, Some(Some(log_id(3, 1, 10))));
+        assert!(early.early_sends(Some(log_id(3, 1, 10)), &[entry(4, 1, 11)], 100, Instant::now()).is_empty());
+        // openraft's own answer under the new vote does.
+        early.answered(2, &Vote::new_committed(4, 1), true, Some(Some(log_id(3, 1, 10))));
+        assert_eq!(early.early_sends(Some(log_id(3, 1, 10)), &[entry(4, 1, 11)], 100, Instant::now()).len(), 1);
     }
 
     #[tokio::test]
@@ -320,7 +344,7 @@ mod tests {
         let early = caught_up();
         // This node leads again in term 4; openraft's first message under it was accepted.
         early.sending(2, &batcher(), &Vote::new_committed(4, 1), Some(log_id(3, 1, 10)), true, Duration::from_secs(1));
-        early.answered(2, true, Some(Some(log_id(3, 1, 10))));
+        early.answered(2, &Vote::new_committed(4, 1), true, Some(Some(log_id(3, 1, 10))));
         let sends = early.early_sends(Some(log_id(3, 1, 10)), &[entry(4, 1, 11)], 100, Instant::now());
         assert_eq!(sends.len(), 1);
         let request = wire::replication::append_from_proto(sends[0].message.clone()).expect("decodes");

@@ -290,6 +290,8 @@ impl Rpc {
 struct EarlyOutcome<'a> {
     early: &'a EarlyReplication,
     target: NodeId,
+    /// The vote the message went under.
+    vote: openraft::Vote<NodeId>,
     with_entries: bool,
     /// `Some(matched)` once the follower accepted.
     accepted: Option<Option<super::types::LogId>>,
@@ -297,7 +299,7 @@ struct EarlyOutcome<'a> {
 
 impl Drop for EarlyOutcome<'_> {
     fn drop(&mut self) {
-        self.early.answered(self.target, self.with_entries, self.accepted.take());
+        self.early.answered(self.target, &self.vote, self.with_entries, self.accepted.take());
     }
 }
 
@@ -567,7 +569,7 @@ impl RaftNetwork<TypeConfig> for GrpcConnection {
         // timeout, a shutdown): then as a failure.
         let mut outcome = self.batcher.as_ref().ok().map(|batcher| {
             self.early.sending(self.target, batcher, &rpc.vote, rpc.leader_commit, with_entries, timeout);
-            EarlyOutcome { early: &self.early, target: self.target, with_entries, accepted: None }
+            EarlyOutcome { early: &self.early, target: self.target, vote: rpc.vote, with_entries, accepted: None }
         });
         let call = async {
             match &self.batcher {
