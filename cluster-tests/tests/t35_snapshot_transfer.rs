@@ -162,3 +162,38 @@ async fn a_follower_killed_during_a_snapshot_install_restarts_complete() -> anyh
     anyhow::ensure!(status == 200, "{status} {body}");
     Ok(())
 }
+
+/// A group whose log since the last snapshot reaches `raft.snapshot_log_mb_since_last` builds
+/// a snapshot on every node, long before `raft.snapshot_logs_since_last` entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_reaches_its_size_limit_gets_a_snapshot() -> anyhow::Result<()> {
+    let mut env = bulk_env();
+    env.push(("STEMEDB_RAFT_SNAPSHOT_LOG_MB_SINCE_LAST".to_string(), "4".to_string()));
+    env.push(("STEMEDB_RAFT_SNAPSHOT_LOGS_SINCE_LAST".to_string(), "1000000".to_string()));
+    let cluster = TestCluster::start(ClusterOptions { nodes: 3, shards: 1, env, ..Default::default() }).await?;
+    let leader = cluster.wait_for_leader(0, Duration::from_secs(10)).await?;
+    const BUILT: &str = "stemedb_raft_snapshots_total{event=\"built\"}";
+    const ASKED: &str = "stemedb_raft_snapshots_total{event=\"log_size\"}";
+    for id in cluster.running() {
+        anyhow::ensure!(cluster.metric(id, BUILT).await?.unwrap_or(0.0) == 0.0, "node {id} built a snapshot already");
+    }
+    // About 10 MB of log: 5 batches of 500 assertions with 4 KiB values.
+    write_batches(&cluster, leader, 5, 500, 4096).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in cluster.running() {
+        loop {
+            let asked = cluster.metric(id, ASKED).await?.unwrap_or(0.0);
+            let built = cluster.metric(id, BUILT).await?.unwrap_or(0.0);
+            if asked >= 1.0 && built >= 1.0 {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {id}: {asked} snapshots asked for by log size, {built} built\n{}",
+                cluster.log_tail(id, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}

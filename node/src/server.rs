@@ -207,6 +207,7 @@ pub fn raft_settings(config: &Config) -> RaftSettings {
         election_timeout_min_ms: config.raft.election_timeout_min_ms,
         election_timeout_max_ms: config.raft.election_timeout_max_ms,
         snapshot_logs_since_last: config.raft.snapshot_logs_since_last,
+        snapshot_log_bytes_since_last: config.raft.snapshot_log_mb_since_last << 20,
         logs_to_keep_after_snapshot: config.raft.logs_to_keep_after_snapshot,
         unsafe_skip_read_barrier: config.testing.unsafe_skip_read_barrier,
         lease_reads: config.raft.lease_reads,
@@ -549,6 +550,7 @@ impl Node {
         self.context = Some(context.clone());
         register_node_gauges(&context);
         crate::raft::shards::start_claims_cache_sharing(&shards);
+        crate::raft::shards::start_log_size_snapshots(&shards);
         shards.start_leadership_clocks();
         crate::raft::hibernation::start(
             &shards,

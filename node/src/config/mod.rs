@@ -354,6 +354,9 @@ pub struct RaftSection {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many log entries since the last one.
     pub snapshot_logs_since_last: u64,
+    /// Also build one once the log since the last snapshot holds this many MiB (as appended
+    /// since the node started); 0: by entry count only.
+    pub snapshot_log_mb_since_last: u64,
     /// Log entries kept after a snapshot so that slow followers can catch up by log.
     pub logs_to_keep_after_snapshot: u64,
     /// How long a write waits for its shard to commit and apply it before answering 504.
@@ -657,6 +660,9 @@ impl Default for StorageSection {
     }
 }
 
+/// The largest `raft.snapshot_log_mb_since_last`: 1 TiB of log per group.
+const MAX_SNAPSHOT_LOG_MB: u64 = 1 << 20;
+
 impl Default for RaftSection {
     fn default() -> Self {
         RaftSection {
@@ -666,6 +672,7 @@ impl Default for RaftSection {
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
             snapshot_logs_since_last: 20_000,
+            snapshot_log_mb_since_last: 1_024,
             logs_to_keep_after_snapshot: 1_000,
             write_timeout_ms: 5_000,
             lease_reads: true,
@@ -984,6 +991,12 @@ impl Config {
             return fail(format!(
                 "raft: need heartbeat_interval_ms + 1 < election_timeout_max_ms / 2 (heartbeat {} ms, maximum election timeout {} ms)",
                 self.raft.heartbeat_interval_ms, self.raft.election_timeout_max_ms
+            ));
+        }
+        if self.raft.snapshot_log_mb_since_last > MAX_SNAPSHOT_LOG_MB {
+            return fail(format!(
+                "raft.snapshot_log_mb_since_last is {}: expected 0 (off) to {MAX_SNAPSHOT_LOG_MB}",
+                self.raft.snapshot_log_mb_since_last
             ));
         }
         if !(1..=1024).contains(&self.limits.max_value_depth) {

@@ -48,6 +48,8 @@ pub struct LogStore {
     node: Option<NodeId>,
     /// How many truncations of conflicting entries this log has begun ([`LogStore::truncations`]).
     truncations: Arc<AtomicU64>,
+    /// Stored bytes appended since start, sampled at each append ([`LogStore::bytes_after`]).
+    appended: Arc<Mutex<AppendedBytes>>,
 }
 
 /// The longest a group's newest committed log id waits for the group's next append before
@@ -90,6 +92,71 @@ impl SavedCommitted {
         } else {
             None
         }
+    }
+}
+
+/// The most marks [`AppendedBytes`] keeps; when full, every other one goes.
+const MAX_APPEND_MARKS: usize = 1024;
+
+/// Stored bytes appended to a group's log since the node started, with marks of where the
+/// count stood after appends, so that the bytes after an index (a snapshot's) can be told
+/// without reading the log. At most [`MAX_APPEND_MARKS`] marks: when full, every other one is
+/// dropped, so they cover the whole log at a coarser grain; an answer then rounds up (toward
+/// an earlier snapshot), never down.
+#[derive(Default)]
+struct AppendedBytes {
+    total: u64,
+    /// (last index of an append, `total` after it), by increasing index.
+    marks: VecDeque<(u64, u64)>,
+}
+
+impl AppendedBytes {
+    fn appended(&mut self, last_index: u64, bytes: u64) {
+        // openraft truncates before it overwrites, so indexes only grow here.
+        self.total += bytes;
+        if self.marks.len() >= MAX_APPEND_MARKS {
+            let last = self.marks.back().copied();
+            let kept: VecDeque<(u64, u64)> = self.marks.iter().copied().step_by(2).collect();
+            self.marks = kept;
+            // The newest mark stays: the count at the log's end is exact.
+            if let Some(last) = last {
+                if self.marks.back() != Some(&last) {
+                    self.marks.push_back(last);
+                }
+            }
+        }
+        self.marks.push_back((last_index, self.total));
+    }
+
+    /// Forgets the marks of entries from `index` on (a truncation), and marks the count as it
+    /// stands at the entry before: what is appended next is counted from there. The truncated
+    /// bytes stay counted for the indexes before it: the count rounds up.
+    fn truncate_from(&mut self, index: u64) {
+        let mut cut = false;
+        while self.marks.back().is_some_and(|&(at, _)| at.saturating_add(1) >= index) {
+            self.marks.pop_back();
+            cut = true;
+        }
+        if cut && index > 0 {
+            self.marks.push_back((index - 1, self.total));
+        }
+    }
+
+    /// Forgets marks a purge through `index` made useless: the newest mark at or before it
+    /// stays, the count after a snapshot there starts from it.
+    fn purge_through(&mut self, index: u64) {
+        while self.marks.get(1).is_some_and(|&(at, _)| at <= index) {
+            self.marks.pop_front();
+        }
+    }
+
+    /// Bytes appended after `index`: from the newest mark at or before it (from the start when
+    /// there is none).
+    fn after(&self, index: Option<u64>) -> u64 {
+        let Some(index) = index else { return self.total };
+        let at = self.marks.partition_point(|&(at, _)| at <= index);
+        let base = if at == 0 { 0 } else { self.marks[at - 1].1 };
+        self.total - base
     }
 }
 
@@ -203,6 +270,7 @@ impl LogStore {
             early: None,
             node: None,
             truncations: Arc::new(AtomicU64::new(0)),
+            appended: Arc::new(Mutex::new(AppendedBytes::default())),
         }
     }
 
@@ -239,6 +307,14 @@ impl LogStore {
     /// follower, and be committed by a later leader (`ShardSet::propose_local`).
     pub fn truncations(&self) -> u64 {
         self.truncations.load(Ordering::Acquire)
+    }
+
+    /// Stored bytes of the entries appended after `index` (all of the log when `None`), as far
+    /// as this process has seen them: entries appended before the node started are not
+    /// counted. Rounds up, never down, by at most the bytes of a few appends
+    /// ([`AppendedBytes`]). How much log a snapshot at the log's end would let go.
+    pub fn bytes_after(&self, index: Option<u64>) -> u64 {
+        self.appended.lock().after(index)
     }
 
     /// The index of the newest entry appended in this process (written yet or not), when the
@@ -338,6 +414,9 @@ impl LogStore {
             // stays the one before these until they are pushed below.
             let prev = self.recent.lock().entries.back().map(|(entry, _)| entry.log_id);
             early.appended(prev, &appended, sizes.iter().sum());
+        }
+        if let Some(last) = appended.last() {
+            self.appended.lock().appended(last.log_id.index, sizes.iter().sum::<usize>() as u64);
         }
         let mut recent = self.recent.lock();
         for (entry, size) in appended.into_iter().zip(sizes) {
@@ -570,6 +649,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageIoError> {
         self.truncations.fetch_add(1, Ordering::AcqRel);
         self.recent.lock().truncate_from(log_id.index);
+        self.appended.lock().truncate_from(log_id.index);
         let mut batch = WriteBatch::new();
         batch.delete_range(ColumnFamily::RaftLog, keys::log_key(self.group, log_id.index), keys::group_end(self.group));
         blocking(|| self.storage.write(batch, Durability::Synced)).map_err(write_error)
@@ -580,6 +660,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let log_id = if log_id.index <= floor { Some(log_id) } else { self.clamped_purge(log_id, floor)? };
         let Some(log_id) = log_id else { return Ok(()) };
         self.recent.lock().purge_through(log_id.index);
+        self.appended.lock().purge_through(log_id.index);
         let mut batch = WriteBatch::new();
         self.state_put(&mut batch, PURGED_TAG, &log_id)?;
         batch.delete_range(
@@ -625,6 +706,43 @@ mod tests {
         ]
     }
 
+    /// What one [`Op`] did to the model log (`log`: index to size; `purged`: the last purged
+    /// index), for the structure under test to do the same.
+    enum Step {
+        Appended { first: u64, last: u64, size: usize },
+        Truncated { from: u64, bytes: u64 },
+        Purged { through: u64 },
+    }
+
+    fn model_step(log: &mut BTreeMap<u64, usize>, purged: &mut u64, op: Op) -> Step {
+        let last = log.keys().next_back().copied().unwrap_or(*purged);
+        match op {
+            Op::Append(n, size) => {
+                for index in last + 1..=last + n {
+                    log.insert(index, size);
+                }
+                Step::Appended { first: last + 1, last: last + n, size }
+            }
+            Op::Truncate(n) => {
+                let from = last.saturating_sub(n).max(*purged + 1);
+                let bytes = log.range(from..).map(|(_, &size)| size as u64).sum();
+                log.retain(|&i, _| i < from);
+                Step::Truncated { from, bytes }
+            }
+            Op::Purge(n) => {
+                let through = (log.keys().next().copied().unwrap_or(*purged + 1) + n).min(last);
+                log.retain(|&i, _| i > through);
+                *purged = (*purged).max(through);
+                Step::Purged { through }
+            }
+            Op::Install(gap) => {
+                *purged = last + gap;
+                log.clear();
+                Step::Purged { through: *purged }
+            }
+        }
+    }
+
     proptest! {
         /// Whatever appends, truncations, purges and snapshot gaps happen, a read the tail
         /// answers is exactly what the stored log holds in that range (and bounded reads stop
@@ -636,30 +754,10 @@ mod tests {
             let mut purged = 0u64;
             let mut recent = RecentEntries::default();
             for op in ops {
-                let last = log.keys().next_back().copied().unwrap_or(purged);
-                match op {
-                    Op::Append(n, size) => {
-                        for index in last + 1..=last + n {
-                            log.insert(index, size);
-                            recent.push(entry(index), size);
-                        }
-                    }
-                    Op::Truncate(n) => {
-                        let from = last.saturating_sub(n).max(purged + 1);
-                        log.retain(|&i, _| i < from);
-                        recent.truncate_from(from);
-                    }
-                    Op::Purge(n) => {
-                        let through = (log.keys().next().copied().unwrap_or(purged + 1) + n).min(last);
-                        log.retain(|&i, _| i > through);
-                        purged = purged.max(through);
-                        recent.purge_through(through);
-                    }
-                    Op::Install(gap) => {
-                        purged = last + gap;
-                        log.clear();
-                        recent.purge_through(purged);
-                    }
+                match model_step(&mut log, &mut purged, op) {
+                    Step::Appended { first, last, size } => (first..=last).for_each(|i| recent.push(entry(i), size)),
+                    Step::Truncated { from, .. } => recent.truncate_from(from),
+                    Step::Purged { through } => recent.purge_through(through),
                 }
                 prop_assert!(recent.entries.len() <= 1 || recent.bytes <= RECENT_LOG_BYTES);
                 prop_assert_eq!(recent.bytes, recent.entries.iter().map(|(_, s)| s).sum::<usize>());
@@ -690,6 +788,66 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    proptest! {
+        /// The bytes after an index never fall short of what the log holds after it (so a
+        /// group over the limit always gets its snapshot), and overshoot it by at most the
+        /// truncated entries and one append.
+        #[test]
+        fn appended_bytes_round_up_by_at_most_one_append(ops in proptest::collection::vec(op(), 1..60),
+                                                          probes in proptest::collection::vec(0u64..400, 8)) {
+            let mut log: BTreeMap<u64, usize> = BTreeMap::new();
+            let mut purged = 0u64;
+            let mut counted = AppendedBytes::default();
+            let (mut truncated, mut largest_append) = (0u64, 0u64);
+            for op in ops {
+                match model_step(&mut log, &mut purged, op) {
+                    Step::Appended { first, last, size } => {
+                        let bytes = (last - first + 1) * size as u64;
+                        counted.appended(last, bytes);
+                        largest_append = largest_append.max(bytes);
+                    }
+                    Step::Truncated { from, bytes } => {
+                        truncated += bytes;
+                        counted.truncate_from(from);
+                    }
+                    Step::Purged { through } => counted.purge_through(through),
+                }
+                let all: u64 = log.values().map(|&size| size as u64).sum();
+                prop_assert!(counted.after(None) >= all);
+                for &probe in &probes {
+                    let held: u64 = log.range(probe + 1..).map(|(_, &size)| size as u64).sum();
+                    let after = counted.after(Some(probe));
+                    prop_assert!(after >= held, "after {}: counted {} < held {}", probe, after, held);
+                    if probe >= purged {
+                        prop_assert!(after <= held + truncated + largest_append,
+                            "after {}: counted {} > held {} + truncated {} + one append {}", probe, after, held, truncated, largest_append);
+                    }
+                }
+                prop_assert!(counted.marks.len() <= MAX_APPEND_MARKS);
+            }
+        }
+    }
+
+    /// Past [`MAX_APPEND_MARKS`] appends the marks thin out but still cover the whole log, and
+    /// the count at its end stays exact.
+    #[test]
+    fn appended_bytes_keep_covering_the_log_when_the_marks_thin_out() {
+        let mut counted = AppendedBytes::default();
+        for index in 1..=5_000u64 {
+            counted.appended(index, 10);
+        }
+        assert!(counted.marks.len() <= MAX_APPEND_MARKS);
+        assert_eq!(counted.after(None), 50_000);
+        assert_eq!(counted.after(Some(5_000)), 0, "nothing after the last entry");
+        for probe in [0u64, 1, 999, 2_500, 4_990] {
+            let held = (5_000 - probe) * 10;
+            let after = counted.after(Some(probe));
+            // The oldest marks are the most thinned: a coarser grain there, a small share of
+            // what follows them.
+            assert!(after >= held && after <= held + held / 10 + 10, "after {probe}: {after} against {held}");
         }
     }
 

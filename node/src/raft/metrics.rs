@@ -13,6 +13,19 @@ pub static APPLY_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("valid metric")
 });
 
+/// From taking the shard's view to the snapshot file in place, for the snapshots put in place.
+/// Applies go on meanwhile.
+pub static SNAPSHOT_BUILD_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new(
+            "stemedb_raft_snapshot_build_duration_seconds",
+            "Duration of writing one shard snapshot, from a point-in-time view, beside the applies",
+        )
+        .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+    )
+    .expect("valid metric")
+});
+
 pub static PROPOSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new("stemedb_raft_proposals_total", "Entries proposed to shard groups, by outcome"),
@@ -200,7 +213,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
     for outcome in ["accepted", "refused", "failed"] {
         EARLY_APPENDS.with_label_values(&[outcome]);
     }
-    for event in ["built", "build_failed", "installed", "install_failed", "held"] {
+    for event in ["built", "build_failed", "superseded", "log_size", "installed", "install_failed", "held"] {
         SNAPSHOTS.with_label_values(&[event]);
     }
     for kind in FORWARD_KINDS {
@@ -215,6 +228,7 @@ pub fn collectors() -> Vec<Box<dyn prometheus::core::Collector>> {
         Box::new(PROMPT_CAMPAIGNS.clone()),
         Box::new(SNAPSHOTS.clone()),
         Box::new(APPLY_DURATION.clone()),
+        Box::new(SNAPSHOT_BUILD_DURATION.clone()),
         Box::new(APPEND_BATCH_MESSAGES.clone()),
         Box::new(ENTRY_PARTS.clone()),
         Box::new(PROPOSALS.clone()),

@@ -159,6 +159,48 @@ pub fn start_claims_cache_sharing(shards: &Arc<ShardSet>) {
     });
 }
 
+/// Builds a group's snapshot once its log after the last one holds
+/// `raft.snapshot_log_mb_since_last` (openraft 0.9's own policy counts entries only, so a
+/// group of large batch entries could otherwise keep tens of GB of log). Checks every group
+/// this node holds (the meta group too) once a second while the shard set lives; openraft refuses a trigger while
+/// the group is building one, and the snapshot is written beside the applies
+/// (`raft::state_machine`).
+pub fn start_log_size_snapshots(shards: &Arc<ShardSet>) {
+    let limit = shards.settings.snapshot_log_bytes_since_last;
+    if limit == 0 {
+        return;
+    }
+    let tasks = shards.tasks.clone();
+    let shards = Arc::downgrade(shards);
+    tasks.spawn_until_stopped(async move {
+        // The snapshot each group was last asked for after: asked again only once it moved.
+        let mut asked: HashMap<u16, Option<u64>> = HashMap::new();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(shards) = shards.upgrade() else { return };
+            for group in shards.all_groups() {
+                let snapshot = group.raft.metrics().borrow().snapshot.map(|log_id| log_id.index);
+                if !log_needs_snapshot(&group.log, snapshot, limit) || asked.get(&group.shard) == Some(&snapshot) {
+                    continue;
+                }
+                asked.insert(group.shard, snapshot);
+                raft_metrics::SNAPSHOTS.with_label_values(&["log_size"]).inc();
+                tracing::info!(
+                    shard = group.shard,
+                    log_bytes = group.log.bytes_after(snapshot),
+                    "the log since the last snapshot reached raft.snapshot_log_mb_since_last: building one"
+                );
+                let _ = group.raft.trigger().snapshot().await;
+            }
+        }
+    });
+}
+
+/// Whether the log after `snapshot` holds `limit` bytes or more.
+fn log_needs_snapshot(log: &LogStore, snapshot: Option<u64>, limit: u64) -> bool {
+    log.bytes_after(snapshot) >= limit
+}
+
 /// Whether `me` may serve a linearizable read of a group from its own state machine, without
 /// confirming leadership (a read index through RaftCore), judging by the group's metrics:
 /// - it is the leader, and the group's only member: the only voter, in every half of a joint
@@ -203,6 +245,9 @@ pub struct RaftSettings {
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     pub snapshot_logs_since_last: u64,
+    /// `raft.snapshot_log_mb_since_last` in bytes: a snapshot is also built once the log after
+    /// the last one holds this much ([`start_log_size_snapshots`]); 0: off.
+    pub snapshot_log_bytes_since_last: u64,
     pub logs_to_keep_after_snapshot: u64,
     /// A planted bug (`testing.unsafe_skip_read_barrier`): linearizable reads skip the barrier.
     pub unsafe_skip_read_barrier: bool,
@@ -258,6 +303,7 @@ impl Default for RaftSettings {
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
             snapshot_logs_since_last: 20_000,
+            snapshot_log_bytes_since_last: 1 << 30,
             logs_to_keep_after_snapshot: 1_000,
             unsafe_skip_read_barrier: false,
             lease_reads: true,

@@ -214,50 +214,6 @@ impl ShardStateMachine {
         Ok(responses)
     }
 
-    /// Writes this shard's state machine and index ranges, as applied now, to the group's
-    /// snapshot file, record by record. Runs on the state machine task, so no apply interleaves.
-    fn write_snapshot(&self, meta: &SnapshotMeta<NodeId, openraft::BasicNode>) -> Result<PathBuf, StorageIoError> {
-        let signature = Some(meta.signature());
-        let write_failed =
-            |e: std::io::Error| StorageIoError::from(StorageIOError::write_snapshot(signature.clone(), &e));
-        #[cfg(test)]
-        if self.inject.fail_build {
-            return Err(write_failed(std::io::Error::other("injected snapshot build failure")));
-        }
-        let meta_bytes = serde_json::to_vec(meta).map_err(sm_write_error)?;
-        let mut writer =
-            snapshot::SnapshotWriter::create(&self.snapshot_dir, self.group, &meta_bytes).map_err(write_failed)?;
-        let mut failure = None;
-        for (tag, cf) in [(0u8, ColumnFamily::StateMachine), (1u8, ColumnFamily::Index)] {
-            let scanned = self.storage.for_each_in_range(
-                cf,
-                &keys::group_prefix(self.group),
-                &keys::group_end(self.group),
-                |k, v| match writer.record(tag, k, v) {
-                    Ok(()) => true,
-                    Err(error) => {
-                        failure = Some(error);
-                        false
-                    }
-                },
-            );
-            if let Err(error) = scanned {
-                writer.abandon();
-                return Err(sm_read_error(error));
-            }
-            if let Some(error) = failure.take() {
-                writer.abandon();
-                return Err(write_failed(error));
-            }
-        }
-        #[cfg(test)]
-        if self.inject.fail_persist {
-            writer.abandon();
-            return Err(write_failed(std::io::Error::other("injected snapshot persist failure")));
-        }
-        writer.finish().map_err(write_failed)
-    }
-
     /// Replaces this shard's ranges by the snapshot in `path` (already verified), in bounded
     /// write batches. Crash-safe: the install marker, written first and synced, names the
     /// snapshot; until the last batch (synced, with the new applied state) removes it, opening
@@ -403,12 +359,14 @@ impl Drop for InstallingFlag<'_> {
     }
 }
 
-/// Failures a test can inject into snapshot building.
+/// Failures and a pause a test can inject into snapshot building.
 #[cfg(test)]
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Injected {
     fail_build: bool,
     fail_persist: bool,
+    /// The build waits for a message here once it has taken its view.
+    hold_build: Option<Arc<parking_lot::Mutex<std::sync::mpsc::Receiver<()>>>>,
 }
 
 /// Writes an old-format snapshot (`meta_len(4) | meta | records`) as a snapshot file.
@@ -449,26 +407,140 @@ fn decode_dump(data: &[u8]) -> Option<Vec<(ColumnFamily, &[u8], &[u8])>> {
     Some(records)
 }
 
-/// A snapshot built (or failed) on the state machine task, handed to openraft.
+/// A snapshot being written beside the state machine task, from a view of the shard taken
+/// before any later apply (`get_snapshot_builder`), handed to openraft when written.
 pub struct ShardSnapshotBuilder {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    built: Option<Result<PathBuf, StorageIoError>>,
+    job: Option<tokio::task::JoinHandle<Result<Built, StorageIoError>>>,
+}
+
+/// What a snapshot job left: its file in place, or, when a newer snapshot took the place
+/// meanwhile (installed from the leader), that one.
+enum Built {
+    Published(PathBuf),
+    Superseded { path: PathBuf, meta: SnapshotMeta<NodeId, openraft::BasicNode> },
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageIoError> {
-        // Every failure reaches openraft, which then purges no log: the last durable snapshot
-        // and the log after it stay.
-        let built = self.built.take().unwrap_or_else(|| {
-            Err(StorageIOError::write_snapshot(Some(self.meta.signature()), &std::io::Error::other("built twice"))
-                .into())
-        });
-        let path = built.inspect_err(|_| raft_metrics::SNAPSHOTS.with_label_values(&["build_failed"]).inc())?;
+        // Every failure reaches openraft, which stops the group: the last durable snapshot and
+        // the log after it stay.
+        let signature = Some(self.meta.signature());
+        let failed = |e: std::io::Error| StorageIoError::from(StorageIOError::write_snapshot(signature.clone(), &e));
+        let built = match self.job.take() {
+            Some(job) => job.await.map_err(|e| failed(std::io::Error::other(format!("snapshot job ended: {e}"))))?,
+            None => Err(failed(std::io::Error::other("built twice"))),
+        };
+        let (path, meta) = match built {
+            Ok(Built::Published(path)) => {
+                raft_metrics::SNAPSHOTS.with_label_values(&["built"]).inc();
+                (path, self.meta.clone())
+            }
+            // openraft keeps the newer one it installed; this answer changes nothing.
+            Ok(Built::Superseded { path, meta }) => {
+                raft_metrics::SNAPSHOTS.with_label_values(&["superseded"]).inc();
+                (path, meta)
+            }
+            Err(error) => {
+                raft_metrics::SNAPSHOTS.with_label_values(&["build_failed"]).inc();
+                tracing::error!(snapshot = %self.meta.snapshot_id, error = %error, "building a snapshot failed; the log is kept");
+                return Err(error);
+            }
+        };
         let file = tokio::fs::File::open(&path)
             .await
-            .map_err(|e| StorageIoError::from(StorageIOError::read_snapshot(Some(self.meta.signature()), &e)))?;
-        raft_metrics::SNAPSHOTS.with_label_values(&["built"]).inc();
-        Ok(Snapshot { meta: self.meta.clone(), snapshot: Box::new(file) })
+            .map_err(|e| StorageIoError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
+    }
+}
+
+/// Writes one snapshot of a shard on a blocking thread: its state machine and index ranges as
+/// of a point-in-time view, taken first, so applies go on while the file is written.
+struct SnapshotJob {
+    storage: Arc<Storage>,
+    group: GroupId,
+    dir: PathBuf,
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    progress: Arc<AppliedProgress>,
+    #[cfg(test)]
+    inject: Injected,
+}
+
+impl SnapshotJob {
+    /// Takes the view, says so on `pinned`, writes the file and puts it in place unless a newer
+    /// snapshot is there by then, or the replica was deleted meanwhile.
+    fn run(self, pinned: tokio::sync::oneshot::Sender<()>) -> Result<Built, StorageIoError> {
+        let started = Instant::now();
+        let view = self.storage.point_in_time();
+        let _ = pinned.send(());
+        let signature = Some(self.meta.signature());
+        let write_failed =
+            |e: std::io::Error| StorageIoError::from(StorageIOError::write_snapshot(signature.clone(), &e));
+        #[cfg(test)]
+        if self.inject.fail_build {
+            return Err(write_failed(std::io::Error::other("injected snapshot build failure")));
+        }
+        let meta_bytes = serde_json::to_vec(&self.meta).map_err(sm_write_error)?;
+        let mut writer = snapshot::SnapshotWriter::create(&self.dir, self.group, &meta_bytes).map_err(write_failed)?;
+        #[cfg(test)]
+        if let Some(hold) = &self.inject.hold_build {
+            let _ = hold.lock().recv();
+        }
+        let mut failure = None;
+        for (tag, cf) in [(0u8, ColumnFamily::StateMachine), (1u8, ColumnFamily::Index)] {
+            let scanned =
+                view.for_each_in_range(cf, &keys::group_prefix(self.group), &keys::group_end(self.group), |k, v| {
+                    match writer.record(tag, k, v) {
+                        Ok(()) => true,
+                        Err(error) => {
+                            failure = Some(error);
+                            false
+                        }
+                    }
+                });
+            if let Err(error) = scanned {
+                writer.abandon();
+                return Err(sm_read_error(error));
+            }
+            if let Some(error) = failure.take() {
+                writer.abandon();
+                return Err(write_failed(error));
+            }
+        }
+        drop(view);
+        #[cfg(test)]
+        if self.inject.fail_persist {
+            writer.abandon();
+            return Err(write_failed(std::io::Error::other("injected snapshot persist failure")));
+        }
+        // Made durable before the lock: only the rename happens under it.
+        let sealed = writer.seal().map_err(write_failed)?;
+        // Under the lock an install renames its file under, and a retirement marks the replica
+        // deleted under: the newer snapshot, and the deletion, win.
+        let _guard = self.progress.index_lock.lock_to_read();
+        if self.progress.retired.load(Ordering::Acquire) {
+            sealed.discard();
+            return Err(write_failed(std::io::Error::other("the replica was deleted while its snapshot was written")));
+        }
+        let destination = snapshot::snapshot_path(&self.dir, self.group);
+        if let Some(current) = snapshot_meta_at(&destination).map_err(write_failed)? {
+            if current.last_log_id >= self.meta.last_log_id {
+                sealed.discard();
+                return Ok(Built::Superseded { path: destination, meta: current });
+            }
+        }
+        let path = sealed.publish().map_err(write_failed)?;
+        raft_metrics::SNAPSHOT_BUILD_DURATION.observe(started.elapsed().as_secs_f64());
+        Ok(Built::Published(path))
+    }
+}
+
+/// The metadata of the snapshot file at `path`, if there is one.
+fn snapshot_meta_at(path: &Path) -> std::io::Result<Option<SnapshotMeta<NodeId, openraft::BasicNode>>> {
+    match snapshot::SnapshotReader::open(path) {
+        Ok((_, meta)) => serde_json::from_slice(&meta).map(Some).map_err(std::io::Error::other),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
     }
 }
 
@@ -548,13 +620,24 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 last.map(|l| l.index).unwrap_or(0)
             ),
         };
-        // Written here, on the state machine task, so no apply can interleave with it; streamed
-        // to a file on a blocking thread, so memory stays a buffer whatever the shard's size.
-        let built = crate::storage::blocking(|| self.write_snapshot(&meta));
-        if let Err(error) = &built {
-            tracing::error!(shard = self.shard, error = %error, "building a snapshot failed; the log is kept");
-        }
-        ShardSnapshotBuilder { meta, built: Some(built) }
+        let job = SnapshotJob {
+            storage: self.storage.clone(),
+            group: self.group,
+            dir: self.snapshot_dir.clone(),
+            meta: meta.clone(),
+            progress: self.progress.clone(),
+            #[cfg(test)]
+            inject: self.inject.clone(),
+        };
+        // Written on a blocking thread from a view of the shard as applied now (every apply
+        // before this call has written its batch): openraft runs `build_snapshot` on a task of
+        // its own and goes on applying, so the view must be taken before this returns. Streamed
+        // record by record, so memory stays a buffer whatever the shard's size.
+        let (pinned, taken) = tokio::sync::oneshot::channel();
+        let job = tokio::task::spawn_blocking(move || job.run(pinned));
+        // Dropped unsent only if the job ended before taking it (a panic): its result says so.
+        let _ = taken.await;
+        ShardSnapshotBuilder { meta, job: Some(job) }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageIoError> {
@@ -562,7 +645,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let dir = self.snapshot_dir.clone();
         let path = snapshot::receiving_path(&dir, self.group);
         let file = crate::storage::blocking(|| {
-            snapshot::remove_partial(&dir, self.group);
+            snapshot::remove_partial_received(&dir, self.group);
             std::fs::create_dir_all(&dir)?;
             std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)
         })
@@ -591,8 +674,12 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             // Checked whole before anything changes: a damaged transfer leaves the old state.
             snapshot::verify(&received).map_err(failed)?;
             let path = snapshot::snapshot_path(&self.snapshot_dir, self.group);
-            std::fs::rename(&received, &path).map_err(failed)?;
-            snapshot::sync_dir(&self.snapshot_dir).map_err(failed)?;
+            {
+                // Under the lock a snapshot build puts its file in place under (`SnapshotJob`).
+                let _guard = self.progress.index_lock.lock_to_read();
+                std::fs::rename(&received, &path).map_err(failed)?;
+                snapshot::sync_dir(&self.snapshot_dir).map_err(failed)?;
+            }
             self.install_file(&path, meta)
         });
         match &result {
@@ -623,6 +710,8 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 mod tests {
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, EntryPayload};
+
+    use std::time::Duration;
 
     use super::*;
     use crate::model::assertion::AssertionDraft;
@@ -713,7 +802,7 @@ mod tests {
         let more = ShardCommand::Assert { proposed_at_us: crate::model::id::now_us(), items: vec![draft(11)] };
         leader.apply(vec![entry(2, more)]).await.expect("apply");
         for (fail_build, fail_persist) in [(true, false), (false, true)] {
-            leader.inject = Injected { fail_build, fail_persist };
+            leader.inject = Injected { fail_build, fail_persist, ..Injected::default() };
             let built = leader.get_snapshot_builder().await.build_snapshot().await;
             assert!(built.is_err(), "openraft must see the failure (build {fail_build}, persist {fail_persist})");
             let current = leader.get_current_snapshot().await.expect("current").expect("a snapshot");
@@ -721,6 +810,93 @@ mod tests {
         }
         let leftovers = std::fs::read_dir(&leader.snapshot_dir).expect("dir").count();
         assert_eq!(leftovers, 1, "no temporary files left behind");
+    }
+
+    /// Holds `machine`'s next snapshot builds once they have taken their view and created their
+    /// file; send to go on.
+    fn hold_builds(machine: &mut ShardStateMachine) -> std::sync::mpsc::Sender<()> {
+        let (release, hold) = std::sync::mpsc::channel();
+        machine.inject.hold_build = Some(Arc::new(parking_lot::Mutex::new(hold)));
+        release
+    }
+
+    fn snapshot_files(machine: &ShardStateMachine) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&machine.snapshot_dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn applies_go_on_while_a_snapshot_is_written_and_it_holds_the_shard_as_it_started() {
+        let (_a, leader_storage, mut leader) = leader_with(100).await;
+        let at_start = shard_rows(&leader_storage);
+        let applied_at_start = leader.state.last_applied;
+        let release = hold_builds(&mut leader);
+        let mut builder = leader.get_snapshot_builder().await;
+        // The build is held with its view taken: applies go on meanwhile.
+        let more = ShardCommand::Assert { proposed_at_us: crate::model::id::now_us(), items: vec![draft(500)] };
+        tokio::time::timeout(Duration::from_secs(30), leader.apply(vec![entry(2, more)]))
+            .await
+            .expect("an apply is not held up by a snapshot being written")
+            .expect("apply");
+        assert_ne!(shard_rows(&leader_storage), at_start, "the apply wrote");
+        release.send(()).expect("release");
+        let snapshot = builder.build_snapshot().await.expect("build");
+        assert_eq!(snapshot.meta.last_log_id, applied_at_start);
+        let (_b, follower_storage, mut follower) = machine();
+        transfer(snapshot, &mut follower).await.expect("install");
+        assert_eq!(shard_rows(&follower_storage), at_start, "the snapshot holds the shard as of its start");
+        assert_eq!(follower.state.last_applied, applied_at_start);
+    }
+
+    #[tokio::test]
+    async fn a_build_that_ends_after_a_newer_install_leaves_the_installed_snapshot() {
+        let (_a, _storage, mut node) = leader_with(5).await;
+        let release = hold_builds(&mut node);
+        let mut builder = node.get_snapshot_builder().await;
+        // Meanwhile the node installs a newer snapshot from a leader.
+        let (_b, _leader_storage, mut leader) = leader_with(20).await;
+        let more = ShardCommand::Assert { proposed_at_us: crate::model::id::now_us(), items: vec![draft(21)] };
+        leader.apply(vec![entry(2, more)]).await.expect("apply");
+        let newer = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        let newer_id = newer.meta.last_log_id;
+        transfer(newer, &mut node).await.expect("install");
+        release.send(()).expect("release");
+        let answered = builder.build_snapshot().await.expect("a superseded build is no failure");
+        assert_eq!(answered.meta.last_log_id, newer_id, "openraft is told of the snapshot in place");
+        let current = node.get_current_snapshot().await.expect("current").expect("a snapshot");
+        assert_eq!(current.meta.last_log_id, newer_id, "the older build did not replace the installed snapshot");
+        assert_eq!(snapshot_files(&node), vec!["group-3.snap".to_string()], "the older build's file is gone");
+    }
+
+    #[tokio::test]
+    async fn a_build_that_ends_after_its_replica_was_deleted_puts_nothing_in_place() {
+        let (_a, _storage, mut node) = leader_with(5).await;
+        let release = hold_builds(&mut node);
+        let mut builder = node.get_snapshot_builder().await;
+        {
+            let _guard = node.progress.index_lock.lock();
+            node.progress.retired.store(true, Ordering::Release);
+        }
+        release.send(()).expect("release");
+        assert!(builder.build_snapshot().await.is_err());
+        assert!(snapshot_files(&node).is_empty(), "no snapshot of a deleted replica, and no temporary file");
+    }
+
+    /// A snapshot being received does not remove the file a build is writing.
+    #[tokio::test]
+    async fn receiving_a_snapshot_leaves_a_build_in_progress_alone() {
+        let (_a, _storage, mut node) = leader_with(5).await;
+        let release = hold_builds(&mut node);
+        let mut builder = node.get_snapshot_builder().await;
+        let receiving = node.begin_receiving_snapshot().await.expect("begin receiving");
+        drop(receiving);
+        release.send(()).expect("release");
+        let built = builder.build_snapshot().await.expect("build");
+        assert_eq!(built.meta.last_log_id, node.state.last_applied);
     }
 
     #[tokio::test]

@@ -44,13 +44,21 @@ pub fn receiving_path(dir: &Path, group: GroupId) -> PathBuf {
 
 /// Removes snapshots of `group` that were being received or written when the node stopped.
 pub fn remove_partial(dir: &Path, group: GroupId) {
+    remove_matching(dir, &[format!("recv-{group}-"), format!("group-{group}.snap.")]);
+}
+
+/// Removes the snapshots of `group` that were being received, and leaves one being written
+/// (a build runs beside the state machine and may be writing one now).
+pub fn remove_partial_received(dir: &Path, group: GroupId) {
+    remove_matching(dir, &[format!("recv-{group}-")]);
+}
+
+fn remove_matching(dir: &Path, prefixes: &[String]) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let received = format!("recv-{group}-");
-    let written = format!("group-{group}.snap.");
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(&received) || name.starts_with(&written) {
+        if prefixes.iter().any(|prefix| name.starts_with(prefix.as_str())) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -111,13 +119,45 @@ impl SnapshotWriter {
     }
 
     /// Ends the file, makes it durable and puts it in place of the group's last snapshot.
-    pub fn finish(mut self) -> io::Result<PathBuf> {
+    pub fn finish(self) -> io::Result<PathBuf> {
+        self.seal()?.publish()
+    }
+
+    /// Ends the file and makes it durable under its temporary name: [`Sealed::publish`] then
+    /// puts it in place, or [`Sealed::discard`] drops it.
+    pub fn seal(mut self) -> io::Result<Sealed> {
         let result = (|| {
             self.out.write_all(&[END])?;
             self.out.write_all(&self.records.to_be_bytes())?;
             self.out.write_all(&self.hash.finish().to_be_bytes())?;
             self.out.flush()?;
-            self.out.get_ref().sync_all()?;
+            self.out.get_ref().sync_all()
+        })();
+        match result {
+            Ok(()) => Ok(Sealed { temporary: self.temporary.clone(), destination: self.destination.clone() }),
+            Err(error) => {
+                let _ = std::fs::remove_file(&self.temporary);
+                Err(error)
+            }
+        }
+    }
+
+    /// Gives up: removes the temporary file.
+    pub fn abandon(self) {
+        let _ = std::fs::remove_file(&self.temporary);
+    }
+}
+
+/// A complete, durable snapshot file under its temporary name.
+pub struct Sealed {
+    temporary: PathBuf,
+    destination: PathBuf,
+}
+
+impl Sealed {
+    /// Puts the file in place of the group's last snapshot, durably.
+    pub fn publish(self) -> io::Result<PathBuf> {
+        let result = (|| {
             std::fs::rename(&self.temporary, &self.destination)?;
             if let Some(dir) = self.destination.parent() {
                 sync_dir(dir)?;
@@ -130,8 +170,8 @@ impl SnapshotWriter {
         result.map(|()| self.destination.clone())
     }
 
-    /// Gives up: removes the temporary file.
-    pub fn abandon(self) {
+    /// Drops the file: a newer snapshot took its place meanwhile.
+    pub fn discard(self) {
         let _ = std::fs::remove_file(&self.temporary);
     }
 }
