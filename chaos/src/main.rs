@@ -65,6 +65,12 @@ enum Command {
         /// proposed again.
         #[arg(long)]
         replication_factor: Option<u16>,
+        /// Build each group's snapshot every N log entries (`raft.snapshot_logs_since_last`,
+        /// default 20,000) and keep N/4 after it (`raft.logs_to_keep_after_snapshot`): builds
+        /// then run beside applies, installs and replica moves all through the run, and a node
+        /// back from a fault catches up by snapshot rather than by log.
+        #[arg(long)]
+        snapshot_every: Option<u64>,
     },
     /// The disaster-recovery drill: writes, a backup at a random moment, every node's data
     /// destroyed at a later one, a new cluster restored from the backup; checks what came back
@@ -150,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             plant_bug,
             mutual_tls,
             replication_factor,
+            snapshot_every,
         } => {
             let scenario = scenario::find(&scenario).with_context(|| {
                 let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
@@ -184,6 +191,12 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(replicas > 0, "--replication-factor must be positive");
                 env.push(("STEMEDB_CLUSTER_REPLICATION_FACTOR".into(), replicas.to_string()));
                 println!("replication factor: {replicas}");
+            }
+            if let Some(every) = snapshot_every {
+                anyhow::ensure!(every > 0, "--snapshot-every must be positive");
+                env.push(("STEMEDB_RAFT_SNAPSHOT_LOGS_SINCE_LAST".into(), every.to_string()));
+                env.push(("STEMEDB_RAFT_LOGS_TO_KEEP_AFTER_SNAPSHOT".into(), (every / 4).to_string()));
+                println!("snapshots: every {every} entries, {} kept after each", every / 4);
             }
             let seed = seed_or_clock(seed);
             anyhow::ensure!(keys > 0 && duration > 0, "--keys and --duration must be positive");

@@ -150,6 +150,14 @@ impl AppendedBytes {
         }
     }
 
+    /// Bytes appended after `from` through `through` (none when `through` is not past `from`).
+    fn between(&self, from: Option<u64>, through: Option<u64>) -> u64 {
+        if through <= from {
+            return 0;
+        }
+        self.after(from).saturating_sub(self.after(through))
+    }
+
     /// Bytes appended after `index`: from the newest mark at or before it (from the start when
     /// there is none).
     fn after(&self, index: Option<u64>) -> u64 {
@@ -315,6 +323,14 @@ impl LogStore {
     /// ([`AppendedBytes`]). How much log a snapshot at the log's end would let go.
     pub fn bytes_after(&self, index: Option<u64>) -> u64 {
         self.appended.lock().after(index)
+    }
+
+    /// Stored bytes of the entries after `snapshot` through `applied`: what a snapshot built
+    /// now (it holds the applied state) would let go. Entries appended but not applied yet do
+    /// not count: a follower catching up on a backlog, or a leader without a quorum, would
+    /// otherwise build snapshot after snapshot that each move past only a few of them.
+    pub fn bytes_between(&self, snapshot: Option<u64>, applied: Option<u64>) -> u64 {
+        self.appended.lock().between(snapshot, applied)
     }
 
     /// The index of the newest entry appended in this process (written yet or not), when the
@@ -829,6 +845,21 @@ mod tests {
                 prop_assert!(counted.marks.len() <= MAX_APPEND_MARKS);
             }
         }
+    }
+
+    /// Only the applied part of the log after a snapshot counts toward the next: entries
+    /// appended but not applied yet would not be in it.
+    #[test]
+    fn a_snapshot_can_let_go_only_of_applied_entries() {
+        let mut counted = AppendedBytes::default();
+        for index in 1..=10u64 {
+            counted.appended(index, 100);
+        }
+        assert_eq!(counted.between(Some(2), Some(6)), 400);
+        assert_eq!(counted.between(None, Some(10)), 1_000);
+        assert_eq!(counted.between(Some(6), Some(6)), 0, "nothing applied since the snapshot");
+        assert_eq!(counted.between(Some(8), Some(6)), 0, "a snapshot past the applied index (installed)");
+        assert_eq!(counted.between(Some(4), None), 0);
     }
 
     /// Past [`MAX_APPEND_MARKS`] appends the marks thin out but still cover the whole log, and

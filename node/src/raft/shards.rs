@@ -179,26 +179,26 @@ pub fn start_log_size_snapshots(shards: &Arc<ShardSet>) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let Some(shards) = shards.upgrade() else { return };
             for group in shards.all_groups() {
-                let snapshot = group.raft.metrics().borrow().snapshot.map(|log_id| log_id.index);
-                if !log_needs_snapshot(&group.log, snapshot, limit) || asked.get(&group.shard) == Some(&snapshot) {
+                let (snapshot, applied) = {
+                    let metrics = group.raft.metrics();
+                    let metrics = metrics.borrow();
+                    (metrics.snapshot.map(|log_id| log_id.index), metrics.last_applied.map(|log_id| log_id.index))
+                };
+                let coverable = group.log.bytes_between(snapshot, applied);
+                if coverable < limit || asked.get(&group.shard) == Some(&snapshot) {
                     continue;
                 }
                 asked.insert(group.shard, snapshot);
                 raft_metrics::SNAPSHOTS.with_label_values(&["log_size"]).inc();
                 tracing::info!(
                     shard = group.shard,
-                    log_bytes = group.log.bytes_after(snapshot),
+                    log_bytes = coverable,
                     "the log since the last snapshot reached raft.snapshot_log_mb_since_last: building one"
                 );
                 let _ = group.raft.trigger().snapshot().await;
             }
         }
     });
-}
-
-/// Whether the log after `snapshot` holds `limit` bytes or more.
-fn log_needs_snapshot(log: &LogStore, snapshot: Option<u64>, limit: u64) -> bool {
-    log.bytes_after(snapshot) >= limit
 }
 
 /// Whether `me` may serve a linearizable read of a group from its own state machine, without

@@ -487,9 +487,18 @@ impl SnapshotJob {
             let _ = hold.lock().recv();
         }
         let mut failure = None;
+        let mut records = 0u64;
+        let deleted = || std::io::Error::other("the replica was deleted while its snapshot was written");
         for (tag, cf) in [(0u8, ColumnFamily::StateMachine), (1u8, ColumnFamily::Index)] {
             let scanned =
                 view.for_each_in_range(cf, &keys::group_prefix(self.group), &keys::group_end(self.group), |k, v| {
+                    records += 1;
+                    // A replica moved away stops its build early: its file would only be
+                    // deleted, and a large one holds disk space meanwhile.
+                    if records % RETIRED_CHECK_RECORDS == 0 && self.progress.retired.load(Ordering::Acquire) {
+                        failure = Some(deleted());
+                        return false;
+                    }
                     match writer.record(tag, k, v) {
                         Ok(()) => true,
                         Err(error) => {
@@ -513,27 +522,38 @@ impl SnapshotJob {
             writer.abandon();
             return Err(write_failed(std::io::Error::other("injected snapshot persist failure")));
         }
-        // Made durable before the lock: only the rename happens under it.
+        // Made durable before the lock: only the check and the rename happen under it.
         let sealed = writer.seal().map_err(write_failed)?;
-        // Under the lock an install renames its file under, and a retirement marks the replica
-        // deleted under: the newer snapshot, and the deletion, win.
-        let _guard = self.progress.index_lock.lock_to_read();
-        if self.progress.retired.load(Ordering::Acquire) {
-            sealed.discard();
-            return Err(write_failed(std::io::Error::other("the replica was deleted while its snapshot was written")));
-        }
-        let destination = snapshot::snapshot_path(&self.dir, self.group);
-        if let Some(current) = snapshot_meta_at(&destination).map_err(write_failed)? {
-            if current.last_log_id >= self.meta.last_log_id {
+        let path = {
+            // Under the lock an install renames its file under, and a retirement marks the
+            // replica deleted under: the newer snapshot, and the deletion, win.
+            let _guard = self.progress.index_lock.lock_to_read();
+            if self.progress.retired.load(Ordering::Acquire) {
                 sealed.discard();
-                return Ok(Built::Superseded { path: destination, meta: current });
+                return Err(write_failed(deleted()));
             }
-        }
-        let path = sealed.publish().map_err(write_failed)?;
+            let destination = snapshot::snapshot_path(&self.dir, self.group);
+            match snapshot_meta_at(&destination) {
+                Ok(Some(current)) if current.last_log_id >= self.meta.last_log_id => {
+                    sealed.discard();
+                    return Ok(Built::Superseded { path: destination, meta: current });
+                }
+                Ok(_) => {}
+                // A file in place that cannot be read is no snapshot to keep: this one replaces it.
+                Err(error) => {
+                    tracing::warn!(group = self.group, error = %error, "the snapshot in place is unreadable; replacing it")
+                }
+            }
+            sealed.publish().map_err(write_failed)?
+        };
+        snapshot::sync_dir(&self.dir).map_err(write_failed)?;
         raft_metrics::SNAPSHOT_BUILD_DURATION.observe(started.elapsed().as_secs_f64());
         Ok(Built::Published(path))
     }
 }
+
+/// A snapshot build checks every this many records whether its replica was deleted.
+const RETIRED_CHECK_RECORDS: u64 = 4096;
 
 /// The metadata of the snapshot file at `path`, if there is one.
 fn snapshot_meta_at(path: &Path) -> std::io::Result<Option<SnapshotMeta<NodeId, openraft::BasicNode>>> {
@@ -672,14 +692,27 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             crate::storage::blocking(|| adopt_snapshot_file(handle, receiving, &dir, group)).map_err(failed)?;
         let result = crate::storage::blocking(|| {
             // Checked whole before anything changes: a damaged transfer leaves the old state.
-            snapshot::verify(&received).map_err(failed)?;
+            let (file_meta, _) = snapshot::verify(&received).map_err(failed)?;
+            // The data must be the snapshot openraft describes: installed with another's applied
+            // state, entries would be applied twice or skipped.
+            let file_meta: SnapshotMeta<NodeId, openraft::BasicNode> =
+                serde_json::from_slice(&file_meta).map_err(sm_read_error)?;
+            if file_meta.last_log_id != meta.last_log_id || file_meta.last_membership != meta.last_membership {
+                return Err(failed(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "the snapshot's data is of {}, its metadata of {}",
+                        file_meta.snapshot_id, meta.snapshot_id
+                    ),
+                )));
+            }
             let path = snapshot::snapshot_path(&self.snapshot_dir, self.group);
             {
                 // Under the lock a snapshot build puts its file in place under (`SnapshotJob`).
                 let _guard = self.progress.index_lock.lock_to_read();
                 std::fs::rename(&received, &path).map_err(failed)?;
-                snapshot::sync_dir(&self.snapshot_dir).map_err(failed)?;
             }
+            snapshot::sync_dir(&self.snapshot_dir).map_err(failed)?;
             self.install_file(&path, meta)
         });
         match &result {
@@ -694,10 +727,18 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageIoError> {
         let path = snapshot::snapshot_path(&self.snapshot_dir, self.group);
-        let opened = crate::storage::blocking(|| match snapshot::SnapshotReader::open(&path) {
-            Ok((_, meta)) => std::fs::File::open(&path).map(|file| Some((meta, file))),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(error),
+        // One open for the metadata and the data: a build may rename a newer file into place at
+        // any moment, and openraft sends this metadata with this data.
+        let opened = crate::storage::blocking(|| {
+            use std::io::{Seek, SeekFrom};
+            let mut file = match std::fs::File::open(&path) {
+                Ok(file) => file,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(error) => return Err(error),
+            };
+            let (_, meta) = snapshot::SnapshotReader::from_file(file.try_clone()?)?;
+            file.seek(SeekFrom::Start(0))?;
+            Ok(Some((meta, file)))
         })
         .map_err(|e| StorageIoError::from(StorageIOError::read_snapshot(None, &e)))?;
         let Some((meta, file)) = opened else { return Ok(None) };
@@ -884,6 +925,38 @@ mod tests {
         release.send(()).expect("release");
         assert!(builder.build_snapshot().await.is_err());
         assert!(snapshot_files(&node).is_empty(), "no snapshot of a deleted replica, and no temporary file");
+    }
+
+    /// Data of one snapshot under another's metadata is refused: installed, the follower
+    /// would record the wrong applied index and apply entries twice or skip them.
+    #[tokio::test]
+    async fn an_install_whose_data_is_not_the_snapshot_described_is_refused() {
+        let (_a, _leader_storage, mut leader) = leader_with(20).await;
+        let older = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        let older_meta = older.meta.clone();
+        drop(older);
+        let more = ShardCommand::Assert { proposed_at_us: crate::model::id::now_us(), items: vec![draft(21)] };
+        leader.apply(vec![entry(2, more)]).await.expect("apply");
+        let mut newer = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        newer.meta = older_meta;
+        let (_b, follower_storage, mut follower) = leader_with(3).await;
+        let before = shard_rows(&follower_storage);
+        assert!(transfer(newer, &mut follower).await.is_err(), "the metadata does not describe the data");
+        assert_eq!(shard_rows(&follower_storage), before, "nothing changed");
+    }
+
+    /// A snapshot file in place that cannot be read is replaced by the next build, which does
+    /// not fail the group.
+    #[tokio::test]
+    async fn a_build_replaces_an_unreadable_snapshot_in_place() {
+        let (_a, _storage, mut node) = leader_with(5).await;
+        std::fs::create_dir_all(&node.snapshot_dir).expect("dir");
+        std::fs::write(snapshot::snapshot_path(&node.snapshot_dir, 3), b"not a snapshot").expect("write");
+        let built = node.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        assert_eq!(built.meta.last_log_id, node.state.last_applied);
+        let current = node.get_current_snapshot().await.expect("current").expect("a snapshot");
+        assert_eq!(current.meta.last_log_id, node.state.last_applied);
+        assert_eq!(snapshot_files(&node), vec!["group-3.snap".to_string()]);
     }
 
     /// A snapshot being received does not remove the file a build is writing.

@@ -120,7 +120,11 @@ impl SnapshotWriter {
 
     /// Ends the file, makes it durable and puts it in place of the group's last snapshot.
     pub fn finish(self) -> io::Result<PathBuf> {
-        self.seal()?.publish()
+        let path = self.seal()?.publish()?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(path)
     }
 
     /// Ends the file and makes it durable under its temporary name: [`Sealed::publish`] then
@@ -134,7 +138,7 @@ impl SnapshotWriter {
             self.out.get_ref().sync_all()
         })();
         match result {
-            Ok(()) => Ok(Sealed { temporary: self.temporary.clone(), destination: self.destination.clone() }),
+            Ok(()) => Ok(Sealed { temporary: Some(self.temporary.clone()), destination: self.destination.clone() }),
             Err(error) => {
                 let _ = std::fs::remove_file(&self.temporary);
                 Err(error)
@@ -148,31 +152,35 @@ impl SnapshotWriter {
     }
 }
 
-/// A complete, durable snapshot file under its temporary name.
+/// A complete, durable snapshot file under its temporary name; removed when dropped unless
+/// published.
 pub struct Sealed {
-    temporary: PathBuf,
+    temporary: Option<PathBuf>,
     destination: PathBuf,
 }
 
 impl Sealed {
-    /// Puts the file in place of the group's last snapshot, durably.
-    pub fn publish(self) -> io::Result<PathBuf> {
-        let result = (|| {
-            std::fs::rename(&self.temporary, &self.destination)?;
-            if let Some(dir) = self.destination.parent() {
-                sync_dir(dir)?;
+    /// Puts the file in place of the group's last snapshot. Durable once the directory is
+    /// synced ([`sync_dir`]), which the caller does, outside any lock it holds.
+    pub fn publish(mut self) -> io::Result<PathBuf> {
+        if let Some(temporary) = self.temporary.take() {
+            if let Err(error) = std::fs::rename(&temporary, &self.destination) {
+                let _ = std::fs::remove_file(&temporary);
+                return Err(error);
             }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&self.temporary);
         }
-        result.map(|()| self.destination.clone())
+        Ok(self.destination.clone())
     }
 
     /// Drops the file: a newer snapshot took its place meanwhile.
-    pub fn discard(self) {
-        let _ = std::fs::remove_file(&self.temporary);
+    pub fn discard(self) {}
+}
+
+impl Drop for Sealed {
+    fn drop(&mut self) {
+        if let Some(temporary) = self.temporary.take() {
+            let _ = std::fs::remove_file(temporary);
+        }
     }
 }
 
@@ -187,7 +195,12 @@ pub struct SnapshotReader {
 impl SnapshotReader {
     /// Opens a snapshot file and returns its metadata (JSON).
     pub fn open(path: &Path) -> io::Result<(SnapshotReader, Vec<u8>)> {
-        let file = File::open(path)?;
+        SnapshotReader::from_file(File::open(path)?)
+    }
+
+    /// Reads a snapshot from `file` (from where it stands: its start for a file just opened)
+    /// and returns its metadata (JSON).
+    pub fn from_file(file: File) -> io::Result<(SnapshotReader, Vec<u8>)> {
         let mut reader = SnapshotReader {
             input: BufReader::with_capacity(1 << 20, file),
             hash: Fnv::new(),
