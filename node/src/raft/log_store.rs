@@ -150,12 +150,17 @@ impl AppendedBytes {
         }
     }
 
-    /// Bytes appended after `from` through `through` (none when `through` is not past `from`).
+    /// Bytes appended after `from` through `through` (none when `through` is not past `from`):
+    /// from the newest mark at or before `from` to the oldest at or after `through`, so it
+    /// rounds up too.
     fn between(&self, from: Option<u64>, through: Option<u64>) -> u64 {
-        if through <= from {
+        let Some(through) = through else { return 0 };
+        if Some(through) <= from {
             return 0;
         }
-        self.after(from).saturating_sub(self.after(through))
+        let at = self.marks.partition_point(|&(at, _)| at < through);
+        let until = self.marks.get(at).map_or(self.total, |&(_, total)| total);
+        until.saturating_sub(self.total - self.after(from))
     }
 
     /// Bytes appended after `index`: from the newest mark at or before it (from the start when
@@ -841,6 +846,15 @@ mod tests {
                         prop_assert!(after <= held + truncated + largest_append,
                             "after {}: counted {} > held {} + truncated {} + one append {}", probe, after, held, truncated, largest_append);
                     }
+                }
+                for pair in probes.windows(2) {
+                    let (from, through) = (pair[0].min(pair[1]), pair[0].max(pair[1]));
+                    if from == through {
+                        continue;
+                    }
+                    let held: u64 = log.range(from + 1..=through).map(|(_, &size)| size as u64).sum();
+                    let between = counted.between(Some(from), Some(through));
+                    prop_assert!(between >= held, "{}..={}: counted {} < held {}", from + 1, through, between, held);
                 }
                 prop_assert!(counted.marks.len() <= MAX_APPEND_MARKS);
             }

@@ -173,8 +173,9 @@ pub fn start_log_size_snapshots(shards: &Arc<ShardSet>) {
     let tasks = shards.tasks.clone();
     let shards = Arc::downgrade(shards);
     tasks.spawn_until_stopped(async move {
-        // The snapshot each group was last asked for after: asked again only once it moved.
-        let mut asked: HashMap<u16, Option<u64>> = HashMap::new();
+        // The snapshot each group was last asked for after: asked again only once it moved. Keyed
+        // by the group's instance too: a replica deleted and opened again starts afresh.
+        let mut asked: HashMap<u16, (usize, Option<u64>)> = HashMap::new();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let Some(shards) = shards.upgrade() else { return };
@@ -185,10 +186,11 @@ pub fn start_log_size_snapshots(shards: &Arc<ShardSet>) {
                     (metrics.snapshot.map(|log_id| log_id.index), metrics.last_applied.map(|log_id| log_id.index))
                 };
                 let coverable = group.log.bytes_between(snapshot, applied);
-                if coverable < limit || asked.get(&group.shard) == Some(&snapshot) {
+                let instance = Arc::as_ptr(&group) as usize;
+                if coverable < limit || asked.get(&group.shard) == Some(&(instance, snapshot)) {
                     continue;
                 }
-                asked.insert(group.shard, snapshot);
+                asked.insert(group.shard, (instance, snapshot));
                 raft_metrics::SNAPSHOTS.with_label_values(&["log_size"]).inc();
                 tracing::info!(
                     shard = group.shard,

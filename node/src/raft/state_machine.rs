@@ -229,6 +229,10 @@ impl ShardStateMachine {
             |e: std::io::Error| StorageIoError::from(StorageIOError::read_snapshot(signature.clone(), &e));
         let progress = self.progress.clone();
         let _index_guard = progress.index_lock.lock();
+        // Held to the end: a retirement waits for this install, or this install sees it.
+        if progress.retired.load(Ordering::Acquire) {
+            return Err(read_failed(replica_deleted()));
+        }
         progress.installs.fetch_add(1, Ordering::AcqRel);
         let _done = InstallingFlag(&progress);
         let marker = keys::install_marker_key(self.group);
@@ -412,6 +416,8 @@ fn decode_dump(data: &[u8]) -> Option<Vec<(ColumnFamily, &[u8], &[u8])>> {
 pub struct ShardSnapshotBuilder {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
     job: Option<tokio::task::JoinHandle<Result<Built, StorageIoError>>>,
+    /// Tells a build stopped because its replica moved away from a failed one.
+    progress: Arc<AppliedProgress>,
 }
 
 /// What a snapshot job left: its file in place, or, when a newer snapshot took the place
@@ -440,6 +446,11 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardSnapshotBuilder {
             Ok(Built::Superseded { path, meta }) => {
                 raft_metrics::SNAPSHOTS.with_label_values(&["superseded"]).inc();
                 (path, meta)
+            }
+            // Nobody waits for this answer: the group stopped when its replica was deleted.
+            Err(error) if self.progress.retired.load(Ordering::Acquire) => {
+                tracing::info!(snapshot = %self.meta.snapshot_id, "snapshot build stopped: the replica moved away");
+                return Err(error);
             }
             Err(error) => {
                 raft_metrics::SNAPSHOTS.with_label_values(&["build_failed"]).inc();
@@ -488,7 +499,6 @@ impl SnapshotJob {
         }
         let mut failure = None;
         let mut records = 0u64;
-        let deleted = || std::io::Error::other("the replica was deleted while its snapshot was written");
         for (tag, cf) in [(0u8, ColumnFamily::StateMachine), (1u8, ColumnFamily::Index)] {
             let scanned =
                 view.for_each_in_range(cf, &keys::group_prefix(self.group), &keys::group_end(self.group), |k, v| {
@@ -496,7 +506,7 @@ impl SnapshotJob {
                     // A replica moved away stops its build early: its file would only be
                     // deleted, and a large one holds disk space meanwhile.
                     if records % RETIRED_CHECK_RECORDS == 0 && self.progress.retired.load(Ordering::Acquire) {
-                        failure = Some(deleted());
+                        failure = Some(replica_deleted());
                         return false;
                     }
                     match writer.record(tag, k, v) {
@@ -530,7 +540,7 @@ impl SnapshotJob {
             let _guard = self.progress.index_lock.lock_to_read();
             if self.progress.retired.load(Ordering::Acquire) {
                 sealed.discard();
-                return Err(write_failed(deleted()));
+                return Err(write_failed(replica_deleted()));
             }
             let destination = snapshot::snapshot_path(&self.dir, self.group);
             match snapshot_meta_at(&destination) {
@@ -550,6 +560,11 @@ impl SnapshotJob {
         raft_metrics::SNAPSHOT_BUILD_DURATION.observe(started.elapsed().as_secs_f64());
         Ok(Built::Published(path))
     }
+}
+
+/// Why a snapshot build or install of a replica moved away stops.
+fn replica_deleted() -> std::io::Error {
+    std::io::Error::other("the replica was deleted (moved away) meanwhile")
 }
 
 /// A snapshot build checks every this many records whether its replica was deleted.
@@ -657,7 +672,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
         let job = tokio::task::spawn_blocking(move || job.run(pinned));
         // Dropped unsent only if the job ended before taking it (a panic): its result says so.
         let _ = taken.await;
-        ShardSnapshotBuilder { meta, job: Some(job) }
+        ShardSnapshotBuilder { meta, job: Some(job), progress: self.progress.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageIoError> {
@@ -708,8 +723,14 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             }
             let path = snapshot::snapshot_path(&self.snapshot_dir, self.group);
             {
-                // Under the lock a snapshot build puts its file in place under (`SnapshotJob`).
+                // Under the lock a snapshot build puts its file in place under (`SnapshotJob`), and
+                // a retirement marks the replica deleted under: openraft's shutdown does not stop
+                // an install already handed to the state machine task, which must then not bring
+                // the deleted replica's file back.
                 let _guard = self.progress.index_lock.lock_to_read();
+                if self.progress.retired.load(Ordering::Acquire) {
+                    return Err(failed(replica_deleted()));
+                }
                 std::fs::rename(&received, &path).map_err(failed)?;
             }
             snapshot::sync_dir(&self.snapshot_dir).map_err(failed)?;
@@ -957,6 +978,24 @@ mod tests {
         let current = node.get_current_snapshot().await.expect("current").expect("a snapshot");
         assert_eq!(current.meta.last_log_id, node.state.last_applied);
         assert_eq!(snapshot_files(&node), vec!["group-3.snap".to_string()]);
+    }
+
+    /// An install that openraft handed to the state machine before the replica was deleted does
+    /// not bring the deleted replica back.
+    #[tokio::test]
+    async fn an_install_after_its_replica_was_deleted_writes_nothing() {
+        let (_a, _leader_storage, mut leader) = leader_with(20).await;
+        let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        let (_b, follower_storage, mut follower) = machine();
+        let before = shard_rows(&follower_storage);
+        {
+            let _guard = follower.progress.index_lock.lock();
+            follower.progress.retired.store(true, Ordering::Release);
+        }
+        assert!(transfer(snapshot, &mut follower).await.is_err());
+        assert_eq!(shard_rows(&follower_storage), before, "no record came back");
+        assert!(follower.state.last_applied.is_none());
+        assert!(snapshot_files(&follower).is_empty(), "no snapshot file came back");
     }
 
     /// A snapshot being received does not remove the file a build is writing.
