@@ -48,7 +48,7 @@ pub struct LogStore {
     node: Option<NodeId>,
     /// How many truncations of conflicting entries this log has begun ([`LogStore::truncations`]).
     truncations: Arc<AtomicU64>,
-    /// Stored bytes appended since start, sampled at each append ([`LogStore::bytes_after`]).
+    /// Stored bytes appended since start, sampled at each append ([`LogStore::bytes_between`]).
     appended: Arc<Mutex<AppendedBytes>>,
 }
 
@@ -322,15 +322,9 @@ impl LogStore {
         self.truncations.load(Ordering::Acquire)
     }
 
-    /// Stored bytes of the entries appended after `index` (all of the log when `None`), as far
-    /// as this process has seen them: entries appended before the node started are not
-    /// counted. Rounds up, never down, by at most the bytes of a few appends
-    /// ([`AppendedBytes`]). How much log a snapshot at the log's end would let go.
-    pub fn bytes_after(&self, index: Option<u64>) -> u64 {
-        self.appended.lock().after(index)
-    }
-
-    /// Stored bytes of the entries after `snapshot` through `applied`: what a snapshot built
+    /// Stored bytes of the entries after `snapshot` through `applied`, as far as this process
+    /// has seen them (entries appended before the node started are not counted), rounded up
+    /// ([`AppendedBytes`]): what a snapshot built
     /// now (it holds the applied state) would let go. Entries appended but not applied yet do
     /// not count: a follower catching up on a backlog, or a leader without a quorum, would
     /// otherwise build snapshot after snapshot that each move past only a few of them.

@@ -543,7 +543,7 @@ impl SnapshotJob {
                 return Err(write_failed(replica_deleted()));
             }
             let destination = snapshot::snapshot_path(&self.dir, self.group);
-            match snapshot_meta_at(&destination) {
+            match open_snapshot(&destination).map(|opened| opened.map(|(meta, _)| meta)) {
                 Ok(Some(current)) if current.last_log_id >= self.meta.last_log_id => {
                     sealed.discard();
                     return Ok(Built::Superseded { path: destination, meta: current });
@@ -570,13 +570,20 @@ fn replica_deleted() -> std::io::Error {
 /// A snapshot build checks every this many records whether its replica was deleted.
 const RETIRED_CHECK_RECORDS: u64 = 4096;
 
-/// The metadata of the snapshot file at `path`, if there is one.
-fn snapshot_meta_at(path: &Path) -> std::io::Result<Option<SnapshotMeta<NodeId, openraft::BasicNode>>> {
-    match snapshot::SnapshotReader::open(path) {
-        Ok((_, meta)) => serde_json::from_slice(&meta).map(Some).map_err(std::io::Error::other),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(error),
-    }
+/// The snapshot file at `path`, if there is one: its metadata, and the file from its start.
+/// One open for both: a build may rename a newer file into place at any moment, and openraft
+/// sends this metadata with this data.
+fn open_snapshot(path: &Path) -> std::io::Result<Option<(SnapshotMeta<NodeId, openraft::BasicNode>, std::fs::File)>> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let (_, meta) = snapshot::SnapshotReader::from_file(file.try_clone()?)?;
+    let meta = serde_json::from_slice(&meta).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(Some((meta, file)))
 }
 
 /// Applies `entries` to the shard after `state` in one write batch with the new applied state,
@@ -748,23 +755,9 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageIoError> {
         let path = snapshot::snapshot_path(&self.snapshot_dir, self.group);
-        // One open for the metadata and the data: a build may rename a newer file into place at
-        // any moment, and openraft sends this metadata with this data.
-        let opened = crate::storage::blocking(|| {
-            use std::io::{Seek, SeekFrom};
-            let mut file = match std::fs::File::open(&path) {
-                Ok(file) => file,
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(error) => return Err(error),
-            };
-            let (_, meta) = snapshot::SnapshotReader::from_file(file.try_clone()?)?;
-            file.seek(SeekFrom::Start(0))?;
-            Ok(Some((meta, file)))
-        })
-        .map_err(|e| StorageIoError::from(StorageIOError::read_snapshot(None, &e)))?;
-        let Some((meta, file)) = opened else { return Ok(None) };
-        let meta = serde_json::from_slice(&meta).map_err(sm_read_error)?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
+        let opened = crate::storage::blocking(|| open_snapshot(&path))
+            .map_err(|e| StorageIoError::from(StorageIOError::read_snapshot(None, &e)))?;
+        Ok(opened.map(|(meta, file)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
     }
 }
 
